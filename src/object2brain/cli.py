@@ -1,0 +1,163 @@
+"""Command-line interface: a thin typer shell over the Python API, one function per subcommand.
+
+Errors caused by the user's input (:class:`~object2brain.errors.Object2BrainError`) are printed as
+one line on stderr with exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from object2brain.errors import Object2BrainError
+
+app = typer.Typer(
+    name="object2brain",
+    help="Alignment of valence-appraising CNNs with human behaviour and fMRI (Object2Brain).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False, "quiet": False}
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (weights=none, SRP, stats).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars or info messages.")]
+
+
+@app.callback()
+def _main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def _quiet(quiet: bool) -> None:
+    _state["quiet"] = quiet
+    if quiet:
+        logging.getLogger("object2brain").setLevel(logging.WARNING)
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the supported architectures and whether their weights are available offline."""
+    from object2brain.models.zoo import list_models
+
+    typer.echo(f"{'model':<22}{'default weights':<32}status")
+    for info in list_models():
+        typer.echo(f"{info.name:<22}{info.default_weights:<32}{info.status}")
+
+
+@app.command("layers")
+def layers_command(
+    model: Annotated[str, typer.Argument(help="Architecture name, e.g. resnet18.")],
+    all_modules: Annotated[
+        bool, typer.Option("--all", help="List every dotted module name, not just canonical.")
+    ] = False,
+) -> None:
+    """List the canonical analysis layers of MODEL (dotted module names, network order)."""
+    from object2brain.models.layers import list_layers
+    from object2brain.models.zoo import build_architecture
+
+    module = build_architecture(model, on_meta=True)
+    for layer in list_layers(module, arch=model, canonical=not all_modules):
+        typer.echo(f"{layer.name:<28}{layer.kind:<12}{layer.module_type}")
+
+
+@app.command("extract")
+def extract_command(
+    model: Annotated[str, typer.Option("--model", help="Architecture name.")],
+    stimuli: Annotated[Path, typer.Option("--stimuli", help="Stimulus table or image folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Activation store to write (.h5).")],
+    weights: Annotated[
+        str, typer.Option("--weights", help="default | enum name | checkpoint path | none")
+    ] = "default",
+    layers: Annotated[str, typer.Option("--layers", help="all | comma-separated names")] = "all",
+    head: Annotated[
+        Path | None, typer.Option("--head", help="Valence head (.safetensors): adds 'valence'.")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16")] = "float32",
+    srp: Annotated[
+        int | None, typer.Option("--srp", min=1, help="Sparse random projection to DIM.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Image decoding workers.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Extract activations of MODEL for every stimulus into an HDF5 activation store."""
+    from object2brain.data.stimuli import load_stimuli
+    from object2brain.extract import extract
+    from object2brain.models.zoo import load_model
+
+    _quiet(quiet)
+    stimulus_set = load_stimuli(stimuli)
+    loaded = load_model(model, weights=weights, head=head, seed=seed)
+    path = extract(
+        loaded,
+        stimulus_set,
+        layers=layers,
+        out=out,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        srp=srp,
+        seed=seed,
+        num_workers=workers,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the embedded default analysis on photos shipped with installed packages."""
+    from object2brain.demo import run_demo
+
+    _quiet(quiet)
+    report = run_demo(out, batch_size=batch_size, device=device, progress=not quiet)
+    typer.echo(f"report: {report}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(standalone_mode=False)
+    except Object2BrainError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

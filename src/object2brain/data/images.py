@@ -1,0 +1,69 @@
+"""Image decoding that gives the same 8-bit RGB picture whatever the file's mode.
+
+Every image that enters a model, a detector or a figure goes through :func:`load_image`, so that
+greyscale, palette, RGBA, CMYK, 16-bit and EXIF-rotated files are handled identically everywhere:
+
+- EXIF orientation is applied first (the picture is shown the way a photo viewer shows it);
+- transparency is composited onto a white background (``ALPHA_BACKGROUND``);
+- 16-bit and 32-bit integer images are scaled to 8 bits (``value / 257`` for 16-bit data,
+  i.e. 65535 -> 255); float images are taken to lie in [0, 1];
+- greyscale is replicated to three channels; CMYK and YCbCr are converted by Pillow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an opened PIL image of any mode to 8-bit RGB (see module docstring)."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _HIGH_DEPTH_MODES:
+        return _high_depth_to_rgb(image)
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    array = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.clip(array, 0.0, 1.0) * 255.0
+    else:
+        # 'I' is how Pillow opens 16-bit PNG/TIFF data (values 0..65535) in some versions.
+        scaled = array.astype(np.float64) / 257.0
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
+
+
+def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` into an 8-bit RGB :class:`PIL.Image.Image`.
+
+    Args:
+        path: image file (any format Pillow reads).
+        draft_size: if given, JPEG files may be decoded at a reduced scale no smaller than this
+            many pixels on the short side (much faster; used for validation only).
+
+    Raises:
+        OSError, PIL.UnidentifiedImageError, ValueError: the file is unreadable or corrupt.
+    """
+    with Image.open(path) as opened:
+        if draft_size is not None and opened.format == "JPEG":
+            opened.draft("RGB", (draft_size, draft_size))
+        opened.load()
+        return to_rgb(opened)

@@ -1,0 +1,250 @@
+"""Stimulus sets: the table of images every analysis is keyed on.
+
+A stimulus table (CSV, TSV or Parquet) has the columns ``stimulus_id`` (unique) and ``path``
+(relative paths are relative to the table's folder), optionally ``condition`` and ``valence``
+(group-mean rating), and any other columns, which are carried along unchanged. A folder of images
+is also accepted: ``stimulus_id`` is then each file's stem.
+
+Validation reports every problem at once (all missing files, all unreadable images, all
+duplicate ids) in one :class:`~object2brain.errors.StimulusError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from object2brain.data.images import load_image
+from object2brain.errors import StimulusError
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+REQUIRED_COLUMNS = ("stimulus_id", "path")
+CheckLevel = Literal["full", "header", "none"]
+
+_MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class StimulusSet:
+    """An ordered, validated set of stimulus images.
+
+    Attributes:
+        table: one row per stimulus, in the order of the source; ``stimulus_id`` (str),
+            ``path`` (absolute), plus every other column of the source table.
+        source: the table file or image folder the set was read from (``None`` if built in memory).
+    """
+
+    table: pd.DataFrame
+    source: Path | None = None
+    _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index.update({sid: i for i, sid in enumerate(self.table["stimulus_id"])})
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def ids(self) -> list[str]:
+        """Stimulus ids in table order, ``(n_stimuli,)``."""
+        return [str(s) for s in self.table["stimulus_id"]]
+
+    @property
+    def paths(self) -> list[Path]:
+        """Absolute image paths in table order, ``(n_stimuli,)``."""
+        return [Path(p) for p in self.table["path"]]
+
+    @property
+    def conditions(self) -> list[str] | None:
+        """The ``condition`` column as strings, or ``None`` if the table has none."""
+        if "condition" not in self.table.columns:
+            return None
+        return [str(c) for c in self.table["condition"]]
+
+    def position(self, stimulus_id: str) -> int:
+        """Row of ``stimulus_id`` in the table."""
+        try:
+            return self._index[stimulus_id]
+        except KeyError:
+            raise StimulusError(f"unknown stimulus id {stimulus_id!r}") from None
+
+    def subset(self, ids: Iterable[str]) -> StimulusSet:
+        """The stimuli with the given ids, in the given order."""
+        rows = [self.position(i) for i in ids]
+        return StimulusSet(self.table.iloc[rows].reset_index(drop=True), self.source)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over (id, path, size, mtime) of every stimulus: cheap change detection."""
+        digest = hashlib.sha256()
+        for sid, path in zip(self.ids, self.paths, strict=True):
+            stat = path.stat()
+            digest.update(json.dumps([sid, str(path), stat.st_size, stat.st_mtime_ns]).encode())
+        return digest.hexdigest()
+
+    def content_sha256(self) -> str:
+        """SHA-256 over the ids and the bytes of every image (for manifests)."""
+        digest = hashlib.sha256()
+        for sid, path in zip(self.ids, self.paths, strict=True):
+            digest.update(sid.encode() + b"\0")
+            digest.update(_file_sha256(path).encode())
+        return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV, TSV or Parquet table with all columns as read (ids kept as strings)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in {".parquet", ".pq"}:
+            frame = pd.read_parquet(path)
+        elif suffix in {".tsv", ".tab"}:
+            frame = pd.read_csv(path, sep="\t", dtype={"stimulus_id": str})
+        elif suffix == ".csv":
+            frame = pd.read_csv(path, dtype={"stimulus_id": str})
+        else:
+            raise StimulusError(
+                f"{path}: unsupported table format {suffix!r} (use .csv, .tsv or .parquet)"
+            )
+    except StimulusError:
+        raise
+    except FileNotFoundError:
+        raise StimulusError(f"{path}: file not found") from None
+    except pd.errors.EmptyDataError:
+        raise StimulusError(f"{path}: the table is empty (no header, no rows)") from None
+    except Exception as exc:  # pandas/pyarrow raise many types for malformed files
+        raise StimulusError(f"{path}: cannot be read as a table ({exc})") from None
+    return frame
+
+
+def load_stimuli(
+    source: str | Path | pd.DataFrame,
+    *,
+    check: CheckLevel = "full",
+    workers: int = 4,
+) -> StimulusSet:
+    """Load and validate a stimulus set.
+
+    Args:
+        source: a stimulus table (.csv, .tsv, .parquet), a folder of images, or a DataFrame with
+            ``stimulus_id`` and ``path`` columns (relative paths are then relative to the cwd).
+        check: ``full`` decodes every image (JPEGs at reduced scale, which is fast) and so finds
+            truncated files; ``header`` only identifies each file; ``none`` checks existence only.
+        workers: threads used to check images.
+
+    Returns:
+        The validated :class:`StimulusSet`, rows in source order.
+
+    Raises:
+        StimulusError: listing every problem found (missing or unreadable files, duplicate ids,
+            empty table, missing columns).
+    """
+    if isinstance(source, pd.DataFrame):
+        frame, base, origin = source.copy(), Path.cwd(), None
+    else:
+        origin = Path(source).expanduser()
+        if origin.is_dir():
+            frame, base = _table_from_folder(origin), origin
+        elif origin.exists():
+            frame, base = read_table(origin), origin.parent
+        else:
+            raise StimulusError(f"{origin}: no such stimulus table or image folder")
+
+    where = str(origin) if origin is not None else "stimulus table"
+    missing_columns = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing_columns:
+        raise StimulusError(
+            f"{where}: missing required column(s) {', '.join(missing_columns)} "
+            f"(found: {', '.join(map(str, frame.columns)) or 'none'})"
+        )
+    if frame.empty:
+        raise StimulusError(f"{where}: the stimulus table has no rows")
+
+    problems: list[str] = []
+    ids = frame["stimulus_id"]
+    blank = ids.isna() | (ids.astype(str).str.strip() == "")
+    if blank.any():
+        rows = [int(i) + 2 for i in frame.index[blank]]  # +2: header line, 1-based
+        problems.append(f"empty stimulus_id on line(s) {_listing(rows)}")
+    ids = ids.astype(str).str.strip()
+    duplicated = sorted(set(ids[ids.duplicated(keep=False) & ~blank]))
+    if duplicated:
+        problems.append(f"duplicate stimulus_id(s): {_listing(duplicated)}")
+
+    frame = frame.assign(stimulus_id=ids)
+    frame["path"] = [_resolve(base, p) for p in frame["path"]]
+    paths = [Path(p) for p in frame["path"]]
+    exists = [p.is_file() for p in paths]
+    missing = [f"{sid} ({p})" for sid, p, ok in zip(ids, paths, exists, strict=True) if not ok]
+    if missing:
+        problems.append(f"{len(missing)} missing image file(s): {_listing(missing)}")
+    if check != "none":
+        present = [(sid, p) for sid, p, ok in zip(ids, paths, exists, strict=True) if ok]
+        unreadable = _unreadable([s for s, _ in present], [p for _, p in present], check, workers)
+        if unreadable:
+            problems.append(f"{len(unreadable)} unreadable image(s): {_listing(unreadable)}")
+
+    if problems:
+        raise StimulusError(f"{where}: " + "; ".join(problems))
+    return StimulusSet(frame.reset_index(drop=True), origin)
+
+
+def _resolve(base: Path, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        return str(base / "<empty path>")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _table_from_folder(folder: Path) -> pd.DataFrame:
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise StimulusError(
+            f"{folder}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return pd.DataFrame({"stimulus_id": [p.stem for p in files], "path": [str(p) for p in files]})
+
+
+def _unreadable(
+    ids: Sequence[str], paths: Sequence[Path], check: CheckLevel, workers: int
+) -> list[str]:
+    def problem(item: tuple[str, Path]) -> str | None:
+        sid, path = item
+        try:
+            if check == "full":
+                load_image(path, draft_size=64)
+            else:
+                from PIL import Image
+
+                with Image.open(path) as image:
+                    image.verify()
+        except Exception as exc:  # any decoder failure means the file is unusable
+            return f"{sid} ({path}: {type(exc).__name__}: {exc})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(problem, zip(ids, paths, strict=True)))
+    return [r for r in results if r is not None]
+
+
+def _listing(items: Sequence[object]) -> str:
+    shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")

@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad files, unknown names, unavailable weights) raises a subclass of
+:class:`Object2BrainError` whose message is complete on its own: the CLI prints it as one line
+(no traceback unless ``--debug``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class Object2BrainError(Exception):
+    """Base class of errors caused by the user's input or environment."""
+
+
+class StimulusError(Object2BrainError):
+    """The stimulus table or its images are invalid."""
+
+
+class ModelError(Object2BrainError):
+    """Unknown architecture, or a checkpoint that does not fit it."""
+
+
+class WeightsUnavailableError(ModelError):
+    """Requested weights are neither cached nor downloadable."""
+
+
+class LayerError(Object2BrainError):
+    """Unknown layer name, or a module that cannot be hooked."""
+
+
+class StoreError(Object2BrainError):
+    """An activation store or output path that cannot be read or written."""
+
+
+class DataError(Object2BrainError):
+    """Ratings, brain data or result tables that are invalid or do not match."""

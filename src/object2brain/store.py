@@ -1,0 +1,327 @@
+"""The activation store (HDF5) and atomic writes of result files.
+
+Layout of an activation store (DESIGN.md section 3), stable so that other tools can write one::
+
+    /stimulus_ids          (n,) UTF-8 strings
+    /layers/<layer name>   (n, ...) activations in the layer's original shape
+    /layers/valence        (n,) predicted valence, when the model carries a valence head
+    attributes: model, arch, weights, weights_sha256, preprocessing (JSON), object2brain_version,
+                complete (bool), order (layer names in network order, JSON list)
+
+A store is written to ``<path>.partial`` and renamed to ``<path>`` once complete. The partial file
+records how many rows are fully written (attribute ``n_done``) and a fingerprint of the run, so an
+interrupted extraction resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from object2brain.errors import StoreError
+
+PARTIAL_SUFFIX = ".partial"
+_STRING = h5py.string_dtype(encoding="utf-8")
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary name a file is written under before it is complete."""
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def check_writable(path: Path) -> None:
+    """Raise :class:`StoreError` unless a file can be created at ``path``."""
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise StoreError(f"{path}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{path}: output folder {parent} is not writable")
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder, expected a file name")
+
+
+class ActivationStore:
+    """Read access to a complete activation store.
+
+    Use as a context manager or call :meth:`close`::
+
+        with ActivationStore.open("acts.h5") as store:
+            X = store.read("layer4")          # (n_stimuli, 512, 7, 7)
+    """
+
+    def __init__(self, handle: h5py.File, path: Path) -> None:
+        self._file = handle
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path, *, require_complete: bool = True) -> ActivationStore:
+        """Open a store for reading; refuses incomplete stores unless told otherwise."""
+        path = Path(path)
+        if not path.exists():
+            hint = (
+                f" (an unfinished run left {partial_path(path).name}; rerun extraction to resume)"
+                if partial_path(path).exists()
+                else ""
+            )
+            raise StoreError(f"{path}: activation store not found{hint}")
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as exc:
+            raise StoreError(f"{path}: not a readable HDF5 file ({exc})") from None
+        store = cls(handle, path)
+        try:
+            store._validate(require_complete)
+        except StoreError:
+            handle.close()
+            raise
+        return store
+
+    def _validate(self, require_complete: bool) -> None:
+        if "stimulus_ids" not in self._file or "layers" not in self._file:
+            raise StoreError(
+                f"{self.path}: not an activation store (needs /stimulus_ids and /layers)"
+            )
+        if require_complete and not bool(self._file.attrs.get("complete", False)):
+            raise StoreError(f"{self.path}: activation store is incomplete (attribute complete)")
+        n = len(self._file["stimulus_ids"])
+        for name in self.layers:
+            if self._file["layers"][name].shape[0] != n:
+                raise StoreError(
+                    f"{self.path}: layer {name!r} has {self._file['layers'][name].shape[0]} rows, "
+                    f"expected {n} (one per stimulus id)"
+                )
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def stimulus_ids(self) -> list[str]:
+        """Stimulus ids, ``(n_stimuli,)``, in row order."""
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in self._file["stimulus_ids"]]
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in network order (attribute ``order``; else the file's order)."""
+        present = list(self._file["layers"].keys())
+        order = self._file.attrs.get("order")
+        if order is None:
+            return present
+        ordered = [name for name in json.loads(str(order)) if name in present]
+        return ordered + [name for name in present if name not in ordered]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """File attributes; JSON-valued ones (``preprocessing``, ``order``, ...) decoded."""
+        out: dict[str, Any] = {}
+        for key, value in self._file.attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, str) and value[:1] in "[{":
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            out[key] = value
+        return out
+
+    def shape(self, layer: str) -> tuple[int, ...]:
+        """Shape of one layer, ``(n_stimuli, ...)``."""
+        return tuple(self._dataset(layer).shape)
+
+    def read(self, layer: str, ids: Sequence[str] | None = None) -> np.ndarray:
+        """Activations of ``layer`` as an array ``(n_stimuli, ...)``, rows in ``ids`` order if given."""
+        dataset = self._dataset(layer)
+        if ids is None:
+            return np.asarray(dataset[()])
+        rows = self.rows(ids)
+        order = np.argsort(rows)
+        values = dataset[np.asarray(rows)[order]]
+        return np.asarray(values)[np.argsort(order)]
+
+    def iter_rows(self, layer: str, batch_size: int = 256) -> Iterator[tuple[slice, np.ndarray]]:
+        """Yield ``(row slice, block (rows, ...))`` so a large layer never sits in memory whole."""
+        dataset = self._dataset(layer)
+        for start in range(0, dataset.shape[0], batch_size):
+            rows = slice(start, min(start + batch_size, dataset.shape[0]))
+            yield rows, np.asarray(dataset[rows])
+
+    def rows(self, ids: Sequence[str]) -> list[int]:
+        """Row index of each stimulus id; every unknown id is listed in the error."""
+        index = {sid: i for i, sid in enumerate(self.stimulus_ids)}
+        missing = [sid for sid in ids if sid not in index]
+        if missing:
+            shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+            raise StoreError(f"{self.path}: {len(missing)} stimulus id(s) not in store: {shown}")
+        return [index[sid] for sid in ids]
+
+    def _dataset(self, layer: str) -> h5py.Dataset:
+        if layer not in self._file["layers"]:
+            raise StoreError(
+                f"{self.path}: no layer {layer!r}; layers: {', '.join(self.layers) or 'none'}"
+            )
+        return self._file["layers"][layer]
+
+
+class StoreWriter:
+    """Writes an activation store batch by batch under its temporary name.
+
+    The partial file keeps ``n_done`` (rows fully written, flushed after every batch) and
+    ``fingerprint``; :meth:`resume_point` tells a new run where to continue.
+    """
+
+    def __init__(self, path: Path, handle: h5py.File) -> None:
+        self.path = path
+        self._file = handle
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        stimulus_ids: Sequence[str],
+        attrs: Mapping[str, Any],
+        fingerprint: str,
+    ) -> StoreWriter:
+        """Start a new partial store (any stale partial file is replaced)."""
+        temp = partial_path(path)
+        try:
+            handle = h5py.File(temp, "w")
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create {temp.name} ({exc})") from None
+        handle.create_dataset("stimulus_ids", data=np.asarray(stimulus_ids, dtype=object), dtype=_STRING)
+        handle.create_group("layers")
+        for key, value in attrs.items():
+            handle.attrs[key] = _attr_value(value)
+        handle.attrs["complete"] = False
+        handle.attrs["n_done"] = 0
+        handle.attrs["fingerprint"] = fingerprint
+        handle.flush()
+        return cls(path, handle)
+
+    @classmethod
+    def resume(cls, path: Path, fingerprint: str) -> StoreWriter | None:
+        """Reopen ``<path>.partial`` if it belongs to the same run, else ``None``."""
+        temp = partial_path(path)
+        if not temp.exists():
+            return None
+        try:
+            handle = h5py.File(temp, "r+")
+        except OSError:
+            return None  # killed mid-write beyond repair: start again
+        if handle.attrs.get("fingerprint") != fingerprint:
+            handle.close()
+            return None
+        return cls(path, handle)
+
+    @property
+    def n_done(self) -> int:
+        return int(self._file.attrs["n_done"])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._file["layers"].keys())
+
+    def ensure_layer(
+        self, name: str, n_rows: int, row_shape: tuple[int, ...], dtype: np.dtype[Any]
+    ) -> None:
+        """Create dataset ``/layers/<name>`` of shape ``(n_rows, *row_shape)`` unless it exists."""
+        group = self._file["layers"]
+        if name in group:
+            existing = group[name]
+            if existing.shape[1:] != row_shape or existing.dtype != dtype:
+                raise StoreError(
+                    f"{self.path}: layer {name!r} changed shape/dtype between runs "
+                    f"({existing.shape[1:]}/{existing.dtype} vs {row_shape}/{dtype})"
+                )
+            return
+        row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
+        rows_per_chunk = int(max(1, min(n_rows, (4 << 20) // row_bytes)))
+        group.create_dataset(
+            name, shape=(n_rows, *row_shape), dtype=dtype, chunks=(rows_per_chunk, *row_shape)
+        )
+
+    def write_rows(self, start: int, blocks: Mapping[str, np.ndarray]) -> None:
+        """Write one batch ``{layer: (batch, ...)}`` at rows ``start:start+batch``, then commit it."""
+        sizes = {block.shape[0] for block in blocks.values()}
+        if len(sizes) != 1:
+            raise StoreError(f"{self.path}: batch blocks differ in size: {sorted(sizes)}")
+        stop = start + sizes.pop()
+        for name, block in blocks.items():
+            self._file["layers"][name][start:stop] = block
+        self._file.flush()
+        self._file.attrs["n_done"] = stop
+        self._file.flush()
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self._file.attrs[key] = _attr_value(value)
+
+    def finish(self) -> Path:
+        """Mark the store complete, close it and move it to its final name."""
+        self._file.attrs["complete"] = True
+        del self._file.attrs["n_done"]
+        self._file.close()
+        os.replace(partial_path(self.path), self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, sort_keys=isinstance(value, dict))
+    if value is None:
+        return "none"
+    return value
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    check_writable(path)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write a JSON file atomically."""
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(path)
+
+
+def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """Write a result table as ``<out_dir>/<name>.csv`` and ``.parquet``, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, parquet_path = out / f"{name}.csv", out / f"{name}.parquet"
+    with atomic_path(csv_path) as temp:
+        frame.to_csv(temp, index=False)
+    with atomic_path(parquet_path) as temp:
+        frame.to_parquet(temp, index=False)
+    return csv_path, parquet_path
