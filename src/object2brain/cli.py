@@ -134,10 +134,10 @@ def demo_command(
     typer.echo(f"report: {report}")
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits with the status."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except Object2BrainError as exc:
         if _state["debug"]:
             raise

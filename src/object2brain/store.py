@@ -42,11 +42,16 @@ def check_writable(path: Path) -> None:
     """Raise :class:`StoreError` unless a file can be created at ``path``."""
     parent = path.expanduser().resolve().parent
     if not parent.is_dir():
-        raise StoreError(f"{path}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"{path}: output folder {parent} is not writable")
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise StoreError(f"{path}: output folder {parent} {what}")
     if path.is_dir():
         raise StoreError(f"{path}: is a folder, expected a file name")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        handle, probe = tempfile.mkstemp(prefix=".o2b-probe-", dir=parent)
+    except OSError as exc:
+        raise StoreError(f"{path}: output folder {parent} is not writable ({exc.strerror})") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 class ActivationStore:
@@ -300,6 +305,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temp = Path(temp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; give results the usual permissions
     try:
         yield temp
         os.replace(temp, path)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from object2brain.data.images import load_image
 from object2brain.errors import StimulusError
+from object2brain.manifest import file_sha256
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -95,16 +96,8 @@ class StimulusSet:
         digest = hashlib.sha256()
         for sid, path in zip(self.ids, self.paths, strict=True):
             digest.update(sid.encode() + b"\0")
-            digest.update(_file_sha256(path).encode())
+            digest.update(file_sha256(path).encode())
         return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_table(path: Path) -> pd.DataFrame:

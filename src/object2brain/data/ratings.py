@@ -1,0 +1,190 @@
+"""Behavioural valence ratings: the long table ``subject, stimulus_id, valence``.
+
+Read from CSV, TSV or Parquet (or a DataFrame). Validation reports, each in one
+:class:`~object2brain.errors.DataError` naming the file and the rows at fault: missing columns,
+empty subject or stimulus ids, missing (NaN) or non-numeric valence values, and stimulus ids that
+are not in the stimulus set (all listed).
+
+Repeated ratings of one stimulus by one subject are averaged (logged at INFO level). Group ratings
+are the mean over subjects (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from object2brain.errors import DataError, StimulusError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("subject", "stimulus_id", "valence")
+_MAX_LISTED = 20
+
+
+def _listing(items: Sequence[object]) -> str:
+    shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+@dataclass(frozen=True)
+class Ratings:
+    """Validated long ratings, one row per (subject, stimulus_id) after averaging repeats.
+
+    Attributes:
+        table: columns ``subject`` (str), ``stimulus_id`` (str), ``valence`` (float).
+        source: the file read, if any.
+    """
+
+    table: pd.DataFrame
+    source: Path | None = None
+
+    @property
+    def subjects(self) -> list[str]:
+        """Subject ids in order of first appearance."""
+        return [str(s) for s in pd.unique(self.table["subject"])]
+
+    @property
+    def stimulus_ids(self) -> list[str]:
+        """Rated stimulus ids in order of first appearance."""
+        return [str(s) for s in pd.unique(self.table["stimulus_id"])]
+
+    def matrix(self, ids: Sequence[str]) -> np.ndarray:
+        """Ratings ``(n_subjects, n_ids)``, subjects in :attr:`subjects` order; NaN if unrated."""
+        wide = self.table.pivot(index="subject", columns="stimulus_id", values="valence")
+        wide = wide.reindex(index=self.subjects, columns=list(ids))
+        return wide.to_numpy(dtype=np.float64)
+
+    def group_mean(self, ids: Sequence[str] | None = None) -> np.ndarray:
+        """Group rating per stimulus ``(n_ids,)``: mean over the subjects who rated it.
+
+        Raises :class:`DataError` listing the ids nobody rated.
+        """
+        ids = list(ids) if ids is not None else self.stimulus_ids
+        means = self.table.groupby("stimulus_id", sort=False)["valence"].mean()
+        missing = [sid for sid in ids if sid not in means.index]
+        if missing:
+            raise DataError(
+                f"{self._where()}: {len(missing)} stimulus id(s) have no rating: "
+                f"{_listing(missing)}"
+            )
+        return means.reindex(list(ids)).to_numpy(dtype=np.float64)
+
+    def complete_subjects(self, ids: Sequence[str]) -> list[str]:
+        """Subjects who rated every one of ``ids`` (others are logged and left out)."""
+        values = self.matrix(ids)
+        complete = ~np.isnan(values).any(axis=1)
+        subjects = self.subjects
+        dropped = [s for s, ok in zip(subjects, complete, strict=True) if not ok]
+        if dropped:
+            log.info(
+                "%s: %d subject(s) did not rate every analysed stimulus and get no per-subject "
+                "behavioural RDM (they still count in the group mean): %s",
+                self._where(),
+                len(dropped),
+                _listing(dropped),
+            )
+        return [s for s, ok in zip(subjects, complete, strict=True) if ok]
+
+    def _where(self) -> str:
+        return str(self.source) if self.source is not None else "ratings table"
+
+
+def _read(path: Path) -> pd.DataFrame:
+    from object2brain.data.stimuli import read_table
+
+    try:
+        frame = read_table(path)
+    except StimulusError as exc:
+        raise DataError(str(exc)) from None
+    return frame
+
+
+def load_ratings(
+    source: str | Path | pd.DataFrame | Ratings,
+    stimulus_ids: Sequence[str] | None = None,
+) -> Ratings:
+    """Load and validate a long ratings table.
+
+    Args:
+        source: a .csv, .tsv or .parquet file, a DataFrame, or :class:`Ratings` (re-validated
+            against ``stimulus_ids``).
+        stimulus_ids: the stimulus set; every rated id must be in it (all strays are listed).
+    Returns:
+        :class:`Ratings`.
+    Raises:
+        DataError: missing columns, empty ids, NaN or non-numeric valence, unknown stimulus ids.
+    """
+    if isinstance(source, Ratings):
+        frame, origin = source.table.copy(), source.source
+    elif isinstance(source, pd.DataFrame):
+        frame, origin = source.copy(), None
+    else:
+        origin = Path(source).expanduser()
+        if not origin.is_file():
+            raise DataError(f"{origin}: ratings table not found")
+        frame = _read(origin)
+    where = str(origin) if origin is not None else "ratings table"
+
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{where}: missing required column(s) {', '.join(missing)} "
+            f"(found: {', '.join(map(str, frame.columns)) or 'none'})"
+        )
+    if frame.empty:
+        raise DataError(f"{where}: the ratings table has no rows")
+
+    problems: list[str] = []
+    line = frame.index.to_numpy() + 2  # header line, 1-based
+    for column in ("subject", "stimulus_id"):
+        values = frame[column]
+        blank = values.isna() | (values.astype(str).str.strip() == "")
+        if blank.any():
+            problems.append(f"empty {column} on line(s) {_listing(list(line[blank.to_numpy()]))}")
+    raw = frame["valence"]
+    numeric = pd.to_numeric(raw, errors="coerce")
+    nan = raw.isna().to_numpy()
+    bad = (numeric.isna().to_numpy()) & ~nan
+    if nan.any():
+        problems.append(f"missing (NaN) valence on line(s) {_listing(list(line[nan]))}")
+    if bad.any():
+        shown = [f"{ln} ({v!r})" for ln, v in zip(line[bad], raw[bad], strict=True)]
+        problems.append(f"non-numeric valence on line(s) {_listing(shown)}")
+    if not bad.any() and not nan.any() and not np.isfinite(numeric.to_numpy(float)).all():
+        problems.append("infinite valence values")
+    if problems:
+        raise DataError(f"{where}: " + "; ".join(problems))
+
+    table = pd.DataFrame(
+        {
+            "subject": frame["subject"].astype(str).str.strip(),
+            "stimulus_id": frame["stimulus_id"].astype(str).str.strip(),
+            "valence": numeric.astype(np.float64),
+        }
+    )
+    if stimulus_ids is not None:
+        known = set(stimulus_ids)
+        unknown = [s for s in pd.unique(table["stimulus_id"]) if s not in known]
+        if unknown:
+            raise DataError(
+                f"{where}: {len(unknown)} stimulus id(s) not in the stimulus set: "
+                f"{_listing(unknown)}"
+            )
+    repeated = table.duplicated(["subject", "stimulus_id"], keep=False)
+    if repeated.any():
+        log.info(
+            "%s: %d rows repeat a (subject, stimulus_id) pair; repeated ratings are averaged",
+            where,
+            int(repeated.sum()),
+        )
+        table = table.groupby(["subject", "stimulus_id"], sort=False, as_index=False)[
+            "valence"
+        ].mean()
+    return Ratings(table.reset_index(drop=True), origin)

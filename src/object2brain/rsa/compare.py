@@ -1,0 +1,203 @@
+"""Comparisons of RDMs on their upper triangles (``i < j``), vectorised over many RDMs at once.
+
+For condensed RDM vectors ``a`` ``(K, m)`` and ``b`` ``(T, m)`` every function returns the
+``(K, T)`` matrix of coefficients (float64 tensors on the inputs' device):
+
+- ``pearson``: ``r = <a - mean(a), b - mean(b)> / (||a - mean(a)|| ||b - mean(b)||)``.
+- ``spearman``: Pearson r of average ranks (ties get the mean of their ranks, as
+  ``scipy.stats.rankdata``), i.e. rsatoolbox's ``spearman``.
+- ``kendall_tau_a``: ``tau_a = sum_{p<q} sign(a_p - a_q) sign(b_p - b_q) / (m (m - 1) / 2)``
+  (ties count 0 and stay in the denominator), rsatoolbox's ``tau-a``. It is exact but costs
+  ``O(m^2)`` per pair of RDMs (computed in row chunks of the sign matrices).
+
+The ``masked_*`` variants take an extra weight ``w`` ``(B, m)`` of 0/1 and a batch dimension: they
+compare ``a`` ``(B, K, m)`` with ``b`` ``(B, T, m)`` using only the entries with ``w = 1``
+(used by the stimulus bootstrap, which drops pairs of a stimulus with its own copy).
+A coefficient is NaN where one of its vectors is constant.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from object2brain.errors import DataError
+
+CompareMethod = Literal["spearman", "pearson", "kendall_tau_a"]
+COMPARE_METHODS: tuple[str, ...] = ("spearman", "pearson", "kendall_tau_a")
+
+_SIGN_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_method(method: str) -> None:
+    """Raise :class:`DataError` for an unknown comparison method."""
+    if method not in COMPARE_METHODS:
+        raise DataError(
+            f"unknown comparison method {method!r}; choose one of {', '.join(COMPARE_METHODS)}"
+        )
+
+
+def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x if x.dtype == torch.float64 else x.to(torch.float64)
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (1-based) along the last axis of ``x`` ``(..., m)``, like scipy's rankdata.
+
+    Fully vectorised: sort, mark tie groups, rank = (first + last position of the group) / 2 + 1.
+    """
+    shape = x.shape
+    m = shape[-1]
+    flat = x.reshape(-1, m)
+    values, order = torch.sort(flat, dim=1, stable=True)
+    pos = torch.arange(m, device=x.device).expand_as(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    ends = torch.ones_like(values, dtype=torch.bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
+    last_rev = torch.where(ends, pos, torch.full_like(pos, m)).flip(1)
+    last = torch.cummin(last_rev, dim=1).values.flip(1)
+    avg = (first + last).to(torch.float64) / 2 + 1
+    ranks = torch.empty_like(avg)
+    ranks.scatter_(1, order, avg)
+    return ranks.reshape(shape)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Rows ``(..., m)`` centred and scaled to unit norm (NaN rows where the row is constant)."""
+    centred = x - x.mean(dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
+    return centred / torch.where(norm > 0, norm, torch.full_like(norm, float("nan")))
+
+
+def prepare(x: np.ndarray | torch.Tensor, method: str) -> torch.Tensor:
+    """What a method correlates: standardised values (pearson) or standardised ranks (spearman).
+
+    For ``kendall_tau_a`` the values are returned unchanged. ``x`` is ``(..., m)``.
+    """
+    check_method(method)
+    t = _t(x)
+    if method == "pearson":
+        return standardize(t)
+    if method == "spearman":
+        return standardize(rankdata(t))
+    return t
+
+
+def pearson(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Pearson r ``(K, T)`` between rows of ``a`` ``(K, m)`` and ``b`` ``(T, m)``."""
+    return standardize(_t(a)) @ standardize(_t(b)).T
+
+
+def spearman(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Spearman rho ``(K, T)`` (Pearson r of average ranks) between rows of ``a`` and ``b``."""
+    return prepare(a, "spearman") @ prepare(b, "spearman").T
+
+
+def kendall_tau_a(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Kendall tau-a ``(K, T)`` between rows of ``a`` ``(K, m)`` and ``b`` ``(T, m)``.
+
+    ``tau_a = sum_{p != q} sign(a_p - a_q) sign(b_p - b_q) / (m (m - 1))``, accumulated over
+    row chunks of the sign matrices so memory stays bounded.
+    """
+    A, B = _t(a), _t(b)
+    m = A.shape[-1]
+    if m < 2:
+        return torch.full((A.shape[0], B.shape[0]), float("nan"), dtype=torch.float64)
+    total = torch.zeros((A.shape[0], B.shape[0]), dtype=torch.float64, device=A.device)
+    step = max(1, _SIGN_CHUNK_ELEMENTS // max(1, (A.shape[0] + B.shape[0]) * m))
+    for start in range(0, m, step):
+        sa = torch.sign(A[:, start : start + step, None] - A[:, None, :])
+        sb = torch.sign(B[:, start : start + step, None] - B[:, None, :])
+        total += torch.einsum("kcm,tcm->kt", sa, sb)
+    return total / (m * (m - 1))
+
+
+def compare(
+    a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, method: str = "spearman"
+) -> torch.Tensor:
+    """Coefficients ``(K, T)`` between condensed RDMs ``a`` ``(K, m)`` and ``b`` ``(T, m)``.
+
+    1-D inputs ``(m,)`` are treated as one row.
+    """
+    check_method(method)
+    A, B = _t(a), _t(b)
+    A = A[None] if A.ndim == 1 else A
+    B = B[None] if B.ndim == 1 else B
+    if A.shape[-1] != B.shape[-1]:
+        raise DataError(
+            f"RDMs differ in size: {A.shape[-1]} vs {B.shape[-1]} upper-triangle entries"
+        )
+    if method == "kendall_tau_a":
+        return kendall_tau_a(A, B.to(A.device))
+    return prepare(A, method) @ prepare(B, method).to(A.device).T
+
+
+def correlate_prepared(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
+    """Coefficients ``(..., K, T)`` of outputs of :func:`prepare` ``a`` ``(..., K, m)``, ``b``."""
+    if method == "kendall_tau_a":
+        if a.ndim == 2:
+            return kendall_tau_a(a, b)
+        return torch.stack([kendall_tau_a(x, y) for x, y in zip(a, b, strict=True)])
+    return a @ b.transpose(-1, -2)
+
+
+# --- masked (bootstrap) variants -------------------------------------------------------------
+
+
+def masked_standardize(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(B, K, m)`` centred/scaled over entries with weight ``w`` ``(B, m)`` = 1.
+
+    Entries with ``w = 0`` become 0, so ``z_a . z_b`` is the Pearson r over the valid entries.
+    """
+    ww = w[:, None, :]
+    count = ww.sum(dim=-1, keepdim=True)
+    mean = (x * ww).sum(dim=-1, keepdim=True) / count
+    centred = (x - mean) * ww
+    norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
+    return centred / torch.where(norm > 0, norm, torch.full_like(norm, float("nan")))
+
+
+def masked_rankdata(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Average ranks of ``x`` ``(B, K, m)`` among the entries with ``w`` ``(B, m)`` = 1.
+
+    Invalid entries are set to +inf before ranking, so they rank after every valid entry and do
+    not change the valid entries' ranks.
+    """
+    filled = torch.where(w[:, None, :] > 0, x, torch.full_like(x, float("inf")))
+    return rankdata(filled)
+
+
+def masked_compare(
+    a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, method: str = "spearman"
+) -> torch.Tensor:
+    """Coefficients ``(B, K, T)`` of ``a`` ``(B, K, m)`` vs ``b`` ``(B, T, m)`` on entries ``w=1``."""
+    check_method(method)
+    if method == "kendall_tau_a":
+        return masked_kendall_tau_a(a, b, w)
+    if method == "spearman":
+        a, b = masked_rankdata(a, w), masked_rankdata(b, w)
+    za, zb = masked_standardize(a, w), masked_standardize(b, w)
+    return za @ zb.transpose(-1, -2)
+
+
+def masked_kendall_tau_a(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Kendall tau-a ``(B, K, T)`` over the valid entries (``w = 1``) of each batch row."""
+    Bn, K, m = a.shape
+    T = b.shape[1]
+    total = torch.zeros((Bn, K, T), dtype=torch.float64, device=a.device)
+    step = max(1, _SIGN_CHUNK_ELEMENTS // max(1, Bn * (K + T) * m))
+    for start in range(0, m, step):
+        stop = min(m, start + step)
+        pair_w = w[:, start:stop, None] * w[:, None, :]  # (B, c, m)
+        sa = torch.sign(a[:, :, start:stop, None] - a[:, :, None, :]) * pair_w[:, None]
+        sb = torch.sign(b[:, :, start:stop, None] - b[:, :, None, :])
+        total += torch.einsum("bkcm,btcm->bkt", sa, sb)
+    valid = w.sum(dim=-1)
+    denom = (valid * (valid - 1))[:, None, None]
+    return total / torch.where(denom > 0, denom, torch.full_like(denom, float("nan")))

@@ -1,0 +1,402 @@
+"""Statistical inference for RSA: permutation tests, bootstrap CIs, noise ceilings and FDR.
+
+Notation: ``K`` model RDMs (e.g. layers) and ``T`` target RDMs (e.g. subjects x ROIs), all over
+the same ``n`` stimuli; condensed vectors have ``m = n (n - 1) / 2`` entries (``i < j``).
+A ``combine`` matrix ``C`` ``(T, G)`` adds ``G`` derived statistics ``r @ C`` to the ``T``
+per-target coefficients, e.g. the mean r over the subjects of one ROI (``C[t, g] = 1 / S_g`` for
+the subjects ``t`` of group ``g``). Every test and interval is computed for the derived columns
+from the *same* permutations / resamples, so the group mean gets its own exact null.
+
+- **Mantel permutation test** (one-sided, positive alignment): permute the stimulus labels of the
+  model RDM (rows and columns together), ``p = (1 + #{r_perm >= r}) / (1 + N)``.
+  Permuting labels is a gather on the condensed index; ranks / standardised vectors are computed
+  once, because a permutation does not change a vector's multiset of values. Since
+  ``r(x o g_pi, y) = r(x, y o g_pi^-1)`` exactly, the smaller side (models or targets) is the one
+  gathered; the null distribution is identical either way.
+- **Permutations** are a function of ``(seed, n_perm, n)`` only (:func:`permutations`): blocks of
+  ``PERM_BLOCK`` permutations from ``numpy.random.default_rng([seed, block])``, so results do not
+  depend on batch sizes or devices, and a brute-force loop can reuse the same permutations.
+- **Stimulus bootstrap**: resample the ``n`` stimuli with replacement, take all pairs ``a < b``
+  of the resample and drop those where a stimulus meets its own copy; percentile interval
+  (default 95%).
+- **Noise ceiling** of ``S`` subject RDMs: upper = ``mean_s r(RDM_s, mean of all)``, lower =
+  ``mean_s r(RDM_s, mean of the others)`` (raw dissimilarities averaged; NaN when ``S < 2``).
+- **FDR**: Benjamini-Hochberg step-up adjusted p-values.
+- **Condition difference**: ``d = r_a - r_b`` of the stimuli of conditions ``a`` and ``b``;
+  null by permuting the condition labels among those stimuli (group sizes kept), two-sided
+  ``p = (1 + #{|d_perm| >= |d|}) / (1 + N)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from object2brain.errors import DataError
+from object2brain.rsa.compare import (
+    check_method,
+    correlate_prepared,
+    masked_compare,
+    prepare,
+)
+from object2brain.rsa.compare import (
+    compare as compare_rdms,
+)
+from object2brain.rsa.rdm import resolve_device, triu_indices
+
+PERM_BLOCK = 1000
+_BOOT_STREAM = 7_919  # second word of the bootstrap seed sequence (independent of permutations)
+_TOL = 1e-12
+_MEMORY_ELEMENTS = 1 << 25  # values per gathered batch (256 MB in float64)
+
+
+def n_from_pairs(m: int) -> int:
+    """Number of stimuli ``n`` with ``m = n (n - 1) / 2`` pairs."""
+    n = int(round((1 + np.sqrt(1 + 8 * m)) / 2))
+    if n * (n - 1) // 2 != m:
+        raise DataError(f"{m} values are not the upper triangle of a square RDM")
+    return n
+
+
+def permutations(n: int, n_perm: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks ``(b, n)`` of random permutations of ``range(n)``, ``n_perm`` rows in total.
+
+    Block ``k`` comes from ``numpy.random.default_rng([seed, k])``: the sequence depends only on
+    ``(seed, n_perm, n)``.
+    """
+    for k, start in enumerate(range(0, n_perm, PERM_BLOCK)):
+        size = min(PERM_BLOCK, n_perm - start)
+        rng = np.random.default_rng([seed, k])
+        yield rng.permuted(np.tile(np.arange(n), (size, 1)), axis=1)
+
+
+def pair_permutation(perms: np.ndarray | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Condensed gather index ``(P, m)`` of stimulus permutations ``perms`` ``(P, n)``.
+
+    The permuted RDM is ``D'[i, j] = D[pi_i, pi_j]``, so ``x'[c(i, j)] = x[c(pi_i, pi_j)]`` with
+    ``c(i, j) = i n - i (i + 1) / 2 + (j - i - 1)`` for ``i < j`` (arguments sorted).
+    """
+    p = torch.as_tensor(np.asarray(perms) if not isinstance(perms, torch.Tensor) else perms)
+    p = p.to(device=device, dtype=torch.long)
+    n = p.shape[-1]
+    iu, ju = triu_indices(n, p.device)
+    a, b = p[:, iu], p[:, ju]
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    return lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
+
+
+def combine_matrix(groups: Sequence[Sequence[int]], n_targets: int) -> torch.Tensor:
+    """``(T, G)`` matrix averaging the target columns listed in each group."""
+    C = torch.zeros((n_targets, len(groups)), dtype=torch.float64)
+    for g, cols in enumerate(groups):
+        if len(cols) == 0:
+            raise DataError("empty group of targets to average")
+        C[list(cols), g] = 1.0 / len(cols)
+    return C
+
+
+def _with_combine(r: torch.Tensor, combine: torch.Tensor | None) -> torch.Tensor:
+    if combine is None:
+        return r
+    return torch.cat([r, r @ combine.to(r.device)], dim=-1)
+
+
+def _corr2d(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
+    return correlate_prepared(a, b, method)
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """Observed statistic ``r`` ``(K, T + G)`` and its permutation p-values (same shape)."""
+
+    r: np.ndarray
+    p: np.ndarray
+    n_perm: int
+
+
+def mantel_test(
+    model: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    method: str = "spearman",
+    n_perm: int = 10_000,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    combine: torch.Tensor | None = None,
+    memory_elements: int = _MEMORY_ELEMENTS,
+) -> TestResult:
+    """Mantel permutation test of condensed model RDMs ``(K, m)`` against targets ``(T, m)``.
+
+    Returns ``r`` and one-sided ``p = (1 + #{r_perm >= r}) / (1 + n_perm)`` of shape
+    ``(K, T + G)`` (``G`` columns of ``combine``); ``p`` is NaN where ``r`` is NaN and when
+    ``n_perm = 0``.
+    """
+    check_method(method)
+    dev = resolve_device(device)
+    X = torch.as_tensor(model, dtype=torch.float64).to(dev)
+    Y = torch.as_tensor(target, dtype=torch.float64).to(dev)
+    X = X[None] if X.ndim == 1 else X
+    Y = Y[None] if Y.ndim == 1 else Y
+    m = X.shape[-1]
+    n = n_from_pairs(m)
+    xp, yp = prepare(X, method), prepare(Y, method)
+    stat = _with_combine(_corr2d(xp, yp, method), combine)
+    counts = torch.zeros_like(stat, dtype=torch.int64)
+    K, T = xp.shape[0], yp.shape[0]
+    gather_model = K <= T
+    side = K if gather_model else T
+    batch = max(1, memory_elements // max(1, side * m))
+    for block in permutations(n, n_perm, seed):
+        perms = block if gather_model else np.argsort(block, axis=1)
+        index = pair_permutation(perms, dev)
+        for sub in torch.split(index, batch):
+            P = sub.shape[0]
+            if gather_model:
+                g = xp[:, sub].reshape(K * P, m)
+                rp = _corr2d(g, yp, method).reshape(K, P, T).permute(1, 0, 2)
+            else:
+                g = yp[:, sub].reshape(T * P, m)
+                rp = _corr2d(xp, g, method).reshape(K, T, P).permute(2, 0, 1)
+            counts += (_with_combine(rp, combine) >= stat - _TOL).sum(dim=0)
+    r = stat.cpu().numpy()
+    p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
+    p[np.isnan(r)] = np.nan
+    if n_perm == 0:
+        p[:] = np.nan
+    return TestResult(r=r, p=p, n_perm=n_perm)
+
+
+def bootstrap_ci(
+    model_rdms: np.ndarray | torch.Tensor,
+    target_rdms: np.ndarray | torch.Tensor,
+    method: str = "spearman",
+    n_boot: int = 1_000,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    combine: torch.Tensor | None = None,
+    level: float = 0.95,
+    memory_elements: int = _MEMORY_ELEMENTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stimulus-bootstrap percentile interval of the coefficients of square RDMs.
+
+    Args:
+        model_rdms: ``(K, n, n)``; target_rdms: ``(T, n, n)``.
+        combine: optional ``(T, G)`` derived columns (see module docstring).
+    Returns:
+        ``(low, high)``, each ``(K, T + G)``; NaN when ``n_boot = 0``.
+    Each resample draws ``n`` stimuli with replacement; pairs ``a < b`` of the resample whose two
+    entries are the same stimulus are dropped (weight 0), the rest compared with ``method``.
+    """
+    check_method(method)
+    dev = resolve_device(device)
+    A = torch.as_tensor(model_rdms, dtype=torch.float64).to(dev)
+    Bt = torch.as_tensor(target_rdms, dtype=torch.float64).to(dev)
+    K, n = A.shape[0], A.shape[-1]
+    T = Bt.shape[0]
+    G = 0 if combine is None else combine.shape[1]
+    if n_boot == 0:
+        nan = np.full((K, T + G), np.nan)
+        return nan, nan.copy()
+    m = n * (n - 1) // 2
+    rng = np.random.default_rng([seed, _BOOT_STREAM])
+    iu, ju = triu_indices(n, dev)
+    batch = max(1, memory_elements // max(1, (K + T) * m))
+    if method == "kendall_tau_a":
+        batch = max(1, min(batch, 4))
+    stats = []
+    done = 0
+    while done < n_boot:
+        size = min(batch, n_boot - done)
+        idx = torch.as_tensor(rng.integers(0, n, size=(size, n)), device=dev)
+        ra, rb = idx[:, iu], idx[:, ju]
+        w = (ra != rb).to(torch.float64)
+        a = A[:, ra, rb].permute(1, 0, 2)
+        b = Bt[:, ra, rb].permute(1, 0, 2)
+        stats.append(_with_combine(masked_compare(a, b, w, method), combine).cpu())
+        done += size
+    values = torch.cat(stats).numpy()
+    alpha = (1 - level) / 2
+    with np.errstate(all="ignore"):
+        low = np.nanquantile(values, alpha, axis=0)
+        high = np.nanquantile(values, 1 - alpha, axis=0)
+    return low, high
+
+
+def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> tuple[float, float]:
+    """Noise ceiling ``(lower, upper)`` of ``S`` subject RDMs given condensed ``(S, m)``.
+
+    ``upper = mean_s r(x_s, mean_t x_t)``, ``lower = mean_s r(x_s, mean_{t != s} x_t)``;
+    ``(nan, nan)`` when ``S < 2``.
+    """
+    X = torch.as_tensor(rdms, dtype=torch.float64)
+    S = X.shape[0]
+    if S < 2:
+        return float("nan"), float("nan")
+    total = X.sum(dim=0)
+    mean_all = total / S
+    others = (total[None] - X) / (S - 1)
+    upper = compare_rdms(X, mean_all[None], method)[:, 0]
+    if method == "kendall_tau_a":
+        lower = torch.diagonal(compare_rdms(X, others, method))
+    else:
+        lower = (prepare(X, method) * prepare(others, method)).sum(dim=-1)
+    return float(lower.mean()), float(upper.mean())
+
+
+def fdr_bh(p: np.ndarray | Sequence[float]) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (same shape; NaNs kept and not counted).
+
+    ``q_(i) = min_{j >= i} min(1, p_(j) M / j)`` over the ``M`` finite p-values sorted ascending.
+    """
+    values = np.asarray(p, dtype=np.float64)
+    flat = values.ravel()
+    out = np.full_like(flat, np.nan)
+    finite = np.flatnonzero(~np.isnan(flat))
+    M = finite.size
+    if M:
+        order = finite[np.argsort(flat[finite], kind="stable")]
+        scaled = flat[order] * M / np.arange(1, M + 1)
+        adjusted = np.minimum.accumulate(scaled[::-1])[::-1]
+        out[order] = np.minimum(adjusted, 1.0)
+    return out.reshape(values.shape)
+
+
+@dataclass(frozen=True)
+class ContrastResult:
+    """Condition contrast: ``r_a``, ``r_b``, ``delta = r_a - r_b`` and two-sided ``p``.
+
+    All arrays ``(K, T + G)``; ``n_a``, ``n_b`` stimuli per condition.
+    """
+
+    r_a: np.ndarray
+    r_b: np.ndarray
+    delta: np.ndarray
+    p: np.ndarray
+    n_a: int
+    n_b: int
+    n_perm: int
+
+
+def _subset_vectors(rdms: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Condensed vectors ``(P, R, m_s)`` of RDMs ``(R, n, n)`` restricted to ``rows`` ``(P, n_s)``."""
+    iu, ju = triu_indices(rows.shape[-1], rows.device)
+    return rdms[:, rows[:, iu], rows[:, ju]].permute(1, 0, 2)
+
+
+def condition_difference_test(
+    model_rdms: np.ndarray | torch.Tensor,
+    target_rdms: np.ndarray | torch.Tensor,
+    labels: Sequence[str],
+    condition_a: str,
+    condition_b: str,
+    method: str = "spearman",
+    n_perm: int = 10_000,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    combine: torch.Tensor | None = None,
+    memory_elements: int = _MEMORY_ELEMENTS,
+) -> ContrastResult:
+    """Test ``r_a - r_b`` between two conditions by permuting condition labels.
+
+    Args:
+        model_rdms: square ``(K, n, n)``; target_rdms: square ``(T, n, n)``.
+        labels: condition of each of the ``n`` stimuli.
+    Returns:
+        :class:`ContrastResult`; ``p = (1 + #{|d_perm| >= |d|}) / (1 + n_perm)``.
+    """
+    check_method(method)
+    dev = resolve_device(device)
+    A = torch.as_tensor(model_rdms, dtype=torch.float64).to(dev)
+    Bt = torch.as_tensor(target_rdms, dtype=torch.float64).to(dev)
+    lab = np.asarray([str(x) for x in labels])
+    in_a = np.flatnonzero(lab == condition_a)
+    in_b = np.flatnonzero(lab == condition_b)
+    n_a, n_b = in_a.size, in_b.size
+    if n_a < 3 or n_b < 3:
+        raise DataError(
+            f"conditions {condition_a!r} ({n_a} stimuli) and {condition_b!r} ({n_b}) need at "
+            "least 3 stimuli each for an RSA contrast"
+        )
+    pool = torch.as_tensor(np.concatenate([in_a, in_b]), device=dev)
+
+    def stats(rows_a: torch.Tensor, rows_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for rows in (rows_a, rows_b):
+            xa = prepare(_subset_vectors(A, rows), method)
+            ya = prepare(_subset_vectors(Bt, rows), method)
+            out.append(_with_combine(correlate_prepared(xa, ya, method), combine))
+        return out[0], out[1]
+
+    obs_a, obs_b = stats(pool[None, :n_a], pool[None, n_a:])
+    obs_a, obs_b = obs_a[0], obs_b[0]
+    delta = obs_a - obs_b
+    counts = torch.zeros_like(delta, dtype=torch.int64)
+    m_max = max(n_a * (n_a - 1), n_b * (n_b - 1)) // 2
+    batch = max(1, memory_elements // max(1, (A.shape[0] + Bt.shape[0]) * m_max))
+    for block in permutations(n_a + n_b, n_perm, seed):
+        shuffled = pool[torch.as_tensor(block, device=dev)]
+        for sub in torch.split(shuffled, batch):
+            pa, pb = stats(sub[:, :n_a], sub[:, n_a:])
+            counts += ((pa - pb).abs() >= delta.abs() - _TOL).sum(dim=0)
+    p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
+    d = delta.cpu().numpy()
+    p[np.isnan(d)] = np.nan
+    if n_perm == 0:
+        p[:] = np.nan
+    return ContrastResult(
+        r_a=obs_a.cpu().numpy(),
+        r_b=obs_b.cpu().numpy(),
+        delta=d,
+        p=p,
+        n_a=int(n_a),
+        n_b=int(n_b),
+        n_perm=n_perm,
+    )
+
+
+def correlation_test(
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    method: str = "pearson",
+    n_perm: int = 10_000,
+    n_boot: int = 1_000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float, float]:
+    """Direct correlation of two vectors ``(n,)`` (e.g. predicted vs rated valence).
+
+    Returns ``(r, p, ci_low, ci_high)``: two-sided permutation
+    ``p = (1 + #{|r_perm| >= |r|}) / (1 + n_perm)`` (permuting ``x``) and a bootstrap
+    percentile interval over stimuli resampled with replacement. ``method`` is ``pearson`` or
+    ``spearman`` (``kendall_tau_a`` also works).
+    """
+    check_method(method)
+    xv = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
+    yv = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
+    n = xv.shape[0]
+    r = float(compare_rdms(xv[None], yv[None], method)[0, 0])
+    p = float("nan")
+    if n_perm > 0 and not np.isnan(r):
+        count = 0
+        for block in permutations(n, n_perm, seed):
+            idx = torch.as_tensor(block)
+            rp = compare_rdms(xv[idx], yv[None], method)[:, 0]
+            count += int((rp.abs() >= abs(r) - _TOL).sum())
+        p = (1 + count) / (1 + n_perm)
+    low = high = float("nan")
+    if n_boot > 0:
+        rng = np.random.default_rng([seed, _BOOT_STREAM])
+        idx = torch.as_tensor(rng.integers(0, n, size=(n_boot, n)))
+        xs, ys = xv[idx], yv[idx]
+        if method == "kendall_tau_a":
+            rb = torch.stack([compare_rdms(a[None], b[None], method)[0, 0] for a, b in zip(xs, ys)])
+        else:
+            rb = (prepare(xs, method) * prepare(ys, method)).sum(dim=-1)
+        alpha = (1 - level) / 2
+        values = rb.numpy()
+        with np.errstate(all="ignore"):
+            low = float(np.nanquantile(values, alpha))
+            high = float(np.nanquantile(values, 1 - alpha))
+    return r, p, low, high

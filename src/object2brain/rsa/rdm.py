@@ -1,0 +1,289 @@
+"""Representational dissimilarity matrices (RDMs) from features, ratings and activation stores.
+
+Definitions (DESIGN.md section 4), for stimulus feature vectors ``x_i`` with ``p`` features:
+
+- ``correlation`` (default): ``d_ij = 1 - r(x_i, x_j)`` with Pearson r across features,
+  ``r = <x_i - mean(x_i), x_j - mean(x_j)> / (||x_i - mean(x_i)|| ||x_j - mean(x_j)||)``.
+- ``euclidean``: ``d_ij = ||x_i - x_j||_2`` (the plain Euclidean distance). rsatoolbox's
+  ``euclidean`` is the *squared* distance divided by ``p``: ``d_rsatoolbox = d**2 / p``. Ranks
+  (Spearman, Kendall) are identical; Pearson-based comparisons differ.
+- ``cosine``: ``d_ij = 1 - <x_i, x_j> / (||x_i|| ||x_j||)``.
+- behavioural RDM of ratings ``v``: ``d_ij = |v_i - v_j|``. Layers with a single feature per
+  stimulus (e.g. the predicted ``valence``) use this too, whatever the metric, because a
+  correlation over one feature is undefined.
+
+All three feature metrics are functions of the Gram matrix ``G = X X^T`` and the row sums, so they
+are computed with matrix products, accumulated in float64 over *feature chunks* (column blocks of
+the flattened layer): a layer never has to sit in memory whole. For correlation each row is
+shifted by a per-row constant (its mean over the first chunk) before accumulation; for euclidean
+each chunk's columns are centred across stimuli. Both shifts leave the result unchanged
+mathematically and avoid catastrophic cancellation in ``G - s s^T / p``.
+
+Condensed vectors are upper triangles ``i < j`` in row-major order (``numpy.triu_indices(n, 1)``),
+the same order as rsatoolbox and ``scipy.spatial.distance.squareform``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from object2brain.errors import DataError
+
+if TYPE_CHECKING:
+    from object2brain.store import ActivationStore
+
+RdmMetric = Literal["correlation", "euclidean", "cosine"]
+RDM_METRICS: tuple[str, ...] = ("correlation", "euclidean", "cosine")
+
+ArrayLike = np.ndarray | torch.Tensor
+
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16 M values (128 MB in float64) per feature chunk
+_DEGENERATE = 1e-12
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/``None`` -> ``cuda`` when available, else ``cpu``; other values as torch reads them."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+    return resolved
+
+
+def as_tensor(
+    x: ArrayLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``x`` as a tensor of ``dtype`` on ``device`` (no copy when already there)."""
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    if isinstance(x, torch.Tensor):
+        return x.to(device=dev, dtype=dtype)
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=dev)
+
+
+def check_metric(metric: str) -> None:
+    """Raise :class:`DataError` for an unknown RDM metric name."""
+    if metric not in RDM_METRICS:
+        raise DataError(f"unknown RDM metric {metric!r}; choose one of {', '.join(RDM_METRICS)}")
+
+
+def triu_indices(n: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices ``(m,)`` of the upper triangle ``i < j``, ``m = n (n - 1) / 2``."""
+    iu = torch.triu_indices(n, n, offset=1, device=device)
+    return iu[0], iu[1]
+
+
+def upper_triangle(rdms: ArrayLike) -> torch.Tensor:
+    """Condensed vectors ``(..., m)`` of square RDMs ``(..., n, n)`` (row-major, ``i < j``)."""
+    t = rdms if isinstance(rdms, torch.Tensor) else torch.as_tensor(np.asarray(rdms))
+    n = t.shape[-1]
+    i, j = triu_indices(n, t.device)
+    return t[..., i, j]
+
+
+def squareform(vectors: ArrayLike) -> torch.Tensor:
+    """Square symmetric RDMs ``(..., n, n)`` with zero diagonal from condensed ``(..., m)``."""
+    v = vectors if isinstance(vectors, torch.Tensor) else torch.as_tensor(np.asarray(vectors))
+    m = v.shape[-1]
+    n = int(round((1 + np.sqrt(1 + 8 * m)) / 2))
+    if n * (n - 1) // 2 != m:
+        raise DataError(f"{m} values are not the upper triangle of a square RDM")
+    out = torch.zeros((*v.shape[:-1], n, n), dtype=v.dtype, device=v.device)
+    i, j = triu_indices(n, v.device)
+    out[..., i, j] = v
+    out[..., j, i] = v
+    return out
+
+
+class GramAccumulator:
+    """Accumulates what an RDM needs from feature chunks ``(n, p_c)``, in float64.
+
+    After all chunks: ``G = sum_c Y_c Y_c^T`` of the shifted chunks ``Y_c``, row sums
+    ``s = sum_c Y_c 1`` and the feature count ``p``; :meth:`rdm` turns them into the RDM.
+    """
+
+    def __init__(self, n: int, metric: str, device: torch.device) -> None:
+        check_metric(metric)
+        self.n = n
+        self.metric = metric
+        self.device = device
+        self.gram = torch.zeros((n, n), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(n, dtype=torch.float64, device=device)
+        self.count = 0
+        self._shift: torch.Tensor | None = None
+
+    def add(self, chunk: ArrayLike) -> None:
+        """Add a feature chunk ``(n, p_c)`` (more dimensions are flattened)."""
+        x = as_tensor(chunk, self.device).reshape(self.n, -1)
+        if x.shape[1] == 0:
+            return
+        if not bool(torch.isfinite(x).all()):
+            raise DataError("features contain NaN or infinite values")
+        if self.metric == "correlation":
+            if self._shift is None:
+                self._shift = x.mean(dim=1, keepdim=True)
+            x = x - self._shift
+            self.sums += x.sum(dim=1)
+        elif self.metric == "euclidean":
+            x = x - x.mean(dim=0, keepdim=True)
+        self.gram += x @ x.T
+        self.count += x.shape[1]
+
+    def rdm(self, ids: Sequence[str] | None = None, what: str = "features") -> torch.Tensor:
+        """The RDM ``(n, n)`` (float64, symmetric, zero diagonal) of everything added."""
+        if self.count == 0:
+            raise DataError(f"{what}: no features to compute an RDM from")
+        G = self.gram
+        if self.metric == "euclidean":
+            sq = torch.diagonal(G)
+            d2 = (sq[:, None] + sq[None, :] - 2 * G).clamp_min(0)
+            out = torch.sqrt(d2)
+        else:
+            if self.metric == "correlation":
+                s = self.sums
+                G = G - torch.outer(s, s) / self.count
+            norms = torch.sqrt(torch.diagonal(G).clamp_min(0))
+            scale = torch.sqrt(torch.diagonal(self.gram).clamp_min(0)).max()
+            bad = norms <= _DEGENERATE * max(float(scale), 1.0)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).flatten().tolist()
+                names = [ids[r] if ids is not None else str(r) for r in rows]
+                kind = "zero-variance" if self.metric == "correlation" else "all-zero"
+                shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+                raise DataError(
+                    f"{what}: {len(names)} {kind} pattern(s) (stimulus id(s) {shown}): "
+                    f"{self.metric} distance is undefined for them"
+                )
+            out = 1 - G / torch.outer(norms, norms)
+        out = (out + out.T) / 2
+        out.fill_diagonal_(0)
+        return out
+
+
+def rdm_from_chunks(
+    chunks: Iterable[ArrayLike],
+    n: int,
+    metric: str = "correlation",
+    device: str | torch.device | None = "auto",
+    ids: Sequence[str] | None = None,
+    what: str = "features",
+) -> torch.Tensor:
+    """RDM ``(n, n)`` from an iterable of feature chunks ``(n, p_c)`` (columns of one layer).
+
+    ``ids`` and ``what`` only name the stimuli and data in error messages.
+    """
+    acc = GramAccumulator(n, metric, resolve_device(device))
+    for chunk in chunks:
+        acc.add(chunk)
+    return acc.rdm(ids, what)
+
+
+def rdm_from_features(
+    features: ArrayLike,
+    metric: str = "correlation",
+    device: str | torch.device | None = "auto",
+    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+    ids: Sequence[str] | None = None,
+    what: str = "features",
+) -> torch.Tensor:
+    """RDM ``(n, n)`` (float64) of features ``(n, ...)``, flattened per stimulus.
+
+    Features of a single value per stimulus (``(n,)`` or ``(n, 1)``) give ``|x_i - x_j|``.
+    """
+    x = features if isinstance(features, torch.Tensor) else np.asarray(features)
+    n = int(x.shape[0])
+    flat = x.reshape(n, -1)
+    if flat.shape[1] == 1:
+        return behavior_rdm(flat[:, 0], device=device)
+    step = max(1, chunk_elements // max(n, 1))
+    chunks = (flat[:, start : start + step] for start in range(0, flat.shape[1], step))
+    return rdm_from_chunks(chunks, n, metric, device, ids, what)
+
+
+def behavior_rdm(values: ArrayLike, device: str | torch.device | None = "auto") -> torch.Tensor:
+    """Behavioural RDM ``(n, n)``: ``d_ij = |v_i - v_j|`` of ratings ``v`` ``(n,)``."""
+    v = as_tensor(values, resolve_device(device)).reshape(-1)
+    if not bool(torch.isfinite(v).all()):
+        raise DataError("ratings contain NaN or infinite values")
+    return (v[:, None] - v[None, :]).abs()
+
+
+def iter_feature_chunks(
+    store: ActivationStore,
+    layer: str,
+    ids: Sequence[str] | None = None,
+    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+) -> Iterator[np.ndarray]:
+    """Stream a layer of an activation store as column chunks ``(n_ids, p_c)``.
+
+    Slices along the first feature axis of ``/layers/<layer>`` (``(n, C, ...)``) with h5py, so at
+    most about ``chunk_elements`` values of the stored rows are read at once; rows are returned
+    in ``ids`` order (all rows in store order if ``ids`` is None).
+    """
+    dataset: Any = store._dataset(layer)
+    shape = tuple(dataset.shape)
+    rows = None if ids is None else np.asarray(store.rows(ids))
+    if len(shape) == 1:
+        block = np.asarray(dataset[()]).reshape(-1, 1)
+        yield block if rows is None else block[rows]
+        return
+    n_rows = shape[0]
+    per_index = int(np.prod(shape[2:], dtype=np.int64)) * n_rows
+    step = max(1, chunk_elements // max(per_index, 1))
+    for start in range(0, shape[1], step):
+        block = np.asarray(dataset[:, start : start + step]).reshape(n_rows, -1)
+        yield block if rows is None else block[rows]
+
+
+def rdm_from_store(
+    store: ActivationStore,
+    layer: str,
+    ids: Sequence[str] | None = None,
+    metric: str = "correlation",
+    device: str | torch.device | None = "auto",
+    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """RDM ``(n_ids, n_ids)`` of one layer, streamed from the store in feature chunks.
+
+    Single-feature layers (e.g. ``valence``, ``(n,)``) give ``|x_i - x_j|``.
+    """
+    ids = list(ids) if ids is not None else store.stimulus_ids
+    shape = store.shape(layer)
+    what = f"{store.path}: layer {layer!r}"
+    if int(np.prod(shape[1:], dtype=np.int64)) == 1:
+        values = next(iter_feature_chunks(store, layer, ids, chunk_elements))[:, 0]
+        if not np.isfinite(values).all():
+            raise DataError(f"{what}: contains NaN or infinite values")
+        return behavior_rdm(values, device=device)
+    chunks = iter_feature_chunks(store, layer, ids, chunk_elements)
+    return rdm_from_chunks(chunks, len(ids), metric, device, ids, what)
+
+
+def to_rsatoolbox(
+    rdms: ArrayLike,
+    stimulus_ids: Sequence[str],
+    metric: str = "correlation",
+    descriptors: dict[str, Sequence[Any]] | None = None,
+) -> Any:
+    """Export RDMs ``(k, n, n)`` or ``(n, n)`` to an ``rsatoolbox.rdm.RDMs`` object.
+
+    ``stimulus_ids`` become the pattern descriptor ``stimulus_id``; ``descriptors`` (each a
+    sequence of length k, e.g. ``{"layer": [...], "subject": [...]}``) the RDM descriptors.
+    """
+    from rsatoolbox.rdm import RDMs
+
+    t = rdms if isinstance(rdms, torch.Tensor) else torch.as_tensor(np.asarray(rdms))
+    if t.ndim == 2:
+        t = t[None]
+    vectors = upper_triangle(t).detach().cpu().numpy().astype(np.float64)
+    rdm_desc = {key: list(values) for key, values in (descriptors or {}).items()}
+    return RDMs(
+        dissimilarities=vectors,
+        dissimilarity_measure=metric,
+        rdm_descriptors=rdm_desc or None,
+        pattern_descriptors={"stimulus_id": list(stimulus_ids)},
+    )

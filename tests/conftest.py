@@ -1,0 +1,60 @@
+"""Shared fixtures: no network, tiny real photos, seeded models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never download: offline mode and an empty torch hub cache."""
+    monkeypatch.setenv("OBJECT2BRAIN_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+
+
+PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "camera", "cat", "horse", "page")
+
+
+def shipped_photo(name: str) -> Image.Image:
+    """A real photo shipped with scikit-image, as RGB."""
+    from skimage import data
+
+    array = getattr(data, name)()
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    image = Image.fromarray(array)
+    return image.convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of small JPEG photos (short side 96 px), one per name in PHOTOS."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        image = shipped_photo(name)
+        image.thumbnail((144, 144))
+        image.save(folder / f"{name}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture
+def stimulus_table(photo_dir: Path, tmp_path: Path) -> Path:
+    """A CSV stimulus table with relative paths, a condition and a valence column."""
+    rows = [
+        {
+            "stimulus_id": f"s{i:02d}_{name}",
+            "path": str(Path("..") / photo_dir.name / f"{name}.jpg"),
+            "condition": "congruent" if i % 2 else "incongruent",
+            "valence": float(i % 7 - 3),
+        }
+        for i, name in enumerate(PHOTOS)
+    ]
+    table = photo_dir.parent / f"table_{tmp_path.name}" / "stimuli.csv"
+    table.parent.mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(table, index=False)
+    return table

@@ -1,0 +1,94 @@
+"""Comparisons against rsatoolbox and scipy, and hypothesis properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rsatoolbox
+import scipy.stats
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from object2brain.errors import DataError
+from object2brain.rsa.compare import compare, masked_compare, rankdata
+from object2brain.rsa.rdm import rdm_from_features, upper_triangle
+
+RSATOOLBOX_NAME = {"spearman": "spearman", "pearson": "corr", "kendall_tau_a": "tau-a"}
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
+def test_compare_matches_rsatoolbox(method: str) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 45))
+    b = np.round(rng.normal(size=(4, 45)), 1)  # ties
+    b[0] = np.round(b[0])  # many ties
+    ref = rsatoolbox.rdm.compare(rsatoolbox.rdm.RDMs(a), rsatoolbox.rdm.RDMs(b), method=RSATOOLBOX_NAME[method])
+    np.testing.assert_allclose(compare(a, b, method).numpy(), ref, atol=1e-6)
+
+
+def test_rankdata_matches_scipy_with_ties() -> None:
+    x = np.round(np.random.default_rng(1).normal(size=(4, 3, 50)), 1)
+    np.testing.assert_allclose(rankdata(torch.as_tensor(x)).numpy(), scipy.stats.rankdata(x, axis=-1))
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
+def test_masked_compare_equals_compare_on_valid_entries(method: str) -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(2, 30)), np.round(rng.normal(size=(3, 30)), 1)
+    w = np.ones(30)
+    w[[1, 5, 17]] = 0
+    keep = w > 0
+    got = masked_compare(
+        torch.as_tensor(a)[None], torch.as_tensor(b)[None], torch.as_tensor(w)[None], method
+    )[0]
+    np.testing.assert_allclose(got.numpy(), compare(a[:, keep], b[:, keep], method).numpy(), atol=1e-12)
+
+
+def test_size_mismatch_and_unknown_method() -> None:
+    with pytest.raises(DataError, match="differ in size"):
+        compare(np.ones((1, 3)), np.ones((1, 6)))
+    with pytest.raises(DataError, match="unknown comparison"):
+        compare(np.ones((1, 3)), np.ones((1, 3)), "cosine")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrays(np.int64, st.integers(3, 40), elements=st.integers(0, 1000)),
+    arrays(np.int64, 40, elements=st.integers(0, 1000)),
+)
+def test_spearman_invariant_to_monotone_transform(x: np.ndarray, y_full: np.ndarray) -> None:
+    y = y_full[: x.size].astype(np.float64)
+    xf = x.astype(np.float64)
+    assume(np.ptp(xf) > 0 and np.ptp(y) > 0)
+    transformed = xf**3 + 7 * xf + 5  # strictly increasing, exact in float64
+    r1 = compare(xf, y, "spearman")
+    r2 = compare(transformed, y, "spearman")
+    torch.testing.assert_close(r1, r2, atol=1e-12, rtol=0)
+    t1 = compare(xf, y, "kendall_tau_a")
+    t2 = compare(transformed, y, "kendall_tau_a")
+    torch.testing.assert_close(t1, t2, atol=1e-12, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrays(
+        np.float64,
+        st.tuples(st.integers(2, 8), st.integers(2, 12)),
+        elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False),
+    ),
+    st.sampled_from(["correlation", "euclidean", "cosine"]),
+)
+def test_rdm_symmetric_zero_diagonal(X: np.ndarray, metric: str) -> None:
+    try:
+        D = rdm_from_features(X, metric, device="cpu", chunk_elements=5)
+    except DataError:
+        assume(False)
+        return
+    assert torch.equal(D, D.T)
+    assert torch.all(torch.diagonal(D) == 0)
+    assert torch.all(D >= -1e-9)
+    if metric != "euclidean":
+        assert torch.all(D <= 2 + 1e-9)
+    assert upper_triangle(D).shape == (X.shape[0] * (X.shape[0] - 1) // 2,)

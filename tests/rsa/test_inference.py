@@ -1,0 +1,204 @@
+"""Permutation tests, bootstrap, noise ceilings and FDR against brute force and planted truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rsatoolbox
+import scipy.stats
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from object2brain.rsa.compare import compare
+from object2brain.rsa.inference import (
+    bootstrap_ci,
+    combine_matrix,
+    condition_difference_test,
+    correlation_test,
+    fdr_bh,
+    mantel_test,
+    noise_ceiling,
+    pair_permutation,
+    permutations,
+)
+from object2brain.rsa.rdm import rdm_from_features, squareform, upper_triangle
+
+RSATOOLBOX_NAME = {"spearman": "spearman", "pearson": "corr", "kendall_tau_a": "tau-a"}
+
+
+def _rdms(rng: np.random.Generator, k: int, n: int, p: int = 6) -> torch.Tensor:
+    return torch.stack([rdm_from_features(rng.normal(size=(n, p)), device="cpu") for _ in range(k)])
+
+
+def test_pair_permutation_matches_square_permutation() -> None:
+    rng = np.random.default_rng(0)
+    D = _rdms(rng, 1, 7)[0]
+    perms = next(permutations(7, 5, seed=3))
+    index = pair_permutation(perms)
+    for perm, idx in zip(perms, index, strict=True):
+        expected = upper_triangle(D[perm][:, perm])
+        torch.testing.assert_close(upper_triangle(D)[idx], expected)
+
+
+def test_permutations_do_not_depend_on_batching() -> None:
+    a = np.concatenate(list(permutations(9, 2500, seed=5)))
+    b = np.concatenate(list(permutations(9, 1200, seed=5)))
+    assert a.shape == (2500, 9)
+    np.testing.assert_array_equal(a[:1200], b)
+    assert all(sorted(row) == list(range(9)) for row in a[:50])
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
+def test_mantel_matches_brute_force_rsatoolbox_loop(method: str) -> None:
+    rng = np.random.default_rng(1)
+    n, n_perm, seed = 8, 120, 11
+    models, targets = _rdms(rng, 2, n), _rdms(rng, 3, n)
+    targets[0] = models[0] + 0.05 * targets[0]  # one strong effect
+    res = mantel_test(
+        upper_triangle(models), upper_triangle(targets), method, n_perm, seed, device="cpu"
+    )
+    name = RSATOOLBOX_NAME[method]
+    t_rdms = rsatoolbox.rdm.RDMs(upper_triangle(targets).numpy())
+    perms = np.concatenate(list(permutations(n, n_perm, seed)))
+    for k in range(2):
+        D = models[k].numpy()
+        observed = rsatoolbox.rdm.compare(rsatoolbox.rdm.RDMs(upper_triangle(models[k]).numpy()[None]), t_rdms, method=name)[0]
+        np.testing.assert_allclose(res.r[k], observed, atol=1e-10)
+        count = np.zeros(3)
+        for perm in perms:
+            permuted = rsatoolbox.rdm.RDMs(upper_triangle(torch.as_tensor(D[perm][:, perm])).numpy()[None])
+            count += rsatoolbox.rdm.compare(permuted, t_rdms, method=name)[0] >= observed - 1e-12
+        np.testing.assert_allclose(res.p[k], (1 + count) / (1 + n_perm))
+
+
+def test_mantel_combine_and_gather_side() -> None:
+    rng = np.random.default_rng(2)
+    x, y = upper_triangle(_rdms(rng, 4, 9)), upper_triangle(_rdms(rng, 2, 9))
+    C = combine_matrix([[0, 1]], 2)
+    a = mantel_test(x, y, n_perm=200, seed=0, device="cpu", combine=C)  # gathers targets
+    b = mantel_test(x[:1], y, n_perm=200, seed=0, device="cpu", combine=C)  # gathers models
+    np.testing.assert_allclose(a.r[:1], b.r)
+    np.testing.assert_allclose(a.p[:1], b.p)
+    np.testing.assert_allclose(a.r[:, 2], a.r[:, :2].mean(axis=1))
+    assert a.p.shape == (4, 3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 60), st.sampled_from(["spearman", "pearson"]))
+def test_permutation_p_in_unit_interval(seed: int, n_perm: int, method: str) -> None:
+    rng = np.random.default_rng(seed)
+    res = mantel_test(upper_triangle(_rdms(rng, 2, 6)), upper_triangle(_rdms(rng, 2, 6)), method, n_perm, seed, device="cpu")
+    assert np.all(res.p > 0)
+    assert np.all(res.p <= 1)
+    assert np.all(res.p >= 1 / (1 + n_perm))
+
+
+def test_pure_noise_false_positive_rate_near_alpha() -> None:
+    """Independent model and target: P(p <= alpha) = alpha exactly for (N + 1) alpha integral."""
+    n_rep, alpha, n_perm = 300, 0.05, 99
+    hits = 0
+    for seed in range(n_rep):
+        rng = np.random.default_rng(1000 + seed)
+        x = upper_triangle(_rdms(rng, 1, 10))
+        y = upper_triangle(_rdms(rng, 1, 10))
+        hits += int(mantel_test(x, y, "spearman", n_perm, seed, device="cpu").p[0, 0] <= alpha)
+    low, high = scipy.stats.binom.ppf([0.0005, 0.9995], n_rep, alpha)
+    assert low <= hits <= high, (hits, low, high)
+
+
+def test_planted_layer_is_best_and_fdr_significant() -> None:
+    rng = np.random.default_rng(3)
+    n = 24
+    layers = [rng.normal(size=(n, 30)) for _ in range(5)]
+    rois = {
+        "planted": layers[2] @ rng.normal(size=(30, 50)) + 0.5 * rng.normal(size=(n, 50)),
+        "noise": rng.normal(size=(n, 50)),
+    }
+    x = upper_triangle(torch.stack([rdm_from_features(f, device="cpu") for f in layers]))
+    y = upper_triangle(torch.stack([rdm_from_features(f, device="cpu") for f in rois.values()]))
+    res = mantel_test(x, y, n_perm=500, seed=0, device="cpu")
+    q = fdr_bh(res.p)
+    assert int(np.argmax(res.r[:, 0])) == 2
+    assert q[2, 0] < 0.05
+    assert res.r[2, 0] > 0.5
+
+
+def test_noise_ceiling_brute_force() -> None:
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(10, 5))
+    subj = upper_triangle(
+        torch.stack([rdm_from_features(base + rng.normal(size=(10, 5)), device="cpu") for _ in range(5)])
+    ).numpy()
+    for method in ["spearman", "pearson", "kendall_tau_a"]:
+        low, high = noise_ceiling(subj, method)
+        ups, lows = [], []
+        for s in range(5):
+            mean_all = subj.mean(axis=0)
+            mean_others = np.delete(subj, s, axis=0).mean(axis=0)
+            ups.append(float(compare(subj[s], mean_all, method)[0, 0]))
+            lows.append(float(compare(subj[s], mean_others, method)[0, 0]))
+        assert low == pytest.approx(np.mean(lows), abs=1e-10)
+        assert high == pytest.approx(np.mean(ups), abs=1e-10)
+        assert low <= high
+    assert np.isnan(noise_ceiling(subj[:1])[0])
+
+
+def test_bootstrap_ci_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    n, n_boot, seed = 9, 40, 2
+    A, B = _rdms(rng, 1, n), _rdms(rng, 2, n)
+    low, high = bootstrap_ci(A, B, "spearman", n_boot, seed, device="cpu")
+    sample_rng = np.random.default_rng([seed, 7_919])
+    values = []
+    for _ in range(n_boot):
+        idx = sample_rng.integers(0, n, size=n)
+        i, j = np.triu_indices(n, 1)
+        keep = idx[i] != idx[j]
+        a = A[0].numpy()[idx[i], idx[j]][keep]
+        bs = [B[t].numpy()[idx[i], idx[j]][keep] for t in range(2)]
+        values.append([scipy.stats.spearmanr(a, b)[0] for b in bs])
+    np.testing.assert_allclose(low[0], np.nanquantile(values, 0.025, axis=0), atol=1e-10)
+    np.testing.assert_allclose(high[0], np.nanquantile(values, 0.975, axis=0), atol=1e-10)
+
+
+def test_fdr_matches_scipy() -> None:
+    p = np.random.default_rng(6).uniform(size=(4, 5)) ** 2
+    np.testing.assert_allclose(fdr_bh(p), scipy.stats.false_discovery_control(p.ravel()).reshape(4, 5))
+    q = fdr_bh([0.01, np.nan, 0.04])
+    assert np.isnan(q[1])
+    np.testing.assert_allclose(q[[0, 2]], [0.02, 0.04])
+
+
+def test_condition_difference_detects_planted_difference() -> None:
+    rng = np.random.default_rng(7)
+    n = 20
+    labels = ["a"] * 10 + ["b"] * 10
+    feats = rng.normal(size=(n, 8))
+    model = rdm_from_features(feats, device="cpu")
+    # condition a: target follows the model; condition b: noise
+    target_feats = np.where(np.array(labels)[:, None] == "a", feats, rng.normal(size=(n, 8)))
+    target = rdm_from_features(target_feats + 0.1 * rng.normal(size=(n, 8)), device="cpu")
+    res = condition_difference_test(model[None], target[None], labels, "a", "b", n_perm=200, seed=0, device="cpu")
+    assert res.delta[0, 0] > 0.5
+    assert res.p[0, 0] < 0.05
+    r_a = compare(upper_triangle(model[:10, :10]), upper_triangle(target[:10, :10]))[0, 0]
+    assert res.r_a[0, 0] == pytest.approx(float(r_a))
+    null = condition_difference_test(model[None], model[None], labels, "a", "b", n_perm=50, seed=0, device="cpu")
+    assert null.p[0, 0] == pytest.approx(1.0)
+
+
+def test_correlation_test_direct() -> None:
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    r, p, low, high = correlation_test(x, y, "pearson", n_perm=200, n_boot=200, seed=0)
+    assert r == pytest.approx(scipy.stats.pearsonr(x, y)[0])
+    assert p < 0.01
+    assert low < r < high
+    r2, *_ = correlation_test(x, y, "spearman", n_perm=0, n_boot=0)
+    assert r2 == pytest.approx(scipy.stats.spearmanr(x, y)[0])
+
+
+def test_squareform_helper_used_in_tests() -> None:
+    assert squareform(torch.ones(3)).shape == (3, 3)

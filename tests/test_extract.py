@@ -1,0 +1,214 @@
+"""Extraction writes exactly what a direct forward pass computes, resumes, and fails cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import object2brain as o2b
+from object2brain.data.images import load_image
+from object2brain.extract import extract
+from object2brain.models.heads import save_head
+from object2brain.models.zoo import LoadedModel, load_model
+from object2brain.store import ActivationStore, StoreWriter, partial_path
+
+
+def direct_forward(model: LoadedModel, paths: list[Path], names: list[str]) -> dict[str, np.ndarray]:
+    """Reference: one forward pass over all images with hooks written here, independently."""
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.module.named_modules())
+    handles = [
+        modules[name].register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().clone())
+        )
+        for name in names
+    ]
+    transform = model.preprocessing.transform()
+    batch = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.no_grad():
+        output = model.module(batch)
+    for handle in handles:
+        handle.remove()
+    result = {name: t.numpy() for name, t in captured.items()}
+    result["__output__"] = output.numpy()
+    return result
+
+
+@pytest.mark.parametrize(
+    ("arch", "weights"),
+    [("alexnet", "none"), ("vgg16", "none"), ("resnet18", "none"), ("efficientnet_lite0", "default")],
+)
+def test_store_equals_direct_forward(
+    arch: str, weights: str, stimulus_table: Path, tmp_path: Path
+) -> None:
+    stimuli = o2b.load_stimuli(stimulus_table).subset(
+        ["s00_coffee", "s01_chelsea", "s02_astronaut", "s05_cat", "s07_page"]
+    )
+    model = load_model(arch, weights, seed=7)
+    out = extract(model, stimuli, out=tmp_path / "acts.h5", batch_size=2, progress=False)
+    names = o2b.list_layers(model)
+    reference = direct_forward(model, stimuli.paths, [info.name for info in names])
+    with ActivationStore.open(out) as store:
+        assert store.stimulus_ids == stimuli.ids
+        assert store.layers == [info.name for info in names]
+        attrs = store.attrs
+        assert attrs["complete"] is True or attrs["complete"] == 1
+        assert attrs["arch"] == arch and attrs["model"] == arch
+        assert attrs["weights_sha256"] == model.weights_sha256
+        assert attrs["preprocessing"]["crop_size"] == 224
+        assert attrs["object2brain_version"] == o2b.__version__
+        for name in store.layers:
+            stored = store.read(name)
+            assert stored.dtype == np.float32
+            assert stored.shape == reference[name].shape
+            np.testing.assert_allclose(stored, reference[name], rtol=0, atol=1e-5)
+    assert (tmp_path / "acts.manifest.json").is_file()
+    assert not partial_path(out).exists()
+
+
+def test_float16_storage_and_layer_subset(stimulus_table: Path, tmp_path: Path) -> None:
+    model = load_model("resnet18", "none", seed=0)
+    out = extract(
+        model, stimulus_table, out=tmp_path / "a.h5", layers="layer4,fc", dtype="float16",
+        progress=False,
+    )
+    stimuli = o2b.load_stimuli(stimulus_table)
+    reference = direct_forward(model, stimuli.paths, ["layer4", "fc"])
+    with ActivationStore.open(out) as store:
+        assert store.layers == ["layer4", "fc"]
+        stored = store.read("fc")
+        assert stored.dtype == np.float16
+        np.testing.assert_allclose(stored, reference["fc"], rtol=2e-3, atol=2e-3)
+        # rows can be read back by id, in any order
+        picked = store.read("fc", ids=["s05_cat", "s00_coffee"])
+        np.testing.assert_array_equal(picked, stored[[5, 0]])
+
+
+def test_valence_head_adds_valence_layer(stimulus_table: Path, tmp_path: Path) -> None:
+    head = nn.Linear(512, 1)
+    torch.nn.init.normal_(head.weight, std=0.05)
+    path = save_head(head, tmp_path / "head.safetensors", {"arch": "resnet18", "replaced_layer": "fc"})
+    model = load_model("resnet18", "none", seed=0, head=path)
+    out = extract(model, stimulus_table, out=tmp_path / "v.h5", progress=False)
+    reference = direct_forward(load_model("resnet18", "none", seed=0), o2b.load_stimuli(stimulus_table).paths, ["avgpool"])
+    expected = reference["avgpool"].reshape(8, 512) @ head.weight.detach().numpy().T + head.bias.detach().numpy()
+    with ActivationStore.open(out) as store:
+        assert store.layers[-1] == "valence" and "fc" not in store.layers
+        valence = store.read("valence")
+        assert valence.shape == (8,)
+        np.testing.assert_allclose(valence, expected[:, 0], atol=1e-5)
+        assert store.attrs["head"]["replaced_layer"] == "fc"
+
+
+def test_head_for_wrong_model_is_rejected(tmp_path: Path) -> None:
+    path = save_head(nn.Linear(512, 1), tmp_path / "h.safetensors", {"arch": "resnet18"})
+    with pytest.raises(o2b.Object2BrainError, match="trained for resnet18"):
+        load_model("alexnet", "none", head=path)
+    path = save_head(nn.Linear(100, 1), tmp_path / "h2.safetensors", {"arch": "resnet18"})
+    with pytest.raises(o2b.Object2BrainError, match="expects 100 input features"):
+        load_model("resnet18", "none", head=path)
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as handle:
+        out = {f"layers/{k}": handle["layers"][k][()] for k in handle["layers"]}
+        out["stimulus_ids"] = handle["stimulus_ids"][()]
+        return out
+
+
+def test_resume_after_interruption_gives_identical_store(
+    stimulus_table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model("alexnet", "none", seed=1)
+    full = extract(model, stimulus_table, out=tmp_path / "full.h5", batch_size=3, progress=False)
+
+    original = StoreWriter.write_rows
+    calls = {"n": 0}
+
+    def interrupted(self: StoreWriter, start: int, blocks: dict[str, np.ndarray]) -> None:
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        original(self, start, blocks)
+
+    monkeypatch.setattr(StoreWriter, "write_rows", interrupted)
+    target = tmp_path / "resumed.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(model, stimulus_table, out=target, batch_size=3, progress=False)
+    assert not target.exists() and partial_path(target).exists()
+    with h5py.File(partial_path(target), "r") as handle:
+        assert int(handle.attrs["n_done"]) == 6 and not handle.attrs["complete"]
+    monkeypatch.setattr(StoreWriter, "write_rows", original)
+
+    written: list[int] = []
+    monkeypatch.setattr(
+        StoreWriter, "write_rows",
+        lambda self, start, blocks: (written.append(start), original(self, start, blocks))[1],
+    )
+    extract(model, stimulus_table, out=target, batch_size=3, progress=False)
+    assert written == [6]  # only the unfinished batch was recomputed
+    reference, resumed = _datasets(full), _datasets(target)
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        np.testing.assert_array_equal(reference[key], resumed[key])
+
+
+def test_resume_after_sigkill(stimulus_table: Path, tmp_path: Path) -> None:
+    """A real killed process: the partial store is resumed (or, if torn, restarted) correctly."""
+    target = tmp_path / "killed.h5"
+    command = [
+        sys.executable, "-c",
+        "import sys; from object2brain.cli import main; main(sys.argv[1:])",
+        "extract", "--model", "resnet18", "--weights", "none", "--stimuli", str(stimulus_table),
+        "--out", str(target), "--batch-size", "1", "--workers", "0", "--quiet",
+    ]
+    process = subprocess.Popen(command, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if partial_path(target).exists():
+            try:
+                with h5py.File(partial_path(target), "r", locking=False) as handle:
+                    if int(handle.attrs.get("n_done", 0)) >= 2:
+                        break
+            except (OSError, KeyError):
+                pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not target.exists() and partial_path(target).exists()
+    from object2brain.cli import main
+
+    main(command[3:])  # the same command again resumes and completes
+    assert target.exists() and not partial_path(target).exists()
+    full = extract(
+        load_model("resnet18", "none"), stimulus_table, out=tmp_path / "full.h5", batch_size=1,
+        num_workers=0, progress=False,
+    )
+    reference, resumed = _datasets(full), _datasets(target)
+    for key in reference:
+        np.testing.assert_array_equal(reference[key], resumed[key])
+
+
+def test_complete_store_is_not_recomputed(stimulus_table: Path, tmp_path: Path) -> None:
+    model = load_model("resnet18", "none")
+    out = extract(model, stimulus_table, out=tmp_path / "a.h5", layers="fc", progress=False)
+    stamp = out.stat().st_mtime_ns
+    extract(model, stimulus_table, out=out, layers="fc", progress=False)
+    assert out.stat().st_mtime_ns == stamp
+    with pytest.raises(o2b.Object2BrainError, match="--overwrite"):
+        extract(model, stimulus_table, out=out, layers="layer4", progress=False)
+    extract(model, stimulus_table, out=out, layers="layer4", progress=False, overwrite=True)
+    with ActivationStore.open(out) as store:
+        assert store.layers == ["layer4"]

@@ -1,0 +1,135 @@
+"""Model zoo: names, weights resolution, checkpoints and their failure modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import ResNet18_Weights
+
+from conftest import shipped_photo
+from object2brain.errors import ModelError, WeightsUnavailableError
+from object2brain.models.zoo import build_architecture, list_models, load_model, state_dict_sha256
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(ModelError, match="did you mean resnet18"):
+        load_model("resnet-18", "none")
+
+
+def test_none_weights_are_seeded() -> None:
+    a = load_model("resnet18", "none", seed=1)
+    b = load_model("resnet18", "none", seed=1)
+    c = load_model("resnet18", "none", seed=2)
+    assert a.weights == "none"
+    assert a.weights_sha256 == b.weights_sha256 != c.weights_sha256
+    assert not a.module.training
+    assert not any(p.requires_grad for p in a.module.parameters())
+
+
+def test_default_weights_unavailable_offline_say_how_to_provide_them() -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_model("resnet18", "default")
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert "TORCH_HOME" in message and "--weights PATH" in message
+
+
+def test_unknown_enum_name() -> None:
+    with pytest.raises(ModelError, match="IMAGENET1K_V1"):
+        load_model("resnet18", "IMAGENET9K")
+
+
+def test_default_weights_from_torch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file in $TORCH_HOME/hub/checkpoints is used offline (here a stand-in with random values)."""
+    source = build_architecture("resnet18", seed=5)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    name = Path(ResNet18_Weights.IMAGENET1K_V1.url).name
+    torch.save(source.state_dict(), cache / name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(
+        ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
+        lambda self, *a, **k: torch.load(cache / name, weights_only=True),
+    )
+    loaded = load_model("resnet18", "IMAGENET1K_V1")
+    assert loaded.weights == "ResNet18_Weights.IMAGENET1K_V1"
+    assert state_dict_sha256(loaded.module) == state_dict_sha256(source)
+    assert len(loaded.weights_sha256) == 64
+
+
+def test_checkpoint_plain_and_wrapped_with_module_prefix(tmp_path: Path) -> None:
+    source = build_architecture("alexnet", seed=3)
+    plain, wrapped = tmp_path / "plain.pth", tmp_path / "wrapped.pth.tar"
+    torch.save(source.state_dict(), plain)
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
+        wrapped,
+    )
+    for path in (plain, wrapped):
+        loaded = load_model("alexnet", str(path))
+        assert state_dict_sha256(loaded.module) == state_dict_sha256(source)
+        assert loaded.weights == str(path.resolve())
+
+
+def test_places365_head_is_rebuilt(tmp_path: Path) -> None:
+    source = build_architecture("resnet18", num_classes=365, seed=0)
+    path = tmp_path / "resnet18_places365.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    loaded = load_model("resnet18", str(path))
+    assert loaded.module.fc.out_features == 365
+    out = loaded.module(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 365)
+
+
+def test_old_style_densenet_keys(tmp_path: Path) -> None:
+    source = build_architecture("densenet161", num_classes=365, seed=0)
+    old = {}
+    for key, value in source.state_dict().items():
+        for part in ("norm1", "norm2", "conv1", "conv2", "relu1", "relu2"):
+            key = key.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        old[f"module.{key}"] = value
+    assert any(".norm.1." in k for k in old)
+    path = tmp_path / "densenet161_places365.pth.tar"
+    torch.save({"state_dict": old}, path)
+    loaded = load_model("densenet161", str(path))
+    assert state_dict_sha256(loaded.module) == state_dict_sha256(source)
+
+
+def test_checkpoint_for_wrong_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save(build_architecture("resnet18").state_dict(), path)
+    with pytest.raises(ModelError) as info:
+        load_model("alexnet", str(path))
+    assert "does not match architecture alexnet" in str(info.value)
+    assert "missing keys" in str(info.value)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"junk")
+    with pytest.raises(ModelError, match="cannot be read as a torch checkpoint"):
+        load_model("resnet18", str(path))
+
+
+def test_list_models_reports_status() -> None:
+    rows = {row.name: row for row in list_models()}
+    assert rows["efficientnet_lite0"].status.startswith("bundled")
+    assert "offline" in rows["vgg16"].status
+
+
+def test_bundled_efficientnet_lite0_recognises_espresso() -> None:
+    """A real check that the real weights and preprocessing load: coffee() is espresso-like."""
+    model = load_model("efficientnet_lite0")
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    x = model.preprocessing.transform()(shipped_photo("coffee"))[None]
+    with torch.no_grad():
+        probabilities = model.module(x).softmax(dim=1)[0]
+    top = categories[int(probabilities.argmax())]
+    assert top in {"espresso", "cup", "coffee mug", "eggnog"}
+    assert top == "espresso" and float(probabilities.max()) > 0.5
+    chelsea = model.preprocessing.transform()(shipped_photo("chelsea"))[None]
+    with torch.no_grad():
+        cat_top3 = model.module(chelsea).topk(3).indices[0].tolist()
+    assert {categories[i] for i in cat_top3} & {"tabby", "tiger cat", "Egyptian cat"}
