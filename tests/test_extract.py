@@ -23,7 +23,9 @@ from object2brain.models.zoo import LoadedModel, load_model
 from object2brain.store import ActivationStore, StoreWriter, partial_path
 
 
-def direct_forward(model: LoadedModel, paths: list[Path], names: list[str]) -> dict[str, np.ndarray]:
+def direct_forward(
+    model: LoadedModel, paths: list[Path], names: list[str]
+) -> dict[str, np.ndarray]:
     """Reference: one forward pass over all images with hooks written here, independently."""
     captured: dict[str, torch.Tensor] = {}
     modules = dict(model.module.named_modules())
@@ -46,7 +48,12 @@ def direct_forward(model: LoadedModel, paths: list[Path], names: list[str]) -> d
 
 @pytest.mark.parametrize(
     ("arch", "weights"),
-    [("alexnet", "none"), ("vgg16", "none"), ("resnet18", "none"), ("efficientnet_lite0", "default")],
+    [
+        ("alexnet", "none"),
+        ("vgg16", "none"),
+        ("resnet18", "none"),
+        ("efficientnet_lite0", "default"),
+    ],
 )
 def test_store_equals_direct_forward(
     arch: str, weights: str, stimulus_table: Path, tmp_path: Path
@@ -79,7 +86,11 @@ def test_store_equals_direct_forward(
 def test_float16_storage_and_layer_subset(stimulus_table: Path, tmp_path: Path) -> None:
     model = load_model("resnet18", "none", seed=0)
     out = extract(
-        model, stimulus_table, out=tmp_path / "a.h5", layers="layer4,fc", dtype="float16",
+        model,
+        stimulus_table,
+        out=tmp_path / "a.h5",
+        layers="layer4,fc",
+        dtype="float16",
         progress=False,
     )
     stimuli = o2b.load_stimuli(stimulus_table)
@@ -97,11 +108,18 @@ def test_float16_storage_and_layer_subset(stimulus_table: Path, tmp_path: Path) 
 def test_valence_head_adds_valence_layer(stimulus_table: Path, tmp_path: Path) -> None:
     head = nn.Linear(512, 1)
     torch.nn.init.normal_(head.weight, std=0.05)
-    path = save_head(head, tmp_path / "head.safetensors", {"arch": "resnet18", "replaced_layer": "fc"})
+    path = save_head(
+        head, tmp_path / "head.safetensors", {"arch": "resnet18", "replaced_layer": "fc"}
+    )
     model = load_model("resnet18", "none", seed=0, head=path)
     out = extract(model, stimulus_table, out=tmp_path / "v.h5", progress=False)
-    reference = direct_forward(load_model("resnet18", "none", seed=0), o2b.load_stimuli(stimulus_table).paths, ["avgpool"])
-    expected = reference["avgpool"].reshape(8, 512) @ head.weight.detach().numpy().T + head.bias.detach().numpy()
+    reference = direct_forward(
+        load_model("resnet18", "none", seed=0), o2b.load_stimuli(stimulus_table).paths, ["avgpool"]
+    )
+    expected = (
+        reference["avgpool"].reshape(8, 512) @ head.weight.detach().numpy().T
+        + head.bias.detach().numpy()
+    )
     with ActivationStore.open(out) as store:
         assert store.layers[-1] == "valence" and "fc" not in store.layers
         valence = store.read("valence")
@@ -152,7 +170,8 @@ def test_resume_after_interruption_gives_identical_store(
 
     written: list[int] = []
     monkeypatch.setattr(
-        StoreWriter, "write_rows",
+        StoreWriter,
+        "write_rows",
         lambda self, start, blocks: (written.append(start), original(self, start, blocks))[1],
     )
     extract(model, stimulus_table, out=target, batch_size=3, progress=False)
@@ -167,10 +186,23 @@ def test_resume_after_sigkill(stimulus_table: Path, tmp_path: Path) -> None:
     """A real killed process: the partial store is resumed (or, if torn, restarted) correctly."""
     target = tmp_path / "killed.h5"
     command = [
-        sys.executable, "-c",
+        sys.executable,
+        "-c",
         "import sys; from object2brain.cli import main; main(sys.argv[1:])",
-        "extract", "--model", "resnet18", "--weights", "none", "--stimuli", str(stimulus_table),
-        "--out", str(target), "--batch-size", "1", "--workers", "0", "--quiet",
+        "extract",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--stimuli",
+        str(stimulus_table),
+        "--out",
+        str(target),
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--quiet",
     ]
     process = subprocess.Popen(command, env=os.environ.copy())
     deadline = time.time() + 120
@@ -193,8 +225,12 @@ def test_resume_after_sigkill(stimulus_table: Path, tmp_path: Path) -> None:
     main(command[3:])  # the same command again resumes and completes
     assert target.exists() and not partial_path(target).exists()
     full = extract(
-        load_model("resnet18", "none"), stimulus_table, out=tmp_path / "full.h5", batch_size=1,
-        num_workers=0, progress=False,
+        load_model("resnet18", "none"),
+        stimulus_table,
+        out=tmp_path / "full.h5",
+        batch_size=1,
+        num_workers=0,
+        progress=False,
     )
     reference, resumed = _datasets(full), _datasets(target)
     for key in reference:

@@ -71,7 +71,11 @@ def test_palette_image(base: Image.Image, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("orientation", "stored_as"),
-    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)],
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_90),
+        (8, Image.Transpose.ROTATE_270),
+    ],
 )
 def test_exif_orientation_is_applied(
     base: Image.Image, tmp_path: Path, orientation: int, stored_as: Image.Transpose
@@ -84,5 +88,5 @@ def test_exif_orientation_is_applied(
 
 def test_corrupt_file_raises(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="cannot identify image file"):
         load_image(tmp_path / "bad.jpg")

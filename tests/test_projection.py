@@ -24,7 +24,9 @@ def test_correlation_distances_within_bound(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n, d, k = 40, 20_000, 1024
     latent = rng.normal(size=(n, 5)) @ rng.normal(size=(5, d))
-    features = np.maximum(latent + rng.normal(scale=2.0, size=(n, d)), 0.0) + 3.0  # ReLU-like, offset
+    features = (
+        np.maximum(latent + rng.normal(scale=2.0, size=(n, d)), 0.0) + 3.0
+    )  # ReLU-like, offset
     matrix = srp_matrix(d, k, seed=seed, layer="conv")
     projected = project(torch.from_numpy(features).float(), matrix).numpy()
     assert projected.shape == (n, k)
@@ -49,7 +51,11 @@ def test_matrix_is_reproducible_and_scaled() -> None:
 def test_extract_with_srp(stimulus_table: Path, tmp_path: Path) -> None:
     model = load_model("resnet18", "none", seed=0)
     out = extract(
-        model, stimulus_table, out=tmp_path / "srp.h5", layers="layer1,layer4,fc", srp=300,
+        model,
+        stimulus_table,
+        out=tmp_path / "srp.h5",
+        layers="layer1,layer4,fc",
+        srp=300,
         progress=False,
     )
     with ActivationStore.open(out) as store:

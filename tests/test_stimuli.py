@@ -17,7 +17,10 @@ def test_csv_table_with_relative_paths(stimulus_table: Path) -> None:
     assert len(stimuli) == 8
     assert stimuli.ids[0] == "s00_coffee"
     assert all(p.is_absolute() and p.is_file() for p in stimuli.paths)
-    assert stimuli.conditions is not None and set(stimuli.conditions) == {"congruent", "incongruent"}
+    assert stimuli.conditions is not None and set(stimuli.conditions) == {
+        "congruent",
+        "incongruent",
+    }
     assert "valence" in stimuli.table.columns
 
 
@@ -37,8 +40,12 @@ def test_tsv_and_parquet(stimulus_table: Path, fmt: str) -> None:
 
 def test_numeric_looking_ids_stay_strings(photo_dir: Path, tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
-    pd.DataFrame({"stimulus_id": ["001", "002"], "path": [
-        str(photo_dir / "coffee.jpg"), str(photo_dir / "cat.jpg")]}).to_csv(table, index=False)
+    pd.DataFrame(
+        {
+            "stimulus_id": ["001", "002"],
+            "path": [str(photo_dir / "coffee.jpg"), str(photo_dir / "cat.jpg")],
+        }
+    ).to_csv(table, index=False)
     assert load_stimuli(table).ids == ["001", "002"]
 
 

@@ -42,7 +42,7 @@ def test_unknown_enum_name() -> None:
 
 
 def test_default_weights_from_torch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file in $TORCH_HOME/hub/checkpoints is used offline (here a stand-in with random values)."""
+    """A file in $TORCH_HOME/hub/checkpoints is used offline (a stand-in with random values)."""
     source = build_architecture("resnet18", seed=5)
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
@@ -50,7 +50,8 @@ def test_default_weights_from_torch_cache(tmp_path: Path, monkeypatch: pytest.Mo
     torch.save(source.state_dict(), cache / name)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(
-        ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
+        ResNet18_Weights.IMAGENET1K_V1.__class__,
+        "get_state_dict",
         lambda self, *a, **k: torch.load(cache / name, weights_only=True),
     )
     loaded = load_model("resnet18", "IMAGENET1K_V1")

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from object2brain.errors import Object2BrainError
+from object2brain.extract import StorageDtype
 
 app = typer.Typer(
     name="object2brain",
@@ -83,12 +84,18 @@ def extract_command(
     head: Annotated[
         Path | None, typer.Option("--head", help="Valence head (.safetensors): adds 'valence'.")
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16")] = "float32",
+    dtype: Annotated[
+        StorageDtype, typer.Option("--dtype", help="Storage precision.")
+    ] = "float32",
     srp: Annotated[
         int | None, typer.Option("--srp", min=1, help="Sparse random projection to DIM.")
     ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Image decoding workers.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Image decoding workers.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing store.")
+    ] = False,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -146,16 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:
+        # Usage errors (typer's click exceptions) know how to show themselves.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise
 
 

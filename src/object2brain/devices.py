@@ -21,7 +21,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise Object2BrainError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise Object2BrainError(
+            f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise Object2BrainError(f"device {spec!r} requested but CUDA is not available here")

@@ -31,7 +31,13 @@ from object2brain.manifest import build_manifest, file_sha256
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
 from object2brain.models.zoo import LoadedModel, Preprocessing, load_model
 from object2brain.projection import project, srp_matrix
-from object2brain.store import ActivationStore, StoreWriter, check_writable, partial_path, write_json
+from object2brain.store import (
+    ActivationStore,
+    StoreWriter,
+    check_writable,
+    partial_path,
+    write_json,
+)
 
 log = logging.getLogger("object2brain.extract")
 
@@ -94,7 +100,8 @@ def extract(
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         dtype: storage precision; the forward pass is always float32.
         srp: if given, layers with more than ``srp`` features are stored as a sparse random
-            projection ``(n, srp)`` of their centred activations (see :mod:`object2brain.projection`).
+            projection ``(n, srp)`` of their centred activations
+            (see :mod:`object2brain.projection`).
         seed: seed of the projection matrices (and of ``weights=none`` when loading by name).
         num_workers: image-decoding worker processes (default: up to 4, fewer on small sets).
         overwrite: replace an existing complete store at ``out``.

@@ -10,7 +10,8 @@ random matrix :math:`R \in \mathbb{R}^{D \times k}` (Li, Hastie & Church 2006):
 so that :math:`E\|x_c R\|^2 = \|x_c\|^2` and inner products are preserved in expectation.
 
 What is preserved. Correlation distance is :math:`1 - \cos(x_c, y_c)`, a function of the centred
-vectors only, and random projection preserves their inner products and norms (Johnson-Lindenstrauss).
+vectors only, and random projection preserves their inner products and norms
+(Johnson-Lindenstrauss).
 For :math:`n` stimuli and :math:`k \ge 8 \ln n / \varepsilon^2`, all pairwise squared distances of
 the unit-normalised centred vectors are kept within a factor :math:`1 \pm \varepsilon` with high
 probability, hence every cosine within :math:`\varepsilon`, and every correlation distance computed
@@ -20,7 +21,9 @@ on the projection within
 
 (the factor 2 absorbs the renormalisation and the re-centring of the projected vectors, whose mean
 is :math:`O(1/\sqrt{k})`). In practice the errors are much smaller: their standard deviation is
-about :math:`(1 - r^2)/\sqrt{k}`. Euclidean and cosine RDMs on an SRP store measure distances between
+about :math:`(1 - r^2)/\sqrt{k}` for a pair with correlation :math:`r` (tested: with
+:math:`k = 1024` the median error is below :math:`1.5/\sqrt{k}`). Euclidean and cosine RDMs on an
+SRP store measure distances between
 the *centred* patterns (per-stimulus mean removed), which differ from raw Euclidean distances by
 :math:`D(\bar{x} - \bar{y})^2`.
 
@@ -80,4 +83,5 @@ def project(features: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     flat = features.reshape(features.shape[0], -1).float()
     centred = flat - flat.mean(dim=1, keepdim=True)
     # (dim, D) sparse @ (D, batch) dense is the product sparse kernels support everywhere.
-    return torch.sparse.mm(matrix, centred.t()).t().contiguous()
+    product: torch.Tensor = torch.sparse.mm(matrix, centred.t())
+    return product.t().contiguous()

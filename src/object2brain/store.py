@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,9 @@ def check_writable(path: Path) -> None:
     try:  # a real probe: permission bits say nothing for root or read-only mounts
         handle, probe = tempfile.mkstemp(prefix=".o2b-probe-", dir=parent)
     except OSError as exc:
-        raise StoreError(f"{path}: output folder {parent} is not writable ({exc.strerror})") from None
+        raise StoreError(
+            f"{path}: output folder {parent} is not writable ({exc.strerror})"
+        ) from None
     os.close(handle)
     os.unlink(probe)
 
@@ -139,10 +141,8 @@ class ActivationStore:
             if isinstance(value, np.generic):
                 value = value.item()
             if isinstance(value, str) and value[:1] in "[{":
-                try:
+                with suppress(json.JSONDecodeError):
                     value = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
             out[key] = value
         return out
 
@@ -151,7 +151,7 @@ class ActivationStore:
         return tuple(self._dataset(layer).shape)
 
     def read(self, layer: str, ids: Sequence[str] | None = None) -> np.ndarray:
-        """Activations of ``layer`` as an array ``(n_stimuli, ...)``, rows in ``ids`` order if given."""
+        """Activations of ``layer``, ``(n_stimuli, ...)``; rows in ``ids`` order if given."""
         dataset = self._dataset(layer)
         if ids is None:
             return np.asarray(dataset[()])
@@ -209,7 +209,9 @@ class StoreWriter:
             handle = h5py.File(temp, "w")
         except OSError as exc:
             raise StoreError(f"{path}: cannot create {temp.name} ({exc})") from None
-        handle.create_dataset("stimulus_ids", data=np.asarray(stimulus_ids, dtype=object), dtype=_STRING)
+        handle.create_dataset(
+            "stimulus_ids", data=np.asarray(stimulus_ids, dtype=object), dtype=_STRING
+        )
         handle.create_group("layers")
         for key, value in attrs.items():
             handle.attrs[key] = _attr_value(value)
@@ -262,7 +264,7 @@ class StoreWriter:
         )
 
     def write_rows(self, start: int, blocks: Mapping[str, np.ndarray]) -> None:
-        """Write one batch ``{layer: (batch, ...)}`` at rows ``start:start+batch``, then commit it."""
+        """Write one batch ``{layer: (batch, ...)}`` at rows ``start:start+batch``; commit it."""
         sizes = {block.shape[0] for block in blocks.values()}
         if len(sizes) != 1:
             raise StoreError(f"{self.path}: batch blocks differ in size: {sorted(sizes)}")

@@ -24,13 +24,17 @@ def test_compare_matches_rsatoolbox(method: str) -> None:
     a = rng.normal(size=(3, 45))
     b = np.round(rng.normal(size=(4, 45)), 1)  # ties
     b[0] = np.round(b[0])  # many ties
-    ref = rsatoolbox.rdm.compare(rsatoolbox.rdm.RDMs(a), rsatoolbox.rdm.RDMs(b), method=RSATOOLBOX_NAME[method])
+    ref = rsatoolbox.rdm.compare(
+        rsatoolbox.rdm.RDMs(a), rsatoolbox.rdm.RDMs(b), method=RSATOOLBOX_NAME[method]
+    )
     np.testing.assert_allclose(compare(a, b, method).numpy(), ref, atol=1e-6)
 
 
 def test_rankdata_matches_scipy_with_ties() -> None:
     x = np.round(np.random.default_rng(1).normal(size=(4, 3, 50)), 1)
-    np.testing.assert_allclose(rankdata(torch.as_tensor(x)).numpy(), scipy.stats.rankdata(x, axis=-1))
+    np.testing.assert_allclose(
+        rankdata(torch.as_tensor(x)).numpy(), scipy.stats.rankdata(x, axis=-1)
+    )
 
 
 @pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
@@ -43,7 +47,9 @@ def test_masked_compare_equals_compare_on_valid_entries(method: str) -> None:
     got = masked_compare(
         torch.as_tensor(a)[None], torch.as_tensor(b)[None], torch.as_tensor(w)[None], method
     )[0]
-    np.testing.assert_allclose(got.numpy(), compare(a[:, keep], b[:, keep], method).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        got.numpy(), compare(a[:, keep], b[:, keep], method).numpy(), atol=1e-12
+    )
 
 
 def test_size_mismatch_and_unknown_method() -> None:

@@ -63,11 +63,15 @@ def test_mantel_matches_brute_force_rsatoolbox_loop(method: str) -> None:
     perms = np.concatenate(list(permutations(n, n_perm, seed)))
     for k in range(2):
         D = models[k].numpy()
-        observed = rsatoolbox.rdm.compare(rsatoolbox.rdm.RDMs(upper_triangle(models[k]).numpy()[None]), t_rdms, method=name)[0]
+        observed = rsatoolbox.rdm.compare(
+            rsatoolbox.rdm.RDMs(upper_triangle(models[k]).numpy()[None]), t_rdms, method=name
+        )[0]
         np.testing.assert_allclose(res.r[k], observed, atol=1e-10)
         count = np.zeros(3)
         for perm in perms:
-            permuted = rsatoolbox.rdm.RDMs(upper_triangle(torch.as_tensor(D[perm][:, perm])).numpy()[None])
+            permuted = rsatoolbox.rdm.RDMs(
+                upper_triangle(torch.as_tensor(D[perm][:, perm])).numpy()[None]
+            )
             count += rsatoolbox.rdm.compare(permuted, t_rdms, method=name)[0] >= observed - 1e-12
         np.testing.assert_allclose(res.p[k], (1 + count) / (1 + n_perm))
 
@@ -88,7 +92,14 @@ def test_mantel_combine_and_gather_side() -> None:
 @given(st.integers(0, 10_000), st.integers(1, 60), st.sampled_from(["spearman", "pearson"]))
 def test_permutation_p_in_unit_interval(seed: int, n_perm: int, method: str) -> None:
     rng = np.random.default_rng(seed)
-    res = mantel_test(upper_triangle(_rdms(rng, 2, 6)), upper_triangle(_rdms(rng, 2, 6)), method, n_perm, seed, device="cpu")
+    res = mantel_test(
+        upper_triangle(_rdms(rng, 2, 6)),
+        upper_triangle(_rdms(rng, 2, 6)),
+        method,
+        n_perm,
+        seed,
+        device="cpu",
+    )
     assert np.all(res.p > 0)
     assert np.all(res.p <= 1)
     assert np.all(res.p >= 1 / (1 + n_perm))
@@ -128,7 +139,9 @@ def test_noise_ceiling_brute_force() -> None:
     rng = np.random.default_rng(4)
     base = rng.normal(size=(10, 5))
     subj = upper_triangle(
-        torch.stack([rdm_from_features(base + rng.normal(size=(10, 5)), device="cpu") for _ in range(5)])
+        torch.stack(
+            [rdm_from_features(base + rng.normal(size=(10, 5)), device="cpu") for _ in range(5)]
+        )
     ).numpy()
     for method in ["spearman", "pearson", "kendall_tau_a"]:
         low, high = noise_ceiling(subj, method)
@@ -164,7 +177,9 @@ def test_bootstrap_ci_brute_force() -> None:
 
 def test_fdr_matches_scipy() -> None:
     p = np.random.default_rng(6).uniform(size=(4, 5)) ** 2
-    np.testing.assert_allclose(fdr_bh(p), scipy.stats.false_discovery_control(p.ravel()).reshape(4, 5))
+    np.testing.assert_allclose(
+        fdr_bh(p), scipy.stats.false_discovery_control(p.ravel()).reshape(4, 5)
+    )
     q = fdr_bh([0.01, np.nan, 0.04])
     assert np.isnan(q[1])
     np.testing.assert_allclose(q[[0, 2]], [0.02, 0.04])
@@ -179,12 +194,16 @@ def test_condition_difference_detects_planted_difference() -> None:
     # condition a: target follows the model; condition b: noise
     target_feats = np.where(np.array(labels)[:, None] == "a", feats, rng.normal(size=(n, 8)))
     target = rdm_from_features(target_feats + 0.1 * rng.normal(size=(n, 8)), device="cpu")
-    res = condition_difference_test(model[None], target[None], labels, "a", "b", n_perm=200, seed=0, device="cpu")
+    res = condition_difference_test(
+        model[None], target[None], labels, "a", "b", n_perm=200, seed=0, device="cpu"
+    )
     assert res.delta[0, 0] > 0.5
     assert res.p[0, 0] < 0.05
     r_a = compare(upper_triangle(model[:10, :10]), upper_triangle(target[:10, :10]))[0, 0]
     assert res.r_a[0, 0] == pytest.approx(float(r_a))
-    null = condition_difference_test(model[None], model[None], labels, "a", "b", n_perm=50, seed=0, device="cpu")
+    null = condition_difference_test(
+        model[None], model[None], labels, "a", "b", n_perm=50, seed=0, device="cpu"
+    )
     assert null.p[0, 0] == pytest.approx(1.0)
 
 

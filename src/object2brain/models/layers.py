@@ -142,9 +142,7 @@ def _module_of(model: Any) -> nn.Module:
     return model.module if hasattr(model, "module") and hasattr(model, "arch") else model  # type: ignore[no-any-return]
 
 
-def list_layers(
-    model: Any, *, arch: str | None = None, canonical: bool = True
-) -> list[LayerInfo]:
+def list_layers(model: Any, *, arch: str | None = None, canonical: bool = True) -> list[LayerInfo]:
     """Canonical analysis layers of ``model`` (a :class:`LoadedModel` or an ``nn.Module``).
 
     Args:
@@ -162,9 +160,7 @@ def list_layers(
         ]
     if canonical:
         return _generic_layers(module)
-    return [
-        LayerInfo(name, "module", type(sub).__name__) for name, sub in modules.items() if name
-    ]
+    return [LayerInfo(name, "module", type(sub).__name__) for name, sub in modules.items() if name]
 
 
 def _generic_layers(module: nn.Module) -> list[LayerInfo]:

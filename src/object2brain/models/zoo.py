@@ -80,7 +80,7 @@ class Preprocessing:
         """A callable mapping an RGB PIL image to a float tensor ``(3, crop, crop)``."""
         from torchvision.transforms import InterpolationMode, v2
 
-        return v2.Compose(
+        pipeline: Callable[[Any], torch.Tensor] = v2.Compose(
             [
                 v2.Resize(
                     self.resize_size,
@@ -93,6 +93,7 @@ class Preprocessing:
                 v2.Normalize(list(self.mean), list(self.std)),
             ]
         )
+        return pipeline
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,9 +162,7 @@ def _check_arch(arch: str) -> str:
 
         close = difflib.get_close_matches(key, SUPPORTED_MODELS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ModelError(
-            f"unknown model {arch!r}{hint} (supported: {', '.join(SUPPORTED_MODELS)})"
-        )
+        raise ModelError(f"unknown model {arch!r}{hint} (supported: {', '.join(SUPPORTED_MODELS)})")
     return key
 
 
@@ -177,8 +176,8 @@ def preprocessing_for(arch: str) -> Preprocessing:
         return Preprocessing(
             resize_size=256,
             crop_size=224,
-            mean=(127.0 / 255.0,) * 3,  # type: ignore[arg-type]
-            std=(128.0 / 255.0,) * 3,  # type: ignore[arg-type]
+            mean=(127.0 / 255.0,) * 3,
+            std=(128.0 / 255.0,) * 3,
             interpolation="bicubic",
         )
     from torchvision.models import get_model_weights
@@ -404,7 +403,7 @@ def _checkpoint_classes(arch: str, state: Mapping[str, torch.Tensor]) -> int:
 
 def last_linear_name(module: nn.Module) -> str:
     """Dotted name of the last ``nn.Linear`` in registration order."""
-    names = [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear)]
+    names = [str(name) for name, sub in module.named_modules() if isinstance(sub, nn.Linear)]
     if not names:
         raise ModelError(f"{type(module).__name__} has no linear output layer")
     return names[-1]

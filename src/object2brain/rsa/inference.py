@@ -73,7 +73,9 @@ def permutations(n: int, n_perm: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.permuted(np.tile(np.arange(n), (size, 1)), axis=1)
 
 
-def pair_permutation(perms: np.ndarray | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+def pair_permutation(
+    perms: np.ndarray | torch.Tensor, device: torch.device | None = None
+) -> torch.Tensor:
     """Condensed gather index ``(P, m)`` of stimulus permutations ``perms`` ``(P, n)``.
 
     The permuted RDM is ``D'[i, j] = D[pi_i, pi_j]``, so ``x'[c(i, j)] = x[c(pi_i, pi_j)]`` with

@@ -1,0 +1,417 @@
+"""Brain data: per subject x ROI activity patterns or RDMs, keyed by stimulus id.
+
+Sources (DESIGN.md section 3), declared in a YAML manifest (``sources:`` list, paths relative to the
+manifest) or given directly as a patterns/RDMs HDF5 file (root attribute ``kind``):
+
+- ``patterns`` HDF5: ``/stimulus_ids`` (n,), ``/<subject>/<roi>`` ``(n, n_voxels)`` (more
+  trailing dimensions are flattened).
+- ``rdms`` HDF5: ``/stimulus_ids`` (n,), ``/<subject>/<roi>`` square ``(n, n)``.
+- ``nifti``: one subject's 4D beta image (volume i <-> row i of the sidecar TSV's ``stimulus_id``),
+  ROIs as 3D masks (``rois:``, file stem = ROI name, nonzero = inside) or a label image with a TSV
+  of ``index``/``name`` (``labels:`` + ``labels_tsv:``). Masks and label images on another grid
+  than the betas are resampled to the beta grid with nearest-neighbour interpolation (nilearn;
+  logged at INFO). An ROI with no voxel on the beta grid is an error.
+
+Handling of problem values (each logged or raised with the file, subject, ROI and ids at fault):
+
+- Voxels with any NaN/inf across stimuli are dropped from that subject x ROI (logged at WARNING);
+  an ROI left with no voxels is an error.
+- Constant (zero-variance) patterns make the correlation distance undefined: computing the RDM
+  raises :class:`DataError` naming the stimulus ids (euclidean RDMs accept them).
+- RDMs must be square, finite and symmetric (to 1e-6 relative); a non-zero diagonal is ignored.
+- Stimulus ids are matched by value, never by position (:meth:`BrainData.aligned`); ids the brain
+  data lack are listed in an error (or, with ``on_missing="intersect"``, logged and the analysis
+  restricted to the common ids); brain ids not in the stimulus set are logged and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from object2brain.errors import DataError, StimulusError
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("patterns", "rdms", "nifti")
+OnMissing = Literal["error", "intersect"]
+_MAX_LISTED = 20
+
+
+def _listing(items: Sequence[object]) -> str:
+    shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+@dataclass(frozen=True)
+class BrainItem:
+    """One subject x ROI: patterns ``(n, n_voxels)`` or an RDM ``(n, n)`` over ``stimulus_ids``."""
+
+    subject: str
+    roi: str
+    kind: Literal["patterns", "rdm"]
+    data: np.ndarray
+    stimulus_ids: list[str]
+    source: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}: subject {self.subject!r}, ROI {self.roi!r}"
+
+    def take(self, ids: Sequence[str]) -> BrainItem:
+        """The item restricted and reordered to ``ids`` (all must be present)."""
+        index = {sid: i for i, sid in enumerate(self.stimulus_ids)}
+        missing = [sid for sid in ids if sid not in index]
+        if missing:
+            raise DataError(
+                f"{self.label}: {len(missing)} stimulus id(s) missing: {_listing(missing)}"
+            )
+        rows = np.asarray([index[sid] for sid in ids], dtype=np.int64)
+        data = self.data[rows] if self.kind == "patterns" else self.data[np.ix_(rows, rows)]
+        return replace(self, data=data, stimulus_ids=list(ids))
+
+    def rdm(
+        self, metric: str = "correlation", device: str | torch.device | None = "auto"
+    ) -> torch.Tensor:
+        """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``."""
+        from object2brain.rsa.rdm import as_tensor, rdm_from_features, resolve_device
+
+        if self.kind == "rdm":
+            return as_tensor(self.data, resolve_device(device))
+        return rdm_from_features(
+            self.data, metric, device=device, ids=self.stimulus_ids, what=self.label
+        )
+
+
+@dataclass(frozen=True)
+class BrainData:
+    """All subject x ROI items of a brain data set (rsatoolbox-style: descriptors travel along)."""
+
+    items: list[BrainItem]
+    source: Path | None = None
+    _keys: set[tuple[str, str]] = field(default_factory=set, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for item in self.items:
+            key = (item.subject, item.roi)
+            if key in seen:
+                raise DataError(
+                    f"{item.source}: subject {item.subject!r} ROI {item.roi!r} is defined twice "
+                    "in the brain data"
+                )
+            seen.add(key)
+        self._keys.update(seen)
+
+    @property
+    def rois(self) -> list[str]:
+        """ROI names in order of first appearance."""
+        return list(dict.fromkeys(item.roi for item in self.items))
+
+    @property
+    def subjects(self) -> list[str]:
+        """Subject ids in order of first appearance."""
+        return list(dict.fromkeys(item.subject for item in self.items))
+
+    def for_roi(self, roi: str) -> list[BrainItem]:
+        """Items of one ROI, one per subject."""
+        return [item for item in self.items if item.roi == roi]
+
+    def common_ids(self, ids: Sequence[str], on_missing: OnMissing = "error") -> list[str]:
+        """Stimulus ids of ``ids`` present in every item (order of ``ids``).
+
+        With ``on_missing="error"`` any id missing from an item raises :class:`DataError` listing
+        them per item; with ``"intersect"`` they are logged and left out. Brain ids outside
+        ``ids`` are logged and ignored.
+        """
+        wanted = set(ids)
+        problems, keep = [], set(ids)
+        for item in self.items:
+            have = set(item.stimulus_ids)
+            missing = [sid for sid in ids if sid not in have]
+            if missing:
+                problems.append(f"{item.label}: lacks {len(missing)} id(s): {_listing(missing)}")
+                keep -= set(missing)
+            extra = [sid for sid in item.stimulus_ids if sid not in wanted]
+            if extra:
+                log.info(
+                    "%s: %d stimulus id(s) not in the stimulus set are ignored: %s",
+                    item.label,
+                    len(extra),
+                    _listing(extra),
+                )
+        if problems:
+            message = "brain data do not cover the stimulus set; " + "; ".join(problems)
+            if on_missing == "error":
+                raise DataError(message)
+            log.warning("%s; analysing the %d common stimuli", message, len(keep))
+        common = [sid for sid in ids if sid in keep]
+        if len(common) < 3:
+            raise DataError(
+                f"only {len(common)} stimulus id(s) are shared by the brain data and the stimulus "
+                "set; RSA needs at least 3"
+            )
+        return common
+
+    def aligned(self, ids: Sequence[str]) -> BrainData:
+        """Every item restricted and reordered to ``ids`` (matched by value)."""
+        return BrainData([item.take(ids) for item in self.items], self.source)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_brain(source: str | Path | BrainData) -> BrainData:
+    """Load brain data from a YAML manifest or a patterns/RDMs HDF5 file.
+
+    Raises :class:`DataError` naming the file (and subject, ROI, ids) at fault.
+    """
+    if isinstance(source, BrainData):
+        return source
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: brain data file not found")
+    if path.suffix.lower() in {".h5", ".hdf5", ".hdf"}:
+        return BrainData(_load_h5(path, kind=None), path)
+    return BrainData(_load_manifest(path), path)
+
+
+def _load_manifest(path: Path) -> list[BrainItem]:
+    import yaml
+
+    try:
+        manifest = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable YAML manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), list):
+        raise DataError(f"{path}: a brain manifest needs a 'sources:' list")
+    items: list[BrainItem] = []
+    for number, spec in enumerate(manifest["sources"], start=1):
+        where = f"{path}: source {number}"
+        if not isinstance(spec, dict):
+            raise DataError(f"{where}: expected a mapping with 'kind' and paths")
+        kind = spec.get("kind")
+        if kind not in SOURCE_KINDS:
+            raise DataError(f"{where}: unknown kind {kind!r} (use {', '.join(SOURCE_KINDS)})")
+        if kind in ("patterns", "rdms"):
+            items += _load_h5(_resolve(path, spec, "path", where), kind=str(kind))
+        else:
+            items += _load_nifti_source(path, spec, where)
+    if not items:
+        raise DataError(f"{path}: the brain manifest declares no data")
+    return items
+
+
+def _resolve(manifest: Path, spec: dict[str, Any], key: str, where: str) -> Path:
+    value = spec.get(key)
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: missing '{key}'")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else manifest.parent / p
+    if not p.exists():
+        raise DataError(f"{where}: {key} file {p} not found")
+    return p
+
+
+def _decode_ids(values: Any) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with handle:
+        declared = handle.attrs.get("kind")
+        declared = declared.decode() if isinstance(declared, bytes) else declared
+        if kind is None:
+            if declared not in ("patterns", "rdms"):
+                raise DataError(
+                    f"{path}: root attribute 'kind' must be 'patterns' or 'rdms' "
+                    f"(found {declared!r}); or list the file in a brain manifest"
+                )
+            kind = str(declared)
+        elif declared is not None and declared != kind:
+            raise DataError(
+                f"{path}: declared as {kind!r} in the manifest but its kind is {declared!r}"
+            )
+        if "stimulus_ids" not in handle:
+            raise DataError(f"{path}: missing dataset /stimulus_ids")
+        ids = _decode_ids(handle["stimulus_ids"][()])
+        _check_unique(ids, str(path))
+        items: list[BrainItem] = []
+        for subject in handle:
+            if subject == "stimulus_ids":
+                continue
+            group = handle[subject]
+            if not isinstance(group, h5py.Group):
+                raise DataError(f"{path}: /{subject} should be a group of ROI datasets")
+            for roi in group:
+                data = np.asarray(group[roi][()], dtype=np.float64)
+                where = f"{path}: /{subject}/{roi}"
+                items.append(_make_item(subject, roi, kind, data, ids, str(path), where))
+    if not items:
+        raise DataError(f"{path}: no /<subject>/<roi> datasets found")
+    return items
+
+
+def _check_unique(ids: Sequence[str], where: str) -> None:
+    from collections import Counter
+
+    dupes = sorted(sid for sid, count in Counter(ids).items() if count > 1)
+    if dupes:
+        raise DataError(f"{where}: duplicate stimulus id(s): {_listing(dupes)}")
+
+
+def _make_item(
+    subject: str, roi: str, kind: str, data: np.ndarray, ids: list[str], source: str, where: str
+) -> BrainItem:
+    n = len(ids)
+    if data.ndim == 0 or data.shape[0] != n:
+        raise DataError(f"{where}: has {data.shape[:1]} rows, expected {n} (one per stimulus id)")
+    if kind == "rdms":
+        if data.shape != (n, n):
+            raise DataError(f"{where}: an RDM must be square ({n}, {n}), got {data.shape}")
+        if not np.isfinite(data).all():
+            bad = sorted({ids[i] for i in np.argwhere(~np.isfinite(data))[:, 0]})
+            raise DataError(
+                f"{where}: NaN or infinite dissimilarities for stimulus id(s) {_listing(bad)}"
+            )
+        scale = max(float(np.abs(data).max()), 1e-300)
+        if not np.allclose(data, data.T, rtol=0, atol=1e-6 * scale):
+            raise DataError(f"{where}: RDM is not symmetric")
+        return BrainItem(subject, roi, "rdm", data, ids, source)
+    patterns = data.reshape(n, -1)
+    bad_voxels = ~np.isfinite(patterns).all(axis=0)
+    if bad_voxels.all():
+        raise DataError(f"{where}: every voxel has NaN or infinite values")
+    if bad_voxels.any():
+        log.warning(
+            "%s: dropped %d of %d voxel(s) with NaN/inf values",
+            where,
+            int(bad_voxels.sum()),
+            bad_voxels.size,
+        )
+        patterns = patterns[:, ~bad_voxels]
+    return BrainItem(subject, roi, "patterns", patterns, ids, source)
+
+
+def _roi_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".mgz", ".img"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list[BrainItem]:
+    import nibabel as nib
+
+    from object2brain.data.stimuli import read_table
+
+    subject = spec.get("subject")
+    if not isinstance(subject, str | int) or str(subject) == "":
+        raise DataError(f"{where}: a nifti source needs 'subject'")
+    subject = str(subject)
+    betas_path = _resolve(manifest, spec, "betas", where)
+    table_path = _resolve(manifest, spec, "stimuli", where)
+    try:
+        betas = nib.load(betas_path)
+    except Exception as exc:  # nibabel raises several types for unreadable images
+        raise DataError(f"{betas_path}: not a readable NIfTI image ({exc})") from None
+    if len(betas.shape) != 4:
+        raise DataError(f"{betas_path}: expected a 4D beta image, got shape {betas.shape}")
+    try:
+        table = read_table(table_path)
+    except StimulusError as exc:
+        raise DataError(str(exc)) from None
+    if "stimulus_id" not in table.columns:
+        raise DataError(f"{table_path}: missing column stimulus_id")
+    ids = [str(s).strip() for s in table["stimulus_id"]]
+    if len(ids) != betas.shape[3]:
+        raise DataError(
+            f"{table_path}: {len(ids)} rows but {betas_path.name} has {betas.shape[3]} volumes "
+            "(one row per volume)"
+        )
+    _check_unique(ids, str(table_path))
+    data = np.asarray(betas.dataobj, dtype=np.float32)
+    grid = nib.Nifti1Image(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)
+
+    masks: list[tuple[str, np.ndarray, str]] = []
+    if spec.get("rois") is not None:
+        rois = spec["rois"]
+        if not isinstance(rois, list) or not rois:
+            raise DataError(f"{where}: 'rois' must be a list of mask files")
+        for value in rois:
+            mask_path = _resolve(manifest, {"roi": value}, "roi", where)
+            values = _on_grid(mask_path, grid, betas_path)
+            masks.append((_roi_name(mask_path), values != 0, str(mask_path)))
+    elif spec.get("labels") is not None:
+        label_path = _resolve(manifest, spec, "labels", where)
+        tsv_path = _resolve(manifest, spec, "labels_tsv", where)
+        try:
+            names = read_table(tsv_path)
+        except StimulusError as exc:
+            raise DataError(str(exc)) from None
+        missing = [c for c in ("index", "name") if c not in names.columns]
+        if missing:
+            raise DataError(f"{tsv_path}: missing column(s) {', '.join(missing)}")
+        values = _on_grid(label_path, grid, betas_path)
+        for index, name in zip(names["index"], names["name"], strict=True):
+            masks.append((str(name), values == float(index), f"{label_path} (label {index})"))
+    else:
+        raise DataError(f"{where}: a nifti source needs 'rois' or 'labels' + 'labels_tsv'")
+
+    items = []
+    for roi, mask, mask_source in masks:
+        if not mask.any():
+            raise DataError(
+                f"{mask_source}: ROI {roi!r} of subject {subject!r} has no voxels on the beta "
+                f"grid of {betas_path} (empty mask, or it does not overlap the betas)"
+            )
+        patterns = data[mask].T.astype(np.float64)  # (n_stimuli, n_voxels)
+        item_where = f"{betas_path}: subject {subject!r}, ROI {roi!r}"
+        items.append(
+            _make_item(subject, roi, "patterns", patterns, ids, str(betas_path), item_where)
+        )
+    return items
+
+
+def _on_grid(path: Path, grid: Any, betas_path: Path) -> np.ndarray:
+    """Values of a 3D mask or label image on the beta grid (nearest resampling if needed)."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+    except Exception as exc:  # nibabel raises several types for unreadable images
+        raise DataError(f"{path}: not a readable NIfTI image ({exc})") from None
+    shape = tuple(image.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        image = nib.Nifti1Image(np.asarray(image.dataobj)[..., 0], image.affine)
+    elif len(shape) != 3:
+        raise DataError(f"{path}: a mask or label image must be 3D, got shape {shape}")
+    if image.shape[:3] == grid.shape and np.allclose(image.affine, grid.affine, atol=1e-5):
+        return np.asarray(image.dataobj)
+    from nilearn.image import resample_to_img
+
+    log.info(
+        "%s: on another grid than %s (shape %s vs %s); resampled with nearest interpolation",
+        path,
+        betas_path.name,
+        image.shape[:3],
+        grid.shape,
+    )
+    resampled = resample_to_img(
+        image, grid, interpolation="nearest", force_resample=True, copy_header=True
+    )
+    return np.asarray(resampled.dataobj)

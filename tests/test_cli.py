@@ -1,0 +1,186 @@
+"""The command line: one clear message, exit status 2, and nothing half-written on bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from object2brain.cli import main
+from object2brain.models.zoo import build_architecture
+from object2brain.store import ActivationStore
+
+
+def run(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def assert_fails_cleanly(
+    capsys: pytest.CaptureFixture[str], argv: list[str], out: Path, *expected: str
+) -> str:
+    code = run(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    error_lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    for text in expected:
+        assert text in captured.err
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+    assert not list(out.parent.glob(".*.tmp"))
+    return captured.err
+
+
+def extract_args(table: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "extract",
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--stimuli",
+        str(table),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_extract_succeeds(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "acts.h5"
+    assert run(extract_args(stimulus_table, out, "--layers", "layer4,fc")) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with ActivationStore.open(out) as store:
+        assert store.layers == ["layer4", "fc"]
+
+
+def test_missing_images_all_listed(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame = pd.read_csv(stimulus_table)
+    frame.loc[[2, 6], "path"] = ["gone1.jpg", "gone2.jpg"]
+    frame.to_csv(stimulus_table, index=False)
+    out = tmp_path / "a.h5"
+    assert_fails_cleanly(
+        capsys,
+        extract_args(stimulus_table, out),
+        out,
+        "2 missing image file(s)",
+        "s02_astronaut",
+        "s06_horse",
+    )
+
+
+def test_corrupt_image(photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "imgs"
+    shutil.copytree(photo_dir, folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "a.h5"
+    assert_fails_cleanly(capsys, extract_args(folder, out), out, "unreadable image", "broken")
+
+
+def test_duplicate_ids(photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"stimulus_id": ["x", "x"], "path": [str(photo_dir / "cat.jpg")] * 2}).to_csv(
+        table, index=False
+    )
+    out = tmp_path / "a.h5"
+    assert_fails_cleanly(capsys, extract_args(table, out), out, "duplicate stimulus_id(s): x")
+
+
+def test_empty_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("stimulus_id,path\n")
+    out = tmp_path / "a.h5"
+    assert_fails_cleanly(capsys, extract_args(table, out), out, "no rows", str(table))
+
+
+def test_unknown_model(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a.h5"
+    argv = extract_args(stimulus_table, out)
+    argv[argv.index("resnet18")] = "resnet19"
+    assert_fails_cleanly(capsys, argv, out, "unknown model 'resnet19'", "resnet18")
+
+
+def test_unknown_layer(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a.h5"
+    assert_fails_cleanly(
+        capsys,
+        extract_args(stimulus_table, out, "--layers", "layer9"),
+        out,
+        "unknown layer(s) for resnet18",
+        "'layer9'",
+        "layer1",
+    )
+
+
+def test_checkpoint_for_wrong_architecture(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "alexnet.pth"
+    torch.save(build_architecture("alexnet").state_dict(), checkpoint)
+    out = tmp_path / "a.h5"
+    argv = extract_args(stimulus_table, out)
+    argv[argv.index("none")] = str(checkpoint)
+    assert_fails_cleanly(capsys, argv, out, str(checkpoint), "does not match architecture resnet18")
+
+
+def test_weights_unavailable_offline(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a.h5"
+    argv = extract_args(stimulus_table, out)
+    argv[argv.index("none")] = "default"
+    assert_fails_cleanly(capsys, argv, out, "not available", "TORCH_HOME", "--weights PATH")
+
+
+def test_unwritable_output(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = blocker / "acts.h5"
+    assert run(extract_args(stimulus_table, out)) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    out = Path("/proc/object2brain-test.h5")  # /proc refuses new files, even to root
+    assert_fails_cleanly(capsys, extract_args(stimulus_table, out), out, "not writable")
+
+
+def test_usage_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["extract", "--model", "resnet18"]) == 2
+    assert "Missing option" in capsys.readouterr().err
+
+
+def test_debug_shows_traceback(stimulus_table: Path, tmp_path: Path) -> None:
+    from object2brain.errors import ModelError
+
+    argv = ["--debug", *extract_args(stimulus_table, tmp_path / "a.h5")]
+    argv[argv.index("resnet18")] = "nope"
+    with pytest.raises(ModelError):
+        main(argv)
+
+
+def test_models_and_layers_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "efficientnet_lite0" in listing and "bundled" in listing and "convnext_tiny" in listing
+    assert run(["layers", "vgg16"]) == 0
+    layers = capsys.readouterr().out.split("\n")
+    assert layers[0].split()[0] == "features.4" and "classifier.6" in layers[-2]
+    assert run(["layers", "vgg17"]) == 2
+    assert "unknown model" in capsys.readouterr().err
