@@ -88,5 +88,5 @@ def test_exif_orientation_is_applied(
 
 def test_corrupt_file_raises(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(OSError, match="cannot identify image file"):
+    with pytest.raises(OSError, match=r"(?i)truncated|cannot identify"):
         load_image(tmp_path / "bad.jpg")

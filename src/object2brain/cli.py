@@ -126,6 +126,54 @@ def extract_command(
     typer.echo(f"wrote {path}")
 
 
+@app.command("rsa")
+def rsa_command(
+    activations: Annotated[
+        list[Path], typer.Option("--activations", help="Activation store(s) (.h5); repeatable.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    brain: Annotated[
+        Path | None, typer.Option("--brain", help="Brain manifest (YAML) or patterns/RDMs .h5.")
+    ] = None,
+    ratings: Annotated[
+        Path | None, typer.Option("--ratings", help="Ratings table: subject, stimulus_id, valence.")
+    ] = None,
+    stimuli: Annotated[
+        Path | None, typer.Option("--stimuli", help="Stimulus table (condition, valence optional).")
+    ] = None,
+    rdm: Annotated[str, typer.Option("--rdm", help="correlation | euclidean | cosine")] = (
+        "correlation"
+    ),
+    compare: Annotated[
+        str, typer.Option("--compare", help="spearman | pearson | kendall_tau_a")
+    ] = "spearman",
+    n_perm: Annotated[int, typer.Option("--n-perm", min=0, help="Permutations.")] = 10_000,
+    n_boot: Annotated[int, typer.Option("--n-boot", min=0, help="Bootstrap resamples.")] = 1_000,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Align every layer of every model with behaviour and brain ROIs (RSA)."""
+    from object2brain.rsa.align import run_alignment
+
+    _quiet(quiet)
+    run_alignment(
+        activations,
+        brain=brain,
+        ratings=ratings,
+        stimuli=stimuli,
+        out=out,
+        rdm_metric=rdm,
+        compare_method=compare,
+        n_perm=n_perm,
+        n_boot=n_boot,
+        seed=seed,
+        device=device,
+        progress=not quiet,
+    )
+    typer.echo(f"wrote {out / 'alignment.csv'}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),

@@ -59,7 +59,7 @@ def test_nan_and_non_numeric_valence_listed() -> None:
 
 
 def test_unknown_stimulus_ids_listed() -> None:
-    with pytest.raises(DataError, match="2 stimulus id.*not in the stimulus set: a, b"):
+    with pytest.raises(DataError, match=r"2 stimulus id.*not in the stimulus set: a, b"):
         load_ratings(_frame(), stimulus_ids=["x"])
 
 

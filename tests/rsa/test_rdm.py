@@ -79,7 +79,7 @@ def test_squareform_roundtrip() -> None:
 
 
 def test_rdm_from_store_streams_columns(activation_store) -> None:  # type: ignore[no-untyped-def]
-    path, layers, ids = activation_store
+    path, _layers, ids = activation_store
     with ActivationStore.open(path) as store:
         order = ids[::-1]
         D = rdm_from_store(store, "conv1", order, device="cpu", chunk_elements=len(ids) * 2 * 9)

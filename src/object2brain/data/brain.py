@@ -326,7 +326,7 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
     betas_path = _resolve(manifest, spec, "betas", where)
     table_path = _resolve(manifest, spec, "stimuli", where)
     try:
-        betas = nib.load(betas_path)
+        betas: Any = nib.load(betas_path)
     except Exception as exc:  # nibabel raises several types for unreadable images
         raise DataError(f"{betas_path}: not a readable NIfTI image ({exc})") from None
     if len(betas.shape) != 4:
@@ -345,7 +345,8 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
         )
     _check_unique(ids, str(table_path))
     data = np.asarray(betas.dataobj, dtype=np.float32)
-    grid = nib.Nifti1Image(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)
+    nifti1: Any = nib.Nifti1Image
+    grid = nifti1(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)
 
     masks: list[tuple[str, np.ndarray, str]] = []
     if spec.get("rois") is not None:
@@ -392,12 +393,13 @@ def _on_grid(path: Path, grid: Any, betas_path: Path) -> np.ndarray:
     import nibabel as nib
 
     try:
-        image = nib.load(path)
+        image: Any = nib.load(path)
     except Exception as exc:  # nibabel raises several types for unreadable images
         raise DataError(f"{path}: not a readable NIfTI image ({exc})") from None
     shape = tuple(image.shape)
     if len(shape) == 4 and shape[3] == 1:
-        image = nib.Nifti1Image(np.asarray(image.dataobj)[..., 0], image.affine)
+        nifti1: Any = nib.Nifti1Image
+        image = nifti1(np.asarray(image.dataobj)[..., 0], image.affine)
     elif len(shape) != 3:
         raise DataError(f"{path}: a mask or label image must be 3D, got shape {shape}")
     if image.shape[:3] == grid.shape and np.allclose(image.affine, grid.affine, atol=1e-5):

@@ -184,7 +184,7 @@ def load_ratings(
             where,
             int(repeated.sum()),
         )
-        table = table.groupby(["subject", "stimulus_id"], sort=False, as_index=False)[
-            "valence"
-        ].mean()
+        table = (
+            table.groupby(["subject", "stimulus_id"], sort=False)["valence"].mean().reset_index()
+        )
     return Ratings(table.reset_index(drop=True), origin)

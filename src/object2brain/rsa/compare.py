@@ -42,7 +42,10 @@ def check_method(method: str) -> None:
 def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x if x.dtype == torch.float64 else x.to(torch.float64)
-    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)
+    array = np.ascontiguousarray(x)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.as_tensor(array, dtype=torch.float64)
 
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +179,7 @@ def masked_rankdata(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def masked_compare(
     a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, method: str = "spearman"
 ) -> torch.Tensor:
-    """Coefficients ``(B, K, T)`` of ``a`` ``(B, K, m)`` vs ``b`` ``(B, T, m)`` on entries ``w=1``."""
+    """Coefficients ``(B, K, T)`` of ``a`` ``(B, K, m)`` vs ``b`` ``(B, T, m)`` where ``w = 1``."""
     check_method(method)
     if method == "kendall_tau_a":
         return masked_kendall_tau_a(a, b, w)

@@ -55,7 +55,7 @@ _MEMORY_ELEMENTS = 1 << 25  # values per gathered batch (256 MB in float64)
 
 def n_from_pairs(m: int) -> int:
     """Number of stimuli ``n`` with ``m = n (n - 1) / 2`` pairs."""
-    n = int(round((1 + np.sqrt(1 + 8 * m)) / 2))
+    n = round((1 + float(np.sqrt(1 + 8 * m))) / 2)
     if n * (n - 1) // 2 != m:
         raise DataError(f"{m} values are not the upper triangle of a square RDM")
     return n
@@ -282,7 +282,7 @@ class ContrastResult:
 
 
 def _subset_vectors(rdms: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Condensed vectors ``(P, R, m_s)`` of RDMs ``(R, n, n)`` restricted to ``rows`` ``(P, n_s)``."""
+    """Condensed vectors ``(P, R, m_s)`` of RDMs ``(R, n, n)`` restricted to rows ``(P, n_s)``."""
     iu, ju = triu_indices(rows.shape[-1], rows.device)
     return rdms[:, rows[:, iu], rows[:, ju]].permute(1, 0, 2)
 
@@ -393,7 +393,9 @@ def correlation_test(
         idx = torch.as_tensor(rng.integers(0, n, size=(n_boot, n)))
         xs, ys = xv[idx], yv[idx]
         if method == "kendall_tau_a":
-            rb = torch.stack([compare_rdms(a[None], b[None], method)[0, 0] for a, b in zip(xs, ys)])
+            rb = torch.stack(
+                [compare_rdms(a[None], b[None], method)[0, 0] for a, b in zip(xs, ys, strict=True)]
+            )
         else:
             rb = (prepare(xs, method) * prepare(ys, method)).sum(dim=-1)
         alpha = (1 - level) / 2

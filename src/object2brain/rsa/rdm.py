@@ -46,7 +46,7 @@ _DEGENERATE = 1e-12
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/``None`` -> ``cuda`` when available, else ``cpu``; other values as torch reads them."""
+    """``auto``/``None``: ``cuda`` when available, else ``cpu``; else as torch reads it."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
@@ -62,7 +62,10 @@ def as_tensor(
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     if isinstance(x, torch.Tensor):
         return x.to(device=dev, dtype=dtype)
-    return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=dev)
+    array = np.ascontiguousarray(x)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.as_tensor(array, dtype=dtype, device=dev)
 
 
 def check_metric(metric: str) -> None:
@@ -89,7 +92,7 @@ def squareform(vectors: ArrayLike) -> torch.Tensor:
     """Square symmetric RDMs ``(..., n, n)`` with zero diagonal from condensed ``(..., m)``."""
     v = vectors if isinstance(vectors, torch.Tensor) else torch.as_tensor(np.asarray(vectors))
     m = v.shape[-1]
-    n = int(round((1 + np.sqrt(1 + 8 * m)) / 2))
+    n = round((1 + float(np.sqrt(1 + 8 * m))) / 2)
     if n * (n - 1) // 2 != m:
         raise DataError(f"{m} values are not the upper triangle of a square RDM")
     out = torch.zeros((*v.shape[:-1], n, n), dtype=v.dtype, device=v.device)
@@ -274,14 +277,16 @@ def to_rsatoolbox(
     ``stimulus_ids`` become the pattern descriptor ``stimulus_id``; ``descriptors`` (each a
     sequence of length k, e.g. ``{"layer": [...], "subject": [...]}``) the RDM descriptors.
     """
-    from rsatoolbox.rdm import RDMs
+    import importlib
+
+    rdms_class: Any = importlib.import_module("rsatoolbox.rdm").RDMs
 
     t = rdms if isinstance(rdms, torch.Tensor) else torch.as_tensor(np.asarray(rdms))
     if t.ndim == 2:
         t = t[None]
     vectors = upper_triangle(t).detach().cpu().numpy().astype(np.float64)
     rdm_desc = {key: list(values) for key, values in (descriptors or {}).items()}
-    return RDMs(
+    return rdms_class(
         dissimilarities=vectors,
         dissimilarity_measure=metric,
         rdm_descriptors=rdm_desc or None,

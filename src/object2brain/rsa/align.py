@@ -1,0 +1,776 @@
+"""The alignment run: every layer of every model against behaviour and every brain ROI.
+
+:func:`run_alignment` (``object2brain rsa`` on the command line) computes, for every model
+(activation store attribute ``model``), layer (store ``order``, including the predicted
+``valence`` layer when present), target (each ROI, and ``behavior``), subject and condition
+(``all`` and each value of the stimulus table's ``condition`` column), one row of the
+``alignment`` table (DESIGN.md section 3):
+
+``model, layer, layer_index, target, target_kind, subject, condition, rdm_metric,
+compare_method, r, p_perm, p_fdr, ci_low, ci_high, nc_low, nc_high, n_stimuli, n_perm``
+
+Subject levels of a target with per-subject data (brain subjects; raters who rated every analysed
+stimulus):
+
+- ``<subject id>``: r between the layer RDM and that subject's RDM;
+- ``group``: the mean of the per-subject r (DESIGN.md section 4). Its permutation p and bootstrap
+  CI come from the same permutations / resamples applied to every subject, so the mean has its
+  own exact null; its standard error over subjects is in the extra table ``alignment_group``;
+- ``group_rdm``: r against the group-mean RDM (mean of the subject RDMs for ROIs; for behaviour
+  the RDM ``|v_i - v_j|`` of the group-mean ratings).
+
+A target with group-level data only (an RDM file whose only subject is ``group``, or behaviour
+from the stimulus table's ``valence`` column) has one row, ``group``.
+
+Columns: ``layer_index`` is the layer's 0-based position in the store's network order;
+``p_perm`` the one-sided Mantel p (``(1 + #{r_perm >= r}) / (1 + n_perm)``); ``p_fdr`` the
+Benjamini-Hochberg adjustment over all (layer, target) tests of one model, condition and subject
+level; ``ci_low``/``ci_high`` the 95% stimulus-bootstrap interval; ``nc_low``/``nc_high`` the
+noise ceiling of the target in that condition (repeated on every row of the target; NaN with
+fewer than two subjects).
+
+Extra outputs (documented extensions):
+
+- ``behavior_direct`` (when a store has a ``valence`` layer and ratings are available): predicted
+  vs group-mean rated valence, Pearson and Spearman, two-sided permutation p, bootstrap CI.
+- ``condition_contrast`` (when there are at least two conditions): for every pair of conditions
+  ``(a, b)`` in order of appearance, ``delta_r = r_a - r_b`` per model, layer, target and subject
+  level, tested by permuting condition labels (two-sided); columns ``model, layer, layer_index,
+  target, target_kind, subject, condition_a, condition_b, rdm_metric, compare_method, r_a, r_b,
+  delta_r, p_perm, p_fdr, n_a, n_b, n_perm`` (FDR as for ``alignment``, per pair).
+- ``alignment_group``: ``model, layer, layer_index, target, target_kind, condition, mean_r, sem,
+  n_subjects`` (SEM = sd / sqrt(S) of the per-subject r).
+- ``figures/alignment_<model>.png|svg``: r per layer, one line per target (``group`` rows), the
+  noise-ceiling band, FDR-significant points filled; one panel per condition.
+- ``manifest.json``: configuration, seeds, package versions and input file SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from object2brain.data.brain import BrainData, OnMissing, load_brain
+from object2brain.data.ratings import Ratings, load_ratings
+from object2brain.data.stimuli import StimulusSet, read_table
+from object2brain.errors import DataError
+from object2brain.rsa.compare import check_method
+from object2brain.rsa.inference import (
+    bootstrap_ci,
+    combine_matrix,
+    condition_difference_test,
+    correlation_test,
+    fdr_bh,
+    mantel_test,
+    noise_ceiling,
+)
+from object2brain.rsa.rdm import (
+    behavior_rdm,
+    check_metric,
+    rdm_from_store,
+    resolve_device,
+    upper_triangle,
+)
+from object2brain.store import ActivationStore, write_json, write_table
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT_COLUMNS = [
+    "model",
+    "layer",
+    "layer_index",
+    "target",
+    "target_kind",
+    "subject",
+    "condition",
+    "rdm_metric",
+    "compare_method",
+    "r",
+    "p_perm",
+    "p_fdr",
+    "ci_low",
+    "ci_high",
+    "nc_low",
+    "nc_high",
+    "n_stimuli",
+    "n_perm",
+]
+BEHAVIOR_DIRECT_COLUMNS = ["model", "condition", "method", "r", "p", "ci_low", "ci_high", "n"]
+CONTRAST_COLUMNS = [
+    "model",
+    "layer",
+    "layer_index",
+    "target",
+    "target_kind",
+    "subject",
+    "condition_a",
+    "condition_b",
+    "rdm_metric",
+    "compare_method",
+    "r_a",
+    "r_b",
+    "delta_r",
+    "p_perm",
+    "p_fdr",
+    "n_a",
+    "n_b",
+    "n_perm",
+]
+GROUP_COLUMNS = [
+    "model",
+    "layer",
+    "layer_index",
+    "target",
+    "target_kind",
+    "condition",
+    "mean_r",
+    "sem",
+    "n_subjects",
+]
+BEHAVIOR_TARGET = "behavior"
+
+
+@dataclass
+class Target:
+    """One target: subject RDMs ``(S, n, n)`` plus column labels.
+
+    ``group_only``: the single RDM is itself group-level data (no per-subject rows).
+    """
+
+    name: str
+    kind: str
+    subjects: list[str]
+    rdms: torch.Tensor
+    group_rdm: torch.Tensor | None = None
+    group_only: bool = False
+
+
+@dataclass
+class AlignmentResult:
+    """Tables of one alignment run and the files written (empty when ``out`` is None)."""
+
+    alignment: pd.DataFrame
+    behavior_direct: pd.DataFrame
+    condition_contrast: pd.DataFrame
+    alignment_group: pd.DataFrame
+    files: list[Path] = field(default_factory=list)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def _stimulus_table(source: str | Path | pd.DataFrame | StimulusSet) -> tuple[pd.DataFrame, str]:
+    """The stimulus table (``stimulus_id`` + optional ``condition``/``valence``); images unused."""
+    if isinstance(source, StimulusSet):
+        frame, where = source.table.copy(), str(source.source or "stimulus table")
+    elif isinstance(source, pd.DataFrame):
+        frame, where = source.copy(), "stimulus table"
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path}: stimulus table not found")
+        frame, where = read_table(path), str(path)
+    if "stimulus_id" not in frame.columns:
+        raise DataError(f"{where}: missing required column stimulus_id")
+    if frame.empty:
+        raise DataError(f"{where}: the stimulus table has no rows")
+    frame = frame.assign(stimulus_id=frame["stimulus_id"].astype(str).str.strip())
+    dupes = sorted(set(frame["stimulus_id"][frame["stimulus_id"].duplicated()]))
+    if dupes:
+        raise DataError(f"{where}: duplicate stimulus_id(s): {', '.join(dupes[:20])}")
+    return frame.reset_index(drop=True), where
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in (
+        "object2brain",
+        "torch",
+        "numpy",
+        "scipy",
+        "pandas",
+        "h5py",
+        "nilearn",
+        "rsatoolbox",
+    ):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _targets(
+    brain: BrainData | None,
+    ratings: Ratings | None,
+    stimulus_valence: np.ndarray | None,
+    ids: list[str],
+    metric: str,
+    device: torch.device,
+) -> list[Target]:
+    targets: list[Target] = []
+    if brain is not None:
+        aligned = brain.aligned(ids)
+        for roi in aligned.rois:
+            items = aligned.for_roi(roi)
+            rdms = torch.stack([item.rdm(metric, device) for item in items])
+            subjects = [item.subject for item in items]
+            group_only = subjects == ["group"]
+            targets.append(
+                Target(roi, "roi", subjects, rdms, None if group_only else rdms.mean(0), group_only)
+            )
+    if ratings is not None:
+        group_values = ratings.group_mean(ids)
+        group = behavior_rdm(group_values, device)
+        subjects = ratings.complete_subjects(ids)
+        if subjects:
+            values = ratings.table.pivot(index="subject", columns="stimulus_id", values="valence")
+            matrix = values.reindex(index=subjects, columns=ids).to_numpy(dtype=np.float64)
+            rdms = torch.stack([behavior_rdm(row, device) for row in matrix])
+            targets.append(Target(BEHAVIOR_TARGET, "behavior", subjects, rdms, group))
+        else:
+            log.warning("no rater rated every analysed stimulus: behaviour uses group ratings only")
+            targets.append(Target(BEHAVIOR_TARGET, "behavior", ["group"], group[None], None, True))
+    elif stimulus_valence is not None:
+        group = behavior_rdm(stimulus_valence, device)
+        targets.append(Target(BEHAVIOR_TARGET, "behavior", ["group"], group[None], None, True))
+    if not targets:
+        raise DataError(
+            "nothing to align to: give brain data (--brain), ratings (--ratings) or a stimulus "
+            "table with a valence column"
+        )
+    return targets
+
+
+@dataclass
+class _Columns:
+    """The target columns (RDMs stacked) and the derived group-mean columns."""
+
+    rdms: torch.Tensor  # (Q, n, n)
+    labels: list[tuple[str, str, str]]  # (target, kind, subject) for Q + G columns
+    combine: torch.Tensor | None
+    target_of_column: list[int]
+
+
+def _columns(targets: list[Target]) -> _Columns:
+    stacks, labels, groups, owner = [], [], [], []
+    q = 0
+    for t_index, target in enumerate(targets):
+        if target.group_only:
+            stacks.append(target.rdms)
+            labels.append((target.name, target.kind, "group"))
+            owner.append(t_index)
+            q += 1
+            continue
+        S = target.rdms.shape[0]
+        assert target.group_rdm is not None
+        stacks += [target.rdms, target.group_rdm[None]]
+        labels += [(target.name, target.kind, s) for s in target.subjects]
+        labels.append((target.name, target.kind, "group_rdm"))
+        owner += [t_index] * (S + 1)
+        groups.append((t_index, list(range(q, q + S))))
+        q += S + 1
+    combine = combine_matrix([cols for _, cols in groups], q) if groups else None
+    for t_index, _ in groups:
+        target = targets[t_index]
+        labels.append((target.name, target.kind, "group"))
+        owner.append(t_index)
+    return _Columns(torch.cat(stacks), labels, combine, owner)
+
+
+def _sub(rdms: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return rdms[:, idx][:, :, idx]
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def run_alignment(
+    activations: Sequence[str | Path] | str | Path,
+    *,
+    brain: str | Path | BrainData | None = None,
+    ratings: str | Path | pd.DataFrame | Ratings | None = None,
+    stimuli: str | Path | pd.DataFrame | StimulusSet | None = None,
+    out: str | Path | None = None,
+    rdm_metric: str = "correlation",
+    compare_method: str = "spearman",
+    n_perm: int = 10_000,
+    n_boot: int = 1_000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    layers: Sequence[str] | None = None,
+    on_missing: OnMissing = "error",
+    progress: bool = True,
+    figures: bool = True,
+) -> AlignmentResult:
+    """Align every layer of every model with behaviour and brain ROIs by RSA.
+
+    Args:
+        activations: one or more activation stores (.h5), one model each.
+        brain: brain manifest (YAML), patterns/RDMs HDF5, or loaded :class:`BrainData`.
+        ratings: long ratings table (``subject, stimulus_id, valence``).
+        stimuli: stimulus table (``stimulus_id``, optional ``condition``, ``valence``); images
+            are not opened. Default: the first store's ids, no conditions.
+        out: output folder for tables, figures and ``manifest.json`` (nothing written if None).
+        rdm_metric: ``correlation`` | ``euclidean`` | ``cosine`` (features and patterns).
+        compare_method: ``spearman`` | ``pearson`` | ``kendall_tau_a``.
+        n_perm, n_boot: permutations (Mantel, condition contrast, direct p) and bootstrap
+            resamples; 0 skips them (NaN p / CI).
+        seed: seed of every permutation and resample.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        layers: layer names to analyse (default all, in network order).
+        on_missing: ``error`` (default) or ``intersect`` when the brain data lack stimuli.
+        progress: show a progress bar.
+        figures: write the figures (when ``out`` is given).
+    Returns:
+        :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
+        ``condition_contrast`` and ``alignment_group`` tables.
+    """
+    check_metric(rdm_metric)
+    check_method(compare_method)
+    if n_perm < 0 or n_boot < 0:
+        raise DataError("--n-perm and --n-boot must be >= 0")
+    dev = resolve_device(device)
+    paths = (
+        [Path(activations)]
+        if isinstance(activations, str | Path)
+        else [Path(p) for p in activations]
+    )
+    if not paths:
+        raise DataError("no activation stores given (--activations)")
+    stores = [ActivationStore.open(p) for p in paths]
+    try:
+        return _run(
+            stores,
+            paths,
+            brain,
+            ratings,
+            stimuli,
+            out,
+            rdm_metric,
+            compare_method,
+            n_perm,
+            n_boot,
+            seed,
+            dev,
+            layers,
+            on_missing,
+            progress,
+            figures,
+            str(device),
+        )
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _run(
+    stores: list[ActivationStore],
+    paths: list[Path],
+    brain_source: str | Path | BrainData | None,
+    ratings_source: str | Path | pd.DataFrame | Ratings | None,
+    stimuli_source: str | Path | pd.DataFrame | StimulusSet | None,
+    out: str | Path | None,
+    metric: str,
+    method: str,
+    n_perm: int,
+    n_boot: int,
+    seed: int,
+    dev: torch.device,
+    layer_filter: Sequence[str] | None,
+    on_missing: OnMissing,
+    progress: bool,
+    figures: bool,
+    device_name: str,
+) -> AlignmentResult:
+    # models
+    models: list[tuple[str, ActivationStore, list[str]]] = []
+    for path, store in zip(paths, stores, strict=True):
+        name = str(store.attrs.get("model") or path.stem)
+        if any(name == m for m, _, _ in models):
+            raise DataError(f"{path}: model name {name!r} is used by two activation stores")
+        names = store.layers
+        if layer_filter is not None:
+            unknown = [layer for layer in layer_filter if layer not in names]
+            if len(unknown) == len(layer_filter):
+                raise DataError(
+                    f"{path}: none of the layers {', '.join(layer_filter)} is in the store"
+                )
+            names = [layer for layer in names if layer in layer_filter]
+        models.append((name, store, names))
+
+    # stimuli, ratings, brain
+    if stimuli_source is None:
+        table, stim_where = pd.DataFrame({"stimulus_id": stores[0].stimulus_ids}), "store ids"
+    else:
+        table, stim_where = _stimulus_table(stimuli_source)
+    table_ids = list(table["stimulus_id"])
+    ratings = load_ratings(ratings_source, table_ids) if ratings_source is not None else None
+    brain = load_brain(brain_source) if brain_source is not None else None
+    ids = brain.common_ids(table_ids, on_missing) if brain is not None else table_ids
+    if len(ids) < 3:
+        raise DataError(f"{stim_where}: RSA needs at least 3 stimuli, found {len(ids)}")
+    row_of = {sid: i for i, sid in enumerate(table_ids)}
+    rows = [row_of[sid] for sid in ids]
+    stim_valence = None
+    if ratings is None and "valence" in table.columns:
+        values = pd.to_numeric(table["valence"].iloc[rows], errors="coerce").to_numpy(np.float64)
+        if np.isnan(values).any():
+            bad = [sid for sid, v in zip(ids, values, strict=True) if np.isnan(v)]
+            raise DataError(
+                f"{stim_where}: missing or non-numeric valence for {', '.join(bad[:20])}"
+            )
+        stim_valence = values
+    conditions: list[str] = []
+    labels: np.ndarray | None = None
+    if "condition" in table.columns:
+        raw = table["condition"].iloc[rows]
+        labels = np.asarray(["" if pd.isna(c) else str(c) for c in raw])
+        conditions = [c for c in dict.fromkeys(labels.tolist()) if c != ""]
+
+    targets = _targets(brain, ratings, stim_valence, ids, metric, dev)
+    cols = _columns(targets)
+    n = len(ids)
+    cond_index: list[tuple[str, np.ndarray]] = [("all", np.arange(n))]
+    for c in conditions:
+        assert labels is not None
+        idx = np.flatnonzero(labels == c)
+        if idx.size < 3:
+            log.warning("condition %r has %d stimuli (< 3): no RSA within it", c, idx.size)
+            continue
+        cond_index.append((c, idx))
+    if method == "kendall_tau_a" and n_perm * n * n > 10**8:
+        log.warning("kendall_tau_a costs O(m^2) per permutation: this run will be slow")
+
+    # noise ceilings per (target, condition)
+    ceilings: dict[tuple[int, str], tuple[float, float]] = {}
+    for cond, idx in cond_index:
+        it = torch.as_tensor(idx, device=dev)
+        for t_index, target in enumerate(targets):
+            if target.group_only:
+                ceilings[(t_index, cond)] = (float("nan"), float("nan"))
+            else:
+                ceilings[(t_index, cond)] = noise_ceiling(
+                    upper_triangle(_sub(target.rdms, it)).cpu(), method
+                )
+
+    alignment_rows: list[dict[str, Any]] = []
+    contrast_rows: list[dict[str, Any]] = []
+    direct_rows: list[dict[str, Any]] = []
+    bar = _progress(len(models) * len(cond_index), progress)
+    for model_name, store, layer_names in models:
+        order = store.layers
+        model_rdms = torch.stack(
+            [rdm_from_store(store, layer, ids, metric, dev) for layer in layer_names]
+        )
+        layer_index = [order.index(layer) for layer in layer_names]
+        for cond, idx in cond_index:
+            it = torch.as_tensor(idx, device=dev)
+            M, Tq = _sub(model_rdms, it), _sub(cols.rdms, it)
+            test = mantel_test(
+                upper_triangle(M), upper_triangle(Tq), method, n_perm, seed, dev, cols.combine
+            )
+            low, high = bootstrap_ci(M, Tq, method, n_boot, seed, dev, cols.combine)
+            block = _rows(
+                model_name,
+                layer_names,
+                layer_index,
+                cols,
+                cond,
+                metric,
+                method,
+                test.r,
+                {"p_perm": test.p, "ci_low": low, "ci_high": high},
+                ceilings,
+                len(idx),
+                n_perm,
+            )
+            alignment_rows += block
+            bar.update(1)
+        if labels is not None and len(conditions) >= 2:
+            for a_i, cond_a in enumerate(conditions):
+                for cond_b in conditions[a_i + 1 :]:
+                    if np.sum(labels == cond_a) < 3 or np.sum(labels == cond_b) < 3:
+                        continue
+                    res = condition_difference_test(
+                        model_rdms,
+                        cols.rdms,
+                        labels.tolist(),
+                        cond_a,
+                        cond_b,
+                        method,
+                        n_perm,
+                        seed,
+                        dev,
+                        cols.combine,
+                    )
+                    contrast_rows += _contrast_rows(
+                        model_name,
+                        layer_names,
+                        layer_index,
+                        cols,
+                        cond_a,
+                        cond_b,
+                        metric,
+                        method,
+                        res.r_a,
+                        res.r_b,
+                        res.delta,
+                        res.p,
+                        res.n_a,
+                        res.n_b,
+                        n_perm,
+                    )
+        if "valence" in order:
+            rated = ratings.group_mean(ids) if ratings is not None else stim_valence
+            if rated is not None:
+                predicted = next(iter(_valence(store, ids)))
+                for cond, idx in cond_index:
+                    for how in ("pearson", "spearman"):
+                        r, p, lo, hi = correlation_test(
+                            predicted[idx], rated[idx], how, n_perm, n_boot, seed
+                        )
+                        direct_rows.append(
+                            {
+                                "model": model_name,
+                                "condition": cond,
+                                "method": how,
+                                "r": r,
+                                "p": p,
+                                "ci_low": lo,
+                                "ci_high": hi,
+                                "n": int(idx.size),
+                            }
+                        )
+    bar.close()
+
+    alignment = _with_fdr(
+        pd.DataFrame(alignment_rows, columns=ALIGNMENT_COLUMNS), ["model", "condition", "subject"]
+    )
+    contrast = _with_fdr(
+        pd.DataFrame(contrast_rows, columns=CONTRAST_COLUMNS),
+        ["model", "condition_a", "condition_b", "subject"],
+    )
+    direct = pd.DataFrame(direct_rows, columns=BEHAVIOR_DIRECT_COLUMNS)
+    group = _group_summary(alignment)
+    result = AlignmentResult(alignment, direct, contrast, group)
+    if out is not None:
+        config = {
+            "activations": [str(p) for p in paths],
+            "brain": _describe(brain_source),
+            "ratings": _describe(ratings_source),
+            "stimuli": stim_where,
+            "rdm_metric": metric,
+            "compare_method": method,
+            "n_perm": n_perm,
+            "n_boot": n_boot,
+            "device": device_name,
+            "layers": list(layer_filter) if layer_filter is not None else "all",
+            "on_missing": on_missing,
+        }
+        inputs = list(paths)
+        for source in (brain_source, ratings_source, stimuli_source):
+            if isinstance(source, str | Path) and Path(source).is_file():
+                inputs.append(Path(source))
+        if brain is not None:
+            inputs += [Path(s) for s in dict.fromkeys(item.source for item in brain.items)]
+        result.files = _write(
+            result, Path(out), config, seed, inputs, ids, conditions, targets, figures
+        )
+    return result
+
+
+def _describe(source: object) -> str | None:
+    if source is None:
+        return None
+    if isinstance(source, str | Path):
+        return str(source)
+    origin = getattr(source, "source", None)
+    return str(origin) if origin is not None else type(source).__name__
+
+
+def _valence(store: ActivationStore, ids: list[str]) -> list[np.ndarray]:
+    values = np.asarray(store.read("valence", ids), dtype=np.float64).reshape(len(ids), -1)
+    if values.shape[1] != 1:
+        raise DataError(f"{store.path}: layer 'valence' should hold one value per stimulus")
+    return [values[:, 0]]
+
+
+class _NoBar:
+    def update(self, k: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="rsa", unit="model x condition")
+
+
+def _rows(
+    model: str,
+    layer_names: list[str],
+    layer_index: list[int],
+    cols: _Columns,
+    cond: str,
+    metric: str,
+    method: str,
+    r: np.ndarray,
+    extra: dict[str, np.ndarray],
+    ceilings: dict[tuple[int, str], tuple[float, float]],
+    n_stimuli: int,
+    n_perm: int,
+) -> list[dict[str, Any]]:
+    rows = []
+    for k, (layer, li) in enumerate(zip(layer_names, layer_index, strict=True)):
+        for q, (target, kind, subject) in enumerate(cols.labels):
+            nc_low, nc_high = ceilings[(cols.target_of_column[q], cond)]
+            row: dict[str, Any] = {
+                "model": model,
+                "layer": layer,
+                "layer_index": li,
+                "target": target,
+                "target_kind": kind,
+                "subject": subject,
+                "condition": cond,
+                "rdm_metric": metric,
+                "compare_method": method,
+                "r": float(r[k, q]),
+                "p_fdr": np.nan,
+                "nc_low": nc_low,
+                "nc_high": nc_high,
+                "n_stimuli": n_stimuli,
+                "n_perm": n_perm,
+            }
+            row.update({key: float(values[k, q]) for key, values in extra.items()})
+            rows.append(row)
+    return rows
+
+
+def _contrast_rows(
+    model: str,
+    layer_names: list[str],
+    layer_index: list[int],
+    cols: _Columns,
+    cond_a: str,
+    cond_b: str,
+    metric: str,
+    method: str,
+    r_a: np.ndarray,
+    r_b: np.ndarray,
+    delta: np.ndarray,
+    p: np.ndarray,
+    n_a: int,
+    n_b: int,
+    n_perm: int,
+) -> list[dict[str, Any]]:
+    rows = []
+    for k, (layer, li) in enumerate(zip(layer_names, layer_index, strict=True)):
+        for q, (target, kind, subject) in enumerate(cols.labels):
+            rows.append(
+                {
+                    "model": model,
+                    "layer": layer,
+                    "layer_index": li,
+                    "target": target,
+                    "target_kind": kind,
+                    "subject": subject,
+                    "condition_a": cond_a,
+                    "condition_b": cond_b,
+                    "rdm_metric": metric,
+                    "compare_method": method,
+                    "r_a": float(r_a[k, q]),
+                    "r_b": float(r_b[k, q]),
+                    "delta_r": float(delta[k, q]),
+                    "p_perm": float(p[k, q]),
+                    "p_fdr": np.nan,
+                    "n_a": n_a,
+                    "n_b": n_b,
+                    "n_perm": n_perm,
+                }
+            )
+    return rows
+
+
+def _with_fdr(frame: pd.DataFrame, family: list[str]) -> pd.DataFrame:
+    """Fill ``p_fdr``: Benjamini-Hochberg within each ``family`` over (layer, target)."""
+    if frame.empty:
+        return frame
+    frame = frame.copy()
+    for _, index in frame.groupby(family, sort=False).groups.items():
+        frame.loc[index, "p_fdr"] = fdr_bh(frame.loc[index, "p_perm"].to_numpy(np.float64))
+    return frame
+
+
+def _group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
+    """Mean and SEM over subjects of per-subject r (``alignment_group`` table)."""
+    subjects = alignment[~alignment["subject"].isin(["group", "group_rdm"])]
+    if subjects.empty:
+        return pd.DataFrame(columns=GROUP_COLUMNS)
+    keys = ["model", "layer", "layer_index", "target", "target_kind", "condition"]
+    grouped = subjects.groupby(keys, sort=False)["r"]
+    summary = grouped.agg(mean_r="mean", sd="std", n_subjects="count").reset_index()
+    summary["sem"] = summary["sd"] / np.sqrt(summary["n_subjects"])
+    return summary[GROUP_COLUMNS]
+
+
+def _write(
+    result: AlignmentResult,
+    out: Path,
+    config: dict[str, Any],
+    seed: int,
+    inputs: list[Path],
+    ids: list[str],
+    conditions: list[str],
+    targets: list[Target],
+    figures: bool,
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    files += write_table(result.alignment, out, "alignment")
+    files += write_table(result.behavior_direct, out, "behavior_direct")
+    files += write_table(result.alignment_group, out, "alignment_group")
+    if not result.condition_contrast.empty:
+        files += write_table(result.condition_contrast, out, "condition_contrast")
+    if figures:
+        from object2brain.report.figures import plot_alignment
+
+        for model in dict.fromkeys(result.alignment["model"]):
+            files += plot_alignment(result.alignment, str(model), out / "figures")
+    manifest = {
+        "command": "rsa",
+        "config": config,
+        "seeds": {"permutation": seed, "bootstrap": seed},
+        "versions": _versions(),
+        "inputs": {str(p): _sha256(p) for p in dict.fromkeys(inputs) if p.is_file()},
+        "n_stimuli": len(ids),
+        "conditions": conditions,
+        "targets": {t.name: {"kind": t.kind, "subjects": t.subjects} for t in targets},
+        "outputs": sorted(str(p.relative_to(out)) for p in files),
+    }
+    files.append(write_json(out / "manifest.json", manifest))
+    return files

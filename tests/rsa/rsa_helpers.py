@@ -1,0 +1,34 @@
+"""Helpers of the RSA tests: write an activation store with h5py (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+def write_store(
+    path: Path,
+    layers: dict[str, np.ndarray],
+    ids: list[str],
+    model: str = "tiny",
+) -> Path:
+    """Write an activation store in the layout of DESIGN.md section 3."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset(
+            "stimulus_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype()
+        )
+        group = f.create_group("layers")
+        for name, values in layers.items():
+            group.create_dataset(name, data=values)
+        f.attrs["model"] = model
+        f.attrs["arch"] = model
+        f.attrs["weights"] = "none"
+        f.attrs["weights_sha256"] = "none"
+        f.attrs["preprocessing"] = json.dumps({})
+        f.attrs["object2brain_version"] = "0.1.0"
+        f.attrs["order"] = json.dumps(list(layers))
+        f.attrs["complete"] = True
+    return path

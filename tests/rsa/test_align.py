@@ -1,0 +1,228 @@
+"""End-to-end alignment runs on planted-truth data written directly as HDF5."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from rsa_helpers import write_store
+
+from object2brain.errors import DataError, StoreError
+from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, run_alignment
+
+N = 24
+IDS = [f"img{i:02d}" for i in range(N)]
+
+
+def _planted(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    layers = {f"layer{k}": rng.normal(size=(N, 3, 4)).astype(np.float32) for k in range(4)}
+    valence = rng.normal(size=N)
+    layers["valence"] = valence.astype(np.float32)
+    store = write_store(tmp_path / "acts.h5", layers, IDS, model="tiny")
+    planted = layers["layer2"].reshape(N, -1).astype(np.float64)
+    with h5py.File(tmp_path / "patterns.h5", "w") as f:
+        f.attrs["kind"] = "patterns"
+        # stored in another order: matching must be by id
+        order = rng.permutation(N)
+        f.create_dataset(
+            "stimulus_ids",
+            data=np.asarray([IDS[i] for i in order], dtype=object),
+            dtype=h5py.string_dtype(),
+        )
+        for s in range(3):
+            roi = planted @ rng.normal(size=(12, 40)) + 0.5 * rng.normal(size=(N, 40))
+            f.create_dataset(f"sub-{s}/planted", data=roi[order])
+            f.create_dataset(f"sub-{s}/noise", data=rng.normal(size=(N, 40)))
+    ratings = pd.DataFrame(
+        [
+            {"subject": f"r{s}", "stimulus_id": sid, "valence": v + rng.normal() * 0.5}
+            for s in range(4)
+            for sid, v in zip(IDS, valence, strict=True)
+        ]
+    )
+    ratings.to_csv(tmp_path / "ratings.csv", index=False)
+    stimuli = pd.DataFrame(
+        {"stimulus_id": IDS, "path": "x.jpg", "condition": ["congruent", "incongruent"] * (N // 2)}
+    )
+    stimuli.to_csv(tmp_path / "stimuli.csv", index=False)
+    return {
+        "store": store,
+        "brain": tmp_path / "patterns.h5",
+        "ratings": tmp_path / "ratings.csv",
+        "stimuli": tmp_path / "stimuli.csv",
+    }
+
+
+def test_planted_truth_end_to_end(tmp_path: Path) -> None:
+    files = _planted(tmp_path)
+    out = tmp_path / "out"
+    result = run_alignment(
+        [files["store"]],
+        brain=files["brain"],
+        ratings=files["ratings"],
+        stimuli=files["stimuli"],
+        out=out,
+        n_perm=199,
+        n_boot=30,
+        device="cpu",
+        progress=False,
+    )
+    table = result.alignment
+    assert list(table.columns) == ALIGNMENT_COLUMNS
+    assert list(result.behavior_direct.columns) == BEHAVIOR_DIRECT_COLUMNS
+    assert set(table["condition"]) == {"all", "congruent", "incongruent"}
+    assert set(table["target"]) == {"planted", "noise", "behavior"}
+    assert {"sub-0", "group", "group_rdm"} <= set(table["subject"])
+    # 5 layers x (2 ROIs x (3 subjects + group_rdm + group) + behaviour (4 + 2)) x 3 conditions
+    assert len(table) == 5 * (2 * 5 + 6) * 3
+    group = table[(table["subject"] == "group") & (table["condition"] == "all")]
+    planted = group[group["target"] == "planted"].set_index("layer")
+    assert planted["r"].idxmax() == "layer2"
+    assert planted.loc["layer2", "p_fdr"] < 0.05
+    assert (
+        planted.loc["layer2", "ci_low"]
+        < planted.loc["layer2", "r"]
+        < planted.loc["layer2", "ci_high"]
+    )
+    assert planted.loc["layer2", "nc_low"] <= planted.loc["layer2", "nc_high"]
+    assert list(planted["layer_index"]) == [0, 1, 2, 3, 4]
+    behavior = group[group["target"] == "behavior"].set_index("layer")
+    assert behavior["r"].idxmax() == "valence"
+    assert behavior.loc["valence", "p_fdr"] < 0.05
+    assert table["p_perm"].between(1 / 200, 1).all()
+    # group r is the mean of subject r
+    rows = table[
+        (table["layer"] == "layer2")
+        & (table["target"] == "planted")
+        & (table["condition"] == "all")
+    ]
+    subjects = rows[rows["subject"].str.startswith("sub-")]["r"].mean()
+    assert rows[rows["subject"] == "group"]["r"].iloc[0] == pytest.approx(subjects)
+
+    direct = result.behavior_direct
+    assert set(direct["method"]) == {"pearson", "spearman"}
+    assert (direct[direct["condition"] == "all"]["r"] > 0.5).all()
+    contrast = result.condition_contrast
+    assert set(contrast["condition_a"]) == {"congruent"}
+    assert contrast["p_perm"].between(0, 1).all()
+    assert not result.alignment_group.empty
+
+    for name in ["alignment", "behavior_direct", "condition_contrast", "alignment_group"]:
+        assert (out / f"{name}.csv").is_file()
+        assert (out / f"{name}.parquet").is_file()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "alignment.parquet"), table)
+    assert (out / "figures" / "alignment_tiny.png").is_file()
+    assert (out / "figures" / "alignment_tiny.svg").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert str(files["store"]) in manifest["inputs"]
+    assert len(manifest["inputs"][str(files["store"])]) == 64
+    assert manifest["config"]["n_perm"] == 199
+    assert "torch" in manifest["versions"]
+
+
+def test_behaviour_from_stimulus_table_and_defaults(tmp_path: Path) -> None:
+    files = _planted(tmp_path)
+    stimuli = pd.read_csv(files["stimuli"]).drop(columns="condition")
+    stimuli["valence"] = np.linspace(-1, 1, N)
+    result = run_alignment(
+        files["store"],
+        stimuli=stimuli,
+        n_perm=20,
+        n_boot=0,
+        device="cpu",
+        progress=False,
+        rdm_metric="euclidean",
+        compare_method="pearson",
+        layers=["layer1", "valence"],
+    )
+    table = result.alignment
+    assert set(table["subject"]) == {"group"}
+    assert set(table["layer"]) == {"layer1", "valence"}
+    assert table["ci_low"].isna().all()
+    assert table["nc_low"].isna().all()
+    assert set(result.behavior_direct["condition"]) == {"all"}
+    assert result.condition_contrast.empty
+
+
+def test_kendall_small(tmp_path: Path) -> None:
+    files = _planted(tmp_path)
+    result = run_alignment(
+        files["store"],
+        brain=files["brain"],
+        n_perm=9,
+        n_boot=2,
+        device="cpu",
+        progress=False,
+        compare_method="kendall_tau_a",
+        layers=["layer2"],
+    )
+    assert result.alignment["r"].notna().all()
+
+
+def test_missing_ids_are_reported(tmp_path: Path) -> None:
+    files = _planted(tmp_path)
+    stimuli = pd.read_csv(files["stimuli"])
+    extra = pd.concat([stimuli, pd.DataFrame({"stimulus_id": ["ghost"], "path": ["x.jpg"]})])
+    with pytest.raises(DataError, match=r"lacks 1 id.*ghost"):
+        run_alignment(
+            files["store"],
+            brain=files["brain"],
+            stimuli=extra,
+            n_perm=0,
+            n_boot=0,
+            device="cpu",
+            progress=False,
+        )
+    result = run_alignment(
+        files["store"],
+        brain=files["brain"],
+        stimuli=extra,
+        n_perm=0,
+        n_boot=0,
+        device="cpu",
+        progress=False,
+        on_missing="intersect",
+        layers=["layer0"],
+    )
+    all_rows = result.alignment[result.alignment["condition"] == "all"]
+    assert set(all_rows["n_stimuli"]) == {N}
+    extra["valence"] = 1.0 * np.arange(N + 1)
+    with pytest.raises(StoreError, match="not in store: ghost"):
+        run_alignment(
+            files["store"], stimuli=extra, n_perm=0, n_boot=0, device="cpu", progress=False
+        )
+
+
+def test_nothing_to_align(tmp_path: Path) -> None:
+    files = _planted(tmp_path)
+    with pytest.raises(DataError, match="nothing to align to"):
+        run_alignment(files["store"], n_perm=0, n_boot=0, device="cpu", progress=False)
+    with pytest.raises(DataError, match="unknown RDM metric"):
+        run_alignment(files["store"], brain=files["brain"], rdm_metric="manhattan", progress=False)
+
+
+def test_cli_rsa(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    files = _planted(tmp_path)
+    out = tmp_path / "cli_out"
+    cmd = [
+        sys.executable, "-c", "from object2brain.cli import main; main()", "rsa",
+        "--activations", str(files["store"]), "--brain", str(files["brain"]),
+        "--ratings", str(files["ratings"]), "--stimuli", str(files["stimuli"]),
+        "--out", str(out), "--n-perm", "19", "--n-boot", "5", "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (out / "alignment.csv").is_file()
+    bad = subprocess.run(
+        [*cmd[:-6], "--rdm", "manhattan"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2
+    assert "unknown RDM metric 'manhattan'" in bad.stderr
