@@ -1,0 +1,263 @@
+r"""Fast RDMs of filter subsets from per-filter sufficient statistics (the Object2Brain engine).
+
+Lesioning (zeroing) or keeping only a subset of the :math:`K` filters of a layer changes that
+layer's RDM. Recomputing it from masked activations for every group and for thousands of random
+null subsets is slow; but every RDM metric is a function of quantities that *add up over filters*.
+For stimuli :math:`i, j`, activations :math:`A_{ikp}` (filter :math:`k`, position :math:`p` of
+:math:`P`) and a filter mask :math:`m \in \{0,1\}^K` (the masked feature vector is
+:math:`m_k A_{ikp}`, of fixed length :math:`D = KP`; zeroed filters stay in as zeros):
+
+.. math::
+
+    C_{k,ij} = \sum_p A_{ikp} A_{jkp}, \quad s_{k,i} = \sum_p A_{ikp}, \quad
+    q_{k,i} = \sum_p A_{ikp}^2,
+
+    \text{cross}_{ij} = \sum_k m_k C_{k,ij}, \quad S_i = \sum_k m_k s_{k,i}, \quad
+    Q_i = \sum_k m_k q_{k,i}.
+
+Then, with :math:`V_i = Q_i - S_i^2/D` and :math:`c_{ij} = \text{cross}_{ij} - S_i S_j / D`,
+
+- correlation distance: :math:`1 - c_{ij} / \sqrt{V_i V_j}`;
+- Euclidean distance: :math:`\sqrt{Q_i + Q_j - 2\,\text{cross}_{ij}}`;
+- cosine distance: :math:`1 - \text{cross}_{ij} / \sqrt{Q_i Q_j}`.
+
+So the RDMs of many subsets at once are one matrix product of a ``(subsets, K)`` mask with the
+``(K, n_pairs)`` stack :math:`C` (pairs :math:`i < j`, the condensed order of
+``numpy.triu_indices``). The stack is kept on the host when it does not fit the device and is
+streamed in chunks of pairs. Everything is float64 (the correlation form subtracts large, nearly
+equal numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from object2brain.errors import DataError
+
+_METRICS = ("correlation", "euclidean", "cosine")
+_DEFAULT_CHUNK_BYTES = 256 << 20
+
+
+def pair_indices(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every pair ``i < j`` in condensed order, each ``(n (n - 1) / 2,)``."""
+    rows, cols = torch.triu_indices(n, n, offset=1, device=device)
+    return rows, cols
+
+
+def condensed_subset(n: int, keep: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Positions in the condensed vector of ``n`` stimuli of the pairs among ``keep`` (sorted).
+
+    The result indexes a condensed RDM of ``n`` stimuli and gives the condensed RDM of the
+    stimuli ``keep`` (in ascending order).
+    """
+    rows = np.sort(np.asarray(keep, dtype=np.int64))
+    i, j = np.triu_indices(len(rows), k=1)
+    a, b = rows[i], rows[j]
+    return (a * n - a * (a + 1) // 2 + (b - a - 1)).astype(np.int64)
+
+
+@dataclass
+class FilterStats:
+    """Per-filter sufficient statistics of one layer for ``n`` stimuli.
+
+    Attributes:
+        cross: ``(K, n_pairs)`` float64, :math:`C_{k,ij}` for pairs ``i < j`` (host or device).
+        sums: ``(K, n)`` float64, :math:`s_{k,i}`.
+        sumsq: ``(K, n)`` float64, :math:`q_{k,i}`.
+        n_positions: :math:`P`, spatial positions per filter (1 for fc layers).
+        stimulus_ids: the ``n`` stimulus ids, in row order.
+    """
+
+    cross: torch.Tensor
+    sums: torch.Tensor
+    sumsq: torch.Tensor
+    n_positions: int
+    stimulus_ids: list[str]
+
+    @property
+    def n_filters(self) -> int:
+        return int(self.sums.shape[0])
+
+    @property
+    def n_stimuli(self) -> int:
+        return int(self.sums.shape[1])
+
+    @classmethod
+    def from_activations(
+        cls,
+        activations: np.ndarray | torch.Tensor,
+        stimulus_ids: Sequence[str] | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    ) -> FilterStats:
+        """Statistics of activations ``(n, K, ...)`` (positions flattened), in filter chunks."""
+        n = int(activations.shape[0])
+        ids = list(stimulus_ids) if stimulus_ids is not None else [str(i) for i in range(n)]
+        blocks = _filter_blocks(activations, chunk_bytes)
+        return cls._accumulate(blocks, n, ids, torch.device(device))
+
+    @classmethod
+    def from_store(
+        cls,
+        store: Any,
+        layer: str,
+        ids: Sequence[str] | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    ) -> FilterStats:
+        """Statistics of ``layer`` of an :class:`~object2brain.store.ActivationStore`.
+
+        Reads filter slabs ``(n, k_chunk, ...)`` with h5py, so the layer never sits in memory
+        whole; rows in ``ids`` order (all stimuli in store order by default).
+        """
+        shape = store.shape(layer)
+        if len(shape) < 2:
+            raise DataError(f"{store.path}: layer {layer!r} has no filters (shape {shape})")
+        dataset = store._dataset(layer)
+        all_ids = store.stimulus_ids
+        rows = np.arange(len(all_ids)) if ids is None else np.asarray(store.rows(ids))
+        order = np.argsort(rows)
+        inverse = np.argsort(order)
+        per_filter = int(np.prod(shape[2:], dtype=np.int64)) * shape[0] * 8
+        step = max(1, chunk_bytes // max(per_filter, 1))
+
+        def blocks() -> Iterator[np.ndarray]:
+            for start in range(0, shape[1], step):
+                slab = np.asarray(dataset[:, start : start + step])
+                yield slab[rows[order]][inverse] if ids is not None else slab
+
+        chosen = all_ids if ids is None else list(ids)
+        return cls._accumulate(blocks(), len(rows), chosen, torch.device(device))
+
+    @classmethod
+    def _accumulate(
+        cls, blocks: Iterator[Any], n: int, ids: list[str], device: torch.device
+    ) -> FilterStats:
+        rows, cols = pair_indices(n, device)
+        crosses, sums, sumsqs = [], [], []
+        positions = None
+        for block in blocks:
+            x = torch.as_tensor(np.asarray(block) if not isinstance(block, torch.Tensor) else block)
+            x = x.to(device=device, dtype=torch.float64).reshape(n, x.shape[1], -1)
+            if not bool(torch.isfinite(x).all()):
+                raise DataError("activations contain NaN or infinite values")
+            positions = int(x.shape[2])
+            per_filter = x.permute(1, 0, 2)  # (k, n, P)
+            gram = per_filter @ per_filter.transpose(1, 2)  # (k, n, n)
+            crosses.append(gram[:, rows, cols].cpu() if device.type != "cpu" else gram[:, rows, cols])
+            sums.append(per_filter.sum(dim=2))
+            sumsqs.append((per_filter**2).sum(dim=2))
+        if positions is None:
+            raise DataError("no activations given")
+        return cls(
+            cross=torch.cat(crosses),
+            sums=torch.cat(sums),
+            sumsq=torch.cat(sumsqs),
+            n_positions=positions,
+            stimulus_ids=ids,
+        )
+
+    def subset(self, keep: Sequence[int] | np.ndarray) -> FilterStats:
+        """Statistics of the stimuli ``keep`` (row indices, taken in ascending order)."""
+        rows = np.sort(np.asarray(keep, dtype=np.int64))
+        positions = torch.as_tensor(condensed_subset(self.n_stimuli, rows), device=self.cross.device)
+        index = torch.as_tensor(rows, device=self.sums.device)
+        return FilterStats(
+            cross=self.cross[:, positions],
+            sums=self.sums[:, index],
+            sumsq=self.sumsq[:, index],
+            n_positions=self.n_positions,
+            stimulus_ids=[self.stimulus_ids[i] for i in rows],
+        )
+
+    def rdms(
+        self,
+        masks: np.ndarray | torch.Tensor,
+        metric: str = "correlation",
+        *,
+        device: torch.device | str | None = None,
+        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    ) -> torch.Tensor:
+        """Condensed RDMs ``(n_subsets, n_pairs)`` (float64) of the masked layer.
+
+        Args:
+            masks: ``(n_subsets, K)`` 0/1 (or bool): 1 keeps a filter, 0 zeroes it; a 1-D mask
+                ``(K,)`` is one subset.
+            metric: ``correlation`` | ``euclidean`` | ``cosine``.
+            device: where to compute (default: where the sums live).
+            chunk_bytes: at most this many bytes of the ``cross`` stack per device transfer.
+
+        Raises:
+            DataError: a masked pattern with zero variance (correlation) or all zeros (cosine),
+                e.g. an empty subset.
+        """
+        if metric not in _METRICS:
+            raise DataError(f"unknown RDM metric {metric!r}; choose one of {', '.join(_METRICS)}")
+        target = torch.device(device) if device is not None else self.sums.device
+        m = torch.as_tensor(masks, dtype=torch.float64, device=target)
+        m = m[None] if m.ndim == 1 else m
+        if m.shape[1] != self.n_filters:
+            raise DataError(f"masks have {m.shape[1]} filters, the layer has {self.n_filters}")
+        total = float(self.n_filters * self.n_positions)
+        S = m @ self.sums.to(target)  # (subsets, n)
+        Q = m @ self.sumsq.to(target)
+        V = Q - S**2 / total if metric == "correlation" else Q
+        if metric != "euclidean":
+            degenerate = V <= 1e-12 * Q.amax(dim=1, keepdim=True).clamp_min(1e-300)
+            if bool(degenerate.any()):
+                subset, stim = (int(v) for v in torch.nonzero(degenerate)[0])
+                raise DataError(
+                    f"subset {subset}: the masked pattern of stimulus "
+                    f"{self.stimulus_ids[stim]!r} is constant, so its {metric} distance is "
+                    "undefined (e.g. all of its kept filters are silent)"
+                )
+        rows, cols = pair_indices(self.n_stimuli, target)
+        out = torch.empty((m.shape[0], rows.numel()), dtype=torch.float64, device=target)
+        step = max(1, chunk_bytes // max(1, self.n_filters * 8))
+        for start in range(0, rows.numel(), step):
+            stop = min(start + step, rows.numel())
+            cross = m @ self.cross[:, start:stop].to(target, non_blocking=True)
+            i, j = rows[start:stop], cols[start:stop]
+            if metric == "euclidean":
+                out[:, start:stop] = (Q[:, i] + Q[:, j] - 2 * cross).clamp_min(0).sqrt()
+            elif metric == "correlation":
+                centred = cross - S[:, i] * S[:, j] / total
+                out[:, start:stop] = 1 - centred / torch.sqrt(V[:, i] * V[:, j])
+            else:
+                out[:, start:stop] = 1 - cross / torch.sqrt(V[:, i] * V[:, j])
+        return out
+
+
+def _filter_blocks(activations: np.ndarray | torch.Tensor, chunk_bytes: int) -> Iterator[Any]:
+    shape = tuple(activations.shape)
+    if len(shape) < 2:
+        raise DataError(f"activations of shape {shape} have no filter axis")
+    per_filter = int(np.prod(shape[2:], dtype=np.int64)) * shape[0] * 8
+    step = max(1, chunk_bytes // max(per_filter, 1))
+    for start in range(0, shape[1], step):
+        yield activations[:, start : start + step]
+
+
+def random_subset_masks(
+    n_filters: int, size: int, n_subsets: int, *, seed: int, pool: Sequence[int] | None = None
+) -> np.ndarray:
+    """``(n_subsets, n_filters)`` bool masks, each with ``size`` ones drawn uniformly (seeded).
+
+    ``pool`` restricts the draw to those filter indices (default: all filters).
+    """
+    candidates = np.arange(n_filters) if pool is None else np.asarray(pool, dtype=np.int64)
+    if not 0 <= size <= len(candidates):
+        raise DataError(f"cannot draw {size} filters from {len(candidates)}")
+    rng = np.random.default_rng(seed)
+    keys = rng.random((n_subsets, len(candidates)))
+    chosen = candidates[np.argsort(keys, axis=1)[:, :size]]
+    masks = np.zeros((n_subsets, n_filters), dtype=bool)
+    np.put_along_axis(masks, chosen, True, axis=1)
+    return masks

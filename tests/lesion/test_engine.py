@@ -1,0 +1,121 @@
+"""The sufficient-statistics engine equals brute force: mask the features, recompute the RDM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.spatial.distance import pdist
+
+from object2brain.errors import DataError
+from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
+from object2brain.rsa.rdm import rdm_from_features, upper_triangle
+from object2brain.store import ActivationStore
+
+SCIPY_METRIC = {"correlation": "correlation", "euclidean": "euclidean", "cosine": "cosine"}
+
+
+def brute_force(acts: np.ndarray, mask: np.ndarray, metric: str) -> np.ndarray:
+    masked = acts * mask[None, :, None, None]
+    return pdist(masked.reshape(acts.shape[0], -1), SCIPY_METRIC[metric])
+
+
+@pytest.fixture
+def acts() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.maximum(rng.normal(size=(12, 10, 3, 4)), 0) + rng.normal(size=(12, 10, 1, 1))
+
+
+@pytest.mark.parametrize("metric", ["correlation", "euclidean", "cosine"])
+def test_random_subsets_equal_brute_force(acts: np.ndarray, metric: str) -> None:
+    stats = FilterStats.from_activations(acts)
+    masks = random_subset_masks(10, 4, 25, seed=1)
+    masks[0] = True  # all filters
+    engine = stats.rdms(masks, metric, chunk_bytes=10 * 8 * 7)  # force several pair chunks
+    for mask, row in zip(masks, engine, strict=True):
+        np.testing.assert_allclose(row.numpy(), brute_force(acts, mask, metric), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["correlation", "euclidean", "cosine"])
+def test_all_filters_equal_alignment_engine_rdm(acts: np.ndarray, metric: str) -> None:
+    stats = FilterStats.from_activations(acts, chunk_bytes=12 * 12 * 8 * 3)  # filter chunks
+    full = stats.rdms(np.ones(10, dtype=bool), metric)[0]
+    plain = upper_triangle(rdm_from_features(acts, metric, device="cpu"))
+    np.testing.assert_allclose(full.numpy(), np.asarray(plain).reshape(-1), atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(3, 9),
+    k=st.integers(2, 6),
+    positions=st.integers(1, 5),
+    metric=st.sampled_from(["correlation", "euclidean", "cosine"]),
+)
+def test_engine_property(seed: int, n: int, k: int, positions: int, metric: str) -> None:
+    rng = np.random.default_rng(seed)
+    acts = rng.normal(size=(n, k, positions)) + 2.0
+    mask = rng.random(k) < 0.6
+    mask[rng.integers(k)] = True
+    engine = FilterStats.from_activations(acts).rdms(mask, metric)[0].numpy()
+    masked = (acts * mask[None, :, None]).reshape(n, -1)
+    np.testing.assert_allclose(engine, pdist(masked, metric), atol=1e-8, rtol=1e-8)
+
+
+def test_stimulus_subset(acts: np.ndarray) -> None:
+    stats = FilterStats.from_activations(acts, [f"s{i}" for i in range(12)])
+    keep = [7, 2, 9, 3]
+    sub = stats.subset(keep)
+    assert sub.stimulus_ids == ["s2", "s3", "s7", "s9"]
+    mask = np.arange(10) % 2 == 0
+    np.testing.assert_allclose(
+        sub.rdms(mask)[0].numpy(), brute_force(acts[sorted(keep)], mask, "correlation"), atol=1e-9
+    )
+    full = stats.rdms(mask)[0].numpy()
+    np.testing.assert_allclose(full[condensed_subset(12, keep)], sub.rdms(mask)[0].numpy())
+
+
+def test_from_store_streams_filters_in_id_order(acts: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w") as handle:
+        handle["stimulus_ids"] = np.array([f"s{i}" for i in range(12)], dtype=object)
+        handle.create_group("layers")["conv"] = acts.astype(np.float32)
+        handle.attrs["complete"] = True
+    ids = [f"s{i}" for i in (5, 1, 0, 11, 3)]
+    with ActivationStore.open(path) as store:
+        stats = FilterStats.from_store(store, "conv", ids, chunk_bytes=5 * 12 * 8 * 2)
+    assert stats.stimulus_ids == ids
+    mask = np.ones(10, dtype=bool)
+    expected = brute_force(acts.astype(np.float32).astype(np.float64)[[5, 1, 0, 11, 3]], mask, "correlation")
+    np.testing.assert_allclose(stats.rdms(mask)[0].numpy(), expected, atol=1e-9)
+
+
+def test_degenerate_subset_is_reported(acts: np.ndarray) -> None:
+    stats = FilterStats.from_activations(acts)
+    with pytest.raises(DataError, match="constant"):
+        stats.rdms(np.zeros(10, dtype=bool))
+    with pytest.raises(DataError, match="has 10"):
+        stats.rdms(np.ones(9, dtype=bool))
+
+
+def test_random_masks_have_the_right_size_and_are_seeded() -> None:
+    a = random_subset_masks(50, 7, 100, seed=3)
+    assert a.shape == (100, 50) and (a.sum(axis=1) == 7).all()
+    assert np.array_equal(a, random_subset_masks(50, 7, 100, seed=3))
+    # every filter is drawn about equally often
+    assert a.sum(axis=0).min() > 0
+    pooled = random_subset_masks(50, 3, 20, seed=0, pool=[1, 2, 3, 4])
+    assert not pooled[:, 5:].any()
+
+
+def test_torch_input_and_gpu_style_chunking(acts: np.ndarray) -> None:
+    stats = FilterStats.from_activations(torch.from_numpy(acts))
+    masks = random_subset_masks(10, 5, 8, seed=0)
+    np.testing.assert_allclose(
+        stats.rdms(masks, chunk_bytes=1).numpy(), stats.rdms(masks).numpy(), atol=1e-12
+    )
