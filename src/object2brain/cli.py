@@ -84,9 +84,7 @@ def extract_command(
     head: Annotated[
         Path | None, typer.Option("--head", help="Valence head (.safetensors): adds 'valence'.")
     ] = None,
-    dtype: Annotated[
-        StorageDtype, typer.Option("--dtype", help="Storage precision.")
-    ] = "float32",
+    dtype: Annotated[StorageDtype, typer.Option("--dtype", help="Storage precision.")] = "float32",
     srp: Annotated[
         int | None, typer.Option("--srp", min=1, help="Sparse random projection to DIM.")
     ] = None,
@@ -187,6 +185,53 @@ def demo_command(
     _quiet(quiet)
     report = run_demo(out, batch_size=batch_size, device=device, progress=not quiet)
     typer.echo(f"report: {report}")
+
+
+@app.command("simulate")
+def simulate_command(
+    activations: Annotated[Path, typer.Option("--activations", help="Activation store (.h5).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    roi: Annotated[
+        list[str],
+        typer.Option(
+            "--roi",
+            help="NAME=SOURCE[;snr=X;voxels=N;gain.COND=G], SOURCE = layer:L | "
+            "filters:L:k1,k2 | valence | condition:C. Repeat for several ROIs.",
+        ),
+    ],
+    stimuli: Annotated[
+        Path | None, typer.Option("--stimuli", help="Stimulus table (condition, valence).")
+    ] = None,
+    subjects: Annotated[int, typer.Option("--subjects", min=1, help="Simulated subjects.")] = 8,
+    rating_noise: Annotated[
+        float, typer.Option("--rating-noise", min=0.0, help="SD of each rater's noise.")
+    ] = 1.0,
+    continuous: Annotated[
+        bool, typer.Option("--continuous", help="Keep ratings continuous (no -3..3 rounding).")
+    ] = False,
+    valence_source: Annotated[
+        str | None,
+        typer.Option("--valence-source", help="layer:L or valence, when the table has none."),
+    ] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Simulate ratings and ROI patterns with a planted truth from an activation store."""
+    from object2brain.simulate import simulate
+
+    result = simulate(
+        activations,
+        roi,
+        out=out,
+        stimuli=stimuli,
+        n_subjects=subjects,
+        rating_noise=rating_noise,
+        continuous_ratings=continuous,
+        valence_source=valence_source,
+        seed=seed,
+    )
+    typer.echo(
+        f"wrote {result.patterns}, {result.brain_manifest}, {result.ratings}, {result.truth}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,9 +68,9 @@ def shipped_photos(n_lfw_per_class: int = _N_LFW_PER_CLASS) -> list[DemoPhoto]:
         photos.append(DemoPhoto(Path(path).stem, "photo", "scikit-learn", Image.open(path)))
     import matplotlib.cbook as cbook
 
-    with cbook.get_sample_data("grace_hopper.jpg") as handle:
-        photos.append(DemoPhoto("grace_hopper", "face", "matplotlib", Image.open(handle).copy()))
-    lfw = skdata.lfw_subset()  # (200, 25, 25): 100 faces then 100 non-faces
+    hopper = Path(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    photos.append(DemoPhoto("grace_hopper", "face", "matplotlib", Image.open(hopper).copy()))
+    lfw = np.asarray(skdata.lfw_subset())  # type: ignore[no-untyped-call]  # (200, 25, 25)
     for i in range(n_lfw_per_class):
         photos.append(DemoPhoto(f"lfw_face_{i:02d}", "face", "scikit-image", _to_image(lfw[i])))
         photos.append(
@@ -115,7 +115,7 @@ def correlation_rdm(features: np.ndarray) -> np.ndarray:
     flat = flat - flat.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(flat, axis=1, keepdims=True)
     unit = flat / np.where(norms > 0, norms, 1.0)
-    rdm = 1.0 - unit @ unit.T
+    rdm: np.ndarray = 1.0 - unit @ unit.T
     np.fill_diagonal(rdm, 0.0)
     return rdm
 
@@ -211,10 +211,10 @@ def _write_report(out: Path, stimuli: StimulusSet, store_path: Path) -> Path:
         ax.axis("off")
     fig_rdm.suptitle("Correlation-distance RDMs (stimuli sorted by category)")
     fig_sim, ax = plt.subplots(figsize=(5.5, 4.6))
-    image = ax.imshow(similarity, cmap="magma", vmin=0, vmax=1)
+    mappable = ax.imshow(similarity, cmap="magma", vmin=0, vmax=1)
     ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)), layers, fontsize=8)
-    fig_sim.colorbar(image, ax=ax, label="Spearman r between RDMs")
+    fig_sim.colorbar(mappable, ax=ax, label="Spearman r between RDMs")
     ax.set_title("Layer-by-layer RDM similarity")
     for fig, stem in ((fig_rdm, "layer_rdms"), (fig_sim, "layer_similarity")):
         fig.savefig(figures / f"{stem}.png", dpi=120, bbox_inches="tight")

@@ -58,7 +58,8 @@ def condensed_subset(n: int, keep: Sequence[int] | np.ndarray) -> np.ndarray:
     rows = np.sort(np.asarray(keep, dtype=np.int64))
     i, j = np.triu_indices(len(rows), k=1)
     a, b = rows[i], rows[j]
-    return (a * n - a * (a + 1) // 2 + (b - a - 1)).astype(np.int64)
+    positions: np.ndarray = (a * n - a * (a + 1) // 2 + (b - a - 1)).astype(np.int64)
+    return positions
 
 
 @dataclass
@@ -151,7 +152,9 @@ class FilterStats:
             positions = int(x.shape[2])
             per_filter = x.permute(1, 0, 2)  # (k, n, P)
             gram = per_filter @ per_filter.transpose(1, 2)  # (k, n, n)
-            crosses.append(gram[:, rows, cols].cpu() if device.type != "cpu" else gram[:, rows, cols])
+            crosses.append(
+                gram[:, rows, cols].cpu() if device.type != "cpu" else gram[:, rows, cols]
+            )
             sums.append(per_filter.sum(dim=2))
             sumsqs.append((per_filter**2).sum(dim=2))
         if positions is None:
@@ -167,7 +170,9 @@ class FilterStats:
     def subset(self, keep: Sequence[int] | np.ndarray) -> FilterStats:
         """Statistics of the stimuli ``keep`` (row indices, taken in ascending order)."""
         rows = np.sort(np.asarray(keep, dtype=np.int64))
-        positions = torch.as_tensor(condensed_subset(self.n_stimuli, rows), device=self.cross.device)
+        positions = torch.as_tensor(
+            condensed_subset(self.n_stimuli, rows), device=self.cross.device
+        )
         index = torch.as_tensor(rows, device=self.sums.device)
         return FilterStats(
             cross=self.cross[:, positions],
@@ -210,7 +215,7 @@ class FilterStats:
         Q = m @ self.sumsq.to(target)
         V = Q - S**2 / total if metric == "correlation" else Q
         if metric != "euclidean":
-            degenerate = V <= 1e-12 * Q.amax(dim=1, keepdim=True).clamp_min(1e-300)
+            degenerate = 1e-12 * Q.amax(dim=1, keepdim=True).clamp_min(1e-300) >= V
             if bool(degenerate.any()):
                 subset, stim = (int(v) for v in torch.nonzero(degenerate)[0])
                 raise DataError(

@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 REQUIRED_COLUMNS = ("stimulus_id", "path")
-CheckLevel = Literal["full", "header", "none"]
+CheckLevel = Literal["full", "header", "none", "table"]
 
 _MAX_LISTED = 20
 
@@ -137,7 +137,8 @@ def load_stimuli(
         source: a stimulus table (.csv, .tsv, .parquet), a folder of images, or a DataFrame with
             ``stimulus_id`` and ``path`` columns (relative paths are then relative to the cwd).
         check: ``full`` decodes every image (JPEGs at reduced scale, which is fast) and so finds
-            truncated files; ``header`` only identifies each file; ``none`` checks existence only.
+            truncated files; ``header`` only identifies each file; ``none`` checks existence only;
+            ``table`` validates the table alone (for analyses that never open the images).
         workers: threads used to check images.
 
     Returns:
@@ -182,11 +183,11 @@ def load_stimuli(
     frame = frame.assign(stimulus_id=ids)
     frame["path"] = [_resolve(base, p) for p in frame["path"]]
     paths = [Path(p) for p in frame["path"]]
-    exists = [p.is_file() for p in paths]
+    exists = [check == "table" or p.is_file() for p in paths]
     missing = [f"{sid} ({p})" for sid, p, ok in zip(ids, paths, exists, strict=True) if not ok]
     if missing:
         problems.append(f"{len(missing)} missing image file(s): {_listing(missing)}")
-    if check != "none":
+    if check not in ("none", "table"):
         present = [(sid, p) for sid, p, ok in zip(ids, paths, exists, strict=True) if ok]
         unreadable = _unreadable([s for s, _ in present], [p for _, p in present], check, workers)
         if unreadable:

@@ -1,0 +1,349 @@
+r"""Synthetic behaviour and fMRI data with a planted ground truth.
+
+From an activation store, :func:`simulate` writes everything an alignment study needs, generated
+so that the right answer is known:
+
+- **ratings** (``ratings.csv``, long: ``subject, stimulus_id, valence``): every subject rates every
+  stimulus as the true valence plus subject noise, :math:`v_{si} = v_i + \epsilon_{si}`,
+  :math:`\epsilon_{si} \sim N(0, \sigma^2)`, rounded to the integer scale -3..3 unless
+  ``continuous_ratings``;
+- **brain patterns** (``patterns.h5``: ``/stimulus_ids``, ``/<subject>/<roi>`` of shape
+  ``(n_stimuli, n_voxels)``, root attribute ``kind = patterns``) and a brain manifest
+  (``brain.yaml``): each ROI is a random linear map of a chosen *source* plus noise,
+
+  .. math:: Y_s = g \odot (F W_s) + E_s, \qquad W_s \sim N(0, 1/p), \quad
+            E_s \sim N(0, \operatorname{var}(F W_s) / \mathrm{SNR}),
+
+  with a fresh map :math:`W_s` and noise :math:`E_s` per subject, :math:`F` the source features
+  ``(n_stimuli, p)`` z-scored per feature, and :math:`g` an optional per-condition gain on the
+  signal (e.g. a valence ROI that responds less in incongruent scenes);
+- ``truth.json``: the true valence, every ROI's source, SNR and gains, and the seed.
+
+Sources (:class:`RoiSpec.source`):
+
+- ``layer:<name>``: the layer's activations, flattened;
+- ``filters:<layer>:<k1,k2,...>``: only those filters (channel axis 1) of the layer;
+- ``valence``: the true valence; ``condition:<name>``: the indicator of one condition.
+  A scalar source is expanded into a population code of ``n_basis`` Gaussian tuning curves
+  evenly spaced over its range (width = spacing) before the random map, so that pattern
+  dissimilarity grows with :math:`|v_i - v_j|` as in a real tuned population.
+
+The true valence comes from the stimulus table's ``valence`` column when present, else from a
+random projection of a layer (``valence_source = "layer:<name>"``) or from the store's predicted
+``valence`` layer (``valence_source = "valence"``), scaled to mean 0 and standard deviation 1.5 and
+clipped to [-3, 3].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import yaml
+
+from object2brain.data.stimuli import StimulusSet, load_stimuli
+from object2brain.errors import DataError
+from object2brain.manifest import build_manifest, file_sha256
+from object2brain.store import ActivationStore, atomic_path, write_json
+
+RATING_RANGE = (-3.0, 3.0)
+
+
+@dataclass(frozen=True)
+class RoiSpec:
+    """One simulated ROI.
+
+    Attributes:
+        name: ROI name (the HDF5 dataset name).
+        source: ``layer:<name>`` | ``filters:<layer>:<k1,k2,...>`` | ``valence`` |
+            ``condition:<name>`` (see module docstring).
+        snr: signal variance / noise variance per voxel.
+        n_voxels: voxels per subject.
+        condition_gain: multiplies the signal of the stimuli of a condition (default 1).
+    """
+
+    name: str
+    source: str
+    snr: float = 1.0
+    n_voxels: int = 200
+    condition_gain: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> RoiSpec:
+        """Parse ``NAME=SOURCE[;snr=X][;voxels=N][;gain.COND=G]``.
+
+        Example: ``FFA=filters:layer4:3,17;snr=2``.
+        """
+        if "=" not in text:
+            raise DataError(f"ROI spec {text!r}: expected NAME=SOURCE[;snr=X;voxels=N;gain.COND=G]")
+        name, rest = text.split("=", 1)
+        parts = rest.split(";")
+        options: dict[str, Any] = {"condition_gain": {}}
+        for part in parts[1:]:
+            key, _, value = part.partition("=")
+            key = key.strip()
+            try:
+                if key == "snr":
+                    options["snr"] = float(value)
+                elif key == "voxels":
+                    options["n_voxels"] = int(value)
+                elif key.startswith("gain."):
+                    options["condition_gain"][key[5:]] = float(value)
+                else:
+                    raise DataError(f"ROI spec {text!r}: unknown option {key!r}")
+            except ValueError:
+                raise DataError(f"ROI spec {text!r}: bad value for {key!r}: {value!r}") from None
+        return cls(name=name.strip(), source=parts[0].strip(), **options)
+
+
+@dataclass
+class SimulationResult:
+    """Paths of the simulated data and the planted truth."""
+
+    patterns: Path
+    brain_manifest: Path
+    ratings: Path
+    truth: Path
+    true_valence: np.ndarray
+    stimulus_ids: list[str]
+
+
+def simulate(
+    activations: str | Path,
+    rois: Sequence[RoiSpec | str],
+    *,
+    out: str | Path,
+    stimuli: str | Path | StimulusSet | None = None,
+    n_subjects: int = 8,
+    rating_noise: float = 1.0,
+    continuous_ratings: bool = False,
+    valence_source: str | None = None,
+    n_basis: int = 16,
+    seed: int = 0,
+) -> SimulationResult:
+    """Write simulated ratings, ROI patterns, a brain manifest and ``truth.json`` into ``out``.
+
+    Args:
+        activations: activation store whose layers serve as sources.
+        rois: ROI specs (objects or ``NAME=SOURCE;...`` strings).
+        out: output folder.
+        stimuli: stimulus table giving ``condition`` and (optionally) ``valence``; images are not
+            opened. Default: the store's ids, no conditions.
+        n_subjects: simulated subjects (raters and fMRI participants alike).
+        rating_noise: standard deviation :math:`\\sigma` of each subject's rating noise.
+        continuous_ratings: keep ratings continuous instead of rounding to -3..3.
+        valence_source: where the true valence comes from when the table has none
+            (``layer:<name>`` or ``valence``); default: the store's last layer.
+        n_basis: tuning curves used to expand scalar sources.
+        seed: seeds everything.
+    """
+    if n_subjects < 1:
+        raise DataError("--subjects must be at least 1")
+    specs = [RoiSpec.parse(r) if isinstance(r, str) else r for r in rois]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise DataError(f"ROI names must be unique: {', '.join(names)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    with ActivationStore.open(activations) as store:
+        ids = store.stimulus_ids
+        table = _stimulus_table(stimuli, ids)
+        conditions = table["condition"].astype(str).to_numpy() if "condition" in table else None
+        valence, valence_origin = _true_valence(store, table, valence_source, rng)
+        sources = {spec.name: _source(store, spec, valence, conditions, n_basis) for spec in specs}
+
+    patterns_path = out / "patterns.h5"
+    with atomic_path(patterns_path) as temp, h5py.File(temp, "w") as handle:
+        handle.attrs["kind"] = "patterns"
+        handle.attrs["simulated"] = True
+        handle["stimulus_ids"] = np.asarray(ids, dtype=object).astype(h5py.string_dtype())
+        for s in range(n_subjects):
+            group = handle.create_group(_subject(s))
+            for spec in specs:
+                gain = _gains(spec, conditions, len(ids))
+                group[spec.name] = _roi_patterns(sources[spec.name], spec, gain, rng)
+
+    manifest_path = out / "brain.yaml"
+    with atomic_path(manifest_path) as temp:
+        temp.write_text(yaml.safe_dump({"sources": [{"kind": "patterns", "path": "patterns.h5"}]}))
+
+    noisy = valence[None, :] + rng.normal(0.0, rating_noise, size=(n_subjects, len(ids)))
+    if not continuous_ratings:
+        noisy = np.clip(np.rint(noisy), *RATING_RANGE)
+    ratings = pd.DataFrame(
+        {
+            "subject": np.repeat([_subject(s) for s in range(n_subjects)], len(ids)),
+            "stimulus_id": np.tile(ids, n_subjects),
+            "valence": noisy.reshape(-1),
+        }
+    )
+    ratings_path = out / "ratings.csv"
+    with atomic_path(ratings_path) as temp:
+        ratings.to_csv(temp, index=False)
+
+    truth = {
+        "simulated": True,
+        "seed": seed,
+        "n_subjects": n_subjects,
+        "rating_noise": rating_noise,
+        "continuous_ratings": continuous_ratings,
+        "valence_origin": valence_origin,
+        "true_valence": dict(zip(ids, valence.round(6).tolist(), strict=True)),
+        "rois": [asdict(spec) for spec in specs],
+        "activations": str(Path(activations).resolve()),
+    }
+    truth_path = write_json(out / "truth.json", truth)
+    write_json(
+        out / "manifest.json",
+        build_manifest(
+            "simulate",
+            {
+                "rois": [asdict(s) for s in specs],
+                "n_subjects": n_subjects,
+                "n_basis": n_basis,
+                "rating_noise": rating_noise,
+                "valence_source": valence_origin,
+            },
+            seeds={"seed": seed},
+            inputs={"activations": file_sha256(activations)},
+            outputs=[str(p) for p in (patterns_path, manifest_path, ratings_path, truth_path)],
+        ),
+    )
+    return SimulationResult(patterns_path, manifest_path, ratings_path, truth_path, valence, ids)
+
+
+def _subject(index: int) -> str:
+    return f"sub-{index + 1:02d}"
+
+
+def _stimulus_table(stimuli: str | Path | StimulusSet | None, ids: list[str]) -> pd.DataFrame:
+    if stimuli is None:
+        return pd.DataFrame({"stimulus_id": ids})
+    stimulus_set = (
+        stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli, check="table")
+    )
+    table = stimulus_set.table.set_index("stimulus_id")
+    missing = [sid for sid in ids if sid not in table.index]
+    if missing:
+        shown = ", ".join(missing[:20])
+        raise DataError(f"{len(missing)} stimulus id(s) of the store are not in the table: {shown}")
+    return table.loc[ids].reset_index()
+
+
+def _true_valence(
+    store: ActivationStore, table: pd.DataFrame, source: str | None, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
+    if source is None and "valence" in table and table["valence"].notna().all():
+        return table["valence"].to_numpy(dtype=np.float64), "stimulus table"
+    source = source or f"layer:{[n for n in store.layers if n != 'valence'][-1]}"
+    if source == "valence":
+        raw = store.read("valence").astype(np.float64).reshape(-1)
+    elif source.startswith("layer:"):
+        features = _zscore(store.read(source[6:]).reshape(len(store.stimulus_ids), -1))
+        raw = features @ rng.normal(size=features.shape[1])
+    else:
+        raise DataError(f"valence source {source!r}: use layer:<name> or valence")
+    spread = raw.std()
+    if spread == 0:
+        raise DataError(f"valence source {source!r} is constant across stimuli")
+    return np.clip((raw - raw.mean()) / spread * 1.5, *RATING_RANGE), source
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    sd = x.std(axis=0)
+    scaled: np.ndarray = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    return scaled
+
+
+def _population_code(values: np.ndarray, n_basis: int) -> np.ndarray:
+    """Gaussian tuning curves ``(n, n_basis)`` evenly spaced over the range of ``values``."""
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        raise DataError("a scalar ROI source is constant across stimuli")
+    centres = np.linspace(low, high, n_basis)
+    width = (high - low) / max(n_basis - 1, 1)
+    return np.exp(-0.5 * ((values[:, None] - centres[None, :]) / width) ** 2)
+
+
+def _source(
+    store: ActivationStore,
+    spec: RoiSpec,
+    valence: np.ndarray,
+    conditions: np.ndarray | None,
+    n_basis: int,
+) -> np.ndarray:
+    n = len(valence)
+    kind, _, rest = spec.source.partition(":")
+    where = f"ROI {spec.name!r} source {spec.source!r}"
+    if kind == "layer":
+        if rest not in store.layers:
+            raise DataError(f"{where}: no layer {rest!r} in the store ({', '.join(store.layers)})")
+        return _zscore(store.read(rest).reshape(n, -1))
+    if kind == "filters":
+        layer, _, listing = rest.rpartition(":")
+        if layer not in store.layers:
+            raise DataError(f"{where}: no layer {layer!r} in the store")
+        try:
+            filters = [int(k) for k in listing.split(",") if k.strip()]
+        except ValueError:
+            raise DataError(
+                f"{where}: filters must be integers, e.g. filters:layer4:3,17"
+            ) from None
+        shape = store.shape(layer)
+        if len(shape) < 2 or not filters or max(filters) >= shape[1] or min(filters) < 0:
+            raise DataError(f"{where}: layer {layer!r} of shape {shape[1:]} has no such filters")
+        return _zscore(store.read(layer)[:, filters].reshape(n, -1))
+    if kind == "valence":
+        return _population_code(valence, n_basis)
+    if kind == "condition":
+        if conditions is None:
+            raise DataError(f"{where}: the stimulus table has no condition column")
+        if rest not in set(conditions):
+            raise DataError(
+                f"{where}: no condition {rest!r} ({', '.join(sorted(set(conditions)))})"
+            )
+        indicator = (conditions == rest).astype(np.float64)
+        return np.stack([indicator, 1.0 - indicator], axis=1)
+    raise DataError(
+        f"{where}: use layer:<name>, filters:<layer>:<k,...>, valence or condition:<name>"
+    )
+
+
+def _gains(spec: RoiSpec, conditions: np.ndarray | None, n: int) -> np.ndarray:
+    gain = np.ones(n)
+    if spec.condition_gain:
+        if conditions is None:
+            raise DataError(f"ROI {spec.name!r}: condition gains need a condition column")
+        for condition, value in spec.condition_gain.items():
+            if condition not in set(conditions):
+                raise DataError(f"ROI {spec.name!r}: no condition {condition!r} for its gain")
+            gain[conditions == condition] = value
+    return gain
+
+
+def _roi_patterns(
+    features: np.ndarray, spec: RoiSpec, gain: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    if spec.snr <= 0:
+        raise DataError(f"ROI {spec.name!r}: snr must be positive")
+    weights = rng.normal(
+        0.0, 1.0 / np.sqrt(features.shape[1]), size=(features.shape[1], spec.n_voxels)
+    )
+    signal = (features @ weights) * gain[:, None]
+    noise_sd = np.sqrt(signal.var(axis=0).mean() / spec.snr)
+    patterns: np.ndarray = signal + rng.normal(0.0, noise_sd, size=signal.shape)
+    return patterns.astype(np.float32)
+
+
+def read_truth(folder: str | Path) -> dict[str, Any]:
+    """The planted truth written by :func:`simulate`."""
+    return dict(json.loads((Path(folder) / "truth.json").read_text()))

@@ -1,0 +1,129 @@
+"""The simulator plants the structure it reports in truth.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy.spatial.distance import pdist
+from scipy.stats import spearmanr
+
+from object2brain.errors import DataError
+from object2brain.simulate import RoiSpec, read_truth, simulate
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n = 30
+    path = tmp_path / "acts.h5"
+    with h5py.File(path, "w") as handle:
+        handle["stimulus_ids"] = np.array([f"s{i:02d}" for i in range(n)], dtype=object)
+        layers = handle.create_group("layers")
+        layers["early"] = rng.normal(size=(n, 8, 4, 4)).astype(np.float32)
+        layers["late"] = rng.normal(size=(n, 16)).astype(np.float32)
+        handle.attrs.update(complete=True, order=json.dumps(["early", "late"]), model="toy")
+    return path
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    n = 30
+    frame = pd.DataFrame(
+        {
+            "stimulus_id": [f"s{i:02d}" for i in range(n)],
+            "path": ["unused.png"] * n,
+            "condition": ["congruent" if i % 2 else "incongruent" for i in range(n)],
+            "valence": np.linspace(-3, 3, n),
+        }
+    )
+    path = tmp_path / "stimuli.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def rdm_of(x: np.ndarray) -> np.ndarray:
+    return pdist(x.reshape(x.shape[0], -1), "correlation")
+
+
+def test_outputs_and_planted_structure(store: Path, table: Path, tmp_path: Path) -> None:
+    result = simulate(
+        store,
+        ["EVC=layer:early;snr=4;voxels=300", "VAL=valence;snr=4", "F=filters:early:1,2"],
+        out=tmp_path / "sim",
+        stimuli=table,
+        n_subjects=3,
+        seed=1,
+    )
+    manifest = yaml.safe_load(result.brain_manifest.read_text())
+    assert manifest == {"sources": [{"kind": "patterns", "path": "patterns.h5"}]}
+    with h5py.File(result.patterns, "r") as handle, h5py.File(store, "r") as acts:
+        assert handle.attrs["kind"] == "patterns"
+        assert sorted(handle.keys()) == ["stimulus_ids", "sub-01", "sub-02", "sub-03"]
+        evc = handle["sub-01"]["EVC"][()]
+        assert evc.shape == (30, 300)
+        early, late = acts["layers"]["early"][()], acts["layers"]["late"][()]
+        filters = early[:, [1, 2]]
+        for subject in ("sub-01", "sub-02", "sub-03"):
+            roi = rdm_of(handle[subject]["EVC"][()])
+            assert spearmanr(roi, rdm_of(early))[0] > 0.5
+            assert abs(spearmanr(roi, rdm_of(late))[0]) < 0.3
+            f_roi = rdm_of(handle[subject]["F"][()])
+            assert spearmanr(f_roi, rdm_of(filters))[0] > spearmanr(f_roi, rdm_of(early))[0]
+            val = rdm_of(handle[subject]["VAL"][()])
+            assert spearmanr(val, pdist(np.linspace(-3, 3, 30)[:, None]))[0] > 0.6
+    ratings = pd.read_csv(result.ratings)
+    assert set(ratings.columns) == {"subject", "stimulus_id", "valence"}
+    assert ratings["valence"].between(-3, 3).all()
+    assert set(ratings["valence"]) <= set(range(-3, 4))
+    means = ratings.groupby("stimulus_id")["valence"].mean().loc[result.stimulus_ids]
+    assert np.corrcoef(means, result.true_valence)[0, 1] > 0.8
+    truth = read_truth(tmp_path / "sim")
+    assert truth["valence_origin"] == "stimulus table"
+    assert [roi["source"] for roi in truth["rois"]] == [
+        "layer:early",
+        "valence",
+        "filters:early:1,2",
+    ]
+
+
+def test_seeded_and_condition_gain(store: Path, table: Path, tmp_path: Path) -> None:
+    spec = RoiSpec("VAL", "valence", snr=1e6, condition_gain={"incongruent": 0.0})
+    a = simulate(store, [spec], out=tmp_path / "a", stimuli=table, n_subjects=2, seed=5)
+    b = simulate(store, [spec], out=tmp_path / "b", stimuli=table, n_subjects=2, seed=5)
+    with h5py.File(a.patterns, "r") as ha, h5py.File(b.patterns, "r") as hb:
+        x = ha["sub-01"]["VAL"][()]
+        np.testing.assert_array_equal(x, hb["sub-01"]["VAL"][()])
+    incongruent = np.arange(30) % 2 == 0
+    assert np.abs(x[incongruent]).max() < 1e-2 * np.abs(x[~incongruent]).max()
+
+
+def test_valence_from_layer_when_table_has_none(store: Path, tmp_path: Path) -> None:
+    result = simulate(
+        store, ["R=layer:late"], out=tmp_path / "s", n_subjects=1, continuous_ratings=True
+    )
+    assert read_truth(tmp_path / "s")["valence_origin"] == "layer:late"
+    assert result.true_valence.std() == pytest.approx(1.5, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("X=layer:nope", "no layer 'nope'"),
+        ("X=filters:early:99", "no such filters"),
+        ("X=condition:happy", "no condition 'happy'"),
+        ("X=blob", "use layer:<name>"),
+        ("X=valence;snr=abc", "bad value for 'snr'"),
+        ("X=valence;colour=red", "unknown option 'colour'"),
+        ("no-equals-sign", "expected NAME=SOURCE"),
+    ],
+)
+def test_bad_specs(store: Path, table: Path, tmp_path: Path, spec: str, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        simulate(store, [spec], out=tmp_path / "bad", stimuli=table)
+    assert not (tmp_path / "bad" / "patterns.h5").exists()
