@@ -96,15 +96,28 @@ def rss_child(n_images: int, batch_size: int, workdir: Path) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     out = o2b.extract(
-        model, stimuli, out=workdir / f"vgg_{n_images}.h5", batch_size=batch_size,
-        num_workers=0, progress=False,
-    )  # fmt: skip
+        model,
+        stimuli,
+        out=workdir / f"vgg_{n_images}.h5",
+        batch_size=batch_size,
+        num_workers=0,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     size = out.stat().st_size / 2**20
     out.unlink()
-    print(json.dumps({"n_images": n_images, "peak_rss_mib": peak, "rss_after_model_mib": before,
-                      "store_mib": size, "seconds": seconds}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "n_images": n_images,
+                "peak_rss_mib": peak,
+                "rss_after_model_mib": before,
+                "store_mib": size,
+                "seconds": seconds,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -120,8 +133,10 @@ def main() -> None:
         rss_child(args.rss_child, args.vgg_batch_size, args.workdir)
         return
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}, device cpu")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, device cpu"
+    )
     with tempfile.TemporaryDirectory(prefix="o2b-bench-") as tmp:
         workdir = Path(tmp)
         if args.n_images:
@@ -133,22 +148,36 @@ def main() -> None:
         rows = []
         for n in args.vgg_images:
             output = subprocess.run(
-                [sys.executable, __file__, "--rss-child", str(n), "--workdir", str(workdir),
-                 "--vgg-batch-size", str(args.vgg_batch_size)],
-                check=True, capture_output=True, text=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    __file__,
+                    "--rss-child",
+                    str(n),
+                    "--workdir",
+                    str(workdir),
+                    "--vgg-batch-size",
+                    str(args.vgg_batch_size),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
         if rows:
             print(f"vgg16, all canonical layers, batch {args.vgg_batch_size}, peak RSS:")
             for row in rows:
-                print(f"  {row['n_images']:5d} images: peak {row['peak_rss_mib']:7.0f} MiB "
-                      f"(model loaded: {row['rss_after_model_mib']:.0f} MiB; store "
-                      f"{row['store_mib']:.0f} MiB on disk; {row['seconds']:.0f} s)")  # fmt: skip
+                print(
+                    f"  {row['n_images']:5d} images: peak {row['peak_rss_mib']:7.0f} MiB "
+                    f"(model loaded: {row['rss_after_model_mib']:.0f} MiB; store "
+                    f"{row['store_mib']:.0f} MiB on disk; {row['seconds']:.0f} s)"
+                )
             if len(rows) > 1:
                 growth = rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"]
-                print(f"  growth from {rows[0]['n_images']} to {rows[-1]['n_images']} images: "
-                      f"{growth:+.0f} MiB (store grew by "
-                      f"{rows[-1]['store_mib'] - rows[0]['store_mib']:.0f} MiB)")  # fmt: skip
+                print(
+                    f"  growth from {rows[0]['n_images']} to {rows[-1]['n_images']} images: "
+                    f"{growth:+.0f} MiB (store grew by "
+                    f"{rows[-1]['store_mib'] - rows[0]['store_mib']:.0f} MiB)"
+                )
 
 
 if __name__ == "__main__":

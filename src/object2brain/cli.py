@@ -172,6 +172,76 @@ def rsa_command(
     typer.echo(f"wrote {out / 'alignment.csv'}")
 
 
+@app.command("train-head")
+def train_head_command(
+    model: Annotated[
+        list[str], typer.Option("--model", help="Architecture name; repeat for several models.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    weights: Annotated[
+        list[str] | None,
+        typer.Option("--weights", help="default | enum | checkpoint | none; once, or per model."),
+    ] = None,
+    findingemo: Annotated[
+        str | None,
+        typer.Option("--findingemo", help="FindingEmo annotation file, or 'default' (package)."),
+    ] = None,
+    image_root: Annotated[
+        Path | None, typer.Option("--image-root", help="Folder of the FindingEmo images.")
+    ] = None,
+    stimuli: Annotated[
+        Path | None, typer.Option("--stimuli", help="Stimulus table with a valence column.")
+    ] = None,
+    split: Annotated[
+        Path | None, typer.Option("--split", help="Reuse this split file (stimulus_id, split).")
+    ] = None,
+    loss: Annotated[str, typer.Option("--loss", help="weighted_mse | mse")] = "weighted_mse",
+    augment: Annotated[
+        bool, typer.Option("--augment", help="Random crop + flip (disables the feature cache).")
+    ] = False,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs.")] = 100,
+    patience: Annotated[
+        int, typer.Option("--patience", min=1, help="Early-stopping patience (epochs).")
+    ] = 10,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-3,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a one-output valence head on frozen backbone(s): FindingEmo or a rated stimulus set."""
+    from object2brain.models.heads import train_head
+
+    _quiet(quiet)
+    result = train_head(
+        model,
+        out=out,
+        weights=weights or "default",
+        findingemo=findingemo,
+        image_root=image_root,
+        stimuli=stimuli,
+        split=split,
+        loss=loss,  # type: ignore[arg-type]  # checked by train_head
+        augment=augment,
+        epochs=epochs,
+        patience=patience,
+        lr=lr,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        progress=not quiet,
+    )
+    if result.n_missing:
+        typer.echo(f"skipped {result.n_missing} missing image(s): {result.missing_path}")
+    for name, head in result.models.items():
+        test = head.metrics["test"]
+        scores = ", ".join(
+            f"{key} {test[key]:.3f}" if test.get(key) is not None else f"{key} n/a"
+            for key in ("spearman", "pearson", "r2")
+        )
+        typer.echo(f"{name}: test {scores} -> {head.head_path}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
@@ -232,6 +302,89 @@ def simulate_command(
     typer.echo(
         f"wrote {result.patterns}, {result.brain_manifest}, {result.ratings}, {result.truth}"
     )
+
+
+@app.command("lesion")
+def lesion_command(
+    activations: Annotated[
+        list[Path], typer.Option("--activations", help="Activation store(s), one per model.")
+    ],
+    filters: Annotated[
+        Path, typer.Option("--filters", help="filter_objects table from `dissect`.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    brain: Annotated[
+        Path | None, typer.Option("--brain", help="Brain manifest (YAML) or patterns/RDMs .h5.")
+    ] = None,
+    ratings: Annotated[Path | None, typer.Option("--ratings", help="Long ratings table.")] = None,
+    stimuli: Annotated[
+        Path | None, typer.Option("--stimuli", help="Stimulus table (conditions; images).")
+    ] = None,
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", help="Layer(s) to analyse (default: all).")
+    ] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", help="Restrict to these object groups.")
+    ] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="lesion and/or keep (default both).")
+    ] = None,
+    rdm: Annotated[str, typer.Option("--rdm", help="correlation | euclidean | cosine")] = (
+        "correlation"
+    ),
+    compare: Annotated[
+        str, typer.Option("--compare", help="spearman | pearson | kendall_tau_a")
+    ] = "spearman",
+    n_null: Annotated[int, typer.Option("--n-null", min=0, help="Random subsets.")] = 1000,
+    propagate: Annotated[
+        bool, typer.Option("--propagate", help="Zero the filters inside the forward pass.")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Architecture (for --propagate).")
+    ] = None,
+    weights: Annotated[str, typer.Option("--weights", help="Weights (for --propagate).")] = (
+        "default"
+    ),
+    head: Annotated[
+        Path | None, typer.Option("--head", help="Valence head (for --propagate).")
+    ] = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Object2Brain: lesion / keep only each object group's filters and test the change in r."""
+    from object2brain.lesion import run_lesion
+
+    _quiet(quiet)
+    loaded = None
+    if propagate:
+        from object2brain.models.zoo import load_model
+
+        if model is None:
+            raise typer.BadParameter("--propagate needs --model (and --weights, --head)")
+        loaded = load_model(model, weights, head=head, seed=seed)
+    result = run_lesion(
+        activations,
+        filters,
+        brain=brain,
+        ratings=ratings,
+        stimuli=stimuli,
+        out=out,
+        layers=layer,
+        groups=group,
+        variants=tuple(variant or ("lesion", "keep")),  # type: ignore[arg-type]
+        rdm_metric=rdm,
+        compare_method=compare,
+        n_null=n_null,
+        seed=seed,
+        device=device,
+        propagate=propagate,
+        model=loaded,
+        batch_size=batch_size,
+    )
+    rows = len(result.object2brain)
+    typer.echo(f"wrote {len(result.files)} files into {out} ({rows} rows in object2brain.csv)")
 
 
 def main(argv: list[str] | None = None) -> None:

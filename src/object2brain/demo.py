@@ -32,9 +32,23 @@ log = logging.getLogger("object2brain.demo")
 
 DEMO_MODEL = "efficientnet_lite0"
 _SKIMAGE_PHOTOS = (
-    "astronaut", "camera", "chelsea", "coffee", "coins", "horse", "hubble_deep_field",
-    "motorcycle_left", "rocket", "page", "retina", "grass", "gravel", "brick", "moon", "cat",
-)  # fmt: skip
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "horse",
+    "hubble_deep_field",
+    "motorcycle_left",
+    "rocket",
+    "page",
+    "retina",
+    "grass",
+    "gravel",
+    "brick",
+    "moon",
+    "cat",
+)
 _N_LFW_PER_CLASS = 12
 
 

@@ -38,7 +38,9 @@ def test_random_subsets_equal_brute_force(acts: np.ndarray, metric: str) -> None
     masks[0] = True  # all filters
     engine = stats.rdms(masks, metric, chunk_bytes=10 * 8 * 7)  # force several pair chunks
     for mask, row in zip(masks, engine, strict=True):
-        np.testing.assert_allclose(row.numpy(), brute_force(acts, mask, metric), atol=1e-9, rtol=1e-9)
+        np.testing.assert_allclose(
+            row.numpy(), brute_force(acts, mask, metric), atol=1e-9, rtol=1e-9
+        )
 
 
 @pytest.mark.parametrize("metric", ["correlation", "euclidean", "cosine"])
@@ -91,7 +93,9 @@ def test_from_store_streams_filters_in_id_order(acts: np.ndarray, tmp_path: Path
         stats = FilterStats.from_store(store, "conv", ids, chunk_bytes=5 * 12 * 8 * 2)
     assert stats.stimulus_ids == ids
     mask = np.ones(10, dtype=bool)
-    expected = brute_force(acts.astype(np.float32).astype(np.float64)[[5, 1, 0, 11, 3]], mask, "correlation")
+    expected = brute_force(
+        acts.astype(np.float32).astype(np.float64)[[5, 1, 0, 11, 3]], mask, "correlation"
+    )
     np.testing.assert_allclose(stats.rdms(mask)[0].numpy(), expected, atol=1e-9)
 
 

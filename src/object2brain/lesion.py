@@ -1,0 +1,517 @@
+"""Object2Brain: how much each object group's filters carry the model-to-human correlation.
+
+For every model, layer ``L`` and object group ``g`` of the EmoCAM++ filter assignment
+(``filter_objects`` table; plus the group ``unassigned`` of filters assigned to no group):
+
+- **lesion**: zero the filters of ``g``; **keep**: zero every other filter of ``L``;
+- recompute the layer's RDM and its correlation ``r_variant`` with every target (behaviour, each
+  ROI; each subject, and ``group`` = the mean over subjects) in every condition; ``delta_r =
+  r_variant - r_full``;
+- null: ``n_null`` random subsets of the same number of filters of ``L`` (seeded; lesion zeroes
+  them, keep keeps them); ``z = (delta_r - mean(null)) / sd(null)`` and the two-sided
+  ``p = (1 + #{|null - mean(null)| >= |delta_r - mean(null)|}) / (1 + n_null)``. Groups of the same
+  size share the same null draws.
+- ``p_fdr``: Benjamini-Hochberg over groups x targets within model, layer, variant, condition and
+  subject level (an extra column after those of DESIGN.md section 3).
+
+RDMs of all subsets come from per-filter sufficient statistics (:mod:`object2brain.lesion_engine`),
+so the null costs one matrix product per chunk of subsets.
+
+Option ``propagate`` (needs the model and the stimulus images): the filters are zeroed *inside*
+the forward pass (a hook on ``L``), so later layers and the valence output change too. Reported:
+the change of the direct behaviour correlation (predicted vs rated valence, table
+``propagate_behavior``) and of later layers' alignment (table ``propagate_alignment``). No null
+is computed there (each subset would need its own forward pass).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from object2brain.data.brain import BrainData, load_brain
+from object2brain.data.ratings import Ratings, load_ratings
+from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
+from object2brain.devices import resolve_device
+from object2brain.errors import DataError
+from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
+from object2brain.manifest import build_manifest, file_sha256
+from object2brain.rsa.align import Target, _targets
+from object2brain.rsa.compare import check_method, compare
+from object2brain.rsa.inference import fdr_bh
+from object2brain.rsa.rdm import check_metric, upper_triangle
+from object2brain.store import ActivationStore, write_json, write_table
+
+log = logging.getLogger("object2brain.lesion")
+
+Variant = Literal["lesion", "keep"]
+UNASSIGNED = "unassigned"
+OBJECT2BRAIN_COLUMNS = [
+    "model",
+    "layer",
+    "group",
+    "variant",
+    "target",
+    "subject",
+    "condition",
+    "n_filters",
+    "r_full",
+    "r_variant",
+    "delta_r",
+    "p_null",
+    "z_null",
+    "n_null",
+    "p_fdr",
+]
+FILTER_COLUMNS = ("model", "layer", "filter", "group", "assigned")
+_SUBSET_CHUNK = 256
+
+
+@dataclass
+class LesionResult:
+    """Tables of a lesion run and the files written."""
+
+    object2brain: pd.DataFrame
+    propagate_behavior: pd.DataFrame = field(default_factory=pd.DataFrame)
+    propagate_alignment: pd.DataFrame = field(default_factory=pd.DataFrame)
+    files: list[Path] = field(default_factory=list)
+
+
+def group_filters(
+    filters: pd.DataFrame, model: str, layer: str, n_filters: int, *, where: str = "filter table"
+) -> dict[str, np.ndarray]:
+    """Filter indices of every assigned group of ``model``/``layer``, plus ``unassigned``.
+
+    Raises:
+        DataError: no rows for this model/layer, or filter indices outside ``0..n_filters-1``.
+    """
+    rows = filters[
+        (filters["model"].astype(str) == model) & (filters["layer"].astype(str) == layer)
+    ]
+    if rows.empty:
+        known = sorted(
+            {f"{m}/{lay}" for m, lay in zip(filters["model"], filters["layer"], strict=True)}
+        )
+        raise DataError(
+            f"{where}: no rows for model {model!r}, layer {layer!r} "
+            f"(the table has: {', '.join(known) or 'nothing'}); is it for another model or layer?"
+        )
+    indices = rows["filter"].astype(int)
+    bad = sorted(set(indices[(indices < 0) | (indices >= n_filters)]))
+    if bad:
+        raise DataError(
+            f"{where}: filter(s) {', '.join(map(str, bad[:10]))} of {model}/{layer} do not exist: "
+            f"the layer has {n_filters} filters (0..{n_filters - 1})"
+        )
+    assigned = rows[rows["assigned"].astype(bool)]
+    groups = {
+        str(group): np.unique(block["filter"].astype(int).to_numpy())
+        for group, block in assigned.groupby("group", sort=True)
+    }
+    taken = np.zeros(n_filters, dtype=bool)
+    for members in groups.values():
+        taken[members] = True
+    if (~taken).any():
+        groups[UNASSIGNED] = np.flatnonzero(~taken)
+    return groups
+
+
+def load_filter_table(source: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """Read a ``filter_objects`` table and check its columns."""
+    frame = source.copy() if isinstance(source, pd.DataFrame) else read_table(Path(source))
+    where = "filter table" if isinstance(source, pd.DataFrame) else str(source)
+    missing = [c for c in FILTER_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{where}: missing column(s) {', '.join(missing)} of a filter_objects table"
+        )
+    if frame.empty:
+        raise DataError(f"{where}: the filter table has no rows")
+    return frame
+
+
+def run_lesion(
+    activations: Sequence[str | Path] | str | Path,
+    filters: str | Path | pd.DataFrame,
+    *,
+    brain: str | Path | BrainData | None = None,
+    ratings: str | Path | pd.DataFrame | Ratings | None = None,
+    stimuli: str | Path | pd.DataFrame | StimulusSet | None = None,
+    out: str | Path | None = None,
+    layers: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
+    variants: Sequence[Variant] = ("lesion", "keep"),
+    rdm_metric: str = "correlation",
+    compare_method: str = "spearman",
+    n_null: int = 1000,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    propagate: bool = False,
+    model: Any = None,
+    batch_size: int = 32,
+    figures: bool = True,
+) -> LesionResult:
+    """Lesion / keep-only analysis of every object group (see module docstring).
+
+    Args:
+        activations: activation stores (one model each).
+        filters: the ``filter_objects`` table (file or DataFrame) of the dissection.
+        brain, ratings, stimuli: as for :func:`object2brain.rsa.align.run_alignment`; stimuli
+            give conditions (and, with ``propagate``, the images).
+        out: output folder (nothing written if None).
+        layers: layers to analyse (default: every layer of the store present in the table).
+        groups: restrict to these groups (each must have filters).
+        variants: ``lesion`` and/or ``keep``.
+        rdm_metric, compare_method: as for the alignment.
+        n_null: random subsets per group size (0 skips the null: NaN p and z).
+        seed: seed of the null subsets.
+        device: where RDMs and comparisons run.
+        propagate: also zero the filters inside the forward pass (needs ``model``).
+        model: a :class:`~object2brain.models.zoo.LoadedModel` for ``propagate`` (its store is
+            the one whose ``model`` attribute equals ``model.name``).
+        batch_size: images per forward pass for ``propagate``.
+        figures: write the heatmap figures (when ``out`` is given).
+    """
+    check_metric(rdm_metric)
+    check_method(compare_method)
+    for variant in variants:
+        if variant not in ("lesion", "keep"):
+            raise DataError(f"unknown variant {variant!r}: use lesion or keep")
+    if n_null < 0:
+        raise DataError("--n-null must be >= 0")
+    dev = resolve_device(device)
+    table = load_filter_table(filters)
+    paths = (
+        [Path(activations)]
+        if isinstance(activations, str | Path)
+        else [Path(p) for p in activations]
+    )
+    rows: list[dict[str, Any]] = []
+    prop_behavior: list[pd.DataFrame] = []
+    prop_alignment: list[pd.DataFrame] = []
+    for path in paths:
+        with ActivationStore.open(path) as store:
+            model_name = str(store.attrs.get("model", path.stem))
+            ids, conditions, stimulus_set = _stimuli(stimuli, store.stimulus_ids)
+            brain_data = load_brain(brain) if brain is not None else None
+            if brain_data is not None:
+                ids = brain_data.common_ids(ids)
+            rating_data = load_ratings(ratings, ids) if ratings is not None else None
+            valence = _stimulus_valence(stimulus_set, ids)
+            targets = _targets(brain_data, rating_data, valence, ids, rdm_metric, dev)
+            chosen = _layers_of(store, table, model_name, layers, str(path))
+            for layer in chosen:
+                stats = FilterStats.from_store(store, layer, ids, device=dev)
+                members = group_filters(
+                    table, model_name, layer, stats.n_filters, where=str(filters)
+                )
+                members = _select_groups(members, groups, model_name, layer)
+                rows.extend(
+                    _layer_rows(
+                        model_name,
+                        layer,
+                        stats,
+                        members,
+                        targets,
+                        ids,
+                        conditions,
+                        variants,
+                        rdm_metric,
+                        compare_method,
+                        n_null,
+                        seed,
+                        dev,
+                    )
+                )
+                if propagate:
+                    from object2brain.propagate import propagate_layer
+
+                    if model is None or stimulus_set is None:
+                        raise DataError("--propagate needs --model and --stimuli (with images)")
+                    behavior, later = propagate_layer(
+                        model,
+                        stimulus_set.subset(ids),
+                        store,
+                        layer,
+                        members,
+                        variants,
+                        targets,
+                        rating_data,
+                        conditions,
+                        rdm_metric,
+                        compare_method,
+                        batch_size,
+                        dev,
+                    )
+                    prop_behavior.append(behavior)
+                    prop_alignment.append(later)
+    frame = pd.DataFrame(rows, columns=OBJECT2BRAIN_COLUMNS)
+    frame = _with_fdr(frame)
+    result = LesionResult(
+        frame,
+        pd.concat(prop_behavior, ignore_index=True) if prop_behavior else pd.DataFrame(),
+        pd.concat(prop_alignment, ignore_index=True) if prop_alignment else pd.DataFrame(),
+    )
+    if out is not None:
+        result.files = _write(
+            result,
+            Path(out),
+            paths,
+            filters,
+            brain,
+            ratings,
+            stimuli,
+            figures,
+            {
+                "layers": list(layers) if layers else None,
+                "groups": list(groups) if groups else None,
+                "variants": list(variants),
+                "rdm_metric": rdm_metric,
+                "compare_method": compare_method,
+                "n_null": n_null,
+                "propagate": propagate,
+                "device": str(dev),
+            },
+            seed,
+        )
+    return result
+
+
+def _stimuli(
+    source: str | Path | pd.DataFrame | StimulusSet | None, store_ids: list[str]
+) -> tuple[list[str], np.ndarray | None, StimulusSet | None]:
+    if source is None:
+        return list(store_ids), None, None
+    if isinstance(source, StimulusSet):
+        stimulus_set = source
+    else:
+        stimulus_set = load_stimuli(source, check="table")
+    missing = [sid for sid in stimulus_set.ids if sid not in set(store_ids)]
+    if missing:
+        raise DataError(
+            f"{len(missing)} stimulus id(s) of the stimulus table are not in the activation "
+            f"store: {', '.join(missing[:20])}"
+        )
+    conditions = stimulus_set.conditions
+    return stimulus_set.ids, None if conditions is None else np.asarray(conditions), stimulus_set
+
+
+def _stimulus_valence(stimulus_set: StimulusSet | None, ids: list[str]) -> np.ndarray | None:
+    if stimulus_set is None or "valence" not in stimulus_set.table:
+        return None
+    values = stimulus_set.table.set_index("stimulus_id").loc[ids, "valence"]
+    return None if values.isna().any() else values.to_numpy(dtype=np.float64)
+
+
+def _layers_of(
+    store: ActivationStore,
+    table: pd.DataFrame,
+    model: str,
+    layers: Sequence[str] | None,
+    where: str,
+) -> list[str]:
+    in_table = set(table.loc[table["model"].astype(str) == model, "layer"].astype(str))
+    if not in_table:
+        models = sorted(set(table["model"].astype(str)))
+        raise DataError(
+            f"the filter table has no rows for model {model!r} of {where} "
+            f"(it has: {', '.join(models)}); is it for another model?"
+        )
+    wanted = list(layers) if layers else [name for name in store.layers if name in in_table]
+    for layer in wanted:
+        if layer not in store.layers:
+            raise DataError(f"{where}: no layer {layer!r} in the activation store")
+        if layer not in in_table:
+            raise DataError(f"the filter table has no rows for {model}/{layer}")
+    if not wanted:
+        raise DataError(
+            f"none of the filter table's layers ({', '.join(sorted(in_table))}) is in {where}"
+        )
+    return wanted
+
+
+def _select_groups(
+    members: dict[str, np.ndarray], groups: Sequence[str] | None, model: str, layer: str
+) -> dict[str, np.ndarray]:
+    if not groups:
+        return members
+    empty = [g for g in groups if g not in members]
+    if empty:
+        raise DataError(
+            f"group(s) {', '.join(empty)} have no filters assigned in {model}/{layer} "
+            f"(groups with filters: {', '.join(sorted(members))})"
+        )
+    return {g: members[g] for g in groups}
+
+
+def _condition_sets(ids: list[str], conditions: np.ndarray | None) -> list[tuple[str, np.ndarray]]:
+    sets = [("all", np.arange(len(ids)))]
+    if conditions is not None:
+        for name in dict.fromkeys(conditions.tolist()):
+            sets.append((str(name), np.flatnonzero(conditions == name)))
+    return sets
+
+
+def _layer_rows(
+    model: str,
+    layer: str,
+    stats: FilterStats,
+    members: dict[str, np.ndarray],
+    targets: list[Target],
+    ids: list[str],
+    conditions: np.ndarray | None,
+    variants: Sequence[str],
+    metric: str,
+    method: str,
+    n_null: int,
+    seed: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    K = stats.n_filters
+    columns = [(t.name, s) for t in targets for s in t.subjects]
+    full_target = torch.cat([upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets])
+    rows: list[dict[str, Any]] = []
+    for condition, keep in _condition_sets(ids, conditions):
+        if len(keep) < 4:
+            log.warning("condition %r has %d stimuli: skipped", condition, len(keep))
+            continue
+        sub_stats = stats if len(keep) == len(ids) else stats.subset(keep)
+        pairs = torch.as_tensor(condensed_subset(len(ids), keep), device=full_target.device)
+        target = full_target[:, pairs]
+
+        def correlations(
+            masks: np.ndarray, sub: FilterStats = sub_stats, tgt: torch.Tensor = target
+        ) -> np.ndarray:
+            out = []
+            for start in range(0, len(masks), _SUBSET_CHUNK):
+                rdms = sub.rdms(masks[start : start + _SUBSET_CHUNK], metric, device=device)
+                out.append(compare(rdms, tgt, method).cpu().numpy())
+            return _with_group_means(np.concatenate(out), targets)
+
+        r_full = correlations(np.ones((1, K), dtype=bool))[0]
+        nulls: dict[tuple[str, int], np.ndarray] = {}
+        for group, filters in members.items():
+            for variant in variants:
+                mask = np.ones(K, dtype=bool) if variant == "lesion" else np.zeros(K, dtype=bool)
+                mask[filters] = variant == "keep"
+                r_variant = correlations(mask[None])[0]
+                delta = r_variant - r_full
+                key = (variant, len(filters))
+                if n_null and key not in nulls:
+                    draws = random_subset_masks(K, len(filters), n_null, seed=seed + len(filters))
+                    null_masks = ~draws if variant == "lesion" else draws
+                    nulls[key] = correlations(null_masks) - r_full[None]
+                p, z = _null_stats(delta, nulls.get(key))
+                for c, (target_name, subject) in enumerate(_with_group_labels(columns, targets)):
+                    rows.append(
+                        {
+                            "model": model,
+                            "layer": layer,
+                            "group": group,
+                            "variant": variant,
+                            "target": target_name,
+                            "subject": subject,
+                            "condition": condition,
+                            "n_filters": len(filters),
+                            "r_full": r_full[c],
+                            "r_variant": r_variant[c],
+                            "delta_r": delta[c],
+                            "p_null": p[c],
+                            "z_null": z[c],
+                            "n_null": n_null,
+                        }
+                    )
+    return rows
+
+
+def _with_group_labels(
+    columns: list[tuple[str, str]], targets: list[Target]
+) -> list[tuple[str, str]]:
+    labels = list(columns)
+    for target in targets:
+        if not target.group_only:
+            labels.append((target.name, "group"))
+    return labels
+
+
+def _with_group_means(r: np.ndarray, targets: list[Target]) -> np.ndarray:
+    """Append, per target with subjects, the mean over its subjects' columns."""
+    extra, start = [], 0
+    for target in targets:
+        width = len(target.subjects)
+        if not target.group_only:
+            extra.append(r[:, start : start + width].mean(axis=1, keepdims=True))
+        start += width
+    return np.concatenate([r, *extra], axis=1) if extra else r
+
+
+def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided p and z of ``delta`` ``(T,)`` against ``null`` ``(N, T)``."""
+    if null is None or len(null) == 0:
+        nan = np.full_like(delta, np.nan)
+        return nan, nan
+    centre = null.mean(axis=0)
+    spread = null.std(axis=0, ddof=1) if len(null) > 1 else np.full_like(delta, np.nan)
+    extreme = np.abs(null - centre) >= np.abs(delta - centre)[None] - 1e-12
+    p = (1 + extreme.sum(axis=0)) / (1 + len(null))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(spread > 0, (delta - centre) / spread, np.nan)
+    return p, z
+
+
+def _with_fdr(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    frame = frame.copy()
+    family = [
+        "model",
+        "layer",
+        "variant",
+        "condition",
+        frame["subject"].eq("group").rename("level"),
+    ]
+    frame["p_fdr"] = frame.groupby(family, group_keys=False)["p_null"].transform(
+        lambda p: pd.Series(fdr_bh(p.to_numpy()), index=p.index)
+    )
+    return frame
+
+
+def _write(
+    result: LesionResult,
+    out: Path,
+    paths: list[Path],
+    filters: str | Path | pd.DataFrame,
+    brain: Any,
+    ratings: Any,
+    stimuli: Any,
+    figures: bool,
+    config: dict[str, Any],
+    seed: int,
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(write_table(result.object2brain, out, "object2brain"))
+    for name in ("propagate_behavior", "propagate_alignment"):
+        frame = getattr(result, name)
+        if not frame.empty:
+            files.extend(write_table(frame, out, name))
+    if figures and not result.object2brain.empty:
+        from object2brain.report.lesion_figures import plot_lesion_heatmaps, plot_model_comparison
+
+        files.extend(plot_lesion_heatmaps(result.object2brain, out / "figures"))
+        files.extend(plot_model_comparison(result.object2brain, out / "figures"))
+    inputs = {str(p): file_sha256(p) for p in paths}
+    for source in (filters, brain, ratings, stimuli):
+        if isinstance(source, str | Path) and Path(source).is_file():
+            inputs[str(source)] = file_sha256(source)
+    manifest = build_manifest(
+        "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=[str(f) for f in files]
+    )
+    files.append(write_json(out / "manifest.json", manifest))
+    return files

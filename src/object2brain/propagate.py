@@ -1,0 +1,208 @@
+"""Lesions inside the forward pass: zero filters of one layer and follow the change downstream.
+
+:class:`ChannelMask` is a context-managed forward hook that multiplies a layer's output by a 0/1
+mask over its channels (axis 1), so every later layer and the valence output see the lesion.
+:func:`forward_with_mask` runs a stimulus set through the masked network and returns the
+activations of the requested later layers (and the predicted valence); with an all-ones mask it
+reproduces an unlesioned extraction exactly (same batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.utils.data import DataLoader
+
+from object2brain.data.stimuli import StimulusSet
+from object2brain.errors import DataError, LayerError
+from object2brain.extract import ImageDataset
+from object2brain.models.layers import VALENCE_LAYER, LayerRecorder
+from object2brain.models.zoo import LoadedModel
+from object2brain.rsa.compare import compare
+from object2brain.rsa.rdm import rdm_from_features, upper_triangle
+
+
+class ChannelMask:
+    """Forward hook multiplying the output ``(batch, K, ...)`` of ``layer`` by ``mask`` ``(K,)``."""
+
+    def __init__(self, module: nn.Module, layer: str, mask: np.ndarray | torch.Tensor) -> None:
+        self.module = module
+        self.layer = layer
+        self.mask = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+        self._handle: Any = None
+
+    def __enter__(self) -> ChannelMask:
+        target = dict(self.module.named_modules()).get(self.layer)
+        if target is None:
+            raise LayerError(f"no module named {self.layer!r} to lesion")
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor) or output.ndim < 2:
+                raise LayerError(f"layer {self.layer!r} has no channel axis to lesion")
+            if output.shape[1] != self.mask.numel():
+                raise LayerError(
+                    f"layer {self.layer!r} has {output.shape[1]} filters, mask has "
+                    f"{self.mask.numel()}"
+                )
+            shape = (1, -1) + (1,) * (output.ndim - 2)
+            return output * self.mask.to(output.device, output.dtype).view(shape)
+
+        self._handle = target.register_forward_hook(hook)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def forward_with_mask(
+    model: LoadedModel,
+    stimuli: StimulusSet,
+    layer: str,
+    mask: np.ndarray,
+    record: Sequence[str],
+    *,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Activations ``{name: (n, ...)}`` of ``record`` (and ``valence`` with a head) under ``mask``.
+
+    ``mask`` ``(K,)`` is 1 for filters of ``layer`` that are kept and 0 for lesioned ones.
+    """
+    device = torch.device(device)
+    names = [name for name in record if name != VALENCE_LAYER]
+    dataset = ImageDataset(stimuli.paths, stimuli.ids, model.preprocessing)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    network = model.module.to(device).eval()
+    blocks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    valence: list[np.ndarray] = []
+    with (
+        ChannelMask(network, layer, mask),
+        LayerRecorder(network, names) as recorder,
+        torch.inference_mode(),
+    ):
+        for _, images, errors in loader:
+            failed = [e for e in errors if e]
+            if failed:
+                raise DataError(f"image(s) could not be decoded: {'; '.join(failed)}")
+            recorder.reset()
+            output = network(images.to(device))
+            for name in names:
+                blocks[name].append(recorder.outputs[name].cpu().numpy())
+            if model.has_head:
+                valence.append(output.reshape(output.shape[0], -1)[:, 0].cpu().numpy())
+    result = {name: np.concatenate(parts) for name, parts in blocks.items()}
+    if model.has_head:
+        result[VALENCE_LAYER] = np.concatenate(valence)
+    return result
+
+
+def propagate_layer(
+    model: LoadedModel,
+    stimuli: StimulusSet,
+    store: Any,
+    layer: str,
+    members: dict[str, np.ndarray],
+    variants: Sequence[str],
+    targets: Sequence[Any],
+    ratings: Any,
+    conditions: np.ndarray | None,
+    metric: str,
+    method: str,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Change of direct behaviour correlation and of later layers' alignment per group lesion."""
+    from object2brain.lesion import _condition_sets, _with_group_labels, _with_group_means
+
+    order = [name for name in store.layers if name != VALENCE_LAYER]
+    if layer not in order:
+        raise DataError(f"layer {layer!r} is not in the activation store")
+    later = order[order.index(layer) + 1 :]
+    n_filters = store.shape(layer)[1]
+    ids = stimuli.ids
+    rated = ratings.group_mean(ids) if ratings is not None else None
+    if rated is None and "valence" in stimuli.table:
+        rated = stimuli.table["valence"].to_numpy(dtype=np.float64)
+    labels = _with_group_labels([(t.name, s) for t in targets for s in t.subjects], list(targets))
+    target_vectors = torch.cat(
+        [upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets]
+    )
+    condition_sets = _condition_sets(ids, conditions)
+
+    def summarise(acts: dict[str, np.ndarray]) -> tuple[dict[Any, float], dict[Any, float]]:
+        behavior, alignment = {}, {}
+        for condition, keep in condition_sets:
+            if rated is not None and VALENCE_LAYER in acts and len(keep) >= 3:
+                predicted = acts[VALENCE_LAYER][keep]
+                behavior[(condition, "pearson")] = float(pearsonr(predicted, rated[keep])[0])
+                behavior[(condition, "spearman")] = float(spearmanr(predicted, rated[keep])[0])
+            if len(keep) < 4:
+                continue
+            from object2brain.lesion_engine import condensed_subset
+
+            pairs = torch.as_tensor(condensed_subset(len(ids), keep))
+            for name in later:
+                rdm = upper_triangle(rdm_from_features(acts[name][keep], metric, device=device))
+                r = compare(rdm.reshape(1, -1), target_vectors[:, pairs].to(rdm.device), method)
+                values = _with_group_means(r.cpu().numpy(), list(targets))[0]
+                for (target, subject), value in zip(labels, values, strict=True):
+                    alignment[(condition, name, target, subject)] = float(value)
+        return behavior, alignment
+
+    record = [*later, *([VALENCE_LAYER] if model.has_head else [])]
+    full_b, full_a = summarise(
+        forward_with_mask(
+            model, stimuli, layer, np.ones(n_filters), record, batch_size=batch_size, device=device
+        )
+    )
+    behavior_rows, alignment_rows = [], []
+    for group, filters in members.items():
+        for variant in variants:
+            mask = np.ones(n_filters) if variant == "lesion" else np.zeros(n_filters)
+            mask[filters] = 0.0 if variant == "lesion" else 1.0
+            var_b, var_a = summarise(
+                forward_with_mask(
+                    model, stimuli, layer, mask, record, batch_size=batch_size, device=device
+                )
+            )
+            common = {"model": model.name, "layer": layer, "group": group, "variant": variant}
+            for (condition, method_name), r in var_b.items():
+                behavior_rows.append(
+                    {
+                        **common,
+                        "condition": condition,
+                        "method": method_name,
+                        "r_full": full_b[(condition, method_name)],
+                        "r_variant": r,
+                        "delta_r": r - full_b[(condition, method_name)],
+                    }
+                )
+            for (condition, name, target, subject), r in var_a.items():
+                base = full_a[(condition, name, target, subject)]
+                alignment_rows.append(
+                    {
+                        **common,
+                        "later_layer": name,
+                        "target": target,
+                        "subject": subject,
+                        "condition": condition,
+                        "r_full": base,
+                        "r_variant": r,
+                        "delta_r": r - base,
+                    }
+                )
+    return pd.DataFrame(behavior_rows), pd.DataFrame(alignment_rows)

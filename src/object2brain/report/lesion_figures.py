@@ -1,0 +1,126 @@
+"""Figures of the Object2Brain lesion analysis (PNG and SVG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, folder: Path, stem: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
+    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def summary_rows(table: pd.DataFrame, condition: str = "all") -> pd.DataFrame:
+    """Rows shown in figures: one condition, the group level of every target."""
+    return table[(table["condition"] == condition) & (table["subject"] == "group")]
+
+
+def plot_lesion_heatmaps(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """Group x target heatmap of ``delta_r`` per model, layer and variant.
+
+    Cells with ``p_fdr < 0.05`` are marked ``*`` (``**`` below 0.01). Files:
+    ``lesion_<model>_<layer>.png|svg``.
+    """
+    plt = _pyplot()
+    rows = summary_rows(table)
+    paths: list[Path] = []
+    for (model, layer), block in rows.groupby(["model", "layer"], sort=False):
+        variants = list(dict.fromkeys(block["variant"]))
+        groups = list(dict.fromkeys(block["group"]))
+        targets = list(dict.fromkeys(block["target"]))
+        limit = float(np.nanmax(np.abs(block["delta_r"]))) or 1.0
+        fig, axes = plt.subplots(
+            1,
+            len(variants),
+            figsize=(2.5 + 1.2 * len(targets) * len(variants), 1.5 + 0.45 * len(groups)),
+            squeeze=False,
+        )
+        for ax, variant in zip(axes[0], variants, strict=True):
+            part = block[block["variant"] == variant]
+            delta = part.pivot(index="group", columns="target", values="delta_r").reindex(
+                index=groups, columns=targets
+            )
+            q = part.pivot(index="group", columns="target", values="p_fdr").reindex(
+                index=groups, columns=targets
+            )
+            image = ax.imshow(
+                delta.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto"
+            )
+            for i in range(len(groups)):
+                for j in range(len(targets)):
+                    value = q.iat[i, j]
+                    mark = "**" if value < 0.01 else "*" if value < 0.05 else ""
+                    if mark:
+                        ax.text(j, i, mark, ha="center", va="center", fontsize=11)
+            ax.set_xticks(range(len(targets)), targets, rotation=45, ha="right")
+            ax.set_yticks(range(len(groups)), groups if ax is axes[0][0] else [])
+            ax.set_title(variant)
+        fig.colorbar(image, ax=axes[0].tolist(), label="delta r (variant - full)", shrink=0.8)
+        fig.suptitle(f"{model} / {layer}: change in correlation per object group", y=1.04)
+        paths.extend(_save(fig, folder, f"lesion_{_slug(str(model))}_{_slug(str(layer))}"))
+        plt.close(fig)
+    return paths
+
+
+def plot_model_comparison(table: pd.DataFrame, folder: Path, variant: str = "lesion") -> list[Path]:
+    """Per target, ``delta_r`` of each group as bars, one colour per model (and layer).
+
+    Shows whether architectures with similar overall alignment rely on different object groups.
+    File: ``lesion_models_<variant>.png|svg``.
+    """
+    plt = _pyplot()
+    rows = summary_rows(table)
+    rows = rows[rows["variant"] == variant]
+    if rows.empty:
+        return []
+    rows = rows.assign(series=rows["model"] + " / " + rows["layer"])
+    targets = list(dict.fromkeys(rows["target"]))
+    groups = list(dict.fromkeys(rows["group"]))
+    series = list(dict.fromkeys(rows["series"]))
+    fig, axes = plt.subplots(
+        len(targets),
+        1,
+        figsize=(max(6.0, 0.9 * len(groups) * max(1, len(series)) / 2), 2.4 * len(targets)),
+        squeeze=False,
+        sharex=True,
+    )
+    width = 0.8 / len(series)
+    for ax, target in zip(axes[:, 0], targets, strict=True):
+        for s, name in enumerate(series):
+            part = rows[(rows["target"] == target) & (rows["series"] == name)].set_index("group")
+            values = part["delta_r"].reindex(groups).to_numpy()
+            q = part["p_fdr"].reindex(groups).to_numpy()
+            x = np.arange(len(groups)) + (s - (len(series) - 1) / 2) * width
+            bars = ax.bar(x, values, width, label=name)
+            for xi, vi, qi in zip(x, values, q, strict=True):
+                if np.isfinite(qi) and qi < 0.05:
+                    ax.text(xi, vi, "*", ha="center", va="bottom" if vi >= 0 else "top")
+            del bars
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"{target}\ndelta r")
+    axes[-1, 0].set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    axes[0, 0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"Object-group sensitivity across models ({variant}; * FDR < 0.05)")
+    paths = _save(fig, folder, f"lesion_models_{variant}")
+    plt.close(fig)
+    return paths
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))

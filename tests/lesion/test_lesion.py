@@ -1,0 +1,217 @@
+"""Object2Brain lesion analysis: planted truth recovered, bad input named, propagate exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import object2brain as o2b
+from object2brain.errors import DataError
+from object2brain.extract import extract
+from object2brain.lesion import OBJECT2BRAIN_COLUMNS, group_filters, run_lesion
+from object2brain.models.heads import save_head
+from object2brain.models.zoo import load_model
+from object2brain.propagate import forward_with_mask
+from object2brain.simulate import simulate
+from object2brain.store import ActivationStore
+
+N, K = 48, 24
+GROUPS = {"Faces": range(0, 6), "Animals": range(6, 12), "Vehicles": range(12, 18)}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "acts.h5"
+    with h5py.File(path, "w") as handle:
+        handle["stimulus_ids"] = np.array([f"s{i:02d}" for i in range(N)], dtype=object)
+        handle.create_group("layers")["conv"] = rng.gamma(2.0, size=(N, K, 3, 3)).astype(np.float32)
+        handle.attrs.update(complete=True, order=json.dumps(["conv"]), model="toy", arch="toy")
+    return path
+
+
+@pytest.fixture
+def filter_table() -> pd.DataFrame:
+    rows = []
+    for k in range(K):
+        group = next((g for g, members in GROUPS.items() if k in members), "Objects")
+        rows.append(
+            {
+                "model": "toy",
+                "layer": "conv",
+                "filter": k,
+                "group": group,
+                "importance": 1.0,
+                "enrichment": 2.0,
+                "n_images": 10,
+                "assigned": group != "Objects",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def brain(store: Path, tmp_path: Path) -> Path:
+    faces = ",".join(str(k) for k in GROUPS["Faces"])
+    result = simulate(
+        store,
+        [f"FACE=filters:conv:{faces};snr=3;voxels=150", "NOISE=filters:conv:0;snr=0.0001"],
+        out=tmp_path / "sim",
+        n_subjects=3,
+        seed=2,
+    )
+    return result.brain_manifest
+
+
+def test_planted_face_roi_is_carried_by_face_filters(
+    store: Path, filter_table: pd.DataFrame, brain: Path, tmp_path: Path
+) -> None:
+    result = run_lesion(store, filter_table, brain=brain, out=tmp_path / "out", n_null=300, seed=0)
+    table = result.object2brain
+    assert list(table.columns) == OBJECT2BRAIN_COLUMNS
+    assert set(table["group"]) == {"Faces", "Animals", "Vehicles", "unassigned"}
+    face_roi = table[
+        (table["target"] == "FACE")
+        & (table["subject"] == "group")
+        & (table["variant"] == "lesion")
+        & (table["condition"] == "all")
+    ].set_index("group")
+    assert face_roi["delta_r"].idxmin() == "Faces"
+    assert face_roi.loc["Faces", "delta_r"] < -0.1
+    assert face_roi.loc["Faces", "p_null"] < 0.01
+    assert face_roi.loc["Faces", "z_null"] < -3
+    for group in ("Animals", "Vehicles"):
+        assert face_roi.loc[group, "p_fdr"] > 0.05
+    keep = table[
+        (table["target"] == "FACE") & (table["subject"] == "group") & (table["variant"] == "keep")
+    ]
+    assert keep.set_index("group")["delta_r"].idxmax() == "Faces"
+    noise = table[(table["target"] == "NOISE") & (table["subject"] == "group")]
+    assert (noise["p_fdr"] > 0.05).mean() >= 0.9  # unrelated ROI: nothing beyond the FDR rate
+    for name in (
+        "object2brain.csv",
+        "object2brain.parquet",
+        "manifest.json",
+        "figures/lesion_toy_conv.png",
+        "figures/lesion_models_lesion.svg",
+    ):
+        assert (tmp_path / "out" / name).is_file(), name
+    reread = pd.read_parquet(tmp_path / "out" / "object2brain.parquet")
+    pd.testing.assert_frame_equal(reread, table.reset_index(drop=True), check_dtype=False)
+
+
+def test_per_subject_rows_and_group_mean(
+    store: Path, filter_table: pd.DataFrame, brain: Path
+) -> None:
+    table = run_lesion(
+        store, filter_table, brain=brain, n_null=0, variants=("lesion",)
+    ).object2brain
+    rows = table[(table["target"] == "FACE") & (table["group"] == "Faces")].set_index("subject")
+    assert set(rows.index) == {"sub-01", "sub-02", "sub-03", "group"}
+    assert rows.loc["group", "delta_r"] == pytest.approx(rows.drop("group")["delta_r"].mean())
+    assert table["p_null"].isna().all() and (table["n_null"] == 0).all()
+
+
+def test_group_filters_and_bad_tables(filter_table: pd.DataFrame) -> None:
+    groups = group_filters(filter_table, "toy", "conv", K)
+    assert list(groups["Faces"]) == list(range(6))
+    assert list(groups["unassigned"]) == list(range(18, 24))
+    with pytest.raises(DataError, match="another model or layer"):
+        group_filters(filter_table, "resnet18", "layer4", K)
+    with pytest.raises(DataError, match="the layer has 10 filters"):
+        group_filters(filter_table, "toy", "conv", 10)
+
+
+def test_bad_input_messages(store: Path, filter_table: pd.DataFrame, brain: Path) -> None:
+    other = filter_table.assign(model="alexnet")
+    with pytest.raises(DataError, match="no rows for model 'toy'"):
+        run_lesion(store, other, brain=brain, n_null=0)
+    with pytest.raises(DataError, match="Food have no filters"):
+        run_lesion(store, filter_table, brain=brain, n_null=0, groups=["Faces", "Food"])
+    too_many = pd.concat([filter_table, filter_table.tail(1).assign(filter=K + 5)])
+    with pytest.raises(DataError, match=f"the layer has {K} filters"):
+        run_lesion(store, too_many, brain=brain, n_null=0)
+    with pytest.raises(DataError, match="missing column"):
+        run_lesion(store, filter_table.drop(columns="assigned"), brain=brain)
+
+
+def test_conditions_are_analysed_separately(
+    store: Path, filter_table: pd.DataFrame, brain: Path, tmp_path: Path
+) -> None:
+    table = pd.DataFrame(
+        {
+            "stimulus_id": [f"s{i:02d}" for i in range(N)],
+            "path": "x.png",
+            "condition": ["a", "b"] * (N // 2),
+        }
+    )
+    stimuli = tmp_path / "t.csv"
+    table.to_csv(stimuli, index=False)
+    result = run_lesion(
+        store, filter_table, brain=brain, stimuli=stimuli, n_null=20, variants=("lesion",)
+    )
+    assert set(result.object2brain["condition"]) == {"all", "a", "b"}
+
+
+def test_propagate_with_nothing_zeroed_reproduces_extraction(
+    stimulus_table: Path, tmp_path: Path
+) -> None:
+    model = load_model("resnet18", "none", seed=3)
+    out = extract(model, stimulus_table, out=tmp_path / "a.h5", batch_size=4, progress=False)
+    stimuli = o2b.load_stimuli(stimulus_table)
+    acts = forward_with_mask(
+        model, stimuli, "layer2", np.ones(128), ["layer3", "layer4", "fc"], batch_size=4
+    )
+    with ActivationStore.open(out) as store:
+        for name in ("layer3", "layer4", "fc"):
+            np.testing.assert_array_equal(acts[name], store.read(name))
+    lesioned = forward_with_mask(model, stimuli, "layer2", np.zeros(128), ["layer3"], batch_size=4)
+    assert not np.allclose(lesioned["layer3"], acts["layer3"])
+
+
+def test_propagate_end_to_end(stimulus_table: Path, tmp_path: Path) -> None:
+    head = nn.Linear(512, 1)
+    torch.nn.init.normal_(head.weight, std=0.1)
+    path = save_head(head, tmp_path / "head.safetensors", {"arch": "resnet18"})
+    model = load_model("resnet18", "none", seed=0, head=path)
+    store = extract(
+        model, stimulus_table, out=tmp_path / "v.h5", layers="layer3,layer4", progress=False
+    )
+    filters = pd.DataFrame(
+        {
+            "model": "resnet18",
+            "layer": "layer3",
+            "filter": range(256),
+            "group": ["Faces"] * 40 + ["Objects"] * 216,
+            "importance": 1.0,
+            "enrichment": 1.0,
+            "n_images": 5,
+            "assigned": [True] * 40 + [False] * 216,
+        }
+    )
+    result = run_lesion(
+        store,
+        filters,
+        stimuli=stimulus_table,
+        layers=["layer3"],
+        n_null=10,
+        propagate=True,
+        model=model,
+        batch_size=4,
+        out=tmp_path / "les",
+    )
+    behavior = result.propagate_behavior
+    assert set(behavior["method"]) == {"pearson", "spearman"}
+    assert set(behavior["group"]) == {"Faces", "unassigned"}
+    later = result.propagate_alignment
+    assert set(later["later_layer"]) == {"layer4"}
+    assert (later["target"] == "behavior").all()
+    assert (tmp_path / "les" / "propagate_behavior.csv").is_file()
+    assert np.isfinite(behavior["delta_r"]).all() and (behavior["delta_r"] != 0).any()
