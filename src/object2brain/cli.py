@@ -387,6 +387,35 @@ def lesion_command(
     typer.echo(f"wrote {len(result.files)} files into {out} ({rows} rows in object2brain.csv)")
 
 
+@app.command("run")
+def run_command(
+    config: Annotated[Path, typer.Argument(help="Study config (YAML).")],
+    quiet: QuietOpt = False,
+) -> None:
+    """Run every stage of a study; finished stages are reused, an interrupted run resumes."""
+    from object2brain.pipeline import run_study
+
+    _quiet(quiet)
+    result = run_study(config, progress=not quiet)
+    ran, reused = ", ".join(result.ran) or "nothing", ", ".join(result.skipped) or "nothing"
+    typer.echo(f"ran: {ran}; reused: {reused}")
+    if result.report is not None:
+        typer.echo(f"report: {result.report}")
+
+
+@app.command("report")
+def report_command(
+    folder: Annotated[Path, typer.Argument(help="Results folder (tables, figures).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file (default: FOLDER/report.html).")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML report of the results under FOLDER."""
+    from object2brain.report.build import build_report
+
+    typer.echo(f"report: {build_report(folder, out=out)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits with the status."""
     try:

@@ -104,7 +104,8 @@ def extract(
             (see :mod:`object2brain.projection`).
         seed: seed of the projection matrices (and of ``weights=none`` when loading by name).
         num_workers: image-decoding worker processes (default: up to 4, fewer on small sets).
-        overwrite: replace an existing complete store at ``out``.
+        overwrite: replace an existing store at ``out`` written by another run (a complete store
+            of this very run is always reused as it is).
         progress: show a progress bar.
 
     Returns:
@@ -137,7 +138,7 @@ def extract(
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     if out.exists():
-        if not overwrite and _same_complete_store(out, fingerprint):
+        if _same_complete_store(out, fingerprint):
             log.info("%s is already complete for this model, layers and stimuli", out)
             return out
         if not overwrite:

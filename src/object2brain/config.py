@@ -1,0 +1,216 @@
+"""Run configuration (YAML) for ``object2brain run``, validated with pydantic.
+
+A study is one YAML file; paths are relative to the file's folder. Unknown keys, wrong types,
+missing files and unknown models are rejected with the path of the key at fault
+(``models.1.arch: unknown model 'resnet19' ...``). Example (``examples/study.yaml``)::
+
+    out: results
+    seed: 0
+    device: auto
+    stimuli: stimuli.csv
+    models:
+      - arch: efficientnet_lite0
+        weights: default
+        head: heads/efficientnet_lite0/head.safetensors   # or train_head below
+    brain: brain.yaml
+    ratings: ratings.csv
+    rsa: {rdm: correlation, compare: spearman, n_perm: 10000, n_boot: 1000}
+    dissect: {layer: _blocks.15, detector: opencv}
+    lesion: {variants: [lesion, keep], n_null: 1000}
+
+Each stage section has its options below; a missing optional section skips the stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from object2brain.errors import Object2BrainError
+
+
+class ConfigError(Object2BrainError):
+    """A run configuration that cannot be used."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """One network: architecture, weights, optional valence head, layers to extract."""
+
+    arch: str
+    weights: str = "default"
+    name: str | None = None
+    head: Path | None = None
+    layers: str | list[str] = "all"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from object2brain.models.zoo import SUPPORTED_MODELS
+
+        if value.strip().lower() not in SUPPORTED_MODELS:
+            raise ValueError(f"unknown model {value!r} (supported: {', '.join(SUPPORTED_MODELS)})")
+        return value.strip().lower()
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch
+
+
+class ExtractConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+    srp: int | None = Field(None, ge=1)
+
+
+class TrainHeadConfig(_Strict):
+    """Train valence heads in the run (for models without ``head``) on the stimulus table."""
+
+    loss: Literal["weighted_mse", "mse"] = "weighted_mse"
+    epochs: int = Field(100, ge=1)
+    patience: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    ratings: Literal["stimuli", "ratings"] = "stimuli"
+
+
+class SimulateConfig(_Strict):
+    """Simulate brain and ratings from the first model's activations (see ``simulate``)."""
+
+    rois: list[str] = Field(min_length=1)
+    n_subjects: int = Field(8, ge=1)
+    rating_noise: float = Field(1.0, ge=0)
+    valence_source: str | None = None
+
+
+class RsaConfig(_Strict):
+    rdm: Literal["correlation", "euclidean", "cosine"] = "correlation"
+    compare: Literal["spearman", "pearson", "kendall_tau_a"] = "spearman"
+    n_perm: int = Field(10_000, ge=0)
+    n_boot: int = Field(1_000, ge=0)
+
+
+class DissectConfig(_Strict):
+    layer: str | dict[str, str]
+    detector: str = "opencv"
+    groups: Path | None = None
+    direction: Literal["positive", "negative", "abs"] = "positive"
+    threshold: float = 1.5
+    min_images: int = Field(5, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+    def layer_for(self, model: str) -> str:
+        if isinstance(self.layer, str):
+            return self.layer
+        if model not in self.layer:
+            raise ConfigError(f"dissect.layer: no layer given for model {model!r}")
+        return self.layer[model]
+
+
+Variant = Literal["lesion", "keep"]
+_BOTH_VARIANTS: tuple[Variant, Variant] = ("lesion", "keep")
+
+
+class LesionConfig(_Strict):
+    variants: list[Variant] = Field(default_factory=lambda: list(_BOTH_VARIANTS))
+    n_null: int = Field(1000, ge=0)
+    propagate: bool = False
+    groups: list[str] | None = None
+
+
+class RunConfig(_Strict):
+    """A whole study (see module docstring)."""
+
+    out: Path = Path("results")
+    seed: int = 0
+    device: str = "auto"
+    stimuli: Path
+    models: list[ModelConfig] = Field(min_length=1)
+    brain: Path | None = None
+    ratings: Path | None = None
+    simulate: SimulateConfig | None = None
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    train_head: TrainHeadConfig | None = None
+    rsa: RsaConfig | None = Field(default_factory=RsaConfig)
+    dissect: DissectConfig | None = None
+    lesion: LesionConfig | None = None
+    report: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model names must be unique (give `name`): {', '.join(labels)}")
+        if self.simulate is not None and (self.brain is not None or self.ratings is not None):
+            raise ValueError("give either simulate or brain/ratings, not both")
+        if self.lesion is not None and self.dissect is None:
+            raise ValueError("lesion needs the dissect section (its filter assignment)")
+        return self
+
+
+_PATH_KEYS = ("stimuli", "brain", "ratings")
+
+
+def load_config(path: str | Path) -> tuple[RunConfig, Path]:
+    """Read, validate and resolve a run config; returns it and its folder.
+
+    Raises:
+        ConfigError: naming the key path (``models.0.arch``) and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of options at the top level")
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+    base = path.resolve().parent
+    return _resolve_paths(config, base, path), base
+
+
+def _describe(error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{location}: {message}"
+
+
+def _resolve_paths(config: RunConfig, base: Path, source: Path) -> RunConfig:
+    def resolve(value: Path | None, key: str) -> Path | None:
+        if value is None:
+            return None
+        full = value if value.is_absolute() else base / value
+        if not full.exists():
+            raise ConfigError(f"{source}: {key}: file not found: {full}")
+        return full
+
+    updates: dict[str, Any] = {key: resolve(getattr(config, key), key) for key in _PATH_KEYS}
+    updates["out"] = config.out if config.out.is_absolute() else base / config.out
+    models = []
+    for index, model in enumerate(config.models):
+        head = resolve(model.head, f"models.{index}.head")
+        weights = model.weights
+        if weights.lower() not in ("default", "none") and (
+            "/" in weights or weights.endswith((".pth", ".pt", ".tar"))
+        ):
+            weights = str(resolve(Path(weights), f"models.{index}.weights"))
+        models.append(model.model_copy(update={"head": head, "weights": weights}))
+    updates["models"] = models
+    if config.dissect is not None and config.dissect.groups is not None:
+        updates["dissect"] = config.dissect.model_copy(
+            update={"groups": resolve(config.dissect.groups, "dissect.groups")}
+        )
+    return config.model_copy(update=updates)

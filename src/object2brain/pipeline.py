@@ -1,0 +1,451 @@
+"""``object2brain run STUDY.yaml``: every stage of a study, cached by content hash.
+
+Stages, in order (a stage runs only when its config section is present):
+
+1. ``extract`` the backbone of every model (``<out>/activations/<model>.backbone.h5``) when a later
+   stage needs activations before the heads exist (``simulate``), else straight to step 4;
+2. ``simulate`` ratings and brain data from the first model (``<out>/simulation``);
+3. ``train_head`` for every model without ``head`` (``<out>/heads``), on the stimulus table's
+   ``valence`` or on the mean of the ratings;
+4. ``extract`` with the heads (``<out>/activations/<model>.h5``, layer ``valence`` included);
+5. ``rsa`` (``<out>/rsa``), 6. ``dissect`` per model (``<out>/dissect/<model>``),
+7. ``lesion`` (``<out>/lesion``), 8. ``report`` (``<out>/report.html``).
+
+Every stage has a key: the SHA-256 of its options, its input files' fingerprints and the keys of
+the stages it reads. A finished stage writes ``.stage.json`` (key and outputs) into its folder
+last; a re-run skips every stage whose key and outputs are unchanged, so editing one option
+re-runs only the stages it affects. Outputs are written atomically and extraction resumes
+mid-way, so a killed run is completed by running it again. ``<out>/manifest.json`` records the
+config, versions, seeds, input hashes and stage keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from object2brain.config import RunConfig, load_config
+from object2brain.data.stimuli import StimulusSet, load_stimuli
+from object2brain.manifest import build_manifest, file_sha256
+from object2brain.store import write_json
+
+log = logging.getLogger("object2brain.run")
+
+STAGE_FILE = ".stage.json"
+
+
+@dataclass
+class RunResult:
+    """Where a run wrote its outputs, and which stages ran or were reused."""
+
+    out: Path
+    stores: dict[str, Path]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if path.is_dir():
+        return _digest(
+            sorted(
+                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in path.rglob("*")
+                if p.is_file()
+            )
+        )
+    return file_sha256(path)
+
+
+class _Stages:
+    def __init__(self, progress: bool) -> None:
+        self.result_ran: list[str] = []
+        self.result_skipped: list[str] = []
+        self.keys: dict[str, str] = {}
+        self.progress = progress
+
+    def run(self, name: str, folder: Path, key_payload: Any, work: Callable[[], list[Path]]) -> str:
+        """Run ``work`` unless ``folder/.stage.json`` has the same key and its outputs exist."""
+        key = _digest(key_payload)
+        marker = folder / STAGE_FILE
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            if record.get("key") == key and all(
+                Path(p).exists() for p in record.get("outputs", [])
+            ):
+                log.info("stage %s: unchanged, reusing %s", name, folder)
+                self.result_skipped.append(name)
+                self.keys[name] = key
+                return key
+        log.info("stage %s: running", name)
+        started = time.time()
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+        outputs = work()
+        write_json(
+            marker,
+            {
+                "key": key,
+                "outputs": [str(p) for p in outputs],
+                "seconds": round(time.time() - started, 2),
+            },
+        )
+        self.result_ran.append(name)
+        self.keys[name] = key
+        return key
+
+
+def run_study(config_path: str | Path, *, progress: bool = True) -> RunResult:
+    """Run the study described by a YAML config (see :mod:`object2brain.config`)."""
+    config, _base = load_config(config_path)
+    return run_config(config, progress=progress)
+
+
+def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
+    """Run a validated :class:`RunConfig`."""
+    from object2brain.extract import extract
+    from object2brain.models.zoo import load_model
+
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(progress)
+    stimuli = load_stimuli(config.stimuli)
+    stimuli_key = stimuli.fingerprint()
+    seed, device = config.seed, config.device
+    brain, ratings = config.brain, config.ratings
+    heads: dict[str, Path | None] = {m.label: m.head for m in config.models}
+    backbone_stores: dict[str, Path] = {}
+
+    needs_backbone = config.simulate is not None
+    if needs_backbone:
+        for model in config.models:
+            path = out / "activations" / f"{model.label}.backbone.h5"
+            payload = {
+                "stage": "extract_backbone",
+                "model": model.model_dump(mode="json", exclude={"head"}),
+                "extract": config.extract.model_dump(),
+                "stimuli": stimuli_key,
+                "seed": seed,
+            }
+
+            def work(model: Any = model, path: Path = path) -> list[Path]:
+                loaded = load_model(model.arch, model.weights, seed=seed, name=model.label)
+                return [_extract(extract, loaded, stimuli, path, model.layers, config, progress)]
+
+            stages.run(
+                f"extract_backbone:{model.label}",
+                path.parent / f".{model.label}.backbone",
+                payload,
+                work,
+            )
+            backbone_stores[model.label] = path
+
+    if config.simulate is not None:
+        from object2brain.simulate import simulate
+
+        first = config.models[0].label
+        sim_dir = out / "simulation"
+        sim = config.simulate
+
+        def simulate_work() -> list[Path]:
+            result = simulate(
+                backbone_stores[first],
+                sim.rois,
+                out=sim_dir,
+                stimuli=stimuli,
+                n_subjects=sim.n_subjects,
+                rating_noise=sim.rating_noise,
+                valence_source=sim.valence_source,
+                seed=seed,
+            )
+            return [result.patterns, result.brain_manifest, result.ratings, result.truth]
+
+        stages.run(
+            "simulate",
+            sim_dir,
+            {
+                "stage": "simulate",
+                "options": sim.model_dump(),
+                "upstream": stages.keys[f"extract_backbone:{first}"],
+                "seed": seed,
+            },
+            simulate_work,
+        )
+        brain, ratings = sim_dir / "brain.yaml", sim_dir / "ratings.csv"
+
+    untrained = [m for m in config.models if m.head is None]
+    if config.train_head is not None and untrained:
+        from object2brain.models.heads import train_head
+
+        options = config.train_head
+        head_dir = out / "heads"
+
+        def train_work() -> list[Path]:
+            table = _rated_table(
+                stimuli, ratings if options.ratings == "ratings" else None, head_dir
+            )
+            result = train_head(
+                [load_model(m.arch, m.weights, seed=seed, name=m.label) for m in untrained],
+                out=head_dir,
+                stimuli=table,
+                loss=options.loss,
+                epochs=options.epochs,
+                patience=options.patience,
+                lr=options.lr,
+                batch_size=options.batch_size,
+                device=device,
+                seed=seed,
+                progress=progress,
+            )
+            return [r.head_path for r in result.models.values()]
+
+        payload = {
+            "stage": "train_head",
+            "options": options.model_dump(),
+            "stimuli": stimuli_key,
+            "models": [m.model_dump(mode="json") for m in untrained],
+            "seed": seed,
+            "ratings": _fingerprint(ratings) if options.ratings == "ratings" else None,
+        }
+        stages.run("train_head", head_dir, payload, train_work)
+        for model in untrained:
+            heads[model.label] = head_dir / model.label / "head.safetensors"
+
+    stores: dict[str, Path] = {}
+    for model in config.models:
+        path = out / "activations" / f"{model.label}.h5"
+        head = heads[model.label]
+        payload = {
+            "stage": "extract",
+            "model": model.model_dump(mode="json", exclude={"head"}),
+            "head": _fingerprint(head),
+            "extract": config.extract.model_dump(),
+            "stimuli": stimuli_key,
+            "seed": seed,
+        }
+
+        def extract_work(
+            model: Any = model, path: Path = path, head: Path | None = head
+        ) -> list[Path]:
+            loaded = load_model(model.arch, model.weights, head=head, seed=seed, name=model.label)
+            return [
+                _extract(
+                    extract, loaded, stimuli, path, model.layers, config, progress, overwrite=True
+                )
+            ]
+
+        stages.run(f"extract:{model.label}", path.parent / f".{model.label}", payload, extract_work)
+        stores[model.label] = path
+
+    data_key = {
+        "brain": _fingerprint(brain),
+        "ratings": _fingerprint(ratings),
+        "stimuli": stimuli_key,
+        "extract": [stages.keys[f"extract:{m.label}"] for m in config.models],
+    }
+    if config.rsa is not None and (
+        brain is not None or ratings is not None or "valence" in stimuli.table
+    ):
+        from object2brain.rsa.align import run_alignment
+
+        rsa = config.rsa
+
+        def rsa_work() -> list[Path]:
+            result = run_alignment(
+                list(stores.values()),
+                brain=brain,
+                ratings=ratings,
+                stimuli=config.stimuli,
+                out=out / "rsa",
+                rdm_metric=rsa.rdm,
+                compare_method=rsa.compare,
+                n_perm=rsa.n_perm,
+                n_boot=rsa.n_boot,
+                seed=seed,
+                device=device,
+                progress=progress,
+            )
+            return list(result.files)
+
+        stages.run(
+            "rsa",
+            out / "rsa",
+            {"stage": "rsa", "options": rsa.model_dump(), **data_key, "seed": seed},
+            rsa_work,
+        )
+
+    filter_tables: list[Path] = []
+    if config.dissect is not None:
+        from object2brain.explain.dissect import dissect
+
+        options_d = config.dissect
+        for model in config.models:
+            folder = out / "dissect" / model.label
+            head = heads[model.label]
+
+            def dissect_work(
+                model: Any = model, folder: Path = folder, head: Path | None = head
+            ) -> list[Path]:
+                loaded = load_model(
+                    model.arch, model.weights, head=head, seed=seed, name=model.label
+                )
+                result = dissect(
+                    loaded,
+                    stimuli,
+                    layer=options_d.layer_for(model.label),
+                    detector=options_d.detector,
+                    groups=options_d.groups,
+                    direction=options_d.direction,
+                    threshold=options_d.threshold,
+                    min_images=options_d.min_images,
+                    out=folder,
+                    batch_size=options_d.batch_size,
+                    device=device,
+                    seed=seed,
+                    cache_dir=out / "detections_cache",
+                    progress=progress,
+                )
+                return list(result.files)
+
+            payload = {
+                "stage": "dissect",
+                "options": options_d.model_dump(mode="json"),
+                "groups": _fingerprint(options_d.groups),
+                "model": model.model_dump(mode="json", exclude={"head"}),
+                "head": _fingerprint(head),
+                "stimuli": stimuli_key,
+                "seed": seed,
+            }
+            stages.run(f"dissect:{model.label}", folder, payload, dissect_work)
+            filter_tables.append(folder / "filter_objects.csv")
+
+    if config.lesion is not None and filter_tables:
+        from object2brain.lesion import run_lesion
+
+        options_l = config.lesion
+
+        def lesion_work() -> list[Path]:
+            table = pd.concat([pd.read_csv(p) for p in filter_tables], ignore_index=True)
+            files: list[Path] = []
+            for model in config.models:
+                loaded = None
+                if options_l.propagate:
+                    loaded = load_model(
+                        model.arch,
+                        model.weights,
+                        head=heads[model.label],
+                        seed=seed,
+                        name=model.label,
+                    )
+                part = table[table["model"] == model.label]
+                result = run_lesion(
+                    stores[model.label],
+                    part,
+                    brain=brain,
+                    ratings=ratings,
+                    stimuli=config.stimuli,
+                    out=out / "lesion" / model.label,
+                    groups=options_l.groups,
+                    variants=tuple(options_l.variants),
+                    rdm_metric=config.rsa.rdm if config.rsa else "correlation",
+                    compare_method=config.rsa.compare if config.rsa else "spearman",
+                    n_null=options_l.n_null,
+                    seed=seed,
+                    device=device,
+                    propagate=options_l.propagate,
+                    model=loaded,
+                )
+                files.extend(result.files)
+            return files
+
+        payload = {
+            "stage": "lesion",
+            "options": options_l.model_dump(),
+            **data_key,
+            "dissect": [stages.keys[f"dissect:{m.label}"] for m in config.models],
+            "rsa": config.rsa.model_dump() if config.rsa else None,
+            "seed": seed,
+        }
+        stages.run("lesion", out / "lesion", payload, lesion_work)
+
+    report = None
+    if config.report:
+        from object2brain.report.build import build_report
+
+        report = build_report(out)
+    inputs = {"stimuli": stimuli_key, "stimulus_table": file_sha256(config.stimuli)}
+    for name, source in (("brain", brain), ("ratings", ratings)):
+        fingerprint = _fingerprint(source)
+        if fingerprint:
+            inputs[name] = fingerprint
+    write_json(
+        out / "manifest.json",
+        build_manifest(
+            "run",
+            config.model_dump(mode="json"),
+            seeds={"seed": seed},
+            inputs=inputs,
+            outputs=[str(p) for p in stores.values()],
+            extra={
+                "stages": stages.keys,
+                "ran": stages.result_ran,
+                "reused": stages.result_skipped,
+            },
+        ),
+    )
+    return RunResult(out, stores, stages.result_ran, stages.result_skipped, report)
+
+
+def _extract(
+    extract: Callable[..., Path],
+    loaded: Any,
+    stimuli: StimulusSet,
+    path: Path,
+    layers: str | list[str],
+    config: RunConfig,
+    progress: bool,
+    overwrite: bool = False,
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return extract(
+        loaded,
+        stimuli,
+        out=path,
+        layers=layers,
+        batch_size=config.extract.batch_size,
+        device=config.device,
+        dtype=config.extract.dtype,
+        srp=config.extract.srp,
+        seed=config.seed,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def _rated_table(stimuli: StimulusSet, ratings: Path | None, folder: Path) -> Path | StimulusSet:
+    """The stimulus set with ``valence`` = mean rating (written next to the heads) if asked."""
+    if ratings is None:
+        return stimuli
+    from object2brain.data.ratings import load_ratings
+
+    loaded = load_ratings(ratings, stimuli.ids)
+    table = stimuli.table.copy()
+    table["valence"] = loaded.group_mean(stimuli.ids)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "stimuli_rated.csv"
+    table.to_csv(path, index=False)
+    return path
