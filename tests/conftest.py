@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+
+from o2b_testing import PHOTOS, shipped_photo
 
 
 @pytest.fixture(autouse=True)
@@ -15,20 +15,6 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
     """Tests never download: offline mode and an empty torch hub cache."""
     monkeypatch.setenv("OBJECT2BRAIN_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
-
-
-PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "camera", "cat", "horse", "page")
-
-
-def shipped_photo(name: str) -> Image.Image:
-    """A real photo shipped with scikit-image, as RGB."""
-    from skimage import data
-
-    array = getattr(data, name)()
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    image = Image.fromarray(array)
-    return image.convert("RGB")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights
 
-from conftest import shipped_photo
+from o2b_testing import shipped_photo
 from object2brain.errors import ModelError, WeightsUnavailableError
 from object2brain.models.zoo import build_architecture, list_models, load_model, state_dict_sha256
 

@@ -242,6 +242,72 @@ def train_head_command(
         typer.echo(f"{name}: test {scores} -> {head.head_path}")
 
 
+@app.command("dissect")
+def dissect_command(
+    model: Annotated[str, typer.Option("--model", help="Architecture name.")],
+    layer: Annotated[str, typer.Option("--layer", help="Layer with spatial maps (dotted name).")],
+    stimuli: Annotated[Path, typer.Option("--stimuli", help="Stimulus table or image folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    weights: Annotated[
+        str, typer.Option("--weights", help="default | enum name | checkpoint path | none")
+    ] = "default",
+    head: Annotated[
+        Path | None, typer.Option("--head", help="Valence head (.safetensors) to explain.")
+    ] = None,
+    detector: Annotated[
+        str,
+        typer.Option(
+            "--detector", help="opencv | fasterrcnn | retinanet | fcos | ssdlite | boxes:FILE"
+        ),
+    ] = "opencv",
+    groups: Annotated[
+        Path | None, typer.Option("--groups", help="Class -> group map (YAML).")
+    ] = None,
+    direction: Annotated[
+        str, typer.Option("--direction", help="positive | negative | abs")
+    ] = "positive",
+    target: Annotated[
+        int | None,
+        typer.Option(
+            "--target", help="Output unit to explain without a head (e.g. ImageNet class)."
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Minimum enrichment for an assignment.")
+    ] = 1.5,
+    min_images: Annotated[
+        int, typer.Option("--min-images", min=1, help="Images a group must be detected in.")
+    ] = 5,
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-filter Grad-CAM x object detections: which object groups each filter attends to."""
+    from object2brain.explain.dissect import dissect
+
+    _quiet(quiet)
+    dissect(
+        model,
+        stimuli,
+        layer=layer,
+        weights=weights,
+        head=head,
+        detector=detector,
+        groups=groups,
+        direction=direction,
+        target=target,
+        threshold=threshold,
+        min_images=min_images,
+        out=out,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        progress=not quiet,
+    )
+    typer.echo(f"wrote {out / 'filter_objects.csv'}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),

@@ -27,6 +27,7 @@ is computed there (each subset would need its own forward pass).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
 from object2brain.manifest import build_manifest, file_sha256
-from object2brain.rsa.align import Target, _targets
+from object2brain.rsa.align import Target, build_targets
 from object2brain.rsa.compare import check_method, compare
 from object2brain.rsa.inference import fdr_bh
 from object2brain.rsa.rdm import check_metric, upper_triangle
@@ -118,7 +119,14 @@ def group_filters(
     taken = np.zeros(n_filters, dtype=bool)
     for members in groups.values():
         taken[members] = True
-    if (~taken).any():
+    if not groups:
+        log.warning(
+            "%s: no filter of %s/%s is assigned to an object group: nothing to lesion",
+            where,
+            model,
+            layer,
+        )
+    elif (~taken).any():
         groups[UNASSIGNED] = np.flatnonzero(~taken)
     return groups
 
@@ -205,7 +213,7 @@ def run_lesion(
                 ids = brain_data.common_ids(ids)
             rating_data = load_ratings(ratings, ids) if ratings is not None else None
             valence = _stimulus_valence(stimulus_set, ids)
-            targets = _targets(brain_data, rating_data, valence, ids, rdm_metric, dev)
+            targets = build_targets(brain_data, rating_data, valence, ids, rdm_metric, dev)
             chosen = _layers_of(store, table, model_name, layers, str(path))
             for layer in chosen:
                 stats = FilterStats.from_store(store, layer, ids, device=dev)
@@ -391,8 +399,14 @@ def _layer_rows(
         ) -> np.ndarray:
             out = []
             for start in range(0, len(masks), _SUBSET_CHUNK):
-                rdms = sub.rdms(masks[start : start + _SUBSET_CHUNK], metric, device=device)
-                out.append(compare(rdms, tgt, method).cpu().numpy())
+                rdms = sub.rdms(
+                    masks[start : start + _SUBSET_CHUNK], metric, device=device, strict=False
+                )
+                valid = torch.isfinite(rdms).all(dim=1)
+                r = torch.full((rdms.shape[0], tgt.shape[0]), float("nan"), dtype=torch.float64)
+                if bool(valid.any()):
+                    r[valid.cpu()] = compare(rdms[valid], tgt, method).cpu()
+                out.append(r.numpy())
             return _with_group_means(np.concatenate(out), targets)
 
         r_full = correlations(np.ones((1, K), dtype=bool))[0]
@@ -453,14 +467,22 @@ def _with_group_means(r: np.ndarray, targets: list[Target]) -> np.ndarray:
 
 
 def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided p and z of ``delta`` ``(T,)`` against ``null`` ``(N, T)``."""
+    """Two-sided p and z of ``delta`` ``(T,)`` against ``null`` ``(N, T)``.
+
+    Null subsets whose RDM is undefined (a silent pattern; NaN rows) are left out of the count.
+    """
     if null is None or len(null) == 0:
         nan = np.full_like(delta, np.nan)
         return nan, nan
-    centre = null.mean(axis=0)
-    spread = null.std(axis=0, ddof=1) if len(null) > 1 else np.full_like(delta, np.nan)
-    extreme = np.abs(null - centre) >= np.abs(delta - centre)[None] - 1e-12
-    p = (1 + extreme.sum(axis=0)) / (1 + len(null))
+    finite = np.isfinite(null)
+    count = finite.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, as wanted
+        centre = np.nanmean(np.where(finite, null, np.nan), axis=0)
+        spread = np.nanstd(np.where(finite, null, np.nan), axis=0, ddof=1)
+        extreme = (np.abs(null - centre) >= np.abs(delta - centre)[None] - 1e-12) & finite
+        p = np.where(count > 0, (1 + extreme.sum(axis=0)) / (1 + count), np.nan)
+    p = np.where(np.isfinite(delta), p, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(spread > 0, (delta - centre) / spread, np.nan)
     return p, z

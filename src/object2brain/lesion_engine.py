@@ -189,6 +189,7 @@ class FilterStats:
         *,
         device: torch.device | str | None = None,
         chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        strict: bool = True,
     ) -> torch.Tensor:
         """Condensed RDMs ``(n_subsets, n_pairs)`` (float64) of the masked layer.
 
@@ -198,10 +199,11 @@ class FilterStats:
             metric: ``correlation`` | ``euclidean`` | ``cosine``.
             device: where to compute (default: where the sums live).
             chunk_bytes: at most this many bytes of the ``cross`` stack per device transfer.
+            strict: raise on a degenerate subset; if ``False``, its whole row is NaN instead.
 
         Raises:
-            DataError: a masked pattern with zero variance (correlation) or all zeros (cosine),
-                e.g. an empty subset.
+            DataError: (``strict``) a masked pattern with zero variance (correlation) or all zeros
+                (cosine), e.g. an empty subset or a subset whose filters are silent.
         """
         if metric not in _METRICS:
             raise DataError(f"unknown RDM metric {metric!r}; choose one of {', '.join(_METRICS)}")
@@ -214,9 +216,10 @@ class FilterStats:
         S = m @ self.sums.to(target)  # (subsets, n)
         Q = m @ self.sumsq.to(target)
         V = Q - S**2 / total if metric == "correlation" else Q
+        degenerate = torch.zeros_like(V, dtype=torch.bool)
         if metric != "euclidean":
             degenerate = 1e-12 * Q.amax(dim=1, keepdim=True).clamp_min(1e-300) >= V
-            if bool(degenerate.any()):
+            if strict and bool(degenerate.any()):
                 subset, stim = (int(v) for v in torch.nonzero(degenerate)[0])
                 raise DataError(
                     f"subset {subset}: the masked pattern of stimulus "
@@ -237,6 +240,7 @@ class FilterStats:
                 out[:, start:stop] = 1 - centred / torch.sqrt(V[:, i] * V[:, j])
             else:
                 out[:, start:stop] = 1 - cross / torch.sqrt(V[:, i] * V[:, j])
+        out[degenerate.any(dim=1)] = float("nan")
         return out
 
 

@@ -377,7 +377,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             "options": options_l.model_dump(),
             **data_key,
             "dissect": [stages.keys[f"dissect:{m.label}"] for m in config.models],
-            "rsa": config.rsa.model_dump() if config.rsa else None,
+            "rsa": [config.rsa.rdm, config.rsa.compare] if config.rsa else None,
             "seed": seed,
         }
         stages.run("lesion", out / "lesion", payload, lesion_work)

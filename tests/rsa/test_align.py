@@ -221,8 +221,6 @@ def test_cli_rsa(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert (out / "alignment.csv").is_file()
-    bad = subprocess.run(
-        [*cmd[:-6], "--rdm", "manhattan"], capture_output=True, text=True, check=False
-    )
+    bad = subprocess.run([*cmd, "--rdm", "manhattan"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "unknown RDM metric 'manhattan'" in bad.stderr

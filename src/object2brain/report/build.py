@@ -165,6 +165,7 @@ def _truth_section(truth: dict[str, Any], tables: dict[str, pd.DataFrame]) -> ht
                 & (lesion["variant"] == "lesion")
                 & (lesion["condition"] == "all")
             ]
+            part = part.dropna(subset=["delta_r"])
             if not part.empty:
                 top = part.loc[part["delta_r"].idxmin()]
                 recovered.append(

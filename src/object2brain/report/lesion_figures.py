@@ -44,7 +44,9 @@ def plot_lesion_heatmaps(table: pd.DataFrame, folder: Path) -> list[Path]:
         variants = list(dict.fromkeys(block["variant"]))
         groups = list(dict.fromkeys(block["group"]))
         targets = list(dict.fromkeys(block["target"]))
-        limit = float(np.nanmax(np.abs(block["delta_r"]))) or 1.0
+        finite = np.abs(block["delta_r"].to_numpy(dtype=float))
+        finite = finite[np.isfinite(finite)]
+        limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         fig, axes = plt.subplots(
             1,
             len(variants),

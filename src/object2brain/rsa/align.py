@@ -219,7 +219,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _targets(
+def build_targets(
     brain: BrainData | None,
     ratings: Ratings | None,
     stimulus_valence: np.ndarray | None,
@@ -227,6 +227,12 @@ def _targets(
     metric: str,
     device: torch.device,
 ) -> list[Target]:
+    """Target RDMs for ``ids``: every ROI of ``brain`` and behaviour (per rater, or group-level).
+
+    Behaviour comes from ``ratings`` when given (raters who rated every stimulus get their own
+    RDM), else from the stimulus table's ``valence`` (``stimulus_valence``). Shared by the
+    alignment and the Object2Brain lesion analysis.
+    """
     targets: list[Target] = []
     if brain is not None:
         aligned = brain.aligned(ids)
@@ -447,7 +453,7 @@ def _run(
         labels = np.asarray(["" if pd.isna(c) else str(c) for c in raw])
         conditions = [c for c in dict.fromkeys(labels.tolist()) if c != ""]
 
-    targets = _targets(brain, ratings, stim_valence, ids, metric, dev)
+    targets = build_targets(brain, ratings, stim_valence, ids, metric, dev)
     cols = _columns(targets)
     n = len(ids)
     cond_index: list[tuple[str, np.ndarray]] = [("all", np.arange(n))]

@@ -79,15 +79,28 @@ def pair_permutation(
     """Condensed gather index ``(P, m)`` of stimulus permutations ``perms`` ``(P, n)``.
 
     The permuted RDM is ``D'[i, j] = D[pi_i, pi_j]``, so ``x'[c(i, j)] = x[c(pi_i, pi_j)]`` with
-    ``c(i, j) = i n - i (i + 1) / 2 + (j - i - 1)`` for ``i < j`` (arguments sorted).
+    ``c(i, j) = i n - i (i + 1) / 2 + (j - i - 1)`` for ``i < j`` (arguments sorted). Computed by
+    permuting rows and columns of the square table ``C[i, j] = c(min, max)`` (two gathers of
+    ``n^2``) and taking its upper triangle.
     """
     p = torch.as_tensor(np.asarray(perms) if not isinstance(perms, torch.Tensor) else perms)
     p = p.to(device=device, dtype=torch.long)
-    n = p.shape[-1]
+    P, n = p.shape
+    table = _pair_table(n, p.device)
+    rows = table[p]  # (P, n, n): C[pi_i, :]
+    both = torch.gather(rows, 2, p[:, None, :].expand(P, n, n))  # C[pi_i, pi_j]
     iu, ju = triu_indices(n, p.device)
-    a, b = p[:, iu], p[:, ju]
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    return lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
+    return both.reshape(P, n * n).index_select(1, iu * n + ju)
+
+
+def _pair_table(n: int, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` table of condensed indices ``c(min(i, j), max(i, j))`` (diagonal 0)."""
+    i = torch.arange(n, device=device)
+    lo = torch.minimum(i[:, None], i[None, :])
+    hi = torch.maximum(i[:, None], i[None, :])
+    table = lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
+    table.fill_diagonal_(0)
+    return table
 
 
 def combine_matrix(groups: Sequence[Sequence[int]], n_targets: int) -> torch.Tensor:
@@ -152,8 +165,8 @@ def mantel_test(
     batch = max(1, memory_elements // max(1, side * m))
     for block in permutations(n, n_perm, seed):
         perms = block if gather_model else np.argsort(block, axis=1)
-        index = pair_permutation(perms, dev)
-        for sub in torch.split(index, batch):
+        for start in range(0, perms.shape[0], batch):
+            sub = pair_permutation(perms[start : start + batch], dev)
             P = sub.shape[0]
             if gather_model:
                 g = xp[:, sub].reshape(K * P, m)

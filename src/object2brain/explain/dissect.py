@@ -1,0 +1,822 @@
+"""EmoCAM++ dissection: the object groups each filter attends to when it drives valence.
+
+For every image with at least one detection of a mapped class (DESIGN.md section 4):
+
+1. per-filter Grad-CAM maps ``M_k`` of the layer, ``(batch, K, h, w)``, after ``direction``
+   (:func:`~object2brain.explain.filtercam.filter_cams`: one forward + one backward per batch);
+2. each detection box ``b`` is mapped into the model's input frame (the resized, centre-cropped
+   ``S x S`` picture the network sees; boxes partly outside the image are clipped, boxes entirely
+   outside it, or outside the centre crop, are dropped; all counted);
+3. box importance ``I(k, b)`` = mean of filter k's map, bilinearly upsampled to ``S x S``, inside
+   box ``b``; enrichment ``E(k, b) = I(k, b) / mean of that upsampled map over the whole input``
+   (undefined, and skipped, where the map is zero everywhere);
+4. per object group ``g``: ``importance(k, g)`` = mean of ``I(k, b)`` over g's boxes in all images,
+   ``enrichment(k, g)`` = mean of ``E(k, b)`` over the same boxes, ``n_images(g)`` = images in
+   which g was detected;
+5. assignment: filter k belongs to ``argmax_g enrichment(k, g)`` over the groups detected in at
+   least ``min_images`` images, when that enrichment is at least ``threshold`` (groups seen in
+   too few images are not candidates, rather than blocking the assignment).
+
+Box importances of all filters and boxes come from integral images, without a loop over filters.
+Bilinear upsampling is separable and linear, ``U_k = R_H M_k R_W^T`` with ``R`` the ``(S, h)``
+interpolation matrices, so the integral image of the upsampled map is
+``C_H U_k C_W^T = P_H M_k P_W^T`` with ``P = C R`` (``C``: cumulative sums, one zero row on top,
+shape ``(S + 1, h)``). A box sum is the usual four-corner difference of that integral image,
+``sum_b U_k = (P_H[y1] - P_H[y0]) M_k (P_W[x1] - P_W[x0])^T``, so only the corner rows of ``P``
+are needed and maps stay at layer resolution: one batched matrix product gives ``(boxes, K)``.
+
+Memory is flat across batches: per-batch maps are dropped, only ``(groups, K)`` sums and a
+fixed-size top-image list per (group, filter) for the galleries are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from object2brain.errors import DataError, LayerError
+from object2brain.explain.detectors import Detector, ImageDetections, detect_images, make_detector
+from object2brain.explain.filtercam import DIRECTIONS, filter_cams, upsample_maps
+from object2brain.explain.groups import GroupMap, default_groups_for, load_groups
+
+log = logging.getLogger("object2brain.dissect")
+
+FILTER_OBJECTS_COLUMNS: tuple[str, ...] = (
+    "model",
+    "layer",
+    "filter",
+    "group",
+    "importance",
+    "enrichment",
+    "n_images",
+    "assigned",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# integral-image box importance
+
+
+def integral_weights(n_in: int, n_out: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Integral of bilinear upsampling along one axis, ``P`` of shape ``(n_out + 1, n_in)``.
+
+    ``R`` ``(n_out, n_in)`` is the interpolation matrix of ``F.interpolate(mode="bilinear",
+    align_corners=False)`` along one axis (upsampled = ``R @ x``); ``P[i] = sum_{r < i} R[r]``,
+    so ``(P[b] - P[a]) @ x`` is the sum of the upsampled values ``a <= r < b``. Float64.
+    """
+    eye = torch.eye(n_in, dtype=torch.float64, device=device)
+    R = F.interpolate(eye[None], size=n_out, mode="linear", align_corners=False)[0].T
+    zero = torch.zeros(1, n_in, dtype=torch.float64, device=device)
+    return torch.cat([zero, R.cumsum(dim=0)])
+
+
+def box_importance(
+    maps: torch.Tensor,
+    boxes: torch.Tensor,
+    image_index: torch.Tensor,
+    image_size: tuple[int, int],
+) -> torch.Tensor:
+    """Mean of each filter's upsampled map inside each box, for all filters and boxes at once.
+
+    Args:
+        maps: per-filter maps at layer resolution, ``(batch, K, h, w)``.
+        boxes: integer pixel boxes ``(N, 4)`` as ``(x0, y0, x1, y1)`` in the upsampled frame,
+            ``0 <= x0 < x1 <= W``, ``0 <= y0 < y1 <= H`` (``x1``, ``y1`` exclusive).
+        image_index: which image of the batch each box belongs to, ``(N,)``.
+        image_size: ``(H, W)`` of the upsampled frame.
+
+    Returns:
+        ``I`` of shape ``(N, K)``: ``I[n, k] = mean_{y0<=y<y1, x0<=x<x1} U_k[y, x]`` with
+        ``U_k = upsample(maps[image_index[n], k], image_size)`` (bilinear), computed from the
+        integral image (module docstring) without forming ``U``.
+    """
+    batch, K, h, w = maps.shape
+    n = boxes.shape[0]
+    if n == 0:
+        return maps.new_zeros(0, K)
+    height, width = image_size
+    boxes = boxes.to(device=maps.device, dtype=torch.long)
+    image_index = image_index.to(device=maps.device, dtype=torch.long)
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    if bool(((x1 <= x0) | (y1 <= y0) | (x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height)).any()):
+        raise ValueError(f"boxes must satisfy 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height}")
+    Ph = integral_weights(h, height, device=maps.device)
+    Pw = integral_weights(w, width, device=maps.device)
+    u = (Ph[y1] - Ph[y0]) / (y1 - y0).to(torch.float64)[:, None]  # (N, h)
+    v = (Pw[x1] - Pw[x0]) / (x1 - x0).to(torch.float64)[:, None]  # (N, w)
+    weights = (u[:, :, None] * v[:, None, :]).reshape(n, h * w).to(maps.dtype)
+    # Block-diagonal product: boxes of image b only meet the maps of image b.
+    counts = torch.bincount(image_index, minlength=batch)
+    order = torch.argsort(image_index, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(image_index)
+    slot[order] = torch.arange(n, device=maps.device) - starts[image_index[order]]
+    padded = maps.new_zeros(batch, h * w, int(counts.max()))
+    padded[image_index, :, slot] = weights
+    sums = torch.bmm(maps.reshape(batch, K, h * w), padded)  # (batch, K, max boxes per image)
+    return sums[image_index, :, slot]
+
+
+def image_means(maps: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Mean of each upsampled map over the whole frame, ``(batch, K)`` from ``(batch, K, h, w)``."""
+    batch, K, h, w = maps.shape
+    height, width = image_size
+    u = integral_weights(h, height, device=maps.device)[-1] / height
+    v = integral_weights(w, width, device=maps.device)[-1] / width
+    weights = (u[:, None] * v[None, :]).reshape(h * w).to(maps.dtype)
+    return maps.reshape(batch, K, h * w) @ weights
+
+
+def brute_force_box_importance(
+    maps: torch.Tensor,
+    boxes: torch.Tensor,
+    image_index: torch.Tensor,
+    image_size: tuple[int, int],
+) -> torch.Tensor:
+    """Reference for :func:`box_importance`: upsample every map, average inside each box."""
+    up = upsample_maps(maps, image_size)
+    rows = [
+        up[int(b), :, int(y0) : int(y1), int(x0) : int(x1)].mean(dim=(1, 2))
+        for (x0, y0, x1, y1), b in zip(boxes.tolist(), image_index.tolist(), strict=True)
+    ]
+    return torch.stack(rows) if rows else maps.new_zeros(0, maps.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# boxes: image pixels -> model input frame
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """How an image of ``width x height`` becomes the ``crop x crop`` model input.
+
+    Resize so the short side is ``resize`` (long side ``int(resize * long / short)``, as
+    torchvision does), then take the centre crop (offset ``round((size - crop) / 2)``).
+    """
+
+    scale_x: float
+    scale_y: float
+    left: int
+    top: int
+    crop: int
+
+    @classmethod
+    def of(cls, width: int, height: int, resize: int, crop: int) -> InputGeometry:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = (
+            (short, long) if short == resize else (resize, int(resize * long / short))
+        )
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        left = round((new_w - crop) / 2.0)
+        top = round((new_h - crop) / 2.0)
+        return cls(new_w / width, new_h / height, left, top, crop)
+
+    def to_input(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, ...]:
+        """Box in image pixels -> box in input pixels (not clipped)."""
+        return (
+            x0 * self.scale_x - self.left,
+            y0 * self.scale_y - self.top,
+            x1 * self.scale_x - self.left,
+            y1 * self.scale_y - self.top,
+        )
+
+
+@dataclass
+class PreparedBoxes:
+    """Usable boxes of all stimuli in the model's input frame, and what happened to the others.
+
+    Attributes:
+        frame: one row per detection: ``stimulus_id``, ``label``, ``group`` (or empty),
+            ``score``, ``x0..y1`` (image pixels, after clipping), ``input_x0..input_y1`` (input
+            pixels), ``status`` (``used``, ``unmapped``, ``outside_image``, ``outside_crop``),
+            ``clipped`` (partly outside the image).
+        by_image: stimulus position -> ``(boxes (n, 4) int64, group index (n,))`` for used boxes.
+        counts: summary counts (module docstring of :func:`dissect`).
+        unmapped: detector class -> number of detections without a group.
+    """
+
+    frame: pd.DataFrame
+    by_image: dict[int, tuple[np.ndarray, np.ndarray]]
+    counts: dict[str, int]
+    unmapped: dict[str, int]
+
+
+def prepare_boxes(
+    detections: Sequence[ImageDetections],
+    groups: GroupMap,
+    *,
+    resize: int,
+    crop: int,
+) -> PreparedBoxes:
+    """Clip boxes to their image, map classes to groups and boxes to the ``crop x crop`` input."""
+    group_index = {g: i for i, g in enumerate(groups.groups)}
+    records: list[dict[str, Any]] = []
+    by_image: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    counts = Counter(
+        {"detections": 0, "clipped": 0, "outside_image": 0, "outside_crop": 0, "unmapped": 0}
+    )
+    unmapped: Counter[str] = Counter()
+    for position, item in enumerate(detections):
+        geometry = InputGeometry.of(item.width, item.height, resize, crop)
+        boxes: list[list[int]] = []
+        gids: list[int] = []
+        for det in item.detections:
+            counts["detections"] += 1
+            cx0, cy0 = max(det.x0, 0.0), max(det.y0, 0.0)
+            cx1, cy1 = min(det.x1, float(item.width)), min(det.y1, float(item.height))
+            clipped = (cx0, cy0, cx1, cy1) != (det.x0, det.y0, det.x1, det.y1)
+            group = groups.group_of(det.label)
+            record: dict[str, Any] = {
+                "stimulus_id": item.stimulus_id,
+                "label": det.label,
+                "group": group or "",
+                "score": det.score,
+                "x0": cx0,
+                "y0": cy0,
+                "x1": cx1,
+                "y1": cy1,
+                "input_x0": -1,
+                "input_y0": -1,
+                "input_x1": -1,
+                "input_y1": -1,
+                "clipped": clipped,
+            }
+            records.append(record)
+            if cx1 - cx0 <= 0 or cy1 - cy0 <= 0:
+                counts["outside_image"] += 1
+                record["status"] = "outside_image"
+                continue
+            counts["clipped"] += int(clipped)
+            if group is None:
+                counts["unmapped"] += 1
+                unmapped[det.label] += 1
+                record["status"] = "unmapped"
+                continue
+            fx0, fy0, fx1, fy1 = geometry.to_input(cx0, cy0, cx1, cy1)
+            ix0, iy0 = min(max(round(fx0), 0), crop), min(max(round(fy0), 0), crop)
+            ix1, iy1 = min(max(round(fx1), 0), crop), min(max(round(fy1), 0), crop)
+            if fx1 <= 0 or fy1 <= 0 or fx0 >= crop or fy0 >= crop:
+                counts["outside_crop"] += 1
+                record["status"] = "outside_crop"
+                continue
+            if ix1 <= ix0:  # thinner than a pixel after rounding: keep one pixel
+                ix0, ix1 = (ix0, ix0 + 1) if ix0 < crop else (crop - 1, crop)
+            if iy1 <= iy0:
+                iy0, iy1 = (iy0, iy0 + 1) if iy0 < crop else (crop - 1, crop)
+            record.update(input_x0=ix0, input_y0=iy0, input_x1=ix1, input_y1=iy1, status="used")
+            boxes.append([ix0, iy0, ix1, iy1])
+            gids.append(group_index[group])
+        if boxes:
+            by_image[position] = (np.asarray(boxes, np.int64), np.asarray(gids, np.int64))
+    columns = [
+        "stimulus_id", "label", "group", "score", "x0", "y0", "x1", "y1",
+        "input_x0", "input_y0", "input_x1", "input_y1", "clipped", "status",
+    ]  # fmt: skip
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    counts["used"] = sum(len(b) for b, _ in by_image.values())
+    counts["images"] = len(detections)
+    counts["images_used"] = len(by_image)
+    counts["images_without_detections"] = len(detections) - len(by_image)
+    return PreparedBoxes(frame, by_image, dict(counts), dict(unmapped))
+
+
+# ----------------------------------------------------------------------------------------------
+# accumulation and assignment
+
+
+class GroupAccumulator:
+    """Running per-(group, filter) sums over batches; memory independent of the number of images.
+
+    Holds ``sum_I`` and ``sum_E`` ``(G, K)``, the number of boxes per group ``(G,)``, the number of
+    finite ``E`` values ``(G, K)``, and the ``top`` largest per-image importances per (group,
+    filter) with their stimulus positions ``(G, K, top)`` (for galleries).
+    """
+
+    def __init__(self, n_groups: int, n_filters: int, *, top: int = 4) -> None:
+        G, K = n_groups, n_filters
+        self.sum_importance = torch.zeros(G, K, dtype=torch.float64)
+        self.sum_enrichment = torch.zeros(G, K, dtype=torch.float64)
+        self.n_enrichment = torch.zeros(G, K, dtype=torch.float64)
+        self.n_boxes = torch.zeros(G, dtype=torch.float64)
+        self.top_values = torch.full((G, K, top), -math.inf, dtype=torch.float32)
+        self.top_images = torch.full((G, K, top), -1, dtype=torch.long)
+
+    def add(
+        self,
+        importance: torch.Tensor,
+        whole: torch.Tensor,
+        image_index: torch.Tensor,
+        group_index: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Add one batch.
+
+        Args:
+            importance: ``I`` ``(N, K)`` of the batch's boxes.
+            whole: whole-frame map means ``(batch, K)``.
+            image_index: image of each box within the batch ``(N,)``.
+            group_index: group of each box ``(N,)``.
+            positions: stimulus position of each image of the batch ``(batch,)``.
+        """
+        importance = importance.detach().cpu()
+        whole = whole.detach().cpu()
+        image_index, group_index = image_index.cpu(), group_index.cpu()
+        G, K, top = self.top_values.shape
+        denominator = whole[image_index]
+        finite = denominator > 0
+        enrichment = torch.where(finite, importance / denominator.clamp_min(1e-30), 0.0)
+        self.sum_importance.index_add_(0, group_index, importance.double())
+        self.sum_enrichment.index_add_(0, group_index, enrichment.double())
+        self.n_enrichment.index_add_(0, group_index, finite.double())
+        self.n_boxes.index_add_(0, group_index, torch.ones(len(group_index), dtype=torch.float64))
+        # Per (image, group): the largest box importance, then merge into the running top list.
+        batch = whole.shape[0]
+        key = image_index * G + group_index
+        best = torch.full((batch * G, K), -math.inf)
+        best.scatter_reduce_(0, key[:, None].expand(-1, K), importance.float(), reduce="amax")
+        best = best.reshape(batch, G, K).permute(1, 2, 0)  # (G, K, batch)
+        images = positions.cpu().long()[None, None, :].expand(G, K, batch)
+        values = torch.cat([self.top_values, best], dim=2)
+        owners = torch.cat([self.top_images, images], dim=2)
+        keep = values.topk(top, dim=2)
+        self.top_values = keep.values
+        self.top_images = torch.where(
+            torch.isfinite(keep.values), owners.gather(2, keep.indices), -1
+        )
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """``importance`` and ``enrichment`` ``(G, K)``; NaN where a group has no box."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            importance = (self.sum_importance / self.n_boxes[:, None]).numpy()
+            enrichment = (self.sum_enrichment / self.n_enrichment).numpy()
+        return importance, enrichment
+
+
+def assign_filters(
+    enrichment: np.ndarray,
+    n_images: np.ndarray,
+    *,
+    threshold: float = 1.5,
+    min_images: int = 5,
+) -> np.ndarray:
+    """Group of each filter, ``(K,)`` int (-1 = none), from enrichment ``(G, K)``.
+
+    ``argmax_g E(g, k)`` over groups with ``n_images(g) >= min_images``, kept when that
+    ``E >= threshold`` (module docstring).
+    """
+    eligible = (np.asarray(n_images) >= min_images)[:, None] & np.isfinite(enrichment)
+    masked = np.where(eligible, enrichment, -np.inf)
+    if masked.shape[0] == 0:
+        return np.full(enrichment.shape[1], -1, dtype=np.int64)
+    best = masked.argmax(axis=0)
+    best_value = masked.max(axis=0)
+    return np.where(best_value >= threshold, best, -1).astype(np.int64)
+
+
+def filter_objects_table(
+    model: str,
+    layer: str,
+    groups: Sequence[str],
+    importance: np.ndarray,
+    enrichment: np.ndarray,
+    n_images: np.ndarray,
+    assignment: np.ndarray,
+) -> pd.DataFrame:
+    """The ``filter_objects`` table (DESIGN.md section 3): one row per (filter, group)."""
+    G, K = importance.shape
+    filters = np.repeat(np.arange(K), G)
+    group_ids = np.tile(np.arange(G), K)
+    return pd.DataFrame(
+        {
+            "model": model,
+            "layer": layer,
+            "filter": filters.astype(np.int64),
+            "group": np.asarray(groups, dtype=object)[group_ids] if G else [],
+            "importance": importance.T.reshape(-1).astype(np.float64),
+            "enrichment": enrichment.T.reshape(-1).astype(np.float64),
+            "n_images": np.asarray(n_images, dtype=np.int64)[group_ids] if G else [],
+            "assigned": assignment[filters] == group_ids,
+        },
+        columns=list(FILTER_OBJECTS_COLUMNS),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole analysis
+
+
+@dataclass
+class DissectResult:
+    """What :func:`dissect` produced.
+
+    Attributes:
+        table: the ``filter_objects`` table.
+        boxes: every detection with its group, coordinates and status (``detections`` table).
+        summary: counts (images, boxes clipped / dropped / unmapped, ...) and settings.
+        out: output folder, if one was written.
+        files: files written.
+    """
+
+    table: pd.DataFrame
+    boxes: pd.DataFrame
+    summary: dict[str, Any]
+    out: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def dissect(
+    model: Any,
+    stimuli: Any,
+    *,
+    layer: str,
+    detector: str | Detector = "opencv",
+    groups: str | Path | GroupMap | None = None,
+    direction: str = "positive",
+    target: int | None = None,
+    threshold: float = 1.5,
+    min_images: int = 5,
+    out: str | Path | None = None,
+    weights: str = "default",
+    head: str | Path | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    figures: bool = True,
+    gallery_filters: int = 3,
+    gallery_images: int = 4,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> DissectResult:
+    """EmoCAM++: per-filter Grad-CAM x object detections -> the ``filter_objects`` table.
+
+    Args:
+        model: a :class:`~object2brain.models.zoo.LoadedModel`, or an architecture name loaded
+            with ``weights``, ``head`` and ``seed``.
+        stimuli: a :class:`~object2brain.data.stimuli.StimulusSet`, or a table / image folder.
+        layer: one dotted module name with spatial output ``(batch, K, h, w)``.
+        detector: ``opencv`` | ``fasterrcnn`` | ``retinanet`` | ``fcos`` | ``ssdlite`` |
+            ``boxes:FILE``, or a :class:`~object2brain.explain.detectors.Detector`.
+        groups: group map YAML (or shipped name, or :class:`GroupMap`); default: the shipped map
+            that fits the detector.
+        direction: ``positive`` | ``negative`` | ``abs`` (see :mod:`~.filtercam`).
+        target: output unit to explain when the model has no valence head (e.g. an ImageNet class
+            index); without a head and without ``target`` a clear error is raised.
+        threshold: minimum enrichment for an assignment (default 1.5).
+        min_images: a group must be detected in at least this many images (default 5).
+        out: folder for ``filter_objects.csv/.parquet``, ``detections.csv/.parquet``,
+            ``figures/`` and ``manifest.json``; ``None`` writes nothing.
+        batch_size: images per forward/backward pass.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        cache_dir: detection cache (default ``<out>/detection_cache``; none without ``out``).
+        figures: draw the heatmap and galleries (needs ``out``).
+        gallery_filters / gallery_images: top filters per group, images per filter, in galleries.
+        num_workers: image decoding workers (default: 0 for one batch, else up to 4).
+        progress: progress bars.
+
+    Summary counts: ``images``, ``images_used``, ``images_without_detections`` (left out),
+    ``detections``, ``used`` boxes, ``clipped`` (partly outside the image), ``outside_image`` /
+    ``outside_crop`` (dropped), ``unmapped`` (class without group; per class in
+    ``unmapped_classes``), ``cache_hits``, ``boxes_file_unmatched`` (given boxes of unknown ids).
+
+    Raises:
+        LayerError: unknown layer or one without spatial maps.
+        ModelError: no valence head and no ``target``.
+        DataError: bad boxes / groups files, or no image with a usable detection.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from object2brain.data.stimuli import StimulusSet, load_stimuli
+    from object2brain.devices import resolve_device
+    from object2brain.explain.detectors import GivenBoxes
+    from object2brain.extract import ImageDataset
+    from object2brain.models.layers import resolve_layers
+    from object2brain.models.zoo import LoadedModel, load_model
+
+    started = time.time()
+    if direction not in DIRECTIONS or direction == "signed":
+        raise DataError(f"--direction {direction!r}: use positive, negative or abs")
+    if batch_size < 1:
+        raise DataError(f"batch size {batch_size}: must be at least 1")
+    stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, weights, head=head, seed=seed)
+    )
+    names = resolve_layers(loaded, [layer])
+    if len(names) != 1:
+        raise LayerError(f"--layer {layer!r}: give one layer with spatial maps")
+    layer = names[0]
+    torch_device = resolve_device(device)
+    network = loaded.module.to(torch_device).eval()
+    crop = loaded.preprocessing.crop_size
+    resize = loaded.preprocessing.resize_size
+    # Fail fast (before detection) on a layer without maps or a model without valence output.
+    probe = filter_cams(
+        network, layer, torch.zeros(1, 3, crop, crop, device=torch_device), target=target
+    )
+    n_filters, layer_hw = probe.maps.shape[1], tuple(probe.maps.shape[2:])
+    del probe
+
+    det = (
+        detector if isinstance(detector, Detector) else make_detector(detector, device=torch_device)
+    )
+    group_map = (
+        groups
+        if isinstance(groups, GroupMap)
+        else load_groups(groups)
+        if groups is not None
+        else default_groups_for(det.kind)
+    )
+    out_path = Path(out).expanduser() if out is not None else None
+    cache = (
+        cache_dir if cache_dir is not None else (out_path / "detection_cache" if out_path else None)
+    )
+    found, hits = detect_images(
+        det, stimulus_set.ids, stimulus_set.paths, cache_dir=cache, progress=progress
+    )
+    prepared = prepare_boxes(found, group_map, resize=resize, crop=crop)
+    counts = prepared.counts
+    unmatched = det.unmatched() if isinstance(det, GivenBoxes) else []
+    _log_counts(counts, prepared.unmapped, unmatched)
+    if not prepared.by_image:
+        raise DataError(
+            f"no image has a usable detection of a mapped class ({counts['detections']} "
+            f"detection(s) in {counts['images']} image(s): {counts['unmapped']} of unmapped "
+            f"classes, {counts['outside_image'] + counts['outside_crop']} outside the image or "
+            "its centre crop); check the detector and the group map"
+        )
+
+    G = len(group_map.groups)
+    n_images = np.zeros(G, dtype=np.int64)
+    for _, gids in prepared.by_image.values():
+        n_images[np.unique(gids)] += 1
+    accumulator = GroupAccumulator(G, n_filters, top=gallery_images)
+    positions = sorted(prepared.by_image)
+    dataset = ImageDataset(
+        [stimulus_set.paths[p] for p in positions],
+        [stimulus_set.ids[p] for p in positions],
+        loaded.preprocessing,
+    )
+    workers = (
+        (0 if len(positions) <= batch_size else min(4, _cpu_count()))
+        if num_workers is None
+        else num_workers
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    bar = tqdm(total=len(positions), disable=not progress, unit="img", desc="dissect")
+    try:
+        for indices, images, errors in loader:
+            failed = [e for e in errors if e]
+            if failed:
+                raise DataError(f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}")
+            batch_positions = torch.tensor([positions[int(i)] for i in indices])
+            cams = filter_cams(
+                network, layer, images.to(torch_device), target=target, direction=direction
+            )
+            boxes, image_index, group_index = _batch_boxes(prepared, batch_positions.tolist())
+            importance = box_importance(cams.maps, boxes, image_index, (crop, crop))
+            whole = image_means(cams.maps, (crop, crop))
+            accumulator.add(importance, whole, image_index, group_index, batch_positions)
+            del cams, importance, whole
+            bar.update(len(indices))
+    finally:
+        bar.close()
+
+    importance_g, enrichment_g = accumulator.means()
+    assignment = assign_filters(enrichment_g, n_images, threshold=threshold, min_images=min_images)
+    table = filter_objects_table(
+        loaded.name, layer, group_map.groups, importance_g, enrichment_g, n_images, assignment
+    )
+    summary: dict[str, Any] = {
+        **counts,
+        "unmapped_classes": prepared.unmapped,
+        "boxes_file_unmatched": unmatched,
+        "cache_hits": hits,
+        "n_filters": n_filters,
+        "layer_resolution": list(layer_hw),
+        "input_size": crop,
+        "groups": list(group_map.groups),
+        "n_images_per_group": {g: int(n) for g, n in zip(group_map.groups, n_images, strict=True)},
+        "n_assigned": {g: int((assignment == i).sum()) for i, g in enumerate(group_map.groups)},
+        "seconds": 0.0,
+    }
+    result = DissectResult(table=table, boxes=prepared.frame, summary=summary, out=out_path)
+    if out_path is not None:
+        from object2brain.store import write_table
+
+        result.files += list(write_table(table, out_path, "filter_objects"))
+        result.files += list(write_table(prepared.frame, out_path, "detections"))
+        if figures:
+            result.files += _draw_figures(
+                result, loaded, network, layer, stimulus_set, prepared, accumulator,
+                assignment, enrichment_g, group_map, target=target, direction=direction,
+                device=torch_device, batch_size=batch_size, n_filters=gallery_filters,
+            )  # fmt: skip
+        summary["seconds"] = round(time.time() - started, 3)
+        result.files.append(
+            _write_manifest(
+                out_path,
+                loaded,
+                stimulus_set,
+                det,
+                group_map,
+                summary,
+                result.files,
+                layer=layer,
+                direction=direction,
+                target=target,
+                threshold=threshold,
+                min_images=min_images,
+                batch_size=batch_size,
+                device=torch_device,
+                seed=seed,
+            )
+        )
+    summary["seconds"] = round(time.time() - started, 3)
+    return result
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def _batch_boxes(
+    prepared: PreparedBoxes, batch_positions: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes ``(N, 4)``, image index within the batch ``(N,)`` and group index ``(N,)``."""
+    boxes, images, groups = [], [], []
+    for i, position in enumerate(batch_positions):
+        b, g = prepared.by_image[position]
+        boxes.append(b)
+        groups.append(g)
+        images.append(np.full(len(b), i, dtype=np.int64))
+    return (
+        torch.from_numpy(np.concatenate(boxes)),
+        torch.from_numpy(np.concatenate(images)),
+        torch.from_numpy(np.concatenate(groups)),
+    )
+
+
+def _log_counts(counts: dict[str, int], unmapped: dict[str, int], unmatched: list[str]) -> None:
+    log.info(
+        "%d detection(s) in %d image(s): %d used, %d clipped to the image, %d outside the image, "
+        "%d outside the centre crop, %d of unmapped classes",
+        counts["detections"], counts["images"], counts["used"], counts["clipped"],
+        counts["outside_image"], counts["outside_crop"], counts["unmapped"],
+    )  # fmt: skip
+    if counts["images_without_detections"]:
+        log.warning(
+            "%d of %d image(s) left out: no usable detection of a mapped class",
+            counts["images_without_detections"], counts["images"],
+        )  # fmt: skip
+    if unmapped:
+        listed = ", ".join(f"{k} ({v})" for k, v in sorted(unmapped.items()))
+        log.warning("classes without a group (boxes left out): %s", listed)
+    if unmatched:
+        log.warning(
+            "%d entr(ies) of the boxes file match no stimulus: %s",
+            len(unmatched), ", ".join(unmatched[:10]),
+        )  # fmt: skip
+
+
+def _write_manifest(
+    out: Path,
+    loaded: Any,
+    stimulus_set: Any,
+    det: Detector,
+    group_map: GroupMap,
+    summary: dict[str, Any],
+    files: list[Path],
+    **config: Any,
+) -> Path:
+    from object2brain.manifest import build_manifest, file_sha256
+    from object2brain.store import write_json
+
+    inputs = {"stimuli_fingerprint": stimulus_set.fingerprint(), "weights": loaded.weights_sha256}
+    if stimulus_set.source is not None and stimulus_set.source.is_file():
+        inputs["stimulus_table"] = file_sha256(stimulus_set.source)
+    for source in group_map.source:
+        if Path(source).is_file():
+            inputs[f"groups:{source}"] = file_sha256(source)
+    path_of_boxes = getattr(det, "path", None)
+    if isinstance(path_of_boxes, Path) and path_of_boxes.is_file():
+        inputs["boxes_file"] = file_sha256(path_of_boxes)
+    payload = build_manifest(
+        "dissect",
+        {
+            **loaded.describe(),
+            **{k: str(v) if isinstance(v, torch.device) else v for k, v in config.items()},
+            "detector": det.config(),
+            "groups": {"name": group_map.name, "source": list(group_map.source)},
+            "out": str(out),
+        },
+        seeds={"seed": int(config.get("seed", 0))},
+        inputs=inputs,
+        outputs=[str(f) for f in files],
+        extra={"summary": summary},
+    )
+    return write_json(out / "manifest.json", payload)
+
+
+def _draw_figures(
+    result: DissectResult,
+    loaded: Any,
+    network: torch.nn.Module,
+    layer: str,
+    stimulus_set: Any,
+    prepared: PreparedBoxes,
+    accumulator: GroupAccumulator,
+    assignment: np.ndarray,
+    enrichment: np.ndarray,
+    group_map: GroupMap,
+    *,
+    target: int | None,
+    direction: str,
+    device: torch.device,
+    batch_size: int,
+    n_filters: int,
+) -> list[Path]:
+    """Heatmap of enrichment (filters x groups) and one gallery per group (PNG + SVG)."""
+    from object2brain.data.images import load_image
+    from object2brain.report.dissect_figures import (
+        GalleryPanel,
+        plot_filter_group_heatmap,
+        plot_group_gallery,
+    )
+
+    assert result.out is not None
+    fig_dir = result.out / "figures"
+    files = plot_filter_group_heatmap(result.table, fig_dir)
+    # Top filters per group: assigned ones first, then by enrichment.
+    choices: list[tuple[int, int, list[int]]] = []
+    for g in range(len(group_map.groups)):
+        row = np.nan_to_num(enrichment[g], nan=-np.inf)
+        order = sorted(range(row.shape[0]), key=lambda k: (assignment[k] != g, -row[k]))
+        for k in order[:n_filters]:
+            if not np.isfinite(row[k]):
+                continue
+            images = [int(p) for p in accumulator.top_images[g, k].tolist() if p >= 0]
+            if images:
+                choices.append((g, k, images))
+    needed = sorted({p for _, _, images in choices for p in images})
+    if not needed:
+        return files
+    transform = loaded.preprocessing.transform()
+    mean = torch.tensor(loaded.preprocessing.mean)[:, None, None]
+    std = torch.tensor(loaded.preprocessing.std)[:, None, None]
+    crop = loaded.preprocessing.crop_size
+    pictures: dict[int, np.ndarray] = {}
+    heat: dict[tuple[int, int], np.ndarray] = {}
+    wanted: dict[int, set[int]] = {}
+    for _g, k, images in choices:
+        for p in images:
+            wanted.setdefault(p, set()).add(k)
+    for start in range(0, len(needed), batch_size):
+        chunk = needed[start : start + batch_size]
+        tensors = torch.stack([transform(load_image(stimulus_set.paths[p])) for p in chunk])
+        cams = filter_cams(network, layer, tensors.to(device), target=target, direction=direction)
+        for i, p in enumerate(chunk):
+            rgb = (tensors[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            pictures[p] = (rgb * 255).astype(np.uint8)
+            ks = sorted(wanted[p])
+            up = upsample_maps(cams.maps[i : i + 1, ks], (crop, crop))[0].cpu().numpy()
+            for j, k in enumerate(ks):
+                heat[(p, k)] = up[j]
+    for g, group in enumerate(group_map.groups):
+        panels = []
+        for gg, k, images in choices:
+            if gg != g:
+                continue
+            for p in images:
+                boxes, gids = prepared.by_image[p]
+                panels.append(
+                    GalleryPanel(
+                        group=group,
+                        filter=k,
+                        stimulus_id=stimulus_set.ids[p],
+                        image=pictures[p],
+                        heat=heat[(p, k)],
+                        boxes=[tuple(int(v) for v in b) for b in boxes[gids == g]],
+                        enrichment=float(enrichment[g, k]),
+                        assigned=bool(assignment[k] == g),
+                    )
+                )
+        if panels:
+            files += plot_group_gallery(panels, fig_dir, group)
+    return files

@@ -1,0 +1,104 @@
+"""The whole dissection: planted face filter -> Faces, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from object2brain.errors import DataError, LayerError, ModelError
+from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS, dissect
+
+from .helpers import FACE_CHANNEL, make_composites, planted_model, stimulus_csv
+
+
+@pytest.fixture(scope="module")
+def composites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("composites")
+    paths = make_composites(folder, n=6)
+    (plain,) = make_composites(folder / "plain", n=1, with_face=False)
+    paths.append(plain.rename(plain.with_name("plain00.png")))
+    return stimulus_csv(paths, folder)
+
+
+def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = dissect(planted_model(), composites, layer="features", out=out, device="cpu",
+                     gallery_filters=1, gallery_images=3, progress=False)  # fmt: skip
+    table = result.table
+    assert tuple(table.columns) == FILTER_OBJECTS_COLUMNS
+    assigned = table[table["assigned"]]
+    assert assigned[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Faces"]]
+    faces = table[table["group"] == "Faces"].set_index("filter")
+    assert faces.loc[FACE_CHANNEL, "enrichment"] > 3 * faces["enrichment"].drop(FACE_CHANNEL).max()
+    assert faces.loc[FACE_CHANNEL, "n_images"] >= 6
+    # The plain photo has no detection: left out and counted.
+    assert result.summary["images_without_detections"] == 1
+    assert result.summary["images_used"] == 6
+    # Outputs: tables, figures, manifest, detection cache (JSON).
+    for name in ("filter_objects.csv", "filter_objects.parquet", "detections.csv", "manifest.json"):
+        assert (out / name).is_file()
+    read = pd.read_parquet(out / "filter_objects.parquet")
+    assert tuple(read.columns) == FILTER_OBJECTS_COLUMNS and len(read) == len(table)
+    for stem in ("filter_group_heatmap", "gallery_Faces"):
+        assert (out / "figures" / f"{stem}.png").is_file()
+        assert (out / "figures" / f"{stem}.svg").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "dissect"
+    assert manifest["summary"]["images_without_detections"] == 1
+    assert len(list((out / "detection_cache").rglob("*.json"))) == 7
+    # A second run takes every detection from the cache.
+    again = dissect(planted_model(), composites, layer="features", out=out, device="cpu",
+                    figures=False, progress=False)  # fmt: skip
+    assert again.summary["cache_hits"] == 7
+    pd.testing.assert_frame_equal(again.table, table)
+
+
+def test_given_boxes_clipped_and_counted(composites: Path, tmp_path: Path) -> None:
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(
+        "stimulus_id,x0,y0,x1,y1,label\n"
+        "comp00,50,30,146,126,Human face\n"
+        "comp01,170,120,266,216,Human face\n"
+        "comp01,-40,-40,400,300,Building\n"  # clipped to the image
+        "comp02,400,10,500,50,Car\n"  # entirely outside the image
+        "comp03,10,10,30,30,Flux capacitor\n"  # unmapped
+        "nosuch,1,1,2,2,Car\n"  # unknown stimulus
+    )
+    result = dissect(planted_model(), composites, layer="features", detector=f"boxes:{boxes}",
+                     min_images=1, device="cpu", progress=False)  # fmt: skip
+    s = result.summary
+    assert s["clipped"] == 1 and s["outside_image"] == 1 and s["unmapped"] == 1
+    assert s["unmapped_classes"] == {"Flux capacitor": 1}
+    assert s["boxes_file_unmatched"] == ["nosuch"]
+    assert s["images_used"] == 2 and s["images_without_detections"] == 5
+    assigned = result.table[result.table["assigned"]]
+    assert assigned[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Faces"]]
+
+
+def test_no_usable_detection_is_a_clear_error(composites: Path, tmp_path: Path) -> None:
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("stimulus_id,x0,y0,x1,y1,label\ncomp00,1,1,20,20,Flux capacitor\n")
+    with pytest.raises(DataError, match="no image has a usable detection"):
+        dissect(planted_model(), composites, layer="features", detector=f"boxes:{boxes}",
+                device="cpu", progress=False)  # fmt: skip
+
+
+def test_model_without_head_needs_target(composites: Path, tmp_path: Path) -> None:
+    model = planted_model(outputs=3)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("stimulus_id,x0,y0,x1,y1,label\ncomp00,50,30,146,126,person\n")
+    common = {"detector": f"boxes:{boxes}", "device": "cpu", "progress": False}
+    with pytest.raises(ModelError, match="--target INDEX"):
+        dissect(model, composites, layer="features", **common)
+    result = dissect(model, composites, layer="features", target=0, min_images=1, **common)
+    assigned = result.table[result.table["assigned"]]
+    assert assigned[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Humans"]]
+    with pytest.raises(ModelError, match=r"--target 3: the model has outputs 0..2"):
+        dissect(model, composites, layer="features", target=3, **common)
+    with pytest.raises(LayerError, match="not spatial maps"):
+        dissect(model, composites, layer="fc", target=0, **common)
+    with pytest.raises(LayerError, match="close matches: features"):
+        dissect(model, composites, layer="featurs", target=0, **common)

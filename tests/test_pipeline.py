@@ -1,0 +1,160 @@
+"""Study configs: validation with key paths; staged runs that reuse, re-run and resume."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from object2brain.config import ConfigError, load_config
+from object2brain.pipeline import run_study
+
+
+def write_config(folder: Path, payload: dict[str, Any]) -> Path:
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
+@pytest.fixture
+def study(stimulus_table: Path, tmp_path: Path) -> dict[str, Any]:
+    frame = pd.read_csv(stimulus_table)
+    boxes = pd.DataFrame(
+        {
+            "stimulus_id": frame["stimulus_id"],
+            "x0": 40,
+            "y0": 30,
+            "x1": 70,
+            "y1": 60,
+            "label": "face",
+        }
+    )
+    boxes.to_csv(tmp_path / "boxes.csv", index=False)
+    return {
+        "out": "results",
+        "seed": 1,
+        "device": "cpu",
+        "stimuli": str(stimulus_table),
+        "models": [{"arch": "resnet18", "weights": "none", "layers": ["layer3", "layer4"]}],
+        "simulate": {"rois": ["EVC=layer:layer3;snr=2;voxels=50"], "n_subjects": 3},
+        "extract": {"batch_size": 4},
+        "train_head": {"epochs": 3, "patience": 2, "batch_size": 4},
+        "rsa": {"n_perm": 20, "n_boot": 10},
+        "dissect": {
+            "layer": "layer4",
+            "detector": f"boxes:{tmp_path / 'boxes.csv'}",
+            "min_images": 1,
+            "direction": "abs",
+            "threshold": 1.2,
+        },
+        "lesion": {"n_null": 10, "variants": ["lesion"]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(colour="red"), "colour: unknown key"),
+        (lambda c: c["rsa"].update(n_permutations=5), "rsa.n_permutations: unknown key"),
+        (lambda c: c["rsa"].update(n_perm="many"), "rsa.n_perm: Input should be a valid integer"),
+        (
+            lambda c: c["models"][0].update(arch="resnet19"),
+            "models.0.arch: unknown model 'resnet19'",
+        ),
+        (lambda c: c.update(stimuli="nowhere.csv"), "stimuli: file not found"),
+        (lambda c: c.pop("dissect"), "lesion needs the dissect section"),
+        (lambda c: c.update(models=[]), "models: List should have at least 1 item"),
+        (
+            lambda c: c["extract"].update(dtype="int8"),
+            "extract.dtype: Input should be 'float32' or 'float16'",
+        ),
+    ],
+)
+def test_config_mistakes_name_the_key(
+    study: dict[str, Any], tmp_path: Path, edit: Any, message: str
+) -> None:
+    edit(study)
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, study))
+    assert message in str(info.value)
+    assert str(tmp_path / "study.yaml") in str(info.value)
+
+
+def test_config_paths_resolve_relative_to_file(study: dict[str, Any], tmp_path: Path) -> None:
+    config, base = load_config(write_config(tmp_path, study))
+    assert base == tmp_path.resolve()
+    assert config.out == tmp_path.resolve() / "results"
+    assert config.models[0].label == "resnet18"
+
+
+def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path: Path) -> None:
+    path = write_config(tmp_path, study)
+    first = run_study(path, progress=False)
+    out = tmp_path / "results"
+    assert {"simulate", "train_head", "rsa", "lesion"} <= set(first.ran)
+    for name in (
+        "rsa/alignment.csv",
+        "dissect/resnet18/filter_objects.csv",
+        "lesion/resnet18/object2brain.csv",
+        "simulation/truth.json",
+        "report.html",
+        "manifest.json",
+        "heads/resnet18/head.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    alignment = pd.read_csv(out / "rsa" / "alignment.csv")
+    assert "valence" in set(alignment["layer"])  # the trained head's output was extracted
+    assert {"EVC", "behavior"} <= set(alignment["target"])
+    lesion = pd.read_csv(out / "lesion" / "resnet18" / "object2brain.csv")
+    assert {"Faces", "unassigned"} <= set(lesion["group"])
+    page = (out / "report.html").read_text()
+    assert "Planted truth vs recovered" in page and "Simulated data" in page
+
+    again = run_study(path, progress=False)
+    assert again.ran == [] and set(again.skipped) == set(first.ran)
+
+    study["rsa"]["n_perm"] = 30
+    edited = run_study(write_config(tmp_path, study), progress=False)
+    assert edited.ran == ["rsa"]
+    assert (pd.read_csv(out / "rsa" / "alignment.csv")["n_perm"] == 30).all()
+
+
+def test_interrupted_run_completes_identically(
+    study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference_dir = tmp_path / "ref"
+    reference_dir.mkdir()
+    run_study(write_config(reference_dir, study), progress=False)
+
+    # the package exports the function o2b.lesion, so fetch the module itself
+    lesion_module = importlib.import_module("object2brain.lesion")
+
+    original = lesion_module.run_lesion
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lesion_module, "run_lesion", killed)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    path = write_config(resumed_dir, study)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, progress=False)
+    assert not (resumed_dir / "results" / "lesion" / ".stage.json").exists()
+    monkeypatch.setattr(lesion_module, "run_lesion", original)
+    result = run_study(path, progress=False)
+    assert result.ran == ["lesion"]
+    for table in (
+        "rsa/alignment.csv",
+        "lesion/resnet18/object2brain.csv",
+        "dissect/resnet18/filter_objects.csv",
+    ):
+        a = pd.read_csv(reference_dir / "results" / table)
+        b = pd.read_csv(resumed_dir / "results" / table)
+        pd.testing.assert_frame_equal(a, b)
+    assert np.isfinite(pd.read_csv(resumed_dir / "results" / "rsa" / "alignment.csv")["r"]).any()
