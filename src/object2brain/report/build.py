@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from object2brain.errors import DataError
