@@ -25,6 +25,7 @@ th { background: #f4f4f6; }
 .card { width: 150px; font-size: .72rem; }
 .card img { width: 150px; height: 150px; object-fit: cover; border-radius: 4px; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; }
+.scroll { overflow-x: auto; max-width: 100%; }
 figcaption { font-size: .85rem; color: #555; }
 """
 
@@ -77,7 +78,10 @@ def table_html(frame: pd.DataFrame, *, float_format: str = "{:.3f}") -> str:
             text = float_format.format(value) if isinstance(value, float) else str(value)
             cells.append(f"<td>{escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
 
 
 def render_page(title: str, intro: str, sections: Sequence[Section]) -> str:
