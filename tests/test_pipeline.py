@@ -158,3 +158,19 @@ def test_interrupted_run_completes_identically(
         b = pd.read_csv(resumed_dir / "results" / table)
         pd.testing.assert_frame_equal(a, b)
     assert np.isfinite(pd.read_csv(resumed_dir / "results" / "rsa" / "alignment.csv")["r"]).any()
+
+
+def test_example_config_is_valid() -> None:
+    from object2brain.config import RunConfig
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "study.yaml"
+    config = RunConfig.model_validate(yaml.safe_load(example.read_text()))
+    assert [m.label for m in config.models] == [
+        "resnet18",
+        "resnet18_places365",
+        "efficientnet_lite0",
+    ]
+    assert (
+        config.dissect is not None
+        and config.dissect.layer_for("efficientnet_lite0") == "_blocks.14"
+    )
