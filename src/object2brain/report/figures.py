@@ -49,12 +49,17 @@ def plot_alignment(
     )
     position = {layer: i for i, layer in enumerate(layers)}
     width = max(4.0, 0.55 * len(layers) + 2.5)
-    fig, axes = plt.subplots(
-        1, len(conditions), figsize=(width * len(conditions), 4.0), squeeze=False, sharey=True
+    n_cols = min(2, len(conditions))
+    n_rows = -(-len(conditions) // n_cols)
+    fig, grid = plt.subplots(
+        n_rows, n_cols, figsize=(width * n_cols, 4.0 * n_rows), squeeze=False, sharey=True
     )
+    panels = list(grid.ravel())
+    for unused in panels[len(conditions) :]:
+        unused.axis("off")
     colours = plt.get_cmap("tab10")
     targets = list(dict.fromkeys(rows["target"]))
-    for ax, condition in zip(axes[0], conditions, strict=True):
+    for ax, condition in zip(panels, conditions, strict=False):
         panel = rows[rows["condition"] == condition]
         for t, target in enumerate(targets):
             colour = colours(t % 10)
@@ -82,7 +87,8 @@ def plot_alignment(
         ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{model} - {condition}")
         ax.set_xlabel("layer")
-    axes[0][0].set_ylabel(f"r ({subject})")
+    for row in grid:
+        row[0].set_ylabel(f"r ({subject})")
     fig.text(
         0.01,
         0.0,
@@ -90,7 +96,7 @@ def plot_alignment(
         fontsize=8,
         color="0.3",
     )
-    axes[0][-1].legend(fontsize=8, frameon=False, loc="best")
+    panels[0].legend(fontsize=8, frameon=False, loc="best")
     fig.tight_layout()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
     try:
