@@ -7,6 +7,17 @@ Every problem a user can cause (bad files, unknown names, unavailable weights) r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+MAX_LISTED = 20
+
+
+def listing(items: Sequence[object], limit: int = MAX_LISTED) -> str:
+    """``a, b, c, ... and N more``: the items at fault, shortened for a one-line message."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    more = len(items) - limit
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
 
 class Object2BrainError(Exception):
     """Base class of errors caused by the user's input or environment."""

@@ -35,19 +35,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from object2brain.errors import DataError, StimulusError
+from object2brain.errors import DataError, StimulusError, listing
 
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("patterns", "rdms", "nifti")
 OnMissing = Literal["error", "intersect"]
-_MAX_LISTED = 20
-
-
-def _listing(items: Sequence[object]) -> str:
-    shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -71,7 +64,7 @@ class BrainItem:
         missing = [sid for sid in ids if sid not in index]
         if missing:
             raise DataError(
-                f"{self.label}: {len(missing)} stimulus id(s) missing: {_listing(missing)}"
+                f"{self.label}: {len(missing)} stimulus id(s) missing: {listing(missing)}"
             )
         rows = np.asarray([index[sid] for sid in ids], dtype=np.int64)
         data = self.data[rows] if self.kind == "patterns" else self.data[np.ix_(rows, rows)]
@@ -137,7 +130,7 @@ class BrainData:
             have = set(item.stimulus_ids)
             missing = [sid for sid in ids if sid not in have]
             if missing:
-                problems.append(f"{item.label}: lacks {len(missing)} id(s): {_listing(missing)}")
+                problems.append(f"{item.label}: lacks {len(missing)} id(s): {listing(missing)}")
                 keep -= set(missing)
             extra = [sid for sid in item.stimulus_ids if sid not in wanted]
             if extra:
@@ -145,7 +138,7 @@ class BrainData:
                     "%s: %d stimulus id(s) not in the stimulus set are ignored: %s",
                     item.label,
                     len(extra),
-                    _listing(extra),
+                    listing(extra),
                 )
         if problems:
             message = "brain data do not cover the stimulus set; " + "; ".join(problems)
@@ -270,7 +263,7 @@ def _check_unique(ids: Sequence[str], where: str) -> None:
 
     dupes = sorted(sid for sid, count in Counter(ids).items() if count > 1)
     if dupes:
-        raise DataError(f"{where}: duplicate stimulus id(s): {_listing(dupes)}")
+        raise DataError(f"{where}: duplicate stimulus id(s): {listing(dupes)}")
 
 
 def _make_item(
@@ -285,7 +278,7 @@ def _make_item(
         if not np.isfinite(data).all():
             bad = sorted({ids[i] for i in np.argwhere(~np.isfinite(data))[:, 0]})
             raise DataError(
-                f"{where}: NaN or infinite dissimilarities for stimulus id(s) {_listing(bad)}"
+                f"{where}: NaN or infinite dissimilarities for stimulus id(s) {listing(bad)}"
             )
         scale = max(float(np.abs(data).max()), 1e-300)
         if not np.allclose(data, data.T, rtol=0, atol=1e-6 * scale):

@@ -34,7 +34,7 @@ import pandas as pd
 from object2brain.data.images import load_image
 from object2brain.data.splits import valence_levels
 from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.errors import DataError
+from object2brain.errors import DataError, listing
 
 FINDINGEMO_COLUMNS: tuple[str, ...] = (
     "index",
@@ -52,14 +52,6 @@ FINDINGEMO_COLUMNS: tuple[str, ...] = (
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_path", "valence")
 VALENCE_RANGE: tuple[float, float] = (-3.0, 3.0)
 ImageCheck = Literal["full", "exists"]
-
-_MAX_LISTED = 20
-
-
-def _listing(items: Sequence[object]) -> str:
-    shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,7 @@ def check_valence(
     if bad.any():
         lines = [f"line {i + 2} ({values.iloc[i]!r})" for i in np.flatnonzero(bad)]
         raise DataError(
-            f"{where}: {int(bad.sum())} missing or non-numeric valence value(s): {_listing(lines)}"
+            f"{where}: {int(bad.sum())} missing or non-numeric valence value(s): {listing(lines)}"
         )
     array = numeric.to_numpy(dtype=np.float64)
     outside = np.flatnonzero((array < low) | (array > high))
@@ -133,7 +125,7 @@ def check_valence(
         lines = [f"line {i + 2} ({array[i]:g})" for i in outside]
         raise DataError(
             f"{where}: {outside.size} valence value(s) outside the declared range "
-            f"{low:g}..{high:g}: {_listing(lines)}"
+            f"{low:g}..{high:g}: {listing(lines)}"
         )
     return array
 
@@ -208,7 +200,7 @@ def load_findingemo(
     blank = raw.isna() | (raw.astype(str).str.strip() == "")
     if blank.any():
         lines = [int(i) + 2 for i in np.flatnonzero(blank.to_numpy())]
-        raise DataError(f"{where}: empty image_path on line(s) {_listing(lines)}")
+        raise DataError(f"{where}: empty image_path on line(s) {listing(lines)}")
     rel = raw.astype(str).str.strip().str.lstrip("/\\")
     frame = frame.assign(
         stimulus_id=rel.to_numpy(),
@@ -232,7 +224,7 @@ def load_findingemo(
         }
     )
     if not ok.any():
-        examples = _listing([str(p) for p in frame["path"].head(3)])
+        examples = listing([str(p) for p in frame["path"].head(3)])
         raise DataError(
             f"{where}: none of its {len(frame)} images were found under {root} "
             f"(looked for e.g. {examples})"

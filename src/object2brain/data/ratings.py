@@ -19,18 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from object2brain.errors import DataError, StimulusError
+from object2brain.errors import DataError, StimulusError, listing
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("subject", "stimulus_id", "valence")
-_MAX_LISTED = 20
-
-
-def _listing(items: Sequence[object]) -> str:
-    shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -71,8 +64,7 @@ class Ratings:
         missing = [sid for sid in ids if sid not in means.index]
         if missing:
             raise DataError(
-                f"{self._where()}: {len(missing)} stimulus id(s) have no rating: "
-                f"{_listing(missing)}"
+                f"{self._where()}: {len(missing)} stimulus id(s) have no rating: {listing(missing)}"
             )
         return means.reindex(list(ids)).to_numpy(dtype=np.float64)
 
@@ -88,7 +80,7 @@ class Ratings:
                 "behavioural RDM (they still count in the group mean): %s",
                 self._where(),
                 len(dropped),
-                _listing(dropped),
+                listing(dropped),
             )
         return [s for s, ok in zip(subjects, complete, strict=True) if ok]
 
@@ -147,16 +139,16 @@ def load_ratings(
         values = frame[column]
         blank = values.isna() | (values.astype(str).str.strip() == "")
         if blank.any():
-            problems.append(f"empty {column} on line(s) {_listing(list(line[blank.to_numpy()]))}")
+            problems.append(f"empty {column} on line(s) {listing(list(line[blank.to_numpy()]))}")
     raw = frame["valence"]
     numeric = pd.to_numeric(raw, errors="coerce")
     nan = raw.isna().to_numpy()
     bad = (numeric.isna().to_numpy()) & ~nan
     if nan.any():
-        problems.append(f"missing (NaN) valence on line(s) {_listing(list(line[nan]))}")
+        problems.append(f"missing (NaN) valence on line(s) {listing(list(line[nan]))}")
     if bad.any():
         shown = [f"{ln} ({v!r})" for ln, v in zip(line[bad], raw[bad], strict=True)]
-        problems.append(f"non-numeric valence on line(s) {_listing(shown)}")
+        problems.append(f"non-numeric valence on line(s) {listing(shown)}")
     if not bad.any() and not nan.any() and not np.isfinite(numeric.to_numpy(float)).all():
         problems.append("infinite valence values")
     if problems:
@@ -175,7 +167,7 @@ def load_ratings(
         if unknown:
             raise DataError(
                 f"{where}: {len(unknown)} stimulus id(s) not in the stimulus set: "
-                f"{_listing(unknown)}"
+                f"{listing(unknown)}"
             )
     repeated = table.duplicated(["subject", "stimulus_id"], keep=False)
     if repeated.any():

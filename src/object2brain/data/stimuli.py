@@ -22,7 +22,7 @@ from typing import Literal
 import pandas as pd
 
 from object2brain.data.images import load_image
-from object2brain.errors import StimulusError
+from object2brain.errors import StimulusError, listing
 from object2brain.manifest import file_sha256
 
 IMAGE_SUFFIXES = frozenset(
@@ -30,8 +30,6 @@ IMAGE_SUFFIXES = frozenset(
 )
 REQUIRED_COLUMNS = ("stimulus_id", "path")
 CheckLevel = Literal["full", "header", "none", "table"]
-
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -174,11 +172,11 @@ def load_stimuli(
     blank = ids.isna() | (ids.astype(str).str.strip() == "")
     if blank.any():
         rows = [int(i) + 2 for i in frame.index[blank]]  # +2: header line, 1-based
-        problems.append(f"empty stimulus_id on line(s) {_listing(rows)}")
+        problems.append(f"empty stimulus_id on line(s) {listing(rows)}")
     ids = ids.astype(str).str.strip()
     duplicated = sorted(set(ids[ids.duplicated(keep=False) & ~blank]))
     if duplicated:
-        problems.append(f"duplicate stimulus_id(s): {_listing(duplicated)}")
+        problems.append(f"duplicate stimulus_id(s): {listing(duplicated)}")
 
     frame = frame.assign(stimulus_id=ids)
     frame["path"] = [_resolve(base, p) for p in frame["path"]]
@@ -186,12 +184,12 @@ def load_stimuli(
     exists = [check == "table" or p.is_file() for p in paths]
     missing = [f"{sid} ({p})" for sid, p, ok in zip(ids, paths, exists, strict=True) if not ok]
     if missing:
-        problems.append(f"{len(missing)} missing image file(s): {_listing(missing)}")
+        problems.append(f"{len(missing)} missing image file(s): {listing(missing)}")
     if check not in ("none", "table"):
         present = [(sid, p) for sid, p, ok in zip(ids, paths, exists, strict=True) if ok]
         unreadable = _unreadable([s for s, _ in present], [p for _, p in present], check, workers)
         if unreadable:
-            problems.append(f"{len(unreadable)} unreadable image(s): {_listing(unreadable)}")
+            problems.append(f"{len(unreadable)} unreadable image(s): {listing(unreadable)}")
 
     if problems:
         raise StimulusError(f"{where}: " + "; ".join(problems))
@@ -236,9 +234,3 @@ def _unreadable(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(problem, zip(ids, paths, strict=True)))
     return [r for r in results if r is not None]
-
-
-def _listing(items: Sequence[object]) -> str:
-    shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")
