@@ -45,7 +45,9 @@ def model_with_head(arch: str, weights: str, folder: Path) -> object:
     return load_model(arch, weights, head=path)
 
 
-def throughput(model: object, layer: str, n_images: int, batch_size: int, n_boxes: int) -> None:
+def throughput(
+    model: object, layer: str, n_images: int, batch_size: int, n_boxes: int
+) -> dict[str, float]:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -107,6 +109,14 @@ def throughput(model: object, layer: str, n_images: int, batch_size: int, n_boxe
         f"({K} maps + {K * n_boxes} box importances per image)"
     )
     print(f"ratio ours / theirs: {ours_rate / theirs_rate:.2f}x (goal >= 0.5x)")
+    return {
+        "images": n,
+        "filters": K,
+        "boxes_per_image": n_boxes,
+        "ours_images_per_s": ours_rate,
+        "pytorch_grad_cam_images_per_s": theirs_rate,
+        "ratio": ours_rate / theirs_rate,
+    }
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -126,7 +136,9 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def memory(model: object, layer: str, n_images: int, batch_size: int, folder: Path) -> None:
+def memory(
+    model: object, layer: str, n_images: int, batch_size: int, folder: Path
+) -> dict[str, object]:
     import pandas as pd
     import psutil
 
@@ -181,6 +193,32 @@ def memory(model: object, layer: str, n_images: int, batch_size: int, folder: Pa
     print("peak RSS per quarter of the run (MiB): " + ", ".join(f"{p:.0f}" for p in peaks))
     print(f"growth last vs first quarter: {peaks[-1] - peaks[0]:+.0f} MiB")
     del times
+    return {
+        "images": n_images,
+        "seconds": elapsed,
+        "images_per_s": n_images / elapsed,
+        "peak_rss_mib_per_quarter": peaks,
+        "growth_mib": peaks[-1] - peaks[0],
+    }
+
+
+def run(
+    arch: str = "resnet18",
+    weights: str = "none",
+    layer: str = "layer4",
+    n_images: int = 64,
+    batch_size: int = 16,
+    boxes: int = 5,
+    memory_images: int = 400,
+) -> dict[str, object]:
+    """Throughput vs pytorch-grad-cam and (if ``memory_images``) the memory run, as a dict."""
+    result: dict[str, object] = {"model": f"{arch} ({weights})", "layer": layer}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = model_with_head(arch, weights, Path(tmp))
+        result["throughput"] = throughput(model, layer, n_images, batch_size, boxes)
+        if memory_images:
+            result["memory"] = memory(model, layer, memory_images, batch_size, Path(tmp))
+    return result
 
 
 def main() -> None:
@@ -195,12 +233,9 @@ def main() -> None:
     args = parser.parse_args()
     machine = platform.processor() or platform.machine()
     print(f"{machine}, {os.cpu_count()} CPU, torch {torch.__version__}")
-    with tempfile.TemporaryDirectory() as tmp:
-        model = model_with_head(args.arch, args.weights, Path(tmp))
-        print(f"model {args.arch} ({args.weights}), layer {args.layer}")
-        throughput(model, args.layer, args.n_images, args.batch_size, args.boxes)
-        if args.memory_images:
-            memory(model, args.layer, args.memory_images, args.batch_size, Path(tmp))
+    print(f"model {args.arch} ({args.weights}), layer {args.layer}")
+    run(args.arch, args.weights, args.layer, args.n_images, args.batch_size, args.boxes,
+        args.memory_images)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -120,6 +120,38 @@ def rss_child(n_images: int, batch_size: int, workdir: Path) -> None:
     )
 
 
+def run(
+    n_images: int = 256,
+    batch_size: int = 32,
+    vgg_images: tuple[int, ...] = (100, 500),
+    vgg_batch_size: int = 16,
+) -> dict[str, object]:
+    """Throughput (and, for each of ``vgg_images``, peak RSS in a fresh process) as a dict."""
+    result: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="o2b-bench-") as tmp:
+        workdir = Path(tmp)
+        if n_images:
+            result.update(bench_throughput(n_images, batch_size, workdir))
+            print(f"resnet18, all canonical layers, {n_images} JPEGs 500x375:")
+            print(f"  batched o2b.extract : {result['batched_images_per_s']:8.1f} images/s")
+            print(f"  one-at-a-time loop  : {result['naive_images_per_s']:8.1f} images/s")
+            print(f"  ratio               : {result['speedup']:8.2f}x")
+        rows = [_rss_in_child(n, vgg_batch_size, workdir) for n in vgg_images]
+        if rows:
+            result["vgg16_peak_rss"] = rows
+    return result
+
+
+def _rss_in_child(n: int, vgg_batch_size: int, workdir: Path) -> dict[str, float]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(n), "--workdir", str(workdir),
+         "--vgg-batch-size", str(vgg_batch_size)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    row: dict[str, float] = json.loads(output.stdout.strip().splitlines()[-1])
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-images", type=int, default=256)
@@ -137,47 +169,23 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, device cpu"
     )
-    with tempfile.TemporaryDirectory(prefix="o2b-bench-") as tmp:
-        workdir = Path(tmp)
-        if args.n_images:
-            result = bench_throughput(args.n_images, args.batch_size, workdir)
-            print(f"resnet18, all canonical layers, {result['n_images']} JPEGs 500x375:")
-            print(f"  batched o2b.extract : {result['batched_images_per_s']:8.1f} images/s")
-            print(f"  one-at-a-time loop  : {result['naive_images_per_s']:8.1f} images/s")
-            print(f"  ratio               : {result['speedup']:8.2f}x")
-        rows = []
-        for n in args.vgg_images:
-            output = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--rss-child",
-                    str(n),
-                    "--workdir",
-                    str(workdir),
-                    "--vgg-batch-size",
-                    str(args.vgg_batch_size),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
+    result = run(args.n_images, args.batch_size, tuple(args.vgg_images), args.vgg_batch_size)
+    rows: list[dict[str, float]] = result.get("vgg16_peak_rss", [])  # type: ignore[assignment]
+    if rows:
+        print(f"vgg16, all canonical layers, batch {args.vgg_batch_size}, peak RSS:")
+        for row in rows:
+            print(
+                f"  {row['n_images']:5d} images: peak {row['peak_rss_mib']:7.0f} MiB "
+                f"(model loaded: {row['rss_after_model_mib']:.0f} MiB; store "
+                f"{row['store_mib']:.0f} MiB on disk; {row['seconds']:.0f} s)"
             )
-            rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
-        if rows:
-            print(f"vgg16, all canonical layers, batch {args.vgg_batch_size}, peak RSS:")
-            for row in rows:
-                print(
-                    f"  {row['n_images']:5d} images: peak {row['peak_rss_mib']:7.0f} MiB "
-                    f"(model loaded: {row['rss_after_model_mib']:.0f} MiB; store "
-                    f"{row['store_mib']:.0f} MiB on disk; {row['seconds']:.0f} s)"
-                )
-            if len(rows) > 1:
-                growth = rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"]
-                print(
-                    f"  growth from {rows[0]['n_images']} to {rows[-1]['n_images']} images: "
-                    f"{growth:+.0f} MiB (store grew by "
-                    f"{rows[-1]['store_mib'] - rows[0]['store_mib']:.0f} MiB)"
-                )
+        if len(rows) > 1:
+            growth = rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"]
+            print(
+                f"  growth from {rows[0]['n_images']} to {rows[-1]['n_images']} images: "
+                f"{growth:+.0f} MiB (store grew by "
+                f"{rows[-1]['store_mib'] - rows[0]['store_mib']:.0f} MiB)"
+            )
 
 
 if __name__ == "__main__":

@@ -26,44 +26,43 @@ from object2brain.lesion_engine import FilterStats, random_subset_masks
 from object2brain.rsa.compare import compare
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stimuli", type=int, default=200)
-    parser.add_argument("--filters", type=int, default=256)
-    parser.add_argument("--subsets", type=int, default=1000)
-    parser.add_argument("--targets", type=int, default=20)
-    parser.add_argument("--brute-sample", type=int, default=20)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def run(
+    stimuli: int = 200,
+    filters: int = 256,
+    subsets: int = 1000,
+    targets: int = 20,
+    brute_sample: int = 20,
+    device: str = "cpu",
+) -> dict[str, object]:
+    """Time ours vs brute force; returns the figures as a dict."""
+    dev = torch.device(device)
     rng = np.random.default_rng(0)
-    n, k = args.stimuli, args.filters
+    n, k = stimuli, filters
     acts = np.maximum(rng.normal(size=(n, k, 7, 7)), 0).astype(np.float32)
-    targets = rng.random((args.targets, n * (n - 1) // 2))
-    masks = random_subset_masks(k, k // 8, args.subsets, seed=1)
+    target_rdms = rng.random((targets, n * (n - 1) // 2))
+    masks = random_subset_masks(k, k // 8, subsets, seed=1)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"device {device}; {n} stimuli, {k} filters of 7x7, {args.subsets} subsets, "
-        f"{args.targets} targets"
+        f"device {dev}; {n} stimuli, {k} filters of 7x7, {subsets} subsets, {targets} targets"
     )
 
     start = time.perf_counter()
-    stats = FilterStats.from_activations(acts, device=device)
+    stats = FilterStats.from_activations(acts, device=dev)
     prepared = time.perf_counter() - start
     r_ours = []
     for begin in range(0, len(masks), 256):
-        rdms = stats.rdms(masks[begin : begin + 256], "correlation", device=device)
-        r_ours.append(compare(rdms, torch.as_tensor(targets, device=device), "spearman").cpu())
-    if device.type == "cuda":
+        rdms = stats.rdms(masks[begin : begin + 256], "correlation", device=dev)
+        r_ours.append(compare(rdms, torch.as_tensor(target_rdms, device=dev), "spearman").cpu())
+    if dev.type == "cuda":
         torch.cuda.synchronize()
     ours = time.perf_counter() - start
     r_ours_all = torch.cat(r_ours).numpy()
 
-    target_ranks = np.stack([rankdata(t) for t in targets])
+    target_ranks = np.stack([rankdata(t) for t in target_rdms])
     target_z = (target_ranks - target_ranks.mean(1, keepdims=True)) / target_ranks.std(
         1, keepdims=True
     )
-    sample = min(args.brute_sample, len(masks))
+    sample = min(brute_sample, len(masks))
     start = time.perf_counter()
     r_brute = []
     for mask in masks[:sample]:
@@ -76,6 +75,27 @@ def main() -> None:
     print(f"  ours (stats {prepared:.2f} s included): {ours:8.2f} s")
     print(f"  brute force (extrapolated from {sample}): {brute:8.2f} s")
     print(f"  ratio: {brute / ours:.1f}x; max |r_ours - r_brute| = {error:.2e}")
+    return {
+        "scenario": f"{n} stimuli, {k} filters of 7x7, {subsets} subsets, {targets} targets",
+        "ours_s": ours,
+        "ours_stats_s": prepared,
+        "brute_force_s": brute,
+        "brute_measured": f"{sample} subsets, extrapolated linearly",
+        "ratio": brute / ours,
+        "max_abs_diff_r": error,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stimuli", type=int, default=200)
+    parser.add_argument("--filters", type=int, default=256)
+    parser.add_argument("--subsets", type=int, default=1000)
+    parser.add_argument("--targets", type=int, default=20)
+    parser.add_argument("--brute-sample", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    run(args.stimuli, args.filters, args.subsets, args.targets, args.brute_sample, args.device)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    run(args.n_images, args.epochs, args.batch_size, args.device)
 
+
+def run(
+    n_images: int = 70, epochs: int = 20, batch_size: int = 32, device: str = "cpu"
+) -> dict[str, object]:
+    """The three runs; returns wall times and ratios as a dict."""
     from object2brain.models.heads import load_head, train_head
+
+    args = argparse.Namespace(
+        n_images=n_images, epochs=epochs, batch_size=batch_size, device=device
+    )
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -108,6 +118,15 @@ def main() -> None:
     print(f"ratio uncached / cached cold: {uncached / cold:6.1f}x")
     print(f"ratio uncached / cached warm: {uncached / warm:6.1f}x")
     print(f"largest |difference| between the cached and uncached heads: {diff:.2e}")
+    return {
+        "scenario": f"efficientnet_lite0, {n_images} images, {epochs} epochs, batch {batch_size}",
+        "cached_cold_s": cold,
+        "cached_warm_s": warm,
+        "uncached_s": uncached,
+        "ratio_cold": uncached / cold,
+        "ratio_warm": uncached / warm,
+        "max_abs_diff_heads": diff,
+    }
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from object2brain.errors import Object2BrainError
-from object2brain.extract import StorageDtype
+from object2brain.extract import AmpDtype, DecodeMode, StorageDtype
 
 app = typer.Typer(
     name="object2brain",
@@ -91,6 +91,17 @@ def extract_command(
     workers: Annotated[
         int | None, typer.Option("--workers", help="Image decoding workers.")
     ] = None,
+    amp: Annotated[
+        AmpDtype | None,
+        typer.Option("--amp", help="Mixed precision on CUDA (stored as float32/--dtype)."),
+    ] = None,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last", help="channels_last memory format (GPU speed).")
+    ] = False,
+    decode: Annotated[
+        DecodeMode,
+        typer.Option("--decode", help="pil | torch (plain JPEGs on the device) | auto."),
+    ] = "pil",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing store.")
     ] = False,
@@ -120,6 +131,9 @@ def extract_command(
         num_workers=workers,
         overwrite=overwrite,
         progress=not quiet,
+        amp_dtype=amp,
+        channels_last=channels_last,
+        decode=decode,
     )
     typer.echo(f"wrote {path}")
 

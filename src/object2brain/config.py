@@ -67,6 +67,9 @@ class ExtractConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
     srp: int | None = Field(None, ge=1)
+    amp: Literal["bfloat16", "float16"] | None = None
+    channels_last: bool = False
+    decode: Literal["pil", "torch", "auto"] = "pil"
 
 
 class TrainHeadConfig(_Strict):

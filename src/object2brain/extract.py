@@ -5,10 +5,29 @@ batch's activations are written to ``<out>.partial`` and dropped before the next
 is bounded by one batch whatever the number of stimuli. The store is renamed to ``<out>`` and
 marked complete only at the end; an interrupted run (Ctrl-C, crash, killed job) resumes from the
 last written batch when the same command is run again.
+
+GPU options (all off by default, so stored values are today's float32 ones):
+
+- ``amp_dtype="bfloat16"|"float16"``: the forward pass runs under ``torch.autocast`` (mixed
+  precision); activations are converted back to float32 before storage. Faster on tensor-core
+  GPUs, but values differ from float32 by the precision of that type (bf16: ~3 significant
+  digits), so leave it off for numbers that are compared across runs.
+- ``channels_last=True``: network and inputs in NHWC memory format (faster convolutions on
+  tensor cores); values are those of the default layout up to float rounding (tested: 1e-5).
+- ``decode="torch"`` (or ``"auto"`` = ``torch`` on CUDA): plain JPEG files are read as bytes by
+  the loader workers and decoded on the compute device with ``torchvision.io.decode_jpeg`` (nvJPEG
+  on CUDA), then resized (antialiased, rounded to 8 bits like Pillow), centre-cropped and
+  normalised there. Only baseline (non-progressive) 8-bit greyscale or RGB/YCbCr JPEGs whose EXIF
+  orientation is absent or 1 take this path; every other file (PNG, CMYK, progressive, rotated
+  by EXIF, ...) is decoded by Pillow exactly as in the default path. Different decoders and
+  resamplers differ by about one 8-bit level per pixel; the ``decode`` mode is part of the
+  store's fingerprint.
+- Pinned host memory and non-blocking host-to-device copies are used on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,6 +61,10 @@ from object2brain.store import (
 log = logging.getLogger("object2brain.extract")
 
 StorageDtype = Literal["float32", "float16"]
+AmpDtype = Literal["bfloat16", "float16"]
+DecodeMode = Literal["pil", "torch", "auto"]
+AMP_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DECODE_MODES: tuple[str, ...] = ("pil", "torch", "auto")
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
@@ -72,6 +95,145 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
             return index, torch.zeros(3, self.crop, self.crop), message
 
 
+def is_plain_jpeg(path: str | Path) -> bool:
+    """Whether ``path`` is a JPEG that :func:`torchvision.io.decode_jpeg` decodes exactly as
+    :func:`~object2brain.data.images.load_image` sees it: baseline (not progressive), 8-bit,
+    greyscale or 3-channel, no EXIF rotation. Reads the header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "JPEG" or image.mode not in {"RGB", "L"}:
+                return False
+            if image.info.get("progressive") or image.info.get("progression"):
+                return False
+            if "adobe_transform" in image.info and image.mode == "RGB":
+                return False  # Adobe RGB-coded JPEGs: colour transform handled by Pillow only
+            orientation = image.getexif().get(0x0112, 1)
+            return bool(orientation in (None, 1))
+    except Exception:
+        return False  # let the Pillow path report the problem with its stimulus
+
+
+class EncodedImageDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
+    """Stimuli for decoding on the compute device: item ``i`` is ``(i, payload, encoded, error)``.
+
+    ``encoded=True``: ``payload`` is the file's bytes ``(n_bytes,)`` uint8 (a plain JPEG, see
+    :func:`is_plain_jpeg`); otherwise ``payload`` is the model input ``(3, crop, crop)`` decoded
+    and transformed by Pillow exactly as :class:`ImageDataset` does.
+    """
+
+    def __init__(self, paths: Sequence[Path], ids: Sequence[str], preprocessing: Preprocessing):
+        self.fallback = ImageDataset(paths, ids, preprocessing)
+
+    def __len__(self) -> int:
+        return len(self.fallback)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, bool, str]:
+        path = self.fallback.paths[index]
+        if is_plain_jpeg(path):
+            try:
+                data = Path(path).read_bytes()
+                return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), True, ""
+            except OSError:
+                pass  # the Pillow path reports it
+        i, tensor, error = self.fallback[index]
+        return i, tensor, False, error
+
+
+def collate_encoded(
+    items: Sequence[tuple[int, torch.Tensor, bool, str]],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[bool], list[str]]:
+    """Batch of :class:`EncodedImageDataset` items: indices ``(B,)`` and lists (sizes differ)."""
+    return (
+        torch.tensor([item[0] for item in items], dtype=torch.long),
+        [item[1] for item in items],
+        [item[2] for item in items],
+        [item[3] for item in items],
+    )
+
+
+def gpu_decode_available(device: torch.device) -> bool:
+    """Whether torchvision can decode JPEGs on ``device`` (nvJPEG on CUDA; always on the CPU)."""
+    if device.type == "cpu":
+        return True
+    try:
+        _decode_jpeg([torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8)], device)
+        return True
+    except Exception as exc:  # missing nvJPEG, old torchvision, ...
+        log.warning("JPEG decoding on %s is unavailable (%s): using Pillow", device, exc)
+        return False
+
+
+def _tiny_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 64, 32)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+_TINY_JPEG = _tiny_jpeg()
+
+
+def _decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``torchvision.io.decode_jpeg`` of a list of JPEG byte tensors to RGB ``(3, H, W)`` uint8."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 announces a move of its decoders to TorchCodec; they still work.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images: list[torch.Tensor] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return images
+
+
+def decode_batch(
+    payloads: Sequence[torch.Tensor],
+    encoded: Sequence[bool],
+    preprocessing: Preprocessing,
+    device: torch.device,
+) -> torch.Tensor:
+    """Model inputs ``(B, 3, crop, crop)`` float32 on ``device`` from a batch of
+    :class:`EncodedImageDataset` payloads.
+
+    Encoded JPEG bytes are decoded on ``device`` (all at once), grouped by size, resized so the
+    short side is ``resize_size`` (antialiased, rounded to 8-bit levels as Pillow does),
+    centre-cropped, scaled to [0, 1] and normalised; already transformed payloads are copied.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    crop = preprocessing.crop_size
+    batch = torch.empty((len(payloads), 3, crop, crop), dtype=torch.float32, device=device)
+    jpeg_slots = [i for i, flag in enumerate(encoded) if flag]
+    for i, flag in enumerate(encoded):
+        if not flag:
+            batch[i] = payloads[i].to(device, non_blocking=True)
+    if not jpeg_slots:
+        return batch
+    decoded = _decode_jpeg([payloads[i] for i in jpeg_slots], device)
+    mean = torch.tensor(preprocessing.mean, device=device)[:, None, None]
+    std = torch.tensor(preprocessing.std, device=device)[:, None, None]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for j, image in enumerate(decoded):
+        by_shape.setdefault(tuple(image.shape), []).append(j)
+    for members in by_shape.values():
+        images = torch.stack([decoded[j] for j in members]).to(torch.float32)
+        resized = TF.resize(
+            images,
+            [preprocessing.resize_size],
+            interpolation=InterpolationMode(preprocessing.interpolation),
+            antialias=True,
+        )
+        pixels = TF.center_crop(resized.round_().clamp_(0, 255), [crop, crop])
+        batch[[jpeg_slots[j] for j in members]] = (pixels / 255.0 - mean) / std
+    return batch
+
+
 def extract(
     model: LoadedModel | str,
     stimuli: StimulusSet | str | Path,
@@ -87,6 +249,9 @@ def extract(
     num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    amp_dtype: AmpDtype | str | None = None,
+    channels_last: bool = False,
+    decode: DecodeMode | str = "pil",
 ) -> Path:
     """Extract activations of ``layers`` for every stimulus into the activation store ``out``.
 
@@ -107,6 +272,12 @@ def extract(
         overwrite: replace an existing store at ``out`` written by another run (a complete store
             of this very run is always reused as it is).
         progress: show a progress bar.
+        amp_dtype: ``None`` (float32 forward pass, the default), ``bfloat16`` or ``float16``:
+            mixed precision with ``torch.autocast`` (module docstring); stored as ``dtype``.
+        channels_last: NHWC memory format for the network and its inputs.
+        decode: ``pil`` (default), ``torch`` (plain JPEGs decoded and preprocessed on
+            ``device``; others by Pillow) or ``auto`` (``torch`` on CUDA when torchvision can
+            decode there, else ``pil``).
 
     Returns:
         The path of the complete store.
@@ -119,11 +290,18 @@ def extract(
         raise StoreError(f"--srp {srp}: the projection dimension must be positive")
     if batch_size < 1:
         raise StoreError(f"batch size {batch_size}: must be at least 1")
+    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
+        raise StoreError(f"--amp {amp_dtype!r}: use bfloat16 or float16 (or none for float32)")
+    if decode not in DECODE_MODES:
+        raise StoreError(f"--decode {decode!r}: use {', '.join(DECODE_MODES)}")
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, seed=seed)
     layer_names = resolve_layers(loaded, layers)
     torch_device = resolve_device(device)
     check_writable(out)
+    on_device_decode = decode == "torch" or (
+        decode == "auto" and torch_device.type == "cuda" and gpu_decode_available(torch_device)
+    )
 
     config: dict[str, Any] = {
         **loaded.describe(),
@@ -135,6 +313,12 @@ def extract(
         "stimulus_ids": stimulus_set.ids,
         "stimuli": stimulus_set.fingerprint(),
     }
+    # Only options that change stored values, and only when not at their default, so stores
+    # written before these options existed keep their fingerprint.
+    if amp_dtype is not None:
+        config["amp_dtype"] = amp_dtype
+    if on_device_decode:
+        config["decode"] = "torch"
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     if out.exists():
@@ -172,6 +356,9 @@ def extract(
             seed=seed,
             num_workers=num_workers,
             progress=progress,
+            amp_dtype=AMP_DTYPES[amp_dtype] if amp_dtype is not None else None,
+            channels_last=channels_last,
+            on_device_decode=on_device_decode,
         )
         path = writer.finish()
     finally:
@@ -185,7 +372,13 @@ def extract(
         build_manifest(
             "extract",
             {k: v for k, v in config.items() if k != "stimulus_ids"}
-            | {"out": str(path), "batch_size": batch_size, "device": str(torch_device)},
+            | {
+                "out": str(path),
+                "batch_size": batch_size,
+                "device": str(torch_device),
+                "channels_last": channels_last,
+                "decode": "torch" if on_device_decode else "pil",
+            },
             seeds={"seed": seed},
             inputs=inputs,
             outputs=[str(path)],
@@ -227,13 +420,21 @@ def _run_batches(
     seed: int,
     num_workers: int | None,
     progress: bool,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    on_device_decode: bool = False,
 ) -> None:
     from tqdm.auto import tqdm
 
     n, start = len(stimuli), writer.n_done
     if start >= n:
         return
-    dataset = ImageDataset(stimuli.paths[start:], stimuli.ids[start:], loaded.preprocessing)
+    paths, ids = stimuli.paths[start:], stimuli.ids[start:]
+    dataset: Dataset[Any] = (
+        EncodedImageDataset(paths, ids, loaded.preprocessing)
+        if on_device_decode
+        else ImageDataset(paths, ids, loaded.preprocessing)
+    )
     workers = _default_workers(n - start, batch_size) if num_workers is None else num_workers
     loader = DataLoader(
         dataset,
@@ -241,27 +442,54 @@ def _run_batches(
         shuffle=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_encoded if on_device_decode else None,
+        prefetch_factor=4 if workers > 0 and device.type == "cuda" else None,
     )
     network = loaded.module.to(device).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
     projections: dict[str, torch.Tensor] = {}
     bar = tqdm(total=n, initial=start, disable=not progress, unit="img", desc="extract")
     try:
         with LayerRecorder(network, layer_names) as recorder, torch.inference_mode():
-            for indices, images, errors in loader:
+            for batch in loader:
+                if on_device_decode:
+                    indices, payloads, encoded, errors = batch
+                else:
+                    indices, images, errors = batch
                 failed = [e for e in errors if e]
                 if failed:
                     raise StimulusError(
                         f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}"
                     )
+                if on_device_decode:
+                    try:
+                        inputs = decode_batch(payloads, encoded, loaded.preprocessing, device)
+                    except RuntimeError as exc:  # e.g. a truncated JPEG rejected by nvJPEG
+                        names = ", ".join(ids[int(i)] for i in indices)
+                        raise StimulusError(
+                            f"on-device JPEG decoding failed for a batch of stimuli ({names}): "
+                            f"{exc}; rerun with decode='pil' to have the file named"
+                        ) from exc
+                else:
+                    inputs = images.to(device, non_blocking=True)
+                inputs = inputs.contiguous(memory_format=memory_format)
                 recorder.reset()
-                output = network(images.to(device, non_blocking=True))
-                blocks = dict(recorder.outputs)
+                autocast = (
+                    torch.autocast(device.type, dtype=amp_dtype)
+                    if amp_dtype is not None
+                    else contextlib.nullcontext()
+                )
+                with autocast:
+                    output = network(inputs)
+                blocks = {name: block.float() for name, block in recorder.outputs.items()}
                 if loaded.has_head:
-                    blocks[VALENCE_LAYER] = output.reshape(output.shape[0], -1)[:, 0]
+                    blocks[VALENCE_LAYER] = output.reshape(output.shape[0], -1)[:, 0].float()
                 if srp is not None:
                     blocks = _project_blocks(blocks, srp, seed, projections, device)
                 arrays = {
-                    name: block.to("cpu").numpy().astype(dtype, copy=False)
+                    name: block.contiguous().to("cpu").numpy().astype(dtype, copy=False)
                     for name, block in blocks.items()
                 }
                 for name, array in arrays.items():
@@ -275,6 +503,8 @@ def _run_batches(
                 bar.update(len(indices))
     finally:
         bar.close()
+        if channels_last:
+            network.to(memory_format=torch.contiguous_format)
 
 
 def _project_blocks(

@@ -72,7 +72,6 @@ OBJECT2BRAIN_COLUMNS = [
     "p_fdr",
 ]
 FILTER_COLUMNS = ("model", "layer", "filter", "group", "assigned")
-_SUBSET_CHUNK = 256
 
 
 @dataclass
@@ -394,14 +393,17 @@ def _layer_rows(
         pairs = torch.as_tensor(condensed_subset(len(ids), keep), device=full_target.device)
         target = full_target[:, pairs]
 
+        chunk = max(1, sub_stats.subsets_per_chunk(device))
+
         def correlations(
-            masks: np.ndarray, sub: FilterStats = sub_stats, tgt: torch.Tensor = target
+            masks: np.ndarray,
+            sub: FilterStats = sub_stats,
+            tgt: torch.Tensor = target,
+            size: int = chunk,
         ) -> np.ndarray:
             out = []
-            for start in range(0, len(masks), _SUBSET_CHUNK):
-                rdms = sub.rdms(
-                    masks[start : start + _SUBSET_CHUNK], metric, device=device, strict=False
-                )
+            for start in range(0, len(masks), size):
+                rdms = sub.rdms(masks[start : start + size], metric, device=device, strict=False)
                 valid = torch.isfinite(rdms).all(dim=1)
                 r = torch.full((rdms.shape[0], tgt.shape[0]), float("nan"), dtype=torch.float64)
                 if bool(valid.any()):

@@ -23,9 +23,12 @@ Then, with :math:`V_i = Q_i - S_i^2/D` and :math:`c_{ij} = \text{cross}_{ij} - S
 
 So the RDMs of many subsets at once are one matrix product of a ``(subsets, K)`` mask with the
 ``(K, n_pairs)`` stack :math:`C` (pairs :math:`i < j`, the condensed order of
-``numpy.triu_indices``). The stack is kept on the host when it does not fit the device and is
-streamed in chunks of pairs. Everything is float64 (the correlation form subtracts large, nearly
-equal numbers).
+``numpy.triu_indices``). The stack stays on the device when it fits there (at most half of the
+free memory), else on the host, and is streamed in chunks of pairs. Chunk sizes (filters while
+accumulating, pairs in :meth:`FilterStats.rdms`, subsets in :meth:`FilterStats.subsets_per_chunk`)
+are picked from the free memory of the device (:func:`object2brain.devices.pick_chunk`) unless
+given, and a chunk that runs out of memory is halved and retried. Everything is float64 (the
+correlation form subtracts large, nearly equal numbers).
 """
 
 from __future__ import annotations
@@ -37,10 +40,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from object2brain.devices import chunked, free_memory_bytes, pick_chunk
 from object2brain.errors import DataError
 
 _METRICS = ("correlation", "euclidean", "cosine")
-_DEFAULT_CHUNK_BYTES = 256 << 20
+_RESIDENT_FRACTION = 0.5  # the cross stack stays on a CUDA device if it takes at most this
+
+
+def _filter_step(chunk_bytes: int | None, n: int, positions: int, device: torch.device) -> int:
+    """Filters per accumulation chunk: each holds its float64 activations ``(n, P)``, its Gram
+    ``(n, n)`` and the gathered pairs ``(n_pairs,)``."""
+    per_filter = 8 * (n * positions + n * n + n * (n - 1) // 2)
+    if chunk_bytes is not None:
+        return max(1, chunk_bytes // max(per_filter, 1))
+    return pick_chunk(per_filter, device, cap_bytes=None if device.type == "cuda" else 1 << 30)
 
 
 def pair_indices(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +108,23 @@ class FilterStats:
         stimulus_ids: Sequence[str] | None = None,
         *,
         device: torch.device | str = "cpu",
-        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ) -> FilterStats:
-        """Statistics of activations ``(n, K, ...)`` (positions flattened), in filter chunks."""
+        """Statistics of activations ``(n, K, ...)`` (positions flattened), in filter chunks.
+
+        ``chunk_bytes`` bounds the memory of one chunk (activations, Gram matrices and pairs of
+        its filters); default: picked from the free memory of ``device``.
+        """
         n = int(activations.shape[0])
         ids = list(stimulus_ids) if stimulus_ids is not None else [str(i) for i in range(n)]
-        blocks = _filter_blocks(activations, chunk_bytes)
-        return cls._accumulate(blocks, n, ids, torch.device(device))
+        dev = torch.device(device)
+        shape = tuple(activations.shape)
+        if len(shape) < 2:
+            raise DataError(f"activations of shape {shape} have no filter axis")
+        positions = int(np.prod(shape[2:], dtype=np.int64))
+        step = _filter_step(chunk_bytes, n, positions, dev)
+        blocks = (activations[:, start : start + step] for start in range(0, shape[1], step))
+        return cls._accumulate(blocks, n, ids, dev, n_filters=int(shape[1]))
 
     @classmethod
     def from_store(
@@ -111,7 +134,7 @@ class FilterStats:
         ids: Sequence[str] | None = None,
         *,
         device: torch.device | str = "cpu",
-        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ) -> FilterStats:
         """Statistics of ``layer`` of an :class:`~object2brain.store.ActivationStore`.
 
@@ -126,8 +149,9 @@ class FilterStats:
         rows = np.arange(len(all_ids)) if ids is None else np.asarray(store.rows(ids))
         order = np.argsort(rows)
         inverse = np.argsort(order)
-        per_filter = int(np.prod(shape[2:], dtype=np.int64)) * shape[0] * 8
-        step = max(1, chunk_bytes // max(per_filter, 1))
+        dev = torch.device(device)
+        positions = int(np.prod(shape[2:], dtype=np.int64))
+        step = _filter_step(chunk_bytes, max(int(shape[0]), len(rows)), positions, dev)
 
         def blocks() -> Iterator[np.ndarray]:
             for start in range(0, shape[1], step):
@@ -135,13 +159,24 @@ class FilterStats:
                 yield slab[rows[order]][inverse] if ids is not None else slab
 
         chosen = all_ids if ids is None else list(ids)
-        return cls._accumulate(blocks(), len(rows), chosen, torch.device(device))
+        return cls._accumulate(blocks(), len(rows), chosen, dev, n_filters=int(shape[1]))
 
     @classmethod
     def _accumulate(
-        cls, blocks: Iterator[Any], n: int, ids: list[str], device: torch.device
+        cls,
+        blocks: Iterator[Any],
+        n: int,
+        ids: list[str],
+        device: torch.device,
+        *,
+        n_filters: int | None = None,
     ) -> FilterStats:
         rows, cols = pair_indices(n, device)
+        n_pairs = n * (n - 1) // 2
+        resident = device.type == "cpu" or (
+            n_filters is not None
+            and 8 * n_filters * n_pairs <= _RESIDENT_FRACTION * free_memory_bytes(device)
+        )
         crosses, sums, sumsqs = [], [], []
         positions = None
         for block in blocks:
@@ -152,9 +187,8 @@ class FilterStats:
             positions = int(x.shape[2])
             per_filter = x.permute(1, 0, 2)  # (k, n, P)
             gram = per_filter @ per_filter.transpose(1, 2)  # (k, n, n)
-            crosses.append(
-                gram[:, rows, cols].cpu() if device.type != "cpu" else gram[:, rows, cols]
-            )
+            crosses.append(gram[:, rows, cols] if resident else gram[:, rows, cols].cpu())
+            del gram
             sums.append(per_filter.sum(dim=2))
             sumsqs.append((per_filter**2).sum(dim=2))
         if positions is None:
@@ -166,6 +200,31 @@ class FilterStats:
             n_positions=positions,
             stimulus_ids=ids,
         )
+
+    def to(self, device: torch.device | str) -> FilterStats:
+        """The same statistics with every tensor on ``device``."""
+        dev = torch.device(device)
+        return FilterStats(
+            cross=self.cross.to(dev),
+            sums=self.sums.to(dev),
+            sumsq=self.sumsq.to(dev),
+            n_positions=self.n_positions,
+            stimulus_ids=list(self.stimulus_ids),
+        )
+
+    def subsets_per_chunk(
+        self, device: torch.device | str | None = None, *, temporaries: int = 12
+    ) -> int:
+        """How many subsets one :meth:`rdms` call (plus their comparison) should take.
+
+        Each subset's condensed RDM ``(n_pairs,)`` float64 and about ``temporaries`` arrays of
+        the same size (ranking for Spearman: sort values and indices, tie bookkeeping, ranks,
+        standardised ranks) must fit in the free memory of ``device`` (see
+        :func:`~object2brain.devices.pick_chunk`).
+        """
+        target = torch.device(device) if device is not None else self.sums.device
+        n_pairs = int(self.cross.shape[1])
+        return pick_chunk(8 * n_pairs * (1 + temporaries), target)
 
     def subset(self, keep: Sequence[int] | np.ndarray) -> FilterStats:
         """Statistics of the stimuli ``keep`` (row indices, taken in ascending order)."""
@@ -188,7 +247,7 @@ class FilterStats:
         metric: str = "correlation",
         *,
         device: torch.device | str | None = None,
-        chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         strict: bool = True,
     ) -> torch.Tensor:
         """Condensed RDMs ``(n_subsets, n_pairs)`` (float64) of the masked layer.
@@ -198,7 +257,9 @@ class FilterStats:
                 ``(K,)`` is one subset.
             metric: ``correlation`` | ``euclidean`` | ``cosine``.
             device: where to compute (default: where the sums live).
-            chunk_bytes: at most this many bytes of the ``cross`` stack per device transfer.
+            chunk_bytes: at most this many bytes of the ``cross`` stack per chunk of pairs
+                (default: picked from the free memory of ``device``; a chunk that runs out of
+                memory is halved and retried).
             strict: raise on a degenerate subset; if ``False``, its whole row is NaN instead.
 
         Raises:
@@ -228,9 +289,13 @@ class FilterStats:
                 )
         rows, cols = pair_indices(self.n_stimuli, target)
         out = torch.empty((m.shape[0], rows.numel()), dtype=torch.float64, device=target)
-        step = max(1, chunk_bytes // max(1, self.n_filters * 8))
-        for start in range(0, rows.numel(), step):
-            stop = min(start + step, rows.numel())
+        if chunk_bytes is not None:
+            step = max(1, chunk_bytes // max(1, self.n_filters * 8))
+        else:  # per pair: its cross column (K,) and ~8 temporaries (subsets,), float64
+            step = pick_chunk(8 * (self.n_filters + 8 * m.shape[0]), target)
+
+        def fill(start: int, stop: int) -> None:
+            # Writes only its own columns of ``out``: a retried chunk overwrites them.
             cross = m @ self.cross[:, start:stop].to(target, non_blocking=True)
             i, j = rows[start:stop], cols[start:stop]
             if metric == "euclidean":
@@ -240,18 +305,11 @@ class FilterStats:
                 out[:, start:stop] = 1 - centred / torch.sqrt(V[:, i] * V[:, j])
             else:
                 out[:, start:stop] = 1 - cross / torch.sqrt(V[:, i] * V[:, j])
+
+        for _ in chunked(rows.numel(), step, fill, device=target):
+            pass
         out[degenerate.any(dim=1)] = float("nan")
         return out
-
-
-def _filter_blocks(activations: np.ndarray | torch.Tensor, chunk_bytes: int) -> Iterator[Any]:
-    shape = tuple(activations.shape)
-    if len(shape) < 2:
-        raise DataError(f"activations of shape {shape} have no filter axis")
-    per_filter = int(np.prod(shape[2:], dtype=np.int64)) * shape[0] * 8
-    step = max(1, chunk_bytes // max(per_filter, 1))
-    for start in range(0, shape[1], step):
-        yield activations[:, start : start + step]
 
 
 def random_subset_masks(

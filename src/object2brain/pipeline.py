@@ -433,6 +433,9 @@ def _extract(
         seed=config.seed,
         overwrite=overwrite,
         progress=progress,
+        amp_dtype=config.extract.amp,
+        channels_last=config.extract.channels_last,
+        decode=config.extract.decode,
     )
 
 

@@ -74,7 +74,8 @@ class BrainItem:
         self, metric: str = "correlation", device: str | torch.device | None = "auto"
     ) -> torch.Tensor:
         """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``."""
-        from object2brain.rsa.rdm import as_tensor, rdm_from_features, resolve_device
+        from object2brain.devices import resolve_device
+        from object2brain.rsa.rdm import as_tensor, rdm_from_features
 
         if self.kind == "rdm":
             return as_tensor(self.data, resolve_device(device))

@@ -545,9 +545,12 @@ def dissect(
     cache = (
         cache_dir if cache_dir is not None else (out_path / "detection_cache" if out_path else None)
     )
-    found, hits = detect_images(
-        det, stimulus_set.ids, stimulus_set.paths, cache_dir=cache, progress=progress
-    )
+    if isinstance(det, GivenBoxes):  # boxes need no pixels: image sizes from the headers
+        found, hits = given_box_detections(det, stimulus_set.ids, stimulus_set.paths), 0
+    else:
+        found, hits = detect_images(
+            det, stimulus_set.ids, stimulus_set.paths, cache_dir=cache, progress=progress
+        )
     prepared = prepare_boxes(found, group_map, resize=resize, crop=crop)
     counts = prepared.counts
     unmatched = det.unmatched() if isinstance(det, GivenBoxes) else []
@@ -576,7 +579,13 @@ def dissect(
         if num_workers is None
         else num_workers
     )
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch_device.type == "cuda",
+    )
     bar = tqdm(total=len(positions), disable=not progress, unit="img", desc="dissect")
     try:
         for indices, images, errors in loader:
@@ -585,7 +594,11 @@ def dissect(
                 raise DataError(f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}")
             batch_positions = torch.tensor([positions[int(i)] for i in indices])
             cams = filter_cams(
-                network, layer, images.to(torch_device), target=target, direction=direction
+                network,
+                layer,
+                images.to(torch_device, non_blocking=True),
+                target=target,
+                direction=direction,
             )
             boxes, image_index, group_index = _batch_boxes(prepared, batch_positions.tolist())
             importance = box_importance(cams.maps, boxes, image_index, (crop, crop))
@@ -648,6 +661,31 @@ def dissect(
         )
     summary["seconds"] = round(time.time() - started, 3)
     return result
+
+
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image as :func:`~object2brain.data.images.load_image` returns
+    it (after EXIF rotation), read from the file header without decoding the pixels."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def given_box_detections(
+    boxes: Any, ids: Sequence[str], paths: Sequence[Path]
+) -> list[ImageDetections]:
+    """Detections of a boxes file (:class:`~object2brain.explain.detectors.GivenBoxes`) for every
+    stimulus, with image sizes from the file headers: at corpus scale this avoids decoding every
+    image a second time (the pixels are decoded once, by the Grad-CAM loader)."""
+    found = []
+    for sid, path in zip(ids, paths, strict=True):
+        width, height = displayed_size(path)
+        detections = boxes.detect(None, stimulus_id=sid, path=Path(path))  # pixels unused
+        found.append(ImageDetections(sid, width, height, tuple(detections)))
+    return found
 
 
 def _cpu_count() -> int:

@@ -62,6 +62,7 @@ import torch
 from object2brain.data.brain import BrainData, OnMissing, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, read_table
+from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.inference import (
@@ -77,7 +78,6 @@ from object2brain.rsa.rdm import (
     behavior_rdm,
     check_metric,
     rdm_from_store,
-    resolve_device,
     upper_triangle,
 )
 from object2brain.store import ActivationStore, write_json, write_table

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
+from object2brain.devices import chunked, pick_chunk, resolve_device
 from object2brain.errors import DataError
 from object2brain.rsa.compare import (
     check_method,
@@ -45,12 +47,23 @@ from object2brain.rsa.compare import (
 from object2brain.rsa.compare import (
     compare as compare_rdms,
 )
-from object2brain.rsa.rdm import resolve_device, triu_indices
+from object2brain.rsa.rdm import triu_indices
 
 PERM_BLOCK = 1000
 _BOOT_STREAM = 7_919  # second word of the bootstrap seed sequence (independent of permutations)
 _TOL = 1e-12
-_MEMORY_ELEMENTS = 1 << 25  # values per gathered batch (256 MB in float64)
+_MEMORY_ELEMENTS = 1 << 25  # values per gathered batch (256 MB in float64), when given
+
+
+def _batch_size(
+    memory_elements: int | None, elements_per_item: int, bytes_per_item: int, dev: torch.device
+) -> int:
+    """Items per batch: ``memory_elements // elements_per_item`` when a budget is given, else
+    picked from the free memory of ``dev`` with ``bytes_per_item`` the peak bytes of one item
+    (:func:`object2brain.devices.pick_chunk`)."""
+    if memory_elements is not None:
+        return max(1, memory_elements // max(1, elements_per_item))
+    return pick_chunk(bytes_per_item, dev)
 
 
 def n_from_pairs(m: int) -> int:
@@ -140,13 +153,15 @@ def mantel_test(
     seed: int = 0,
     device: str | torch.device | None = "auto",
     combine: torch.Tensor | None = None,
-    memory_elements: int = _MEMORY_ELEMENTS,
+    memory_elements: int | None = None,
 ) -> TestResult:
     """Mantel permutation test of condensed model RDMs ``(K, m)`` against targets ``(T, m)``.
 
     Returns ``r`` and one-sided ``p = (1 + #{r_perm >= r}) / (1 + n_perm)`` of shape
     ``(K, T + G)`` (``G`` columns of ``combine``); ``p`` is NaN where ``r`` is NaN and when
-    ``n_perm = 0``.
+    ``n_perm = 0``. Permutations are processed in batches of at most ``memory_elements``
+    gathered values (default: sized from the device's free memory; a batch that runs out of
+    memory is halved and retried). Results do not depend on the batch size.
     """
     check_method(method)
     dev = resolve_device(device)
@@ -162,19 +177,29 @@ def mantel_test(
     K, T = xp.shape[0], yp.shape[0]
     gather_model = K <= T
     side = K if gather_model else T
-    batch = max(1, memory_elements // max(1, side * m))
+    # Peak bytes of one permutation: two (n, n) int64 gathers and the (m,) index, then the
+    # gathered (side, m) float64 values and their product's temporaries.
+    per_perm = 8 * (2 * n * n + m) + 8 * 2 * side * m
+    batch = _batch_size(memory_elements, side * m, per_perm, dev)
+
+    def count_block(perms: np.ndarray, start: int, stop: int) -> torch.Tensor:
+        sub = pair_permutation(perms[start:stop], dev)
+        P = sub.shape[0]
+        if gather_model:
+            g = xp[:, sub].reshape(K * P, m)
+            rp = _corr2d(g, yp, method).reshape(K, P, T).permute(1, 0, 2)
+        else:
+            g = yp[:, sub].reshape(T * P, m)
+            rp = _corr2d(xp, g, method).reshape(K, T, P).permute(2, 0, 1)
+        return (_with_combine(rp, combine) >= stat - _TOL).sum(dim=0)
+
     for block in permutations(n, n_perm, seed):
         perms = block if gather_model else np.argsort(block, axis=1)
-        for start in range(0, perms.shape[0], batch):
-            sub = pair_permutation(perms[start : start + batch], dev)
-            P = sub.shape[0]
-            if gather_model:
-                g = xp[:, sub].reshape(K * P, m)
-                rp = _corr2d(g, yp, method).reshape(K, P, T).permute(1, 0, 2)
-            else:
-                g = yp[:, sub].reshape(T * P, m)
-                rp = _corr2d(xp, g, method).reshape(K, T, P).permute(2, 0, 1)
-            counts += (_with_combine(rp, combine) >= stat - _TOL).sum(dim=0)
+        work = partial(count_block, perms)
+        for start, stop, found in chunked(perms.shape[0], batch, work, device=dev):
+            counts += found
+            if stop < perms.shape[0]:  # keep a size halved after out-of-memory
+                batch = min(batch, stop - start)
     r = stat.cpu().numpy()
     p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
     p[np.isnan(r)] = np.nan
@@ -192,7 +217,7 @@ def bootstrap_ci(
     device: str | torch.device | None = "auto",
     combine: torch.Tensor | None = None,
     level: float = 0.95,
-    memory_elements: int = _MEMORY_ELEMENTS,
+    memory_elements: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stimulus-bootstrap percentile interval of the coefficients of square RDMs.
 
@@ -217,7 +242,9 @@ def bootstrap_ci(
     m = n * (n - 1) // 2
     rng = np.random.default_rng([seed, _BOOT_STREAM])
     iu, ju = triu_indices(n, dev)
-    batch = max(1, memory_elements // max(1, (K + T) * m))
+    # Per resample: gathered (K + T, m) values and ~3 temporaries of ranking / standardising,
+    # the pair index (m,) x 3 and the (n,) draw.
+    batch = _batch_size(memory_elements, (K + T) * m, 8 * (4 * (K + T) * m + 3 * m + n), dev)
     if method == "kendall_tau_a":
         batch = max(1, min(batch, 4))
     stats = []
@@ -311,7 +338,7 @@ def condition_difference_test(
     seed: int = 0,
     device: str | torch.device | None = "auto",
     combine: torch.Tensor | None = None,
-    memory_elements: int = _MEMORY_ELEMENTS,
+    memory_elements: int | None = None,
 ) -> ContrastResult:
     """Test ``r_a - r_b`` between two conditions by permuting condition labels.
 
@@ -349,7 +376,8 @@ def condition_difference_test(
     delta = obs_a - obs_b
     counts = torch.zeros_like(delta, dtype=torch.int64)
     m_max = max(n_a * (n_a - 1), n_b * (n_b - 1)) // 2
-    batch = max(1, memory_elements // max(1, (A.shape[0] + Bt.shape[0]) * m_max))
+    R = A.shape[0] + Bt.shape[0]
+    batch = _batch_size(memory_elements, R * m_max, 8 * (4 * R * m_max + 2 * m_max), dev)
     for block in permutations(n_a + n_b, n_perm, seed):
         shuffled = pool[torch.as_tensor(block, device=dev)]
         for sub in torch.split(shuffled, batch):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 
 if TYPE_CHECKING:
@@ -41,18 +42,24 @@ RDM_METRICS: tuple[str, ...] = ("correlation", "euclidean", "cosine")
 
 ArrayLike = np.ndarray | torch.Tensor
 
-_DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16 M values (128 MB in float64) per feature chunk
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16 M values (128 MB in float64): the former fixed chunk
+
+
+def feature_chunk_elements(
+    chunk_elements: int | None, device: str | torch.device | None = "cpu"
+) -> int:
+    """Values per feature chunk: ``chunk_elements`` when given, else picked from the free memory
+    of ``device`` so that three float64 copies of a chunk fit (the read block, its float64
+    version on the device and its centred copy); see :func:`object2brain.devices.pick_chunk`.
+    """
+    if chunk_elements is not None:
+        return int(chunk_elements)
+    from object2brain.devices import pick_chunk
+
+    return pick_chunk(3 * 8, resolve_device(device), minimum=1 << 16)
+
+
 _DEGENERATE = 1e-12
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/``None``: ``cuda`` when available, else ``cpu``; else as torch reads it."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
-    return resolved
 
 
 def as_tensor(
@@ -189,20 +196,22 @@ def rdm_from_features(
     features: ArrayLike,
     metric: str = "correlation",
     device: str | torch.device | None = "auto",
-    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     ids: Sequence[str] | None = None,
     what: str = "features",
 ) -> torch.Tensor:
     """RDM ``(n, n)`` (float64) of features ``(n, ...)``, flattened per stimulus.
 
     Features of a single value per stimulus (``(n,)`` or ``(n, 1)``) give ``|x_i - x_j|``.
+    Accumulated over column chunks of about ``chunk_elements`` values (default: from the free
+    memory of ``device``, :func:`feature_chunk_elements`).
     """
     x = features if isinstance(features, torch.Tensor) else np.asarray(features)
     n = int(x.shape[0])
     flat = x.reshape(n, -1)
     if flat.shape[1] == 1:
         return behavior_rdm(flat[:, 0], device=device)
-    step = max(1, chunk_elements // max(n, 1))
+    step = max(1, feature_chunk_elements(chunk_elements, device) // max(n, 1))
     chunks = (flat[:, start : start + step] for start in range(0, flat.shape[1], step))
     return rdm_from_chunks(chunks, n, metric, device, ids, what)
 
@@ -219,14 +228,16 @@ def iter_feature_chunks(
     store: ActivationStore,
     layer: str,
     ids: Sequence[str] | None = None,
-    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Stream a layer of an activation store as column chunks ``(n_ids, p_c)``.
 
     Slices along the first feature axis of ``/layers/<layer>`` (``(n, C, ...)``) with h5py, so at
     most about ``chunk_elements`` values of the stored rows are read at once; rows are returned
-    in ``ids`` order (all rows in store order if ``ids`` is None).
+    in ``ids`` order (all rows in store order if ``ids`` is None). Default ``chunk_elements``:
+    from the free host memory (:func:`feature_chunk_elements`).
     """
+    chunk_elements = feature_chunk_elements(chunk_elements, "cpu")
     dataset: Any = store._dataset(layer)
     shape = tuple(dataset.shape)
     rows = None if ids is None else np.asarray(store.rows(ids))
@@ -248,7 +259,7 @@ def rdm_from_store(
     ids: Sequence[str] | None = None,
     metric: str = "correlation",
     device: str | torch.device | None = "auto",
-    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """RDM ``(n_ids, n_ids)`` of one layer, streamed from the store in feature chunks.
 

@@ -1,0 +1,690 @@
+"""The GPU cases of issue 8 in one script under a time budget (default 420 s, guarded).
+
+Cases (full sizes; ``--smoke`` runs tiny sizes end to end on any device, the CPU included):
+
+- ``rsa``: Mantel test, 1,000 stimuli x 20 layers x 20 ROIs x 10,000 permutations, Spearman
+  (goal < 60 s). Baseline: the same code on the CPU of the machine, timed on a slice of the
+  permutations and extrapolated linearly.
+- ``lesion``: lesion null, 10,000 random subsets of a 512-filter layer (7 x 7), 1,000 stimuli,
+  20 target RDMs, correlation RDMs + Spearman (goal < 60 s). Baselines: our engine on the CPU,
+  and brute force on the same GPU (mask the activations, recompute the RDM with a Gram matrix,
+  rank, correlate), each timed on a sample of subsets and extrapolated.
+- ``extract``: resnet18 (random weights), all 8 canonical layers, 10,000 JPEGs of 500 x 375
+  generated from photos shipped with scikit-image. End to end (files -> store) with Pillow
+  decoding in loader workers and with on-device JPEG decoding (goal >= 3,000 images/s), stored
+  as float16 with a 4,096-dimensional sparse random projection (the full float32 layers would
+  be 55 GB); the same on 1,000 images without projection (write-bound); and from already
+  decoded, preprocessed tensors on the device (goal >= 15,000 images/s), forward + hooks only
+  and forward + copy of every layer to pinned host memory. Baseline: a one-image-at-a-time
+  loop on the CPU (``benchmarks/extract.py``'s naive loop).
+- ``dissect``: ``o2b.dissect`` of resnet18 ``layer4`` (512 filters) with box importances over
+  25,000 JPEGs with cached detections (3 boxes per image, cache primed beforehand; goal < 300 s).
+  Baseline: the same call on the CPU on a slice, extrapolated.
+
+Every case first checks GPU == CPU on a small slice and records the largest difference and the
+tolerance it was held to (float64 paths: 1e-9; float32 network paths: 1e-2 of the layer's
+largest value, because cuDNN convolutions use TF32 by default on Hopper).
+
+Run from the repository root: ``python3 benchmarks/gpu_cases.py`` with the machine's own torch
+(the project's ``.venv`` is far over the device tool's 64 MiB carry limit; it works too where it
+exists). ``src/`` is put on the path and, when pydantic is missing (as on the device image),
+only the submodules needed are imported; everything else used (numpy, torch, torchvision, h5py,
+pandas, pyarrow, Pillow, scikit-image, PyYAML, tqdm, safetensors) is on that image. On the
+device tool: ``run(command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_cases.py",
+timeout_s=540)``. Writes ``$OUT/gpu_cases.json`` when ``OUT`` is set and
+``--json PATH`` when given. ``--cases rsa,lesion`` picks cases; ``--budget-s`` stops starting
+new work when the budget would be exceeded (skipped work is listed in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bootstrap_imports() -> None:
+    """Make ``object2brain`` importable from ``src/`` even without its optional dependencies."""
+    sys.path.insert(0, str(ROOT / "src"))
+    try:
+        import pydantic  # noqa: F401
+    except ImportError:  # the package's __init__ imports the pipeline (pydantic): skip it
+        package = types.ModuleType("object2brain")
+        package.__path__ = [str(ROOT / "src" / "object2brain")]
+        sys.modules["object2brain"] = package
+
+
+_bootstrap_imports()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+FULL = {
+    "rsa": {"n": 1000, "layers": 20, "rois": 20, "n_perm": 10_000, "cpu_perm": 100},
+    "lesion": {"n": 1000, "filters": 512, "subsets": 10_000, "targets": 20, "size": 64},
+    "extract": {"n": 10_000, "n_full": 1_000, "batch": 256, "srp": 4096, "naive": 48},
+    "dissect": {"n": 25_000, "batch": 128, "cpu_images": 64, "check": 32},
+}
+SMOKE = {
+    "rsa": {"n": 40, "layers": 3, "rois": 3, "n_perm": 100, "cpu_perm": 20},
+    "lesion": {"n": 30, "filters": 32, "subsets": 64, "targets": 3, "size": 4},
+    "extract": {"n": 12, "n_full": 6, "batch": 4, "srp": 64, "naive": 3},
+    "dissect": {"n": 12, "batch": 4, "cpu_images": 4, "check": 4},
+}
+# Rough cost of each case at full size on an H100 (s), used by the budget guard.
+ESTIMATE_S = {"rsa": 40, "lesion": 90, "extract": 150, "dissect": 120}
+
+
+class Budget:
+    """Wall-clock budget: ``allows(seconds)`` is false when the work would not finish in time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.start = time.perf_counter()
+        self.seconds = seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def allows(self, seconds: float, what: str) -> bool:
+        if self.left() >= seconds:
+            return True
+        self.skipped.append(f"{what} (needs ~{seconds:.0f} s, {self.left():.0f} s left)")
+        say(f"  skipped {what}: budget")
+        return False
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    value = fn()
+    sync(device)
+    return time.perf_counter() - start, value
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    info: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+    }
+    if device.type == "cuda":
+        _free, total = torch.cuda.mem_get_info(device)
+        info["device_memory_gib"] = round(total / 2**30, 1)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# RSA
+
+
+def case_rsa(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
+    from object2brain.rsa.inference import mantel_test
+
+    n, K, T, n_perm = sizes["n"], sizes["layers"], sizes["rois"], sizes["n_perm"]
+    m = n * (n - 1) // 2
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(K, m, generator=gen, dtype=torch.float64)
+    Y = torch.rand(T, m, generator=gen, dtype=torch.float64)
+    Y[: T // 2] += 0.3 * X[: T // 2]  # some real alignment
+    out: dict[str, Any] = {"sizes": sizes, "method": "spearman", "goal_s": 60}
+
+    # equality on a slice: the first min(n, 200) stimuli, 500 permutations
+    ns = min(n, 200)
+    ms = ns * (ns - 1) // 2
+    pos = _condensed_prefix(n, ns)
+    Xs, Ys = X[:4, pos], Y[:4, pos]
+    check_perm = min(500, n_perm)
+    cpu = mantel_test(Xs, Ys, "spearman", check_perm, seed=1, device="cpu")
+    dev = mantel_test(Xs, Ys, "spearman", check_perm, seed=1, device=device)
+    out["check"] = {
+        "slice": f"{ns} stimuli ({ms} pairs) x 4 x 4, {check_perm} permutations",
+        "max_abs_diff_r": float(np.abs(cpu.r - dev.r).max()),
+        "max_abs_diff_p": float(np.abs(cpu.p - dev.p).max()),
+        "tolerance": "r: 1e-9; p: 2 / (n_perm + 1)",
+    }
+    out["check"]["passed"] = bool(
+        out["check"]["max_abs_diff_r"] <= 1e-9
+        and out["check"]["max_abs_diff_p"] <= 2 / (check_perm + 1)
+    )
+    mantel_test(X[:, :1000], Y[:, :1000], "spearman", 10, device=device)  # warm-up
+    seconds, result = timed(device, lambda: mantel_test(X, Y, "spearman", n_perm, device=device))
+    out["seconds"] = seconds
+    out["min_p"] = float(np.nanmin(result.p))
+    say(f"  rsa on {device}: {seconds:.2f} s for {K}x{T}x{n_perm} permutations ({n} stimuli)")
+    if device.type == "cuda" and budget.allows(60, "rsa CPU baseline"):
+        cpu_perm = sizes["cpu_perm"]
+        t_cpu, _ = timed(
+            torch.device("cpu"), lambda: mantel_test(X, Y, "spearman", cpu_perm, device="cpu")
+        )
+        out["cpu_seconds_extrapolated"] = t_cpu * n_perm / cpu_perm
+        out["cpu_measured"] = f"{t_cpu:.2f} s for {cpu_perm} permutations"
+        out["ratio_vs_cpu"] = out["cpu_seconds_extrapolated"] / seconds
+        say(f"  rsa CPU: {out['cpu_seconds_extrapolated']:.1f} s (extrapolated), "
+            f"{out['ratio_vs_cpu']:.1f}x")  # fmt: skip
+    out["goal_met"] = bool(device.type == "cuda" and seconds < 60)
+    return out
+
+
+def _condensed_prefix(n: int, k: int) -> torch.Tensor:
+    """Positions in a condensed vector of ``n`` stimuli of the pairs among the first ``k``."""
+    i, j = np.triu_indices(k, 1)
+    return torch.as_tensor(i * n - i * (i + 1) // 2 + (j - i - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# lesion null
+
+
+def case_lesion(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
+    from object2brain.lesion_engine import FilterStats, random_subset_masks
+    from object2brain.rsa.compare import prepare
+    from object2brain.rsa.rdm import rdm_from_features, upper_triangle
+
+    n, K, S, T = sizes["n"], sizes["filters"], sizes["subsets"], sizes["targets"]
+    m = n * (n - 1) // 2
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(n, K, 7, 7, generator=gen).clamp_min_(0)
+    targets = torch.rand(T, m, generator=gen, dtype=torch.float64)
+    masks = ~random_subset_masks(K, sizes["size"], S, seed=1)  # lesion null: drop `size` filters
+    out: dict[str, Any] = {"sizes": sizes, "metric": "correlation", "method": "spearman"}
+    out["goal_s"] = 60
+
+    def run(dev: torch.device, subsets: int) -> tuple[float, float, np.ndarray]:
+        start = time.perf_counter()
+        stats = FilterStats.from_activations(acts.to(dev), device=dev)
+        sync(dev)
+        t_stats = time.perf_counter() - start
+        tp = prepare(targets.to(dev), "spearman")
+        chunk = stats.subsets_per_chunk(dev)
+        rows = []
+        for begin in range(0, subsets, chunk):
+            rdms = stats.rdms(masks[begin : min(subsets, begin + chunk)], device=dev, strict=False)
+            rows.append((prepare(rdms, "spearman") @ tp.T).cpu())
+            del rdms
+        sync(dev)
+        return time.perf_counter() - start, t_stats, torch.cat(rows).numpy()
+
+    check_n = min(S, 16)
+    t_dev, t_stats, r_dev = run(device, S)
+    out["seconds"] = t_dev
+    out["stats_seconds"] = t_stats
+    say(f"  lesion on {device}: {t_dev:.2f} s ({t_stats:.2f} s statistics) for {S} subsets")
+    if budget.allows(45 if device.type == "cuda" else 5, "lesion CPU check/baseline"):
+        sample = min(S, 64)
+        t_cpu, t_cpu_stats, r_cpu = run(torch.device("cpu"), sample)
+        diff = float(np.abs(r_cpu[:check_n] - r_dev[:check_n]).max())
+        out["check"] = {
+            "slice": f"first {check_n} subsets",
+            "max_abs_diff_r": diff,
+            "tolerance": 1e-9,
+            "passed": diff <= 1e-9,
+        }
+        out["cpu_seconds_extrapolated"] = t_cpu_stats + (t_cpu - t_cpu_stats) * S / sample
+        out["cpu_measured"] = f"{t_cpu:.2f} s for statistics + {sample} subsets"
+        out["ratio_vs_cpu"] = out["cpu_seconds_extrapolated"] / t_dev
+    # brute force on the same device: mask, Gram-matrix RDM, ranks, correlate
+    brute_n = min(S, 20)
+    if budget.allows(30, "lesion brute force"):
+        acts_dev = acts.to(device)
+        tp = prepare(targets.to(device), "spearman")
+
+        def brute() -> np.ndarray:
+            rows = []
+            for mask in masks[:brute_n]:
+                keep = torch.as_tensor(mask, device=device)[None, :, None, None]
+                rdm = upper_triangle(rdm_from_features(acts_dev * keep, device=device))
+                rows.append((prepare(rdm[None], "spearman") @ tp.T).cpu())
+            return torch.cat(rows).numpy()
+
+        brute()  # warm-up
+        t_brute, r_brute = timed(device, brute)
+        out["brute_seconds_extrapolated"] = t_brute * S / brute_n
+        out["brute_measured"] = f"{t_brute:.2f} s for {brute_n} subsets on {device}"
+        out["ratio_vs_brute"] = out["brute_seconds_extrapolated"] / t_dev
+        out["brute_max_abs_diff_r"] = float(np.abs(r_brute - r_dev[:brute_n]).max())
+    out["goal_met"] = bool(device.type == "cuda" and t_dev < 60)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+
+
+def _make_one(args: tuple[str, int]) -> None:
+    from PIL import Image
+
+    path, i = args
+    sources = _SOURCES
+    source = sources[i % len(sources)]
+    rng = np.random.default_rng(i)
+    w, h = source.size
+    scale = rng.uniform(1.0, 1.6)
+    cw, ch = int(w / scale), int(h / scale)
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = source.crop((x0, y0, x0 + cw, y0 + ch)).resize((500, 375), Image.Resampling.BILINEAR)
+    image.save(path, quality=90)
+
+
+def _load_sources() -> list[Any]:
+    from PIL import Image
+    from skimage import data
+
+    return [
+        Image.fromarray(getattr(data, name)()).convert("RGB")
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "horse", "camera")
+    ]
+
+
+_SOURCES: list[Any] = []
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """``n`` baseline JPEGs of 500 x 375 cut from scikit-image photos (made in parallel)."""
+    global _SOURCES
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img{i:05d}.jpg" for i in range(n)]
+    todo = [(str(p), i) for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        _SOURCES = _load_sources()
+        if len(todo) > 64:
+            with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+                pool.map(_make_one, todo, chunksize=64)
+        else:
+            for item in todo:
+                _make_one(item)
+    return paths
+
+
+def _scaled_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(a).max(), 1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+# extraction
+
+
+def case_extract(
+    sizes: dict[str, int], device: torch.device, budget: Budget, work: Path
+) -> dict[str, Any]:
+    import importlib
+
+    ex = importlib.import_module("object2brain.extract")  # the package exports a function too
+    from object2brain.data.stimuli import load_stimuli
+    from object2brain.models.layers import LayerRecorder, list_layers
+    from object2brain.models.zoo import load_model
+    from object2brain.store import ActivationStore
+
+    n, batch = sizes["n"], sizes["batch"]
+    workers = min(16, os.cpu_count() or 1) if n > batch else 0
+    start = time.perf_counter()
+    paths = make_images(work / "images", n)
+    out: dict[str, Any] = {"sizes": sizes, "workers": workers, "goal_images_per_s": 3000}
+    out["goal_decoded_images_per_s"] = 15000
+    out["image_generation_s"] = time.perf_counter() - start
+    model = load_model("resnet18", "none", seed=0)
+    layers = [info.name for info in list_layers(model)]
+    out["layers"] = layers
+
+    # equality: 16 images, CPU vs device, float32, Pillow decoding; device decoding vs Pillow
+    few = load_stimuli(
+        __import__("pandas").DataFrame(
+            {"stimulus_id": [p.stem for p in paths[:16]], "path": [str(p) for p in paths[:16]]}
+        ),
+        check="none",
+    )
+    stores = {}
+    for label, dev, decode in (
+        ("cpu", "cpu", "pil"),
+        ("dev", device, "pil"),
+        ("dec", device, "torch"),
+    ):
+        path = work / f"check_{label}.h5"
+        ex.extract(model, few, out=path, device=dev, batch_size=8, num_workers=0, progress=False,
+                   decode=decode, overwrite=True)  # fmt: skip
+        with ActivationStore.open(path) as store:
+            stores[label] = {layer: store.read(layer) for layer in layers}
+    out["check"] = {
+        "slice": "16 images, float32, all layers; error = max |a - b| / max |a| per layer",
+        "device_vs_cpu": max(_scaled_error(stores["cpu"][x], stores["dev"][x]) for x in layers),
+        "device_decode_vs_pillow": max(
+            _scaled_error(stores["dev"][x], stores["dec"][x]) for x in layers
+        ),
+        "tolerance": "device vs cpu 1e-2 (TF32 convolutions); device decoding 3e-2",
+    }
+    out["check"]["passed"] = bool(
+        out["check"]["device_vs_cpu"] <= 1e-2 and out["check"]["device_decode_vs_pillow"] <= 3e-2
+    )
+    say(f"  extract check: {out['check']}")
+
+    def end_to_end(label: str, count: int, **options: Any) -> None:
+        if not budget.allows(max(10.0, count / 800), f"extract {label}"):
+            return
+        table = __import__("pandas").DataFrame(
+            {
+                "stimulus_id": [p.stem for p in paths[:count]],
+                "path": [str(p) for p in paths[:count]],
+            }
+        )
+        subset = load_stimuli(table, check="none")
+        store = work / f"{label}.h5"
+        try:
+            _end_to_end(label, count, subset, store, options)
+        except Exception as exc:  # keep the other variants
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"}
+            say(f"  extract {label}: failed: {exc}")
+
+    def _end_to_end(
+        label: str, count: int, subset: Any, store: Path, options: dict[str, Any]
+    ) -> None:
+        seconds, _ = timed(device, lambda: ex.extract(
+            model, subset, out=store, device=device, batch_size=batch, num_workers=workers,
+            progress=False, overwrite=True, **options))  # fmt: skip
+        size = store.stat().st_size / 2**20
+        store.unlink()
+        out[label] = {
+            "images": count,
+            "seconds": seconds,
+            "images_per_s": count / seconds,
+            "store_mib": size,
+            "options": {k: str(v) for k, v in options.items()},
+        }
+        say(f"  extract {label}: {count / seconds:.0f} images/s ({seconds:.1f} s)")
+
+    common = {"dtype": "float16", "srp": sizes["srp"]}
+    end_to_end("e2e_pillow", n, decode="pil", **common)
+    end_to_end("e2e_device_decode", n, decode="torch", **common)
+    end_to_end("e2e_device_decode_bf16_cl", n, decode="torch", amp_dtype="bfloat16",
+               channels_last=True, **common)  # fmt: skip
+    end_to_end("e2e_full_layers_float16", sizes["n_full"], decode="torch", dtype="float16")
+
+    # from decoded, preprocessed tensors already on the device
+    if budget.allows(20, "extract from decoded tensors"):
+        network = model.module.to(device).eval()
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
+        n_batches = max(1, n // batch)
+        for label, amp, cl, copy in (
+            ("decoded_fp32_forward", None, False, False),
+            ("decoded_bf16_cl_forward", torch.bfloat16, True, False),
+            ("decoded_fp32_forward_copy_to_host", None, False, True),
+        ):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            network.to(memory_format=fmt)
+            x = inputs.contiguous(memory_format=fmt)
+            pinned: dict[str, torch.Tensor] = {}
+
+            def go(x: torch.Tensor = x, amp: Any = amp, copy: bool = copy,
+                   pinned: dict[str, torch.Tensor] = pinned) -> None:  # fmt: skip
+                with LayerRecorder(network, layers) as rec, torch.inference_mode():
+                    for _ in range(n_batches):
+                        rec.reset()
+                        with torch.autocast(device.type, dtype=amp or torch.float32,
+                                            enabled=amp is not None):  # fmt: skip
+                            network(x)
+                        if copy:
+                            for name, value in rec.outputs.items():
+                                if name not in pinned:
+                                    pinned[name] = torch.empty(
+                                        value.shape, dtype=value.dtype,
+                                        pin_memory=device.type == "cuda")  # fmt: skip
+                                pinned[name].copy_(value, non_blocking=True)
+
+            go()  # warm-up (cuDNN autotuning, allocations)
+            seconds, _ = timed(device, go)
+            count = n_batches * batch
+            out[label] = {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+            say(f"  extract {label}: {count / seconds:.0f} images/s")
+        network.to(memory_format=torch.contiguous_format)
+
+    # baseline: one image at a time on the CPU
+    if budget.allows(20, "extract naive CPU baseline"):
+        from object2brain.data.images import load_image
+
+        cpu_net = model.module.to("cpu")
+        transform = model.preprocessing.transform()
+        naive = sizes["naive"]
+
+        def loop() -> None:
+            with LayerRecorder(cpu_net, layers) as rec, torch.inference_mode():
+                for path in paths[:naive]:
+                    rec.reset()
+                    cpu_net(transform(load_image(path))[None])
+                    _ = {k: v.numpy() for k, v in rec.outputs.items()}
+
+        seconds, _ = timed(torch.device("cpu"), loop)
+        out["naive_cpu"] = {"images": naive, "seconds": seconds, "images_per_s": naive / seconds}
+        for label in ("e2e_pillow", "e2e_device_decode"):
+            if label in out:
+                out[label]["ratio_vs_naive_cpu"] = out[label]["images_per_s"] / (naive / seconds)
+    rates = [
+        v["images_per_s"]
+        for k, v in out.items()
+        if k.startswith("e2e_") and k != "e2e_full_layers_float16" and "images_per_s" in v
+    ]
+    best = max(rates, default=0.0)
+    out["goal_met"] = bool(device.type == "cuda" and best >= 3000)
+    decoded = out.get("decoded_fp32_forward", {}).get("images_per_s", 0.0)
+    out["goal_decoded_met"] = bool(device.type == "cuda" and decoded >= 15000)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# dissection
+
+
+def case_dissect(
+    sizes: dict[str, int], device: torch.device, budget: Budget, work: Path
+) -> dict[str, Any]:
+    import pandas as pd
+    from PIL import Image
+
+    from object2brain.data.stimuli import load_stimuli
+    from object2brain.explain.detectors import Detection, DetectionCache, Detector
+    from object2brain.explain.dissect import dissect
+    from object2brain.explain.groups import load_groups
+    from object2brain.manifest import file_sha256
+    from object2brain.models.zoo import load_model
+
+    class SyntheticBoxes(Detector):
+        """Three fixed boxes per image (labels of the ``coco`` map), only ever read from cache."""
+
+        kind = "synthetic"
+
+        def detect(self, image: Image.Image, *, stimulus_id: str, path: Path) -> list[Detection]:
+            return boxes_for(stimulus_id, image.size[0], image.size[1])
+
+    labels = ["person", "car", "dog", "chair", "cup"]
+
+    def boxes_for(sid: str, w: int, h: int) -> list[Detection]:
+        i = int(sid[3:])
+        return [
+            Detection(float((i * 7 + 40 * k) % (w // 2)), float((i * 5 + 30 * k) % (h // 2)),
+                      float((i * 7 + 40 * k) % (w // 2) + w // 3),
+                      float((i * 5 + 30 * k) % (h // 2) + h // 3), labels[(i + k) % len(labels)])
+            for k in range(3)
+        ]  # fmt: skip
+
+    n = sizes["n"]
+    start = time.perf_counter()
+    paths = make_images(work / "images", n)
+    detector = SyntheticBoxes()
+    cache_dir = work / "detection_cache"
+    cache = DetectionCache(cache_dir, detector)
+    for p in paths:  # prime the cache (what a first run with a real detector leaves behind)
+        cache.put(file_sha256(p), 500, 375, boxes_for(p.stem, 500, 375))
+    out: dict[str, Any] = {"sizes": sizes, "goal_s": 300, "boxes_per_image": 3}
+    out["preparation_s"] = time.perf_counter() - start
+    model = load_model("resnet18", "none", seed=0)
+    groups = load_groups("coco")
+    workers = min(16, os.cpu_count() or 1)
+
+    def run(dev: Any, count: int, batch: int) -> tuple[float, Any]:
+        table = pd.DataFrame(
+            {
+                "stimulus_id": [p.stem for p in paths[:count]],
+                "path": [str(p) for p in paths[:count]],
+            }
+        )
+        stimuli = load_stimuli(table, check="none")
+        return timed(torch.device(dev), lambda: dissect(
+            model, stimuli, layer="layer4", detector=detector, groups=groups, target=0,
+            min_images=1, batch_size=batch, device=dev, cache_dir=cache_dir, figures=False,
+            num_workers=workers if count > batch else 0, progress=False))  # fmt: skip
+
+    check = sizes["check"]
+    _, on_cpu = run("cpu", check, 16)
+    _, on_dev = run(device, check, 16)
+    a, b = on_cpu.table, on_dev.table
+    diffs = {
+        col: float(np.nanmax(np.abs(a[col] - b[col])) / max(np.nanmax(np.abs(a[col])), 1e-30))
+        for col in ("importance", "enrichment")
+    }
+    out["check"] = {
+        "slice": f"{check} images; error = max |a - b| / max |a| per column",
+        **diffs,
+        "tolerance": 1e-2,
+        "passed": all(v <= 1e-2 for v in diffs.values()),
+    }
+    say(f"  dissect check: {out['check']}")
+    # A first run on up to 2,000 images gives the rate; the full run goes ahead only if it fits
+    # the budget, else the largest part that fits runs and the time is extrapolated (said so).
+    probe = min(n, 2000)
+    t_probe, _ = run(device, probe, sizes["batch"])
+    rate = probe / t_probe
+    out["probe"] = {"images": probe, "seconds": t_probe, "images_per_s": rate}
+    count = n
+    if n > probe and n / rate > budget.left() - 45:
+        count = max(probe, int(rate * max(budget.left() - 45, 0) * 0.8))
+        budget.skipped.append(f"dissect: {n - count} of {n} images (time extrapolated)")
+    if count > probe:
+        seconds, result = run(device, count, sizes["batch"])
+        out["cache_hits"] = result.summary["cache_hits"]
+    else:
+        seconds = t_probe
+    out["images_measured"] = count
+    out["seconds_measured"] = seconds
+    out["seconds"] = seconds * n / count
+    out["extrapolated"] = count < n
+    out["images_per_s"] = count / seconds
+    say(
+        f"  dissect on {device}: {seconds:.1f} s for {count} images "
+        f"({count / seconds:.0f} images/s)"
+    )
+    if budget.allows(40, "dissect CPU baseline"):
+        count = sizes["cpu_images"]
+        t_cpu, _ = run("cpu", count, 16)
+        out["cpu_images_per_s"] = count / t_cpu
+        if "images_per_s" in out:
+            out["ratio_vs_cpu"] = out["images_per_s"] / out["cpu_images_per_s"]
+    out["goal_met"] = bool(device.type == "cuda" and out["seconds"] < 300)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (any device)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--cases", default="rsa,lesion,extract,dissect")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--workdir", type=Path, help="image folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    from object2brain.devices import resolve_device
+
+    device = resolve_device(args.device)
+    sizes = SMOKE if args.smoke else FULL
+    budget = Budget(args.budget_s)
+    results: dict[str, Any] = {
+        "script": "benchmarks/gpu_cases.py",
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "smoke": args.smoke,
+        "environment": environment(device),
+        "budget_s": args.budget_s,
+        "cases": {},
+    }
+    say(f"gpu_cases on {results['environment']['device_name']} ({device}), smoke={args.smoke}")
+    with tempfile.TemporaryDirectory(prefix="o2b-gpu-") as tmp:
+        work = args.workdir or Path(tmp)
+        for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+            estimate = 5.0 if args.smoke else ESTIMATE_S[name]
+            if not budget.allows(estimate, f"case {name}"):
+                continue
+            say(f"case {name}")
+            started = time.perf_counter()
+            try:
+                if name == "rsa":
+                    value = case_rsa(sizes["rsa"], device, budget)
+                elif name == "lesion":
+                    value = case_lesion(sizes["lesion"], device, budget)
+                elif name == "extract":
+                    value = case_extract(sizes["extract"], device, budget, work)
+                elif name == "dissect":
+                    value = case_dissect(sizes["dissect"], device, budget, work)
+                else:
+                    raise ValueError(f"unknown case {name!r}")
+            except Exception as exc:  # keep the other cases' numbers
+                import traceback
+
+                traceback.print_exc()
+                value = {"error": f"{type(exc).__name__}: {exc}"}
+            value["case_wall_s"] = time.perf_counter() - started
+            results["cases"][name] = value
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            _write(results, args.json)
+    results["skipped"] = budget.skipped
+    results["total_s"] = time.perf_counter() - budget.start
+    _write(results, args.json)
+    say(f"done in {results['total_s']:.0f} s; skipped: {budget.skipped or 'nothing'}")
+    return results
+
+
+def _write(results: dict[str, Any], path: Path | None) -> None:
+    text = json.dumps(results, indent=2, default=str)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_cases.json").write_text(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

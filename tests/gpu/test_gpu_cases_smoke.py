@@ -1,0 +1,44 @@
+"""The device script runs end to end at tiny sizes on the CPU and writes its JSON to $OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_cases_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_cases.py"), "--smoke", "--device", "cpu",
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "gpu_cases.json").read_text())
+    assert results["smoke"] is True
+    assert results["environment"]["device"] == "cpu"
+    assert set(results["cases"]) == {"rsa", "lesion", "extract", "dissect"}
+    for name, case in results["cases"].items():
+        assert "error" not in case, (name, case)
+        assert case["check"]["passed"], (name, case["check"])
+    assert results["cases"]["rsa"]["seconds"] > 0
+    assert results["cases"]["extract"]["e2e_device_decode"]["images_per_s"] > 0
+    assert results["cases"]["dissect"]["images_per_s"] > 0
+    assert results["skipped"] == []
+
+
+def test_gpu_cases_budget_guard_skips_work(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_cases.py"), "--smoke", "--device", "cpu",
+         "--budget-s", "0", "--json", str(tmp_path / "r.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["cases"] == {}
+    assert len(results["skipped"]) == 4
