@@ -68,6 +68,14 @@ EARLIER: list[dict[str, str]] = [
         "how": "benchmarks/extract.py, issue 2 session; measured while the machine was under load",
     },
     {
+        "benchmark": "extract (memory)",
+        "scenario": "vgg16 (random weights), all 8 canonical layers, batch 16, fresh process each",
+        "ours": "peak RSS 2,266 MiB for 100 images, 2,298 MiB for 500 (+32 MiB)",
+        "baseline": "store on disk 590 MiB -> 2,940 MiB (+2,351 MiB)",
+        "ratio": "bounded by one batch",
+        "how": "benchmarks/extract.py (ru_maxrss), issue 2 session; model alone 1,810 MiB",
+    },
+    {
         "benchmark": "rsa",
         "scenario": "300 stimuli x 10 layers x 6 ROIs x 5,000 permutations, Spearman",
         "ours": "25.2 s (`mantel_test`, float64)",
