@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -184,6 +185,13 @@ def test_resume_after_interruption_gives_identical_store(
 
 def test_resume_after_sigkill(stimulus_table: Path, tmp_path: Path) -> None:
     """A real killed process: the partial store is resumed (or, if torn, restarted) correctly."""
+    # 40 stimuli in batches of 1, so the kill lands well before the end on any machine
+    frame = pd.read_csv(stimulus_table)
+    frame = pd.concat(
+        [frame.assign(stimulus_id=frame["stimulus_id"] + f"_{copy}") for copy in range(5)]
+    )
+    stimulus_table = stimulus_table.with_name("stimuli40.csv")
+    frame.to_csv(stimulus_table, index=False)
     target = tmp_path / "killed.h5"
     command = [
         sys.executable,
