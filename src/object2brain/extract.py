@@ -78,11 +78,18 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
     report the stimulus id and path in one clear message, whichever worker hit them.
     """
 
-    def __init__(self, paths: Sequence[Path], ids: Sequence[str], preprocessing: Preprocessing):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        ids: Sequence[str],
+        preprocessing: Preprocessing,
+        *,
+        augment: bool = False,
+    ):
         self.paths = list(paths)
         self.ids = list(ids)
         self.crop = preprocessing.crop_size
-        self.transform = preprocessing.transform()
+        self.transform = preprocessing.transform(augment=augment)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -364,7 +371,7 @@ def extract(
     finally:
         writer.close()
 
-    inputs = {"stimuli_fingerprint": stimulus_set.fingerprint(), "weights": loaded.weights_sha256}
+    inputs = {"stimuli_fingerprint": config["stimuli"], "weights": loaded.weights_sha256}
     if stimulus_set.source is not None and stimulus_set.source.is_file():
         inputs["stimulus_table"] = file_sha256(stimulus_set.source)
     write_json(
@@ -401,9 +408,11 @@ def _same_complete_store(path: Path, fingerprint: str) -> bool:
         return False
 
 
-def _default_workers(n_remaining: int, batch_size: int) -> int:
-    if n_remaining <= batch_size:
-        return 0  # start-up of worker processes would cost more than it saves
+def default_workers(n_items: int, batch_size: int, *, min_batches: int = 1) -> int:
+    """Image-decoding worker processes for ``n_items``: none for up to ``min_batches`` batches
+    (starting workers would cost more than it saves), else up to 4."""
+    if n_items <= min_batches * batch_size:
+        return 0
     return min(4, os.cpu_count() or 1)
 
 
@@ -435,7 +444,7 @@ def _run_batches(
         if on_device_decode
         else ImageDataset(paths, ids, loaded.preprocessing)
     )
-    workers = _default_workers(n - start, batch_size) if num_workers is None else num_workers
+    workers = default_workers(n - start, batch_size) if num_workers is None else num_workers
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -203,11 +203,11 @@ def run_lesion(
     rows: list[dict[str, Any]] = []
     prop_behavior: list[pd.DataFrame] = []
     prop_alignment: list[pd.DataFrame] = []
+    brain_data = load_brain(brain) if brain is not None else None
     for path in paths:
         with ActivationStore.open(path) as store:
             model_name = str(store.attrs.get("model", path.stem))
             ids, conditions, stimulus_set = _stimuli(stimuli, store.stimulus_ids)
-            brain_data = load_brain(brain) if brain is not None else None
             if brain_data is not None:
                 ids = brain_data.common_ids(ids)
             rating_data = load_ratings(ratings, ids) if ratings is not None else None
@@ -358,7 +358,7 @@ def _select_groups(
     return {g: members[g] for g in groups}
 
 
-def _condition_sets(ids: list[str], conditions: np.ndarray | None) -> list[tuple[str, np.ndarray]]:
+def condition_sets(ids: list[str], conditions: np.ndarray | None) -> list[tuple[str, np.ndarray]]:
     sets = [("all", np.arange(len(ids)))]
     if conditions is not None:
         for name in dict.fromkeys(conditions.tolist()):
@@ -385,7 +385,7 @@ def _layer_rows(
     columns = [(t.name, s) for t in targets for s in t.subjects]
     full_target = torch.cat([upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets])
     rows: list[dict[str, Any]] = []
-    for condition, keep in _condition_sets(ids, conditions):
+    for condition, keep in condition_sets(ids, conditions):
         if len(keep) < 4:
             log.warning("condition %r has %d stimuli: skipped", condition, len(keep))
             continue
@@ -409,7 +409,7 @@ def _layer_rows(
                 if bool(valid.any()):
                     r[valid.cpu()] = compare(rdms[valid], tgt, method).cpu()
                 out.append(r.numpy())
-            return _with_group_means(np.concatenate(out), targets)
+            return with_group_means(np.concatenate(out), targets)
 
         r_full = correlations(np.ones((1, K), dtype=bool))[0]
         nulls: dict[tuple[str, int], np.ndarray] = {}
@@ -425,7 +425,7 @@ def _layer_rows(
                     null_masks = ~draws if variant == "lesion" else draws
                     nulls[key] = correlations(null_masks) - r_full[None]
                 p, z = _null_stats(delta, nulls.get(key))
-                for c, (target_name, subject) in enumerate(_with_group_labels(columns, targets)):
+                for c, (target_name, subject) in enumerate(with_group_labels(columns, targets)):
                     rows.append(
                         {
                             "model": model,
@@ -447,7 +447,7 @@ def _layer_rows(
     return rows
 
 
-def _with_group_labels(
+def with_group_labels(
     columns: list[tuple[str, str]], targets: list[Target]
 ) -> list[tuple[str, str]]:
     labels = list(columns)
@@ -457,7 +457,7 @@ def _with_group_labels(
     return labels
 
 
-def _with_group_means(r: np.ndarray, targets: list[Target]) -> np.ndarray:
+def with_group_means(r: np.ndarray, targets: list[Target]) -> np.ndarray:
     """Append, per target with subjects, the mean over its subjects' columns."""
     extra, start = [], 0
     for target in targets:

@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from object2brain.config import RunConfig, load_config
+from object2brain.config import ModelConfig, RunConfig, load_config
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.store import write_json
@@ -128,6 +128,10 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     seed, device = config.seed, config.device
     brain, ratings = config.brain, config.ratings
     heads: dict[str, Path | None] = {m.label: m.head for m in config.models}
+
+    def load(model: ModelConfig, head: Path | None = None) -> Any:
+        return load_model(model.arch, model.weights, head=head, seed=seed, name=model.label)
+
     backbone_stores: dict[str, Path] = {}
 
     needs_backbone = config.simulate is not None
@@ -143,7 +147,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             }
 
             def work(model: Any = model, path: Path = path) -> list[Path]:
-                loaded = load_model(model.arch, model.weights, seed=seed, name=model.label)
+                loaded = load(model)
                 return [_extract(extract, loaded, stimuli, path, model.layers, config, progress)]
 
             stages.run(
@@ -199,7 +203,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 stimuli, ratings if options.ratings == "ratings" else None, head_dir
             )
             result = train_head(
-                [load_model(m.arch, m.weights, seed=seed, name=m.label) for m in untrained],
+                [load(m) for m in untrained],
                 out=head_dir,
                 stimuli=table,
                 loss=options.loss,
@@ -241,7 +245,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         def extract_work(
             model: Any = model, path: Path = path, head: Path | None = head
         ) -> list[Path]:
-            loaded = load_model(model.arch, model.weights, head=head, seed=seed, name=model.label)
+            loaded = load(model, head)
             return [
                 _extract(
                     extract, loaded, stimuli, path, model.layers, config, progress, overwrite=True
@@ -300,9 +304,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             def dissect_work(
                 model: Any = model, folder: Path = folder, head: Path | None = head
             ) -> list[Path]:
-                loaded = load_model(
-                    model.arch, model.weights, head=head, seed=seed, name=model.label
-                )
+                loaded = load(model, head)
                 result = dissect(
                     loaded,
                     stimuli,
@@ -344,13 +346,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             for model in config.models:
                 loaded = None
                 if options_l.propagate:
-                    loaded = load_model(
-                        model.arch,
-                        model.weights,
-                        head=heads[model.label],
-                        seed=seed,
-                        name=model.label,
-                    )
+                    loaded = load(model, heads[model.label])
                 part = table[table["model"] == model.label]
                 result = run_lesion(
                     stores[model.label],

@@ -10,7 +10,6 @@ reproduces an unlesioned extraction exactly (same batch size).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -23,26 +22,23 @@ from torch.utils.data import DataLoader
 from object2brain.data.stimuli import StimulusSet
 from object2brain.errors import DataError, LayerError
 from object2brain.extract import ImageDataset
-from object2brain.models.layers import VALENCE_LAYER, LayerRecorder
+from object2brain.lesion import condition_sets, with_group_labels, with_group_means
+from object2brain.lesion_engine import condensed_subset
+from object2brain.models.layers import VALENCE_LAYER, ForwardHooks, LayerRecorder
 from object2brain.models.zoo import LoadedModel
 from object2brain.rsa.compare import compare
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 
 
-class ChannelMask:
+class ChannelMask(ForwardHooks):
     """Forward hook multiplying the output ``(batch, K, ...)`` of ``layer`` by ``mask`` ``(K,)``."""
 
     def __init__(self, module: nn.Module, layer: str, mask: np.ndarray | torch.Tensor) -> None:
-        self.module = module
+        super().__init__(module)
         self.layer = layer
         self.mask = torch.as_tensor(np.asarray(mask, dtype=np.float32))
-        self._handle: Any = None
 
-    def __enter__(self) -> ChannelMask:
-        target = dict(self.module.named_modules()).get(self.layer)
-        if target is None:
-            raise LayerError(f"no module named {self.layer!r} to lesion")
-
+    def hooks(self) -> dict[str, Any]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor) or output.ndim < 2:
                 raise LayerError(f"layer {self.layer!r} has no channel axis to lesion")
@@ -54,18 +50,7 @@ class ChannelMask:
             shape = (1, -1) + (1,) * (output.ndim - 2)
             return output * self.mask.to(output.device, output.dtype).view(shape)
 
-        self._handle = target.register_forward_hook(hook)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        return {self.layer: hook}
 
 
 def forward_with_mask(
@@ -126,8 +111,6 @@ def propagate_layer(
     device: torch.device,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Change of direct behaviour correlation and of later layers' alignment per group lesion."""
-    from object2brain.lesion import _condition_sets, _with_group_labels, _with_group_means
-
     order = [name for name in store.layers if name != VALENCE_LAYER]
     if layer not in order:
         raise DataError(f"layer {layer!r} is not in the activation store")
@@ -137,28 +120,26 @@ def propagate_layer(
     rated = ratings.group_mean(ids) if ratings is not None else None
     if rated is None and "valence" in stimuli.table:
         rated = stimuli.table["valence"].to_numpy(dtype=np.float64)
-    labels = _with_group_labels([(t.name, s) for t in targets for s in t.subjects], list(targets))
+    labels = with_group_labels([(t.name, s) for t in targets for s in t.subjects], list(targets))
     target_vectors = torch.cat(
         [upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets]
     )
-    condition_sets = _condition_sets(ids, conditions)
+    subsets = condition_sets(ids, conditions)
 
     def summarise(acts: dict[str, np.ndarray]) -> tuple[dict[Any, float], dict[Any, float]]:
         behavior, alignment = {}, {}
-        for condition, keep in condition_sets:
+        for condition, keep in subsets:
             if rated is not None and VALENCE_LAYER in acts and len(keep) >= 3:
                 predicted = acts[VALENCE_LAYER][keep]
                 behavior[(condition, "pearson")] = float(pearsonr(predicted, rated[keep])[0])
                 behavior[(condition, "spearman")] = float(spearmanr(predicted, rated[keep])[0])
             if len(keep) < 4:
                 continue
-            from object2brain.lesion_engine import condensed_subset
-
             pairs = torch.as_tensor(condensed_subset(len(ids), keep))
             for name in later:
                 rdm = upper_triangle(rdm_from_features(acts[name][keep], metric, device=device))
                 r = compare(rdm.reshape(1, -1), target_vectors[:, pairs].to(rdm.device), method)
-                values = _with_group_means(r.cpu().numpy(), list(targets))[0]
+                values = with_group_means(r.cpu().numpy(), list(targets))[0]
                 for (target, subject), value in zip(labels, values, strict=True):
                     alignment[(condition, name, target, subject)] = float(value)
         return behavior, alignment

@@ -136,7 +136,8 @@ def load_stimuli(
             ``stimulus_id`` and ``path`` columns (relative paths are then relative to the cwd).
         check: ``full`` decodes every image (JPEGs at reduced scale, which is fast) and so finds
             truncated files; ``header`` only identifies each file; ``none`` checks existence only;
-            ``table`` validates the table alone (for analyses that never open the images).
+            ``table`` validates the table alone (for analyses that never open the images:
+            ``path`` is then optional).
         workers: threads used to check images.
 
     Returns:
@@ -158,7 +159,8 @@ def load_stimuli(
             raise StimulusError(f"{origin}: no such stimulus table or image folder")
 
     where = str(origin) if origin is not None else "stimulus table"
-    missing_columns = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    required = ("stimulus_id",) if check == "table" else REQUIRED_COLUMNS
+    missing_columns = [c for c in required if c not in frame.columns]
     if missing_columns:
         raise StimulusError(
             f"{where}: missing required column(s) {', '.join(missing_columns)} "
@@ -179,21 +181,29 @@ def load_stimuli(
         problems.append(f"duplicate stimulus_id(s): {listing(duplicated)}")
 
     frame = frame.assign(stimulus_id=ids)
-    frame["path"] = [_resolve(base, p) for p in frame["path"]]
-    paths = [Path(p) for p in frame["path"]]
-    exists = [check == "table" or p.is_file() for p in paths]
-    missing = [f"{sid} ({p})" for sid, p, ok in zip(ids, paths, exists, strict=True) if not ok]
-    if missing:
-        problems.append(f"{len(missing)} missing image file(s): {listing(missing)}")
-    if check not in ("none", "table"):
-        present = [(sid, p) for sid, p, ok in zip(ids, paths, exists, strict=True) if ok]
-        unreadable = _unreadable([s for s, _ in present], [p for _, p in present], check, workers)
-        if unreadable:
-            problems.append(f"{len(unreadable)} unreadable image(s): {listing(unreadable)}")
+    if "path" in frame.columns:
+        frame["path"] = [_resolve(base, p) for p in frame["path"]]
+    if check != "table":
+        problems.extend(_file_problems(ids, [Path(p) for p in frame["path"]], check, workers))
 
     if problems:
         raise StimulusError(f"{where}: " + "; ".join(problems))
     return StimulusSet(frame.reset_index(drop=True), origin)
+
+
+def _file_problems(ids: pd.Series, paths: list[Path], check: CheckLevel, workers: int) -> list[str]:
+    """Missing files, and (``full``/``header``) unreadable images, as message parts."""
+    problems = []
+    exists = [p.is_file() for p in paths]
+    missing = [f"{sid} ({p})" for sid, p, ok in zip(ids, paths, exists, strict=True) if not ok]
+    if missing:
+        problems.append(f"{len(missing)} missing image file(s): {listing(missing)}")
+    if check != "none":
+        present = [(sid, p) for sid, p, ok in zip(ids, paths, exists, strict=True) if ok]
+        unreadable = _unreadable([s for s, _ in present], [p for _, p in present], check, workers)
+        if unreadable:
+            problems.append(f"{len(unreadable)} unreadable image(s): {listing(unreadable)}")
+    return problems
 
 
 def _resolve(base: Path, value: object) -> str:

@@ -501,7 +501,7 @@ def dissect(
     from object2brain.data.stimuli import StimulusSet, load_stimuli
     from object2brain.devices import resolve_device
     from object2brain.explain.detectors import GivenBoxes
-    from object2brain.extract import ImageDataset
+    from object2brain.extract import ImageDataset, default_workers
     from object2brain.models.layers import resolve_layers
     from object2brain.models.zoo import LoadedModel, load_model
 
@@ -574,11 +574,7 @@ def dissect(
         [stimulus_set.ids[p] for p in positions],
         loaded.preprocessing,
     )
-    workers = (
-        (0 if len(positions) <= batch_size else min(4, _cpu_count()))
-        if num_workers is None
-        else num_workers
-    )
+    workers = default_workers(len(positions), batch_size) if num_workers is None else num_workers
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -686,12 +682,6 @@ def given_box_detections(
         detections = boxes.detect(None, stimulus_id=sid, path=Path(path))  # pixels unused
         found.append(ImageDetections(sid, width, height, tuple(detections)))
     return found
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 def _batch_boxes(

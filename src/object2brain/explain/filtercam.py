@@ -31,15 +31,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from object2brain.errors import LayerError, ModelError
+from object2brain.models.layers import ForwardHooks
 
 Direction = Literal["positive", "negative", "abs", "signed"]
 DIRECTIONS: tuple[str, ...] = ("positive", "negative", "abs", "signed")
 
 
-class GradCAMHook:
+class GradCAMHook(ForwardHooks):
     """Context manager that exposes one layer's output as a leaf tensor requiring grad.
 
     Example::
@@ -54,17 +54,12 @@ class GradCAMHook:
     """
 
     def __init__(self, module: nn.Module, layer: str) -> None:
-        self.module = module
+        super().__init__(module)
         self.layer = layer
         self.activation: torch.Tensor | None = None
-        self._handle: RemovableHandle | None = None
 
-    def __enter__(self) -> GradCAMHook:
-        modules = dict(self.module.named_modules())
-        if self.layer not in modules or not self.layer:
-            raise LayerError(f"no module named {self.layer!r} in {type(self.module).__name__}")
-        self._handle = modules[self.layer].register_forward_hook(self._hook)
-        return self
+    def hooks(self) -> dict[str, Any]:
+        return {self.layer: self._hook}
 
     def __exit__(
         self,
@@ -72,9 +67,7 @@ class GradCAMHook:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        super().__exit__(exc_type, exc, tb)
         self.activation = None
 
     def reset(self) -> None:

@@ -40,7 +40,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -49,15 +49,15 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from object2brain.data.images import load_image
 from object2brain.errors import DataError, ModelError, StimulusError, StoreError
+from object2brain.extract import ImageDataset, default_workers
 
 if TYPE_CHECKING:
     from object2brain.data.findingemo import RatedImages
     from object2brain.data.stimuli import StimulusSet
-    from object2brain.models.zoo import LoadedModel, Preprocessing
+    from object2brain.models.zoo import LoadedModel
 
 log = logging.getLogger("object2brain.heads")
 
@@ -194,50 +194,6 @@ class FeatureSource(Protocol):
         ...
 
 
-class _Images(Dataset[tuple[int, torch.Tensor, str]]):
-    """Item ``i``: ``(i, transform(image i) (3, crop, crop), error text or '')`` (as extract.py)."""
-
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        ids: Sequence[str],
-        transform: Callable[[Any], torch.Tensor],
-        crop: int,
-    ) -> None:
-        self.paths, self.ids, self.transform, self.crop = list(paths), list(ids), transform, crop
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
-        try:
-            return index, self.transform(load_image(self.paths[index])), ""
-        except Exception as exc:  # reported with its stimulus by the main process
-            message = f"{self.ids[index]} ({self.paths[index]}): {type(exc).__name__}: {exc}"
-            return index, torch.zeros(3, self.crop, self.crop), message
-
-
-def augment_transform(preprocessing: Preprocessing) -> Callable[[Any], torch.Tensor]:
-    """Training transform: resize short side, RANDOM crop, random horizontal flip, normalise."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    pipeline: Callable[[Any], torch.Tensor] = v2.Compose(
-        [
-            v2.Resize(
-                preprocessing.resize_size,
-                interpolation=InterpolationMode(preprocessing.interpolation),
-                antialias=True,
-            ),
-            v2.RandomCrop(preprocessing.crop_size),
-            v2.RandomHorizontalFlip(),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(preprocessing.mean), list(preprocessing.std)),
-        ]
-    )
-    return pipeline
-
-
 class BackboneFeatures:
     """Features computed on demand: images -> frozen backbone -> input of the output layer.
 
@@ -259,11 +215,8 @@ class BackboneFeatures:
         self.device = device
         self.num_workers = num_workers
         self.progress = progress
-        transform = (
-            augment_transform(loaded.preprocessing) if augment else loaded.preprocessing.transform()
-        )
-        self.dataset = _Images(
-            stimuli.paths, stimuli.ids, transform, loaded.preprocessing.crop_size
+        self.dataset = ImageDataset(
+            stimuli.paths, stimuli.ids, loaded.preprocessing, augment=augment
         )
         self.module = loaded.module.to(device).eval()
         self.output = self.module.get_submodule(loaded.output_layer)
@@ -817,7 +770,7 @@ def train_head(
     workers = (
         num_workers
         if num_workers is not None
-        else (0 if len(ids) <= 4 * batch_size else min(4, _cpu_count()))
+        else default_workers(len(ids), batch_size, min_batches=4)
     )
 
     results: dict[str, HeadResult] = {}
@@ -1027,12 +980,6 @@ def train_head(
 
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 def _in_features(loaded: LoadedModel) -> int:

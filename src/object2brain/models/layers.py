@@ -15,7 +15,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -215,7 +215,48 @@ def resolve_layers(model: Any, layers: str | Sequence[str] = "all") -> list[str]
     return [n for n in names if n != VALENCE_LAYER]
 
 
-class LayerRecorder:
+class ForwardHooks:
+    """Base of context managers that put forward hooks on named modules.
+
+    Subclasses return ``{module name: hook}`` from :meth:`hooks`; the hooks are registered on
+    ``__enter__`` and removed on ``__exit__``, also when the forward pass (or a registration)
+    fails, so a model is never left hooked.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._handles: list[RemovableHandle] = []
+
+    def hooks(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        modules = dict(self.module.named_modules())
+        try:
+            for name, hook in self.hooks().items():
+                if not name or name not in modules:
+                    raise LayerError(f"no module named {name!r} in {type(self.module).__name__}")
+                self._handles.append(modules[name].register_forward_hook(hook))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class LayerRecorder(ForwardHooks):
     """Context manager that records the outputs of named modules during forward passes.
 
     Each recorded output is detached and *copied* (in-place activations such as
@@ -237,25 +278,15 @@ class LayerRecorder:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.module = module
+        super().__init__(module)
         self.names = list(names)
         self.device = device
         self.dtype = dtype
         self.outputs: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
-        self._handles: list[RemovableHandle] = []
 
-    def __enter__(self) -> LayerRecorder:
-        modules = dict(self.module.named_modules())
-        try:
-            for name in self.names:
-                if name not in modules:
-                    raise LayerError(f"no module named {name!r} in {type(self.module).__name__}")
-                self._handles.append(modules[name].register_forward_hook(self._hook_for(name)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
+    def hooks(self) -> dict[str, Any]:
+        return {name: self._hook_for(name) for name in self.names}
 
     def __exit__(
         self,
@@ -263,13 +294,8 @@ class LayerRecorder:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._remove()
+        super().__exit__(exc_type, exc, tb)
         self.outputs = {}
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def reset(self) -> None:
         """Forget the outputs of the previous forward pass."""

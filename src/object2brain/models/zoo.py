@@ -76,10 +76,19 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
 
-    def transform(self) -> Callable[[Any], torch.Tensor]:
-        """A callable mapping an RGB PIL image to a float tensor ``(3, crop, crop)``."""
+    def transform(self, *, augment: bool = False) -> Callable[[Any], torch.Tensor]:
+        """A callable mapping an RGB PIL image to a float tensor ``(3, crop, crop)``.
+
+        ``augment`` (training): a random crop instead of the centre crop, and a random
+        horizontal flip.
+        """
         from torchvision.transforms import InterpolationMode, v2
 
+        crop: list[Any] = (
+            [v2.RandomCrop(self.crop_size), v2.RandomHorizontalFlip()]
+            if augment
+            else [v2.CenterCrop(self.crop_size)]
+        )
         pipeline: Callable[[Any], torch.Tensor] = v2.Compose(
             [
                 v2.Resize(
@@ -87,7 +96,7 @@ class Preprocessing:
                     interpolation=InterpolationMode(self.interpolation),
                     antialias=True,
                 ),
-                v2.CenterCrop(self.crop_size),
+                *crop,
                 v2.ToImage(),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(list(self.mean), list(self.std)),

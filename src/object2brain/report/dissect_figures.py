@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from object2brain.store import atomic_path
+from object2brain.report.figures import pyplot, save_figure, slug
 
 
 @dataclass
@@ -33,21 +32,6 @@ class GalleryPanel:
     assigned: bool
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "group"
-
-
-def _save(fig: object, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    for fmt in ("png", "svg"):
-        path = out_dir / f"{stem}.{fmt}"
-        with atomic_path(path) as temp:
-            fig.savefig(temp, format=fmt, dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
-        files.append(path)
-    return files
-
-
 def plot_filter_group_heatmap(
     table: pd.DataFrame, out_dir: str | Path, *, max_filters: int = 40
 ) -> list[Path]:
@@ -56,10 +40,7 @@ def plot_filter_group_heatmap(
     Rows: the ``max_filters`` filters with the largest enrichment in any group, sorted by their
     assigned group then enrichment; assigned cells are outlined.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = list(dict.fromkeys(table["group"]))
     wide = table.pivot(index="filter", columns="group", values="enrichment")[groups]
@@ -82,16 +63,14 @@ def plot_filter_group_heatmap(
     limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for r, c in zip(*np.nonzero(flags), strict=True):
-        ax.add_patch(
-            matplotlib.patches.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.5, ec="k")
-        )
+        ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.5, ec="k"))
     ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=7)
     ax.set_ylabel("filter")
     ax.set_title(f"{model} {layer}: enrichment (log2); boxes = assigned", fontsize=9)
     fig.colorbar(image, ax=ax, label="log2 enrichment")
     try:
-        return _save(fig, Path(out_dir), "filter_group_heatmap")
+        return save_figure(fig, out_dir, "filter_group_heatmap", dpi=120)
     finally:
         plt.close(fig)
 
@@ -100,10 +79,7 @@ def plot_group_gallery(
     panels: Sequence[GalleryPanel], out_dir: str | Path, group: str
 ) -> list[Path]:
     """``gallery_<group>.png/.svg``: one row per filter, its top images with map and boxes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     filters = list(dict.fromkeys(p.filter for p in panels))
     per_row = max(sum(1 for p in panels if p.filter == k) for k in filters)
@@ -121,7 +97,7 @@ def plot_group_gallery(
             ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
             for x0, y0, x1, y1 in panel.boxes:
                 ax.add_patch(
-                    matplotlib.patches.Rectangle(
+                    plt.Rectangle(
                         (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2, ec="w"
                     )
                 )
@@ -129,6 +105,6 @@ def plot_group_gallery(
             ax.set_title(f"f{k}{mark} E={panel.enrichment:.2f}\n{panel.stimulus_id}", fontsize=7)
     fig.suptitle(f"{group}: top filters (* = assigned)", fontsize=9)
     try:
-        return _save(fig, Path(out_dir), f"gallery_{_slug(group)}")
+        return save_figure(fig, out_dir, f"gallery_{slug(group)}", dpi=120)
     finally:
         plt.close(fig)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -10,13 +12,30 @@ import pandas as pd
 from object2brain.store import atomic_path
 
 
-def _save(fig: object, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def slug(text: str) -> str:
+    """``text`` made safe for a file name: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(text)).strip("_") or "figure"
+
+
+def save_figure(fig: Any, out_dir: str | Path, stem: str, *, dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as ``<out_dir>/<stem>.png`` and ``.svg``, each atomically; returns both."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
     files = []
     for fmt in ("png", "svg"):
-        path = out_dir / f"{stem}.{fmt}"
+        path = folder / f"{stem}.{fmt}"
         with atomic_path(path) as temp:
-            fig.savefig(temp, format=fmt, dpi=150, bbox_inches="tight")  # type: ignore[attr-defined]
+            fig.savefig(temp, format=fmt, dpi=dpi, bbox_inches="tight")
         files.append(path)
     return files
 
@@ -34,11 +53,7 @@ def plot_alignment(
     per target, the target's noise ceiling as a band ``[nc_low, nc_high]`` in its colour, and
     points with ``p_fdr < alpha`` filled (others hollow).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = alignment[(alignment["model"] == model) & (alignment["subject"] == subject)]
     conditions = list(dict.fromkeys(rows["condition"])) or ["all"]
     layers = (
@@ -98,8 +113,7 @@ def plot_alignment(
     )
     panels[0].legend(fontsize=8, frameon=False, loc="best")
     fig.tight_layout()
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
     try:
-        return _save(fig, Path(out_dir), f"alignment_{safe}")
+        return save_figure(fig, out_dir, f"alignment_{slug(model)}")
     finally:
         plt.close(fig)

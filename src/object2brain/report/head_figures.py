@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from object2brain.store import atomic_path
+from object2brain.report.figures import pyplot, save_figure
 
 
 def plot_predicted_vs_rated(
@@ -33,10 +33,7 @@ def plot_predicted_vs_rated(
     Rated values get a small horizontal jitter (+-0.12) so images of one level do not overlap;
     the diagonal is ``predicted = rated``; a box plot per integer level summarises the split.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
@@ -79,11 +76,6 @@ def plot_predicted_vs_rated(
         )
         ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", fontsize=8, family="monospace")
     ax.legend(loc="lower right", fontsize=8, frameon=False)
-    files = []
-    for fmt in ("png", "svg"):
-        path = out / f"predicted_vs_rated_{name}.{fmt}"
-        with atomic_path(path) as temp:
-            fig.savefig(temp, format=fmt, dpi=150, bbox_inches="tight")
-        files.append(path)
+    files = save_figure(fig, out, f"predicted_vs_rated_{name}")
     plt.close(fig)
     return files

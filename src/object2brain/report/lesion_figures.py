@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, folder: Path, stem: str) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    return paths
+from object2brain.report.figures import pyplot, save_figure, slug
 
 
 def summary_rows(table: pd.DataFrame, condition: str = "all") -> pd.DataFrame:
@@ -37,7 +21,7 @@ def plot_lesion_heatmaps(table: pd.DataFrame, folder: Path) -> list[Path]:
     Cells with ``p_fdr < 0.05`` are marked ``*`` (``**`` below 0.01). Files:
     ``lesion_<model>_<layer>.png|svg``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     rows = summary_rows(table)
     paths: list[Path] = []
     for (model, layer), block in rows.groupby(["model", "layer"], sort=False):
@@ -75,7 +59,9 @@ def plot_lesion_heatmaps(table: pd.DataFrame, folder: Path) -> list[Path]:
             ax.set_title(variant)
         fig.colorbar(image, ax=axes[0].tolist(), label="delta r (variant - full)", shrink=0.8)
         fig.suptitle(f"{model} / {layer}: change in correlation per object group", y=1.04)
-        paths.extend(_save(fig, folder, f"lesion_{_slug(str(model))}_{_slug(str(layer))}"))
+        paths.extend(
+            save_figure(fig, folder, f"lesion_{slug(str(model))}_{slug(str(layer))}", dpi=120)
+        )
         plt.close(fig)
     return paths
 
@@ -86,7 +72,7 @@ def plot_model_comparison(table: pd.DataFrame, folder: Path, variant: str = "les
     Shows whether architectures with similar overall alignment rely on different object groups.
     File: ``lesion_models_<variant>.png|svg``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     rows = summary_rows(table)
     rows = rows[rows["variant"] == variant]
     if rows.empty:
@@ -119,10 +105,6 @@ def plot_model_comparison(table: pd.DataFrame, folder: Path, variant: str = "les
     axes[-1, 0].set_xticks(range(len(groups)), groups, rotation=30, ha="right")
     axes[0, 0].legend(fontsize=8, loc="best")
     fig.suptitle(f"Object-group sensitivity across models ({variant}; * FDR < 0.05)")
-    paths = _save(fig, folder, f"lesion_models_{variant}")
+    paths = save_figure(fig, folder, f"lesion_models_{variant}", dpi=120)
     plt.close(fig)
     return paths
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))

@@ -47,9 +47,7 @@ Extra outputs (documented extensions):
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +59,10 @@ import torch
 
 from object2brain.data.brain import BrainData, OnMissing, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
-from object2brain.data.stimuli import StimulusSet, read_table
+from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
+from object2brain.manifest import build_manifest, file_sha256
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.inference import (
     bootstrap_ci,
@@ -166,57 +165,6 @@ class AlignmentResult:
 
 
 # --- inputs ---------------------------------------------------------------------------------
-
-
-def _stimulus_table(source: str | Path | pd.DataFrame | StimulusSet) -> tuple[pd.DataFrame, str]:
-    """The stimulus table (``stimulus_id`` + optional ``condition``/``valence``); images unused."""
-    if isinstance(source, StimulusSet):
-        frame, where = source.table.copy(), str(source.source or "stimulus table")
-    elif isinstance(source, pd.DataFrame):
-        frame, where = source.copy(), "stimulus table"
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise DataError(f"{path}: stimulus table not found")
-        frame, where = read_table(path), str(path)
-    if "stimulus_id" not in frame.columns:
-        raise DataError(f"{where}: missing required column stimulus_id")
-    if frame.empty:
-        raise DataError(f"{where}: the stimulus table has no rows")
-    frame = frame.assign(stimulus_id=frame["stimulus_id"].astype(str).str.strip())
-    dupes = sorted(set(frame["stimulus_id"][frame["stimulus_id"].duplicated()]))
-    if dupes:
-        raise DataError(f"{where}: duplicate stimulus_id(s): {', '.join(dupes[:20])}")
-    return frame.reset_index(drop=True), where
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in (
-        "object2brain",
-        "torch",
-        "numpy",
-        "scipy",
-        "pandas",
-        "h5py",
-        "nilearn",
-        "rsatoolbox",
-    ):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def build_targets(
@@ -428,7 +376,13 @@ def _run(
     if stimuli_source is None:
         table, stim_where = pd.DataFrame({"stimulus_id": stores[0].stimulus_ids}), "store ids"
     else:
-        table, stim_where = _stimulus_table(stimuli_source)
+        stimulus_set = (
+            stimuli_source
+            if isinstance(stimuli_source, StimulusSet)
+            else load_stimuli(stimuli_source, check="table")
+        )
+        table = stimulus_set.table
+        stim_where = str(stimulus_set.source or "stimulus table")
     table_ids = list(table["stimulus_id"])
     ratings = load_ratings(ratings_source, table_ids) if ratings_source is not None else None
     brain = load_brain(brain_source) if brain_source is not None else None
@@ -767,16 +721,17 @@ def _write(
 
         for model in dict.fromkeys(result.alignment["model"]):
             files += plot_alignment(result.alignment, str(model), out / "figures")
-    manifest = {
-        "command": "rsa",
-        "config": config,
-        "seeds": {"permutation": seed, "bootstrap": seed},
-        "versions": _versions(),
-        "inputs": {str(p): _sha256(p) for p in dict.fromkeys(inputs) if p.is_file()},
-        "n_stimuli": len(ids),
-        "conditions": conditions,
-        "targets": {t.name: {"kind": t.kind, "subjects": t.subjects} for t in targets},
-        "outputs": sorted(str(p.relative_to(out)) for p in files),
-    }
+    manifest = build_manifest(
+        "rsa",
+        config,
+        seeds={"permutation": seed, "bootstrap": seed},
+        inputs={str(p): file_sha256(p) for p in dict.fromkeys(inputs) if p.is_file()},
+        outputs=sorted(str(p.relative_to(out)) for p in files),
+        extra={
+            "n_stimuli": len(ids),
+            "conditions": conditions,
+            "targets": {t.name: {"kind": t.kind, "subjects": t.subjects} for t in targets},
+        },
+    )
     files.append(write_json(out / "manifest.json", manifest))
     return files
