@@ -174,3 +174,22 @@ def test_example_config_is_valid() -> None:
         config.dissect is not None
         and config.dissect.layer_for("efficientnet_lite0") == "_blocks.14"
     )
+
+
+def test_cli_run_and_report_bad_input(
+    study: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from object2brain.cli import main
+
+    study["models"][0]["arch"] = "resnet19"
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(write_config(tmp_path, study))])
+    assert info.value.code == 2
+    assert "models.0.arch: unknown model 'resnet19'" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()  # nothing written before validation passes
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(tmp_path / "empty")])
+    assert info.value.code == 2
+    assert "no result tables found" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "report.html").exists()
