@@ -184,3 +184,32 @@ def test_models_and_layers_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert layers[0].split()[0] == "features.4" and "classifier.6" in layers[-2]
     assert run(["layers", "vgg17"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_several_activation_stores_after_one_flag(tmp_path: Path) -> None:
+    import json
+
+    import h5py
+    import numpy as np
+
+    from object2brain.cli import expand_multi_value
+
+    assert expand_multi_value(["rsa", "--activations", "a.h5", "b.h5", "--out", "x"]) == [
+        "rsa", "--activations", "a.h5", "--activations", "b.h5", "--out", "x",
+    ]  # fmt: skip
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(12)]
+    stores = []
+    for name in ("m1", "m2"):
+        path = tmp_path / f"{name}.h5"
+        with h5py.File(path, "w") as handle:
+            handle["stimulus_ids"] = np.array(ids, dtype=object)
+            handle.create_group("layers")["conv"] = rng.normal(size=(12, 4, 2, 2))
+            handle.attrs.update(complete=True, order=json.dumps(["conv"]), model=name)
+        stores.append(str(path))
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"stimulus_id": ids, "valence": rng.normal(size=12)}).to_csv(table, index=False)
+    out = tmp_path / "rsa"
+    assert run(["rsa", "--activations", *stores, "--stimuli", str(table), "--out", str(out),
+                "--n-perm", "10", "--n-boot", "0", "--quiet"]) == 0  # fmt: skip
+    assert set(pd.read_csv(out / "alignment.csv")["model"]) == {"m1", "m2"}

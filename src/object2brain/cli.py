@@ -508,10 +508,29 @@ def report_command(
     typer.echo(f"report: {build_report(folder, out=out)}")
 
 
+# Options that take several values after one flag (DESIGN.md: `--activations a.h5 [b.h5 ...]`).
+MULTI_VALUE_OPTIONS = frozenset({"--activations"})
+
+
+def expand_multi_value(argv: list[str]) -> list[str]:
+    """``--activations a b`` -> ``--activations a --activations b`` (typer repeats the flag)."""
+    out: list[str] = []
+    flag: str | None = None
+    for token in argv:
+        if token.startswith("-"):
+            flag = token if token in MULTI_VALUE_OPTIONS else None
+            out.append(token)
+        elif flag is not None and out[-1] != flag:
+            out += [flag, token]
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits with the status."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=expand_multi_value(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except Object2BrainError as exc:
         if _state["debug"]:
             raise
