@@ -100,28 +100,30 @@ def vectors(rng: np.random.Generator, k: int, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["spearman", "pearson"])
+@pytest.mark.parametrize(("n_models", "n_targets"), [(3, 2), (2, 3)])  # gathers targets / models
 def test_mantel_does_not_depend_on_batches_or_oom(
-    monkeypatch: pytest.MonkeyPatch, method: str
+    monkeypatch: pytest.MonkeyPatch, method: str, n_models: int, n_targets: int
 ) -> None:
     rng = np.random.default_rng(3)
-    X, Y = vectors(rng, 3, 25), vectors(rng, 2, 25)
-    reference = mantel_test(X, Y, method, n_perm=300, seed=1, device="cpu", memory_elements=1)
+    X, Y = vectors(rng, n_models, 25), vectors(rng, n_targets, 25)
+    # 10 gathered values per tile: one permutation and a few pairs at a time
+    reference = mantel_test(X, Y, method, n_perm=300, seed=1, device="cpu", memory_elements=10)
     auto = mantel_test(X, Y, method, n_perm=300, seed=1, device="cpu")
     big = mantel_test(X, Y, method, n_perm=300, seed=1, device="cpu", memory_elements=1 << 30)
     np.testing.assert_array_equal(reference.p, auto.p)
     np.testing.assert_array_equal(reference.p, big.p)
     np.testing.assert_allclose(reference.r, auto.r, atol=1e-12)
 
-    original = inference.pair_permutation
+    original = inference.pair_index
     sizes: list[int] = []
 
-    def failing(perms: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    def failing(perms: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         sizes.append(len(perms))
         if len(perms) > 7:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(perms, device)
+        return original(perms, rows, cols)
 
-    monkeypatch.setattr(inference, "pair_permutation", failing)
+    monkeypatch.setattr(inference, "pair_index", failing)
     retried = mantel_test(X, Y, method, n_perm=300, seed=1, device="cpu", memory_elements=1 << 30)
     np.testing.assert_array_equal(reference.p, retried.p)
     assert max(sizes) > 7 and min(sizes) <= 7

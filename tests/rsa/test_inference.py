@@ -76,6 +76,34 @@ def test_mantel_matches_brute_force_rsatoolbox_loop(method: str) -> None:
         np.testing.assert_allclose(res.p[k], (1 + count) / (1 + n_perm))
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    st.integers(0, 10_000),
+    st.integers(1, 400),
+    st.sampled_from(["spearman", "pearson"]),
+    st.sampled_from([(2, 3), (3, 2)]),
+)
+def test_mantel_tiles_equal_a_scipy_loop(
+    seed: int, memory_elements: int, method: str, shape: tuple[int, int]
+) -> None:
+    """Tiles that split both the permutations and the pairs give scipy's null, permutation by
+    permutation (30 stimuli, 435 pairs)."""
+    rng = np.random.default_rng(seed)
+    n, n_perm = 30, 40
+    x = upper_triangle(_rdms(rng, shape[0], n)).numpy()
+    y = upper_triangle(_rdms(rng, shape[1], n)).numpy()
+    y[0] += 0.3 * x[0]
+    res = mantel_test(x, y, method, n_perm, seed, device="cpu", memory_elements=memory_elements)
+    corr = scipy.stats.spearmanr if method == "spearman" else scipy.stats.pearsonr
+    observed = np.array([[corr(a, b)[0] for b in y] for a in x])
+    np.testing.assert_allclose(res.r, observed, atol=1e-12)
+    count = np.zeros_like(observed)
+    for perm in np.concatenate(list(permutations(n, n_perm, seed))):
+        index = pair_permutation(perm[None])[0].numpy()
+        count += np.array([[corr(a[index], b)[0] for b in y] for a in x]) >= observed - 1e-12
+    np.testing.assert_array_equal(res.p, (1 + count) / (1 + n_perm))
+
+
 def test_mantel_combine_and_gather_side() -> None:
     rng = np.random.default_rng(2)
     x, y = upper_triangle(_rdms(rng, 4, 9)), upper_triangle(_rdms(rng, 2, 9))

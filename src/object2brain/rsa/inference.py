@@ -52,7 +52,7 @@ from object2brain.rsa.rdm import triu_indices
 PERM_BLOCK = 1000
 _BOOT_STREAM = 7_919  # second word of the bootstrap seed sequence (independent of permutations)
 _TOL = 1e-12
-_MEMORY_ELEMENTS = 1 << 25  # values per gathered batch (256 MB in float64), when given
+_CPU_TILE_ELEMENTS = 1 << 16  # gathered values per Mantel tile on the CPU (512 KB: in cache)
 
 
 def _batch_size(
@@ -86,34 +86,29 @@ def permutations(n: int, n_perm: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.permuted(np.tile(np.arange(n), (size, 1)), axis=1)
 
 
+def pair_index(perms: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Condensed positions ``(P, C)`` of the pairs ``(pi_i, pi_j)`` for the pairs ``(i, j)`` given
+    by ``rows``, ``cols`` ``(C,)`` (``i < j``), one row per permutation of ``perms`` ``(P, n)``.
+
+    ``c(a, b) = lo n - lo (lo + 1) / 2 + (hi - lo - 1)`` with ``lo = min(a, b)``,
+    ``hi = max(a, b)``: the permuted RDM ``D'[i, j] = D[pi_i, pi_j]`` has condensed entries
+    ``x'[c(i, j)] = x[c(pi_i, pi_j)]``.
+    """
+    n = perms.shape[-1]
+    a, b = perms[:, rows], perms[:, cols]
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    return lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
+
+
 def pair_permutation(
     perms: np.ndarray | torch.Tensor, device: torch.device | None = None
 ) -> torch.Tensor:
-    """Condensed gather index ``(P, m)`` of stimulus permutations ``perms`` ``(P, n)``.
-
-    The permuted RDM is ``D'[i, j] = D[pi_i, pi_j]``, so ``x'[c(i, j)] = x[c(pi_i, pi_j)]`` with
-    ``c(i, j) = i n - i (i + 1) / 2 + (j - i - 1)`` for ``i < j`` (arguments sorted). Computed by
-    permuting rows and columns of the square table ``C[i, j] = c(min, max)`` (two gathers of
-    ``n^2``) and taking its upper triangle.
-    """
+    """Condensed gather index ``(P, m)`` of stimulus permutations ``perms`` ``(P, n)``: the
+    permuted condensed RDM is ``x[index[p]]`` (:func:`pair_index` over all pairs)."""
     p = torch.as_tensor(np.asarray(perms) if not isinstance(perms, torch.Tensor) else perms)
     p = p.to(device=device, dtype=torch.long)
-    P, n = p.shape
-    table = _pair_table(n, p.device)
-    rows = table[p]  # (P, n, n): C[pi_i, :]
-    both = torch.gather(rows, 2, p[:, None, :].expand(P, n, n))  # C[pi_i, pi_j]
-    iu, ju = triu_indices(n, p.device)
-    return both.reshape(P, n * n).index_select(1, iu * n + ju)
-
-
-def _pair_table(n: int, device: torch.device) -> torch.Tensor:
-    """``(n, n)`` table of condensed indices ``c(min(i, j), max(i, j))`` (diagonal 0)."""
-    i = torch.arange(n, device=device)
-    lo = torch.minimum(i[:, None], i[None, :])
-    hi = torch.maximum(i[:, None], i[None, :])
-    table = lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
-    table.fill_diagonal_(0)
-    return table
+    rows, cols = triu_indices(p.shape[1], p.device)
+    return pair_index(p, rows, cols)
 
 
 def combine_matrix(groups: Sequence[Sequence[int]], n_targets: int) -> torch.Tensor:
@@ -159,9 +154,10 @@ def mantel_test(
 
     Returns ``r`` and one-sided ``p = (1 + #{r_perm >= r}) / (1 + n_perm)`` of shape
     ``(K, T + G)`` (``G`` columns of ``combine``); ``p`` is NaN where ``r`` is NaN and when
-    ``n_perm = 0``. Permutations are processed in batches of at most ``memory_elements``
-    gathered values (default: sized from the device's free memory; a batch that runs out of
-    memory is halved and retried). Results do not depend on the batch size.
+    ``n_perm = 0``. Permutations are processed in tiles of at most ``memory_elements`` gathered
+    values (default: cache-sized on the CPU, sized from free memory on a GPU; a tile that runs
+    out of memory is halved and retried). p-values do not depend on the tile sizes; ``r_perm``
+    only in the last bits (summation order), far inside the ``1e-12`` tie tolerance.
     """
     check_method(method)
     dev = resolve_device(device)
@@ -169,32 +165,27 @@ def mantel_test(
     Y = torch.as_tensor(target, dtype=torch.float64).to(dev)
     X = X[None] if X.ndim == 1 else X
     Y = Y[None] if Y.ndim == 1 else Y
-    m = X.shape[-1]
-    n = n_from_pairs(m)
+    n = n_from_pairs(X.shape[-1])
     xp, yp = prepare(X, method), prepare(Y, method)
     stat = _with_combine(_corr2d(xp, yp, method), combine)
     counts = torch.zeros_like(stat, dtype=torch.int64)
-    K, T = xp.shape[0], yp.shape[0]
-    gather_model = K <= T
-    side = K if gather_model else T
-    # Peak bytes of one permutation: two (n, n) int64 gathers and the (m,) index, then the
-    # gathered (side, m) float64 values and their product's temporaries.
-    per_perm = 8 * (2 * n * n + m) + 8 * 2 * side * m
-    batch = _batch_size(memory_elements, side * m, per_perm, dev)
+    # r(x o g_pi, y) = r(x, y o g_pi^-1): gather the smaller side, permuted by the inverse when
+    # it is the targets, so both choices give the same null distribution.
+    gather_model = xp.shape[0] <= yp.shape[0]
+    null: _DotNull | _KendallNull
+    if method == "kendall_tau_a":
+        null = _KendallNull(xp, yp, gather_model, n, memory_elements)
+    else:
+        null = _DotNull(xp, yp, gather_model, n, memory_elements)
 
-    def count_block(perms: np.ndarray, start: int, stop: int) -> torch.Tensor:
-        sub = pair_permutation(perms[start:stop], dev)
-        P = sub.shape[0]
-        if gather_model:
-            g = xp[:, sub].reshape(K * P, m)
-            rp = _corr2d(g, yp, method).reshape(K, P, T).permute(1, 0, 2)
-        else:
-            g = yp[:, sub].reshape(T * P, m)
-            rp = _corr2d(xp, g, method).reshape(K, T, P).permute(2, 0, 1)
-        return (_with_combine(rp, combine) >= stat - _TOL).sum(dim=0)
+    def count_block(perms: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return (_with_combine(null.coefficients(perms[start:stop]), combine) >= stat - _TOL).sum(
+            dim=0
+        )
 
+    batch = null.perms_per_tile
     for block in permutations(n, n_perm, seed):
-        perms = block if gather_model else np.argsort(block, axis=1)
+        perms = torch.as_tensor(block if gather_model else np.argsort(block, axis=1)).to(dev)
         work = partial(count_block, perms)
         for start, stop, found in chunked(perms.shape[0], batch, work, device=dev):
             counts += found
@@ -206,6 +197,87 @@ def mantel_test(
     if n_perm == 0:
         p[:] = np.nan
     return TestResult(r=r, p=p, n_perm=n_perm)
+
+
+class _DotNull:
+    """Null coefficients of Pearson / Spearman, whose prepared vectors are standardised: a
+    permuted coefficient is a dot product ``sum_c x[index[c]] y[c]``.
+
+    The gathered side is stored pair-major ``(m, S)`` so one index fetches the values of all
+    ``S`` RDMs at once, and the pairs are processed in chunks so each gathered tile
+    ``(P, C, S)`` stays in cache on the CPU (the gather, not the arithmetic, bounds the time
+    there). On a GPU a tile holds all ``m`` pairs of as many permutations as free memory allows.
+    """
+
+    def __init__(
+        self,
+        xp: torch.Tensor,
+        yp: torch.Tensor,
+        gather_model: bool,
+        n: int,
+        memory_elements: int | None,
+    ) -> None:
+        gathered, other = (xp, yp) if gather_model else (yp, xp)
+        self.gathered = gathered.T.contiguous()  # (m, S)
+        self.other = other.T.contiguous()  # (m, O)
+        self.gather_model = gather_model
+        self.n = n
+        self.rows, self.cols = triu_indices(n, xp.device)
+        m, S = self.gathered.shape
+        if memory_elements is None and xp.device.type == "cuda":
+            # index arithmetic (about five int64 values per pair) + the gathered (m, S) float64
+            memory_elements = pick_chunk(8 * m * (6 + S), xp.device) * m * S
+        tile = max(1, memory_elements if memory_elements is not None else _CPU_TILE_ELEMENTS)
+        self.perms_per_tile = max(1, tile // (m * S))
+        self.tile = tile
+
+    def coefficients(self, perms: torch.Tensor) -> torch.Tensor:
+        """``(P, K, T)`` coefficients under the permutations ``perms`` ``(P, n)``."""
+        P = perms.shape[0]
+        m, S = self.gathered.shape
+        step = max(1, min(m, self.tile // (P * S)))
+        if self.n**2 < 2**31:  # int32 index arithmetic: half the memory traffic of int64
+            perms = perms.to(torch.int32)
+        acc = torch.zeros((P, S, self.other.shape[1]), dtype=torch.float64, device=perms.device)
+        for start in range(0, m, step):
+            stop = min(m, start + step)
+            index = pair_index(perms, self.rows[start:stop], self.cols[start:stop])
+            values = self.gathered.index_select(0, index.reshape(-1)).reshape(P, -1, S)
+            acc.baddbmm_(values.transpose(1, 2), self.other[start:stop].expand(P, -1, -1))
+        return acc if self.gather_model else acc.transpose(1, 2)
+
+
+class _KendallNull:
+    """Null coefficients of Kendall tau-a: gather whole permuted vectors and compare them
+    (``O(m^2)`` per permutation, as the statistic itself)."""
+
+    def __init__(
+        self,
+        xp: torch.Tensor,
+        yp: torch.Tensor,
+        gather_model: bool,
+        n: int,
+        memory_elements: int | None,
+    ) -> None:
+        self.xp, self.yp, self.gather_model = xp, yp, gather_model
+        self.rows, self.cols = triu_indices(n, xp.device)
+        m = xp.shape[-1]
+        side = xp.shape[0] if gather_model else yp.shape[0]
+        # Peak bytes of one permutation: its index, the gathered values and their comparison's
+        # temporaries.
+        per_perm = 8 * (m + 2 * side * m)
+        self.perms_per_tile = _batch_size(memory_elements, side * m, per_perm, xp.device)
+
+    def coefficients(self, perms: torch.Tensor) -> torch.Tensor:
+        index = pair_index(perms, self.rows, self.cols)
+        P, m = index.shape
+        if self.gather_model:
+            K = self.xp.shape[0]
+            g = self.xp[:, index].reshape(K * P, m)
+            return _corr2d(g, self.yp, "kendall_tau_a").reshape(K, P, -1).permute(1, 0, 2)
+        T = self.yp.shape[0]
+        g = self.yp[:, index].reshape(T * P, m)
+        return _corr2d(self.xp, g, "kendall_tau_a").reshape(-1, T, P).permute(2, 0, 1)
 
 
 def bootstrap_ci(
