@@ -37,6 +37,26 @@ def test_rankdata_matches_scipy_with_ties() -> None:
     )
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 6),
+    st.integers(2, 80),
+    st.lists(st.sampled_from([None, 0, 1]), min_size=6, max_size=6),
+)
+def test_rankdata_matches_scipy_rows_with_and_without_ties(
+    seed: int, rows: int, m: int, rounding: list[int | None]
+) -> None:
+    """Rows without ties take the fast path, rows with ties the averaging one, in one call."""
+    x = np.random.default_rng(seed).normal(size=(rows, m))
+    for r in range(rows):
+        if rounding[r] is not None:
+            x[r] = np.round(x[r], rounding[r])
+    np.testing.assert_allclose(
+        rankdata(torch.as_tensor(x)).numpy(), scipy.stats.rankdata(x, axis=-1)
+    )
+
+
 @pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
 def test_masked_compare_equals_compare_on_valid_entries(method: str) -> None:
     rng = np.random.default_rng(2)

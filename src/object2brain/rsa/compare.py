@@ -51,13 +51,30 @@ def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 def rankdata(x: torch.Tensor) -> torch.Tensor:
     """Average ranks (1-based) along the last axis of ``x`` ``(..., m)``, like scipy's rankdata.
 
-    Fully vectorised: sort, mark tie groups, rank = (first + last position of the group) / 2 + 1.
+    Fully vectorised: sort, then rank = position + 1, except in rows with ties, where each tie
+    group gets (first + last position of the group) / 2 + 1. Any sort will do (not only a stable
+    one): the members of a tie group all get the same rank.
     """
     shape = x.shape
     m = shape[-1]
     flat = x.reshape(-1, m)
-    values, order = torch.sort(flat, dim=1, stable=True)
-    pos = torch.arange(m, device=x.device).expand_as(values)
+    values, order = torch.sort(flat, dim=1)
+    ranks = torch.empty(flat.shape, dtype=torch.float64, device=x.device)
+    position = torch.arange(1, m + 1, dtype=torch.float64, device=x.device)
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if not bool(tied.any()):
+        ranks.scatter_(1, order, position.expand_as(ranks))
+        return ranks.reshape(shape)
+    average = position.expand_as(ranks).clone()
+    average[tied] = _tie_average_positions(values[tied])
+    ranks.scatter_(1, order, average)
+    return ranks.reshape(shape)
+
+
+def _tie_average_positions(values: torch.Tensor) -> torch.Tensor:
+    """For sorted rows ``values`` ``(r, m)``: 1-based rank of each position, tie groups averaged."""
+    m = values.shape[1]
+    pos = torch.arange(m, device=values.device).expand_as(values)
     starts = torch.ones_like(values, dtype=torch.bool)
     starts[:, 1:] = values[:, 1:] != values[:, :-1]
     ends = torch.ones_like(values, dtype=torch.bool)
@@ -65,10 +82,7 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
     last_rev = torch.where(ends, pos, torch.full_like(pos, m)).flip(1)
     last = torch.cummin(last_rev, dim=1).values.flip(1)
-    avg = (first + last).to(torch.float64) / 2 + 1
-    ranks = torch.empty_like(avg)
-    ranks.scatter_(1, order, avg)
-    return ranks.reshape(shape)
+    return (first + last).to(torch.float64) / 2 + 1
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
