@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import rsatoolbox
@@ -24,6 +26,8 @@ from object2brain.rsa.inference import (
 )
 from object2brain.rsa.rdm import rdm_from_features, squareform, upper_triangle
 
+# the package's function ``compare`` shadows the submodule of that name
+compare_module = importlib.import_module("object2brain.rsa.compare")
 RSATOOLBOX_NAME = {"spearman": "spearman", "pearson": "corr", "kendall_tau_a": "tau-a"}
 
 
@@ -185,22 +189,44 @@ def test_noise_ceiling_brute_force() -> None:
     assert np.isnan(noise_ceiling(subj[:1])[0])
 
 
-def test_bootstrap_ci_brute_force() -> None:
+SCIPY_CORRELATION = {
+    "spearman": lambda a, b: scipy.stats.spearmanr(a, b)[0],
+    "pearson": lambda a, b: scipy.stats.pearsonr(a, b)[0],
+    "kendall_tau_a": lambda a, b: rsatoolbox.rdm.compare(
+        rsatoolbox.rdm.RDMs(a[None]), rsatoolbox.rdm.RDMs(b[None]), method="tau-a"
+    )[0, 0],
+}
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_bootstrap_ci_brute_force(monkeypatch: pytest.MonkeyPatch, method: str, ties: bool) -> None:
+    """Every resample expanded explicitly (duplicated stimuli, self-pairs dropped) and compared
+    by scipy / rsatoolbox; ``ties``: a behavioural RDM of integer ratings, full of tied values.
+    Steps of 3 rows force the weighted ranking to work through several row chunks."""
+    monkeypatch.setattr(compare_module, "_WEIGHTED_STEP_ELEMENTS", 3 * 40 * 36)
     rng = np.random.default_rng(5)
     n, n_boot, seed = 9, 40, 2
-    A, B = _rdms(rng, 1, n), _rdms(rng, 2, n)
-    low, high = bootstrap_ci(A, B, "spearman", n_boot, seed, device="cpu")
+    A, B = _rdms(rng, 4, n), _rdms(rng, 2, n)
+    if ties:
+        ratings = rng.integers(-3, 4, size=n).astype(float)
+        A[1] = torch.as_tensor(np.abs(ratings[:, None] - ratings[None, :]))
+        B[0] = torch.round(B[0] * 2) / 2
+    low, high = bootstrap_ci(A, B, method, n_boot, seed, device="cpu")
     sample_rng = np.random.default_rng([seed, 7_919])
+    corr = SCIPY_CORRELATION[method]
     values = []
     for _ in range(n_boot):
         idx = sample_rng.integers(0, n, size=n)
         i, j = np.triu_indices(n, 1)
         keep = idx[i] != idx[j]
-        a = A[0].numpy()[idx[i], idx[j]][keep]
-        bs = [B[t].numpy()[idx[i], idx[j]][keep] for t in range(2)]
-        values.append([scipy.stats.spearmanr(a, b)[0] for b in bs])
-    np.testing.assert_allclose(low[0], np.nanquantile(values, 0.025, axis=0), atol=1e-10)
-    np.testing.assert_allclose(high[0], np.nanquantile(values, 0.975, axis=0), atol=1e-10)
+        rows = [R.numpy()[idx[i], idx[j]][keep] for R in (*A, *B)]
+        values.append([[corr(a, b) for b in rows[4:]] for a in rows[:4]])
+    with np.errstate(all="ignore"):
+        expected_low = np.nanquantile(values, 0.025, axis=0)
+        expected_high = np.nanquantile(values, 0.975, axis=0)
+    np.testing.assert_allclose(low, expected_low, atol=1e-10)
+    np.testing.assert_allclose(high, expected_high, atol=1e-10)
 
 
 def test_fdr_matches_scipy() -> None:

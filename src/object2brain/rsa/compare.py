@@ -14,10 +14,18 @@ The ``masked_*`` variants take an extra weight ``w`` ``(B, m)`` of 0/1 and a bat
 compare ``a`` ``(B, K, m)`` with ``b`` ``(B, T, m)`` using only the entries with ``w = 1``
 (used by the stimulus bootstrap, which drops pairs of a stimulus with its own copy).
 A coefficient is NaN where one of its vectors is constant.
+
+:class:`WeightedComparison` compares the same rows under many integer weightings of their
+entries (``w`` ``(B, m)``; an entry of weight ``c`` counts as ``c`` copies, 0 drops it), as a
+stimulus bootstrap needs: a resample holds pair ``(a, b)`` ``c_a c_b`` times. Each row is sorted
+once; under weights its average ranks come from a cumulative sum in that fixed order,
+``rank = W_before + (W_tie + 1) / 2`` (``W_before``: weight of smaller values, ``W_tie``: weight
+of the row's tie group), so no resample is ever sorted or expanded.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -29,6 +37,7 @@ CompareMethod = Literal["spearman", "pearson", "kendall_tau_a"]
 COMPARE_METHODS: tuple[str, ...] = ("spearman", "pearson", "kendall_tau_a")
 
 _SIGN_CHUNK_ELEMENTS = 1 << 24
+_WEIGHTED_STEP_ELEMENTS = 1 << 22  # values per step of weighted ranking (32 MB in float64)
 
 
 def check_method(method: str) -> None:
@@ -162,6 +171,137 @@ def correlate_prepared(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.T
             return kendall_tau_a(a, b)
         return torch.stack([kendall_tau_a(x, y) for x, y in zip(a, b, strict=True)])
     return a @ b.transpose(-1, -2)
+
+
+# --- weighted multisets (bootstrap) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SortedRows:
+    """Sort order of rows ``(R, m)`` and, where values tie, the tie group of each sorted position.
+
+    Attributes:
+        order: ``(R, m)`` int64, ``argsort`` of each row.
+        group: ``(R, m)`` int64 tie-group number (0, 1, ... within a row) of each sorted position;
+            ``None`` when no row has ties.
+    """
+
+    order: torch.Tensor
+    group: torch.Tensor | None
+
+    def take(self, start: int, stop: int) -> SortedRows:
+        """The rows ``start:stop``."""
+        group = None if self.group is None else self.group[start:stop]
+        return SortedRows(self.order[start:stop], group)
+
+
+def sort_rows(x: torch.Tensor) -> SortedRows:
+    """:class:`SortedRows` of ``x`` ``(R, m)``."""
+    values, order = torch.sort(x, dim=-1)
+    new_group = values[:, 1:] != values[:, :-1]
+    if bool(new_group.all()):
+        return SortedRows(order, None)
+    group = torch.zeros_like(order)
+    group[:, 1:] = new_group.cumsum(dim=-1)
+    return SortedRows(order, group)
+
+
+def standardized_weighted_ranks(
+    rows: SortedRows, w: torch.Tensor, *, times_weight: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Average ranks of :class:`SortedRows` ``(R, m)`` under weights ``w`` ``(B, m)``, centred and
+    scaled to unit weighted norm, times ``w`` if ``times_weight`` ``(B, R, m)``; written to
+    ``out`` when given (see :func:`weighted_standardize`).
+
+    Entry ``c`` of weight ``w_c`` stands for ``w_c`` copies with rank
+    ``W_before + (W_tie + 1) / 2`` (weights of the smaller values and of its tie group); with
+    ``w = 1`` these are :func:`rankdata`'s ranks. Over ``N = sum(w)`` copies the mean rank is
+    ``(N + 1) / 2`` and, in a row without tied values (its tie groups are the copies of one
+    entry), the sum of squared deviations is ``(N^3 - N - sum_c (w_c^3 - w_c)) / 12``; rows with
+    tied values sum them explicitly. NaN rows where all copies tie.
+    """
+    B, (R, m) = w.shape[0], rows.order.shape
+    order = rows.order.expand(B, R, m)
+    w_sorted = torch.gather(w[:, None, :].expand(B, R, m), 2, order)
+    total = w.sum(dim=-1)[:, None, None]  # N
+    upto = w_sorted.cumsum(dim=-1)  # weight of the values <= this one, in sorted order
+    if rows.group is None:
+        centred = upto.sub_(w_sorted, alpha=0.5).sub_(total / 2)  # rank - (N + 1) / 2
+        squares = (total**3 - total - (w**3 - w).sum(dim=-1)[:, None, None]) / 12
+    else:
+        group = rows.group.expand(B, R, m)
+        before = upto - w_sorted
+        # cumulative weights never decrease: a tie group's extremes are its first and last entry
+        start = torch.zeros_like(upto).scatter_reduce(2, group, before, "amin", include_self=False)
+        end = torch.zeros_like(upto).scatter_reduce(2, group, upto, "amax", include_self=False)
+        start, end = torch.gather(start, 2, group), torch.gather(end, 2, group)
+        centred = (start + end) / 2 - total / 2  # start + (end - start + 1) / 2 - (N + 1) / 2
+        squares = (centred**2 * w_sorted).sum(dim=-1, keepdim=True)
+    if times_weight:
+        centred.mul_(w_sorted)
+    norm = squares.clamp_min(0).sqrt()
+    centred.div_(torch.where(norm > 1e-12 * total**1.5, norm, torch.full_like(norm, float("nan"))))
+    target = torch.empty_like(centred) if out is None else out
+    return target.scatter_(2, order, centred)
+
+
+def weighted_standardize(x: torch.Tensor, w: torch.Tensor, *, times_weight: bool) -> torch.Tensor:
+    """Rows of ``x`` ``(B, R, m)`` centred at their ``w``-weighted mean and divided by their
+    weighted norm ``sqrt(sum_c w_c (x_c - mean)^2)``, times ``w`` if ``times_weight`` (NaN rows
+    where the weighted row is constant).
+
+    ``z_a . z_b`` with one side times ``w`` is the weighted Pearson r, i.e. the Pearson r of the
+    multisets where entry ``c`` counts ``w_c`` times.
+    """
+    ww = w[:, None, :]
+    mean = (x * ww).sum(dim=-1, keepdim=True) / ww.sum(dim=-1, keepdim=True)
+    centred = x - mean
+    norm = (centred**2 * ww).sum(dim=-1, keepdim=True).sqrt()
+    if times_weight:
+        centred = centred * ww
+    return centred / torch.where(norm > 0, norm, torch.full_like(norm, float("nan")))
+
+
+class WeightedComparison:
+    """Spearman / Pearson coefficients ``(B, K, T)`` of rows ``a`` ``(K, m)`` vs ``b`` ``(T, m)``
+    under many integer weightings ``w`` ``(B, m)`` of their entries (sorted once, here).
+
+    Memory of one call: the standardised rows ``(B, K + T, m)`` plus the temporaries of a few rows
+    at a time (at most :data:`_WEIGHTED_STEP_ELEMENTS` values each).
+    """
+
+    def __init__(
+        self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, method: str
+    ) -> None:
+        check_method(method)
+        if method == "kendall_tau_a":
+            raise DataError("weighted comparison supports spearman and pearson only")
+        self.a, self.b, self.method = _t(a), _t(b), method
+        self.sorted_a = sort_rows(self.a) if method == "spearman" else None
+        self.sorted_b = sort_rows(self.b) if method == "spearman" else None
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        za = self._standardized(self.a, self.sorted_a, w, times_weight=True)
+        zb = self._standardized(self.b, self.sorted_b, w, times_weight=False)
+        return za @ zb.transpose(-1, -2)
+
+    @staticmethod
+    def _standardized(
+        x: torch.Tensor, rows: SortedRows | None, w: torch.Tensor, *, times_weight: bool
+    ) -> torch.Tensor:
+        B, (R, m) = w.shape[0], x.shape
+        z = torch.empty((B, R, m), dtype=torch.float64, device=x.device)
+        step = max(1, _WEIGHTED_STEP_ELEMENTS // (B * m))
+        for start in range(0, R, step):
+            stop = min(R, start + step)
+            if rows is not None:
+                standardized_weighted_ranks(
+                    rows.take(start, stop), w, times_weight=times_weight, out=z[:, start:stop]
+                )
+            else:
+                part = x[start:stop].expand(B, -1, -1)
+                z[:, start:stop] = weighted_standardize(part, w, times_weight=times_weight)
+        return z
 
 
 # --- masked (bootstrap) variants -------------------------------------------------------------

@@ -39,6 +39,7 @@ import torch
 from object2brain.devices import chunked, pick_chunk, resolve_device
 from object2brain.errors import DataError
 from object2brain.rsa.compare import (
+    WeightedComparison,
     check_method,
     correlate_prepared,
     masked_compare,
@@ -47,7 +48,7 @@ from object2brain.rsa.compare import (
 from object2brain.rsa.compare import (
     compare as compare_rdms,
 )
-from object2brain.rsa.rdm import triu_indices
+from object2brain.rsa.rdm import triu_indices, upper_triangle
 
 PERM_BLOCK = 1000
 _BOOT_STREAM = 7_919  # second word of the bootstrap seed sequence (independent of permutations)
@@ -314,21 +315,24 @@ def bootstrap_ci(
     m = n * (n - 1) // 2
     rng = np.random.default_rng([seed, _BOOT_STREAM])
     iu, ju = triu_indices(n, dev)
-    # Per resample: gathered (K + T, m) values and ~3 temporaries of ranking / standardising,
-    # the pair index (m,) x 3 and the (n,) draw.
-    batch = _batch_size(memory_elements, (K + T) * m, 8 * (4 * (K + T) * m + 3 * m + n), dev)
     if method == "kendall_tau_a":
+        draw = partial(_kendall_resamples, A, Bt, iu, ju)
+        # Per resample: gathered (K + T, m) values, sign-matrix chunks, the pair index (m,) x 3.
+        batch = _batch_size(memory_elements, (K + T) * m, 8 * (4 * (K + T) * m + 3 * m + n), dev)
         batch = max(1, min(batch, 4))
+    else:
+        # A resample holds pair (a, b) c_a c_b times (c: how often each stimulus was drawn), so
+        # it is the original pairs under those weights: sort once, no gathers.
+        comparison = WeightedComparison(upper_triangle(A), upper_triangle(Bt), method)
+        draw = partial(_weighted_resamples, comparison, iu, ju)
+        # Per resample: the weights (m,), standardised rows (K + T, m), one step's temporaries.
+        batch = _batch_size(memory_elements, (K + T) * m, 8 * ((K + T + 2) * m + n), dev)
     stats = []
     done = 0
     while done < n_boot:
         size = min(batch, n_boot - done)
         idx = torch.as_tensor(rng.integers(0, n, size=(size, n)), device=dev)
-        ra, rb = idx[:, iu], idx[:, ju]
-        w = (ra != rb).to(torch.float64)
-        a = A[:, ra, rb].permute(1, 0, 2)
-        b = Bt[:, ra, rb].permute(1, 0, 2)
-        stats.append(_with_combine(masked_compare(a, b, w, method), combine).cpu())
+        stats.append(_with_combine(draw(idx), combine).cpu())
         done += size
     values = torch.cat(stats).numpy()
     alpha = (1 - level) / 2
@@ -336,6 +340,27 @@ def bootstrap_ci(
         low = np.nanquantile(values, alpha, axis=0)
         high = np.nanquantile(values, 1 - alpha, axis=0)
     return low, high
+
+
+def _weighted_resamples(
+    comparison: WeightedComparison, iu: torch.Tensor, ju: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
+    """Coefficients ``(B, K, T)`` of the resamples ``idx`` ``(B, n)`` as pair weights
+    ``w[a, b] = c_a c_b`` (``c``: draws of each stimulus; pairs of a stimulus with itself drop)."""
+    counts = torch.zeros(idx.shape, dtype=torch.float64, device=idx.device)
+    counts.scatter_add_(1, idx, torch.ones_like(counts))
+    return comparison(counts[:, iu] * counts[:, ju])
+
+
+def _kendall_resamples(
+    A: torch.Tensor, Bt: torch.Tensor, iu: torch.Tensor, ju: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
+    """Kendall tau-a ``(B, K, T)`` of the resamples ``idx`` ``(B, n)``, gathered explicitly."""
+    ra, rb = idx[:, iu], idx[:, ju]
+    w = (ra != rb).to(torch.float64)
+    a = A[:, ra, rb].permute(1, 0, 2)
+    b = Bt[:, ra, rb].permute(1, 0, 2)
+    return masked_compare(a, b, w, "kendall_tau_a")
 
 
 def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> tuple[float, float]:
