@@ -170,14 +170,36 @@ def case_rsa(sizes: dict[str, int], device: torch.device, budget: Budget) -> dic
     cpu = mantel_test(Xs, Ys, "spearman", check_perm, seed=1, device="cpu")
     dev = mantel_test(Xs, Ys, "spearman", check_perm, seed=1, device=device)
     out["check"] = {
-        "slice": f"{ns} stimuli ({ms} pairs) x 4 x 4, {check_perm} permutations",
+        "slice": f"{ns} stimuli ({ms} pairs) x {len(Xs)} x {len(Ys)}, {check_perm} permutations",
         "max_abs_diff_r": float(np.abs(cpu.r - dev.r).max()),
         "max_abs_diff_p": float(np.abs(cpu.p - dev.p).max()),
         "tolerance": "r: 1e-9; p: 2 / (n_perm + 1)",
     }
+    # bootstrap CI and condition contrast on the same slice (square RDMs)
+    from object2brain.rsa.inference import bootstrap_ci, condition_difference_test
+    from object2brain.rsa.rdm import squareform
+
+    Xq, Yq = squareform(Xs), squareform(Ys)
+    boot = [bootstrap_ci(Xq, Yq, "spearman", 50, seed=1, device=d) for d in ("cpu", device)]
+    labels = ["a" if i % 2 else "b" for i in range(ns)]
+    contrast = [
+        condition_difference_test(Xq, Yq, labels, "a", "b", "spearman", 50, seed=1, device=d)
+        for d in ("cpu", device)
+    ]
+    out["check"]["max_abs_diff_bootstrap_ci"] = float(
+        max(np.abs(boot[0][k] - boot[1][k]).max() for k in range(2))
+    )
+    out["check"]["max_abs_diff_contrast_delta"] = float(
+        np.abs(contrast[0].delta - contrast[1].delta).max()
+    )
+    out["check"]["max_abs_diff_contrast_p"] = float(np.abs(contrast[0].p - contrast[1].p).max())
+    out["check"]["tolerance"] += "; bootstrap CI and contrast delta: 1e-9; contrast p: 2 / 51"
     out["check"]["passed"] = bool(
         out["check"]["max_abs_diff_r"] <= 1e-9
         and out["check"]["max_abs_diff_p"] <= 2 / (check_perm + 1)
+        and out["check"]["max_abs_diff_bootstrap_ci"] <= 1e-9
+        and out["check"]["max_abs_diff_contrast_delta"] <= 1e-9
+        and out["check"]["max_abs_diff_contrast_p"] <= 2 / 51
     )
     mantel_test(X[:, :1000], Y[:, :1000], "spearman", 10, device=device)  # warm-up
     seconds, result = timed(device, lambda: mantel_test(X, Y, "spearman", n_perm, device=device))
