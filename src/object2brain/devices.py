@@ -3,8 +3,8 @@
 - :func:`resolve_device`: ``--device auto|cpu|cuda|cuda:N``.
 - :func:`pick_chunk`: how many items (permutations, filter subsets, feature columns) one chunk may
   hold, from the device's free memory and a safety fraction.
-- :func:`chunked`: run a computation in chunks and halve a chunk that runs out of memory, so a
-  problem that fits in chunks never fails with out-of-memory.
+- :class:`Chunking` / :func:`chunked`: run a computation in chunks and halve a chunk that runs out
+  of memory, so a problem that fits in chunks never fails with out-of-memory.
 """
 
 from __future__ import annotations
@@ -134,6 +134,49 @@ def release_cached_memory(device: str | torch.device | None = None) -> None:
         torch.cuda.empty_cache()
 
 
+class Chunking:
+    """A chunk size that only shrinks: :meth:`run` halves it when a chunk runs out of memory, and
+    later runs (e.g. over the next block of permutations) start from the smaller size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, int(size))
+
+    def run(
+        self,
+        total: int,
+        work: Callable[[int, int], T],
+        *,
+        device: str | torch.device | None = None,
+    ) -> Iterator[tuple[int, int, T]]:
+        """Run ``work(start, stop)`` over ``range(total)`` in chunks, halving a chunk that runs out
+        of memory.
+
+        Yields ``(start, stop, work(start, stop))`` in order, covering ``0..total`` exactly once.
+        When ``work`` raises an out-of-memory error (:func:`is_out_of_memory`), cached device
+        memory is released, the chunk size is halved and the same ``start`` is retried; later
+        chunks keep the smaller size. A chunk of one item that still fails re-raises the error.
+        ``work`` must have no side effect before it returns (its result is what the caller
+        accumulates), so a retried chunk is never counted twice.
+        """
+        start = 0
+        while start < total:
+            stop = min(total, start + self.size)
+            try:
+                result = work(start, stop)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or stop - start <= 1:
+                    raise
+                del exc
+                release_cached_memory(device)
+                self.size = max(1, (stop - start) // 2)
+                log.warning(
+                    "out of memory on a chunk of %d: retrying with %d", stop - start, self.size
+                )
+                continue
+            yield start, stop, result
+            start = stop
+
+
 def chunked(
     total: int,
     chunk: int,
@@ -141,29 +184,5 @@ def chunked(
     *,
     device: str | torch.device | None = None,
 ) -> Iterator[tuple[int, int, T]]:
-    """Run ``work(start, stop)`` over ``range(total)`` in chunks, halving a chunk that runs out of
-    memory.
-
-    Yields ``(start, stop, work(start, stop))`` in order, covering ``0..total`` exactly once.
-    When ``work`` raises an out-of-memory error (:func:`is_out_of_memory`), cached device memory
-    is released, the chunk size is halved and the same ``start`` is retried; later chunks keep the
-    smaller size. A chunk of one item that still fails re-raises the error. ``work`` must have no
-    side effect before it returns (its result is what the caller accumulates), so a retried chunk
-    is never counted twice.
-    """
-    size = max(1, int(chunk))
-    start = 0
-    while start < total:
-        stop = min(total, start + size)
-        try:
-            result = work(start, stop)
-        except Exception as exc:
-            if not is_out_of_memory(exc) or stop - start <= 1:
-                raise
-            del exc
-            release_cached_memory(device)
-            size = max(1, (stop - start) // 2)
-            log.warning("out of memory on a chunk of %d: retrying with %d", stop - start, size)
-            continue
-        yield start, stop, result
-        start = stop
+    """:meth:`Chunking.run` with a fresh chunk size ``chunk``."""
+    return Chunking(chunk).run(total, work, device=device)

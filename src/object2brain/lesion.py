@@ -40,7 +40,7 @@ import torch
 from object2brain.data.brain import BrainData, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
-from object2brain.devices import resolve_device
+from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
 from object2brain.manifest import build_manifest, file_sha256
@@ -401,15 +401,16 @@ def _layer_rows(
             tgt: torch.Tensor = target,
             size: int = chunk,
         ) -> np.ndarray:
-            out = []
-            for start in range(0, len(masks), size):
-                rdms = sub.rdms(masks[start : start + size], metric, device=device, strict=False)
+            def chunk_r(start: int, stop: int) -> np.ndarray:
+                rdms = sub.rdms(masks[start:stop], metric, device=device, strict=False)
                 valid = torch.isfinite(rdms).all(dim=1)
                 r = torch.full((rdms.shape[0], tgt.shape[0]), float("nan"), dtype=torch.float64)
                 if bool(valid.any()):
                     r[valid.cpu()] = compare(rdms[valid], tgt, method).cpu()
-                out.append(r.numpy())
-            return with_group_means(np.concatenate(out), targets)
+                return r.numpy()
+
+            chunks = Chunking(size).run(len(masks), chunk_r, device=device)
+            return with_group_means(np.concatenate([r for _, _, r in chunks]), targets)
 
         r_full = correlations(np.ones((1, K), dtype=bool))[0]
         nulls: dict[tuple[str, int], np.ndarray] = {}

@@ -19,7 +19,8 @@ from object2brain.devices import (
 )
 from object2brain.lesion_engine import FilterStats, random_subset_masks
 from object2brain.rsa import inference
-from object2brain.rsa.inference import bootstrap_ci, mantel_test
+from object2brain.rsa.compare import WeightedComparison
+from object2brain.rsa.inference import bootstrap_ci, condition_difference_test, mantel_test
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 
 
@@ -137,6 +138,58 @@ def test_bootstrap_auto_batches_equal_explicit() -> None:
     low2, high2 = bootstrap_ci(A, B, n_boot=50, seed=2, device="cpu")
     np.testing.assert_allclose(low1, low2, atol=1e-12)
     np.testing.assert_allclose(high1, high2, atol=1e-12)
+
+
+SIMULATED_OOM = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_bootstrap_halves_resamples_on_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    A = torch.stack([rdm_from_features(rng.normal(size=(15, 6)), device="cpu") for _ in range(2)])
+    B = torch.stack([rdm_from_features(rng.normal(size=(15, 6)), device="cpu") for _ in range(3)])
+    reference = bootstrap_ci(A, B, n_boot=60, seed=2, device="cpu", memory_elements=1)
+    real = inference._weighted_resamples
+    sizes: list[int] = []
+
+    def failing(
+        comparison: WeightedComparison, iu: torch.Tensor, ju: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        sizes.append(len(idx))
+        if len(idx) > 7:
+            raise SIMULATED_OOM
+        return real(comparison, iu, ju, idx)
+
+    monkeypatch.setattr(inference, "_weighted_resamples", failing)
+    retried = bootstrap_ci(A, B, n_boot=60, seed=2, device="cpu", memory_elements=1 << 30)
+    np.testing.assert_allclose(retried[0], reference[0], atol=1e-12)
+    np.testing.assert_allclose(retried[1], reference[1], atol=1e-12)
+    assert max(sizes) == 60 and min(sizes) <= 7
+
+
+def test_condition_contrast_halves_permutations_on_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(8)
+    A = torch.stack([rdm_from_features(rng.normal(size=(16, 6)), device="cpu") for _ in range(2)])
+    B = torch.stack([rdm_from_features(rng.normal(size=(16, 6)), device="cpu") for _ in range(2)])
+    labels = ["a", "b"] * 8
+    reference = condition_difference_test(
+        A, B, labels, "a", "b", n_perm=120, seed=3, device="cpu", memory_elements=1
+    )
+    real = inference._subset_vectors
+    sizes: list[int] = []
+
+    def failing(rdms: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(rows))
+        if len(rows) > 7:
+            raise SIMULATED_OOM
+        return real(rdms, rows)
+
+    monkeypatch.setattr(inference, "_subset_vectors", failing)
+    retried = condition_difference_test(
+        A, B, labels, "a", "b", n_perm=120, seed=3, device="cpu", memory_elements=1 << 30
+    )
+    np.testing.assert_array_equal(retried.p, reference.p)
+    np.testing.assert_allclose(retried.delta, reference.delta, atol=1e-12)
+    assert max(sizes) > 7 and min(sizes) <= 7
 
 
 def test_feature_chunks_auto_equal_small_chunks() -> None:

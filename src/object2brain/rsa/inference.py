@@ -36,7 +36,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from object2brain.devices import chunked, pick_chunk, resolve_device
+from object2brain.devices import Chunking, pick_chunk, resolve_device
 from object2brain.errors import DataError
 from object2brain.rsa.compare import (
     WeightedComparison,
@@ -184,14 +184,13 @@ def mantel_test(
             dim=0
         )
 
-    batch = null.perms_per_tile
+    chunking = Chunking(null.perms_per_tile)
     for block in permutations(n, n_perm, seed):
         perms = torch.as_tensor(block if gather_model else np.argsort(block, axis=1)).to(dev)
-        work = partial(count_block, perms)
-        for start, stop, found in chunked(perms.shape[0], batch, work, device=dev):
+        for _start, _stop, found in chunking.run(
+            len(perms), partial(count_block, perms), device=dev
+        ):
             counts += found
-            if stop < perms.shape[0]:  # keep a size halved after out-of-memory
-                batch = min(batch, stop - start)
     r = stat.cpu().numpy()
     p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
     p[np.isnan(r)] = np.nan
@@ -325,15 +324,19 @@ def bootstrap_ci(
         # it is the original pairs under those weights: sort once, no gathers.
         comparison = WeightedComparison(upper_triangle(A), upper_triangle(Bt), method)
         draw = partial(_weighted_resamples, comparison, iu, ju)
-        # Per resample: the weights (m,), standardised rows (K + T, m), one step's temporaries.
-        batch = _batch_size(memory_elements, (K + T) * m, 8 * ((K + T + 2) * m + n), dev)
+        # Per resample: the weights (m,), the standardised rows (K + T, m) and the temporaries of
+        # one row being ranked (about 7 arrays (m,): gathered weights, cumulative sums, ties).
+        batch = _batch_size(memory_elements, (K + T) * m, 8 * ((K + T + 8) * m + n), dev)
     stats = []
-    done = 0
-    while done < n_boot:
-        size = min(batch, n_boot - done)
-        idx = torch.as_tensor(rng.integers(0, n, size=(size, n)), device=dev)
-        stats.append(_with_combine(draw(idx), combine).cpu())
-        done += size
+    chunking = Chunking(batch)
+    for done in range(0, n_boot, PERM_BLOCK):
+        idx = torch.as_tensor(rng.integers(0, n, size=(min(PERM_BLOCK, n_boot - done), n)))
+        idx = idx.to(dev)
+
+        def resamples(start: int, stop: int, idx: torch.Tensor = idx) -> torch.Tensor:
+            return _with_combine(draw(idx[start:stop]), combine).cpu()
+
+        stats += [values for _start, _stop, values in chunking.run(len(idx), resamples, device=dev)]
     values = torch.cat(stats).numpy()
     alpha = (1 - level) / 2
     with np.errstate(all="ignore"):
@@ -475,11 +478,18 @@ def condition_difference_test(
     m_max = max(n_a * (n_a - 1), n_b * (n_b - 1)) // 2
     R = A.shape[0] + Bt.shape[0]
     batch = _batch_size(memory_elements, R * m_max, 8 * (4 * R * m_max + 2 * m_max), dev)
+
+    def count_block(shuffled: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        pa, pb = stats(shuffled[start:stop, :n_a], shuffled[start:stop, n_a:])
+        return ((pa - pb).abs() >= delta.abs() - _TOL).sum(dim=0)
+
+    chunking = Chunking(batch)
     for block in permutations(n_a + n_b, n_perm, seed):
         shuffled = pool[torch.as_tensor(block, device=dev)]
-        for sub in torch.split(shuffled, batch):
-            pa, pb = stats(sub[:, :n_a], sub[:, n_a:])
-            counts += ((pa - pb).abs() >= delta.abs() - _TOL).sum(dim=0)
+        for _start, _stop, found in chunking.run(
+            len(shuffled), partial(count_block, shuffled), device=dev
+        ):
+            counts += found
     p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
     d = delta.cpu().numpy()
     p[np.isnan(d)] = np.nan
