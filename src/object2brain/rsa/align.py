@@ -436,7 +436,16 @@ def _run(
     alignment_rows: list[dict[str, Any]] = []
     contrast_rows: list[dict[str, Any]] = []
     direct_rows: list[dict[str, Any]] = []
-    bar = _progress(len(models) * len(cond_index), progress)
+    contrasts: list[tuple[str, str]] = []
+    if labels is not None and len(conditions) >= 2:
+        sizes = {c: int(np.sum(labels == c)) for c in conditions}
+        contrasts = [
+            (a, b)
+            for i, a in enumerate(conditions)
+            for b in conditions[i + 1 :]
+            if sizes[a] >= 3 and sizes[b] >= 3
+        ]
+    bar = _progress(len(models) * (len(cond_index) + len(contrasts)), progress)
     for model_name, store, layer_names in models:
         order = store.layers
         model_rdms = torch.stack(
@@ -466,40 +475,38 @@ def _run(
             )
             alignment_rows += block
             bar.update(1)
-        if labels is not None and len(conditions) >= 2:
-            for a_i, cond_a in enumerate(conditions):
-                for cond_b in conditions[a_i + 1 :]:
-                    if np.sum(labels == cond_a) < 3 or np.sum(labels == cond_b) < 3:
-                        continue
-                    res = condition_difference_test(
-                        model_rdms,
-                        cols.rdms,
-                        labels.tolist(),
-                        cond_a,
-                        cond_b,
-                        method,
-                        n_perm,
-                        seed,
-                        dev,
-                        cols.combine,
-                    )
-                    contrast_rows += _contrast_rows(
-                        model_name,
-                        layer_names,
-                        layer_index,
-                        cols,
-                        cond_a,
-                        cond_b,
-                        metric,
-                        method,
-                        res.r_a,
-                        res.r_b,
-                        res.delta,
-                        res.p,
-                        res.n_a,
-                        res.n_b,
-                        n_perm,
-                    )
+        for cond_a, cond_b in contrasts:
+            assert labels is not None
+            res = condition_difference_test(
+                model_rdms,
+                cols.rdms,
+                labels.tolist(),
+                cond_a,
+                cond_b,
+                method,
+                n_perm,
+                seed,
+                dev,
+                cols.combine,
+            )
+            contrast_rows += _contrast_rows(
+                model_name,
+                layer_names,
+                layer_index,
+                cols,
+                cond_a,
+                cond_b,
+                metric,
+                method,
+                res.r_a,
+                res.r_b,
+                res.delta,
+                res.p,
+                res.n_a,
+                res.n_b,
+                n_perm,
+            )
+            bar.update(1)
         if "valence" in order:
             rated = ratings.group_mean(ids) if ratings is not None else stim_valence
             if rated is not None:
@@ -588,7 +595,7 @@ def _progress(total: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="rsa", unit="model x condition")
+    return tqdm(total=total, desc="rsa", unit="analysis")
 
 
 def _rows(
