@@ -12,7 +12,8 @@ For condensed RDM vectors ``a`` ``(K, m)`` and ``b`` ``(T, m)`` every function r
 
 The ``masked_*`` variants take an extra weight ``w`` ``(B, m)`` of 0/1 and a batch dimension: they
 compare ``a`` ``(B, K, m)`` with ``b`` ``(B, T, m)`` using only the entries with ``w = 1``
-(used by the stimulus bootstrap, which drops pairs of a stimulus with its own copy).
+(the stimulus bootstrap of Kendall's tau-a uses them to drop pairs of a stimulus with its own
+copy).
 A coefficient is NaN where one of its vectors is constant.
 
 :class:`WeightedComparison` compares the same rows under many integer weightings of their

@@ -10,7 +10,8 @@ from the *same* permutations / resamples, so the group mean gets its own exact n
 - **Mantel permutation test** (one-sided, positive alignment): permute the stimulus labels of the
   model RDM (rows and columns together), ``p = (1 + #{r_perm >= r}) / (1 + N)``.
   Permuting labels is a gather on the condensed index; ranks / standardised vectors are computed
-  once, because a permutation does not change a vector's multiset of values. Since
+  once, because a permutation does not change a vector's multiset of values, so a permuted
+  Pearson / Spearman coefficient is one dot product. Since
   ``r(x o g_pi, y) = r(x, y o g_pi^-1)`` exactly, the smaller side (models or targets) is the one
   gathered; the null distribution is identical either way.
 - **Permutations** are a function of ``(seed, n_perm, n)`` only (:func:`permutations`): blocks of
@@ -18,7 +19,10 @@ from the *same* permutations / resamples, so the group mean gets its own exact n
   depend on batch sizes or devices, and a brute-force loop can reuse the same permutations.
 - **Stimulus bootstrap**: resample the ``n`` stimuli with replacement, take all pairs ``a < b``
   of the resample and drop those where a stimulus meets its own copy; percentile interval
-  (default 95%).
+  (default 95%). Such a resample holds original pair ``(a, b)`` exactly ``c_a c_b`` times
+  (``c``: how often each stimulus was drawn), so Spearman and Pearson are computed as weighted
+  coefficients over the original pairs (:class:`~object2brain.rsa.compare.WeightedComparison`):
+  no resample is gathered or sorted.
 - **Noise ceiling** of ``S`` subject RDMs: upper = ``mean_s r(RDM_s, mean of all)``, lower =
   ``mean_s r(RDM_s, mean of the others)`` (raw dissimilarities averaged; NaN when ``S < 2``).
 - **FDR**: Benjamini-Hochberg step-up adjusted p-values.
