@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from object2brain.errors import DataError
-from object2brain.rsa.compare import compare, masked_compare, rankdata
+from object2brain.rsa.compare import WeightedComparison, compare, masked_compare, rankdata
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 
 RSATOOLBOX_NAME = {"spearman": "spearman", "pearson": "corr", "kendall_tau_a": "tau-a"}
@@ -55,6 +55,32 @@ def test_rankdata_matches_scipy_rows_with_and_without_ties(
     np.testing.assert_allclose(
         rankdata(torch.as_tensor(x)).numpy(), scipy.stats.rankdata(x, axis=-1)
     )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(3, 40),
+    st.sampled_from(["spearman", "pearson"]),
+    st.booleans(),
+)
+def test_weighted_comparison_equals_scipy_on_expanded_copies(
+    seed: int, m: int, method: str, ties: bool
+) -> None:
+    """Integer weights (0 drops an entry, c counts it c times) vs scipy on explicit copies."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(2, m)), rng.normal(size=(3, m))
+    if ties:
+        a[0], b[1] = np.round(a[0]), np.round(b[1] * 2) / 2
+    w = rng.integers(0, 4, size=(4, m)).astype(float)
+    w[:, :3] = 1  # at least three distinct entries per weighting
+    got = WeightedComparison(a, b, method)(torch.as_tensor(w)).numpy()
+    correlate = scipy.stats.spearmanr if method == "spearman" else scipy.stats.pearsonr
+    for k, weights in enumerate(w):
+        copies = np.repeat(np.arange(m), weights.astype(int))
+        with np.errstate(all="ignore"):
+            expected = [[correlate(x[copies], y[copies])[0] for y in b] for x in a]
+        np.testing.assert_allclose(got[k], expected, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
