@@ -20,6 +20,9 @@ Cases (full sizes; ``--smoke`` runs tiny sizes end to end on any device, the CPU
 - ``dissect``: ``o2b.dissect`` of resnet18 ``layer4`` (512 filters) with box importances over
   25,000 JPEGs with cached detections (3 boxes per image, cache primed beforehand; goal < 300 s).
   Baseline: the same call on the CPU on a slice, extrapolated.
+- ``rsa_stage`` (run last, no goal): the rest of an RSA run at the rsa case's scale, bootstrap
+  CIs (1,000 resamples) and one condition contrast (500 + 500 stimuli, 500 permutations,
+  extrapolated to 10,000).
 
 Every case first checks GPU == CPU on a small slice and records the largest difference and the
 tolerance it was held to (float64 paths: 1e-9; float32 network paths: 1e-2 of the layer's
@@ -76,15 +79,17 @@ FULL = {
     "lesion": {"n": 1000, "filters": 512, "subsets": 10_000, "targets": 20, "size": 64},
     "extract": {"n": 10_000, "n_full": 1_000, "batch": 256, "srp": 4096, "naive": 48},
     "dissect": {"n": 25_000, "batch": 128, "cpu_images": 64, "check": 32},
+    "rsa_stage": {"n": 1000, "layers": 20, "rois": 20, "n_boot": 1000, "contrast_perm": 500},
 }
 SMOKE = {
     "rsa": {"n": 40, "layers": 3, "rois": 3, "n_perm": 100, "cpu_perm": 20},
     "lesion": {"n": 30, "filters": 32, "subsets": 64, "targets": 3, "size": 4},
     "extract": {"n": 12, "n_full": 6, "batch": 4, "srp": 64, "naive": 3},
     "dissect": {"n": 12, "batch": 4, "cpu_images": 4, "check": 4},
+    "rsa_stage": {"n": 40, "layers": 3, "rois": 3, "n_boot": 20, "contrast_perm": 20},
 }
 # Rough cost of each case at full size on an H100 (s), used by the budget guard.
-ESTIMATE_S = {"rsa": 40, "lesion": 90, "extract": 150, "dissect": 120}
+ESTIMATE_S = {"rsa": 40, "lesion": 90, "extract": 150, "dissect": 120, "rsa_stage": 30}
 
 
 class Budget:
@@ -217,6 +222,40 @@ def case_rsa(sizes: dict[str, int], device: torch.device, budget: Budget) -> dic
         say(f"  rsa CPU: {out['cpu_seconds_extrapolated']:.1f} s (extrapolated), "
             f"{out['ratio_vs_cpu']:.1f}x")  # fmt: skip
     out["goal_met"] = bool(device.type == "cuda" and seconds < 60)
+    return out
+
+
+def case_rsa_stage(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
+    """The rest of an RSA run at the scale of the rsa case (no goal in the issue; run last):
+    bootstrap CIs (all resamples) and one condition contrast (500 + 500 stimuli; a sample of the
+    permutations, extrapolated to 10,000)."""
+    from object2brain.rsa.inference import bootstrap_ci, condition_difference_test
+    from object2brain.rsa.rdm import squareform
+
+    n, K, T = sizes["n"], sizes["layers"], sizes["rois"]
+    gen = torch.Generator().manual_seed(2)
+    m = n * (n - 1) // 2
+    X = squareform(torch.rand(K, m, generator=gen, dtype=torch.float64))
+    Y = squareform(torch.rand(T, m, generator=gen, dtype=torch.float64))
+    out: dict[str, Any] = {"sizes": sizes, "method": "spearman"}
+    bootstrap_ci(X[:, :50, :50], Y[:, :50, :50], "spearman", 4, device=device)  # warm-up
+    seconds, _ = timed(
+        device, lambda: bootstrap_ci(X, Y, "spearman", sizes["n_boot"], device=device)
+    )
+    out["bootstrap_seconds"] = seconds
+    say(f"  bootstrap on {device}: {seconds:.2f} s for {sizes['n_boot']} resamples")
+    if budget.allows(20, "condition contrast"):
+        labels = ["a" if i % 2 else "b" for i in range(n)]
+        n_perm = sizes["contrast_perm"]
+        seconds, _ = timed(
+            device,
+            lambda: condition_difference_test(
+                X, Y, labels, "a", "b", "spearman", n_perm, device=device
+            ),
+        )
+        out["contrast_seconds"] = seconds
+        out["contrast_seconds_per_10000_extrapolated"] = seconds * 10_000 / n_perm
+        say(f"  contrast on {device}: {seconds:.2f} s for {n_perm} permutations")
     return out
 
 
@@ -643,7 +682,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (any device)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--cases", default="rsa,lesion,extract,dissect")
+    parser.add_argument("--cases", default="rsa,lesion,extract,dissect,rsa_stage")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--workdir", type=Path, help="image folder (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -680,6 +719,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     value = case_extract(sizes["extract"], device, budget, work)
                 elif name == "dissect":
                     value = case_dissect(sizes["dissect"], device, budget, work)
+                elif name == "rsa_stage":
+                    value = case_rsa_stage(sizes["rsa_stage"], device, budget)
                 else:
                     raise ValueError(f"unknown case {name!r}")
             except Exception as exc:  # keep the other cases' numbers
