@@ -4,7 +4,10 @@
    (batched, DataLoader workers, HDF5 store) vs a naive loop that decodes, preprocesses and runs
    one image at a time through the same hooks and writes each image's activations to an ``.npz``
    file. Prints images/s of both and the ratio.
-2. Peak resident memory while extracting all canonical layers of vgg16 for 100 and for 500 images
+2. The same batched run with ``channels_last=True`` and with ``amp_dtype="bfloat16"`` +
+   ``channels_last`` (the GPU options also work on a CPU): images/s, ratio against the default
+   float32 run, and the largest difference of any layer, relative to that layer's largest value.
+3. Peak resident memory while extracting all canonical layers of vgg16 for 100 and for 500 images
    (each in a fresh process): bounded by one batch, it must not grow with the number of images.
 
 Run: ``.venv/bin/python benchmarks/extract.py [--n-images 256] [--vgg-images 100 500]``.
@@ -77,12 +80,39 @@ def bench_throughput(n_images: int, batch_size: int, workdir: Path) -> dict[str,
     start = time.perf_counter()
     naive_loop(model, stimuli.paths, layers, workdir / "naive")
     naive = time.perf_counter() - start
+    options = {}
+    for name, kwargs in (
+        ("channels_last", {"channels_last": True}),
+        ("bfloat16_channels_last", {"channels_last": True, "amp_dtype": "bfloat16"}),
+    ):
+        out = workdir / f"{name}.h5"
+        start = time.perf_counter()
+        o2b.extract(model, stimuli, out=out, batch_size=batch_size, progress=False, **kwargs)
+        seconds = time.perf_counter() - start
+        options[name] = {
+            "images_per_s": n_images / seconds,
+            "ratio_vs_default": batched / seconds,
+            "max_relative_difference": _max_relative_difference(workdir / "batched.h5", out),
+        }
     return {
         "n_images": n_images,
         "batched_images_per_s": n_images / batched,
         "naive_images_per_s": n_images / naive,
         "speedup": naive / batched,
+        "cpu_options": options,
     }
+
+
+def _max_relative_difference(reference: Path, other: Path) -> float:
+    """Largest ``max |a - b| / max |a|`` over the layers of two stores of the same stimuli."""
+    from object2brain.store import ActivationStore
+
+    worst = 0.0
+    with ActivationStore.open(reference) as a, ActivationStore.open(other) as b:
+        for layer in a.layers:
+            x, y = a.read(layer).astype(np.float64), b.read(layer).astype(np.float64)
+            worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
+    return worst
 
 
 def rss_child(n_images: int, batch_size: int, workdir: Path) -> None:
@@ -136,6 +166,12 @@ def run(
             print(f"  batched o2b.extract : {result['batched_images_per_s']:8.1f} images/s")
             print(f"  one-at-a-time loop  : {result['naive_images_per_s']:8.1f} images/s")
             print(f"  ratio               : {result['speedup']:8.2f}x")
+            for name, row in result["cpu_options"].items():  # type: ignore[attr-defined]
+                print(
+                    f"  {name:<20}: {row['images_per_s']:8.1f} images/s "
+                    f"({row['ratio_vs_default']:.2f}x the default; largest difference "
+                    f"{row['max_relative_difference']:.1e} of a layer's largest value)"
+                )
         rows = [_rss_in_child(n, vgg_batch_size, workdir) for n in vgg_images]
         if rows:
             result["vgg16_peak_rss"] = rows

@@ -5,6 +5,7 @@ Pillow unchanged."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from object2brain.extract import (
 from object2brain.models.zoo import LoadedModel
 from object2brain.store import ActivationStore
 
+# the package function ``extract`` shadows the submodule of that name
+ex = importlib.import_module("object2brain.extract")
 LAYERS = ["conv1", "layer2", "fc"]
 
 
@@ -189,3 +192,16 @@ def test_default_fingerprint_is_unchanged(
     stamp = out.stat().st_mtime_ns
     run(model, jpeg_dir, out, amp_dtype=None, channels_last=True, decode="pil")
     assert out.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("cores", "cpu_workers", "cuda_workers"), [(2, 0, 2), (3, 0, 3), (8, 2, 4), (32, 4, 4)]
+)
+def test_default_workers_leave_cpu_cores_to_the_forward_pass(
+    monkeypatch: pytest.MonkeyPatch, cores: int, cpu_workers: int, cuda_workers: int
+) -> None:
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: cores)
+    assert ex.default_workers(1000, 32, torch.device("cpu")) == cpu_workers
+    assert ex.default_workers(1000, 32, torch.device("cuda")) == cuda_workers
+    assert ex.default_workers(32, 32, torch.device("cuda")) == 0  # one batch: no workers
+    assert ex.default_workers(100, 32, torch.device("cuda"), min_batches=4) == 0

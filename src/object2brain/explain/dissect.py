@@ -482,7 +482,8 @@ def dissect(
         cache_dir: detection cache (default ``<out>/detection_cache``; none without ``out``).
         figures: draw the heatmap and galleries (needs ``out``).
         gallery_filters / gallery_images: top filters per group, images per filter, in galleries.
-        num_workers: image decoding workers (default: 0 for one batch, else up to 4).
+        num_workers: image decoding workers (default:
+            :func:`~object2brain.extract.default_workers`).
         progress: progress bars.
 
     Summary counts: ``images``, ``images_used``, ``images_without_detections`` (left out),
@@ -574,7 +575,11 @@ def dissect(
         [stimulus_set.ids[p] for p in positions],
         loaded.preprocessing,
     )
-    workers = default_workers(len(positions), batch_size) if num_workers is None else num_workers
+    workers = (
+        default_workers(len(positions), batch_size, torch_device)
+        if num_workers is None
+        else num_workers
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

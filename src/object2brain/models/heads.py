@@ -677,7 +677,8 @@ def train_head(
         epochs, patience, lr, weight_decay, batch_size: training (see :func:`fit_head`).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         seed: seed of the split, the batch order and the augmentations.
-        num_workers: image-decoding worker processes (default: up to 4 for large sets).
+        num_workers: image-decoding worker processes (default:
+            :func:`~object2brain.extract.default_workers`).
         figures: write the predicted-vs-rated scatter figure of each model.
         progress: show progress bars.
 
@@ -770,7 +771,7 @@ def train_head(
     workers = (
         num_workers
         if num_workers is not None
-        else default_workers(len(ids), batch_size, min_batches=4)
+        else default_workers(len(ids), batch_size, torch_device, min_batches=4)
     )
 
     results: dict[str, HeadResult] = {}
