@@ -218,6 +218,18 @@ def _suite_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                     "both timed end to end on the same images",
                 )
             )
+            for option, row in r.get("cpu_options", {}).items():
+                rows.append(
+                    (
+                        name,
+                        f"same images, `{option}` on the CPU",
+                        f"{_f(row['images_per_s'], 1)} images/s",
+                        f"{_f(r['batched_images_per_s'], 1)} images/s (default float32)",
+                        f"{_f(row['ratio_vs_default'])}x",
+                        f"largest difference {row['max_relative_difference']:.1e} of a layer's "
+                        "largest value",
+                    )
+                )
             for row in r.get("vgg16_peak_rss", []):
                 rows.append(
                     (
