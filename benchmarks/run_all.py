@@ -511,7 +511,10 @@ def render_markdown() -> str:
         "time. The forward pass is ~90% of the time and batching barely shortens it on a CPU; the "
         "loader workers that overlap decoding compete for the same 2 cores. The earlier 2.57x was "
         "measured while the machine was loaded, which hurt the sequential loop more. The code "
-        "before this issue gives the same 33 images/s here (no regression).",
+        "before this issue gives the same 33 images/s here (no regression). Since the 08:38 run "
+        "the extraction starts no decoding workers on machines of up to 3 cores (1.04x there); "
+        "on the CPU, `--amp bfloat16 --channels-last` is the option that pays (1.8-2.0x, "
+        "largest difference 1e-2 of a layer's largest value).",
         "- **rsa 228x** (2026-11-26 08:11 run; 147x in the 06:53 run, 71.5x at issue 3): our "
         "time 7.9 s vs 11.6 s. The Mantel null now gathers the permuted RDMs pair-major (one "
         "index fetches every layer's value) in tiles that stay in cache, with int32 index "
