@@ -45,7 +45,7 @@ from object2brain.errors import DataError
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.rsa.align import Target, build_targets
-from object2brain.rsa.compare import check_method, compare
+from object2brain.rsa.compare import check_method, correlate_prepared, prepare
 from object2brain.rsa.inference import fdr_bh
 from object2brain.rsa.rdm import check_metric, upper_triangle
 from object2brain.store import ActivationStore, write_json, write_table
@@ -391,7 +391,8 @@ def _layer_rows(
             continue
         sub_stats = stats if len(keep) == len(ids) else stats.subset(keep)
         pairs = torch.as_tensor(condensed_subset(len(ids), keep), device=full_target.device)
-        target = full_target[:, pairs]
+        # ranked / standardised once per condition, not once per chunk of subsets
+        target = prepare(full_target[:, pairs], method)
 
         chunk = max(1, sub_stats.subsets_per_chunk(device))
 
@@ -406,7 +407,10 @@ def _layer_rows(
                 valid = torch.isfinite(rdms).all(dim=1)
                 r = torch.full((rdms.shape[0], tgt.shape[0]), float("nan"), dtype=torch.float64)
                 if bool(valid.any()):
-                    r[valid.cpu()] = compare(rdms[valid], tgt, method).cpu()
+                    variant = prepare(rdms[valid], method)
+                    r[valid.cpu()] = correlate_prepared(
+                        variant, tgt.to(variant.device), method
+                    ).cpu()
                 return r.numpy()
 
             chunks = Chunking(size).run(len(masks), chunk_r, device=device)

@@ -26,7 +26,7 @@ from object2brain.lesion import condition_sets, with_group_labels, with_group_me
 from object2brain.lesion_engine import condensed_subset
 from object2brain.models.layers import VALENCE_LAYER, ForwardHooks, LayerRecorder
 from object2brain.models.zoo import LoadedModel
-from object2brain.rsa.compare import compare
+from object2brain.rsa.compare import correlate_prepared, prepare
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 
 
@@ -125,6 +125,12 @@ def propagate_layer(
         [upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets]
     )
     subsets = condition_sets(ids, conditions)
+    # each condition's target RDMs ranked / standardised once, not once per group and layer
+    prepared_targets = {
+        condition: prepare(target_vectors[:, condensed_subset(len(ids), keep)], method)
+        for condition, keep in subsets
+        if len(keep) >= 4
+    }
 
     def summarise(acts: dict[str, np.ndarray]) -> tuple[dict[Any, float], dict[Any, float]]:
         behavior, alignment = {}, {}
@@ -135,10 +141,10 @@ def propagate_layer(
                 behavior[(condition, "spearman")] = float(spearmanr(predicted, rated[keep])[0])
             if len(keep) < 4:
                 continue
-            pairs = torch.as_tensor(condensed_subset(len(ids), keep))
             for name in later:
                 rdm = upper_triangle(rdm_from_features(acts[name][keep], metric, device=device))
-                r = compare(rdm.reshape(1, -1), target_vectors[:, pairs].to(rdm.device), method)
+                prepared = prepared_targets[condition].to(rdm.device)
+                r = correlate_prepared(prepare(rdm.reshape(1, -1), method), prepared, method)
                 values = with_group_means(r.cpu().numpy(), list(targets))[0]
                 for (target, subject), value in zip(labels, values, strict=True):
                     alignment[(condition, name, target, subject)] = float(value)
