@@ -529,7 +529,10 @@ def render_markdown() -> str:
         "2.7 s before.",
         "- **lesion 73x** (50x in the 06:53 run): `rankdata` skips the tie bookkeeping in rows "
         "without ties (53 -> 26 ms per 499,500-value row); at 1,000 stimuli x 512 filters a null "
-        "subset costs about 55 ms here (24 ms RDM, 27 ms ranks), 10,000 subsets about 9 minutes.",
+        "subset costs 55-80 ms here depending on the shared machine's load (24 ms RDM, 27 ms "
+        "ranks in the quieter measurement), 10,000 subsets 9-14 minutes. `o2b.lesion` used to "
+        "re-rank the target RDMs for every chunk of ~10 subsets at this size (136 vs 82 ms per "
+        "subset, one process): now once per condition.",
         "- **condition contrast** (not in the table): permuting condition labels re-ranks every "
         "RDM within both conditions per permutation; with 500 + 500 stimuli and 40 RDMs that is "
         "about 0.75 s per permutation on this CPU (sorting dominates), so 10,000 permutations "
