@@ -169,37 +169,37 @@ class FilterStats:
         ids: list[str],
         device: torch.device,
         *,
-        n_filters: int | None = None,
+        n_filters: int,
     ) -> FilterStats:
         rows, cols = pair_indices(n, device)
         n_pairs = n * (n - 1) // 2
-        resident = device.type == "cpu" or (
-            n_filters is not None
-            and 8 * n_filters * n_pairs <= _RESIDENT_FRACTION * free_memory_bytes(device)
+        resident = (
+            device.type == "cpu"
+            or 8 * n_filters * n_pairs <= _RESIDENT_FRACTION * free_memory_bytes(device)
         )
-        crosses, sums, sumsqs = [], [], []
-        positions = None
+        # filled block by block (a concatenation at the end would hold the stack twice)
+        cross = torch.empty(
+            (n_filters, n_pairs), dtype=torch.float64, device=device if resident else "cpu"
+        )
+        sums = torch.empty((n_filters, n), dtype=torch.float64, device=device)
+        sumsq = torch.empty_like(sums)
+        positions, done = None, 0
         for block in blocks:
             x = torch.as_tensor(np.asarray(block) if not isinstance(block, torch.Tensor) else block)
             x = x.to(device=device, dtype=torch.float64).reshape(n, x.shape[1], -1)
             if not bool(torch.isfinite(x).all()):
                 raise DataError("activations contain NaN or infinite values")
-            positions = int(x.shape[2])
+            positions, k = int(x.shape[2]), int(x.shape[1])
             per_filter = x.permute(1, 0, 2)  # (k, n, P)
             gram = per_filter @ per_filter.transpose(1, 2)  # (k, n, n)
-            crosses.append(gram[:, rows, cols] if resident else gram[:, rows, cols].cpu())
+            cross[done : done + k] = gram[:, rows, cols]
             del gram
-            sums.append(per_filter.sum(dim=2))
-            sumsqs.append((per_filter**2).sum(dim=2))
+            sums[done : done + k] = per_filter.sum(dim=2)
+            sumsq[done : done + k] = (per_filter**2).sum(dim=2)
+            done += k
         if positions is None:
             raise DataError("no activations given")
-        return cls(
-            cross=torch.cat(crosses),
-            sums=torch.cat(sums),
-            sumsq=torch.cat(sumsqs),
-            n_positions=positions,
-            stimulus_ids=ids,
-        )
+        return cls(cross=cross, sums=sums, sumsq=sumsq, n_positions=positions, stimulus_ids=ids)
 
     def to(self, device: torch.device | str) -> FilterStats:
         """The same statistics with every tensor on ``device``."""
