@@ -392,7 +392,7 @@ def _layer_rows(
         sub_stats = stats if len(keep) == len(ids) else stats.subset(keep)
         pairs = torch.as_tensor(condensed_subset(len(ids), keep), device=full_target.device)
         # ranked / standardised once per condition, not once per chunk of subsets
-        target = prepare(full_target[:, pairs], method)
+        target = prepare(full_target[:, pairs], method).to(device)
 
         chunk = max(1, sub_stats.subsets_per_chunk(device))
 
@@ -408,9 +408,7 @@ def _layer_rows(
                 r = torch.full((rdms.shape[0], tgt.shape[0]), float("nan"), dtype=torch.float64)
                 if bool(valid.any()):
                     variant = prepare(rdms[valid], method)
-                    r[valid.cpu()] = correlate_prepared(
-                        variant, tgt.to(variant.device), method
-                    ).cpu()
+                    r[valid.cpu()] = correlate_prepared(variant, tgt, method).cpu()
                 return r.numpy()
 
             chunks = Chunking(size).run(len(masks), chunk_r, device=device)
