@@ -81,6 +81,18 @@ def test_chunked_halves_on_oom_and_covers_everything_once() -> None:
     assert all(stop - start <= 8 for start, stop in calls[4:])
 
 
+def test_chunking_keeps_a_halved_size_for_later_runs() -> None:
+    calls: list[tuple[int, int]] = []
+    chunking = devices.Chunking(64)
+    first = list(chunking.run(100, flaky(10, calls)))
+    assert chunking.size == 8
+    calls.clear()
+    second = list(chunking.run(30, flaky(10, calls)))  # a later block starts at the small size
+    assert calls == [(0, 8), (8, 16), (16, 24), (24, 30)]
+    assert [i for a, b, _ in first for i in range(a, b)] == list(range(100))
+    assert [i for a, b, _ in second for i in range(a, b)] == list(range(30))
+
+
 def test_chunked_reraises_when_one_item_does_not_fit() -> None:
     with pytest.raises(torch.OutOfMemoryError):
         list(chunked(5, 4, flaky(0, [])))
