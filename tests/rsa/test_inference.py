@@ -261,6 +261,40 @@ def test_condition_difference_detects_planted_difference() -> None:
     assert null.p[0, 0] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_condition_difference_matches_a_scipy_loop(method: str) -> None:
+    """Observed r per condition, and every permutation of the condition labels, recomputed with
+    scipy; a behavioural RDM of integer ratings (many ties) and a third condition left out."""
+    rng = np.random.default_rng(9)
+    n, n_perm, seed = 18, 60, 4
+    labels = ["a", "b", "c"] * 6
+    models = _rdms(rng, 2, n)
+    ratings = rng.integers(-3, 4, size=n).astype(float)
+    targets = torch.stack(
+        [_rdms(rng, 1, n)[0], torch.as_tensor(np.abs(ratings[:, None] - ratings[None, :]))]
+    )
+    res = condition_difference_test(models, targets, labels, "a", "b", method, n_perm, seed, "cpu")
+    corr = scipy.stats.spearmanr if method == "spearman" else scipy.stats.pearsonr
+
+    def r_within(rows: np.ndarray) -> np.ndarray:
+        i, j = np.triu_indices(len(rows), 1)
+        a, b = rows[i], rows[j]
+        return np.array(
+            [[corr(M[a, b], T[a, b])[0] for T in targets.numpy()] for M in models.numpy()]
+        )
+
+    lab = np.array(labels)
+    pool = np.concatenate([np.flatnonzero(lab == "a"), np.flatnonzero(lab == "b")])
+    delta = r_within(pool[:6]) - r_within(pool[6:])
+    np.testing.assert_allclose(res.delta, delta, atol=1e-12)
+    count = np.zeros_like(delta)
+    for perm in np.concatenate(list(permutations(len(pool), n_perm, seed))):
+        shuffled = pool[perm]
+        d = r_within(shuffled[:6]) - r_within(shuffled[6:])
+        count += np.abs(d) >= np.abs(delta) - 1e-12
+    np.testing.assert_array_equal(res.p, (1 + count) / (1 + n_perm))
+
+
 def test_correlation_test_direct() -> None:
     rng = np.random.default_rng(8)
     x = rng.normal(size=40)

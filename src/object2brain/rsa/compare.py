@@ -108,6 +108,8 @@ def prepare(x: np.ndarray | torch.Tensor, method: str) -> torch.Tensor:
     For ``kendall_tau_a`` the values are returned unchanged. ``x`` is ``(..., m)``.
     """
     check_method(method)
+    if method == "spearman" and isinstance(x, torch.Tensor) and not x.is_floating_point():
+        return standardize(rankdata(x))  # integer keys (e.g. dense ranks) rank as they are
     t = _t(x)
     if method == "pearson":
         return standardize(t)
