@@ -47,6 +47,7 @@ SMALL: dict[str, dict[str, Any]] = {
         "subset": 20,
         "scenario_b": None,
         "bootstrap": (300, 1000, 10),
+        "contrast": (300, 1000, 10),
     },
     "train_head": {"n_images": 35, "epochs": 5, "batch_size": 32},
     "dissect": {"n_images": 64, "batch_size": 16, "boxes": 5, "memory_images": 400},
@@ -59,6 +60,7 @@ FULL: dict[str, dict[str, Any]] = {
         "subset": 50,
         "scenario_b": (1000, 10_000),
         "bootstrap": (300, 1000, 20),
+        "contrast": (300, 1000, 20),
     },
     "train_head": {"n_images": 70, "epochs": 20, "batch_size": 32},
     "dissect": {"n_images": 64, "batch_size": 16, "boxes": 5, "memory_images": 2000},
@@ -273,6 +275,18 @@ def _suite_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                         f"{_f(r['bootstrap_ratio'], 1)}x",
                         f"{r['bootstrap_loop_measured']}; max /dCI/ "
                         f"{r['bootstrap_max_abs_diff']:.1e}",
+                    )
+                )
+            if "contrast_ours_s" in r:
+                rows.append(
+                    (
+                        name,
+                        r["contrast_scenario"],
+                        f"{_f(r['contrast_ours_s'])} s",
+                        f"{_f(r['contrast_loop_s'])} s (rsatoolbox loop)",
+                        f"{_f(r['contrast_ratio'], 1)}x",
+                        f"{r['contrast_loop_measured']}; max /d delta/ "
+                        f"{r['contrast_max_abs_diff']:.1e}",
                     )
                 )
         elif name == "train_head":
@@ -515,13 +529,13 @@ def render_markdown() -> str:
         "the extraction starts no decoding workers on machines of up to 3 cores (1.04x there); "
         "on the CPU, `--amp bfloat16 --channels-last` is the option that pays (1.8-2.0x, "
         "largest difference 1e-2 of a layer's largest value).",
-        "- **rsa 228x** (2026-11-26 08:11 run; 147x in the 06:53 run, 71.5x at issue 3): our "
-        "time 7.9 s vs 11.6 s. The Mantel null now gathers the permuted RDMs pair-major (one "
-        "index fetches every layer's value) in tiles that stay in cache, with int32 index "
-        "arithmetic; p-values are unchanged (tested against a scipy loop). At 1,000 stimuli x 20 "
-        "layers x 20 ROIs one permutation costs 47-66 ms here vs 113-124 ms before (both timed "
-        "in one process): 10,000 permutations take about 10 minutes on this 2-core CPU, so the "
-        "60 s goal needs the GPU.",
+        "- **rsa 228x** (2026-11-26 08:11 run; 188x at 09:10 on a busier machine, 147x in the "
+        "06:53 run, 71.5x at issue 3): our time 7.9 s vs 11.6 s. The Mantel null now gathers the "
+        "permuted RDMs pair-major (one index fetches every layer's value) in tiles that stay in "
+        "cache, with int32 index arithmetic; p-values are unchanged (tested against a scipy "
+        "loop). At 1,000 stimuli x 20 layers x 20 ROIs one permutation costs 47-66 ms here vs "
+        "113-124 ms before (both timed in one process): 10,000 permutations take about 10 minutes"
+        " on this 2-core CPU, so the 60 s goal needs the GPU.",
         "- **bootstrap 12.5x** against one rsatoolbox `compare` per explicitly expanded resample "
         "(all layers x ROIs in one call, a strong peer): a resample is the original pairs "
         "weighted by `c_a c_b`, ranked by cumulative weights in a sort order computed once, so no "
@@ -533,14 +547,16 @@ def render_markdown() -> str:
         "ranks in the quieter measurement), 10,000 subsets 9-14 minutes. `o2b.lesion` used to "
         "re-rank the target RDMs for every chunk of ~10 subsets at this size (136 vs 82 ms per "
         "subset, one process): now once per condition.",
-        "- **condition contrast** (not in the table): permuting condition labels re-ranks every "
-        "RDM within both conditions per permutation; with 500 + 500 stimuli and 40 RDMs that is "
-        "about 0.43 s per permutation on this CPU since the RDMs are ranked as int32 dense-rank "
-        "keys (0.65 s before, same process; sorting dominates), so 10,000 permutations take over "
-        "an hour here: use the GPU or fewer permutations (`--n-perm`) for contrasts at that "
-        "size. A counting alternative (cumulative sums over a fixed sort order, as in the "
-        "bootstrap) was prototyped and gained nothing here: it touches all 499,500 pooled pairs "
-        "per condition instead of sorting 124,750.",
+        "- **condition contrast 3.2x** (09:10 run, scenario D: 150 + 150 stimuli) against "
+        "rsatoolbox `compare` per permutation and condition, which does the same ranking work: "
+        "our gain is batching only. Permuting condition labels re-ranks every RDM within both "
+        "conditions per permutation. With 500 + 500 stimuli and 40 RDMs that is about 0.43 s per "
+        "permutation on this CPU since the RDMs are ranked as int32 dense-rank keys (0.65 s "
+        "before, measured back to back; sorting dominates), so 10,000 permutations take over an "
+        "hour here: use the GPU or fewer permutations (`--n-perm`) for contrasts at that size. A "
+        "counting alternative (cumulative sums over a fixed sort order, as in the bootstrap) was "
+        "prototyped and gained nothing here: it touches all 499,500 pooled pairs per condition "
+        "instead of sorting 124,750.",
         "- **train_head 4.5x**: the small run trains 5 epochs (uncached cost grows with epochs: "
         "20 epochs gave 20.3x); the warm cache is 59.7x.",
         "",
