@@ -184,6 +184,7 @@ def mantel_test(
         null = _KendallNull(xp, yp, gather_model, n, memory_elements)
     else:
         null = _DotNull(xp, yp, gather_model, n, memory_elements)
+    del X, Y, xp, yp  # the null holds what it needs (the dot null: pair-major copies)
 
     def count_block(perms: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return (_with_combine(null.coefficients(perms[start:stop]), combine) >= stat - _TOL).sum(
