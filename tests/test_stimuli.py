@@ -128,3 +128,16 @@ def test_unsupported_format_and_missing_source(tmp_path: Path) -> None:
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(StimulusError, match="no image files"):
         load_stimuli(tmp_path / "empty_dir")
+
+
+def test_require_columns_names_file_missing_and_found() -> None:
+    from object2brain.errors import DataError, require_columns
+
+    require_columns(["a", "b"], ["a"], "t.csv")  # nothing missing: no error
+    with pytest.raises(DataError, match=r"^t\.csv: missing column\(s\) b, c \(found: a\)$"):
+        require_columns(["a"], ["b", "c"], "t.csv")
+    with pytest.raises(
+        StimulusError, match=r"missing required column\(s\) x; see y \(found: none\)"
+    ):
+        require_columns([], ["x"], "t", error=StimulusError, label="required column(s)",
+                        detail="; see y")  # fmt: skip

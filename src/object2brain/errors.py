@@ -7,7 +7,7 @@ Every problem a user can cause (bad files, unknown names, unavailable weights) r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 MAX_LISTED = 20
 
@@ -45,3 +45,23 @@ class StoreError(Object2BrainError):
 
 class DataError(Object2BrainError):
     """Ratings, brain data or result tables that are invalid or do not match."""
+
+
+def require_columns(
+    found: Iterable[object],
+    required: Sequence[str],
+    where: str,
+    *,
+    error: type[Object2BrainError] = DataError,
+    label: str = "column(s)",
+    detail: str = "",
+) -> None:
+    """Raise ``error`` naming ``where``, the ``required`` columns missing from ``found`` and the
+    columns found: ``<where>: missing <label> a, b<detail> (found: x, y)``."""
+    columns = [str(c) for c in found]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise error(
+            f"{where}: missing {label} {', '.join(missing)}{detail} "
+            f"(found: {', '.join(columns) or 'none'})"
+        )

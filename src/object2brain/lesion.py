@@ -41,7 +41,7 @@ from object2brain.data.brain import BrainData, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
 from object2brain.devices import Chunking, resolve_device
-from object2brain.errors import DataError
+from object2brain.errors import DataError, require_columns
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.rsa.align import Target, build_targets
@@ -134,11 +134,7 @@ def load_filter_table(source: str | Path | pd.DataFrame) -> pd.DataFrame:
     """Read a ``filter_objects`` table and check its columns."""
     frame = source.copy() if isinstance(source, pd.DataFrame) else read_table(Path(source))
     where = "filter table" if isinstance(source, pd.DataFrame) else str(source)
-    missing = [c for c in FILTER_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{where}: missing column(s) {', '.join(missing)} of a filter_objects table"
-        )
+    require_columns(frame.columns, FILTER_COLUMNS, where, detail=" of a filter_objects table")
     if frame.empty:
         raise DataError(f"{where}: the filter table has no rows")
     return frame

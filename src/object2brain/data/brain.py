@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from object2brain.errors import DataError, StimulusError, listing
+from object2brain.errors import DataError, StimulusError, listing, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,7 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
         table = read_table(table_path)
     except StimulusError as exc:
         raise DataError(str(exc)) from None
-    if "stimulus_id" not in table.columns:
-        raise DataError(f"{table_path}: missing column stimulus_id")
+    require_columns(table.columns, ["stimulus_id"], str(table_path))
     ids = [str(s).strip() for s in table["stimulus_id"]]
     if len(ids) != betas.shape[3]:
         raise DataError(
@@ -358,9 +357,7 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             names = read_table(tsv_path)
         except StimulusError as exc:
             raise DataError(str(exc)) from None
-        missing = [c for c in ("index", "name") if c not in names.columns]
-        if missing:
-            raise DataError(f"{tsv_path}: missing column(s) {', '.join(missing)}")
+        require_columns(names.columns, ["index", "name"], str(tsv_path))
         values = _on_grid(label_path, grid, betas_path)
         for index, name in zip(names["index"], names["name"], strict=True):
             masks.append((str(name), values == float(index), f"{label_path} (label {index})"))

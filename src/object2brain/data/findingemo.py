@@ -34,7 +34,7 @@ import pandas as pd
 from object2brain.data.images import load_image
 from object2brain.data.splits import valence_levels
 from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.errors import DataError, listing
+from object2brain.errors import DataError, listing, require_columns
 
 FINDINGEMO_COLUMNS: tuple[str, ...] = (
     "index",
@@ -141,13 +141,12 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: the annotation file is empty") from None
     except Exception as exc:  # pandas raises many types for malformed files
         raise DataError(f"{path}: cannot be read as a FindingEmo annotation file ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} of the FindingEmo format "
-            f"({','.join(FINDINGEMO_COLUMNS)}); found: "
-            f"{', '.join(map(str, frame.columns)) or 'none'}"
-        )
+    require_columns(
+        frame.columns,
+        REQUIRED_COLUMNS,
+        str(path),
+        detail=f" of the FindingEmo format ({','.join(FINDINGEMO_COLUMNS)})",
+    )
     if frame.empty:
         raise DataError(f"{path}: the annotation file has no rows")
     return frame

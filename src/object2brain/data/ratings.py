@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from object2brain.errors import DataError, StimulusError, listing
+from object2brain.errors import DataError, StimulusError, listing, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,7 @@ def load_ratings(
         frame = _read(origin)
     where = str(origin) if origin is not None else "ratings table"
 
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{where}: missing required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(map(str, frame.columns)) or 'none'})"
-        )
+    require_columns(frame.columns, REQUIRED_COLUMNS, where, label="required column(s)")
     if frame.empty:
         raise DataError(f"{where}: the ratings table has no rows")
 

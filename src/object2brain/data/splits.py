@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from object2brain.errors import DataError
+from object2brain.errors import DataError, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,7 @@ def load_split(path: str | Path, ids: Sequence[str] | None = None) -> pd.DataFra
         frame = pd.read_csv(path, dtype={"stimulus_id": str, "split": str})
     except Exception as exc:  # pandas raises many types for malformed files
         raise DataError(f"{path}: cannot be read as a CSV split file ({exc})") from None
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} "
-            f"(found: {', '.join(map(str, frame.columns)) or 'none'})"
-        )
+    require_columns(frame.columns, SPLIT_COLUMNS, str(path))
     frame["stimulus_id"] = frame["stimulus_id"].astype(str)
     frame["split"] = frame["split"].astype(str).str.strip().str.lower()
     bad = sorted(set(frame["split"]) - set(SPLITS))

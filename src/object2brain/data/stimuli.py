@@ -22,7 +22,7 @@ from typing import Literal
 import pandas as pd
 
 from object2brain.data.images import load_image
-from object2brain.errors import StimulusError, listing
+from object2brain.errors import StimulusError, listing, require_columns
 from object2brain.manifest import file_sha256
 
 IMAGE_SUFFIXES = frozenset(
@@ -160,12 +160,7 @@ def load_stimuli(
 
     where = str(origin) if origin is not None else "stimulus table"
     required = ("stimulus_id",) if check == "table" else REQUIRED_COLUMNS
-    missing_columns = [c for c in required if c not in frame.columns]
-    if missing_columns:
-        raise StimulusError(
-            f"{where}: missing required column(s) {', '.join(missing_columns)} "
-            f"(found: {', '.join(map(str, frame.columns)) or 'none'})"
-        )
+    require_columns(frame.columns, required, where, error=StimulusError, label="required column(s)")
     if frame.empty:
         raise StimulusError(f"{where}: the stimulus table has no rows")
 

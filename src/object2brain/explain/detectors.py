@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from object2brain.errors import DataError, Object2BrainError, WeightsUnavailableError
+from object2brain.errors import (
+    DataError,
+    Object2BrainError,
+    WeightsUnavailableError,
+    require_columns,
+)
 
 TORCHVISION_DETECTORS: dict[str, tuple[str, str]] = {
     "fasterrcnn": ("fasterrcnn_resnet50_fpn_v2", "FasterRCNN_ResNet50_FPN_V2_Weights"),
@@ -407,12 +412,12 @@ def _read_box_table(path: Path) -> tuple[dict[str, list[Detection]], dict[str, s
     except Exception as exc:  # parser errors, encoding errors
         raise DataError(f"{path}: cannot be read as a boxes table ({exc})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in _BOX_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} (expected "
-            f"{', '.join(_BOX_COLUMNS)}[, score]; found {', '.join(frame.columns)})"
-        )
+    require_columns(
+        frame.columns,
+        _BOX_COLUMNS,
+        str(path),
+        detail=f"; expected {', '.join(_BOX_COLUMNS)}[, score]",
+    )
     problems: list[str] = []
     boxes: dict[str, list[Detection]] = {}
     has_score = "score" in frame.columns
