@@ -25,7 +25,6 @@ Maps are returned detached at layer resolution; :func:`upsample_maps` enlarges t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal
 
 import torch
@@ -61,37 +60,19 @@ class GradCAMHook(ForwardHooks):
     def hooks(self) -> dict[str, Any]:
         return {self.layer: self._hook}
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        super().__exit__(exc_type, exc, tb)
-        self.activation = None
-
     def reset(self) -> None:
         """Forget the activation of the previous forward pass."""
         self.activation = None
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
-        if self.activation is not None:
+        tensor = self.checked_output(self.layer, output, seen=self.activation is not None)
+        if tensor.ndim != 4:
             raise LayerError(
-                f"module {self.layer!r} runs more than once per forward pass (a shared module); "
-                "choose a module that runs once, e.g. its parent block"
-            )
-        if not isinstance(output, torch.Tensor):
-            raise LayerError(
-                f"module {self.layer!r} returns {type(output).__name__}, not a tensor; "
-                "choose a module with a tensor output"
-            )
-        if output.ndim != 4:
-            raise LayerError(
-                f"layer {self.layer!r} gives outputs of shape {tuple(output.shape)}, not spatial "
+                f"layer {self.layer!r} gives outputs of shape {tuple(tensor.shape)}, not spatial "
                 "maps (batch, K, H, W): per-filter Grad-CAM needs a convolutional layer "
                 "(a conv, pool or block stage; `object2brain layers MODEL` lists them)"
             )
-        leaf = output.detach().requires_grad_(True)
+        leaf = tensor.detach().requires_grad_(True)
         self.activation = leaf
         return leaf.clone()
 

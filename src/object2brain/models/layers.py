@@ -220,7 +220,8 @@ class ForwardHooks:
 
     Subclasses return ``{module name: hook}`` from :meth:`hooks`; the hooks are registered on
     ``__enter__`` and removed on ``__exit__``, also when the forward pass (or a registration)
-    fails, so a model is never left hooked.
+    fails, so a model is never left hooked. ``__exit__`` also calls :meth:`reset`, so what the
+    last forward pass left is not kept alive after the block.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -229,6 +230,25 @@ class ForwardHooks:
 
     def hooks(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget what the previous forward pass left (nothing, unless a subclass keeps it)."""
+
+    @staticmethod
+    def checked_output(name: str, output: Any, *, seen: bool) -> torch.Tensor:
+        """``output`` of module ``name``, which must be a tensor and the module's first output
+        in this forward pass (``seen``: it already gave one)."""
+        if seen:
+            raise LayerError(
+                f"module {name!r} runs more than once per forward pass (a shared module); "
+                "choose a module that runs once, e.g. its parent block"
+            )
+        if not isinstance(output, torch.Tensor):
+            raise LayerError(
+                f"module {name!r} returns {type(output).__name__}, not a tensor; "
+                "choose a module with a tensor output"
+            )
+        return output
 
     def __enter__(self) -> Self:
         modules = dict(self.module.named_modules())
@@ -249,6 +269,7 @@ class ForwardHooks:
         tb: TracebackType | None,
     ) -> None:
         self._remove()
+        self.reset()
 
     def _remove(self) -> None:
         for handle in self._handles:
@@ -288,35 +309,17 @@ class LayerRecorder(ForwardHooks):
     def hooks(self) -> dict[str, Any]:
         return {name: self._hook_for(name) for name in self.names}
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        super().__exit__(exc_type, exc, tb)
-        self.outputs = {}
-
     def reset(self) -> None:
         """Forget the outputs of the previous forward pass."""
         self.outputs = {}
 
     def _hook_for(self, name: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if name in self.outputs:
-                raise LayerError(
-                    f"module {name!r} runs more than once per forward pass (a shared module); "
-                    "choose a module that runs once, e.g. its parent block"
-                )
-            if not isinstance(output, torch.Tensor):
-                raise LayerError(
-                    f"module {name!r} returns {type(output).__name__}, not a tensor; "
-                    "choose a module with a tensor output"
-                )
+            tensor = self.checked_output(name, output, seen=name in self.outputs)
             if name not in self.order:
                 self.order.append(name)
-            self.outputs[name] = output.detach().to(
-                device=self.device or output.device, dtype=self.dtype or output.dtype, copy=True
+            self.outputs[name] = tensor.detach().to(
+                device=self.device or tensor.device, dtype=self.dtype or tensor.dtype, copy=True
             )
 
         return hook
