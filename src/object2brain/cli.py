@@ -30,6 +30,15 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (weights=none, SRP, stats).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars or info messages.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+BrainOpt = Annotated[
+    Path | None, typer.Option("--brain", help="Brain manifest (YAML) or patterns/RDMs .h5.")
+]
+RatingsOpt = Annotated[
+    Path | None, typer.Option("--ratings", help="Ratings table: subject, stimulus_id, valence.")
+]
+RdmOpt = Annotated[str, typer.Option("--rdm", help="correlation | euclidean | cosine")]
+CompareOpt = Annotated[str, typer.Option("--compare", help="spearman | pearson | kendall_tau_a")]
 
 
 @app.callback()
@@ -143,22 +152,14 @@ def rsa_command(
     activations: Annotated[
         list[Path], typer.Option("--activations", help="Activation store(s) (.h5); repeatable.")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    brain: Annotated[
-        Path | None, typer.Option("--brain", help="Brain manifest (YAML) or patterns/RDMs .h5.")
-    ] = None,
-    ratings: Annotated[
-        Path | None, typer.Option("--ratings", help="Ratings table: subject, stimulus_id, valence.")
-    ] = None,
+    out: OutOpt,
+    brain: BrainOpt = None,
+    ratings: RatingsOpt = None,
     stimuli: Annotated[
         Path | None, typer.Option("--stimuli", help="Stimulus table (condition, valence optional).")
     ] = None,
-    rdm: Annotated[str, typer.Option("--rdm", help="correlation | euclidean | cosine")] = (
-        "correlation"
-    ),
-    compare: Annotated[
-        str, typer.Option("--compare", help="spearman | pearson | kendall_tau_a")
-    ] = "spearman",
+    rdm: RdmOpt = "correlation",
+    compare: CompareOpt = "spearman",
     n_perm: Annotated[int, typer.Option("--n-perm", min=0, help="Permutations.")] = 10_000,
     n_boot: Annotated[int, typer.Option("--n-boot", min=0, help="Bootstrap resamples.")] = 1_000,
     device: DeviceOpt = "auto",
@@ -191,7 +192,7 @@ def train_head_command(
     model: Annotated[
         list[str], typer.Option("--model", help="Architecture name; repeat for several models.")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    out: OutOpt,
     weights: Annotated[
         list[str] | None,
         typer.Option("--weights", help="default | enum | checkpoint | none; once, or per model."),
@@ -261,7 +262,7 @@ def dissect_command(
     model: Annotated[str, typer.Option("--model", help="Architecture name.")],
     layer: Annotated[str, typer.Option("--layer", help="Layer with spatial maps (dotted name).")],
     stimuli: Annotated[Path, typer.Option("--stimuli", help="Stimulus table or image folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    out: OutOpt,
     weights: Annotated[
         str, typer.Option("--weights", help="default | enum name | checkpoint path | none")
     ] = "default",
@@ -324,7 +325,7 @@ def dissect_command(
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo_out"),
+    out: OutOpt = Path("demo_out"),
     size: Annotated[
         str, typer.Option("--size", help="full (a few hundred images) | quick (for tests).")
     ] = "full",
@@ -352,7 +353,7 @@ def demo_command(
 @app.command("simulate")
 def simulate_command(
     activations: Annotated[Path, typer.Option("--activations", help="Activation store (.h5).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    out: OutOpt,
     roi: Annotated[
         list[str],
         typer.Option(
@@ -404,11 +405,9 @@ def lesion_command(
     filters: Annotated[
         Path, typer.Option("--filters", help="filter_objects table from `dissect`.")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    brain: Annotated[
-        Path | None, typer.Option("--brain", help="Brain manifest (YAML) or patterns/RDMs .h5.")
-    ] = None,
-    ratings: Annotated[Path | None, typer.Option("--ratings", help="Long ratings table.")] = None,
+    out: OutOpt,
+    brain: BrainOpt = None,
+    ratings: RatingsOpt = None,
     stimuli: Annotated[
         Path | None, typer.Option("--stimuli", help="Stimulus table (conditions; images).")
     ] = None,
@@ -421,12 +420,8 @@ def lesion_command(
     variant: Annotated[
         list[str] | None, typer.Option("--variant", help="lesion and/or keep (default both).")
     ] = None,
-    rdm: Annotated[str, typer.Option("--rdm", help="correlation | euclidean | cosine")] = (
-        "correlation"
-    ),
-    compare: Annotated[
-        str, typer.Option("--compare", help="spearman | pearson | kendall_tau_a")
-    ] = "spearman",
+    rdm: RdmOpt = "correlation",
+    compare: CompareOpt = "spearman",
     n_null: Annotated[int, typer.Option("--n-null", min=0, help="Random subsets.")] = 1000,
     propagate: Annotated[
         bool, typer.Option("--propagate", help="Zero the filters inside the forward pass.")
