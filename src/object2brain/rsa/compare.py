@@ -310,19 +310,6 @@ class WeightedComparison:
 # --- masked (bootstrap) variants -------------------------------------------------------------
 
 
-def masked_standardize(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` ``(B, K, m)`` centred/scaled over entries with weight ``w`` ``(B, m)`` = 1.
-
-    Entries with ``w = 0`` become 0, so ``z_a . z_b`` is the Pearson r over the valid entries.
-    """
-    ww = w[:, None, :]
-    count = ww.sum(dim=-1, keepdim=True)
-    mean = (x * ww).sum(dim=-1, keepdim=True) / count
-    centred = (x - mean) * ww
-    norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
-    return centred / torch.where(norm > 0, norm, torch.full_like(norm, float("nan")))
-
-
 def masked_rankdata(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Average ranks of ``x`` ``(B, K, m)`` among the entries with ``w`` ``(B, m)`` = 1.
 
@@ -342,7 +329,9 @@ def masked_compare(
         return masked_kendall_tau_a(a, b, w)
     if method == "spearman":
         a, b = masked_rankdata(a, w), masked_rankdata(b, w)
-    za, zb = masked_standardize(a, w), masked_standardize(b, w)
+    # with 0/1 weights, weighting both sides keeps exactly the valid entries
+    za = weighted_standardize(a, w, times_weight=True)
+    zb = weighted_standardize(b, w, times_weight=True)
     return za @ zb.transpose(-1, -2)
 
 
