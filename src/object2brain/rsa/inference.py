@@ -73,6 +73,15 @@ def _batch_size(
     return pick_chunk(bytes_per_item, dev)
 
 
+def _inputs(
+    method: str, device: str | torch.device | None, *arrays: np.ndarray | torch.Tensor
+) -> tuple[torch.device, list[torch.Tensor]]:
+    """Check ``method``, resolve ``device`` and put ``arrays`` there as float64 tensors."""
+    check_method(method)
+    dev = resolve_device(device)
+    return dev, [torch.as_tensor(a, dtype=torch.float64).to(dev) for a in arrays]
+
+
 def n_from_pairs(m: int) -> int:
     """Number of stimuli ``n`` with ``m = n (n - 1) / 2`` pairs."""
     n = round((1 + float(np.sqrt(1 + 8 * m))) / 2)
@@ -166,10 +175,7 @@ def mantel_test(
     out of memory is halved and retried). p-values do not depend on the tile sizes; ``r_perm``
     only in the last bits (summation order), far inside the ``1e-12`` tie tolerance.
     """
-    check_method(method)
-    dev = resolve_device(device)
-    X = torch.as_tensor(model, dtype=torch.float64).to(dev)
-    Y = torch.as_tensor(target, dtype=torch.float64).to(dev)
+    dev, (X, Y) = _inputs(method, device, model, target)
     X = X[None] if X.ndim == 1 else X
     Y = Y[None] if Y.ndim == 1 else Y
     n = n_from_pairs(X.shape[-1])
@@ -308,10 +314,7 @@ def bootstrap_ci(
     Each resample draws ``n`` stimuli with replacement; pairs ``a < b`` of the resample whose two
     entries are the same stimulus are dropped (weight 0), the rest compared with ``method``.
     """
-    check_method(method)
-    dev = resolve_device(device)
-    A = torch.as_tensor(model_rdms, dtype=torch.float64).to(dev)
-    Bt = torch.as_tensor(target_rdms, dtype=torch.float64).to(dev)
+    dev, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
     K, n = A.shape[0], A.shape[-1]
     T = Bt.shape[0]
     G = 0 if combine is None else combine.shape[1]
@@ -470,10 +473,7 @@ def condition_difference_test(
     Returns:
         :class:`ContrastResult`; ``p = (1 + #{|d_perm| >= |d|}) / (1 + n_perm)``.
     """
-    check_method(method)
-    dev = resolve_device(device)
-    A = torch.as_tensor(model_rdms, dtype=torch.float64).to(dev)
-    Bt = torch.as_tensor(target_rdms, dtype=torch.float64).to(dev)
+    dev, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
     lab = np.asarray([str(x) for x in labels])
     in_a = np.flatnonzero(lab == condition_a)
     in_b = np.flatnonzero(lab == condition_b)
