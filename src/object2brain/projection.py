@@ -64,9 +64,11 @@ def srp_matrix(
     values = torch.from_numpy(signs * np.float32(math.sqrt(s / dim)))
     rows = torch.from_numpy(flat // dim)
     cols = torch.from_numpy(flat % dim)
-    matrix = torch.sparse_coo_tensor(
-        torch.stack([cols, rows]), values, (dim, in_features), check_invariants=True
-    ).coalesce()
+    # The context (not the keyword) also silences torch 2.11's "checks implicitly disabled" warning.
+    with torch.sparse.check_sparse_tensor_invariants(enable=True):
+        matrix = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), values, (dim, in_features)
+        ).coalesce()
     device = torch.device(device)
     if device.type == "cpu":
         with warnings.catch_warnings():
