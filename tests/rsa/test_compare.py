@@ -83,6 +83,30 @@ def test_weighted_comparison_equals_scipy_on_expanded_copies(
         np.testing.assert_allclose(got[k], expected, atol=1e-10)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.floats(-1e6, 1e6, allow_nan=False).filter(lambda v: v != 0),
+    st.integers(2, 60),
+    st.integers(1, 9),
+    st.sampled_from(["spearman", "pearson"]),
+)
+def test_constant_rows_are_undefined_not_rounding_noise(
+    value: float, m: int, copies: int, method: str
+) -> None:
+    """A constant row (its mean rounds, so centring leaves ~1e-17, not 0) and a weighting that
+    keeps copies of one entry only both give NaN, never a spurious +-1 or ~0."""
+    rng = np.random.default_rng(m)
+    other = rng.normal(size=(1, m))
+    assert torch.isnan(compare(np.full((1, m), value), other, method)).all()
+    w = np.zeros((1, m))
+    w[0, m // 2] = copies  # e.g. a bootstrap resample that kept one distinct pair
+    got = WeightedComparison(rng.normal(size=(2, m)) + value, other, method)(torch.as_tensor(w))
+    assert torch.isnan(got).all()
+    w[0, :] = copies
+    got = WeightedComparison(np.full((1, m), value), other, method)(torch.as_tensor(w))
+    assert torch.isnan(got).all()
+
+
 @pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
 def test_masked_compare_equals_compare_on_valid_entries(method: str) -> None:
     rng = np.random.default_rng(2)

@@ -229,6 +229,36 @@ def test_bootstrap_ci_brute_force(monkeypatch: pytest.MonkeyPatch, method: str, 
     np.testing.assert_allclose(high, expected_high, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_bootstrap_ci_small_n_drops_undefined_resamples(method: str) -> None:
+    """With 4 stimuli many resamples keep only one distinct pair (or two equal values): their
+    coefficient is undefined and must be left out of the interval, as a brute-force loop does."""
+    rng = np.random.default_rng(16)
+    n, n_boot, seed = 4, 300, 16
+    A, B = _rdms(rng, 2, n), _rdms(rng, 1, n)
+    low, high = bootstrap_ci(A, B, method, n_boot, seed, device="cpu")
+    sample_rng = np.random.default_rng([seed, 7_919])
+    i, j = np.triu_indices(n, 1)
+    values = []
+    for _ in range(n_boot):
+        idx = sample_rng.integers(0, n, size=n)
+        keep = idx[i] != idx[j]
+        a_rows = [R.numpy()[idx[i], idx[j]][keep] for R in A]
+        b = B[0].numpy()[idx[i], idx[j]][keep]
+        defined = len(b) > 1 and np.ptp(b) > 0
+        values.append(
+            [
+                SCIPY_CORRELATION[method](a, b) if defined and np.ptp(a) > 0 else np.nan
+                for a in a_rows
+            ]
+        )
+    assert np.isnan(values).any()  # the case under test occurs
+    expected_low = np.nanquantile(values, 0.025, axis=0)
+    expected_high = np.nanquantile(values, 0.975, axis=0)
+    np.testing.assert_allclose(low[:, 0], expected_low, atol=1e-10)
+    np.testing.assert_allclose(high[:, 0], expected_high, atol=1e-10)
+
+
 def test_fdr_matches_scipy() -> None:
     p = np.random.default_rng(6).uniform(size=(4, 5)) ** 2
     np.testing.assert_allclose(

@@ -95,11 +95,24 @@ def _tie_average_positions(values: torch.Tensor) -> torch.Tensor:
     return (first + last).to(torch.float64) / 2 + 1
 
 
+#: A row counts as constant when its centred norm is at most this fraction of its uncentred norm:
+#: the mean of a constant row is rounded, so its centred values are ~1e-17, not 0.
+CONSTANT_ROW_TOLERANCE = 1e-12
+
+
+def _nan_where_constant(
+    centred: torch.Tensor, norm: torch.Tensor, raw_norm: torch.Tensor
+) -> torch.Tensor:
+    varies = norm > CONSTANT_ROW_TOLERANCE * raw_norm
+    return centred / torch.where(varies, norm, torch.full_like(norm, float("nan")))
+
+
 def standardize(x: torch.Tensor) -> torch.Tensor:
-    """Rows ``(..., m)`` centred and scaled to unit norm (NaN rows where the row is constant)."""
+    """Rows ``(..., m)`` centred and scaled to unit norm (NaN rows where the row is constant,
+    within :data:`CONSTANT_ROW_TOLERANCE`)."""
     centred = x - x.mean(dim=-1, keepdim=True)
     norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
-    return centred / torch.where(norm > 0, norm, torch.full_like(norm, float("nan")))
+    return _nan_where_constant(centred, norm, torch.linalg.vector_norm(x, dim=-1, keepdim=True))
 
 
 def prepare(x: np.ndarray | torch.Tensor, method: str) -> torch.Tensor:
@@ -251,7 +264,7 @@ def standardized_weighted_ranks(
 def weighted_standardize(x: torch.Tensor, w: torch.Tensor, *, times_weight: bool) -> torch.Tensor:
     """Rows of ``x`` ``(B, R, m)`` centred at their ``w``-weighted mean and divided by their
     weighted norm ``sqrt(sum_c w_c (x_c - mean)^2)``, times ``w`` if ``times_weight`` (NaN rows
-    where the weighted row is constant).
+    where the weighted row is constant, within :data:`CONSTANT_ROW_TOLERANCE`).
 
     ``z_a . z_b`` with one side times ``w`` is the weighted Pearson r, i.e. the Pearson r of the
     multisets where entry ``c`` counts ``w_c`` times.
@@ -260,9 +273,10 @@ def weighted_standardize(x: torch.Tensor, w: torch.Tensor, *, times_weight: bool
     mean = (x * ww).sum(dim=-1, keepdim=True) / ww.sum(dim=-1, keepdim=True)
     centred = x - mean
     norm = (centred**2 * ww).sum(dim=-1, keepdim=True).sqrt()
+    raw_norm = (x**2 * ww).sum(dim=-1, keepdim=True).sqrt()
     if times_weight:
         centred = centred * ww
-    return centred / torch.where(norm > 0, norm, torch.full_like(norm, float("nan")))
+    return _nan_where_constant(centred, norm, raw_norm)
 
 
 class WeightedComparison:

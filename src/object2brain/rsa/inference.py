@@ -35,6 +35,7 @@ from the *same* permutations / resamples, so the group mean gets its own exact n
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -347,9 +348,17 @@ def bootstrap_ci(
             return _with_combine(draw(idx[start:stop]), combine).cpu()
 
         stats += [values for _start, _stop, values in chunking.run(len(idx), resamples, device=dev)]
-    values = torch.cat(stats).numpy()
+    return percentile_interval(torch.cat(stats).numpy(), level)
+
+
+def percentile_interval(values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``level`` percentile interval over axis 0 of bootstrap ``values`` ``(n_boot, ...)``.
+
+    Undefined resamples (NaN) are left out; NaN where none is defined.
+    """
     alpha = (1 - level) / 2
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "All-NaN slice": the bound is NaN
         low = np.nanquantile(values, alpha, axis=0)
         high = np.nanquantile(values, 1 - alpha, axis=0)
     return low, high
@@ -572,9 +581,5 @@ def correlation_test(
             )
         else:
             rb = (prepare(xs, method) * prepare(ys, method)).sum(dim=-1)
-        alpha = (1 - level) / 2
-        values = rb.numpy()
-        with np.errstate(all="ignore"):
-            low = float(np.nanquantile(values, alpha))
-            high = float(np.nanquantile(values, 1 - alpha))
+        low, high = (float(bound) for bound in percentile_interval(rb.numpy(), level))
     return r, p, low, high
