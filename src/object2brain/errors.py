@@ -7,6 +7,7 @@ Every problem a user can cause (bad files, unknown names, unavailable weights) r
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 MAX_LISTED = 20
@@ -65,3 +66,12 @@ def require_columns(
             f"{where}: missing {label} {', '.join(missing)}{detail} "
             f"(found: {', '.join(columns) or 'none'})"
         )
+
+
+def require_unique_ids(
+    ids: Iterable[str], where: str, *, error: type[Object2BrainError] = DataError
+) -> None:
+    """Raise ``error`` naming ``where`` and every stimulus id that occurs more than once."""
+    duplicated = sorted(sid for sid, count in Counter(ids).items() if count > 1)
+    if duplicated:
+        raise error(f"{where}: duplicate stimulus id(s): {listing(duplicated)}")

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from object2brain.errors import StoreError
+from object2brain.errors import StoreError, require_unique_ids
 
 PARTIAL_SUFFIX = ".partial"
 _STRING = h5py.string_dtype(encoding="utf-8")
@@ -100,6 +100,7 @@ class ActivationStore:
         if require_complete and not bool(self._file.attrs.get("complete", False)):
             raise StoreError(f"{self.path}: activation store is incomplete (attribute complete)")
         n = len(self._file["stimulus_ids"])
+        require_unique_ids(self.stimulus_ids, f"{self.path}: /stimulus_ids", error=StoreError)
         for name in self.layers:
             if self._file["layers"][name].shape[0] != n:
                 raise StoreError(

@@ -35,7 +35,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from object2brain.errors import DataError, StimulusError, listing, require_columns
+from object2brain.errors import (
+    DataError,
+    StimulusError,
+    listing,
+    require_columns,
+    require_unique_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +248,7 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
         if "stimulus_ids" not in handle:
             raise DataError(f"{path}: missing dataset /stimulus_ids")
         ids = _decode_ids(handle["stimulus_ids"][()])
-        _check_unique(ids, str(path))
+        require_unique_ids(ids, str(path))
         items: list[BrainItem] = []
         for subject in handle:
             if subject == "stimulus_ids":
@@ -257,14 +263,6 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
     if not items:
         raise DataError(f"{path}: no /<subject>/<roi> datasets found")
     return items
-
-
-def _check_unique(ids: Sequence[str], where: str) -> None:
-    from collections import Counter
-
-    dupes = sorted(sid for sid, count in Counter(ids).items() if count > 1)
-    if dupes:
-        raise DataError(f"{where}: duplicate stimulus id(s): {listing(dupes)}")
 
 
 def _make_item(
@@ -336,7 +334,7 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             f"{table_path}: {len(ids)} rows but {betas_path.name} has {betas.shape[3]} volumes "
             "(one row per volume)"
         )
-    _check_unique(ids, str(table_path))
+    require_unique_ids(ids, str(table_path))
     data = np.asarray(betas.dataobj, dtype=np.float32)
     nifti1: Any = nib.Nifti1Image
     grid = nifti1(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)

@@ -1,0 +1,63 @@
+"""Activation stores brought in from other tools: what is accepted and what is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from object2brain.errors import StoreError
+from object2brain.store import ActivationStore
+
+
+def _foreign_store(
+    path: Path, ids: list[str], rows: int | None = None, complete: bool = True
+) -> Path:
+    """A store as another tool would write it: ids, one layer, the ``complete`` attribute."""
+    with h5py.File(path, "w") as handle:
+        handle["stimulus_ids"] = np.array(ids, dtype=h5py.string_dtype())
+        handle.create_group("layers")["conv"] = np.arange(
+            (rows or len(ids)) * 3, dtype=np.float32
+        ).reshape(-1, 3)
+        handle.attrs["complete"] = complete
+    return path
+
+
+def test_foreign_store_reads_by_id(tmp_path: Path) -> None:
+    path = _foreign_store(tmp_path / "a.h5", ["s1", "s2", "s3"])
+    with ActivationStore.open(path) as store:
+        assert store.rows(["s3", "s1"]) == [2, 0]
+        np.testing.assert_array_equal(store.read("conv", ["s2"]), [[3, 4, 5]])
+
+
+def test_duplicate_stimulus_ids_are_refused(tmp_path: Path) -> None:
+    """A duplicated id would silently resolve to one of its rows."""
+    path = _foreign_store(tmp_path / "dup.h5", ["a", "b", "c", "b", "a"])
+    with pytest.raises(
+        StoreError, match=r"dup.h5: /stimulus_ids: duplicate stimulus id\(s\): a, b"
+    ):
+        ActivationStore.open(path)
+
+
+@pytest.mark.parametrize(
+    ("rows", "complete", "message"),
+    [(4, True, "layer 'conv' has 4 rows, expected 3"), (None, False, "incomplete")],
+)
+def test_inconsistent_or_incomplete_store(
+    tmp_path: Path, rows: int | None, complete: bool, message: str
+) -> None:
+    path = _foreign_store(tmp_path / "bad.h5", ["a", "b", "c"], rows=rows, complete=complete)
+    with pytest.raises(StoreError, match=message):
+        ActivationStore.open(path)
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "other.h5", "w") as handle:
+        handle["data"] = np.zeros(3)
+    with pytest.raises(StoreError, match="not an activation store"):
+        ActivationStore.open(tmp_path / "other.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+        ActivationStore.open(tmp_path / "text.h5")
