@@ -102,6 +102,26 @@ def test_duplicate_ids_and_missing_files_reported_together(photo_dir: Path, tmp_
     assert "1 missing image file(s): c" in str(info.value)
 
 
+def test_condition_all_is_reserved_and_empty_condition_is_none(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    """``all`` names the whole set in the result tables; an empty cell means no condition."""
+    table = tmp_path / "t.csv"
+    frame = pd.DataFrame(
+        {
+            "stimulus_id": ["a", "b", "c"],
+            "path": [str(photo_dir / "coffee.jpg")] * 3,
+            "condition": ["x", "all", None],
+        }
+    )
+    frame.to_csv(table, index=False)
+    with pytest.raises(StimulusError, match=r"t\.csv: condition 'all' \(line\(s\) 3\) is reserved"):
+        load_stimuli(table)
+    frame.loc[1, "condition"] = " y "
+    frame.to_csv(table, index=False)
+    assert load_stimuli(table).conditions == ["x", "y", ""]
+
+
 def test_empty_table(tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
     table.write_text("stimulus_id,path\n")

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from object2brain.data import ALL_CONDITION, GROUP_SUBJECT
 from object2brain.data.brain import BrainData, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
@@ -355,10 +356,13 @@ def _select_groups(
 
 
 def condition_sets(ids: list[str], conditions: np.ndarray | None) -> list[tuple[str, np.ndarray]]:
-    sets = [("all", np.arange(len(ids)))]
+    """``("all", every row)`` and ``(name, rows)`` per condition; stimuli with an empty
+    condition (``""``) enter ``all`` only, as in the alignment."""
+    sets = [(ALL_CONDITION, np.arange(len(ids)))]
     if conditions is not None:
         for name in dict.fromkeys(conditions.tolist()):
-            sets.append((str(name), np.flatnonzero(conditions == name)))
+            if name != "":
+                sets.append((str(name), np.flatnonzero(conditions == name)))
     return sets
 
 
@@ -452,7 +456,7 @@ def with_group_labels(
     labels = list(columns)
     for target in targets:
         if not target.group_only:
-            labels.append((target.name, "group"))
+            labels.append((target.name, GROUP_SUBJECT))
     return labels
 
 
@@ -498,7 +502,7 @@ def _with_fdr(frame: pd.DataFrame) -> pd.DataFrame:
         "layer",
         "variant",
         "condition",
-        frame["subject"].eq("group").rename("level"),
+        frame["subject"].eq(GROUP_SUBJECT).rename("level"),
     ]
     frame["p_fdr"] = frame.groupby(family, group_keys=False)["p_null"].transform(
         lambda p: pd.Series(fdr_bh(p.to_numpy()), index=p.index)

@@ -65,7 +65,7 @@ def srp_matrix(
     rows = torch.from_numpy(flat // dim)
     cols = torch.from_numpy(flat % dim)
     # The context (not the keyword) also silences torch 2.11's "checks implicitly disabled" warning.
-    with torch.sparse.check_sparse_tensor_invariants(enable=True):
+    with torch.sparse.check_sparse_tensor_invariants(enable=True):  # type: ignore[no-untyped-call]
         matrix = torch.sparse_coo_tensor(
             torch.stack([cols, rows]), values, (dim, in_features)
         ).coalesce()

@@ -122,6 +122,18 @@ def test_duplicate_subject_roi(tmp_path: Path) -> None:
         load_brain(manifest)
 
 
+def test_reserved_subject_names(tmp_path: Path) -> None:
+    """``group`` may be an ROI's only subject (a group-level RDM), never beside other subjects;
+    ``group_rdm`` never."""
+    D = np.abs(_patterns()[:, :1] - _patterns()[:, :1].T)
+    alone = load_brain(_h5(tmp_path / "g.h5", "rdms", {"group": {"EVC": D}}))
+    assert alone.subjects == ["group"]
+    for name, subjects in [("mixed", ["sub-01", "group"]), ("grdm", ["group_rdm"])]:
+        path = _h5(tmp_path / f"{name}.h5", "rdms", {s: {"EVC": D} for s in subjects})
+        with pytest.raises(DataError, match=f"{name}.h5: ROI 'EVC' has subject.*reserved"):
+            load_brain(path)
+
+
 def test_bad_manifests(tmp_path: Path) -> None:
     m = tmp_path / "m.yaml"
     m.write_text("foo: 1\n")

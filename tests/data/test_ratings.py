@@ -72,3 +72,14 @@ def test_repeats_averaged() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         load_ratings(tmp_path / "nope.csv")
+
+
+def test_reserved_subject_names_refused() -> None:
+    """``group`` / ``group_rdm`` name the derived rows of the result tables."""
+    frame = _frame()
+    frame.loc[[0, 1], "subject"] = "group"
+    frame.loc[4, "subject"] = "group_rdm"
+    with pytest.raises(
+        DataError, match=r"subject name\(s\) group, group_rdm \(line\(s\) 2, 3, 6\)"
+    ):
+        load_ratings(frame)

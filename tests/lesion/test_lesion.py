@@ -15,7 +15,7 @@ from torch import nn
 import object2brain as o2b
 from object2brain.errors import DataError
 from object2brain.extract import extract
-from object2brain.lesion import OBJECT2BRAIN_COLUMNS, group_filters, run_lesion
+from object2brain.lesion import OBJECT2BRAIN_COLUMNS, condition_sets, group_filters, run_lesion
 from object2brain.models.heads import save_head
 from object2brain.models.zoo import load_model
 from object2brain.propagate import forward_with_mask
@@ -215,3 +215,12 @@ def test_propagate_end_to_end(stimulus_table: Path, tmp_path: Path) -> None:
     assert (later["target"] == "behavior").all()
     assert (tmp_path / "les" / "propagate_behavior.csv").is_file()
     assert np.isfinite(behavior["delta_r"]).all() and (behavior["delta_r"] != 0).any()
+
+
+def test_condition_sets_leave_stimuli_without_condition_in_all_only() -> None:
+    sets = condition_sets(["a", "b", "c", "d"], np.asarray(["x", "", "y", "x"]))
+    assert [(name, rows.tolist()) for name, rows in sets] == [
+        ("all", [0, 1, 2, 3]),
+        ("x", [0, 3]),
+        ("y", [2]),
+    ]

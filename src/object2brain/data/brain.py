@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from object2brain.data import GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.errors import (
     DataError,
     StimulusError,
@@ -109,6 +110,15 @@ class BrainData:
                 )
             seen.add(key)
         self._keys.update(seen)
+        for roi in self.rois:
+            subjects = [item.subject for item in self.for_roi(roi)]
+            if GROUP_RDM_SUBJECT in subjects or (GROUP_SUBJECT in subjects and len(subjects) > 1):
+                raise DataError(
+                    f"{self.for_roi(roi)[0].source}: ROI {roi!r} has subject(s) "
+                    f"{', '.join(subjects)}: {GROUP_SUBJECT!r} and {GROUP_RDM_SUBJECT!r} are "
+                    f"reserved for group-level rows ({GROUP_SUBJECT!r} is allowed only as an "
+                    "ROI's single subject, a group-level RDM): rename the subject"
+                )
 
     @property
     def rois(self) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from object2brain.data import GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.errors import DataError, StimulusError, listing, require_columns
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,14 @@ def load_ratings(
         blank = values.isna() | (values.astype(str).str.strip() == "")
         if blank.any():
             problems.append(f"empty {column} on line(s) {listing(list(line[blank.to_numpy()]))}")
+    subjects = frame["subject"].astype(str).str.strip()
+    reserved = subjects.isin([GROUP_SUBJECT, GROUP_RDM_SUBJECT])
+    if reserved.any():
+        names = ", ".join(sorted(set(subjects[reserved])))
+        problems.append(
+            f"subject name(s) {names} (line(s) {listing(list(line[reserved.to_numpy()]))}) are "
+            "reserved for the group-level rows of the result tables: rename the rater(s)"
+        )
     raw = frame["valence"]
     numeric = pd.to_numeric(raw, errors="coerce")
     nan = raw.isna().to_numpy()

@@ -21,6 +21,7 @@ from typing import Literal
 
 import pandas as pd
 
+from object2brain.data import ALL_CONDITION
 from object2brain.data.images import load_image
 from object2brain.errors import StimulusError, listing, require_columns
 from object2brain.manifest import file_sha256
@@ -64,10 +65,11 @@ class StimulusSet:
 
     @property
     def conditions(self) -> list[str] | None:
-        """The ``condition`` column as strings, or ``None`` if the table has none."""
+        """The ``condition`` column as strings (``""`` where empty: in no condition), or ``None``
+        if the table has none."""
         if "condition" not in self.table.columns:
             return None
-        return [str(c) for c in self.table["condition"]]
+        return ["" if pd.isna(c) else str(c).strip() for c in self.table["condition"]]
 
     def position(self, stimulus_id: str) -> int:
         """Row of ``stimulus_id`` in the table."""
@@ -174,6 +176,15 @@ def load_stimuli(
     duplicated = sorted(set(ids[ids.duplicated(keep=False) & ~blank]))
     if duplicated:
         problems.append(f"duplicate stimulus_id(s): {listing(duplicated)}")
+
+    if "condition" in frame.columns:
+        reserved = frame["condition"].astype(str).str.strip() == ALL_CONDITION
+        if reserved.any():
+            rows = [int(i) + 2 for i in frame.index[reserved]]
+            problems.append(
+                f"condition {ALL_CONDITION!r} (line(s) {listing(rows)}) is reserved for the whole "
+                "stimulus set in the result tables: rename it"
+            )
 
     frame = frame.assign(stimulus_id=ids)
     if "path" in frame.columns:

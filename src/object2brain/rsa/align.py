@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from object2brain.data import ALL_CONDITION, GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.data.brain import BrainData, OnMissing, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli
@@ -188,7 +189,7 @@ def build_targets(
             items = aligned.for_roi(roi)
             rdms = torch.stack([item.rdm(metric, device) for item in items])
             subjects = [item.subject for item in items]
-            group_only = subjects == ["group"]
+            group_only = subjects == [GROUP_SUBJECT]
             targets.append(
                 Target(roi, "roi", subjects, rdms, None if group_only else rdms.mean(0), group_only)
             )
@@ -203,10 +204,14 @@ def build_targets(
             targets.append(Target(BEHAVIOR_TARGET, "behavior", subjects, rdms, group))
         else:
             log.warning("no rater rated every analysed stimulus: behaviour uses group ratings only")
-            targets.append(Target(BEHAVIOR_TARGET, "behavior", ["group"], group[None], None, True))
+            targets.append(
+                Target(BEHAVIOR_TARGET, "behavior", [GROUP_SUBJECT], group[None], None, True)
+            )
     elif stimulus_valence is not None:
         group = behavior_rdm(stimulus_valence, device)
-        targets.append(Target(BEHAVIOR_TARGET, "behavior", ["group"], group[None], None, True))
+        targets.append(
+            Target(BEHAVIOR_TARGET, "behavior", [GROUP_SUBJECT], group[None], None, True)
+        )
     if not targets:
         raise DataError(
             "nothing to align to: give brain data (--brain), ratings (--ratings) or a stimulus "
@@ -231,7 +236,7 @@ def _columns(targets: list[Target]) -> _Columns:
     for t_index, target in enumerate(targets):
         if target.group_only:
             stacks.append(target.rdms)
-            labels.append((target.name, target.kind, "group"))
+            labels.append((target.name, target.kind, GROUP_SUBJECT))
             owner.append(t_index)
             q += 1
             continue
@@ -239,14 +244,14 @@ def _columns(targets: list[Target]) -> _Columns:
         assert target.group_rdm is not None
         stacks += [target.rdms, target.group_rdm[None]]
         labels += [(target.name, target.kind, s) for s in target.subjects]
-        labels.append((target.name, target.kind, "group_rdm"))
+        labels.append((target.name, target.kind, GROUP_RDM_SUBJECT))
         owner += [t_index] * (S + 1)
         groups.append((t_index, list(range(q, q + S))))
         q += S + 1
     combine = combine_matrix([cols for _, cols in groups], q) if groups else None
     for t_index, _ in groups:
         target = targets[t_index]
-        labels.append((target.name, target.kind, "group"))
+        labels.append((target.name, target.kind, GROUP_SUBJECT))
         owner.append(t_index)
     return _Columns(torch.cat(stacks), labels, combine, owner)
 
@@ -410,7 +415,7 @@ def _run(
     targets = build_targets(brain, ratings, stim_valence, ids, metric, dev)
     cols = _columns(targets)
     n = len(ids)
-    cond_index: list[tuple[str, np.ndarray]] = [("all", np.arange(n))]
+    cond_index: list[tuple[str, np.ndarray]] = [(ALL_CONDITION, np.arange(n))]
     for c in conditions:
         assert labels is not None
         idx = np.flatnonzero(labels == c)
@@ -695,7 +700,7 @@ def _with_fdr(frame: pd.DataFrame, family: list[str]) -> pd.DataFrame:
 
 def _group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
     """Mean and SEM over subjects of per-subject r (``alignment_group`` table)."""
-    subjects = alignment[~alignment["subject"].isin(["group", "group_rdm"])]
+    subjects = alignment[~alignment["subject"].isin([GROUP_SUBJECT, GROUP_RDM_SUBJECT])]
     if subjects.empty:
         return pd.DataFrame(columns=GROUP_COLUMNS)
     keys = ["model", "layer", "layer_index", "target", "target_kind", "condition"]
