@@ -192,6 +192,7 @@ def run_lesion(
         raise DataError("--n-null must be >= 0")
     dev = resolve_device(device)
     table = load_filter_table(filters)
+    where = str(filters) if isinstance(filters, str | Path) else "filter table"
     paths = (
         [Path(activations)]
         if isinstance(activations, str | Path)
@@ -213,9 +214,7 @@ def run_lesion(
             chosen = _layers_of(store, table, model_name, layers, str(path))
             for layer in chosen:
                 stats = FilterStats.from_store(store, layer, ids, device=dev)
-                members = group_filters(
-                    table, model_name, layer, stats.n_filters, where=str(filters)
-                )
+                members = group_filters(table, model_name, layer, stats.n_filters, where=where)
                 members = _select_groups(members, groups, model_name, layer)
                 rows.extend(
                     _layer_rows(
@@ -475,6 +474,7 @@ def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray,
     """Two-sided p and z of ``delta`` ``(T,)`` against ``null`` ``(N, T)``.
 
     Null subsets whose RDM is undefined (a silent pattern; NaN rows) are left out of the count.
+    z is NaN where the null does not vary (spread <= 1e-12 of max(1, |centre|)).
     """
     if null is None or len(null) == 0:
         nan = np.full_like(delta, np.nan)
@@ -488,8 +488,10 @@ def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray,
         extreme = (np.abs(null - centre) >= np.abs(delta - centre)[None] - 1e-12) & finite
         p = np.where(count > 0, (1 + extreme.sum(axis=0)) / (1 + count), np.nan)
     p = np.where(np.isfinite(delta), p, np.nan)
+    # a constant null (e.g. keep-only of a group holding every filter) has a rounding-noise spread
+    varies = spread > 1e-12 * np.maximum(1.0, np.abs(centre))
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(spread > 0, (delta - centre) / spread, np.nan)
+        z = np.where(varies, (delta - centre) / spread, np.nan)
     return p, z
 
 

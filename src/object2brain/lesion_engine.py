@@ -144,6 +144,11 @@ class FilterStats:
         shape = store.shape(layer)
         if len(shape) < 2:
             raise DataError(f"{store.path}: layer {layer!r} has no filters (shape {shape})")
+        if layer in store.projected_layers:
+            raise DataError(
+                f"{store.path}: layer {layer!r} was stored as a random projection (--srp), whose "
+                "columns are not filters: extract it again without --srp to lesion its filters"
+            )
         dataset = store._dataset(layer)
         all_ids = store.stimulus_ids
         rows = np.arange(len(all_ids)) if ids is None else np.asarray(store.rows(ids))

@@ -147,6 +147,13 @@ class ActivationStore:
             out[key] = value
         return out
 
+    @property
+    def projected_layers(self) -> list[str]:
+        """Layers stored as a sparse random projection ``(n, dim)`` (``--srp``): their columns
+        are projection dimensions, not filters."""
+        srp = self.attrs.get("srp")
+        return list(srp.get("projected_layers", [])) if isinstance(srp, dict) else []
+
     def shape(self, layer: str) -> tuple[int, ...]:
         """Shape of one layer, ``(n_stimuli, ...)``."""
         return tuple(self._dataset(layer).shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -224,3 +225,30 @@ def test_condition_sets_leave_stimuli_without_condition_in_all_only() -> None:
         ("x", [0, 3]),
         ("y", [2]),
     ]
+
+
+def test_constant_null_gives_nan_z_not_rounding_noise() -> None:
+    """Keep-only of a group holding every filter: every null subset equals the full layer."""
+    lesion_module = importlib.import_module("object2brain.lesion")
+    null = np.empty((50, 2))
+    null[:, 0] = 0.1 + 1e-17 * np.arange(50)  # equal up to a few ulps, as RDM rounding leaves
+    null[:, 1] = 0.1 + np.linspace(-0.01, 0.01, 50)
+    delta = np.array([0.1, 0.1])
+    p, z = lesion_module._null_stats(delta, null)
+    assert p[0] == 1.0 and np.isnan(z[0])
+    assert np.isfinite(z[1])
+
+
+def test_projected_layer_is_refused(tmp_path: Path) -> None:
+    """A layer stored with --srp holds projection dimensions, not filters."""
+    path = tmp_path / "srp.h5"
+    with h5py.File(path, "w") as handle:
+        handle["stimulus_ids"] = np.array(["a", "b", "c"], dtype=h5py.string_dtype())
+        handle.create_group("layers")["conv"] = np.random.default_rng(0).normal(size=(3, 16))
+        handle.attrs["complete"] = True
+        handle.attrs["srp"] = json.dumps({"dim": 16, "projected_layers": ["conv"]})
+    lesion_engine = importlib.import_module("object2brain.lesion_engine")
+    with ActivationStore.open(path) as store:
+        assert store.projected_layers == ["conv"]
+        with pytest.raises(DataError, match=r"srp.h5: layer 'conv' was stored as a random proj"):
+            lesion_engine.FilterStats.from_store(store, "conv")
