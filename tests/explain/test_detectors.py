@@ -67,6 +67,48 @@ def test_coco_boxes(tmp_path: Path) -> None:
         make_detector(f"boxes:{path}")
 
 
+def test_coco_file_name_beats_image_id_and_ambiguity_is_an_error(tmp_path: Path) -> None:
+    """Stimulus ``1`` (file ``1.jpg``) must get image ``1.jpg`` even though image id 1 exists."""
+    payload = {
+        "images": [
+            {"id": 1, "file_name": "2.jpg"},
+            {"id": 2, "file_name": "1.jpg"},
+            {"id": 3, "file_name": "a/dup.jpg"},
+            {"id": 4, "file_name": "b/dup.jpg"},
+            {"id": 5, "file_name": "only_by_id.jpg"},
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [0, 0, 5, 5]},
+            {"id": 3, "image_id": 5, "category_id": 2, "bbox": [1, 1, 5, 5]},
+        ],
+    }
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(payload))
+    boxes = make_detector(f"boxes:{path}")
+
+    def labels(sid: str, file: str) -> list[str]:
+        found = boxes.detect(None, stimulus_id=sid, path=Path(file))  # type: ignore[arg-type]
+        return [d.label for d in found]
+
+    assert labels("1", "/data/1.jpg") == ["dog"]
+    assert labels("2", "/data/2.jpg") == ["cat"]
+    assert labels("5", "/data/renamed.png") == ["dog"]  # by image id, the last resort
+    with pytest.raises(DataError, match=r"coco.json: stimulus 'x' matches a/dup.jpg \(id 3\), "):
+        labels("x", "/data/dup.jpg")
+    assert boxes.unmatched() == ["a/dup.jpg (id 3)", "b/dup.jpg (id 4)"]  # type: ignore[attr-defined]
+
+
+def test_box_table_matches_stimulus_ids_only(tmp_path: Path) -> None:
+    """A stimulus without rows gets no boxes, even when its file is named like another id."""
+    path = tmp_path / "boxes.csv"
+    path.write_text("stimulus_id,x0,y0,x1,y1,label\nb,1,2,30,40,cat\n")
+    boxes = make_detector(f"boxes:{path}")
+    assert boxes.detect(None, stimulus_id="a", path=Path("b.png")) == []  # type: ignore[arg-type]
+    assert boxes.unmatched() == ["b"]  # type: ignore[attr-defined]
+
+
 def test_unknown_detector_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown detector 'yolo'"):
         make_detector("yolo")

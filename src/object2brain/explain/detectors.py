@@ -16,7 +16,8 @@ Detectors (``make_detector(spec)``):
   COCO-format JSON (``images`` with ``id`` + ``file_name``, ``annotations`` with ``image_id``,
   ``bbox`` = ``[x, y, width, height]``, ``category_id`` and optional ``score``, ``categories``
   with ``id`` + ``name``), so annotations or any detector's output (e.g. YOLO on Open Images)
-  can be used. COCO images match stimuli by file name, file stem or id.
+  can be used. A table matches stimuli by ``stimulus_id``; COCO images match by file name, then
+  file stem, then image id (see :class:`GivenBoxes`).
 
 Detections of the real detectors are cached as JSON per (detector and its settings, SHA-256 of the
 image file) by :class:`DetectionCache`.
@@ -28,7 +29,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from object2brain.errors import (
     DataError,
     Object2BrainError,
     WeightsUnavailableError,
+    listing,
     require_columns,
 )
 
@@ -364,12 +366,28 @@ class TorchvisionDetector(Detector):
 # given boxes
 
 
+@dataclass(frozen=True)
+class _MatchRule:
+    """One way a stimulus can find its entry in a boxes file: ``lookup`` maps a key of the file
+    (e.g. a COCO file stem) to its entries (more than one: ambiguous), ``keys`` gives the
+    stimulus's candidate keys ``(stimulus_id, path) -> [key, ...]``."""
+
+    name: str
+    lookup: dict[str, list[str]]
+    keys: Callable[[str, Path], list[str]]
+
+
 class GivenBoxes(Detector):
     """Boxes read from a CSV/TSV or COCO JSON file (see module docstring).
 
+    A box table matches stimuli by ``stimulus_id`` only. A COCO image matches by file name, then
+    by file stem (vs stimulus id or the image's stem), then by image id (vs stimulus id): the
+    first rule that matches decides, so stimulus ``1`` with file ``1.jpg`` gets image ``1.jpg``,
+    not image id 1. A key shared by two COCO images is an error when a stimulus needs it.
+
     Attributes:
-        boxes: lookup key (stimulus id; for COCO also file name, stem and image id) -> detections.
-        used: keys matched by a stimulus so far (to report boxes of unknown stimuli).
+        boxes: entry (stimulus id, or ``file_name (id N)``) -> detections.
+        used: entries matched by a stimulus so far (to report boxes of unknown stimuli).
     """
 
     kind = "boxes"
@@ -381,29 +399,42 @@ class GivenBoxes(Detector):
             raise DataError(f"{self.path}: boxes file not found")
         self.used: set[str] = set()
         if self.path.suffix.lower() == ".json":
-            self.boxes, self.entries = _read_coco(self.path)
+            self.boxes, self.rules = _read_coco(self.path)
         else:
-            self.boxes, self.entries = _read_box_table(self.path)
+            self.boxes = _read_box_table(self.path)
+            by_id = _MatchRule("stimulus id", {sid: [sid] for sid in self.boxes}, _stimulus_id)
+            self.rules = [by_id]
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path)}
 
     def detect(self, image: Image.Image, *, stimulus_id: str, path: Path) -> list[Detection]:
-        for key in (stimulus_id, path.name, path.stem):
-            if key in self.boxes:
-                self.used.add(self.entries[key])
-                return list(self.boxes[key])
+        for rule in self.rules:
+            for key in rule.keys(stimulus_id, path):
+                entries = rule.lookup.get(key, [])
+                if len(entries) > 1:
+                    raise DataError(
+                        f"{self.path}: stimulus {stimulus_id!r} matches {listing(entries)} by "
+                        f"{rule.name} {key!r}: give the images distinct file names"
+                    )
+                if entries:
+                    self.used.add(entries[0])
+                    return list(self.boxes[entries[0]])
         return []
 
     def unmatched(self) -> list[str]:
         """Entries (stimulus ids / COCO images) of the file that no stimulus matched."""
-        return sorted(set(self.entries.values()) - self.used)
+        return sorted(set(self.boxes) - self.used)
+
+
+def _stimulus_id(stimulus_id: str, path: Path) -> list[str]:
+    return [stimulus_id]
 
 
 _BOX_COLUMNS = ("stimulus_id", "x0", "y0", "x1", "y1", "label")
 
 
-def _read_box_table(path: Path) -> tuple[dict[str, list[Detection]], dict[str, str]]:
+def _read_box_table(path: Path) -> dict[str, list[Detection]]:
     import pandas as pd
 
     try:
@@ -447,10 +478,10 @@ def _read_box_table(path: Path) -> tuple[dict[str, list[Detection]], dict[str, s
             f"; ... ({len(problems)} in all)" if len(problems) > 10 else ""
         )
         raise DataError(f"{path}: {len(problems)} bad row(s): {shown}")
-    return boxes, {sid: sid for sid in boxes}
+    return boxes
 
 
-def _read_coco(path: Path) -> tuple[dict[str, list[Detection]], dict[str, str]]:
+def _read_coco(path: Path) -> tuple[dict[str, list[Detection]], list[_MatchRule]]:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -493,14 +524,21 @@ def _read_coco(path: Path) -> tuple[dict[str, list[Detection]], dict[str, str]]:
             f"; ... ({len(problems)} in all)" if len(problems) > 10 else ""
         )
         raise DataError(f"{path}: {len(problems)} bad annotation(s): {shown}")
-    boxes: dict[str, list[Detection]] = {}
-    entries: dict[str, str] = {}
-    for image_id, file_name in images.items():
-        entry = f"{file_name} (id {image_id})"
-        for key in (file_name, Path(file_name).name, Path(file_name).stem, str(image_id)):
-            boxes.setdefault(key, per_image[image_id])
-            entries.setdefault(key, entry)
-    return boxes, entries
+    entries = {image_id: f"{file_name} (id {image_id})" for image_id, file_name in images.items()}
+    boxes = {entries[image_id]: per_image[image_id] for image_id in images}
+
+    def lookup(key: Callable[[Any, str], str]) -> dict[str, list[str]]:
+        table: dict[str, list[str]] = {}
+        for image_id, file_name in images.items():
+            table.setdefault(key(image_id, file_name), []).append(entries[image_id])
+        return table
+
+    rules = [
+        _MatchRule("file name", lookup(lambda _, f: Path(f).name), lambda s, p: [p.name, s]),
+        _MatchRule("file stem", lookup(lambda _, f: Path(f).stem), lambda s, p: [s, p.stem]),
+        _MatchRule("image id", lookup(lambda i, _: str(i)), _stimulus_id),
+    ]
+    return boxes, rules
 
 
 # ----------------------------------------------------------------------------------------------
