@@ -42,6 +42,7 @@ import torch
 
 from object2brain.devices import chunked, free_memory_bytes, pick_chunk
 from object2brain.errors import DataError
+from object2brain.rsa.rdm import snap_ties
 
 _METRICS = ("correlation", "euclidean", "cosine")
 _RESIDENT_FRACTION = 0.5  # the cross stack stays on a CUDA device if it takes at most this
@@ -255,7 +256,8 @@ class FilterStats:
         chunk_bytes: int | None = None,
         strict: bool = True,
     ) -> torch.Tensor:
-        """Condensed RDMs ``(n_subsets, n_pairs)`` (float64) of the masked layer.
+        """Condensed RDMs ``(n_subsets, n_pairs)`` (float64) of the masked layer, rounded by
+        :func:`~object2brain.rsa.rdm.snap_ties` as every RDM is.
 
         Args:
             masks: ``(n_subsets, K)`` 0/1 (or bool): 1 keeps a filter, 0 zeroes it; a 1-D mask
@@ -314,7 +316,7 @@ class FilterStats:
         for _ in chunked(rows.numel(), step, fill, device=target):
             pass
         out[degenerate.any(dim=1)] = float("nan")
-        return out
+        return snap_ties(out, dims=1, inplace=True)
 
 
 def random_subset_masks(

@@ -123,3 +123,16 @@ def test_torch_input_and_gpu_style_chunking(acts: np.ndarray) -> None:
     np.testing.assert_allclose(
         stats.rdms(masks, chunk_bytes=1).numpy(), stats.rdms(masks).numpy(), atol=1e-12
     )
+
+
+@pytest.mark.parametrize("metric", ["correlation", "cosine"])
+def test_one_kept_filter_of_a_1x1_layer_gives_exact_ties(metric: str) -> None:
+    """One filter at one position: the distance is 1 - sign(a_i a_j), exactly 0 or 2, so the
+    ranks are ties; rounding noise (numpy's values differ in the last bits) must not order them."""
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(12, 5, 1, 1))
+    mask = np.zeros(5)
+    mask[2] = 1
+    rdm = FilterStats.from_activations(acts).rdms(mask, metric)[0].numpy()
+    assert set(np.unique(rdm)) == {0.0, 2.0}
+    np.testing.assert_allclose(rdm, brute_force(acts, mask, metric), atol=1e-12)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import scipy.stats
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from rsatoolbox.data import Dataset
 from rsatoolbox.rdm import calc_rdm
 
@@ -14,6 +18,7 @@ from object2brain.rsa.rdm import (
     behavior_rdm,
     rdm_from_features,
     rdm_from_store,
+    snap_ties,
     squareform,
     to_rsatoolbox,
     upper_triangle,
@@ -97,3 +102,40 @@ def test_to_rsatoolbox() -> None:
     assert rdms.pattern_descriptors["stimulus_id"] == list("abcdef")
     assert rdms.rdm_descriptors["layer"] == ["x", "y"]
     np.testing.assert_allclose(rdms.get_matrices()[0], D.numpy())
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    arrays(np.float64, (2, 15), elements=st.floats(0, 1e6, allow_subnormal=False)),
+    st.sampled_from([1e-9, 1.0, 3.0, 1e9]),
+)
+def test_snap_ties_moves_values_by_at_most_2_to_minus_40_of_the_largest(
+    values: np.ndarray, scale: float
+) -> None:
+    d = torch.as_tensor(values * scale)
+    snapped = snap_ties(d, dims=1)
+    peak = d.abs().amax(dim=1, keepdim=True)
+    assert bool(((snapped - d).abs() <= 2.0**-40 * peak).all())
+    assert bool((snapped[d == 0] == 0).all())
+    np.testing.assert_array_equal(snap_ties(snapped, dims=1), snapped)  # idempotent
+
+
+def test_group_mean_ratings_tie_exactly() -> None:
+    """|v_i - v_j| of means of integer ratings over 3 raters: equal differences (multiples of
+    1/3) that float rounding splits must rank as ties, as with exact integer sums."""
+    rng = np.random.default_rng(3)
+    ratings = rng.integers(-3, 4, size=(3, 40))
+    means = ratings.mean(axis=0)
+    rdm = upper_triangle(behavior_rdm(means, device="cpu")).numpy()
+    sums = ratings.sum(axis=0)
+    exact = np.abs(sums[:, None] - sums[None, :])[np.triu_indices(40, 1)]  # 3 x the true RDM
+    raw = np.abs(means[:, None] - means[None, :])[np.triu_indices(40, 1)]
+    assert len(np.unique(raw)) > len(np.unique(exact))  # rounding does split ties here
+    assert len(np.unique(rdm)) == len(np.unique(exact))
+    other = rng.normal(size=exact.shape)
+    np.testing.assert_allclose(
+        scipy.stats.rankdata(rdm), scipy.stats.rankdata(exact), rtol=0, atol=0
+    )
+    assert scipy.stats.spearmanr(rdm, other)[0] == pytest.approx(
+        scipy.stats.spearmanr(exact, other)[0], abs=1e-15
+    )

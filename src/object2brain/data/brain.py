@@ -80,12 +80,13 @@ class BrainItem:
     def rdm(
         self, metric: str = "correlation", device: str | torch.device | None = "auto"
     ) -> torch.Tensor:
-        """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``."""
+        """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``;
+        either way rounded by :func:`~object2brain.rsa.rdm.snap_ties`."""
         from object2brain.devices import resolve_device
-        from object2brain.rsa.rdm import as_tensor, rdm_from_features
+        from object2brain.rsa.rdm import as_tensor, rdm_from_features, snap_ties
 
         if self.kind == "rdm":
-            return as_tensor(self.data, resolve_device(device))
+            return snap_ties(as_tensor(self.data, resolve_device(device)))
         return rdm_from_features(
             self.data, metric, device=device, ids=self.stimulus_ids, what=self.label
         )

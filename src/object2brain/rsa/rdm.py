@@ -21,6 +21,11 @@ mathematically and avoid catastrophic cancellation in ``G - s s^T / p``.
 
 Condensed vectors are upper triangles ``i < j`` in row-major order (``numpy.triu_indices(n, 1)``),
 the same order as rsatoolbox and ``scipy.spatial.distance.squareform``.
+
+Every RDM is rounded to a grid of ``2^-40`` of its largest value (:func:`snap_ties`): equal
+dissimilarities that rounding made differ in their last bits (``|v_i - v_j|`` of group-mean
+ratings, a layer kept to one filter) tie exactly, as Spearman and Kendall need; no value moves by
+more than ``2^-40`` (9e-13) of the RDM's largest.
 """
 
 from __future__ import annotations
@@ -43,6 +48,27 @@ RDM_METRICS: tuple[str, ...] = ("correlation", "euclidean", "cosine")
 ArrayLike = np.ndarray | torch.Tensor
 
 _DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16 M values (128 MB in float64): the former fixed chunk
+
+
+#: RDM values are multiples of 2^-SNAP_BITS of the RDM's largest value (rounded up to a power of 2).
+SNAP_BITS = 40
+
+
+def snap_ties(rdms: torch.Tensor, dims: int = 2, *, inplace: bool = False) -> torch.Tensor:
+    """Round each RDM (the last ``dims`` axes of ``rdms``: 2 for square ``(..., n, n)``, 1 for
+    condensed ``(..., n_pairs)``) to multiples of ``q = 2^(ceil(log2(max |d|)) - SNAP_BITS)``.
+
+    ``q`` is a power of 2, so ``d / q`` and the product are exact: values that agree to about 12
+    significant digits become bitwise equal (ties) and no value moves by more than
+    ``q / 2 <= 2^-SNAP_BITS max |d|``.
+    Zeros stay zero; an RDM with NaN stays NaN.
+    """
+    axes = tuple(range(-dims, 0))
+    peak = rdms.abs().amax(dim=axes, keepdim=True)
+    step = torch.exp2(torch.ceil(torch.log2(peak.clamp_min(1e-300))) - SNAP_BITS)
+    if inplace:
+        return rdms.div_(step).round_().mul_(step)
+    return torch.round(rdms / step) * step
 
 
 def feature_chunk_elements(
@@ -171,7 +197,7 @@ class GramAccumulator:
             out = 1 - G / torch.outer(norms, norms)
         out = (out + out.T) / 2
         out.fill_diagonal_(0)
-        return out
+        return snap_ties(out, inplace=True)
 
 
 def rdm_from_chunks(
@@ -221,7 +247,7 @@ def behavior_rdm(values: ArrayLike, device: str | torch.device | None = "auto") 
     v = as_tensor(values, resolve_device(device)).reshape(-1)
     if not bool(torch.isfinite(v).all()):
         raise DataError("ratings contain NaN or infinite values")
-    return (v[:, None] - v[None, :]).abs()
+    return snap_ties((v[:, None] - v[None, :]).abs(), inplace=True)
 
 
 def iter_feature_chunks(
