@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
 
@@ -213,3 +214,17 @@ def test_several_activation_stores_after_one_flag(tmp_path: Path) -> None:
     assert run(["rsa", "--activations", *stores, "--stimuli", str(table), "--out", str(out),
                 "--n-perm", "10", "--n-boot", "0", "--quiet"]) == 0  # fmt: skip
     assert set(pd.read_csv(out / "alignment.csv")["model"]) == {"m1", "m2"}
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """typer catches KeyboardInterrupt itself and returns 130: that must not become exit 0."""
+    zoo = importlib.import_module("object2brain.models.zoo")
+
+    def interrupted() -> list[str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo, "list_models", interrupted)
+    assert run(["models"]) == 130
+    assert "interrupted: rerun the same command" in capsys.readouterr().err

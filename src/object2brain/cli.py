@@ -522,10 +522,22 @@ def expand_multi_value(argv: list[str]) -> list[str]:
     return out
 
 
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits with the status."""
     try:
-        app(args=expand_multi_value(sys.argv[1:] if argv is None else argv), standalone_mode=False)
+        # Without standalone mode typer *returns* an exit status instead of exiting, e.g. 130
+        # when it caught Ctrl-C (KeyboardInterrupt) itself.
+        status = app(
+            args=expand_multi_value(sys.argv[1:] if argv is None else argv), standalone_mode=False
+        )
+        if status == INTERRUPTED:
+            raise KeyboardInterrupt
+        if isinstance(status, int) and status != 0:
+            sys.exit(status)
     except Object2BrainError as exc:
         if _state["debug"]:
             raise
@@ -533,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
