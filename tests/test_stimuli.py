@@ -54,6 +54,13 @@ def test_folder_uses_file_stems(photo_dir: Path) -> None:
     assert stimuli.ids == sorted(p.stem for p in photo_dir.glob("*.jpg"))
 
 
+def test_relative_folder(photo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder given relative to the working directory (was joined to itself twice)."""
+    monkeypatch.chdir(photo_dir.parent)
+    stimuli = load_stimuli(Path(photo_dir.name))
+    assert stimuli.paths == sorted(p.resolve() for p in photo_dir.glob("*.jpg"))
+
+
 def test_subset_and_fingerprint(stimulus_table: Path) -> None:
     stimuli = load_stimuli(stimulus_table)
     sub = stimuli.subset(["s03_rocket", "s00_coffee"])

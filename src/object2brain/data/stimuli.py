@@ -227,7 +227,9 @@ def _table_from_folder(folder: Path) -> pd.DataFrame:
         raise StimulusError(
             f"{folder}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    return pd.DataFrame({"stimulus_id": [p.stem for p in files], "path": [str(p) for p in files]})
+    # absolute paths: _resolve would join relative ones to the folder a second time
+    paths = [str(p.resolve()) for p in files]
+    return pd.DataFrame({"stimulus_id": [p.stem for p in files], "path": paths})
 
 
 def _unreadable(
