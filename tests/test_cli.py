@@ -228,3 +228,26 @@ def test_ctrl_c_exits_130_with_a_resume_hint(
     monkeypatch.setattr(zoo, "list_models", interrupted)
     assert run(["models"]) == 130
     assert "interrupted: rerun the same command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rsa", "--activations", "missing.h5"],
+        ["lesion", "--activations", "missing.h5", "--filters", "missing.csv"],
+        ["dissect", "--model", "resnet18", "--weights", "none", "--stimuli", "missing.csv",
+         "--layer", "layer4", "--target", "0"],
+    ],
+)  # fmt: skip
+def test_out_that_is_a_file_fails_before_any_work(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked first (the inputs here do not even exist), not by mkdir after the work."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub"):
+        assert run([*argv, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert "is not a folder" in err and "missing" not in err
+    assert afile.read_text() == "keep me"

@@ -49,7 +49,7 @@ from object2brain.rsa.align import Target, build_targets
 from object2brain.rsa.compare import check_method, correlate_prepared, prepare
 from object2brain.rsa.inference import fdr_bh
 from object2brain.rsa.rdm import check_metric, upper_triangle
-from object2brain.store import ActivationStore, write_json, write_table
+from object2brain.store import ActivationStore, check_output_folder, write_json, write_table
 
 log = logging.getLogger("object2brain.lesion")
 
@@ -190,6 +190,8 @@ def run_lesion(
             raise DataError(f"unknown variant {variant!r}: use lesion or keep")
     if n_null < 0:
         raise DataError("--n-null must be >= 0")
+    if out is not None:
+        check_output_folder(out)
     dev = resolve_device(device)
     table = load_filter_table(filters)
     where = str(filters) if isinstance(filters, str | Path) else "filter table"

@@ -35,7 +35,7 @@ import pandas as pd
 from object2brain.config import ModelConfig, RunConfig, load_config
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.manifest import build_manifest, file_sha256
-from object2brain.store import write_json
+from object2brain.store import check_output_folder, write_json
 
 log = logging.getLogger("object2brain.run")
 
@@ -121,6 +121,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     from object2brain.models.zoo import load_model
 
     out = config.out
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
     stimuli = load_stimuli(config.stimuli)

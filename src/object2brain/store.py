@@ -38,6 +38,21 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def check_output_folder(folder: str | Path) -> None:
+    """Raise :class:`StoreError` unless ``folder`` is, or can be created as, a writable folder.
+
+    Creates nothing: called before any work so that a run does not fail at its very end.
+    """
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "exists" if existing == folder else f"cannot be created: {existing} exists"
+        raise StoreError(f"{folder}: output folder {where} and is not a folder")
+    _probe_writable(existing, folder)
+
+
 def check_writable(path: Path) -> None:
     """Raise :class:`StoreError` unless a file can be created at ``path``."""
     parent = path.expanduser().resolve().parent
@@ -46,12 +61,15 @@ def check_writable(path: Path) -> None:
         raise StoreError(f"{path}: output folder {parent} {what}")
     if path.is_dir():
         raise StoreError(f"{path}: is a folder, expected a file name")
+    _probe_writable(parent, path)
+
+
+def _probe_writable(folder: Path, named: Path) -> None:
     try:  # a real probe: permission bits say nothing for root or read-only mounts
-        handle, probe = tempfile.mkstemp(prefix=".o2b-probe-", dir=parent)
+        handle, probe = tempfile.mkstemp(prefix=".o2b-probe-", dir=folder)
     except OSError as exc:
-        raise StoreError(
-            f"{path}: output folder {parent} is not writable ({exc.strerror})"
-        ) from None
+        reason = exc.strerror
+        raise StoreError(f"{named}: output folder {folder} is not writable ({reason})") from None
     os.close(handle)
     os.unlink(probe)
 

@@ -268,9 +268,10 @@ def test_bad_input_fails_cleanly_via_cli(
     assert not out.exists()
 
 
-def test_output_parent_must_exist(small_table: Path, tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="does not exist"):
-        train_head(tiny_model(), stimuli=small_table, out=tmp_path / "no" / "such" / "out")
+def test_output_folder_must_be_creatable(small_table: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(StoreError, match="afile exists and is not a folder"):
+        train_head(tiny_model(), stimuli=small_table, out=tmp_path / "afile" / "such" / "out")
     with pytest.raises(DataError, match="loss 'l1'"):
         train_head(tiny_model(), stimuli=small_table, out=tmp_path / "o", loss="l1")  # type: ignore[arg-type]
     assert not (tmp_path / "o").exists()

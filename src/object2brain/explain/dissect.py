@@ -49,6 +49,7 @@ from object2brain.errors import DataError, LayerError
 from object2brain.explain.detectors import Detector, ImageDetections, detect_images, make_detector
 from object2brain.explain.filtercam import DIRECTIONS, filter_cams, upsample_maps
 from object2brain.explain.groups import GroupMap, default_groups_for, load_groups
+from object2brain.store import check_output_folder
 
 log = logging.getLogger("object2brain.dissect")
 
@@ -511,6 +512,8 @@ def dissect(
         raise DataError(f"--direction {direction!r}: use positive, negative or abs")
     if batch_size < 1:
         raise DataError(f"batch size {batch_size}: must be at least 1")
+    if out is not None:
+        check_output_folder(out)
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
     loaded = (
         model

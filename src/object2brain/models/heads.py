@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from object2brain.errors import DataError, ModelError, StimulusError, StoreError
+from object2brain.errors import DataError, ModelError, StimulusError
 from object2brain.extract import ImageDataset, default_workers
 
 if TYPE_CHECKING:
@@ -696,7 +696,7 @@ def train_head(
     from object2brain.devices import resolve_device
     from object2brain.manifest import build_manifest, file_sha256
     from object2brain.models.zoo import LoadedModel, build_architecture, load_model
-    from object2brain.store import check_writable, write_json, write_table
+    from object2brain.store import check_output_folder, write_json, write_table
 
     started = time.time()
     out = Path(out).expanduser()
@@ -721,9 +721,7 @@ def train_head(
     for spec in specs:
         if isinstance(spec, str):
             build_architecture(spec, on_meta=True)  # unknown names fail here, cheaply
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"{out}: exists and is not a folder")
-    check_writable(out / "manifest.json" if out.exists() else out)  # probes; writes nothing
+    check_output_folder(out)
     if augment and cache:
         log.warning("--augment: features change every epoch, so they are not cached")
         cache = False

@@ -80,7 +80,7 @@ from object2brain.rsa.rdm import (
     rdm_from_store,
     upper_triangle,
 )
-from object2brain.store import ActivationStore, write_json, write_table
+from object2brain.store import ActivationStore, check_output_folder, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,8 @@ def run_alignment(
     check_method(compare_method)
     if n_perm < 0 or n_boot < 0:
         raise DataError("--n-perm and --n-boot must be >= 0")
+    if out is not None:
+        check_output_folder(out)
     dev = resolve_device(device)
     paths = (
         [Path(activations)]
