@@ -251,3 +251,21 @@ def test_out_that_is_a_file_fails_before_any_work(
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
         assert "is not a folder" in err and "missing" not in err
     assert afile.read_text() == "keep me"
+
+
+def test_layer_that_runs_twice_fails_before_the_store_is_created(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """resnet18's ``layer4.1.relu`` runs twice per block: found by a probe pass, no .partial."""
+    out = tmp_path / "acts.h5"
+    argv = extract_args(stimulus_table, out, "--layers", "layer4.1.relu")
+    assert_fails_cleanly(capsys, argv, out, "'layer4.1.relu' runs more than once")
+
+
+def test_negative_workers_is_a_usage_error(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "acts.h5"
+    assert run(extract_args(stimulus_table, out, "--workers", "-2")) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()

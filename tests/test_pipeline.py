@@ -62,6 +62,7 @@ def study(stimulus_table: Path, tmp_path: Path) -> dict[str, Any]:
         (lambda c: c.update(colour="red"), "colour: unknown key"),
         (lambda c: c["rsa"].update(n_permutations=5), "rsa.n_permutations: unknown key"),
         (lambda c: c["rsa"].update(n_perm="many"), "rsa.n_perm: Input should be a valid integer"),
+        (lambda c: c["rsa"].update(n_perm=True), "rsa.n_perm: expected a number, got true"),
         (
             lambda c: c["models"][0].update(arch="resnet19"),
             "models.0.arch: unknown model 'resnet19'",

@@ -98,7 +98,8 @@ def extract_command(
         int | None, typer.Option("--srp", min=1, help="Sparse random projection to DIM.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Image decoding workers.")
+        int | None,
+        typer.Option("--workers", min=0, help="Image decoding workers (0: in the main process)."),
     ] = None,
     amp: Annotated[
         AmpDtype | None,

@@ -24,16 +24,34 @@ Each stage section has its options below; a missing optional section skips the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from object2brain.errors import Object2BrainError
 
 
 class ConfigError(Object2BrainError):
     """A run configuration that cannot be used."""
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 class _Strict(BaseModel):
@@ -64,9 +82,9 @@ class ModelConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
-    batch_size: int = Field(32, ge=1)
+    batch_size: Int = Field(32, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
-    srp: int | None = Field(None, ge=1)
+    srp: Int | None = Field(None, ge=1)
     amp: Literal["bfloat16", "float16"] | None = None
     channels_last: bool = False
     decode: Literal["pil", "torch", "auto"] = "pil"
@@ -76,10 +94,10 @@ class TrainHeadConfig(_Strict):
     """Train valence heads in the run (for models without ``head``) on the stimulus table."""
 
     loss: Literal["weighted_mse", "mse"] = "weighted_mse"
-    epochs: int = Field(100, ge=1)
-    patience: int = Field(10, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
+    epochs: Int = Field(100, ge=1)
+    patience: Int = Field(10, ge=1)
+    lr: Float = Field(1e-3, gt=0)
+    batch_size: Int = Field(32, ge=1)
     ratings: Literal["stimuli", "ratings"] = "stimuli"
 
 
@@ -87,16 +105,16 @@ class SimulateConfig(_Strict):
     """Simulate brain and ratings from the first model's activations (see ``simulate``)."""
 
     rois: list[str] = Field(min_length=1)
-    n_subjects: int = Field(8, ge=1)
-    rating_noise: float = Field(1.0, ge=0)
+    n_subjects: Int = Field(8, ge=1)
+    rating_noise: Float = Field(1.0, ge=0)
     valence_source: str | None = None
 
 
 class RsaConfig(_Strict):
     rdm: Literal["correlation", "euclidean", "cosine"] = "correlation"
     compare: Literal["spearman", "pearson", "kendall_tau_a"] = "spearman"
-    n_perm: int = Field(10_000, ge=0)
-    n_boot: int = Field(1_000, ge=0)
+    n_perm: Int = Field(10_000, ge=0)
+    n_boot: Int = Field(1_000, ge=0)
 
 
 class DissectConfig(_Strict):
@@ -104,9 +122,9 @@ class DissectConfig(_Strict):
     detector: str = "opencv"
     groups: Path | None = None
     direction: Literal["positive", "negative", "abs"] = "positive"
-    threshold: float = 1.5
-    min_images: int = Field(5, ge=1)
-    batch_size: int = Field(16, ge=1)
+    threshold: Float = 1.5
+    min_images: Int = Field(5, ge=1)
+    batch_size: Int = Field(16, ge=1)
 
     def layer_for(self, model: str) -> str:
         if isinstance(self.layer, str):
@@ -122,7 +140,7 @@ _BOTH_VARIANTS: tuple[Variant, Variant] = ("lesion", "keep")
 
 class LesionConfig(_Strict):
     variants: list[Variant] = Field(default_factory=lambda: list(_BOTH_VARIANTS))
-    n_null: int = Field(1000, ge=0)
+    n_null: Int = Field(1000, ge=0)
     propagate: bool = False
     groups: list[str] | None = None
 
@@ -131,7 +149,7 @@ class RunConfig(_Strict):
     """A whole study (see module docstring)."""
 
     out: Path = Path("results")
-    seed: int = 0
+    seed: Int = 0
     device: str = "auto"
     stimuli: Path
     models: list[ModelConfig] = Field(min_length=1)

@@ -45,7 +45,7 @@ from object2brain._version import __version__
 from object2brain.data.images import load_image
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
-from object2brain.errors import StimulusError, StoreError
+from object2brain.errors import LayerError, StimulusError, StoreError
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
 from object2brain.models.zoo import LoadedModel, Preprocessing, load_model
@@ -158,6 +158,21 @@ def collate_encoded(
         [item[2] for item in items],
         [item[3] for item in items],
     )
+
+
+def probe_layers(loaded: LoadedModel, layer_names: Sequence[str], device: torch.device) -> None:
+    """One forward pass of a blank image, before any file is created: a module that runs more
+    than once per pass, returns no tensor or does not run at all fails here, not mid-run."""
+    crop = loaded.preprocessing.crop_size
+    network = loaded.module.to(device).eval()
+    with LayerRecorder(network, layer_names) as recorder, torch.inference_mode():
+        network(torch.zeros(1, 3, crop, crop, device=device))
+        silent = [name for name in layer_names if name not in recorder.outputs]
+    if silent:
+        raise LayerError(
+            f"module(s) {', '.join(silent)} of {loaded.name} did not run in a forward pass; "
+            "choose modules on the path from the image to the output"
+        )
 
 
 def gpu_decode_available(device: torch.device) -> bool:
@@ -297,6 +312,8 @@ def extract(
         raise StoreError(f"--srp {srp}: the projection dimension must be positive")
     if batch_size < 1:
         raise StoreError(f"batch size {batch_size}: must be at least 1")
+    if num_workers is not None and num_workers < 0:
+        raise StoreError(f"--workers {num_workers}: must be 0 or more")
     if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
         raise StoreError(f"--amp {amp_dtype!r}: use bfloat16 or float16 (or none for float32)")
     if decode not in DECODE_MODES:
@@ -306,6 +323,7 @@ def extract(
     layer_names = resolve_layers(loaded, layers)
     torch_device = resolve_device(device)
     check_writable(out)
+    probe_layers(loaded, layer_names, torch_device)
     on_device_decode = decode == "torch" or (
         decode == "auto" and torch_device.type == "cuda" and gpu_decode_available(torch_device)
     )
