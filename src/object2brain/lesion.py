@@ -42,7 +42,7 @@ from object2brain.data.brain import BrainData, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
 from object2brain.devices import Chunking, resolve_device
-from object2brain.errors import DataError, require_columns
+from object2brain.errors import DataError, ModelError, require_columns
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.rsa.align import Target, build_targets
@@ -208,6 +208,10 @@ def run_lesion(
         with ActivationStore.open(path) as store:
             model_name = str(store.attrs.get("model", path.stem))
             ids, conditions, stimulus_set = _stimuli(stimuli, store.stimulus_ids)
+            if propagate:
+                if model is None or stimulus_set is None:
+                    raise DataError("--propagate needs --model and --stimuli (with images)")
+                _check_same_weights(store, model)
             if brain_data is not None:
                 ids = brain_data.common_ids(ids)
             rating_data = load_ratings(ratings, ids) if ratings is not None else None
@@ -238,8 +242,7 @@ def run_lesion(
                 if propagate:
                     from object2brain.propagate import propagate_layer
 
-                    if model is None or stimulus_set is None:
-                        raise DataError("--propagate needs --model and --stimuli (with images)")
+                    assert model is not None and stimulus_set is not None  # checked above
                     behavior, later = propagate_layer(
                         model,
                         stimulus_set.subset(ids),
@@ -354,6 +357,18 @@ def _select_groups(
             f"(groups with filters: {', '.join(sorted(members))})"
         )
     return {g: members[g] for g in groups}
+
+
+def _check_same_weights(store: ActivationStore, model: Any) -> None:
+    """``--propagate`` re-runs the network: it must be the one that wrote the activations."""
+    stored = store.attrs.get("weights_sha256")
+    if stored and stored != model.weights_sha256:
+        raise ModelError(
+            f"{store.path}: the activations come from {store.attrs.get('weights')!r} weights "
+            f"(SHA-256 {str(stored)[:12]}...), but --model {model.name} has {model.weights!r} "
+            f"(SHA-256 {model.weights_sha256[:12]}...): --propagate must run the same network "
+            "(same --weights, and --seed for random weights)"
+        )
 
 
 def condition_sets(ids: list[str], conditions: np.ndarray | None) -> list[tuple[str, np.ndarray]]:

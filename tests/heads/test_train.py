@@ -17,7 +17,13 @@ from object2brain.cli import main
 from object2brain.data.stimuli import load_stimuli
 from object2brain.errors import DataError, ModelError, StoreError
 from object2brain.extract import extract
-from object2brain.models.heads import TrainHeadResult, level_weights, load_head, train_head
+from object2brain.models.heads import (
+    TrainHeadResult,
+    level_weights,
+    load_head,
+    save_head,
+    train_head,
+)
 from object2brain.models.zoo import load_model
 from object2brain.store import ActivationStore
 
@@ -98,6 +104,20 @@ def test_head_loads_and_extraction_writes_valence(
 def test_head_for_another_architecture_is_refused(lite0_run: TrainHeadResult) -> None:
     with pytest.raises(ModelError, match="head was trained for efficientnet_lite0, not resnet18"):
         load_model("resnet18", "none", head=lite0_run.models[LITE0].head_path)
+
+
+def test_head_for_other_backbone_weights_is_refused(tmp_path: Path) -> None:
+    """A head fits the features of the backbone it was trained on, not another seed's."""
+    backbone = load_model("resnet18", "none", seed=0)
+    meta = {
+        "arch": "resnet18",
+        "backbone_weights": "none",
+        "backbone_weights_sha256": backbone.weights_sha256,
+    }
+    path = save_head(torch.nn.Linear(512, 1), tmp_path / "head.safetensors", meta)
+    assert load_model("resnet18", "none", seed=0, head=path).has_head
+    with pytest.raises(ModelError, match="head was trained on 'none' backbone weights"):
+        load_model("resnet18", "none", seed=1, head=path)
 
 
 def test_rerun_reuses_cached_features_and_cli(

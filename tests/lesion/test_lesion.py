@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import object2brain as o2b
-from object2brain.errors import DataError
+from object2brain.errors import DataError, ModelError
 from object2brain.extract import extract
 from object2brain.lesion import OBJECT2BRAIN_COLUMNS, condition_sets, group_filters, run_lesion
 from object2brain.models.heads import save_head
@@ -216,6 +216,9 @@ def test_propagate_end_to_end(stimulus_table: Path, tmp_path: Path) -> None:
     assert (later["target"] == "behavior").all()
     assert (tmp_path / "les" / "propagate_behavior.csv").is_file()
     assert np.isfinite(behavior["delta_r"]).all() and (behavior["delta_r"] != 0).any()
+    other = load_model("resnet18", "none", seed=1)  # not the network that wrote the store
+    with pytest.raises(ModelError, match="--propagate must run the same network"):
+        run_lesion(store, filters, stimuli=stimulus_table, propagate=True, model=other, n_null=0)
 
 
 def test_condition_sets_leave_stimuli_without_condition_in_all_only() -> None:

@@ -120,6 +120,14 @@ def attach_head(model: LoadedModel, path: Path) -> None:
     linear, meta = load_head(path)
     if meta.get("arch") not in (None, model.arch):
         raise ModelError(f"{path}: head was trained for {meta['arch']}, not {model.arch}")
+    trained_on = meta.get("backbone_weights_sha256")
+    if trained_on and trained_on != model.weights_sha256:
+        raise ModelError(
+            f"{path}: head was trained on {meta.get('backbone_weights')!r} backbone weights "
+            f"(SHA-256 {str(trained_on)[:12]}...), not on these {model.weights!r} weights "
+            f"(SHA-256 {model.weights_sha256[:12]}...): load the backbone it was trained on "
+            "(same --weights, and --seed for random weights)"
+        )
     layer = str(meta.get("replaced_layer") or model.output_layer)
     try:
         old = model.module.get_submodule(layer)
