@@ -269,3 +269,25 @@ def test_negative_workers_is_a_usage_error(
     assert run(extract_args(stimulus_table, out, "--workers", "-2")) == 2
     assert "--workers" in capsys.readouterr().err
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_two_stores_of_one_architecture_get_distinct_names(
+    stimulus_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """e.g. ImageNet vs Places365 resnet18: --name labels them apart in the result tables."""
+    stores = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"r{seed}.h5"
+        argv = extract_args(stimulus_table, out, "--layers", "layer4", "--seed", seed)
+        assert run([*argv, "--name", f"resnet18_seed{seed}"]) == 0
+        stores.append(str(out))
+    with ActivationStore.open(stores[1]) as store:
+        assert store.attrs["model"] == "resnet18_seed1"
+    table = tmp_path / "v.csv"
+    ids = pd.read_csv(stimulus_table)["stimulus_id"]
+    pd.DataFrame({"stimulus_id": ids, "valence": range(len(ids))}).to_csv(table, index=False)
+    out = tmp_path / "rsa"
+    assert run(["rsa", "--activations", *stores, "--stimuli", str(table), "--out", str(out),
+                "--n-perm", "5", "--n-boot", "0", "--quiet"]) == 0  # fmt: skip
+    models = set(pd.read_csv(out / "alignment.csv")["model"])
+    assert models == {"resnet18_seed0", "resnet18_seed1"}

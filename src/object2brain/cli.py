@@ -115,6 +115,10 @@ def extract_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing store.")
     ] = False,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Model label in result tables (default: MODEL)."),
+    ] = None,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -127,7 +131,7 @@ def extract_command(
 
     _quiet(quiet)
     stimulus_set = load_stimuli(stimuli)
-    loaded = load_model(model, weights=weights, head=head, seed=seed)
+    loaded = load_model(model, weights=weights, head=head, seed=seed, name=name)
     path = extract(
         loaded,
         stimulus_set,

@@ -368,7 +368,10 @@ def _run(
     for path, store in zip(paths, stores, strict=True):
         name = str(store.attrs.get("model") or path.stem)
         if any(name == m for m, _, _ in models):
-            raise DataError(f"{path}: model name {name!r} is used by two activation stores")
+            raise DataError(
+                f"{path}: model name {name!r} is used by two activation stores "
+                "(extract them with distinct --name labels)"
+            )
         names = store.layers
         if layer_filter is not None:
             unknown = [layer for layer in layer_filter if layer not in names]
