@@ -74,6 +74,21 @@ def study(stimulus_table: Path, tmp_path: Path) -> dict[str, Any]:
             lambda c: c["extract"].update(dtype="int8"),
             "extract.dtype: Input should be 'float32' or 'float16'",
         ),
+        # semantic checks, before any stage runs
+        (lambda c: c["models"][0].update(layers=["layer9"]), "models.0.layers: unknown layer"),
+        (lambda c: c["dissect"].update(layer="layer9"), "dissect.layer: unknown layer"),
+        (
+            lambda c: c["dissect"].update(layer={"vgg": "layer4"}),
+            "dissect.layer.vgg: no model named 'vgg' (models: resnet18)",
+        ),
+        (
+            lambda c: c["dissect"].update(layer={}),
+            "dissect.layer: no layer given for model 'resnet18'",
+        ),
+        (lambda c: c["dissect"].update(detector="yolo"), "dissect.detector: unknown detector"),
+        (lambda c: c["dissect"].update(detector="boxes:b.csv"), "dissect.detector: file not"),
+        (lambda c: c.pop("train_head"), "dissect: model 'resnet18' has no valence head"),
+        (lambda c: c.update(device="cuda:99"), "device: "),
     ],
 )
 def test_config_mistakes_name_the_key(

@@ -1,8 +1,9 @@
 """Run configuration (YAML) for ``object2brain run``, validated with pydantic.
 
-A study is one YAML file; paths are relative to the file's folder. Unknown keys, wrong types,
-missing files and unknown models are rejected with the path of the key at fault
-(``models.1.arch: unknown model 'resnet19' ...``). Example (``examples/study.yaml``)::
+A study is one YAML file; paths are relative to the file's folder (``boxes:FILE`` detectors
+too). Unknown keys, wrong types, missing files, unknown models, layers and detectors, a dissect
+section without valence heads and an unavailable device are rejected before any stage runs, with
+the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). Example (``examples/study.yaml``)::
 
     out: results
     seed: 0
@@ -198,7 +199,9 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     except ValidationError as exc:
         raise ConfigError(f"{path}: " + "; ".join(_describe(e) for e in exc.errors())) from None
     base = path.resolve().parent
-    return _resolve_paths(config, base, path), base
+    config = _resolve_paths(config, base, path)
+    _check_against_models(config, path)
+    return config, base
 
 
 def _describe(error: Any) -> str:
@@ -230,8 +233,66 @@ def _resolve_paths(config: RunConfig, base: Path, source: Path) -> RunConfig:
             weights = str(resolve(Path(weights), f"models.{index}.weights"))
         models.append(model.model_copy(update={"head": head, "weights": weights}))
     updates["models"] = models
-    if config.dissect is not None and config.dissect.groups is not None:
+    if config.dissect is not None:
+        detector = config.dissect.detector.strip()
+        if detector.lower().startswith("boxes:"):
+            boxes = resolve(Path(detector[len("boxes:") :]), "dissect.detector")
+            detector = f"boxes:{boxes}"
+        groups = resolve(config.dissect.groups, "dissect.groups")
         updates["dissect"] = config.dissect.model_copy(
-            update={"groups": resolve(config.dissect.groups, "dissect.groups")}
+            update={"groups": groups, "detector": detector}
         )
     return config.model_copy(update=updates)
+
+
+def _check_against_models(config: RunConfig, source: Path) -> None:
+    """What pydantic cannot see: layer names on their architectures, the dissect layer of every
+    model, the detector, a valence head for dissection, the device; checked before any stage
+    runs (architectures are built on the meta device: no memory, no weights)."""
+    from object2brain.devices import resolve_device
+    from object2brain.explain.detectors import DETECTOR_KINDS, TORCHVISION_DETECTORS
+    from object2brain.models.layers import resolve_layers
+    from object2brain.models.zoo import build_architecture
+
+    def fail(key: str, problem: object) -> ConfigError:
+        return ConfigError(f"{source}: {key}: {problem}")
+
+    networks = {m.label: build_architecture(m.arch, on_meta=True) for m in config.models}
+    for index, model in enumerate(config.models):
+        if model.layers != "all":
+            try:
+                resolve_layers(networks[model.label], model.layers)
+            except Object2BrainError as exc:
+                raise fail(f"models.{index}.layers", exc) from None
+    dissect = config.dissect
+    if dissect is not None:
+        if isinstance(dissect.layer, dict):
+            unknown = sorted(set(dissect.layer) - set(networks))
+            if unknown:
+                raise fail(
+                    f"dissect.layer.{unknown[0]}",
+                    f"no model named {unknown[0]!r} (models: {', '.join(networks)})",
+                )
+        for model in config.models:
+            key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
+            if isinstance(dissect.layer, dict) and model.label not in dissect.layer:
+                raise fail("dissect.layer", f"no layer given for model {model.label!r}")
+            try:
+                resolve_layers(networks[model.label], [dissect.layer_for(model.label)])
+            except Object2BrainError as exc:
+                raise fail(key, exc) from None
+            if model.head is None and config.train_head is None:
+                raise fail(
+                    "dissect",
+                    f"model {model.label!r} has no valence head to explain: give "
+                    f"models.{config.models.index(model)}.head or a train_head section",
+                )
+        kind = dissect.detector.strip().lower()
+        if not kind.startswith("boxes:") and kind != "opencv" and kind not in TORCHVISION_DETECTORS:
+            raise fail(
+                "dissect.detector", f"unknown detector {kind!r}; use {', '.join(DETECTOR_KINDS)}"
+            )
+    try:
+        resolve_device(config.device)
+    except Object2BrainError as exc:
+        raise fail("device", exc) from None
