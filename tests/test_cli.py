@@ -291,3 +291,17 @@ def test_two_stores_of_one_architecture_get_distinct_names(
                 "--n-perm", "5", "--n-boot", "0", "--quiet"]) == 0  # fmt: skip
     models = set(pd.read_csv(out / "alignment.csv")["model"])
     assert models == {"resnet18_seed0", "resnet18_seed1"}
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "object2brain", "layers", "resnet18"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "layer4" in done.stdout
