@@ -28,7 +28,9 @@ Sources (:class:`RoiSpec.source`):
   evenly spaced over its range (width = spacing) before the random map, so that pattern
   dissimilarity grows with :math:`|v_i - v_j|` as in a real tuned population.
 
-The true valence comes from the stimulus table's ``valence`` column when present, else from a
+The true valence comes from the stimulus table's ``valence`` column when present (a finite number
+for every stimulus, else a :class:`DataError` naming the ids; an entirely empty column counts as
+absent, with a warning), else from a
 random projection of a layer (``valence_source = "layer:<name>"``) or from the store's predicted
 ``valence`` layer (``valence_source = "valence"``), scaled to mean 0 and standard deviation 1.5 and
 clipped to [-3, 3].
@@ -37,6 +39,8 @@ clipped to [-3, 3].
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,11 +52,21 @@ import pandas as pd
 import yaml
 
 from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.errors import DataError
+from object2brain.errors import DataError, StoreError, listing
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.store import ActivationStore, atomic_path, write_json
 
 RATING_RANGE = (-3.0, 3.0)
+
+log = logging.getLogger(__name__)
+
+
+class RoiSpecError(DataError):
+    """An invalid ROI spec: ``<where>: <problem>; <problem>``, the problems kept in ``problems``."""
+
+    def __init__(self, where: str, problems: list[str]) -> None:
+        super().__init__(f"{where}: " + "; ".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -74,11 +88,51 @@ class RoiSpec:
     n_voxels: int = 200
     condition_gain: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise RoiSpecError(f"ROI {self.name!r}", problems)
+
+    def problems(self) -> list[str]:
+        """What is wrong with this spec's name and numeric options (empty if valid).
+
+        The name must be non-empty, without ``/`` and not ``.`` (it becomes an HDF5 dataset name
+        under ``/<subject>/``); ``snr`` must be finite and > 0, ``voxels`` an integer >= 1, each
+        gain finite and >= 0 with a condition name. The source is checked against the store by
+        :func:`simulate`.
+        """
+        problems = []
+        if not self.name.strip():
+            problems.append("the ROI name is empty")
+        elif "/" in self.name or self.name == ".":
+            problems.append(
+                "ROI names cannot contain '/' or be '.' (the patterns file is /<subject>/<roi>)"
+            )
+        if not self.source.strip():
+            problems.append("the source is empty")
+        if isinstance(self.snr, bool) or not isinstance(self.snr, int | float):
+            problems.append(f"snr must be a number, got {self.snr!r}")
+        elif not (math.isfinite(self.snr) and self.snr > 0):
+            problems.append(f"snr must be a finite number > 0, got {self.snr}")
+        if isinstance(self.n_voxels, bool) or not isinstance(self.n_voxels, int | np.integer):
+            problems.append(f"voxels must be an integer, got {self.n_voxels!r}")
+        elif self.n_voxels < 1:
+            problems.append(f"voxels must be at least 1, got {self.n_voxels}")
+        for condition, gain in self.condition_gain.items():
+            if not str(condition).strip():
+                problems.append("a gain needs a condition name: gain.COND=G")
+            if isinstance(gain, bool) or not isinstance(gain, int | float):
+                problems.append(f"gain.{condition} must be a number, got {gain!r}")
+            elif not (math.isfinite(gain) and gain >= 0):
+                problems.append(f"gain.{condition} must be a finite number >= 0, got {gain}")
+        return problems
+
     @classmethod
     def parse(cls, text: str) -> RoiSpec:
         """Parse ``NAME=SOURCE[;snr=X][;voxels=N][;gain.COND=G]``.
 
-        Example: ``FFA=filters:layer4:3,17;snr=2``.
+        Example: ``FFA=filters:layer4:3,17;snr=2``. Raises :class:`DataError` naming the spec for
+        a bad syntax, option or value (see :meth:`problems`).
         """
         if "=" not in text:
             raise DataError(f"ROI spec {text!r}: expected NAME=SOURCE[;snr=X;voxels=N;gain.COND=G]")
@@ -94,12 +148,15 @@ class RoiSpec:
                 elif key == "voxels":
                     options["n_voxels"] = int(value)
                 elif key.startswith("gain."):
-                    options["condition_gain"][key[5:]] = float(value)
+                    options["condition_gain"][key[5:].strip()] = float(value)
                 else:
                     raise DataError(f"ROI spec {text!r}: unknown option {key!r}")
             except ValueError:
                 raise DataError(f"ROI spec {text!r}: bad value for {key!r}: {value!r}") from None
-        return cls(name=name.strip(), source=parts[0].strip(), **options)
+        try:
+            return cls(name=name.strip(), source=parts[0].strip(), **options)
+        except RoiSpecError as exc:
+            raise RoiSpecError(f"ROI spec {text!r}", exc.problems) from None
 
 
 @dataclass
@@ -142,24 +199,109 @@ def simulate(
             (``layer:<name>`` or ``valence``); default: the store's last layer.
         n_basis: tuning curves used to expand scalar sources.
         seed: seeds everything.
+
+    Raises:
+        DataError: a bad ROI spec (name, source or option), argument, stimulus table (ids,
+            valence) or store content, naming what is at fault. Every check runs before ``out``
+            is created, so a rejected call leaves no folder behind.
+        StoreError: an unreadable activation store or an unusable ``out``.
     """
-    if n_subjects < 1:
-        raise DataError("--subjects must be at least 1")
-    specs = [RoiSpec.parse(r) if isinstance(r, str) else r for r in rois]
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise DataError(f"ROI names must be unique: {', '.join(names)}")
+    specs = _check_arguments(rois, n_subjects, rating_noise, n_basis)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: the output folder (--out) is an existing file")
     rng = np.random.default_rng(seed)
 
+    # Everything that can fail on the user's input is checked before --out is created.
     with ActivationStore.open(activations) as store:
         ids = store.stimulus_ids
-        table = _stimulus_table(stimuli, ids)
+        table, where = _stimulus_table(stimuli, ids)
         conditions = table["condition"].astype(str).to_numpy() if "condition" in table else None
-        valence, valence_origin = _true_valence(store, table, valence_source, rng)
+        valence, valence_origin = _true_valence(store, table, where, valence_source, rng)
         sources = {spec.name: _source(store, spec, valence, conditions, n_basis) for spec in specs}
+    gains = {spec.name: _gains(spec, conditions, len(ids)) for spec in specs}
 
+    created = _missing_folders(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    try:
+        return _write(
+            out,
+            activations,
+            specs,
+            ids,
+            valence,
+            valence_origin,
+            sources,
+            gains,
+            rng,
+            n_subjects=n_subjects,
+            rating_noise=rating_noise,
+            continuous_ratings=continuous_ratings,
+            n_basis=n_basis,
+            seed=seed,
+        )
+    except BaseException:
+        for folder in created:  # innermost first; only folders this call made and left empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _check_arguments(
+    rois: Sequence[RoiSpec | str], n_subjects: int, rating_noise: float, n_basis: int
+) -> list[RoiSpec]:
+    """The parsed ROI specs, after checking the arguments that need no file."""
+    if n_subjects < 1:
+        raise DataError(f"--subjects must be at least 1, got {n_subjects}")
+    if not (math.isfinite(rating_noise) and rating_noise >= 0):
+        raise DataError(f"--rating-noise must be a finite number >= 0, got {rating_noise}")
+    if n_basis < 1:
+        raise DataError(f"n_basis must be at least 1, got {n_basis}")
+    if isinstance(rois, str):
+        rois = [rois]
+    if not rois:
+        raise DataError("simulate needs at least one ROI (--roi NAME=SOURCE)")
+    specs = [RoiSpec.parse(r) if isinstance(r, str) else r for r in rois]
+    names = [spec.name for spec in specs]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise DataError(f"ROI names must be unique: {', '.join(duplicated)} given more than once")
+    return specs
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    return missing
+
+
+def _write(
+    out: Path,
+    activations: str | Path,
+    specs: list[RoiSpec],
+    ids: list[str],
+    valence: np.ndarray,
+    valence_origin: str,
+    sources: dict[str, np.ndarray],
+    gains: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    *,
+    n_subjects: int,
+    rating_noise: float,
+    continuous_ratings: bool,
+    n_basis: int,
+    seed: int,
+) -> SimulationResult:
+    """Write the outputs of :func:`simulate` (inputs already validated) into ``out``."""
     patterns_path = out / "patterns.h5"
     with atomic_path(patterns_path) as temp, h5py.File(temp, "w") as handle:
         handle.attrs["kind"] = "patterns"
@@ -168,8 +310,7 @@ def simulate(
         for s in range(n_subjects):
             group = handle.create_group(_subject(s))
             for spec in specs:
-                gain = _gains(spec, conditions, len(ids))
-                group[spec.name] = _roi_patterns(sources[spec.name], spec, gain, rng)
+                group[spec.name] = _roi_patterns(sources[spec.name], spec, gains[spec.name], rng)
 
     manifest_path = out / "brain.yaml"
     with atomic_path(manifest_path) as temp:
@@ -224,26 +365,76 @@ def _subject(index: int) -> str:
     return f"sub-{index + 1:02d}"
 
 
-def _stimulus_table(stimuli: str | Path | StimulusSet | None, ids: list[str]) -> pd.DataFrame:
+def _stimulus_table(
+    stimuli: str | Path | StimulusSet | None, ids: list[str]
+) -> tuple[pd.DataFrame, str]:
+    """The stimulus table's rows for the store's ``ids`` (in that order) and its name for
+    messages; a table of the ids alone when no table is given."""
     if stimuli is None:
-        return pd.DataFrame({"stimulus_id": ids})
+        return pd.DataFrame({"stimulus_id": ids}), "activation store"
     stimulus_set = (
         stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli, check="table")
     )
+    where = str(stimulus_set.source) if stimulus_set.source is not None else "stimulus table"
     table = stimulus_set.table.set_index("stimulus_id")
     missing = [sid for sid in ids if sid not in table.index]
     if missing:
-        shown = ", ".join(missing[:20])
-        raise DataError(f"{len(missing)} stimulus id(s) of the store are not in the table: {shown}")
-    return table.loc[ids].reset_index()
+        raise DataError(
+            f"{where}: {len(missing)} stimulus id(s) of the activation store are not in the "
+            f"table: {listing(missing)}"
+        )
+    return table.loc[ids].reset_index(), where
+
+
+def _table_valence(table: pd.DataFrame, where: str) -> np.ndarray | None:
+    """The table's ``valence`` column as float64 ``(n,)``; ``None`` if it is absent or entirely
+    empty (logged).
+
+    Raises:
+        DataError: naming the table and the stimulus ids (with their values) whose valence is
+            non-numeric, missing or infinite while others have one.
+    """
+    if "valence" not in table:
+        return None
+    raw = table["valence"]
+    blank = raw.isna() | (raw.astype(str).str.strip() == "")
+    if blank.all():
+        log.warning("%s: the valence column is empty; the true valence is simulated", where)
+        return None
+    numeric = pd.to_numeric(raw.where(~blank), errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(numeric))
+    if bad.size:
+        shown = [
+            f"{table['stimulus_id'].iloc[i]} ({'missing' if blank.iloc[i] else repr(raw.iloc[i])})"
+            for i in bad
+        ]
+        raise DataError(
+            f"{where}: column valence: {bad.size} stimulus id(s) with a missing, non-numeric or "
+            f"infinite valence: {listing(shown)} (give every stimulus a number, or leave the "
+            "whole column empty to simulate the valence)"
+        )
+    return numeric
 
 
 def _true_valence(
-    store: ActivationStore, table: pd.DataFrame, source: str | None, rng: np.random.Generator
+    store: ActivationStore,
+    table: pd.DataFrame,
+    where: str,
+    source: str | None,
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, str]:
-    if source is None and "valence" in table and table["valence"].notna().all():
-        return table["valence"].to_numpy(dtype=np.float64), "stimulus table"
-    source = source or f"layer:{[n for n in store.layers if n != 'valence'][-1]}"
+    """The true valence ``(n,)`` and where it came from (see the module docstring)."""
+    if source is None:
+        given = _table_valence(table, where)
+        if given is not None:
+            return given, "stimulus table"
+        layers = [name for name in store.layers if name != "valence"]
+        if not layers:
+            raise DataError(
+                f"{store.path}: the store has no layer to draw the true valence from; give a "
+                "valence column in the stimulus table or --valence-source valence"
+            )
+        source = f"layer:{layers[-1]}"
     if source == "valence":
         raw = store.read("valence").astype(np.float64).reshape(-1)
     elif source.startswith("layer:"):
@@ -251,6 +442,8 @@ def _true_valence(
         raw = features @ rng.normal(size=features.shape[1])
     else:
         raise DataError(f"valence source {source!r}: use layer:<name> or valence")
+    if not np.isfinite(raw).all():
+        raise DataError(f"valence source {source!r} has NaN or infinite values")
     spread = raw.std()
     if spread == 0:
         raise DataError(f"valence source {source!r} is constant across stimuli")
@@ -333,8 +526,6 @@ def _gains(spec: RoiSpec, conditions: np.ndarray | None, n: int) -> np.ndarray:
 def _roi_patterns(
     features: np.ndarray, spec: RoiSpec, gain: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    if spec.snr <= 0:
-        raise DataError(f"ROI {spec.name!r}: snr must be positive")
     weights = rng.normal(
         0.0, 1.0 / np.sqrt(features.shape[1]), size=(features.shape[1], spec.n_voxels)
     )

@@ -72,11 +72,54 @@ def test_missing_ids_listed_or_intersected(
     path = _h5(tmp_path / "p.h5", "patterns", {"sub-01": {"EVC": _patterns()}})
     brain = load_brain(path)
     wanted = [*IDS[:4], "zz1", "zz2"]
-    with pytest.raises(DataError, match=r"sub-01.*EVC.*lacks 2 id\(s\): zz1, zz2"):
+    with pytest.raises(DataError, match=r"subject 'sub-01', ROI 'EVC' lacks 2 id\(s\): zz1, zz2"):
         brain.common_ids(wanted)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.WARNING):
         assert brain.common_ids(wanted, on_missing="intersect") == IDS[:4]
     assert "not in the stimulus set are ignored: s4, s5" in caplog.text
+
+
+def test_id_mismatch_reported_once_per_distinct_problem(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Extra brain ids: one warning line for the whole data set; missing ids: each distinct set
+    of missing ids once, with the items lacking it described compactly."""
+    X = _patterns()
+    path = _h5(
+        tmp_path / "p.h5",
+        "patterns",
+        {s: {"EVC": X, "FFA": X, "HI": X} for s in ("sub-01", "sub-02")},
+    )
+    brain = load_brain(path)
+    with caplog.at_level(logging.INFO):
+        assert brain.common_ids(IDS[:5]) == IDS[:5]
+    lines = [r.getMessage() for r in caplog.records if "not in the stimulus set" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].endswith("are ignored: s5 (in all 6 subject x ROI items)")
+    assert caplog.records[-1].levelno == logging.WARNING
+    with pytest.raises(DataError) as error:
+        brain.common_ids([*IDS, "s23"])
+    message = str(error.value)
+    assert message.count("s23") == 1
+    assert message == (
+        f"{path}: the brain data do not cover the stimulus set: each of the 6 subject x ROI items "
+        "lacks 1 id(s): s23"
+    )
+
+    short = _h5(tmp_path / "short.h5", "patterns", {"sub-02": {"EVC": X[:5]}}, ids=IDS[:5])
+    full = _h5(tmp_path / "full.h5", "patterns", {"sub-01": {"EVC": X, "FFA": X}}, ids=IDS)
+    manifest = tmp_path / "brain.yaml"
+    manifest.write_text(
+        f"sources:\n  - {{kind: patterns, path: {full.name}}}\n"
+        f"  - {{kind: patterns, path: {short.name}}}\n"
+    )
+    mixed = load_brain(manifest)
+    with pytest.raises(DataError) as error:
+        mixed.common_ids([*IDS, "s9"])
+    assert str(error.value) == (
+        f"{manifest}: the brain data do not cover the stimulus set: each of ROI 'EVC' (sub-01), "
+        "ROI 'FFA' (sub-01) lacks 1 id(s): s9; subject 'sub-02', ROI 'EVC' lacks 2 id(s): s5, s9"
+    )
 
 
 def test_nan_voxels_dropped_and_constant_pattern_error(
@@ -109,6 +152,52 @@ def test_nan_voxels_dropped_and_constant_pattern_error(
 def test_bad_h5(tmp_path: Path, kind: str, data: np.ndarray, message: str) -> None:
     path = _h5(tmp_path / "x.h5", kind, {"sub": {"roi": data}})
     with pytest.raises(DataError, match=message):
+        load_brain(path)
+
+
+@pytest.mark.parametrize("kind", ["patterns", "rdms"])
+def test_nested_groups_rejected(tmp_path: Path, kind: str) -> None:
+    path = _h5(tmp_path / "n.h5", kind, {"sub-01": {"a/b": np.eye(6)}})
+    with pytest.raises(
+        DataError,
+        match=r"n\.h5: /sub-01/a is a group \(containing b\), not a dataset: the layout must be "
+        r"/<subject>/<roi> datasets",
+    ):
+        load_brain(path)
+
+
+def test_non_numeric_dataset(tmp_path: Path) -> None:
+    path = _h5(tmp_path / "t.h5", "patterns", {})
+    with h5py.File(path, "a") as f:
+        f.create_dataset(
+            "sub-01/EVC", data=np.asarray(IDS, dtype=object), dtype=h5py.string_dtype()
+        )
+    with pytest.raises(DataError, match=r"t\.h5: /sub-01/EVC: dataset of type .* is not numeric"):
+        load_brain(path)
+
+
+def test_all_nan_stimulus_rows_named(tmp_path: Path) -> None:
+    """A stimulus with no finite value makes every voxel droppable: name the stimulus."""
+    X = _patterns()
+    X[3] = np.nan
+    X[5, 2] = np.inf
+    X[5, :2] = np.nan
+    X[5, 3:] = -np.inf
+    path = _h5(tmp_path / "p.h5", "patterns", {"sub-02": {"HI": X}})
+    with pytest.raises(
+        DataError, match=r"/sub-02/HI: stimulus id\(s\) s3, s5 have no finite voxel"
+    ):
+        load_brain(path)
+    Y = _patterns()
+    Y[0, :3] = np.nan
+    Y[1, 3:] = np.nan
+    path = _h5(tmp_path / "q.h5", "patterns", {"sub-02": {"HI": Y}})
+    with pytest.raises(
+        DataError, match=r"every voxel has NaN or infinite values \(for stimulus id\(s\) s0, s1\)"
+    ):
+        load_brain(path)
+    path = _h5(tmp_path / "e.h5", "patterns", {"sub-02": {"HI": np.ones((6, 0))}})
+    with pytest.raises(DataError, match="has no voxels"):
         load_brain(path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import h5py
@@ -13,7 +14,8 @@ import yaml
 from scipy.spatial.distance import pdist
 from scipy.stats import spearmanr
 
-from object2brain.errors import DataError
+from object2brain.data.brain import load_brain
+from object2brain.errors import DataError, Object2BrainError, StoreError
 from object2brain.simulate import RoiSpec, read_truth, simulate
 
 
@@ -121,9 +123,131 @@ def test_valence_from_layer_when_table_has_none(store: Path, tmp_path: Path) -> 
         ("X=valence;snr=abc", "bad value for 'snr'"),
         ("X=valence;colour=red", "unknown option 'colour'"),
         ("no-equals-sign", "expected NAME=SOURCE"),
+        ("a/b=layer:early", r"ROI spec 'a/b=layer:early': ROI names cannot contain '/'"),
+        ("=layer:early", r"ROI spec '=layer:early': the ROI name is empty"),
+        (".=layer:early", "cannot contain '/' or be '.'"),
+        ("X=", "the source is empty"),
+        ("X=layer:early;voxels=0", "voxels must be at least 1, got 0"),
+        ("X=layer:early;voxels=-5", "voxels must be at least 1, got -5"),
+        ("X=layer:early;voxels=2.5", "bad value for 'voxels'"),
+        ("X=layer:early;snr=0", r"snr must be a finite number > 0, got 0\.0"),
+        ("X=layer:early;snr=-1", "snr must be a finite number > 0"),
+        ("X=layer:early;snr=nan", "snr must be a finite number > 0, got nan"),
+        ("X=layer:early;snr=inf", "snr must be a finite number > 0, got inf"),
+        ("X=layer:early;gain.congruent=-1", "gain.congruent must be a finite number >= 0"),
+        ("X=layer:early;gain.congruent=nan", "gain.congruent must be a finite number >= 0"),
+        ("X=layer:early;gain.=2", "a gain needs a condition name"),
+        ("X=layer:early;gain.sad=2", "no condition 'sad' for its gain"),
     ],
 )
 def test_bad_specs(store: Path, table: Path, tmp_path: Path, spec: str, message: str) -> None:
+    """Every bad spec is one DataError naming it, raised before --out (and its parents) exist."""
+    out = tmp_path / "new" / "bad"
     with pytest.raises(DataError, match=message):
-        simulate(store, [spec], out=tmp_path / "bad", stimuli=table)
-    assert not (tmp_path / "bad" / "patterns.h5").exists()
+        simulate(store, ["OK=layer:late", spec], out=out, stimuli=table)
+    assert not (tmp_path / "new").exists()
+
+
+def test_spec_objects_validated() -> None:
+    with pytest.raises(DataError, match=r"ROI 'a/b': ROI names cannot contain '/'"):
+        RoiSpec("a/b", "valence")
+    with pytest.raises(DataError, match=r"ROI 'X': snr must be .*; voxels must be at least 1"):
+        RoiSpec("X", "valence", n_voxels=0, snr=-1.0)
+    with pytest.raises(DataError, match=r"gain\.c must be a finite number >= 0"):
+        RoiSpec("X", "valence", condition_gain={"c": float("inf")})
+    assert RoiSpec.parse(" EVC = layer:a ; voxels=3 ; gain. c =0") == RoiSpec(
+        "EVC", "layer:a", n_voxels=3, condition_gain={"c": 0.0}
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rois": ["X=late"]}, "use layer:<name>"),
+        ({"rois": ["X=layer:late", "X=layer:early"]}, "ROI names must be unique: X given"),
+        ({"rois": []}, "at least one ROI"),
+        ({"n_subjects": 0}, "--subjects must be at least 1"),
+        ({"rating_noise": -1.0}, "--rating-noise must be a finite number >= 0"),
+        ({"n_basis": 0}, "n_basis must be at least 1"),
+        ({"valence_source": "late"}, "use layer:<name> or valence"),
+        ({"valence_source": "layer:nope"}, "no layer 'nope'"),
+    ],
+)
+def test_bad_arguments_leave_no_folder(
+    store: Path, tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    arguments: dict[str, object] = {"rois": ["X=layer:late"], **kwargs}
+    with pytest.raises(Object2BrainError, match=message):
+        simulate(store, out=tmp_path / "bad", **arguments)  # type: ignore[arg-type]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_table_missing_store_ids_names_table(store: Path, table: Path, tmp_path: Path) -> None:
+    frame = pd.read_csv(table)
+    frame[frame["stimulus_id"] != "s07"].to_csv(table, index=False)
+    with pytest.raises(
+        DataError, match=r"stimuli\.csv: 1 stimulus id\(s\) of the activation store "
+    ):
+        simulate(store, ["X=valence"], out=tmp_path / "bad", stimuli=table)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_out_is_a_file(store: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(StoreError, match="taken: the output folder"):
+        simulate(store, ["X=layer:late"], out=tmp_path / "taken")
+
+
+def test_existing_out_folder_is_kept(store: Path, tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="no layer"):
+        simulate(store, ["X=layer:nope"], out=tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({3: "high"}, r"stimuli\.csv: column valence: 1 stimulus id\(s\) .*: s03 \('high'\)"),
+        ({3: None}, r"stimuli\.csv: column valence: 1 stimulus id\(s\) .*: s03 \(missing\)"),
+        (
+            {3: "high", 8: None, 9: "inf"},
+            r"3 stimulus id\(s\).*s03 \('high'\), s08 \(missing\), s09",
+        ),
+    ],
+)
+def test_bad_table_valence(
+    store: Path, table: Path, tmp_path: Path, values: dict[int, object], message: str
+) -> None:
+    frame = pd.read_csv(table).astype({"valence": object})
+    for row, value in values.items():
+        frame.loc[row, "valence"] = value
+    frame.to_csv(table, index=False)
+    with pytest.raises(DataError, match=message):
+        simulate(store, ["X=valence"], out=tmp_path / "bad", stimuli=table)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_empty_valence_column_is_simulated(
+    store: Path, table: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = pd.read_csv(table)
+    frame["valence"] = np.nan
+    frame.to_csv(table, index=False)
+    with caplog.at_level(logging.WARNING):
+        simulate(store, ["X=valence"], out=tmp_path / "s", stimuli=table, n_subjects=1)
+    assert "the valence column is empty" in caplog.text
+    assert read_truth(tmp_path / "s")["valence_origin"] == "layer:late"
+
+
+def test_output_loads_as_brain_data(store: Path, table: Path, tmp_path: Path) -> None:
+    result = simulate(
+        store,
+        ["EVC=layer:early;voxels=1", "V=valence"],
+        out=tmp_path / "s",
+        stimuli=table,
+        n_subjects=2,
+    )
+    brain = load_brain(result.brain_manifest)
+    assert brain.rois == ["EVC", "V"]
+    assert brain.for_roi("EVC")[0].data.shape == (30, 1)

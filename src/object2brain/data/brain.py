@@ -21,7 +21,9 @@ Handling of problem values (each logged or raised with the file, subject, ROI an
 - RDMs must be square, finite and symmetric (to 1e-6 relative); a non-zero diagonal is ignored.
 - Stimulus ids are matched by value, never by position (:meth:`BrainData.aligned`); ids the brain
   data lack are listed in an error (or, with ``on_missing="intersect"``, logged and the analysis
-  restricted to the common ids); brain ids not in the stimulus set are logged and ignored.
+  restricted to the common ids), each distinct set of missing ids once with the items lacking it;
+  brain ids not in the stimulus set are reported in one warning for the whole data set and
+  ignored.
 """
 
 from __future__ import annotations
@@ -138,28 +140,38 @@ class BrainData:
     def common_ids(self, ids: Sequence[str], on_missing: OnMissing = "error") -> list[str]:
         """Stimulus ids of ``ids`` present in every item (order of ``ids``).
 
-        With ``on_missing="error"`` any id missing from an item raises :class:`DataError` listing
-        them per item; with ``"intersect"`` they are logged and left out. Brain ids outside
-        ``ids`` are logged and ignored.
+        With ``on_missing="error"`` any id missing from an item raises one :class:`DataError`
+        listing each distinct set of missing ids once, with the items that lack it; with
+        ``"intersect"`` the same text is logged as a warning and those ids are left out. Brain ids
+        outside ``ids`` are reported in one warning for the whole data set and ignored.
         """
         wanted = set(ids)
-        problems, keep = [], set(ids)
+        missing_by: dict[tuple[str, ...], list[BrainItem]] = {}
+        extra_by: dict[tuple[str, ...], list[BrainItem]] = {}
         for item in self.items:
             have = set(item.stimulus_ids)
-            missing = [sid for sid in ids if sid not in have]
+            missing = tuple(sid for sid in ids if sid not in have)
             if missing:
-                problems.append(f"{item.label}: lacks {len(missing)} id(s): {listing(missing)}")
-                keep -= set(missing)
-            extra = [sid for sid in item.stimulus_ids if sid not in wanted]
+                missing_by.setdefault(missing, []).append(item)
+            extra = tuple(sid for sid in item.stimulus_ids if sid not in wanted)
             if extra:
-                log.info(
-                    "%s: %d stimulus id(s) not in the stimulus set are ignored: %s",
-                    item.label,
-                    len(extra),
-                    listing(extra),
-                )
-        if problems:
-            message = "brain data do not cover the stimulus set; " + "; ".join(problems)
+                extra_by.setdefault(extra, []).append(item)
+        where = str(self.source) if self.source is not None else "brain data"
+        if extra_by:
+            log.warning(
+                "%s: brain stimulus id(s) not in the stimulus set are ignored: %s",
+                where,
+                "; ".join(
+                    f"{listing(extra)} (in {self.describe(items)})"
+                    for extra, items in extra_by.items()
+                ),
+            )
+        keep = wanted.difference(*missing_by)
+        if missing_by:
+            message = f"{where}: the brain data do not cover the stimulus set: " + "; ".join(
+                f"{self.describe(items, each=True)} lacks {len(missing)} id(s): {listing(missing)}"
+                for missing, items in missing_by.items()
+            )
             if on_missing == "error":
                 raise DataError(message)
             log.warning("%s; analysing the %d common stimuli", message, len(keep))
@@ -170,6 +182,30 @@ class BrainData:
                 "set; RSA needs at least 3"
             )
         return common
+
+    def describe(self, items: Sequence[BrainItem], *, each: bool = False) -> str:
+        """Compact one-line description of some of this data set's items, for messages.
+
+        ``subject 'sub-01', ROI 'EVC'`` for one item, ``all 6 subject x ROI items`` for every
+        item, else per ROI: ``ROI 'EVC' (all 8 subjects), ROI 'FFA' (sub-01, sub-03)``. With
+        ``each``, several items read as the subject of a singular verb (``each of the 6 subject x
+        ROI items``, ``each of ROI 'EVC' (...)``).
+        """
+        if len(items) == 1:
+            return f"subject {items[0].subject!r}, ROI {items[0].roi!r}"
+        keys = {(item.subject, item.roi) for item in items}
+        if keys == self._keys:
+            return f"{'each of the' if each else 'all'} {len(keys)} subject x ROI items"
+        parts = []
+        for roi in self.rois:
+            subjects = [item.subject for item in self.for_roi(roi) if (item.subject, roi) in keys]
+            if not subjects:
+                continue
+            if len(subjects) == len(self.for_roi(roi)) > 1:
+                parts.append(f"ROI {roi!r} (all {len(subjects)} subjects)")
+            else:
+                parts.append(f"ROI {roi!r} ({listing(subjects)})")
+        return ("each of " if each else "") + ", ".join(parts)
 
     def aligned(self, ids: Sequence[str]) -> BrainData:
         """Every item restricted and reordered to ``ids`` (matched by value)."""
@@ -268,8 +304,26 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
             if not isinstance(group, h5py.Group):
                 raise DataError(f"{path}: /{subject} should be a group of ROI datasets")
             for roi in group:
-                data = np.asarray(group[roi][()], dtype=np.float64)
+                node = group[roi]
+                if not isinstance(node, h5py.Dataset):
+                    inside = (
+                        ", ".join(str(name) for name in node)
+                        if isinstance(node, h5py.Group)
+                        else ""
+                    )
+                    raise DataError(
+                        f"{path}: /{subject}/{roi} is a group"
+                        + (f" (containing {inside})" if inside else "")
+                        + ", not a dataset: the layout must be /<subject>/<roi> datasets "
+                        "(no deeper groups; ROI names cannot contain '/')"
+                    )
                 where = f"{path}: /{subject}/{roi}"
+                try:
+                    data = np.asarray(node[()], dtype=np.float64)
+                except (TypeError, ValueError):
+                    raise DataError(
+                        f"{where}: dataset of type {node.dtype} is not numeric"
+                    ) from None
                 items.append(_make_item(subject, roi, kind, data, ids, str(path), where))
     if not items:
         raise DataError(f"{path}: no /<subject>/<roi> datasets found")
@@ -295,9 +349,24 @@ def _make_item(
             raise DataError(f"{where}: RDM is not symmetric")
         return BrainItem(subject, roi, "rdm", data, ids, source)
     patterns = data.reshape(n, -1)
-    bad_voxels = ~np.isfinite(patterns).all(axis=0)
+    if patterns.shape[1] == 0:
+        raise DataError(f"{where}: has no voxels (shape {data.shape})")
+    finite = np.isfinite(patterns)
+    bad_voxels = ~finite.all(axis=0)
     if bad_voxels.all():
-        raise DataError(f"{where}: every voxel has NaN or infinite values")
+        if not finite.any():
+            raise DataError(f"{where}: every voxel has NaN or infinite values for every stimulus")
+        empty_rows = [ids[i] for i in np.flatnonzero(~finite.any(axis=1))]
+        if empty_rows:
+            raise DataError(
+                f"{where}: stimulus id(s) {listing(empty_rows)} have no finite voxel (all "
+                "their values are NaN or infinite); remove them from the data or fix their patterns"
+            )
+        partial = [ids[i] for i in np.flatnonzero(~finite.all(axis=1))]
+        raise DataError(
+            f"{where}: every voxel has NaN or infinite values (for stimulus id(s) "
+            f"{listing(partial)}), so dropping them leaves none"
+        )
     if bad_voxels.any():
         log.warning(
             "%s: dropped %d of %d voxel(s) with NaN/inf values",
