@@ -305,3 +305,13 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "layer4" in done.stdout
+
+
+def test_malformed_yaml_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "study.yaml"
+    config.write_text("models: [resnet18\nout: x\n")
+    assert run(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: not valid YAML") and err.count("\n") == 1, err

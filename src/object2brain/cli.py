@@ -546,7 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     except Object2BrainError as exc:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        # one line, even where the cause quotes a multi-line message (PyYAML, torch.load)
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
