@@ -297,6 +297,9 @@ def test_nifti_label_image(tmp_path: Path) -> None:
     brain = load_brain(_manifest(tmp_path, "    labels: atlas.nii.gz\n    labels_tsv: atlas.tsv\n"))
     assert brain.rois == ["A", "B"]
     np.testing.assert_allclose(brain.for_roi("B")[0].data, betas[3].reshape(-1, 6).T)
+    both = "    rois: [atlas.nii.gz]\n    labels: atlas.nii.gz\n    labels_tsv: atlas.tsv\n"
+    with pytest.raises(DataError, match="either 'rois' or 'labels' \\+ 'labels_tsv', not both"):
+        load_brain(_manifest(tmp_path, both))
 
 
 def test_nifti_empty_and_non_overlapping_masks(tmp_path: Path) -> None:

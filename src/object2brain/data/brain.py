@@ -420,6 +420,8 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
     grid = nifti1(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)
 
     masks: list[tuple[str, np.ndarray, str]] = []
+    if spec.get("rois") is not None and spec.get("labels") is not None:
+        raise DataError(f"{where}: give either 'rois' or 'labels' + 'labels_tsv', not both")
     if spec.get("rois") is not None:
         rois = spec["rois"]
         if not isinstance(rois, list) or not rois:
