@@ -56,6 +56,9 @@ def test_nan_and_non_numeric_valence_listed() -> None:
         load_ratings(frame)
     assert "NaN) valence on line(s) 3" in str(info.value)
     assert "non-numeric valence on line(s) 5 ('happy')" in str(info.value)
+    frame.loc[1, "valence"], frame.loc[3, "valence"] = 1.0, -np.inf
+    with pytest.raises(DataError, match=r"infinite valence on line\(s\) 5$"):
+        load_ratings(frame)
 
 
 def test_unknown_stimulus_ids_listed() -> None:

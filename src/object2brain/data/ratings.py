@@ -153,8 +153,9 @@ def load_ratings(
     if bad.any():
         shown = [f"{ln} ({v!r})" for ln, v in zip(line[bad], raw[bad], strict=True)]
         problems.append(f"non-numeric valence on line(s) {listing(shown)}")
-    if not bad.any() and not nan.any() and not np.isfinite(numeric.to_numpy(float)).all():
-        problems.append("infinite valence values")
+    infinite = np.isinf(numeric.to_numpy(float))
+    if infinite.any():
+        problems.append(f"infinite valence on line(s) {listing(list(line[infinite]))}")
     if problems:
         raise DataError(f"{where}: " + "; ".join(problems))
 
