@@ -3,7 +3,8 @@
 A study is one YAML file; paths are relative to the file's folder (``boxes:FILE`` detectors
 too). Unknown keys, wrong types, missing files, unknown models, layers and detectors, a dissect
 section without valence heads and an unavailable device are rejected before any stage runs, with
-the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). Example (``examples/study.yaml``)::
+the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). Example
+(``examples/study.yaml``)::
 
     out: results
     seed: 0

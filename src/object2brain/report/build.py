@@ -2,25 +2,36 @@
 
 :func:`build_report` looks for the result tables of every stage anywhere under the folder
 (``alignment``, ``behavior_direct``, ``condition_contrast``, ``filter_objects``, ``object2brain``,
-``propagate_behavior``; CSV), the figures under ``figures/`` folders (PNG), ``truth.json`` of a
-simulation and the ``manifest.json`` files, and writes ``report.html``: summary, planted truth vs
-recovered (when the data are simulated), layer curves with noise ceilings, behaviour correlations
-per condition, condition contrasts, filter x group heatmaps, Object2Brain heatmaps, example images
-with filter maps and boxes, and every table as a downloadable CSV. Images and tables are inlined
-(data URIs): the file needs no network and no other file.
+``propagate_behavior``; CSV, or Parquet where a folder has no CSV of that name), the figures under
+``figures/`` folders (PNG), ``truth.json`` of a simulation and the ``manifest.json`` files, and
+writes ``report.html``: summary, planted truth vs recovered (when the data are simulated), layer
+curves with noise ceilings, behaviour correlations per condition, condition contrasts, filter x
+group heatmaps, Object2Brain heatmaps, example images with filter maps and boxes, and every table as
+a downloadable CSV. Images and tables are inlined (data URIs): the file needs no network and no
+other file.
+
+Every table is checked against its schema (DESIGN.md section 3): a file that cannot be read or
+lacks columns raises :class:`~object2brain.errors.DataError` naming the file. Tables without rows
+are listed as empty and get no section. A table next to a ``manifest.json`` whose run would have
+written it but does not list it in ``outputs`` is a leftover of an earlier run into the same
+folder: it is ignored, with one warning naming the ignored files.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from object2brain.errors import DataError
+from object2brain.errors import DataError, StimulusError, listing, require_columns
 from object2brain.report import html
+
+log = logging.getLogger("object2brain.report")
 
 TABLES = (
     "alignment",
@@ -32,16 +43,133 @@ TABLES = (
     "propagate_alignment",
 )
 
+#: The tables each command can write (the ``command`` of its ``manifest.json``): a table of one
+#: of them that the manifest does not list is stale. Manifests of other commands (``extract``,
+#: ``simulate``, ``run``, ...) say nothing about tables; those of unknown commands claim every
+#: table when they list any.
+TABLES_WRITTEN_BY: dict[str, tuple[str, ...]] = {
+    "rsa": ("alignment", "behavior_direct", "condition_contrast"),
+    "dissect": ("filter_objects",),
+    "lesion": ("object2brain", "propagate_behavior", "propagate_alignment"),
+}
+_SUFFIXES = (".csv", ".parquet")
 
-def find_tables(folder: Path) -> dict[str, pd.DataFrame]:
-    """Every known result table under ``folder`` (several files of one name are concatenated)."""
-    found: dict[str, list[pd.DataFrame]] = {}
-    for name in TABLES:
-        for path in sorted(folder.rglob(f"{name}.csv")):
+
+def table_schemas() -> dict[str, Sequence[str]]:
+    """Required columns of each result table (the writers' column lists; DESIGN.md section 3).
+
+    ``propagate_*`` tables have no fixed schema and are shown as they are.
+    """
+    # imported here: these modules import torch, which the report itself does not need
+    from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS
+    from object2brain.lesion import OBJECT2BRAIN_COLUMNS
+    from object2brain.rsa.align import (
+        ALIGNMENT_COLUMNS,
+        BEHAVIOR_DIRECT_COLUMNS,
+        CONTRAST_COLUMNS,
+    )
+
+    return {
+        "alignment": ALIGNMENT_COLUMNS,
+        "behavior_direct": BEHAVIOR_DIRECT_COLUMNS,
+        "condition_contrast": CONTRAST_COLUMNS,
+        "filter_objects": FILTER_OBJECTS_COLUMNS,
+        "object2brain": OBJECT2BRAIN_COLUMNS,
+    }
+
+
+def read_result_table(path: Path, name: str) -> pd.DataFrame:
+    """Read a result table (CSV or Parquet) and check its columns; ``DataError`` names ``path``."""
+    from object2brain.data.stimuli import read_table
+
+    try:
+        frame = read_table(path)
+    except StimulusError as exc:
+        raise DataError(f"{exc} (result table {name!r})") from None
+    required = table_schemas().get(name)
+    if required is not None:
+        require_columns(frame.columns, required, str(path), detail=f" required in {name} tables")
+    return frame
+
+
+def _table_files(folder: Path, name: str) -> list[Path]:
+    """``<name>.csv`` per folder under ``folder`` (``<name>.parquet`` where there is no CSV)."""
+    by_dir: dict[Path, Path] = {}
+    for suffix in reversed(_SUFFIXES):  # CSV last: it wins over Parquet in the same folder
+        for path in folder.rglob(f"{name}{suffix}"):
+            if not path.is_file():
+                continue
             if any(part.startswith(".") for part in path.relative_to(folder).parts):
                 continue
-            found.setdefault(name, []).append(pd.read_csv(path))
-    return {name: pd.concat(frames, ignore_index=True) for name, frames in found.items()}
+            by_dir[path.parent] = path
+    return sorted(by_dir.values())
+
+
+def _listed_tables(directory: Path, cache: dict[Path, set[str] | None]) -> set[str] | None:
+    """Tables that ``directory/manifest.json`` vouches for; None: no such (usable) manifest.
+
+    Outputs are matched by file name, since commands record them relative to the output folder,
+    to the working directory or as absolute paths, and folders get copied or moved.
+    """
+    if directory in cache:
+        return cache[directory]
+    cache[directory] = None
+    path = directory / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); the tables beside it are reported unchecked", path, exc)
+        return None
+    outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
+    if not isinstance(outputs, list):
+        return None
+    files = [Path(str(o)) for o in outputs]
+    listed = {f.stem for f in files if f.suffix.lower() in _SUFFIXES} & set(TABLES)
+    command = manifest.get("command")
+    if command in TABLES_WRITTEN_BY:
+        claimed = set(TABLES_WRITTEN_BY[command])
+    elif not listed:  # extract, simulate, run, ...: says nothing about tables
+        return None
+    else:
+        claimed = set(TABLES)
+    # tables the run could not have written stay in (they belong to another command's run)
+    cache[directory] = listed | (set(TABLES) - claimed)
+    return cache[directory]
+
+
+def find_tables(folder: Path) -> dict[str, pd.DataFrame]:
+    """Every known result table under ``folder`` (several files of one name are concatenated).
+
+    Tables that the ``manifest.json`` beside them leaves out are skipped as stale (one warning).
+
+    Raises:
+        DataError: a table that cannot be read or lacks columns of its schema.
+    """
+    found: dict[str, list[pd.DataFrame]] = {}
+    manifests: dict[Path, set[str] | None] = {}
+    stale: list[str] = []
+    for name in TABLES:
+        for path in _table_files(folder, name):
+            listed = _listed_tables(path.parent, manifests)
+            if listed is not None and name not in listed:
+                stale.append(str(path))
+                continue
+            found.setdefault(name, []).append(read_result_table(path, name))
+    if stale:
+        log.warning(
+            "ignored %d stale table file(s) that the manifest.json beside them does not list "
+            "(left over from an earlier run into the same folder): %s",
+            len(stale),
+            listing(stale),
+        )
+    return {name: _concat(frames) for name, frames in found.items()}
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    with_rows = [f for f in frames if not f.empty]
+    return pd.concat(with_rows or frames[:1], ignore_index=True)
 
 
 def find_figures(folder: Path, prefix: str) -> list[Path]:
@@ -76,12 +204,14 @@ def build_report(
         raise DataError(f"{folder}: results folder not found")
     tables = find_tables(folder)
     truth_files = sorted(folder.rglob("truth.json"))
-    truth = json.loads(truth_files[0].read_text()) if truth_files else None
+    truth = _read_truth(truth_files[0]) if truth_files else None
     if not tables:
         raise DataError(
-            f"{folder}: no result tables found ({', '.join(t + '.csv' for t in TABLES)})"
+            f"{folder}: no result tables found ({', '.join(TABLES)}; as .csv or .parquet)"
         )
-    sections = [_summary(tables, truth)]
+    empty = [name for name, frame in tables.items() if frame.empty]
+    all_tables, tables = tables, {n: t for n, t in tables.items() if not t.empty}
+    sections = [_summary(tables, truth, empty)]
     if truth is not None:
         sections.append(_truth_section(truth, tables))
     if "alignment" in tables:
@@ -97,7 +227,9 @@ def build_report(
     sections.append(
         html.Section(
             "Tables (CSV downloads)",
-            "<ul>" + "".join(f"<li>{_download(t, n)}</li>" for n, t in tables.items()) + "</ul>",
+            "<ul>"
+            + "".join(f"<li>{_download(t, n)}</li>" for n, t in all_tables.items())
+            + "</ul>",
             "tables",
         )
     )
@@ -112,21 +244,40 @@ def build_report(
     return html.write_page(Path(out) if out else folder / "report.html", page)
 
 
-def _summary(tables: dict[str, pd.DataFrame], truth: dict[str, Any] | None) -> html.Section:
+def _largest(values: pd.Series) -> str:
+    """The largest value as an integer, ``n/a`` when there is no number."""
+    top = pd.to_numeric(values, errors="coerce").max()
+    return "n/a" if pd.isna(top) else str(int(top))
+
+
+def _read_truth(path: Path) -> dict[str, Any]:
+    try:
+        truth = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot be read as the simulation's truth ({exc})") from None
+    if not isinstance(truth, dict):
+        raise DataError(f"{path}: not the simulation's truth (expected a JSON object)")
+    return truth
+
+
+def _summary(
+    tables: dict[str, pd.DataFrame], truth: dict[str, Any] | None, empty: Sequence[str] = ()
+) -> html.Section:
     facts = []
     if "alignment" in tables:
         frame = tables["alignment"]
+        in_all = frame[frame["condition"].astype(str) == "all"]
         facts += [
             ("models", ", ".join(dict.fromkeys(frame["model"].astype(str)))),
-            ("layers per model", str(frame.groupby("model")["layer"].nunique().max())),
+            ("layers per model", _largest(frame.groupby("model")["layer"].nunique())),
             ("targets", ", ".join(dict.fromkeys(frame["target"].astype(str)))),
             ("conditions", ", ".join(dict.fromkeys(frame["condition"].astype(str)))),
-            ("stimuli", str(int(frame.loc[frame["condition"] == "all", "n_stimuli"].max()))),
+            ("stimuli", _largest(in_all["n_stimuli"] if not in_all.empty else frame["n_stimuli"])),
             (
                 "RDM / comparison",
                 f"{frame['rdm_metric'].iat[0]} / {frame['compare_method'].iat[0]}",
             ),
-            ("permutations", str(int(frame["n_perm"].max()))),
+            ("permutations", _largest(frame["n_perm"])),
         ]
     if "filter_objects" in tables:
         frame = tables["filter_objects"]
@@ -138,6 +289,8 @@ def _summary(tables: dict[str, pd.DataFrame], truth: dict[str, Any] | None) -> h
         facts.append(
             ("data", f"simulated, {truth.get('n_subjects')} subjects, seed {truth.get('seed')}")
         )
+    if empty:
+        facts.append(("empty tables (no rows, no section)", ", ".join(empty)))
     body = html.table_html(pd.DataFrame(facts, columns=["", "value"]))
     return html.Section("Study summary", body, "summary")
 

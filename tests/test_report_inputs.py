@@ -1,0 +1,273 @@
+"""The report on bad, empty and stale result tables: one clear error or a report, never a crash."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from object2brain.errors import DataError
+from object2brain.lesion import OBJECT2BRAIN_COLUMNS
+from object2brain.report.build import build_report
+from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, CONTRAST_COLUMNS
+
+
+def alignment(n_layers: int = 2, condition: str = "all") -> pd.DataFrame:
+    rows = []
+    for i in range(n_layers):
+        for subject in ("sub-01", "group"):
+            rows.append(
+                {
+                    "model": "resnet18",
+                    "layer": f"layer{i + 1}",
+                    "layer_index": i,
+                    "target": "EVC",
+                    "target_kind": "roi",
+                    "subject": subject,
+                    "condition": condition,
+                    "rdm_metric": "correlation",
+                    "compare_method": "spearman",
+                    "r": 0.1 * (i + 1),
+                    "p_perm": 0.05,
+                    "p_fdr": 0.05,
+                    "ci_low": 0.0,
+                    "ci_high": 0.3,
+                    "nc_low": 0.4,
+                    "nc_high": 0.6,
+                    "n_stimuli": 12,
+                    "n_perm": 20,
+                }
+            )
+    return pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS)
+
+
+def behavior_direct() -> pd.DataFrame:
+    row = ["resnet18", "all", "spearman", 0.5, 0.01, 0.2, 0.7, 12]
+    return pd.DataFrame([row], columns=BEHAVIOR_DIRECT_COLUMNS)
+
+
+def condition_contrast() -> pd.DataFrame:
+    row: dict[str, Any] = dict.fromkeys(CONTRAST_COLUMNS, 0.1)
+    row.update(model="resnet18", layer="layer1", target="EVC", target_kind="roi")
+    row.update(subject="group", condition_a="pos", condition_b="neg")
+    row.update(rdm_metric="correlation", compare_method="spearman")
+    return pd.DataFrame([row], columns=CONTRAST_COLUMNS)
+
+
+def object2brain_table() -> pd.DataFrame:
+    row: dict[str, Any] = dict.fromkeys(OBJECT2BRAIN_COLUMNS, 0.1)
+    row.update(model="resnet18", layer="layer4", group="Faces", variant="lesion", target="EVC")
+    row.update(subject="group", condition="all", n_filters=3, n_null=10)
+    return pd.DataFrame([row], columns=OBJECT2BRAIN_COLUMNS)
+
+
+def write_manifest(folder: Path, command: str, outputs: list[str]) -> None:
+    payload = {"command": command, "config": {}, "outputs": outputs}
+    (folder / "manifest.json").write_text(json.dumps(payload))
+
+
+def rsa_folder(folder: Path, *, contrast: bool = False) -> Path:
+    """What ``rsa --out folder`` writes (tables as CSV and Parquet and the manifest)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = {"alignment": alignment(), "behavior_direct": behavior_direct()}
+    if contrast:
+        tables["condition_contrast"] = condition_contrast()
+    outputs = []
+    for name, frame in tables.items():
+        frame.to_csv(folder / f"{name}.csv", index=False)
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+        outputs += [f"{name}.csv", f"{name}.parquet"]
+    write_manifest(folder, "rsa", sorted(outputs))
+    return folder
+
+
+def report_error(folder: Path) -> str:
+    with pytest.raises(DataError) as info:
+        build_report(folder)
+    assert not (folder / "report.html").exists()
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. wrong columns, unreadable files
+
+
+def test_wrong_columns_name_the_file_and_the_missing_columns(tmp_path: Path) -> None:
+    folder = rsa_folder(tmp_path / "res")
+    (folder / "alignment.csv").write_text("a,b\n1,2\n")
+    message = report_error(folder)
+    assert str(folder / "alignment.csv") in message
+    assert "missing column(s) model, layer, layer_index" in message
+    assert "n_perm" in message and "(found: a, b)" in message
+    assert "\n" not in message
+
+
+def test_wrong_columns_in_a_lesion_table(tmp_path: Path) -> None:
+    folder = tmp_path / "res"
+    folder.mkdir()
+    object2brain_table().drop(columns=["delta_r", "p_fdr"]).to_csv(
+        folder / "object2brain.csv", index=False
+    )
+    message = report_error(folder)
+    assert str(folder / "object2brain.csv") in message
+    assert "missing column(s) delta_r, p_fdr" in message
+
+
+def test_corrupt_csv_names_the_file(tmp_path: Path) -> None:
+    folder = rsa_folder(tmp_path / "res")
+    (folder / "alignment.csv").write_bytes(b"\xff\xfe\x00\x81garbage\x00\x9d\n\xc3\x28,\x00\n")
+    message = report_error(folder)
+    assert str(folder / "alignment.csv") in message
+
+
+def test_corrupt_parquet_names_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "res"
+    folder.mkdir()
+    (folder / "alignment.parquet").write_bytes(b"PAR1 this is not parquet")
+    message = report_error(folder)
+    assert str(folder / "alignment.parquet") in message
+    assert "cannot be read" in message
+
+
+def test_parquet_without_csv_is_reported(tmp_path: Path) -> None:
+    folder = rsa_folder(tmp_path / "res")
+    (folder / "alignment.csv").unlink()
+    page = build_report(folder).read_text()
+    assert "Alignment of layers with behaviour and brain" in page
+
+
+def test_cli_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from object2brain.cli import main
+
+    folder = rsa_folder(tmp_path / "res")
+    (folder / "alignment.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(folder)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "alignment.csv" in err and "missing column(s) model" in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. tables without rows
+
+
+def test_header_only_alignment_is_reported_as_empty(tmp_path: Path) -> None:
+    folder = rsa_folder(tmp_path / "res")
+    pd.DataFrame(columns=ALIGNMENT_COLUMNS).to_csv(folder / "alignment.csv", index=False)
+    page = build_report(folder).read_text()
+    assert "empty tables" in page and "alignment.csv</a> (0 rows)" in page
+    assert "Alignment of layers with behaviour and brain" not in page
+    assert "Behaviour: predicted vs rated valence" in page
+
+
+def test_only_empty_tables_still_give_a_report(tmp_path: Path) -> None:
+    folder = tmp_path / "res"
+    folder.mkdir()
+    pd.DataFrame(columns=ALIGNMENT_COLUMNS).to_csv(folder / "alignment.csv", index=False)
+    pd.DataFrame(columns=OBJECT2BRAIN_COLUMNS).to_csv(folder / "object2brain.csv", index=False)
+    page = build_report(folder).read_text()
+    assert "alignment, object2brain" in page
+    assert "Object2Brain: object groups behind the alignment" not in page
+
+
+def test_alignment_without_condition_all(tmp_path: Path) -> None:
+    folder = tmp_path / "res"
+    folder.mkdir()
+    frame = alignment(condition="pos")
+    frame["n_perm"] = float("nan")
+    frame.to_csv(folder / "alignment.csv", index=False)
+    page = build_report(folder).read_text()
+    assert "n/a" in page and "12" in page
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. stale tables of an earlier run into the same folder
+
+
+def test_tables_the_manifest_does_not_list_are_stale(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = rsa_folder(tmp_path / "res", contrast=True)
+    rsa_folder(folder)  # re-run without conditions: condition_contrast.* stay behind
+    assert (folder / "condition_contrast.csv").is_file()
+    with caplog.at_level(logging.WARNING, logger="object2brain"):
+        page = build_report(folder).read_text()
+    assert "Condition contrast" not in page and "condition_contrast.csv" not in page
+    assert "Behaviour: predicted vs rated valence" in page
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert str(folder / "condition_contrast.csv") in warnings[0] and "stale" in warnings[0]
+
+
+def test_tables_listed_by_the_manifest_are_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = rsa_folder(tmp_path / "res", contrast=True)
+    with caplog.at_level(logging.WARNING, logger="object2brain"):
+        page = build_report(folder).read_text()
+    assert "Condition contrast" in page
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_folder_without_manifest_keeps_every_table(tmp_path: Path) -> None:
+    folder = rsa_folder(tmp_path / "res", contrast=True)
+    (folder / "manifest.json").unlink()
+    assert "Condition contrast" in build_report(folder).read_text()
+
+
+def test_unreadable_manifest_keeps_every_table_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = rsa_folder(tmp_path / "res", contrast=True)
+    (folder / "manifest.json").write_text("{bad")
+    with caplog.at_level(logging.WARNING, logger="object2brain"):
+        page = build_report(folder).read_text()
+    assert "Condition contrast" in page
+    assert any("manifest.json" in r.getMessage() for r in caplog.records)
+
+
+def test_manifest_of_another_command_does_not_hide_tables(tmp_path: Path) -> None:
+    folder = rsa_folder(tmp_path / "res", contrast=True)
+    (folder / "object2brain.csv").write_text(object2brain_table().to_csv(index=False))
+    # a lesion run into the rsa folder overwrote its manifest: the rsa tables are not stale
+    write_manifest(folder, "lesion", [str(folder / "object2brain.csv")])
+    page = build_report(folder).read_text()
+    assert "Condition contrast" in page and "Object2Brain: object groups" in page
+    write_manifest(folder, "extract", ["store.h5"])
+    assert "Condition contrast" in build_report(folder).read_text()
+
+
+def test_run_folder_with_stage_subfolders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "results"
+    rsa_folder(out / "rsa", contrast=True)
+    rsa_folder(out / "rsa")  # the rsa stage re-ran without conditions
+    lesion = out / "lesion" / "resnet18"
+    lesion.mkdir(parents=True)
+    object2brain_table().to_csv(lesion / "object2brain.csv", index=False)
+    # lesion records absolute paths (here of a folder since moved): matched by file name
+    write_manifest(lesion, "lesion", ["/elsewhere/lesion/resnet18/object2brain.csv"])
+    write_manifest(out, "run", [str(out / "activations" / "resnet18.h5")])
+    with caplog.at_level(logging.WARNING, logger="object2brain"):
+        page = build_report(out).read_text()
+    assert "Alignment of layers with behaviour and brain" in page
+    assert "Object2Brain: object groups behind the alignment" in page
+    assert "Condition contrast" not in page
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(out / "rsa" / "condition_contrast.csv") in warnings[0]
+
+
+def test_corrupt_truth_names_the_file(tmp_path: Path) -> None:
+    folder = rsa_folder(tmp_path / "res")
+    (folder / "simulation").mkdir()
+    (folder / "simulation" / "truth.json").write_text("{not json")
+    message = report_error(folder)
+    assert str(folder / "simulation" / "truth.json") in message
