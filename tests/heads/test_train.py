@@ -294,4 +294,6 @@ def test_output_folder_must_be_creatable(small_table: Path, tmp_path: Path) -> N
         train_head(tiny_model(), stimuli=small_table, out=tmp_path / "afile" / "such" / "out")
     with pytest.raises(DataError, match="loss 'l1'"):
         train_head(tiny_model(), stimuli=small_table, out=tmp_path / "o", loss="l1")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"learning rate 0\.0: must be positive"):
+        train_head(tiny_model(), stimuli=small_table, out=tmp_path / "o", lr=0.0)
     assert not (tmp_path / "o").exists()

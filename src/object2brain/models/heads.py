@@ -713,6 +713,8 @@ def train_head(
     for label, value in (("epochs", epochs), ("batch size", batch_size), ("patience", patience)):
         if value < 1:
             raise DataError(f"{label} {value}: must be at least 1")
+    if not lr > 0:  # also NaN
+        raise DataError(f"learning rate {lr}: must be positive (0 would never train the head)")
     specs: list[str | LoadedModel] = (
         [models] if isinstance(models, str | LoadedModel) else list(models)
     )
