@@ -224,3 +224,30 @@ def test_cli_rsa(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, "--rdm", "manhattan"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "unknown RDM metric 'manhattan'" in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["spearman", "kendall_tau_a"])
+def test_rater_constant_within_a_condition_is_explained(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    """A rater who gave every stimulus of condition A one rating: say why the group row is NaN
+    (spearman) or what tau-a does with it, naming the rater and the condition."""
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(10)]
+    store = write_store(tmp_path / "m.h5", {"l": rng.normal(size=(10, 12))}, ids)
+    ratings = rng.integers(-3, 4, size=(3, 10)).astype(float)
+    ratings[0, :5] = 1.0
+    frame = pd.DataFrame(
+        {"subject": np.repeat(["r1", "r2", "r3"], 10), "stimulus_id": ids * 3,
+         "valence": ratings.ravel()}
+    )  # fmt: skip
+    stimuli = pd.DataFrame({"stimulus_id": ids, "condition": ["A"] * 5 + ["B"] * 5})
+    with caplog.at_level("WARNING", logger="object2brain"):
+        result = run_alignment(
+            store, ratings=frame, stimuli=stimuli, compare_method=method, n_perm=9, n_boot=0,
+            device="cpu", progress=False, figures=False,
+        )  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if "is constant" in r.getMessage()]
+    assert len(warned) == 1 and "condition 'A'" in warned[0] and "r1" in warned[0]
+    group_a = result.alignment.query("condition == 'A' and subject == 'group'")["r"]
+    assert group_a.isna().all() == (method == "spearman")

@@ -62,7 +62,7 @@ from object2brain.data.brain import BrainData, OnMissing, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
-from object2brain.errors import DataError
+from object2brain.errors import DataError, listing
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.inference import (
@@ -166,6 +166,33 @@ class AlignmentResult:
 
 
 # --- inputs ---------------------------------------------------------------------------------
+
+
+def _warn_constant_subjects(target: Target, vectors: torch.Tensor, cond: str, method: str) -> None:
+    """Say why rows will be NaN: a subject whose RDM ``vectors`` ``(S, n_pairs)`` is constant
+    within ``cond`` (e.g. a rater who gave every stimulus of a condition the same rating) has an
+    undefined Spearman/Pearson r, and so has the mean over subjects."""
+    constant = [
+        subject
+        for subject, row in zip(target.subjects, vectors, strict=True)
+        if bool((row == row[0]).all())
+    ]
+    if not constant:
+        return
+    if method == "kendall_tau_a":
+        consequence = "their tau-a is 0 and enters the mean over subjects"
+    else:
+        consequence = (
+            f"their {method} r is undefined (NaN), and so are the mean over subjects and the "
+            "noise ceiling"
+        )
+    log.warning(
+        "%s, condition %r: the RDM of %s is constant (all dissimilarities equal): %s",
+        target.name,
+        cond,
+        listing(constant),
+        consequence,
+    )
 
 
 def build_targets(
@@ -436,6 +463,7 @@ def _run(
     for cond, idx in cond_index:
         it = torch.as_tensor(idx, device=dev)
         for t_index, target in enumerate(targets):
+            _warn_constant_subjects(target, upper_triangle(_sub(target.rdms, it)), cond, method)
             if target.group_only:
                 ceilings[(t_index, cond)] = (float("nan"), float("nan"))
             else:
