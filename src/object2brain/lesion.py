@@ -44,7 +44,7 @@ from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
 from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, require_columns
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
-from object2brain.manifest import build_manifest, file_sha256
+from object2brain.manifest import build_manifest, file_sha256, output_list
 from object2brain.rsa.align import Target, build_targets
 from object2brain.rsa.compare import check_method, correlate_prepared, prepare
 from object2brain.rsa.inference import fdr_bh
@@ -557,7 +557,7 @@ def _write(
         if isinstance(source, str | Path) and Path(source).is_file():
             inputs[str(source)] = file_sha256(source)
     manifest = build_manifest(
-        "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=[str(f) for f in files]
+        "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=output_list(files, out)
     )
     files.append(write_json(out / "manifest.json", manifest))
     return files

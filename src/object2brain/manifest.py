@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +34,17 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def output_list(files: Iterable[str | Path], folder: str | Path) -> list[str]:
+    """Files written, for a manifest's ``outputs``: relative to ``folder`` (the manifest's own
+    folder) where they lie under it, so the record survives moving the folder."""
+    root = Path(folder).resolve()
+    listed = []
+    for file in files:
+        path = Path(file).resolve()
+        listed.append(str(path.relative_to(root)) if path.is_relative_to(root) else str(path))
+    return sorted(listed)
 
 
 def build_manifest(

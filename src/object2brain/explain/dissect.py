@@ -741,7 +741,7 @@ def _write_manifest(
     files: list[Path],
     **config: Any,
 ) -> Path:
-    from object2brain.manifest import build_manifest, file_sha256
+    from object2brain.manifest import build_manifest, file_sha256, output_list
     from object2brain.store import write_json
 
     inputs = {"stimuli_fingerprint": stimulus_set.fingerprint(), "weights": loaded.weights_sha256}
@@ -764,7 +764,7 @@ def _write_manifest(
         },
         seeds={"seed": int(config.get("seed", 0))},
         inputs=inputs,
-        outputs=[str(f) for f in files],
+        outputs=output_list(files, out),
         extra={"summary": summary},
     )
     return write_json(out / "manifest.json", payload)

@@ -63,7 +63,7 @@ from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError, listing
-from object2brain.manifest import build_manifest, file_sha256
+from object2brain.manifest import build_manifest, file_sha256, output_list
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.inference import (
     bootstrap_ci,
@@ -771,7 +771,7 @@ def _write(
         config,
         seeds={"permutation": seed, "bootstrap": seed},
         inputs={str(p): file_sha256(p) for p in dict.fromkeys(inputs) if p.is_file()},
-        outputs=sorted(str(p.relative_to(out)) for p in files),
+        outputs=output_list(files, out),
         extra={
             "n_stimuli": len(ids),
             "conditions": conditions,
