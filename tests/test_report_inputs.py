@@ -271,3 +271,22 @@ def test_corrupt_truth_names_the_file(tmp_path: Path) -> None:
     (folder / "simulation" / "truth.json").write_text("{not json")
     message = report_error(folder)
     assert str(folder / "simulation" / "truth.json") in message
+
+
+def test_figures_the_manifest_does_not_list_are_stale(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An earlier run's figure of a model no longer analysed is left out, with a warning."""
+    from PIL import Image
+
+    folder = rsa_folder(tmp_path / "res")
+    (folder / "figures").mkdir()
+    for name in ("alignment_resnet18.png", "alignment_oldmodel.png"):
+        Image.new("RGB", (4, 4)).save(folder / "figures" / name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    write_manifest(folder, "rsa", [*manifest["outputs"], "figures/alignment_resnet18.png"])
+    with caplog.at_level(logging.WARNING, logger="object2brain"):
+        page = build_report(folder).read_text()
+    assert 'alt="Alignment per layer: resnet18"' in page and "oldmodel" not in page
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "alignment_oldmodel.png" in warnings[0]

@@ -173,10 +173,31 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def find_figures(folder: Path, prefix: str) -> list[Path]:
-    """PNG figures whose name starts with ``prefix`` under any ``figures`` folder."""
-    return sorted(
+    """PNG figures whose name starts with ``prefix`` under any ``figures`` folder, leaving out
+    those that the run's ``manifest.json`` (beside ``figures/``) does not list: leftovers of an
+    earlier run into the same folder (e.g. a model no longer analysed)."""
+    found = sorted(
         p for p in folder.rglob(f"{prefix}*.png") if p.parent.name == "figures" and p.is_file()
     )
+    return [path for path in found if _figure_is_current(path)]
+
+
+def _figure_is_current(path: Path) -> bool:
+    manifest_path = path.parent.parent / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True  # no (readable) manifest: nothing to check against
+    if not isinstance(manifest, dict) or manifest.get("command") not in TABLES_WRITTEN_BY:
+        return True
+    outputs = manifest.get("outputs")
+    if not isinstance(outputs, list):
+        return True
+    # a run without figures lists none: then every figure there is older than it
+    if path.name not in {Path(str(o)).name for o in outputs}:
+        log.warning("%s: not listed by %s, left out as stale", path, manifest_path)
+        return False
+    return True
 
 
 def _figure(path: Path, caption: str) -> str:
