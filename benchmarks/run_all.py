@@ -439,6 +439,11 @@ def render_markdown() -> str:
             "GPU == CPU on a slice first (float64 paths within 1e-9; float32 network paths within "
             "1e-2 of the largest value, TF32 convolutions) and records the result.",
             "",
+            "Checked without a GPU (2026-11-26): `gpu_cases.py --smoke` runs every case end to "
+            "end on the CPU under the device image's software (Python 3.12, torch 2.11.0, "
+            "torchvision 0.26.0, numpy 2.5, no pydantic/nibabel/nilearn), and the whole test "
+            "suite passes under those versions too.",
+            "",
         ]
     for data in gpu:
         env = data.get("environment", {})
