@@ -154,6 +154,9 @@ def test_cli_prints_one_line_and_exits_2(
     assert err.startswith("error: ") and "\n" not in err
     assert "alignment.csv" in err and "missing column(s) model" in err
     assert "Traceback" not in err
+    alignment().to_csv(folder / "alignment.csv", index=False)
+    main(["report", str(folder), "--quiet"])  # the common option, as on every command
+    assert (folder / "report.html").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -382,10 +382,12 @@ def simulate_command(
         typer.Option("--valence-source", help="layer:L or valence, when the table has none."),
     ] = None,
     seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Simulate ratings and ROI patterns with a planted truth from an activation store."""
     from object2brain.simulate import simulate
 
+    _quiet(quiet)
     result = simulate(
         activations,
         roi,
@@ -501,10 +503,12 @@ def report_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="HTML file (default: FOLDER/report.html).")
     ] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Write one self-contained HTML report of the results under FOLDER."""
     from object2brain.report.build import build_report
 
+    _quiet(quiet)
     typer.echo(f"report: {build_report(folder, out=out)}")
 
 

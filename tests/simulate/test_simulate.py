@@ -251,3 +251,19 @@ def test_output_loads_as_brain_data(store: Path, table: Path, tmp_path: Path) ->
     brain = load_brain(result.brain_manifest)
     assert brain.rois == ["EVC", "V"]
     assert brain.for_roi("EVC")[0].data.shape == (30, 1)
+
+
+def test_cli(store: Path, table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from object2brain.cli import main
+
+    out = tmp_path / "sim"
+    argv = ["simulate", "--activations", str(store), "--stimuli", str(table),
+            "--roi", "EVC=layer:early;snr=2;voxels=20", "--subjects", "3", "--out", str(out),
+            "--quiet"]  # fmt: skip
+    main(argv)
+    assert "wrote" in capsys.readouterr().out
+    assert load_brain(out / "brain.yaml").subjects == ["sub-01", "sub-02", "sub-03"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv[:-3], "--out", str(tmp_path / "bad"), "--roi", "a/b=layer:early"])
+    assert info.value.code == 2 and "error: " in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
