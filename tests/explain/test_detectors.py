@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torchvision
 
 from object2brain.errors import DataError, WeightsUnavailableError
 from object2brain.explain.detectors import (
@@ -121,6 +122,8 @@ def test_torchvision_detectors_offline_message(kind: str) -> None:
     detector = make_detector(kind)
     with pytest.raises(WeightsUnavailableError, match=r"download.*--detector opencv"):
         detector.ensure_ready()
+    # cached detections are keyed by what makes them: DEFAULT weights follow the release
+    assert detector.config()["torchvision"] == torchvision.__version__
 
 
 def test_opencv_finds_pasted_faces_and_cache(tmp_path: Path) -> None:

@@ -303,11 +303,14 @@ class TorchvisionDetector(Detector):
         self._transform: Any = None
 
     def config(self) -> dict[str, Any]:
+        import torchvision
+
         builder, weights = TORCHVISION_DETECTORS[self.kind]
         return {
             "kind": self.kind,
             "builder": builder,
-            "weights": f"{weights}.DEFAULT",
+            "weights": f"{weights}.DEFAULT",  # DEFAULT may name newer weights in a new release
+            "torchvision": torchvision.__version__,
             "score_threshold": self.score_threshold,
         }
 
