@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import ResNet18_Weights
 
 from o2b_testing import shipped_photo
 from object2brain.errors import ModelError, WeightsUnavailableError
-from object2brain.models.zoo import build_architecture, list_models, load_model, state_dict_sha256
+from object2brain.models.zoo import (
+    build_architecture,
+    list_models,
+    load_model,
+    preprocessing_for,
+    state_dict_sha256,
+)
 
 
 def test_unknown_model_suggests_close_names() -> None:
@@ -134,3 +141,56 @@ def test_bundled_efficientnet_lite0_recognises_espresso() -> None:
     with torch.no_grad():
         cat_top3 = model.module(chelsea).topk(3).indices[0].tolist()
     assert {categories[i] for i in cat_top3} & {"tabby", "tiger cat", "Egyptian cat"}
+
+
+def test_preprocessing_follows_the_chosen_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each torchvision weight set has its own transforms: resnet50 V1 resizes to 256 (V2, the
+    default, to 232); vgg16's FEATURES weights take 0..255 pixel values (std 1/255)."""
+    from torchvision.models import ResNet50_Weights, VGG16_Weights
+
+    for arch, weights in (("resnet50", ResNet50_Weights), ("vgg16", VGG16_Weights)):
+        for member in weights:
+            expected = member.transforms()
+            got = preprocessing_for(arch, member.name)
+            assert got.resize_size == expected.resize_size[0]
+            assert got.crop_size == expected.crop_size[0]
+            np.testing.assert_allclose(got.std, expected.std)
+    assert preprocessing_for("resnet50").resize_size == 232  # DEFAULT is IMAGENET1K_V2
+    source = build_architecture("resnet50", seed=1)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    name = Path(ResNet50_Weights.IMAGENET1K_V1.url).name
+    torch.save(source.state_dict(), cache / name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(
+        ResNet50_Weights.IMAGENET1K_V1.__class__,
+        "get_state_dict",
+        lambda self, *a, **k: torch.load(cache / name, weights_only=True),
+    )
+    assert load_model("resnet50", "IMAGENET1K_V1").preprocessing.resize_size == 256
+
+
+def test_googlenet_checkpoint_computes_what_torchvision_pretrained_computes(
+    tmp_path: Path,
+) -> None:
+    """torchvision's pretrained googlenet re-maps its input (transform_input=True): the same
+    weights from a file must do so too."""
+    from torchvision.models import googlenet
+
+    torch.manual_seed(0)
+    reference = googlenet(weights=None, aux_logits=True, init_weights=True).eval()
+    path = tmp_path / "googlenet.pth"
+    torch.save(reference.state_dict(), path)  # torchvision's file layout, aux classifiers too
+    reference.transform_input = True  # what googlenet(weights=...) sets
+    reference.aux_logits, reference.aux1, reference.aux2 = False, None, None
+    loaded = load_model("googlenet", str(path))
+    x = torch.randn(2, 3, 224, 224)
+    first: list[torch.Tensor] = []  # conv1's output: random-weight logits barely vary
+    for network in (loaded.module, reference):
+        handle = network.conv1.register_forward_hook(lambda m, i, o: first.append(o))
+        with torch.no_grad():
+            network(x)
+        handle.remove()
+    torch.testing.assert_close(first[0], first[1])

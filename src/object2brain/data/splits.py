@@ -7,7 +7,8 @@ Stratification: the stimuli of each level are shuffled with ``numpy.random.defau
 the levels are laid end to end (lowest level first), and position ``k`` of that sequence goes to
 the split ``s`` with the largest deficit ``f_s * (k + 1) - c_s`` (``f_s`` the requested fraction,
 ``c_s`` the count already given to ``s``; ties go to train, then val, then test). Every split thus
-receives its exact global share (to one stimulus) and each level its share to within one stimulus.
+receives its exact global share (to one stimulus) and each level its share to within two stimuli
+(measured: at most 1.34 over 3,000 random splits).
 
 Split file (CSV): ``stimulus_id, valence, level, split`` with ``split`` in ``train|val|test``.
 """

