@@ -18,6 +18,7 @@ from torch import nn
 
 import object2brain as o2b
 from object2brain.data.images import load_image
+from object2brain.errors import StoreError
 from object2brain.extract import extract
 from object2brain.models.heads import save_head
 from object2brain.models.zoo import LoadedModel, load_model
@@ -104,6 +105,19 @@ def test_float16_storage_and_layer_subset(stimulus_table: Path, tmp_path: Path) 
         # rows can be read back by id, in any order
         picked = store.read("fc", ids=["s05_cat", "s00_coffee"])
         np.testing.assert_array_equal(picked, stored[[5, 0]])
+
+
+def test_values_beyond_float16_range_are_refused(stimulus_table: Path, tmp_path: Path) -> None:
+    """float16 storage would turn them into inf silently; float32 stores them."""
+    model = load_model("resnet18", "none", seed=0)
+    with torch.no_grad():
+        model.module.conv1.weight.mul_(1e6)
+    with pytest.raises(StoreError, match=r"layer 'conv1': activations beyond float16's range"):
+        extract(model, stimulus_table, out=tmp_path / "a.h5", layers="conv1", dtype="float16",
+                progress=False)  # fmt: skip
+    stored = extract(model, stimulus_table, out=tmp_path / "b.h5", layers="conv1", progress=False)
+    with ActivationStore.open(stored) as store:
+        assert np.abs(store.read("conv1")).max() > 65504
 
 
 def test_valence_head_adds_valence_layer(stimulus_table: Path, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ from object2brain._version import __version__
 from object2brain.data.images import load_image
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
-from object2brain.errors import LayerError, StimulusError, StoreError
+from object2brain.errors import LayerError, StimulusError, StoreError, listing
 from object2brain.manifest import build_manifest, file_sha256
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
 from object2brain.models.zoo import LoadedModel, Preprocessing, load_model
@@ -523,6 +523,7 @@ def _run_batches(
                     blocks[VALENCE_LAYER] = output.reshape(output.shape[0], -1)[:, 0].float()
                 if srp is not None:
                     blocks = _project_blocks(blocks, srp, seed, projections, device)
+                _check_storable(blocks, dtype, [ids[int(i)] for i in indices])
                 arrays = {
                     name: block.contiguous().to("cpu").numpy().astype(dtype, copy=False)
                     for name, block in blocks.items()
@@ -540,6 +541,25 @@ def _run_batches(
         bar.close()
         if channels_last:
             network.to(memory_format=torch.contiguous_format)
+
+
+#: Largest finite float16 value: larger activations would be stored as inf.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_storable(blocks: dict[str, torch.Tensor], dtype: np.dtype, batch_ids: list[str]) -> None:
+    """Refuse NaN/inf activations and, for float16 storage, values beyond its range (checked on
+    the device, before the copy). ``blocks``: layer -> ``(batch, ...)``."""
+    for name, block in blocks.items():
+        flat = block.reshape(block.shape[0], -1)
+        bad = ~torch.isfinite(flat).all(dim=1)
+        problem = "NaN or infinite activations"
+        if not bool(bad.any()) and dtype == np.float16:
+            bad = flat.abs().amax(dim=1) > FLOAT16_MAX
+            problem = f"activations beyond float16's range ({FLOAT16_MAX:g}; use --dtype float32)"
+        if bool(bad.any()):
+            rows = [batch_ids[int(i)] for i in torch.nonzero(bad).flatten()]
+            raise StoreError(f"layer {name!r}: {problem} for stimulus id(s) {listing(rows)}")
 
 
 def _project_blocks(
