@@ -204,6 +204,7 @@ def run_lesion(
     prop_behavior: list[pd.DataFrame] = []
     prop_alignment: list[pd.DataFrame] = []
     brain_data = load_brain(brain) if brain is not None else None
+    covered: dict[tuple[str, ...], list[str]] = {}  # matched once per id set: one warning
     for path in paths:
         with ActivationStore.open(path) as store:
             model_name = str(store.attrs.get("model", path.stem))
@@ -213,7 +214,10 @@ def run_lesion(
                     raise DataError("--propagate needs --model and --stimuli (with images)")
                 _check_same_weights(store, model)
             if brain_data is not None:
-                ids = brain_data.common_ids(ids)
+                key = tuple(ids)
+                if key not in covered:
+                    covered[key] = brain_data.common_ids(ids)
+                ids = covered[key]
             rating_data = load_ratings(ratings, ids) if ratings is not None else None
             valence = _stimulus_valence(stimulus_set, ids)
             targets = build_targets(brain_data, rating_data, valence, ids, rdm_metric, dev)
