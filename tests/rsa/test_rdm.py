@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from rsatoolbox.data import Dataset
@@ -109,6 +109,7 @@ def test_to_rsatoolbox() -> None:
     arrays(np.float64, (2, 15), elements=st.floats(0, 1e6, allow_subnormal=False)),
     st.sampled_from([1e-9, 1.0, 3.0, 1e9]),
 )
+@example(np.full((2, 15), 6.4e-298), 1e-9)  # near the subnormal range (found by hypothesis)
 def test_snap_ties_moves_values_by_at_most_2_to_minus_40_of_the_largest(
     values: np.ndarray, scale: float
 ) -> None:

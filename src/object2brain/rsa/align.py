@@ -440,8 +440,8 @@ def _run(
     conditions: list[str] = []
     labels: np.ndarray | None = None
     if "condition" in table.columns:
-        raw = table["condition"].iloc[rows]
-        labels = np.asarray(["" if pd.isna(c) else str(c) for c in raw])
+        every = StimulusSet(table).conditions or []  # "" where empty, as in the lesion analysis
+        labels = np.asarray([every[r] for r in rows])
         conditions = [c for c in dict.fromkeys(labels.tolist()) if c != ""]
 
     targets = build_targets(brain, ratings, stim_valence, ids, metric, dev)

@@ -65,7 +65,10 @@ def snap_ties(rdms: torch.Tensor, dims: int = 2, *, inplace: bool = False) -> to
     """
     axes = tuple(range(-dims, 0))
     peak = rdms.abs().amax(dim=axes, keepdim=True)
-    step = torch.exp2(torch.ceil(torch.log2(peak.clamp_min(1e-300))) - SNAP_BITS)
+    finfo = torch.finfo(rdms.dtype)
+    smallest = finfo.tiny * finfo.eps  # smallest positive value: rounding to it changes nothing
+    step = torch.exp2(torch.ceil(torch.log2(peak.clamp_min(smallest))) - SNAP_BITS)
+    step = step.clamp_min(smallest)  # tiny RDMs (< ~1e-296 in float64) stay as they are
     if inplace:
         return rdms.div_(step).round_().mul_(step)
     return torch.round(rdms / step) * step
