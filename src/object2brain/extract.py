@@ -209,6 +209,10 @@ def _decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if device.type == "cuda":
+            # nvJPEG may write into memory that queued work on this stream still reads
+            # (pytorch/vision#9606, seen on H100): let that work finish first.
+            torch.cuda.current_stream(device).synchronize()
         images: list[torch.Tensor] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     return images
 

@@ -150,7 +150,9 @@ def kendall_tau_a(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
     A, B = _t(a), _t(b)
     m = A.shape[-1]
     if m < 2:
-        return torch.full((A.shape[0], B.shape[0]), float("nan"), dtype=torch.float64)
+        return torch.full(
+            (A.shape[0], B.shape[0]), float("nan"), dtype=torch.float64, device=A.device
+        )
     total = torch.zeros((A.shape[0], B.shape[0]), dtype=torch.float64, device=A.device)
     step = max(1, _SIGN_CHUNK_ELEMENTS // max(1, (A.shape[0] + B.shape[0]) * m))
     for start in range(0, m, step):
