@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,23 @@ from object2brain.models.zoo import (
     preprocessing_for,
     state_dict_sha256,
 )
+
+
+def cache_stand_in(
+    weights: Any, source: torch.nn.Module, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Put ``source``'s state dict where torchvision caches ``weights`` (``$TORCH_HOME``) and
+    make the enum read it from there: real weights, offline, without a download."""
+    cache = home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    name = Path(weights.url).name
+    torch.save(source.state_dict(), cache / name)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(
+        weights.__class__,
+        "get_state_dict",
+        lambda self, *a, **k: torch.load(cache / name, weights_only=True),
+    )
 
 
 def test_unknown_model_suggests_close_names() -> None:
@@ -51,16 +69,7 @@ def test_unknown_enum_name() -> None:
 def test_default_weights_from_torch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file in $TORCH_HOME/hub/checkpoints is used offline (a stand-in with random values)."""
     source = build_architecture("resnet18", seed=5)
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    name = Path(ResNet18_Weights.IMAGENET1K_V1.url).name
-    torch.save(source.state_dict(), cache / name)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(
-        ResNet18_Weights.IMAGENET1K_V1.__class__,
-        "get_state_dict",
-        lambda self, *a, **k: torch.load(cache / name, weights_only=True),
-    )
+    cache_stand_in(ResNet18_Weights.IMAGENET1K_V1, source, tmp_path, monkeypatch)
     loaded = load_model("resnet18", "IMAGENET1K_V1")
     assert loaded.weights == "ResNet18_Weights.IMAGENET1K_V1"
     assert state_dict_sha256(loaded.module) == state_dict_sha256(source)
@@ -159,16 +168,7 @@ def test_preprocessing_follows_the_chosen_weights(
             np.testing.assert_allclose(got.std, expected.std)
     assert preprocessing_for("resnet50").resize_size == 232  # DEFAULT is IMAGENET1K_V2
     source = build_architecture("resnet50", seed=1)
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    name = Path(ResNet50_Weights.IMAGENET1K_V1.url).name
-    torch.save(source.state_dict(), cache / name)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(
-        ResNet50_Weights.IMAGENET1K_V1.__class__,
-        "get_state_dict",
-        lambda self, *a, **k: torch.load(cache / name, weights_only=True),
-    )
+    cache_stand_in(ResNet50_Weights.IMAGENET1K_V1, source, tmp_path, monkeypatch)
     assert load_model("resnet50", "IMAGENET1K_V1").preprocessing.resize_size == 256
 
 

@@ -274,19 +274,21 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
                     f"dissect.layer.{unknown[0]}",
                     f"no model named {unknown[0]!r} (models: {', '.join(networks)})",
                 )
-        for model in config.models:
-            key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
-            if isinstance(dissect.layer, dict) and model.label not in dissect.layer:
-                raise fail("dissect.layer", f"no layer given for model {model.label!r}")
+        for index, model in enumerate(config.models):
             try:
-                resolve_layers(networks[model.label], [dissect.layer_for(model.label)])
+                layer = dissect.layer_for(model.label)
+            except ConfigError as exc:  # names its key already
+                raise ConfigError(f"{source}: {exc}") from None
+            key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
+            try:
+                resolve_layers(networks[model.label], [layer])
             except Object2BrainError as exc:
                 raise fail(key, exc) from None
             if model.head is None and config.train_head is None:
                 raise fail(
                     "dissect",
                     f"model {model.label!r} has no valence head to explain: give "
-                    f"models.{config.models.index(model)}.head or a train_head section",
+                    f"models.{index}.head or a train_head section",
                 )
         kind = dissect.detector.strip().lower()
         if not kind.startswith("boxes:") and kind != "opencv" and kind not in TORCHVISION_DETECTORS:

@@ -555,11 +555,11 @@ def _check_storable(blocks: dict[str, torch.Tensor], dtype: np.dtype, batch_ids:
     """Refuse NaN/inf activations and, for float16 storage, values beyond its range (checked on
     the device, before the copy). ``blocks``: layer -> ``(batch, ...)``."""
     for name, block in blocks.items():
-        flat = block.reshape(block.shape[0], -1)
-        bad = ~torch.isfinite(flat).all(dim=1)
+        peak = block.reshape(block.shape[0], -1).abs().amax(dim=1)  # one read; NaN/inf propagate
+        bad = ~torch.isfinite(peak)
         problem = "NaN or infinite activations"
         if not bool(bad.any()) and dtype == np.float16:
-            bad = flat.abs().amax(dim=1) > FLOAT16_MAX
+            bad = peak > FLOAT16_MAX
             problem = f"activations beyond float16's range ({FLOAT16_MAX:g}; use --dtype float32)"
         if bool(bad.any()):
             rows = [batch_ids[int(i)] for i in torch.nonzero(bad).flatten()]

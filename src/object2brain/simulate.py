@@ -54,7 +54,7 @@ import yaml
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.errors import DataError, StoreError, listing
 from object2brain.manifest import build_manifest, file_sha256
-from object2brain.store import ActivationStore, atomic_path, write_json
+from object2brain.store import ActivationStore, atomic_path, check_output_folder, write_json
 
 RATING_RANGE = (-3.0, 3.0)
 
@@ -208,8 +208,7 @@ def simulate(
     """
     specs = _check_arguments(rois, n_subjects, rating_noise, n_basis)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"{out}: the output folder (--out) is an existing file")
+    check_output_folder(out)
     rng = np.random.default_rng(seed)
 
     # Everything that can fail on the user's input is checked before --out is created.

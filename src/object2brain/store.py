@@ -49,7 +49,7 @@ def check_output_folder(folder: str | Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         where = "exists" if existing == folder else f"cannot be created: {existing} exists"
-        raise StoreError(f"{folder}: output folder {where} and is not a folder")
+        raise StoreError(f"{folder}: the output folder {where} and is not a folder")
     _probe_writable(existing, folder)
 
 

@@ -105,38 +105,48 @@ def _table_files(folder: Path, name: str) -> list[Path]:
     return sorted(by_dir.values())
 
 
-def _listed_tables(directory: Path, cache: dict[Path, set[str] | None]) -> set[str] | None:
-    """Tables that ``directory/manifest.json`` vouches for; None: no such (usable) manifest.
+def _run_record(directory: Path, *, warn: bool) -> tuple[object, set[str]] | None:
+    """``(command, names of the files listed in outputs)`` of ``directory/manifest.json``; None
+    when there is none, it is unreadable (a warning if ``warn``) or it lists no outputs.
 
     Outputs are matched by file name, since commands record them relative to the output folder,
     to the working directory or as absolute paths, and folders get copied or moved.
     """
-    if directory in cache:
-        return cache[directory]
-    cache[directory] = None
     path = directory / "manifest.json"
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        log.warning("%s: unreadable (%s); the tables beside it are reported unchecked", path, exc)
+        if warn:
+            log.warning("%s: unreadable (%s); results beside it are reported unchecked", path, exc)
         return None
     outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
     if not isinstance(outputs, list):
         return None
-    files = [Path(str(o)) for o in outputs]
-    listed = {f.stem for f in files if f.suffix.lower() in _SUFFIXES} & set(TABLES)
-    command = manifest.get("command")
+    return manifest.get("command"), {Path(str(o)).name for o in outputs}
+
+
+def _listed_tables(directory: Path, cache: dict[Path, set[str] | None]) -> set[str] | None:
+    """Tables that ``directory/manifest.json`` vouches for; None: no such (usable) manifest."""
+    if directory not in cache:
+        cache[directory] = _tables_vouched_for(_run_record(directory, warn=True))
+    return cache[directory]
+
+
+def _tables_vouched_for(record: tuple[object, set[str]] | None) -> set[str] | None:
+    if record is None:
+        return None
+    command, names = record
+    listed = {Path(n).stem for n in names if Path(n).suffix.lower() in _SUFFIXES} & set(TABLES)
     if command in TABLES_WRITTEN_BY:
-        claimed = set(TABLES_WRITTEN_BY[command])
+        claimed = set(TABLES_WRITTEN_BY[str(command)])
     elif not listed:  # extract, simulate, run, ...: says nothing about tables
         return None
     else:
         claimed = set(TABLES)
     # tables the run could not have written stay in (they belong to another command's run)
-    cache[directory] = listed | (set(TABLES) - claimed)
-    return cache[directory]
+    return listed | (set(TABLES) - claimed)
 
 
 def find_tables(folder: Path) -> dict[str, pd.DataFrame]:
@@ -183,19 +193,12 @@ def find_figures(folder: Path, prefix: str) -> list[Path]:
 
 
 def _figure_is_current(path: Path) -> bool:
-    manifest_path = path.parent.parent / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return True  # no (readable) manifest: nothing to check against
-    if not isinstance(manifest, dict) or manifest.get("command") not in TABLES_WRITTEN_BY:
-        return True
-    outputs = manifest.get("outputs")
-    if not isinstance(outputs, list):
-        return True
+    record = _run_record(path.parent.parent, warn=False)
+    if record is None or record[0] not in TABLES_WRITTEN_BY:
+        return True  # nothing to check against
     # a run without figures lists none: then every figure there is older than it
-    if path.name not in {Path(str(o)).name for o in outputs}:
-        log.warning("%s: not listed by %s, left out as stale", path, manifest_path)
+    if path.name not in record[1]:
+        log.warning("%s: not listed by the manifest.json beside it, left out as stale", path)
         return False
     return True
 

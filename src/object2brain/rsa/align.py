@@ -172,11 +172,8 @@ def _warn_constant_subjects(target: Target, vectors: torch.Tensor, cond: str, me
     """Say why rows will be NaN: a subject whose RDM ``vectors`` ``(S, n_pairs)`` is constant
     within ``cond`` (e.g. a rater who gave every stimulus of a condition the same rating) has an
     undefined Spearman/Pearson r, and so has the mean over subjects."""
-    constant = [
-        subject
-        for subject, row in zip(target.subjects, vectors, strict=True)
-        if bool((row == row[0]).all())
-    ]
+    flags = (vectors == vectors[:, :1]).all(dim=1).tolist()
+    constant = [subject for subject, flag in zip(target.subjects, flags, strict=True) if flag]
     if not constant:
         return
     if method == "kendall_tau_a":
@@ -463,13 +460,12 @@ def _run(
     for cond, idx in cond_index:
         it = torch.as_tensor(idx, device=dev)
         for t_index, target in enumerate(targets):
-            _warn_constant_subjects(target, upper_triangle(_sub(target.rdms, it)), cond, method)
+            vectors = upper_triangle(_sub(target.rdms, it))
+            _warn_constant_subjects(target, vectors, cond, method)
             if target.group_only:
                 ceilings[(t_index, cond)] = (float("nan"), float("nan"))
             else:
-                ceilings[(t_index, cond)] = noise_ceiling(
-                    upper_triangle(_sub(target.rdms, it)).cpu(), method
-                )
+                ceilings[(t_index, cond)] = noise_ceiling(vectors.cpu(), method)
 
     alignment_rows: list[dict[str, Any]] = []
     contrast_rows: list[dict[str, Any]] = []
