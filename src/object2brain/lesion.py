@@ -5,8 +5,8 @@ For every model, layer ``L`` and object group ``g`` of the EmoCAM++ filter assig
 
 - **lesion**: zero the filters of ``g``; **keep**: zero every other filter of ``L``;
 - recompute the layer's RDM and its correlation ``r_variant`` with every target (behaviour, each
-  ROI; each subject, and ``group`` = the mean over subjects) in every condition; ``delta_r =
-  r_variant - r_full``;
+  ROI; each subject, and ``group`` = the mean over the subjects whose r is defined) in every
+  condition; ``delta_r = r_variant - r_full``;
 - null: ``n_null`` random subsets of the same number of filters of ``L`` (seeded; lesion zeroes
   them, keep keeps them); ``z = (delta_r - mean(null)) / sd(null)`` and the two-sided
   ``p = (1 + #{|null - mean(null)| >= |delta_r - mean(null)|}) / (1 + n_null)``. Groups of the same
@@ -45,9 +45,9 @@ from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, require_columns
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
 from object2brain.manifest import build_manifest, file_sha256, output_list
-from object2brain.rsa.align import Target, build_targets
+from object2brain.rsa.align import Target, build_targets, warn_constant_subjects
 from object2brain.rsa.compare import check_method, correlate_prepared, prepare
-from object2brain.rsa.inference import fdr_bh
+from object2brain.rsa.inference import combine_finite, combine_matrix, fdr_bh
 from object2brain.rsa.rdm import check_metric, upper_triangle
 from object2brain.store import ActivationStore, check_output_folder, write_json, write_table
 
@@ -205,6 +205,7 @@ def run_lesion(
     prop_alignment: list[pd.DataFrame] = []
     brain_data = load_brain(brain) if brain is not None else None
     covered: dict[tuple[str, ...], list[str]] = {}  # matched once per id set: one warning
+    warned: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
     for path in paths:
         with ActivationStore.open(path) as store:
             model_name = str(store.attrs.get("model", path.stem))
@@ -221,6 +222,9 @@ def run_lesion(
             rating_data = load_ratings(ratings, ids) if ratings is not None else None
             valence = _stimulus_valence(stimulus_set, ids)
             targets = build_targets(brain_data, rating_data, valence, ids, rdm_metric, dev)
+            if (seen := (tuple(ids), _condition_key(conditions))) not in warned:
+                warned.add(seen)
+                _warn_constant_targets(targets, ids, conditions, compare_method)
             chosen = _layers_of(store, table, model_name, layers, str(path))
             for layer in chosen:
                 stats = FilterStats.from_store(store, layer, ids, device=dev)
@@ -386,6 +390,23 @@ def condition_sets(ids: list[str], conditions: np.ndarray | None) -> list[tuple[
     return sets
 
 
+def _condition_key(conditions: np.ndarray | None) -> tuple[str, ...]:
+    return () if conditions is None else tuple(str(c) for c in conditions)
+
+
+def _warn_constant_targets(
+    targets: list[Target], ids: list[str], conditions: np.ndarray | None, method: str
+) -> None:
+    """Warn once per target and condition about subjects whose RDM is constant there."""
+    for condition, keep in condition_sets(ids, conditions):
+        if len(keep) < 4:
+            continue
+        pairs = torch.as_tensor(condensed_subset(len(ids), keep))
+        for target in targets:
+            vectors = upper_triangle(target.rdms).reshape(len(target.subjects), -1)
+            warn_constant_subjects(target, vectors[:, pairs.to(vectors.device)], condition, method)
+
+
 def _layer_rows(
     model: str,
     layer: str,
@@ -481,14 +502,19 @@ def with_group_labels(
 
 
 def with_group_means(r: np.ndarray, targets: list[Target]) -> np.ndarray:
-    """Append, per target with subjects, the mean over its subjects' columns."""
-    extra, start = [], 0
+    """Append to ``r`` ``(N, T)``, per target with subjects, the mean over its subjects' columns
+    (undefined r left out, as in the alignment: :func:`~object2brain.rsa.inference.combine_finite`).
+    """
+    groups, start = [], 0
     for target in targets:
         width = len(target.subjects)
         if not target.group_only:
-            extra.append(r[:, start : start + width].mean(axis=1, keepdims=True))
+            groups.append(range(start, start + width))
         start += width
-    return np.concatenate([r, *extra], axis=1) if extra else r
+    if not groups:
+        return r
+    means = combine_finite(torch.from_numpy(r), combine_matrix(groups, r.shape[1]))
+    return np.concatenate([r, means.numpy()], axis=1)
 
 
 def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

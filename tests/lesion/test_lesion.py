@@ -255,3 +255,30 @@ def test_projected_layer_is_refused(tmp_path: Path) -> None:
         assert store.projected_layers == ["conv"]
         with pytest.raises(DataError, match=r"srp.h5: layer 'conv' was stored as a random proj"):
             lesion_engine.FilterStats.from_store(store, "conv")
+
+
+def test_constant_rater_is_left_out_of_the_group_mean(
+    store: Path, filter_table: pd.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rater who gave every stimulus the same rating has no Spearman r: their rows are NaN, the
+    group row is the mean over the other raters (r, delta and the null alike), and one warning
+    names the rater."""
+    rng = np.random.default_rng(5)
+    ids = [f"s{i:02d}" for i in range(N)]
+    values = rng.integers(-3, 4, size=(3, N)).astype(float)
+    values[0] = 2.0
+    ratings = pd.DataFrame(
+        {"subject": np.repeat(["r1", "r2", "r3"], N), "stimulus_id": ids * 3,
+         "valence": values.ravel()}
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="object2brain"):
+        table = run_lesion(store, filter_table, ratings=ratings, n_null=30, seed=1).object2brain
+    warned = [r.getMessage() for r in caplog.records if "is constant" in r.getMessage()]
+    assert len(warned) == 1 and "r1" in warned[0]
+    for _, rows in table.groupby(["group", "variant"]):
+        by_subject = rows.set_index("subject")
+        assert by_subject.loc["r1", ["r_full", "r_variant", "delta_r"]].isna().all()
+        for column in ("r_full", "r_variant", "delta_r"):
+            expected = by_subject.loc[["r2", "r3"], column].mean()
+            assert by_subject.loc["group", column] == pytest.approx(expected, abs=1e-12)
+        assert np.isfinite(by_subject.loc["group", "p_null"])

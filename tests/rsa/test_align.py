@@ -230,8 +230,9 @@ def test_cli_rsa(tmp_path: Path) -> None:
 def test_rater_constant_within_a_condition_is_explained(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
-    """A rater who gave every stimulus of condition A one rating: say why the group row is NaN
-    (spearman) or what tau-a does with it, naming the rater and the condition."""
+    """A rater who gave every stimulus of condition A one rating: warn, naming the rater and the
+    condition; under Spearman that rater has no r and the group row is the mean of the others
+    (as ``alignment_group``); tau-a is 0 for that rater and enters the mean."""
     rng = np.random.default_rng(0)
     ids = [f"s{i}" for i in range(10)]
     store = write_store(tmp_path / "m.h5", {"l": rng.normal(size=(10, 12))}, ids)
@@ -249,5 +250,10 @@ def test_rater_constant_within_a_condition_is_explained(
         )  # fmt: skip
     warned = [r.getMessage() for r in caplog.records if "is constant" in r.getMessage()]
     assert len(warned) == 1 and "condition 'A'" in warned[0] and "r1" in warned[0]
-    group_a = result.alignment.query("condition == 'A' and subject == 'group'")["r"]
-    assert group_a.isna().all() == (method == "spearman")
+    rows_a = result.alignment.query("condition == 'A'").set_index("subject")["r"]
+    assert np.isnan(rows_a["r1"]) == (method == "spearman")
+    defined = ["r2", "r3"] if method == "spearman" else ["r1", "r2", "r3"]
+    assert rows_a["group"] == pytest.approx(rows_a[defined].mean(), abs=1e-12)
+    summary = result.alignment_group.query("condition == 'A'").iloc[0]
+    assert summary["n_subjects"] == len(defined)
+    assert summary["mean_r"] == pytest.approx(rows_a["group"], abs=1e-12)

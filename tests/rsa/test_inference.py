@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from object2brain.rsa.compare import compare
 from object2brain.rsa.inference import (
     bootstrap_ci,
+    combine_finite,
     combine_matrix,
     condition_difference_test,
     correlation_test,
@@ -118,6 +119,77 @@ def test_mantel_combine_and_gather_side() -> None:
     np.testing.assert_allclose(a.p[:1], b.p)
     np.testing.assert_allclose(a.r[:, 2], a.r[:, :2].mean(axis=1))
     assert a.p.shape == (4, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 5), st.floats(0.0, 1.0))
+def test_combine_finite_is_a_nan_mean(seed: int, n_groups: int, nan_share: float) -> None:
+    """Each derived column is the weighted mean over the group's finite coefficients (numpy
+    reference), NaN only where the whole group is undefined; ``r @ C`` when all are defined."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5, size=n_groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    groups = [list(range(a, a + s)) for a, s in zip(starts, sizes, strict=True)]
+    T = int(sizes.sum())
+    r = rng.uniform(-1, 1, size=(7, T))
+    r[rng.uniform(size=r.shape) < nan_share] = np.nan
+    out = combine_finite(torch.from_numpy(r), combine_matrix(groups, T)).numpy()
+    for g, cols in enumerate(groups):
+        block = r[:, cols]
+        defined = np.isfinite(block).any(axis=1)
+        expected = np.full(len(r), np.nan)
+        expected[defined] = np.nanmean(block[defined], axis=1)
+        np.testing.assert_allclose(out[:, g], expected, rtol=1e-12, atol=1e-15)
+    full = np.nan_to_num(r)
+    C = combine_matrix(groups, T)
+    torch.testing.assert_close(
+        combine_finite(torch.from_numpy(full), C), torch.from_numpy(full) @ C
+    )
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_group_mean_leaves_out_a_constant_subject(method: str) -> None:
+    """A subject whose RDM is constant has no r; the group column of every engine (Mantel r and
+    p, bootstrap interval, condition contrast, noise ceiling) equals the same analysis run
+    without that subject, and is NaN only when every subject is constant."""
+    rng = np.random.default_rng(12)
+    n, labels = 14, ["a", "b"] * 7
+    models, targets = _rdms(rng, 2, n), _rdms(rng, 3, n)
+    constant = torch.ones((1, n, n), dtype=torch.float64) - torch.eye(n, dtype=torch.float64)
+    with_constant = torch.cat([targets[:1], constant, targets[1:]])
+    C_all, C_ref = combine_matrix([[0, 1, 2, 3]], 4), combine_matrix([[0, 1, 2]], 3)
+    x = upper_triangle(models)
+    a = mantel_test(x, upper_triangle(with_constant), method, 99, 3, "cpu", C_all)
+    b = mantel_test(x, upper_triangle(targets), method, 99, 3, "cpu", C_ref)
+    assert np.isnan(a.r[:, 1]).all() and np.isnan(a.p[:, 1]).all()
+    np.testing.assert_allclose(a.r[:, 4], b.r[:, 3], rtol=1e-12)
+    np.testing.assert_array_equal(a.p[:, 4], b.p[:, 3])
+    ci_a = bootstrap_ci(models, with_constant, method, 40, 3, "cpu", C_all)
+    ci_b = bootstrap_ci(models, targets, method, 40, 3, "cpu", C_ref)
+    for got, want in zip(ci_a, ci_b, strict=True):
+        np.testing.assert_allclose(got[:, 4], want[:, 3], rtol=1e-12)
+    c_a = condition_difference_test(
+        models, with_constant, labels, "a", "b", method, 49, 3, "cpu", C_all
+    )
+    c_b = condition_difference_test(models, targets, labels, "a", "b", method, 49, 3, "cpu", C_ref)
+    np.testing.assert_allclose(c_a.delta[:, 4], c_b.delta[:, 3], rtol=1e-12)
+    np.testing.assert_array_equal(c_a.p[:, 4], c_b.p[:, 3])
+    np.testing.assert_allclose(
+        noise_ceiling(upper_triangle(with_constant), method),
+        noise_ceiling(upper_triangle(targets), method),
+        rtol=1e-12,
+    )
+    everyone_constant = mantel_test(
+        x,
+        upper_triangle(constant.expand(2, n, n)),
+        method,
+        9,
+        3,
+        "cpu",
+        combine_matrix([[0, 1]], 2),
+    )
+    assert np.isnan(everyone_constant.r).all() and np.isnan(everyone_constant.p).all()
+    assert np.isnan(noise_ceiling(upper_triangle(constant.expand(3, n, n)), method)).all()
 
 
 @settings(max_examples=15, deadline=None)

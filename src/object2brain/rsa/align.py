@@ -168,10 +168,11 @@ class AlignmentResult:
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def _warn_constant_subjects(target: Target, vectors: torch.Tensor, cond: str, method: str) -> None:
-    """Say why rows will be NaN: a subject whose RDM ``vectors`` ``(S, n_pairs)`` is constant
-    within ``cond`` (e.g. a rater who gave every stimulus of a condition the same rating) has an
-    undefined Spearman/Pearson r, and so has the mean over subjects."""
+def warn_constant_subjects(target: Target, vectors: torch.Tensor, cond: str, method: str) -> None:
+    """Name the subjects of ``target`` whose RDM ``vectors`` ``(S, n_pairs)`` is constant within
+    ``cond`` (e.g. a rater who gave every stimulus of a condition the same rating): their
+    Spearman/Pearson r is undefined, so their rows are NaN and the ``group`` mean leaves them out.
+    """
     flags = (vectors == vectors[:, :1]).all(dim=1).tolist()
     constant = [subject for subject, flag in zip(target.subjects, flags, strict=True) if flag]
     if not constant:
@@ -180,8 +181,8 @@ def _warn_constant_subjects(target: Target, vectors: torch.Tensor, cond: str, me
         consequence = "their tau-a is 0 and enters the mean over subjects"
     else:
         consequence = (
-            f"their {method} r is undefined (NaN), and so are the mean over subjects and the "
-            "noise ceiling"
+            f"their {method} r is undefined (NaN rows); the mean over subjects (group row) and "
+            "the noise ceiling leave them out"
         )
     log.warning(
         "%s, condition %r: the RDM of %s is constant (all dissimilarities equal): %s",
@@ -461,7 +462,7 @@ def _run(
         it = torch.as_tensor(idx, device=dev)
         for t_index, target in enumerate(targets):
             vectors = upper_triangle(_sub(target.rdms, it))
-            _warn_constant_subjects(target, vectors, cond, method)
+            warn_constant_subjects(target, vectors, cond, method)
             if target.group_only:
                 ceilings[(t_index, cond)] = (float("nan"), float("nan"))
             else:

@@ -4,7 +4,8 @@ Notation: ``K`` model RDMs (e.g. layers) and ``T`` target RDMs (e.g. subjects x 
 the same ``n`` stimuli; condensed vectors have ``m = n (n - 1) / 2`` entries (``i < j``).
 A ``combine`` matrix ``C`` ``(T, G)`` adds ``G`` derived statistics ``r @ C`` to the ``T``
 per-target coefficients, e.g. the mean r over the subjects of one ROI (``C[t, g] = 1 / S_g`` for
-the subjects ``t`` of group ``g``). Every test and interval is computed for the derived columns
+the subjects ``t`` of group ``g``); undefined (NaN) coefficients are left out of that mean
+(:func:`combine_finite`). Every test and interval is computed for the derived columns
 from the *same* permutations / resamples, so the group mean gets its own exact null.
 
 - **Mantel permutation test** (one-sided, positive alignment): permute the stimulus labels of the
@@ -138,10 +139,27 @@ def combine_matrix(groups: Sequence[Sequence[int]], n_targets: int) -> torch.Ten
     return C
 
 
+def combine_finite(r: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+    """Derived columns ``(..., G)`` of coefficients ``r`` ``(..., T)``: per column ``g`` the
+    ``combine``-weighted mean of the *defined* coefficients,
+    ``sum_t C[t, g] r_t [r_t finite] / sum_t C[t, g] [r_t finite]``.
+
+    A subject whose RDM is constant (e.g. a rater who gave every stimulus the same rating) has no
+    Spearman/Pearson r; it is left out of the mean rather than making it NaN. The derived value
+    is NaN only when no coefficient of the group is defined. With every coefficient defined this
+    is ``r @ C``.
+    """
+    C = combine.to(device=r.device, dtype=r.dtype)
+    defined = torch.isfinite(r)
+    total = torch.where(defined, r, torch.zeros((), dtype=r.dtype, device=r.device)) @ C
+    weight = defined.to(r.dtype) @ C
+    return total / torch.where(weight > 0, weight, torch.full_like(weight, float("nan")))
+
+
 def _with_combine(r: torch.Tensor, combine: torch.Tensor | None) -> torch.Tensor:
     if combine is None:
         return r
-    return torch.cat([r, r @ combine.to(r.device)], dim=-1)
+    return torch.cat([r, combine_finite(r, combine)], dim=-1)
 
 
 def _corr2d(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
@@ -389,9 +407,12 @@ def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> 
     """Noise ceiling ``(lower, upper)`` of ``S`` subject RDMs given condensed ``(S, m)``.
 
     ``upper = mean_s r(x_s, mean_t x_t)``, ``lower = mean_s r(x_s, mean_{t != s} x_t)``;
-    ``(nan, nan)`` when ``S < 2``.
+    ``(nan, nan)`` when ``S < 2``. For Spearman and Pearson, subjects whose RDM is constant have
+    no r and are left out first, as in the group mean (:func:`combine_finite`).
     """
     X = torch.as_tensor(rdms, dtype=torch.float64)
+    if method != "kendall_tau_a":
+        X = X[torch.isfinite(prepare(X, method)).all(dim=-1)]
     S = X.shape[0]
     if S < 2:
         return float("nan"), float("nan")
