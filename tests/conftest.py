@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +17,16 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
     """Tests never download: offline mode and an empty torch hub cache."""
     monkeypatch.setenv("OBJECT2BRAIN_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+
+
+@pytest.fixture(autouse=True)
+def _package_log_level() -> Iterator[None]:
+    """In-process CLI calls with ``--quiet`` raise the package logger's level; restore it, so a
+    later test's ``caplog`` sees INFO records whatever ran before it."""
+    logger = logging.getLogger("object2brain")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

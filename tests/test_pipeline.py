@@ -140,6 +140,83 @@ def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path
     assert (pd.read_csv(out / "rsa" / "alignment.csv")["n_perm"] == 30).all()
 
 
+def test_edited_inputs_rerun_the_stages_that_read_them(
+    study: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inputs enter stage keys by content: an edited stimulus-table column, box file or simulated
+    brain data re-runs what reads them; touched images do not, edited ones re-extract (each stage
+    replaces its own store); a store left without its manifest gets one; the run manifest lists
+    inputs and every output, and the report shows only those."""
+    import json
+    import logging
+    import os
+    import shutil
+
+    from PIL import Image
+
+    table_path = tmp_path / "stimuli.csv"  # a private copy of the images: one gets edited
+    table = pd.read_csv(study["stimuli"])
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(table["path"]):
+        shutil.copy(Path(study["stimuli"]).parent / image, tmp_path / "images" / f"{i}.jpg")
+    table["path"] = [f"images/{i}.jpg" for i in range(len(table))]
+    table.to_csv(table_path, index=False)
+    study["stimuli"] = str(table_path)
+    path = write_config(tmp_path, study)
+    run_study(path, progress=False)
+    out = tmp_path / "results"
+
+    table["condition"] = table["condition"].replace({"incongruent": "other"})
+    table.to_csv(table_path, index=False)
+    edited = run_study(path, progress=False)
+    assert {"rsa", "lesion"} <= set(edited.ran) and "dissect:resnet18" not in edited.ran
+    assert "other" in set(pd.read_csv(out / "rsa" / "alignment.csv")["condition"])
+
+    boxes = pd.read_csv(tmp_path / "boxes.csv")
+    boxes["x1"] = 90
+    boxes.to_csv(tmp_path / "boxes.csv", index=False)
+    assert {"dissect:resnet18", "lesion"} <= set(run_study(path, progress=False).ran)
+
+    study["simulate"]["rois"] = ["EVC=layer:layer3;snr=0.5;voxels=50"]
+    before = pd.read_csv(out / "rsa" / "alignment.csv")
+    resimulated = run_study(write_config(tmp_path, study), progress=False)
+    assert {"simulate", "rsa", "lesion"} <= set(resimulated.ran)
+    after = pd.read_csv(out / "rsa" / "alignment.csv")
+    assert not np.allclose(before["r"], after["r"], equal_nan=True)
+
+    image = tmp_path / "images" / "0.jpg"
+    os.utime(image, (image.stat().st_atime, image.stat().st_mtime + 10))
+    assert run_study(path, progress=False).ran == []  # same bytes, newer mtime: images unchanged
+    flipped = Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(image, quality=90)
+    edited_image = run_study(path, progress=False)  # used to stop: "already exists ... --overwrite"
+    assert {"extract_backbone:resnet18", "extract:resnet18"} <= set(edited_image.ran)
+
+    # a store completed by a run that stopped before writing its manifest gets one
+    (out / "activations" / "resnet18.manifest.json").unlink()
+    (out / "activations" / ".resnet18" / ".stage.json").unlink()
+    run_study(path, progress=False)
+    assert (out / "activations" / "resnet18.manifest.json").is_file()
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("weights:resnet18", "head:resnet18", "stimulus_table", "brain:patterns.h5"):
+        assert key in manifest["inputs"], key
+    for name in ("rsa/alignment.csv", "lesion/resnet18/object2brain.csv", "report.html"):
+        assert name in manifest["outputs"], name
+
+    # renamed model: the old model's folders stay on disk but out of the report
+    study["models"][0]["name"] = "renamed"
+    with caplog.at_level(logging.WARNING, logger="object2brain"):
+        run_study(write_config(tmp_path, study), progress=False)
+    assert (out / "lesion" / "resnet18" / "object2brain.csv").is_file()
+    page = (out / "report.html").read_text()
+    assert "lesion_renamed" in page and "lesion_resnet18" not in page
+    assert "Valence heads" in page and "predicted_vs_rated_renamed" not in page  # caption only
+    for table_name in ("alignment_group.csv", "head_metrics.csv", "detections.csv"):
+        assert table_name in page, table_name
+    assert any("does not list as outputs of the run" in r.getMessage() for r in caplog.records)
+
+
 def test_interrupted_run_completes_identically(
     study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

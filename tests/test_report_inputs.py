@@ -157,6 +157,10 @@ def test_cli_prints_one_line_and_exits_2(
     alignment().to_csv(folder / "alignment.csv", index=False)
     main(["report", str(folder), "--quiet"])  # the common option, as on every command
     assert (folder / "report.html").is_file()
+    main(["report", str(folder), "--out", str(tmp_path / "pages"), "--quiet"])  # a folder
+    assert (tmp_path / "pages" / "report.html").is_file()
+    main(["report", str(folder), "--out", str(tmp_path / "study.html"), "--quiet"])  # a file
+    assert (tmp_path / "study.html").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

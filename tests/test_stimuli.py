@@ -66,7 +66,37 @@ def test_subset_and_fingerprint(stimulus_table: Path) -> None:
     sub = stimuli.subset(["s03_rocket", "s00_coffee"])
     assert sub.ids == ["s03_rocket", "s00_coffee"]
     assert stimuli.fingerprint() == load_stimuli(stimulus_table).fingerprint()
-    assert len(stimuli.content_sha256()) == 64
+    assert len(stimuli.fingerprint()) == 64
+
+
+def test_fingerprint_follows_image_bytes_not_file_times(
+    stimulus_table: Path, tmp_path: Path
+) -> None:
+    """Copied (new mtimes, new folder) images keep the fingerprint; an image edited in place with
+    its size and mtime restored (``cp -p`` of another file) changes it in a new process."""
+    import importlib
+    import os
+    import shutil
+
+    stimuli_module = importlib.import_module("object2brain.data.stimuli")
+    original = load_stimuli(stimulus_table)
+    frame = original.table.copy()
+    (tmp_path / "copy").mkdir()
+    for sid, path in zip(original.ids, original.paths, strict=True):
+        shutil.copy(path, tmp_path / "copy" / f"{sid}.jpg")
+    frame["path"] = [f"copy/{sid}.jpg" for sid in original.ids]
+    frame.to_csv(tmp_path / "copied.csv", index=False)
+    copied = load_stimuli(tmp_path / "copied.csv")
+    assert copied.fingerprint() == original.fingerprint()
+
+    victim = copied.paths[0]
+    stat = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF  # inside the JPEG's last scan, same length
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    stimuli_module._IMAGE_HASHES.clear()  # what a new process starts with
+    assert load_stimuli(tmp_path / "copied.csv").fingerprint() != original.fingerprint()
 
 
 def test_all_missing_files_listed_at_once(stimulus_table: Path) -> None:

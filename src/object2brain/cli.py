@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from object2brain.errors import Object2BrainError
+from object2brain.errors import DataError, Object2BrainError
 from object2brain.extract import AmpDtype, DecodeMode, StorageDtype
 
 app = typer.Typer(
@@ -501,7 +501,11 @@ def run_command(
 def report_command(
     folder: Annotated[Path, typer.Argument(help="Results folder (tables, figures).")],
     out: Annotated[
-        Path | None, typer.Option("--out", help="HTML file (default: FOLDER/report.html).")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for report.html (default: FOLDER); a path ending in .html names the file.",
+        ),
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -509,6 +513,11 @@ def report_command(
     from object2brain.report.build import build_report
 
     _quiet(quiet)
+    if out is not None and out.suffix.lower() not in (".html", ".htm"):
+        if out.exists() and not out.is_dir():
+            raise DataError(f"{out}: --out names a folder (or a file ending in .html)")
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / "report.html"
     typer.echo(f"report: {build_report(folder, out=out)}")
 
 

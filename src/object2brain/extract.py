@@ -353,6 +353,19 @@ def extract(
     if out.exists():
         if _same_complete_store(out, fingerprint):
             log.info("%s is already complete for this model, layers and stimuli", out)
+            if not manifest_path(out).is_file():  # stopped between the store and its manifest
+                _write_manifest(
+                    out,
+                    config,
+                    stimulus_set,
+                    loaded,
+                    batch_size,
+                    torch_device,
+                    channels_last,
+                    on_device_decode,
+                    seed,
+                    None,
+                )
             return out
         if not overwrite:
             raise StoreError(f"{out}: already exists (from another run); pass --overwrite")
@@ -393,10 +406,38 @@ def extract(
     finally:
         writer.close()
 
+    _write_manifest(
+        path,
+        config,
+        stimulus_set,
+        loaded,
+        batch_size,
+        torch_device,
+        channels_last,
+        on_device_decode,
+        seed,
+        round(time.time() - started, 3),
+    )
+    return path
+
+
+def _write_manifest(
+    path: Path,
+    config: dict[str, Any],
+    stimulus_set: StimulusSet,
+    loaded: LoadedModel,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool,
+    on_device_decode: bool,
+    seed: int,
+    seconds: float | None,
+) -> Path:
+    """``<store>.manifest.json`` (``seconds`` None: the store was completed by an earlier run)."""
     inputs = {"stimuli_fingerprint": config["stimuli"], "weights": loaded.weights_sha256}
     if stimulus_set.source is not None and stimulus_set.source.is_file():
         inputs["stimulus_table"] = file_sha256(stimulus_set.source)
-    write_json(
+    return write_json(
         manifest_path(path),
         build_manifest(
             "extract",
@@ -404,17 +445,16 @@ def extract(
             | {
                 "out": str(path),
                 "batch_size": batch_size,
-                "device": str(torch_device),
+                "device": str(device),
                 "channels_last": channels_last,
                 "decode": "torch" if on_device_decode else "pil",
             },
             seeds={"seed": seed},
             inputs=inputs,
             outputs=[str(path)],
-            extra={"n_stimuli": len(stimulus_set), "seconds": round(time.time() - started, 3)},
+            extra={"n_stimuli": len(stimulus_set), "seconds": seconds},
         ),
     )
-    return path
 
 
 def manifest_path(store: Path) -> Path:

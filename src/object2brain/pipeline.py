@@ -11,12 +11,17 @@ Stages, in order (a stage runs only when its config section is present):
 5. ``rsa`` (``<out>/rsa``), 6. ``dissect`` per model (``<out>/dissect/<model>``),
 7. ``lesion`` (``<out>/lesion``), 8. ``report`` (``<out>/report.html``).
 
-Every stage has a key: the SHA-256 of its options, its input files' fingerprints and the keys of
-the stages it reads. A finished stage writes ``.stage.json`` (key and outputs) into its folder
-last; a re-run skips every stage whose key and outputs are unchanged, so editing one option
-re-runs only the stages it affects. Outputs are written atomically and extraction resumes
-mid-way, so a killed run is completed by running it again. ``<out>/manifest.json`` records the
-config, versions, seeds, input hashes and stage keys.
+Every stage has a key: the SHA-256 of its options, its inputs and the keys of the stages it reads.
+Inputs enter by content: the stimulus table (every column), the brain data (the manifest and every
+file it names), ratings, a ``boxes:`` file, head and checkpoint files (SHA-256); images by path,
+size and modification time (cheap for large corpora); named torchvision weights by the
+torchvision version. A finished stage writes ``.stage.json`` (key and outputs) into its folder
+last; a re-run skips every stage whose key and outputs are unchanged, so editing one option or
+input re-runs only the stages it affects, each replacing its own outputs. Outputs are written
+atomically and extraction resumes mid-way, so a killed run is completed by running it again.
+``<out>/manifest.json`` records the config, versions, seeds, input hashes (including the weights
+of every model), stage keys and every output of the run; the report shows only those outputs, so
+results left in ``<out>`` by an earlier version of the study (e.g. a renamed model) stay out.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from typing import Any
 import pandas as pd
 
 from object2brain.config import ModelConfig, RunConfig, load_config
+from object2brain.data.brain import brain_files
 from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.manifest import build_manifest, file_sha256
+from object2brain.manifest import build_manifest, file_sha256, output_list
 from object2brain.store import check_output_folder, write_json
 
 log = logging.getLogger("object2brain.run")
@@ -71,11 +77,31 @@ def _fingerprint(path: Path | None) -> str | None:
     return file_sha256(path)
 
 
+def _brain_key(path: Path | None) -> list[str] | None:
+    """SHA-256 of brain data: the file given and every file a YAML manifest names."""
+    return None if path is None else [file_sha256(f) for f in brain_files(path)]
+
+
+def _model_key(model: ModelConfig) -> dict[str, Any]:
+    """A model's options, with its checkpoint's SHA-256 (a file replaced at the same path is a
+    new model) or, for named weights, the torchvision version that defines them."""
+    from importlib.metadata import version
+
+    key: dict[str, Any] = model.model_dump(mode="json", exclude={"head"})
+    weights = Path(model.weights)
+    if weights.is_file():
+        key["weights_sha256"] = file_sha256(weights)
+    elif model.weights.lower() != "none":
+        key["torchvision"] = version("torchvision")
+    return key
+
+
 class _Stages:
     def __init__(self, progress: bool) -> None:
         self.result_ran: list[str] = []
         self.result_skipped: list[str] = []
         self.keys: dict[str, str] = {}
+        self.outputs: list[Path] = []
         self.progress = progress
 
     def run(self, name: str, folder: Path, key_payload: Any, work: Callable[[], list[Path]]) -> str:
@@ -90,6 +116,7 @@ class _Stages:
                 log.info("stage %s: unchanged, reusing %s", name, folder)
                 self.result_skipped.append(name)
                 self.keys[name] = key
+                self.outputs += [Path(p) for p in record.get("outputs", [])]
                 return key
         log.info("stage %s: running", name)
         started = time.time()
@@ -106,6 +133,7 @@ class _Stages:
         )
         self.result_ran.append(name)
         self.keys[name] = key
+        self.outputs += outputs
         return key
 
 
@@ -125,7 +153,8 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
     stimuli = load_stimuli(config.stimuli)
-    stimuli_key = stimuli.fingerprint()
+    stimuli_key = stimuli.fingerprint()  # ids, paths and images: what extraction reads
+    table_key = _fingerprint(config.stimuli)  # every column: conditions, valence, ...
     seed, device = config.seed, config.device
     brain, ratings = config.brain, config.ratings
     heads: dict[str, Path | None] = {m.label: m.head for m in config.models}
@@ -141,7 +170,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             path = out / "activations" / f"{model.label}.backbone.h5"
             payload = {
                 "stage": "extract_backbone",
-                "model": model.model_dump(mode="json", exclude={"head"}),
+                "model": _model_key(model),
                 "extract": config.extract.model_dump(),
                 "stimuli": stimuli_key,
                 "seed": seed,
@@ -149,7 +178,18 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
 
             def work(model: Any = model, path: Path = path) -> list[Path]:
                 loaded = load(model)
-                return [_extract(extract, loaded, stimuli, path, model.layers, config, progress)]
+                return [
+                    _extract(
+                        extract,
+                        loaded,
+                        stimuli,
+                        path,
+                        model.layers,
+                        config,
+                        progress,
+                        overwrite=True,
+                    )
+                ]
 
             stages.run(
                 f"extract_backbone:{model.label}",
@@ -216,13 +256,14 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 seed=seed,
                 progress=progress,
             )
-            return [r.head_path for r in result.models.values()]
+            return list(result.files)
 
         payload = {
             "stage": "train_head",
             "options": options.model_dump(),
             "stimuli": stimuli_key,
-            "models": [m.model_dump(mode="json") for m in untrained],
+            "stimulus_table": table_key,
+            "models": [_model_key(m) for m in untrained],
             "seed": seed,
             "ratings": _fingerprint(ratings) if options.ratings == "ratings" else None,
         }
@@ -236,7 +277,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         head = heads[model.label]
         payload = {
             "stage": "extract",
-            "model": model.model_dump(mode="json", exclude={"head"}),
+            "model": _model_key(model),
             "head": _fingerprint(head),
             "extract": config.extract.model_dump(),
             "stimuli": stimuli_key,
@@ -256,10 +297,12 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         stages.run(f"extract:{model.label}", path.parent / f".{model.label}", payload, extract_work)
         stores[model.label] = path
 
+    brain_key = _brain_key(brain)  # SHA-256 of every file: once per run
     data_key = {
-        "brain": _fingerprint(brain),
+        "brain": brain_key,
         "ratings": _fingerprint(ratings),
         "stimuli": stimuli_key,
+        "stimulus_table": table_key,
         "extract": [stages.keys[f"extract:{m.label}"] for m in config.models],
     }
     if config.rsa is not None and (
@@ -328,7 +371,8 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 "stage": "dissect",
                 "options": options_d.model_dump(mode="json"),
                 "groups": _fingerprint(options_d.groups),
-                "model": model.model_dump(mode="json", exclude={"head"}),
+                "boxes": _fingerprint(_boxes_file(options_d.detector)),
+                "model": _model_key(model),
                 "head": _fingerprint(head),
                 "stimuli": stimuli_key,
                 "seed": seed,
@@ -379,31 +423,45 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         }
         stages.run("lesion", out / "lesion", payload, lesion_work)
 
+    inputs = {"stimuli": stimuli_key, "stimulus_table": str(table_key)}
+    if brain is not None:
+        for file, digest in zip(brain_files(brain), brain_key or [], strict=True):
+            inputs[f"brain:{file.name}"] = digest
+    if ratings is not None:
+        inputs["ratings"] = str(_fingerprint(ratings))
+    for model in config.models:
+        inputs[f"weights:{model.label}"] = _store_weights(stores[model.label])
+        head = heads[model.label]
+        if head is not None:
+            inputs[f"head:{model.label}"] = file_sha256(head)
+    outputs = list(dict.fromkeys(stages.outputs))
+
+    def write_manifest(files: list[Path]) -> None:
+        write_json(
+            out / "manifest.json",
+            build_manifest(
+                "run",
+                config.model_dump(mode="json"),
+                seeds={"seed": seed},
+                inputs=inputs,
+                outputs=output_list(files, out),
+                extra={
+                    "lists_every_output": True,  # the report shows only these (report/build.py)
+                    "stages": stages.keys,
+                    "ran": stages.result_ran,
+                    "reused": stages.result_skipped,
+                },
+            ),
+        )
+
+    # the report reads the manifest to leave out results that are not this run's
+    write_manifest(outputs)
     report = None
     if config.report:
         from object2brain.report.build import build_report
 
         report = build_report(out)
-    inputs = {"stimuli": stimuli_key, "stimulus_table": file_sha256(config.stimuli)}
-    for name, source in (("brain", brain), ("ratings", ratings)):
-        fingerprint = _fingerprint(source)
-        if fingerprint:
-            inputs[name] = fingerprint
-    write_json(
-        out / "manifest.json",
-        build_manifest(
-            "run",
-            config.model_dump(mode="json"),
-            seeds={"seed": seed},
-            inputs=inputs,
-            outputs=[str(p) for p in stores.values()],
-            extra={
-                "stages": stages.keys,
-                "ran": stages.result_ran,
-                "reused": stages.result_skipped,
-            },
-        ),
-    )
+        write_manifest([*outputs, report])
     return RunResult(out, stores, stages.result_ran, stages.result_skipped, report)
 
 
@@ -434,6 +492,19 @@ def _extract(
         channels_last=config.extract.channels_last,
         decode=config.extract.decode,
     )
+
+
+def _boxes_file(detector: str) -> Path | None:
+    """The box file of a ``boxes:FILE`` detector (already resolved by the config)."""
+    return Path(detector[len("boxes:") :]) if detector.lower().startswith("boxes:") else None
+
+
+def _store_weights(store: Path) -> str:
+    """The ``weights_sha256`` a store records (the weights it was extracted with)."""
+    from object2brain.store import ActivationStore
+
+    with ActivationStore.open(store) as handle:
+        return str(handle.attrs.get("weights_sha256", ""))
 
 
 def _rated_table(stimuli: StimulusSet, ratings: Path | None, folder: Path) -> Path | StimulusSet:

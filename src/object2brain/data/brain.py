@@ -230,6 +230,38 @@ def load_brain(source: str | Path | BrainData) -> BrainData:
     return BrainData(_load_manifest(path), path)
 
 
+def brain_files(source: str | Path) -> list[Path]:
+    """Every file that brain data ``source`` is read from: the file itself and, for a YAML
+    manifest, each file its sources name (HDF5 ``path``; NIfTI ``betas``, ``stimuli``, ``rois``,
+    ``labels``, ``labels_tsv``), resolved relative to the manifest. For fingerprints: a cache
+    keyed on these files notices edited data behind an unchanged manifest. Entries that would not
+    load are left out here; :func:`load_brain` reports them."""
+    import yaml
+
+    path = Path(source).expanduser()
+    files = [path]
+    if path.suffix.lower() in {".h5", ".hdf5", ".hdf"} or not path.is_file():
+        return files
+    try:
+        manifest = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return files
+    sources = manifest.get("sources") if isinstance(manifest, dict) else None
+    for spec in sources if isinstance(sources, list) else []:
+        if not isinstance(spec, dict):
+            continue
+        named = [spec.get(key) for key in ("path", "betas", "stimuli", "labels", "labels_tsv")]
+        rois = spec.get("rois")
+        named += rois if isinstance(rois, list) else []
+        for value in named:
+            if isinstance(value, str) and value:
+                file = Path(value).expanduser()
+                file = file if file.is_absolute() else path.parent / file
+                if file.is_file():
+                    files.append(file)
+    return files
+
+
 def _load_manifest(path: Path) -> list[BrainItem]:
     import yaml
 

@@ -12,7 +12,7 @@ duplicate ids) in one :class:`~object2brain.errors.StimulusError`.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,20 +84,31 @@ class StimulusSet:
         return StimulusSet(self.table.iloc[rows].reset_index(drop=True), self.source)
 
     def fingerprint(self) -> str:
-        """SHA-256 over (id, path, size, mtime) of every stimulus: cheap change detection."""
+        """SHA-256 over the ids and the bytes of every image.
+
+        Stores, feature caches and run stages are keyed on it: touching, copying or moving the
+        images keeps it, any edit of an image changes it. Images are hashed on a thread pool, each
+        file once per process (:func:`image_sha256`).
+        """
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            hashes = list(pool.map(image_sha256, self.paths))
         digest = hashlib.sha256()
-        for sid, path in zip(self.ids, self.paths, strict=True):
-            stat = path.stat()
-            digest.update(json.dumps([sid, str(path), stat.st_size, stat.st_mtime_ns]).encode())
+        for sid, image_hash in zip(self.ids, hashes, strict=True):
+            digest.update(sid.encode() + b"\0" + image_hash.encode())
         return digest.hexdigest()
 
-    def content_sha256(self) -> str:
-        """SHA-256 over the ids and the bytes of every image (for manifests)."""
-        digest = hashlib.sha256()
-        for sid, path in zip(self.ids, self.paths, strict=True):
-            digest.update(sid.encode() + b"\0")
-            digest.update(file_sha256(path).encode())
-        return digest.hexdigest()
+
+#: SHA-256 of the image files hashed so far in this process, by (path, size, mtime).
+_IMAGE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def image_sha256(path: Path) -> str:
+    """SHA-256 of an image file, read once per process while its size and mtime are unchanged."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _IMAGE_HASHES:
+        _IMAGE_HASHES[key] = file_sha256(path)
+    return _IMAGE_HASHES[key]
 
 
 def read_table(path: Path) -> pd.DataFrame:

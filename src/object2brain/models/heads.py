@@ -598,6 +598,7 @@ class TrainHeadResult:
     missing_path: Path | None = None
     n_missing: int = 0
     manifest_path: Path | None = None
+    files: list[Path] = field(default_factory=list)
 
 
 def _model_names(archs: Sequence[str]) -> list[str]:
@@ -702,7 +703,7 @@ def train_head(
     from object2brain._version import __version__
     from object2brain.data.splits import load_split, make_split, save_split
     from object2brain.devices import resolve_device
-    from object2brain.manifest import build_manifest, file_sha256
+    from object2brain.manifest import build_manifest, file_sha256, output_list
     from object2brain.models.zoo import LoadedModel, build_architecture, load_model
     from object2brain.store import check_output_folder, write_json, write_table
 
@@ -784,6 +785,7 @@ def train_head(
 
     results: dict[str, HeadResult] = {}
     summary_rows: list[dict[str, Any]] = []
+    written: list[Path] = []
     for name, loaded in zip(names, loaded_models, strict=True):
         t0 = time.time()
         model_dir = out / name
@@ -869,10 +871,11 @@ def train_head(
         )
         _write_csv(predictions, model_dir / "predictions.csv")
         metrics_path = write_json(model_dir / "metrics.json", metrics)
+        written += [model_dir / "predictions.csv", metrics_path]
         if figures:
             from object2brain.report.head_figures import plot_predicted_vs_rated
 
-            plot_predicted_vs_rated(predictions, out / "figures", name, metrics=metrics)
+            written += plot_predicted_vs_rated(predictions, out / "figures", name, metrics=metrics)
         meta = _json_ready(
             {
                 "model": name,
@@ -927,7 +930,9 @@ def train_head(
             head_path,
         )
 
-    write_table(pd.DataFrame(summary_rows), out, "head_metrics")
+    written += write_table(pd.DataFrame(summary_rows), out, "head_metrics")
+    written += [split_path, *([missing_path] if missing_path else [])]
+    written += [p for r in results.values() for p in (r.head_path, sidecar_path(r.head_path))]
     inputs = {"split": split_sha}
     if data.source is not None and data.source.is_file():
         inputs["ratings"] = file_sha256(data.source)
@@ -961,9 +966,7 @@ def train_head(
             },
             seeds={"seed": seed},
             inputs=inputs,
-            outputs=[str(split_path)]
-            + ([str(missing_path)] if missing_path else [])
-            + [str(r.head_path) for r in results.values()],
+            outputs=output_list(written, out),
             extra={
                 "n_images": len(ids),
                 "n_missing": len(data.missing),
@@ -984,6 +987,7 @@ def train_head(
         missing_path=missing_path,
         n_missing=len(data.missing),
         manifest_path=manifest_path,
+        files=sorted([*written, manifest_path]),
     )
 
 

@@ -1,14 +1,19 @@
 """The study report: one self-contained HTML file from a results folder.
 
 :func:`build_report` looks for the result tables of every stage anywhere under the folder
-(``alignment``, ``behavior_direct``, ``condition_contrast``, ``filter_objects``, ``object2brain``,
-``propagate_behavior``; CSV, or Parquet where a folder has no CSV of that name), the figures under
+(:data:`TABLES`; CSV, or Parquet where a folder has no CSV of that name), the figures under
 ``figures/`` folders (PNG), ``truth.json`` of a simulation and the ``manifest.json`` files, and
-writes ``report.html``: summary, planted truth vs recovered (when the data are simulated), layer
-curves with noise ceilings, behaviour correlations per condition, condition contrasts, filter x
-group heatmaps, Object2Brain heatmaps, example images with filter maps and boxes, and every table as
-a downloadable CSV. Images and tables are inlined (data URIs): the file needs no network and no
-other file.
+writes ``report.html``: summary, planted truth vs recovered (when the data are simulated), valence
+heads (metrics, predicted vs rated), layer curves with noise ceilings, behaviour correlations per
+condition, condition contrasts, filter x group heatmaps, Object2Brain heatmaps, example images with
+filter maps and boxes, and every table as a downloadable CSV. Images and tables are inlined (data
+URIs): the file needs no network and no other file, except tables whose CSV exceeds
+:data:`MAX_EMBEDDED_CSV_BYTES` (e.g. the detections of a whole corpus), which are linked by their
+path relative to the report instead.
+
+When the folder is the output of ``object2brain run`` (its ``manifest.json`` has command ``run``),
+only the files that manifest lists are reported: results left in the folder by an earlier version
+of the study (a renamed model, a stage removed from the config) stay out, with one warning.
 
 Every table is checked against its schema (DESIGN.md section 3): a file that cannot be read or
 lacks columns raises :class:`~object2brain.errors.DataError` naming the file. Tables without rows
@@ -22,7 +27,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +39,33 @@ from object2brain.report import html
 
 log = logging.getLogger("object2brain.report")
 
+#: Figures of the report by file-name prefix (see :func:`find_figures`).
+_Figures = Callable[[str], list[Path]]
+
 TABLES = (
     "alignment",
+    "alignment_group",
     "behavior_direct",
     "condition_contrast",
+    "head_metrics",
     "filter_objects",
+    "detections",
     "object2brain",
     "propagate_behavior",
     "propagate_alignment",
 )
+
+#: Tables whose CSV is larger than this are linked (path relative to the report), not inlined.
+MAX_EMBEDDED_CSV_BYTES = 8_000_000
 
 #: The tables each command can write (the ``command`` of its ``manifest.json``): a table of one
 #: of them that the manifest does not list is stale. Manifests of other commands (``extract``,
 #: ``simulate``, ``run``, ...) say nothing about tables; those of unknown commands claim every
 #: table when they list any.
 TABLES_WRITTEN_BY: dict[str, tuple[str, ...]] = {
-    "rsa": ("alignment", "behavior_direct", "condition_contrast"),
-    "dissect": ("filter_objects",),
+    "rsa": ("alignment", "alignment_group", "behavior_direct", "condition_contrast"),
+    "train-head": ("head_metrics",),
+    "dissect": ("filter_objects", "detections"),
     "lesion": ("object2brain", "propagate_behavior", "propagate_alignment"),
 }
 _SUFFIXES = (".csv", ".parquet")
@@ -67,13 +83,17 @@ def table_schemas() -> dict[str, Sequence[str]]:
         ALIGNMENT_COLUMNS,
         BEHAVIOR_DIRECT_COLUMNS,
         CONTRAST_COLUMNS,
+        GROUP_COLUMNS,
     )
 
     return {
         "alignment": ALIGNMENT_COLUMNS,
+        "alignment_group": GROUP_COLUMNS,
         "behavior_direct": BEHAVIOR_DIRECT_COLUMNS,
         "condition_contrast": CONTRAST_COLUMNS,
+        "head_metrics": ("model", "split", "n"),
         "filter_objects": FILTER_OBJECTS_COLUMNS,
+        "detections": ("stimulus_id", "label", "group", "status"),
         "object2brain": OBJECT2BRAIN_COLUMNS,
     }
 
@@ -127,6 +147,45 @@ def _run_record(directory: Path, *, warn: bool) -> tuple[object, set[str]] | Non
     return manifest.get("command"), {Path(str(o)).name for o in outputs}
 
 
+class _RunScope:
+    """The files that ``folder/manifest.json`` of an ``object2brain run`` lists as its outputs;
+    admits every file when the folder is not a run's output."""
+
+    def __init__(self, folder: Path) -> None:
+        self.files: set[Path] | None = None
+        self.left_out: list[Path] = []
+        path = folder / "manifest.json"
+        try:
+            manifest = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            manifest = None  # reported where the tables beside it are checked
+        outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
+        # earlier run manifests listed only the stores: they scope nothing
+        if (
+            isinstance(manifest, dict)
+            and manifest.get("command") == "run"
+            and manifest.get("lists_every_output") is True
+            and isinstance(outputs, list)
+        ):
+            self.files = {(folder / str(o)).resolve() for o in outputs}
+
+    def admits(self, path: Path) -> bool:
+        if self.files is None or path.resolve() in self.files:
+            return True
+        self.left_out.append(path)
+        return False
+
+    def warn(self, folder: Path) -> None:
+        if self.left_out:
+            log.warning(
+                "left out %d file(s) that %s does not list as outputs of the run (left by an "
+                "earlier version of the study, e.g. a renamed model): %s",
+                len(self.left_out),
+                folder / "manifest.json",
+                listing([str(p) for p in self.left_out]),
+            )
+
+
 def _listed_tables(directory: Path, cache: dict[Path, set[str] | None]) -> set[str] | None:
     """Tables that ``directory/manifest.json`` vouches for; None: no such (usable) manifest."""
     if directory not in cache:
@@ -149,24 +208,32 @@ def _tables_vouched_for(record: tuple[object, set[str]] | None) -> set[str] | No
     return listed | (set(TABLES) - claimed)
 
 
-def find_tables(folder: Path) -> dict[str, pd.DataFrame]:
-    """Every known result table under ``folder`` (several files of one name are concatenated).
+def find_tables(
+    folder: Path, scope: _RunScope | None = None
+) -> tuple[dict[str, pd.DataFrame], dict[str, list[Path]]]:
+    """Every known result table under ``folder`` (several files of one name are concatenated),
+    and the files each was read from.
 
-    Tables that the ``manifest.json`` beside them leaves out are skipped as stale (one warning).
+    Tables that the ``manifest.json`` beside them leaves out are skipped as stale (one warning),
+    as are files outside ``scope``.
 
     Raises:
         DataError: a table that cannot be read or lacks columns of its schema.
     """
     found: dict[str, list[pd.DataFrame]] = {}
+    files: dict[str, list[Path]] = {}
     manifests: dict[Path, set[str] | None] = {}
     stale: list[str] = []
     for name in TABLES:
         for path in _table_files(folder, name):
+            if scope is not None and not scope.admits(path):
+                continue
             listed = _listed_tables(path.parent, manifests)
             if listed is not None and name not in listed:
                 stale.append(str(path))
                 continue
             found.setdefault(name, []).append(read_result_table(path, name))
+            files.setdefault(name, []).append(path)
     if stale:
         log.warning(
             "ignored %d stale table file(s) that the manifest.json beside them does not list "
@@ -174,7 +241,7 @@ def find_tables(folder: Path) -> dict[str, pd.DataFrame]:
             len(stale),
             listing(stale),
         )
-    return {name: _concat(frames) for name, frames in found.items()}
+    return {name: _concat(frames) for name, frames in found.items()}, files
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -182,14 +249,17 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(with_rows or frames[:1], ignore_index=True)
 
 
-def find_figures(folder: Path, prefix: str) -> list[Path]:
+def find_figures(folder: Path, prefix: str, scope: _RunScope | None = None) -> list[Path]:
     """PNG figures whose name starts with ``prefix`` under any ``figures`` folder, leaving out
     those that the run's ``manifest.json`` (beside ``figures/``) does not list: leftovers of an
-    earlier run into the same folder (e.g. a model no longer analysed)."""
+    earlier run into the same folder (e.g. a model no longer analysed); and those outside
+    ``scope``."""
     found = sorted(
         p for p in folder.rglob(f"{prefix}*.png") if p.parent.name == "figures" and p.is_file()
     )
-    return [path for path in found if _figure_is_current(path)]
+    return [
+        path for path in found if (scope is None or scope.admits(path)) and _figure_is_current(path)
+    ]
 
 
 def _figure_is_current(path: Path) -> bool:
@@ -211,12 +281,29 @@ def _figure(path: Path, caption: str) -> str:
     )
 
 
-def _download(frame: pd.DataFrame, name: str) -> str:
-    payload = base64.b64encode(frame.to_csv(index=False).encode()).decode("ascii")
+def _download(frame: pd.DataFrame, name: str, files: Sequence[Path], report_dir: Path) -> str:
+    """A CSV download inlined in the page; for a table over :data:`MAX_EMBEDDED_CSV_BYTES`,
+    links to its files relative to the report instead."""
+    data = frame.to_csv(index=False).encode()
+    if len(data) > MAX_EMBEDDED_CSV_BYTES:
+        links = ", ".join(
+            f'<a href="{html.escape(_relative(path, report_dir))}">'
+            f"{html.escape(_relative(path, report_dir))}</a>"
+            for path in files
+        )
+        return (
+            f"{html.escape(name)} ({len(frame)} rows, {len(data) / 1e6:.0f} MB: not inlined): "
+            f"{links}"
+        )
+    payload = base64.b64encode(data).decode("ascii")
     return (
         f'<a download="{html.escape(name)}.csv" href="data:text/csv;base64,{payload}">'
         f"{html.escape(name)}.csv</a> ({len(frame)} rows)"
     )
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
 def build_report(
@@ -226,9 +313,15 @@ def build_report(
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: results folder not found")
-    tables = find_tables(folder)
-    truth_files = sorted(folder.rglob("truth.json"))
+    target = Path(out) if out else folder / "report.html"
+    scope = _RunScope(folder)
+    tables, files = find_tables(folder, scope)
+    truth_files = [p for p in sorted(folder.rglob("truth.json")) if scope.admits(p)]
     truth = _read_truth(truth_files[0]) if truth_files else None
+
+    def figures(prefix: str) -> list[Path]:
+        return find_figures(folder, prefix, scope)
+
     if not tables:
         raise DataError(
             f"{folder}: no result tables found ({', '.join(TABLES)}; as .csv or .parquet)"
@@ -238,25 +331,25 @@ def build_report(
     sections = [_summary(tables, truth, empty)]
     if truth is not None:
         sections.append(_truth_section(truth, tables))
+    if "head_metrics" in tables:
+        sections.append(_heads_section(figures, tables["head_metrics"]))
     if "alignment" in tables:
-        sections.append(_alignment_section(folder, tables["alignment"]))
+        sections.append(_alignment_section(figures, tables["alignment"]))
     if "behavior_direct" in tables:
         sections.append(_behavior_section(tables["behavior_direct"]))
     if "condition_contrast" in tables:
         sections.append(_contrast_section(tables["condition_contrast"]))
     if "filter_objects" in tables:
-        sections.append(_filters_section(folder, tables["filter_objects"]))
+        sections.append(_filters_section(figures, tables["filter_objects"]))
     if "object2brain" in tables:
-        sections.append(_lesion_section(folder, tables["object2brain"], tables))
-    sections.append(
-        html.Section(
-            "Tables (CSV downloads)",
-            "<ul>"
-            + "".join(f"<li>{_download(t, n)}</li>" for n, t in all_tables.items())
-            + "</ul>",
-            "tables",
-        )
+        sections.append(_lesion_section(figures, tables["object2brain"], tables))
+    downloads = (
+        f"<li>{_download(t, n, files[n], target.parent)}</li>" for n, t in all_tables.items()
     )
+    sections.append(
+        html.Section("Tables (CSV downloads)", "<ul>" + "".join(downloads) + "</ul>", "tables")
+    )
+    scope.warn(folder)
     note = (
         '<p class="note"><b>Simulated data.</b> The brain and rating data of this study are '
         "simulated with a planted ground truth (<code>truth.json</code>); the section "
@@ -265,7 +358,7 @@ def build_report(
         else ""
     )
     page = html.render_page(title or "object2brain report", note, sections)
-    return html.write_page(Path(out) if out else folder / "report.html", page)
+    return html.write_page(target, page)
 
 
 def _largest(values: pd.Series) -> str:
@@ -362,10 +455,25 @@ def _truth_section(truth: dict[str, Any], tables: dict[str, pd.DataFrame]) -> ht
     return html.Section("Planted truth vs recovered", body, "truth")
 
 
-def _alignment_section(folder: Path, alignment: pd.DataFrame) -> html.Section:
+def _heads_section(figures: _Figures, metrics: pd.DataFrame) -> html.Section:
+    parts = [
+        "<p>Valence heads on the frozen backbones: fit on the training split, early stopping on "
+        "the validation split; the test split is held out.</p>",
+        html.table_html(metrics),
+    ]
+    parts += [
+        _figure(
+            path, f"Predicted vs rated valence: {path.stem.removeprefix('predicted_vs_rated_')}"
+        )
+        for path in figures("predicted_vs_rated_")
+    ]
+    return html.Section("Valence heads", "".join(parts), "heads")
+
+
+def _alignment_section(figures: _Figures, alignment: pd.DataFrame) -> html.Section:
     parts = [
         _figure(path, f"Alignment per layer: {path.stem.removeprefix('alignment_')}")
-        for path in find_figures(folder, "alignment_")
+        for path in figures("alignment_")
     ]
     best = best_layers(alignment)
     parts.append("<p>Best layer per model, target and condition (group level):</p>")
@@ -391,7 +499,7 @@ def _contrast_section(frame: pd.DataFrame) -> html.Section:
     return html.Section("Condition contrast", body, "contrast")
 
 
-def _filters_section(folder: Path, filters: pd.DataFrame) -> html.Section:
+def _filters_section(figures: _Figures, filters: pd.DataFrame) -> html.Section:
     counts = (
         filters[filters["assigned"].astype(bool)]
         .groupby(["model", "layer", "group"])
@@ -404,9 +512,9 @@ def _filters_section(folder: Path, filters: pd.DataFrame) -> html.Section:
         "valence output x object detections).</p>",
         html.table_html(counts),
     ]
-    for path in find_figures(folder, "filter_group"):
+    for path in figures("filter_group"):
         parts.append(_figure(path, f"Filter x group enrichment: {path.stem}"))
-    galleries = find_figures(folder, "gallery")
+    galleries = figures("gallery")
     if galleries:
         parts.append("<h3>Example images: filter maps and detected boxes</h3>")
         parts.extend(_figure(path, path.stem) for path in galleries[:12])
@@ -414,13 +522,13 @@ def _filters_section(folder: Path, filters: pd.DataFrame) -> html.Section:
 
 
 def _lesion_section(
-    folder: Path, table: pd.DataFrame, tables: dict[str, pd.DataFrame]
+    figures: _Figures, table: pd.DataFrame, tables: dict[str, pd.DataFrame]
 ) -> html.Section:
     parts = [
         "<p>Change in correlation (delta r) when the filters of an object group are lesioned "
         "(zeroed) or kept alone, against random filter subsets of the same size; * FDR < 0.05.</p>"
     ]
-    parts.extend(_figure(path, path.stem) for path in find_figures(folder, "lesion_"))
+    parts.extend(_figure(path, path.stem) for path in figures("lesion_"))
     group = table[(table["subject"] == "group") & (table["condition"] == "all")]
     significant = group[group["p_fdr"] < 0.05].sort_values("delta_r")
     if not significant.empty:
