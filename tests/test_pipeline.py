@@ -75,7 +75,10 @@ def study(stimulus_table: Path, tmp_path: Path) -> dict[str, Any]:
             "extract.dtype: Input should be 'float32' or 'float16'",
         ),
         # semantic checks, before any stage runs
-        (lambda c: c["models"][0].update(layers=["layer9"]), "models.0.layers: unknown layer"),
+        (
+            lambda c: c["models"][0].update(layers=["layer9"]),
+            "models.0.layers: unknown layer(s) for resnet18: 'layer9'",  # was "for ResNet"
+        ),
         (lambda c: c["dissect"].update(layer="layer9"), "dissect.layer: unknown layer"),
         (
             lambda c: c["dissect"].update(layer={"vgg": "layer4"}),

@@ -262,7 +262,7 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
     for index, model in enumerate(config.models):
         if model.layers != "all":
             try:
-                resolve_layers(networks[model.label], model.layers)
+                resolve_layers(networks[model.label], model.layers, arch=model.arch)
             except Object2BrainError as exc:
                 raise fail(f"models.{index}.layers", exc) from None
     dissect = config.dissect
@@ -281,7 +281,7 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
                 raise ConfigError(f"{source}: {exc}") from None
             key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
             try:
-                resolve_layers(networks[model.label], [layer])
+                resolve_layers(networks[model.label], [layer], arch=model.arch)
             except Object2BrainError as exc:
                 raise fail(key, exc) from None
             if model.head is None and config.train_head is None:

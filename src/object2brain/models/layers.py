@@ -179,11 +179,14 @@ def _generic_layers(module: nn.Module) -> list[LayerInfo]:
     ]
 
 
-def resolve_layers(model: Any, layers: str | Sequence[str] = "all") -> list[str]:
+def resolve_layers(
+    model: Any, layers: str | Sequence[str] = "all", *, arch: str | None = None
+) -> list[str]:
     """Turn ``all`` or a comma-separated list / sequence of names into validated module names.
 
     With a valence head attached, ``all`` leaves out the replaced output layer: its output is
-    written as the layer ``valence``.
+    written as the layer ``valence``. ``arch`` names the architecture in errors when ``model`` is
+    a bare module (default: ``model.arch``).
     """
     module = _module_of(model)
     if isinstance(layers, str):
@@ -204,10 +207,15 @@ def resolve_layers(model: Any, layers: str | Sequence[str] = "all") -> list[str]
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
             hint = f" (close matches: {', '.join(close)})" if close else ""
             messages.append(f"{name!r}{hint}")
-        arch = getattr(model, "arch", type(module).__name__)
-        raise LayerError(
-            f"unknown layer(s) for {arch}: {'; '.join(messages)}. "
+        arch = arch or getattr(model, "arch", None)
+        listing_hint = (
             f"`object2brain layers {arch}` lists the canonical layers, --all every module"
+            if arch
+            else "list_layers(model) lists the canonical layers"
+        )
+        raise LayerError(
+            f"unknown layer(s) for {arch or type(module).__name__}: {'; '.join(messages)}. "
+            + listing_hint
         )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
