@@ -133,6 +133,10 @@ def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path
     assert {"Faces", "unassigned"} <= set(lesion["group"])
     page = (out / "report.html").read_text()
     assert "Planted truth vs recovered" in page and "Simulated data" in page
+    # heads trained on the study's stimuli: predicted vs rated valence on the held-out test split
+    split = pd.read_csv(out / "heads" / "split.csv")
+    direct = pd.read_csv(out / "rsa" / "behavior_direct.csv")
+    assert (direct.loc[direct["condition"] == "all", "n"] == (split["split"] == "test").sum()).all()
 
     again = run_study(path, progress=False)
     assert again.ran == [] and set(again.skipped) == set(first.ran)

@@ -169,12 +169,25 @@ def rsa_command(
     n_boot: Annotated[int, typer.Option("--n-boot", min=0, help="Bootstrap resamples.")] = 1_000,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    held_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--held-out",
+            help="Split file (train-head's split.csv): predicted vs rated valence on its test "
+            "stimuli only, when the heads were trained on these stimuli.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Align every layer of every model with behaviour and brain ROIs (RSA)."""
+    from object2brain.data.splits import load_split
     from object2brain.rsa.align import run_alignment
 
     _quiet(quiet)
+    behavior_ids = None
+    if held_out is not None:
+        split = load_split(held_out)
+        behavior_ids = split.loc[split["split"] == "test", "stimulus_id"].tolist()
     run_alignment(
         activations,
         brain=brain,
@@ -188,6 +201,7 @@ def rsa_command(
         seed=seed,
         device=device,
         progress=not quiet,
+        behavior_ids=behavior_ids,
     )
     typer.echo(f"wrote {out / 'alignment.csv'}")
 

@@ -158,6 +158,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     seed, device = config.seed, config.device
     brain, ratings = config.brain, config.ratings
     heads: dict[str, Path | None] = {m.label: m.head for m in config.models}
+    held_out: list[str] | None = None  # stimuli no head of this run was fitted on
 
     def load(model: ModelConfig, head: Path | None = None) -> Any:
         return load_model(model.arch, model.weights, head=head, seed=seed, name=model.label)
@@ -270,6 +271,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         stages.run("train_head", head_dir, payload, train_work)
         for model in untrained:
             heads[model.label] = head_dir / model.label / "head.safetensors"
+        held_out = _held_out(head_dir / "split.csv", len(stimuli))
 
     stores: dict[str, Path] = {}
     for model in config.models:
@@ -326,13 +328,20 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 seed=seed,
                 device=device,
                 progress=progress,
+                behavior_ids=held_out,
             )
             return list(result.files)
 
         stages.run(
             "rsa",
             out / "rsa",
-            {"stage": "rsa", "options": rsa.model_dump(), **data_key, "seed": seed},
+            {
+                "stage": "rsa",
+                "options": rsa.model_dump(),
+                **data_key,
+                "held_out": held_out,
+                "seed": seed,
+            },
             rsa_work,
         )
 
@@ -492,6 +501,25 @@ def _extract(
         channels_last=config.extract.channels_last,
         decode=config.extract.decode,
     )
+
+
+def _held_out(split_file: Path, n_stimuli: int) -> list[str]:
+    """The test split of heads trained in this run on the study's own stimuli: the direct
+    behaviour correlation is measured on them only (in-sample r would be optimistic)."""
+    from object2brain.data.splits import load_split
+
+    split = load_split(split_file)
+    test = split.loc[split["split"] == "test", "stimulus_id"].tolist()
+    log.warning(
+        "the valence heads were trained on this study's stimuli: behavior_direct uses the %d "
+        "held-out test stimuli of %s only; the alignment of the 'valence' layer with behaviour "
+        "uses all %d stimuli, %d of which the heads were fitted on (optimistic)",
+        len(test),
+        split_file,
+        n_stimuli,
+        int((split["split"] != "test").sum()),
+    )
+    return test
 
 
 def _boxes_file(detector: str) -> Path | None:

@@ -13,6 +13,7 @@ from rsa_helpers import write_store
 
 from object2brain.errors import DataError, StoreError
 from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, run_alignment
+from object2brain.store import ActivationStore
 
 N = 24
 IDS = [f"img{i:02d}" for i in range(N)]
@@ -257,3 +258,35 @@ def test_rater_constant_within_a_condition_is_explained(
     summary = result.alignment_group.query("condition == 'A'").iloc[0]
     assert summary["n_subjects"] == len(defined)
     assert summary["mean_r"] == pytest.approx(rows_a["group"], abs=1e-12)
+
+
+def test_direct_behaviour_on_held_out_stimuli(tmp_path: Path) -> None:
+    """``behavior_ids`` restricts predicted-vs-rated valence to those stimuli (scipy on the same
+    rows), per condition; fewer than 3 in a condition give NaN; unknown ids are named."""
+    import scipy.stats
+
+    files = _planted(tmp_path)
+    held_out = IDS[:9]  # conditions alternate: 5 congruent, 4 incongruent
+    result = run_alignment(
+        files["store"], ratings=files["ratings"], stimuli=files["stimuli"], n_perm=0, n_boot=0,
+        device="cpu", progress=False, figures=False, behavior_ids=held_out,
+    )  # fmt: skip
+    with ActivationStore.open(files["store"]) as store:
+        predicted = store.read("valence", held_out)
+    rated = pd.read_csv(files["ratings"]).groupby("stimulus_id")["valence"].mean()[held_out]
+    direct = result.behavior_direct.set_index(["condition", "method"])
+    assert direct.loc[("all", "pearson"), "n"] == 9
+    expected = scipy.stats.pearsonr(predicted, rated.to_numpy()).statistic
+    assert direct.loc[("all", "pearson"), "r"] == pytest.approx(expected, abs=1e-12)
+    assert direct.loc[("incongruent", "spearman"), "n"] == 4
+    few = run_alignment(
+        files["store"], ratings=files["ratings"], stimuli=files["stimuli"], n_perm=0, n_boot=0,
+        device="cpu", progress=False, figures=False, behavior_ids=IDS[:3],
+    ).behavior_direct.set_index(["condition", "method"])  # fmt: skip
+    assert np.isnan(few.loc[("incongruent", "pearson"), "r"])
+    assert np.isfinite(few.loc[("all", "pearson"), "r"])
+    with pytest.raises(DataError, match="held-out stimuli not in the stimulus set: nope"):
+        run_alignment(
+            files["store"], ratings=files["ratings"], stimuli=files["stimuli"], n_perm=0,
+            n_boot=0, device="cpu", progress=False, behavior_ids=["nope"],
+        )  # fmt: skip

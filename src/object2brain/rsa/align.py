@@ -305,6 +305,7 @@ def run_alignment(
     on_missing: OnMissing = "error",
     progress: bool = True,
     figures: bool = True,
+    behavior_ids: Sequence[str] | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -325,6 +326,11 @@ def run_alignment(
         on_missing: ``error`` (default) or ``intersect`` when the brain data lack stimuli.
         progress: show a progress bar.
         figures: write the figures (when ``out`` is given).
+        behavior_ids: the stimuli of the direct correlation of predicted with rated valence
+            (``behavior_direct``; default: every analysed stimulus). When a valence head was
+            fitted on some of the analysed stimuli, give the held-out ones (e.g. the ``test``
+            split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
+            condition give a NaN row.
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
         ``condition_contrast`` and ``alignment_group`` tables.
@@ -363,6 +369,7 @@ def run_alignment(
             progress,
             figures,
             str(device),
+            behavior_ids,
         )
     finally:
         for store in stores:
@@ -387,6 +394,7 @@ def _run(
     progress: bool,
     figures: bool,
     device_name: str,
+    behavior_ids: Sequence[str] | None,
 ) -> AlignmentResult:
     # models
     models: list[tuple[str, ActivationStore, list[str]]] = []
@@ -426,6 +434,14 @@ def _run(
         raise DataError(f"{stim_where}: RSA needs at least 3 stimuli, found {len(ids)}")
     row_of = {sid: i for i, sid in enumerate(table_ids)}
     rows = [row_of[sid] for sid in ids]
+    in_direct = np.ones(len(ids), dtype=bool)
+    if behavior_ids is not None:
+        unknown = sorted(set(behavior_ids) - set(table_ids))
+        if unknown:
+            raise DataError(
+                f"{stim_where}: held-out stimuli not in the stimulus set: {listing(unknown)}"
+            )
+        in_direct = np.isin(np.asarray(ids, dtype=object), list(behavior_ids))
     stim_valence = None
     if ratings is None and "valence" in table.columns:
         values = pd.to_numeric(table["valence"].iloc[rows], errors="coerce").to_numpy(np.float64)
@@ -546,10 +562,13 @@ def _run(
             rated = ratings.group_mean(ids) if ratings is not None else stim_valence
             if rated is not None:
                 predicted = next(iter(_valence(store, ids)))
-                for cond, idx in cond_index:
+                for cond, all_idx in cond_index:
+                    idx = all_idx[in_direct[all_idx]]
                     for how in ("pearson", "spearman"):
-                        r, p, lo, hi = correlation_test(
-                            predicted[idx], rated[idx], how, n_perm, n_boot, seed
+                        r, p, lo, hi = (
+                            correlation_test(predicted[idx], rated[idx], how, n_perm, n_boot, seed)
+                            if idx.size >= 3
+                            else (np.nan, np.nan, np.nan, np.nan)
                         )
                         direct_rows.append(
                             {
@@ -588,6 +607,7 @@ def _run(
             "device": device_name,
             "layers": list(layer_filter) if layer_filter is not None else "all",
             "on_missing": on_missing,
+            "behavior_ids": None if behavior_ids is None else sorted(behavior_ids),
         }
         inputs = list(paths)
         for source in (brain_source, ratings_source, stimuli_source):
