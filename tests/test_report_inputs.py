@@ -297,3 +297,39 @@ def test_figures_the_manifest_does_not_list_are_stale(
     assert 'alt="Alignment per layer: resnet18"' in page and "oldmodel" not in page
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "alignment_oldmodel.png" in warnings[0]
+
+
+def test_planted_truth_is_compared_with_the_simulation_s_runs_only(tmp_path: Path) -> None:
+    """A folder with an RSA on real data and one on simulated data: the planted truth is compared
+    with the run whose manifest records the simulated files' hashes; the other is named."""
+    from object2brain.manifest import file_sha256
+
+    folder = tmp_path / "study"
+    simulation = folder / "simulation"
+    simulation.mkdir(parents=True)
+    (simulation / "patterns.h5").write_bytes(b"simulated patterns")
+    truth = {
+        "rois": [{"name": "EVC", "source": "layer:layer1", "snr": 2.0}],
+        "n_subjects": 3, "seed": 0, "rating_noise": 1.0, "valence_origin": "stimulus table",
+    }  # fmt: skip
+    (simulation / "truth.json").write_text(json.dumps(truth))
+    write_manifest(simulation, "simulate", ["patterns.h5", "truth.json"])
+    real, simulated = folder / "rsa_real", folder / "rsa_sim"
+    rsa_folder(real)
+    rsa_folder(simulated)
+    sim_alignment = alignment()
+    sim_alignment.loc[sim_alignment["layer"] == "layer1", "r"] = 0.9  # best layer: the planted one
+    sim_alignment.to_csv(simulated / "alignment.csv", index=False)
+    real_alignment = alignment()
+    real_alignment.loc[real_alignment["layer"] == "layer2", "r"] = 0.95  # the higher r overall
+    real_alignment.to_csv(real / "alignment.csv", index=False)
+    for where, data in ((real, "real patterns"), (simulated, None)):
+        manifest = json.loads((where / "manifest.json").read_text())
+        digest = file_sha256(simulation / "patterns.h5") if data is None else "0" * 64
+        manifest["inputs"] = {"brain": digest}
+        (where / "manifest.json").write_text(json.dumps(manifest))
+    page = build_report(folder).read_text()
+    assert "best layer layer1 (r = 0.90)" in page
+    assert "best layer layer2" not in page  # the real-data run's best layer
+    assert "Not compared with the planted truth" in page and "rsa_real" in page
+    assert "Some of the results in this folder come from brain and rating data" in page

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from object2brain.data import ALL_CONDITION, GROUP_SUBJECT
-from object2brain.data.brain import BrainData, load_brain
+from object2brain.data.brain import BrainData, brain_files, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
 from object2brain.devices import Chunking, resolve_device
@@ -586,6 +586,8 @@ def _write(
     for source in (filters, brain, ratings, stimuli):
         if isinstance(source, str | Path) and Path(source).is_file():
             inputs[str(source)] = file_sha256(source)
+    if isinstance(brain, str | Path) and Path(brain).is_file():
+        inputs.update({str(f): file_sha256(f) for f in brain_files(brain)})  # data behind a YAML
     manifest = build_manifest(
         "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=output_list(files, out)
     )

@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from object2brain.errors import DataError, StimulusError, listing, require_columns
+from object2brain.manifest import file_sha256
 from object2brain.report import html
 
 log = logging.getLogger("object2brain.report")
@@ -208,9 +209,13 @@ def _tables_vouched_for(record: tuple[object, set[str]] | None) -> set[str] | No
     return listed | (set(TABLES) - claimed)
 
 
+#: The files a table was read from, each with its rows.
+_Sources = dict[str, list[tuple[Path, pd.DataFrame]]]
+
+
 def find_tables(
     folder: Path, scope: _RunScope | None = None
-) -> tuple[dict[str, pd.DataFrame], dict[str, list[Path]]]:
+) -> tuple[dict[str, pd.DataFrame], _Sources]:
     """Every known result table under ``folder`` (several files of one name are concatenated),
     and the files each was read from.
 
@@ -221,7 +226,7 @@ def find_tables(
         DataError: a table that cannot be read or lacks columns of its schema.
     """
     found: dict[str, list[pd.DataFrame]] = {}
-    files: dict[str, list[Path]] = {}
+    files: _Sources = {}
     manifests: dict[Path, set[str] | None] = {}
     stale: list[str] = []
     for name in TABLES:
@@ -232,8 +237,9 @@ def find_tables(
             if listed is not None and name not in listed:
                 stale.append(str(path))
                 continue
-            found.setdefault(name, []).append(read_result_table(path, name))
-            files.setdefault(name, []).append(path)
+            frame = read_result_table(path, name)
+            found.setdefault(name, []).append(frame)
+            files.setdefault(name, []).append((path, frame))
     if stale:
         log.warning(
             "ignored %d stale table file(s) that the manifest.json beside them does not list "
@@ -315,9 +321,20 @@ def build_report(
         raise DataError(f"{folder}: results folder not found")
     target = Path(out) if out else folder / "report.html"
     scope = _RunScope(folder)
-    tables, files = find_tables(folder, scope)
+    tables, sources = find_tables(folder, scope)
     truth_files = [p for p in sorted(folder.rglob("truth.json")) if scope.admits(p)]
-    truth = _read_truth(truth_files[0]) if truth_files else None
+    truth, truth_tables = None, tables
+    other_data: list[Path] = []
+    if truth_files:
+        if len(truth_files) > 1:
+            log.warning(
+                "%d simulations under %s: the planted truth compared is %s",
+                len(truth_files),
+                folder,
+                truth_files[0],
+            )
+        truth = _read_truth(truth_files[0])
+        truth_tables, other_data = _tables_of_simulation(sources, truth_files[0])
 
     def figures(prefix: str) -> list[Path]:
         return find_figures(folder, prefix, scope)
@@ -328,9 +345,9 @@ def build_report(
         )
     empty = [name for name, frame in tables.items() if frame.empty]
     all_tables, tables = tables, {n: t for n, t in tables.items() if not t.empty}
-    sections = [_summary(tables, truth, empty)]
+    sections = [_summary(tables, truth, empty, other_data)]
     if truth is not None:
-        sections.append(_truth_section(truth, tables))
+        sections.append(_truth_section(truth, truth_tables, other_data))
     if "head_metrics" in tables:
         sections.append(_heads_section(figures, tables["head_metrics"]))
     if "alignment" in tables:
@@ -344,21 +361,71 @@ def build_report(
     if "object2brain" in tables:
         sections.append(_lesion_section(figures, tables["object2brain"], tables))
     downloads = (
-        f"<li>{_download(t, n, files[n], target.parent)}</li>" for n, t in all_tables.items()
+        f"<li>{_download(t, n, [p for p, _ in sources[n]], target.parent)}</li>"
+        for n, t in all_tables.items()
     )
     sections.append(
         html.Section("Tables (CSV downloads)", "<ul>" + "".join(downloads) + "</ul>", "tables")
     )
     scope.warn(folder)
-    note = (
-        '<p class="note"><b>Simulated data.</b> The brain and rating data of this study are '
-        "simulated with a planted ground truth (<code>truth.json</code>); the section "
-        "<i>Planted truth vs recovered</i> compares the two.</p>"
-        if truth is not None
-        else ""
-    )
+    note = ""
+    if truth is not None:
+        whose = (
+            "Some of the results in this folder come from brain and rating data"
+            if other_data
+            else "The brain and rating data of this study are"
+        )
+        note = (
+            f'<p class="note"><b>Simulated data.</b> {whose} simulated with a planted ground '
+            "truth (<code>truth.json</code>); the section <i>Planted truth vs recovered</i> "
+            "compares the two.</p>"
+        )
     page = html.render_page(title or "object2brain report", note, sections)
     return html.write_page(target, page)
+
+
+def _tables_of_simulation(
+    sources: _Sources, truth_path: Path
+) -> tuple[dict[str, pd.DataFrame], list[Path]]:
+    """The rows of the analyses of the simulation beside ``truth_path``, and the folders of the
+    other analyses found.
+
+    A table belongs to the simulation when the ``manifest.json`` beside it records, among its
+    input hashes, the SHA-256 of a data file of the simulation (patterns, brain manifest,
+    ratings), or when it has no manifest with inputs to tell.
+    """
+    simulation = truth_path.parent
+    record = _run_record(simulation, warn=False)
+    if record is not None and record[0] == "simulate":
+        data = [simulation / name for name in record[1]]
+    else:
+        data = [p for p in simulation.iterdir() if p.suffix.lower() in (".h5", ".yaml", ".csv")]
+    simulated = {file_sha256(p) for p in data if p.is_file() and p.name != truth_path.name}
+    kept: dict[str, pd.DataFrame] = {}
+    others: set[Path] = set()
+    for name, pairs in sources.items():
+        frames = []
+        for path, frame in pairs:
+            inputs = _input_hashes(path.parent)
+            if inputs is None or inputs & simulated:
+                frames.append(frame)
+            else:
+                others.add(path.parent)
+        if frames:
+            kept[name] = _concat(frames)
+    return kept, sorted(others)
+
+
+def _input_hashes(directory: Path) -> set[str] | None:
+    """The input SHA-256 values of ``directory/manifest.json``; None: no manifest with inputs."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+    if not isinstance(inputs, dict) or not inputs:
+        return None
+    return {str(value) for value in inputs.values()}
 
 
 def _largest(values: pd.Series) -> str:
@@ -378,7 +445,10 @@ def _read_truth(path: Path) -> dict[str, Any]:
 
 
 def _summary(
-    tables: dict[str, pd.DataFrame], truth: dict[str, Any] | None, empty: Sequence[str] = ()
+    tables: dict[str, pd.DataFrame],
+    truth: dict[str, Any] | None,
+    empty: Sequence[str] = (),
+    other_data: Sequence[Path] = (),
 ) -> html.Section:
     facts = []
     if "alignment" in tables:
@@ -403,9 +473,10 @@ def _summary(
         n_filters = len(frame.drop_duplicates(keys))
         facts.append(("filters assigned to an object group", f"{n_assigned} of {n_filters}"))
     if truth is not None:
-        facts.append(
-            ("data", f"simulated, {truth.get('n_subjects')} subjects, seed {truth.get('seed')}")
-        )
+        simulated = f"simulated, {truth.get('n_subjects')} subjects, seed {truth.get('seed')}"
+        if other_data:
+            simulated += f"; other data in {', '.join(str(p) for p in other_data)}"
+        facts.append(("data", simulated))
     if empty:
         facts.append(("empty tables (no rows, no section)", ", ".join(empty)))
     body = html.table_html(pd.DataFrame(facts, columns=["", "value"]))
@@ -419,7 +490,9 @@ def best_layers(alignment: pd.DataFrame) -> pd.DataFrame:
     return best[["model", "target", "condition", "layer", "layer_index", "r", "p_fdr"]]
 
 
-def _truth_section(truth: dict[str, Any], tables: dict[str, pd.DataFrame]) -> html.Section:
+def _truth_section(
+    truth: dict[str, Any], tables: dict[str, pd.DataFrame], other_data: Sequence[Path] = ()
+) -> html.Section:
     rows = []
     best = best_layers(tables["alignment"]) if "alignment" in tables else None
     lesion = tables.get("object2brain")
@@ -452,6 +525,12 @@ def _truth_section(truth: dict[str, Any], tables: dict[str, pd.DataFrame]) -> ht
         f"{truth.get('n_subjects')} simulated raters with noise SD "
         f"{truth.get('rating_noise')}.</p>"
     )
+    if other_data:
+        body += (
+            "<p>Not compared with the planted truth (their inputs are not the simulated data): "
+            + html.escape(", ".join(str(p) for p in other_data))
+            + ".</p>"
+        )
     return html.Section("Planted truth vs recovered", body, "truth")
 
 
