@@ -161,6 +161,7 @@ def run_lesion(
     model: Any = None,
     batch_size: int = 32,
     figures: bool = True,
+    behavior_ids: Sequence[str] | None = None,
 ) -> LesionResult:
     """Lesion / keep-only analysis of every object group (see module docstring).
 
@@ -182,6 +183,8 @@ def run_lesion(
             the one whose ``model`` attribute equals ``model.name``).
         batch_size: images per forward pass for ``propagate``.
         figures: write the heatmap figures (when ``out`` is given).
+        behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
+            (default all): the held-out ones when the head was fitted on some of these stimuli.
     """
     check_metric(rdm_metric)
     check_method(compare_method)
@@ -265,6 +268,7 @@ def run_lesion(
                         compare_method,
                         batch_size,
                         dev,
+                        behavior_ids,
                     )
                     prop_behavior.append(behavior)
                     prop_alignment.append(later)

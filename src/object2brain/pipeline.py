@@ -418,6 +418,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                     device=device,
                     propagate=options_l.propagate,
                     model=loaded,
+                    behavior_ids=held_out,
                 )
                 files.extend(result.files)
             return files
@@ -428,6 +429,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             **data_key,
             "dissect": [stages.keys[f"dissect:{m.label}"] for m in config.models],
             "rsa": [config.rsa.rdm, config.rsa.compare] if config.rsa else None,
+            "held_out": held_out,
             "seed": seed,
         }
         stages.run("lesion", out / "lesion", payload, lesion_work)

@@ -109,8 +109,13 @@ def propagate_layer(
     method: str,
     batch_size: int,
     device: torch.device,
+    behavior_ids: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Change of direct behaviour correlation and of later layers' alignment per group lesion."""
+    """Change of direct behaviour correlation and of later layers' alignment per group lesion.
+
+    The behaviour correlation uses the stimuli in ``behavior_ids`` only (default all; ``n`` in
+    the table), e.g. those a valence head was not fitted on.
+    """
     order = [name for name in store.layers if name != VALENCE_LAYER]
     if layer not in order:
         raise DataError(f"layer {layer!r} is not in the activation store")
@@ -125,6 +130,9 @@ def propagate_layer(
         [upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets]
     )
     subsets = condition_sets(ids, conditions)
+    in_behavior = (
+        np.ones(len(ids), dtype=bool) if behavior_ids is None else np.isin(ids, list(behavior_ids))
+    )
     # each condition's target RDMs ranked / standardised once, not once per group and layer
     prepared_targets = {
         condition: prepare(target_vectors[:, condensed_subset(len(ids), keep)], method)
@@ -135,10 +143,11 @@ def propagate_layer(
     def summarise(acts: dict[str, np.ndarray]) -> tuple[dict[Any, float], dict[Any, float]]:
         behavior, alignment = {}, {}
         for condition, keep in subsets:
-            if rated is not None and VALENCE_LAYER in acts and len(keep) >= 3:
-                predicted = acts[VALENCE_LAYER][keep]
-                behavior[(condition, "pearson")] = float(pearsonr(predicted, rated[keep])[0])
-                behavior[(condition, "spearman")] = float(spearmanr(predicted, rated[keep])[0])
+            rows = keep[in_behavior[keep]]
+            if rated is not None and VALENCE_LAYER in acts and len(rows) >= 3:
+                predicted = acts[VALENCE_LAYER][rows]
+                behavior[(condition, "pearson")] = float(pearsonr(predicted, rated[rows])[0])
+                behavior[(condition, "spearman")] = float(spearmanr(predicted, rated[rows])[0])
             if len(keep) < 4:
                 continue
             for name in later:
@@ -176,6 +185,7 @@ def propagate_layer(
                         "r_full": full_b[(condition, method_name)],
                         "r_variant": r,
                         "delta_r": r - full_b[(condition, method_name)],
+                        "n": int(in_behavior[dict(subsets)[condition]].sum()),
                     }
                 )
             for (condition, name, target, subject), r in var_a.items():

@@ -216,6 +216,19 @@ def test_propagate_end_to_end(stimulus_table: Path, tmp_path: Path) -> None:
     assert (later["target"] == "behavior").all()
     assert (tmp_path / "les" / "propagate_behavior.csv").is_file()
     assert np.isfinite(behavior["delta_r"]).all() and (behavior["delta_r"] != 0).any()
+    # held-out stimuli only: r_full is the store's valence against the rating on those rows
+    table = pd.read_csv(stimulus_table)
+    held_out = table["stimulus_id"].tolist()[:6]
+    subset = run_lesion(
+        store, filters, stimuli=stimulus_table, layers=["layer3"], n_null=0, propagate=True,
+        model=model, batch_size=4, variants=("lesion",), behavior_ids=held_out,
+    ).propagate_behavior.query("condition == 'all' and method == 'pearson'")  # fmt: skip
+    with ActivationStore.open(store) as handle:
+        predicted = handle.read("valence", held_out)
+    rated = table.set_index("stimulus_id").loc[held_out, "valence"].to_numpy()
+    assert (subset["n"] == 6).all()
+    expected = float(np.corrcoef(predicted, rated)[0, 1])
+    assert subset["r_full"].iloc[0] == pytest.approx(expected, abs=1e-5)  # float32 forward
     other = load_model("resnet18", "none", seed=1)  # not the network that wrote the store
     with pytest.raises(ModelError, match="--propagate must run the same network"):
         run_lesion(store, filters, stimuli=stimulus_table, propagate=True, model=other, n_null=0)
