@@ -224,6 +224,28 @@ def test_edited_inputs_rerun_the_stages_that_read_them(
     assert any("does not list as outputs of the run" in r.getMessage() for r in caplog.records)
 
 
+def test_a_moved_study_reuses_every_stage(study: dict[str, Any], tmp_path: Path) -> None:
+    """Stage keys and store fingerprints hold contents, not paths: a study folder (config,
+    images, tables, results) moved elsewhere re-runs nothing."""
+    import shutil
+
+    first = tmp_path / "first"
+    (first / "images").mkdir(parents=True)
+    table = pd.read_csv(study["stimuli"])
+    for i, image in enumerate(table["path"]):
+        shutil.copy(Path(study["stimuli"]).parent / image, first / "images" / f"{i}.jpg")
+    table["path"] = [f"images/{i}.jpg" for i in range(len(table))]
+    table.to_csv(first / "stimuli.csv", index=False)
+    shutil.copy(tmp_path / "boxes.csv", first / "boxes.csv")
+    study.update(stimuli="stimuli.csv")
+    study["dissect"]["detector"] = "boxes:boxes.csv"
+    ran = run_study(write_config(first, study), progress=False).ran
+    assert "rsa" in ran and "lesion" in ran
+    moved = shutil.move(first, tmp_path / "moved")
+    again = run_study(Path(moved) / "study.yaml", progress=False)
+    assert again.ran == [] and set(again.skipped) == set(ran)
+
+
 def test_interrupted_run_completes_identically(
     study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

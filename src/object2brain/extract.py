@@ -348,7 +348,11 @@ def extract(
         config["amp_dtype"] = amp_dtype
     if on_device_decode:
         config["decode"] = "torch"
-    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    # What the store holds, by content: weights and head by SHA-256 and images by their bytes,
+    # not by path, so a study moved to another folder or machine keeps its stores.
+    identity = {k: v for k, v in config.items() if k not in ("weights", "head")}
+    identity["head_sha256"] = file_sha256(loaded.head["path"]) if loaded.head else None
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     if out.exists():
         if _same_complete_store(out, fingerprint):

@@ -64,12 +64,15 @@ def _digest(payload: Any) -> str:
 
 
 def _fingerprint(path: Path | None) -> str | None:
+    """SHA-256 of a file, or of a folder's files (relative names and contents)."""
     if path is None:
         return None
     if path.is_dir():
+        from object2brain.data.stimuli import image_sha256  # memoised: images of a folder
+
         return _digest(
             sorted(
-                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                (p.relative_to(path).as_posix(), image_sha256(p))
                 for p in path.rglob("*")
                 if p.is_file()
             )
@@ -90,14 +93,18 @@ def _model_key(model: ModelConfig) -> dict[str, Any]:
     key: dict[str, Any] = model.model_dump(mode="json", exclude={"head"})
     weights = Path(model.weights)
     if weights.is_file():
-        key["weights_sha256"] = file_sha256(weights)
+        key["weights"] = file_sha256(weights)  # not its path: a moved study keeps its key
     elif model.weights.lower() != "none":
         key["torchvision"] = version("torchvision")
     return key
 
 
 class _Stages:
-    def __init__(self, progress: bool) -> None:
+    """Runs stages, or reuses them; ``.stage.json`` lists outputs relative to ``out`` (a moved
+    study folder keeps its stages)."""
+
+    def __init__(self, out: Path, progress: bool) -> None:
+        self.out = out
         self.result_ran: list[str] = []
         self.result_skipped: list[str] = []
         self.keys: dict[str, str] = {}
@@ -110,13 +117,12 @@ class _Stages:
         marker = folder / STAGE_FILE
         if marker.is_file():
             record = json.loads(marker.read_text())
-            if record.get("key") == key and all(
-                Path(p).exists() for p in record.get("outputs", [])
-            ):
+            outputs = [self.out / p for p in record.get("outputs", [])]  # absolute: older runs
+            if record.get("key") == key and all(p.exists() for p in outputs):
                 log.info("stage %s: unchanged, reusing %s", name, folder)
                 self.result_skipped.append(name)
                 self.keys[name] = key
-                self.outputs += [Path(p) for p in record.get("outputs", [])]
+                self.outputs += outputs
                 return key
         log.info("stage %s: running", name)
         started = time.time()
@@ -127,7 +133,7 @@ class _Stages:
             marker,
             {
                 "key": key,
-                "outputs": [str(p) for p in outputs],
+                "outputs": output_list(outputs, self.out),
                 "seconds": round(time.time() - started, 2),
             },
         )
@@ -151,7 +157,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     out = config.out
     check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(progress)
+    stages = _Stages(out, progress)
     stimuli = load_stimuli(config.stimuli)
     stimuli_key = stimuli.fingerprint()  # ids, paths and images: what extraction reads
     table_key = _fingerprint(config.stimuli)  # every column: conditions, valence, ...
@@ -378,7 +384,9 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
 
             payload = {
                 "stage": "dissect",
-                "options": options_d.model_dump(mode="json"),
+                # the groups and boxes files enter by content (below), not by path
+                "options": options_d.model_dump(mode="json", exclude={"groups", "detector"})
+                | {"detector": "boxes" if _boxes_file(options_d.detector) else options_d.detector},
                 "groups": _fingerprint(options_d.groups),
                 "boxes": _fingerprint(_boxes_file(options_d.detector)),
                 "model": _model_key(model),
