@@ -176,7 +176,8 @@ def test_edited_inputs_rerun_the_stages_that_read_them(
     table["condition"] = table["condition"].replace({"incongruent": "other"})
     table.to_csv(table_path, index=False)
     edited = run_study(path, progress=False)
-    assert {"rsa", "lesion"} <= set(edited.ran) and "dissect:resnet18" not in edited.ran
+    assert {"simulate", "rsa", "lesion"} <= set(edited.ran)  # simulate: gain.COND may read it
+    assert "dissect:resnet18" not in edited.ran and "train_head" not in edited.ran  # valence only
     assert "other" in set(pd.read_csv(out / "rsa" / "alignment.csv")["condition"])
 
     boxes = pd.read_csv(tmp_path / "boxes.csv")
@@ -244,6 +245,37 @@ def test_a_moved_study_reuses_every_stage(study: dict[str, Any], tmp_path: Path)
     moved = shutil.move(first, tmp_path / "moved")
     again = run_study(Path(moved) / "study.yaml", progress=False)
     assert again.ran == [] and set(again.skipped) == set(ran)
+
+
+def test_stage_outputs_outside_the_output_folder_are_not_reused(tmp_path: Path) -> None:
+    """A ``.stage.json`` of an older run recorded absolute outputs: copied into another output
+    folder it would point at the original's files (which its report then cannot show)."""
+    import json
+    import shutil
+
+    stages_module = importlib.import_module("object2brain.pipeline")
+    first = tmp_path / "first"
+    (first / "rsa").mkdir(parents=True)
+    (first / "rsa" / "alignment.csv").write_text("x\n")
+    marker = {
+        "key": stages_module._digest({"stage": "rsa"}),
+        "outputs": [str(first / "rsa" / "alignment.csv")],
+    }
+    (first / "rsa" / ".stage.json").write_text(json.dumps(marker))
+    copy = Path(shutil.copytree(first, tmp_path / "copy"))
+    ran: list[str] = []
+
+    def work() -> list[Path]:
+        ran.append("rsa")
+        return [copy / "rsa" / "alignment.csv"]
+
+    stages_module._Stages(copy, progress=False).run("rsa", copy / "rsa", {"stage": "rsa"}, work)
+    assert ran == ["rsa"]
+    assert json.loads((copy / "rsa" / ".stage.json").read_text())["outputs"] == [
+        "rsa/alignment.csv"
+    ]
+    stages_module._Stages(first, progress=False).run("rsa", first / "rsa", {"stage": "rsa"}, work)
+    assert ran == ["rsa"]  # in its own folder the old marker is still reused
 
 
 def test_interrupted_run_completes_identically(

@@ -313,7 +313,9 @@ def test_planted_truth_is_compared_with_the_simulation_s_runs_only(tmp_path: Pat
         "n_subjects": 3, "seed": 0, "rating_noise": 1.0, "valence_origin": "stimulus table",
     }  # fmt: skip
     (simulation / "truth.json").write_text(json.dumps(truth))
-    write_manifest(simulation, "simulate", ["patterns.h5", "truth.json"])
+    brain_yaml = "sources:\n- kind: patterns\n  path: patterns.h5\n"  # any study may write it
+    (simulation / "brain.yaml").write_text(brain_yaml)
+    write_manifest(simulation, "simulate", ["patterns.h5", "brain.yaml", "truth.json"])
     real, simulated = folder / "rsa_real", folder / "rsa_sim"
     rsa_folder(real)
     rsa_folder(simulated)
@@ -326,9 +328,22 @@ def test_planted_truth_is_compared_with_the_simulation_s_runs_only(tmp_path: Pat
     for where, data in ((real, "real patterns"), (simulated, None)):
         manifest = json.loads((where / "manifest.json").read_text())
         digest = file_sha256(simulation / "patterns.h5") if data is None else "0" * 64
-        manifest["inputs"] = {"brain": digest}
+        # the real study's brain manifest has the same three lines as the simulation's
+        manifest["inputs"] = {"brain.yaml": file_sha256(simulation / "brain.yaml"), "data": digest}
         (where / "manifest.json").write_text(json.dumps(manifest))
+    dissection = folder / "dissect"  # no brain or rating data: neither simulated nor other data
+    dissection.mkdir()
+    filters = pd.DataFrame(
+        [["resnet18", "layer4", 0, "Faces", 1.0, 2.0, 3, True]],
+        columns=["model", "layer", "filter", "group", "importance", "enrichment", "n_images",
+                 "assigned"],
+    )  # fmt: skip
+    filters.to_csv(dissection / "filter_objects.csv", index=False)
+    write_manifest(dissection, "dissect", ["filter_objects.csv"])
+    manifest = json.loads((dissection / "manifest.json").read_text())
+    (dissection / "manifest.json").write_text(json.dumps({**manifest, "inputs": {"x": "1" * 64}}))
     page = build_report(folder).read_text()
+    assert "dissect" not in page.split("Not compared with the planted truth")[1].split("</p>")[0]
     assert "best layer layer1 (r = 0.90)" in page
     assert "best layer layer2" not in page  # the real-data run's best layer
     assert "Not compared with the planted truth" in page and "rsa_real" in page

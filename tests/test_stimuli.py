@@ -78,7 +78,7 @@ def test_fingerprint_follows_image_bytes_not_file_times(
     import os
     import shutil
 
-    stimuli_module = importlib.import_module("object2brain.data.stimuli")
+    manifest_module = importlib.import_module("object2brain.manifest")
     original = load_stimuli(stimulus_table)
     frame = original.table.copy()
     (tmp_path / "copy").mkdir()
@@ -95,7 +95,7 @@ def test_fingerprint_follows_image_bytes_not_file_times(
     data[-3] ^= 0xFF  # inside the JPEG's last scan, same length
     victim.write_bytes(bytes(data))
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    stimuli_module._IMAGE_HASHES.clear()  # what a new process starts with
+    manifest_module._HASHES.clear()  # what a new process starts with
     assert load_stimuli(tmp_path / "copied.csv").fingerprint() != original.fingerprint()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import sys
 from collections.abc import Iterable
@@ -34,6 +35,20 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: SHA-256 of the files hashed so far in this process, by (absolute path, size, mtime).
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_sha256(path: str | Path) -> str:
+    """:func:`file_sha256`, read once per process while the file's size and mtime are unchanged
+    (images, brain data and checkpoints are fingerprinted by several stages of one run)."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
 
 
 def output_list(files: Iterable[str | Path], folder: str | Path) -> list[str]:

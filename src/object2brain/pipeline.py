@@ -12,13 +12,15 @@ Stages, in order (a stage runs only when its config section is present):
 7. ``lesion`` (``<out>/lesion``), 8. ``report`` (``<out>/report.html``).
 
 Every stage has a key: the SHA-256 of its options, its inputs and the keys of the stages it reads.
-Inputs enter by content: the stimulus table (every column), the brain data (the manifest and every
-file it names), ratings, a ``boxes:`` file, head and checkpoint files (SHA-256); images by path,
-size and modification time (cheap for large corpora); named torchvision weights by the
-torchvision version. A finished stage writes ``.stage.json`` (key and outputs) into its folder
-last; a re-run skips every stage whose key and outputs are unchanged, so editing one option or
-input re-runs only the stages it affects, each replacing its own outputs. Outputs are written
-atomically and extraction resumes mid-way, so a killed run is completed by running it again.
+Inputs enter by content (SHA-256, each file read once per process): the images' bytes, the
+stimulus table (the stages that read a column: simulate, RSA and lesions every column, head
+training the ``valence`` column), the brain data (the manifest and every file it names), ratings,
+a ``boxes:`` file, head and checkpoint files; named torchvision weights by the torchvision
+version. Keys hold no paths, so a moved study keeps its stages. A finished stage writes
+``.stage.json`` (key and outputs relative to ``<out>``) into its folder last; a re-run skips every
+stage whose key and outputs are unchanged, so editing one option or input re-runs only the stages
+it affects, each replacing its own outputs. Outputs are written atomically and extraction resumes
+mid-way, so a killed run is completed by running it again.
 ``<out>/manifest.json`` records the config, versions, seeds, input hashes (including the weights
 of every model), stage keys and every output of the run; the report shows only those outputs, so
 results left in ``<out>`` by an earlier version of the study (e.g. a renamed model) stay out.
@@ -40,7 +42,7 @@ import pandas as pd
 from object2brain.config import ModelConfig, RunConfig, load_config
 from object2brain.data.brain import brain_files
 from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.manifest import build_manifest, file_sha256, output_list
+from object2brain.manifest import build_manifest, cached_file_sha256, output_list
 from object2brain.store import check_output_folder, write_json
 
 log = logging.getLogger("object2brain.run")
@@ -68,21 +70,19 @@ def _fingerprint(path: Path | None) -> str | None:
     if path is None:
         return None
     if path.is_dir():
-        from object2brain.data.stimuli import image_sha256  # memoised: images of a folder
-
         return _digest(
             sorted(
-                (p.relative_to(path).as_posix(), image_sha256(p))
+                (p.relative_to(path).as_posix(), cached_file_sha256(p))
                 for p in path.rglob("*")
                 if p.is_file()
             )
         )
-    return file_sha256(path)
+    return cached_file_sha256(path)
 
 
 def _brain_key(path: Path | None) -> list[str] | None:
     """SHA-256 of brain data: the file given and every file a YAML manifest names."""
-    return None if path is None else [file_sha256(f) for f in brain_files(path)]
+    return None if path is None else [cached_file_sha256(f) for f in brain_files(path)]
 
 
 def _model_key(model: ModelConfig) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def _model_key(model: ModelConfig) -> dict[str, Any]:
     key: dict[str, Any] = model.model_dump(mode="json", exclude={"head"})
     weights = Path(model.weights)
     if weights.is_file():
-        key["weights"] = file_sha256(weights)  # not its path: a moved study keeps its key
+        key["weights"] = cached_file_sha256(weights)  # not its path: a moved study keeps its key
     elif model.weights.lower() != "none":
         key["torchvision"] = version("torchvision")
     return key
@@ -118,7 +118,8 @@ class _Stages:
         if marker.is_file():
             record = json.loads(marker.read_text())
             outputs = [self.out / p for p in record.get("outputs", [])]  # absolute: older runs
-            if record.get("key") == key and all(p.exists() for p in outputs):
+            inside = all(p.resolve().is_relative_to(self.out.resolve()) for p in outputs)
+            if record.get("key") == key and inside and all(p.exists() for p in outputs):
                 log.info("stage %s: unchanged, reusing %s", name, folder)
                 self.result_skipped.append(name)
                 self.keys[name] = key
@@ -233,6 +234,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 "stage": "simulate",
                 "options": sim.model_dump(),
                 "upstream": stages.keys[f"extract_backbone:{first}"],
+                "stimulus_table": table_key,  # valence and condition columns
                 "seed": seed,
             },
             simulate_work,
@@ -269,7 +271,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             "stage": "train_head",
             "options": options.model_dump(),
             "stimuli": stimuli_key,
-            "stimulus_table": table_key,
+            "valence": _column_key(stimuli, "valence"),
             "models": [_model_key(m) for m in untrained],
             "seed": seed,
             "ratings": _fingerprint(ratings) if options.ratings == "ratings" else None,
@@ -445,14 +447,14 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     inputs = {"stimuli": stimuli_key, "stimulus_table": str(table_key)}
     if brain is not None:
         for file, digest in zip(brain_files(brain), brain_key or [], strict=True):
-            inputs[f"brain:{file.name}"] = digest
+            inputs[f"brain:{_relative_name(file, brain.parent)}"] = digest
     if ratings is not None:
         inputs["ratings"] = str(_fingerprint(ratings))
     for model in config.models:
         inputs[f"weights:{model.label}"] = _store_weights(stores[model.label])
         head = heads[model.label]
         if head is not None:
-            inputs[f"head:{model.label}"] = file_sha256(head)
+            inputs[f"head:{model.label}"] = cached_file_sha256(head)
     outputs = list(dict.fromkeys(stages.outputs))
 
     def write_manifest(files: list[Path]) -> None:
@@ -530,6 +532,18 @@ def _held_out(split_file: Path, n_stimuli: int) -> list[str]:
         int((split["split"] != "test").sum()),
     )
     return test
+
+
+def _column_key(stimuli: StimulusSet, column: str) -> str | None:
+    """SHA-256 of one column of the stimulus table, by stimulus id (None without the column)."""
+    if column not in stimuli.table:
+        return None
+    return _digest(list(zip(stimuli.ids, stimuli.table[column].astype(str), strict=True)))
+
+
+def _relative_name(path: Path, start: Path) -> str:
+    """``path`` relative to ``start`` where it lies under it (e.g. ``sub-01/betas.nii.gz``)."""
+    return path.relative_to(start).as_posix() if path.is_relative_to(start) else str(path)
 
 
 def _boxes_file(detector: str) -> Path | None:

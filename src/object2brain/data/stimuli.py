@@ -24,7 +24,7 @@ import pandas as pd
 from object2brain.data import ALL_CONDITION
 from object2brain.data.images import load_image
 from object2brain.errors import StimulusError, listing, require_columns
-from object2brain.manifest import file_sha256
+from object2brain.manifest import cached_file_sha256
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -88,27 +88,14 @@ class StimulusSet:
 
         Stores, feature caches and run stages are keyed on it: touching, copying or moving the
         images keeps it, any edit of an image changes it. Images are hashed on a thread pool, each
-        file once per process (:func:`image_sha256`).
+        file once per process (:func:`~object2brain.manifest.cached_file_sha256`).
         """
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            hashes = list(pool.map(image_sha256, self.paths))
+            hashes = list(pool.map(cached_file_sha256, self.paths))
         digest = hashlib.sha256()
         for sid, image_hash in zip(self.ids, hashes, strict=True):
             digest.update(sid.encode() + b"\0" + image_hash.encode())
         return digest.hexdigest()
-
-
-#: SHA-256 of the image files hashed so far in this process, by (path, size, mtime).
-_IMAGE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def image_sha256(path: Path) -> str:
-    """SHA-256 of an image file, read once per process while its size and mtime are unchanged."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _IMAGE_HASHES:
-        _IMAGE_HASHES[key] = file_sha256(path)
-    return _IMAGE_HASHES[key]
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -56,6 +56,9 @@ TABLES = (
     "propagate_alignment",
 )
 
+#: Tables computed from brain or rating data (compared with a simulation's planted truth).
+TABLES_OF_DATA = frozenset(TABLES) - {"head_metrics", "filter_objects", "detections"}
+
 #: Tables whose CSV is larger than this are linked (path relative to the report), not inlined.
 MAX_EMBEDDED_CSV_BYTES = 8_000_000
 
@@ -390,24 +393,27 @@ def _tables_of_simulation(
     """The rows of the analyses of the simulation beside ``truth_path``, and the folders of the
     other analyses found.
 
-    A table belongs to the simulation when the ``manifest.json`` beside it records, among its
-    input hashes, the SHA-256 of a data file of the simulation (patterns, brain manifest,
-    ratings), or when it has no manifest with inputs to tell.
+    A table of brain or rating results belongs to the simulation when the ``manifest.json``
+    beside it records, among its input hashes, the SHA-256 of a data file of the simulation
+    (patterns, ratings; not the brain manifest, whose few lines any study may share), or when
+    it has no manifest with inputs to tell. Tables of other kinds (heads, dissection) are kept.
     """
     simulation = truth_path.parent
     record = _run_record(simulation, warn=False)
     if record is not None and record[0] == "simulate":
         data = [simulation / name for name in record[1]]
     else:
-        data = [p for p in simulation.iterdir() if p.suffix.lower() in (".h5", ".yaml", ".csv")]
-    simulated = {file_sha256(p) for p in data if p.is_file() and p.name != truth_path.name}
+        data = list(simulation.iterdir())
+    simulated = {
+        file_sha256(p) for p in data if p.is_file() and p.suffix.lower() in (".h5", ".csv")
+    }
     kept: dict[str, pd.DataFrame] = {}
     others: set[Path] = set()
     for name, pairs in sources.items():
         frames = []
         for path, frame in pairs:
             inputs = _input_hashes(path.parent)
-            if inputs is None or inputs & simulated:
+            if name not in TABLES_OF_DATA or inputs is None or inputs & simulated:
                 frames.append(frame)
             else:
                 others.add(path.parent)
