@@ -160,7 +160,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out, progress)
     stimuli = load_stimuli(config.stimuli)
-    stimuli_key = stimuli.fingerprint()  # ids, paths and images: what extraction reads
+    stimuli_key = stimuli.fingerprint()  # ids and image bytes: what extraction reads
     table_key = _fingerprint(config.stimuli)  # every column: conditions, valence, ...
     seed, device = config.seed, config.device
     brain, ratings = config.brain, config.ratings
