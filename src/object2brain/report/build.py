@@ -576,10 +576,14 @@ def _behavior_section(frame: pd.DataFrame) -> html.Section:
 
 def _contrast_section(frame: pd.DataFrame) -> html.Section:
     shown = frame[frame["subject"] == "group"] if "subject" in frame else frame
-    shown = shown.sort_values("p_perm").head(25)
+    by = "p_boot" if "p_boot" in shown else "p_perm"  # tables of earlier versions lack p_boot
+    shown = shown.sort_values(by).head(25)
     body = (
-        "<p>Difference in r between conditions, tested by permuting condition labels "
-        "(the 25 smallest p-values at group level).</p>" + html.table_html(shown)
+        "<p>Difference in r between conditions (the 25 smallest p-values at group level). "
+        "<code>ci_low</code>, <code>ci_high</code>, <code>p_boot</code>: bootstrap resampling "
+        "the stimuli within each condition, valid when the conditions differ in content; "
+        "<code>p_perm</code> permutes condition labels and assumes the stimuli of the two "
+        "conditions are exchangeable.</p>" + html.table_html(shown)
     )
     return html.Section("Condition contrast", body, "contrast")
 

@@ -66,8 +66,11 @@ from object2brain.errors import DataError, listing
 from object2brain.manifest import build_manifest, file_sha256, output_list
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.inference import (
+    ContrastInterval,
+    ContrastResult,
     bootstrap_ci,
     combine_matrix,
+    condition_difference_bootstrap,
     condition_difference_test,
     correlation_test,
     fdr_bh,
@@ -121,9 +124,14 @@ CONTRAST_COLUMNS = [
     "delta_r",
     "p_perm",
     "p_fdr",
+    "ci_low",
+    "ci_high",
+    "p_boot",
+    "p_boot_fdr",
     "n_a",
     "n_b",
     "n_perm",
+    "n_boot",
 ]
 GROUP_COLUMNS = [
     "model",
@@ -540,23 +548,22 @@ def _run(
                 dev,
                 cols.combine,
             )
-            contrast_rows += _contrast_rows(
-                model_name,
-                layer_names,
-                layer_index,
-                cols,
+            interval = condition_difference_bootstrap(
+                model_rdms,
+                cols.rdms,
+                labels.tolist(),
                 cond_a,
                 cond_b,
-                metric,
                 method,
-                res.r_a,
-                res.r_b,
-                res.delta,
-                res.p,
-                res.n_a,
-                res.n_b,
-                n_perm,
+                n_boot,
+                seed,
+                dev,
+                cols.combine,
             )
+            contrast_rows += _contrast_rows(
+                model_name, layer_names, layer_index, cols, cond_a, cond_b, metric, method,
+                res, interval,
+            )  # fmt: skip
             bar.update(1)
         if "valence" in order:
             rated = ratings.group_mean(ids) if ratings is not None else stim_valence
@@ -590,6 +597,7 @@ def _run(
     contrast = _with_fdr(
         pd.DataFrame(contrast_rows, columns=CONTRAST_COLUMNS),
         ["model", "condition_a", "condition_b", "subject"],
+        [("p_perm", "p_fdr"), ("p_boot", "p_boot_fdr")],
     )
     direct = pd.DataFrame(direct_rows, columns=BEHAVIOR_DIRECT_COLUMNS)
     group = _group_summary(alignment)
@@ -702,13 +710,8 @@ def _contrast_rows(
     cond_b: str,
     metric: str,
     method: str,
-    r_a: np.ndarray,
-    r_b: np.ndarray,
-    delta: np.ndarray,
-    p: np.ndarray,
-    n_a: int,
-    n_b: int,
-    n_perm: int,
+    res: ContrastResult,
+    interval: ContrastInterval,
 ) -> list[dict[str, Any]]:
     rows = []
     for k, (layer, li) in enumerate(zip(layer_names, layer_index, strict=True)):
@@ -725,26 +728,37 @@ def _contrast_rows(
                     "condition_b": cond_b,
                     "rdm_metric": metric,
                     "compare_method": method,
-                    "r_a": float(r_a[k, q]),
-                    "r_b": float(r_b[k, q]),
-                    "delta_r": float(delta[k, q]),
-                    "p_perm": float(p[k, q]),
+                    "r_a": float(res.r_a[k, q]),
+                    "r_b": float(res.r_b[k, q]),
+                    "delta_r": float(res.delta[k, q]),
+                    "p_perm": float(res.p[k, q]),
                     "p_fdr": np.nan,
-                    "n_a": n_a,
-                    "n_b": n_b,
-                    "n_perm": n_perm,
+                    "ci_low": float(interval.low[k, q]),
+                    "ci_high": float(interval.high[k, q]),
+                    "p_boot": float(interval.p[k, q]),
+                    "p_boot_fdr": np.nan,
+                    "n_a": res.n_a,
+                    "n_b": res.n_b,
+                    "n_perm": res.n_perm,
+                    "n_boot": interval.n_boot,
                 }
             )
     return rows
 
 
-def _with_fdr(frame: pd.DataFrame, family: list[str]) -> pd.DataFrame:
-    """Fill ``p_fdr``: Benjamini-Hochberg within each ``family`` over (layer, target)."""
+def _with_fdr(
+    frame: pd.DataFrame,
+    family: list[str],
+    columns: Sequence[tuple[str, str]] = (("p_perm", "p_fdr"),),
+) -> pd.DataFrame:
+    """Fill each ``(p, adjusted)`` column pair: Benjamini-Hochberg within each ``family`` over
+    (layer, target)."""
     if frame.empty:
         return frame
     frame = frame.copy()
     for _, index in frame.groupby(family, sort=False).groups.items():
-        frame.loc[index, "p_fdr"] = fdr_bh(frame.loc[index, "p_perm"].to_numpy(np.float64))
+        for p_column, adjusted in columns:
+            frame.loc[index, adjusted] = fdr_bh(frame.loc[index, p_column].to_numpy(np.float64))
     return frame
 
 
