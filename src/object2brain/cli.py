@@ -444,6 +444,9 @@ def lesion_command(
     rdm: RdmOpt = "correlation",
     compare: CompareOpt = "spearman",
     n_null: Annotated[int, typer.Option("--n-null", min=0, help="Random subsets.")] = 1000,
+    n_perm: Annotated[
+        int, typer.Option("--n-perm", min=0, help="Stimulus-label permutations (p_perm).")
+    ] = 1000,
     propagate: Annotated[
         bool, typer.Option("--propagate", help="Zero the filters inside the forward pass.")
     ] = False,
@@ -485,6 +488,7 @@ def lesion_command(
         rdm_metric=rdm,
         compare_method=compare,
         n_null=n_null,
+        n_perm=n_perm,
         seed=seed,
         device=device,
         propagate=propagate,

@@ -47,7 +47,12 @@ from object2brain.lesion_engine import FilterStats, condensed_subset, random_sub
 from object2brain.manifest import build_manifest, file_sha256, output_list
 from object2brain.rsa.align import Target, build_targets, warn_constant_subjects
 from object2brain.rsa.compare import check_method, correlate_prepared, prepare
-from object2brain.rsa.inference import combine_finite, combine_matrix, fdr_bh
+from object2brain.rsa.inference import (
+    combine_finite,
+    combine_matrix,
+    fdr_bh,
+    linear_permutation_test,
+)
 from object2brain.rsa.rdm import check_metric, upper_triangle
 from object2brain.store import ActivationStore, check_output_folder, write_json, write_table
 
@@ -71,6 +76,9 @@ OBJECT2BRAIN_COLUMNS = [
     "z_null",
     "n_null",
     "p_fdr",
+    "p_perm",
+    "p_perm_fdr",
+    "n_perm",
 ]
 FILTER_COLUMNS = ("model", "layer", "filter", "group", "assigned")
 
@@ -155,6 +163,7 @@ def run_lesion(
     rdm_metric: str = "correlation",
     compare_method: str = "spearman",
     n_null: int = 1000,
+    n_perm: int = 1000,
     seed: int = 0,
     device: str | torch.device = "auto",
     propagate: bool = False,
@@ -176,6 +185,8 @@ def run_lesion(
         variants: ``lesion`` and/or ``keep``.
         rdm_metric, compare_method: as for the alignment.
         n_null: random subsets per group size (0 skips the null: NaN p and z).
+        n_perm: permutations of the targets' stimulus labels for ``p_perm`` (0 skips it; NaN
+            for ``kendall_tau_a``).
         seed: seed of the null subsets.
         device: where RDMs and comparisons run.
         propagate: also zero the filters inside the forward pass (needs ``model``).
@@ -191,8 +202,8 @@ def run_lesion(
     for variant in variants:
         if variant not in ("lesion", "keep"):
             raise DataError(f"unknown variant {variant!r}: use lesion or keep")
-    if n_null < 0:
-        raise DataError("--n-null must be >= 0")
+    if n_null < 0 or n_perm < 0:
+        raise DataError("--n-null and --n-perm must be >= 0")
     if out is not None:
         check_output_folder(out)
     dev = resolve_device(device)
@@ -246,6 +257,7 @@ def run_lesion(
                         rdm_metric,
                         compare_method,
                         n_null,
+                        n_perm,
                         seed,
                         dev,
                     )
@@ -296,6 +308,7 @@ def run_lesion(
                 "rdm_metric": rdm_metric,
                 "compare_method": compare_method,
                 "n_null": n_null,
+                "n_perm": n_perm,
                 "propagate": propagate,
                 "device": str(dev),
             },
@@ -423,6 +436,7 @@ def _layer_rows(
     metric: str,
     method: str,
     n_null: int,
+    n_perm: int,
     seed: int,
     device: torch.device,
 ) -> list[dict[str, Any]]:
@@ -459,8 +473,15 @@ def _layer_rows(
             chunks = Chunking(size).run(len(masks), chunk_r, device=device)
             return with_group_means(np.concatenate([r for _, _, r in chunks]), targets)
 
-        r_full = correlations(np.ones((1, K), dtype=bool))[0]
+        def prepared(mask: np.ndarray, sub: FilterStats = sub_stats) -> torch.Tensor:
+            return prepare(sub.rdms(mask[None], metric, device=device, strict=False), method)[0]
+
+        full_mask = np.ones(K, dtype=bool)
+        r_full = correlations(full_mask[None])[0]
+        linear = n_perm > 0 and method != "kendall_tau_a"  # tau-a is not a dot product
+        full_prepared = prepared(full_mask) if linear else None
         nulls: dict[tuple[str, int], np.ndarray] = {}
+        estimates, differences = [], []
         for group, filters in members.items():
             for variant in variants:
                 mask = np.ones(K, dtype=bool) if variant == "lesion" else np.zeros(K, dtype=bool)
@@ -473,25 +494,42 @@ def _layer_rows(
                     null_masks = ~draws if variant == "lesion" else draws
                     nulls[key] = correlations(null_masks) - r_full[None]
                 p, z = _null_stats(delta, nulls.get(key))
-                for c, (target_name, subject) in enumerate(with_group_labels(columns, targets)):
-                    rows.append(
-                        {
-                            "model": model,
-                            "layer": layer,
-                            "group": group,
-                            "variant": variant,
-                            "target": target_name,
-                            "subject": subject,
-                            "condition": condition,
-                            "n_filters": len(filters),
-                            "r_full": r_full[c],
-                            "r_variant": r_variant[c],
-                            "delta_r": delta[c],
-                            "p_null": p[c],
-                            "z_null": z[c],
-                            "n_null": n_null,
-                        }
-                    )
+                estimates.append((group, filters, variant, r_variant, delta, p, z))
+                if full_prepared is not None:
+                    differences.append(prepared(mask) - full_prepared)
+        # delta_r = (prepare(variant) - prepare(full)) . target: permuting the targets' stimulus
+        # labels gives its null when the target is unrelated to the model
+        p_perm = (
+            linear_permutation_test(
+                torch.stack(differences), target, n_perm, seed, group_combine(targets)
+            ).p
+            if differences
+            else np.full((len(estimates), len(r_full)), np.nan)
+        )
+        for (group, filters, variant, r_variant, delta, p, z), p_labels in zip(
+            estimates, p_perm, strict=True
+        ):
+            for c, (target_name, subject) in enumerate(with_group_labels(columns, targets)):
+                rows.append(
+                    {
+                        "model": model,
+                        "layer": layer,
+                        "group": group,
+                        "variant": variant,
+                        "target": target_name,
+                        "subject": subject,
+                        "condition": condition,
+                        "n_filters": len(filters),
+                        "r_full": r_full[c],
+                        "r_variant": r_variant[c],
+                        "delta_r": delta[c],
+                        "p_null": p[c],
+                        "z_null": z[c],
+                        "n_null": n_null,
+                        "p_perm": p_labels[c],
+                        "n_perm": n_perm if linear else 0,
+                    }
+                )
     return rows
 
 
@@ -505,20 +543,26 @@ def with_group_labels(
     return labels
 
 
-def with_group_means(r: np.ndarray, targets: list[Target]) -> np.ndarray:
-    """Append to ``r`` ``(N, T)``, per target with subjects, the mean over its subjects' columns
-    (undefined r left out, as in the alignment: :func:`~object2brain.rsa.inference.combine_finite`).
-    """
+def group_combine(targets: list[Target]) -> torch.Tensor | None:
+    """The ``(T, G)`` combine matrix of the mean over each target's subjects (None: no target
+    has several subjects); its columns follow :func:`with_group_labels`."""
     groups, start = [], 0
     for target in targets:
         width = len(target.subjects)
         if not target.group_only:
             groups.append(range(start, start + width))
         start += width
-    if not groups:
+    return combine_matrix(groups, start) if groups else None
+
+
+def with_group_means(r: np.ndarray, targets: list[Target]) -> np.ndarray:
+    """Append to ``r`` ``(N, T)``, per target with subjects, the mean over its subjects' columns
+    (undefined r left out, as in the alignment: :func:`~object2brain.rsa.inference.combine_finite`).
+    """
+    combine = group_combine(targets)
+    if combine is None:
         return r
-    means = combine_finite(torch.from_numpy(r), combine_matrix(groups, r.shape[1]))
-    return np.concatenate([r, means.numpy()], axis=1)
+    return np.concatenate([r, combine_finite(torch.from_numpy(r), combine).numpy()], axis=1)
 
 
 def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -550,16 +594,11 @@ def _with_fdr(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame.copy()
-    family = [
-        "model",
-        "layer",
-        "variant",
-        "condition",
-        frame["subject"].eq(GROUP_SUBJECT).rename("level"),
-    ]
-    frame["p_fdr"] = frame.groupby(family, group_keys=False)["p_null"].transform(
-        lambda p: pd.Series(fdr_bh(p.to_numpy()), index=p.index)
-    )
+    family = ["model", "layer", "variant", "condition", "subject"]  # as the alignment's
+    for p_column, adjusted in (("p_null", "p_fdr"), ("p_perm", "p_perm_fdr")):
+        frame[adjusted] = frame.groupby(family, group_keys=False)[p_column].transform(
+            lambda p: pd.Series(fdr_bh(p.to_numpy()), index=p.index)
+        )
     return frame
 
 

@@ -424,6 +424,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                     rdm_metric=config.rsa.rdm if config.rsa else "correlation",
                     compare_method=config.rsa.compare if config.rsa else "spearman",
                     n_null=options_l.n_null,
+                    n_perm=options_l.n_perm,
                     seed=seed,
                     device=device,
                     propagate=options_l.propagate,

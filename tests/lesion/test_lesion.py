@@ -88,6 +88,7 @@ def test_planted_face_roi_is_carried_by_face_filters(
     assert face_roi.loc["Faces", "delta_r"] < -0.1
     assert face_roi.loc["Faces", "p_null"] < 0.01
     assert face_roi.loc["Faces", "z_null"] < -3
+    assert face_roi.loc["Faces", "p_perm"] < 0.01  # and beyond unrelated (permuted) targets
     for group in ("Animals", "Vehicles"):
         assert face_roi.loc[group, "p_fdr"] > 0.05
     keep = table[
@@ -96,6 +97,7 @@ def test_planted_face_roi_is_carried_by_face_filters(
     assert keep.set_index("group")["delta_r"].idxmax() == "Faces"
     noise = table[(table["target"] == "NOISE") & (table["subject"] == "group")]
     assert (noise["p_fdr"] > 0.05).mean() >= 0.9  # unrelated ROI: nothing beyond the FDR rate
+    assert (noise["p_perm_fdr"] > 0.05).mean() >= 0.9
     for name in (
         "object2brain.csv",
         "object2brain.parquet",
@@ -295,3 +297,103 @@ def test_constant_rater_is_left_out_of_the_group_mean(
             expected = by_subject.loc[["r2", "r3"], column].mean()
             assert by_subject.loc["group", column] == pytest.approx(expected, abs=1e-12)
         assert np.isfinite(by_subject.loc["group", "p_null"])
+
+
+def _independent_layer(
+    rng: np.random.Generator, n: int = 40, k: int = 64, loud: np.ndarray | None = None
+) -> np.ndarray:
+    """Activations ``(n, k, 4)`` of a layer driven by a 10-d stimulus latent; ``loud`` filters
+    have 3x the activation norm of the others (a group atypical of the layer)."""
+    latent = rng.normal(size=(n, 10))
+    acts = np.einsum("nd,dkp->nkp", latent, rng.normal(size=(10, k, 4)))
+    acts += rng.normal(size=acts.shape)
+    if loud is not None:
+        acts[:, loud] *= 3.0
+    return acts
+
+
+def test_label_permutation_p_matches_a_scipy_loop() -> None:
+    """p_perm: delta_r = r(variant, target) - r(full, target) recomputed with scipy for every
+    permutation of the stimulus labels (same permutations as the Mantel test), per subject and
+    for the mean over subjects."""
+    import scipy.stats
+
+    from object2brain.lesion import _layer_rows
+    from object2brain.lesion_engine import FilterStats
+    from object2brain.rsa.align import Target
+    from object2brain.rsa.inference import pair_permutation, permutations
+    from object2brain.rsa.rdm import rdm_from_features, upper_triangle
+
+    rng = np.random.default_rng(4)
+    n, n_perm = 14, 40
+    ids = [f"s{i}" for i in range(n)]
+    acts = _independent_layer(rng, n=n, k=12)
+    group = np.array([0, 3, 5])
+    brains = torch.stack(
+        [rdm_from_features(rng.normal(size=(n, 8)), device="cpu") for _ in range(2)]
+    )
+    targets = [Target("ROI", "roi", ["s1", "s2"], brains, brains.mean(0), False)]
+    stats = FilterStats.from_activations(acts, ids, device=torch.device("cpu"))
+    rows = _layer_rows(
+        "m", "L", stats, {"G": group}, targets, ids, None, ("lesion", "keep"), "correlation",
+        "spearman", 0, n_perm, 3, torch.device("cpu"),
+    )  # fmt: skip
+    full = upper_triangle(rdm_from_features(acts.reshape(n, -1), device="cpu")).numpy()
+    y = upper_triangle(brains).numpy()
+    perms = np.concatenate(list(permutations(n, n_perm, 3)))
+    for variant in ("lesion", "keep"):
+        kept = acts.copy()
+        if variant == "lesion":
+            kept[:, group] = 0
+        else:
+            kept[:, np.setdiff1d(np.arange(12), group)] = 0
+        x = upper_triangle(rdm_from_features(kept.reshape(n, -1), device="cpu")).numpy()
+
+        def deltas(index: np.ndarray, x: np.ndarray = x) -> np.ndarray:
+            per_subject = np.array(
+                [scipy.stats.spearmanr(x[index], t)[0] - scipy.stats.spearmanr(full[index], t)[0]
+                 for t in y]
+            )  # fmt: skip
+            return np.append(per_subject, per_subject.mean())
+
+        observed = deltas(np.arange(len(full)))
+        count = np.zeros(3)
+        for perm in perms:
+            count += (
+                np.abs(deltas(pair_permutation(perm[None])[0].numpy())) >= np.abs(observed) - 1e-12
+            )
+        got = {r["subject"]: r for r in rows if r["variant"] == variant}
+        for c, subject in enumerate(["s1", "s2", "group"]):
+            assert got[subject]["delta_r"] == pytest.approx(observed[c], abs=1e-12)
+            assert got[subject]["p_perm"] == pytest.approx((1 + count[c]) / (1 + n_perm))
+            assert got[subject]["n_perm"] == n_perm
+
+
+def test_label_permutation_p_keeps_alpha_where_the_subset_null_does_not() -> None:
+    """Planted truth: a brain ROI unrelated to the model and a group of filters with 3x the
+    activation norm. Random same-size subsets are a poor null for such a group (p_null <= 0.05
+    in about 46% of runs in a larger simulation); permuting the target's stimulus labels keeps
+    the nominal rate."""
+    from object2brain.lesion import _layer_rows
+    from object2brain.lesion_engine import FilterStats
+    from object2brain.rsa.align import Target
+    from object2brain.rsa.rdm import rdm_from_features
+
+    rng = np.random.default_rng(11)
+    n, reps = 40, 30
+    ids = [f"s{i}" for i in range(n)]
+    rejected = {"p_null": 0, "p_perm": 0}
+    for rep in range(reps):
+        group = np.sort(rng.choice(64, 8, replace=False))
+        acts = _independent_layer(rng, n=n, loud=group)
+        brain = rdm_from_features(rng.normal(size=(n, 50)), device="cpu")
+        targets = [Target("ROI", "roi", ["group"], brain[None], None, True)]
+        stats = FilterStats.from_activations(acts, ids, device=torch.device("cpu"))
+        (row,) = _layer_rows(
+            "m", "L", stats, {"G": group}, targets, ids, None, ("lesion",), "correlation",
+            "spearman", 99, 99, rep, torch.device("cpu"),
+        )  # fmt: skip
+        for key in rejected:
+            rejected[key] += row[key] <= 0.05
+    assert rejected["p_null"] >= 7
+    assert rejected["p_perm"] <= 4  # 30 draws at alpha 0.05: 4 or fewer has probability 0.94

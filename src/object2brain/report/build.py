@@ -37,6 +37,7 @@ import pandas as pd
 from object2brain.errors import DataError, StimulusError, listing, require_columns
 from object2brain.manifest import file_sha256
 from object2brain.report import html
+from object2brain.report.lesion_figures import summary_rows
 
 log = logging.getLogger("object2brain.report")
 
@@ -615,11 +616,15 @@ def _lesion_section(
 ) -> html.Section:
     parts = [
         "<p>Change in correlation (delta r) when the filters of an object group are lesioned "
-        "(zeroed) or kept alone, against random filter subsets of the same size; * FDR < 0.05.</p>"
+        "(zeroed) or kept alone, tested against random filter subsets of the same size "
+        "(<code>p_null</code>) and against permuted stimulus labels of the target "
+        "(<code>p_perm</code>); * both FDR < 0.05. A group whose filters are atypical of the "
+        "layer (e.g. in activation norm) can differ from random subsets even for a target "
+        "unrelated to the model: <code>p_perm</code> guards against that.</p>"
     ]
     parts.extend(_figure(path, path.stem) for path in figures("lesion_"))
-    group = table[(table["subject"] == "group") & (table["condition"] == "all")]
-    significant = group[group["p_fdr"] < 0.05].sort_values("delta_r")
+    group = summary_rows(table)
+    significant = group[group["q"] < 0.05].drop(columns="q").sort_values("delta_r")
     if not significant.empty:
         parts.append("<p>Significant effects (condition all, group level):</p>")
         parts.append(html.table_html(significant.drop(columns=["condition", "subject"])))

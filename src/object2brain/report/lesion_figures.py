@@ -11,14 +11,21 @@ from object2brain.report.figures import pyplot, save_figure, slug
 
 
 def summary_rows(table: pd.DataFrame, condition: str = "all") -> pd.DataFrame:
-    """Rows shown in figures: one condition, the group level of every target."""
-    return table[(table["condition"] == condition) & (table["subject"] == "group")]
+    """Rows shown in figures: one condition, the group level of every target, with ``q``: the
+    larger of the two FDR-adjusted p-values (``p_fdr`` against random filter subsets,
+    ``p_perm_fdr`` against permuted stimulus labels), so a mark needs both tests."""
+    rows = table[(table["condition"] == condition) & (table["subject"] == "group")].copy()
+    q = rows["p_fdr"].to_numpy(dtype=float)
+    if "p_perm_fdr" in rows:  # NaN where not computed (n_perm 0, tau-a): p_fdr alone
+        q = np.fmax(q, rows["p_perm_fdr"].to_numpy(dtype=float))
+    rows["q"] = q
+    return rows
 
 
 def plot_lesion_heatmaps(table: pd.DataFrame, folder: Path) -> list[Path]:
     """Group x target heatmap of ``delta_r`` per model, layer and variant.
 
-    Cells with ``p_fdr < 0.05`` are marked ``*`` (``**`` below 0.01). Files:
+    Cells with ``q < 0.05`` (:func:`summary_rows`) are marked ``*`` (``**`` below 0.01). Files:
     ``lesion_<model>_<layer>.png|svg``.
     """
     plt = pyplot()
@@ -42,7 +49,7 @@ def plot_lesion_heatmaps(table: pd.DataFrame, folder: Path) -> list[Path]:
             delta = part.pivot(index="group", columns="target", values="delta_r").reindex(
                 index=groups, columns=targets
             )
-            q = part.pivot(index="group", columns="target", values="p_fdr").reindex(
+            q = part.pivot(index="group", columns="target", values="q").reindex(
                 index=groups, columns=targets
             )
             image = ax.imshow(
@@ -93,7 +100,7 @@ def plot_model_comparison(table: pd.DataFrame, folder: Path, variant: str = "les
         for s, name in enumerate(series):
             part = rows[(rows["target"] == target) & (rows["series"] == name)].set_index("group")
             values = part["delta_r"].reindex(groups).to_numpy()
-            q = part["p_fdr"].reindex(groups).to_numpy()
+            q = part["q"].reindex(groups).to_numpy()
             x = np.arange(len(groups)) + (s - (len(series) - 1) / 2) * width
             bars = ax.bar(x, values, width, label=name)
             for xi, vi, qi in zip(x, values, q, strict=True):

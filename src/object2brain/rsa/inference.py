@@ -195,13 +195,12 @@ def mantel_test(
     out of memory is halved and retried). p-values do not depend on the tile sizes; ``r_perm``
     only in the last bits (summation order), far inside the ``1e-12`` tie tolerance.
     """
-    dev, (X, Y) = _inputs(method, device, model, target)
+    _, (X, Y) = _inputs(method, device, model, target)
     X = X[None] if X.ndim == 1 else X
     Y = Y[None] if Y.ndim == 1 else Y
     n = n_from_pairs(X.shape[-1])
     xp, yp = prepare(X, method), prepare(Y, method)
     stat = _with_combine(_corr2d(xp, yp, method), combine)
-    counts = torch.zeros_like(stat, dtype=torch.int64)
     # r(x o g_pi, y) = r(x, y o g_pi^-1): gather the smaller side, permuted by the inverse when
     # it is the targets, so both choices give the same null distribution.
     gather_model = xp.shape[0] <= yp.shape[0]
@@ -211,25 +210,78 @@ def mantel_test(
     else:
         null = _DotNull(xp, yp, gather_model, n, memory_elements)
     del X, Y, xp, yp  # the null holds what it needs (the dot null: pair-major copies)
-
-    def count_block(perms: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return (_with_combine(null.coefficients(perms[start:stop]), combine) >= stat - _TOL).sum(
-            dim=0
-        )
-
-    chunking = Chunking(null.perms_per_tile)
-    for block in permutations(n, n_perm, seed):
-        perms = torch.as_tensor(block if gather_model else np.argsort(block, axis=1)).to(dev)
-        for _start, _stop, found in chunking.run(
-            len(perms), partial(count_block, perms), device=dev
-        ):
-            counts += found
+    counts = _count_extremes(null, stat, combine, n, n_perm, seed, gather_model, two_sided=False)
     r = stat.cpu().numpy()
     p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
     p[np.isnan(r)] = np.nan
     if n_perm == 0:
         p[:] = np.nan
     return TestResult(r=r, p=p, n_perm=n_perm)
+
+
+def _count_extremes(
+    null: _DotNull | _KendallNull,
+    stat: torch.Tensor,
+    combine: torch.Tensor | None,
+    n: int,
+    n_perm: int,
+    seed: int,
+    gather_model: bool,
+    *,
+    two_sided: bool,
+) -> torch.Tensor:
+    """``#{s_perm >= s}`` (or ``#{|s_perm| >= |s|}``) over the permutations of
+    :func:`permutations`, per entry of ``stat`` ``(K, T + G)``, in tiles of ``null``."""
+    counts = torch.zeros_like(stat, dtype=torch.int64)
+    bound = stat.abs() - _TOL if two_sided else stat - _TOL
+
+    def count_block(perms: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        values = _with_combine(null.coefficients(perms[start:stop]), combine)
+        return ((values.abs() if two_sided else values) >= bound).sum(dim=0)
+
+    chunking = Chunking(null.perms_per_tile)
+    dev = stat.device
+    for block in permutations(n, n_perm, seed):
+        perms = torch.as_tensor(block if gather_model else np.argsort(block, axis=1)).to(dev)
+        for _start, _stop, found in chunking.run(
+            len(perms), partial(count_block, perms), device=dev
+        ):
+            counts += found
+    return counts
+
+
+def linear_permutation_test(
+    model_side: torch.Tensor,
+    target_prepared: torch.Tensor,
+    n_perm: int,
+    seed: int = 0,
+    combine: torch.Tensor | None = None,
+    memory_elements: int | None = None,
+) -> TestResult:
+    """Two-sided permutation test of statistics linear in a prepared target:
+    ``s = x . (y o pi)`` for rows ``x`` of ``model_side`` ``(K, m)`` (any vectors, e.g. the
+    difference of two standardised model RDMs) and prepared target rows ``y`` ``(T, m)``
+    (standardised values or ranks, :func:`~object2brain.rsa.compare.prepare`).
+
+    Stimulus labels are permuted as in :func:`mantel_test` (same permutations for a seed);
+    ``p = (1 + #{|s_perm| >= |s|}) / (1 + N)``, NaN where ``s`` is NaN or ``N = 0``. With
+    ``x = prepare(variant) - prepare(full)`` this tests a change of Pearson / Spearman r,
+    ``delta = r(variant, y) - r(full, y)``, against targets whose stimulus labels carry no
+    relation to the model.
+    """
+    X = model_side.to(torch.float64)
+    Y = target_prepared.to(device=X.device, dtype=torch.float64)
+    n = n_from_pairs(X.shape[-1])
+    stat = _with_combine(X @ Y.T, combine)
+    gather_model = X.shape[0] <= Y.shape[0]
+    null = _DotNull(X, Y, gather_model, n, memory_elements)  # NaN rows stay NaN (left out)
+    counts = _count_extremes(null, stat, combine, n, n_perm, seed, gather_model, two_sided=True)
+    s = stat.cpu().numpy()
+    p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
+    p[np.isnan(s)] = np.nan
+    if n_perm == 0:
+        p[:] = np.nan
+    return TestResult(r=s, p=p, n_perm=n_perm)
 
 
 class _DotNull:
