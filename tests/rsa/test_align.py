@@ -290,3 +290,32 @@ def test_direct_behaviour_on_held_out_stimuli(tmp_path: Path) -> None:
             files["store"], ratings=files["ratings"], stimuli=files["stimuli"], n_perm=0,
             n_boot=0, device="cpu", progress=False, behavior_ids=["nope"],
         )  # fmt: skip
+
+
+def test_alignment_group_t_test_across_subjects(tmp_path: Path) -> None:
+    """alignment_group: mean, SEM and a one-sided one-sample t-test of the per-subject r across
+    subjects (random effects), equal to scipy; BH-FDR per model and condition."""
+    import scipy.stats
+
+    from object2brain.rsa.inference import fdr_bh
+
+    files = _planted(tmp_path)
+    result = run_alignment(
+        files["store"], brain=files["brain"], stimuli=files["stimuli"], n_perm=0, n_boot=0,
+        device="cpu", progress=False, figures=False,
+    )  # fmt: skip
+    group = result.alignment_group
+    rows = result.alignment[result.alignment["subject"].str.startswith("sub-")]
+    for _, summary in group.iterrows():
+        r = rows[
+            (rows["layer"] == summary["layer"]) & (rows["target"] == summary["target"])
+            & (rows["condition"] == summary["condition"])
+        ]["r"].to_numpy()  # fmt: skip
+        test = scipy.stats.ttest_1samp(r, 0.0, alternative="greater")
+        assert summary["n_subjects"] == 3
+        assert summary["t"] == pytest.approx(test.statistic, rel=1e-12)
+        assert summary["p_t"] == pytest.approx(test.pvalue, rel=1e-9)
+    for _, family in group.groupby(["model", "condition"]):
+        np.testing.assert_allclose(family["p_t_fdr"], fdr_bh(family["p_t"].to_numpy()))
+    planted = group.query("layer == 'layer2' and target == 'planted' and condition == 'all'")
+    assert planted["p_t"].iloc[0] < 0.05

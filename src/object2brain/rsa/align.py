@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
 
 from object2brain.data import ALL_CONDITION, GROUP_RDM_SUBJECT, GROUP_SUBJECT
@@ -143,6 +144,9 @@ GROUP_COLUMNS = [
     "mean_r",
     "sem",
     "n_subjects",
+    "t",
+    "p_t",
+    "p_t_fdr",
 ]
 BEHAVIOR_TARGET = "behavior"
 
@@ -763,7 +767,15 @@ def _with_fdr(
 
 
 def _group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
-    """Mean and SEM over subjects of per-subject r (``alignment_group`` table)."""
+    """Mean and SEM over subjects of per-subject r (``alignment_group`` table), and a one-sided
+    one-sample t-test of the mean r > 0 across subjects, ``t = mean / sem`` with ``S - 1``
+    degrees of freedom (``p_t``; BH-FDR ``p_t_fdr`` over layers x targets per model and
+    condition).
+
+    The ``group`` rows of the alignment test these subjects (their p and CI come from stimulus
+    permutations and resamples, the same for every subject: fixed effects); ``p_t`` treats the
+    subjects as a sample of a population (random effects), the usual claim of a study.
+    """
     subjects = alignment[~alignment["subject"].isin([GROUP_SUBJECT, GROUP_RDM_SUBJECT])]
     if subjects.empty:
         return pd.DataFrame(columns=GROUP_COLUMNS)
@@ -771,6 +783,14 @@ def _group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
     grouped = subjects.groupby(keys, sort=False)["r"]
     summary = grouped.agg(mean_r="mean", sd="std", n_subjects="count").reset_index()
     summary["sem"] = summary["sd"] / np.sqrt(summary["n_subjects"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = summary["mean_r"] / summary["sem"]
+    dof = summary["n_subjects"] - 1
+    summary["t"] = t.where(dof >= 1)
+    summary["p_t"] = scipy.stats.t.sf(summary["t"], dof.clip(lower=1)).astype(float)
+    summary.loc[summary["t"].isna(), "p_t"] = np.nan
+    summary["p_t_fdr"] = np.nan
+    summary = _with_fdr(summary, ["model", "condition"], [("p_t", "p_t_fdr")])
     return summary[GROUP_COLUMNS]
 
 
