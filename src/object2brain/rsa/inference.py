@@ -52,6 +52,8 @@ from object2brain.rsa.compare import (
     correlate_prepared,
     masked_compare,
     prepare,
+    rankdata,
+    standardize,
 )
 from object2brain.rsa.compare import (
     compare as compare_rdms,
@@ -480,9 +482,13 @@ def _kendall_resamples(
 def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> tuple[float, float]:
     """Noise ceiling ``(lower, upper)`` of ``S`` subject RDMs given condensed ``(S, m)``.
 
-    ``upper = mean_s r(x_s, mean_t x_t)``, ``lower = mean_s r(x_s, mean_{t != s} x_t)``;
-    ``(nan, nan)`` when ``S < 2``. For Spearman and Pearson, subjects whose RDM is constant have
-    no r and are left out first, as in the group mean (:func:`combine_finite`).
+    ``upper = mean_s r(x_s, mean_t p_t)``, ``lower = mean_s r(x_s, mean_{t != s} p_t)``, where
+    the subjects are pooled on the scale the comparison sees (as rsatoolbox's ``pool_rdm``):
+    ``p_t`` = ranks of ``x_t`` for Spearman and Kendall tau-a, z-scores for Pearson. Averaging
+    raw dissimilarities instead lets a subject whose RDM has a larger scale dominate the mean,
+    and the "upper" bound then falls below a true model's r. ``(nan, nan)`` when ``S < 2``. For
+    Spearman and Pearson, subjects whose RDM is constant have no r and are left out first, as in
+    the group mean (:func:`combine_finite`).
     """
     X = torch.as_tensor(rdms, dtype=torch.float64)
     if method != "kendall_tau_a":
@@ -490,9 +496,10 @@ def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> 
     S = X.shape[0]
     if S < 2:
         return float("nan"), float("nan")
-    total = X.sum(dim=0)
+    pooled = standardize(X) if method == "pearson" else rankdata(X)
+    total = pooled.sum(dim=0)
     mean_all = total / S
-    others = (total[None] - X) / (S - 1)
+    others = (total[None] - pooled) / (S - 1)
     upper = compare_rdms(X, mean_all[None], method)[:, 0]
     if method == "kendall_tau_a":
         lower = torch.diagonal(compare_rdms(X, others, method))
