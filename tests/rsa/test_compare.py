@@ -57,6 +57,7 @@ def test_rankdata_matches_scipy_rows_with_and_without_ties(
     )
 
 
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # constant rows: on purpose
 @settings(max_examples=30, deadline=None)
 @given(
     st.integers(0, 2**32 - 1),
