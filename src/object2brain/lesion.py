@@ -474,7 +474,10 @@ def _layer_rows(
             return with_group_means(np.concatenate([r for _, _, r in chunks]), targets)
 
         def prepared(mask: np.ndarray, sub: FilterStats = sub_stats) -> torch.Tensor:
-            return prepare(sub.rdms(mask[None], metric, device=device, strict=False), method)[0]
+            rdm = sub.rdms(mask[None], metric, device=device, strict=False)[0]
+            if not bool(torch.isfinite(rdm).all()):  # a silent variant: no r, no p
+                return torch.full_like(rdm, float("nan"))
+            return prepare(rdm[None], method)[0]
 
         full_mask = np.ones(K, dtype=bool)
         r_full = correlations(full_mask[None])[0]

@@ -397,3 +397,33 @@ def test_label_permutation_p_keeps_alpha_where_the_subset_null_does_not() -> Non
             rejected[key] += row[key] <= 0.05
     assert rejected["p_null"] >= 7
     assert rejected["p_perm"] <= 4  # 30 draws at alpha 0.05: 4 or fewer has probability 0.94
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_silent_variant_has_no_p(method: str) -> None:
+    """Keeping only silent filters leaves no RDM: r, delta and both p-values are NaN (Spearman
+    used to rank the NaN row and report a finite p_perm), and the figures mark nothing."""
+    from object2brain.lesion import _layer_rows
+    from object2brain.lesion_engine import FilterStats
+    from object2brain.report.lesion_figures import summary_rows
+    from object2brain.rsa.align import Target
+    from object2brain.rsa.rdm import rdm_from_features
+
+    rng = np.random.default_rng(2)
+    ids = [f"s{i}" for i in range(12)]
+    acts = _independent_layer(rng, n=12, k=10)
+    acts[:, :2] = 0.0  # two silent filters
+    brains = torch.stack([rdm_from_features(rng.normal(size=(12, 6)), device="cpu") for _ in "ab"])
+    targets = [Target("ROI", "roi", ["a", "b"], brains, brains.mean(0), False)]
+    stats = FilterStats.from_activations(acts, ids, device=torch.device("cpu"))
+    rows = pd.DataFrame(
+        _layer_rows(
+            "m", "L", stats, {"dead": np.array([0, 1]), "live": np.array([2, 3])}, targets,
+            ids, None, ("keep",), "correlation", method, 20, 20, 0, torch.device("cpu"),
+        )
+    )  # fmt: skip
+    dead, live = rows[rows["group"] == "dead"], rows[rows["group"] == "live"]
+    assert dead[["r_variant", "delta_r", "p_null", "p_perm"]].isna().all().all()
+    assert live["p_perm"].notna().all()
+    table = rows.assign(p_fdr=rows["p_null"], p_perm_fdr=rows["p_perm"])
+    assert summary_rows(table).query("group == 'dead'")["q"].isna().all()

@@ -470,6 +470,16 @@ def test_contrast_bootstrap_resamples_within_each_condition() -> None:
     expected = min(1.0, 2 * min(1 + (delta <= 0).sum(), 1 + (delta >= 0).sum()) / 51)
     assert res.p[0, 0] == pytest.approx(expected)
     assert not np.allclose(va, vb)  # the two conditions' streams differ
+    np.testing.assert_array_equal(  # numpy integer seeds (e.g. from a table) are seeds too
+        va,
+        bootstrap_values(
+            model[:, a, a], brain[:, a, a], "spearman", 50, (np.int64(5), 104_729, 0), "cpu"
+        ),
+    )
+    np.testing.assert_array_equal(
+        bootstrap_values(model, brain, "spearman", 5, np.int64(2), "cpu"),
+        bootstrap_values(model, brain, "spearman", 5, 2, "cpu"),
+    )
     nothing = condition_difference_bootstrap(model, brain, labels, "a", "b", n_boot=0, device="cpu")
     assert np.isnan(nothing.p).all() and nothing.n_boot == 0
 

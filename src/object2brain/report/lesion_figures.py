@@ -17,7 +17,8 @@ def summary_rows(table: pd.DataFrame, condition: str = "all") -> pd.DataFrame:
     rows = table[(table["condition"] == condition) & (table["subject"] == "group")].copy()
     q = rows["p_fdr"].to_numpy(dtype=float)
     if "p_perm_fdr" in rows:  # NaN where not computed (n_perm 0, tau-a): p_fdr alone
-        q = np.fmax(q, rows["p_perm_fdr"].to_numpy(dtype=float))
+        perm = rows["p_perm_fdr"].to_numpy(dtype=float)
+        q = np.where(np.isnan(perm), q, np.maximum(q, perm))  # NaN p_fdr stays NaN
     rows["q"] = q
     return rows
 

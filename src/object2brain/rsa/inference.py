@@ -416,7 +416,7 @@ def bootstrap_values(
     K, n = A.shape[0], A.shape[-1]
     T = Bt.shape[0]
     m = n * (n - 1) // 2
-    words = [seed] if isinstance(seed, int) else list(seed)
+    words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
     rng = np.random.default_rng([*words, _BOOT_STREAM])
     iu, ju = triu_indices(n, dev)
     if method == "kendall_tau_a":
