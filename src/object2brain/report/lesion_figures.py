@@ -112,7 +112,7 @@ def plot_model_comparison(table: pd.DataFrame, folder: Path, variant: str = "les
         ax.set_ylabel(f"{target}\ndelta r")
     axes[-1, 0].set_xticks(range(len(groups)), groups, rotation=30, ha="right")
     axes[0, 0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"Object-group sensitivity across models ({variant}; * FDR < 0.05)")
+    fig.suptitle(f"Object-group sensitivity across models ({variant}; * both FDR < 0.05)")
     paths = save_figure(fig, folder, f"lesion_models_{variant}", dpi=120)
     plt.close(fig)
     return paths
