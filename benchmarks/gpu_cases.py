@@ -203,13 +203,36 @@ def case_rsa(sizes: dict[str, int], device: torch.device, budget: Budget) -> dic
         np.abs(contrast[0].delta - contrast[1].delta).max()
     )
     out["check"]["max_abs_diff_contrast_p"] = float(np.abs(contrast[0].p - contrast[1].p).max())
-    out["check"]["tolerance"] += "; bootstrap CI and contrast delta: 1e-9; contrast p: 2 / 51"
+    # the stratified contrast bootstrap and the linear (lesion p_perm) permutation test
+    from object2brain.rsa.compare import prepare
+    from object2brain.rsa.inference import condition_difference_bootstrap, linear_permutation_test
+
+    stratified = [
+        condition_difference_bootstrap(Xq, Yq, labels, "a", "b", "spearman", 50, 1, d)
+        for d in ("cpu", device)
+    ]
+    out["check"]["max_abs_diff_contrast_bootstrap"] = float(
+        max(np.abs(getattr(stratified[0], k) - getattr(stratified[1], k)).max()
+            for k in ("low", "high", "p"))
+    )  # fmt: skip
+    difference = prepare(Xs[1:], "spearman") - prepare(Xs[:1], "spearman")
+    linear = [
+        linear_permutation_test(difference.to(d), prepare(Ys, "spearman").to(d), check_perm, seed=1)
+        for d in (torch.device("cpu"), device)
+    ]
+    out["check"]["max_abs_diff_linear_p"] = float(np.abs(linear[0].p - linear[1].p).max())
+    out["check"]["tolerance"] += (
+        "; bootstrap CI, contrast delta and stratified bootstrap: 1e-9; contrast p: 2 / 51; "
+        "linear permutation p: 2 / (n_perm + 1)"
+    )
     out["check"]["passed"] = bool(
         out["check"]["max_abs_diff_r"] <= 1e-9
         and out["check"]["max_abs_diff_p"] <= 2 / (check_perm + 1)
         and out["check"]["max_abs_diff_bootstrap_ci"] <= 1e-9
         and out["check"]["max_abs_diff_contrast_delta"] <= 1e-9
         and out["check"]["max_abs_diff_contrast_p"] <= 2 / 51
+        and out["check"]["max_abs_diff_contrast_bootstrap"] <= 1e-9
+        and out["check"]["max_abs_diff_linear_p"] <= 2 / (check_perm + 1)
     )
     mantel_test(X, Y, "spearman", 10, device=device)  # warm-up (kernels, allocator)
     seconds, result = timed(device, lambda: mantel_test(X, Y, "spearman", n_perm, device=device))
