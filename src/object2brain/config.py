@@ -18,7 +18,7 @@ the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). 
     ratings: ratings.csv
     rsa: {rdm: correlation, compare: spearman, n_perm: 10000, n_boot: 1000}
     dissect: {layer: _blocks.15, detector: opencv}
-    lesion: {variants: [lesion, keep], n_null: 1000}
+    lesion: {variants: [lesion, keep], n_null: 1000, n_perm: 1000}
 
 Each stage section has its options below; a missing optional section skips the stage.
 """
