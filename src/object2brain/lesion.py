@@ -81,6 +81,8 @@ OBJECT2BRAIN_COLUMNS = [
     "n_perm",
 ]
 FILTER_COLUMNS = ("model", "layer", "filter", "group", "assigned")
+#: Values of the variant-minus-full difference vectors tested at once for ``p_perm`` (256 MB).
+DIFFERENCE_BLOCK_VALUES = 1 << 25
 
 
 @dataclass
@@ -484,7 +486,7 @@ def _layer_rows(
         linear = n_perm > 0 and method != "kendall_tau_a"  # tau-a is not a dot product
         full_prepared = prepared(full_mask) if linear else None
         nulls: dict[tuple[str, int], np.ndarray] = {}
-        estimates, differences = [], []
+        estimates, variant_masks = [], []
         for group, filters in members.items():
             for variant in variants:
                 mask = np.ones(K, dtype=bool) if variant == "lesion" else np.zeros(K, dtype=bool)
@@ -498,17 +500,20 @@ def _layer_rows(
                     nulls[key] = correlations(null_masks) - r_full[None]
                 p, z = _null_stats(delta, nulls.get(key))
                 estimates.append((group, filters, variant, r_variant, delta, p, z))
-                if full_prepared is not None:
-                    differences.append(prepared(mask) - full_prepared)
+                variant_masks.append(mask)
         # delta_r = (prepare(variant) - prepare(full)) . target: permuting the targets' stimulus
-        # labels gives its null when the target is unrelated to the model
-        p_perm = (
-            linear_permutation_test(
-                torch.stack(differences), target, n_perm, seed, group_combine(targets)
-            ).p
-            if differences
-            else np.full((len(estimates), len(r_full)), np.nan)
-        )
+        # labels gives its null when the target is unrelated to the model. Rows in blocks
+        # (DIFFERENCE_BLOCK_VALUES), so many groups do not hold every difference vector at once.
+        p_perm = np.full((len(estimates), len(r_full)), np.nan)
+        if full_prepared is not None:
+            block = max(1, DIFFERENCE_BLOCK_VALUES // full_prepared.numel())
+            for first in range(0, len(variant_masks), block):
+                differences = torch.stack(
+                    [prepared(m) - full_prepared for m in variant_masks[first : first + block]]
+                )
+                p_perm[first : first + len(differences)] = linear_permutation_test(
+                    differences, target, n_perm, seed, group_combine(targets)
+                ).p
         for (group, filters, variant, r_variant, delta, p, z), p_labels in zip(
             estimates, p_perm, strict=True
         ):

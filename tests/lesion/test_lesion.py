@@ -427,3 +427,15 @@ def test_silent_variant_has_no_p(method: str) -> None:
     assert live["p_perm"].notna().all()
     table = rows.assign(p_fdr=rows["p_null"], p_perm_fdr=rows["p_perm"])
     assert summary_rows(table).query("group == 'dead'")["q"].isna().all()
+
+
+def test_label_permutation_p_does_not_depend_on_row_blocks(
+    store: Path, filter_table: pd.DataFrame, brain: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Difference vectors tested a few rows at a time give the same p_perm as all at once."""
+    lesion_module = importlib.import_module("object2brain.lesion")
+    whole = run_lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
+    monkeypatch.setattr(lesion_module, "DIFFERENCE_BLOCK_VALUES", 2 * 48 * 47 // 2)  # 2 rows
+    blocks = run_lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
+    assert whole["p_perm"].notna().any()
+    pd.testing.assert_series_equal(whole["p_perm"], blocks["p_perm"])
