@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -354,22 +355,22 @@ def extract(
     identity["head_sha256"] = file_sha256(loaded.head["path"]) if loaded.head else None
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
+    record = partial(
+        _write_manifest,
+        config=config,
+        stimulus_set=stimulus_set,
+        loaded=loaded,
+        batch_size=batch_size,
+        device=torch_device,
+        channels_last=channels_last,
+        on_device_decode=on_device_decode,
+        seed=seed,
+    )
     if out.exists():
         if _same_complete_store(out, fingerprint):
             log.info("%s is already complete for this model, layers and stimuli", out)
             if not manifest_path(out).is_file():  # stopped between the store and its manifest
-                _write_manifest(
-                    out,
-                    config,
-                    stimulus_set,
-                    loaded,
-                    batch_size,
-                    torch_device,
-                    channels_last,
-                    on_device_decode,
-                    seed,
-                    None,
-                )
+                record(out, seconds=None)
             return out
         if not overwrite:
             raise StoreError(f"{out}: already exists (from another run); pass --overwrite")
@@ -410,18 +411,7 @@ def extract(
     finally:
         writer.close()
 
-    _write_manifest(
-        path,
-        config,
-        stimulus_set,
-        loaded,
-        batch_size,
-        torch_device,
-        channels_last,
-        on_device_decode,
-        seed,
-        round(time.time() - started, 3),
-    )
+    record(path, seconds=round(time.time() - started, 3))
     return path
 
 

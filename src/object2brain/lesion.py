@@ -45,12 +45,11 @@ from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, require_columns
 from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
 from object2brain.manifest import build_manifest, file_sha256, output_list
-from object2brain.rsa.align import Target, build_targets, warn_constant_subjects
+from object2brain.rsa.align import Target, build_targets, warn_constant_subjects, with_fdr
 from object2brain.rsa.compare import check_method, correlate_prepared, prepare
 from object2brain.rsa.inference import (
     combine_finite,
     combine_matrix,
-    fdr_bh,
     linear_permutation_test,
 )
 from object2brain.rsa.rdm import check_metric, upper_triangle
@@ -287,7 +286,11 @@ def run_lesion(
                     prop_behavior.append(behavior)
                     prop_alignment.append(later)
     frame = pd.DataFrame(rows, columns=OBJECT2BRAIN_COLUMNS)
-    frame = _with_fdr(frame)
+    frame = with_fdr(
+        frame,
+        ["model", "layer", "variant", "condition", "subject"],  # as the alignment's
+        [("p_null", "p_fdr"), ("p_perm", "p_perm_fdr")],
+    )
     result = LesionResult(
         frame,
         pd.concat(prop_behavior, ignore_index=True) if prop_behavior else pd.DataFrame(),
@@ -476,10 +479,8 @@ def _layer_rows(
             return with_group_means(np.concatenate([r for _, _, r in chunks]), targets)
 
         def prepared(mask: np.ndarray, sub: FilterStats = sub_stats) -> torch.Tensor:
-            rdm = sub.rdms(mask[None], metric, device=device, strict=False)[0]
-            if not bool(torch.isfinite(rdm).all()):  # a silent variant: no r, no p
-                return torch.full_like(rdm, float("nan"))
-            return prepare(rdm[None], method)[0]
+            # a silent variant's RDM is NaN, and so is its prepared row: no r, no p
+            return prepare(sub.rdms(mask[None], metric, device=device, strict=False), method)[0]
 
         full_mask = np.ones(K, dtype=bool)
         r_full = correlations(full_mask[None])[0]
@@ -596,18 +597,6 @@ def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(varies, (delta - centre) / spread, np.nan)
     return p, z
-
-
-def _with_fdr(frame: pd.DataFrame) -> pd.DataFrame:
-    if frame.empty:
-        return frame
-    frame = frame.copy()
-    family = ["model", "layer", "variant", "condition", "subject"]  # as the alignment's
-    for p_column, adjusted in (("p_null", "p_fdr"), ("p_perm", "p_perm_fdr")):
-        frame[adjusted] = frame.groupby(family, group_keys=False)[p_column].transform(
-            lambda p: pd.Series(fdr_bh(p.to_numpy()), index=p.index)
-        )
-    return frame
 
 
 def _write(

@@ -80,9 +80,12 @@ def _fingerprint(path: Path | None) -> str | None:
     return cached_file_sha256(path)
 
 
-def _brain_key(path: Path | None) -> list[str] | None:
-    """SHA-256 of brain data: the file given and every file a YAML manifest names."""
-    return None if path is None else [cached_file_sha256(f) for f in brain_files(path)]
+def _brain_hashes(path: Path | None) -> dict[str, str]:
+    """SHA-256 of brain data, by path relative to ``path``'s folder: the file given and every
+    file a YAML manifest names (in the manifest's order)."""
+    if path is None:
+        return {}
+    return {_relative_name(f, path.parent): cached_file_sha256(f) for f in brain_files(path)}
 
 
 def _model_key(model: ModelConfig) -> dict[str, Any]:
@@ -307,9 +310,9 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         stages.run(f"extract:{model.label}", path.parent / f".{model.label}", payload, extract_work)
         stores[model.label] = path
 
-    brain_key = _brain_key(brain)  # SHA-256 of every file: once per run
+    brain_hashes = _brain_hashes(brain)  # every file read once per run
     data_key = {
-        "brain": brain_key,
+        "brain": list(brain_hashes.values()) if brain is not None else None,
         "ratings": _fingerprint(ratings),
         "stimuli": stimuli_key,
         "stimulus_table": table_key,
@@ -446,9 +449,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         stages.run("lesion", out / "lesion", payload, lesion_work)
 
     inputs = {"stimuli": stimuli_key, "stimulus_table": str(table_key)}
-    if brain is not None:
-        for file, digest in zip(brain_files(brain), brain_key or [], strict=True):
-            inputs[f"brain:{_relative_name(file, brain.parent)}"] = digest
+    inputs.update({f"brain:{name}": digest for name, digest in brain_hashes.items()})
     if ratings is not None:
         inputs["ratings"] = str(_fingerprint(ratings))
     for model in config.models:

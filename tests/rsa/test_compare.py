@@ -57,6 +57,15 @@ def test_rankdata_matches_scipy_rows_with_and_without_ties(
     )
 
 
+def test_rankdata_of_a_row_with_nan_is_nan_as_scipy() -> None:
+    """A NaN entry makes its whole row NaN (scipy's nan_policy="propagate"); other rows keep
+    their ranks, so a Spearman coefficient of an undefined RDM is NaN rather than made up."""
+    x = np.array([[0.3, np.nan, 0.1, 0.2], [0.3, 0.3, 0.1, 0.2], [np.nan] * 4])
+    got = rankdata(torch.as_tensor(x)).numpy()
+    np.testing.assert_array_equal(got, scipy.stats.rankdata(x, axis=-1, nan_policy="propagate"))
+    assert np.isnan(got[0]).all() and np.isfinite(got[1]).all()
+
+
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # constant rows: on purpose
 @settings(max_examples=30, deadline=None)
 @given(

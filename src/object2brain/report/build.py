@@ -130,13 +130,9 @@ def _table_files(folder: Path, name: str) -> list[Path]:
     return sorted(by_dir.values())
 
 
-def _run_record(directory: Path, *, warn: bool) -> tuple[object, set[str]] | None:
-    """``(command, names of the files listed in outputs)`` of ``directory/manifest.json``; None
-    when there is none, it is unreadable (a warning if ``warn``) or it lists no outputs.
-
-    Outputs are matched by file name, since commands record them relative to the output folder,
-    to the working directory or as absolute paths, and folders get copied or moved.
-    """
+def _read_manifest(directory: Path, *, warn: bool) -> dict[str, Any] | None:
+    """``directory/manifest.json`` as a dict; None when there is none or it is unreadable (a
+    warning if ``warn``: the results beside it are then reported unchecked)."""
     path = directory / "manifest.json"
     if not path.is_file():
         return None
@@ -146,8 +142,19 @@ def _run_record(directory: Path, *, warn: bool) -> tuple[object, set[str]] | Non
         if warn:
             log.warning("%s: unreadable (%s); results beside it are reported unchecked", path, exc)
         return None
-    outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
-    if not isinstance(outputs, list):
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _run_record(directory: Path, *, warn: bool) -> tuple[object, set[str]] | None:
+    """``(command, names of the files listed in outputs)`` of ``directory/manifest.json``; None
+    when there is none, it is unreadable (a warning if ``warn``) or it lists no outputs.
+
+    Outputs are matched by file name, since commands record them relative to the output folder,
+    to the working directory or as absolute paths, and folders get copied or moved.
+    """
+    manifest = _read_manifest(directory, warn=warn)
+    outputs = manifest.get("outputs") if manifest is not None else None
+    if manifest is None or not isinstance(outputs, list):
         return None
     return manifest.get("command"), {Path(str(o)).name for o in outputs}
 
@@ -159,15 +166,11 @@ class _RunScope:
     def __init__(self, folder: Path) -> None:
         self.files: set[Path] | None = None
         self.left_out: list[Path] = []
-        path = folder / "manifest.json"
-        try:
-            manifest = json.loads(path.read_text()) if path.is_file() else None
-        except (OSError, UnicodeDecodeError, ValueError):
-            manifest = None  # reported where the tables beside it are checked
-        outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
+        manifest = _read_manifest(folder, warn=False)  # warned where its tables are checked
+        outputs = manifest.get("outputs") if manifest is not None else None
         # earlier run manifests listed only the stores: they scope nothing
         if (
-            isinstance(manifest, dict)
+            manifest is not None
             and manifest.get("command") == "run"
             and manifest.get("lists_every_output") is True
             and isinstance(outputs, list)
@@ -425,11 +428,8 @@ def _tables_of_simulation(
 
 def _input_hashes(directory: Path) -> set[str] | None:
     """The input SHA-256 values of ``directory/manifest.json``; None: no manifest with inputs."""
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+    manifest = _read_manifest(directory, warn=False)
+    inputs = manifest.get("inputs") if manifest is not None else None
     if not isinstance(inputs, dict) or not inputs:
         return None
     return {str(value) for value in inputs.values()}

@@ -595,10 +595,10 @@ def _run(
                         )
     bar.close()
 
-    alignment = _with_fdr(
+    alignment = with_fdr(
         pd.DataFrame(alignment_rows, columns=ALIGNMENT_COLUMNS), ["model", "condition", "subject"]
     )
-    contrast = _with_fdr(
+    contrast = with_fdr(
         pd.DataFrame(contrast_rows, columns=CONTRAST_COLUMNS),
         ["model", "condition_a", "condition_b", "subject"],
         [("p_perm", "p_fdr"), ("p_boot", "p_boot_fdr")],
@@ -750,13 +750,13 @@ def _contrast_rows(
     return rows
 
 
-def _with_fdr(
+def with_fdr(
     frame: pd.DataFrame,
     family: list[str],
     columns: Sequence[tuple[str, str]] = (("p_perm", "p_fdr"),),
 ) -> pd.DataFrame:
-    """Fill each ``(p, adjusted)`` column pair: Benjamini-Hochberg within each ``family`` over
-    (layer, target)."""
+    """Fill each ``(p, adjusted)`` column pair: Benjamini-Hochberg within each ``family`` (the
+    rows sharing those columns' values, e.g. the layers x targets of one model and condition)."""
     if frame.empty:
         return frame
     frame = frame.copy()
@@ -790,7 +790,7 @@ def _group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
     summary["p_t"] = scipy.stats.t.sf(summary["t"], dof.clip(lower=1)).astype(float)
     summary.loc[summary["t"].isna(), "p_t"] = np.nan
     summary["p_t_fdr"] = np.nan
-    summary = _with_fdr(summary, ["model", "condition"], [("p_t", "p_t_fdr")])
+    summary = with_fdr(summary, ["model", "condition"], [("p_t", "p_t_fdr")])
     return summary[GROUP_COLUMNS]
 
 

@@ -63,7 +63,8 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
 
     Fully vectorised: sort, then rank = position + 1, except in rows with ties, where each tie
     group gets (first + last position of the group) / 2 + 1. Any sort will do (not only a stable
-    one): the members of a tie group all get the same rank.
+    one): the members of a tie group all get the same rank. A row holding NaN has no ranks: it
+    is all NaN (scipy's ``nan_policy="propagate"``), so a coefficient of it is NaN, not made up.
     """
     shape = x.shape
     m = shape[-1]
@@ -72,12 +73,15 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     ranks = torch.empty(flat.shape, dtype=torch.float64, device=x.device)
     position = torch.arange(1, m + 1, dtype=torch.float64, device=x.device)
     tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
-    if not bool(tied.any()):
+    if bool(tied.any()):
+        average = position.expand_as(ranks).clone()
+        average[tied] = _tie_average_positions(values[tied])
+        ranks.scatter_(1, order, average)
+    else:
         ranks.scatter_(1, order, position.expand_as(ranks))
-        return ranks.reshape(shape)
-    average = position.expand_as(ranks).clone()
-    average[tied] = _tie_average_positions(values[tied])
-    ranks.scatter_(1, order, average)
+    if flat.is_floating_point():
+        undefined = torch.isnan(flat).any(dim=1, keepdim=True)
+        ranks = torch.where(undefined, torch.full_like(ranks, float("nan")), ranks)
     return ranks.reshape(shape)
 
 
