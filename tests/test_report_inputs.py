@@ -161,6 +161,12 @@ def test_cli_prints_one_line_and_exits_2(
     assert (tmp_path / "pages" / "report.html").is_file()
     main(["report", str(folder), "--out", str(tmp_path / "study.html"), "--quiet"])  # a file
     assert (tmp_path / "study.html").is_file()
+    (tmp_path / "notes").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(folder), "--out", str(tmp_path / "notes")])
+    assert info.value.code == 2
+    assert "--out names a folder (or a file ending in .html)" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "a file, not a folder"  # left as it was
 
 
 # ---------------------------------------------------------------------------------------------

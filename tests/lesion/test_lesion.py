@@ -143,6 +143,8 @@ def test_bad_input_messages(store: Path, filter_table: pd.DataFrame, brain: Path
         run_lesion(store, too_many, brain=brain, n_null=0)
     with pytest.raises(DataError, match="missing column"):
         run_lesion(store, filter_table.drop(columns="assigned"), brain=brain)
+    with pytest.raises(DataError, match="--n-null and --n-perm must be >= 0"):
+        run_lesion(store, filter_table, brain=brain, n_perm=-1)
 
 
 def test_conditions_are_analysed_separately(

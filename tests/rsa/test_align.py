@@ -225,6 +225,14 @@ def test_cli_rsa(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd, "--rdm", "manhattan"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "unknown RDM metric 'manhattan'" in bad.stderr
+    missing = tmp_path / "nowhere.csv"
+    no_split = subprocess.run(
+        [*cmd[:-1], "--held-out", str(missing), "--quiet"], capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    assert no_split.returncode == 2
+    assert f"{missing}: split file not found" in no_split.stderr
+    assert "Traceback" not in no_split.stderr
 
 
 @pytest.mark.parametrize("method", ["spearman", "kendall_tau_a"])
