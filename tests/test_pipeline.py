@@ -13,6 +13,7 @@ import yaml
 
 from object2brain.config import ConfigError, load_config
 from object2brain.pipeline import run_study
+from object2brain.store import ActivationStore
 
 
 def write_config(folder: Path, payload: dict[str, Any]) -> Path:
@@ -92,6 +93,10 @@ def study(stimulus_table: Path, tmp_path: Path) -> dict[str, Any]:
         (lambda c: c["dissect"].update(detector="boxes:b.csv"), "dissect.detector: file not"),
         (lambda c: c.pop("train_head"), "dissect: model 'resnet18' has no valence head"),
         (lambda c: c.update(device="cuda:99"), "device: "),
+        (
+            lambda c: c["train_head"].update(cross_fit=1),
+            "train_head.cross_fit: use 0 (off) or 2 or more folds",
+        ),
     ],
 )
 def test_config_mistakes_name_the_key(
@@ -133,10 +138,16 @@ def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path
     assert {"Faces", "unassigned"} <= set(lesion["group"])
     page = (out / "report.html").read_text()
     assert "Planted truth vs recovered" in page and "Simulated data" in page
-    # heads trained on the study's stimuli: predicted vs rated valence on the held-out test split
-    split = pd.read_csv(out / "heads" / "split.csv")
+    # heads trained on the study's stimuli: the 'valence' layer holds the out-of-fold
+    # predictions of the cross-fitted heads, so the direct correlation uses every stimulus
+    out_of_fold = pd.read_csv(out / "heads" / "resnet18" / "out_of_fold.csv", dtype={0: str})
+    assert sorted(out_of_fold["fold"].unique()) == [0, 1, 2, 3, 4]
+    with ActivationStore.open(out / "activations" / "resnet18.h5") as store:
+        stored = store.read("valence", out_of_fold["stimulus_id"].tolist())
+        assert store.attrs["valence_source"] == "supplied"
+    np.testing.assert_allclose(stored, out_of_fold["predicted"], rtol=1e-6)
     direct = pd.read_csv(out / "rsa" / "behavior_direct.csv")
-    assert (direct.loc[direct["condition"] == "all", "n"] == (split["split"] == "test").sum()).all()
+    assert (direct.loc[direct["condition"] == "all", "n"] == len(out_of_fold)).all()
 
     again = run_study(path, progress=False)
     assert again.ran == [] and set(again.skipped) == set(first.ran)

@@ -93,6 +93,14 @@ def extract_command(
     head: Annotated[
         Path | None, typer.Option("--head", help="Valence head (.safetensors): adds 'valence'.")
     ] = None,
+    valence: Annotated[
+        Path | None,
+        typer.Option(
+            "--valence",
+            help="CSV (stimulus_id, predicted), e.g. train-head's out_of_fold.csv: stored as "
+            "layer 'valence' instead of the head's outputs.",
+        ),
+    ] = None,
     dtype: Annotated[StorageDtype, typer.Option("--dtype", help="Storage precision.")] = "float32",
     srp: Annotated[
         int | None, typer.Option("--srp", min=1, help="Sparse random projection to DIM.")
@@ -148,6 +156,7 @@ def extract_command(
         amp_dtype=amp,
         channels_last=channels_last,
         decode=decode,
+        valence=valence,
     )
     typer.echo(f"wrote {path}")
 
@@ -238,6 +247,14 @@ def train_head_command(
         int, typer.Option("--patience", min=1, help="Early-stopping patience (epochs).")
     ] = 10,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-3,
+    cross_fit: Annotated[
+        int,
+        typer.Option(
+            "--cross-fit",
+            min=0,
+            help="K >= 2: also write out-of-fold predictions of K fold heads (out_of_fold.csv).",
+        ),
+    ] = 0,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -264,6 +281,7 @@ def train_head_command(
         device=device,
         seed=seed,
         progress=not quiet,
+        cross_fit=cross_fit,
     )
     if result.n_missing:
         typer.echo(f"skipped {result.n_missing} missing image(s): {result.missing_path}")
@@ -274,6 +292,13 @@ def train_head_command(
             for key in ("spearman", "pearson", "r2")
         )
         typer.echo(f"{name}: test {scores} -> {head.head_path}")
+        if head.out_of_fold_path is not None:
+            oof = head.metrics["out_of_fold"]
+            rho = "n/a" if oof.get("spearman") is None else f"{oof['spearman']:.3f}"
+            typer.echo(
+                f"{name}: out-of-fold spearman {rho} over {oof['n']} stimuli "
+                f"-> {head.out_of_fold_path}"
+            )
 
 
 @app.command("dissect")

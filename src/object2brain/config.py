@@ -101,6 +101,17 @@ class TrainHeadConfig(_Strict):
     lr: Float = Field(1e-3, gt=0)
     batch_size: Int = Field(32, ge=1)
     ratings: Literal["stimuli", "ratings"] = "stimuli"
+    #: K fold heads whose out-of-fold predictions become the stores' ``valence`` layer, so the
+    #: predicted valence is never correlated with ratings it was fitted on; 0: off (then the
+    #: direct behaviour correlation uses the test split only).
+    cross_fit: Int = Field(5, ge=0)
+
+    @field_validator("cross_fit")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("use 0 (off) or 2 or more folds")
+        return value
 
 
 class SimulateConfig(_Strict):

@@ -33,10 +33,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from object2brain._version import __version__
 from object2brain.data.images import load_image
+from object2brain.data.ratings import load_predicted_valence
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import LayerError, StimulusError, StoreError, listing
@@ -58,6 +59,9 @@ from object2brain.store import (
     partial_path,
     write_json,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("object2brain.extract")
 
@@ -279,6 +283,7 @@ def extract(
     amp_dtype: AmpDtype | str | None = None,
     channels_last: bool = False,
     decode: DecodeMode | str = "pil",
+    valence: str | Path | pd.Series | Mapping[str, float] | None = None,
 ) -> Path:
     """Extract activations of ``layers`` for every stimulus into the activation store ``out``.
 
@@ -305,6 +310,10 @@ def extract(
         decode: ``pil`` (default), ``torch`` (plain JPEGs decoded and preprocessed on
             ``device``; others by Pillow) or ``auto`` (``torch`` on CUDA when torchvision can
             decode there, else ``pil``).
+        valence: predicted valence to store as layer ``valence`` instead of the head's outputs
+            (with or without a head): a table with ``stimulus_id, predicted`` (e.g.
+            ``train-head --cross-fit``'s ``out_of_fold.csv``) or a Series/mapping by stimulus id.
+            The store's attribute ``valence_source`` says which (``head`` or ``supplied``).
 
     Returns:
         The path of the complete store.
@@ -324,6 +333,7 @@ def extract(
     if decode not in DECODE_MODES:
         raise StoreError(f"--decode {decode!r}: use {', '.join(DECODE_MODES)}")
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
+    supplied = None if valence is None else load_predicted_valence(valence, stimulus_set.ids)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, seed=seed)
     layer_names = resolve_layers(loaded, layers)
     torch_device = resolve_device(device)
@@ -349,6 +359,9 @@ def extract(
         config["amp_dtype"] = amp_dtype
     if on_device_decode:
         config["decode"] = "torch"
+    if supplied is not None:
+        config["valence"] = "supplied"
+        config["valence_sha256"] = hashlib.sha256(supplied.tobytes()).hexdigest()
     # What the store holds, by content: weights and head by SHA-256 and images by their bytes,
     # not by path, so a study moved to another folder or machine keeps its stores.
     identity = {k: v for k, v in config.items() if k not in ("weights", "head")}
@@ -389,6 +402,8 @@ def extract(
             "head": loaded.head,
             "dtype": dtype,
         }
+        if supplied is not None or loaded.has_head:
+            attrs["valence_source"] = "supplied" if supplied is not None else "head"
         writer = StoreWriter.create(out, stimulus_set.ids, attrs, fingerprint)
     try:
         _run_batches(
@@ -406,6 +421,7 @@ def extract(
             amp_dtype=AMP_DTYPES[amp_dtype] if amp_dtype is not None else None,
             channels_last=channels_last,
             on_device_decode=on_device_decode,
+            valence=supplied,
         )
         path = writer.finish()
     finally:
@@ -496,7 +512,10 @@ def _run_batches(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     on_device_decode: bool = False,
+    valence: np.ndarray | None = None,
 ) -> None:
+    """Write the rows from ``writer.n_done`` on; ``valence`` ``(n,)``: supplied predictions that
+    replace the head's output as layer ``valence``."""
     from tqdm.auto import tqdm
 
     n, start = len(stimuli), writer.n_done
@@ -557,7 +576,10 @@ def _run_batches(
                 with autocast:
                     output = network(inputs)
                 blocks = {name: block.float() for name, block in recorder.outputs.items()}
-                if loaded.has_head:
+                if valence is not None:
+                    rows = start + np.asarray(indices, dtype=np.int64)
+                    blocks[VALENCE_LAYER] = torch.from_numpy(valence[rows]).float().to(device)
+                elif loaded.has_head:
                     blocks[VALENCE_LAYER] = output.reshape(output.shape[0], -1)[:, 0].float()
                 if srp is not None:
                     blocks = _project_blocks(blocks, srp, seed, projections, device)
@@ -569,7 +591,7 @@ def _run_batches(
                 for name, array in arrays.items():
                     writer.ensure_layer(name, n, tuple(array.shape[1:]), dtype)
                 if writer.n_done == 0:
-                    order = [*recorder.order, *([VALENCE_LAYER] if loaded.has_head else [])]
+                    order = [*recorder.order, *([VALENCE_LAYER] if VALENCE_LAYER in arrays else [])]
                     writer.set_attr("order", order)
                     if srp is not None:
                         writer.set_attr("srp", _srp_attrs(srp, seed, arrays, projections))

@@ -6,8 +6,14 @@ Stages, in order (a stage runs only when its config section is present):
    stage needs activations before the heads exist (``simulate``), else straight to step 4;
 2. ``simulate`` ratings and brain data from the first model (``<out>/simulation``);
 3. ``train_head`` for every model without ``head`` (``<out>/heads``), on the stimulus table's
-   ``valence`` or on the mean of the ratings;
-4. ``extract`` with the heads (``<out>/activations/<model>.h5``, layer ``valence`` included);
+   ``valence`` or on the mean of the ratings, with ``cross_fit`` fold heads (default 5);
+4. ``extract`` with the heads (``<out>/activations/<model>.h5``, layer ``valence`` included). For
+   heads trained in the run the ``valence`` layer holds the out-of-fold predictions of the fold
+   heads (``heads/<model>/out_of_fold.csv``), as the heads were fitted on these very stimuli: a
+   correlation of that layer with the ratings is then not optimistic. The main head, fitted on
+   the training split, is the one ``dissect`` explains and lesion ``propagate`` runs; with
+   ``cross_fit: 0`` the layer holds its outputs and the direct behaviour correlation uses its
+   test split only;
 5. ``rsa`` (``<out>/rsa``), 6. ``dissect`` per model (``<out>/dissect/<model>``),
 7. ``lesion`` (``<out>/lesion``), 8. ``report`` (``<out>/report.html``).
 
@@ -169,6 +175,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     brain, ratings = config.brain, config.ratings
     heads: dict[str, Path | None] = {m.label: m.head for m in config.models}
     held_out: list[str] | None = None  # stimuli no head of this run was fitted on
+    out_of_fold: dict[str, Path] = {}  # model -> cross-fitted predictions: its 'valence' layer
 
     def load(model: ModelConfig, head: Path | None = None) -> Any:
         return load_model(model.arch, model.weights, head=head, seed=seed, name=model.label)
@@ -246,7 +253,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
 
     untrained = [m for m in config.models if m.head is None]
     if config.train_head is not None and untrained:
-        from object2brain.models.heads import train_head
+        from object2brain.models.heads import OUT_OF_FOLD_NAME, train_head
 
         options = config.train_head
         head_dir = out / "heads"
@@ -267,6 +274,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 device=device,
                 seed=seed,
                 progress=progress,
+                cross_fit=options.cross_fit,
             )
             return list(result.files)
 
@@ -282,12 +290,29 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         stages.run("train_head", head_dir, payload, train_work)
         for model in untrained:
             heads[model.label] = head_dir / model.label / "head.safetensors"
-        held_out = _held_out(head_dir / "split.csv", len(stimuli))
+            if options.cross_fit:
+                out_of_fold[model.label] = head_dir / model.label / OUT_OF_FOLD_NAME
+        if options.cross_fit:
+            log.info(
+                "the 'valence' layer of %s holds out-of-fold predictions of %d cross-fitted "
+                "heads: predicted valence is never compared with ratings it was fitted on",
+                ", ".join(out_of_fold),
+                options.cross_fit,
+            )
+            if config.lesion is not None and config.lesion.propagate:
+                log.warning(
+                    "lesion propagate: the lesioned valence output comes from the head fitted on "
+                    "the training split, so its correlation with behaviour includes stimuli that "
+                    "head was fitted on"
+                )
+        else:
+            held_out = _held_out(head_dir / "split.csv", len(stimuli))
 
     stores: dict[str, Path] = {}
     for model in config.models:
         path = out / "activations" / f"{model.label}.h5"
         head = heads[model.label]
+        valence = out_of_fold.get(model.label)
         payload = {
             "stage": "extract",
             "model": _model_key(model),
@@ -296,14 +321,27 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             "stimuli": stimuli_key,
             "seed": seed,
         }
+        if valence is not None:
+            payload["valence"] = _fingerprint(valence)
 
         def extract_work(
-            model: Any = model, path: Path = path, head: Path | None = head
+            model: Any = model,
+            path: Path = path,
+            head: Path | None = head,
+            valence: Path | None = valence,
         ) -> list[Path]:
             loaded = load(model, head)
             return [
                 _extract(
-                    extract, loaded, stimuli, path, model.layers, config, progress, overwrite=True
+                    extract,
+                    loaded,
+                    stimuli,
+                    path,
+                    model.layers,
+                    config,
+                    progress,
+                    overwrite=True,
+                    valence=valence,
                 )
             ]
 
@@ -497,6 +535,7 @@ def _extract(
     config: RunConfig,
     progress: bool,
     overwrite: bool = False,
+    valence: Path | None = None,
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return extract(
@@ -514,6 +553,7 @@ def _extract(
         amp_dtype=config.extract.amp,
         channels_last=config.extract.channels_last,
         decode=config.extract.decode,
+        valence=valence,
     )
 
 

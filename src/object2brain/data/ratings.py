@@ -12,7 +12,7 @@ are the mean over subjects (DESIGN.md section 3).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +185,48 @@ def load_ratings(
             table.groupby(["subject", "stimulus_id"], sort=False)["valence"].mean().reset_index()
         )
     return Ratings(table.reset_index(drop=True), origin)
+
+
+def load_predicted_valence(
+    source: str | Path | pd.Series | Mapping[str, float], stimulus_ids: Sequence[str]
+) -> np.ndarray:
+    """Predicted valence of each of ``stimulus_ids`` ``(n,)`` float64, matched by id.
+
+    Args:
+        source: a table (CSV, TSV or Parquet) with columns ``stimulus_id`` and ``predicted``,
+            such as ``train-head``'s ``out_of_fold.csv`` or ``predictions.csv``; or a Series /
+            mapping ``stimulus_id -> predicted``.
+        stimulus_ids: the stimuli that need a value (extra ids in ``source`` are ignored).
+
+    Raises:
+        DataError: missing columns, duplicate ids, ids without a value, non-finite values.
+    """
+    where = "predicted valence"
+    if isinstance(source, pd.Series):
+        series = source
+    elif isinstance(source, Mapping):
+        series = pd.Series(dict(source), dtype=np.float64)
+    else:
+        path = Path(source).expanduser()
+        where = str(path)
+        if not path.is_file():
+            raise DataError(f"{path}: predicted-valence table not found")
+        frame = _read(path)
+        require_columns(frame.columns, ("stimulus_id", "predicted"), where)
+        ids = frame["stimulus_id"].astype(str)
+        repeated = sorted(set(ids[ids.duplicated()]))
+        if repeated:
+            raise DataError(f"{where}: duplicate stimulus_id(s) {listing(repeated)}")
+        series = pd.Series(pd.to_numeric(frame["predicted"], errors="coerce").to_numpy(), ids)
+    series.index = series.index.astype(str)
+    wanted = [str(i) for i in stimulus_ids]
+    missing = [i for i in wanted if i not in series.index]
+    if missing:
+        raise DataError(
+            f"{where}: {len(missing)} stimulus id(s) have no predicted valence: {listing(missing)}"
+        )
+    values = series.reindex(wanted).to_numpy(dtype=np.float64)
+    bad = [i for i, v in zip(wanted, values, strict=True) if not np.isfinite(v)]
+    if bad:
+        raise DataError(f"{where}: predicted valence missing or not finite for {listing(bad)}")
+    return values

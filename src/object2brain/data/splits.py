@@ -99,6 +99,37 @@ def make_split(
     )
 
 
+def make_folds(valence: Sequence[float] | np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+    """Assign each stimulus to one of ``k`` cross-fitting folds, stratified by valence level.
+
+    The stimuli of each level are shuffled with ``numpy.random.default_rng(seed)``, the levels are
+    laid end to end (lowest first) and position ``i`` of that sequence goes to fold ``i mod k``:
+    fold sizes differ by at most one and each level is spread over the folds as evenly.
+
+    Args:
+        valence: ratings ``(n,)``.
+        k: number of folds, ``2 <= k <= n`` (``n``: leave-one-out).
+        seed: seed of the within-level shuffles.
+
+    Returns:
+        Fold index of every stimulus ``(n,)`` int64 in ``0 .. k - 1``.
+
+    Raises:
+        DataError: ``k`` out of range.
+    """
+    levels = valence_levels(valence)
+    n = len(levels)
+    if k < 2 or k > n:
+        raise DataError(f"cross-fitting with {k} folds needs 2 to {n} folds ({n} rated stimuli)")
+    rng = np.random.default_rng(seed)
+    order = np.concatenate(
+        [rng.permutation(np.flatnonzero(levels == lv)) for lv in np.unique(levels)]
+    )
+    folds = np.empty(n, dtype=np.int64)
+    folds[order] = np.arange(n) % k
+    return folds
+
+
 def save_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split table as CSV, atomically."""
     from object2brain.store import atomic_path

@@ -64,6 +64,7 @@ log = logging.getLogger("object2brain.heads")
 LossName = Literal["mse", "weighted_mse"]
 LOSSES: tuple[str, ...] = ("mse", "weighted_mse")
 FEATURE_CACHE_NAME = "features.h5"
+OUT_OF_FOLD_NAME = "out_of_fold.csv"
 _CACHE_FORMAT = 1
 
 
@@ -516,6 +517,80 @@ def predict(
     return out
 
 
+def cross_fitted_predictions(
+    train_source: FeatureSource,
+    eval_source: FeatureSource,
+    targets: np.ndarray,
+    levels: np.ndarray,
+    folds: np.ndarray,
+    val_rows: np.ndarray,
+    in_features: int,
+    *,
+    loss: LossName,
+    device: torch.device,
+    epochs: int = 100,
+    patience: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> np.ndarray:
+    """Out-of-fold predicted valence: each stimulus predicted by a head that never saw it.
+
+    The head of fold ``j`` is fitted exactly as the main head (:func:`fit_head`, level weights of
+    its own training rows) on every stimulus outside fold ``j`` except the validation rows, early
+    stopping on the validation rows outside fold ``j``, and predicts fold ``j``. Correlating these
+    predictions with the ratings of the same stimuli is then not optimistic, unlike the main
+    head's predictions of its own training images.
+
+    Args:
+        train_source, eval_source: features (as for :func:`fit_head`).
+        targets: ratings ``(n,)``; levels: their integer levels ``(n,)``.
+        folds: fold index of every stimulus ``(n,)`` (:func:`~object2brain.data.splits.make_folds`).
+        val_rows: the main split's validation rows (never trained on; early stopping).
+        in_features: feature dimension.
+        loss, device, epochs, patience, lr, weight_decay, batch_size: as for :func:`train_head`.
+        seed: fold ``j`` shuffles its batches with ``seed + 1 + j``.
+
+    Returns:
+        Predicted valence ``(n,)`` float64.
+    """
+    is_val = np.zeros(len(targets), dtype=bool)
+    is_val[val_rows] = True
+    predicted = np.full(len(targets), np.nan)
+    for j in np.unique(folds):
+        held = np.flatnonzero(folds == j)
+        train_rows = np.flatnonzero((folds != j) & ~is_val)
+        fold_val = np.flatnonzero((folds != j) & is_val)
+        lw = level_weights(levels[train_rows]) if loss == "weighted_mse" else None
+        fit = fit_head(
+            train_source,
+            eval_source,
+            targets,
+            sample_weights(levels, lw),
+            train_rows,
+            fold_val,
+            in_features,
+            device=device,
+            epochs=epochs,
+            patience=patience,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            seed=seed + 1 + int(j),
+        )
+        head = fit.head.to(device)
+        predicted[held] = predict(head, eval_source, held, batch_size=max(batch_size, 64))
+        log.info(
+            "cross-fitting fold %d: %d stimuli predicted by a head fitted on %d (best epoch %d)",
+            j,
+            len(held),
+            len(train_rows),
+            fit.best_epoch,
+        )
+    return predicted
+
+
 # --------------------------------------------------------------------------------------------
 # Metrics
 
@@ -585,6 +660,7 @@ class HeadResult:
     features_path: Path | None
     features_reused: bool
     seconds: float
+    out_of_fold_path: Path | None = None
 
 
 @dataclass
@@ -663,6 +739,7 @@ def train_head(
     num_workers: int | None = None,
     figures: bool = True,
     progress: bool = True,
+    cross_fit: int = 0,
 ) -> TrainHeadResult:
     """Train a one-output valence head on each frozen backbone; the same split for all models.
 
@@ -690,18 +767,25 @@ def train_head(
             :func:`~object2brain.extract.default_workers`).
         figures: write the predicted-vs-rated scatter figure of each model.
         progress: show progress bars.
+        cross_fit: with ``K >= 2``, also fit ``K`` fold heads (:func:`cross_fitted_predictions`,
+            folds from :func:`~object2brain.data.splits.make_folds`) and write every stimulus's
+            out-of-fold prediction to ``<out>/<model>/out_of_fold.csv`` (``stimulus_id, fold,
+            valence, level, predicted``), with metrics under ``"out_of_fold"``. Use these, not the
+            main head's, to correlate predicted valence with the ratings of the training stimuli
+            (``extract(valence=...)``). ``0`` (default): no cross-fitting.
 
     Returns:
         :class:`TrainHeadResult`. Files: ``<out>/split.csv``, ``<out>/missing_images.csv`` (if
         any), ``<out>/head_metrics.csv|.parquet``, ``<out>/manifest.json``, and per model
         ``<out>/<model>/{head.safetensors, head.json, metrics.json, predictions.csv,
-        features.h5}`` and ``<out>/figures/predicted_vs_rated_<model>.png|.svg``.
+        features.h5}`` (+ ``out_of_fold.csv``) and
+        ``<out>/figures/predicted_vs_rated_<model>.png|.svg``.
 
     Raises:
         Object2BrainError subclasses on bad input, before anything is written.
     """
     from object2brain._version import __version__
-    from object2brain.data.splits import load_split, make_split, save_split
+    from object2brain.data.splits import load_split, make_folds, make_split, save_split
     from object2brain.devices import resolve_device
     from object2brain.manifest import build_manifest, file_sha256, output_list
     from object2brain.models.zoo import LoadedModel, build_architecture, load_model
@@ -716,6 +800,8 @@ def train_head(
             raise DataError(f"{label} {value}: must be at least 1")
     if not lr > 0:  # also NaN
         raise DataError(f"learning rate {lr}: must be positive (0 would never train the head)")
+    if cross_fit == 1 or cross_fit < 0:
+        raise DataError(f"cross-fit {cross_fit}: use 0 (off) or 2 or more folds")
     specs: list[str | LoadedModel] = (
         [models] if isinstance(models, str | LoadedModel) else list(models)
     )
@@ -746,6 +832,7 @@ def train_head(
         split_frame = split_frame[["stimulus_id", "valence", "level", "split"]]
     else:
         split_frame = make_split(ids, data.valence, fractions=fractions, seed=seed)
+    folds = make_folds(data.valence, cross_fit, seed=seed) if cross_fit else None
     loaded_models = [
         spec if isinstance(spec, LoadedModel) else load_model(spec, w, seed=seed)
         for spec, w in zip(specs, weight_list, strict=True)
@@ -843,6 +930,25 @@ def train_head(
             everything = np.arange(len(ids))
             predicted = predict(head, eval_source, everything, batch_size=max(batch_size, 64))
             head = head.cpu()
+            out_of_fold = None
+            if folds is not None:
+                out_of_fold = cross_fitted_predictions(
+                    train_source,
+                    eval_source,
+                    targets,
+                    levels,
+                    folds,
+                    rows["val"],
+                    in_features,
+                    loss=loss,
+                    device=torch_device,
+                    epochs=epochs,
+                    patience=patience,
+                    lr=lr,
+                    weight_decay=weight_decay,
+                    batch_size=batch_size,
+                    seed=seed,
+                )
 
         metrics: dict[str, Any] = {}
         for part in ("train", "val", "test"):
@@ -851,6 +957,23 @@ def train_head(
             part: per_level_metrics(predicted[rows[part]], targets[rows[part]], levels[rows[part]])
             for part in ("train", "val", "test")
         }
+        out_of_fold_path: Path | None = None
+        if out_of_fold is not None and folds is not None:
+            metrics["out_of_fold"] = regression_metrics(out_of_fold, targets)
+            metrics["per_level"]["out_of_fold"] = per_level_metrics(out_of_fold, targets, levels)
+            out_of_fold_path = _write_csv(
+                pd.DataFrame(
+                    {
+                        "stimulus_id": ids,
+                        "fold": folds,
+                        "valence": targets,
+                        "level": levels,
+                        "predicted": out_of_fold,
+                    }
+                ),
+                model_dir / OUT_OF_FOLD_NAME,
+            )
+            written.append(out_of_fold_path)
         metrics["training"] = {
             "loss": loss,
             "level_weights": {str(k): v for k, v in (lw or {}).items()},
@@ -858,6 +981,7 @@ def train_head(
             "best_epoch": fit.best_epoch,
             "best_val_loss": fit.best_val_loss,
             "history": fit.history,
+            "cross_fit_folds": cross_fit,
         }
         metrics = _json_ready(metrics)
         predictions = pd.DataFrame(
@@ -907,8 +1031,9 @@ def train_head(
             }
         )
         head_path = save_head(head, model_dir / "head.safetensors", meta)
-        for part in ("train", "val", "test"):
-            summary_rows.append({"model": name, "split": part, **metrics[part]})
+        for part in ("train", "val", "test", "out_of_fold"):
+            if part in metrics:
+                summary_rows.append({"model": name, "split": part, **metrics[part]})
         seconds = round(time.time() - t0, 3)
         results[name] = HeadResult(
             name=name,
@@ -919,6 +1044,7 @@ def train_head(
             features_path=features_path,
             features_reused=reused,
             seconds=seconds,
+            out_of_fold_path=out_of_fold_path,
         )
         test = metrics["test"]
         log.info(
@@ -956,6 +1082,7 @@ def train_head(
                 "loss": loss,
                 "augment": augment,
                 "cache": cache,
+                "cross_fit": cross_fit,
                 "epochs": epochs,
                 "patience": patience,
                 "lr": lr,
