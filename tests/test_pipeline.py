@@ -138,6 +138,7 @@ def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path
     assert {"Faces", "unassigned"} <= set(lesion["group"])
     page = (out / "report.html").read_text()
     assert "Planted truth vs recovered" in page and "Simulated data" in page
+    assert "predicted by a cross-fitted head that was not fitted on it" in page
     # heads trained on the study's stimuli: the 'valence' layer holds the out-of-fold
     # predictions of the cross-fitted heads, so the direct correlation uses every stimulus
     out_of_fold = pd.read_csv(out / "heads" / "resnet18" / "out_of_fold.csv", dtype={0: str})

@@ -542,11 +542,17 @@ def _truth_section(
 
 
 def _heads_section(figures: _Figures, metrics: pd.DataFrame) -> html.Section:
-    parts = [
-        "<p>Valence heads on the frozen backbones: fit on the training split, early stopping on "
-        "the validation split; the test split is held out.</p>",
-        html.table_html(metrics),
-    ]
+    intro = (
+        "Valence heads on the frozen backbones: fit on the training split, early stopping on "
+        "the validation split; the test split is held out."
+    )
+    if "out_of_fold" in set(metrics["split"]):
+        intro += (
+            " Row <code>out_of_fold</code>: every stimulus predicted by a cross-fitted head that "
+            "was not fitted on it (in <code>object2brain run</code>, the stores' "
+            "<code>valence</code> layer)."
+        )
+    parts = [f"<p>{intro}</p>", html.table_html(metrics)]
     parts += [
         _figure(
             path, f"Predicted vs rated valence: {path.stem.removeprefix('predicted_vs_rated_')}"
