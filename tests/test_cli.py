@@ -230,6 +230,22 @@ def test_ctrl_c_exits_130_with_a_resume_hint(
     assert "interrupted: rerun the same command" in capsys.readouterr().err
 
 
+def test_a_truncated_file_read_deep_in_a_library_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """click turns any EOFError into a silent Abort (exit 1, a blank line): we say what it was."""
+    zoo = importlib.import_module("object2brain.models.zoo")
+
+    def truncated() -> list[str]:
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(zoo, "list_models", truncated)
+    assert run(["models"]) == 2
+    assert "error: unexpected end of a file (Compressed file ended" in capsys.readouterr().err
+    with pytest.raises(EOFError):
+        main(["--debug", "models"])
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -610,7 +610,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except typer.Abort as exc:
+        # click turns an EOFError raised anywhere (e.g. a truncated .gz read deep inside a
+        # library) into a silent Abort: say what happened
+        if isinstance(exc.__cause__, EOFError):
+            if _state["debug"]:
+                raise exc.__cause__ from None
+            typer.echo(
+                f"error: unexpected end of a file ({exc.__cause__ or 'EOFError'}): an input file "
+                "is truncated; rerun with --debug to see where",
+                err=True,
+            )
+            sys.exit(2)
         sys.exit(1)
     except Exception as exc:
         # Usage errors (typer's click exceptions) know how to show themselves.

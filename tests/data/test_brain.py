@@ -332,3 +332,93 @@ def test_nifti_sidecar_mismatch(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="expected a 4D beta image"):
         load_brain(_manifest(tmp_path, "    rois: [rois/EVC.nii.gz]\n"))
+
+
+def test_nifti_damaged_files_and_bad_sidecars(tmp_path: Path) -> None:
+    """One DataError each, naming the file (a truncated .nii.gz used to exit with a blank line)."""
+    _nifti_subject(tmp_path)
+    m = _manifest(tmp_path, "    rois: [rois/EVC.nii.gz]\n")
+    betas = tmp_path / "sub-01" / "betas.nii.gz"
+    whole = betas.read_bytes()
+    betas.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"betas\.nii\.gz: cannot read the image data, the file is"):
+        load_brain(m)
+    betas.write_bytes(whole)
+    tsv = tmp_path / "sub-01" / "betas.tsv"
+    tsv.write_text("stimulus_id\tonset\ns0\t0\ns1\t1\n\t2\ns3\t3\ns4\t4\ns5\t5\n")  # blank id
+    with pytest.raises(DataError, match=r"betas\.tsv: empty stimulus_id in row\(s\) 3"):
+        load_brain(m)
+
+
+def test_nifti_mask_values(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    betas, mask = _nifti_subject(tmp_path)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    with_nan = np.where(mask == 1, 1.0, np.nan).astype(np.float32)  # NaN outside: not inside
+    nib.save(nib.Nifti1Image(with_nan, affine), tmp_path / "rois" / "NAN.nii.gz")
+    smooth = np.where(mask == 1, 0.9, 0.2).astype(np.float32)  # probabilistic: all nonzero
+    nib.save(nib.Nifti1Image(smooth, affine), tmp_path / "rois" / "PROB.nii.gz")
+    m = _manifest(tmp_path, "    rois: [rois/NAN.nii.gz, rois/PROB.nii.gz]\n")
+    with caplog.at_level(logging.WARNING):
+        brain = load_brain(m)
+    np.testing.assert_allclose(brain.for_roi("NAN")[0].data, betas[mask.astype(bool)].T)
+    assert brain.for_roi("PROB")[0].data.shape == (6, 64)
+    assert "PROB.nii.gz: mask values other than 0 and 1 (0.2 to 0.9)" in caplog.text
+    assert "NAN.nii.gz: mask values" not in caplog.text
+
+
+def test_nifti_mask_geometry_warnings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    betas, _ = _nifti_subject(tmp_path)
+    # a 2 mm mask whose last two slices along x lie beyond the betas (x = 8, 10 mm)
+    shifted = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted[0, 3] = 4.0
+    nib.save(
+        nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), shifted), tmp_path / "rois" / "EDGE.nii.gz"
+    )
+    # the betas' shape, but saved with an identity affine (1 mm): resampled, so warned about
+    nib.save(
+        nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "rois" / "ID.nii.gz"
+    )
+    m = _manifest(tmp_path, "    rois: [rois/EDGE.nii.gz, rois/ID.nii.gz]\n")
+    with caplog.at_level(logging.WARNING):
+        brain = load_brain(m)
+    assert "EDGE.nii.gz: 32 of 64 voxels of ROI 'EDGE' (50%) lie outside the field of view" in (
+        caplog.text
+    )
+    np.testing.assert_allclose(brain.for_roi("EDGE")[0].data, betas[2:].reshape(-1, 6).T)
+    assert "ID.nii.gz: same shape as" in caplog.text and "another affine" in caplog.text
+    assert "ID.nii.gz: 0 of" not in caplog.text  # its 1 mm cube lies inside the betas
+
+
+def test_nifti_label_table_problems(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _nifti_subject(tmp_path)
+    labels = np.zeros((4, 4, 4), dtype=np.int16)
+    labels[0] = 1
+    nib.save(nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "atlas.nii.gz")
+    m = _manifest(tmp_path, "    labels: atlas.nii.gz\n    labels_tsv: atlas.tsv\n")
+    tsv = tmp_path / "atlas.tsv"
+    tsv.write_text("index\tname\nV1\tEVC\n")
+    with pytest.raises(DataError, match=r"atlas\.tsv: column 'index' must hold integer labels"):
+        load_brain(m)
+    tsv.write_text("index\tname\n1\tA\n7\tGhost\n")
+    with pytest.raises(DataError, match=r"atlas\.tsv: label 7 \('Ghost'\) does not occur in"):
+        load_brain(m)
+    tsv.write_text("index\tname\n0\tBackground\n1\tA\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_brain(m).rois == ["A"]
+    assert "label 0 is the background" in caplog.text
+
+
+def test_voxels_constant_across_stimuli_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(1)
+    patterns = rng.normal(size=(6, 10))
+    padded = np.c_[patterns, np.zeros((6, 3)), np.full((6, 1), 7.0)]  # e.g. outside the brain
+    path = _h5(tmp_path / "p.h5", "patterns", {"sub": {"A": padded, "Z": np.ones((6, 4))}})
+    with pytest.raises(DataError, match=r"/sub/Z: every voxel has the same value"):
+        load_brain(path)
+    path = _h5(tmp_path / "p.h5", "patterns", {"sub": {"A": padded}})
+    with caplog.at_level(logging.WARNING):
+        item = load_brain(path).for_roi("A")[0]
+    np.testing.assert_array_equal(item.data, patterns)
+    assert "dropped 4 of 14 voxel(s) whose value is the same for every stimulus" in caplog.text

@@ -15,7 +15,13 @@ manifest) or given directly as a patterns/RDMs HDF5 file (root attribute ``kind`
 Handling of problem values (each logged or raised with the file, subject, ROI and ids at fault):
 
 - Voxels with any NaN/inf across stimuli are dropped from that subject x ROI (logged at WARNING);
-  an ROI left with no voxels is an error.
+  an ROI left with no voxels is an error. So are voxels with the same value for every stimulus
+  (e.g. zeros outside the brain): they carry no stimulus information but would shift every
+  pattern's correlation distance.
+- NIfTI masks: NaN counts as outside; values other than 0/1 (probabilistic maps: every nonzero
+  voxel is inside) and ROI voxels outside the betas' field of view are warned about, as is a mask
+  with the betas' shape but another affine (resampled by world coordinates). Label images: row
+  ``index`` 0 (background) is ignored with a warning; an index absent from the image is an error.
 - Constant (zero-variance) patterns make the correlation distance undefined: computing the RDM
   raises :class:`DataError` naming the stimulus ids (euclidean RDMs accept them).
 - RDMs must be square, finite and symmetric (to 1e-6 relative); a non-zero diagonal is ignored.
@@ -29,7 +35,7 @@ Handling of problem values (each logged or raised with the file, subject, ROI an
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -407,6 +413,22 @@ def _make_item(
             bad_voxels.size,
         )
         patterns = patterns[:, ~bad_voxels]
+    constant = (patterns == patterns[:1]).all(axis=0)
+    if n > 1 and constant.all():
+        raise DataError(
+            f"{where}: every voxel has the same value for every stimulus, so the patterns carry "
+            "no information about the stimuli"
+        )
+    if n > 1 and constant.any():
+        log.warning(
+            "%s: dropped %d of %d voxel(s) whose value is the same for every stimulus (e.g. "
+            "outside the brain): they carry no information about the stimuli but would shift "
+            "every pattern's correlation",
+            where,
+            int(constant.sum()),
+            constant.size,
+        )
+        patterns = patterns[:, ~constant]
     return BrainItem(subject, roi, "patterns", patterns, ids, source)
 
 
@@ -429,10 +451,7 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
     subject = str(subject)
     betas_path = _resolve(manifest, spec, "betas", where)
     table_path = _resolve(manifest, spec, "stimuli", where)
-    try:
-        betas: Any = nib.load(betas_path)
-    except Exception as exc:  # nibabel raises several types for unreadable images
-        raise DataError(f"{betas_path}: not a readable NIfTI image ({exc})") from None
+    betas = _load_image(betas_path)
     if len(betas.shape) != 4:
         raise DataError(f"{betas_path}: expected a 4D beta image, got shape {betas.shape}")
     try:
@@ -440,39 +459,41 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
     except StimulusError as exc:
         raise DataError(str(exc)) from None
     require_columns(table.columns, ["stimulus_id"], str(table_path))
-    ids = [str(s).strip() for s in table["stimulus_id"]]
+    ids = [str(s).strip() if isinstance(s, str) else "" for s in table["stimulus_id"]]
+    blank = [i + 1 for i, s in enumerate(ids) if not s]
+    if blank:
+        raise DataError(
+            f"{table_path}: empty stimulus_id in row(s) {listing(blank)} (row i = volume i, "
+            "counting from 1)"
+        )
     if len(ids) != betas.shape[3]:
         raise DataError(
             f"{table_path}: {len(ids)} rows but {betas_path.name} has {betas.shape[3]} volumes "
             "(one row per volume)"
         )
     require_unique_ids(ids, str(table_path))
-    data = np.asarray(betas.dataobj, dtype=np.float32)
+    data = _voxels(betas, betas_path, np.float32)
     nifti1: Any = nib.Nifti1Image
     grid = nifti1(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)
 
-    masks: list[tuple[str, np.ndarray, str]] = []
     if spec.get("rois") is not None and spec.get("labels") is not None:
         raise DataError(f"{where}: give either 'rois' or 'labels' + 'labels_tsv', not both")
+    masks: Iterable[tuple[str, np.ndarray, str]]
     if spec.get("rois") is not None:
         rois = spec["rois"]
         if not isinstance(rois, list) or not rois:
             raise DataError(f"{where}: 'rois' must be a list of mask files")
-        for value in rois:
-            mask_path = _resolve(manifest, {"roi": value}, "roi", where)
-            values = _on_grid(mask_path, grid, betas_path)
-            masks.append((_roi_name(mask_path), values != 0, str(mask_path)))
+        masks = [
+            _mask(_resolve(manifest, {"roi": value}, "roi", where), grid, betas_path)
+            for value in rois
+        ]
     elif spec.get("labels") is not None:
-        label_path = _resolve(manifest, spec, "labels", where)
-        tsv_path = _resolve(manifest, spec, "labels_tsv", where)
-        try:
-            names = read_table(tsv_path)
-        except StimulusError as exc:
-            raise DataError(str(exc)) from None
-        require_columns(names.columns, ["index", "name"], str(tsv_path))
-        values = _on_grid(label_path, grid, betas_path)
-        for index, name in zip(names["index"], names["name"], strict=True):
-            masks.append((str(name), values == float(index), f"{label_path} (label {index})"))
+        masks = _label_masks(
+            _resolve(manifest, spec, "labels", where),
+            _resolve(manifest, spec, "labels_tsv", where),
+            grid,
+            betas_path,
+        )
     else:
         raise DataError(f"{where}: a nifti source needs 'rois' or 'labels' + 'labels_tsv'")
 
@@ -491,32 +512,147 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
     return items
 
 
-def _on_grid(path: Path, grid: Any, betas_path: Path) -> np.ndarray:
-    """Values of a 3D mask or label image on the beta grid (nearest resampling if needed)."""
+def _load_image(path: Path) -> Any:
     import nibabel as nib
 
     try:
-        image: Any = nib.load(path)
+        return nib.load(path)
     except Exception as exc:  # nibabel raises several types for unreadable images
         raise DataError(f"{path}: not a readable NIfTI image ({exc})") from None
+
+
+def _voxels(image: Any, path: Path, dtype: Any = None) -> np.ndarray:
+    """An image's voxel array; nibabel reads it only now, so a truncated file fails here."""
+    try:
+        return np.asarray(image.dataobj, dtype=dtype)
+    except Exception as exc:  # e.g. EOFError of a truncated .nii.gz, OSError of a short .nii
+        raise DataError(
+            f"{path}: cannot read the image data, the file is damaged ({exc})"
+        ) from None
+
+
+def _mask(path: Path, grid: Any, betas_path: Path) -> tuple[str, np.ndarray, str]:
+    """ROI name, boolean mask on the beta grid and source of a 3D mask: nonzero = inside.
+
+    NaN counts as outside. Values other than 0 and 1 (a probabilistic map) and a mask partly
+    outside the betas' field of view are warned about."""
+    values, original, affine = _on_grid(path, grid, betas_path)
+    name = _roi_name(path)
+    finite = np.isfinite(original)
+    inside = finite & (original != 0)
+    levels = np.unique(original[inside])
+    if levels.size > 1 or (levels.size == 1 and levels[0] != 1):
+        log.warning(
+            "%s: mask values other than 0 and 1 (%g to %g): every nonzero voxel counts as inside "
+            "ROI %r; threshold a probabilistic map first",
+            path,
+            float(levels.min()),
+            float(levels.max()),
+            name,
+        )
+    _warn_outside(path, name, np.argwhere(inside), affine, grid, betas_path)
+    return name, np.isfinite(values) & (values != 0), str(path)
+
+
+def _label_masks(
+    label_path: Path, tsv_path: Path, grid: Any, betas_path: Path
+) -> Iterator[tuple[str, np.ndarray, str]]:
+    """One boolean mask on the beta grid per row (``index``, ``name``) of a label TSV, made
+    when needed (an atlas of hundreds of labels never holds all its masks at once)."""
+    from object2brain.data.stimuli import read_table
+
+    try:
+        names = read_table(tsv_path)
+    except StimulusError as exc:
+        raise DataError(str(exc)) from None
+    require_columns(names.columns, ["index", "name"], str(tsv_path))
+    indices = _numeric(names["index"])
+    bad = [
+        str(v) for v, i in zip(names["index"], indices, strict=True) if not float(i).is_integer()
+    ]
+    if bad:
+        raise DataError(f"{tsv_path}: column 'index' must hold integer labels, got {listing(bad)}")
+    values, original, affine = _on_grid(label_path, grid, betas_path)
+    for index, name in zip(indices.astype(np.int64), names["name"], strict=True):
+        source = f"{label_path} (label {index})"
+        if index == 0:
+            log.warning("%s: label 0 is the background of a label image; row ignored", tsv_path)
+            continue
+        if not (original == index).any():
+            raise DataError(f"{tsv_path}: label {index} ({name!r}) does not occur in {label_path}")
+        _warn_outside(
+            label_path, str(name), np.argwhere(original == index), affine, grid, betas_path
+        )
+        yield str(name), values == index, source
+
+
+def _numeric(column: Any) -> np.ndarray:
+    """A column as float64 ``(n,)``, NaN where a value is not a number."""
+    import pandas as pd
+
+    values: np.ndarray = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    return values
+
+
+def _warn_outside(
+    path: Path, roi: str, voxels: np.ndarray, affine: np.ndarray, grid: Any, betas_path: Path
+) -> None:
+    """Warn when some of an ROI's voxels ``(m, 3)`` (indices in ``affine``'s image) lie outside
+    the field of view of the beta grid: the ROI is cut to the part inside."""
+    if voxels.size == 0:
+        return
+    world = np.c_[voxels, np.ones(len(voxels))] @ affine.T
+    index = world @ np.linalg.inv(grid.affine).T
+    shape = np.asarray(grid.shape[:3])
+    outside = int((~((index[:, :3] >= -0.5) & (index[:, :3] < shape - 0.5)).all(axis=1)).sum())
+    if outside:
+        log.warning(
+            "%s: %d of %d voxels of ROI %r (%.0f%%) lie outside the field of view of %s; the "
+            "ROI is cut to the part inside",
+            path,
+            outside,
+            len(voxels),
+            roi,
+            100 * outside / len(voxels),
+            betas_path,
+        )
+
+
+def _on_grid(path: Path, grid: Any, betas_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 3D mask or label image: its values on the beta grid (nearest resampling if needed),
+    its values on its own grid and its affine."""
+    import nibabel as nib
+
+    image = _load_image(path)
     shape = tuple(image.shape)
     if len(shape) == 4 and shape[3] == 1:
         nifti1: Any = nib.Nifti1Image
-        image = nifti1(np.asarray(image.dataobj)[..., 0], image.affine)
+        image = nifti1(_voxels(image, path)[..., 0], image.affine)
     elif len(shape) != 3:
         raise DataError(f"{path}: a mask or label image must be 3D, got shape {shape}")
+    original = _voxels(image, path)
     if image.shape[:3] == grid.shape and np.allclose(image.affine, grid.affine, atol=1e-5):
-        return np.asarray(image.dataobj)
+        return original, original, image.affine
     from nilearn.image import resample_to_img
 
-    log.info(
-        "%s: on another grid than %s (shape %s vs %s); resampled with nearest interpolation",
-        path,
-        betas_path.name,
-        image.shape[:3],
-        grid.shape,
-    )
+    if image.shape[:3] == grid.shape:
+        log.warning(
+            "%s: same shape as %s but another affine, so it is resampled by world coordinates, "
+            "not voxel by voxel; if the mask was saved with a wrong affine, fix its header",
+            path,
+            betas_path,
+        )
+    else:
+        log.info(
+            "%s: on another grid than %s (shape %s vs %s); resampled with nearest interpolation",
+            path,
+            betas_path,
+            image.shape[:3],
+            grid.shape,
+        )
+    nifti1 = nib.Nifti1Image
+    image = nifti1(np.nan_to_num(original, nan=0.0), image.affine)  # NaN = outside
     resampled = resample_to_img(
         image, grid, interpolation="nearest", force_resample=True, copy_header=True
     )
-    return np.asarray(resampled.dataobj)
+    return np.asarray(resampled.dataobj), original, image.affine
