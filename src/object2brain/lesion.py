@@ -236,7 +236,9 @@ def run_lesion(
                 ids = covered[key]
             rating_data = load_ratings(ratings, ids) if ratings is not None else None
             valence = _stimulus_valence(stimulus_set, ids)
-            targets = build_targets(brain_data, rating_data, valence, ids, rdm_metric, dev)
+            targets = build_targets(
+                brain_data, rating_data, valence, ids, rdm_metric, dev, compare_method
+            )
             if (seen := (tuple(ids), _condition_key(conditions))) not in warned:
                 warned.add(seen)
                 _warn_constant_targets(targets, ids, conditions, compare_method)

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import rsatoolbox
 from rsa_helpers import write_store
 
 from object2brain.errors import DataError, StoreError
@@ -104,6 +105,35 @@ def test_planted_truth_end_to_end(tmp_path: Path) -> None:
     ]
     subjects = rows[rows["subject"].str.startswith("sub-")]["r"].mean()
     assert rows[rows["subject"] == "group"]["r"].iloc[0] == pytest.approx(subjects)
+    # group_rdm: vs the subjects' RDMs pooled on ranks over all stimuli (rsatoolbox's pool_rdm),
+    # restricted to a condition's stimuli for its rows; checked with scipy
+    from rsatoolbox.util.pooling import pool_rdm
+    from scipy.spatial.distance import pdist, squareform
+    from scipy.stats import spearmanr
+
+    with h5py.File(files["brain"]) as f:
+        order = [s.decode() for s in f["stimulus_ids"][()]]
+        rows_by_id = [order.index(i) for i in IDS]
+        subject_rdms = [
+            pdist(f[f"sub-{s}/planted"][()][rows_by_id], "correlation") for s in range(3)
+        ]
+    pooled = squareform(
+        pool_rdm(rsatoolbox.rdm.RDMs(np.stack(subject_rdms)), "spearman").get_vectors()[0]
+    )
+    with ActivationStore.open(files["store"]) as store:
+        layer = squareform(pdist(store.read("layer2", IDS).reshape(N, -1), "correlation"))
+    for condition, members in [("all", np.arange(N)), ("incongruent", np.arange(1, N, 2))]:
+        expected = spearmanr(
+            squareform(layer[np.ix_(members, members)], checks=False),
+            squareform(pooled[np.ix_(members, members)], checks=False),
+        ).statistic
+        got = table[
+            (table["layer"] == "layer2")
+            & (table["target"] == "planted")
+            & (table["condition"] == condition)
+            & (table["subject"] == "group_rdm")
+        ]["r"]
+        assert got.iloc[0] == pytest.approx(expected, abs=1e-9), condition
 
     direct = result.behavior_direct
     assert set(direct["method"]) == {"pearson", "spearman"}

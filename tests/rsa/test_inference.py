@@ -26,6 +26,7 @@ from object2brain.rsa.inference import (
     noise_ceiling,
     pair_permutation,
     permutations,
+    pool_rdms,
 )
 from object2brain.rsa.rdm import rdm_from_features, squareform, upper_triangle
 
@@ -263,6 +264,29 @@ def test_noise_ceiling_matches_rsatoolbox() -> None:
         assert high == pytest.approx(expected_high, abs=1e-10), method
         assert low <= high
     assert np.isnan(noise_ceiling(subj[:1])[0])
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "kendall_tau_a"])
+def test_group_rdm_pools_like_rsatoolbox(method: str) -> None:
+    """The group RDM of the ``group_rdm`` rows equals rsatoolbox's ``pool_rdm`` up to an affine
+    map (which no comparison sees), and a subject on a 50x scale no longer dominates it."""
+    from rsatoolbox.util.pooling import pool_rdm
+
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(12, 5))
+    rdms = torch.stack(
+        [rdm_from_features(base + rng.normal(size=(12, 5)), device="cpu") for _ in range(4)]
+    )
+    rdms[3] = 50.0 * rdm_from_features(rng.normal(size=(12, 5)), device="cpu")  # unrelated
+    ours = upper_triangle(pool_rdms(rdms, method))
+    expected = pool_rdm(rsatoolbox.rdm.RDMs(upper_triangle(rdms).numpy()), RSATOOLBOX_NAME[method])
+    np.testing.assert_allclose(
+        scipy.stats.pearsonr(ours.numpy(), expected.get_vectors()[0]).statistic, 1.0, atol=1e-12
+    )
+    consensus = upper_triangle(rdms[:3].mean(0))
+    raw = upper_triangle(rdms.mean(0))
+    assert float(compare(consensus, ours[None], method)) > 0.6  # pooled: the three agree
+    assert float(compare(consensus, raw[None], method)) < 0.5  # raw mean: the 50x subject
 
 
 def test_noise_ceiling_bounds_the_true_model_when_subject_scales_differ() -> None:

@@ -20,6 +20,7 @@ from object2brain.rsa.inference import (
     mantel_test,
     noise_ceiling,
     permutations,
+    pool_rdms,
 )
 from object2brain.rsa.rdm import (
     behavior_rdm,
@@ -43,6 +44,7 @@ __all__ = [
     "noise_ceiling",
     "pearson",
     "permutations",
+    "pool_rdms",
     "rankdata",
     "rdm_from_features",
     "rdm_from_store",

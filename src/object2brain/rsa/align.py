@@ -16,8 +16,9 @@ stimulus):
 - ``group``: the mean of the per-subject r (DESIGN.md section 4). Its permutation p and bootstrap
   CI come from the same permutations / resamples applied to every subject, so the mean has its
   own exact null; its standard error over subjects is in the extra table ``alignment_group``;
-- ``group_rdm``: r against the group-mean RDM (mean of the subject RDMs for ROIs; for behaviour
-  the RDM ``|v_i - v_j|`` of the group-mean ratings).
+- ``group_rdm``: r against the group-mean RDM (for ROIs the subjects' RDMs averaged on the
+  comparison's scale, ranks or z-scores: :func:`~object2brain.rsa.inference.pool_rdms`; for
+  behaviour the RDM ``|v_i - v_j|`` of the group-mean ratings).
 
 A target with group-level data only (an RDM file whose only subject is ``group``, or behaviour
 from the stimulus table's ``valence`` column) has one row, ``group``.
@@ -77,6 +78,7 @@ from object2brain.rsa.inference import (
     fdr_bh,
     mantel_test,
     noise_ceiling,
+    pool_rdms,
 )
 from object2brain.rsa.rdm import (
     behavior_rdm,
@@ -212,8 +214,11 @@ def build_targets(
     ids: list[str],
     metric: str,
     device: torch.device,
+    method: str = "spearman",
 ) -> list[Target]:
     """Target RDMs for ``ids``: every ROI of ``brain`` and behaviour (per rater, or group-level).
+
+    ``method``: the comparison, whose scale the ROIs' group RDMs are pooled on (:func:`pool_rdms`).
 
     Behaviour comes from ``ratings`` when given (raters who rated every stimulus get their own
     RDM), else from the stimulus table's ``valence`` (``stimulus_valence``). Shared by the
@@ -228,7 +233,14 @@ def build_targets(
             subjects = [item.subject for item in items]
             group_only = subjects == [GROUP_SUBJECT]
             targets.append(
-                Target(roi, "roi", subjects, rdms, None if group_only else rdms.mean(0), group_only)
+                Target(
+                    roi,
+                    "roi",
+                    subjects,
+                    rdms,
+                    None if group_only else pool_rdms(rdms, method),
+                    group_only,
+                )
             )
     if ratings is not None:
         group_values = ratings.group_mean(ids)
@@ -470,7 +482,7 @@ def _run(
         labels = np.asarray([every[r] for r in rows])
         conditions = [c for c in dict.fromkeys(labels.tolist()) if c != ""]
 
-    targets = build_targets(brain, ratings, stim_valence, ids, metric, dev)
+    targets = build_targets(brain, ratings, stim_valence, ids, metric, dev, method)
     cols = _columns(targets)
     n = len(ids)
     cond_index: list[tuple[str, np.ndarray]] = [(ALL_CONDITION, np.arange(n))]

@@ -58,7 +58,7 @@ from object2brain.rsa.compare import (
 from object2brain.rsa.compare import (
     compare as compare_rdms,
 )
-from object2brain.rsa.rdm import triu_indices, upper_triangle
+from object2brain.rsa.rdm import snap_ties, squareform, triu_indices, upper_triangle
 
 PERM_BLOCK = 1000
 _BOOT_STREAM = 7_919  # second word of the bootstrap seed sequence (independent of permutations)
@@ -479,6 +479,29 @@ def _kendall_resamples(
     return masked_compare(a, b, w, "kendall_tau_a")
 
 
+def _on_comparison_scale(x: torch.Tensor, method: str) -> torch.Tensor:
+    """Condensed RDMs ``(S, m)`` on the scale a comparison sees: z-scores (Pearson; unit norm,
+    a scale common to all rows) or ranks (Spearman, Kendall tau-a), as rsatoolbox's pool_rdm."""
+    return standardize(x) if method == "pearson" else rankdata(x)
+
+
+def pool_rdms(rdms: torch.Tensor, method: str = "spearman") -> torch.Tensor:
+    """Group RDM ``(n, n)`` of subject RDMs ``(S, n, n)``: the mean of the subjects' RDMs on the
+    comparison's scale (:func:`_on_comparison_scale`, as in :func:`noise_ceiling`).
+
+    ``group_rdm = mean_s p(x_s)``, ``p`` = ranks (Spearman, tau-a) or z-scores (Pearson) over
+    the upper triangle, so a subject whose dissimilarities span a larger range does not dominate.
+    Subjects whose RDM is constant are left out (all constant: the plain mean). Pooled over all
+    ``n`` stimuli once; analyses of a subset (a condition) use its rows and columns, so the group
+    RDM stays one fixed RDM under permutations and resamples of the stimuli.
+    """
+    vectors = upper_triangle(rdms)
+    varies = (vectors != vectors[:, :1]).any(dim=1)
+    if not bool(varies.any()):
+        return rdms.mean(dim=0)
+    return snap_ties(squareform(_on_comparison_scale(vectors[varies], method).mean(dim=0)))
+
+
 def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> tuple[float, float]:
     """Noise ceiling ``(lower, upper)`` of ``S`` subject RDMs given condensed ``(S, m)``.
 
@@ -496,7 +519,7 @@ def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> 
     S = X.shape[0]
     if S < 2:
         return float("nan"), float("nan")
-    pooled = standardize(X) if method == "pearson" else rankdata(X)
+    pooled = _on_comparison_scale(X, method)
     total = pooled.sum(dim=0)
     mean_all = total / S
     others = (total[None] - pooled) / (S - 1)
