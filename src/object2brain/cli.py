@@ -15,6 +15,7 @@ import typer
 
 from object2brain.errors import DataError, Object2BrainError
 from object2brain.extract import AmpDtype, DecodeMode, StorageDtype
+from object2brain.lesion_engine import NullKind
 
 app = typer.Typer(
     name="object2brain",
@@ -469,6 +470,12 @@ def lesion_command(
     rdm: RdmOpt = "correlation",
     compare: CompareOpt = "spearman",
     n_null: Annotated[int, typer.Option("--n-null", min=0, help="Random subsets.")] = 1000,
+    null_subsets: Annotated[
+        NullKind,
+        typer.Option(
+            "--null-subsets", help="random | matched (null subsets matched on filter norm)."
+        ),
+    ] = "random",
     n_perm: Annotated[
         int, typer.Option("--n-perm", min=0, help="Stimulus-label permutations (p_perm).")
     ] = 1000,
@@ -518,6 +525,7 @@ def lesion_command(
         device=device,
         propagate=propagate,
         model=loaded,
+        null_subsets=null_subsets,
         batch_size=batch_size,
     )
     rows = len(result.object2brain)

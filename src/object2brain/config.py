@@ -154,6 +154,7 @@ _BOTH_VARIANTS: tuple[Variant, Variant] = ("lesion", "keep")
 class LesionConfig(_Strict):
     variants: list[Variant] = Field(default_factory=lambda: list(_BOTH_VARIANTS))
     n_null: Int = Field(1000, ge=0)
+    null_subsets: Literal["random", "matched"] = "random"
     n_perm: Int = Field(1000, ge=0)
     propagate: bool = False
     groups: list[str] | None = None

@@ -10,7 +10,11 @@ For every model, layer ``L`` and object group ``g`` of the EmoCAM++ filter assig
 - null: ``n_null`` random subsets of the same number of filters of ``L`` (seeded; lesion zeroes
   them, keep keeps them); ``z = (delta_r - mean(null)) / sd(null)`` and the two-sided
   ``p = (1 + #{|null - mean(null)| >= |delta_r - mean(null)|}) / (1 + n_null)``. Groups of the same
-  size share the same null draws.
+  size share the same null draws. With ``null_subsets="matched"`` the subsets are drawn stratum by
+  stratum of the filters' activation norms, as many from each as the group has there
+  (:func:`~object2brain.lesion_engine.norm_strata`): the null then asks whether the group
+  matters more than filters *as strong as its own*, where a uniform draw also counts their
+  strength (a group of unusually strong filters changes the RDM more whatever it encodes).
 - ``p_fdr``: Benjamini-Hochberg over groups x targets within model, layer, variant, condition and
   subject level (an extra column after those of DESIGN.md section 3).
 
@@ -43,7 +47,16 @@ from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
 from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, require_columns
-from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
+from object2brain.lesion_engine import (
+    NULL_KINDS,
+    FilterStats,
+    NullKind,
+    condensed_subset,
+    filter_norms,
+    matched_subset_masks,
+    norm_strata,
+    random_subset_masks,
+)
 from object2brain.manifest import build_manifest, file_sha256, output_list
 from object2brain.rsa.align import Target, build_targets, warn_constant_subjects, with_fdr
 from object2brain.rsa.compare import check_method, correlate_prepared, prepare
@@ -168,6 +181,7 @@ def run_lesion(
     seed: int = 0,
     device: str | torch.device = "auto",
     propagate: bool = False,
+    null_subsets: NullKind = "random",
     model: Any = None,
     batch_size: int = 32,
     figures: bool = True,
@@ -186,6 +200,8 @@ def run_lesion(
         variants: ``lesion`` and/or ``keep``.
         rdm_metric, compare_method: as for the alignment.
         n_null: random subsets per group size (0 skips the null: NaN p and z).
+        null_subsets: ``random`` (uniform subsets of the group's size, DESIGN.md) or ``matched``
+            (subsets matched to the group's filter norms; module docstring).
         n_perm: permutations of the targets' stimulus labels for ``p_perm`` (0 skips it; NaN
             for ``kendall_tau_a``).
         seed: seed of the null subsets.
@@ -205,6 +221,8 @@ def run_lesion(
             raise DataError(f"unknown variant {variant!r}: use lesion or keep")
     if n_null < 0 or n_perm < 0:
         raise DataError("--n-null and --n-perm must be >= 0")
+    if null_subsets not in NULL_KINDS:
+        raise DataError(f"--null-subsets {null_subsets!r}: use {' or '.join(NULL_KINDS)}")
     if out is not None:
         check_output_folder(out)
     dev = resolve_device(device)
@@ -263,6 +281,7 @@ def run_lesion(
                         n_perm,
                         seed,
                         dev,
+                        null_subsets,
                     )
                 )
                 if propagate:
@@ -315,6 +334,7 @@ def run_lesion(
                 "rdm_metric": rdm_metric,
                 "compare_method": compare_method,
                 "n_null": n_null,
+                "null_subsets": null_subsets,
                 "n_perm": n_perm,
                 "propagate": propagate,
                 "device": str(dev),
@@ -446,8 +466,10 @@ def _layer_rows(
     n_perm: int,
     seed: int,
     device: torch.device,
+    null_subsets: NullKind = "random",
 ) -> list[dict[str, Any]]:
     K = stats.n_filters
+    norms = filter_norms(stats) if null_subsets == "matched" else None
     columns = [(t.name, s) for t in targets for s in t.subjects]
     full_target = torch.cat([upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets])
     rows: list[dict[str, Any]] = []
@@ -488,7 +510,7 @@ def _layer_rows(
         r_full = correlations(full_mask[None])[0]
         linear = n_perm > 0 and method != "kendall_tau_a"  # tau-a is not a dot product
         full_prepared = prepared(full_mask) if linear else None
-        nulls: dict[tuple[str, int], np.ndarray] = {}
+        nulls: dict[tuple[str, int, tuple[int, ...]], np.ndarray] = {}
         estimates, variant_masks = [], []
         for group, filters in members.items():
             for variant in variants:
@@ -496,9 +518,14 @@ def _layer_rows(
                 mask[filters] = variant == "keep"
                 r_variant = correlations(mask[None])[0]
                 delta = r_variant - r_full
-                key = (variant, len(filters))
+                strata = None if norms is None else norm_strata(norms, filters)
+                key = (variant, len(filters), _stratum_counts(strata, filters))
                 if n_null and key not in nulls:
-                    draws = random_subset_masks(K, len(filters), n_null, seed=seed + len(filters))
+                    draws = (
+                        random_subset_masks(K, len(filters), n_null, seed=seed + len(filters))
+                        if strata is None
+                        else matched_subset_masks(strata, filters, n_null, seed=seed + len(filters))
+                    )
                     null_masks = ~draws if variant == "lesion" else draws
                     nulls[key] = correlations(null_masks) - r_full[None]
                 p, z = _null_stats(delta, nulls.get(key))
@@ -542,6 +569,14 @@ def _layer_rows(
                     }
                 )
     return rows
+
+
+def _stratum_counts(strata: np.ndarray | None, filters: np.ndarray) -> tuple[int, ...]:
+    """What a matched null depends on: the number of strata and the group's count in each."""
+    if strata is None:
+        return ()
+    n_strata = int(strata.max()) + 1
+    return (n_strata, *np.bincount(strata[filters], minlength=n_strata).tolist())
 
 
 def with_group_labels(

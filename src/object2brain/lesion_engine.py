@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -320,7 +320,12 @@ class FilterStats:
 
 
 def random_subset_masks(
-    n_filters: int, size: int, n_subsets: int, *, seed: int, pool: Sequence[int] | None = None
+    n_filters: int,
+    size: int,
+    n_subsets: int,
+    *,
+    seed: int | Sequence[int],
+    pool: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """``(n_subsets, n_filters)`` bool masks, each with ``size`` ones drawn uniformly (seeded).
 
@@ -334,4 +339,59 @@ def random_subset_masks(
     chosen = candidates[np.argsort(keys, axis=1)[:, :size]]
     masks = np.zeros((n_subsets, n_filters), dtype=bool)
     np.put_along_axis(masks, chosen, True, axis=1)
+    return masks
+
+
+#: Most strata of the norm-matched null (deciles of the filter norms).
+MAX_STRATA = 10
+#: How null subsets are drawn: uniformly, or matched to a group's filter norms.
+NullKind = Literal["random", "matched"]
+NULL_KINDS: tuple[str, ...] = ("random", "matched")
+
+
+def filter_norms(stats: FilterStats) -> np.ndarray:
+    """Activation norm of every filter ``(K,)``: ``sqrt(sum_i q_{k,i})``, over stimuli and
+    positions."""
+    norms: np.ndarray = torch.sqrt(stats.sumsq.sum(dim=1)).cpu().numpy()
+    return norms
+
+
+def norm_strata(
+    norms: np.ndarray, members: Sequence[int] | np.ndarray, max_strata: int = MAX_STRATA
+) -> np.ndarray:
+    """Stratum of every filter ``(K,)`` in ``0 .. B - 1`` for a null matched to ``members``.
+
+    The filters are cut into ``B`` quantile bins of their norms (equal sizes to one filter), with
+    ``B`` the largest number up to ``max_strata`` for which every bin holds at least twice as
+    many filters as the group has in it, so that the matched draws still vary; ``B = 1`` (the
+    plain random null) when no ``B > 1`` does.
+    """
+    n_filters = len(norms)
+    order = np.argsort(norms, kind="stable")
+    chosen = np.asarray(members, dtype=np.int64)
+    for n_strata in range(min(max_strata, n_filters), 1, -1):
+        strata = np.empty(n_filters, dtype=np.int64)
+        strata[order] = np.arange(n_filters) * n_strata // n_filters
+        in_group = np.bincount(strata[chosen], minlength=n_strata)
+        if (np.bincount(strata, minlength=n_strata) >= 2 * in_group).all():
+            return strata
+    return np.zeros(n_filters, dtype=np.int64)
+
+
+def matched_subset_masks(
+    strata: np.ndarray, members: Sequence[int] | np.ndarray, n_subsets: int, *, seed: int
+) -> np.ndarray:
+    """``(n_subsets, K)`` bool masks drawn like ``members`` stratum by stratum: as many filters
+    from each stratum as ``members`` has there, uniformly within it (seeded)."""
+    n_filters = len(strata)
+    masks = np.zeros((n_subsets, n_filters), dtype=bool)
+    counts = np.bincount(
+        strata[np.asarray(members, dtype=np.int64)], minlength=int(strata.max()) + 1
+    )
+    for stratum, count in enumerate(counts):
+        if count:
+            pool = np.flatnonzero(strata == stratum)
+            masks |= random_subset_masks(
+                n_filters, int(count), n_subsets, seed=[seed, stratum], pool=pool
+            )
     return masks

@@ -466,6 +466,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                     compare_method=config.rsa.compare if config.rsa else "spearman",
                     n_null=options_l.n_null,
                     n_perm=options_l.n_perm,
+                    null_subsets=options_l.null_subsets,
                     seed=seed,
                     device=device,
                     propagate=options_l.propagate,

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import pdist
 
 from object2brain.errors import DataError
-from object2brain.lesion_engine import FilterStats, condensed_subset, random_subset_masks
+from object2brain.lesion_engine import (
+    MAX_STRATA,
+    FilterStats,
+    condensed_subset,
+    matched_subset_masks,
+    norm_strata,
+    random_subset_masks,
+)
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 from object2brain.store import ActivationStore
 
@@ -136,3 +143,39 @@ def test_one_kept_filter_of_a_1x1_layer_gives_exact_ties(metric: str) -> None:
     rdm = FilterStats.from_activations(acts).rdms(mask, metric)[0].numpy()
     assert set(np.unique(rdm)) == {0.0, 2.0}
     np.testing.assert_allclose(rdm, brute_force(acts, mask, metric), atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    norms=st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=2, max_size=80),
+    fraction=st.floats(0.01, 0.6),
+    seed=st.integers(0, 2**16),
+)
+def test_norm_strata_are_quantile_bins_with_room_to_draw(
+    norms: list[float], fraction: float, seed: int
+) -> None:
+    values = np.asarray(norms)
+    k = len(values)
+    rng = np.random.default_rng(seed)
+    members = rng.choice(k, max(1, int(fraction * k)), replace=False)
+    strata = norm_strata(values, members)
+    n_strata = int(strata.max()) + 1
+    assert 1 <= n_strata <= MAX_STRATA
+    sizes = np.bincount(strata, minlength=n_strata)
+    assert sizes.max() - sizes.min() <= 1  # quantile bins
+    order = np.argsort(values, kind="stable")
+    assert (np.diff(strata[order]) >= 0).all()  # ordered by norm
+    if n_strata > 1:  # every stratum can be drawn from in more than one way
+        assert (sizes >= 2 * np.bincount(strata[members], minlength=n_strata)).all()
+
+
+def test_matched_subsets_follow_the_group_stratum_by_stratum() -> None:
+    strata = np.repeat(np.arange(4), 10)  # 40 filters in 4 strata of 10
+    members = np.array([31, 35, 38, 12])  # three in stratum 3, one in stratum 1
+    masks = matched_subset_masks(strata, members, 4000, seed=2)
+    for stratum, expected in enumerate([0, 1, 0, 3]):
+        assert (masks[:, strata == stratum].sum(axis=1) == expected).all()
+    # uniform within a stratum: each of its filters drawn with probability count / 10
+    frequency = masks[:, strata == 3].mean(axis=0)
+    np.testing.assert_allclose(frequency, 0.3, atol=0.04)
+    assert np.array_equal(masks, matched_subset_masks(strata, members, 4000, seed=2))
