@@ -128,6 +128,13 @@ def test_train_head_writes_out_of_fold_predictions(small_table: Path, tmp_path: 
     assert list(table.columns) == ["stimulus_id", "fold", "valence", "level", "predicted"]
     assert len(table) == 35 and np.isfinite(table["predicted"]).all()
     assert np.bincount(table["fold"]).tolist() == [7] * 5
+    # the validation stimuli are dealt over the folds, so every fold head can stop early (the
+    # folds once repeated the split's shuffles and put every validation stimulus in one fold)
+    split = pd.read_csv(tmp_path / "heads" / "split.csv", dtype={"stimulus_id": str})
+    is_val = table["stimulus_id"].map(split.set_index("stimulus_id")["split"]) == "val"
+    per_fold = np.bincount(table.loc[is_val, "fold"], minlength=5)
+    assert per_fold.max() - per_fold.min() <= 1
+    assert all(is_val.sum() - per_fold[j] > 0 for j in range(5))
     expected = stats.spearmanr(table["predicted"], table["valence"]).statistic
     assert head.metrics["out_of_fold"]["spearman"] == pytest.approx(expected)
     assert head.metrics["training"]["cross_fit_folds"] == 5

@@ -99,17 +99,26 @@ def make_split(
     )
 
 
-def make_folds(valence: Sequence[float] | np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+def make_folds(
+    valence: Sequence[float] | np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    within: Sequence[str] | np.ndarray | None = None,
+) -> np.ndarray:
     """Assign each stimulus to one of ``k`` cross-fitting folds, stratified by valence level.
 
-    The stimuli of each level are shuffled with ``numpy.random.default_rng(seed)``, the levels are
-    laid end to end (lowest first) and position ``i`` of that sequence goes to fold ``i mod k``:
-    fold sizes differ by at most one and each level is spread over the folds as evenly.
+    The stimuli of each level (of each ``within`` label, then each level, when given) are
+    shuffled with ``numpy.random.default_rng([seed, k])``, the blocks are laid end to end and
+    position ``i`` of that sequence goes to fold ``i mod k``: fold sizes differ by at most one
+    and each block is spread over the folds as evenly. With ``within`` = the train/val/test split,
+    every fold gets its share of validation stimuli, so each fold head can stop early.
 
     Args:
         valence: ratings ``(n,)``.
         k: number of folds, ``2 <= k <= n`` (``n``: leave-one-out).
-        seed: seed of the within-level shuffles.
+        seed: seed of the within-block shuffles (a stream of its own: not the split's shuffles).
+        within: optional labels ``(n,)`` to stratify by first (e.g. the split of each stimulus).
 
     Returns:
         Fold index of every stimulus ``(n,)`` int64 in ``0 .. k - 1``.
@@ -121,10 +130,16 @@ def make_folds(valence: Sequence[float] | np.ndarray, k: int, *, seed: int = 0) 
     n = len(levels)
     if k < 2 or k > n:
         raise DataError(f"cross-fitting with {k} folds needs 2 to {n} folds ({n} rated stimuli)")
-    rng = np.random.default_rng(seed)
-    order = np.concatenate(
-        [rng.permutation(np.flatnonzero(levels == lv)) for lv in np.unique(levels)]
+    labels = (
+        np.zeros(n, dtype=np.int64) if within is None else np.unique(within, return_inverse=True)[1]
     )
+    rng = np.random.default_rng([seed, k])
+    blocks = [
+        rng.permutation(np.flatnonzero((labels == label) & (levels == level)))
+        for label in np.unique(labels)
+        for level in np.unique(levels)
+    ]
+    order = np.concatenate(blocks)
     folds = np.empty(n, dtype=np.int64)
     folds[order] = np.arange(n) % k
     return folds

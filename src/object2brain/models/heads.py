@@ -832,7 +832,11 @@ def train_head(
         split_frame = split_frame[["stimulus_id", "valence", "level", "split"]]
     else:
         split_frame = make_split(ids, data.valence, fractions=fractions, seed=seed)
-    folds = make_folds(data.valence, cross_fit, seed=seed) if cross_fit else None
+    folds = (
+        make_folds(data.valence, cross_fit, seed=seed, within=split_frame["split"].to_numpy())
+        if cross_fit
+        else None
+    )
     loaded_models = [
         spec if isinstance(spec, LoadedModel) else load_model(spec, w, seed=seed)
         for spec, w in zip(specs, weight_list, strict=True)
