@@ -158,6 +158,19 @@ def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path
     assert edited.ran == ["rsa"]
     assert (pd.read_csv(out / "rsa" / "alignment.csv")["n_perm"] == 30).all()
 
+    # without cross-fitting the store holds the main head's outputs, and behavior_direct uses
+    # its held-out test split only; the main head is unchanged, so is its dissection
+    study["train_head"]["cross_fit"] = 0
+    plain = run_study(write_config(tmp_path, study), progress=False)
+    assert {"train_head", "extract:resnet18", "rsa", "lesion"} <= set(plain.ran)
+    assert "dissect:resnet18" in plain.skipped
+    assert not (out / "heads" / "resnet18" / "out_of_fold.csv").exists()
+    with ActivationStore.open(out / "activations" / "resnet18.h5") as store:
+        assert store.attrs["valence_source"] == "head"
+    split = pd.read_csv(out / "heads" / "split.csv")
+    direct = pd.read_csv(out / "rsa" / "behavior_direct.csv")
+    assert (direct.loc[direct["condition"] == "all", "n"] == (split["split"] == "test").sum()).all()
+
 
 def test_edited_inputs_rerun_the_stages_that_read_them(
     study: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -174,7 +174,8 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     seed, device = config.seed, config.device
     brain, ratings = config.brain, config.ratings
     heads: dict[str, Path | None] = {m.label: m.head for m in config.models}
-    held_out: list[str] | None = None  # stimuli no head of this run was fitted on
+    held_out: list[str] | None = None  # stimuli the main heads of this run were not fitted on
+    rsa_held_out: list[str] | None = None  # behavior_direct's stimuli (None: all)
     out_of_fold: dict[str, Path] = {}  # model -> cross-fitted predictions: its 'valence' layer
 
     def load(model: ModelConfig, head: Path | None = None) -> Any:
@@ -292,6 +293,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             heads[model.label] = head_dir / model.label / "head.safetensors"
             if options.cross_fit:
                 out_of_fold[model.label] = head_dir / model.label / OUT_OF_FOLD_NAME
+        held_out = _test_split(head_dir / "split.csv")
         if options.cross_fit:
             log.info(
                 "the 'valence' layer of %s holds out-of-fold predictions of %d cross-fitted "
@@ -299,14 +301,17 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 ", ".join(out_of_fold),
                 options.cross_fit,
             )
-            if config.lesion is not None and config.lesion.propagate:
-                log.warning(
-                    "lesion propagate: the lesioned valence output comes from the head fitted on "
-                    "the training split, so its correlation with behaviour includes stimuli that "
-                    "head was fitted on"
-                )
         else:
-            held_out = _held_out(head_dir / "split.csv", len(stimuli))
+            rsa_held_out = held_out
+            log.warning(
+                "the valence heads were trained on this study's stimuli without cross-fitting: "
+                "behavior_direct uses their %d held-out test stimuli only; the alignment of the "
+                "'valence' layer with behaviour uses all %d stimuli, %d of which the heads were "
+                "fitted on (optimistic; train_head.cross_fit >= 2 avoids it)",
+                len(held_out),
+                len(stimuli),
+                len(stimuli) - len(held_out),
+            )
 
     stores: dict[str, Path] = {}
     for model in config.models:
@@ -377,7 +382,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 seed=seed,
                 device=device,
                 progress=progress,
-                behavior_ids=held_out,
+                behavior_ids=rsa_held_out,
             )
             return list(result.files)
 
@@ -388,7 +393,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 "stage": "rsa",
                 "options": rsa.model_dump(),
                 **data_key,
-                "held_out": held_out,
+                "held_out": rsa_held_out,
                 "seed": seed,
             },
             rsa_work,
@@ -558,22 +563,14 @@ def _extract(
     )
 
 
-def _held_out(split_file: Path, n_stimuli: int) -> list[str]:
-    """The test split of heads trained in this run on the study's own stimuli: the direct
-    behaviour correlation is measured on them only (in-sample r would be optimistic)."""
+def _test_split(split_file: Path) -> list[str]:
+    """The test split of heads trained in this run on the study's own stimuli: where the main
+    head's predictions are correlated with ratings (behavior_direct without cross-fitting, the
+    lesion's propagate_behavior), only these stimuli enter (in-sample r would be optimistic)."""
     from object2brain.data.splits import load_split
 
     split = load_split(split_file)
-    test = split.loc[split["split"] == "test", "stimulus_id"].tolist()
-    log.warning(
-        "the valence heads were trained on this study's stimuli: behavior_direct uses the %d "
-        "held-out test stimuli of %s only; the alignment of the 'valence' layer with behaviour "
-        "uses all %d stimuli, %d of which the heads were fitted on (optimistic)",
-        len(test),
-        split_file,
-        n_stimuli,
-        int((split["split"] != "test").sum()),
-    )
+    test: list[str] = split.loc[split["split"] == "test", "stimulus_id"].tolist()
     return test
 
 

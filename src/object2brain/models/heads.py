@@ -962,6 +962,8 @@ def train_head(
             for part in ("train", "val", "test")
         }
         out_of_fold_path: Path | None = None
+        if folds is None:  # an earlier run's predictions would no longer match this head
+            (model_dir / OUT_OF_FOLD_NAME).unlink(missing_ok=True)
         if out_of_fold is not None and folds is not None:
             metrics["out_of_fold"] = regression_metrics(out_of_fold, targets)
             metrics["per_level"]["out_of_fold"] = per_level_metrics(out_of_fold, targets, levels)
