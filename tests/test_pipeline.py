@@ -109,6 +109,15 @@ def test_config_mistakes_name_the_key(
     assert str(tmp_path / "study.yaml") in str(info.value)
 
 
+def test_more_folds_than_stimuli_fail_before_any_stage(
+    study: dict[str, Any], tmp_path: Path
+) -> None:
+    study["train_head"]["cross_fit"] = 9  # the table has 8 stimuli
+    with pytest.raises(ConfigError, match=r"train_head\.cross_fit: 9 folds for 8 stimuli"):
+        run_study(write_config(tmp_path, study), progress=False)
+    assert not (tmp_path / "results" / "activations").exists()
+
+
 def test_config_paths_resolve_relative_to_file(study: dict[str, Any], tmp_path: Path) -> None:
     config, base = load_config(write_config(tmp_path, study))
     assert base == tmp_path.resolve()

@@ -45,7 +45,7 @@ from typing import Any
 
 import pandas as pd
 
-from object2brain.config import ModelConfig, RunConfig, load_config
+from object2brain.config import ConfigError, ModelConfig, RunConfig, load_config
 from object2brain.data.brain import brain_files
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
@@ -169,6 +169,12 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out, progress)
     stimuli = load_stimuli(config.stimuli)
+    folds = config.train_head.cross_fit if config.train_head is not None else 0
+    if folds > len(stimuli) and any(m.head is None for m in config.models):
+        raise ConfigError(
+            f"train_head.cross_fit: {folds} folds for {len(stimuli)} stimuli; use at most "
+            f"{len(stimuli)} (or 0: no cross-fitting)"
+        )
     stimuli_key = stimuli.fingerprint()  # ids and image bytes: what extraction reads
     table_key = _fingerprint(config.stimuli)  # every column: conditions, valence, ...
     seed, device = config.seed, config.device

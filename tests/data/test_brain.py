@@ -422,3 +422,28 @@ def test_voxels_constant_across_stimuli_are_dropped(
         item = load_brain(path).for_roi("A")[0]
     np.testing.assert_array_equal(item.data, patterns)
     assert "dropped 4 of 14 voxel(s) whose value is the same for every stimulus" in caplog.text
+
+
+def test_nifti_sidecar_ids_and_scaled_label_images(tmp_path: Path) -> None:
+    """Integer ids from a Parquet sidecar are ids (not blanks); an int16 atlas saved with a
+    scale factor reads back as 1.0000000149 and still matches label 1; absurd indices are
+    named."""
+    betas, _ = _nifti_subject(tmp_path)
+    pd.DataFrame({"stimulus_id": np.arange(101, 107)}).to_parquet(tmp_path / "sub-01" / "b.parquet")
+    labels = np.zeros((4, 4, 4), dtype=np.int16)
+    labels[0], labels[3] = 1, 2
+    image = nib.Nifti1Image((10 * labels).astype(np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.header.set_slope_inter(0.1, 0)  # 10 x 0.1 reads back as 1.0000000149
+    nib.save(image, tmp_path / "atlas.nii.gz")
+    assert not np.array_equal(np.asarray(nib.load(tmp_path / "atlas.nii.gz").dataobj), labels)
+    pd.DataFrame({"index": [1, 2], "name": ["A", "B"]}).to_csv(
+        tmp_path / "atlas.tsv", sep="\t", index=False
+    )
+    m = _manifest(tmp_path, "    labels: atlas.nii.gz\n    labels_tsv: atlas.tsv\n")
+    m.write_text(m.read_text().replace("betas.tsv", "b.parquet"))
+    brain = load_brain(m)
+    assert brain.for_roi("A")[0].stimulus_ids == [str(i) for i in range(101, 107)]
+    np.testing.assert_allclose(brain.for_roi("B")[0].data, betas[3].reshape(-1, 6).T)
+    (tmp_path / "atlas.tsv").write_text("index\tname\n1e20\tHuge\n")
+    with pytest.raises(DataError, match=r"atlas\.tsv: column 'index' must hold integer labels"):
+        load_brain(m)

@@ -75,14 +75,25 @@ def _oof(source: CachedFeatures, y: np.ndarray, folds: np.ndarray, **kw: object)
 
 
 def test_a_stimulus_rating_never_reaches_its_own_prediction() -> None:
-    """Changing the ratings of fold 0 leaves fold 0's predictions exactly as they were."""
+    """Changing the ratings of fold 0 (validation stimuli among them) leaves fold 0's
+    predictions exactly as they were: neither training, level weights nor early stopping saw
+    them."""
     source, y = _problem(40, 16, signal=1.0, seed=0)
+    val_rows = np.arange(0, 40, 5)  # 8 validation stimuli, spread over the folds
     folds = make_folds(y, 4, seed=0)
-    kw = {"epochs": 20, "lr": 1e-2, "batch_size": 8}
-    before = _oof(source, y, folds, **kw)
+    assert len(set(folds[val_rows])) > 1
+    kw = {"epochs": 60, "patience": 3, "lr": 5e-2, "batch_size": 8}
+
+    def out_of_fold(ratings: np.ndarray) -> np.ndarray:
+        return cross_fitted_predictions(
+            source, source, ratings, valence_levels(ratings), folds, val_rows, 16,
+            loss="weighted_mse", device=CPU, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    before = out_of_fold(y)
     edited = y.copy()
     edited[folds == 0] = -edited[folds == 0]
-    after = _oof(source, edited, folds, **kw)
+    after = out_of_fold(edited)
     np.testing.assert_array_equal(before[folds == 0], after[folds == 0])
     assert not np.allclose(before[folds != 0], after[folds != 0])  # the others did see them
 
@@ -174,10 +185,19 @@ def test_supplied_valence_is_checked_and_fingerprinted(small_table: Path, tmp_pa
     assert not (tmp_path / "a.h5").exists()
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"stimulus_id": ids, "predicted": [np.nan] + [0.0] * (len(ids) - 1)}).to_csv(bad)
-    with pytest.raises(DataError, match=rf"{bad}: predicted valence missing or not finite"):
+    with pytest.raises(DataError, match=rf"{bad}: predicted valence missing or not numeric"):
         extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=bad, **common)  # type: ignore[arg-type]
     first = pd.Series(np.linspace(-1, 1, len(ids)), index=ids)
+    as_given = first.index.copy()
+    doubled = pd.concat([first, first.iloc[:1]])
+    with pytest.raises(DataError, match=rf"duplicate stimulus_id\(s\) {ids[0]}"):
+        extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=doubled, **common)  # type: ignore[arg-type]
+    words = first.astype(object)
+    words.iloc[2] = "high"
+    with pytest.raises(DataError, match=rf"missing or not numeric for {ids[2]}"):
+        extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=words, **common)  # type: ignore[arg-type]
     extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=first, **common)  # type: ignore[arg-type]
+    assert first.index is not as_given and first.index.equals(as_given)  # not changed in place
     with pytest.raises(Exception, match="already exists"):  # other values: another store
         extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=-first, **common)  # type: ignore[arg-type]
     extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=first, **common)  # type: ignore[arg-type]

@@ -289,6 +289,21 @@ def test_group_rdm_pools_like_rsatoolbox(method: str) -> None:
     assert float(compare(consensus, raw[None], method)) < 0.5  # raw mean: the 50x subject
 
 
+def test_group_rdm_leaves_out_subjects_without_a_scale() -> None:
+    """A subject whose RDM is constant within rounding (no z-scores) or holds NaN is left out of
+    the pooled RDM instead of turning all of it into NaN."""
+    rng = np.random.default_rng(2)
+    rdms = torch.stack([rdm_from_features(rng.normal(size=(8, 4)), device="cpu") for _ in range(3)])
+    expected = pool_rdms(rdms[:2], "pearson")
+    nearly_constant = torch.ones(8, 8, dtype=torch.float64).fill_diagonal_(0)
+    nearly_constant[0, 1] = nearly_constant[1, 0] = 1 + 1e-15
+    with_nan = rdms[2].clone()
+    with_nan[0, 3] = with_nan[3, 0] = float("nan")
+    for odd in (nearly_constant, with_nan):
+        pooled = pool_rdms(torch.stack([rdms[0], rdms[1], odd]), "pearson")
+        torch.testing.assert_close(pooled, expected)
+
+
 def test_noise_ceiling_bounds_the_true_model_when_subject_scales_differ() -> None:
     """Planted truth: subjects = true RDM + noise, one noisier subject on 8x the scale
     (euclidean). The true model's mean r stays below the upper bound (averaging raw

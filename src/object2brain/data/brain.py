@@ -459,7 +459,7 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
     except StimulusError as exc:
         raise DataError(str(exc)) from None
     require_columns(table.columns, ["stimulus_id"], str(table_path))
-    ids = [str(s).strip() if isinstance(s, str) else "" for s in table["stimulus_id"]]
+    ids = ["" if _blank(s) else str(s).strip() for s in table["stimulus_id"]]
     blank = [i + 1 for i, s in enumerate(ids) if not s]
     if blank:
         raise DataError(
@@ -510,6 +510,13 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             _make_item(subject, roi, "patterns", patterns, ids, str(betas_path), item_where)
         )
     return items
+
+
+def _blank(value: Any) -> bool:
+    """A missing cell: None, NaN or an empty string (integer ids, e.g. from Parquet, are ids)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return True
+    return isinstance(value, str) and not value.strip()
 
 
 def _load_image(path: Path) -> Any:
@@ -568,11 +575,14 @@ def _label_masks(
     require_columns(names.columns, ["index", "name"], str(tsv_path))
     indices = _numeric(names["index"])
     bad = [
-        str(v) for v, i in zip(names["index"], indices, strict=True) if not float(i).is_integer()
+        str(v)
+        for v, i in zip(names["index"], indices, strict=True)
+        if not (float(i).is_integer() and 0 <= i < 2**31)
     ]
     if bad:
         raise DataError(f"{tsv_path}: column 'index' must hold integer labels, got {listing(bad)}")
-    values, original, affine = _on_grid(label_path, grid, betas_path)
+    on_grid, on_own_grid, affine = _on_grid(label_path, grid, betas_path)
+    values, original = _as_labels(on_grid), _as_labels(on_own_grid)
     for index, name in zip(indices.astype(np.int64), names["name"], strict=True):
         source = f"{label_path} (label {index})"
         if index == 0:
@@ -584,6 +594,15 @@ def _label_masks(
             label_path, str(name), np.argwhere(original == index), affine, grid, betas_path
         )
         yield str(name), values == index, source
+
+
+def _as_labels(values: np.ndarray) -> np.ndarray:
+    """A label image's values as integers where they are within 1e-3 of one (an int16 atlas
+    saved with a scale factor reads back as 1.00000001); others, and NaN, become -1."""
+    as_float = np.asarray(values, dtype=np.float64)
+    nearest = np.rint(np.nan_to_num(as_float, nan=-1.0))
+    labels: np.ndarray = np.where(np.abs(as_float - nearest) <= 1e-3, nearest, -1).astype(np.int64)
+    return labels
 
 
 def _numeric(column: Any) -> np.ndarray:

@@ -202,10 +202,9 @@ def load_predicted_valence(
         DataError: missing columns, duplicate ids, ids without a value, non-finite values.
     """
     where = "predicted valence"
-    if isinstance(source, pd.Series):
-        series = source
-    elif isinstance(source, Mapping):
-        series = pd.Series(dict(source), dtype=np.float64)
+    if isinstance(source, pd.Series | Mapping):
+        given = pd.Series(source)  # a new object: the caller's keeps its index
+        ids, raw = given.index.astype(str), given.to_numpy()
     else:
         path = Path(source).expanduser()
         where = str(path)
@@ -213,12 +212,11 @@ def load_predicted_valence(
             raise DataError(f"{path}: predicted-valence table not found")
         frame = _read(path)
         require_columns(frame.columns, ("stimulus_id", "predicted"), where)
-        ids = frame["stimulus_id"].astype(str)
-        repeated = sorted(set(ids[ids.duplicated()]))
-        if repeated:
-            raise DataError(f"{where}: duplicate stimulus_id(s) {listing(repeated)}")
-        series = pd.Series(pd.to_numeric(frame["predicted"], errors="coerce").to_numpy(), ids)
-    series.index = series.index.astype(str)
+        ids, raw = pd.Index(frame["stimulus_id"].astype(str)), frame["predicted"].to_numpy()
+    repeated = sorted(set(ids[ids.duplicated()]))
+    if repeated:
+        raise DataError(f"{where}: duplicate stimulus_id(s) {listing(repeated)}")
+    series = pd.Series(pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(), index=ids)
     wanted = [str(i) for i in stimulus_ids]
     missing = [i for i in wanted if i not in series.index]
     if missing:
@@ -228,5 +226,5 @@ def load_predicted_valence(
     values = series.reindex(wanted).to_numpy(dtype=np.float64)
     bad = [i for i, v in zip(wanted, values, strict=True) if not np.isfinite(v)]
     if bad:
-        raise DataError(f"{where}: predicted valence missing or not finite for {listing(bad)}")
+        raise DataError(f"{where}: predicted valence missing or not numeric for {listing(bad)}")
     return values

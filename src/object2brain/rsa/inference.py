@@ -491,15 +491,18 @@ def pool_rdms(rdms: torch.Tensor, method: str = "spearman") -> torch.Tensor:
 
     ``group_rdm = mean_s p(x_s)``, ``p`` = ranks (Spearman, tau-a) or z-scores (Pearson) over
     the upper triangle, so a subject whose dissimilarities span a larger range does not dominate.
-    Subjects whose RDM is constant are left out (all constant: the plain mean). Pooled over all
+    Subjects whose RDM is constant (within rounding) or holds NaN are left out (all of them: the
+    plain mean). Pooled over all
     ``n`` stimuli once; analyses of a subset (a condition) use its rows and columns, so the group
     RDM stays one fixed RDM under permutations and resamples of the stimuli.
     """
     vectors = upper_triangle(rdms)
     varies = (vectors != vectors[:, :1]).any(dim=1)
-    if not bool(varies.any()):
+    scaled = _on_comparison_scale(vectors[varies], method)
+    usable = torch.isfinite(scaled).all(dim=1)  # NaN: constant within rounding, or NaN input
+    if not bool(usable.any()):
         return rdms.mean(dim=0)
-    return snap_ties(squareform(_on_comparison_scale(vectors[varies], method).mean(dim=0)))
+    return snap_ties(squareform(scaled[usable].mean(dim=0)))
 
 
 def noise_ceiling(rdms: np.ndarray | torch.Tensor, method: str = "spearman") -> tuple[float, float]:
