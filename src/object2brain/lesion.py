@@ -57,7 +57,7 @@ from object2brain.lesion_engine import (
     norm_strata,
     random_subset_masks,
 )
-from object2brain.manifest import build_manifest, file_sha256, output_list
+from object2brain.manifest import build_manifest, cached_file_sha256, output_list
 from object2brain.rsa.align import Target, build_targets, warn_constant_subjects, with_fdr
 from object2brain.rsa.compare import check_method, correlate_prepared, prepare
 from object2brain.rsa.inference import (
@@ -659,12 +659,13 @@ def _write(
 
         files.extend(plot_lesion_heatmaps(result.object2brain, out / "figures"))
         files.extend(plot_model_comparison(result.object2brain, out / "figures"))
-    inputs = {str(p): file_sha256(p) for p in paths}
+    inputs = {str(p): cached_file_sha256(p) for p in paths}
     for source in (filters, brain, ratings, stimuli):
         if isinstance(source, str | Path) and Path(source).is_file():
-            inputs[str(source)] = file_sha256(source)
+            inputs[str(source)] = cached_file_sha256(source)
     if isinstance(brain, str | Path) and Path(brain).is_file():
-        inputs.update({str(f): file_sha256(f) for f in brain_files(brain)})  # data behind a YAML
+        # the data behind a YAML manifest
+        inputs.update({str(f): cached_file_sha256(f) for f in brain_files(brain)})
     manifest = build_manifest(
         "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=output_list(files, out)
     )

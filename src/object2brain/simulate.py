@@ -53,7 +53,7 @@ import yaml
 
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.errors import DataError, StoreError, listing
-from object2brain.manifest import build_manifest, file_sha256
+from object2brain.manifest import build_manifest, cached_file_sha256
 from object2brain.store import ActivationStore, atomic_path, check_output_folder, write_json
 
 RATING_RANGE = (-3.0, 3.0)
@@ -353,7 +353,7 @@ def _write(
                 "valence_source": valence_origin,
             },
             seeds={"seed": seed},
-            inputs={"activations": file_sha256(activations)},
+            inputs={"activations": cached_file_sha256(activations)},
             outputs=[str(p) for p in (patterns_path, manifest_path, ratings_path, truth_path)],
         ),
     )
@@ -450,9 +450,10 @@ def _true_valence(
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    sd = x.std(axis=0)
-    scaled: np.ndarray = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    scaled: np.ndarray = x.astype(np.float64)  # one float64 copy, centred and scaled in place
+    sd = scaled.std(axis=0)
+    scaled -= scaled.mean(axis=0)
+    scaled /= np.where(sd > 0, sd, 1.0)
     return scaled
 
 

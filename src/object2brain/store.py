@@ -138,7 +138,8 @@ class ActivationStore:
     @property
     def stimulus_ids(self) -> list[str]:
         """Stimulus ids, ``(n_stimuli,)``, in row order."""
-        return [s.decode() if isinstance(s, bytes) else str(s) for s in self._file["stimulus_ids"]]
+        raw = self._file["stimulus_ids"][()]  # one read (iterating the dataset reads row by row)
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in raw]
 
     @property
     def layers(self) -> list[str]:

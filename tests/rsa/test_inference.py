@@ -523,6 +523,23 @@ def test_contrast_bootstrap_resamples_within_each_condition() -> None:
     assert np.isnan(nothing.p).all() and nothing.n_boot == 0
 
 
+def test_contrast_bootstraps_share_a_condition_s_resamples() -> None:
+    """With a shared cache, three contrasts of three conditions give what they give alone."""
+    rng = np.random.default_rng(8)
+    model, brain, labels = _two_conditions(rng, offset=0.0, n=12)
+    labels = [*labels[:8], *["c"] * 8, *labels[16:]]
+    pairs = [("a", "b"), ("a", "c"), ("b", "c")]
+    cache: dict[tuple[str, int], np.ndarray] = {}
+    for cond_a, cond_b in pairs:
+        alone = condition_difference_bootstrap(model, brain, labels, cond_a, cond_b, n_boot=30)
+        shared = condition_difference_bootstrap(
+            model, brain, labels, cond_a, cond_b, n_boot=30, cache=cache
+        )
+        for field in ("low", "high", "p"):
+            np.testing.assert_array_equal(getattr(shared, field), getattr(alone, field))
+    assert set(cache) == {("a", 0), ("b", 1), ("c", 1), ("b", 0)}  # a's side-0 draw reused
+
+
 def test_contrast_when_conditions_differ_in_content() -> None:
     """Planted truth: equal r within both conditions, but each condition has its own mean
     pattern shared by model and brain. The label permutation rejects far too often (it assumes

@@ -65,7 +65,7 @@ from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError, listing
-from object2brain.manifest import build_manifest, file_sha256, output_list
+from object2brain.manifest import build_manifest, cached_file_sha256, output_list
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.inference import (
     ContrastInterval,
@@ -550,6 +550,7 @@ def _run(
             )
             alignment_rows += block
             bar.update(1)
+        boot_cache: dict[tuple[str, int], np.ndarray] = {}  # per model: its RDMs
         for cond_a, cond_b in contrasts:
             assert labels is not None
             res = condition_difference_test(
@@ -575,6 +576,7 @@ def _run(
                 seed,
                 dev,
                 cols.combine,
+                cache=boot_cache,
             )
             contrast_rows += _contrast_rows(
                 model_name, layer_names, layer_index, cols, cond_a, cond_b, metric, method,
@@ -833,7 +835,7 @@ def _write(
         "rsa",
         config,
         seeds={"permutation": seed, "bootstrap": seed},
-        inputs={str(p): file_sha256(p) for p in dict.fromkeys(inputs) if p.is_file()},
+        inputs={str(p): cached_file_sha256(p) for p in dict.fromkeys(inputs) if p.is_file()},
         outputs=output_list(files, out),
         extra={
             "n_stimuli": len(ids),

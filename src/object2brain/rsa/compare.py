@@ -228,6 +228,24 @@ def sort_rows(x: torch.Tensor) -> SortedRows:
     return SortedRows(order, group)
 
 
+def split_by_ties(x: torch.Tensor) -> list[tuple[torch.Tensor, SortedRows]]:
+    """:class:`SortedRows` of ``x`` ``(R, m)`` in (at most) two parts, ``(row indices, rows)``:
+    the rows without ties (``group`` None: the closed-form ranks) and those with ties, so that
+    one tied row (e.g. a rating RDM) does not send every row down the tie path."""
+    rows = sort_rows(x)
+    everything = torch.arange(x.shape[0], device=x.device)
+    if rows.group is None:
+        return [(everything, rows)]
+    tied = rows.group[:, -1] < x.shape[-1] - 1  # fewer tie groups than values
+    parts = []
+    if not bool(tied.all()):
+        index = everything[~tied]
+        parts.append((index, SortedRows(rows.order[index], None)))
+    index = everything[tied]
+    parts.append((index, SortedRows(rows.order[index], rows.group[index])))
+    return parts
+
+
 def standardized_weighted_ranks(
     rows: SortedRows, w: torch.Tensor, *, times_weight: bool, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -300,13 +318,31 @@ class WeightedComparison:
         if method == "kendall_tau_a":
             raise DataError("weighted comparison supports spearman and pearson only")
         self.a, self.b, self.method = _t(a), _t(b), method
-        self.sorted_a = sort_rows(self.a) if method == "spearman" else None
-        self.sorted_b = sort_rows(self.b) if method == "spearman" else None
+        self.sorted_a = split_by_ties(self.a) if method == "spearman" else None
+        self.sorted_b = split_by_ties(self.b) if method == "spearman" else None
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        za = self._standardized(self.a, self.sorted_a, w, times_weight=True)
-        zb = self._standardized(self.b, self.sorted_b, w, times_weight=False)
+        za = self._split_standardized(self.a, self.sorted_a, w, times_weight=True)
+        zb = self._split_standardized(self.b, self.sorted_b, w, times_weight=False)
         return za @ zb.transpose(-1, -2)
+
+    @classmethod
+    def _split_standardized(
+        cls,
+        x: torch.Tensor,
+        parts: list[tuple[torch.Tensor, SortedRows]] | None,
+        w: torch.Tensor,
+        *,
+        times_weight: bool,
+    ) -> torch.Tensor:
+        if parts is None:
+            return cls._standardized(x, None, w, times_weight=times_weight)
+        if len(parts) == 1:
+            return cls._standardized(x, parts[0][1], w, times_weight=times_weight)
+        z = torch.empty((w.shape[0], *x.shape), dtype=torch.float64, device=x.device)
+        for index, rows in parts:  # rows without ties take the closed-form path
+            z[:, index] = cls._standardized(x[index], rows, w, times_weight=times_weight)
+        return z
 
     @staticmethod
     def _standardized(

@@ -693,6 +693,7 @@ def condition_difference_bootstrap(
     combine: torch.Tensor | None = None,
     level: float = 0.95,
     memory_elements: int | None = None,
+    cache: dict[tuple[str, int], np.ndarray] | None = None,
 ) -> ContrastInterval:
     """Stimulus bootstrap of ``r_a - r_b`` that resamples within each condition.
 
@@ -707,6 +708,10 @@ def condition_difference_bootstrap(
         :class:`ContrastInterval`: percentile interval of ``delta*`` and
         ``p = min(1, 2 min(1 + #{delta* <= 0}, 1 + #{delta* >= 0}) / (1 + B))`` over the
         ``B`` defined resamples; NaN when ``n_boot = 0``.
+
+    ``cache``: a dict shared by calls with the same RDMs, method, ``n_boot``, seed and
+    ``combine`` (e.g. every contrast of one model): a condition's resamples depend only on it
+    and its side of the pair (``a`` or ``b``), so pairs (a, b) and (a, c) share a's.
     """
     lab = np.asarray([str(x) for x in labels])
     A = torch.as_tensor(model_rdms)
@@ -718,6 +723,9 @@ def condition_difference_bootstrap(
             raise DataError(f"condition {condition!r} has {rows.numel()} stimuli (< 3)")
         if n_boot == 0:
             continue
+        if cache is not None and (condition, word) in cache:
+            values.append(cache[(condition, word)])
+            continue
         sub_a = A[:, rows][:, :, rows]
         sub_b = Bt[:, rows.to(Bt.device)][:, :, rows.to(Bt.device)]
         values.append(
@@ -726,6 +734,8 @@ def condition_difference_bootstrap(
                 memory_elements,
             )
         )  # fmt: skip
+        if cache is not None:
+            cache[(condition, word)] = values[-1]
     G = 0 if combine is None else combine.shape[1]
     if n_boot == 0:
         nan = np.full((len(A), len(Bt) + G), np.nan)
