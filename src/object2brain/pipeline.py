@@ -187,6 +187,34 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     def load(model: ModelConfig, head: Path | None = None) -> Any:
         return load_model(model.arch, model.weights, head=head, seed=seed, name=model.label)
 
+    def extraction(
+        model: ModelConfig, path: Path, head: Path | None = None, valence: Path | None = None
+    ) -> Callable[[], list[Path]]:
+        """The work of an extract stage: ``model`` (with ``head``) into the store ``path``."""
+
+        def work() -> list[Path]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = extract(
+                load(model, head),
+                stimuli,
+                out=path,
+                layers=model.layers,
+                batch_size=config.extract.batch_size,
+                device=config.device,
+                dtype=config.extract.dtype,
+                srp=config.extract.srp,
+                seed=seed,
+                overwrite=True,  # a stage replaces its own store
+                progress=progress,
+                amp_dtype=config.extract.amp,
+                channels_last=config.extract.channels_last,
+                decode=config.extract.decode,
+                valence=valence,
+            )
+            return [store]
+
+        return work
+
     backbone_stores: dict[str, Path] = {}
 
     needs_backbone = config.simulate is not None
@@ -200,27 +228,11 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                 "stimuli": stimuli_key,
                 "seed": seed,
             }
-
-            def work(model: Any = model, path: Path = path) -> list[Path]:
-                loaded = load(model)
-                return [
-                    _extract(
-                        extract,
-                        loaded,
-                        stimuli,
-                        path,
-                        model.layers,
-                        config,
-                        progress,
-                        overwrite=True,
-                    )
-                ]
-
             stages.run(
                 f"extract_backbone:{model.label}",
                 path.parent / f".{model.label}.backbone",
                 payload,
-                work,
+                extraction(model, path),
             )
             backbone_stores[model.label] = path
 
@@ -334,29 +346,12 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         }
         if valence is not None:
             payload["valence"] = _fingerprint(valence)
-
-        def extract_work(
-            model: Any = model,
-            path: Path = path,
-            head: Path | None = head,
-            valence: Path | None = valence,
-        ) -> list[Path]:
-            loaded = load(model, head)
-            return [
-                _extract(
-                    extract,
-                    loaded,
-                    stimuli,
-                    path,
-                    model.layers,
-                    config,
-                    progress,
-                    overwrite=True,
-                    valence=valence,
-                )
-            ]
-
-        stages.run(f"extract:{model.label}", path.parent / f".{model.label}", payload, extract_work)
+        stages.run(
+            f"extract:{model.label}",
+            path.parent / f".{model.label}",
+            payload,
+            extraction(model, path, head, valence),
+        )
         stores[model.label] = path
 
     brain_hashes = _brain_hashes(brain)  # every file read once per run
@@ -536,37 +531,6 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         report = build_report(out)
         write_manifest([*outputs, report])
     return RunResult(out, stores, stages.result_ran, stages.result_skipped, report)
-
-
-def _extract(
-    extract: Callable[..., Path],
-    loaded: Any,
-    stimuli: StimulusSet,
-    path: Path,
-    layers: str | list[str],
-    config: RunConfig,
-    progress: bool,
-    overwrite: bool = False,
-    valence: Path | None = None,
-) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return extract(
-        loaded,
-        stimuli,
-        out=path,
-        layers=layers,
-        batch_size=config.extract.batch_size,
-        device=config.device,
-        dtype=config.extract.dtype,
-        srp=config.extract.srp,
-        seed=config.seed,
-        overwrite=overwrite,
-        progress=progress,
-        amp_dtype=config.extract.amp,
-        channels_last=config.extract.channels_last,
-        decode=config.extract.decode,
-        valence=valence,
-    )
 
 
 def _test_split(split_file: Path) -> list[str]:

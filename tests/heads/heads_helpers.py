@@ -108,3 +108,14 @@ def tiny_model(seed: int = 0) -> LoadedModel:
         weights_sha256=state_dict_sha256(module),
         preprocessing=Preprocessing(resize_size=36, crop_size=32),
     )
+
+
+def run_cli(argv: list[str]) -> int:
+    """The exit status of ``object2brain ARGV`` run in this process."""
+    from object2brain.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

@@ -8,12 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from heads_helpers import tiny_model
+from heads_helpers import run_cli, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from object2brain.cli import main
 from object2brain.data.splits import make_folds, valence_levels
 from object2brain.errors import DataError
 from object2brain.extract import extract
@@ -201,14 +200,6 @@ def test_supplied_valence_is_checked_and_fingerprinted(small_table: Path, tmp_pa
     with pytest.raises(Exception, match="already exists"):  # other values: another store
         extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=-first, **common)  # type: ignore[arg-type]
     extract(tiny_model(), small_table, out=tmp_path / "a.h5", valence=first, **common)  # type: ignore[arg-type]
-
-
-def run_cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_cli_cross_fit(

@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from heads_helpers import tiny_model
+from heads_helpers import run_cli, tiny_model
 
-from object2brain.cli import main
 from object2brain.data.stimuli import load_stimuli
 from object2brain.errors import DataError, ModelError, StoreError
 from object2brain.extract import extract
@@ -224,14 +223,6 @@ def test_several_models_share_one_split(small_table: Path, tmp_path: Path) -> No
     for name in result.models:
         _, meta = load_head(result.models[name].head_path)
         assert meta["split_file"] == str(result.split_path.resolve())
-
-
-def run_cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize(
