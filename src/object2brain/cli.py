@@ -190,14 +190,11 @@ def rsa_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Align every layer of every model with behaviour and brain ROIs (RSA)."""
-    from object2brain.data.splits import load_split
+    from object2brain.data.splits import held_out_ids
     from object2brain.rsa.align import run_alignment
 
     _quiet(quiet)
-    behavior_ids = None
-    if held_out is not None:
-        split = load_split(held_out)
-        behavior_ids = split.loc[split["split"] == "test", "stimulus_id"].tolist()
+    behavior_ids = held_out_ids(held_out) if held_out is not None else None
     run_alignment(
         activations,
         brain=brain,

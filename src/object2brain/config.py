@@ -248,10 +248,12 @@ def _resolve_paths(config: RunConfig, base: Path, source: Path) -> RunConfig:
         models.append(model.model_copy(update={"head": head, "weights": weights}))
     updates["models"] = models
     if config.dissect is not None:
+        from object2brain.explain.detectors import given_boxes_file
+
         detector = config.dissect.detector.strip()
-        if detector.lower().startswith("boxes:"):
-            boxes = resolve(Path(detector[len("boxes:") :]), "dissect.detector")
-            detector = f"boxes:{boxes}"
+        boxes_file = given_boxes_file(detector)
+        if boxes_file is not None:
+            detector = f"boxes:{resolve(Path(boxes_file), 'dissect.detector')}"
         groups = resolve(config.dissect.groups, "dissect.groups")
         updates["dissect"] = config.dissect.model_copy(
             update={"groups": groups, "detector": detector}
@@ -264,7 +266,11 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
     model, the detector, a valence head for dissection, the device; checked before any stage
     runs (architectures are built on the meta device: no memory, no weights)."""
     from object2brain.devices import resolve_device
-    from object2brain.explain.detectors import DETECTOR_KINDS, TORCHVISION_DETECTORS
+    from object2brain.explain.detectors import (
+        DETECTOR_KINDS,
+        TORCHVISION_DETECTORS,
+        given_boxes_file,
+    )
     from object2brain.models.layers import resolve_layers
     from object2brain.models.zoo import build_architecture
 
@@ -304,7 +310,8 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
                     f"models.{index}.head or a train_head section",
                 )
         kind = dissect.detector.strip().lower()
-        if not kind.startswith("boxes:") and kind != "opencv" and kind not in TORCHVISION_DETECTORS:
+        known = kind == "opencv" or kind in TORCHVISION_DETECTORS
+        if given_boxes_file(kind) is None and not known:
             raise fail(
                 "dissect.detector", f"unknown detector {kind!r}; use {', '.join(DETECTOR_KINDS)}"
             )

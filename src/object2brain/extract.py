@@ -48,7 +48,7 @@ from object2brain.data.ratings import load_predicted_valence
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import LayerError, StimulusError, StoreError, listing
-from object2brain.manifest import build_manifest, file_sha256
+from object2brain.manifest import build_manifest, cached_file_sha256, file_sha256
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
 from object2brain.models.zoo import LoadedModel, Preprocessing, load_model
 from object2brain.projection import project, srp_matrix
@@ -365,7 +365,7 @@ def extract(
     # What the store holds, by content: weights and head by SHA-256 and images by their bytes,
     # not by path, so a study moved to another folder or machine keeps its stores.
     identity = {k: v for k, v in config.items() if k not in ("weights", "head")}
-    identity["head_sha256"] = file_sha256(loaded.head["path"]) if loaded.head else None
+    identity["head_sha256"] = cached_file_sha256(loaded.head["path"]) if loaded.head else None
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     record = partial(

@@ -513,13 +513,14 @@ def _layer_rows(
         nulls: dict[tuple[str, int, tuple[int, ...]], np.ndarray] = {}
         estimates, variant_masks = [], []
         for group, filters in members.items():
+            strata = None if norms is None else norm_strata(norms, filters)
+            counts = _stratum_counts(strata, filters)
             for variant in variants:
                 mask = np.ones(K, dtype=bool) if variant == "lesion" else np.zeros(K, dtype=bool)
                 mask[filters] = variant == "keep"
                 r_variant = correlations(mask[None])[0]
                 delta = r_variant - r_full
-                strata = None if norms is None else norm_strata(norms, filters)
-                key = (variant, len(filters), _stratum_counts(strata, filters))
+                key = (variant, len(filters), counts)
                 if n_null and key not in nulls:
                     draws = (
                         random_subset_masks(K, len(filters), n_null, seed=seed + len(filters))

@@ -272,6 +272,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
 
     untrained = [m for m in config.models if m.head is None]
     if config.train_head is not None and untrained:
+        from object2brain.data.splits import held_out_ids
         from object2brain.models.heads import OUT_OF_FOLD_NAME, train_head
 
         options = config.train_head
@@ -311,7 +312,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             heads[model.label] = head_dir / model.label / "head.safetensors"
             if options.cross_fit:
                 out_of_fold[model.label] = head_dir / model.label / OUT_OF_FOLD_NAME
-        held_out = _test_split(head_dir / "split.csv")
+        held_out = held_out_ids(head_dir / "split.csv")  # the main heads' held-out stimuli
         if options.cross_fit:
             log.info(
                 "the 'valence' layer of %s holds out-of-fold predictions of %d cross-fitted "
@@ -533,17 +534,6 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     return RunResult(out, stores, stages.result_ran, stages.result_skipped, report)
 
 
-def _test_split(split_file: Path) -> list[str]:
-    """The test split of heads trained in this run on the study's own stimuli: where the main
-    head's predictions are correlated with ratings (behavior_direct without cross-fitting, the
-    lesion's propagate_behavior), only these stimuli enter (in-sample r would be optimistic)."""
-    from object2brain.data.splits import load_split
-
-    split = load_split(split_file)
-    test: list[str] = split.loc[split["split"] == "test", "stimulus_id"].tolist()
-    return test
-
-
 def _column_key(stimuli: StimulusSet, column: str) -> str | None:
     """SHA-256 of one column of the stimulus table, by stimulus id (None without the column)."""
     if column not in stimuli.table:
@@ -558,7 +548,10 @@ def _relative_name(path: Path, start: Path) -> str:
 
 def _boxes_file(detector: str) -> Path | None:
     """The box file of a ``boxes:FILE`` detector (already resolved by the config)."""
-    return Path(detector[len("boxes:") :]) if detector.lower().startswith("boxes:") else None
+    from object2brain.explain.detectors import given_boxes_file
+
+    boxes = given_boxes_file(detector)
+    return Path(boxes) if boxes is not None else None
 
 
 def _store_weights(store: Path) -> str:

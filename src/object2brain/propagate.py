@@ -133,6 +133,7 @@ def propagate_layer(
     in_behavior = (
         np.ones(len(ids), dtype=bool) if behavior_ids is None else np.isin(ids, list(behavior_ids))
     )
+    n_behavior = {condition: int(in_behavior[keep].sum()) for condition, keep in subsets}
     # each condition's target RDMs ranked / standardised once, not once per group and layer
     prepared_targets = {
         condition: prepare(target_vectors[:, condensed_subset(len(ids), keep)], method)
@@ -185,7 +186,7 @@ def propagate_layer(
                         "r_full": full_b[(condition, method_name)],
                         "r_variant": r,
                         "delta_r": r - full_b[(condition, method_name)],
-                        "n": int(in_behavior[dict(subsets)[condition]].sum()),
+                        "n": n_behavior[condition],
                     }
                 )
             for (condition, name, target, subject), r in var_a.items():

@@ -588,11 +588,10 @@ def _label_masks(
         if index == 0:
             log.warning("%s: label 0 is the background of a label image; row ignored", tsv_path)
             continue
-        if not (original == index).any():
+        voxels = np.argwhere(original == index)
+        if not len(voxels):
             raise DataError(f"{tsv_path}: label {index} ({name!r}) does not occur in {label_path}")
-        _warn_outside(
-            label_path, str(name), np.argwhere(original == index), affine, grid, betas_path
-        )
+        _warn_outside(label_path, str(name), voxels, affine, grid, betas_path)
         yield str(name), values == index, source
 
 

@@ -145,6 +145,14 @@ def make_folds(
     return folds
 
 
+def held_out_ids(path: str | Path) -> list[str]:
+    """The stimulus ids of the ``test`` split of a split file (e.g. ``train-head``'s
+    ``split.csv``): the stimuli its heads were not fitted on."""
+    split = load_split(path)
+    ids: list[str] = split.loc[split["split"] == "test", "stimulus_id"].tolist()
+    return ids
+
+
 def save_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split table as CSV, atomically."""
     from object2brain.store import atomic_path

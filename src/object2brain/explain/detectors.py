@@ -548,14 +548,20 @@ def _read_coco(path: Path) -> tuple[dict[str, list[Detection]], list[_MatchRule]
 # factory, cache, batch detection
 
 
+def given_boxes_file(spec: str) -> str | None:
+    """The ``FILE`` of a ``boxes:FILE`` detector spec; None for the other detectors."""
+    text = spec.strip()
+    return text[len("boxes:") :] if text.lower().startswith("boxes:") else None
+
+
 def make_detector(
     spec: str, *, device: str | torch.device = "cpu", score_threshold: float = 0.5
 ) -> Detector:
     """``opencv`` | ``fasterrcnn`` | ``retinanet`` | ``fcos`` | ``ssdlite`` | ``boxes:FILE``."""
-    text = spec.strip()
-    if text.lower().startswith("boxes:"):
-        return GivenBoxes(text[len("boxes:") :])
-    key = text.lower()
+    boxes = given_boxes_file(spec)
+    if boxes is not None:
+        return GivenBoxes(boxes)
+    key = spec.strip().lower()
     if key == "opencv":
         return OpenCVDetector()
     if key in TORCHVISION_DETECTORS:

@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from object2brain.errors import DataError, StimulusError, listing, require_columns
-from object2brain.manifest import file_sha256
+from object2brain.manifest import cached_file_sha256
 from object2brain.report import html
 from object2brain.report.lesion_figures import summary_rows
 
@@ -409,7 +409,9 @@ def _tables_of_simulation(
     else:
         data = list(simulation.iterdir())
     simulated = {
-        file_sha256(p) for p in data if p.is_file() and p.suffix.lower() in (".h5", ".csv")
+        cached_file_sha256(p)  # hashed already when the report is built by `run`
+        for p in data
+        if p.is_file() and p.suffix.lower() in (".h5", ".csv")
     }
     kept: dict[str, pd.DataFrame] = {}
     others: set[Path] = set()

@@ -214,11 +214,17 @@ def mantel_test(
     del X, Y, xp, yp  # the null holds what it needs (the dot null: pair-major copies)
     counts = _count_extremes(null, stat, combine, n, n_perm, seed, gather_model, two_sided=False)
     r = stat.cpu().numpy()
-    p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
-    p[np.isnan(r)] = np.nan
+    return TestResult(r=r, p=_permutation_p(counts, r, n_perm), n_perm=n_perm)
+
+
+def _permutation_p(counts: torch.Tensor, observed: np.ndarray, n_perm: int) -> np.ndarray:
+    """``p = (1 + count) / (1 + n_perm)`` per entry; NaN where ``observed`` is NaN or without
+    permutations."""
+    p: np.ndarray = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
+    p[np.isnan(observed)] = np.nan
     if n_perm == 0:
         p[:] = np.nan
-    return TestResult(r=r, p=p, n_perm=n_perm)
+    return p
 
 
 def _count_extremes(
@@ -279,11 +285,7 @@ def linear_permutation_test(
     null = _DotNull(X, Y, gather_model, n, memory_elements)  # NaN rows stay NaN (left out)
     counts = _count_extremes(null, stat, combine, n, n_perm, seed, gather_model, two_sided=True)
     s = stat.cpu().numpy()
-    p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
-    p[np.isnan(s)] = np.nan
-    if n_perm == 0:
-        p[:] = np.nan
-    return TestResult(r=s, p=p, n_perm=n_perm)
+    return TestResult(r=s, p=_permutation_p(counts, s, n_perm), n_perm=n_perm)
 
 
 class _DotNull:
@@ -653,11 +655,8 @@ def condition_difference_test(
             len(shuffled), partial(count_block, shuffled), device=dev
         ):
             counts += found
-    p = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
     d = delta.cpu().numpy()
-    p[np.isnan(d)] = np.nan
-    if n_perm == 0:
-        p[:] = np.nan
+    p = _permutation_p(counts, d, n_perm)
     return ContrastResult(
         r_a=obs_a.cpu().numpy(),
         r_b=obs_b.cpu().numpy(),
