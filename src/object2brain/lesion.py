@@ -353,7 +353,8 @@ def _stimuli(
         stimulus_set = source
     else:
         stimulus_set = load_stimuli(source, check="table")
-    missing = [sid for sid in stimulus_set.ids if sid not in set(store_ids)]
+    in_store = set(store_ids)
+    missing = [sid for sid in stimulus_set.ids if sid not in in_store]
     if missing:
         raise DataError(
             f"{len(missing)} stimulus id(s) of the stimulus table are not in the activation "

@@ -102,3 +102,31 @@ def test_model_without_head_needs_target(composites: Path, tmp_path: Path) -> No
         dissect(model, composites, layer="fc", target=0, **common)
     with pytest.raises(LayerError, match="close matches: features"):
         dissect(model, composites, layer="featurs", target=0, **common)
+
+
+def test_stimulus_lists_are_built_once_not_per_image(
+    composites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``StimulusSet.paths``/``ids`` build a list on every access: reading them per image made a
+    25,000-image dissection quadratic (hours). Their number of reads must not grow with images."""
+    from object2brain.data.stimuli import StimulusSet
+
+    reads = {"paths": 0, "ids": 0}
+    for name in reads:
+        original = getattr(StimulusSet, name)
+
+        def counted(self: StimulusSet, original: property = original, name: str = name) -> object:
+            reads[name] += 1
+            return original.fget(self)  # type: ignore[misc]
+
+        monkeypatch.setattr(StimulusSet, name, property(counted))
+    table = pd.read_csv(composites)
+    counts = []
+    for n in (3, 6):
+        subset = tmp_path / f"stimuli{n}.csv"
+        table.iloc[:n].to_csv(subset, index=False)
+        reads.update(paths=0, ids=0)
+        dissect(planted_model(), subset, layer="features", out=tmp_path / f"out{n}", device="cpu",
+                gallery_filters=1, gallery_images=3, batch_size=2, progress=False)  # fmt: skip
+        counts.append(dict(reads))
+    assert counts[0] == counts[1], counts

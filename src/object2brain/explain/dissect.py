@@ -573,10 +573,9 @@ def dissect(
         n_images[np.unique(gids)] += 1
     accumulator = GroupAccumulator(G, n_filters, top=gallery_images)
     positions = sorted(prepared.by_image)
+    all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
     dataset = ImageDataset(
-        [stimulus_set.paths[p] for p in positions],
-        [stimulus_set.ids[p] for p in positions],
-        loaded.preprocessing,
+        [all_paths[p] for p in positions], [all_ids[p] for p in positions], loaded.preprocessing
     )
     workers = (
         default_workers(len(positions), batch_size, torch_device)
@@ -813,6 +812,7 @@ def _draw_figures(
     needed = sorted({p for _, _, images in choices for p in images})
     if not needed:
         return files
+    all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
     transform = loaded.preprocessing.transform()
     mean = torch.tensor(loaded.preprocessing.mean)[:, None, None]
     std = torch.tensor(loaded.preprocessing.std)[:, None, None]
@@ -825,7 +825,7 @@ def _draw_figures(
             wanted.setdefault(p, set()).add(k)
     for start in range(0, len(needed), batch_size):
         chunk = needed[start : start + batch_size]
-        tensors = torch.stack([transform(load_image(stimulus_set.paths[p])) for p in chunk])
+        tensors = torch.stack([transform(load_image(all_paths[p])) for p in chunk])
         cams = filter_cams(network, layer, tensors.to(device), target=target, direction=direction)
         for i, p in enumerate(chunk):
             rgb = (tensors[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -845,7 +845,7 @@ def _draw_figures(
                     GalleryPanel(
                         group=group,
                         filter=k,
-                        stimulus_id=stimulus_set.ids[p],
+                        stimulus_id=all_ids[p],
                         image=pictures[p],
                         heat=heat[(p, k)],
                         boxes=[tuple(int(v) for v in b) for b in boxes[gids == g]],
