@@ -53,6 +53,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -531,6 +532,14 @@ def case_extract(
                channels_last=True, **common)  # fmt: skip
     end_to_end("e2e_full_layers_float16", sizes["n_full"], decode="torch", dtype="float16")
 
+    if budget.allows(25, "extract stage breakdown"):
+        try:
+            out["stages"] = _extract_stages(ex, model, layers, paths, sizes, device, workers, work)
+            say(f"  extract stages (images/s): {out['stages']['images_per_s']}")
+        except Exception as exc:  # a profile, not a result: keep the rest
+            out["stages"] = {"error": f"{type(exc).__name__}: {exc}"}
+            say(f"  extract stages: failed: {exc}")
+
     # from decoded, preprocessed tensors already on the device
     if budget.allows(20, "extract from decoded tensors"):
         network = model.module.to(device).eval()
@@ -602,6 +611,82 @@ def case_extract(
     return out
 
 
+def _extract_stages(
+    ex: Any,
+    model: Any,
+    layers: list[str],
+    paths: list[Path],
+    sizes: dict[str, int],
+    device: torch.device,
+    workers: int,
+    work: Path,
+) -> dict[str, Any]:
+    """Where the end-to-end time goes (decode="torch", float16 + SRP): each stage of
+    ``extract._run_batches`` alone on the same images, as images/s; the slowest one bounds the
+    end-to-end rate (stages overlap: loader workers, device, writer thread)."""
+    from torch.utils.data import DataLoader
+
+    from object2brain.models.layers import LayerRecorder
+    from object2brain.store import StoreWriter
+
+    batch = sizes["batch"]
+    count = min(len(paths), 10 * batch)
+    ids = [p.stem for p in paths[:count]]
+    dataset = ex.EncodedImageDataset(paths[:count], ids, model.preprocessing)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers,
+                        pin_memory=device.type == "cuda",
+                        collate_fn=ex.collate_encoded,
+                        prefetch_factor=4 if workers else None)  # fmt: skip
+    rates: dict[str, float] = {}
+    start = time.perf_counter()
+    batches = list(loader)
+    rates["loader_read_pin"] = count / (time.perf_counter() - start)
+    ex.decode_batch(batches[0][1], batches[0][2], model.preprocessing, device)  # warm-up
+    seconds, inputs = timed(device, lambda: [
+        ex.decode_batch(b[1], b[2], model.preprocessing, device) for b in batches])  # fmt: skip
+    rates["decode_resize_on_device"] = count / seconds
+    network = model.module.to(device).eval()
+    projections: dict[str, torch.Tensor] = {}
+    dtype = np.dtype(np.float16)
+
+    def compute(to_host: bool) -> list[Any]:
+        staged = []
+        with LayerRecorder(network, layers) as rec, torch.inference_mode():
+            for x in inputs:
+                rec.reset()
+                network(x)
+                blocks = {k: v.float() for k, v in rec.outputs.items()}
+                blocks = ex._project_blocks(blocks, sizes["srp"], 0, projections, device)
+                if to_host:
+                    staged.append(ex._to_host(blocks, dtype, 0, ids[: len(x)]))
+        if to_host and staged and staged[-1].copied is not None:
+            staged[-1].copied.synchronize()
+        return staged
+
+    compute(True)  # warm-up (cuDNN autotuning, projection matrices)
+    seconds, _ = timed(device, lambda: compute(False))
+    rates["forward_hooks_project"] = count / seconds
+    seconds, staged = timed(device, lambda: compute(True))
+    rates["forward_hooks_project_copy"] = count / seconds
+    path = work / "stages.h5"
+    writer = StoreWriter.create(path, [f"s{i}" for i in range(count)], {}, "x")
+    start = time.perf_counter()
+    for i, item in enumerate(staged):
+        arrays = {k: v.numpy() for k, v in item.blocks.items()}
+        for k, a in arrays.items():
+            writer.ensure_layer(k, count, tuple(a.shape[1:]), dtype)
+        writer.write_rows(i * batch, arrays)
+    rates["hdf5_write"] = count / (time.perf_counter() - start)
+    writer.close()
+    ex.partial_path(path).unlink(missing_ok=True)
+    return {
+        "images": count,
+        "batch": batch,
+        "workers": workers,
+        "images_per_s": {k: round(v) for k, v in rates.items()},
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # dissection
 
@@ -644,8 +729,12 @@ def case_dissect(
     detector = SyntheticBoxes()
     cache_dir = work / "detection_cache"
     cache = DetectionCache(cache_dir, detector)
-    for p in paths:  # prime the cache (what a first run with a real detector leaves behind)
+
+    def prime(p: Path) -> None:  # what a first run with a real detector leaves behind
         cache.put(file_sha256(p), 500, 375, boxes_for(p.stem, 500, 375))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(prime, paths))
     out: dict[str, Any] = {"sizes": sizes, "goal_s": 300, "boxes_per_image": 3}
     out["preparation_s"] = time.perf_counter() - start
     model = load_model("resnet18", "none", seed=0)

@@ -197,6 +197,45 @@ def test_resume_after_interruption_gives_identical_store(
         np.testing.assert_array_equal(reference[key], resumed[key])
 
 
+def test_batches_before_a_failing_one_are_written_and_resumed(
+    stimulus_table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches are written on a background thread: a failure in the main loop (an image that
+    cannot be decoded, in the third batch) still leaves the two batches before it written, and the
+    next run resumes there."""
+    extract_module = sys.modules["object2brain.extract"]  # the package exports the function
+
+    model = load_model("alexnet", "none", seed=1)
+    full = extract(model, stimulus_table, out=tmp_path / "full.h5", batch_size=3, progress=False)
+    bad = o2b.load_stimuli(stimulus_table)
+    bad_path, bad_id = bad.paths[7], bad.ids[7]
+
+    def failing(path: str | Path) -> object:
+        if Path(path) == bad_path:
+            raise OSError("truncated file")
+        return load_image(path)
+
+    monkeypatch.setattr(extract_module, "load_image", failing)
+    target = tmp_path / "resumed.h5"
+    with pytest.raises(o2b.Object2BrainError, match=bad_id):
+        extract(model, stimulus_table, out=target, batch_size=3, progress=False, num_workers=0)
+    with h5py.File(partial_path(target), "r") as handle:
+        assert int(handle.attrs["n_done"]) == 6
+    monkeypatch.setattr(extract_module, "load_image", load_image)
+    written: list[int] = []
+    original = StoreWriter.write_rows
+    monkeypatch.setattr(
+        StoreWriter,
+        "write_rows",
+        lambda self, start, blocks: (written.append(start), original(self, start, blocks))[1],
+    )
+    extract(model, stimulus_table, out=target, batch_size=3, progress=False, num_workers=0)
+    assert written == [6]
+    reference, resumed = _datasets(full), _datasets(target)
+    for key in reference:
+        np.testing.assert_array_equal(reference[key], resumed[key])
+
+
 def test_resume_after_sigkill(stimulus_table: Path, tmp_path: Path) -> None:
     """A real killed process: the partial store is resumed (or, if torn, restarted) correctly."""
     # 40 stimuli in batches of 1, so the kill lands well before the end on any machine

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from object2brain.errors import StoreError
-from object2brain.store import ActivationStore
+from object2brain.store import ActivationStore, BackgroundWriter
 
 
 def _foreign_store(
@@ -61,3 +61,50 @@ def test_not_a_store(tmp_path: Path) -> None:
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(StoreError, match="not a readable HDF5 file"):
         ActivationStore.open(tmp_path / "text.h5")
+
+
+def test_background_writer_keeps_order_and_bounds_the_queue() -> None:
+    import threading
+
+    release = threading.Event()
+    written: list[int] = []
+
+    def write(item: int) -> None:
+        release.wait(timeout=10)
+        written.append(item)
+
+    writer: BackgroundWriter[int] = BackgroundWriter(write, depth=2)
+    for item in range(3):  # one being written, two waiting: the queue is full
+        writer.put(item)
+    blocked = threading.Thread(target=writer.put, args=(3,))
+    blocked.start()
+    blocked.join(timeout=0.2)
+    assert blocked.is_alive(), "put must block while `depth` items wait"
+    release.set()
+    blocked.join(timeout=10)
+    writer.close()
+    assert written == [0, 1, 2, 3]
+
+
+def test_background_writer_error_reaches_the_caller_and_stops_writing() -> None:
+    written: list[int] = []
+
+    def write(item: int) -> None:
+        if item == 1:
+            raise StoreError(f"bad item {item}")
+        written.append(item)
+
+    writer: BackgroundWriter[int] = BackgroundWriter(write)
+
+    def put_all() -> None:
+        for item in range(50):
+            writer.put(item)
+
+    with pytest.raises(StoreError, match="bad item 1"):  # the error surfaces at a later put ...
+        put_all()
+    with pytest.raises(StoreError, match="bad item 1"):  # ... and again at close
+        writer.close()
+    assert written == [0]  # nothing after the failed item
+    quiet: BackgroundWriter[int] = BackgroundWriter(write)
+    quiet.put(1)
+    quiet.close(raise_error=False)  # the caller is failing already: no second error

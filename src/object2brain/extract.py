@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,6 +55,7 @@ from object2brain.models.zoo import LoadedModel, Preprocessing, load_model
 from object2brain.projection import project, srp_matrix
 from object2brain.store import (
     ActivationStore,
+    BackgroundWriter,
     StoreWriter,
     check_writable,
     partial_path,
@@ -74,6 +76,7 @@ _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
 }
+_TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
 
 class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
@@ -542,7 +545,24 @@ def _run_batches(
     if channels_last:
         network.to(memory_format=torch.channels_last)
     projections: dict[str, torch.Tensor] = {}
+    order: list[str] = []
     bar = tqdm(total=n, initial=start, disable=not progress, unit="img", desc="extract")
+
+    def store(batch: _HostBatch) -> None:  # runs on the writer thread
+        if batch.copied is not None:
+            batch.copied.synchronize()
+        _check_storable(list(batch.blocks), batch.peaks, dtype, batch.ids)
+        arrays = {name: block.numpy() for name, block in batch.blocks.items()}
+        for name, array in arrays.items():
+            writer.ensure_layer(name, n, tuple(array.shape[1:]), dtype)
+        if writer.n_done == 0:
+            writer.set_attr("order", order)
+            if srp is not None:
+                writer.set_attr("srp", _srp_attrs(srp, seed, arrays, projections))
+        writer.write_rows(batch.first_row, arrays)
+        bar.update(len(batch.ids))
+
+    background: BackgroundWriter[_HostBatch] = BackgroundWriter(store)
     try:
         with LayerRecorder(network, layer_names) as recorder, torch.inference_mode():
             for batch in loader:
@@ -583,35 +603,79 @@ def _run_batches(
                     blocks[VALENCE_LAYER] = output.reshape(output.shape[0], -1)[:, 0].float()
                 if srp is not None:
                     blocks = _project_blocks(blocks, srp, seed, projections, device)
-                _check_storable(blocks, dtype, [ids[int(i)] for i in indices])
-                arrays = {
-                    name: block.contiguous().to("cpu").numpy().astype(dtype, copy=False)
-                    for name, block in blocks.items()
-                }
-                for name, array in arrays.items():
-                    writer.ensure_layer(name, n, tuple(array.shape[1:]), dtype)
-                if writer.n_done == 0:
-                    order = [*recorder.order, *([VALENCE_LAYER] if VALENCE_LAYER in arrays else [])]
-                    writer.set_attr("order", order)
-                    if srp is not None:
-                        writer.set_attr("srp", _srp_attrs(srp, seed, arrays, projections))
-                writer.write_rows(start + int(indices[0]), arrays)
-                bar.update(len(indices))
+                if not order:
+                    order.extend(
+                        [*recorder.order, *([VALENCE_LAYER] if VALENCE_LAYER in blocks else [])]
+                    )
+                background.put(
+                    _to_host(blocks, dtype, start + int(indices[0]), [ids[int(i)] for i in indices])
+                )
+        background.close()
+    except BaseException:
+        background.close(raise_error=False)  # keep the batches already written (resumable)
+        raise
     finally:
         bar.close()
         if channels_last:
             network.to(memory_format=torch.contiguous_format)
 
 
+@dataclass
+class _HostBatch:
+    """One batch on its way to the store.
+
+    Attributes:
+        first_row: store row of the batch's first stimulus.
+        ids: the batch's stimulus ids ``(batch,)``.
+        blocks: layer -> host copy ``(batch, ...)`` in the storage dtype (pinned memory on CUDA).
+        peaks: largest ``|activation|`` of each layer and row ``(n_layers, batch)``, float32,
+            computed before the cast to the storage dtype (NaN/inf propagate).
+        copied: CUDA event recorded after the copies were queued (``None`` on the CPU).
+    """
+
+    first_row: int
+    ids: list[str]
+    blocks: dict[str, torch.Tensor]
+    peaks: torch.Tensor
+    copied: torch.cuda.Event | None
+
+
+def _to_host(
+    blocks: dict[str, torch.Tensor], dtype: np.dtype[Any], first_row: int, ids: list[str]
+) -> _HostBatch:
+    """Queue the copies of ``blocks`` (layer -> ``(batch, ...)`` float32) to the host, cast to the
+    storage dtype on the device; on CUDA the copies are asynchronous, into pinned memory, and the
+    call returns at once (no synchronisation with the device)."""
+    peaks = torch.stack([b.reshape(b.shape[0], -1).abs().amax(dim=1) for b in blocks.values()])
+    target = _TORCH_DTYPES[dtype.name]
+    device = peaks.device
+    if device.type != "cuda":
+        host = {name: b.to(target).contiguous() for name, b in blocks.items()}
+        return _HostBatch(first_row, ids, host, peaks, None)
+    host = {}
+    for name, block in blocks.items():
+        pinned = torch.empty(block.shape, dtype=target, pin_memory=True)
+        host[name] = pinned.copy_(block.to(target), non_blocking=True)
+    host_peaks = torch.empty(peaks.shape, dtype=peaks.dtype, pin_memory=True)
+    host_peaks.copy_(peaks, non_blocking=True)
+    copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    copied.record()
+    return _HostBatch(first_row, ids, host, host_peaks, copied)
+
+
 #: Largest finite float16 value: larger activations would be stored as inf.
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def _check_storable(blocks: dict[str, torch.Tensor], dtype: np.dtype, batch_ids: list[str]) -> None:
-    """Refuse NaN/inf activations and, for float16 storage, values beyond its range (checked on
-    the device, before the copy). ``blocks``: layer -> ``(batch, ...)``."""
-    for name, block in blocks.items():
-        peak = block.reshape(block.shape[0], -1).abs().amax(dim=1)  # one read; NaN/inf propagate
+def _check_storable(
+    names: Sequence[str], peaks: torch.Tensor, dtype: np.dtype[Any], batch_ids: Sequence[str]
+) -> None:
+    """Refuse NaN/inf activations and, for float16 storage, values beyond its range.
+
+    ``peaks`` ``(n_layers, batch)``: largest ``|activation|`` per layer (in ``names`` order) and
+    row. The first offending layer is reported, with every offending stimulus id.
+    """
+    for name, peak in zip(names, peaks, strict=True):
         bad = ~torch.isfinite(peak)
         problem = "NaN or infinite activations"
         if not bool(bad.any()) and dtype == np.float16:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import h5py
 import numpy as np
@@ -316,6 +318,54 @@ class StoreWriter:
     def close(self) -> None:
         if self._file.id.valid:
             self._file.close()
+
+
+Item = TypeVar("Item")
+_DONE = object()
+
+
+class BackgroundWriter(Generic[Item]):
+    """Runs ``write(item)`` on a thread of its own for every item ``put``, in order.
+
+    The caller (e.g. the extraction loop) computes batch ``b + 1`` on the device while batch ``b``
+    is copied to the host and written; h5py is only touched from this thread while it runs. At
+    most ``depth`` items wait (``put`` blocks beyond that, bounding memory). The first error of
+    ``write`` stops the writing (later items are dropped) and is raised in the caller's thread by
+    the next ``put`` or by ``close``.
+    """
+
+    def __init__(self, write: Callable[[Item], None], *, depth: int = 2) -> None:
+        self._write = write
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="o2b-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not _DONE:
+            if self._error is None:
+                try:
+                    self._write(item)
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+
+    def put(self, item: Item) -> None:
+        """Queue ``item``; raises the writer's error if one occurred."""
+        self._raise()
+        self._queue.put(item)
+
+    def close(self, *, raise_error: bool = True) -> None:
+        """Wait until every queued item is written (or dropped after an error); then raise the
+        writer's error unless ``raise_error`` is false (the caller is failing already)."""
+        if self._thread.is_alive():
+            self._queue.put(_DONE)
+            self._thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _attr_value(value: Any) -> Any:
