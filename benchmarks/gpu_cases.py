@@ -793,7 +793,7 @@ def case_dissect(
         f"  dissect on {device}: {seconds:.1f} s for {count} images "
         f"({count / seconds:.0f} images/s)"
     )
-    if budget.allows(40, "dissect CPU baseline"):
+    if budget.allows(15, "dissect CPU baseline"):
         count = sizes["cpu_images"]
         t_cpu, _ = run("cpu", count, 16)
         out["cpu_images_per_s"] = count / t_cpu
