@@ -641,9 +641,10 @@ def _extract_stages(
     start = time.perf_counter()
     batches = list(loader)
     rates["loader_read_pin"] = count / (time.perf_counter() - start)
-    ex.decode_batch(batches[0][1], batches[0][2], model.preprocessing, device)  # warm-up
+    ex.decode_batch(batches[0].payloads(), batches[0].encoded, model.preprocessing, device)
     seconds, inputs = timed(device, lambda: [
-        ex.decode_batch(b[1], b[2], model.preprocessing, device) for b in batches])  # fmt: skip
+        ex.decode_batch(b.payloads(), b.encoded, model.preprocessing, device)
+        for b in batches])  # fmt: skip
     rates["decode_resize_on_device"] = count / seconds
     network = model.module.to(device).eval()
     projections: dict[str, torch.Tensor] = {}

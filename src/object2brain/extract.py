@@ -156,15 +156,73 @@ class EncodedImageDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
         return i, tensor, False, error
 
 
-def collate_encoded(
-    items: Sequence[tuple[int, torch.Tensor, bool, str]],
-) -> tuple[torch.Tensor, list[torch.Tensor], list[bool], list[str]]:
-    """Batch of :class:`EncodedImageDataset` items: indices ``(B,)`` and lists (sizes differ)."""
-    return (
-        torch.tensor([item[0] for item in items], dtype=torch.long),
-        [item[1] for item in items],
-        [item[2] for item in items],
-        [item[3] for item in items],
+@dataclass
+class EncodedBatch:
+    """A batch of :class:`EncodedImageDataset` items in as few tensors as possible.
+
+    Every tensor a loader worker hands over costs the main process a shared-memory handle (and a
+    pinned copy): one per image capped the loader at ~1,700 images/s on a 16-core H100 host,
+    below the device's decode and forward rates. So the encoded files travel end to end in one
+    byte tensor, and the items decoded by Pillow (the fallback) in one stacked tensor.
+
+    Attributes:
+        indices: dataset index of each item ``(B,)``.
+        data: the encoded items' file bytes end to end ``(n_bytes,)`` uint8.
+        offsets: item ``j`` of the encoded ones is ``data[offsets[j]:offsets[j + 1]]``
+            ``(n_encoded + 1,)`` int64.
+        encoded: whether each item (batch order) is in ``data`` (else in ``images``) ``(B,)``.
+        images: the other items' model inputs ``(n_fallback, 3, crop, crop)`` float32, in batch
+            order (``(0,)`` when there is none).
+        errors: error message of each item, ``""`` when it loaded ``(B,)``.
+    """
+
+    indices: torch.Tensor
+    data: torch.Tensor
+    offsets: torch.Tensor
+    encoded: list[bool]
+    images: torch.Tensor
+    errors: list[str]
+
+    def payloads(self) -> list[torch.Tensor]:
+        """Each item's payload in batch order: its bytes ``(n_bytes_i,)`` (views of ``data``)
+        if encoded, else its model input ``(3, crop, crop)``."""
+        bounds = self.offsets.tolist()
+        out, next_encoded, next_image = [], 0, 0
+        for flag in self.encoded:
+            if flag:
+                out.append(self.data[bounds[next_encoded] : bounds[next_encoded + 1]])
+                next_encoded += 1
+            else:
+                out.append(self.images[next_image])
+                next_image += 1
+        return out
+
+    def pin_memory(self) -> EncodedBatch:
+        """Called by the DataLoader's pinning thread (``pin_memory=True``)."""
+        return EncodedBatch(
+            self.indices,
+            self.data.pin_memory(),
+            self.offsets,
+            self.encoded,
+            self.images.pin_memory() if self.images.numel() else self.images,
+            self.errors,
+        )
+
+
+def collate_encoded(items: Sequence[tuple[int, torch.Tensor, bool, str]]) -> EncodedBatch:
+    """Collate :class:`EncodedImageDataset` items (in the loader worker) into one
+    :class:`EncodedBatch`."""
+    encoded = [bool(item[2]) for item in items]
+    chunks = [item[1] for item, flag in zip(items, encoded, strict=True) if flag]
+    fallback = [item[1] for item, flag in zip(items, encoded, strict=True) if not flag]
+    sizes = torch.tensor([0, *(len(c) for c in chunks)], dtype=torch.int64)
+    return EncodedBatch(
+        indices=torch.tensor([item[0] for item in items], dtype=torch.long),
+        data=torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8),
+        offsets=torch.cumsum(sizes, dim=0),
+        encoded=encoded,
+        images=torch.stack(fallback) if fallback else torch.empty(0),
+        errors=[item[3] for item in items],
     )
 
 
@@ -567,7 +625,8 @@ def _run_batches(
         with LayerRecorder(network, layer_names) as recorder, torch.inference_mode():
             for batch in loader:
                 if on_device_decode:
-                    indices, payloads, encoded, errors = batch
+                    indices, payloads = batch.indices, batch.payloads()
+                    encoded, errors = batch.encoded, batch.errors
                 else:
                     indices, images, errors = batch
                 failed = [e for e in errors if e]

@@ -122,8 +122,8 @@ def test_on_device_decoding_inputs_within_one_level(model: LoadedModel, jpeg_dir
     reference = torch.stack([ImageDataset(paths, ids, prep)[i][1] for i in range(len(paths))])
     items = [EncodedImageDataset(paths, ids, prep)[i] for i in range(len(paths))]
     assert all(item[2] for item in items)  # all plain JPEGs
-    _, payloads, encoded, _ = collate_encoded(items)
-    got = decode_batch(payloads, encoded, prep, torch.device("cpu"))
+    batch = collate_encoded(items)
+    got = decode_batch(batch.payloads(), batch.encoded, prep, torch.device("cpu"))
     std = torch.tensor(prep.std)[:, None, None]
     levels = ((got - reference) * std * 255).abs()
     assert float(levels.max()) <= 3.0
@@ -174,8 +174,13 @@ def test_fallback_images_equal_the_pillow_path(model: LoadedModel, tmp_path: Pat
     prep = model.preprocessing
     reference = [ImageDataset(paths, ids, prep)[i][1] for i in range(len(paths))]
     items = [EncodedImageDataset(paths, ids, prep)[i] for i in range(len(paths))]
-    _, payloads, encoded, errors = collate_encoded(items)
+    batch = collate_encoded(items)
+    payloads, encoded, errors = batch.payloads(), batch.encoded, batch.errors
     assert errors == [""] * len(paths)
+    assert 0 < sum(encoded) < len(encoded)  # a mixed batch: bytes and Pillow inputs interleaved
+    assert batch.indices.tolist() == list(range(len(paths)))
+    for item, payload in zip(items, payloads, strict=True):  # the flat batch gives them back
+        assert torch.equal(item[1], payload)
     got = decode_batch(payloads, encoded, prep, torch.device("cpu"))
     for i, name in enumerate(ids):
         if not encoded[i]:

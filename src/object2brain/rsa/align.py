@@ -465,7 +465,10 @@ def _run(
             raise DataError(
                 f"{stim_where}: held-out stimuli not in the stimulus set: {listing(unknown)}"
             )
-        in_direct = np.isin(np.asarray(ids, dtype=object), list(behavior_ids))
+        # a set, not np.isin: on an object array isin compares every id with every held-out
+        # id (O(n * m), quadratic at corpus scale)
+        held = set(behavior_ids)
+        in_direct = np.fromiter((sid in held for sid in ids), dtype=bool, count=len(ids))
     stim_valence = None
     if ratings is None and "valence" in table.columns:
         values = pd.to_numeric(table["valence"].iloc[rows], errors="coerce").to_numpy(np.float64)
