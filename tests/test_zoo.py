@@ -194,3 +194,27 @@ def test_googlenet_checkpoint_computes_what_torchvision_pretrained_computes(
             network(x)
         handle.remove()
     torch.testing.assert_close(first[0], first[1])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_pixels_then_normalize_is_the_reference_transform_bit_for_bit(name: str) -> None:
+    """Loader workers hand over uint8 pixels and the device normalises them: the model input must
+    be exactly torchvision's one-step pipeline (written out here), batched or not."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    prep = preprocessing_for(name)
+    reference = v2.Compose(
+        [
+            v2.Resize(prep.resize_size, InterpolationMode(prep.interpolation), antialias=True),
+            v2.CenterCrop(prep.crop_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(prep.mean), list(prep.std)),
+        ]
+    )
+    photos = [shipped_photo(p) for p in ("astronaut", "coffee", "chelsea", "camera")]
+    pixels = torch.stack([prep.pixels()(photo) for photo in photos])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, prep.crop_size, prep.crop_size)
+    expected = torch.stack([reference(photo) for photo in photos])
+    assert torch.equal(prep.normalize(pixels), expected)
+    assert torch.equal(prep.transform()(photos[0]), expected[0])

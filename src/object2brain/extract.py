@@ -82,6 +82,10 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": to
 class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
     """Stimulus images as model inputs: item ``i`` is ``(i, image (3, crop, crop), error)``.
 
+    ``pixels=True``: the image is the uint8 output of :meth:`Preprocessing.pixels` (a quarter
+    of the bytes for loader workers to hand over); :meth:`Preprocessing.normalize` on the compute
+    device then gives exactly the float input of the default.
+
     Decoding errors are returned as text (``error``) rather than raised, so the main process can
     report the stimulus id and path in one clear message, whichever worker hit them.
     """
@@ -93,11 +97,17 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
         preprocessing: Preprocessing,
         *,
         augment: bool = False,
+        pixels: bool = False,
     ):
         self.paths = list(paths)
         self.ids = list(ids)
         self.crop = preprocessing.crop_size
-        self.transform = preprocessing.transform(augment=augment)
+        self.transform = (
+            preprocessing.pixels(augment=augment)
+            if pixels
+            else preprocessing.transform(augment=augment)
+        )
+        self.dtype = torch.uint8 if pixels else torch.float32
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -107,7 +117,7 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
             return index, self.transform(load_image(self.paths[index])), ""
         except Exception as exc:  # any decoder failure is reported with its stimulus
             message = f"{self.ids[index]} ({self.paths[index]}): {type(exc).__name__}: {exc}"
-            return index, torch.zeros(3, self.crop, self.crop), message
+            return index, torch.zeros(3, self.crop, self.crop, dtype=self.dtype), message
 
 
 def is_plain_jpeg(path: str | Path) -> bool:
@@ -586,7 +596,7 @@ def _run_batches(
     dataset: Dataset[Any] = (
         EncodedImageDataset(paths, ids, loaded.preprocessing)
         if on_device_decode
-        else ImageDataset(paths, ids, loaded.preprocessing)
+        else ImageDataset(paths, ids, loaded.preprocessing, pixels=True)
     )
     workers = default_workers(n - start, batch_size, device) if num_workers is None else num_workers
     loader = DataLoader(
@@ -644,7 +654,7 @@ def _run_batches(
                             f"{exc}; rerun with decode='pil' to have the file named"
                         ) from exc
                 else:
-                    inputs = images.to(device, non_blocking=True)
+                    inputs = loaded.preprocessing.normalize(images.to(device, non_blocking=True))
                 inputs = inputs.contiguous(memory_format=memory_format)
                 recorder.reset()
                 autocast = (

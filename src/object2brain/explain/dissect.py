@@ -575,7 +575,10 @@ def dissect(
     positions = sorted(prepared.by_image)
     all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
     dataset = ImageDataset(
-        [all_paths[p] for p in positions], [all_ids[p] for p in positions], loaded.preprocessing
+        [all_paths[p] for p in positions],
+        [all_ids[p] for p in positions],
+        loaded.preprocessing,
+        pixels=True,
     )
     workers = (
         default_workers(len(positions), batch_size, torch_device)
@@ -599,7 +602,7 @@ def dissect(
             cams = filter_cams(
                 network,
                 layer,
-                images.to(torch_device, non_blocking=True),
+                loaded.preprocessing.normalize(images.to(torch_device, non_blocking=True)),
                 target=target,
                 direction=direction,
             )

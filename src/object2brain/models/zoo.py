@@ -77,11 +77,23 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def transform(self, *, augment: bool = False) -> Callable[[Any], torch.Tensor]:
-        """A callable mapping an RGB PIL image to a float tensor ``(3, crop, crop)``.
+        """A callable mapping an RGB PIL image to a float tensor ``(3, crop, crop)``:
+        :meth:`pixels` then :meth:`normalize`.
 
         ``augment`` (training): a random crop instead of the centre crop, and a random
         horizontal flip.
         """
+        pixels = self.pixels(augment=augment)
+
+        def pipeline(image: Any) -> torch.Tensor:
+            return self.normalize(pixels(image))
+
+        return pipeline
+
+    def pixels(self, *, augment: bool = False) -> Callable[[Any], torch.Tensor]:
+        """The geometric part of :meth:`transform`: an RGB PIL image to its resized, cropped
+        pixels ``(3, crop, crop)`` uint8 (a quarter of the float input's bytes, for loader
+        workers to hand over; :meth:`normalize` finishes on the compute device)."""
         from torchvision.transforms import InterpolationMode, v2
 
         crop: list[Any] = (
@@ -98,11 +110,18 @@ class Preprocessing:
                 ),
                 *crop,
                 v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(self.mean), list(self.std)),
             ]
         )
         return pipeline
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ``(..., 3, H, W)`` (any device) to the model's float32 input:
+        ``(pixels / 255 - mean) / std`` per channel, by torchvision's own kernels."""
+        from torchvision.transforms.v2 import functional as TF
+
+        scaled = TF.to_dtype(pixels, torch.float32, scale=True)
+        normalized: torch.Tensor = TF.normalize(scaled, list(self.mean), list(self.std))
+        return normalized
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
