@@ -638,6 +638,13 @@ def _extract_stages(
                         collate_fn=ex.collate_encoded,
                         prefetch_factor=4 if workers else None)  # fmt: skip
     rates: dict[str, float] = {}
+    pillow = DataLoader(ex.ImageDataset(paths[:count], ids, model.preprocessing, pixels=True),
+                        batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)  # fmt: skip
+    start = time.perf_counter()
+    for _ in pillow:
+        pass
+    rates["loader_pillow_pixels_pin"] = count / (time.perf_counter() - start)
     start = time.perf_counter()
     batches = list(loader)
     rates["loader_read_pin"] = count / (time.perf_counter() - start)

@@ -515,14 +515,21 @@ def render_markdown() -> str:
         "decode to avoid pytorch/vision#9606) bounds the end-to-end rate at about 5,000 "
         "images/s by these stage rates. The first run (16:26, before b608f08 moved the writes "
         "to a background thread) gave 1,068 and 588 images/s; stores of every full layer in "
-        "float16 (1.1 GB per 1,000 images) went from 133 to 493 images/s.",
+        "float16 (1.1 GB per 1,000 images) went from 133 to 493 images/s. The Pillow path (the "
+        "default, and dissection's) now also hands over uint8 pixels and normalises on the "
+        "device (7d5314e: a quarter of the bytes; loader 1.4x on the development CPU), also not "
+        "yet measured on a GPU. To measure both: rerun the command above; the stage profile "
+        "then includes the Pillow loader.",
         "- **dissect** (goal met, 72 s for 25,000 images, 346 images/s; 585 images/s on the "
         "first 2,000): one forward + one backward per batch (all 512 maps), box importances from "
         "integral images, Pillow decoding in 16 loader workers, and the detection cache read in "
         "the main process before the first batch (one SHA-256 and one JSON file per image: 0.29 "
         "ms per image on the development CPU, about 7 s at 25,000). The full run's lower rate "
         "was not profiled. The first H100 run never finished its 2,000-image probe: dissect "
-        "re-read the stimulus list once per image (quadratic), fixed in c86729f.",
+        "re-read the stimulus list once per image (quadratic), fixed in c86729f. The GPU == CPU "
+        "check passed with enrichment within 0.98% of the CPU's, close to its 1% tolerance: "
+        "enrichment divides by whole-image means, which amplifies the TF32 convolutions' error "
+        "where a filter is nearly silent.",
         "- **rsa_stage** (no goal): 1,000 bootstrap resamples in 2.3 s (resamples are weights on "
         "the original pairs: no gathers, no sorting); a condition contrast of 500 + 500 stimuli "
         "re-ranks every RDM within both conditions per permutation, 0.86 s per 500 permutations "

@@ -211,7 +211,7 @@ class EncodedBatch:
         """Called by the DataLoader's pinning thread (``pin_memory=True``)."""
         return EncodedBatch(
             self.indices,
-            self.data.pin_memory(),
+            self.data.pin_memory() if self.data.numel() else self.data,
             self.offsets,
             self.encoded,
             self.images.pin_memory() if self.images.numel() else self.images,
