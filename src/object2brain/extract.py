@@ -1,10 +1,11 @@
 """Batched activation extraction into an activation store.
 
 One forward pass per batch records every requested layer through :class:`LayerRecorder`; the
-batch's activations are written to ``<out>.partial`` and dropped before the next batch, so memory
-is bounded by one batch whatever the number of stimuli. The store is renamed to ``<out>`` and
-marked complete only at the end; an interrupted run (Ctrl-C, crash, killed job) resumes from the
-last written batch when the same command is run again.
+batch's activations are copied to the host and written to ``<out>.partial`` on a writer thread
+while the next batch is computed, so at most three batches' activations are held (one computed,
+one waiting, one being written) whatever the number of stimuli. The store is renamed to
+``<out>`` and marked complete only at the end; an interrupted run (Ctrl-C, crash, killed job)
+resumes from the last written batch when the same command is run again.
 
 GPU options (all off by default, so stored values are today's float32 ones):
 
@@ -630,7 +631,7 @@ def _run_batches(
         writer.write_rows(batch.first_row, arrays)
         bar.update(len(batch.ids))
 
-    background: BackgroundWriter[_HostBatch] = BackgroundWriter(store)
+    background: BackgroundWriter[_HostBatch] = BackgroundWriter(store, depth=1)
     try:
         with LayerRecorder(network, layer_names) as recorder, torch.inference_mode():
             for batch in loader:
