@@ -749,7 +749,7 @@ def case_dissect(
     groups = load_groups("coco")
     workers = min(16, os.cpu_count() or 1)
 
-    def run(dev: Any, count: int, batch: int) -> tuple[float, Any]:
+    def run(dev: Any, count: int, batch: int, decode: str = "pil") -> tuple[float, Any]:
         table = pd.DataFrame(
             {
                 "stimulus_id": [p.stem for p in paths[:count]],
@@ -760,7 +760,8 @@ def case_dissect(
         return timed(torch.device(dev), lambda: dissect(
             model, stimuli, layer="layer4", detector=detector, groups=groups, target=0,
             min_images=1, batch_size=batch, device=dev, cache_dir=cache_dir, figures=False,
-            num_workers=workers if count > batch else 0, progress=False))  # fmt: skip
+            num_workers=workers if count > batch else 0, decode=decode,
+            progress=False))  # fmt: skip
 
     check = sizes["check"]
     _, on_cpu = run("cpu", check, 16)
@@ -783,6 +784,11 @@ def case_dissect(
     t_probe, _ = run(device, probe, sizes["batch"])
     rate = probe / t_probe
     out["probe"] = {"images": probe, "seconds": t_probe, "images_per_s": rate}
+    if budget.allows(15, "dissect probe with on-device decoding"):
+        t_torch, _ = run(device, probe, sizes["batch"], decode="torch")
+        out["probe_decode_torch"] = {"images": probe, "seconds": t_torch,
+                                     "images_per_s": probe / t_torch}  # fmt: skip
+        say(f"  dissect probe: {rate:.0f} images/s (Pillow), {probe / t_torch:.0f} (decode=torch)")
     count = n
     if n > probe and n / rate > budget.left() - 45:
         count = max(probe, int(rate * max(budget.left() - 45, 0) * 0.8))

@@ -386,6 +386,12 @@ def _gpu_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
         elif name == "dissect":
             seconds, rate = c.get("seconds", float("nan")), c.get("images_per_s", 0)
             measured = f"{_f(seconds, 1)} s ({_f(rate, 0)} images/s)"
+            if "probe_decode_torch" in c:
+                measured += (
+                    f"; first {c['probe']['images']:,} images: "
+                    f"{_f(c['probe']['images_per_s'], 0)} images/s (Pillow), "
+                    f"{_f(c['probe_decode_torch']['images_per_s'], 0)} (decode=torch)"
+                )
             cpu_rate, ratio = c.get("cpu_images_per_s", 0), c.get("ratio_vs_cpu", 0)
             baseline = f"CPU {_f(cpu_rate, 1)} images/s; ratio {_f(ratio, 1)}x"
             met = "met" if c.get("goal_met") else "NOT met"

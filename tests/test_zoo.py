@@ -218,3 +218,26 @@ def test_pixels_then_normalize_is_the_reference_transform_bit_for_bit(name: str)
     expected = torch.stack([reference(photo) for photo in photos])
     assert torch.equal(prep.normalize(pixels), expected)
     assert torch.equal(prep.transform()(photos[0]), expected[0])
+
+
+def test_transforms_and_datasets_pickle_for_spawned_loader_workers(tmp_path: Path) -> None:
+    """DataLoader workers started by spawn/forkserver (macOS, Windows, Python >= 3.14) receive the
+    dataset pickled: its transform must not be a closure."""
+    import pickle
+
+    from object2brain.extract import EncodedImageDataset, ImageDataset
+
+    prep = preprocessing_for("resnet18")
+    path = tmp_path / "coffee.jpg"
+    shipped_photo("coffee").save(path)
+    for dataset in (
+        ImageDataset([path], ["a"], prep),
+        ImageDataset([path], ["a"], prep, pixels=True),
+        ImageDataset([path], ["a"], prep, augment=True),
+        EncodedImageDataset([path], ["a"], prep),
+    ):
+        copy = pickle.loads(pickle.dumps(dataset))
+        torch.manual_seed(0)  # the augmenting one draws its crop and flip from torch's RNG
+        expected = dataset[0][1]
+        torch.manual_seed(0)
+        assert torch.equal(copy[0][1], expected)

@@ -338,6 +338,10 @@ def dissect_command(
     batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    decode: Annotated[
+        DecodeMode,
+        typer.Option("--decode", help="pil | torch (plain JPEGs on the device) | auto."),
+    ] = "pil",
     quiet: QuietOpt = False,
 ) -> None:
     """Per-filter Grad-CAM x object detections: which object groups each filter attends to."""
@@ -360,6 +364,7 @@ def dissect_command(
         batch_size=batch_size,
         device=device,
         seed=seed,
+        decode=decode,
         progress=not quiet,
     )
     typer.echo(f"wrote {out / 'filter_objects.csv'}")

@@ -138,6 +138,7 @@ class DissectConfig(_Strict):
     threshold: Float = 1.5
     min_images: Int = Field(5, ge=1)
     batch_size: Int = Field(16, ge=1)
+    decode: Literal["pil", "torch", "auto"] = "pil"
 
     def layer_for(self, model: str) -> str:
         if isinstance(self.layer, str):

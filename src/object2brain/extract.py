@@ -411,9 +411,7 @@ def extract(
     torch_device = resolve_device(device)
     check_writable(out)
     probe_layers(loaded, layer_names, torch_device)
-    on_device_decode = decode == "torch" or (
-        decode == "auto" and torch_device.type == "cuda" and gpu_decode_available(torch_device)
-    )
+    on_device_decode = uses_device_decoding(decode, torch_device)
 
     config: dict[str, Any] = {
         **loaded.describe(),
@@ -552,6 +550,72 @@ def _same_complete_store(path: Path, fingerprint: str) -> bool:
         return False
 
 
+def uses_device_decoding(decode: str, device: torch.device) -> bool:
+    """Whether ``decode`` (``pil`` | ``torch`` | ``auto``, validated by the caller) decodes plain
+    JPEGs on ``device``: ``torch`` always, ``auto`` on CUDA where nvJPEG works."""
+    return decode == "torch" or (
+        decode == "auto" and device.type == "cuda" and gpu_decode_available(device)
+    )
+
+
+def image_loader(
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    preprocessing: Preprocessing,
+    *,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int | None,
+    on_device_decode: bool,
+) -> DataLoader[Any]:
+    """Batches of stimulus images in order, for :func:`model_inputs`: Pillow-decoded uint8
+    pixels (:class:`ImageDataset` with ``pixels=True``) or, with ``on_device_decode``, file bytes
+    (:class:`EncodedBatch`); pinned on CUDA. ``num_workers`` ``None``: :func:`default_workers`."""
+    dataset: Dataset[Any] = (
+        EncodedImageDataset(paths, ids, preprocessing)
+        if on_device_decode
+        else ImageDataset(paths, ids, preprocessing, pixels=True)
+    )
+    workers = (
+        default_workers(len(paths), batch_size, device) if num_workers is None else num_workers
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_encoded if on_device_decode else None,
+        prefetch_factor=4 if workers > 0 and device.type == "cuda" else None,
+    )
+
+
+def model_inputs(
+    batch: Any, preprocessing: Preprocessing, device: torch.device, ids: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset indices ``(B,)`` and model inputs ``(B, 3, crop, crop)`` float32 on ``device`` of
+    one :func:`image_loader` batch; ``ids``: the loader's stimulus ids (for messages).
+
+    Raises:
+        StimulusError: an image that cannot be decoded, named with its id and path.
+    """
+    encoded_batch = isinstance(batch, EncodedBatch)
+    indices, errors = (batch.indices, batch.errors) if encoded_batch else (batch[0], batch[2])
+    failed = [e for e in errors if e]
+    if failed:
+        raise StimulusError(f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}")
+    if not encoded_batch:
+        return indices, preprocessing.normalize(batch[1].to(device, non_blocking=True))
+    try:
+        return indices, decode_batch(batch.payloads(), batch.encoded, preprocessing, device)
+    except RuntimeError as exc:  # e.g. a truncated JPEG rejected by nvJPEG
+        names = ", ".join(ids[int(i)] for i in indices)
+        raise StimulusError(
+            f"on-device JPEG decoding failed for a batch of stimuli ({names}): "
+            f"{exc}; rerun with decode='pil' to have the file named"
+        ) from exc
+
+
 def default_workers(
     n_items: int, batch_size: int, device: torch.device, *, min_batches: int = 1
 ) -> int:
@@ -594,20 +658,14 @@ def _run_batches(
     if start >= n:
         return
     paths, ids = stimuli.paths[start:], stimuli.ids[start:]
-    dataset: Dataset[Any] = (
-        EncodedImageDataset(paths, ids, loaded.preprocessing)
-        if on_device_decode
-        else ImageDataset(paths, ids, loaded.preprocessing, pixels=True)
-    )
-    workers = default_workers(n - start, batch_size, device) if num_workers is None else num_workers
-    loader = DataLoader(
-        dataset,
+    loader = image_loader(
+        paths,
+        ids,
+        loaded.preprocessing,
+        device=device,
         batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_encoded if on_device_decode else None,
-        prefetch_factor=4 if workers > 0 and device.type == "cuda" else None,
+        num_workers=num_workers,
+        on_device_decode=on_device_decode,
     )
     network = loaded.module.to(device).eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -635,27 +693,7 @@ def _run_batches(
     try:
         with LayerRecorder(network, layer_names) as recorder, torch.inference_mode():
             for batch in loader:
-                if on_device_decode:
-                    indices, payloads = batch.indices, batch.payloads()
-                    encoded, errors = batch.encoded, batch.errors
-                else:
-                    indices, images, errors = batch
-                failed = [e for e in errors if e]
-                if failed:
-                    raise StimulusError(
-                        f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}"
-                    )
-                if on_device_decode:
-                    try:
-                        inputs = decode_batch(payloads, encoded, loaded.preprocessing, device)
-                    except RuntimeError as exc:  # e.g. a truncated JPEG rejected by nvJPEG
-                        names = ", ".join(ids[int(i)] for i in indices)
-                        raise StimulusError(
-                            f"on-device JPEG decoding failed for a batch of stimuli ({names}): "
-                            f"{exc}; rerun with decode='pil' to have the file named"
-                        ) from exc
-                else:
-                    inputs = loaded.preprocessing.normalize(images.to(device, non_blocking=True))
+                indices, inputs = model_inputs(batch, loaded.preprocessing, device, ids)
                 inputs = inputs.contiguous(memory_format=memory_format)
                 recorder.reset()
                 autocast = (
@@ -729,7 +767,7 @@ def _to_host(
     host_peaks = torch.empty(peaks.shape, dtype=peaks.dtype, pin_memory=True)
     host_peaks.copy_(peaks, non_blocking=True)
     copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    copied.record()
+    copied.record(torch.cuda.current_stream(device))  # the copies' stream (cuda:N, not cuda:0)
     return _HostBatch(first_row, ids, host, host_peaks, copied)
 
 

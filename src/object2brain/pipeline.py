@@ -428,6 +428,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
                     device=device,
                     seed=seed,
                     cache_dir=out / "detections_cache",
+                    decode=options_d.decode,
                     progress=progress,
                 )
                 return list(result.files)
@@ -435,7 +436,13 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             payload = {
                 "stage": "dissect",
                 # the groups and boxes files enter by content (below), not by path
-                "options": options_d.model_dump(mode="json", exclude={"groups", "detector"})
+                # decode: only when not the default, so that studies dissected before the
+                # option existed keep their stage keys
+                "options": options_d.model_dump(
+                    mode="json",
+                    exclude={"groups", "detector"}
+                    | ({"decode"} if options_d.decode == "pil" else set()),
+                )
                 | {"detector": "boxes" if _boxes_file(options_d.detector) else options_d.detector},
                 "groups": _fingerprint(options_d.groups),
                 "boxes": _fingerprint(_boxes_file(options_d.detector)),

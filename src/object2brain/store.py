@@ -16,6 +16,7 @@ interrupted extraction resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import tempfile
@@ -30,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from object2brain.errors import StoreError, require_unique_ids
+
+log = logging.getLogger("object2brain.store")
 
 PARTIAL_SUFFIX = ".partial"
 _STRING = h5py.string_dtype(encoding="utf-8")
@@ -341,8 +344,15 @@ class BackgroundWriter(Generic[Item]):
         self._thread = threading.Thread(target=self._drain, name="o2b-writer", daemon=True)
         self._thread.start()
 
+    def _get(self) -> Any:
+        # polls: a KeyboardInterrupt in the caller between the queue's append and its notify
+        # would otherwise leave this thread asleep with an item queued, and close() hung
+        while True:
+            with suppress(queue.Empty):
+                return self._queue.get(timeout=0.1)
+
     def _drain(self) -> None:
-        while (item := self._queue.get()) is not _DONE:
+        while (item := self._get()) is not _DONE:
             if self._error is None:
                 try:
                     self._write(item)
@@ -362,6 +372,9 @@ class BackgroundWriter(Generic[Item]):
             self._thread.join()
         if raise_error:
             self._raise()
+        elif self._error is not None:  # not lost behind the caller's own error
+            log.error("the writer thread had failed too: %s: %s", type(self._error).__name__,
+                      self._error)  # fmt: skip
 
     def _raise(self) -> None:
         if self._error is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -31,12 +32,13 @@ def test_cli_dissect_with_target(stimulus_table: Path, tmp_path: Path) -> None:
     argv = ["dissect", "--model", "resnet18", "--weights", "none", "--layer", "layer4",
             "--stimuli", str(stimulus_table), "--detector", f"boxes:{_boxes(tmp_path)}",
             "--target", "281", "--min-images", "1", "--out", str(out), "--device", "cpu",
-            "--quiet"]  # fmt: skip
+            "--decode", "torch", "--quiet"]  # fmt: skip
     assert run(argv) == 0
     table = pd.read_csv(out / "filter_objects.csv")
     assert tuple(table.columns) == FILTER_OBJECTS_COLUMNS
     assert set(table["model"]) == {"resnet18"} and table["filter"].nunique() == 512
     assert (out / "manifest.json").is_file() and (out / "figures").is_dir()
+    assert json.loads((out / "manifest.json").read_text())["config"]["decode"] == "torch"
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -130,3 +131,53 @@ def test_stimulus_lists_are_built_once_not_per_image(
                 gallery_filters=1, gallery_images=3, batch_size=2, progress=False)  # fmt: skip
         counts.append(dict(reads))
     assert counts[0] == counts[1], counts
+
+
+def test_on_device_decoding_gives_the_same_dissection(
+    composites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """decode="torch" (nvJPEG on a GPU; torchvision's CPU decoder here) takes the plain JPEGs:
+    the same filter is assigned and the statistics agree within the decoders' one-level
+    difference; the mode is recorded in the manifest; a PNG still goes through Pillow."""
+    import sys
+
+    from PIL import Image
+
+    table = pd.read_csv(composites)
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    paths = []
+    for i, source in enumerate(table["path"]):
+        target = folder / (Path(source).stem + (".png" if i == 0 else ".jpg"))
+        Image.open(source).convert("RGB").save(target, quality=95)
+        paths.append(str(target))
+    jpegs = tmp_path / "stimuli.csv"
+    table.assign(path=paths).to_csv(jpegs, index=False)
+    extract_module = sys.modules["object2brain.extract"]
+    decoded: list[int] = []
+    original = extract_module._decode_jpeg
+    monkeypatch.setattr(
+        extract_module,
+        "_decode_jpeg",
+        lambda data, device: (decoded.append(len(data)), original(data, device))[1],
+    )
+    runs = {}
+    for decode in ("pil", "torch"):
+        runs[decode] = dissect(planted_model(), jpegs, layer="features", out=tmp_path / decode,
+                               device="cpu", figures=False, decode=decode, batch_size=4,
+                               progress=False)  # fmt: skip
+    used = runs["pil"].summary["images_used"]
+    assert sum(decoded) == used - 1  # every JPEG used, not the PNG
+    for result in runs.values():
+        assigned = result.table[result.table["assigned"]]
+        assert assigned[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Faces"]]
+    a, b = runs["pil"].table, runs["torch"].table
+    faces = (a["group"] == "Faces").to_numpy()
+    for column in ("importance", "enrichment"):
+        scale = float(np.nanmax(np.abs(a.loc[faces, column])))
+        assert float(np.nanmax(np.abs(a.loc[faces, column] - b.loc[faces, column]))) < 1e-2 * scale
+    manifest = json.loads((tmp_path / "torch" / "manifest.json").read_text())
+    assert manifest["config"]["decode"] == "torch"
+    with pytest.raises(DataError, match="--decode"):
+        dissect(planted_model(), jpegs, layer="features", device="cpu", decode="nvjpeg",
+                progress=False)  # fmt: skip

@@ -458,6 +458,7 @@ def dissect(
     gallery_filters: int = 3,
     gallery_images: int = 4,
     num_workers: int | None = None,
+    decode: str = "pil",
     progress: bool = True,
 ) -> DissectResult:
     """EmoCAM++: per-filter Grad-CAM x object detections -> the ``filter_objects`` table.
@@ -485,6 +486,10 @@ def dissect(
         gallery_filters / gallery_images: top filters per group, images per filter, in galleries.
         num_workers: image decoding workers (default:
             :func:`~object2brain.extract.default_workers`).
+        decode: ``pil`` (default) | ``torch`` | ``auto``: decode plain JPEGs on the compute
+            device, as :func:`~object2brain.extract.extract` does (inputs within about one 8-bit
+            level of Pillow's; at corpus scale on a GPU, Pillow decoding in the loader workers
+            is what bounds a dissection).
         progress: progress bars.
 
     Summary counts: ``images``, ``images_used``, ``images_without_detections`` (left out),
@@ -497,13 +502,17 @@ def dissect(
         ModelError: no valence head and no ``target``.
         DataError: bad boxes / groups files, or no image with a usable detection.
     """
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from object2brain.data.stimuli import StimulusSet, load_stimuli
     from object2brain.devices import resolve_device
     from object2brain.explain.detectors import GivenBoxes
-    from object2brain.extract import ImageDataset, default_workers
+    from object2brain.extract import (
+        DECODE_MODES,
+        image_loader,
+        model_inputs,
+        uses_device_decoding,
+    )
     from object2brain.models.layers import resolve_layers
     from object2brain.models.zoo import LoadedModel, load_model
 
@@ -512,6 +521,8 @@ def dissect(
         raise DataError(f"--direction {direction!r}: use positive, negative or abs")
     if batch_size < 1:
         raise DataError(f"batch size {batch_size}: must be at least 1")
+    if decode not in DECODE_MODES:
+        raise DataError(f"--decode {decode!r}: use {', '.join(DECODE_MODES)}")
     if out is not None:
         check_output_folder(out)
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
@@ -574,38 +585,23 @@ def dissect(
     accumulator = GroupAccumulator(G, n_filters, top=gallery_images)
     positions = sorted(prepared.by_image)
     all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
-    dataset = ImageDataset(
+    used_ids = [all_ids[p] for p in positions]
+    on_device_decode = uses_device_decoding(decode, torch_device)
+    loader = image_loader(
         [all_paths[p] for p in positions],
-        [all_ids[p] for p in positions],
+        used_ids,
         loaded.preprocessing,
-        pixels=True,
-    )
-    workers = (
-        default_workers(len(positions), batch_size, torch_device)
-        if num_workers is None
-        else num_workers
-    )
-    loader = DataLoader(
-        dataset,
+        device=torch_device,
         batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=torch_device.type == "cuda",
+        num_workers=num_workers,
+        on_device_decode=on_device_decode,
     )
     bar = tqdm(total=len(positions), disable=not progress, unit="img", desc="dissect")
     try:
-        for indices, images, errors in loader:
-            failed = [e for e in errors if e]
-            if failed:
-                raise DataError(f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}")
+        for batch in loader:
+            indices, inputs = model_inputs(batch, loaded.preprocessing, torch_device, used_ids)
             batch_positions = torch.tensor([positions[int(i)] for i in indices])
-            cams = filter_cams(
-                network,
-                layer,
-                loaded.preprocessing.normalize(images.to(torch_device, non_blocking=True)),
-                target=target,
-                direction=direction,
-            )
+            cams = filter_cams(network, layer, inputs, target=target, direction=direction)
             boxes, image_index, group_index = _batch_boxes(prepared, batch_positions.tolist())
             importance = box_importance(cams.maps, boxes, image_index, (crop, crop))
             whole = image_means(cams.maps, (crop, crop))
@@ -663,6 +659,7 @@ def dissect(
                 batch_size=batch_size,
                 device=torch_device,
                 seed=seed,
+                decode="torch" if on_device_decode else "pil",
             )
         )
     summary["seconds"] = round(time.time() - started, 3)

@@ -83,11 +83,12 @@ class Preprocessing:
         ``augment`` (training): a random crop instead of the centre crop, and a random
         horizontal flip.
         """
-        pixels = self.pixels(augment=augment)
+        from torchvision.transforms import v2
 
-        def pipeline(image: Any) -> torch.Tensor:
-            return self.normalize(pixels(image))
-
+        # a Compose, not a closure: loader workers started by spawn/forkserver pickle it
+        pipeline: Callable[[Any], torch.Tensor] = v2.Compose(
+            [self.pixels(augment=augment), self.normalize]
+        )
         return pipeline
 
     def pixels(self, *, augment: bool = False) -> Callable[[Any], torch.Tensor]:
