@@ -758,8 +758,8 @@ def _to_host(
     target = _TORCH_DTYPES[dtype.name]
     device = peaks.device
     if device.type != "cuda":
-        host = {name: b.to(target).contiguous() for name, b in blocks.items()}
-        return _HostBatch(first_row, ids, host, peaks, None)
+        host = {name: b.to("cpu", target).contiguous() for name, b in blocks.items()}
+        return _HostBatch(first_row, ids, host, peaks.cpu(), None)
     host = {}
     for name, block in blocks.items():
         pinned = torch.empty(block.shape, dtype=target, pin_memory=True)
