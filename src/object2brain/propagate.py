@@ -17,11 +17,10 @@ import pandas as pd
 import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
-from torch.utils.data import DataLoader
 
 from object2brain.data.stimuli import StimulusSet
 from object2brain.errors import DataError, LayerError
-from object2brain.extract import ImageDataset
+from object2brain.extract import image_loader, model_inputs
 from object2brain.lesion import condition_sets, with_group_labels, with_group_means
 from object2brain.lesion_engine import condensed_subset
 from object2brain.models.layers import VALENCE_LAYER, ForwardHooks, LayerRecorder
@@ -69,8 +68,9 @@ def forward_with_mask(
     """
     device = torch.device(device)
     names = [name for name in record if name != VALENCE_LAYER]
-    dataset = ImageDataset(stimuli.paths, stimuli.ids, model.preprocessing)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    ids = stimuli.ids
+    loader = image_loader(stimuli.paths, ids, model.preprocessing, device=device,
+                          batch_size=batch_size, num_workers=0, on_device_decode=False)  # fmt: skip
     network = model.module.to(device).eval()
     blocks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     valence: list[np.ndarray] = []
@@ -79,12 +79,10 @@ def forward_with_mask(
         LayerRecorder(network, names) as recorder,
         torch.inference_mode(),
     ):
-        for _, images, errors in loader:
-            failed = [e for e in errors if e]
-            if failed:
-                raise DataError(f"image(s) could not be decoded: {'; '.join(failed)}")
+        for batch in loader:
+            _, inputs = model_inputs(batch, model.preprocessing, device, ids)
             recorder.reset()
-            output = network(images.to(device))
+            output = network(inputs)
             for name in names:
                 blocks[name].append(recorder.outputs[name].cpu().numpy())
             if model.has_head:

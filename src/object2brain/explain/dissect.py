@@ -560,12 +560,11 @@ def dissect(
     cache = (
         cache_dir if cache_dir is not None else (out_path / "detection_cache" if out_path else None)
     )
+    all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
     if isinstance(det, GivenBoxes):  # boxes need no pixels: image sizes from the headers
-        found, hits = given_box_detections(det, stimulus_set.ids, stimulus_set.paths), 0
+        found, hits = given_box_detections(det, all_ids, all_paths), 0
     else:
-        found, hits = detect_images(
-            det, stimulus_set.ids, stimulus_set.paths, cache_dir=cache, progress=progress
-        )
+        found, hits = detect_images(det, all_ids, all_paths, cache_dir=cache, progress=progress)
     prepared = prepare_boxes(found, group_map, resize=resize, crop=crop)
     counts = prepared.counts
     unmatched = det.unmatched() if isinstance(det, GivenBoxes) else []
@@ -584,7 +583,6 @@ def dissect(
         n_images[np.unique(gids)] += 1
     accumulator = GroupAccumulator(G, n_filters, top=gallery_images)
     positions = sorted(prepared.by_image)
-    all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
     used_ids = [all_ids[p] for p in positions]
     on_device_decode = uses_device_decoding(decode, torch_device)
     loader = image_loader(

@@ -51,8 +51,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from object2brain.errors import DataError, ModelError, StimulusError
-from object2brain.extract import ImageDataset, default_workers
+from object2brain.errors import DataError, ModelError
+from object2brain.extract import ImageDataset, default_workers, model_inputs
 
 if TYPE_CHECKING:
     from object2brain.data.findingemo import RatedImages
@@ -224,8 +224,9 @@ class BackboneFeatures:
         self.device = device
         self.num_workers = num_workers
         self.progress = progress
+        self.ids = stimuli.ids
         self.dataset = ImageDataset(
-            stimuli.paths, stimuli.ids, loaded.preprocessing, augment=augment
+            stimuli.paths, self.ids, loaded.preprocessing, augment=augment, pixels=True
         )
         self.module = loaded.module.to(device).eval()
         self.output = self.module.get_submodule(loaded.output_layer)
@@ -251,15 +252,13 @@ class BackboneFeatures:
         handle = self.output.register_forward_pre_hook(hook)
         bar = tqdm(total=len(order), disable=not self.progress, unit="img", desc="features")
         try:
-            for indices, images, errors in loader:
-                failed = [e for e in errors if e]
-                if failed:
-                    raise StimulusError(
-                        f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}"
-                    )
+            for batch in loader:
+                indices, inputs = model_inputs(
+                    batch, self.loaded.preprocessing, self.device, self.ids
+                )
                 captured.clear()
                 with torch.no_grad():  # not around the yield: the consumer may need gradients
-                    self.module(images.to(self.device, non_blocking=True))
+                    self.module(inputs)
                 if not captured:
                     raise ModelError(
                         f"{self.loaded.arch}: output layer {self.loaded.output_layer!r} "
