@@ -33,7 +33,7 @@ HEAD_IN = {"resnet18": 512, "resnet50": 2048, "efficientnet_lite0": 1280, "vgg16
 
 
 def model_with_head(arch: str, weights: str, folder: Path) -> object:
-    from object2brain.models.heads import save_head
+    from object2brain.heads.io import save_head
     from object2brain.models.zoo import OUTPUT_LAYERS, load_model
 
     torch.manual_seed(0)

@@ -105,7 +105,7 @@ def bench_throughput(n_images: int, batch_size: int, workdir: Path) -> dict[str,
 
 def _max_relative_difference(reference: Path, other: Path) -> float:
     """Largest ``max |a - b| / max |a|`` over the layers of two stores of the same stimuli."""
-    from object2brain.store import ActivationStore
+    from object2brain.activations.store import ActivationStore
 
     worst = 0.0
     with ActivationStore.open(reference) as a, ActivationStore.open(other) as b:

@@ -299,7 +299,7 @@ def _condensed_prefix(n: int, k: int) -> torch.Tensor:
 
 
 def case_lesion(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
-    from object2brain.lesion_engine import FilterStats, random_subset_masks
+    from object2brain.lesion.engine import FilterStats, random_subset_masks
     from object2brain.rsa.compare import prepare
     from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 
@@ -431,11 +431,11 @@ def case_extract(
 ) -> dict[str, Any]:
     import importlib
 
-    ex = importlib.import_module("object2brain.extract")  # the package exports a function too
+    ex = importlib.import_module("object2brain.activations.extract")
+    from object2brain.activations.store import ActivationStore
     from object2brain.data.stimuli import load_stimuli
     from object2brain.models.layers import LayerRecorder, list_layers
     from object2brain.models.zoo import load_model
-    from object2brain.store import ActivationStore
 
     n, batch = sizes["n"], sizes["batch"]
     workers = min(16, os.cpu_count() or 1) if n > batch else 0
@@ -626,19 +626,21 @@ def _extract_stages(
     end-to-end rate (stages overlap: loader workers, device, writer thread)."""
     from torch.utils.data import DataLoader
 
+    from object2brain.activations.store import StoreWriter
+    from object2brain.models import inputs as image_inputs
     from object2brain.models.layers import LayerRecorder
-    from object2brain.store import StoreWriter
 
     batch = sizes["batch"]
     count = min(len(paths), 10 * batch)
     ids = [p.stem for p in paths[:count]]
-    dataset = ex.EncodedImageDataset(paths[:count], ids, model.preprocessing)
+    dataset = image_inputs.EncodedImageDataset(paths[:count], ids, model.preprocessing)
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers,
                         pin_memory=device.type == "cuda",
-                        collate_fn=ex.collate_encoded,
+                        collate_fn=image_inputs.collate_encoded,
                         prefetch_factor=4 if workers else None)  # fmt: skip
     rates: dict[str, float] = {}
-    pillow = DataLoader(ex.ImageDataset(paths[:count], ids, model.preprocessing, pixels=True),
+    pixels = image_inputs.ImageDataset(paths[:count], ids, model.preprocessing, pixels=True)
+    pillow = DataLoader(pixels,
                         batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)  # fmt: skip
     start = time.perf_counter()
@@ -648,9 +650,11 @@ def _extract_stages(
     start = time.perf_counter()
     batches = list(loader)
     rates["loader_read_pin"] = count / (time.perf_counter() - start)
-    ex.decode_batch(batches[0].payloads(), batches[0].encoded, model.preprocessing, device)
+    image_inputs.decode_batch(
+        batches[0].payloads(), batches[0].encoded, model.preprocessing, device
+    )
     seconds, inputs = timed(device, lambda: [
-        ex.decode_batch(b.payloads(), b.encoded, model.preprocessing, device)
+        image_inputs.decode_batch(b.payloads(), b.encoded, model.preprocessing, device)
         for b in batches])  # fmt: skip
     rates["decode_resize_on_device"] = count / seconds
     network = model.module.to(device).eval()

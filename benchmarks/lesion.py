@@ -22,7 +22,7 @@ import torch
 from scipy.spatial.distance import pdist
 from scipy.stats import rankdata
 
-from object2brain.lesion_engine import FilterStats, random_subset_masks
+from object2brain.lesion.engine import FilterStats, random_subset_masks
 from object2brain.rsa.compare import compare
 
 

@@ -68,7 +68,8 @@ def run(
     n_images: int = 70, epochs: int = 20, batch_size: int = 32, device: str = "cpu"
 ) -> dict[str, object]:
     """The three runs; returns wall times and ratios as a dict."""
-    from object2brain.models.heads import load_head, train_head
+    from object2brain.heads.io import load_head
+    from object2brain.heads.train import train_head
 
     args = argparse.Namespace(
         n_images=n_images, epochs=epochs, batch_size=batch_size, device=device

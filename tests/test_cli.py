@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from object2brain.activations.store import ActivationStore
 from object2brain.cli import main
 from object2brain.models.zoo import build_architecture
-from object2brain.store import ActivationStore
 
 
 def run(argv: list[str]) -> int:

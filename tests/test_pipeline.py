@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from object2brain.config import ConfigError, load_config
-from object2brain.pipeline import run_study
-from object2brain.store import ActivationStore
+from object2brain.activations.store import ActivationStore
+from object2brain.pipeline.config import ConfigError, load_config
+from object2brain.pipeline.run import run_study
 
 
 def write_config(folder: Path, payload: dict[str, Any]) -> Path:
@@ -287,7 +287,7 @@ def test_stage_outputs_outside_the_output_folder_are_not_reused(tmp_path: Path) 
     import json
     import shutil
 
-    stages_module = importlib.import_module("object2brain.pipeline")
+    stages_module = importlib.import_module("object2brain.pipeline.run")
     first = tmp_path / "first"
     (first / "rsa").mkdir(parents=True)
     (first / "rsa" / "alignment.csv").write_text("x\n")
@@ -320,7 +320,7 @@ def test_interrupted_run_completes_identically(
     run_study(write_config(reference_dir, study), progress=False)
 
     # the package exports the function o2b.lesion, so fetch the module itself
-    lesion_module = importlib.import_module("object2brain.lesion")
+    lesion_module = importlib.import_module("object2brain.lesion.analysis")
 
     original = lesion_module.run_lesion
 
@@ -349,7 +349,7 @@ def test_interrupted_run_completes_identically(
 
 
 def test_example_config_is_valid() -> None:
-    from object2brain.config import RunConfig
+    from object2brain.pipeline.config import RunConfig
 
     example = Path(__file__).resolve().parents[1] / "examples" / "study.yaml"
     config = RunConfig.model_validate(yaml.safe_load(example.read_text()))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from object2brain.extract import extract
+from object2brain.activations.extract import extract
+from object2brain.activations.projection import project, srp_error_bound, srp_matrix
+from object2brain.activations.store import ActivationStore
 from object2brain.models.zoo import load_model
-from object2brain.projection import project, srp_error_bound, srp_matrix
-from object2brain.store import ActivationStore
 
 
 def correlation_distances(x: np.ndarray) -> np.ndarray:

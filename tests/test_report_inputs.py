@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from object2brain.errors import DataError
-from object2brain.lesion import OBJECT2BRAIN_COLUMNS
+from object2brain.lesion.analysis import OBJECT2BRAIN_COLUMNS
 from object2brain.report.build import build_report
 from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, CONTRAST_COLUMNS
 

@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
+from object2brain.activations.store import ActivationStore, BackgroundWriter
 from object2brain.errors import StoreError
-from object2brain.store import ActivationStore, BackgroundWriter
 
 
 def _foreign_store(

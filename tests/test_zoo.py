@@ -225,7 +225,7 @@ def test_transforms_and_datasets_pickle_for_spawned_loader_workers(tmp_path: Pat
     dataset pickled: its transform must not be a closure."""
     import pickle
 
-    from object2brain.extract import EncodedImageDataset, ImageDataset
+    from object2brain.models.inputs import EncodedImageDataset, ImageDataset
 
     prep = preprocessing_for("resnet18")
     path = tmp_path / "coffee.jpg"

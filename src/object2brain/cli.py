@@ -13,9 +13,10 @@ from typing import Annotated
 
 import typer
 
+from object2brain.activations.extract import AmpDtype, StorageDtype
 from object2brain.errors import DataError, Object2BrainError
-from object2brain.extract import AmpDtype, DecodeMode, StorageDtype
-from object2brain.lesion_engine import NullKind
+from object2brain.lesion.engine import NullKind
+from object2brain.models.inputs import DecodeMode
 
 app = typer.Typer(
     name="object2brain",
@@ -134,8 +135,8 @@ def extract_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Extract activations of MODEL for every stimulus into an HDF5 activation store."""
+    from object2brain.activations.extract import extract
     from object2brain.data.stimuli import load_stimuli
-    from object2brain.extract import extract
     from object2brain.models.zoo import load_model
 
     _quiet(quiet)
@@ -259,7 +260,7 @@ def train_head_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a one-output valence head on frozen backbone(s): FindingEmo or a rated stimulus set."""
-    from object2brain.models.heads import train_head
+    from object2brain.heads.train import train_head
 
     _quiet(quiet)
     result = train_head(
@@ -499,7 +500,7 @@ def lesion_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Object2Brain: lesion / keep only each object group's filters and test the change in r."""
-    from object2brain.lesion import run_lesion
+    from object2brain.lesion.analysis import run_lesion
 
     _quiet(quiet)
     loaded = None
@@ -540,7 +541,7 @@ def run_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Run every stage of a study; finished stages are reused, an interrupted run resumes."""
-    from object2brain.pipeline import run_study
+    from object2brain.pipeline.run import run_study
 
     _quiet(quiet)
     result = run_study(config, progress=not quiet)

@@ -13,7 +13,7 @@
    three ROIs: ``EVC`` from an early layer, ``FFA`` from the face-selective filters of a late
    layer (chosen from the ground truth: face present vs absent, before any dissection), and
    ``VAL`` from the valence, responding at 30% gain in incongruent scenes.
-4. **Stages**: the study runs through :func:`object2brain.pipeline.run_config` (extraction,
+4. **Stages**: the study runs through :func:`object2brain.pipeline.run.run_config` (extraction,
    simulation, valence head trained on the simulated ratings, RSA, EmoCAM++ dissection with the
    OpenCV face detector, Object2Brain lesions, report).
 
@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from object2brain.config import RunConfig
 from object2brain.data.stimuli import StimulusSet, load_stimuli
+from object2brain.pipeline.config import RunConfig
 
 log = logging.getLogger("object2brain.demo")
 
@@ -201,9 +201,9 @@ def face_selective_filters(
     """
     import torch
 
+    from object2brain.activations.store import ActivationStore
     from object2brain.explain.dissect import InputGeometry, box_importance, image_means
     from object2brain.models.zoo import preprocessing_for
-    from object2brain.store import ActivationStore
 
     boxes = pd.read_csv(boxes_csv).set_index("stimulus_id")
     ids = [sid for sid in stimuli.ids if sid in boxes.index]
@@ -294,9 +294,9 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Build the demo study in ``out``, run every stage and return the report path."""
-    from object2brain.extract import extract
+    from object2brain.activations.extract import extract
     from object2brain.models.zoo import load_model
-    from object2brain.pipeline import run_config
+    from object2brain.pipeline.run import run_config
 
     if size not in SIZES:
         raise ValueError(f"size {size!r}: use {', '.join(SIZES)}")

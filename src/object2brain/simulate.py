@@ -51,10 +51,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from object2brain.activations.store import ActivationStore
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.errors import DataError, StoreError, listing
+from object2brain.io import atomic_path, check_output_folder, write_json
 from object2brain.manifest import build_manifest, cached_file_sha256
-from object2brain.store import ActivationStore, atomic_path, check_output_folder, write_json
 
 RATING_RANGE = (-3.0, 3.0)
 

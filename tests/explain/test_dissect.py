@@ -153,7 +153,7 @@ def test_on_device_decoding_gives_the_same_dissection(
         paths.append(str(target))
     jpegs = tmp_path / "stimuli.csv"
     table.assign(path=paths).to_csv(jpegs, index=False)
-    extract_module = sys.modules["object2brain.extract"]
+    extract_module = sys.modules["object2brain.models.inputs"]
     decoded: list[int] = []
     original = extract_module._decode_jpeg
     monkeypatch.setattr(

@@ -16,7 +16,7 @@ from object2brain.explain.filtercam import (
     gradcam_map,
     upsample_maps,
 )
-from object2brain.models.heads import save_head
+from object2brain.heads.io import save_head
 from object2brain.models.zoo import load_model
 
 

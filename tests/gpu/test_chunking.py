@@ -17,7 +17,7 @@ from object2brain.devices import (
     is_out_of_memory,
     pick_chunk,
 )
-from object2brain.lesion_engine import FilterStats, random_subset_masks
+from object2brain.lesion.engine import FilterStats, random_subset_masks
 from object2brain.rsa import inference
 from object2brain.rsa.compare import WeightedComparison
 from object2brain.rsa.inference import bootstrap_ci, condition_difference_test, mantel_test

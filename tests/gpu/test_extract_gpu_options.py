@@ -15,8 +15,9 @@ from PIL import Image
 
 import object2brain as o2b
 from o2b_testing import PHOTOS, shipped_photo
+from object2brain.activations.store import ActivationStore
 from object2brain.errors import StoreError
-from object2brain.extract import (
+from object2brain.models.inputs import (
     EncodedImageDataset,
     ImageDataset,
     collate_encoded,
@@ -25,10 +26,8 @@ from object2brain.extract import (
     is_plain_jpeg,
 )
 from object2brain.models.zoo import LoadedModel
-from object2brain.store import ActivationStore
 
-# the package function ``extract`` shadows the submodule of that name
-ex = importlib.import_module("object2brain.extract")
+image_inputs = importlib.import_module("object2brain.models.inputs")
 LAYERS = ["conv1", "layer2", "fc"]
 
 
@@ -205,8 +204,8 @@ def test_default_fingerprint_is_unchanged(
 def test_default_workers_leave_cpu_cores_to_the_forward_pass(
     monkeypatch: pytest.MonkeyPatch, cores: int, cpu_workers: int, cuda_workers: int
 ) -> None:
-    monkeypatch.setattr(ex.os, "cpu_count", lambda: cores)
-    assert ex.default_workers(1000, 32, torch.device("cpu")) == cpu_workers
-    assert ex.default_workers(1000, 32, torch.device("cuda")) == cuda_workers
-    assert ex.default_workers(32, 32, torch.device("cuda")) == 0  # one batch: no workers
-    assert ex.default_workers(100, 32, torch.device("cuda"), min_batches=4) == 0
+    monkeypatch.setattr(image_inputs.os, "cpu_count", lambda: cores)
+    assert image_inputs.default_workers(1000, 32, torch.device("cpu")) == cpu_workers
+    assert image_inputs.default_workers(1000, 32, torch.device("cuda")) == cuda_workers
+    assert image_inputs.default_workers(32, 32, torch.device("cuda")) == 0  # one batch: no workers
+    assert image_inputs.default_workers(100, 32, torch.device("cuda"), min_batches=4) == 0

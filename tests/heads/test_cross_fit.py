@@ -13,17 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from object2brain.activations.extract import extract
+from object2brain.activations.store import ActivationStore
 from object2brain.data.splits import make_folds, valence_levels
 from object2brain.errors import DataError
-from object2brain.extract import extract
-from object2brain.models.heads import (
+from object2brain.heads.train import (
     CachedFeatures,
     cross_fitted_predictions,
     fit_head,
     predict,
     train_head,
 )
-from object2brain.store import ActivationStore
 
 CPU = torch.device("cpu")
 

@@ -15,7 +15,7 @@ from object2brain.data.findingemo import (
     load_rated_stimuli,
 )
 from object2brain.errors import DataError
-from object2brain.models.heads import train_head
+from object2brain.heads.train import train_head
 
 
 def test_package_annotations_have_the_documented_columns(tmp_path: Path) -> None:

@@ -13,18 +13,13 @@ import pytest
 import torch
 from heads_helpers import run_cli, tiny_model
 
+from object2brain.activations.extract import extract
+from object2brain.activations.store import ActivationStore
 from object2brain.data.stimuli import load_stimuli
 from object2brain.errors import DataError, ModelError, StoreError
-from object2brain.extract import extract
-from object2brain.models.heads import (
-    TrainHeadResult,
-    level_weights,
-    load_head,
-    save_head,
-    train_head,
-)
+from object2brain.heads.io import load_head, save_head
+from object2brain.heads.train import TrainHeadResult, level_weights, train_head
 from object2brain.models.zoo import load_model
-from object2brain.store import ActivationStore
 
 LITE0 = "efficientnet_lite0"
 

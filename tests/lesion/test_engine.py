@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import pdist
 
+from object2brain.activations.store import ActivationStore
 from object2brain.errors import DataError
-from object2brain.lesion_engine import (
+from object2brain.lesion.engine import (
     MAX_STRATA,
     FilterStats,
     condensed_subset,
@@ -22,7 +23,6 @@ from object2brain.lesion_engine import (
     random_subset_masks,
 )
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
-from object2brain.store import ActivationStore
 
 SCIPY_METRIC = {"correlation": "correlation", "euclidean": "euclidean", "cosine": "cosine"}
 

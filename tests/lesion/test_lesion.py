@@ -14,14 +14,19 @@ import torch
 from torch import nn
 
 import object2brain as o2b
+from object2brain.activations.extract import extract
+from object2brain.activations.store import ActivationStore
 from object2brain.errors import DataError, ModelError
-from object2brain.extract import extract
-from object2brain.lesion import OBJECT2BRAIN_COLUMNS, condition_sets, group_filters, run_lesion
-from object2brain.models.heads import save_head
+from object2brain.heads.io import save_head
+from object2brain.lesion.analysis import (
+    OBJECT2BRAIN_COLUMNS,
+    condition_sets,
+    group_filters,
+    run_lesion,
+)
+from object2brain.lesion.propagate import forward_with_mask
 from object2brain.models.zoo import load_model
-from object2brain.propagate import forward_with_mask
 from object2brain.simulate import simulate
-from object2brain.store import ActivationStore
 
 N, K = 48, 24
 GROUPS = {"Faces": range(0, 6), "Animals": range(6, 12), "Vehicles": range(12, 18)}
@@ -277,7 +282,7 @@ def test_condition_sets_leave_stimuli_without_condition_in_all_only() -> None:
 
 def test_constant_null_gives_nan_z_not_rounding_noise() -> None:
     """Keep-only of a group holding every filter: every null subset equals the full layer."""
-    lesion_module = importlib.import_module("object2brain.lesion")
+    lesion_module = importlib.import_module("object2brain.lesion.analysis")
     null = np.empty((50, 2))
     null[:, 0] = 0.1 + 1e-17 * np.arange(50)  # equal up to a few ulps, as RDM rounding leaves
     null[:, 1] = 0.1 + np.linspace(-0.01, 0.01, 50)
@@ -295,7 +300,7 @@ def test_projected_layer_is_refused(tmp_path: Path) -> None:
         handle.create_group("layers")["conv"] = np.random.default_rng(0).normal(size=(3, 16))
         handle.attrs["complete"] = True
         handle.attrs["srp"] = json.dumps({"dim": 16, "projected_layers": ["conv"]})
-    lesion_engine = importlib.import_module("object2brain.lesion_engine")
+    lesion_engine = importlib.import_module("object2brain.lesion.engine")
     with ActivationStore.open(path) as store:
         assert store.projected_layers == ["conv"]
         with pytest.raises(DataError, match=r"srp.h5: layer 'conv' was stored as a random proj"):
@@ -348,8 +353,8 @@ def test_label_permutation_p_matches_a_scipy_loop() -> None:
     for the mean over subjects."""
     import scipy.stats
 
-    from object2brain.lesion import _layer_rows
-    from object2brain.lesion_engine import FilterStats
+    from object2brain.lesion.analysis import _layer_rows
+    from object2brain.lesion.engine import FilterStats
     from object2brain.rsa.align import Target
     from object2brain.rsa.inference import pair_permutation, permutations
     from object2brain.rsa.rdm import rdm_from_features, upper_triangle
@@ -404,8 +409,8 @@ def test_label_permutation_p_keeps_alpha_where_the_subset_null_does_not() -> Non
     activation norm. Random same-size subsets are a poor null for such a group (p_null <= 0.05
     in about 46% of runs in a larger simulation); permuting the target's stimulus labels keeps
     the nominal rate."""
-    from object2brain.lesion import _layer_rows
-    from object2brain.lesion_engine import FilterStats
+    from object2brain.lesion.analysis import _layer_rows
+    from object2brain.lesion.engine import FilterStats
     from object2brain.rsa.align import Target
     from object2brain.rsa.rdm import rdm_from_features
 
@@ -434,8 +439,8 @@ def test_norm_matched_null_keeps_alpha_for_a_group_of_strong_filters() -> None:
     over 0.3..3 and the group drawn from the strongest quarter. Against uniform subsets the
     group's lesion looks special (p_null <= 0.05 in 26-29% of runs); against subsets matched
     on filter norm it does not (5.4% of 500 runs)."""
-    from object2brain.lesion import _layer_rows
-    from object2brain.lesion_engine import FilterStats
+    from object2brain.lesion.analysis import _layer_rows
+    from object2brain.lesion.engine import FilterStats
     from object2brain.rsa.align import Target
     from object2brain.rsa.rdm import rdm_from_features
 
@@ -466,9 +471,9 @@ def test_norm_matched_null_keeps_alpha_for_a_group_of_strong_filters() -> None:
 def test_silent_variant_has_no_p(method: str) -> None:
     """Keeping only silent filters leaves no RDM: r, delta and both p-values are NaN (Spearman
     used to rank the NaN row and report a finite p_perm), and the figures mark nothing."""
-    from object2brain.lesion import _layer_rows
-    from object2brain.lesion_engine import FilterStats
-    from object2brain.report.lesion_figures import summary_rows
+    from object2brain.lesion.analysis import _layer_rows
+    from object2brain.lesion.engine import FilterStats
+    from object2brain.report.figures.lesion import summary_rows
     from object2brain.rsa.align import Target
     from object2brain.rsa.rdm import rdm_from_features
 
@@ -496,7 +501,7 @@ def test_label_permutation_p_does_not_depend_on_row_blocks(
     store: Path, filter_table: pd.DataFrame, brain: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Difference vectors tested a few rows at a time give the same p_perm as all at once."""
-    lesion_module = importlib.import_module("object2brain.lesion")
+    lesion_module = importlib.import_module("object2brain.lesion.analysis")
     whole = run_lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
     monkeypatch.setattr(lesion_module, "DIFFERENCE_BLOCK_VALUES", 2 * 48 * 47 // 2)  # 2 rows
     blocks = run_lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain

@@ -12,9 +12,9 @@ import pytest
 import rsatoolbox
 from rsa_helpers import write_store
 
+from object2brain.activations.store import ActivationStore
 from object2brain.errors import DataError, StoreError
 from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, run_alignment
-from object2brain.store import ActivationStore
 
 N = 24
 IDS = [f"img{i:02d}" for i in range(N)]

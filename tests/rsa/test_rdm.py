@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 from rsatoolbox.data import Dataset
 from rsatoolbox.rdm import calc_rdm
 
+from object2brain.activations.store import ActivationStore
 from object2brain.errors import DataError
 from object2brain.rsa.rdm import (
     behavior_rdm,
@@ -23,7 +24,6 @@ from object2brain.rsa.rdm import (
     to_rsatoolbox,
     upper_triangle,
 )
-from object2brain.store import ActivationStore
 
 
 @pytest.mark.parametrize("metric", ["correlation", "euclidean"])

@@ -155,7 +155,7 @@ def held_out_ids(path: str | Path) -> list[str]:
 
 def save_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split table as CSV, atomically."""
-    from object2brain.store import atomic_path
+    from object2brain.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as temp:

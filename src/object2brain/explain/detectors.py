@@ -592,7 +592,7 @@ class DetectionCache:
             return None
 
     def put(self, image_sha: str, width: int, height: int, found: Sequence[Detection]) -> None:
-        from object2brain.store import write_json
+        from object2brain.io import write_json
 
         path = self._path(image_sha)
         path.parent.mkdir(parents=True, exist_ok=True)

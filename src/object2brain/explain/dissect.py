@@ -49,7 +49,7 @@ from object2brain.errors import DataError, LayerError
 from object2brain.explain.detectors import Detector, ImageDetections, detect_images, make_detector
 from object2brain.explain.filtercam import DIRECTIONS, filter_cams, upsample_maps
 from object2brain.explain.groups import GroupMap, default_groups_for, load_groups
-from object2brain.store import check_output_folder
+from object2brain.io import check_output_folder
 
 log = logging.getLogger("object2brain.dissect")
 
@@ -485,11 +485,11 @@ def dissect(
         figures: draw the heatmap and galleries (needs ``out``).
         gallery_filters / gallery_images: top filters per group, images per filter, in galleries.
         num_workers: image decoding workers (default:
-            :func:`~object2brain.extract.default_workers`).
+            :func:`~object2brain.models.inputs.default_workers`).
         decode: ``pil`` (default) | ``torch`` | ``auto``: decode plain JPEGs on the compute
-            device, as :func:`~object2brain.extract.extract` does (inputs within about one 8-bit
-            level of Pillow's; at corpus scale on a GPU, Pillow decoding in the loader workers
-            is what bounds a dissection).
+            device, as :func:`~object2brain.activations.extract.extract` does (inputs within
+            about one 8-bit level of Pillow's; at corpus scale on a GPU, Pillow decoding in the
+            loader workers is what bounds a dissection).
         progress: progress bars.
 
     Summary counts: ``images``, ``images_used``, ``images_without_detections`` (left out),
@@ -507,7 +507,7 @@ def dissect(
     from object2brain.data.stimuli import StimulusSet, load_stimuli
     from object2brain.devices import resolve_device
     from object2brain.explain.detectors import GivenBoxes
-    from object2brain.extract import (
+    from object2brain.models.inputs import (
         DECODE_MODES,
         image_loader,
         model_inputs,
@@ -629,7 +629,7 @@ def dissect(
     }
     result = DissectResult(table=table, boxes=prepared.frame, summary=summary, out=out_path)
     if out_path is not None:
-        from object2brain.store import write_table
+        from object2brain.io import write_table
 
         result.files += list(write_table(table, out_path, "filter_objects"))
         result.files += list(write_table(prepared.frame, out_path, "detections"))
@@ -738,8 +738,8 @@ def _write_manifest(
     files: list[Path],
     **config: Any,
 ) -> Path:
+    from object2brain.io import write_json
     from object2brain.manifest import build_manifest, file_sha256, output_list
-    from object2brain.store import write_json
 
     inputs = {"stimuli_fingerprint": stimulus_set.fingerprint(), "weights": loaded.weights_sha256}
     if stimulus_set.source is not None and stimulus_set.source.is_file():
@@ -787,7 +787,7 @@ def _draw_figures(
 ) -> list[Path]:
     """Heatmap of enrichment (filters x groups) and one gallery per group (PNG + SVG)."""
     from object2brain.data.images import load_image
-    from object2brain.report.dissect_figures import (
+    from object2brain.report.figures.dissect import (
         GalleryPanel,
         plot_filter_group_heatmap,
         plot_group_gallery,

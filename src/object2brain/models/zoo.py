@@ -305,7 +305,7 @@ def load_model(
         name=name or arch,
     )
     if head is not None:
-        from object2brain.models.heads import attach_head
+        from object2brain.heads.io import attach_head
 
         attach_head(loaded, Path(head))
     return loaded

@@ -37,7 +37,7 @@ import pandas as pd
 from object2brain.errors import DataError, StimulusError, listing, require_columns
 from object2brain.manifest import cached_file_sha256
 from object2brain.report import html
-from object2brain.report.lesion_figures import summary_rows
+from object2brain.report.figures.lesion import summary_rows
 
 log = logging.getLogger("object2brain.report")
 
@@ -83,7 +83,7 @@ def table_schemas() -> dict[str, Sequence[str]]:
     """
     # imported here: these modules import torch, which the report itself does not need
     from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS
-    from object2brain.lesion import OBJECT2BRAIN_COLUMNS
+    from object2brain.lesion.analysis import OBJECT2BRAIN_COLUMNS
     from object2brain.rsa.align import (
         ALIGNMENT_COLUMNS,
         BEHAVIOR_DIRECT_COLUMNS,

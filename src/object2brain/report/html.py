@@ -103,7 +103,7 @@ def render_page(title: str, intro: str, sections: Sequence[Section]) -> str:
 
 def write_page(path: Path, page: str) -> Path:
     """Write the page atomically."""
-    from object2brain.store import atomic_path
+    from object2brain.io import atomic_path
 
     with atomic_path(path) as temp:
         temp.write_text(page, encoding="utf-8")

@@ -59,12 +59,14 @@ import pandas as pd
 import scipy.stats
 import torch
 
+from object2brain.activations.store import ActivationStore
 from object2brain.data import ALL_CONDITION, GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.data.brain import BrainData, OnMissing, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError, listing
+from object2brain.io import check_output_folder, write_json, write_table
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.inference import (
@@ -86,7 +88,6 @@ from object2brain.rsa.rdm import (
     rdm_from_store,
     upper_triangle,
 )
-from object2brain.store import ActivationStore, check_output_folder, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -830,7 +831,7 @@ def _write(
     if not result.condition_contrast.empty:
         files += write_table(result.condition_contrast, out, "condition_contrast")
     if figures:
-        from object2brain.report.figures import plot_alignment
+        from object2brain.report.figures.alignment import plot_alignment
 
         for model in dict.fromkeys(result.alignment["model"]):
             files += plot_alignment(result.alignment, str(model), out / "figures")

@@ -40,7 +40,7 @@ from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 
 if TYPE_CHECKING:
-    from object2brain.store import ActivationStore
+    from object2brain.activations.store import ActivationStore
 
 RdmMetric = Literal["correlation", "euclidean", "cosine"]
 RDM_METRICS: tuple[str, ...] = ("correlation", "euclidean", "cosine")

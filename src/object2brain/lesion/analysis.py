@@ -12,13 +12,13 @@ For every model, layer ``L`` and object group ``g`` of the EmoCAM++ filter assig
   ``p = (1 + #{|null - mean(null)| >= |delta_r - mean(null)|}) / (1 + n_null)``. Groups of the same
   size share the same null draws. With ``null_subsets="matched"`` the subsets are drawn stratum by
   stratum of the filters' activation norms, as many from each as the group has there
-  (:func:`~object2brain.lesion_engine.norm_strata`): the null then asks whether the group
+  (:func:`~object2brain.lesion.engine.norm_strata`): the null then asks whether the group
   matters more than filters *as strong as its own*, where a uniform draw also counts their
   strength (a group of unusually strong filters changes the RDM more whatever it encodes).
 - ``p_fdr``: Benjamini-Hochberg over groups x targets within model, layer, variant, condition and
   subject level (an extra column after those of DESIGN.md section 3).
 
-RDMs of all subsets come from per-filter sufficient statistics (:mod:`object2brain.lesion_engine`),
+RDMs of all subsets come from per-filter sufficient statistics (:mod:`object2brain.lesion.engine`),
 so the null costs one matrix product per chunk of subsets.
 
 Option ``propagate`` (needs the model and the stimulus images): the filters are zeroed *inside*
@@ -41,13 +41,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from object2brain.activations.store import ActivationStore
 from object2brain.data import ALL_CONDITION, GROUP_SUBJECT
 from object2brain.data.brain import BrainData, brain_files, load_brain
 from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli, read_table
 from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, require_columns
-from object2brain.lesion_engine import (
+from object2brain.io import check_output_folder, write_json, write_table
+from object2brain.lesion.engine import (
     NULL_KINDS,
     FilterStats,
     NullKind,
@@ -66,9 +68,8 @@ from object2brain.rsa.inference import (
     linear_permutation_test,
 )
 from object2brain.rsa.rdm import check_metric, upper_triangle
-from object2brain.store import ActivationStore, check_output_folder, write_json, write_table
 
-log = logging.getLogger("object2brain.lesion")
+log = logging.getLogger("object2brain.lesion.analysis")
 
 Variant = Literal["lesion", "keep"]
 UNASSIGNED = "unassigned"
@@ -285,7 +286,7 @@ def run_lesion(
                     )
                 )
                 if propagate:
-                    from object2brain.propagate import propagate_layer
+                    from object2brain.lesion.propagate import propagate_layer
 
                     assert model is not None and stimulus_set is not None  # checked above
                     behavior, later = propagate_layer(
@@ -657,7 +658,7 @@ def _write(
         if not frame.empty:
             files.extend(write_table(frame, out, name))
     if figures and not result.object2brain.empty:
-        from object2brain.report.lesion_figures import plot_lesion_heatmaps, plot_model_comparison
+        from object2brain.report.figures.lesion import plot_lesion_heatmaps, plot_model_comparison
 
         files.extend(plot_lesion_heatmaps(result.object2brain, out / "figures"))
         files.extend(plot_model_comparison(result.object2brain, out / "figures"))

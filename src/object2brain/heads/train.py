@@ -52,7 +52,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from object2brain.errors import DataError, ModelError
-from object2brain.extract import ImageDataset, default_workers, model_inputs
+from object2brain.heads.io import save_head, sidecar_path
+from object2brain.models.inputs import ImageDataset, default_workers, model_inputs
 
 if TYPE_CHECKING:
     from object2brain.data.findingemo import RatedImages
@@ -66,83 +67,6 @@ LOSSES: tuple[str, ...] = ("mse", "weighted_mse")
 FEATURE_CACHE_NAME = "features.h5"
 OUT_OF_FOLD_NAME = "out_of_fold.csv"
 _CACHE_FORMAT = 1
-
-
-def sidecar_path(head_path: Path) -> Path:
-    """``head.safetensors`` -> ``head.json``."""
-    return head_path.with_suffix(".json")
-
-
-def save_head(linear: nn.Linear, path: Path, metadata: dict[str, Any]) -> Path:
-    """Write ``linear`` (``out_features == 1``) as safetensors plus its JSON sidecar."""
-    from safetensors.torch import save_file
-
-    from object2brain.store import atomic_path, write_json
-
-    if linear.out_features != 1:
-        raise ModelError(f"a valence head has one output, got {linear.out_features}")
-    tensors = {"weight": linear.weight.detach().cpu().contiguous()}
-    if linear.bias is not None:
-        tensors["bias"] = linear.bias.detach().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temp:
-        save_file(tensors, str(temp))
-    write_json(sidecar_path(path), {**metadata, "in_features": linear.in_features})
-    return path
-
-
-def load_head(path: Path) -> tuple[nn.Linear, dict[str, Any]]:
-    """Read a head and its sidecar; returns the linear layer and the metadata."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelError(f"{path}: valence head not found")
-    meta_path = sidecar_path(path)
-    if not meta_path.is_file():
-        raise ModelError(f"{path}: sidecar {meta_path.name} (arch, replaced layer) not found")
-    try:
-        tensors = load_file(str(path))
-        meta: dict[str, Any] = json.loads(meta_path.read_text())
-    except Exception as exc:  # safetensors and json raise their own error types
-        raise ModelError(f"{path}: cannot read valence head ({exc})") from None
-    weight = tensors.get("weight")
-    if weight is None or weight.ndim != 2 or weight.shape[0] != 1:
-        raise ModelError(f"{path}: expected tensor 'weight' of shape (1, in_features)")
-    linear = nn.Linear(weight.shape[1], 1, bias="bias" in tensors)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if "bias" in tensors:
-            linear.bias.copy_(tensors["bias"].reshape(1))
-    return linear, meta
-
-
-def attach_head(model: LoadedModel, path: Path) -> None:
-    """Replace ``model``'s output layer by the valence head at ``path`` (in place)."""
-    linear, meta = load_head(path)
-    if meta.get("arch") not in (None, model.arch):
-        raise ModelError(f"{path}: head was trained for {meta['arch']}, not {model.arch}")
-    trained_on = meta.get("backbone_weights_sha256")
-    if trained_on and trained_on != model.weights_sha256:
-        raise ModelError(
-            f"{path}: head was trained on {meta.get('backbone_weights')!r} backbone weights "
-            f"(SHA-256 {str(trained_on)[:12]}...), not on these {model.weights!r} weights "
-            f"(SHA-256 {model.weights_sha256[:12]}...): load the backbone it was trained on "
-            "(same --weights, and --seed for random weights)"
-        )
-    layer = str(meta.get("replaced_layer") or model.output_layer)
-    try:
-        old = model.module.get_submodule(layer)
-    except AttributeError:
-        raise ModelError(f"{path}: {model.arch} has no layer {layer!r} to replace") from None
-    if not isinstance(old, nn.Linear) or old.in_features != linear.in_features:
-        got = getattr(old, "in_features", type(old).__name__)
-        raise ModelError(
-            f"{path}: head expects {linear.in_features} input features, "
-            f"{model.arch}.{layer} gives {got}"
-        )
-    linear.requires_grad_(False)
-    model.module.set_submodule(layer, linear)
-    model.head = {**meta, "path": str(path.resolve()), "replaced_layer": layer}
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +260,7 @@ def cached_features(
     """
     import h5py
 
-    from object2brain.store import atomic_path
+    from object2brain.io import atomic_path
 
     fingerprint = feature_fingerprint(loaded, stimuli)
     if path.is_file():
@@ -763,7 +687,7 @@ def train_head(
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         seed: seed of the split, the batch order and the augmentations.
         num_workers: image-decoding worker processes (default:
-            :func:`~object2brain.extract.default_workers`).
+            :func:`~object2brain.models.inputs.default_workers`).
         figures: write the predicted-vs-rated scatter figure of each model.
         progress: show progress bars.
         cross_fit: with ``K >= 2``, also fit ``K`` fold heads (:func:`cross_fitted_predictions`,
@@ -786,9 +710,9 @@ def train_head(
     from object2brain._version import __version__
     from object2brain.data.splits import load_split, make_folds, make_split, save_split
     from object2brain.devices import resolve_device
+    from object2brain.io import check_output_folder, write_json, write_table
     from object2brain.manifest import build_manifest, file_sha256, output_list
     from object2brain.models.zoo import LoadedModel, build_architecture, load_model
-    from object2brain.store import check_output_folder, write_json, write_table
 
     started = time.time()
     out = Path(out).expanduser()
@@ -848,7 +772,7 @@ def train_head(
     split_sha = file_sha256(split_path)
     missing_path: Path | None = None
     if len(data.missing):
-        from object2brain.store import atomic_path
+        from object2brain.io import atomic_path
 
         missing_path = out / "missing_images.csv"
         with atomic_path(missing_path) as temp:
@@ -1002,7 +926,7 @@ def train_head(
         metrics_path = write_json(model_dir / "metrics.json", metrics)
         written += [model_dir / "predictions.csv", metrics_path]
         if figures:
-            from object2brain.report.head_figures import plot_predicted_vs_rated
+            from object2brain.report.figures.heads import plot_predicted_vs_rated
 
             written += plot_predicted_vs_rated(predictions, out / "figures", name, metrics=metrics)
         meta = _json_ready(
@@ -1138,7 +1062,7 @@ def _in_features(loaded: LoadedModel) -> int:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    from object2brain.store import atomic_path
+    from object2brain.io import atomic_path
 
     with atomic_path(path) as temp:
         frame.to_csv(temp, index=False)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from object2brain.report.figures import pyplot, save_figure
+from object2brain.report.figures.alignment import pyplot, save_figure
 
 
 def plot_predicted_vs_rated(

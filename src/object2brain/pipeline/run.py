@@ -45,11 +45,11 @@ from typing import Any
 
 import pandas as pd
 
-from object2brain.config import ConfigError, ModelConfig, RunConfig, load_config
 from object2brain.data.brain import brain_files
 from object2brain.data.stimuli import StimulusSet, load_stimuli
+from object2brain.io import check_output_folder, write_json
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
-from object2brain.store import check_output_folder, write_json
+from object2brain.pipeline.config import ConfigError, ModelConfig, RunConfig, load_config
 
 log = logging.getLogger("object2brain.run")
 
@@ -154,14 +154,14 @@ class _Stages:
 
 
 def run_study(config_path: str | Path, *, progress: bool = True) -> RunResult:
-    """Run the study described by a YAML config (see :mod:`object2brain.config`)."""
+    """Run the study described by a YAML config (see :mod:`object2brain.pipeline.config`)."""
     config, _base = load_config(config_path)
     return run_config(config, progress=progress)
 
 
 def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     """Run a validated :class:`RunConfig`."""
-    from object2brain.extract import extract
+    from object2brain.activations.extract import extract
     from object2brain.models.zoo import load_model
 
     out = config.out
@@ -273,7 +273,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     untrained = [m for m in config.models if m.head is None]
     if config.train_head is not None and untrained:
         from object2brain.data.splits import held_out_ids
-        from object2brain.models.heads import OUT_OF_FOLD_NAME, train_head
+        from object2brain.heads.train import OUT_OF_FOLD_NAME, train_head
 
         options = config.train_head
         head_dir = out / "heads"
@@ -455,7 +455,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
             filter_tables.append(folder / "filter_objects.csv")
 
     if config.lesion is not None and filter_tables:
-        from object2brain.lesion import run_lesion
+        from object2brain.lesion.analysis import run_lesion
 
         options_l = config.lesion
 
@@ -563,7 +563,7 @@ def _boxes_file(detector: str) -> Path | None:
 
 def _store_weights(store: Path) -> str:
     """The ``weights_sha256`` a store records (the weights it was extracted with)."""
-    from object2brain.store import ActivationStore
+    from object2brain.activations.store import ActivationStore
 
     with ActivationStore.open(store) as handle:
         return str(handle.attrs.get("weights_sha256", ""))

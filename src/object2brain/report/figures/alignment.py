@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from object2brain.store import atomic_path
+from object2brain.io import atomic_path
 
 
 def pyplot() -> Any:

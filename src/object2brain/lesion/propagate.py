@@ -20,9 +20,9 @@ from torch import nn
 
 from object2brain.data.stimuli import StimulusSet
 from object2brain.errors import DataError, LayerError
-from object2brain.extract import image_loader, model_inputs
-from object2brain.lesion import condition_sets, with_group_labels, with_group_means
-from object2brain.lesion_engine import condensed_subset
+from object2brain.lesion.analysis import condition_sets, with_group_labels, with_group_means
+from object2brain.lesion.engine import condensed_subset
+from object2brain.models.inputs import image_loader, model_inputs
 from object2brain.models.layers import VALENCE_LAYER, ForwardHooks, LayerRecorder
 from object2brain.models.zoo import LoadedModel
 from object2brain.rsa.compare import correlate_prepared, prepare

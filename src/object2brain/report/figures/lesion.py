@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from object2brain.report.figures import pyplot, save_figure, slug
+from object2brain.report.figures.alignment import pyplot, save_figure, slug
 
 
 def summary_rows(table: pd.DataFrame, condition: str = "all") -> pd.DataFrame:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from object2brain.report.figures import pyplot, save_figure, slug
+from object2brain.report.figures.alignment import pyplot, save_figure, slug
 
 
 @dataclass

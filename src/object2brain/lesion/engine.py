@@ -137,7 +137,7 @@ class FilterStats:
         device: torch.device | str = "cpu",
         chunk_bytes: int | None = None,
     ) -> FilterStats:
-        """Statistics of ``layer`` of an :class:`~object2brain.store.ActivationStore`.
+        """Statistics of ``layer`` of an :class:`~object2brain.activations.store.ActivationStore`.
 
         Reads filter slabs ``(n, k_chunk, ...)`` with h5py, so the layer never sits in memory
         whole; rows in ``ids`` order (all stimuli in store order by default).

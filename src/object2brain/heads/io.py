@@ -1,0 +1,98 @@
+"""Valence head files: a one-unit linear layer stored as ``head.safetensors`` (tensors ``weight``
+``(1, in_features)`` and ``bias`` ``(1,)``) with a JSON sidecar ``head.json`` describing what it
+fits (``arch``, ``replaced_layer``, ``in_features``, backbone weights and their SHA-256, ...).
+
+:func:`attach_head` puts a head in place of the output layer of a loaded model; the model's output
+is then the predicted valence ``(batch, 1)``, which extraction stores as layer ``valence``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from object2brain.errors import ModelError
+
+if TYPE_CHECKING:
+    from object2brain.models.zoo import LoadedModel
+
+
+def sidecar_path(head_path: Path) -> Path:
+    """``head.safetensors`` -> ``head.json``."""
+    return head_path.with_suffix(".json")
+
+
+def save_head(linear: nn.Linear, path: Path, metadata: dict[str, Any]) -> Path:
+    """Write ``linear`` (``out_features == 1``) as safetensors plus its JSON sidecar."""
+    from safetensors.torch import save_file
+
+    from object2brain.io import atomic_path, write_json
+
+    if linear.out_features != 1:
+        raise ModelError(f"a valence head has one output, got {linear.out_features}")
+    tensors = {"weight": linear.weight.detach().cpu().contiguous()}
+    if linear.bias is not None:
+        tensors["bias"] = linear.bias.detach().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp))
+    write_json(sidecar_path(path), {**metadata, "in_features": linear.in_features})
+    return path
+
+
+def load_head(path: Path) -> tuple[nn.Linear, dict[str, Any]]:
+    """Read a head and its sidecar; returns the linear layer and the metadata."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path}: valence head not found")
+    meta_path = sidecar_path(path)
+    if not meta_path.is_file():
+        raise ModelError(f"{path}: sidecar {meta_path.name} (arch, replaced layer) not found")
+    try:
+        tensors = load_file(str(path))
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+    except Exception as exc:  # safetensors and json raise their own error types
+        raise ModelError(f"{path}: cannot read valence head ({exc})") from None
+    weight = tensors.get("weight")
+    if weight is None or weight.ndim != 2 or weight.shape[0] != 1:
+        raise ModelError(f"{path}: expected tensor 'weight' of shape (1, in_features)")
+    linear = nn.Linear(weight.shape[1], 1, bias="bias" in tensors)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if "bias" in tensors:
+            linear.bias.copy_(tensors["bias"].reshape(1))
+    return linear, meta
+
+
+def attach_head(model: LoadedModel, path: Path) -> None:
+    """Replace ``model``'s output layer by the valence head at ``path`` (in place)."""
+    linear, meta = load_head(path)
+    if meta.get("arch") not in (None, model.arch):
+        raise ModelError(f"{path}: head was trained for {meta['arch']}, not {model.arch}")
+    trained_on = meta.get("backbone_weights_sha256")
+    if trained_on and trained_on != model.weights_sha256:
+        raise ModelError(
+            f"{path}: head was trained on {meta.get('backbone_weights')!r} backbone weights "
+            f"(SHA-256 {str(trained_on)[:12]}...), not on these {model.weights!r} weights "
+            f"(SHA-256 {model.weights_sha256[:12]}...): load the backbone it was trained on "
+            "(same --weights, and --seed for random weights)"
+        )
+    layer = str(meta.get("replaced_layer") or model.output_layer)
+    try:
+        old = model.module.get_submodule(layer)
+    except AttributeError:
+        raise ModelError(f"{path}: {model.arch} has no layer {layer!r} to replace") from None
+    if not isinstance(old, nn.Linear) or old.in_features != linear.in_features:
+        got = getattr(old, "in_features", type(old).__name__)
+        raise ModelError(
+            f"{path}: head expects {linear.in_features} input features, "
+            f"{model.arch}.{layer} gives {got}"
+        )
+    linear.requires_grad_(False)
+    model.module.set_submodule(layer, linear)
+    model.head = {**meta, "path": str(path.resolve()), "replaced_layer": layer}

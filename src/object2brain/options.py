@@ -1,0 +1,344 @@
+"""Every stage option, declared once.
+
+One frozen pydantic model per stage is the only place where an option's name, type, allowed
+values, default and help text are written. Everything else is derived from these models:
+
+- the study config (``object2brain run STUDY.yaml``): a stage's section *is* its options model
+  (:mod:`object2brain.pipeline.config`);
+- the command line: one ``--flag`` per field (:mod:`object2brain.cli`), the flag being the field
+  name with dashes, or the ``cli`` name given in the field's ``json_schema_extra``;
+- the Python API: keyword arguments of ``o2b.<stage>(...)`` are validated by the same model
+  (:func:`resolve_options`).
+
+The run context that every stage shares (random seed, compute device, progress bars) is
+:class:`Runtime`, not an option of a stage. Inputs (files, models, stimuli) are not options either:
+they are the arguments of the stages.
+
+This module imports nothing heavy (no torch, no numpy), so ``object2brain --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from object2brain.errors import Object2BrainError
+
+# --- vocabularies (every list of allowed values lives here) --------------------------------
+
+RdmMetric = Literal["correlation", "euclidean", "cosine"]
+CompareMethod = Literal["spearman", "pearson", "kendall_tau_a"]
+StorageDtype = Literal["float32", "float16"]
+AmpDtype = Literal["bfloat16", "float16"]
+DecodeMode = Literal["pil", "torch", "auto"]
+LossName = Literal["weighted_mse", "mse"]
+Direction = Literal["positive", "negative", "abs"]
+Variant = Literal["lesion", "keep"]
+NullKind = Literal["random", "matched"]
+OnMissing = Literal["error", "intersect"]
+ValenceSource = Literal["stimuli", "ratings"]
+
+RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
+COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
+DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
+LOSSES: tuple[str, ...] = get_args(LossName)
+VARIANTS: tuple[str, ...] = get_args(Variant)
+NULL_KINDS: tuple[str, ...] = get_args(NullKind)
+
+#: Upper bound of resampling counts (permutations, bootstrap resamples, null subsets): beyond it a
+#: run would not finish in a lifetime on any machine, so a larger value is a typo.
+MAX_RESAMPLES = 10_000_000
+
+
+class OptionsError(Object2BrainError):
+    """Options that cannot be used (names the option and the problem)."""
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean), BeforeValidator(_finite)]
+Count = Annotated[Int, Field(ge=0, le=MAX_RESAMPLES)]
+
+
+def _cli(flag: str | None) -> dict[str, Any]:
+    """``json_schema_extra`` naming a field's command-line flag (``None``: no flag)."""
+    return {"cli": flag}
+
+
+class StageOptions(BaseModel):
+    """Base of the stage models: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Runtime(BaseModel):
+    """What every stage shares: the root seed, the compute device, progress bars."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: Int = Field(0, description="Random seed (random weights, projections, statistics).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    progress: bool = Field(True, description="Progress bars.", json_schema_extra=_cli(None))
+
+
+class ExtractOptions(StageOptions):
+    """``extract``: activations of every stimulus into an activation store."""
+
+    batch_size: Int = Field(32, ge=1, description="Images per batch.")
+    dtype: StorageDtype = Field("float32", description="Storage precision.")
+    srp: Int | None = Field(
+        None, ge=1, description="Sparse random projection of each layer to DIM features."
+    )
+    amp: AmpDtype | None = Field(
+        None, description="Mixed precision on CUDA (values stored as float32 / --dtype)."
+    )
+    channels_last: bool = Field(False, description="channels_last memory format (GPU speed).")
+    decode: DecodeMode = Field("pil", description="pil | torch (plain JPEGs on the device) | auto.")
+    num_workers: Int | None = Field(
+        None,
+        ge=0,
+        description="Image decoding worker processes (0: in the main process; default: by cores).",
+        json_schema_extra=_cli("--workers"),
+    )
+
+
+class TrainHeadOptions(StageOptions):
+    """``train-head``: a one-output valence head on a frozen backbone."""
+
+    loss: LossName = Field("weighted_mse", description="weighted_mse | mse")
+    augment: bool = Field(
+        False, description="Random crop + flip (features recomputed every epoch)."
+    )
+    epochs: Int = Field(100, ge=1, description="Maximum epochs.")
+    patience: Int = Field(10, ge=1, description="Early-stopping patience (epochs).")
+    lr: Float = Field(1e-3, gt=0, description="Adam learning rate.")
+    batch_size: Int = Field(32, ge=1, description="Images per batch.")
+    cross_fit: Int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "K >= 2: also K fold heads whose out-of-fold predictions are written "
+            "(out_of_fold.csv); 0: off. Default: 5 in a study (heads fitted on the study's own "
+            "stimuli), 0 for train-head alone."
+        ),
+    )
+    ratings: ValenceSource = Field(
+        "stimuli",
+        description="In a study: train on the stimulus table's valence or the mean rating.",
+        json_schema_extra=_cli(None),
+    )
+
+    @field_validator("cross_fit")
+    @classmethod
+    def _folds(cls, value: int | None) -> int | None:
+        if value == 1:
+            raise ValueError("use 0 (off) or 2 or more folds")
+        return value
+
+    def folds(self, *, in_study: bool) -> int:
+        """The number of cross-fitting folds: the option, or its default for the context."""
+        if self.cross_fit is not None:
+            return self.cross_fit
+        return 5 if in_study else 0
+
+
+class RsaOptions(StageOptions):
+    """``rsa``: every layer against behaviour and brain ROIs."""
+
+    rdm_metric: RdmMetric = Field(
+        "correlation",
+        validation_alias=AliasChoices("rdm_metric", "rdm"),
+        description="correlation | euclidean | cosine",
+        json_schema_extra=_cli("--rdm"),
+    )
+    compare_method: CompareMethod = Field(
+        "spearman",
+        validation_alias=AliasChoices("compare_method", "compare"),
+        description="spearman | pearson | kendall_tau_a",
+        json_schema_extra=_cli("--compare"),
+    )
+    n_perm: Count = Field(10_000, description="Permutations.")
+    n_boot: Count = Field(1_000, description="Bootstrap resamples.")
+    layers: list[str] | None = Field(
+        None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)
+    )
+    on_missing: OnMissing = Field(
+        "error",
+        description="Stimuli missing from brain data: error | intersect.",
+        json_schema_extra=_cli(None),
+    )
+
+
+class DissectOptions(StageOptions):
+    """``dissect``: per-filter Grad-CAM x object detections (EmoCAM++)."""
+
+    layer: str | dict[str, str] = Field(
+        description=(
+            "Layer with spatial maps (dotted name); in a study, one per model: {model: layer}."
+        )
+    )
+    detector: str = Field(
+        "opencv", description="opencv | fasterrcnn | retinanet | fcos | ssdlite | boxes:FILE"
+    )
+    groups: Path | None = Field(None, description="Class -> group map (YAML).")
+    direction: Direction = Field("positive", description="positive | negative | abs")
+    target: Int | None = Field(
+        None, description="Output unit to explain without a head (e.g. ImageNet class)."
+    )
+    threshold: Float = Field(1.5, description="Minimum enrichment for an assignment.")
+    min_images: Int = Field(5, ge=1, description="Images a group must be detected in.")
+    batch_size: Int = Field(16, ge=1, description="Images per batch.")
+    decode: DecodeMode = Field("pil", description="pil | torch (plain JPEGs on the device) | auto.")
+    num_workers: Int | None = Field(
+        None,
+        ge=0,
+        description="Image decoding worker processes (default: by cores).",
+        json_schema_extra=_cli("--workers"),
+    )
+    gallery_filters: Int = Field(
+        3,
+        ge=0,
+        description="Filters per group in the gallery figure.",
+        json_schema_extra=_cli(None),
+    )
+    gallery_images: Int = Field(
+        4,
+        ge=0,
+        description="Images per filter in the gallery figure.",
+        json_schema_extra=_cli(None),
+    )
+
+    def layer_for(self, model: str) -> str:
+        """The layer to dissect in ``model``."""
+        if isinstance(self.layer, str):
+            return self.layer
+        if model not in self.layer:
+            raise OptionsError(f"dissect.layer: no layer given for model {model!r}")
+        return self.layer[model]
+
+
+_BOTH_VARIANTS: tuple[Variant, Variant] = ("lesion", "keep")
+
+
+class LesionOptions(StageOptions):
+    """``lesion``: Object2Brain, lesion or keep only each object group's filters."""
+
+    variants: list[Variant] = Field(
+        default_factory=lambda: list(_BOTH_VARIANTS),
+        min_length=1,
+        description="lesion and/or keep.",
+        json_schema_extra=_cli("--variant"),
+    )
+    n_null: Count = Field(1000, description="Random filter subsets (p_null).")
+    null_subsets: NullKind = Field(
+        "random", description="random | matched (null subsets matched on filter norm)."
+    )
+    n_perm: Count = Field(1000, description="Stimulus-label permutations (p_perm).")
+    propagate: bool = Field(False, description="Zero the filters inside the forward pass.")
+    groups: list[str] | None = Field(
+        None, description="Restrict to these object groups.", json_schema_extra=_cli("--group")
+    )
+    layers: list[str] | None = Field(
+        None, description="Layer(s) to analyse (default: all).", json_schema_extra=_cli("--layer")
+    )
+    rdm_metric: RdmMetric = Field(
+        "correlation",
+        validation_alias=AliasChoices("rdm_metric", "rdm"),
+        description="correlation | euclidean | cosine",
+        json_schema_extra=_cli("--rdm"),
+    )
+    compare_method: CompareMethod = Field(
+        "spearman",
+        validation_alias=AliasChoices("compare_method", "compare"),
+        description="spearman | pearson | kendall_tau_a",
+        json_schema_extra=_cli("--compare"),
+    )
+    batch_size: Int = Field(32, ge=1, description="Images per batch (with --propagate).")
+
+
+class SimulateOptions(StageOptions):
+    """``simulate``: ratings and ROI patterns with a planted truth from an activation store."""
+
+    rois: list[str] = Field(
+        min_length=1,
+        description=(
+            "NAME=SOURCE[;snr=X;voxels=N;gain.COND=G], SOURCE = layer:L | filters:L:k1,k2 | "
+            "valence | condition:C. Repeat for several ROIs."
+        ),
+        json_schema_extra=_cli("--roi"),
+    )
+    n_subjects: Int = Field(
+        8, ge=1, description="Simulated subjects.", json_schema_extra=_cli("--subjects")
+    )
+    rating_noise: Float = Field(1.0, ge=0, description="SD of each rater's noise.")
+    continuous_ratings: bool = Field(
+        False,
+        description="Keep ratings continuous (no -3..3 rounding).",
+        json_schema_extra=_cli("--continuous"),
+    )
+    valence_source: str | None = Field(
+        None, description="layer:L or valence, when the stimulus table has none."
+    )
+
+
+#: Every stage's options model by stage name (the pipeline's and the CLI's names).
+STAGE_OPTIONS: dict[str, type[StageOptions]] = {
+    "extract": ExtractOptions,
+    "train_head": TrainHeadOptions,
+    "rsa": RsaOptions,
+    "dissect": DissectOptions,
+    "lesion": LesionOptions,
+    "simulate": SimulateOptions,
+}
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+def describe_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``key.path: problem``."""
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{location}: {message}"
+
+
+def resolve_options(
+    model: type[OptionsT], options: OptionsT | None = None, /, **values: Any
+) -> OptionsT:
+    """``options`` updated by ``values`` (keyword arguments of an API call), validated.
+
+    Raises:
+        OptionsError: naming each option at fault, all at once.
+    """
+    try:
+        if options is None:
+            return model.model_validate(values)
+        if not values:
+            return options
+        return model.model_validate({**options.model_dump(), **values})
+    except ValidationError as exc:
+        raise OptionsError("; ".join(describe_error(e) for e in exc.errors())) from None

@@ -1,0 +1,1 @@
+"""Figures of the report, drawn from result tables: alignment, dissection, lesions, heads."""

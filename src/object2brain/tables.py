@@ -1,0 +1,232 @@
+"""Every result table's schema: name, columns in order, and what each column means.
+
+Stages build their tables with these column lists, :mod:`object2brain.report` reads them through
+this module (never through a stage), and ``docs/formats.md`` is generated from it
+(``python -m object2brain.docs``), so the three cannot drift apart.
+
+Tables are written as ``<name>.csv`` and ``<name>.parquet`` into a command's ``--out`` folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its name, type (``str``, ``int``, ``float``, ``bool``) and meaning."""
+
+    name: str
+    dtype: str
+    description: str
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """One result table: its file name (without suffix), the stage that writes it, what one row
+    is, and its columns in order."""
+
+    name: str
+    stage: str
+    row: str
+    columns: tuple[Column, ...]
+
+    @property
+    def column_names(self) -> list[str]:
+        """The column names, in order."""
+        return [column.name for column in self.columns]
+
+
+def _c(name: str, dtype: str, description: str) -> Column:
+    return Column(name, dtype, description)
+
+
+_MODEL = _c("model", "str", "model label (activation store attribute `model`)")
+_LAYER = _c("layer", "str", "dotted module name of the layer, or `valence` (predicted valence)")
+_LAYER_INDEX = _c("layer_index", "int", "0-based position of the layer in network order")
+_TARGET = _c("target", "str", "ROI name, or `behavior` (valence ratings)")
+_TARGET_KIND = _c("target_kind", "str", "`roi` or `behavior`")
+_SUBJECT = _c(
+    "subject",
+    "str",
+    "subject or rater id; `group` = mean over subjects; `group_rdm` = vs the group RDM",
+)
+_CONDITION = _c("condition", "str", "`all` (every stimulus) or a value of the `condition` column")
+_RDM_METRIC = _c("rdm_metric", "str", "dissimilarity of the model RDM and brain RDMs")
+_COMPARE = _c("compare_method", "str", "RDM comparison (upper triangles)")
+_N_PERM = _c("n_perm", "int", "permutations behind the permutation p")
+
+ALIGNMENT = TableSchema(
+    "alignment",
+    "rsa",
+    "one model layer against one target, subject level and condition",
+    (
+        _MODEL,
+        _LAYER,
+        _LAYER_INDEX,
+        _TARGET,
+        _TARGET_KIND,
+        _SUBJECT,
+        _CONDITION,
+        _RDM_METRIC,
+        _COMPARE,
+        _c("r", "float", "correlation of the layer RDM with the target RDM"),
+        _c("p_perm", "float", "one-sided Mantel p, (1 + #{r_perm >= r}) / (1 + n_perm)"),
+        _c(
+            "p_fdr",
+            "float",
+            "Benjamini-Hochberg over the (layer, target) tests of one model, condition and "
+            "subject level",
+        ),
+        _c("ci_low", "float", "2.5% percentile of the stimulus bootstrap"),
+        _c("ci_high", "float", "97.5% percentile of the stimulus bootstrap"),
+        _c("nc_low", "float", "lower noise ceiling of the target (NaN with < 2 subjects)"),
+        _c("nc_high", "float", "upper noise ceiling of the target (NaN with < 2 subjects)"),
+        _c("n_stimuli", "int", "stimuli in the condition"),
+        _N_PERM,
+    ),
+)
+
+ALIGNMENT_GROUP = TableSchema(
+    "alignment_group",
+    "rsa",
+    "the per-subject r of one layer, target and condition summarised over subjects",
+    (
+        _MODEL,
+        _LAYER,
+        _LAYER_INDEX,
+        _TARGET,
+        _TARGET_KIND,
+        _CONDITION,
+        _c("mean_r", "float", "mean of the per-subject r"),
+        _c("sem", "float", "standard error of that mean, sd / sqrt(n_subjects)"),
+        _c("n_subjects", "int", "subjects with a defined r"),
+        _c("t", "float", "one-sample t statistic of the per-subject r against 0"),
+        _c("p_t", "float", "one-sided p of that t test (r > 0)"),
+        _c("p_t_fdr", "float", "Benjamini-Hochberg of p_t over layers x targets"),
+    ),
+)
+
+BEHAVIOR_DIRECT = TableSchema(
+    "behavior_direct",
+    "rsa",
+    "predicted valence (layer `valence`) against the group-mean rated valence",
+    (
+        _MODEL,
+        _CONDITION,
+        _c("method", "str", "`pearson` or `spearman`"),
+        _c("r", "float", "correlation of predicted and rated valence"),
+        _c("p", "float", "two-sided permutation p"),
+        _c("ci_low", "float", "2.5% percentile of the stimulus bootstrap"),
+        _c("ci_high", "float", "97.5% percentile of the stimulus bootstrap"),
+        _c("n", "int", "stimuli"),
+    ),
+)
+
+CONDITION_CONTRAST = TableSchema(
+    "condition_contrast",
+    "rsa",
+    "the difference r_a - r_b between two conditions for one layer, target and subject level",
+    (
+        _MODEL,
+        _LAYER,
+        _LAYER_INDEX,
+        _TARGET,
+        _TARGET_KIND,
+        _SUBJECT,
+        _c("condition_a", "str", "first condition (order of appearance)"),
+        _c("condition_b", "str", "second condition"),
+        _RDM_METRIC,
+        _COMPARE,
+        _c("r_a", "float", "r within condition a"),
+        _c("r_b", "float", "r within condition b"),
+        _c("delta_r", "float", "r_a - r_b"),
+        _c("p_perm", "float", "two-sided p from permuting condition labels"),
+        _c("p_fdr", "float", "Benjamini-Hochberg of p_perm, as for `alignment`, per pair"),
+        _c("ci_low", "float", "2.5% percentile of delta_r over stimulus bootstraps"),
+        _c("ci_high", "float", "97.5% percentile of delta_r over stimulus bootstraps"),
+        _c("p_boot", "float", "two-sided bootstrap p of delta_r = 0"),
+        _c("p_boot_fdr", "float", "Benjamini-Hochberg of p_boot"),
+        _c("n_a", "int", "stimuli in condition a"),
+        _c("n_b", "int", "stimuli in condition b"),
+        _N_PERM,
+        _c("n_boot", "int", "bootstrap resamples"),
+    ),
+)
+
+FILTER_OBJECTS = TableSchema(
+    "filter_objects",
+    "dissect",
+    "one filter of the dissected layer and one object group",
+    (
+        _MODEL,
+        _LAYER,
+        _c("filter", "int", "channel index in the layer"),
+        _c("group", "str", "object group"),
+        _c("importance", "float", "mean of the filter's Grad-CAM map inside the group's boxes"),
+        _c("enrichment", "float", "importance / mean of the map over the whole image"),
+        _c("n_images", "int", "images in which the group was detected"),
+        _c(
+            "assigned",
+            "bool",
+            "the filter belongs to this group (its largest enrichment, >= threshold, group "
+            "detected in >= min_images images)",
+        ),
+    ),
+)
+
+OBJECT2BRAIN = TableSchema(
+    "object2brain",
+    "lesion",
+    "one object group's filters lesioned (or kept alone) against one target, subject, condition",
+    (
+        _MODEL,
+        _LAYER,
+        _c("group", "str", "object group (or `unassigned`)"),
+        _c("variant", "str", "`lesion` (group's filters zeroed) or `keep` (only them kept)"),
+        _TARGET,
+        _SUBJECT,
+        _CONDITION,
+        _c("n_filters", "int", "filters of the group"),
+        _c("r_full", "float", "r of the intact layer"),
+        _c("r_variant", "float", "r with the group's filters zeroed / kept"),
+        _c("delta_r", "float", "r_variant - r_full"),
+        _c("p_null", "float", "two-sided p against random filter subsets of the same size"),
+        _c("z_null", "float", "(delta_r - mean of the null) / sd of the null"),
+        _c("n_null", "int", "random filter subsets"),
+        _c("p_fdr", "float", "Benjamini-Hochberg of p_null"),
+        _c("p_perm", "float", "two-sided stimulus-label permutation p of delta_r"),
+        _c("p_perm_fdr", "float", "Benjamini-Hochberg of p_perm"),
+        _N_PERM,
+    ),
+)
+
+HEAD_METRICS = TableSchema(
+    "head_metrics",
+    "train-head",
+    "one valence head on one split of its stimuli",
+    (
+        _MODEL,
+        _c("split", "str", "`train`, `val`, `test` or `out_of_fold`"),
+        _c("n", "int", "stimuli"),
+        _c("mae", "float", "mean absolute error (rating units)"),
+        _c("rmse", "float", "root mean squared error (rating units)"),
+        _c("pearson", "float", "Pearson r of predicted and rated valence"),
+        _c("spearman", "float", "Spearman rho of predicted and rated valence"),
+        _c("r2", "float", "coefficient of determination"),
+    ),
+)
+
+#: Every table by name, in the order the documentation lists them.
+TABLES: dict[str, TableSchema] = {
+    schema.name: schema
+    for schema in (
+        ALIGNMENT,
+        ALIGNMENT_GROUP,
+        BEHAVIOR_DIRECT,
+        CONDITION_CONTRAST,
+        FILTER_OBJECTS,
+        OBJECT2BRAIN,
+        HEAD_METRICS,
+    )
+}
