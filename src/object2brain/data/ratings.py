@@ -6,7 +6,7 @@ empty subject or stimulus ids, missing (NaN) or non-numeric valence values, and 
 are not in the stimulus set (all listed).
 
 Repeated ratings of one stimulus by one subject are averaged (logged at INFO level). Group ratings
-are the mean over subjects (DESIGN.md section 3).
+are the mean over subjects.
 """
 
 from __future__ import annotations
