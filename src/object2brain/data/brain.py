@@ -270,7 +270,8 @@ def load_brain(source: str | Path | BrainData) -> BrainData:
 def brain_files(source: str | Path) -> list[Path]:
     """Every file that brain data ``source`` is read from: the file itself and, for a YAML
     manifest, each file its sources name (HDF5 ``path``; NIfTI ``betas``, ``stimuli``, ``rois``,
-    ``labels``, ``labels_tsv``), resolved relative to the manifest. For fingerprints: a cache
+    ``labels``, ``labels_tsv``; for ``nsd`` and ``things_fmri`` the data files read under
+    ``root``), resolved relative to the manifest. For fingerprints: a cache
     keyed on these files notices edited data behind an unchanged manifest. Entries that would not
     load are left out here; :func:`load_brain` reports them."""
     import yaml
@@ -286,6 +287,9 @@ def brain_files(source: str | Path) -> list[Path]:
     sources = manifest.get("sources") if isinstance(manifest, dict) else None
     for spec in sources if isinstance(sources, list) else []:
         if not isinstance(spec, dict):
+            continue
+        if spec.get("kind") in ("nsd", "things_fmri"):
+            files += _published_files(path, spec)
             continue
         named = [spec.get(key) for key in ("path", "betas", "stimuli", "labels", "labels_tsv")]
         rois = spec.get("rois")
@@ -325,6 +329,20 @@ def _load_manifest(path: Path) -> list[BrainItem]:
     if not items:
         raise DataError(f"{path}: the brain manifest declares no data")
     return items
+
+
+def _published_files(manifest: Path, spec: dict[str, Any]) -> list[Path]:
+    """The files an ``nsd`` or ``things_fmri`` source reads; none if it would not load."""
+    try:
+        if spec.get("kind") == "nsd":
+            from object2brain.data.nsd import nsd_files, parse_nsd_source
+
+            return nsd_files(parse_nsd_source(spec, manifest, str(manifest)))
+        from object2brain.data.things_fmri import parse_things_source, things_files
+
+        return things_files(parse_things_source(spec, manifest, str(manifest)))
+    except DataError:
+        return []
 
 
 def _load_published(manifest: Path, spec: dict[str, Any], kind: str, where: str) -> list[BrainItem]:

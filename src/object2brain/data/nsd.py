@@ -353,6 +353,16 @@ def _read_box(path: Path, box: tuple[slice, ...]) -> np.ndarray:
 # --- the reader -----------------------------------------------------------------------------
 
 
+def nsd_files(source: NsdSource) -> list[Path]:
+    """Every file :func:`read_nsd` reads for ``source`` (design, session betas, ROI volumes)."""
+    files = [source.root.joinpath(*DESIGN_PATH)]
+    for subject in source.subjects:
+        files += list(_session_files(source, subject).values())
+        folder = source.root / "nsddata" / "ppdata" / f"subj{subject:02d}" / source.space / "roi"
+        files += [folder / f"{roi}.nii.gz" for roi in dict.fromkeys(r.file for r in source.rois)]
+    return [f for f in files if f.is_file()]
+
+
 def read_nsd(source: NsdSource) -> list[RoiPatterns]:
     """Patterns per subject x ROI of an NSD data release (see module docstring)."""
     design_path = source.root.joinpath(*DESIGN_PATH)

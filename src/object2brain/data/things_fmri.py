@@ -257,6 +257,11 @@ def _split_frame(frame: pd.DataFrame, path: Path) -> tuple[np.ndarray, list[str]
 # --- the reader -----------------------------------------------------------------------------
 
 
+def things_files(source: ThingsSource) -> list[Path]:
+    """Every file :func:`read_things_fmri` reads for ``source`` (three per subject)."""
+    return [f for subject in source.subjects for f in subject_files(source.root, subject)]
+
+
 def read_things_fmri(source: ThingsSource) -> list[RoiPatterns]:
     """Patterns per subject x ROI of THINGS-fMRI single-trial tables (see module docstring)."""
     result: list[RoiPatterns] = []
