@@ -133,21 +133,46 @@ def nsd_stimulus_id(index73k: int) -> str:
 # --- manifest -------------------------------------------------------------------------------
 
 
-def parse_nsd_source(spec: dict[str, Any], manifest: Path, where: str) -> NsdSource:
-    """The ``kind: nsd`` entry ``spec`` of ``manifest`` as an :class:`NsdSource`."""
+@dataclass(frozen=True)
+class CommonKeys:
+    """Manifest keys shared by the published-data sources: the ``root`` folder (resolved against
+    the manifest), subject numbers and the ``repetitions`` mode."""
+
+    root: Path
+    subjects: tuple[int, ...]
+    repetitions: Repetitions
+
+
+def parse_common(
+    spec: dict[str, Any], manifest: Path, where: str, *, prefix: str, what: str
+) -> CommonKeys:
+    """``root``, ``subjects`` (numbers or ``<prefix>NN``) and ``repetitions`` of a source entry;
+    ``what`` names the root folder in messages."""
     root = spec.get("root")
     if not isinstance(root, str) or not root:
-        raise DataError(f"{where}: an nsd source needs 'root' (the NSD data release folder)")
+        raise DataError(f"{where}: a {spec.get('kind')} source needs 'root' ({what})")
     path = Path(root).expanduser()
     path = path if path.is_absolute() else manifest.parent / path
     if not path.is_dir():
         raise DataError(f"{where}: root folder {path} not found")
     subjects = spec.get("subjects")
     if not isinstance(subjects, list) or not subjects:
-        raise DataError(f"{where}: 'subjects' must be a list (1..8 or 'subj01')")
+        raise DataError(f"{where}: 'subjects' must be a list (1, 2, ... or '{prefix}01')")
+    numbers = []
+    for value in subjects:
+        match = re.fullmatch(rf"(?:{re.escape(prefix)})?0*(\d+)", str(value).strip())
+        if match is None or int(match.group(1)) < 1:
+            raise DataError(f"{where}: subject {value!r} is not a number or '{prefix}01'")
+        numbers.append(int(match.group(1)))
     repetitions = spec.get("repetitions", "mean")
     if repetitions not in REPETITIONS:
         raise DataError(f"{where}: repetitions must be one of {', '.join(REPETITIONS)}")
+    return CommonKeys(path, tuple(numbers), repetitions)
+
+
+def parse_nsd_source(spec: dict[str, Any], manifest: Path, where: str) -> NsdSource:
+    """The ``kind: nsd`` entry ``spec`` of ``manifest`` as an :class:`NsdSource`."""
+    common = parse_common(spec, manifest, where, prefix="subj", what="the NSD data release folder")
     sessions = spec.get("sessions")
     if sessions is not None and (
         not isinstance(sessions, list)
@@ -156,21 +181,14 @@ def parse_nsd_source(spec: dict[str, Any], manifest: Path, where: str) -> NsdSou
     ):
         raise DataError(f"{where}: 'sessions' must be a list of session numbers (1, 2, ...)")
     return NsdSource(
-        root=path,
-        subjects=tuple(_subject_number(s, where) for s in subjects),
+        root=common.root,
+        subjects=common.subjects,
         rois=_roi_specs(spec.get("rois"), where),
-        repetitions=repetitions,
+        repetitions=common.repetitions,
         sessions=tuple(sorted(set(sessions))) if sessions else None,
         space=str(spec.get("space", DEFAULT_SPACE)),
         betas=str(spec.get("betas", DEFAULT_BETAS)),
     )
-
-
-def _subject_number(value: object, where: str) -> int:
-    match = re.fullmatch(r"(?:subj)?0*(\d+)", str(value).strip())
-    if match is None or int(match.group(1)) < 1:
-        raise DataError(f"{where}: subject {value!r} is not a subject number (1..8 or 'subj01')")
-    return int(match.group(1))
 
 
 def _roi_specs(rois: object, where: str) -> tuple[RoiSpec, ...]:
@@ -375,6 +393,31 @@ def read_nsd(source: NsdSource) -> list[RoiPatterns]:
     return result
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each trial goes: ``row_of_trial`` ``(n_trials,)`` into ``n_rows`` output rows, the
+    rows' ids, their ``runs`` (``None`` for means) and the trial count per row ``(n_rows,)``."""
+
+    row_of_trial: np.ndarray
+    ids: list[str]
+    runs: np.ndarray | None
+    counts: np.ndarray
+
+
+def row_layout(trials: Trials, repetitions: str) -> RowLayout:
+    """Rows of the output: one per image (sorted by 73k id) to average, or with ``runs`` one per
+    trial, ordered by image then repetition."""
+    images, rows = np.unique(trials.image, return_inverse=True)
+    if repetitions == "mean":
+        counts = np.bincount(rows, minlength=len(images)).astype(np.float64)
+        return RowLayout(rows, [nsd_stimulus_id(i) for i in images], None, counts)
+    order = np.lexsort((trials.repetition, trials.image))
+    row_of_trial = np.empty(len(order), dtype=np.int64)
+    row_of_trial[order] = np.arange(len(order))
+    ids = [nsd_stimulus_id(i) for i in trials.image[order]]
+    return RowLayout(row_of_trial, ids, trials.repetition[order], np.ones(len(order)))
+
+
 def _read_subject(
     source: NsdSource, subject: int, files: dict[int, Path], trials: Trials
 ) -> list[RoiPatterns]:
@@ -385,40 +428,26 @@ def _read_subject(
         if grid != grids[first]:
             raise DataError(f"{path}: /betas grid {grid} differs from {first}'s {grids[first]}")
     masks = [_roi_mask(source, subject, roi, grids[first]) for roi in source.rois]
-    union = np.logical_or.reduce(masks)
-    corners = np.argwhere(union)
+    corners = np.argwhere(np.logical_or.reduce(masks))
     box = tuple(
         slice(int(lo), int(hi) + 1) for lo, hi in zip(corners.min(0), corners.max(0), strict=True)
     )
     in_box = [mask[box] for mask in masks]
-
-    images, rows = np.unique(trials.image, return_inverse=True)
-    if source.repetitions == "mean":
-        n_rows, row_of_trial = len(images), rows
-    else:  # runs: one row per trial, ordered by image then repetition
-        trial_order = np.lexsort((trials.repetition, trials.image))
-        row_of_trial = np.empty(len(trial_order), dtype=np.int64)
-        row_of_trial[trial_order] = np.arange(len(trial_order))
-        n_rows = len(trial_order)
-    sums = [np.zeros((n_rows, int(m.sum()))) for m in in_box]
+    layout = row_layout(trials, source.repetitions)
+    sums = [np.zeros((len(layout.ids), int(m.sum()))) for m in in_box]
     for session, path in files.items():
         selected = np.flatnonzero(trials.session == session)
         betas = _read_box(path, box)[trials.index[selected]]
         for total, mask in zip(sums, in_box, strict=True):
-            np.add.at(total, row_of_trial[selected], betas[:, mask])
-
-    name = f"subj{subject:02d}"
-    where = str(first.parent)
-    if source.repetitions == "mean":
-        counts = np.bincount(rows, minlength=len(images)).astype(np.float64)
-        ids = [nsd_stimulus_id(i) for i in images]
-        return [
-            RoiPatterns(name, roi.name, total / counts[:, None], ids, None, where)
-            for roi, total in zip(source.rois, sums, strict=True)
-        ]
-    ids = [nsd_stimulus_id(i) for i in trials.image[trial_order]]
-    runs = trials.repetition[trial_order]
+            np.add.at(total, layout.row_of_trial[selected], betas[:, mask])
     return [
-        RoiPatterns(name, roi.name, total, ids, runs, where)
+        RoiPatterns(
+            f"subj{subject:02d}",
+            roi.name,
+            total / layout.counts[:, None],
+            layout.ids,
+            layout.runs,
+            str(first.parent),
+        )
         for roi, total in zip(source.rois, sums, strict=True)
     ]

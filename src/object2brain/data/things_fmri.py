@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from object2brain.data.nsd import REPETITIONS, Repetitions, RoiPatterns
+from object2brain.data.nsd import Repetitions, RoiPatterns, parse_common
 from object2brain.errors import DataError, listing, require_columns
 
 DEFAULT_TRIAL_TYPES_EXCLUDED = ("catch",)
@@ -79,34 +79,18 @@ class ThingsSource:
 
 def parse_things_source(spec: dict[str, Any], manifest: Path, where: str) -> ThingsSource:
     """The ``kind: things_fmri`` entry ``spec`` of ``manifest`` as a :class:`ThingsSource`."""
-    root = spec.get("root")
-    if not isinstance(root, str) or not root:
-        raise DataError(f"{where}: a things_fmri source needs 'root' (the betas_csv folder)")
-    path = Path(root).expanduser()
-    path = path if path.is_absolute() else manifest.parent / path
-    if not path.is_dir():
-        raise DataError(f"{where}: root folder {path} not found")
-    subjects = spec.get("subjects")
-    if not isinstance(subjects, list) or not subjects:
-        raise DataError(f"{where}: 'subjects' must be a list (1, 2, 3 or 'sub-01')")
-    numbers = []
-    for value in subjects:
-        match = re.fullmatch(r"(?:sub-?)?0*(\d+)", str(value).strip())
-        if match is None or int(match.group(1)) < 1:
-            raise DataError(f"{where}: subject {value!r} is not a subject number or 'sub-01'")
-        numbers.append(int(match.group(1)))
-    repetitions = spec.get("repetitions", "mean")
-    if repetitions not in REPETITIONS:
-        raise DataError(f"{where}: repetitions must be one of {', '.join(REPETITIONS)}")
+    common = parse_common(
+        spec, manifest, where, prefix="sub-", what="the betas_csv folder of the table format"
+    )
     types = spec.get("trial_types")
     if types is not None and not (isinstance(types, list) and types):
         raise DataError(f"{where}: 'trial_types' must be a list such as [train, test]")
     dataset = spec.get("dataset")
     return ThingsSource(
-        root=path,
-        subjects=tuple(numbers),
+        root=common.root,
+        subjects=common.subjects,
         rois=_rois(spec.get("rois"), where),
-        repetitions=repetitions,
+        repetitions=common.repetitions,
         trial_types=tuple(str(t) for t in types) if types else None,
         dataset=str(dataset) if dataset else None,
     )
