@@ -447,3 +447,58 @@ def test_nifti_sidecar_ids_and_scaled_label_images(tmp_path: Path) -> None:
     (tmp_path / "atlas.tsv").write_text("index\tname\n1e20\tHuge\n")
     with pytest.raises(DataError, match=r"atlas\.tsv: column 'index' must hold integer labels"):
         load_brain(m)
+
+
+def test_runs_items_match_by_id_and_average_for_the_rdm() -> None:
+    """Patterns kept per repetition (``runs``): ids repeat; matching by id keeps every run of a
+    stimulus; the RDM is computed from each stimulus' mean pattern."""
+    from object2brain.data.brain import BrainData, BrainItem
+
+    X = _patterns(n=6, v=4)
+    item = BrainItem(
+        "sub-01", "EVC", "patterns", X, ["a", "b", "a", "b", "c", "c"], "src",
+        runs=np.array([1, 1, 2, 2, 1, 2]),
+    )  # fmt: skip
+    assert BrainData([item]).common_ids(["a", "b", "c"]) == ["a", "b", "c"]
+    taken = item.take(["c", "a"])
+    assert taken.stimulus_ids == ["c", "c", "a", "a"]
+    assert taken.runs is not None and taken.runs.tolist() == [1, 2, 1, 2]
+    np.testing.assert_array_equal(taken.data, X[[4, 5, 0, 2]])
+    ids, means = taken.mean_patterns()
+    assert ids == ["c", "a"]
+    np.testing.assert_allclose(means, [(X[4] + X[5]) / 2, (X[0] + X[2]) / 2])
+    plain = BrainItem("sub-01", "EVC", "patterns", means, ids, "src")
+    np.testing.assert_allclose(
+        taken.rdm("correlation", device="cpu").numpy(),
+        plain.rdm("correlation", device="cpu").numpy(),
+    )
+
+
+def test_brain_files_lists_the_files_of_published_sources(tmp_path: Path) -> None:
+    from object2brain.data.brain import brain_files
+
+    nsd = tmp_path / "nsd"
+    design = nsd / "nsddata/experiments/nsd/nsd_expdesign.mat"
+    betas = nsd / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
+    roi = nsd / "nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz"
+    things = tmp_path / "betas_csv"
+    named = [
+        design,
+        betas / "betas_session01.hdf5",
+        betas / "betas_session02.hdf5",
+        roi,
+        things / "sub-01_ResponseData.h5",
+        things / "sub-01_VoxelMetadata.csv",
+        things / "sub-01_StimulusMetadata.csv",
+    ]
+    for path in named:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    manifest = tmp_path / "brain.yaml"
+    manifest.write_text(
+        "sources:\n"
+        "  - {kind: nsd, root: nsd, subjects: [1], rois: [nsdgeneral]}\n"
+        "  - {kind: things_fmri, root: betas_csv, subjects: [1], rois: [V1]}\n"
+        "  - {kind: things_fmri, root: betas_csv, subjects: [2], rois: [V1]}\n"  # absent: skipped
+    )
+    assert sorted(brain_files(manifest)) == sorted([manifest, *named])

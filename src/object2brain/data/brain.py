@@ -11,6 +11,16 @@ manifest) or given directly as a patterns/RDMs HDF5 file (root attribute ``kind`
   of ``index``/``name`` (``labels:`` + ``labels_tsv:``). Masks and label images on another grid
   than the betas are resampled to the beta grid with nearest-neighbour interpolation (nilearn;
   logged at INFO). An ROI with no voxel on the beta grid is an error.
+- ``nsd``: a local copy of the Natural Scenes Dataset release (session betas in HDF5, the
+  experimental design file, ROI volumes); see :mod:`object2brain.data.nsd` for the layout and the
+  manifest keys (``root``, ``subjects``, ``sessions``, ``rois``, ``repetitions``).
+- ``things_fmri``: THINGS-fMRI single-trial responses in their published table format (response
+  HDF5, voxel metadata with ROI columns, stimulus metadata); see
+  :mod:`object2brain.data.things_fmri`.
+
+Patterns may keep repetitions as runs (``repetitions: runs`` of the two sources above): the item's
+``runs`` holds each row's run label and its ids repeat, one row per stimulus x run; matching by id
+keeps every run of a stimulus, and the RDM is computed from the mean pattern of each stimulus.
 
 Handling of problem values (each logged or raised with the file, subject, ROI and ids at fault):
 
@@ -54,13 +64,17 @@ from object2brain.errors import (
 
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("patterns", "rdms", "nifti")
+SOURCE_KINDS = ("patterns", "rdms", "nifti", "nsd", "things_fmri")
 OnMissing = Literal["error", "intersect"]
 
 
 @dataclass(frozen=True)
 class BrainItem:
-    """One subject x ROI: patterns ``(n, n_voxels)`` or an RDM ``(n, n)`` over ``stimulus_ids``."""
+    """One subject x ROI: patterns ``(n, n_voxels)`` or an RDM ``(n, n)`` over ``stimulus_ids``.
+
+    With ``runs`` (int64 ``(n,)``, patterns only) the rows are single repetitions: row ``i`` is
+    stimulus ``stimulus_ids[i]`` in run ``runs[i]``, and ids repeat across runs.
+    """
 
     subject: str
     roi: str
@@ -68,22 +82,40 @@ class BrainItem:
     data: np.ndarray
     stimulus_ids: list[str]
     source: str
+    runs: np.ndarray | None = None
 
     @property
     def label(self) -> str:
         return f"{self.source}: subject {self.subject!r}, ROI {self.roi!r}"
 
     def take(self, ids: Sequence[str]) -> BrainItem:
-        """The item restricted and reordered to ``ids`` (all must be present)."""
-        index = {sid: i for i, sid in enumerate(self.stimulus_ids)}
+        """The item restricted and reordered to ``ids`` (all must be present; with ``runs``,
+        every run of each id, in stored order)."""
+        index: dict[str, list[int]] = {}
+        for i, sid in enumerate(self.stimulus_ids):
+            index.setdefault(sid, []).append(i)
         missing = [sid for sid in ids if sid not in index]
         if missing:
             raise DataError(
                 f"{self.label}: {len(missing)} stimulus id(s) missing: {listing(missing)}"
             )
-        rows = np.asarray([index[sid] for sid in ids], dtype=np.int64)
+        rows = np.asarray([i for sid in ids for i in index[sid]], dtype=np.int64)
         data = self.data[rows] if self.kind == "patterns" else self.data[np.ix_(rows, rows)]
-        return replace(self, data=data, stimulus_ids=list(ids))
+        runs = None if self.runs is None else self.runs[rows]
+        kept = [self.stimulus_ids[i] for i in rows]
+        return replace(self, data=data, stimulus_ids=kept, runs=runs)
+
+    def mean_patterns(self) -> tuple[list[str], np.ndarray]:
+        """Distinct ids (order of first appearance) and their patterns ``(n_ids, n_voxels)``:
+        the mean over runs with ``runs``, else the patterns themselves."""
+        if self.runs is None:
+            return list(self.stimulus_ids), self.data
+        ids = list(dict.fromkeys(self.stimulus_ids))
+        position = {sid: i for i, sid in enumerate(ids)}
+        rows = np.asarray([position[sid] for sid in self.stimulus_ids], dtype=np.int64)
+        sums = np.zeros((len(ids), self.data.shape[1]), dtype=np.float64)
+        np.add.at(sums, rows, self.data)
+        return ids, sums / np.bincount(rows, minlength=len(ids))[:, None]
 
     def rdm(
         self, metric: str = "correlation", device: str | torch.device | None = "auto"
@@ -95,9 +127,8 @@ class BrainItem:
 
         if self.kind == "rdm":
             return snap_ties(as_tensor(self.data, resolve_device(device)))
-        return rdm_from_features(
-            self.data, metric, device=device, ids=self.stimulus_ids, what=self.label
-        )
+        ids, patterns = self.mean_patterns()
+        return rdm_from_features(patterns, metric, device=device, ids=ids, what=self.label)
 
 
 @dataclass(frozen=True)
@@ -239,7 +270,8 @@ def load_brain(source: str | Path | BrainData) -> BrainData:
 def brain_files(source: str | Path) -> list[Path]:
     """Every file that brain data ``source`` is read from: the file itself and, for a YAML
     manifest, each file its sources name (HDF5 ``path``; NIfTI ``betas``, ``stimuli``, ``rois``,
-    ``labels``, ``labels_tsv``), resolved relative to the manifest. For fingerprints: a cache
+    ``labels``, ``labels_tsv``; for ``nsd`` and ``things_fmri`` the data files read under
+    ``root``), resolved relative to the manifest. For fingerprints: a cache
     keyed on these files notices edited data behind an unchanged manifest. Entries that would not
     load are left out here; :func:`load_brain` reports them."""
     import yaml
@@ -255,6 +287,9 @@ def brain_files(source: str | Path) -> list[Path]:
     sources = manifest.get("sources") if isinstance(manifest, dict) else None
     for spec in sources if isinstance(sources, list) else []:
         if not isinstance(spec, dict):
+            continue
+        if spec.get("kind") in ("nsd", "things_fmri"):
+            files += _published_files(path, spec)
             continue
         named = [spec.get(key) for key in ("path", "betas", "stimuli", "labels", "labels_tsv")]
         rois = spec.get("rois")
@@ -287,10 +322,46 @@ def _load_manifest(path: Path) -> list[BrainItem]:
             raise DataError(f"{where}: unknown kind {kind!r} (use {', '.join(SOURCE_KINDS)})")
         if kind in ("patterns", "rdms"):
             items += _load_h5(_resolve(path, spec, "path", where), kind=str(kind))
-        else:
+        elif kind == "nifti":
             items += _load_nifti_source(path, spec, where)
+        else:
+            items += _load_published(path, spec, str(kind), where)
     if not items:
         raise DataError(f"{path}: the brain manifest declares no data")
+    return items
+
+
+def _published_files(manifest: Path, spec: dict[str, Any]) -> list[Path]:
+    """The files an ``nsd`` or ``things_fmri`` source reads; none if it would not load."""
+    try:
+        if spec.get("kind") == "nsd":
+            from object2brain.data.nsd import nsd_files, parse_nsd_source
+
+            return nsd_files(parse_nsd_source(spec, manifest, str(manifest)))
+        from object2brain.data.things_fmri import parse_things_source, things_files
+
+        return things_files(parse_things_source(spec, manifest, str(manifest)))
+    except DataError:
+        return []
+
+
+def _load_published(manifest: Path, spec: dict[str, Any], kind: str, where: str) -> list[BrainItem]:
+    """Items of an ``nsd`` or ``things_fmri`` source, through the same checks as HDF5 patterns."""
+    if kind == "nsd":
+        from object2brain.data.nsd import parse_nsd_source, read_nsd
+
+        read = read_nsd(parse_nsd_source(spec, manifest, where))
+    else:
+        from object2brain.data.things_fmri import parse_things_source, read_things_fmri
+
+        read = read_things_fmri(parse_things_source(spec, manifest, where))
+    items = []
+    for roi in read:
+        item_where = f"{roi.source}: subject {roi.subject!r}, ROI {roi.roi!r}"
+        item = _make_item(
+            roi.subject, roi.roi, "patterns", roi.patterns, roi.stimulus_ids, roi.source, item_where
+        )
+        items.append(replace(item, runs=roi.runs))
     return items
 
 
