@@ -4,7 +4,8 @@ A rated set of N generated images (valence encoded by colour, ``tests/heads/head
 style) and the real ``efficientnet_lite0`` backbone (bundled ImageNet weights). Three runs of
 ``train_head`` with the same seed, split and ``--epochs 20`` (patience 20, so all 20 epochs run):
 
-1. cached, cold: the backbone runs once over all images, features go to ``features.h5``, then 20
+1. cached, cold: the backbone runs once over all images, features go to the feature store
+   ``features.h5`` (an activation store), then 20
    epochs touch only the head;
 2. cached, warm: a rerun that finds the feature cache and skips the backbone entirely;
 3. uncached: every batch of every epoch (training and validation) goes through the frozen
@@ -68,8 +69,8 @@ def run(
     n_images: int = 70, epochs: int = 20, batch_size: int = 32, device: str = "cpu"
 ) -> dict[str, object]:
     """The three runs; returns wall times and ratios as a dict."""
+    from object2brain.api.train_head import train_head
     from object2brain.heads.io import load_head
-    from object2brain.heads.train import train_head
 
     args = argparse.Namespace(
         n_images=n_images, epochs=epochs, batch_size=batch_size, device=device

@@ -135,7 +135,29 @@ class TrainHeadOptions(StageOptions):
     epochs: Int = Field(100, ge=1, description="Maximum epochs.")
     patience: Int = Field(10, ge=1, description="Early-stopping patience (epochs).")
     lr: Float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: Float = Field(
+        0.0, ge=0, description="Adam's L2 penalty on the head.", json_schema_extra=_cli(None)
+    )
     batch_size: Int = Field(32, ge=1, description="Images per batch.")
+    fractions: tuple[Float, Float, Float] = Field(
+        (0.8, 0.1, 0.1),
+        description="Train, val and test shares of a new split (stratified by valence level).",
+        json_schema_extra=_cli(None),
+    )
+    cache: bool = Field(
+        True,
+        description=(
+            "Compute the penultimate features once and keep them in an activation store "
+            "(<out>/<model>/features.h5); off: through the backbone every epoch."
+        ),
+        json_schema_extra=_cli(None),
+    )
+    num_workers: Int | None = Field(
+        None,
+        ge=0,
+        description="Image decoding worker processes (0: in the main process; default: by cores).",
+        json_schema_extra=_cli(None),
+    )
     cross_fit: Int | None = Field(
         None,
         ge=0,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from heads_helpers import write_table
 
-from object2brain.heads.train import TrainHeadResult, train_head
+from object2brain.api.train_head import TrainHeadResult, train_head
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,12 @@ from scipy import stats
 
 from object2brain.activations.extract import extract
 from object2brain.activations.store import ActivationStore
+from object2brain.api.train_head import train_head
 from object2brain.data.splits import make_folds, valence_levels
 from object2brain.errors import DataError
-from object2brain.heads.train import (
-    CachedFeatures,
-    cross_fitted_predictions,
-    fit_head,
-    predict,
-    train_head,
-)
+from object2brain.heads.features import CachedFeatures, FeatureSources
+from object2brain.heads.fit import RatedFeatures, cross_fitted_predictions, fit_head, predict
+from object2brain.options import TrainHeadOptions
 
 CPU = torch.device("cpu")
 
@@ -58,18 +55,19 @@ def _problem(n: int, dim: int, signal: float, seed: int) -> tuple[CachedFeatures
     return CachedFeatures(torch.from_numpy(x), CPU), y
 
 
+def _rated(source: CachedFeatures, y: np.ndarray) -> RatedFeatures:
+    sources = FeatureSources(source, source, int(source.features.shape[1]))
+    return RatedFeatures(sources, y, valence_levels(y))
+
+
 def _oof(source: CachedFeatures, y: np.ndarray, folds: np.ndarray, **kw: object) -> np.ndarray:
     return cross_fitted_predictions(
-        source,
-        source,
-        y,
-        valence_levels(y),
+        _rated(source, y),
         folds,
         np.array([], dtype=np.int64),
-        source.features.shape[1],
-        loss="mse",
+        TrainHeadOptions(loss="mse", **kw),  # type: ignore[arg-type]
+        seed=0,
         device=CPU,
-        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -85,8 +83,9 @@ def test_a_stimulus_rating_never_reaches_its_own_prediction() -> None:
 
     def out_of_fold(ratings: np.ndarray) -> np.ndarray:
         return cross_fitted_predictions(
-            source, source, ratings, valence_levels(ratings), folds, val_rows, 16,
-            loss="weighted_mse", device=CPU, **kw,  # type: ignore[arg-type]
+            _rated(source, ratings), folds, val_rows,
+            TrainHeadOptions(loss="weighted_mse", **kw),  # type: ignore[arg-type]
+            seed=0, device=CPU,
         )  # fmt: skip
 
     before = out_of_fold(y)
@@ -107,9 +106,8 @@ def test_out_of_fold_predictions_are_not_optimistic() -> None:
     for seed in range(3):
         source, y = _problem(60, 120, signal=0.0, seed=seed)
         everything = np.arange(len(y))
-        fit = fit_head(
-            source, source, y, np.ones(len(y)), everything, everything[:0], 120, device=CPU, **kw
-        )  # type: ignore[arg-type]
+        options = TrainHeadOptions(loss="mse", **kw)  # type: ignore[arg-type]
+        fit = fit_head(_rated(source, y), everything, everything[:0], options, seed=0, device=CPU)
         in_sample.append(stats.spearmanr(predict(fit.head, source, everything), y).statistic)
         oof = _oof(source, y, make_folds(y, 5, seed=seed), **kw)
         out_of_fold.append(stats.spearmanr(oof, y).statistic)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from heads_helpers import tiny_model, write_findingemo
 
+from object2brain.api.train_head import train_head
 from object2brain.data.findingemo import (
     FINDINGEMO_COLUMNS,
     default_annotations,
@@ -15,7 +16,6 @@ from object2brain.data.findingemo import (
     load_rated_stimuli,
 )
 from object2brain.errors import DataError
-from object2brain.heads.train import train_head
 
 
 def test_package_annotations_have_the_documented_columns(tmp_path: Path) -> None:

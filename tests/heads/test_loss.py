@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from object2brain.heads.train import level_weights, sample_weights, weighted_mse
+from object2brain.heads.loss import level_weights, sample_weights, weighted_mse
 
 
 def test_level_weights_by_hand() -> None:

@@ -15,10 +15,12 @@ from heads_helpers import run_cli, tiny_model
 
 from object2brain.activations.extract import extract
 from object2brain.activations.store import ActivationStore
+from object2brain.api.train_head import TrainHeadResult, train_head
 from object2brain.data.stimuli import load_stimuli
 from object2brain.errors import DataError, ModelError, StoreError
+from object2brain.heads.features import FEATURE_LAYER
 from object2brain.heads.io import load_head, save_head
-from object2brain.heads.train import TrainHeadResult, level_weights, train_head
+from object2brain.heads.loss import level_weights
 from object2brain.models.zoo import load_model
 
 LITE0 = "efficientnet_lite0"
@@ -86,12 +88,12 @@ def test_head_loads_and_extraction_writes_valence(
         pooled = store.read("_avg_pooling").reshape(len(chosen), -1)
     expected = predictions.set_index("stimulus_id").loc[chosen, "predicted"].to_numpy()
     np.testing.assert_allclose(valence, expected, atol=1e-4)
-    # the cached penultimate features are what the backbone gives before the replaced layer
-    import h5py
-
-    with h5py.File(lite0_run.models[LITE0].features_path, "r") as handle:
-        ids = [s.decode() for s in handle["stimulus_ids"][()]]
-        cached = handle["features"][()][[ids.index(s) for s in chosen]]
+    # the cached penultimate features are what the backbone gives before the replaced layer;
+    # they are an activation store (layer 'penultimate')
+    features_path = lite0_run.models[LITE0].features_path
+    assert features_path is not None
+    with ActivationStore.open(features_path) as features:
+        cached = features.read(FEATURE_LAYER, chosen)
     np.testing.assert_allclose(pooled, cached, atol=1e-4)
 
 

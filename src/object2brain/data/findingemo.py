@@ -13,7 +13,8 @@ Stimulus id of a FindingEmo image: its ``image_path`` without the leading ``/``
 (e.g. ``Run_2/Loving toddlers sports/haiti-kids.jpg``). Should a file rate an image several times,
 the image's valence is the mean of its ratings (column ``n_ratings`` counts them).
 
-Any other rated set is a stimulus table (DESIGN.md section 3) with a numeric ``valence`` column
+Any other rated set is a stimulus table (``stimulus_id``, ``path`` relative to the table, optional
+``condition``; :mod:`object2brain.data.stimuli`) with a numeric ``valence`` column
 (:func:`load_rated_stimuli`); there every image must exist, as for every stimulus table.
 
 Valence must lie in the declared range (default ``-3..3``); values outside it, missing values and
