@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import object2brain as o2b
-from object2brain.api.extract import extract
 from object2brain.activations.store import ActivationStore, StoreWriter, partial_path
+from object2brain.api.extract import extract
 from object2brain.data.images import load_image
 from object2brain.errors import StoreError
 from object2brain.heads.io import save_head
