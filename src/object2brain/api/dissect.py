@@ -86,10 +86,7 @@ def dissect(
         ModelError: no valence head and no ``target``.
     """
     from object2brain.data.stimuli import StimulusSet, load_stimuli
-    from object2brain.devices import resolve_device
-    from object2brain.explain.detectors import Detector, make_detector
     from object2brain.explain.dissect import compute_dissection, write_dissection
-    from object2brain.explain.groups import GroupMap, default_groups_for, load_groups
     from object2brain.models.zoo import LoadedModel, load_model
 
     started = time.time()
@@ -112,16 +109,7 @@ def dissect(
         if isinstance(model, LoadedModel)
         else load_model(model, weights, head=head, seed=seed)
     )
-    det = (
-        detector
-        if isinstance(detector, Detector)
-        else make_detector(resolved.detector, device=resolve_device(runtime.device))
-    )
-    if isinstance(groups, GroupMap):
-        group_map = groups
-    else:
-        source = resolved.groups
-        group_map = load_groups(source) if source is not None else default_groups_for(det.kind)
+    det, group_map = _detector_and_groups(detector, groups, resolved, runtime)
     cache = Path(cache_dir) if cache_dir is not None else _default_cache(out_path)
     result = compute_dissection(
         loaded, stimulus_set, det, group_map, resolved, runtime, cache_dir=cache,
@@ -156,6 +144,29 @@ def draw_dissection_figures(result: DissectResult, folder: Path) -> list[Path]:
         if panels:
             files += plot_group_gallery(panels, folder, group)
     return files
+
+
+def _detector_and_groups(
+    detector: str | Detector | None,
+    groups: str | Path | GroupMap | None,
+    options: DissectOptions,
+    runtime: Runtime,
+) -> tuple[Detector, GroupMap]:
+    """The detector (given, or made from ``options.detector`` on the run's device) and the group
+    map (given, loaded from ``options.groups``, or the shipped map that fits the detector)."""
+    from object2brain.devices import resolve_device
+    from object2brain.explain.detectors import Detector, make_detector
+    from object2brain.explain.groups import GroupMap, default_groups_for, load_groups
+
+    det = (
+        detector
+        if isinstance(detector, Detector)
+        else make_detector(options.detector, device=resolve_device(runtime.device))
+    )
+    if isinstance(groups, GroupMap):
+        return det, groups
+    source = options.groups
+    return det, load_groups(source) if source is not None else default_groups_for(det.kind)
 
 
 def _default_cache(out: Path | None) -> Path | None:

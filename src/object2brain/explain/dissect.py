@@ -707,7 +707,7 @@ def given_box_detections(
     found = []
     for sid, path in zip(ids, paths, strict=True):
         width, height = displayed_size(path)
-        detections = boxes.detect(None, stimulus_id=sid, path=Path(path))  # pixels unused
+        detections = boxes.lookup(stimulus_id=sid, path=Path(path))
         found.append(ImageDetections(sid, width, height, tuple(detections)))
     return found
 
