@@ -142,7 +142,7 @@ def memory(
     import pandas as pd
     import psutil
 
-    from object2brain.explain.dissect import dissect
+    from object2brain.api.dissect import dissect
 
     paths = make_images(folder / "images", n_images)
     table = folder / "stimuli.csv"

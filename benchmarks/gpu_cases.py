@@ -433,6 +433,7 @@ def case_extract(
 
     ex = importlib.import_module("object2brain.activations.extract")
     from object2brain.activations.store import ActivationStore
+    from object2brain.api.extract import extract
     from object2brain.data.stimuli import load_stimuli
     from object2brain.models.layers import LayerRecorder, list_layers
     from object2brain.models.zoo import load_model
@@ -464,7 +465,7 @@ def case_extract(
     ):
         path = work / f"check_{label}.h5"
         try:
-            ex.extract(model, few, out=path, device=dev, batch_size=8, num_workers=0,
+            extract(model, few, out=path, device=dev, batch_size=8, num_workers=0,
                        progress=False, decode=decode, overwrite=True)  # fmt: skip
         except Exception as exc:  # on-device decoding may be unavailable: keep the rest
             if label != "dec":
@@ -511,7 +512,7 @@ def case_extract(
     def _end_to_end(
         label: str, count: int, subset: Any, store: Path, options: dict[str, Any]
     ) -> None:
-        seconds, _ = timed(device, lambda: ex.extract(
+        seconds, _ = timed(device, lambda: extract(
             model, subset, out=store, device=device, batch_size=batch, num_workers=workers,
             progress=False, overwrite=True, **options))  # fmt: skip
         size = store.stat().st_size / 2**20
@@ -709,9 +710,9 @@ def case_dissect(
     import pandas as pd
     from PIL import Image
 
+    from object2brain.api.dissect import dissect
     from object2brain.data.stimuli import load_stimuli
     from object2brain.explain.detectors import Detection, DetectionCache, Detector
-    from object2brain.explain.dissect import dissect
     from object2brain.explain.groups import load_groups
     from object2brain.manifest import file_sha256
     from object2brain.models.zoo import load_model

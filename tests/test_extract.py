@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import object2brain as o2b
-from object2brain.activations.extract import extract
 from object2brain.activations.store import ActivationStore, StoreWriter, partial_path
+from object2brain.api.extract import extract
 from object2brain.data.images import load_image
 from object2brain.errors import StoreError
 from object2brain.heads.io import save_head
@@ -203,7 +203,7 @@ def test_batches_before_a_failing_one_are_written_and_resumed(
     """Batches are written on a background thread: a failure in the main loop (an image that
     cannot be decoded, in the third batch) still leaves the two batches before it written, and the
     next run resumes there."""
-    # image decoding lives in models.inputs
+    # image input lives in models.inputs
     extract_module = sys.modules["object2brain.models.inputs"]
 
     model = load_model("alexnet", "none", seed=1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from object2brain.activations.extract import extract
 from object2brain.activations.projection import project, srp_error_bound, srp_matrix
 from object2brain.activations.store import ActivationStore
+from object2brain.api.extract import extract
 from object2brain.models.zoo import load_model
 
 

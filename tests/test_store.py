@@ -108,3 +108,110 @@ def test_background_writer_error_reaches_the_caller_and_stops_writing() -> None:
     quiet: BackgroundWriter[int] = BackgroundWriter(write)
     quiet.put(1)
     quiet.close(raise_error=False)  # the caller is failing already: no second error
+
+
+# --- attributes of stores from other tools: order, complete -----------------------------------
+
+
+def _store_with(
+    path: Path, layers: list[str], *, track_order: bool = False, **attrs: object
+) -> Path:
+    """A foreign store with layers created in the order given and the attributes given."""
+    with h5py.File(path, "w") as handle:
+        handle["stimulus_ids"] = np.array(["s1", "s2", "s3"], dtype=h5py.string_dtype())
+        group = handle.create_group("layers", track_order=track_order)
+        for k, name in enumerate(layers):
+            group[name] = np.full((3, 2), k, dtype=np.float32)
+        handle.attrs["complete"] = True
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+    return path
+
+
+def test_order_as_json_string_or_hdf5_string_array(tmp_path: Path) -> None:
+    as_json = _store_with(tmp_path / "j.h5", ["b", "a", "c"], order='["c", "a", "b"]')
+    as_array = _store_with(tmp_path / "s.h5", ["b", "a", "c"], order=["c", "a", "b"])
+    with h5py.File(as_array, "r") as handle:  # h5py writes a list of str as a string array
+        assert isinstance(handle.attrs["order"], np.ndarray)
+    for path in (as_json, as_array):
+        with ActivationStore.open(path) as store:
+            assert store.layers == ["c", "a", "b"]
+            assert store.layer_order == "attribute order"
+            assert store.attrs["order"] == ["c", "a", "b"]
+    # layers present but not named follow the named ones
+    partial = _store_with(tmp_path / "p.h5", ["b", "a", "c"], order=["c"])
+    with ActivationStore.open(partial) as store:
+        assert store.layers == ["c", "a", "b"]
+
+
+def test_absent_order_is_the_files_layer_order(tmp_path: Path) -> None:
+    tracked = _store_with(tmp_path / "t.h5", ["conv2", "conv10", "fc"], track_order=True)
+    with ActivationStore.open(tracked) as store:
+        assert store.layers == ["conv2", "conv10", "fc"]
+        assert store.layer_order == "creation order"
+    untracked = _store_with(tmp_path / "u.h5", ["fc", "conv2", "conv10"])
+    with ActivationStore.open(untracked) as store:
+        assert store.layers == ["conv10", "conv2", "fc"]  # sorted by name
+        assert store.layer_order == "names"
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"order": "conv, fc"}, r"attribute 'order' must be a list of layer names"),
+        ({"order": '{"a": 1}'}, r"attribute 'order' must be a list of layer names, got JSON"),
+        ({"order": "[1, 2]"}, r"attribute 'order' must be a list of layer names; not a string"),
+        ({"order": 3}, r"attribute 'order' must be a list of layer names"),
+        ({"order": np.zeros((2, 2))}, r"attribute 'order' must be a list of layer names"),
+        ({"order": ["a", "nosuch"]}, r"attribute 'order' names layer\(s\) not in /layers: nosuch"),
+        ({"order": ["a", "b", "a"]}, r"attribute 'order' names a twice"),
+        ({"complete": "yes"}, r"attribute 'complete' must be a boolean, got 'yes'"),
+        ({"complete": 2}, r"attribute 'complete' must be a boolean"),
+        ({"complete": 1.0}, r"attribute 'complete' must be a boolean"),
+    ],
+)
+def test_malformed_attributes_are_one_line_errors(
+    tmp_path: Path, attrs: dict[str, object], message: str
+) -> None:
+    path = _store_with(tmp_path / "bad.h5", ["a", "b"], **attrs)
+    with pytest.raises(StoreError, match=message) as caught:
+        ActivationStore.open(path)
+    text = str(caught.value)
+    assert text.startswith(str(path)) and "\n" not in text
+
+
+def test_complete_as_integer_is_accepted(tmp_path: Path) -> None:
+    with ActivationStore.open(_store_with(tmp_path / "i.h5", ["a"], complete=1)) as store:
+        assert store.attrs["complete"] is True
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore.open(_store_with(tmp_path / "z.h5", ["a"], complete=np.int8(0)))
+
+
+def test_store_with_string_array_order_runs_through_rsa(tmp_path: Path) -> None:
+    """A store written by h5py with ``order`` as a string array: ``o2b.rsa`` reads it end to
+    end, layers in that order (it used to end in a JSONDecodeError traceback)."""
+    import pandas as pd
+
+    import object2brain as o2b
+
+    rng = np.random.default_rng(0)
+    ids = [f"img{i:02d}" for i in range(12)]
+    store = tmp_path / "foreign.h5"
+    with h5py.File(store, "w") as handle:
+        handle["stimulus_ids"] = np.array(ids, dtype=h5py.string_dtype())
+        group = handle.create_group("layers")
+        for name in ("fc", "conv1", "conv2"):
+            group[name] = rng.normal(size=(12, 5)).astype(np.float32)
+        handle.attrs["model"] = "othertool"
+        handle.attrs["order"] = ["conv1", "conv2", "fc"]
+        handle.attrs["complete"] = True
+    ratings = tmp_path / "ratings.csv"
+    pd.DataFrame(
+        [{"subject": f"r{s}", "stimulus_id": sid, "valence": float(rng.normal())}
+         for s in range(3) for sid in ids]
+    ).to_csv(ratings, index=False)  # fmt: skip
+    result = o2b.rsa([store], ratings=ratings, out=tmp_path / "rsa", n_perm=9, n_boot=0,
+                     device="cpu", progress=False, figures=False)  # fmt: skip
+    rows = result.alignment.drop_duplicates("layer").sort_values("layer_index")
+    assert rows["layer"].tolist() == ["conv1", "conv2", "fc"]
+    assert (tmp_path / "rsa" / "alignment.csv").is_file()

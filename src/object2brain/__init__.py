@@ -14,12 +14,12 @@ The Python API mirrors the command line::
 from __future__ import annotations
 
 from object2brain._version import __version__
-from object2brain.activations.extract import extract
 from object2brain.activations.store import ActivationStore
+from object2brain.api.dissect import dissect
+from object2brain.api.extract import extract
 from object2brain.data.images import load_image
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.errors import Object2BrainError
-from object2brain.explain.dissect import dissect
 from object2brain.heads.train import train_head
 from object2brain.lesion.analysis import run_lesion as lesion
 from object2brain.models.layers import list_layers

@@ -13,10 +13,9 @@ from typing import Annotated
 
 import typer
 
-from object2brain.activations.extract import AmpDtype, StorageDtype
 from object2brain.errors import DataError, Object2BrainError
 from object2brain.lesion.engine import NullKind
-from object2brain.models.inputs import DecodeMode
+from object2brain.options import AmpDtype, DecodeMode, StorageDtype
 
 app = typer.Typer(
     name="object2brain",
@@ -135,7 +134,7 @@ def extract_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Extract activations of MODEL for every stimulus into an HDF5 activation store."""
-    from object2brain.activations.extract import extract
+    from object2brain.api.extract import extract
     from object2brain.data.stimuli import load_stimuli
     from object2brain.models.zoo import load_model
 
@@ -346,7 +345,7 @@ def dissect_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Per-filter Grad-CAM x object detections: which object groups each filter attends to."""
-    from object2brain.explain.dissect import dissect
+    from object2brain.api.dissect import dissect
 
     _quiet(quiet)
     dissect(

@@ -294,7 +294,7 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Build the demo study in ``out``, run every stage and return the report path."""
-    from object2brain.activations.extract import extract
+    from object2brain.api.extract import extract
     from object2brain.models.zoo import load_model
     from object2brain.pipeline.run import run_config
 

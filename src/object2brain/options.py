@@ -113,7 +113,9 @@ class ExtractOptions(StageOptions):
         None, ge=1, description="Sparse random projection of each layer to DIM features."
     )
     amp: AmpDtype | None = Field(
-        None, description="Mixed precision on CUDA (values stored as float32 / --dtype)."
+        None,
+        validation_alias=AliasChoices("amp", "amp_dtype"),
+        description="Mixed precision on CUDA (values stored as float32 / --dtype).",
     )
     channels_last: bool = Field(False, description="channels_last memory format (GPU speed).")
     decode: DecodeMode = Field("pil", description="pil | torch (plain JPEGs on the device) | auto.")

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from object2brain.api.dissect import dissect
 from object2brain.errors import DataError, LayerError, ModelError
-from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS, dissect
+from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS
 
 from .helpers import FACE_CHANNEL, make_composites, planted_model, stimulus_csv
 

@@ -12,7 +12,8 @@ from o2b_testing import shipped_photo
 from object2brain.data.images import load_image
 from object2brain.explain import detectors
 from object2brain.explain.detectors import GivenBoxes, detect_images
-from object2brain.explain.dissect import displayed_size, given_box_detections
+from object2brain.explain.dissect import given_box_detections
+from object2brain.models.inputs import displayed_size
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from object2brain.activations.extract import extract
 from object2brain.activations.store import ActivationStore
+from object2brain.api.extract import extract
 from object2brain.api.train_head import train_head
 from object2brain.data.splits import make_folds, valence_levels
 from object2brain.errors import DataError

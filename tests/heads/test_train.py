@@ -13,8 +13,8 @@ import pytest
 import torch
 from heads_helpers import run_cli, tiny_model
 
-from object2brain.activations.extract import extract
 from object2brain.activations.store import ActivationStore
+from object2brain.api.extract import extract
 from object2brain.api.train_head import TrainHeadResult, train_head
 from object2brain.data.stimuli import load_stimuli
 from object2brain.errors import DataError, ModelError, StoreError

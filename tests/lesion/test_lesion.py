@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import object2brain as o2b
-from object2brain.activations.extract import extract
 from object2brain.activations.store import ActivationStore
+from object2brain.api.extract import extract
 from object2brain.errors import DataError, ModelError
 from object2brain.heads.io import save_head
 from object2brain.lesion.analysis import (

@@ -1,28 +1,35 @@
-"""Batched activation extraction into an activation store.
+"""Batched activation extraction into an activation store: a streaming stage.
+
+Most stages are resolve -> compute -> write, with ``compute`` returning its whole result in
+memory. An activation store does not fit in memory (25,000 images x a VGG16 conv layer is
+hundreds of GB), so here *compute* and *write* interleave batch by batch, and the shape becomes:
+
+- **resolve** (:func:`object2brain.api.extract.extract`): load the model, the stimuli and any
+  supplied valence; validate the options (:class:`~object2brain.options.ExtractOptions`);
+- **plan** (:func:`plan_extraction`, pure apart from one probing forward pass): the layers, the
+  device, the decoding path and the store's fingerprint, as an :class:`ExtractionPlan`;
+- **stream** (:func:`run_extraction`): compute one batch, hand it to the writer, compute the next.
 
 One forward pass per batch records every requested layer through :class:`LayerRecorder`; the
 batch's activations are copied to the host and written to ``<out>.partial`` on a writer thread
-while the next batch is computed, so at most three batches' activations are held (one computed,
-one waiting, one being written) whatever the number of stimuli. The store is renamed to
-``<out>`` and marked complete only at the end; an interrupted run (Ctrl-C, crash, killed job)
-resumes from the last written batch when the same command is run again.
+(:class:`~object2brain.activations.store.BackgroundWriter`) while the next batch is computed, so at
+most three batches' activations are held (one computed, one waiting, one being written) whatever
+the number of stimuli. The partial file records how many rows are written (``n_done``); the store
+is renamed to ``<out>`` and marked complete only at the end, so an interrupted run (Ctrl-C, crash,
+killed job) resumes from the last written batch when the same command is run again. The
+manifest (``<store stem>.manifest.json``) is written last.
 
 GPU options (all off by default, so stored values are today's float32 ones):
 
-- ``amp_dtype="bfloat16"|"float16"``: the forward pass runs under ``torch.autocast`` (mixed
+- ``amp="bfloat16"|"float16"``: the forward pass runs under ``torch.autocast`` (mixed
   precision); activations are converted back to float32 before storage. Faster on tensor-core
   GPUs, but values differ from float32 by the precision of that type (bf16: ~3 significant
   digits), so leave it off for numbers that are compared across runs.
 - ``channels_last=True``: network and inputs in NHWC memory format (faster convolutions on
   tensor cores); values are those of the default layout up to float rounding (tested: 1e-5).
-- ``decode="torch"`` (or ``"auto"`` = ``torch`` on CUDA): plain JPEG files are read as bytes by
-  the loader workers and decoded on the compute device with ``torchvision.io.decode_jpeg`` (nvJPEG
-  on CUDA), then resized (antialiased, rounded to 8 bits like Pillow), centre-cropped and
-  normalised there. Only baseline (non-progressive) 8-bit greyscale or RGB/YCbCr JPEGs whose EXIF
-  orientation is absent or 1 take this path; every other file (PNG, CMYK, progressive, rotated
-  by EXIF, ...) is decoded by Pillow exactly as in the default path. Different decoders and
-  resamplers differ by about one 8-bit level per pixel; the ``decode`` mode is part of the
-  store's fingerprint.
+- ``decode="torch"`` (or ``"auto"`` = ``torch`` on CUDA): plain JPEG files are decoded on the
+  compute device (:mod:`object2brain.models.inputs`). Different decoders and resamplers differ by
+  about one 8-bit level per pixel; the ``decode`` mode is part of the store's fingerprint.
 - Pinned host memory and non-blocking host-to-device copies are used on CUDA.
 """
 
@@ -33,11 +40,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,29 +56,29 @@ from object2brain.activations.store import (
     StoreWriter,
     partial_path,
 )
-from object2brain.data.ratings import load_predicted_valence
-from object2brain.data.stimuli import StimulusSet, load_stimuli
+from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import LayerError, StoreError, listing
-from object2brain.io import check_writable, write_json
+from object2brain.io import write_json
 from object2brain.manifest import build_manifest, cached_file_sha256, file_sha256
-from object2brain.models.inputs import (
-    DECODE_MODES,
-    DecodeMode,
-    image_loader,
-    model_inputs,
-    uses_device_decoding,
-)
+from object2brain.models.inputs import image_batches, uses_device_decoding
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
-from object2brain.models.zoo import LoadedModel, load_model
-
-if TYPE_CHECKING:
-    import pandas as pd
+from object2brain.models.zoo import LoadedModel
+from object2brain.options import AmpDtype, ExtractOptions, Runtime, StorageDtype
 
 log = logging.getLogger("object2brain.activations.extract")
 
-StorageDtype = Literal["float32", "float16"]
-AmpDtype = Literal["bfloat16", "float16"]
+__all__ = [
+    "AmpDtype",
+    "ExtractionPlan",
+    "StorageDtype",
+    "discard_partial",
+    "manifest_path",
+    "plan_extraction",
+    "probe_layers",
+    "run_extraction",
+]
+
 AMP_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
@@ -96,132 +102,46 @@ def probe_layers(loaded: LoadedModel, layer_names: Sequence[str], device: torch.
         )
 
 
-def extract(
-    model: LoadedModel | str,
-    stimuli: StimulusSet | str | Path,
-    *,
-    out: str | Path,
-    layers: str | Sequence[str] = "all",
-    weights: str = "default",
-    batch_size: int = 32,
-    device: str | torch.device = "auto",
-    dtype: StorageDtype = "float32",
-    srp: int | None = None,
-    seed: int = 0,
-    num_workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    amp_dtype: AmpDtype | str | None = None,
-    channels_last: bool = False,
-    decode: DecodeMode | str = "pil",
-    valence: str | Path | pd.Series | Mapping[str, float] | None = None,
-) -> Path:
-    """Extract activations of ``layers`` for every stimulus into the activation store ``out``.
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Everything an extraction run needs, resolved (:func:`plan_extraction`).
 
-    Args:
-        model: a :class:`LoadedModel`, or an architecture name loaded with ``weights``.
-        stimuli: a :class:`StimulusSet`, or a stimulus table / image folder to load.
-        out: the ``.h5`` file to write (DESIGN.md section 3 layout).
-        layers: ``all`` (the canonical layers) or names / a comma-separated list.
-        weights: used only when ``model`` is a name.
-        batch_size: images per forward pass (memory is bounded by one batch).
-        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
-        dtype: storage precision; the forward pass is always float32.
-        srp: if given, layers with more than ``srp`` features are stored as a sparse random
-            projection ``(n, srp)`` of their centred activations
-            (see :mod:`object2brain.activations.projection`).
-        seed: seed of the projection matrices (and of ``weights=none`` when loading by name).
-        num_workers: image-decoding worker processes (default: :func:`default_workers`).
-        overwrite: replace an existing store at ``out`` written by another run (a complete store
-            of this very run is always reused as it is).
-        progress: show a progress bar.
-        amp_dtype: ``None`` (float32 forward pass, the default), ``bfloat16`` or ``float16``:
-            mixed precision with ``torch.autocast`` (module docstring); stored as ``dtype``.
-        channels_last: NHWC memory format for the network and its inputs.
-        decode: ``pil`` (default), ``torch`` (plain JPEGs decoded and preprocessed on
-            ``device``; others by Pillow) or ``auto`` (``torch`` on CUDA when torchvision can
-            decode there, else ``pil``).
-        valence: predicted valence to store as layer ``valence`` instead of the head's outputs
-            (with or without a head): a table with ``stimulus_id, predicted`` (e.g.
-            ``train-head --cross-fit``'s ``out_of_fold.csv``) or a Series/mapping by stimulus id.
-            The store's attribute ``valence_source`` says which (``head`` or ``supplied``).
-
-    Returns:
-        The path of the complete store.
+    Attributes:
+        loaded: the model (with its head, if any).
+        stimuli: the stimuli, in store row order.
+        layers: dotted names of the recorded modules, in the order asked for.
+        options: the validated options.
+        runtime: seed (of the projection matrices), device string, progress bars.
+        device: the compute device.
+        on_device_decode: plain JPEGs decoded on ``device`` (``decode`` resolved).
+        valence: supplied predicted valence ``(n_stimuli,)`` float, stored as layer ``valence``
+            instead of the head's output; ``None``: the head's output (if there is a head).
+        config: the store's settings (model description, layers, dtype, srp, seed, stimuli),
+            recorded in its manifest.
+        fingerprint: SHA-256 of what the store holds, by content (weights, head, image bytes,
+            settings that change stored values): a complete store with the same fingerprint is
+            reused, a partial one resumed.
     """
-    started = time.time()
-    out = Path(out).expanduser()
-    if dtype not in _NUMPY_DTYPES:
-        raise StoreError(f"--dtype {dtype!r}: use float32 or float16")
-    if srp is not None and srp < 1:
-        raise StoreError(f"--srp {srp}: the projection dimension must be positive")
-    if batch_size < 1:
-        raise StoreError(f"batch size {batch_size}: must be at least 1")
-    if num_workers is not None and num_workers < 0:
-        raise StoreError(f"--workers {num_workers}: must be 0 or more")
-    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
-        raise StoreError(f"--amp {amp_dtype!r}: use bfloat16 or float16 (or none for float32)")
-    if decode not in DECODE_MODES:
-        raise StoreError(f"--decode {decode!r}: use {', '.join(DECODE_MODES)}")
-    stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
-    supplied = None if valence is None else load_predicted_valence(valence, stimulus_set.ids)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, seed=seed)
-    layer_names = resolve_layers(loaded, layers)
-    torch_device = resolve_device(device)
-    check_writable(out)
-    probe_layers(loaded, layer_names, torch_device)
-    on_device_decode = uses_device_decoding(decode, torch_device)
 
-    config: dict[str, Any] = {
-        **loaded.describe(),
-        "layers": layer_names,
-        "valence": loaded.has_head,
-        "dtype": dtype,
-        "srp": srp,
-        "seed": seed,
-        "stimulus_ids": stimulus_set.ids,
-        "stimuli": stimulus_set.fingerprint(),
-    }
-    # Only options that change stored values, and only when not at their default, so stores
-    # written before these options existed keep their fingerprint.
-    if amp_dtype is not None:
-        config["amp_dtype"] = amp_dtype
-    if on_device_decode:
-        config["decode"] = "torch"
-    if supplied is not None:
-        config["valence"] = "supplied"
-        config["valence_sha256"] = hashlib.sha256(supplied.tobytes()).hexdigest()
-    # What the store holds, by content: weights and head by SHA-256 and images by their bytes,
-    # not by path, so a study moved to another folder or machine keeps its stores.
-    identity = {k: v for k, v in config.items() if k not in ("weights", "head")}
-    identity["head_sha256"] = cached_file_sha256(loaded.head["path"]) if loaded.head else None
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    loaded: LoadedModel
+    stimuli: StimulusSet
+    layers: list[str]
+    options: ExtractOptions
+    runtime: Runtime
+    device: torch.device
+    on_device_decode: bool
+    valence: np.ndarray | None
+    config: dict[str, Any] = field(repr=False)
+    fingerprint: str
 
-    record = partial(
-        _write_manifest,
-        config=config,
-        stimulus_set=stimulus_set,
-        loaded=loaded,
-        batch_size=batch_size,
-        device=torch_device,
-        channels_last=channels_last,
-        on_device_decode=on_device_decode,
-        seed=seed,
-    )
-    if out.exists():
-        if _same_complete_store(out, fingerprint):
-            log.info("%s is already complete for this model, layers and stimuli", out)
-            if not manifest_path(out).is_file():  # stopped between the store and its manifest
-                record(out, seconds=None)
-            return out
-        if not overwrite:
-            raise StoreError(f"{out}: already exists (from another run); pass --overwrite")
+    @property
+    def storage_dtype(self) -> np.dtype[Any]:
+        return _NUMPY_DTYPES[self.options.dtype]
 
-    writer = StoreWriter.resume(out, fingerprint)
-    if writer is not None:
-        log.info("resuming %s at stimulus %d of %d", out, writer.n_done, len(stimulus_set))
-    else:
-        attrs = {
+    def store_attrs(self) -> dict[str, Any]:
+        """File attributes of a new store (``order``, ``srp``, ``complete`` come later)."""
+        loaded = self.loaded
+        attrs: dict[str, Any] = {
             "model": loaded.name,
             "arch": loaded.arch,
             "weights": loaded.weights,
@@ -229,69 +149,121 @@ def extract(
             "preprocessing": loaded.preprocessing.to_dict(),
             "object2brain_version": __version__,
             "head": loaded.head,
-            "dtype": dtype,
+            "dtype": self.options.dtype,
         }
-        if supplied is not None or loaded.has_head:
-            attrs["valence_source"] = "supplied" if supplied is not None else "head"
-        writer = StoreWriter.create(out, stimulus_set.ids, attrs, fingerprint)
+        if self.valence is not None or loaded.has_head:
+            attrs["valence_source"] = "supplied" if self.valence is not None else "head"
+        return attrs
+
+
+def plan_extraction(
+    loaded: LoadedModel,
+    stimuli: StimulusSet,
+    layers: str | Sequence[str],
+    options: ExtractOptions,
+    runtime: Runtime,
+    *,
+    valence: np.ndarray | None = None,
+) -> ExtractionPlan:
+    """Resolve the layers (``all`` or names), the device and the decoding path, probe the layers
+    with one blank forward pass, and fingerprint the store-to-be.
+
+    Raises:
+        LayerError: an unknown layer, or a module that does not run once per forward pass.
+    """
+    layer_names = resolve_layers(loaded, layers)
+    device = resolve_device(runtime.device)
+    probe_layers(loaded, layer_names, device)
+    on_device_decode = uses_device_decoding(options.decode, device)
+    config: dict[str, Any] = {
+        **loaded.describe(),
+        "layers": layer_names,
+        "valence": loaded.has_head,
+        "dtype": options.dtype,
+        "srp": options.srp,
+        "seed": runtime.seed,
+        "stimulus_ids": stimuli.ids,
+        "stimuli": stimuli.fingerprint(),
+    }
+    # Only options that change stored values, and only when not at their default, so stores
+    # written before these options existed keep their fingerprint.
+    if options.amp is not None:
+        config["amp_dtype"] = options.amp
+    if on_device_decode:
+        config["decode"] = "torch"
+    if valence is not None:
+        config["valence"] = "supplied"
+        config["valence_sha256"] = hashlib.sha256(valence.tobytes()).hexdigest()
+    # What the store holds, by content: weights and head by SHA-256 and images by their bytes,
+    # not by path, so a study moved to another folder or machine keeps its stores.
+    identity = {k: v for k, v in config.items() if k not in ("weights", "head")}
+    identity["head_sha256"] = cached_file_sha256(loaded.head["path"]) if loaded.head else None
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return ExtractionPlan(
+        loaded, stimuli, layer_names, options, runtime, device, on_device_decode, valence,
+        config, fingerprint,
+    )  # fmt: skip
+
+
+def run_extraction(plan: ExtractionPlan, out: Path, *, overwrite: bool = False) -> Path:
+    """Stream the plan's activations into the store ``out`` and write its manifest.
+
+    A complete store of this very plan (same fingerprint) is reused as it is; a partial one is
+    resumed from its last written batch; another run's store is replaced only with
+    ``overwrite``.
+
+    Returns:
+        The path of the complete store.
+
+    Raises:
+        StoreError: ``out`` holds another run's store (without ``overwrite``), or activations
+            that cannot be stored (NaN/inf, beyond float16's range).
+    """
+    started = time.time()
+    if out.exists():
+        if _same_complete_store(out, plan.fingerprint):
+            log.info("%s is already complete for this model, layers and stimuli", out)
+            if not manifest_path(out).is_file():  # stopped between the store and its manifest
+                _write_manifest(plan, out, seconds=None)
+            return out
+        if not overwrite:
+            raise StoreError(f"{out}: already exists (from another run); pass --overwrite")
+    writer = StoreWriter.resume(out, plan.fingerprint)
+    if writer is not None:
+        log.info("resuming %s at stimulus %d of %d", out, writer.n_done, len(plan.stimuli))
+    else:
+        writer = StoreWriter.create(out, plan.stimuli.ids, plan.store_attrs(), plan.fingerprint)
     try:
-        _run_batches(
-            loaded,
-            stimulus_set,
-            writer,
-            layer_names,
-            device=torch_device,
-            batch_size=batch_size,
-            dtype=_NUMPY_DTYPES[dtype],
-            srp=srp,
-            seed=seed,
-            num_workers=num_workers,
-            progress=progress,
-            amp_dtype=AMP_DTYPES[amp_dtype] if amp_dtype is not None else None,
-            channels_last=channels_last,
-            on_device_decode=on_device_decode,
-            valence=supplied,
-        )
+        _run_batches(plan, writer)
         path = writer.finish()
     finally:
         writer.close()
-
-    record(path, seconds=round(time.time() - started, 3))
+    _write_manifest(plan, path, seconds=round(time.time() - started, 3))
     return path
 
 
-def _write_manifest(
-    path: Path,
-    config: dict[str, Any],
-    stimulus_set: StimulusSet,
-    loaded: LoadedModel,
-    batch_size: int,
-    device: torch.device,
-    channels_last: bool,
-    on_device_decode: bool,
-    seed: int,
-    seconds: float | None,
-) -> Path:
+def _write_manifest(plan: ExtractionPlan, path: Path, *, seconds: float | None) -> Path:
     """``<store>.manifest.json`` (``seconds`` None: the store was completed by an earlier run)."""
-    inputs = {"stimuli_fingerprint": config["stimuli"], "weights": loaded.weights_sha256}
-    if stimulus_set.source is not None and stimulus_set.source.is_file():
-        inputs["stimulus_table"] = file_sha256(stimulus_set.source)
+    stimuli, loaded, options = plan.stimuli, plan.loaded, plan.options
+    inputs = {"stimuli_fingerprint": plan.config["stimuli"], "weights": loaded.weights_sha256}
+    if stimuli.source is not None and stimuli.source.is_file():
+        inputs["stimulus_table"] = file_sha256(stimuli.source)
     return write_json(
         manifest_path(path),
         build_manifest(
             "extract",
-            {k: v for k, v in config.items() if k != "stimulus_ids"}
+            {k: v for k, v in plan.config.items() if k != "stimulus_ids"}
             | {
                 "out": str(path),
-                "batch_size": batch_size,
-                "device": str(device),
-                "channels_last": channels_last,
-                "decode": "torch" if on_device_decode else "pil",
+                "batch_size": options.batch_size,
+                "device": str(plan.device),
+                "channels_last": options.channels_last,
+                "decode": "torch" if plan.on_device_decode else "pil",
             },
-            seeds={"seed": seed},
+            seeds={"seed": plan.runtime.seed},
             inputs=inputs,
             outputs=[str(path)],
-            extra={"n_stimuli": len(stimulus_set), "seconds": seconds},
+            extra={"n_stimuli": len(stimuli), "seconds": seconds},
         ),
     )
 
@@ -309,100 +281,113 @@ def _same_complete_store(path: Path, fingerprint: str) -> bool:
         return False
 
 
-def _run_batches(
-    loaded: LoadedModel,
-    stimuli: StimulusSet,
-    writer: StoreWriter,
-    layer_names: list[str],
-    *,
-    device: torch.device,
-    batch_size: int,
-    dtype: np.dtype[Any],
-    srp: int | None,
-    seed: int,
-    num_workers: int | None,
-    progress: bool,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    on_device_decode: bool = False,
-    valence: np.ndarray | None = None,
-) -> None:
-    """Write the rows from ``writer.n_done`` on; ``valence`` ``(n,)``: supplied predictions that
-    replace the head's output as layer ``valence``."""
+def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
+    """Write the rows from ``writer.n_done`` on: batches computed here, stored on the writer
+    thread (:class:`_BatchStore`)."""
     from tqdm.auto import tqdm
 
-    n, start = len(stimuli), writer.n_done
+    n, start = len(plan.stimuli), writer.n_done
     if start >= n:
         return
-    paths, ids = stimuli.paths[start:], stimuli.ids[start:]
-    loader = image_loader(
-        paths,
+    loaded, device, options = plan.loaded, plan.device, plan.options
+    ids = plan.stimuli.ids[start:]
+    batches = image_batches(
+        plan.stimuli.paths[start:],
         ids,
         loaded.preprocessing,
         device=device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        on_device_decode=on_device_decode,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        on_device_decode=plan.on_device_decode,
     )
     network = loaded.module.to(device).eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    if options.channels_last:
         network.to(memory_format=torch.channels_last)
-    projections: dict[str, torch.Tensor] = {}
-    order: list[str] = []
-    bar = tqdm(total=n, initial=start, disable=not progress, unit="img", desc="extract")
-
-    def store(batch: _HostBatch) -> None:  # runs on the writer thread
-        if batch.copied is not None:
-            batch.copied.synchronize()
-        _check_storable(list(batch.blocks), batch.peaks, dtype, batch.ids)
-        arrays = {name: block.numpy() for name, block in batch.blocks.items()}
-        for name, array in arrays.items():
-            writer.ensure_layer(name, n, tuple(array.shape[1:]), dtype)
-        if writer.n_done == 0:
-            writer.set_attr("order", order)
-            if srp is not None:
-                writer.set_attr("srp", _srp_attrs(srp, seed, arrays, projections))
-        writer.write_rows(batch.first_row, arrays)
-        bar.update(len(batch.ids))
-
-    background: BackgroundWriter[_HostBatch] = BackgroundWriter(store, depth=1)
+    bar = tqdm(total=n, initial=start, disable=not plan.runtime.progress, unit="img",
+               desc="extract")  # fmt: skip
+    sink = _BatchStore(plan, writer, bar.update)
+    background: BackgroundWriter[_HostBatch] = BackgroundWriter(sink.store, depth=1)
     try:
-        with LayerRecorder(network, layer_names) as recorder, torch.inference_mode():
-            for batch in loader:
-                indices, inputs = model_inputs(batch, loaded.preprocessing, device, ids)
-                inputs = inputs.contiguous(memory_format=memory_format)
+        with LayerRecorder(network, plan.layers) as recorder, torch.inference_mode():
+            for indices, inputs in batches:
                 recorder.reset()
-                autocast = (
-                    torch.autocast(device.type, dtype=amp_dtype)
-                    if amp_dtype is not None
-                    else contextlib.nullcontext()
-                )
-                with autocast:
-                    output = network(inputs)
-                blocks = {name: block.float() for name, block in recorder.outputs.items()}
-                if valence is not None:
-                    rows = start + np.asarray(indices, dtype=np.int64)
-                    blocks[VALENCE_LAYER] = torch.from_numpy(valence[rows]).float().to(device)
-                elif loaded.has_head:
-                    blocks[VALENCE_LAYER] = output.reshape(output.shape[0], -1)[:, 0].float()
-                if srp is not None:
-                    blocks = _project_blocks(blocks, srp, seed, projections, device)
-                if not order:
-                    order.extend(
+                with _autocast(device, options.amp):
+                    output = network(inputs.contiguous(memory_format=memory_format))
+                blocks = _batch_blocks(plan, recorder.outputs, output, start + indices.numpy())
+                if options.srp is not None:
+                    blocks = _project_blocks(blocks, options.srp, plan.runtime.seed,
+                                             sink.projections, device)  # fmt: skip
+                if not sink.order:
+                    sink.order.extend(
                         [*recorder.order, *([VALENCE_LAYER] if VALENCE_LAYER in blocks else [])]
                     )
-                background.put(
-                    _to_host(blocks, dtype, start + int(indices[0]), [ids[int(i)] for i in indices])
-                )
+                rows = [ids[int(i)] for i in indices]
+                background.put(_to_host(blocks, plan.storage_dtype, start + int(indices[0]), rows))
         background.close()
     except BaseException:
         background.close(raise_error=False)  # keep the batches already written (resumable)
         raise
     finally:
         bar.close()
-        if channels_last:
+        if options.channels_last:
             network.to(memory_format=torch.contiguous_format)
+
+
+def _autocast(device: torch.device, amp: AmpDtype | None) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``amp`` on ``device``, or nothing (float32)."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _batch_blocks(
+    plan: ExtractionPlan,
+    recorded: dict[str, torch.Tensor],
+    output: torch.Tensor,
+    rows: np.ndarray,
+) -> dict[str, torch.Tensor]:
+    """Layer -> ``(batch, ...)`` float32 of one batch, plus layer ``valence`` ``(batch,)``: the
+    supplied predictions of store rows ``rows`` or the head's output ``output[:, 0]``."""
+    blocks = {name: block.float() for name, block in recorded.items()}
+    if plan.valence is not None:
+        supplied = plan.valence[np.asarray(rows, dtype=np.int64)]
+        blocks[VALENCE_LAYER] = torch.from_numpy(supplied).float().to(plan.device)
+    elif plan.loaded.has_head:
+        blocks[VALENCE_LAYER] = output.reshape(output.shape[0], -1)[:, 0].float()
+    return blocks
+
+
+class _BatchStore:
+    """The writer thread's side: checks a batch and writes it at its rows.
+
+    ``order`` (layer names in network order) and ``projections`` (layer -> SRP matrix) are filled
+    by the computing side before the first batch is queued; they are written as the store's
+    ``order`` and ``srp`` attributes with the first rows.
+    """
+
+    def __init__(self, plan: ExtractionPlan, writer: StoreWriter, advance: Any) -> None:
+        self.plan = plan
+        self.writer = writer
+        self.advance = advance
+        self.order: list[str] = []
+        self.projections: dict[str, torch.Tensor] = {}
+
+    def store(self, batch: _HostBatch) -> None:
+        plan, writer, dtype = self.plan, self.writer, self.plan.storage_dtype
+        if batch.copied is not None:
+            batch.copied.synchronize()
+        _check_storable(list(batch.blocks), batch.peaks, dtype, batch.ids)
+        arrays = {name: block.numpy() for name, block in batch.blocks.items()}
+        for name, array in arrays.items():
+            writer.ensure_layer(name, len(plan.stimuli), tuple(array.shape[1:]), dtype)
+        if writer.n_done == 0:
+            writer.set_attr("order", self.order)
+            if plan.options.srp is not None:
+                srp = _srp_attrs(plan.options.srp, plan.runtime.seed, arrays, self.projections)
+                writer.set_attr("srp", srp)
+        writer.write_rows(batch.first_row, arrays)
+        self.advance(len(batch.ids))
 
 
 @dataclass

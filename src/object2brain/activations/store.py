@@ -1,12 +1,27 @@
-"""The activation store (HDF5) and atomic writes of result files.
+"""The activation store (HDF5) and its writers.
 
-Layout of an activation store (DESIGN.md section 3), stable so that other tools can write one::
+Layout of an activation store, stable so that other tools can write one::
 
-    /stimulus_ids          (n,) UTF-8 strings
+    /stimulus_ids          (n,) UTF-8 strings, unique
     /layers/<layer name>   (n, ...) activations in the layer's original shape
     /layers/valence        (n,) predicted valence, when the model carries a valence head
     attributes: model, arch, weights, weights_sha256, preprocessing (JSON), object2brain_version,
-                complete (bool), order (layer names in network order, JSON list)
+                complete (bool), order (layer names in network order)
+
+Attributes as read from stores of other tools (:class:`ActivationStore`):
+
+- ``order``: a JSON list of strings (what object2brain writes), or an HDF5 array of strings (what
+  ``h5py`` writes for a Python list of ``str``: variable-length strings), or absent. Absent, the
+  layers come in the file's order of ``/layers`` members: their creation order where the group
+  tracks it (``h5py``'s ``track_order=True``), else sorted by name (HDF5's default index);
+  :attr:`ActivationStore.layer_order` says which. Layers present but not named in ``order`` follow
+  the named ones.
+- ``complete``: a boolean (``h5py`` writes ``True``/``False`` as an enum read back as
+  ``numpy.bool_``) or the integers 0 / 1.
+
+Any other value (``order`` not a list of strings, naming a layer that is not in ``/layers`` or a
+name twice; ``complete`` neither boolean nor 0/1) is refused with a one-line :class:`StoreError`
+naming the file and the attribute.
 
 A store is written to ``<path>.partial`` and renamed to ``<path>`` once complete. The partial file
 records how many rows are fully written (attribute ``n_done``) and a fingerprint of the run, so an
@@ -53,6 +68,8 @@ class ActivationStore:
     def __init__(self, handle: h5py.File, path: Path) -> None:
         self._file = handle
         self.path = path
+        self._order: list[str] = []
+        self._order_source = "names"
 
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True) -> ActivationStore:
@@ -82,8 +99,10 @@ class ActivationStore:
             raise StoreError(
                 f"{self.path}: not an activation store (needs /stimulus_ids and /layers)"
             )
-        if require_complete and not bool(self._file.attrs.get("complete", False)):
+        complete = _flag(self._file.attrs.get("complete", False), self.path, "complete")
+        if require_complete and not complete:
             raise StoreError(f"{self.path}: activation store is incomplete (attribute complete)")
+        self._order, self._order_source = _layer_order(self._file, self.path)
         n = len(self._file["stimulus_ids"])
         require_unique_ids(self.stimulus_ids, f"{self.path}: /stimulus_ids", error=StoreError)
         for name in self.layers:
@@ -110,13 +129,16 @@ class ActivationStore:
 
     @property
     def layers(self) -> list[str]:
-        """Layer names in network order (attribute ``order``; else the file's order)."""
-        present = list(self._file["layers"].keys())
-        order = self._file.attrs.get("order")
-        if order is None:
-            return present
-        ordered = [name for name in json.loads(str(order)) if name in present]
-        return ordered + [name for name in present if name not in ordered]
+        """Layer names in network order (attribute ``order``; else the file's order, see the
+        module docstring)."""
+        return list(self._order)
+
+    @property
+    def layer_order(self) -> str:
+        """Where :attr:`layers`' order comes from: ``attribute order``, ``creation order`` (no
+        attribute; the file tracks the creation order of ``/layers`` members) or ``names`` (no
+        attribute, no creation order: sorted by name)."""
+        return self._order_source
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -131,6 +153,10 @@ class ActivationStore:
                 with suppress(json.JSONDecodeError):
                     value = json.loads(value)
             out[key] = value
+        if "order" in out:
+            out["order"] = self.layers
+        if "complete" in out:
+            out["complete"] = _flag(out["complete"], self.path, "complete")
         return out
 
     @property
@@ -176,6 +202,65 @@ class ActivationStore:
                 f"{self.path}: no layer {layer!r}; layers: {', '.join(self.layers) or 'none'}"
             )
         return self._file["layers"][layer]
+
+
+def _flag(value: Any, path: Path, name: str) -> bool:
+    """A boolean attribute: ``bool``/``numpy.bool_`` or the integers 0 / 1."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer) and int(value) in (0, 1):
+        return bool(value)
+    raise StoreError(f"{path}: attribute {name!r} must be a boolean, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """A short one-line rendering of an attribute value for messages."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _order_names(raw: Any, path: Path) -> list[str]:
+    """The names of attribute ``order``: a JSON list of strings or an HDF5 string array."""
+    problem = f"{path}: attribute 'order' must be a list of layer names"
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise StoreError(
+                f"{problem} (a JSON list or a string array), got {_shown(raw)}"
+            ) from None
+        if not isinstance(raw, list):
+            raise StoreError(f"{problem}, got JSON {_shown(raw)}")
+    elif isinstance(raw, np.ndarray) and raw.ndim == 1:
+        raw = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in raw]
+    else:
+        raise StoreError(f"{problem} (a JSON list or a string array), got {_shown(raw)}")
+    odd = [v for v in raw if not isinstance(v, str)]
+    if odd:
+        raise StoreError(f"{problem}; not a string: {_shown(odd[0])}")
+    return [str(v) for v in raw]
+
+
+def _layer_order(handle: h5py.File, path: Path) -> tuple[list[str], str]:
+    """The layers in network order and where the order comes from (:attr:`ActivationStore.
+    layer_order`), with attribute ``order`` checked against ``/layers``."""
+    group = handle["layers"]
+    present = list(group.keys())  # creation order where tracked, else by name
+    if "order" not in handle.attrs:
+        tracked = bool(group.id.get_create_plist().get_link_creation_order())
+        return present, "creation order" if tracked else "names"
+    names = _order_names(handle.attrs["order"], path)
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise StoreError(f"{path}: attribute 'order' names {', '.join(duplicated)} twice")
+    unknown = [n for n in names if n not in group]
+    if unknown:
+        raise StoreError(
+            f"{path}: attribute 'order' names layer(s) not in /layers: {', '.join(unknown[:10])}"
+        )
+    return names + [n for n in present if n not in names], "attribute order"
 
 
 class StoreWriter:

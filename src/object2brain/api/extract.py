@@ -1,7 +1,112 @@
-"""The edge of the stage behind ``o2b.extract``: load -> compute -> write (to be reshaped)."""
+"""The edge of the extraction stage, ``o2b.extract``: load the inputs (model by name or object,
+stimuli by table or object, supplied valence by table or mapping), validate the options, then
+plan and stream the activations into the store (:mod:`object2brain.activations.extract`)."""
 
 from __future__ import annotations
 
-from object2brain.activations.extract import extract
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from object2brain.errors import StoreError
+from object2brain.io import check_writable
+from object2brain.options import ExtractOptions, OptionsError, Runtime, resolve_options
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from object2brain.data.stimuli import StimulusSet
+    from object2brain.models.zoo import LoadedModel
 
 __all__ = ["extract"]
+
+
+def extract(
+    model: LoadedModel | str,
+    stimuli: StimulusSet | str | Path,
+    *,
+    out: str | Path,
+    layers: str | Sequence[str] = "all",
+    options: ExtractOptions | None = None,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+    srp: int | None = None,
+    amp_dtype: str | None = None,
+    channels_last: bool | None = None,
+    decode: str | None = None,
+    num_workers: int | None = None,
+    weights: str = "default",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    overwrite: bool = False,
+    valence: str | Path | pd.Series | Mapping[str, float] | None = None,
+) -> Path:
+    """Extract activations of ``layers`` for every stimulus into the activation store ``out``.
+
+    Args:
+        model: a :class:`~object2brain.models.zoo.LoadedModel`, or an architecture name loaded
+            with ``weights`` (and ``seed``, for ``weights="none"``).
+        stimuli: a :class:`~object2brain.data.stimuli.StimulusSet`, or a stimulus table / image
+            folder to load.
+        out: the ``.h5`` file to write: ``/stimulus_ids`` ``(n,)``, ``/layers/<name>``
+            ``(n, ...)`` in each layer's original shape (or ``(n, srp)``), file attributes
+            (model, weights and their SHA-256, preprocessing, layer ``order``, ``complete``).
+        layers: ``all`` (the canonical layers) or names / a comma-separated list.
+        options: :class:`~object2brain.options.ExtractOptions`; the keywords below, when given,
+            override its fields (``batch_size``, ``dtype``, ``srp``, ``amp_dtype`` = field
+            ``amp``, ``channels_last``, ``decode``, ``num_workers``; meanings and defaults there).
+        weights: used only when ``model`` is a name.
+        seed: seed of the projection matrices (and of ``weights=none`` when loading by name).
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        progress: show a progress bar.
+        overwrite: replace an existing store at ``out`` written by another run (a complete store
+            of this very run is always reused as it is).
+        valence: predicted valence to store as layer ``valence`` instead of the head's outputs
+            (with or without a head): a table with ``stimulus_id, predicted`` (e.g.
+            ``train-head --cross-fit``'s ``out_of_fold.csv``) or a Series/mapping by stimulus id.
+            The store's attribute ``valence_source`` says which (``head`` or ``supplied``).
+
+    Returns:
+        The path of the complete store.
+
+    Raises:
+        StoreError: invalid options (named by their flag), or a store that cannot be written.
+    """
+    from object2brain.activations.extract import plan_extraction, run_extraction
+    from object2brain.data.ratings import load_predicted_valence
+    from object2brain.data.stimuli import StimulusSet, load_stimuli
+    from object2brain.models.zoo import LoadedModel, load_model
+
+    given = {
+        "batch_size": batch_size, "dtype": dtype, "srp": srp, "amp": amp_dtype,
+        "channels_last": channels_last, "decode": decode, "num_workers": num_workers,
+    }  # fmt: skip
+    resolved = _resolve(options, {k: v for k, v in given.items() if v is not None})
+    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    out = Path(out).expanduser()
+    stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
+    supplied = None if valence is None else load_predicted_valence(valence, stimulus_set.ids)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, seed=seed)
+    check_writable(out)
+    plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
+    return run_extraction(plan, out, overwrite=overwrite)
+
+
+def _resolve(options: ExtractOptions | None, values: dict[str, Any]) -> ExtractOptions:
+    """The options, as a :class:`StoreError` naming each option by its flag when invalid."""
+    try:
+        return resolve_options(ExtractOptions, options, **values)
+    except OptionsError as exc:
+        raise StoreError(f"extract: {_as_flags(str(exc))}") from None
+
+
+def _as_flags(message: str) -> str:
+    """``amp: problem; srp: problem`` -> ``--amp: problem; --srp: problem``."""
+    flags = {"num_workers": "workers"}
+    parts = []
+    for part in message.split("; "):
+        key, _, problem = part.partition(": ")
+        parts.append(f"--{flags.get(key, key).replace('_', '-')}: {problem}")
+    return "; ".join(parts)

@@ -1,12 +1,13 @@
-"""EmoCAM++: per-filter Grad-CAM on the valence output x object detections (DESIGN.md section 4).
+"""EmoCAM++: per-filter Grad-CAM on the valence output x object detections.
 
 - :mod:`.filtercam`: all K per-filter Grad-CAM maps of a layer from one forward + one backward;
 - :mod:`.detectors`: OpenCV, torchvision COCO detectors and given boxes behind one interface;
 - :mod:`.groups`: YAML maps from detector classes to object groups;
-- :mod:`.dissect`: box importance, enrichment, assignment -> the ``filter_objects`` table.
+- :mod:`.dissect`: box importance, enrichment, assignment -> the ``filter_objects`` table
+  (:func:`~.dissect.compute_dissection`, :func:`~.dissect.write_dissection`).
 
-The entry point is :func:`object2brain.explain.dissect.dissect` (exported as ``o2b.dissect``);
-it is deliberately not re-exported here, where the name would shadow the submodule ``dissect``.
+The entry point with loading, figures and files is :func:`object2brain.api.dissect.dissect`
+(exported as ``o2b.dissect``).
 """
 
 from __future__ import annotations

@@ -412,6 +412,10 @@ class GivenBoxes(Detector):
         return {"kind": self.kind, "path": str(self.path)}
 
     def detect(self, image: Image.Image, *, stimulus_id: str, path: Path) -> list[Detection]:
+        return self.lookup(stimulus_id=stimulus_id, path=path)
+
+    def lookup(self, *, stimulus_id: str, path: Path) -> list[Detection]:
+        """The boxes given for a stimulus (no pixels needed), matched by id or file name."""
         for rule in self.rules:
             for key in rule.keys(stimulus_id, path):
                 entries = rule.lookup.get(key, [])

@@ -1,6 +1,6 @@
 """EmoCAM++ dissection: the object groups each filter attends to when it drives valence.
 
-For every image with at least one detection of a mapped class (DESIGN.md section 4):
+For every image with at least one detection of a mapped class:
 
 1. per-filter Grad-CAM maps ``M_k`` of the layer, ``(batch, K, h, w)``, after ``direction``
    (:func:`~object2brain.explain.filtercam.filter_cams`: one forward + one backward per batch);
@@ -27,13 +27,18 @@ are needed and maps stay at layer resolution: one batched matrix product gives `
 
 Memory is flat across batches: per-batch maps are dropped, only ``(groups, K)`` sums and a
 fixed-size top-image list per (group, filter) for the galleries are kept.
+
+The stage is resolve -> compute -> write: :func:`object2brain.api.dissect.dissect` loads the model,
+stimuli, detector and group map; :func:`compute_dissection` returns a :class:`DissectResult`
+(tables, counts, and the arrays of the gallery figures) without writing anything but the
+detection cache; :func:`write_dissection` writes the tables and ``manifest.json``. Figures are
+drawn from the result by :mod:`object2brain.report.figures.dissect`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,24 +50,29 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from object2brain.data.stimuli import StimulusSet
+from object2brain.devices import resolve_device
 from object2brain.errors import DataError, LayerError
-from object2brain.explain.detectors import Detector, ImageDetections, detect_images, make_detector
-from object2brain.explain.filtercam import DIRECTIONS, filter_cams, upsample_maps
-from object2brain.explain.groups import GroupMap, default_groups_for, load_groups
-from object2brain.io import check_output_folder
+from object2brain.explain.detectors import Detector, GivenBoxes, ImageDetections, detect_images
+from object2brain.explain.filtercam import filter_cams, upsample_maps
+from object2brain.explain.groups import GroupMap
+from object2brain.io import write_json, write_table
+from object2brain.manifest import build_manifest, file_sha256, output_list
+from object2brain.models.inputs import (
+    displayed_size,
+    image_batches,
+    load_inputs,
+    uses_device_decoding,
+)
+from object2brain.models.layers import resolve_layers
+from object2brain.models.zoo import LoadedModel, Preprocessing
+from object2brain.options import DissectOptions, Runtime
+from object2brain.tables import FILTER_OBJECTS
 
 log = logging.getLogger("object2brain.dissect")
 
-FILTER_OBJECTS_COLUMNS: tuple[str, ...] = (
-    "model",
-    "layer",
-    "filter",
-    "group",
-    "importance",
-    "enrichment",
-    "n_images",
-    "assigned",
-)
+#: Columns of the ``filter_objects`` table, in order (from :mod:`object2brain.tables`).
+FILTER_OBJECTS_COLUMNS: tuple[str, ...] = tuple(FILTER_OBJECTS.column_names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +404,8 @@ def filter_objects_table(
     n_images: np.ndarray,
     assignment: np.ndarray,
 ) -> pd.DataFrame:
-    """The ``filter_objects`` table (DESIGN.md section 3): one row per (filter, group)."""
+    """The ``filter_objects`` table (columns :data:`object2brain.tables.FILTER_OBJECTS`): one row
+    per (filter, group), filters outer, groups inner."""
     G, K = importance.shape
     filters = np.repeat(np.arange(K), G)
     group_ids = np.tile(np.arange(G), K)
@@ -414,17 +425,67 @@ def filter_objects_table(
 
 
 # ----------------------------------------------------------------------------------------------
-# the whole analysis
+# the whole analysis: compute
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    """One panel of a group's gallery figure.
+
+    Attributes:
+        group: the object group.
+        filter: the filter's channel index ``k``.
+        stimulus_id: the image's stimulus.
+        image: the model input as a picture ``(S, S, 3)`` uint8 (de-normalised).
+        heat: filter ``k``'s map upsampled to the input ``(S, S)`` float32.
+        boxes: the group's used boxes in input pixels, ``(x0, y0, x1, y1)``, ``x1``/``y1``
+            exclusive.
+        enrichment: ``enrichment(k, group)``.
+        assigned: filter ``k`` is assigned to the group.
+    """
+
+    group: str
+    filter: int
+    stimulus_id: str
+    image: np.ndarray
+    heat: np.ndarray
+    boxes: list[tuple[int, ...]]
+    enrichment: float
+    assigned: bool
+
+
+@dataclass(frozen=True)
+class DissectProvenance:
+    """What :func:`write_dissection` records in ``manifest.json`` about a run.
+
+    Attributes:
+        config: the settings (model description, layer, options, device, seed, decoding,
+            detector and group map).
+        seed: the run's root seed.
+        stimuli_fingerprint: :meth:`StimulusSet.fingerprint` (ids and image bytes).
+        weights_sha256: SHA-256 of the model's weights.
+        files: input name -> file whose SHA-256 enters the manifest (stimulus table, group
+            maps, boxes file), when it is a file.
+    """
+
+    config: dict[str, Any]
+    seed: int
+    stimuli_fingerprint: str
+    weights_sha256: str
+    files: dict[str, Path]
 
 
 @dataclass
 class DissectResult:
-    """What :func:`dissect` produced.
+    """What :func:`compute_dissection` produced (and, through the API, what was written).
 
     Attributes:
-        table: the ``filter_objects`` table.
+        table: the ``filter_objects`` table (:data:`FILTER_OBJECTS_COLUMNS`).
         boxes: every detection with its group, coordinates and status (``detections`` table).
-        summary: counts (images, boxes clipped / dropped / unmapped, ...) and settings.
+        summary: counts (images, boxes clipped / dropped / unmapped, ...) and settings; keys in
+            :func:`compute_dissection`.
+        provenance: settings and inputs for the manifest.
+        gallery: the gallery figures' panels (empty unless asked for).
         out: output folder, if one was written.
         files: files written.
     """
@@ -432,143 +493,156 @@ class DissectResult:
     table: pd.DataFrame
     boxes: pd.DataFrame
     summary: dict[str, Any]
+    provenance: DissectProvenance | None = None
+    gallery: list[GalleryImage] = field(default_factory=list)
     out: Path | None = None
     files: list[Path] = field(default_factory=list)
 
 
-def dissect(
-    model: Any,
-    stimuli: Any,
+@dataclass(frozen=True)
+class _CamPass:
+    """How per-filter Grad-CAM maps of a batch are computed: ``network`` on ``device``, maps of
+    ``layer`` for output unit ``target`` (``None``: the valence head) after ``direction``."""
+
+    network: torch.nn.Module
+    layer: str
+    target: int | None
+    direction: str
+    device: torch.device
+    preprocessing: Preprocessing
+
+    @property
+    def crop(self) -> int:
+        return self.preprocessing.crop_size
+
+    def maps(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-filter maps ``(B, K, h, w)`` of model inputs ``(B, 3, S, S)``."""
+        cams = filter_cams(self.network, self.layer, inputs.to(self.device), target=self.target,
+                           direction=self.direction)  # fmt: skip
+        return cams.maps
+
+
+@dataclass(frozen=True)
+class _Stimuli:
+    """The stimulus lists, read once (:class:`StimulusSet` builds a new list on every access)."""
+
+    ids: list[str]
+    paths: list[Path]
+
+    @classmethod
+    def of(cls, stimuli: StimulusSet) -> _Stimuli:
+        return cls(list(stimuli.ids), list(stimuli.paths))
+
+
+def compute_dissection(
+    loaded: LoadedModel,
+    stimuli: StimulusSet,
+    detector: Detector,
+    groups: GroupMap,
+    options: DissectOptions,
+    runtime: Runtime,
     *,
-    layer: str,
-    detector: str | Detector = "opencv",
-    groups: str | Path | GroupMap | None = None,
-    direction: str = "positive",
-    target: int | None = None,
-    threshold: float = 1.5,
-    min_images: int = 5,
-    out: str | Path | None = None,
-    weights: str = "default",
-    head: str | Path | None = None,
-    batch_size: int = 16,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-    figures: bool = True,
-    gallery_filters: int = 3,
-    gallery_images: int = 4,
-    num_workers: int | None = None,
-    decode: str = "pil",
-    progress: bool = True,
+    cache_dir: Path | None = None,
+    gallery: bool = False,
 ) -> DissectResult:
     """EmoCAM++: per-filter Grad-CAM x object detections -> the ``filter_objects`` table.
 
     Args:
-        model: a :class:`~object2brain.models.zoo.LoadedModel`, or an architecture name loaded
-            with ``weights``, ``head`` and ``seed``.
-        stimuli: a :class:`~object2brain.data.stimuli.StimulusSet`, or a table / image folder.
-        layer: one dotted module name with spatial output ``(batch, K, h, w)``.
-        detector: ``opencv`` | ``fasterrcnn`` | ``retinanet`` | ``fcos`` | ``ssdlite`` |
-            ``boxes:FILE``, or a :class:`~object2brain.explain.detectors.Detector`.
-        groups: group map YAML (or shipped name, or :class:`GroupMap`); default: the shipped map
-            that fits the detector.
-        direction: ``positive`` | ``negative`` | ``abs`` (see :mod:`~.filtercam`).
-        target: output unit to explain when the model has no valence head (e.g. an ImageNet class
-            index); without a head and without ``target`` a clear error is raised.
-        threshold: minimum enrichment for an assignment (default 1.5).
-        min_images: a group must be detected in at least this many images (default 5).
-        out: folder for ``filter_objects.csv/.parquet``, ``detections.csv/.parquet``,
-            ``figures/`` and ``manifest.json``; ``None`` writes nothing.
-        batch_size: images per forward/backward pass.
-        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
-        cache_dir: detection cache (default ``<out>/detection_cache``; none without ``out``).
-        figures: draw the heatmap and galleries (needs ``out``).
-        gallery_filters / gallery_images: top filters per group, images per filter, in galleries.
-        num_workers: image decoding workers (default:
-            :func:`~object2brain.models.inputs.default_workers`).
-        decode: ``pil`` (default) | ``torch`` | ``auto``: decode plain JPEGs on the compute
-            device, as :func:`~object2brain.activations.extract.extract` does (inputs within
-            about one 8-bit level of Pillow's; at corpus scale on a GPU, Pillow decoding in the
-            loader workers is what bounds a dissection).
-        progress: progress bars.
+        loaded: the model; without a valence head, ``options.target`` names the output unit.
+        stimuli: the images, in order.
+        detector: the object detector (or given boxes).
+        groups: detector class -> object group.
+        options: layer (``options.layer_for(loaded.name)``: one dotted module name with spatial
+            output ``(batch, K, h, w)``), direction, target, threshold, min_images, batch size,
+            decoding, workers, gallery sizes.
+        runtime: device, seed (recorded), progress bars.
+        cache_dir: detection cache (one JSON per image, by content); ``None``: no cache.
+        gallery: also compute the gallery panels (the top ``options.gallery_filters`` filters of
+            each group, assigned first, then by enrichment; their top
+            ``options.gallery_images`` images each), a second Grad-CAM pass over those images.
 
     Summary counts: ``images``, ``images_used``, ``images_without_detections`` (left out),
     ``detections``, ``used`` boxes, ``clipped`` (partly outside the image), ``outside_image`` /
     ``outside_crop`` (dropped), ``unmapped`` (class without group; per class in
-    ``unmapped_classes``), ``cache_hits``, ``boxes_file_unmatched`` (given boxes of unknown ids).
+    ``unmapped_classes``), ``cache_hits``, ``boxes_file_unmatched`` (given boxes of unknown ids),
+    ``n_filters``, ``layer_resolution``, ``input_size``, ``groups``, ``n_images_per_group``,
+    ``n_assigned``, ``seconds`` (0.0 here; the API sets the wall time).
 
     Raises:
         LayerError: unknown layer or one without spatial maps.
         ModelError: no valence head and no ``target``.
-        DataError: bad boxes / groups files, or no image with a usable detection.
+        DataError: no image with a usable detection.
     """
-    from tqdm.auto import tqdm
-
-    from object2brain.data.stimuli import StimulusSet, load_stimuli
-    from object2brain.devices import resolve_device
-    from object2brain.explain.detectors import GivenBoxes
-    from object2brain.models.inputs import (
-        DECODE_MODES,
-        image_loader,
-        model_inputs,
-        uses_device_decoding,
+    cams = _cam_pass(loaded, options, resolve_device(runtime.device))
+    # Fail fast (before detection) on a layer without maps or a model without valence output.
+    probe = cams.maps(torch.zeros(1, 3, cams.crop, cams.crop))
+    n_filters, layer_hw = probe.shape[1], tuple(probe.shape[2:])
+    del probe
+    lists = _Stimuli.of(stimuli)
+    found, hits = _detect(detector, lists, cache_dir, progress=runtime.progress)
+    prepared = prepare_boxes(found, groups, resize=loaded.preprocessing.resize_size,
+                             crop=cams.crop)  # fmt: skip
+    unmatched = detector.unmatched() if isinstance(detector, GivenBoxes) else []
+    _log_counts(prepared.counts, prepared.unmapped, unmatched)
+    _require_usable(prepared.counts, prepared)
+    on_device_decode = uses_device_decoding(options.decode, cams.device)
+    shape = (len(groups.groups), n_filters)
+    accumulator, n_images = _accumulate(cams, prepared, lists, options, on_device_decode, shape,
+                                        progress=runtime.progress)  # fmt: skip
+    importance, enrichment = accumulator.means()
+    assignment = assign_filters(
+        enrichment, n_images, threshold=options.threshold, min_images=options.min_images
     )
-    from object2brain.models.layers import resolve_layers
-    from object2brain.models.zoo import LoadedModel, load_model
-
-    started = time.time()
-    if direction not in DIRECTIONS or direction == "signed":
-        raise DataError(f"--direction {direction!r}: use positive, negative or abs")
-    if batch_size < 1:
-        raise DataError(f"batch size {batch_size}: must be at least 1")
-    if decode not in DECODE_MODES:
-        raise DataError(f"--decode {decode!r}: use {', '.join(DECODE_MODES)}")
-    if out is not None:
-        check_output_folder(out)
-    stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
-    loaded = (
-        model
-        if isinstance(model, LoadedModel)
-        else load_model(model, weights, head=head, seed=seed)
+    names = list(groups.groups)
+    table = filter_objects_table(
+        loaded.name, cams.layer, names, importance, enrichment, n_images, assignment
     )
+    summary: dict[str, Any] = {
+        **prepared.counts,
+        "unmapped_classes": prepared.unmapped,
+        "boxes_file_unmatched": unmatched,
+        "cache_hits": hits,
+        "n_filters": n_filters,
+        "layer_resolution": list(layer_hw),
+        "input_size": cams.crop,
+        "groups": names,
+        "n_images_per_group": {g: int(n) for g, n in zip(names, n_images, strict=True)},
+        "n_assigned": {g: int((assignment == i).sum()) for i, g in enumerate(names)},
+        "seconds": 0.0,
+    }
+    panels = (
+        gallery_images(cams, prepared, lists, accumulator, assignment, enrichment, names,
+                       n_filters=options.gallery_filters, batch_size=options.batch_size)
+        if gallery
+        else []
+    )  # fmt: skip
+    provenance = _provenance(loaded, stimuli, detector, groups, options, runtime, cams,
+                             on_device_decode)  # fmt: skip
+    return DissectResult(table, prepared.frame, summary, provenance, panels)
+
+
+def _cam_pass(loaded: LoadedModel, options: DissectOptions, device: torch.device) -> _CamPass:
+    """The Grad-CAM setting: the one layer to dissect, resolved, and the network on ``device``."""
+    layer = options.layer_for(loaded.name)
     names = resolve_layers(loaded, [layer])
     if len(names) != 1:
         raise LayerError(f"--layer {layer!r}: give one layer with spatial maps")
-    layer = names[0]
-    torch_device = resolve_device(device)
-    network = loaded.module.to(torch_device).eval()
-    crop = loaded.preprocessing.crop_size
-    resize = loaded.preprocessing.resize_size
-    # Fail fast (before detection) on a layer without maps or a model without valence output.
-    probe = filter_cams(
-        network, layer, torch.zeros(1, 3, crop, crop, device=torch_device), target=target
-    )
-    n_filters, layer_hw = probe.maps.shape[1], tuple(probe.maps.shape[2:])
-    del probe
+    network = loaded.module.to(device).eval()
+    return _CamPass(network, names[0], options.target, options.direction, device,
+                    loaded.preprocessing)  # fmt: skip
 
-    det = (
-        detector if isinstance(detector, Detector) else make_detector(detector, device=torch_device)
-    )
-    group_map = (
-        groups
-        if isinstance(groups, GroupMap)
-        else load_groups(groups)
-        if groups is not None
-        else default_groups_for(det.kind)
-    )
-    out_path = Path(out).expanduser() if out is not None else None
-    cache = (
-        cache_dir if cache_dir is not None else (out_path / "detection_cache" if out_path else None)
-    )
-    all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
-    if isinstance(det, GivenBoxes):  # boxes need no pixels: image sizes from the headers
-        found, hits = given_box_detections(det, all_ids, all_paths), 0
-    else:
-        found, hits = detect_images(det, all_ids, all_paths, cache_dir=cache, progress=progress)
-    prepared = prepare_boxes(found, group_map, resize=resize, crop=crop)
-    counts = prepared.counts
-    unmatched = det.unmatched() if isinstance(det, GivenBoxes) else []
-    _log_counts(counts, prepared.unmapped, unmatched)
+
+def _detect(
+    detector: Detector, stimuli: _Stimuli, cache_dir: Path | None, *, progress: bool
+) -> tuple[list[ImageDetections], int]:
+    """Detections of every stimulus (in order) and the number of cache hits."""
+    if isinstance(detector, GivenBoxes):  # boxes need no pixels: image sizes from the headers
+        return given_box_detections(detector, stimuli.ids, stimuli.paths), 0
+    return detect_images(detector, stimuli.ids, stimuli.paths, cache_dir=cache_dir,
+                         progress=progress)  # fmt: skip
+
+
+def _require_usable(counts: dict[str, int], prepared: PreparedBoxes) -> None:
     if not prepared.by_image:
         raise DataError(
             f"no image has a usable detection of a mapped class ({counts['detections']} "
@@ -577,106 +651,55 @@ def dissect(
             "its centre crop); check the detector and the group map"
         )
 
-    G = len(group_map.groups)
+
+def _accumulate(
+    cams: _CamPass,
+    prepared: PreparedBoxes,
+    stimuli: _Stimuli,
+    options: DissectOptions,
+    on_device_decode: bool,
+    shape: tuple[int, int],
+    *,
+    progress: bool,
+) -> tuple[GroupAccumulator, np.ndarray]:
+    """One Grad-CAM pass over the images with a used box: the per-(group, filter) sums of
+    ``shape`` = ``(G, K)``, and the number of images each group was detected in ``(G,)``."""
+    from tqdm.auto import tqdm
+
+    G, K = shape
+    accumulator = GroupAccumulator(G, K, top=options.gallery_images)
     n_images = np.zeros(G, dtype=np.int64)
     for _, gids in prepared.by_image.values():
         n_images[np.unique(gids)] += 1
-    accumulator = GroupAccumulator(G, n_filters, top=gallery_images)
     positions = sorted(prepared.by_image)
-    used_ids = [all_ids[p] for p in positions]
-    on_device_decode = uses_device_decoding(decode, torch_device)
-    loader = image_loader(
-        [all_paths[p] for p in positions],
+    used_ids = [stimuli.ids[p] for p in positions]
+    batches = image_batches(
+        [stimuli.paths[p] for p in positions],
         used_ids,
-        loaded.preprocessing,
-        device=torch_device,
-        batch_size=batch_size,
-        num_workers=num_workers,
+        cams.preprocessing,
+        device=cams.device,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
         on_device_decode=on_device_decode,
     )
     bar = tqdm(total=len(positions), disable=not progress, unit="img", desc="dissect")
     try:
-        for batch in loader:
-            indices, inputs = model_inputs(batch, loaded.preprocessing, torch_device, used_ids)
+        for indices, inputs in batches:
             batch_positions = torch.tensor([positions[int(i)] for i in indices])
-            cams = filter_cams(network, layer, inputs, target=target, direction=direction)
+            maps = cams.maps(inputs)
             boxes, image_index, group_index = _batch_boxes(prepared, batch_positions.tolist())
-            importance = box_importance(cams.maps, boxes, image_index, (crop, crop))
-            whole = image_means(cams.maps, (crop, crop))
+            importance = box_importance(maps, boxes, image_index, (cams.crop, cams.crop))
+            whole = image_means(maps, (cams.crop, cams.crop))
             accumulator.add(importance, whole, image_index, group_index, batch_positions)
-            del cams, importance, whole
+            del maps, importance, whole
             bar.update(len(indices))
     finally:
         bar.close()
-
-    importance_g, enrichment_g = accumulator.means()
-    assignment = assign_filters(enrichment_g, n_images, threshold=threshold, min_images=min_images)
-    table = filter_objects_table(
-        loaded.name, layer, group_map.groups, importance_g, enrichment_g, n_images, assignment
-    )
-    summary: dict[str, Any] = {
-        **counts,
-        "unmapped_classes": prepared.unmapped,
-        "boxes_file_unmatched": unmatched,
-        "cache_hits": hits,
-        "n_filters": n_filters,
-        "layer_resolution": list(layer_hw),
-        "input_size": crop,
-        "groups": list(group_map.groups),
-        "n_images_per_group": {g: int(n) for g, n in zip(group_map.groups, n_images, strict=True)},
-        "n_assigned": {g: int((assignment == i).sum()) for i, g in enumerate(group_map.groups)},
-        "seconds": 0.0,
-    }
-    result = DissectResult(table=table, boxes=prepared.frame, summary=summary, out=out_path)
-    if out_path is not None:
-        from object2brain.io import write_table
-
-        result.files += list(write_table(table, out_path, "filter_objects"))
-        result.files += list(write_table(prepared.frame, out_path, "detections"))
-        if figures:
-            result.files += _draw_figures(
-                result, loaded, network, layer, stimulus_set, prepared, accumulator,
-                assignment, enrichment_g, group_map, target=target, direction=direction,
-                device=torch_device, batch_size=batch_size, n_filters=gallery_filters,
-            )  # fmt: skip
-        summary["seconds"] = round(time.time() - started, 3)
-        result.files.append(
-            _write_manifest(
-                out_path,
-                loaded,
-                stimulus_set,
-                det,
-                group_map,
-                summary,
-                result.files,
-                layer=layer,
-                direction=direction,
-                target=target,
-                threshold=threshold,
-                min_images=min_images,
-                batch_size=batch_size,
-                device=torch_device,
-                seed=seed,
-                decode="torch" if on_device_decode else "pil",
-            )
-        )
-    summary["seconds"] = round(time.time() - started, 3)
-    return result
-
-
-def displayed_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` of an image as :func:`~object2brain.data.images.load_image` returns
-    it (after EXIF rotation), read from the file header without decoding the pixels."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return accumulator, n_images
 
 
 def given_box_detections(
-    boxes: Any, ids: Sequence[str], paths: Sequence[Path]
+    boxes: GivenBoxes, ids: Sequence[str], paths: Sequence[Path]
 ) -> list[ImageDetections]:
     """Detections of a boxes file (:class:`~object2brain.explain.detectors.GivenBoxes`) for every
     stimulus, with image sizes from the file headers: at corpus scale this avoids decoding every
@@ -684,7 +707,7 @@ def given_box_detections(
     found = []
     for sid, path in zip(ids, paths, strict=True):
         width, height = displayed_size(path)
-        detections = boxes.detect(None, stimulus_id=sid, path=Path(path))  # pixels unused
+        detections = boxes.lookup(stimulus_id=sid, path=Path(path))
         found.append(ImageDetections(sid, width, height, tuple(detections)))
     return found
 
@@ -728,129 +751,151 @@ def _log_counts(counts: dict[str, int], unmapped: dict[str, int], unmatched: lis
         )  # fmt: skip
 
 
-def _write_manifest(
-    out: Path,
-    loaded: Any,
-    stimulus_set: Any,
-    det: Detector,
-    group_map: GroupMap,
-    summary: dict[str, Any],
-    files: list[Path],
-    **config: Any,
-) -> Path:
-    from object2brain.io import write_json
-    from object2brain.manifest import build_manifest, file_sha256, output_list
-
-    inputs = {"stimuli_fingerprint": stimulus_set.fingerprint(), "weights": loaded.weights_sha256}
-    if stimulus_set.source is not None and stimulus_set.source.is_file():
-        inputs["stimulus_table"] = file_sha256(stimulus_set.source)
-    for source in group_map.source:
-        if Path(source).is_file():
-            inputs[f"groups:{source}"] = file_sha256(source)
-    path_of_boxes = getattr(det, "path", None)
-    if isinstance(path_of_boxes, Path) and path_of_boxes.is_file():
-        inputs["boxes_file"] = file_sha256(path_of_boxes)
-    payload = build_manifest(
-        "dissect",
-        {
-            **loaded.describe(),
-            **{k: str(v) if isinstance(v, torch.device) else v for k, v in config.items()},
-            "detector": det.config(),
-            "groups": {"name": group_map.name, "source": list(group_map.source)},
-            "out": str(out),
-        },
-        seeds={"seed": int(config.get("seed", 0))},
-        inputs=inputs,
-        outputs=output_list(files, out),
-        extra={"summary": summary},
+def _provenance(
+    loaded: LoadedModel,
+    stimuli: StimulusSet,
+    detector: Detector,
+    groups: GroupMap,
+    options: DissectOptions,
+    runtime: Runtime,
+    cams: _CamPass,
+    on_device_decode: bool,
+) -> DissectProvenance:
+    files: dict[str, Path] = {}
+    if stimuli.source is not None:
+        files["stimulus_table"] = stimuli.source
+    for source in groups.source:
+        files[f"groups:{source}"] = Path(source)
+    path_of_boxes = getattr(detector, "path", None)
+    if isinstance(path_of_boxes, Path):
+        files["boxes_file"] = path_of_boxes
+    config = {
+        **loaded.describe(),
+        "layer": cams.layer,
+        "direction": options.direction,
+        "target": options.target,
+        "threshold": options.threshold,
+        "min_images": options.min_images,
+        "batch_size": options.batch_size,
+        "device": str(cams.device),
+        "seed": runtime.seed,
+        "decode": "torch" if on_device_decode else "pil",
+        "detector": detector.config(),
+        "groups": {"name": groups.name, "source": list(groups.source)},
+    }
+    return DissectProvenance(
+        config, runtime.seed, stimuli.fingerprint(), loaded.weights_sha256, files
     )
-    return write_json(out / "manifest.json", payload)
 
 
-def _draw_figures(
-    result: DissectResult,
-    loaded: Any,
-    network: torch.nn.Module,
-    layer: str,
-    stimulus_set: Any,
+def gallery_images(
+    cams: _CamPass,
     prepared: PreparedBoxes,
+    stimuli: _Stimuli,
     accumulator: GroupAccumulator,
     assignment: np.ndarray,
     enrichment: np.ndarray,
-    group_map: GroupMap,
+    groups: Sequence[str],
     *,
-    target: int | None,
-    direction: str,
-    device: torch.device,
-    batch_size: int,
     n_filters: int,
-) -> list[Path]:
-    """Heatmap of enrichment (filters x groups) and one gallery per group (PNG + SVG)."""
-    from object2brain.data.images import load_image
-    from object2brain.report.figures.dissect import (
-        GalleryPanel,
-        plot_filter_group_heatmap,
-        plot_group_gallery,
-    )
-
-    assert result.out is not None
-    fig_dir = result.out / "figures"
-    files = plot_filter_group_heatmap(result.table, fig_dir)
-    # Top filters per group: assigned ones first, then by enrichment.
+    batch_size: int,
+) -> list[GalleryImage]:
+    """The gallery panels, group by group: for each group ``g`` its top ``n_filters`` filters
+    (assigned to ``g`` first, then by ``enrichment[g]`` ``(G, K)``; filters of undefined
+    enrichment skipped), each with the images where its importance on ``g`` was largest
+    (``accumulator.top_images``); maps recomputed for those images only, ``batch_size`` at a
+    time."""
     choices: list[tuple[int, int, list[int]]] = []
-    for g in range(len(group_map.groups)):
+    for g in range(len(groups)):
         row = np.nan_to_num(enrichment[g], nan=-np.inf)
         order = sorted(range(row.shape[0]), key=lambda k: (assignment[k] != g, -row[k]))
         for k in order[:n_filters]:
-            if not np.isfinite(row[k]):
-                continue
             images = [int(p) for p in accumulator.top_images[g, k].tolist() if p >= 0]
-            if images:
+            if np.isfinite(row[k]) and images:
                 choices.append((g, k, images))
-    needed = sorted({p for _, _, images in choices for p in images})
-    if not needed:
-        return files
-    all_paths, all_ids = stimulus_set.paths, stimulus_set.ids  # each access builds a list
-    transform = loaded.preprocessing.transform()
-    mean = torch.tensor(loaded.preprocessing.mean)[:, None, None]
-    std = torch.tensor(loaded.preprocessing.std)[:, None, None]
-    crop = loaded.preprocessing.crop_size
-    pictures: dict[int, np.ndarray] = {}
-    heat: dict[tuple[int, int], np.ndarray] = {}
     wanted: dict[int, set[int]] = {}
     for _g, k, images in choices:
         for p in images:
             wanted.setdefault(p, set()).add(k)
+    pictures, heat = _gallery_maps(cams, stimuli, wanted, batch_size)
+    panels = []
+    for g, k, images in choices:
+        for p in images:
+            boxes, gids = prepared.by_image[p]
+            panels.append(
+                GalleryImage(
+                    group=groups[g],
+                    filter=k,
+                    stimulus_id=stimuli.ids[p],
+                    image=pictures[p],
+                    heat=heat[(p, k)],
+                    boxes=[tuple(int(v) for v in b) for b in boxes[gids == g]],
+                    enrichment=float(enrichment[g, k]),
+                    assigned=bool(assignment[k] == g),
+                )
+            )
+    return panels
+
+
+def _gallery_maps(
+    cams: _CamPass, stimuli: _Stimuli, wanted: dict[int, set[int]], batch_size: int
+) -> tuple[dict[int, np.ndarray], dict[tuple[int, int], np.ndarray]]:
+    """Pictures ``(S, S, 3)`` uint8 of the stimuli at positions ``wanted`` and the upsampled maps
+    ``(S, S)`` of the filters wanted for each, keyed by ``(position, filter)``."""
+    preprocessing, crop = cams.preprocessing, cams.crop
+    mean = torch.tensor(preprocessing.mean)[:, None, None]
+    std = torch.tensor(preprocessing.std)[:, None, None]
+    needed = sorted(wanted)
+    pictures: dict[int, np.ndarray] = {}
+    heat: dict[tuple[int, int], np.ndarray] = {}
     for start in range(0, len(needed), batch_size):
         chunk = needed[start : start + batch_size]
-        tensors = torch.stack([transform(load_image(all_paths[p])) for p in chunk])
-        cams = filter_cams(network, layer, tensors.to(device), target=target, direction=direction)
+        tensors = load_inputs([stimuli.paths[p] for p in chunk], preprocessing)
+        maps = cams.maps(tensors)
         for i, p in enumerate(chunk):
             rgb = (tensors[i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
             pictures[p] = (rgb * 255).astype(np.uint8)
             ks = sorted(wanted[p])
-            up = upsample_maps(cams.maps[i : i + 1, ks], (crop, crop))[0].cpu().numpy()
+            up = upsample_maps(maps[i : i + 1, ks], (crop, crop))[0].cpu().numpy()
             for j, k in enumerate(ks):
                 heat[(p, k)] = up[j]
-    for g, group in enumerate(group_map.groups):
-        panels = []
-        for gg, k, images in choices:
-            if gg != g:
-                continue
-            for p in images:
-                boxes, gids = prepared.by_image[p]
-                panels.append(
-                    GalleryPanel(
-                        group=group,
-                        filter=k,
-                        stimulus_id=all_ids[p],
-                        image=pictures[p],
-                        heat=heat[(p, k)],
-                        boxes=[tuple(int(v) for v in b) for b in boxes[gids == g]],
-                        enrichment=float(enrichment[g, k]),
-                        assigned=bool(assignment[k] == g),
-                    )
-                )
-        if panels:
-            files += plot_group_gallery(panels, fig_dir, group)
-    return files
+    return pictures, heat
+
+
+# ----------------------------------------------------------------------------------------------
+# write
+
+
+def write_dissection(
+    result: DissectResult, out: Path, *, also_written: Sequence[Path] = ()
+) -> list[Path]:
+    """Write ``filter_objects`` and ``detections`` (CSV + Parquet) and ``manifest.json`` into
+    ``out``; the manifest lists them and ``also_written`` (e.g. figures).
+
+    Returns:
+        The table files, then ``also_written``, then the manifest.
+    """
+    files = [*write_table(result.table, out, "filter_objects")]
+    files += write_table(result.boxes, out, "detections")
+    files += also_written
+    return [*files, write_dissection_manifest(result, out, files)]
+
+
+def write_dissection_manifest(result: DissectResult, out: Path, files: Sequence[Path]) -> Path:
+    """``<out>/manifest.json``: settings, seeds, inputs by SHA-256, outputs, summary."""
+    if result.provenance is None:
+        raise ValueError("a dissection result without provenance cannot be recorded")
+    record = result.provenance
+    inputs = {"stimuli_fingerprint": record.stimuli_fingerprint, "weights": record.weights_sha256}
+    for name, path in record.files.items():
+        if path.is_file():
+            inputs[name] = file_sha256(path)
+    payload = build_manifest(
+        "dissect",
+        {**record.config, "out": str(out)},
+        seeds={"seed": record.seed},
+        inputs=inputs,
+        outputs=output_list(files, out),
+        extra={"summary": result.summary},
+    )
+    return write_json(out / "manifest.json", payload)

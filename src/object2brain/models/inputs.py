@@ -1,21 +1,33 @@
-"""Image input shared by every stage that runs a network on stimuli (extraction, head features,
-dissection, propagation): datasets, loaders, decoding on the host (Pillow) or on the compute
-device (torchvision's JPEG decoder), and the model inputs of a batch.
+"""Image input: the one path by which stimulus images become model inputs, for every stage that
+runs a network on stimuli (extraction, head features, dissection and its gallery, propagation).
 
-- ``decode="pil"``: loader workers decode with Pillow and hand over uint8 pixels; the compute
-  device normalises them (:meth:`Preprocessing.normalize`).
-- ``decode="torch"`` (or ``"auto"`` = ``torch`` on CUDA): plain JPEG files travel as bytes and are
-  decoded on the compute device; every other file goes through Pillow exactly as above.
+- :func:`image_loader` + :func:`model_inputs`: ordered batches of a list of image files, and the
+  float32 model inputs ``(B, 3, crop, crop)`` of each on the compute device, with decoding errors
+  reported by stimulus id and path; :func:`image_batches` composes the two;
+- :func:`load_inputs`: a few images decoded at once in the main process (figures);
+- decoding, chosen by ``decode`` (:data:`~object2brain.options.DecodeMode`), resolved by
+  :func:`uses_device_decoding`:
+
+  - ``pil``: loader workers decode with Pillow (:func:`~object2brain.data.images.load_image`)
+    and hand over uint8 pixels; the compute device normalises them
+    (:meth:`~object2brain.models.zoo.Preprocessing.normalize`);
+  - ``torch`` (or ``auto`` = ``torch`` on CUDA): plain JPEG files (:func:`is_plain_jpeg`) travel
+    as bytes and are decoded on the compute device (nvJPEG on CUDA), then resized (antialiased,
+    rounded to 8 bits like Pillow), centre-cropped and normalised there; every other file goes
+    through Pillow exactly as above. The two paths differ by about one 8-bit level per pixel.
+
+- datasets: :class:`ImageDataset` (Pillow), :class:`EncodedImageDataset` (bytes or Pillow) and
+  the worker count :func:`default_workers`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,14 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 from object2brain.data.images import load_image
 from object2brain.errors import StimulusError
 from object2brain.models.zoo import Preprocessing
+from object2brain.options import DecodeMode
 
 log = logging.getLogger("object2brain.inputs")
-
-
-DecodeMode = Literal["pil", "torch", "auto"]
-
-
-DECODE_MODES: tuple[str, ...] = ("pil", "torch", "auto")
 
 
 class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
@@ -275,7 +282,7 @@ def decode_batch(
     return batch
 
 
-def uses_device_decoding(decode: str, device: torch.device) -> bool:
+def uses_device_decoding(decode: DecodeMode | str, device: torch.device) -> bool:
     """Whether ``decode`` (``pil`` | ``torch`` | ``auto``, validated by the caller) decodes plain
     JPEGs on ``device``: ``torch`` always, ``auto`` on CUDA where nvJPEG works."""
     return decode == "torch" or (
@@ -355,3 +362,46 @@ def default_workers(
         return 0
     cores = os.cpu_count() or 1
     return min(4, cores) if device.type == "cuda" else min(4, cores // 4)
+
+
+def image_batches(
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    preprocessing: Preprocessing,
+    *,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int | None,
+    on_device_decode: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Dataset indices ``(B,)`` and model inputs ``(B, 3, crop, crop)`` float32 on ``device`` of
+    each batch of ``paths``, in order (:func:`image_loader` then :func:`model_inputs`)."""
+    loader = image_loader(
+        paths,
+        ids,
+        preprocessing,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        on_device_decode=on_device_decode,
+    )
+    for batch in loader:
+        yield model_inputs(batch, preprocessing, device, ids)
+
+
+def load_inputs(paths: Sequence[Path], preprocessing: Preprocessing) -> torch.Tensor:
+    """Model inputs ``(n, 3, crop, crop)`` float32 on the CPU of a few images, decoded by Pillow
+    in this process with the deterministic transform (no loader: for figures)."""
+    transform = preprocessing.transform()
+    return torch.stack([transform(load_image(path)) for path in paths])
+
+
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image as :func:`~object2brain.data.images.load_image` returns
+    it (after EXIF rotation), read from the file header without decoding the pixels."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

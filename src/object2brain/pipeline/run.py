@@ -161,7 +161,7 @@ def run_study(config_path: str | Path, *, progress: bool = True) -> RunResult:
 
 def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     """Run a validated :class:`RunConfig`."""
-    from object2brain.activations.extract import extract
+    from object2brain.api.extract import extract
     from object2brain.models.zoo import load_model
 
     out = config.out
@@ -403,7 +403,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
 
     filter_tables: list[Path] = []
     if config.dissect is not None:
-        from object2brain.explain.dissect import dissect
+        from object2brain.api.dissect import dissect
 
         options_d = config.dissect
         for model in config.models:
