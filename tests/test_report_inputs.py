@@ -11,9 +11,13 @@ import pandas as pd
 import pytest
 
 from object2brain.errors import DataError
-from object2brain.lesion.analysis import OBJECT2BRAIN_COLUMNS
 from object2brain.report.build import build_report
-from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, CONTRAST_COLUMNS
+from object2brain.tables import ALIGNMENT, BEHAVIOR_DIRECT, CONDITION_CONTRAST, OBJECT2BRAIN
+
+ALIGNMENT_COLUMNS = ALIGNMENT.column_names
+BEHAVIOR_DIRECT_COLUMNS = BEHAVIOR_DIRECT.column_names
+CONTRAST_COLUMNS = CONDITION_CONTRAST.column_names
+OBJECT2BRAIN_COLUMNS = OBJECT2BRAIN.column_names
 
 
 def alignment(n_layers: int = 2, condition: str = "all") -> pd.DataFrame:

@@ -15,10 +15,10 @@ When the folder is the output of ``object2brain run`` (its ``manifest.json`` has
 only the files that manifest lists are reported: results left in the folder by an earlier version
 of the study (a renamed model, a stage removed from the config) stay out, with one warning.
 
-Every table is checked against its schema (DESIGN.md section 3): a file that cannot be read or
-lacks columns raises :class:`~object2brain.errors.DataError` naming the file. Tables without rows
-are listed as empty and get no section. A table next to a ``manifest.json`` whose run would have
-written it but does not list it in ``outputs`` is a leftover of an earlier run into the same
+Every table is checked against its schema (:mod:`object2brain.tables`): a file that cannot be read
+or lacks columns raises :class:`~object2brain.errors.DataError` naming the file. Tables without
+rows are listed as empty and get no section. A table next to a ``manifest.json`` whose run would
+have written it but does not list it in ``outputs`` is a leftover of an earlier run into the same
 folder: it is ignored, with one warning naming the ignored files.
 """
 
@@ -38,24 +38,15 @@ from object2brain.errors import DataError, StimulusError, listing, require_colum
 from object2brain.manifest import cached_file_sha256
 from object2brain.report import html
 from object2brain.report.figures.lesion import summary_rows
+from object2brain.tables import TABLES as SCHEMAS
 
 log = logging.getLogger("object2brain.report")
 
 #: Figures of the report by file-name prefix (see :func:`find_figures`).
 _Figures = Callable[[str], list[Path]]
 
-TABLES = (
-    "alignment",
-    "alignment_group",
-    "behavior_direct",
-    "condition_contrast",
-    "head_metrics",
-    "filter_objects",
-    "detections",
-    "object2brain",
-    "propagate_behavior",
-    "propagate_alignment",
-)
+#: The result tables the report looks for, in the order of its sections and downloads.
+TABLES: tuple[str, ...] = tuple(SCHEMAS)
 
 #: Tables computed from brain or rating data (compared with a simulation's planted truth).
 TABLES_OF_DATA = frozenset(TABLES) - {"head_metrics", "filter_objects", "detections"}
@@ -77,29 +68,13 @@ _SUFFIXES = (".csv", ".parquet")
 
 
 def table_schemas() -> dict[str, Sequence[str]]:
-    """Required columns of each result table (the writers' column lists; DESIGN.md section 3).
+    """Required columns of each result table (:data:`object2brain.tables.TABLES`).
 
-    ``propagate_*`` tables have no fixed schema and are shown as they are.
+    Tables without required columns (``propagate_*``, whose columns depend on the run) are
+    shown as they are.
     """
-    # imported here: these modules import torch, which the report itself does not need
-    from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS
-    from object2brain.lesion.analysis import OBJECT2BRAIN_COLUMNS
-    from object2brain.rsa.align import (
-        ALIGNMENT_COLUMNS,
-        BEHAVIOR_DIRECT_COLUMNS,
-        CONTRAST_COLUMNS,
-        GROUP_COLUMNS,
-    )
-
     return {
-        "alignment": ALIGNMENT_COLUMNS,
-        "alignment_group": GROUP_COLUMNS,
-        "behavior_direct": BEHAVIOR_DIRECT_COLUMNS,
-        "condition_contrast": CONTRAST_COLUMNS,
-        "head_metrics": ("model", "split", "n"),
-        "filter_objects": FILTER_OBJECTS_COLUMNS,
-        "detections": ("stimulus_id", "label", "group", "status"),
-        "object2brain": OBJECT2BRAIN_COLUMNS,
+        name: schema.required_columns for name, schema in SCHEMAS.items() if schema.required_columns
     }
 
 
@@ -112,7 +87,7 @@ def read_result_table(path: Path, name: str) -> pd.DataFrame:
     except StimulusError as exc:
         raise DataError(f"{exc} (result table {name!r})") from None
     required = table_schemas().get(name)
-    if required is not None:
+    if required:
         require_columns(frame.columns, required, str(path), detail=f" required in {name} tables")
     return frame
 
