@@ -101,12 +101,11 @@ def test_cli_generator_reads_any_typer_app() -> None:
     import typer.main
 
     app = typer.Typer(help="Tool help.")
+    count_option = typer.Option(3, "--count", min=1, help="How many.")
+    name_option = typer.Option([], "--name", help="A name.")
 
     @app.command("go")
-    def go(
-        count: int = typer.Option(3, "--count", min=1, help="How many."),
-        names: list[str] = typer.Option([], "--name", help="A name."),
-    ) -> None:
+    def go(count: int = count_option, names: list[str] = name_option) -> None:
         """Do it."""
 
     @app.command("stay")

@@ -101,7 +101,7 @@ Attributes of the file:
 | attribute | meaning |
 |---|---|
 | `complete` | `true` once every row is written (required to read a store) |
-| `order` | layer names in network order: a JSON list in a string, or an HDF5 string array; may be absent (then the order of the `/layers` group in the file) |
+| `order` | layers in network order: JSON list (string) or HDF5 string array; optional (1) |
 | `model` | model label used in result tables |
 | `arch`, `weights`, `weights_sha256` | architecture, the weights it loaded and their SHA-256 |
 | `preprocessing` | JSON: resize, crop, normalisation |
@@ -109,6 +109,9 @@ Attributes of the file:
 | `valence_source` | `head` (the head's outputs) or `supplied` (`extract --valence`) |
 | `dtype`, `srp` | storage precision; the sparse random projection (JSON), if any |
 | `object2brain_version` | version that wrote the store |
+
+(1) Without `order`, layers come in the order of the `/layers` group in the file; layers that
+`order` does not name follow those it names.
 
 A store is read by stimulus id, never by position. Stores from other tools need `/stimulus_ids`,
 `/layers` with one row per id, and `complete = true`; a malformed attribute is a one-line error
