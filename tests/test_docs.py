@@ -117,3 +117,17 @@ def test_cli_generator_reads_any_typer_app() -> None:
     assert "Tool help." in page and "Do it." in page
     assert "`--count <int range>` | How many. [default: 3; x>=1] |" in page
     assert "[repeatable]" in page
+
+
+def test_performance_page_holds_the_current_benchmark_runs() -> None:
+    """The measured part of docs/performance.md is what benchmarks/run_all.py renders now."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    assert spec is not None and spec.loader is not None
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    assert run_all.splice_markdown(page, run_all.render_markdown()) == page, (
+        "docs/performance.md is stale: run `.venv/bin/python benchmarks/run_all.py --markdown-only`"
+    )
