@@ -224,7 +224,7 @@ def formats_markdown() -> str:
         INPUT_FORMATS,
         "## Result tables",
         "",
-        " ".join(lead.split()),
+        " ".join(lead.replace("``", "`").split()),
         "",
         "| table | written by | one row |",
         "|---|---|---|",

@@ -63,6 +63,9 @@ _SUBJECT = _c(
     "str",
     "subject or rater id; `group` = mean over subjects; `group_rdm` = vs the group RDM",
 )
+_LESION_SUBJECT = _c(
+    "subject", "str", "subject or rater id; `group` = mean over the subjects with a defined r"
+)
 _CONDITION = _c("condition", "str", "`all` (every stimulus) or a value of the `condition` column")
 _RDM_METRIC = _c("rdm_metric", "str", "dissimilarity of the model RDM and brain RDMs")
 _COMPARE = _c("compare_method", "str", "RDM comparison (upper triangles)")
@@ -197,7 +200,7 @@ OBJECT2BRAIN = TableSchema(
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` (group's filters zeroed) or `keep` (only them kept)"),
         _TARGET,
-        _SUBJECT,
+        _LESION_SUBJECT,
         _CONDITION,
         _c("n_filters", "int", "filters of the group"),
         _c("r_full", "float", "r of the intact layer"),
@@ -292,9 +295,9 @@ PROPAGATE_ALIGNMENT = TableSchema(
         _LAYER,
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` or `keep`"),
-        _c("later_layer", "str", "a layer after the lesioned one (or `valence`)"),
+        _c("later_layer", "str", "a layer after the lesioned one in network order"),
         _TARGET,
-        _SUBJECT,
+        _LESION_SUBJECT,
         _CONDITION,
         _c("r_full", "float", "r of the later layer, intact network"),
         _c("r_variant", "float", "r of the later layer with the group's filters zeroed / kept"),
