@@ -117,7 +117,8 @@ A store is read by stimulus id, never by position. Stores from other tools need 
 `/layers` with one row per id, and `complete = true`; a malformed attribute is a one-line error
 naming the file and the attribute. `extract` writes to `<out>.partial`, renames it when complete,
 and resumes an interrupted run after its last written batch; a `<name>.manifest.json` beside the
-store records the run.
+store records the run. Values can differ in the last float bits between batch sizes (different
+convolution kernels); extraction is otherwise deterministic.
 
 ### Model weights and layers
 
@@ -184,6 +185,18 @@ as spaces; a class under two groups is an error).
 Every command that writes results writes `manifest.json` into its `--out` folder: the command, its
 options, seeds, package versions, the SHA-256 of every input and the list of outputs. Files are
 written under a temporary name and renamed when complete.
+
+### The report
+
+`object2brain report DIR` writes one self-contained `report.html` (images and tables inlined; a
+table whose CSV exceeds 8 MB, such as a corpus's detections, is linked by its path relative to the
+report instead) from every result table below found under `DIR` (CSV, or Parquet where a folder
+has no CSV) and every figure under a `figures/` folder. A table that cannot be read or lacks a
+required column is an error naming the file; tables without rows are listed as empty; a table
+that the `manifest.json` beside it does not list is a leftover of an earlier run and is skipped
+with a warning; in the folder of `object2brain run` only the outputs its manifest lists are shown.
+A simulation's `truth.json` is compared only with analyses whose manifest records a simulated
+file among its inputs.
 """
 
 
