@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.object2brain-installed
 OUT ?= demo_out
 
-.PHONY: demo test lint typecheck pytest install clean
+.PHONY: demo test lint typecheck pytest install docs clean
 
 # torch/torchvision are pinned here, not in pyproject.toml: 2.14.1/0.29.1 are the builds that
 # this machine (and CI) install from local files, and the only pair whose torchvision loads.
@@ -32,6 +32,10 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+# Regenerate docs/formats.md and docs/cli.md from the code (a test fails while they are stale).
+docs: $(STAMP)
+	$(BIN)/python -m object2brain.reference
 
 clean:
 	rm -rf $(VENV) $(OUT) .mypy_cache .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 """Run every benchmark (extract, rsa, train_head, dissect, lesion, and the GPU cases when CUDA is
-available), write one JSON to ``benchmarks/results/<date>-<device>.json`` and regenerate
-``BENCHMARKS.md`` from every JSON in that folder.
+available), write one JSON to ``benchmarks/results/<date>-<device>.json`` and regenerate the
+measured part of ``docs/performance.md`` (between its ``benchmarks:begin`` and ``benchmarks:end``
+markers) from every JSON in that folder.
 
 Each figure is a ratio against a peer or naive baseline measured in the same run, with the
 absolute times, the machine, the device, the library versions and the date.
@@ -10,7 +11,7 @@ Run (repository root)::
     .venv/bin/python benchmarks/run_all.py                 # small sizes (minutes on 2 cores)
     .venv/bin/python benchmarks/run_all.py --full          # the sizes of the issues
     .venv/bin/python benchmarks/run_all.py --only rsa,lesion
-    .venv/bin/python benchmarks/run_all.py --markdown-only # rebuild BENCHMARKS.md from results/
+    .venv/bin/python benchmarks/run_all.py --markdown-only # rebuild docs/performance.md's runs
 
 A JSON written by ``benchmarks/gpu_cases.py`` (``$OUT/gpu_cases.json`` on a device machine) that
 is copied into ``benchmarks/results/`` is rendered too (its own section).
@@ -35,7 +36,8 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-MARKDOWN = ROOT / "BENCHMARKS.md"
+MARKDOWN = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 sys.path.insert(0, str(ROOT / "src"))
 
 # Small: the issues' scenarios without their slowest parts (vgg16 memory runs, RSA scenario B,
@@ -665,8 +667,22 @@ def main() -> None:
             data["gpu_cases"] = gpu_path.name
             path.write_text(json.dumps(data, indent=2, default=str))
         print(f"wrote {path.relative_to(ROOT)}")
-    MARKDOWN.write_text(render_markdown())
+    MARKDOWN.write_text(splice_markdown(MARKDOWN.read_text(), render_markdown()))
     print(f"wrote {MARKDOWN.relative_to(ROOT)}")
+
+
+def splice_markdown(page: str, runs: str) -> str:
+    """``page`` with the text between its markers replaced by ``runs``, headings one level down
+    (the page has its own title)."""
+    head, _, rest = page.partition(BEGIN)
+    _, found, tail = rest.partition(END)
+    if not found:
+        raise SystemExit(f"{MARKDOWN}: markers {BEGIN} ... {END} not found")
+    lines, fenced = [], False
+    for line in runs.splitlines():
+        fenced ^= line.startswith("```")
+        lines.append("#" + line if line.startswith("#") and not fenced else line)
+    return f"{head}{BEGIN}\n" + "\n".join(lines) + f"\n{END}{tail}"
 
 
 if __name__ == "__main__":

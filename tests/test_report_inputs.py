@@ -11,9 +11,13 @@ import pandas as pd
 import pytest
 
 from object2brain.errors import DataError
-from object2brain.lesion.analysis import OBJECT2BRAIN_COLUMNS
 from object2brain.report.build import build_report
-from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, CONTRAST_COLUMNS
+from object2brain.tables import ALIGNMENT, BEHAVIOR_DIRECT, CONDITION_CONTRAST, OBJECT2BRAIN
+
+ALIGNMENT_COLUMNS = ALIGNMENT.column_names
+BEHAVIOR_DIRECT_COLUMNS = BEHAVIOR_DIRECT.column_names
+CONTRAST_COLUMNS = CONDITION_CONTRAST.column_names
+OBJECT2BRAIN_COLUMNS = OBJECT2BRAIN.column_names
 
 
 def alignment(n_layers: int = 2, condition: str = "all") -> pd.DataFrame:
@@ -354,3 +358,26 @@ def test_planted_truth_is_compared_with_the_simulation_s_runs_only(tmp_path: Pat
     assert "best layer layer2" not in page  # the real-data run's best layer
     assert "Not compared with the planted truth" in page and "rsa_real" in page
     assert "Some of the results in this folder come from brain and rating data" in page
+
+
+def test_report_imports_no_stage() -> None:
+    """report/ reads column lists from object2brain.tables, never from a stage package."""
+    import ast
+
+    import object2brain.report
+
+    allowed = ("tables", "io", "manifest", "errors", "data", "report", "_version")
+    package = Path(object2brain.report.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "object2brain" and (len(parts) < 2 or parts[1] not in allowed):
+                    found.append(f"{path.name}: {name}")
+    assert not found, found

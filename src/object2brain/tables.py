@@ -2,9 +2,11 @@
 
 Stages build their tables with these column lists, :mod:`object2brain.report` reads them through
 this module (never through a stage), and ``docs/formats.md`` is generated from it
-(``python -m object2brain.docs``), so the three cannot drift apart.
+(``python -m object2brain.reference``), so the three cannot drift apart.
 
-Tables are written as ``<name>.csv`` and ``<name>.parquet`` into a command's ``--out`` folder.
+Tables are written as ``<name>.csv`` and ``<name>.parquet`` into a command's ``--out`` folder:
+tidy, one row per estimate. Column types are ``str``, ``int``, ``float`` or ``bool``; a ``float``
+that cannot be computed (too few stimuli or subjects, a constant RDM) is NaN (an empty CSV cell).
 """
 
 from __future__ import annotations
@@ -24,17 +26,27 @@ class Column:
 @dataclass(frozen=True)
 class TableSchema:
     """One result table: its file name (without suffix), the stage that writes it, what one row
-    is, and its columns in order."""
+    is, and its columns in order.
+
+    ``required`` names the columns a reader (the report) insists on, when that is fewer than all
+    of them (tables written by earlier versions lack some); ``None``: every column.
+    """
 
     name: str
     stage: str
     row: str
     columns: tuple[Column, ...]
+    required: tuple[str, ...] | None = None
 
     @property
     def column_names(self) -> list[str]:
         """The column names, in order."""
         return [column.name for column in self.columns]
+
+    @property
+    def required_columns(self) -> list[str]:
+        """The columns a reader of this table requires, in order."""
+        return list(self.required) if self.required is not None else self.column_names
 
 
 def _c(name: str, dtype: str, description: str) -> Column:
@@ -50,6 +62,9 @@ _SUBJECT = _c(
     "subject",
     "str",
     "subject or rater id; `group` = mean over subjects; `group_rdm` = vs the group RDM",
+)
+_LESION_SUBJECT = _c(
+    "subject", "str", "subject or rater id; `group` = mean over the subjects with a defined r"
 )
 _CONDITION = _c("condition", "str", "`all` (every stimulus) or a value of the `condition` column")
 _RDM_METRIC = _c("rdm_metric", "str", "dissimilarity of the model RDM and brain RDMs")
@@ -185,7 +200,7 @@ OBJECT2BRAIN = TableSchema(
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` (group's filters zeroed) or `keep` (only them kept)"),
         _TARGET,
-        _SUBJECT,
+        _LESION_SUBJECT,
         _CONDITION,
         _c("n_filters", "int", "filters of the group"),
         _c("r_full", "float", "r of the intact layer"),
@@ -213,8 +228,82 @@ HEAD_METRICS = TableSchema(
         _c("rmse", "float", "root mean squared error (rating units)"),
         _c("pearson", "float", "Pearson r of predicted and rated valence"),
         _c("spearman", "float", "Spearman rho of predicted and rated valence"),
-        _c("r2", "float", "coefficient of determination"),
+        _c("r2", "float", "coefficient of determination, 1 - SS_residual / SS_total"),
     ),
+    required=("model", "split", "n"),
+)
+
+_COORD = "float"
+DETECTIONS = TableSchema(
+    "detections",
+    "dissect",
+    "one box of one detector on one stimulus, with what became of it",
+    (
+        _c("stimulus_id", "str", "stimulus"),
+        _c("label", "str", "detector class"),
+        _c("group", "str", "object group of the class (empty: the class is in no group)"),
+        _c("score", "float", "detector confidence (1.0 where none is given)"),
+        _c("x0", _COORD, "left edge in image pixels (x1, y1 exclusive), clipped to the image"),
+        _c("y0", _COORD, "top edge in image pixels, clipped to the image"),
+        _c("x1", _COORD, "right edge in image pixels, clipped to the image"),
+        _c("y1", _COORD, "bottom edge in image pixels, clipped to the image"),
+        _c(
+            "input_x0",
+            "int",
+            "left edge in the model input frame (after resize and crop); -1 if unused",
+        ),
+        _c("input_y0", "int", "top edge in the model input frame; -1 if unused"),
+        _c("input_x1", "int", "right edge in the model input frame; -1 if unused"),
+        _c("input_y1", "int", "bottom edge in the model input frame; -1 if unused"),
+        _c("clipped", "bool", "the box reached outside the image and was clipped"),
+        _c(
+            "status",
+            "str",
+            "`used`, `unmapped` (class in no group), `outside_image` or `outside_crop`",
+        ),
+    ),
+    required=("stimulus_id", "label", "group", "status"),
+)
+
+PROPAGATE_BEHAVIOR = TableSchema(
+    "propagate_behavior",
+    "lesion",
+    "one group's filters zeroed inside the forward pass (`lesion --propagate`): the change of the "
+    "direct behaviour correlation of the predicted valence",
+    (
+        _MODEL,
+        _LAYER,
+        _c("group", "str", "object group (or `unassigned`)"),
+        _c("variant", "str", "`lesion` or `keep`"),
+        _CONDITION,
+        _c("method", "str", "`pearson` or `spearman`"),
+        _c("r_full", "float", "predicted vs rated valence, intact network"),
+        _c("r_variant", "float", "the same with the group's filters zeroed / kept"),
+        _c("delta_r", "float", "r_variant - r_full"),
+        _c("n", "int", "stimuli"),
+    ),
+    required=(),
+)
+
+PROPAGATE_ALIGNMENT = TableSchema(
+    "propagate_alignment",
+    "lesion",
+    "one group's filters zeroed inside the forward pass: the change of a later layer's alignment "
+    "with one target and subject level",
+    (
+        _MODEL,
+        _LAYER,
+        _c("group", "str", "object group (or `unassigned`)"),
+        _c("variant", "str", "`lesion` or `keep`"),
+        _c("later_layer", "str", "a layer after the lesioned one in network order"),
+        _TARGET,
+        _LESION_SUBJECT,
+        _CONDITION,
+        _c("r_full", "float", "r of the later layer, intact network"),
+        _c("r_variant", "float", "r of the later layer with the group's filters zeroed / kept"),
+        _c("delta_r", "float", "r_variant - r_full"),
+    ),
+    required=(),
 )
 
 #: Every table by name, in the order the documentation lists them.
@@ -225,8 +314,11 @@ TABLES: dict[str, TableSchema] = {
         ALIGNMENT_GROUP,
         BEHAVIOR_DIRECT,
         CONDITION_CONTRAST,
-        FILTER_OBJECTS,
-        OBJECT2BRAIN,
         HEAD_METRICS,
+        FILTER_OBJECTS,
+        DETECTIONS,
+        OBJECT2BRAIN,
+        PROPAGATE_BEHAVIOR,
+        PROPAGATE_ALIGNMENT,
     )
 }

@@ -15,10 +15,10 @@ When the folder is the output of ``object2brain run`` (its ``manifest.json`` has
 only the files that manifest lists are reported: results left in the folder by an earlier version
 of the study (a renamed model, a stage removed from the config) stay out, with one warning.
 
-Every table is checked against its schema (DESIGN.md section 3): a file that cannot be read or
-lacks columns raises :class:`~object2brain.errors.DataError` naming the file. Tables without rows
-are listed as empty and get no section. A table next to a ``manifest.json`` whose run would have
-written it but does not list it in ``outputs`` is a leftover of an earlier run into the same
+Every table is checked against its schema (:mod:`object2brain.tables`): a file that cannot be read
+or lacks columns raises :class:`~object2brain.errors.DataError` naming the file. Tables without
+rows are listed as empty and get no section. A table next to a ``manifest.json`` whose run would
+have written it but does not list it in ``outputs`` is a leftover of an earlier run into the same
 folder: it is ignored, with one warning naming the ignored files.
 """
 
@@ -29,6 +29,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +39,15 @@ from object2brain.errors import DataError, StimulusError, listing, require_colum
 from object2brain.manifest import cached_file_sha256
 from object2brain.report import html
 from object2brain.report.figures.lesion import summary_rows
+from object2brain.tables import TABLES as SCHEMAS
 
 log = logging.getLogger("object2brain.report")
 
 #: Figures of the report by file-name prefix (see :func:`find_figures`).
 _Figures = Callable[[str], list[Path]]
 
-TABLES = (
-    "alignment",
-    "alignment_group",
-    "behavior_direct",
-    "condition_contrast",
-    "head_metrics",
-    "filter_objects",
-    "detections",
-    "object2brain",
-    "propagate_behavior",
-    "propagate_alignment",
-)
+#: The result tables the report looks for, in the order of its sections and downloads.
+TABLES: tuple[str, ...] = tuple(SCHEMAS)
 
 #: Tables computed from brain or rating data (compared with a simulation's planted truth).
 TABLES_OF_DATA = frozenset(TABLES) - {"head_metrics", "filter_objects", "detections"}
@@ -77,29 +69,13 @@ _SUFFIXES = (".csv", ".parquet")
 
 
 def table_schemas() -> dict[str, Sequence[str]]:
-    """Required columns of each result table (the writers' column lists; DESIGN.md section 3).
+    """Required columns of each result table (:data:`object2brain.tables.TABLES`).
 
-    ``propagate_*`` tables have no fixed schema and are shown as they are.
+    Tables without required columns (``propagate_*``, whose columns depend on the run) are
+    shown as they are.
     """
-    # imported here: these modules import torch, which the report itself does not need
-    from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS
-    from object2brain.lesion.analysis import OBJECT2BRAIN_COLUMNS
-    from object2brain.rsa.align import (
-        ALIGNMENT_COLUMNS,
-        BEHAVIOR_DIRECT_COLUMNS,
-        CONTRAST_COLUMNS,
-        GROUP_COLUMNS,
-    )
-
     return {
-        "alignment": ALIGNMENT_COLUMNS,
-        "alignment_group": GROUP_COLUMNS,
-        "behavior_direct": BEHAVIOR_DIRECT_COLUMNS,
-        "condition_contrast": CONTRAST_COLUMNS,
-        "head_metrics": ("model", "split", "n"),
-        "filter_objects": FILTER_OBJECTS_COLUMNS,
-        "detections": ("stimulus_id", "label", "group", "status"),
-        "object2brain": OBJECT2BRAIN_COLUMNS,
+        name: schema.required_columns for name, schema in SCHEMAS.items() if schema.required_columns
     }
 
 
@@ -112,7 +88,7 @@ def read_result_table(path: Path, name: str) -> pd.DataFrame:
     except StimulusError as exc:
         raise DataError(f"{exc} (result table {name!r})") from None
     required = table_schemas().get(name)
-    if required is not None:
+    if required:
         require_columns(frame.columns, required, str(path), detail=f" required in {name} tables")
     return frame
 
@@ -319,15 +295,27 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-def build_report(
-    folder: str | Path, *, out: str | Path | None = None, title: str | None = None
-) -> Path:
-    """Write ``report.html`` for the results under ``folder``; returns its path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: results folder not found")
-    target = Path(out) if out else folder / "report.html"
-    scope = _RunScope(folder)
+@dataclass(frozen=True)
+class _Study:
+    """What the report shows of a results folder.
+
+    ``tables``: the tables with rows; ``all_tables``: every table found, empty ones included;
+    ``sources``: the files each table was read from; ``truth``: a simulation's ``truth.json``
+    (None: no simulation); ``truth_tables``: the tables compared with it; ``other_data``: folders
+    of analyses of other data, not compared with it; ``empty``: names of tables without rows.
+    """
+
+    tables: dict[str, pd.DataFrame]
+    all_tables: dict[str, pd.DataFrame]
+    sources: _Sources
+    truth: dict[str, Any] | None
+    truth_tables: dict[str, pd.DataFrame]
+    other_data: list[Path]
+    empty: list[str]
+
+
+def _read_study(folder: Path, scope: _RunScope) -> _Study:
+    """Every result table under ``folder`` (within ``scope``) and a simulation's truth."""
     tables, sources = find_tables(folder, scope)
     truth_files = [p for p in sorted(folder.rglob("truth.json")) if scope.admits(p)]
     truth, truth_tables = None, tables
@@ -342,19 +330,21 @@ def build_report(
             )
         truth = _read_truth(truth_files[0])
         truth_tables, other_data = _tables_of_simulation(sources, truth_files[0])
-
-    def figures(prefix: str) -> list[Path]:
-        return find_figures(folder, prefix, scope)
-
     if not tables:
         raise DataError(
             f"{folder}: no result tables found ({', '.join(TABLES)}; as .csv or .parquet)"
         )
     empty = [name for name, frame in tables.items() if frame.empty]
-    all_tables, tables = tables, {n: t for n, t in tables.items() if not t.empty}
-    sections = [_summary(tables, truth, empty, other_data)]
-    if truth is not None:
-        sections.append(_truth_section(truth, truth_tables, other_data))
+    with_rows = {n: t for n, t in tables.items() if not t.empty}
+    return _Study(with_rows, tables, sources, truth, truth_tables, other_data, empty)
+
+
+def _sections(study: _Study, figures: _Figures, report_dir: Path) -> list[html.Section]:
+    """The report's sections, in page order, for the tables present."""
+    tables = study.tables
+    sections = [_summary(tables, study.truth, study.empty, study.other_data)]
+    if study.truth is not None:
+        sections.append(_truth_section(study.truth, study.truth_tables, study.other_data))
     if "head_metrics" in tables:
         sections.append(_heads_section(figures, tables["head_metrics"]))
     if "alignment" in tables:
@@ -368,26 +358,48 @@ def build_report(
     if "object2brain" in tables:
         sections.append(_lesion_section(figures, tables["object2brain"], tables))
     downloads = (
-        f"<li>{_download(t, n, [p for p, _ in sources[n]], target.parent)}</li>"
-        for n, t in all_tables.items()
+        f"<li>{_download(t, n, [p for p, _ in study.sources[n]], report_dir)}</li>"
+        for n, t in study.all_tables.items()
     )
     sections.append(
         html.Section("Tables (CSV downloads)", "<ul>" + "".join(downloads) + "</ul>", "tables")
     )
+    return sections
+
+
+def _simulated_note(study: _Study) -> str:
+    """The banner that says the data are simulated ('' when they are not)."""
+    if study.truth is None:
+        return ""
+    whose = (
+        "Some of the results in this folder come from brain and rating data"
+        if study.other_data
+        else "The brain and rating data of this study are"
+    )
+    return (
+        f'<p class="note"><b>Simulated data.</b> {whose} simulated with a planted ground '
+        "truth (<code>truth.json</code>); the section <i>Planted truth vs recovered</i> "
+        "compares the two.</p>"
+    )
+
+
+def build_report(
+    folder: str | Path, *, out: str | Path | None = None, title: str | None = None
+) -> Path:
+    """Write ``report.html`` for the results under ``folder``; returns its path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: results folder not found")
+    target = Path(out) if out else folder / "report.html"
+    scope = _RunScope(folder)
+    study = _read_study(folder, scope)
+
+    def figures(prefix: str) -> list[Path]:
+        return find_figures(folder, prefix, scope)
+
+    sections = _sections(study, figures, target.parent)
     scope.warn(folder)
-    note = ""
-    if truth is not None:
-        whose = (
-            "Some of the results in this folder come from brain and rating data"
-            if other_data
-            else "The brain and rating data of this study are"
-        )
-        note = (
-            f'<p class="note"><b>Simulated data.</b> {whose} simulated with a planted ground '
-            "truth (<code>truth.json</code>); the section <i>Planted truth vs recovered</i> "
-            "compares the two.</p>"
-        )
-    page = html.render_page(title or "object2brain report", note, sections)
+    page = html.render_page(title or "object2brain report", _simulated_note(study), sections)
     return html.write_page(target, page)
 
 
