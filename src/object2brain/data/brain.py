@@ -1,6 +1,6 @@
 """Brain data: per subject x ROI activity patterns or RDMs, keyed by stimulus id.
 
-Sources (DESIGN.md section 3), declared in a YAML manifest (``sources:`` list, paths relative to the
+Sources, declared in a YAML manifest (``sources:`` list, paths relative to the
 manifest) or given directly as a patterns/RDMs HDF5 file (root attribute ``kind``):
 
 - ``patterns`` HDF5: ``/stimulus_ids`` (n,), ``/<subject>/<roi>`` ``(n, n_voxels)`` (more
