@@ -1,6 +1,6 @@
 """The embedded default study: no network, no user data, a planted truth to recover.
 
-1. **Stimuli** built only from photos shipped with installed packages (DESIGN.md section 7):
+1. **Stimuli** built only from photos shipped with installed packages (nothing downloaded):
    context scenes (scikit-image, scikit-learn) with a planted context valence, and composites
    that paste a face (the smiling astronaut of scikit-image = pleasant, Grace Hopper of
    matplotlib = stern, unpleasant) into a pleasant or unpleasant context. Face and context of
@@ -294,7 +294,7 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Build the demo study in ``out``, run every stage and return the report path."""
-    from object2brain.activations.extract import extract
+    from object2brain.api.extract import extract
     from object2brain.models.zoo import load_model
     from object2brain.pipeline.run import run_config
 
