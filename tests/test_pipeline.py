@@ -382,3 +382,20 @@ def test_cli_run_and_report_bad_input(
     assert info.value.code == 2
     assert "no result tables found" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "report.html").exists()
+
+
+def test_stage_sections_are_the_options_models(study: dict[str, Any], tmp_path: Path) -> None:
+    """``rsa: {rdm, compare}`` (aliases) still reads; lesions follow the rsa section's metric
+    unless their own section names one; a study cross-fits its heads with 5 folds."""
+    from object2brain.options import LesionOptions, RsaOptions
+
+    study["rsa"].update(rdm="euclidean", compare="pearson")
+    config, _ = load_config(write_config(tmp_path, study))
+    assert isinstance(config.rsa, RsaOptions) and isinstance(config.lesion, LesionOptions)
+    assert (config.rsa.rdm_metric, config.rsa.compare_method) == ("euclidean", "pearson")
+    assert (config.lesion.rdm_metric, config.lesion.compare_method) == ("euclidean", "pearson")
+    assert config.train_head is not None and config.train_head.folds(in_study=True) == 5
+    study["lesion"]["rdm"] = "cosine"
+    config, _ = load_config(write_config(tmp_path, study))
+    assert config.lesion is not None and config.lesion.rdm_metric == "cosine"
+    assert config.rsa is not None and config.rsa.rdm_metric == "euclidean"
