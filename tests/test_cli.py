@@ -331,3 +331,45 @@ def test_malformed_yaml_is_one_error_line(
     assert run(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {config}: not valid YAML") and err.count("\n") == 1, err
+
+
+def test_stage_options_come_from_the_options_models() -> None:
+    """Each field of a stage's options model with a flag is that command's option, with the
+    model's default, bounds and choices; fields marked ``cli: None`` have none."""
+    from typing import get_args
+
+    import typer.main
+
+    from object2brain.cli import app
+    from object2brain.options import STAGE_OPTIONS, Runtime
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for stage, model in STAGE_OPTIONS.items():
+        params = {p.name: p for p in commands[stage.replace("_", "-")].params}
+        for name, info in model.model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            flag = extra.get("cli", "--" + name.replace("_", "-"))
+            if flag is None:
+                assert name not in params, (stage, name)
+                continue
+            param = params[name]
+            assert flag in param.opts, (stage, name, param.opts)
+            if not info.is_required() and info.default_factory is None:
+                assert param.default == info.default, (stage, name)
+        assert {"seed", "quiet"} <= set(params)
+    rsa = {p.name: p for p in commands["rsa"].params}
+    assert rsa["n_perm"].default == 10_000 and rsa["n_perm"].min == 0  # type: ignore[attr-defined]
+    choices = rsa["rdm_metric"].type_descriptor.annotation  # type: ignore[attr-defined]
+    assert get_args(choices) == ("correlation", "euclidean", "cosine")
+    assert rsa["device"].default == Runtime().device
+    assert "layers" not in rsa and "held_out" in rsa
+
+
+def test_an_option_the_model_refuses_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train-head", "--model", "resnet18", "--out", str(tmp_path / "h"), "--lr", "0"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lr: Input should be greater than 0") and err.count("\n") == 1
+    assert not (tmp_path / "h").exists()

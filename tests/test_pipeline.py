@@ -287,12 +287,13 @@ def test_stage_outputs_outside_the_output_folder_are_not_reused(tmp_path: Path) 
     import json
     import shutil
 
-    stages_module = importlib.import_module("object2brain.pipeline.run")
+    from object2brain.pipeline.stages import StageCache, digest
+
     first = tmp_path / "first"
     (first / "rsa").mkdir(parents=True)
     (first / "rsa" / "alignment.csv").write_text("x\n")
     marker = {
-        "key": stages_module._digest({"stage": "rsa"}),
+        "key": digest({"stage": "rsa"}),
         "outputs": [str(first / "rsa" / "alignment.csv")],
     }
     (first / "rsa" / ".stage.json").write_text(json.dumps(marker))
@@ -303,12 +304,12 @@ def test_stage_outputs_outside_the_output_folder_are_not_reused(tmp_path: Path) 
         ran.append("rsa")
         return [copy / "rsa" / "alignment.csv"]
 
-    stages_module._Stages(copy, progress=False).run("rsa", copy / "rsa", {"stage": "rsa"}, work)
+    StageCache(copy).run("rsa", copy / "rsa", {"stage": "rsa"}, work)
     assert ran == ["rsa"]
     assert json.loads((copy / "rsa" / ".stage.json").read_text())["outputs"] == [
         "rsa/alignment.csv"
     ]
-    stages_module._Stages(first, progress=False).run("rsa", first / "rsa", {"stage": "rsa"}, work)
+    StageCache(first).run("rsa", first / "rsa", {"stage": "rsa"}, work)
     assert ran == ["rsa"]  # in its own folder the old marker is still reused
 
 
@@ -319,22 +320,22 @@ def test_interrupted_run_completes_identically(
     reference_dir.mkdir()
     run_study(write_config(reference_dir, study), progress=False)
 
-    # the package exports the function o2b.lesion, so fetch the module itself
-    lesion_module = importlib.import_module("object2brain.lesion.analysis")
+    # the pipeline calls the stage through its API module: patch the function there
+    lesion_module = importlib.import_module("object2brain.api.lesion")
 
-    original = lesion_module.run_lesion
+    original = lesion_module.lesion
 
     def killed(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lesion_module, "run_lesion", killed)
+    monkeypatch.setattr(lesion_module, "lesion", killed)
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     path = write_config(resumed_dir, study)
     with pytest.raises(KeyboardInterrupt):
         run_study(path, progress=False)
     assert not (resumed_dir / "results" / "lesion" / ".stage.json").exists()
-    monkeypatch.setattr(lesion_module, "run_lesion", original)
+    monkeypatch.setattr(lesion_module, "lesion", original)
     result = run_study(path, progress=False)
     assert result.ran == ["lesion"]
     for table in (
@@ -381,3 +382,20 @@ def test_cli_run_and_report_bad_input(
     assert info.value.code == 2
     assert "no result tables found" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "report.html").exists()
+
+
+def test_stage_sections_are_the_options_models(study: dict[str, Any], tmp_path: Path) -> None:
+    """``rsa: {rdm, compare}`` (aliases) still reads; lesions follow the rsa section's metric
+    unless their own section names one; a study cross-fits its heads with 5 folds."""
+    from object2brain.options import LesionOptions, RsaOptions
+
+    study["rsa"].update(rdm="euclidean", compare="pearson")
+    config, _ = load_config(write_config(tmp_path, study))
+    assert isinstance(config.rsa, RsaOptions) and isinstance(config.lesion, LesionOptions)
+    assert (config.rsa.rdm_metric, config.rsa.compare_method) == ("euclidean", "pearson")
+    assert (config.lesion.rdm_metric, config.lesion.compare_method) == ("euclidean", "pearson")
+    assert config.train_head is not None and config.train_head.folds(in_study=True) == 5
+    study["lesion"]["rdm"] = "cosine"
+    config, _ = load_config(write_config(tmp_path, study))
+    assert config.lesion is not None and config.lesion.rdm_metric == "cosine"
+    assert config.rsa is not None and config.rsa.rdm_metric == "euclidean"

@@ -9,41 +9,88 @@ The Python API mirrors the command line::
     o2b.extract(model, stimuli, layers="all", out="acts.h5")
     o2b.rsa(["acts.h5"], brain="brain.yaml", ratings="ratings.csv", out="rsa")
     o2b.lesion("acts.h5", "dissect/filter_objects.csv", brain="brain.yaml", out="lesion")
+
+The names are imported on first use (a module-level ``__getattr__``), so ``import object2brain``
+imports neither torch nor numpy: each stage function comes from its module of
+:mod:`object2brain.api`.
 """
 
 from __future__ import annotations
 
-from object2brain._version import __version__
-from object2brain.activations.store import ActivationStore
-from object2brain.api.dissect import dissect
-from object2brain.api.extract import extract
-from object2brain.data.images import load_image
-from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.errors import Object2BrainError
-from object2brain.heads.train import train_head
-from object2brain.lesion.analysis import run_lesion as lesion
-from object2brain.models.layers import list_layers
-from object2brain.models.zoo import LoadedModel, list_models, load_model
-from object2brain.pipeline.run import run_study
-from object2brain.rsa.align import run_alignment as rsa
-from object2brain.simulate import simulate
+import sys
+import types
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "ActivationStore",
-    "LoadedModel",
-    "Object2BrainError",
-    "StimulusSet",
-    "__version__",
-    "dissect",
-    "extract",
-    "lesion",
-    "list_layers",
-    "list_models",
-    "load_image",
-    "load_model",
-    "load_stimuli",
-    "rsa",
-    "run_study",
-    "simulate",
-    "train_head",
-]
+if TYPE_CHECKING:
+    from object2brain._version import __version__ as __version__
+    from object2brain.activations.store import ActivationStore as ActivationStore
+    from object2brain.api.dissect import dissect as dissect
+    from object2brain.api.extract import extract as extract
+    from object2brain.api.lesion import lesion as lesion
+    from object2brain.api.rsa import rsa as rsa
+    from object2brain.api.simulate import simulate as simulate
+    from object2brain.api.train_head import train_head as train_head
+    from object2brain.data.images import load_image as load_image
+    from object2brain.data.stimuli import StimulusSet as StimulusSet
+    from object2brain.data.stimuli import load_stimuli as load_stimuli
+    from object2brain.errors import Object2BrainError as Object2BrainError
+    from object2brain.models.layers import list_layers as list_layers
+    from object2brain.models.zoo import LoadedModel as LoadedModel
+    from object2brain.models.zoo import list_models as list_models
+    from object2brain.models.zoo import load_model as load_model
+    from object2brain.pipeline.run import run_study as run_study
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "__version__": "object2brain._version",
+    "ActivationStore": "object2brain.activations.store",
+    "LoadedModel": "object2brain.models.zoo",
+    "Object2BrainError": "object2brain.errors",
+    "StimulusSet": "object2brain.data.stimuli",
+    "dissect": "object2brain.api.dissect",
+    "extract": "object2brain.api.extract",
+    "lesion": "object2brain.api.lesion",
+    "list_layers": "object2brain.models.layers",
+    "list_models": "object2brain.models.zoo",
+    "load_image": "object2brain.data.images",
+    "load_model": "object2brain.models.zoo",
+    "load_stimuli": "object2brain.data.stimuli",
+    "rsa": "object2brain.api.rsa",
+    "run_study": "object2brain.pipeline.run",
+    "simulate": "object2brain.api.simulate",
+    "train_head": "object2brain.api.train_head",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+#: API functions named like a subpackage (``o2b.rsa`` vs ``object2brain.rsa``): importing the
+#: subpackage must not replace the function in the package namespace.
+_SHADOWED = frozenset({"lesion", "rsa", "simulate"})
+
+
+class _Package(types.ModuleType):
+    """The package module: the import system binds each imported submodule as an attribute of
+    its package, except the subpackages named like an API function (still in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use and keep it in the package namespace."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'object2brain' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

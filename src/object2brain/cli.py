@@ -1,21 +1,44 @@
 """Command-line interface: a thin typer shell over the Python API, one function per subcommand.
 
+A stage command's options are generated from the stage's options model
+(:mod:`object2brain.options`): one ``--flag`` per field (the field name with dashes, or the
+``cli`` name of its ``json_schema_extra``; ``None``: no flag), with the field's type, allowed
+values, bounds, default and description; list fields are repeatable flags, booleans plain flags.
+Each command declares only its inputs (files, model, weights, head, ...) itself, and shares
+``--seed``, ``--device`` and ``--quiet`` (:class:`~object2brain.options.Runtime`).
+
 Errors caused by the user's input (:class:`~object2brain.errors.Object2BrainError`) are printed as
-one line on stderr with exit status 2; ``--debug`` shows the traceback instead.
+one line on stderr with exit status 2; ``--debug`` shows the traceback instead. Stage code is
+imported inside the commands only, so ``object2brain --help`` starts without torch.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
+import annotated_types
 import typer
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from object2brain.errors import DataError, Object2BrainError
-from object2brain.lesion.engine import NullKind
-from object2brain.options import AmpDtype, DecodeMode, StorageDtype
+from object2brain.options import (
+    DissectOptions,
+    ExtractOptions,
+    LesionOptions,
+    RsaOptions,
+    Runtime,
+    SimulateOptions,
+    StageOptions,
+    TrainHeadOptions,
+    resolve_options,
+)
 
 app = typer.Typer(
     name="object2brain",
@@ -27,9 +50,10 @@ app = typer.Typer(
 
 _state = {"debug": False, "quiet": False}
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help=Runtime.model_fields["device"].description)
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (weights=none, SRP, stats).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars or info messages.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 BrainOpt = Annotated[
@@ -38,8 +62,9 @@ BrainOpt = Annotated[
 RatingsOpt = Annotated[
     Path | None, typer.Option("--ratings", help="Ratings table: subject, stimulus_id, valence.")
 ]
-RdmOpt = Annotated[str, typer.Option("--rdm", help="correlation | euclidean | cosine")]
-CompareOpt = Annotated[str, typer.Option("--compare", help="spearman | pearson | kendall_tau_a")]
+WeightsOpt = Annotated[
+    str, typer.Option("--weights", help="default | enum name | checkpoint path | none")
+]
 
 
 @app.callback()
@@ -54,6 +79,134 @@ def _quiet(quiet: bool) -> None:
     _state["quiet"] = quiet
     if quiet:
         logging.getLogger("object2brain").setLevel(logging.WARNING)
+
+
+# --- options generated from the options models -------------------------------------------
+
+
+def _flag(name: str, info: FieldInfo) -> str | None:
+    """The field's flag: ``json_schema_extra["cli"]`` if given (``None``: none), else --name."""
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and "cli" in extra:
+        flag = extra["cli"]
+        return flag if isinstance(flag, str) else None
+    return "--" + name.replace("_", "-")
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses a field as: ``X | None`` and ``Annotated[X, ...]`` become ``X``, a
+    union of several types its first (``str | dict``: a string on the command line), a list a
+    repeatable string option."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _cli_type(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        return _cli_type(members[0])
+    if origin is list:  # typer lists hold plain types: the model checks allowed values
+        return list[str]
+    return annotation
+
+
+def _bounds(info: FieldInfo) -> dict[str, Any]:
+    """``min``/``max`` of a numeric option from the field's constraints (open bounds are checked
+    by the model)."""
+    bounds: dict[str, Any] = {}
+    for item in info.metadata:
+        if isinstance(item, annotated_types.Ge | annotated_types.Gt):
+            bounds["min"] = item.ge if isinstance(item, annotated_types.Ge) else item.gt
+        elif isinstance(item, annotated_types.Le | annotated_types.Lt):
+            bounds["max"] = item.le if isinstance(item, annotated_types.Le) else item.lt
+    return bounds
+
+
+def _parameter(name: str, info: FieldInfo, flag: str) -> inspect.Parameter:
+    """One typer option for the field ``name``."""
+    kind = _cli_type(info.annotation)
+    help_text = info.description or ""
+    default: Any
+    if info.is_required():
+        default = inspect.Parameter.empty
+    elif info.default_factory is not None:
+        default = None  # the model's default applies
+        shown = info.default_factory()  # type: ignore[call-arg]
+        help_text += f" (default: {', '.join(map(str, shown))})"
+    else:
+        default = info.default
+    if (get_origin(kind) is list and default is not inspect.Parameter.empty) or (
+        default is None and kind is not bool
+    ):
+        kind = kind | None
+    bounds = _bounds(info) if kind in (int, float, int | None, float | None) else {}
+    option = typer.Option(flag, help=help_text, show_default=default is not None, **bounds)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option], default=default
+    )
+
+
+def _model_parameters(
+    model: type[BaseModel], only: Sequence[str] | None = None
+) -> list[inspect.Parameter]:
+    """The typer options of every field of ``model`` that has a flag (``only``: these fields)."""
+    parameters = []
+    for name, info in model.model_fields.items():
+        flag = _flag(name, info)
+        if flag is not None and (only is None or name in only):
+            parameters.append(_parameter(name, info, flag))
+    return parameters
+
+
+CommandT = TypeVar("CommandT", bound=Callable[..., None])
+
+
+def stage_command(
+    name: str, model: type[StageOptions], *, runtime: Sequence[str] = ("seed", "device")
+) -> Callable[[CommandT], CommandT]:
+    """Register ``function`` as the command ``name``: its own parameters (the inputs) plus the
+    options of ``model``, the ``runtime`` fields and ``--quiet``. The function receives
+    ``options`` (a validated ``model``) and ``runtime`` (:class:`Runtime`) instead of them."""
+
+    def register(function: CommandT) -> CommandT:
+        own = [
+            p
+            for p in inspect.signature(function, eval_str=True).parameters.values()
+            if p.name not in ("options", "runtime")
+        ]
+        generated = _model_parameters(model)
+        shared = [*_model_parameters(Runtime, runtime), _QUIET]
+        fields = [p.name for p in generated]
+
+        def command(**values: Any) -> None:
+            quiet = values.pop("quiet")
+            _quiet(quiet)
+            given = {k: values.pop(k) for k in fields}
+            options = resolve_options(model, **{k: v for k, v in given.items() if v is not None})
+            settings = {k: values.pop(k) for k in runtime}
+            function(**values, options=options, runtime=Runtime(**settings, progress=not quiet))
+
+        parameters = [*own, *generated, *shared]
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        command.__doc__ = function.__doc__
+        command.__name__ = function.__name__
+        app.command(name)(command)
+        return function
+
+    return register
+
+
+_QUIET = inspect.Parameter(
+    "quiet", inspect.Parameter.KEYWORD_ONLY, annotation=QuietOpt, default=False
+)
+
+
+def keywords(
+    options: StageOptions, *, exclude: Sequence[str] = (), **renamed: str
+) -> dict[str, Any]:
+    """The options as the keyword arguments of the stage's API function (``renamed``: field ->
+    keyword where they differ; ``exclude``: fields that are no keyword of it)."""
+    values = options.model_dump(exclude=set(exclude))
+    return {renamed.get(k, k): v for k, v in values.items()}
 
 
 @app.command("models")
@@ -82,14 +235,15 @@ def layers_command(
         typer.echo(f"{layer.name:<28}{layer.kind:<12}{layer.module_type}")
 
 
-@app.command("extract")
+@stage_command("extract", ExtractOptions)
 def extract_command(
+    *,
+    options: ExtractOptions,
+    runtime: Runtime,
     model: Annotated[str, typer.Option("--model", help="Architecture name.")],
     stimuli: Annotated[Path, typer.Option("--stimuli", help="Stimulus table or image folder.")],
     out: Annotated[Path, typer.Option("--out", help="Activation store to write (.h5).")],
-    weights: Annotated[
-        str, typer.Option("--weights", help="default | enum name | checkpoint path | none")
-    ] = "default",
+    weights: WeightsOpt = "default",
     layers: Annotated[str, typer.Option("--layers", help="all | comma-separated names")] = "all",
     head: Annotated[
         Path | None, typer.Option("--head", help="Valence head (.safetensors): adds 'valence'.")
@@ -102,25 +256,6 @@ def extract_command(
             "layer 'valence' instead of the head's outputs.",
         ),
     ] = None,
-    dtype: Annotated[StorageDtype, typer.Option("--dtype", help="Storage precision.")] = "float32",
-    srp: Annotated[
-        int | None, typer.Option("--srp", min=1, help="Sparse random projection to DIM.")
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", min=0, help="Image decoding workers (0: in the main process)."),
-    ] = None,
-    amp: Annotated[
-        AmpDtype | None,
-        typer.Option("--amp", help="Mixed precision on CUDA (stored as float32/--dtype)."),
-    ] = None,
-    channels_last: Annotated[
-        bool, typer.Option("--channels-last", help="channels_last memory format (GPU speed).")
-    ] = False,
-    decode: Annotated[
-        DecodeMode,
-        typer.Option("--decode", help="pil | torch (plain JPEGs on the device) | auto."),
-    ] = "pil",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing store.")
     ] = False,
@@ -128,42 +263,34 @@ def extract_command(
         str | None,
         typer.Option("--name", help="Model label in result tables (default: MODEL)."),
     ] = None,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quiet: QuietOpt = False,
 ) -> None:
     """Extract activations of MODEL for every stimulus into an HDF5 activation store."""
     from object2brain.api.extract import extract
     from object2brain.data.stimuli import load_stimuli
     from object2brain.models.zoo import load_model
 
-    _quiet(quiet)
     stimulus_set = load_stimuli(stimuli)
-    loaded = load_model(model, weights=weights, head=head, seed=seed, name=name)
+    loaded = load_model(model, weights=weights, head=head, seed=runtime.seed, name=name)
     path = extract(
         loaded,
         stimulus_set,
         layers=layers,
         out=out,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        srp=srp,
-        seed=seed,
-        num_workers=workers,
         overwrite=overwrite,
-        progress=not quiet,
-        amp_dtype=amp,
-        channels_last=channels_last,
-        decode=decode,
         valence=valence,
+        seed=runtime.seed,
+        device=runtime.device,
+        progress=runtime.progress,
+        **keywords(options, amp="amp_dtype"),
     )
     typer.echo(f"wrote {path}")
 
 
-@app.command("rsa")
+@stage_command("rsa", RsaOptions)
 def rsa_command(
+    *,
+    options: RsaOptions,
+    runtime: Runtime,
     activations: Annotated[
         list[Path], typer.Option("--activations", help="Activation store(s) (.h5); repeatable.")
     ],
@@ -173,12 +300,6 @@ def rsa_command(
     stimuli: Annotated[
         Path | None, typer.Option("--stimuli", help="Stimulus table (condition, valence optional).")
     ] = None,
-    rdm: RdmOpt = "correlation",
-    compare: CompareOpt = "spearman",
-    n_perm: Annotated[int, typer.Option("--n-perm", min=0, help="Permutations.")] = 10_000,
-    n_boot: Annotated[int, typer.Option("--n-boot", min=0, help="Bootstrap resamples.")] = 1_000,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
     held_out: Annotated[
         Path | None,
         typer.Option(
@@ -187,34 +308,32 @@ def rsa_command(
             "stimuli only, when the heads were trained on these stimuli.",
         ),
     ] = None,
-    quiet: QuietOpt = False,
 ) -> None:
     """Align every layer of every model with behaviour and brain ROIs (RSA)."""
+    from object2brain.api.rsa import rsa
     from object2brain.data.splits import held_out_ids
-    from object2brain.rsa.align import run_alignment
 
-    _quiet(quiet)
     behavior_ids = held_out_ids(held_out) if held_out is not None else None
-    run_alignment(
+    rsa(
         activations,
         brain=brain,
         ratings=ratings,
         stimuli=stimuli,
         out=out,
-        rdm_metric=rdm,
-        compare_method=compare,
-        n_perm=n_perm,
-        n_boot=n_boot,
-        seed=seed,
-        device=device,
-        progress=not quiet,
+        seed=runtime.seed,
+        device=runtime.device,
+        progress=runtime.progress,
         behavior_ids=behavior_ids,
+        **keywords(options),
     )
     typer.echo(f"wrote {out / 'alignment.csv'}")
 
 
-@app.command("train-head")
+@stage_command("train-head", TrainHeadOptions)
 def train_head_command(
+    *,
+    options: TrainHeadOptions,
+    runtime: Runtime,
     model: Annotated[
         list[str], typer.Option("--model", help="Architecture name; repeat for several models.")
     ],
@@ -236,32 +355,10 @@ def train_head_command(
     split: Annotated[
         Path | None, typer.Option("--split", help="Reuse this split file (stimulus_id, split).")
     ] = None,
-    loss: Annotated[str, typer.Option("--loss", help="weighted_mse | mse")] = "weighted_mse",
-    augment: Annotated[
-        bool, typer.Option("--augment", help="Random crop + flip (disables the feature cache).")
-    ] = False,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs.")] = 100,
-    patience: Annotated[
-        int, typer.Option("--patience", min=1, help="Early-stopping patience (epochs).")
-    ] = 10,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-3,
-    cross_fit: Annotated[
-        int,
-        typer.Option(
-            "--cross-fit",
-            min=0,
-            help="K >= 2: also write out-of-fold predictions of K fold heads (out_of_fold.csv).",
-        ),
-    ] = 0,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quiet: QuietOpt = False,
 ) -> None:
     """Train a one-output valence head on frozen backbone(s): FindingEmo or a rated stimulus set."""
-    from object2brain.heads.train import train_head
+    from object2brain.api.train_head import train_head
 
-    _quiet(quiet)
     result = train_head(
         model,
         out=out,
@@ -270,16 +367,10 @@ def train_head_command(
         image_root=image_root,
         stimuli=stimuli,
         split=split,
-        loss=loss,  # type: ignore[arg-type]  # checked by train_head
-        augment=augment,
-        epochs=epochs,
-        patience=patience,
-        lr=lr,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        progress=not quiet,
-        cross_fit=cross_fit,
+        device=runtime.device,
+        seed=runtime.seed,
+        progress=runtime.progress,
+        **keywords(options, exclude=["ratings"]) | {"cross_fit": options.folds(in_study=False)},
     )
     if result.n_missing:
         typer.echo(f"skipped {result.n_missing} missing image(s): {result.missing_path}")
@@ -299,73 +390,32 @@ def train_head_command(
             )
 
 
-@app.command("dissect")
+@stage_command("dissect", DissectOptions)
 def dissect_command(
+    *,
+    options: DissectOptions,
+    runtime: Runtime,
     model: Annotated[str, typer.Option("--model", help="Architecture name.")],
-    layer: Annotated[str, typer.Option("--layer", help="Layer with spatial maps (dotted name).")],
     stimuli: Annotated[Path, typer.Option("--stimuli", help="Stimulus table or image folder.")],
     out: OutOpt,
-    weights: Annotated[
-        str, typer.Option("--weights", help="default | enum name | checkpoint path | none")
-    ] = "default",
+    weights: WeightsOpt = "default",
     head: Annotated[
         Path | None, typer.Option("--head", help="Valence head (.safetensors) to explain.")
     ] = None,
-    detector: Annotated[
-        str,
-        typer.Option(
-            "--detector", help="opencv | fasterrcnn | retinanet | fcos | ssdlite | boxes:FILE"
-        ),
-    ] = "opencv",
-    groups: Annotated[
-        Path | None, typer.Option("--groups", help="Class -> group map (YAML).")
-    ] = None,
-    direction: Annotated[
-        str, typer.Option("--direction", help="positive | negative | abs")
-    ] = "positive",
-    target: Annotated[
-        int | None,
-        typer.Option(
-            "--target", help="Output unit to explain without a head (e.g. ImageNet class)."
-        ),
-    ] = None,
-    threshold: Annotated[
-        float, typer.Option("--threshold", help="Minimum enrichment for an assignment.")
-    ] = 1.5,
-    min_images: Annotated[
-        int, typer.Option("--min-images", min=1, help="Images a group must be detected in.")
-    ] = 5,
-    batch_size: BatchOpt = 16,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    decode: Annotated[
-        DecodeMode,
-        typer.Option("--decode", help="pil | torch (plain JPEGs on the device) | auto."),
-    ] = "pil",
-    quiet: QuietOpt = False,
 ) -> None:
     """Per-filter Grad-CAM x object detections: which object groups each filter attends to."""
     from object2brain.api.dissect import dissect
 
-    _quiet(quiet)
     dissect(
         model,
         stimuli,
-        layer=layer,
         weights=weights,
         head=head,
-        detector=detector,
-        groups=groups,
-        direction=direction,
-        target=target,
-        threshold=threshold,
-        min_images=min_images,
         out=out,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        decode=decode,
-        progress=not quiet,
+        device=runtime.device,
+        seed=runtime.seed,
+        progress=runtime.progress,
+        **keywords(options),
     )
     typer.echo(f"wrote {out / 'filter_objects.csv'}")
 
@@ -397,57 +447,38 @@ def demo_command(
     typer.echo(f"report: {report}")
 
 
-@app.command("simulate")
+@stage_command("simulate", SimulateOptions, runtime=("seed",))
 def simulate_command(
+    *,
+    options: SimulateOptions,
+    runtime: Runtime,
     activations: Annotated[Path, typer.Option("--activations", help="Activation store (.h5).")],
     out: OutOpt,
-    roi: Annotated[
-        list[str],
-        typer.Option(
-            "--roi",
-            help="NAME=SOURCE[;snr=X;voxels=N;gain.COND=G], SOURCE = layer:L | "
-            "filters:L:k1,k2 | valence | condition:C. Repeat for several ROIs.",
-        ),
-    ],
     stimuli: Annotated[
         Path | None, typer.Option("--stimuli", help="Stimulus table (condition, valence).")
     ] = None,
-    subjects: Annotated[int, typer.Option("--subjects", min=1, help="Simulated subjects.")] = 8,
-    rating_noise: Annotated[
-        float, typer.Option("--rating-noise", min=0.0, help="SD of each rater's noise.")
-    ] = 1.0,
-    continuous: Annotated[
-        bool, typer.Option("--continuous", help="Keep ratings continuous (no -3..3 rounding).")
-    ] = False,
-    valence_source: Annotated[
-        str | None,
-        typer.Option("--valence-source", help="layer:L or valence, when the table has none."),
-    ] = None,
-    seed: SeedOpt = 0,
-    quiet: QuietOpt = False,
 ) -> None:
     """Simulate ratings and ROI patterns with a planted truth from an activation store."""
-    from object2brain.simulate import simulate
+    from object2brain.api.simulate import simulate
 
-    _quiet(quiet)
     result = simulate(
         activations,
-        roi,
+        options.rois,
         out=out,
         stimuli=stimuli,
-        n_subjects=subjects,
-        rating_noise=rating_noise,
-        continuous_ratings=continuous,
-        valence_source=valence_source,
-        seed=seed,
+        seed=runtime.seed,
+        **keywords(options, exclude=["rois"]),
     )
     typer.echo(
         f"wrote {result.patterns}, {result.brain_manifest}, {result.ratings}, {result.truth}"
     )
 
 
-@app.command("lesion")
+@stage_command("lesion", LesionOptions)
 def lesion_command(
+    *,
+    options: LesionOptions,
+    runtime: Runtime,
     activations: Annotated[
         list[Path], typer.Option("--activations", help="Activation store(s), one per model.")
     ],
@@ -460,30 +491,6 @@ def lesion_command(
     stimuli: Annotated[
         Path | None, typer.Option("--stimuli", help="Stimulus table (conditions; images).")
     ] = None,
-    layer: Annotated[
-        list[str] | None, typer.Option("--layer", help="Layer(s) to analyse (default: all).")
-    ] = None,
-    group: Annotated[
-        list[str] | None, typer.Option("--group", help="Restrict to these object groups.")
-    ] = None,
-    variant: Annotated[
-        list[str] | None, typer.Option("--variant", help="lesion and/or keep (default both).")
-    ] = None,
-    rdm: RdmOpt = "correlation",
-    compare: CompareOpt = "spearman",
-    n_null: Annotated[int, typer.Option("--n-null", min=0, help="Random subsets.")] = 1000,
-    null_subsets: Annotated[
-        NullKind,
-        typer.Option(
-            "--null-subsets", help="random | matched (null subsets matched on filter norm)."
-        ),
-    ] = "random",
-    n_perm: Annotated[
-        int, typer.Option("--n-perm", min=0, help="Stimulus-label permutations (p_perm).")
-    ] = 1000,
-    propagate: Annotated[
-        bool, typer.Option("--propagate", help="Zero the filters inside the forward pass.")
-    ] = False,
     model: Annotated[
         str | None, typer.Option("--model", help="Architecture (for --propagate).")
     ] = None,
@@ -493,42 +500,28 @@ def lesion_command(
     head: Annotated[
         Path | None, typer.Option("--head", help="Valence head (for --propagate).")
     ] = None,
-    batch_size: BatchOpt = 32,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quiet: QuietOpt = False,
 ) -> None:
     """Object2Brain: lesion / keep only each object group's filters and test the change in r."""
-    from object2brain.lesion.analysis import run_lesion
+    from object2brain.api.lesion import lesion
 
-    _quiet(quiet)
     loaded = None
-    if propagate:
+    if options.propagate:
         from object2brain.models.zoo import load_model
 
         if model is None:
             raise typer.BadParameter("--propagate needs --model (and --weights, --head)")
-        loaded = load_model(model, weights, head=head, seed=seed)
-    result = run_lesion(
+        loaded = load_model(model, weights, head=head, seed=runtime.seed)
+    result = lesion(
         activations,
         filters,
         brain=brain,
         ratings=ratings,
         stimuli=stimuli,
         out=out,
-        layers=layer,
-        groups=group,
-        variants=tuple(variant or ("lesion", "keep")),  # type: ignore[arg-type]
-        rdm_metric=rdm,
-        compare_method=compare,
-        n_null=n_null,
-        n_perm=n_perm,
-        seed=seed,
-        device=device,
-        propagate=propagate,
+        seed=runtime.seed,
+        device=runtime.device,
         model=loaded,
-        null_subsets=null_subsets,
-        batch_size=batch_size,
+        **keywords(options),
     )
     rows = len(result.object2brain)
     typer.echo(f"wrote {len(result.files)} files into {out} ({rows} rows in object2brain.csv)")
@@ -574,7 +567,7 @@ def report_command(
     typer.echo(f"report: {build_report(folder, out=out)}")
 
 
-# Options that take several values after one flag (DESIGN.md: `--activations a.h5 [b.h5 ...]`).
+# Options that take several values after one flag: `--activations a.h5 [b.h5 ...]`.
 MULTI_VALUE_OPTIONS = frozenset({"--activations"})
 
 

@@ -1,6 +1,6 @@
 """The embedded default study: no network, no user data, a planted truth to recover.
 
-1. **Stimuli** built only from photos shipped with installed packages (DESIGN.md section 7):
+1. **Stimuli** built only from photos shipped with installed packages (nothing downloaded):
    context scenes (scikit-image, scikit-learn) with a planted context valence, and composites
    that paste a face (the smiling astronaut of scikit-image = pleasant, Grace Hopper of
    matplotlib = stern, unpleasant) into a pleasant or unpleasant context. Face and context of

@@ -1,6 +1,7 @@
 r"""Synthetic behaviour and fMRI data with a planted ground truth.
 
-From an activation store, :func:`simulate` writes everything an alignment study needs, generated
+From an activation store, :func:`simulate` (:func:`compute_simulation` in memory, then
+:func:`write_simulation`) writes everything an alignment study needs, generated
 so that the right answer is known:
 
 - **ratings** (``ratings.csv``, long: ``subject, stimulus_id, valence``): every subject rates every
@@ -56,6 +57,7 @@ from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.errors import DataError, StoreError, listing
 from object2brain.io import atomic_path, check_output_folder, write_json
 from object2brain.manifest import build_manifest, cached_file_sha256
+from object2brain.options import SimulateOptions
 
 RATING_RANGE = (-3.0, 3.0)
 
@@ -172,6 +174,34 @@ class SimulationResult:
     stimulus_ids: list[str]
 
 
+@dataclass(frozen=True)
+class Simulation:
+    """Simulated data in memory (what :func:`write_simulation` writes).
+
+    Attributes:
+        stimulus_ids: the store's stimulus ids, ``(n,)``.
+        specs: the ROIs simulated.
+        true_valence: the planted valence ``(n,)``, in [-3, 3].
+        valence_origin: where it came from (``stimulus table``, ``layer:<name>``, ``valence``).
+        patterns: ``{subject: {roi: (n, voxels) float array}}``, subjects ``sub-01``, ...
+        ratings: long table ``subject, stimulus_id, valence``.
+        options: the options simulated with (``rois``: the ROI names; their specs in
+            ``specs``); ``seed``, ``n_basis``: as given.
+        activations: the source store.
+    """
+
+    stimulus_ids: list[str]
+    specs: list[RoiSpec]
+    true_valence: np.ndarray
+    valence_origin: str
+    patterns: dict[str, dict[str, np.ndarray]]
+    ratings: pd.DataFrame
+    options: SimulateOptions
+    seed: int
+    n_basis: int
+    activations: Path
+
+
 def simulate(
     activations: str | Path,
     rois: Sequence[RoiSpec | str],
@@ -184,6 +214,7 @@ def simulate(
     valence_source: str | None = None,
     n_basis: int = 16,
     seed: int = 0,
+    options: SimulateOptions | None = None,
 ) -> SimulationResult:
     """Write simulated ratings, ROI patterns, a brain manifest and ``truth.json`` into ``out``.
 
@@ -200,6 +231,8 @@ def simulate(
             (``layer:<name>`` or ``valence``); default: the store's last layer.
         n_basis: tuning curves used to expand scalar sources.
         seed: seeds everything.
+        options: the options as one :class:`~object2brain.options.SimulateOptions` (its ``rois``
+            replace ``rois``, its fields the keywords above).
 
     Raises:
         DataError: a bad ROI spec (name, source or option), argument, stimulus table (ids,
@@ -207,42 +240,32 @@ def simulate(
             is created, so a rejected call leaves no folder behind.
         StoreError: an unreadable activation store or an unusable ``out``.
     """
+    if options is not None:
+        rois, n_subjects, rating_noise = options.rois, options.n_subjects, options.rating_noise
+        continuous_ratings, valence_source = options.continuous_ratings, options.valence_source
     specs = _check_arguments(rois, n_subjects, rating_noise, n_basis)
+    options = SimulateOptions(
+        rois=[spec.name for spec in specs],
+        n_subjects=n_subjects,
+        rating_noise=rating_noise,
+        continuous_ratings=continuous_ratings,
+        valence_source=valence_source,
+    )
     out = Path(out)
     check_output_folder(out)
-    rng = np.random.default_rng(seed)
-
     # Everything that can fail on the user's input is checked before --out is created.
     with ActivationStore.open(activations) as store:
-        ids = store.stimulus_ids
-        table, where = _stimulus_table(stimuli, ids)
-        conditions = table["condition"].astype(str).to_numpy() if "condition" in table else None
-        valence, valence_origin = _true_valence(store, table, where, valence_source, rng)
-        sources = {spec.name: _source(store, spec, valence, conditions, n_basis) for spec in specs}
-    gains = {spec.name: _gains(spec, conditions, len(ids)) for spec in specs}
-
+        table, where = _stimulus_table(stimuli, store.stimulus_ids)
+        simulation = compute_simulation(
+            store, specs, table, options, seed=seed, n_basis=n_basis, where=where
+        )
     created = _missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     try:
-        return _write(
-            out,
-            activations,
-            specs,
-            ids,
-            valence,
-            valence_origin,
-            sources,
-            gains,
-            rng,
-            n_subjects=n_subjects,
-            rating_noise=rating_noise,
-            continuous_ratings=continuous_ratings,
-            n_basis=n_basis,
-            seed=seed,
-        )
+        return write_simulation(simulation, out)
     except BaseException:
         for folder in created:  # innermost first; only folders this call made and left empty
             try:
@@ -250,6 +273,107 @@ def simulate(
             except OSError:
                 break
         raise
+
+
+def compute_simulation(
+    store: ActivationStore,
+    specs: list[RoiSpec],
+    table: pd.DataFrame,
+    options: SimulateOptions,
+    *,
+    seed: int,
+    n_basis: int = 16,
+    where: str = "stimulus table",
+) -> Simulation:
+    """Simulate every subject's ROI patterns and ratings from an open store (no file written).
+
+    ``table`` holds the store's stimuli in its order (``condition`` and ``valence`` optional);
+    ``where`` names it in messages. One generator seeded with ``seed`` draws, in this order, the
+    valence projection (if any), each subject's ROI maps and noise, then the rating noise.
+    """
+    rng = np.random.default_rng(seed)
+    ids = store.stimulus_ids
+    conditions = table["condition"].astype(str).to_numpy() if "condition" in table else None
+    valence, origin = _true_valence(store, table, where, options.valence_source, rng)
+    sources = {spec.name: _source(store, spec, valence, conditions, n_basis) for spec in specs}
+    gains = {spec.name: _gains(spec, conditions, len(ids)) for spec in specs}
+    subjects = [_subject(s) for s in range(options.n_subjects)]
+    patterns = {
+        subject: {
+            spec.name: _roi_patterns(sources[spec.name], spec, gains[spec.name], rng)
+            for spec in specs
+        }
+        for subject in subjects
+    }
+    noise = rng.normal(0.0, options.rating_noise, size=(len(subjects), len(ids)))
+    noisy = valence[None, :] + noise
+    if not options.continuous_ratings:
+        noisy = np.clip(np.rint(noisy), *RATING_RANGE)
+    ratings = pd.DataFrame(
+        {
+            "subject": np.repeat(subjects, len(ids)),
+            "stimulus_id": np.tile(ids, len(subjects)),
+            "valence": noisy.reshape(-1),
+        }
+    )
+    return Simulation(
+        ids, specs, valence, origin, patterns, ratings, options, seed, n_basis, store.path
+    )
+
+
+def write_simulation(simulation: Simulation, out: Path) -> SimulationResult:
+    """Write ``patterns.h5``, ``brain.yaml``, ``ratings.csv``, ``truth.json`` and
+    ``manifest.json`` of ``simulation`` into the existing folder ``out``."""
+    ids, specs, options = simulation.stimulus_ids, simulation.specs, simulation.options
+    patterns_path = out / "patterns.h5"
+    with atomic_path(patterns_path) as temp, h5py.File(temp, "w") as handle:
+        handle.attrs["kind"] = "patterns"
+        handle.attrs["simulated"] = True
+        handle["stimulus_ids"] = np.asarray(ids, dtype=object).astype(h5py.string_dtype())
+        for subject, rois in simulation.patterns.items():
+            group = handle.create_group(subject)
+            for name, patterns in rois.items():
+                group[name] = patterns
+
+    manifest_path = out / "brain.yaml"
+    with atomic_path(manifest_path) as temp:
+        temp.write_text(yaml.safe_dump({"sources": [{"kind": "patterns", "path": "patterns.h5"}]}))
+
+    ratings_path = out / "ratings.csv"
+    with atomic_path(ratings_path) as temp:
+        simulation.ratings.to_csv(temp, index=False)
+
+    truth = {
+        "simulated": True,
+        "seed": simulation.seed,
+        "n_subjects": options.n_subjects,
+        "rating_noise": options.rating_noise,
+        "continuous_ratings": options.continuous_ratings,
+        "valence_origin": simulation.valence_origin,
+        "true_valence": dict(zip(ids, simulation.true_valence.round(6).tolist(), strict=True)),
+        "rois": [asdict(spec) for spec in specs],
+        "activations": str(simulation.activations.resolve()),
+    }
+    truth_path = write_json(out / "truth.json", truth)
+    write_json(
+        out / "manifest.json",
+        build_manifest(
+            "simulate",
+            {
+                "rois": [asdict(s) for s in specs],
+                "n_subjects": options.n_subjects,
+                "n_basis": simulation.n_basis,
+                "rating_noise": options.rating_noise,
+                "valence_source": simulation.valence_origin,
+            },
+            seeds={"seed": simulation.seed},
+            inputs={"activations": cached_file_sha256(simulation.activations)},
+            outputs=[str(p) for p in (patterns_path, manifest_path, ratings_path, truth_path)],
+        ),
+    )
+    return SimulationResult(
+        patterns_path, manifest_path, ratings_path, truth_path, simulation.true_valence, ids
+    )
 
 
 def _check_arguments(
@@ -282,83 +406,6 @@ def _missing_folders(folder: Path) -> list[Path]:
             break
         missing.append(candidate)
     return missing
-
-
-def _write(
-    out: Path,
-    activations: str | Path,
-    specs: list[RoiSpec],
-    ids: list[str],
-    valence: np.ndarray,
-    valence_origin: str,
-    sources: dict[str, np.ndarray],
-    gains: dict[str, np.ndarray],
-    rng: np.random.Generator,
-    *,
-    n_subjects: int,
-    rating_noise: float,
-    continuous_ratings: bool,
-    n_basis: int,
-    seed: int,
-) -> SimulationResult:
-    """Write the outputs of :func:`simulate` (inputs already validated) into ``out``."""
-    patterns_path = out / "patterns.h5"
-    with atomic_path(patterns_path) as temp, h5py.File(temp, "w") as handle:
-        handle.attrs["kind"] = "patterns"
-        handle.attrs["simulated"] = True
-        handle["stimulus_ids"] = np.asarray(ids, dtype=object).astype(h5py.string_dtype())
-        for s in range(n_subjects):
-            group = handle.create_group(_subject(s))
-            for spec in specs:
-                group[spec.name] = _roi_patterns(sources[spec.name], spec, gains[spec.name], rng)
-
-    manifest_path = out / "brain.yaml"
-    with atomic_path(manifest_path) as temp:
-        temp.write_text(yaml.safe_dump({"sources": [{"kind": "patterns", "path": "patterns.h5"}]}))
-
-    noisy = valence[None, :] + rng.normal(0.0, rating_noise, size=(n_subjects, len(ids)))
-    if not continuous_ratings:
-        noisy = np.clip(np.rint(noisy), *RATING_RANGE)
-    ratings = pd.DataFrame(
-        {
-            "subject": np.repeat([_subject(s) for s in range(n_subjects)], len(ids)),
-            "stimulus_id": np.tile(ids, n_subjects),
-            "valence": noisy.reshape(-1),
-        }
-    )
-    ratings_path = out / "ratings.csv"
-    with atomic_path(ratings_path) as temp:
-        ratings.to_csv(temp, index=False)
-
-    truth = {
-        "simulated": True,
-        "seed": seed,
-        "n_subjects": n_subjects,
-        "rating_noise": rating_noise,
-        "continuous_ratings": continuous_ratings,
-        "valence_origin": valence_origin,
-        "true_valence": dict(zip(ids, valence.round(6).tolist(), strict=True)),
-        "rois": [asdict(spec) for spec in specs],
-        "activations": str(Path(activations).resolve()),
-    }
-    truth_path = write_json(out / "truth.json", truth)
-    write_json(
-        out / "manifest.json",
-        build_manifest(
-            "simulate",
-            {
-                "rois": [asdict(s) for s in specs],
-                "n_subjects": n_subjects,
-                "n_basis": n_basis,
-                "rating_noise": rating_noise,
-                "valence_source": valence_origin,
-            },
-            seeds={"seed": seed},
-            inputs={"activations": cached_file_sha256(activations)},
-            outputs=[str(p) for p in (patterns_path, manifest_path, ratings_path, truth_path)],
-        ),
-    )
-    return SimulationResult(patterns_path, manifest_path, ratings_path, truth_path, valence, ids)
 
 
 def _subject(index: int) -> str:

@@ -1,1 +1,2 @@
-"""A study from one YAML file: the config (:mod:`.config`) and the cached run (:mod:`.run`)."""
+"""A study from one YAML file: the config (:mod:`.config`), the registry of stages with their
+cache keys (:mod:`.stages`) and the cached run (:mod:`.run`)."""

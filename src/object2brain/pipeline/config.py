@@ -20,18 +20,20 @@ the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). 
     dissect: {layer: _blocks.15, detector: opencv}
     lesion: {variants: [lesion, keep], n_null: 1000, n_perm: 1000}
 
-Each stage section has its options below; a missing optional section skips the stage.
+Each stage section is that stage's options model (:mod:`object2brain.options`: the same names,
+types, defaults and help as the command line); a missing optional section skips the stage. In a
+study ``train_head.cross_fit`` defaults to 5 folds, and the lesions use the ``rsa`` section's RDM
+metric and comparison unless the ``lesion`` section names its own.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -40,20 +42,21 @@ from pydantic import (
 )
 
 from object2brain.errors import Object2BrainError
+from object2brain.options import (
+    DissectOptions,
+    ExtractOptions,
+    Int,
+    LesionOptions,
+    OptionsError,
+    RsaOptions,
+    SimulateOptions,
+    TrainHeadOptions,
+    describe_error,
+)
 
 
 class ConfigError(Object2BrainError):
     """A run configuration that cannot be used."""
-
-
-def _not_a_boolean(value: Any) -> Any:
-    if isinstance(value, bool):  # pydantic would read true as 1
-        raise ValueError(f"expected a number, got {str(value).lower()}")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_a_boolean)]
-Float = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 class _Strict(BaseModel):
@@ -83,82 +86,12 @@ class ModelConfig(_Strict):
         return self.name or self.arch
 
 
-class ExtractConfig(_Strict):
-    batch_size: Int = Field(32, ge=1)
-    dtype: Literal["float32", "float16"] = "float32"
-    srp: Int | None = Field(None, ge=1)
-    amp: Literal["bfloat16", "float16"] | None = None
-    channels_last: bool = False
-    decode: Literal["pil", "torch", "auto"] = "pil"
-
-
-class TrainHeadConfig(_Strict):
-    """Train valence heads in the run (for models without ``head``) on the stimulus table."""
-
-    loss: Literal["weighted_mse", "mse"] = "weighted_mse"
-    epochs: Int = Field(100, ge=1)
-    patience: Int = Field(10, ge=1)
-    lr: Float = Field(1e-3, gt=0)
-    batch_size: Int = Field(32, ge=1)
-    ratings: Literal["stimuli", "ratings"] = "stimuli"
-    #: K fold heads whose out-of-fold predictions become the stores' ``valence`` layer, so the
-    #: predicted valence is never correlated with ratings it was fitted on; 0: off (then the
-    #: direct behaviour correlation uses the test split only).
-    cross_fit: Int = Field(5, ge=0)
-
-    @field_validator("cross_fit")
-    @classmethod
-    def _folds(cls, value: int) -> int:
-        if value == 1:
-            raise ValueError("use 0 (off) or 2 or more folds")
-        return value
-
-
-class SimulateConfig(_Strict):
-    """Simulate brain and ratings from the first model's activations (see ``simulate``)."""
-
-    rois: list[str] = Field(min_length=1)
-    n_subjects: Int = Field(8, ge=1)
-    rating_noise: Float = Field(1.0, ge=0)
-    valence_source: str | None = None
-
-
-class RsaConfig(_Strict):
-    rdm: Literal["correlation", "euclidean", "cosine"] = "correlation"
-    compare: Literal["spearman", "pearson", "kendall_tau_a"] = "spearman"
-    n_perm: Int = Field(10_000, ge=0)
-    n_boot: Int = Field(1_000, ge=0)
-
-
-class DissectConfig(_Strict):
-    layer: str | dict[str, str]
-    detector: str = "opencv"
-    groups: Path | None = None
-    direction: Literal["positive", "negative", "abs"] = "positive"
-    threshold: Float = 1.5
-    min_images: Int = Field(5, ge=1)
-    batch_size: Int = Field(16, ge=1)
-    decode: Literal["pil", "torch", "auto"] = "pil"
-
-    def layer_for(self, model: str) -> str:
-        if isinstance(self.layer, str):
-            return self.layer
-        if model not in self.layer:
-            raise ConfigError(f"dissect.layer: no layer given for model {model!r}")
-        return self.layer[model]
-
-
-Variant = Literal["lesion", "keep"]
-_BOTH_VARIANTS: tuple[Variant, Variant] = ("lesion", "keep")
-
-
-class LesionConfig(_Strict):
-    variants: list[Variant] = Field(default_factory=lambda: list(_BOTH_VARIANTS))
-    n_null: Int = Field(1000, ge=0)
-    null_subsets: Literal["random", "matched"] = "random"
-    n_perm: Int = Field(1000, ge=0)
-    propagate: bool = False
-    groups: list[str] | None = None
+#: The keys (field name and alias) of the RDM metric and comparison in an ``rsa``/``lesion``
+#: section: a study's lesions use the ``rsa`` section's unless their own section names one.
+_SHARED_WITH_RSA = {
+    "rdm_metric": ("rdm_metric", "rdm"),
+    "compare_method": ("compare_method", "compare"),
+}
 
 
 class RunConfig(_Strict):
@@ -171,13 +104,29 @@ class RunConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     brain: Path | None = None
     ratings: Path | None = None
-    simulate: SimulateConfig | None = None
-    extract: ExtractConfig = Field(default_factory=ExtractConfig)
-    train_head: TrainHeadConfig | None = None
-    rsa: RsaConfig | None = Field(default_factory=RsaConfig)
-    dissect: DissectConfig | None = None
-    lesion: LesionConfig | None = None
+    simulate: SimulateOptions | None = None
+    extract: ExtractOptions = Field(default_factory=ExtractOptions)
+    train_head: TrainHeadOptions | None = None
+    rsa: RsaOptions | None = Field(default_factory=RsaOptions)
+    dissect: DissectOptions | None = None
+    lesion: LesionOptions | None = None
     report: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lesion_metrics_from_rsa(cls, data: Any) -> Any:
+        """A lesion section without its own RDM metric or comparison uses the rsa section's."""
+        if not isinstance(data, dict):
+            return data
+        rsa, lesion = data.get("rsa"), data.get("lesion")
+        if not isinstance(rsa, dict) or not isinstance(lesion, dict):
+            return data
+        lesion = dict(lesion)
+        for field, keys in _SHARED_WITH_RSA.items():
+            given = [rsa[key] for key in keys if key in rsa]
+            if given and not any(key in lesion for key in keys):
+                lesion[field] = given[0]
+        return {**data, "lesion": lesion}
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -212,19 +161,13 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        raise ConfigError(
+            f"{path}: " + "; ".join(describe_error(e) for e in exc.errors())
+        ) from None
     base = path.resolve().parent
     config = _resolve_paths(config, base, path)
     _check_against_models(config, path)
     return config, base
-
-
-def _describe(error: Any) -> str:
-    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{location}: {message}"
 
 
 def _resolve_paths(config: RunConfig, base: Path, source: Path) -> RunConfig:
@@ -297,7 +240,7 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
         for index, model in enumerate(config.models):
             try:
                 layer = dissect.layer_for(model.label)
-            except ConfigError as exc:  # names its key already
+            except OptionsError as exc:  # names its key already
                 raise ConfigError(f"{source}: {exc}") from None
             key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
             try:
