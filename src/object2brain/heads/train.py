@@ -488,24 +488,3 @@ def compute_heads(
 
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
-
-
-# --------------------------------------------------------------------------------------------
-# TRANSITIONAL, delete once `object2brain/__init__.py`, `cli.py` and `pipeline/run.py` import
-# `train_head` from `object2brain.api.train_head` (the lazy-import branch does): the public
-# function moved there; this keeps `from object2brain.heads.train import train_head` working
-# meanwhile. It is the only import of `api` from a stage package.
-
-
-if TYPE_CHECKING:
-    from object2brain.api.train_head import HeadResult as HeadResult
-    from object2brain.api.train_head import TrainHeadResult as TrainHeadResult
-    from object2brain.api.train_head import train_head as train_head
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("train_head", "TrainHeadResult", "HeadResult"):
-        from object2brain.api import train_head as edge
-
-        return getattr(edge, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
