@@ -199,11 +199,16 @@ class AnalysisSet:
         labels: np.ndarray | None = None,
         *,
         compare_method: str = "spearman",
-        **fields: object,
+        held_out: np.ndarray | None = None,
+        rated: np.ndarray | None = None,
+        stimuli: StimulusSet | None = None,
+        where: str = "stimulus table",
     ) -> AnalysisSet:
-        """An analysis set of ready-made targets: conditions of ``labels`` with at least
-        :data:`MIN_CONDITION_STIMULI` stimuli, every stimulus held out unless ``held_out`` is
-        given. Warns about subjects whose RDM is constant within an analysed condition."""
+        """The analysis set of ready-made ``targets`` for ``ids``: ``all`` and the conditions of
+        ``labels`` ``(n,)`` with at least :data:`MIN_CONDITION_STIMULI` stimuli (smaller ones
+        skipped with a warning); every stimulus held out unless ``held_out`` ``(n,)`` is given.
+        Warns about subjects whose RDM is constant within an analysed condition (their
+        ``compare_method`` r is undefined)."""
         conditions = []
         for condition in condition_sets(ids, labels):
             if condition.size < MIN_CONDITION_STIMULI:
@@ -215,14 +220,15 @@ class AnalysisSet:
                 )
                 continue
             conditions.append(condition)
-        held_out = fields.pop("held_out", None)
         analysis = cls(
             list(ids),
             list(targets),
             labels,
             conditions,
-            np.ones(len(ids), dtype=bool) if held_out is None else np.asarray(held_out),
-            **fields,  # type: ignore[arg-type]
+            np.ones(len(ids), dtype=bool) if held_out is None else held_out,
+            rated,
+            stimuli,
+            where,
         )
         analysis.warn_constant_subjects(compare_method)
         return analysis
