@@ -16,17 +16,19 @@ from torch import nn
 import object2brain as o2b
 from object2brain.activations.store import ActivationStore
 from object2brain.api.extract import extract
+from object2brain.api.lesion import lesion
 from object2brain.errors import DataError, ModelError
 from object2brain.heads.io import save_head
-from object2brain.lesion.analysis import (
-    OBJECT2BRAIN_COLUMNS,
-    condition_sets,
-    group_filters,
-    run_lesion,
-)
+from object2brain.lesion.analysis import LayerFilters, group_filters, lesion_layer
+from object2brain.lesion.engine import FilterStats
 from object2brain.lesion.propagate import forward_with_mask
 from object2brain.models.zoo import load_model
+from object2brain.options import LesionOptions
+from object2brain.rsa.targets import AnalysisSet, Target, condition_sets
 from object2brain.simulate import simulate
+from object2brain.tables import OBJECT2BRAIN
+
+OBJECT2BRAIN_COLUMNS = OBJECT2BRAIN.column_names
 
 N, K = 48, 24
 GROUPS = {"Faces": range(0, 6), "Animals": range(6, 12), "Vehicles": range(12, 18)}
@@ -79,7 +81,7 @@ def brain(store: Path, tmp_path: Path) -> Path:
 def test_planted_face_roi_is_carried_by_face_filters(
     store: Path, filter_table: pd.DataFrame, brain: Path, tmp_path: Path
 ) -> None:
-    result = run_lesion(store, filter_table, brain=brain, out=tmp_path / "out", n_null=300, seed=0)
+    result = lesion(store, filter_table, brain=brain, out=tmp_path / "out", n_null=300, seed=0)
     table = result.object2brain
     assert list(table.columns) == OBJECT2BRAIN_COLUMNS
     assert set(table["group"]) == {"Faces", "Animals", "Vehicles", "unassigned"}
@@ -118,9 +120,7 @@ def test_planted_face_roi_is_carried_by_face_filters(
 def test_per_subject_rows_and_group_mean(
     store: Path, filter_table: pd.DataFrame, brain: Path
 ) -> None:
-    table = run_lesion(
-        store, filter_table, brain=brain, n_null=0, variants=("lesion",)
-    ).object2brain
+    table = lesion(store, filter_table, brain=brain, n_null=0, variants=("lesion",)).object2brain
     rows = table[(table["target"] == "FACE") & (table["group"] == "Faces")].set_index("subject")
     assert set(rows.index) == {"sub-01", "sub-02", "sub-03", "group"}
     assert rows.loc["group", "delta_r"] == pytest.approx(rows.drop("group")["delta_r"].mean())
@@ -140,18 +140,18 @@ def test_group_filters_and_bad_tables(filter_table: pd.DataFrame) -> None:
 def test_bad_input_messages(store: Path, filter_table: pd.DataFrame, brain: Path) -> None:
     other = filter_table.assign(model="alexnet")
     with pytest.raises(DataError, match="no rows for model 'toy'"):
-        run_lesion(store, other, brain=brain, n_null=0)
+        lesion(store, other, brain=brain, n_null=0)
     with pytest.raises(DataError, match="Food have no filters"):
-        run_lesion(store, filter_table, brain=brain, n_null=0, groups=["Faces", "Food"])
+        lesion(store, filter_table, brain=brain, n_null=0, groups=["Faces", "Food"])
     too_many = pd.concat([filter_table, filter_table.tail(1).assign(filter=K + 5)])
     with pytest.raises(DataError, match=f"the layer has {K} filters"):
-        run_lesion(store, too_many, brain=brain, n_null=0)
+        lesion(store, too_many, brain=brain, n_null=0)
     with pytest.raises(DataError, match="missing column"):
-        run_lesion(store, filter_table.drop(columns="assigned"), brain=brain)
+        lesion(store, filter_table.drop(columns="assigned"), brain=brain)
     with pytest.raises(DataError, match="--n-null and --n-perm must be >= 0"):
-        run_lesion(store, filter_table, brain=brain, n_perm=-1)
+        lesion(store, filter_table, brain=brain, n_perm=-1)
     with pytest.raises(DataError, match="--null-subsets 'sorted': use random or matched"):
-        run_lesion(store, filter_table, brain=brain, null_subsets="sorted")  # type: ignore[arg-type]
+        lesion(store, filter_table, brain=brain, null_subsets="sorted")  # type: ignore[arg-type]
 
 
 def test_matched_null_via_the_cli(
@@ -192,7 +192,7 @@ def test_conditions_are_analysed_separately(
     )
     stimuli = tmp_path / "t.csv"
     table.to_csv(stimuli, index=False)
-    result = run_lesion(
+    result = lesion(
         store, filter_table, brain=brain, stimuli=stimuli, n_null=20, variants=("lesion",)
     )
     assert set(result.object2brain["condition"]) == {"all", "a", "b"}
@@ -234,7 +234,7 @@ def test_propagate_end_to_end(stimulus_table: Path, tmp_path: Path) -> None:
             "assigned": [True] * 40 + [False] * 216,
         }
     )
-    result = run_lesion(
+    result = lesion(
         store,
         filters,
         stimuli=stimulus_table,
@@ -256,7 +256,7 @@ def test_propagate_end_to_end(stimulus_table: Path, tmp_path: Path) -> None:
     # held-out stimuli only: r_full is the store's valence against the rating on those rows
     table = pd.read_csv(stimulus_table)
     held_out = table["stimulus_id"].tolist()[:6]
-    subset = run_lesion(
+    subset = lesion(
         store, filters, stimuli=stimulus_table, layers=["layer3"], n_null=0, propagate=True,
         model=model, batch_size=4, variants=("lesion",), behavior_ids=held_out,
     ).propagate_behavior.query("condition == 'all' and method == 'pearson'")  # fmt: skip
@@ -268,7 +268,7 @@ def test_propagate_end_to_end(stimulus_table: Path, tmp_path: Path) -> None:
     assert subset["r_full"].iloc[0] == pytest.approx(expected, abs=1e-5)  # float32 forward
     other = load_model("resnet18", "none", seed=1)  # not the network that wrote the store
     with pytest.raises(ModelError, match="--propagate must run the same network"):
-        run_lesion(store, filters, stimuli=stimulus_table, propagate=True, model=other, n_null=0)
+        lesion(store, filters, stimuli=stimulus_table, propagate=True, model=other, n_null=0)
 
 
 def test_condition_sets_leave_stimuli_without_condition_in_all_only() -> None:
@@ -322,7 +322,7 @@ def test_constant_rater_is_left_out_of_the_group_mean(
          "valence": values.ravel()}
     )  # fmt: skip
     with caplog.at_level("WARNING", logger="object2brain"):
-        table = run_lesion(store, filter_table, ratings=ratings, n_null=30, seed=1).object2brain
+        table = lesion(store, filter_table, ratings=ratings, n_null=30, seed=1).object2brain
     warned = [r.getMessage() for r in caplog.records if "is constant" in r.getMessage()]
     assert len(warned) == 1 and "r1" in warned[0]
     for _, rows in table.groupby(["group", "variant"]):
@@ -347,15 +347,28 @@ def _independent_layer(
     return acts
 
 
+def _lesion_rows(
+    stats: FilterStats,
+    groups: dict[str, np.ndarray],
+    targets: list[Target],
+    ids: list[str],
+    *,
+    seed: int,
+    **options: object,
+) -> list[dict[str, object]]:
+    """Rows of :func:`lesion_layer` for one layer ``L`` of model ``m`` (no conditions)."""
+    lesion_options = LesionOptions.model_validate(options)
+    analysis = AnalysisSet.from_targets(ids, targets, compare_method=lesion_options.compare_method)
+    task = LayerFilters("m", "L", stats, groups)
+    return lesion_layer(task, analysis, lesion_options, seed=seed, device=torch.device("cpu"))
+
+
 def test_label_permutation_p_matches_a_scipy_loop() -> None:
     """p_perm: delta_r = r(variant, target) - r(full, target) recomputed with scipy for every
     permutation of the stimulus labels (same permutations as the Mantel test), per subject and
     for the mean over subjects."""
     import scipy.stats
 
-    from object2brain.lesion.analysis import _layer_rows
-    from object2brain.lesion.engine import FilterStats
-    from object2brain.rsa.align import Target
     from object2brain.rsa.inference import pair_permutation, permutations
     from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 
@@ -369,9 +382,9 @@ def test_label_permutation_p_matches_a_scipy_loop() -> None:
     )
     targets = [Target("ROI", "roi", ["s1", "s2"], brains, brains.mean(0), False)]
     stats = FilterStats.from_activations(acts, ids, device=torch.device("cpu"))
-    rows = _layer_rows(
-        "m", "L", stats, {"G": group}, targets, ids, None, ("lesion", "keep"), "correlation",
-        "spearman", 0, n_perm, 3, torch.device("cpu"),
+    rows = _lesion_rows(
+        stats, {"G": group}, targets, ids, seed=3, variants=["lesion", "keep"], n_null=0,
+        n_perm=n_perm,
     )  # fmt: skip
     full = upper_triangle(rdm_from_features(acts.reshape(n, -1), device="cpu")).numpy()
     y = upper_triangle(brains).numpy()
@@ -409,9 +422,6 @@ def test_label_permutation_p_keeps_alpha_where_the_subset_null_does_not() -> Non
     activation norm. Random same-size subsets are a poor null for such a group (p_null <= 0.05
     in about 46% of runs in a larger simulation); permuting the target's stimulus labels keeps
     the nominal rate."""
-    from object2brain.lesion.analysis import _layer_rows
-    from object2brain.lesion.engine import FilterStats
-    from object2brain.rsa.align import Target
     from object2brain.rsa.rdm import rdm_from_features
 
     rng = np.random.default_rng(11)
@@ -424,10 +434,9 @@ def test_label_permutation_p_keeps_alpha_where_the_subset_null_does_not() -> Non
         brain = rdm_from_features(rng.normal(size=(n, 50)), device="cpu")
         targets = [Target("ROI", "roi", ["group"], brain[None], None, True)]
         stats = FilterStats.from_activations(acts, ids, device=torch.device("cpu"))
-        (row,) = _layer_rows(
-            "m", "L", stats, {"G": group}, targets, ids, None, ("lesion",), "correlation",
-            "spearman", 99, 99, rep, torch.device("cpu"),
-        )  # fmt: skip
+        (row,) = _lesion_rows(
+            stats, {"G": group}, targets, ids, seed=rep, variants=["lesion"], n_null=99, n_perm=99
+        )
         for key in rejected:
             rejected[key] += row[key] <= 0.05
     assert rejected["p_null"] >= 7
@@ -439,9 +448,6 @@ def test_norm_matched_null_keeps_alpha_for_a_group_of_strong_filters() -> None:
     over 0.3..3 and the group drawn from the strongest quarter. Against uniform subsets the
     group's lesion looks special (p_null <= 0.05 in 26-29% of runs); against subsets matched
     on filter norm it does not (5.4% of 500 runs)."""
-    from object2brain.lesion.analysis import _layer_rows
-    from object2brain.lesion.engine import FilterStats
-    from object2brain.rsa.align import Target
     from object2brain.rsa.rdm import rdm_from_features
 
     rng = np.random.default_rng(11)
@@ -458,9 +464,9 @@ def test_norm_matched_null_keeps_alpha_for_a_group_of_strong_filters() -> None:
         targets = [Target("ROI", "roi", ["group"], brain[None], None, True)]
         stats = FilterStats.from_activations(acts, ids, device=torch.device("cpu"))
         for null in rejected:
-            (row,) = _layer_rows(
-                "m", "L", stats, {"G": group}, targets, ids, None, ("lesion",), "correlation",
-                "spearman", 199, 0, rep, torch.device("cpu"), null,  # type: ignore[arg-type]
+            (row,) = _lesion_rows(
+                stats, {"G": group}, targets, ids, seed=rep, variants=["lesion"], n_null=199,
+                n_perm=0, null_subsets=null,
             )  # fmt: skip
             rejected[null] += row["p_null"] <= 0.05
     assert rejected["random"] >= 5
@@ -471,10 +477,7 @@ def test_norm_matched_null_keeps_alpha_for_a_group_of_strong_filters() -> None:
 def test_silent_variant_has_no_p(method: str) -> None:
     """Keeping only silent filters leaves no RDM: r, delta and both p-values are NaN (Spearman
     used to rank the NaN row and report a finite p_perm), and the figures mark nothing."""
-    from object2brain.lesion.analysis import _layer_rows
-    from object2brain.lesion.engine import FilterStats
     from object2brain.report.figures.lesion import summary_rows
-    from object2brain.rsa.align import Target
     from object2brain.rsa.rdm import rdm_from_features
 
     rng = np.random.default_rng(2)
@@ -485,9 +488,9 @@ def test_silent_variant_has_no_p(method: str) -> None:
     targets = [Target("ROI", "roi", ["a", "b"], brains, brains.mean(0), False)]
     stats = FilterStats.from_activations(acts, ids, device=torch.device("cpu"))
     rows = pd.DataFrame(
-        _layer_rows(
-            "m", "L", stats, {"dead": np.array([0, 1]), "live": np.array([2, 3])}, targets,
-            ids, None, ("keep",), "correlation", method, 20, 20, 0, torch.device("cpu"),
+        _lesion_rows(
+            stats, {"dead": np.array([0, 1]), "live": np.array([2, 3])}, targets, ids, seed=0,
+            variants=["keep"], compare_method=method, n_null=20, n_perm=20,
         )
     )  # fmt: skip
     dead, live = rows[rows["group"] == "dead"], rows[rows["group"] == "live"]
@@ -502,8 +505,8 @@ def test_label_permutation_p_does_not_depend_on_row_blocks(
 ) -> None:
     """Difference vectors tested a few rows at a time give the same p_perm as all at once."""
     lesion_module = importlib.import_module("object2brain.lesion.analysis")
-    whole = run_lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
+    whole = lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
     monkeypatch.setattr(lesion_module, "DIFFERENCE_BLOCK_VALUES", 2 * 48 * 47 // 2)  # 2 rows
-    blocks = run_lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
+    blocks = lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
     assert whole["p_perm"].notna().any()
     pd.testing.assert_series_equal(whole["p_perm"], blocks["p_perm"])

@@ -1,4 +1,4 @@
-"""Helpers of the RSA tests: write an activation store with h5py (DESIGN.md section 3)."""
+"""Helpers of the RSA tests: write an activation store with h5py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def write_store(
     ids: list[str],
     model: str = "tiny",
 ) -> Path:
-    """Write an activation store in the layout of DESIGN.md section 3."""
+    """Write an activation store: ``/stimulus_ids``, ``/layers/<name>`` ``(n, ...)`` and the
+    attributes ``model``, ``arch``, ``weights``, ``order`` (JSON list of layers), ``complete``."""
     with h5py.File(path, "w") as f:
         f.create_dataset(
             "stimulus_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype()

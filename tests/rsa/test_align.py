@@ -13,8 +13,12 @@ import rsatoolbox
 from rsa_helpers import write_store
 
 from object2brain.activations.store import ActivationStore
+from object2brain.api.rsa import rsa
 from object2brain.errors import DataError, StoreError
-from object2brain.rsa.align import ALIGNMENT_COLUMNS, BEHAVIOR_DIRECT_COLUMNS, run_alignment
+from object2brain.tables import ALIGNMENT, BEHAVIOR_DIRECT
+
+ALIGNMENT_COLUMNS = ALIGNMENT.column_names
+BEHAVIOR_DIRECT_COLUMNS = BEHAVIOR_DIRECT.column_names
 
 N = 24
 IDS = [f"img{i:02d}" for i in range(N)]
@@ -63,7 +67,7 @@ def _planted(tmp_path: Path) -> dict[str, Path]:
 def test_planted_truth_end_to_end(tmp_path: Path) -> None:
     files = _planted(tmp_path)
     out = tmp_path / "out"
-    result = run_alignment(
+    result = rsa(
         [files["store"]],
         brain=files["brain"],
         ratings=files["ratings"],
@@ -160,7 +164,7 @@ def test_behaviour_from_stimulus_table_and_defaults(tmp_path: Path) -> None:
     files = _planted(tmp_path)
     stimuli = pd.read_csv(files["stimuli"]).drop(columns="condition")
     stimuli["valence"] = np.linspace(-1, 1, N)
-    result = run_alignment(
+    result = rsa(
         files["store"],
         stimuli=stimuli,
         n_perm=20,
@@ -182,7 +186,7 @@ def test_behaviour_from_stimulus_table_and_defaults(tmp_path: Path) -> None:
 
 def test_kendall_small(tmp_path: Path) -> None:
     files = _planted(tmp_path)
-    result = run_alignment(
+    result = rsa(
         files["store"],
         brain=files["brain"],
         n_perm=9,
@@ -200,7 +204,7 @@ def test_missing_ids_are_reported(tmp_path: Path) -> None:
     stimuli = pd.read_csv(files["stimuli"])
     extra = pd.concat([stimuli, pd.DataFrame({"stimulus_id": ["ghost"], "path": ["x.jpg"]})])
     with pytest.raises(DataError, match=r"lacks 1 id.*ghost"):
-        run_alignment(
+        rsa(
             files["store"],
             brain=files["brain"],
             stimuli=extra,
@@ -209,7 +213,7 @@ def test_missing_ids_are_reported(tmp_path: Path) -> None:
             device="cpu",
             progress=False,
         )
-    result = run_alignment(
+    result = rsa(
         files["store"],
         brain=files["brain"],
         stimuli=extra,
@@ -224,17 +228,15 @@ def test_missing_ids_are_reported(tmp_path: Path) -> None:
     assert set(all_rows["n_stimuli"]) == {N}
     extra["valence"] = 1.0 * np.arange(N + 1)
     with pytest.raises(StoreError, match="not in store: ghost"):
-        run_alignment(
-            files["store"], stimuli=extra, n_perm=0, n_boot=0, device="cpu", progress=False
-        )
+        rsa(files["store"], stimuli=extra, n_perm=0, n_boot=0, device="cpu", progress=False)
 
 
 def test_nothing_to_align(tmp_path: Path) -> None:
     files = _planted(tmp_path)
     with pytest.raises(DataError, match="nothing to align to"):
-        run_alignment(files["store"], n_perm=0, n_boot=0, device="cpu", progress=False)
+        rsa(files["store"], n_perm=0, n_boot=0, device="cpu", progress=False)
     with pytest.raises(DataError, match="unknown RDM metric"):
-        run_alignment(files["store"], brain=files["brain"], rdm_metric="manhattan", progress=False)
+        rsa(files["store"], brain=files["brain"], rdm_metric="manhattan", progress=False)
 
 
 def test_cli_rsa(tmp_path: Path) -> None:
@@ -283,7 +285,7 @@ def test_rater_constant_within_a_condition_is_explained(
     )  # fmt: skip
     stimuli = pd.DataFrame({"stimulus_id": ids, "condition": ["A"] * 5 + ["B"] * 5})
     with caplog.at_level("WARNING", logger="object2brain"):
-        result = run_alignment(
+        result = rsa(
             store, ratings=frame, stimuli=stimuli, compare_method=method, n_perm=9, n_boot=0,
             device="cpu", progress=False, figures=False,
         )  # fmt: skip
@@ -305,7 +307,7 @@ def test_direct_behaviour_on_held_out_stimuli(tmp_path: Path) -> None:
 
     files = _planted(tmp_path)
     held_out = IDS[:9]  # conditions alternate: 5 congruent, 4 incongruent
-    result = run_alignment(
+    result = rsa(
         files["store"], ratings=files["ratings"], stimuli=files["stimuli"], n_perm=0, n_boot=0,
         device="cpu", progress=False, figures=False, behavior_ids=held_out,
     )  # fmt: skip
@@ -317,14 +319,14 @@ def test_direct_behaviour_on_held_out_stimuli(tmp_path: Path) -> None:
     expected = scipy.stats.pearsonr(predicted, rated.to_numpy()).statistic
     assert direct.loc[("all", "pearson"), "r"] == pytest.approx(expected, abs=1e-12)
     assert direct.loc[("incongruent", "spearman"), "n"] == 4
-    few = run_alignment(
+    few = rsa(
         files["store"], ratings=files["ratings"], stimuli=files["stimuli"], n_perm=0, n_boot=0,
         device="cpu", progress=False, figures=False, behavior_ids=IDS[:3],
     ).behavior_direct.set_index(["condition", "method"])  # fmt: skip
     assert np.isnan(few.loc[("incongruent", "pearson"), "r"])
     assert np.isfinite(few.loc[("all", "pearson"), "r"])
     with pytest.raises(DataError, match="held-out stimuli not in the stimulus set: nope"):
-        run_alignment(
+        rsa(
             files["store"], ratings=files["ratings"], stimuli=files["stimuli"], n_perm=0,
             n_boot=0, device="cpu", progress=False, behavior_ids=["nope"],
         )  # fmt: skip
@@ -338,7 +340,7 @@ def test_alignment_group_t_test_across_subjects(tmp_path: Path) -> None:
     from object2brain.rsa.inference import fdr_bh
 
     files = _planted(tmp_path)
-    result = run_alignment(
+    result = rsa(
         files["store"], brain=files["brain"], stimuli=files["stimuli"], n_perm=0, n_boot=0,
         device="cpu", progress=False, figures=False,
     )  # fmt: skip

@@ -1,7 +1,241 @@
-"""The edge of the stage behind ``o2b.lesion``: load -> compute -> write (to be reshaped)."""
+"""``o2b.lesion`` (``object2brain lesion``): load the inputs -> compute the Object2Brain lesions ->
+write the tables and ``manifest.json`` -> draw the figures.
+
+The computation is :func:`object2brain.lesion.analysis.compute_lesion` on the shared analysis set
+(:func:`object2brain.rsa.targets.build_analysis_set`), one per distinct set of stimuli; the
+options are :class:`object2brain.options.LesionOptions`.
+"""
 
 from __future__ import annotations
 
-from object2brain.lesion.analysis import run_lesion as lesion
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
-__all__ = ["lesion"]
+import pandas as pd
+import torch
+
+from object2brain.activations.store import ActivationStore
+from object2brain.api.rsa import (
+    ActivationsArg,
+    BrainArg,
+    RatingsArg,
+    StimuliArg,
+    check_counts,
+    input_hashes,
+    stimulus_table,
+    store_paths,
+)
+from object2brain.data.brain import BrainData, brain_files, load_brain
+from object2brain.data.ratings import load_ratings
+from object2brain.data.stimuli import StimulusSet
+from object2brain.devices import resolve_device
+from object2brain.errors import DataError
+from object2brain.io import check_output_folder, write_json, write_table
+from object2brain.lesion.analysis import (
+    LesionResult,
+    check_same_weights,
+    compute_lesion,
+    load_filter_table,
+)
+from object2brain.manifest import build_manifest, output_list
+from object2brain.models.zoo import LoadedModel
+from object2brain.options import (
+    NULL_KINDS,
+    LesionOptions,
+    NullKind,
+    Runtime,
+    Variant,
+    resolve_options,
+)
+from object2brain.rsa.compare import check_method
+from object2brain.rsa.rdm import check_metric
+from object2brain.rsa.targets import AnalysisSet, build_analysis_set
+
+
+def lesion(
+    activations: ActivationsArg,
+    filters: str | Path | pd.DataFrame,
+    *,
+    brain: BrainArg = None,
+    ratings: RatingsArg = None,
+    stimuli: StimuliArg = None,
+    out: str | Path | None = None,
+    options: LesionOptions | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    model: LoadedModel | None = None,
+    figures: bool = True,
+    behavior_ids: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
+    variants: Sequence[Variant] | None = None,
+    rdm_metric: str | None = None,
+    compare_method: str | None = None,
+    n_null: int | None = None,
+    n_perm: int | None = None,
+    null_subsets: NullKind | None = None,
+    propagate: bool | None = None,
+    batch_size: int | None = None,
+) -> LesionResult:
+    """Lesion / keep-only analysis of every object group (Object2Brain).
+
+    Args:
+        activations: activation stores (one model each).
+        filters: the ``filter_objects`` table (file or DataFrame) of the dissection.
+        brain, ratings, stimuli: as for :func:`object2brain.api.rsa.rsa`; stimuli give
+            conditions (and, with ``propagate``, the images).
+        out: output folder (nothing written if None).
+        options: :class:`LesionOptions`; the option keywords below (when given) override it.
+        seed: seed of the null subsets and the label permutations.
+        device: where RDMs and comparisons run.
+        progress: accepted for symmetry with the other stages (no bar is drawn).
+        model: a :class:`~object2brain.models.zoo.LoadedModel` for ``propagate`` (the network
+            that wrote the store).
+        figures: write the heatmap figures (when ``out`` is given).
+        behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
+            (default all): the held-out ones when the head was fitted on some of these stimuli.
+        layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
+            propagate, batch_size: the fields of :class:`LesionOptions` (None: not given).
+    """
+    given = {
+        "layers": None if layers is None else list(layers),
+        "groups": None if groups is None else list(groups),
+        "variants": None if variants is None else list(variants),
+        "rdm_metric": rdm_metric,
+        "compare_method": compare_method,
+        "n_null": n_null,
+        "n_perm": n_perm,
+        "null_subsets": null_subsets,
+        "propagate": propagate,
+        "batch_size": batch_size,
+    }
+    opts = resolve_lesion_options(options, given)
+    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    if out is not None:
+        check_output_folder(out)
+    table = load_filter_table(filters)
+    paths = store_paths(activations)
+    brain_data = load_brain(brain) if brain is not None else None
+    stimulus_set = stimulus_table(stimuli)
+    dev = resolve_device(runtime.device)
+    built: dict[tuple[str, ...], AnalysisSet] = {}
+    with ExitStack() as stack:
+        stores = [stack.enter_context(ActivationStore.open(p)) for p in paths]
+        for store in stores:
+            _check_store(store, stimulus_set, opts, model)
+        analyses = []
+        for store in stores:
+            key = tuple(stimulus_set.ids if stimulus_set is not None else store.stimulus_ids)
+            if key not in built:  # one analysis set per distinct set of stimuli
+                built[key] = build_analysis_set(
+                    stimulus_set,
+                    store.stimulus_ids,
+                    brain=brain_data,
+                    ratings=load_ratings(ratings, key) if ratings is not None else None,
+                    rdm_metric=opts.rdm_metric,
+                    compare_method=opts.compare_method,
+                    device=dev,
+                    on_missing="error",
+                    behavior_ids=behavior_ids,
+                )
+            analyses.append(built[key])
+        result = compute_lesion(stores, table, analyses, opts, runtime, model=model)
+    if out is not None:
+        config = _config(opts, str(dev))
+        sources = (filters, brain, ratings, stimuli)
+        inputs = input_hashes(paths, sources, _manifest_files(brain))
+        result.files = write_lesion(result, Path(out), config, inputs, seed, figures=figures)
+    return result
+
+
+def write_lesion(
+    result: LesionResult,
+    out: Path,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    seed: int,
+    *,
+    figures: bool,
+) -> list[Path]:
+    """Write ``object2brain``, the ``propagate_*`` tables (when not empty), the figures (via
+    :mod:`object2brain.report.figures.lesion`) and ``manifest.json``; returns the files."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(write_table(result.object2brain, out, "object2brain"))
+    for name in ("propagate_behavior", "propagate_alignment"):
+        frame = getattr(result, name)
+        if not frame.empty:
+            files.extend(write_table(frame, out, name))
+    if figures:
+        from object2brain.report.figures.lesion import lesion_figures
+
+        files.extend(lesion_figures(result.object2brain, out / "figures"))
+    manifest = build_manifest(
+        "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=output_list(files, out)
+    )
+    files.append(write_json(out / "manifest.json", manifest))
+    return files
+
+
+def resolve_lesion_options(options: LesionOptions | None, given: dict[str, Any]) -> LesionOptions:
+    """``options`` with the keywords given (not None); the values a user mistypes most are
+    checked first, with the messages of the command line."""
+    values = {key: value for key, value in given.items() if value is not None}
+    if "rdm_metric" in values:
+        check_metric(values["rdm_metric"])
+    if "compare_method" in values:
+        check_method(values["compare_method"])
+    for variant in values.get("variants", ()):
+        if variant not in ("lesion", "keep"):
+            raise DataError(f"unknown variant {variant!r}: use lesion or keep")
+    check_counts(values, ("n_null", "n_perm"))
+    kind = values.get("null_subsets")
+    if kind is not None and kind not in NULL_KINDS:
+        raise DataError(f"--null-subsets {kind!r}: use {' or '.join(NULL_KINDS)}")
+    return resolve_options(LesionOptions, options, **values)
+
+
+def _check_store(
+    store: ActivationStore,
+    stimuli: StimulusSet | None,
+    options: LesionOptions,
+    model: LoadedModel | None,
+) -> None:
+    """The stimulus table's ids are in ``store``; ``propagate`` has a model (the store's
+    network) and a stimulus table with images."""
+    if stimuli is not None:
+        in_store = set(store.stimulus_ids)
+        missing = [sid for sid in stimuli.ids if sid not in in_store]
+        if missing:
+            raise DataError(
+                f"{len(missing)} stimulus id(s) of the stimulus table are not in the activation "
+                f"store: {', '.join(missing[:20])}"
+            )
+    if options.propagate:
+        if model is None or stimuli is None:
+            raise DataError("--propagate needs --model and --stimuli (with images)")
+        check_same_weights(store, model)
+
+
+def _manifest_files(brain: BrainArg) -> list[Path]:
+    """The data files behind a brain manifest given as a path (hashed as inputs)."""
+    if isinstance(brain, BrainData) or brain is None or not Path(brain).is_file():
+        return []
+    return [Path(f) for f in brain_files(brain)]
+
+
+def _config(options: LesionOptions, device: str) -> dict[str, Any]:
+    return {
+        "layers": list(options.layers) if options.layers else None,
+        "groups": list(options.groups) if options.groups else None,
+        "variants": list(options.variants),
+        "rdm_metric": options.rdm_metric,
+        "compare_method": options.compare_method,
+        "n_null": options.n_null,
+        "null_subsets": options.null_subsets,
+        "n_perm": options.n_perm,
+        "propagate": options.propagate,
+        "device": device,
+    }

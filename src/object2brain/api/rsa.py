@@ -1,7 +1,266 @@
-"""The edge of the stage behind ``o2b.rsa``: load -> compute -> write (to be reshaped)."""
+"""``o2b.rsa`` (``object2brain rsa``): load the inputs -> compute the alignment -> write the tables
+and ``manifest.json`` -> draw the figures.
+
+The computation is :func:`object2brain.rsa.align.compute_alignment` on the shared analysis set
+(:func:`object2brain.rsa.targets.build_analysis_set`); the options are
+:class:`object2brain.options.RsaOptions`.
+"""
 
 from __future__ import annotations
 
-from object2brain.rsa.align import run_alignment as rsa
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
 
-__all__ = ["rsa"]
+import pandas as pd
+import torch
+
+from object2brain.activations.store import ActivationStore
+from object2brain.data.brain import BrainData, load_brain
+from object2brain.data.ratings import Ratings, load_ratings
+from object2brain.data.stimuli import StimulusSet, load_stimuli
+from object2brain.devices import resolve_device
+from object2brain.errors import DataError
+from object2brain.io import check_output_folder, write_json, write_table
+from object2brain.manifest import build_manifest, cached_file_sha256, output_list
+from object2brain.options import OnMissing, RsaOptions, Runtime, resolve_options
+from object2brain.rsa.align import AlignmentResult, Progress, compute_alignment
+from object2brain.rsa.compare import check_method
+from object2brain.rsa.rdm import check_metric
+from object2brain.rsa.targets import AnalysisSet, build_analysis_set
+
+ActivationsArg = Sequence[str | Path] | str | Path
+BrainArg = str | Path | BrainData | None
+RatingsArg = str | Path | pd.DataFrame | Ratings | None
+StimuliArg = str | Path | pd.DataFrame | StimulusSet | None
+
+
+def rsa(
+    activations: ActivationsArg,
+    *,
+    brain: BrainArg = None,
+    ratings: RatingsArg = None,
+    stimuli: StimuliArg = None,
+    out: str | Path | None = None,
+    options: RsaOptions | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    figures: bool = True,
+    behavior_ids: Sequence[str] | None = None,
+    rdm_metric: str | None = None,
+    compare_method: str | None = None,
+    n_perm: int | None = None,
+    n_boot: int | None = None,
+    layers: Sequence[str] | None = None,
+    on_missing: OnMissing | None = None,
+) -> AlignmentResult:
+    """Align every layer of every model with behaviour and brain ROIs by RSA.
+
+    Args:
+        activations: one or more activation stores (.h5), one model each.
+        brain: brain manifest (YAML), patterns/RDMs HDF5, or loaded :class:`BrainData`.
+        ratings: long ratings table (``subject, stimulus_id, valence``).
+        stimuli: stimulus table (``stimulus_id``, optional ``condition``, ``valence``); images
+            are not opened. Default: the first store's ids, no conditions.
+        out: output folder for tables, figures and ``manifest.json`` (nothing written if None).
+        options: :class:`RsaOptions`; the option keywords below (when given) override it.
+        seed: seed of every permutation and resample.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        progress: show a progress bar.
+        figures: write the figures (when ``out`` is given).
+        behavior_ids: the stimuli of the direct correlation of predicted with rated valence
+            (``behavior_direct``; default: every analysed stimulus). When a valence head was
+            fitted on some of the analysed stimuli, give the held-out ones (e.g. the ``test``
+            split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
+            condition give a NaN row.
+        rdm_metric, compare_method, n_perm, n_boot, layers, on_missing: the fields of
+            :class:`RsaOptions` (None: not given).
+    Returns:
+        :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
+        ``condition_contrast`` and ``alignment_group`` tables, and the files written.
+    """
+    given = {
+        "rdm_metric": rdm_metric,
+        "compare_method": compare_method,
+        "n_perm": n_perm,
+        "n_boot": n_boot,
+        "layers": None if layers is None else list(layers),
+        "on_missing": on_missing,
+    }
+    check_counts(given, ("n_perm", "n_boot"))
+    opts = resolve_rsa_options(options, given)
+    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    if out is not None:
+        check_output_folder(out)
+    paths = store_paths(activations)
+    with ExitStack() as stack:
+        stores = [stack.enter_context(ActivationStore.open(p)) for p in paths]
+        stimulus_set = stimulus_table(stimuli)
+        table_ids = stimulus_set.ids if stimulus_set is not None else stores[0].stimulus_ids
+        brain_data = load_brain(brain) if brain is not None else None
+        analysis = build_analysis_set(
+            stimulus_set,
+            stores[0].stimulus_ids,
+            brain=brain_data,
+            ratings=load_ratings(ratings, table_ids) if ratings is not None else None,
+            rdm_metric=opts.rdm_metric,
+            compare_method=opts.compare_method,
+            device=resolve_device(runtime.device),
+            on_missing=opts.on_missing,
+            behavior_ids=behavior_ids,
+        )
+        with progress_bar("rsa", progress) as bar:
+            result = compute_alignment(stores, analysis, opts, runtime, progress=bar)
+    if out is not None:
+        sources = {"brain": brain, "ratings": ratings, "stimuli": stimuli}
+        config = _config(paths, sources, analysis, opts, str(device), behavior_ids)
+        inputs = input_hashes(paths, sources.values(), _brain_sources(brain_data))
+        result.files = write_alignment(result, Path(out), config, inputs, seed, figures=figures)
+    return result
+
+
+def write_alignment(
+    result: AlignmentResult,
+    out: Path,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    seed: int,
+    *,
+    figures: bool,
+) -> list[Path]:
+    """Write the four tables (``condition_contrast`` when not empty), the figures (via
+    :mod:`object2brain.report.figures.alignment`) and ``manifest.json``; returns the files."""
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    files += write_table(result.alignment, out, "alignment")
+    files += write_table(result.behavior_direct, out, "behavior_direct")
+    files += write_table(result.alignment_group, out, "alignment_group")
+    if not result.condition_contrast.empty:
+        files += write_table(result.condition_contrast, out, "condition_contrast")
+    if figures:
+        from object2brain.report.figures.alignment import alignment_figures
+
+        files += alignment_figures(result.alignment, out / "figures")
+    manifest = build_manifest(
+        "rsa",
+        config,
+        seeds={"permutation": seed, "bootstrap": seed},
+        inputs=inputs,
+        outputs=output_list(files, out),
+        extra=result.summary,
+    )
+    files.append(write_json(out / "manifest.json", manifest))
+    return files
+
+
+# --- shared by the edges of the RSA stages (rsa, lesion) ----------------------------------------
+
+
+def check_counts(values: dict[str, Any], names: Sequence[str]) -> None:
+    """The messages of negative resampling counts, before the options model sees them."""
+    if any(values.get(name) is not None and values[name] < 0 for name in names):
+        flags = " and ".join("--" + name.replace("_", "-") for name in names)
+        raise DataError(f"{flags} must be >= 0")
+
+
+def resolve_rsa_options(options: RsaOptions | None, given: dict[str, Any]) -> RsaOptions:
+    """``options`` with the keywords given (not None), the RDM metric and comparison checked
+    with their own messages first."""
+    values = {key: value for key, value in given.items() if value is not None}
+    if "rdm_metric" in values:
+        check_metric(values["rdm_metric"])
+    if "compare_method" in values:
+        check_method(values["compare_method"])
+    return resolve_options(RsaOptions, options, **values)
+
+
+def store_paths(activations: ActivationsArg) -> list[Path]:
+    """The activation store paths of ``activations`` (one path or several)."""
+    if isinstance(activations, str | Path):
+        return [Path(activations)]
+    paths = [Path(p) for p in activations]
+    if not paths:
+        raise DataError("no activation stores given (--activations)")
+    return paths
+
+
+def stimulus_table(source: StimuliArg) -> StimulusSet | None:
+    """The stimulus table of ``source`` (file, DataFrame or set; images not opened)."""
+    if source is None or isinstance(source, StimulusSet):
+        return source
+    return load_stimuli(source, check="table")
+
+
+@contextmanager
+def progress_bar(name: str, enabled: bool) -> Iterator[Progress | None]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=name, unit="analysis")
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def describe_source(source: object) -> str | None:
+    """A path as text, or the ``source`` of a loaded object, or its type name."""
+    if source is None:
+        return None
+    if isinstance(source, str | Path):
+        return str(source)
+    origin = getattr(source, "source", None)
+    return str(origin) if origin is not None else type(source).__name__
+
+
+def input_hashes(
+    paths: Sequence[Path], sources: Iterable[object], more: Sequence[Path] = ()
+) -> dict[str, str]:
+    """SHA-256 of every input file: ``paths``, the ``sources`` given as existing file paths,
+    then ``more`` (e.g. the files behind a brain manifest)."""
+    files = list(paths)
+    for source in sources:
+        if isinstance(source, str | Path) and Path(source).is_file():
+            files.append(Path(source))
+    files += more
+    return {str(p): cached_file_sha256(p) for p in dict.fromkeys(files) if p.is_file()}
+
+
+def _brain_sources(brain: BrainData | None) -> list[Path]:
+    if brain is None:
+        return []
+    return [Path(s) for s in dict.fromkeys(item.source for item in brain.items)]
+
+
+def _config(
+    paths: list[Path],
+    sources: dict[str, Any],
+    analysis: AnalysisSet,
+    options: RsaOptions,
+    device: str,
+    behavior_ids: Sequence[str] | None,
+) -> dict[str, Any]:
+    return {
+        "activations": [str(p) for p in paths],
+        "brain": describe_source(sources["brain"]),
+        "ratings": describe_source(sources["ratings"]),
+        "stimuli": analysis.where,
+        "rdm_metric": options.rdm_metric,
+        "compare_method": options.compare_method,
+        "n_perm": options.n_perm,
+        "n_boot": options.n_boot,
+        "device": device,
+        "layers": list(options.layers) if options.layers is not None else "all",
+        "on_missing": options.on_missing,
+        "behavior_ids": None if behavior_ids is None else sorted(behavior_ids),
+    }

@@ -35,13 +35,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from object2brain.devices import chunked, free_memory_bytes, pick_chunk
 from object2brain.errors import DataError
+from object2brain.options import NULL_KINDS as NULL_KINDS  # re-exported: the null vocabulary
+from object2brain.options import NullKind as NullKind
 from object2brain.rsa.rdm import snap_ties
 
 _METRICS = ("correlation", "euclidean", "cosine")
@@ -344,9 +346,6 @@ def random_subset_masks(
 
 #: Most strata of the norm-matched null (deciles of the filter norms).
 MAX_STRATA = 10
-#: How null subsets are drawn: uniformly, or matched to a group's filter norms.
-NullKind = Literal["random", "matched"]
-NULL_KINDS: tuple[str, ...] = ("random", "matched")
 
 
 def filter_norms(stats: FilterStats) -> np.ndarray:

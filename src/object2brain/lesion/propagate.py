@@ -4,29 +4,34 @@
 mask over its channels (axis 1), so every later layer and the valence output see the lesion.
 :func:`forward_with_mask` runs a stimulus set through the masked network and returns the
 activations of the requested later layers (and the predicted valence); with an all-ones mask it
-reproduces an unlesioned extraction exactly (same batch size).
+reproduces an unlesioned extraction exactly (same batch size). :func:`propagate_layer` measures,
+for every object group's lesion (or keep-only), the change of the direct correlation of predicted
+with rated valence (table ``propagate_behavior``) and of later layers' alignment with the targets
+of the analysis set (table ``propagate_alignment``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
 from object2brain.data.stimuli import StimulusSet
 from object2brain.errors import DataError, LayerError
-from object2brain.lesion.analysis import condition_sets, with_group_labels, with_group_means
 from object2brain.lesion.engine import condensed_subset
 from object2brain.models.inputs import image_loader, model_inputs
 from object2brain.models.layers import VALENCE_LAYER, ForwardHooks, LayerRecorder
 from object2brain.models.zoo import LoadedModel
+from object2brain.options import LesionOptions
 from object2brain.rsa.compare import correlate_prepared, prepare
+from object2brain.rsa.inference import correlation_test
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
+from object2brain.rsa.targets import MIN_CORRELATION_VALUES, AnalysisSet, TargetColumns
 
 
 class ChannelMask(ForwardHooks):
@@ -93,112 +98,131 @@ def forward_with_mask(
     return result
 
 
+#: ``(condition, method)`` -> r of predicted with rated valence.
+Behavior = dict[tuple[str, str], float]
+#: ``(condition, later layer, target, subject)`` -> r of the later layer's RDM with the target.
+Alignment = dict[tuple[str, str, str, str], float]
+
+
+@dataclass(frozen=True)
+class _Downstream:
+    """What one masked forward pass is summarised by, for one lesioned layer."""
+
+    model: LoadedModel
+    analysis: AnalysisSet
+    layer: str
+    later: list[str]
+    columns: TargetColumns
+    prepared: dict[str, torch.Tensor]  # condition -> prepared target vectors (Q, m_c)
+    options: LesionOptions
+    device: torch.device
+
+    def run(self, mask: np.ndarray) -> tuple[Behavior, Alignment]:
+        """Forward pass with ``mask`` ``(K,)`` on ``layer``, summarised per condition."""
+        record = [*self.later, *([VALENCE_LAYER] if self.model.has_head else [])]
+        assert self.analysis.stimuli is not None  # checked by the caller
+        acts = forward_with_mask(
+            self.model, self.analysis.stimuli, self.layer, mask, record,
+            batch_size=self.options.batch_size, device=self.device,
+        )  # fmt: skip
+        return self._behavior(acts), self._alignment(acts)
+
+    def _behavior(self, acts: dict[str, np.ndarray]) -> Behavior:
+        rated, behavior = self.analysis.rated, {}
+        if rated is None or VALENCE_LAYER not in acts:
+            return {}
+        for condition in self.analysis.conditions:
+            rows = condition.rows[self.analysis.held_out[condition.rows]]
+            if len(rows) < MIN_CORRELATION_VALUES:
+                continue
+            predicted = acts[VALENCE_LAYER][rows]
+            for method in ("pearson", "spearman"):
+                r = correlation_test(predicted, rated[rows], method, 0, 0)[0]
+                behavior[(condition.name, method)] = float(r)
+        return behavior
+
+    def _alignment(self, acts: dict[str, np.ndarray]) -> Alignment:
+        metric, method = self.options.rdm_metric, self.options.compare_method
+        alignment = {}
+        for condition in self.analysis.conditions:
+            for name in self.later:
+                features = acts[name][condition.rows]
+                rdm = upper_triangle(rdm_from_features(features, metric, device=self.device))
+                prepared = self.prepared[condition.name].to(rdm.device)
+                r = correlate_prepared(prepare(rdm.reshape(1, -1), method), prepared, method)
+                values = self.columns.with_group(r.cpu().numpy())[0]
+                for (target, _kind, subject), value in zip(
+                    self.columns.labels, values, strict=True
+                ):
+                    alignment[(condition.name, name, target, subject)] = float(value)
+        return alignment
+
+
 def propagate_layer(
     model: LoadedModel,
-    stimuli: StimulusSet,
     store: Any,
     layer: str,
-    members: dict[str, np.ndarray],
-    variants: Sequence[str],
-    targets: Sequence[Any],
-    ratings: Any,
-    conditions: np.ndarray | None,
-    metric: str,
-    method: str,
-    batch_size: int,
+    groups: dict[str, np.ndarray],
+    analysis: AnalysisSet,
+    options: LesionOptions,
     device: torch.device,
-    behavior_ids: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Change of direct behaviour correlation and of later layers' alignment per group lesion.
 
-    The behaviour correlation uses the stimuli in ``behavior_ids`` only (default all; ``n`` in
-    the table), e.g. those a valence head was not fitted on.
+    For every group (filters ``(k,)`` of ``layer``) and variant of ``options``, the network runs
+    with those filters zeroed (``lesion``) or only those kept (``keep``); returned are the
+    ``propagate_behavior`` table (predicted vs rated valence on the analysis set's held-out
+    stimuli, ``n`` of them, per condition and method) and the ``propagate_alignment`` table
+    (every later layer of the store against every target column, per condition).
     """
     order = [name for name in store.layers if name != VALENCE_LAYER]
     if layer not in order:
         raise DataError(f"layer {layer!r} is not in the activation store")
-    later = order[order.index(layer) + 1 :]
     n_filters = store.shape(layer)[1]
-    ids = stimuli.ids
-    rated = ratings.group_mean(ids) if ratings is not None else None
-    if rated is None and "valence" in stimuli.table:
-        rated = stimuli.table["valence"].to_numpy(dtype=np.float64)
-    labels = with_group_labels([(t.name, s) for t in targets for s in t.subjects], list(targets))
-    target_vectors = torch.cat(
-        [upper_triangle(t.rdms).reshape(len(t.subjects), -1) for t in targets]
-    )
-    subsets = condition_sets(ids, conditions)
-    in_behavior = (
-        np.ones(len(ids), dtype=bool) if behavior_ids is None else np.isin(ids, list(behavior_ids))
-    )
-    n_behavior = {condition: int(in_behavior[keep].sum()) for condition, keep in subsets}
+    columns = analysis.columns(group_rdm=False)
+    vectors = columns.vectors()
     # each condition's target RDMs ranked / standardised once, not once per group and layer
-    prepared_targets = {
-        condition: prepare(target_vectors[:, condensed_subset(len(ids), keep)], method)
-        for condition, keep in subsets
-        if len(keep) >= 4
-    }
-
-    def summarise(acts: dict[str, np.ndarray]) -> tuple[dict[Any, float], dict[Any, float]]:
-        behavior, alignment = {}, {}
-        for condition, keep in subsets:
-            rows = keep[in_behavior[keep]]
-            if rated is not None and VALENCE_LAYER in acts and len(rows) >= 3:
-                predicted = acts[VALENCE_LAYER][rows]
-                behavior[(condition, "pearson")] = float(pearsonr(predicted, rated[rows])[0])
-                behavior[(condition, "spearman")] = float(spearmanr(predicted, rated[rows])[0])
-            if len(keep) < 4:
-                continue
-            for name in later:
-                rdm = upper_triangle(rdm_from_features(acts[name][keep], metric, device=device))
-                prepared = prepared_targets[condition].to(rdm.device)
-                r = correlate_prepared(prepare(rdm.reshape(1, -1), method), prepared, method)
-                values = with_group_means(r.cpu().numpy(), list(targets))[0]
-                for (target, subject), value in zip(labels, values, strict=True):
-                    alignment[(condition, name, target, subject)] = float(value)
-        return behavior, alignment
-
-    record = [*later, *([VALENCE_LAYER] if model.has_head else [])]
-    full_b, full_a = summarise(
-        forward_with_mask(
-            model, stimuli, layer, np.ones(n_filters), record, batch_size=batch_size, device=device
+    prepared = {
+        c.name: prepare(
+            vectors[:, condensed_subset(len(analysis.ids), c.rows)], options.compare_method
         )
-    )
-    behavior_rows, alignment_rows = [], []
-    for group, filters in members.items():
-        for variant in variants:
+        for c in analysis.conditions
+    }
+    later = order[order.index(layer) + 1 :]
+    downstream = _Downstream(model, analysis, layer, later, columns, prepared, options, device)
+    full = downstream.run(np.ones(n_filters))
+    behavior_rows: list[dict[str, Any]] = []
+    alignment_rows: list[dict[str, Any]] = []
+    for group, filters in groups.items():
+        for variant in options.variants:
             mask = np.ones(n_filters) if variant == "lesion" else np.zeros(n_filters)
             mask[filters] = 0.0 if variant == "lesion" else 1.0
-            var_b, var_a = summarise(
-                forward_with_mask(
-                    model, stimuli, layer, mask, record, batch_size=batch_size, device=device
-                )
-            )
             common = {"model": model.name, "layer": layer, "group": group, "variant": variant}
-            for (condition, method_name), r in var_b.items():
-                behavior_rows.append(
-                    {
-                        **common,
-                        "condition": condition,
-                        "method": method_name,
-                        "r_full": full_b[(condition, method_name)],
-                        "r_variant": r,
-                        "delta_r": r - full_b[(condition, method_name)],
-                        "n": n_behavior[condition],
-                    }
-                )
-            for (condition, name, target, subject), r in var_a.items():
-                base = full_a[(condition, name, target, subject)]
-                alignment_rows.append(
-                    {
-                        **common,
-                        "later_layer": name,
-                        "target": target,
-                        "subject": subject,
-                        "condition": condition,
-                        "r_full": base,
-                        "r_variant": r,
-                        "delta_r": r - base,
-                    }
-                )
+            lesioned = downstream.run(mask)
+            behavior_rows += _behavior_rows(common, full[0], lesioned[0], analysis)
+            alignment_rows += _alignment_rows(common, full[1], lesioned[1])
     return pd.DataFrame(behavior_rows), pd.DataFrame(alignment_rows)
+
+
+def _behavior_rows(
+    common: dict[str, Any], full: Behavior, variant: Behavior, analysis: AnalysisSet
+) -> list[dict[str, Any]]:
+    n_held_out = {c.name: int(analysis.held_out[c.rows].sum()) for c in analysis.conditions}
+    return [
+        common
+        | {"condition": condition, "method": method, "r_full": full[(condition, method)]}
+        | {"r_variant": r, "delta_r": r - full[(condition, method)], "n": n_held_out[condition]}
+        for (condition, method), r in variant.items()
+    ]
+
+
+def _alignment_rows(
+    common: dict[str, Any], full: Alignment, variant: Alignment
+) -> list[dict[str, Any]]:
+    return [
+        common
+        | {"later_layer": name, "target": target, "subject": subject, "condition": condition}
+        | {"r_full": full[key], "r_variant": r, "delta_r": r - full[key]}
+        for key, r in variant.items()
+        for condition, name, target, subject in [key]
+    ]

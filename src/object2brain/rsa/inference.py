@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import pandas as pd
 import torch
 
 from object2brain.devices import Chunking, pick_chunk, resolve_device
@@ -552,6 +553,23 @@ def fdr_bh(p: np.ndarray | Sequence[float]) -> np.ndarray:
         adjusted = np.minimum.accumulate(scaled[::-1])[::-1]
         out[order] = np.minimum(adjusted, 1.0)
     return out.reshape(values.shape)
+
+
+def with_fdr(
+    frame: pd.DataFrame,
+    family: list[str],
+    columns: Sequence[tuple[str, str]] = (("p_perm", "p_fdr"),),
+) -> pd.DataFrame:
+    """Fill each ``(p, adjusted)`` column pair of a result table: Benjamini-Hochberg
+    (:func:`fdr_bh`) within each ``family`` (the rows sharing the values of those columns, e.g.
+    the layers x targets of one model, condition and subject level)."""
+    if frame.empty:
+        return frame
+    frame = frame.copy()
+    for _, index in frame.groupby(family, sort=False).groups.items():
+        for p_column, adjusted in columns:
+            frame.loc[index, adjusted] = fdr_bh(frame.loc[index, p_column].to_numpy(np.float64))
+    return frame
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Representational dissimilarity matrices (RDMs) from features, ratings and activation stores.
 
-Definitions (DESIGN.md section 4), for stimulus feature vectors ``x_i`` with ``p`` features:
+Definitions, for stimulus feature vectors ``x_i`` with ``p`` features:
 
 - ``correlation`` (default): ``d_ij = 1 - r(x_i, x_j)`` with Pearson r across features,
   ``r = <x_i - mean(x_i), x_j - mean(x_j)> / (||x_i - mean(x_i)|| ||x_j - mean(x_j)||)``.

@@ -117,3 +117,11 @@ def plot_alignment(
         return save_figure(fig, out_dir, f"alignment_{slug(model)}")
     finally:
         plt.close(fig)
+
+
+def alignment_figures(alignment: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Every model's alignment figure (:func:`plot_alignment`) from the ``alignment`` table."""
+    files: list[Path] = []
+    for model in dict.fromkeys(alignment["model"]):
+        files += plot_alignment(alignment, str(model), out_dir)
+    return files

@@ -116,3 +116,10 @@ def plot_model_comparison(table: pd.DataFrame, folder: Path, variant: str = "les
     paths = save_figure(fig, folder, f"lesion_models_{variant}", dpi=120)
     plt.close(fig)
     return paths
+
+
+def lesion_figures(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """The heatmaps and the model comparison of an ``object2brain`` table (none when empty)."""
+    if table.empty:
+        return []
+    return plot_lesion_heatmaps(table, folder) + plot_model_comparison(table, folder)
