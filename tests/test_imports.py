@@ -176,10 +176,6 @@ def test_the_graph_is_read() -> None:
     assert "object2brain.options" in GRAPH["object2brain.cli"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="lesion.analysis <-> lesion.propagate: being split by the lesion stage's reshaping",
-)
 def test_no_import_cycles() -> None:
     assert _cycles(GRAPH) == []
 
@@ -190,20 +186,10 @@ def test_the_orchestration_layers_are_in_no_cycle() -> None:
     assert [c for c in _cycles(GRAPH) if any(_layer(m) in upper for m in c)] == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="rsa.align, lesion.analysis, explain.dissect and heads.train still draw their figures "
-    "(report.figures.*): moving to api/<stage>.py in the stages' reshaping",
-)
 def test_stages_import_no_upper_layer() -> None:
     assert _crossings(STAGE_PACKAGES, UPPER_LAYERS) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="report.build still reads column lists from rsa.align, lesion.analysis and "
-    "explain.dissect: moving to object2brain.tables in the report's reshaping",
-)
 def test_report_imports_no_stage() -> None:
     """The report reads result tables (their schemas in ``tables``), never a stage's code."""
     stages = (*(p for p in STAGE_PACKAGES if p != "data"), "simulate")
