@@ -234,6 +234,12 @@ class DissectOptions(StageOptions):
     )
     threshold: Float = Field(1.5, description="Minimum enrichment for an assignment.")
     min_images: Int = Field(5, ge=1, description="Images a group must be detected in.")
+    n_null_assign: Int = Field(
+        1000,
+        ge=1,
+        le=MAX_RESAMPLES,
+        description="Null draws of the assignment test (boxes of other images; p_assign).",
+    )
     batch_size: Int = Field(16, ge=1, description="Images per batch.")
     decode: DecodeMode = Field("pil", description="pil | torch (plain JPEGs on the device) | auto.")
     num_workers: Int | None = Field(

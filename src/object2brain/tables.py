@@ -180,12 +180,23 @@ FILTER_OBJECTS = TableSchema(
         _c("group", "str", "object group"),
         _c("importance", "float", "mean of the filter's Grad-CAM map inside the group's boxes"),
         _c("enrichment", "float", "importance / mean of the map over the whole image"),
+        _c(
+            "p_assign",
+            "float",
+            "one-sided p of the enrichment against the null that scores each image's maps on the "
+            "boxes of other images (n_null_assign draws)",
+        ),
+        _c(
+            "p_assign_fdr",
+            "float",
+            "Benjamini-Hochberg of p_assign over the layer's filters x groups",
+        ),
         _c("n_images", "int", "images in which the group was detected"),
         _c(
             "assigned",
             "bool",
             "the filter belongs to this group (its largest enrichment, >= threshold, group "
-            "detected in >= min_images images)",
+            "detected in >= min_images images, and p_assign_fdr < 0.05)",
         ),
     ),
 )

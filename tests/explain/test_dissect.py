@@ -13,7 +13,14 @@ from object2brain.api.dissect import dissect
 from object2brain.errors import DataError, LayerError, ModelError
 from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS
 
-from .helpers import FACE_CHANNEL, make_composites, planted_model, stimulus_csv
+from .helpers import (
+    FACE,
+    FACE_CHANNEL,
+    FACE_POSITIONS,
+    make_composites,
+    planted_model,
+    stimulus_csv,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,11 @@ def test_no_usable_detection_is_a_clear_error(composites: Path, tmp_path: Path) 
 def test_model_without_head_needs_target(composites: Path, tmp_path: Path) -> None:
     model = planted_model(outputs=3)
     boxes = tmp_path / "boxes.csv"
-    boxes.write_text("stimulus_id,x0,y0,x1,y1,label\ncomp00,50,30,146,126,person\n")
+    # The faces' boxes as "person": one image would leave the assignment null no other image's
+    # boxes to draw, so every composite gets its box.
+    rows = [f"comp{i:02d},{x},{y},{x + FACE},{y + FACE},person" for i, (x, y) in
+            enumerate(FACE_POSITIONS)]  # fmt: skip
+    boxes.write_text("stimulus_id,x0,y0,x1,y1,label\n" + "\n".join(rows) + "\n")
     common = {"detector": f"boxes:{boxes}", "device": "cpu", "progress": False}
     with pytest.raises(ModelError, match="--target INDEX"):
         dissect(model, composites, layer="features", **common)

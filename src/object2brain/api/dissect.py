@@ -39,6 +39,7 @@ def dissect(
     target: int | None = None,
     threshold: float | None = None,
     min_images: int | None = None,
+    n_null_assign: int | None = None,
     batch_size: int | None = None,
     decode: str | None = None,
     num_workers: int | None = None,
@@ -92,7 +93,8 @@ def dissect(
     started = time.time()
     given = {
         "layer": layer, "direction": direction, "target": target, "threshold": threshold,
-        "min_images": min_images, "batch_size": batch_size, "decode": decode,
+        "min_images": min_images, "n_null_assign": n_null_assign, "batch_size": batch_size,
+        "decode": decode,
         "num_workers": num_workers, "gallery_filters": gallery_filters,
         "gallery_images": gallery_images,
         "detector": detector if isinstance(detector, str) else None,

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
-from object2brain.errors import DataError, LayerError
+from object2brain.errors import DataError, LayerError, ModelError
 from object2brain.explain.detectors import Detector, GivenBoxes, ImageDetections, detect_images
 from object2brain.explain.filtercam import filter_cams, upsample_maps
 from object2brain.explain.groups import GroupMap
@@ -374,54 +374,197 @@ class GroupAccumulator:
         return importance, enrichment
 
 
+#: Level of the assignment test: ``p_assign_fdr`` must be below it for an assignment.
+ASSIGN_ALPHA = 0.05
+
+
+class AssignmentNull:
+    """The null of ``enrichment(k, g)``: each image's filter maps paired with another image's boxes.
+
+    For every draw ``r = 1..R`` and every image ``i`` with a used box, a donor image
+    ``d(r, i) != i`` is drawn uniformly from the other images with a used box; image ``i``'s maps
+    are then scored on the donor's boxes (and groups). Every model input is the same
+    ``S x S`` frame and each box was already mapped into it through its own image's resize and
+    crop, so a donor's boxes are used in that frame as they are (the geometry is rescaled once,
+    image pixels -> input frame). The null enrichment of draw ``r`` is the same mean as the
+    observed one, ``mean over the donor boxes b of group g of I(k, b) / mean(U_k)`` (``U_k`` the
+    receiving image's upsampled map), so what the null keeps is where boxes of each group tend to
+    lie and how peaked each filter's maps are; what it breaks is the pairing of a filter's maps
+    with the objects of *its own* image.
+
+    Held: ``sum`` and ``count`` ``(R * G, K)`` float64 (row ``r * G + g``), about
+    ``16 R G K`` bytes (80 MB for ``R = 1000``, ``G = 10``, ``K = 512``).
+    """
+
+    def __init__(
+        self,
+        prepared: PreparedBoxes,
+        shape: tuple[int, int],
+        n_draws: int,
+        seed: int,
+    ) -> None:
+        G, K = shape
+        positions = sorted(prepared.by_image)
+        self.n_groups, self.n_draws = G, n_draws
+        self.row_of = {p: i for i, p in enumerate(positions)}
+        boxes = [prepared.by_image[p] for p in positions]
+        self.counts = np.asarray([len(b) for b, _ in boxes], dtype=np.int64)
+        self.starts = np.cumsum(self.counts) - self.counts
+        self.boxes = np.concatenate([b for b, _ in boxes]) if boxes else np.zeros((0, 4), np.int64)
+        self.groups = np.concatenate([g for _, g in boxes]) if boxes else np.zeros(0, np.int64)
+        n = len(positions)
+        rng = np.random.default_rng([int(seed), 0x0A551])
+        if n >= 2:  # other images only: draw from n - 1 and skip the image itself
+            donors = rng.integers(0, n - 1, size=(n_draws, n))
+            self.donors = donors + (donors >= np.arange(n)[None, :])
+        else:
+            self.donors = np.zeros((0, n), dtype=np.int64)
+        self.sum = torch.zeros(n_draws * G, K, dtype=torch.float64)
+        self.count = torch.zeros(n_draws * G, K, dtype=torch.float64)
+
+    def donor_boxes(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """The boxes ``(M, 4)`` scored on image ``position`` over all draws, and the row
+        ``r * G + g`` ``(M,)`` of each (its draw and the group of its donor box)."""
+        donors = self.donors[:, self.row_of[position]]
+        counts = self.counts[donors]
+        first = np.cumsum(counts) - counts
+        index = np.repeat(self.starts[donors] - first, counts) + np.arange(int(counts.sum()))
+        draws = np.repeat(np.arange(len(donors)), counts)
+        return self.boxes[index], draws * self.n_groups + self.groups[index]
+
+    def add(
+        self,
+        maps: torch.Tensor,
+        whole: torch.Tensor,
+        positions: Sequence[int],
+        image_size: tuple[int, int],
+    ) -> None:
+        """Score the batch's maps ``(batch, K, h, w)`` (whole-frame means ``(batch, K)``) on the
+        donors' boxes of every draw."""
+        for b, position in enumerate(positions):
+            boxes, rows = self.donor_boxes(int(position))
+            if len(rows) == 0:
+                continue
+            importance = (
+                box_importance(
+                    maps[b : b + 1],
+                    torch.from_numpy(boxes),
+                    torch.zeros(len(rows), dtype=torch.long),
+                    image_size,
+                )
+                .detach()
+                .cpu()
+            )
+            denominator = whole[b].detach().cpu()
+            finite = denominator > 0
+            enrichment = torch.where(finite, importance / denominator.clamp_min(1e-30), 0.0)
+            key = torch.from_numpy(rows)
+            self.sum.index_add_(0, key, enrichment.double())
+            self.count.index_add_(0, key, finite.double().expand(len(rows), -1).contiguous())
+
+    def p_values(self, enrichment: np.ndarray) -> np.ndarray:
+        """One-sided ``p_assign`` ``(G, K)`` of the observed ``enrichment`` ``(G, K)``:
+        ``(1 + #{r: E_r >= E}) / (1 + R_valid)`` over the draws in which group ``g`` had a box
+        (``R_valid``); NaN where ``E`` is undefined or no draw had a box of ``g``."""
+        G, K = enrichment.shape
+        with np.errstate(invalid="ignore", divide="ignore"):
+            null = (self.sum / self.count).numpy().reshape(self.n_draws, G, K)
+        valid = np.isfinite(null)
+        exceed = (valid & (null >= enrichment[None])).sum(axis=0)
+        n_valid = valid.sum(axis=0)
+        p = (1.0 + exceed) / (1.0 + n_valid)
+        return np.where(np.isfinite(enrichment) & (n_valid > 0), p, np.nan)
+
+
+def fdr_over_layer(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values over every finite entry of ``p`` (the layer's
+    filters x groups, any shape); NaN stays NaN."""
+    from scipy.stats import false_discovery_control
+
+    adjusted = np.full(p.shape, np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        adjusted[finite] = false_discovery_control(p[finite], method="bh")
+    return adjusted
+
+
 def assign_filters(
     enrichment: np.ndarray,
     n_images: np.ndarray,
     *,
     threshold: float = 1.5,
     min_images: int = 5,
+    p_fdr: np.ndarray | None = None,
+    alpha: float = ASSIGN_ALPHA,
 ) -> np.ndarray:
     """Group of each filter, ``(K,)`` int (-1 = none), from enrichment ``(G, K)``.
 
     ``argmax_g E(g, k)`` over groups with ``n_images(g) >= min_images``, kept when that
-    ``E >= threshold`` (module docstring).
+    ``E >= threshold`` and, when ``p_fdr`` ``(G, K)`` is given, its ``p_fdr < alpha`` (module
+    docstring).
     """
     eligible = (np.asarray(n_images) >= min_images)[:, None] & np.isfinite(enrichment)
     masked = np.where(eligible, enrichment, -np.inf)
     if masked.shape[0] == 0:
         return np.full(enrichment.shape[1], -1, dtype=np.int64)
     best = masked.argmax(axis=0)
-    best_value = masked.max(axis=0)
-    return np.where(best_value >= threshold, best, -1).astype(np.int64)
+    keep = masked.max(axis=0) >= threshold
+    if p_fdr is not None:
+        best_p = np.take_along_axis(p_fdr, best[None, :], axis=0)[0]
+        keep &= np.nan_to_num(best_p, nan=1.0) < alpha
+    return np.where(keep, best, -1).astype(np.int64)
 
 
 def filter_objects_table(
     model: str,
     layer: str,
     groups: Sequence[str],
-    importance: np.ndarray,
-    enrichment: np.ndarray,
-    n_images: np.ndarray,
+    scores: FilterScores,
     assignment: np.ndarray,
 ) -> pd.DataFrame:
     """The ``filter_objects`` table (columns :data:`object2brain.tables.FILTER_OBJECTS`): one row
     per (filter, group), filters outer, groups inner."""
-    G, K = importance.shape
+    G, K = scores.importance.shape
     filters = np.repeat(np.arange(K), G)
     group_ids = np.tile(np.arange(G), K)
+
+    def flat(values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64).T.reshape(-1)
+
     return pd.DataFrame(
         {
             "model": model,
             "layer": layer,
             "filter": filters.astype(np.int64),
             "group": np.asarray(groups, dtype=object)[group_ids] if G else [],
-            "importance": importance.T.reshape(-1).astype(np.float64),
-            "enrichment": enrichment.T.reshape(-1).astype(np.float64),
-            "n_images": np.asarray(n_images, dtype=np.int64)[group_ids] if G else [],
+            "importance": flat(scores.importance),
+            "enrichment": flat(scores.enrichment),
+            "p_assign": flat(scores.p_assign),
+            "p_assign_fdr": flat(scores.p_assign_fdr),
+            "n_images": np.asarray(scores.n_images, dtype=np.int64)[group_ids] if G else [],
             "assigned": assignment[filters] == group_ids,
         },
         columns=list(FILTER_OBJECTS_COLUMNS),
     )
+
+
+@dataclass(frozen=True)
+class FilterScores:
+    """Per (group, filter) results of the pass, each ``(G, K)`` (``n_images``: ``(G,)``).
+
+    Attributes:
+        importance: mean box importance ``I``.
+        enrichment: mean box enrichment ``E``.
+        p_assign: one-sided p of ``E`` against :class:`AssignmentNull`.
+        p_assign_fdr: Benjamini-Hochberg of ``p_assign`` over the layer's filters x groups.
+        n_images: images in which each group was detected.
+    """
+
+    importance: np.ndarray
+    enrichment: np.ndarray
+    p_assign: np.ndarray
+    p_assign_fdr: np.ndarray
+    n_images: np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,6 +721,7 @@ def compute_dissection(
     probe = cams.maps(torch.zeros(1, 3, cams.crop, cams.crop))
     n_filters, layer_hw = probe.shape[1], tuple(probe.shape[2:])
     del probe
+    _require_spatial(loaded, cams, layer_hw)
     lists = _Stimuli.of(stimuli)
     found, hits = _detect(detector, lists, cache_dir, progress=runtime.progress)
     prepared = prepare_boxes(found, groups, resize=loaded.preprocessing.resize_size,
@@ -587,16 +731,16 @@ def compute_dissection(
     _require_usable(prepared.counts, prepared)
     on_device_decode = uses_device_decoding(options.decode, cams.device)
     shape = (len(groups.groups), n_filters)
-    accumulator, n_images = _accumulate(cams, prepared, lists, options, on_device_decode, shape,
+    null = AssignmentNull(prepared, shape, options.n_null_assign, runtime.seed)
+    accumulator, n_images = _accumulate(cams, prepared, lists, options, on_device_decode, null,
                                         progress=runtime.progress)  # fmt: skip
-    importance, enrichment = accumulator.means()
-    assignment = assign_filters(
-        enrichment, n_images, threshold=options.threshold, min_images=options.min_images
-    )
+    _require_gradient(accumulator, cams.layer)
+    scores = _scores(accumulator, null, n_images)
+    assignment = assign_filters(scores.enrichment, n_images, threshold=options.threshold,
+                                min_images=options.min_images, p_fdr=scores.p_assign_fdr)  # fmt: skip
+    enrichment = scores.enrichment
     names = list(groups.groups)
-    table = filter_objects_table(
-        loaded.name, cams.layer, names, importance, enrichment, n_images, assignment
-    )
+    table = filter_objects_table(loaded.name, cams.layer, names, scores, assignment)
     summary: dict[str, Any] = {
         **prepared.counts,
         "unmapped_classes": prepared.unmapped,
@@ -608,6 +752,8 @@ def compute_dissection(
         "groups": names,
         "n_images_per_group": {g: int(n) for g, n in zip(names, n_images, strict=True)},
         "n_assigned": {g: int((assignment == i).sum()) for i, g in enumerate(names)},
+        "n_null_assign": options.n_null_assign,
+        "n_above_threshold": _n_above_threshold(scores, options),
         "seconds": 0.0,
     }
     panels = (
@@ -652,21 +798,95 @@ def _require_usable(counts: dict[str, int], prepared: PreparedBoxes) -> None:
         )
 
 
+def _require_spatial(loaded: LoadedModel, cams: _CamPass, layer_hw: tuple[int, ...]) -> None:
+    """Refuse a layer whose maps are 1 x 1 (a global pooling layer): a box covers all of such a
+    map or none of it, so enrichment is undefined there."""
+    if math.prod(layer_hw) > 1:
+        return
+    deepest = deepest_spatial_layer(loaded, cams.crop)
+    hint = f"; the deepest layer with spatial maps is {deepest!r}" if deepest else ""
+    raise LayerError(
+        f"--layer {cams.layer!r}: {loaded.name}'s {cams.layer} has "
+        f"{' x '.join(map(str, layer_hw))} maps (no spatial extent, e.g. global pooling), where "
+        f"enrichment inside a box is undefined: dissect a layer with spatial maps{hint}"
+    )
+
+
+def deepest_spatial_layer(loaded: LoadedModel, crop: int) -> str | None:
+    """The last canonical layer (``object2brain layers ARCH``) whose output on a ``crop x crop``
+    input is ``(1, K, h, w)`` with ``h * w > 1``; ``None`` if there is none."""
+    from object2brain.models.layers import list_layers
+
+    module = loaded.module
+    names = [info.name for info in list_layers(loaded)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name in names:
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError:
+            continue
+
+        def hook(_m: torch.nn.Module, _i: Any, output: Any, name: str = name) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes[name] = tuple(output.shape)
+
+        handles.append(sub.register_forward_hook(hook))
+    device = next(module.parameters()).device
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, crop, crop, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    spatial = [n for n in names if len(shapes.get(n, ())) == 4 and math.prod(shapes[n][2:]) > 1]
+    return spatial[-1] if spatial else None
+
+
+def _require_gradient(accumulator: GroupAccumulator, layer: str) -> None:
+    """Refuse a pass in which every filter's map was zero on every image (the gradient of the
+    explained output at ``layer`` is zero: e.g. a head with zero weights)."""
+    if bool((accumulator.n_enrichment > 0).any()) or not bool((accumulator.n_boxes > 0).any()):
+        return
+    raise ModelError(
+        f"the gradient of the explained output at layer {layer!r} is zero on every image, so "
+        "every filter map is zero and nothing can be assigned: the valence head (or target "
+        "unit) is degenerate (constant output); retrain it or choose another target"
+    )
+
+
+def _scores(
+    accumulator: GroupAccumulator, null: AssignmentNull, n_images: np.ndarray
+) -> FilterScores:
+    """Means of the pass, ``p_assign`` against the null and its FDR over the layer."""
+    importance, enrichment = accumulator.means()
+    p_assign = null.p_values(enrichment)
+    return FilterScores(importance, enrichment, p_assign, fdr_over_layer(p_assign), n_images)
+
+
+def _n_above_threshold(scores: FilterScores, options: DissectOptions) -> int:
+    """Filters the enrichment rule alone would assign (before the test): for the summary."""
+    alone = assign_filters(scores.enrichment, scores.n_images, threshold=options.threshold,
+                           min_images=options.min_images)  # fmt: skip
+    return int((alone >= 0).sum())
+
+
 def _accumulate(
     cams: _CamPass,
     prepared: PreparedBoxes,
     stimuli: _Stimuli,
     options: DissectOptions,
     on_device_decode: bool,
-    shape: tuple[int, int],
+    null: AssignmentNull,
     *,
     progress: bool,
 ) -> tuple[GroupAccumulator, np.ndarray]:
-    """One Grad-CAM pass over the images with a used box: the per-(group, filter) sums of
-    ``shape`` = ``(G, K)``, and the number of images each group was detected in ``(G,)``."""
+    """One Grad-CAM pass over the images with a used box: the per-(group, filter) sums
+    ``(G, K)`` of the real boxes and, in ``null``, of the donors' boxes; the number of images
+    each group was detected in ``(G,)``."""
     from tqdm.auto import tqdm
 
-    G, K = shape
+    G, K = null.n_groups, null.sum.shape[1]
     accumulator = GroupAccumulator(G, K, top=options.gallery_images)
     n_images = np.zeros(G, dtype=np.int64)
     for _, gids in prepared.by_image.values():
@@ -691,6 +911,7 @@ def _accumulate(
             importance = box_importance(maps, boxes, image_index, (cams.crop, cams.crop))
             whole = image_means(maps, (cams.crop, cams.crop))
             accumulator.add(importance, whole, image_index, group_index, batch_positions)
+            null.add(maps, whole, batch_positions.tolist(), (cams.crop, cams.crop))
             del maps, importance, whole
             bar.update(len(indices))
     finally:
@@ -776,6 +997,7 @@ def _provenance(
         "target": options.target,
         "threshold": options.threshold,
         "min_images": options.min_images,
+        "n_null_assign": options.n_null_assign,
         "batch_size": options.batch_size,
         "device": str(cams.device),
         "seed": runtime.seed,
