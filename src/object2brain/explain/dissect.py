@@ -736,8 +736,13 @@ def compute_dissection(
                                         progress=runtime.progress)  # fmt: skip
     _require_gradient(accumulator, cams.layer)
     scores = _scores(accumulator, null, n_images)
-    assignment = assign_filters(scores.enrichment, n_images, threshold=options.threshold,
-                                min_images=options.min_images, p_fdr=scores.p_assign_fdr)  # fmt: skip
+    assignment = assign_filters(
+        scores.enrichment,
+        n_images,
+        threshold=options.threshold,
+        min_images=options.min_images,
+        p_fdr=scores.p_assign_fdr,
+    )
     enrichment = scores.enrichment
     names = list(groups.groups)
     table = filter_objects_table(loaded.name, cams.layer, names, scores, assignment)
