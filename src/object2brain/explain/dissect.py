@@ -381,16 +381,18 @@ ASSIGN_ALPHA = 0.05
 class AssignmentNull:
     """The null of ``enrichment(k, g)``: each image's filter maps paired with another image's boxes.
 
-    For every draw ``r = 1..R`` and every image ``i`` with a used box, a donor image
-    ``d(r, i) != i`` is drawn uniformly from the other images with a used box; image ``i``'s maps
-    are then scored on the donor's boxes (and groups). Every model input is the same
-    ``S x S`` frame and each box was already mapped into it through its own image's resize and
-    crop, so a donor's boxes are used in that frame as they are (the geometry is rescaled once,
-    image pixels -> input frame). The null enrichment of draw ``r`` is the same mean as the
-    observed one, ``mean over the donor boxes b of group g of I(k, b) / mean(U_k)`` (``U_k`` the
-    receiving image's upsampled map), so what the null keeps is where boxes of each group tend to
-    lie and how peaked each filter's maps are; what it breaks is the pairing of a filter's maps
-    with the objects of *its own* image.
+    In every draw ``r = 1..R`` the images with a used box are shuffled (a uniform random
+    permutation ``pi_r``) and image ``i``'s maps are scored on the boxes (and groups) of image
+    ``pi_r(i)``. Every model input is the same ``S x S`` frame and each box was already mapped
+    into it through its own image's resize and crop, so a donor's boxes are used in that frame as
+    they are (the geometry is rescaled once, image pixels -> input frame). The null enrichment of
+    draw ``r`` is the same mean as the observed one, ``mean over the boxes b of group g of
+    I(k, b) / mean(U_k)`` (``U_k`` the receiving image's upsampled map), so the null keeps where
+    boxes of each group tend to lie, how many there are and how peaked each filter's maps are;
+    it breaks only the pairing of a filter's maps with the objects of *its own* image. Uniform
+    permutations (rather than derangements) make the p-value exact when the images' maps are
+    exchangeable given the boxes: the observed pairing is then one more draw from the same
+    distribution; an image keeps its own boxes in about one place per draw.
 
     Held: ``sum`` and ``count`` ``(R * G, K)`` float64 (row ``r * G + g``), about
     ``16 R G K`` bytes (80 MB for ``R = 1000``, ``G = 10``, ``K = 512``).
@@ -414,11 +416,13 @@ class AssignmentNull:
         self.groups = np.concatenate([g for _, g in boxes]) if boxes else np.zeros(0, np.int64)
         n = len(positions)
         rng = np.random.default_rng([int(seed), 0x0A551])
-        if n >= 2:  # other images only: draw from n - 1 and skip the image itself
-            donors = rng.integers(0, n - 1, size=(n_draws, n))
-            self.donors = donors + (donors >= np.arange(n)[None, :])
-        else:
-            self.donors = np.zeros((0, n), dtype=np.int64)
+        #: ``donors[r, i]``: the image whose boxes image ``i`` gets in draw ``r`` (a uniform
+        #: random permutation per draw; none with fewer than two images).
+        self.donors = (
+            rng.permuted(np.tile(np.arange(n), (n_draws, 1)), axis=1)
+            if n >= 2
+            else np.zeros((0, n), dtype=np.int64)
+        )
         self.sum = torch.zeros(n_draws * G, K, dtype=torch.float64)
         self.count = torch.zeros(n_draws * G, K, dtype=torch.float64)
 
@@ -441,26 +445,21 @@ class AssignmentNull:
     ) -> None:
         """Score the batch's maps ``(batch, K, h, w)`` (whole-frame means ``(batch, K)``) on the
         donors' boxes of every draw."""
-        for b, position in enumerate(positions):
-            boxes, rows = self.donor_boxes(int(position))
-            if len(rows) == 0:
-                continue
-            importance = (
-                box_importance(
-                    maps[b : b + 1],
-                    torch.from_numpy(boxes),
-                    torch.zeros(len(rows), dtype=torch.long),
-                    image_size,
-                )
-                .detach()
-                .cpu()
-            )
-            denominator = whole[b].detach().cpu()
-            finite = denominator > 0
-            enrichment = torch.where(finite, importance / denominator.clamp_min(1e-30), 0.0)
-            key = torch.from_numpy(rows)
-            self.sum.index_add_(0, key, enrichment.double())
-            self.count.index_add_(0, key, finite.double().expand(len(rows), -1).contiguous())
+        parts = [self.donor_boxes(int(position)) for position in positions]
+        rows = np.concatenate([r for _, r in parts])
+        if len(rows) == 0:
+            return
+        boxes = torch.from_numpy(np.concatenate([b for b, _ in parts]))
+        image_index = torch.from_numpy(
+            np.concatenate([np.full(len(r), b, dtype=np.int64) for b, (_, r) in enumerate(parts)])
+        )
+        importance = box_importance(maps, boxes, image_index, image_size).detach().cpu()
+        denominator = whole.detach().cpu()[image_index]
+        finite = denominator > 0
+        enrichment = torch.where(finite, importance / denominator.clamp_min(1e-30), 0.0)
+        key = torch.from_numpy(rows)
+        self.sum.index_add_(0, key, enrichment.double())
+        self.count.index_add_(0, key, finite.double())
 
     def p_values(self, enrichment: np.ndarray) -> np.ndarray:
         """One-sided ``p_assign`` ``(G, K)`` of the observed ``enrichment`` ``(G, K)``:
