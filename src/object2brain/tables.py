@@ -240,6 +240,13 @@ HEAD_METRICS = TableSchema(
         _c("pearson", "float", "Pearson r of predicted and rated valence"),
         _c("spearman", "float", "Spearman rho of predicted and rated valence"),
         _c("r2", "float", "coefficient of determination, 1 - SS_residual / SS_total"),
+        _c(
+            "degenerate",
+            "bool",
+            "the head is degenerate (best epoch 0, zero weights or constant test predictions); "
+            "later stages skip its model",
+        ),
+        _c("degenerate_reason", "str", "why the head is degenerate (empty when it is not)"),
     ),
     required=("model", "split", "n"),
 )

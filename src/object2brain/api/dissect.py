@@ -111,6 +111,7 @@ def dissect(
         if isinstance(model, LoadedModel)
         else load_model(model, weights, head=head, seed=seed)
     )
+    _warn_degenerate_head(loaded)
     det, group_map = _detector_and_groups(detector, groups, resolved, runtime)
     cache = Path(cache_dir) if cache_dir is not None else _default_cache(out_path)
     result = compute_dissection(
@@ -169,6 +170,25 @@ def _detector_and_groups(
         return det, groups
     source = options.groups
     return det, load_groups(source) if source is not None else default_groups_for(det.kind)
+
+
+def _warn_degenerate_head(loaded: LoadedModel) -> None:
+    """A warning when the model's valence head is degenerate (the pipeline skips such a model;
+    called directly, the dissection runs and fails if every map is zero)."""
+    import logging
+
+    from object2brain.heads.io import degenerate_reason
+
+    path = (loaded.head or {}).get("path")
+    reason = degenerate_reason(Path(path)) if path else None
+    if reason:
+        logging.getLogger("object2brain.dissect").warning(
+            "%s: the valence head %s is degenerate (%s): its maps explain a (nearly) constant "
+            "output",
+            loaded.name,
+            path,
+            reason,
+        )
 
 
 def _default_cache(out: Path | None) -> Path | None:

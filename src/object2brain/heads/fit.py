@@ -302,3 +302,30 @@ def per_level_metrics(
             "bias": float(np.mean(error)),
         }
     return out
+
+
+#: Test predictions whose spread is below this fraction of the ratings' spread count as constant.
+CONSTANT_PREDICTIONS = 1e-3
+
+
+def degeneracy(fit: FitResult, predicted: np.ndarray, rated: np.ndarray) -> str | None:
+    """Why a trained head is degenerate, or ``None``.
+
+    A head is degenerate when (any of) its best epoch is 0 (no epoch improved the validation loss
+    of the initial head, so it kept the initial weights: zero weights, the mean rating as bias),
+    its weights are all zero (the gradient of its output with respect to the backbone, hence at
+    any dissected layer, is zero), or its predictions ``predicted`` ``(n,)`` of the held-out
+    stimuli are (nearly) constant: standard deviation below ``CONSTANT_PREDICTIONS`` times that of
+    the ratings ``rated`` ``(n,)``. Its Grad-CAM maps are then zero and its correlations undefined.
+    """
+    reasons = []
+    if fit.best_epoch == 0:
+        reasons.append(
+            f"no epoch improved on the initial head (best epoch 0 of {len(fit.history)} run)"
+        )
+    if not bool(torch.any(fit.head.weight != 0)):
+        reasons.append("all weights are zero (zero gradient into the backbone)")
+    spread, scale = float(np.std(predicted)), float(np.std(rated))
+    if len(predicted) >= 2 and spread <= CONSTANT_PREDICTIONS * max(scale, 1e-12):
+        reasons.append(f"constant test predictions (sd {spread:.3g}, ratings sd {scale:.3g})")
+    return "; ".join(reasons) or None

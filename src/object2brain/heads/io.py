@@ -96,3 +96,48 @@ def attach_head(model: LoadedModel, path: Path) -> None:
     linear.requires_grad_(False)
     model.module.set_submodule(layer, linear)
     model.head = {**meta, "path": str(path.resolve()), "replaced_layer": layer}
+
+
+def degenerate_reason(head_path: Path | str) -> str | None:
+    """Why the valence head at ``head_path`` is degenerate, or ``None`` when it is not.
+
+    A head written by ``train-head`` carries ``degenerate`` and ``degenerate_reason`` in its
+    sidecar ``head.json``. A head from elsewhere (or an older run) without that entry is judged
+    from what it has: ``best_epoch == 0`` in the sidecar (it kept its initial weights) or a
+    weight tensor that is zero everywhere (zero gradient into the backbone).
+
+    Raises:
+        ModelError: the head or its sidecar is missing or unreadable.
+    """
+    path = Path(head_path)
+    linear, meta = load_head(path)
+    if "degenerate" in meta:
+        if not meta["degenerate"]:
+            return None
+        return str(meta.get("degenerate_reason") or "marked degenerate in its head.json")
+    reasons = []
+    if meta.get("best_epoch") == 0:
+        reasons.append("no epoch improved on the initial head (best epoch 0)")
+    if not bool(torch.any(linear.weight != 0)):
+        reasons.append("all weights are zero (zero gradient into the backbone)")
+    return "; ".join(reasons) or None
+
+
+def write_skipped_manifest(folder: Path, command: str, model: str, head: Path, reason: str) -> Path:
+    """``<folder>/manifest.json`` of a stage that skipped ``model`` because its valence head
+    ``head`` is degenerate: ``skipped`` holds the reason (also logged as a warning)."""
+    import logging
+
+    from object2brain.io import write_json
+    from object2brain.manifest import build_manifest
+
+    logging.getLogger("object2brain.heads").warning(
+        "%s: skipping %s, its valence head %s is degenerate (%s)", command, model, head, reason
+    )
+    payload = build_manifest(
+        command,
+        {"model": model, "head": str(head)},
+        extra={"skipped": {"model": model, "reason": f"degenerate valence head: {reason}"}},
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_json(folder / "manifest.json", payload)

@@ -47,6 +47,7 @@ from object2brain.heads.fit import (
     FitResult,
     RatedFeatures,
     cross_fitted_predictions,
+    degeneracy,
     fit_head,
     per_level_metrics,
     predict,
@@ -329,6 +330,8 @@ class HeadFit:
         out_of_fold: ``stimulus_id, fold, valence, level, predicted`` (``out_of_fold.csv``), or
             ``None`` without cross-fitting.
         seconds: features + fitting time.
+        degenerate: why the head is degenerate (:func:`~.fit.degeneracy`), or ``None``; later
+            stages skip a degenerate head's model.
     """
 
     model: ModelFeatures
@@ -337,6 +340,7 @@ class HeadFit:
     predictions: pd.DataFrame
     out_of_fold: pd.DataFrame | None
     seconds: float
+    degenerate: str | None = None
 
     @property
     def head(self) -> nn.Linear:
@@ -448,6 +452,7 @@ def compute_head(
         oof_table = pd.DataFrame({**columns, "fold": rated.folds, "predicted": out_of_fold})[
             ["stimulus_id", "fold", "valence", "level", "predicted"]
         ]
+    held_out = rows["test"] if len(rows["test"]) >= 2 else np.arange(len(data.valence))
     return HeadFit(
         model=model,
         fit=fit,
@@ -455,6 +460,7 @@ def compute_head(
         predictions=predictions,
         out_of_fold=oof_table,
         seconds=round(model.seconds + time.time() - started, 3),
+        degenerate=degeneracy(fit, predicted[held_out], data.valence[held_out]),
     )
 
 
@@ -476,8 +482,20 @@ def compute_heads(
             _fmt(test.get("r2")),
             fit.fit.best_epoch,
         )
+        if fit.degenerate:
+            log.warning(
+                "%s: the valence head is degenerate (%s): later stages skip this model",
+                model.name,
+                fit.degenerate,
+            )
     rows = [
-        {"model": name, "split": part, **fit.metrics[part]}
+        {
+            "model": name,
+            "split": part,
+            **fit.metrics[part],
+            "degenerate": fit.degenerate is not None,
+            "degenerate_reason": fit.degenerate or "",
+        }
         for name, fit in heads.items()
         for part in (*SPLITS, "out_of_fold")
         if part in fit.metrics

@@ -112,6 +112,8 @@ def head_metadata(fit: HeadFit, result: HeadsResult, split_path: Path) -> dict[s
                 "batch_size": options.batch_size,
                 "seed": result.runtime.seed,
                 "metrics": {"test": fit.metrics["test"], "val": fit.metrics["val"]},
+                "degenerate": fit.degenerate is not None,
+                "degenerate_reason": fit.degenerate,
                 "object2brain_version": __version__,
             }
         )

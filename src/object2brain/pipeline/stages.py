@@ -529,10 +529,18 @@ def _dissect_folder(study: Study, model: Unit) -> Path:
 
 def _dissect(study: Study, model: Unit) -> list[Path]:
     from object2brain.api.dissect import dissect
+    from object2brain.heads.io import degenerate_reason, write_skipped_manifest
 
     options = study.config.dissect
     model = _model(model)
     assert options is not None
+    head = study.heads.get(model.label)
+    reason = degenerate_reason(head) if head is not None else None
+    if head is not None and reason is not None:  # no table: lesion skips the model too
+        for stale in _dissect_folder(study, model).glob("filter_objects.*"):
+            stale.unlink()
+        return [write_skipped_manifest(_dissect_folder(study, model), "dissect", model.label,
+                                       head, reason)]  # fmt: skip
     result = dissect(
         study.load(model, study.heads[model.label]),
         study.stimuli,
@@ -594,12 +602,20 @@ def _lesion(study: Study, model: Unit) -> list[Path]:
     import pandas as pd
 
     from object2brain.api.lesion import lesion
+    from object2brain.heads.io import degenerate_reason, write_skipped_manifest
 
     options = study.config.lesion
     assert options is not None
-    table = pd.concat([pd.read_csv(p) for p in study.filter_tables], ignore_index=True)
+    tables = [pd.read_csv(p) for p in study.filter_tables if p.is_file()]  # skipped: no table
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["model"])
     files: list[Path] = []
     for each in study.config.models:
+        head = study.heads.get(each.label)
+        reason = degenerate_reason(head) if head is not None else None
+        if head is not None and reason is not None:
+            folder = study.out / "lesion" / each.label
+            files.append(write_skipped_manifest(folder, "lesion", each.label, head, reason))
+            continue
         loaded = study.load(each, study.heads[each.label]) if options.propagate else None
         result = lesion(
             study.stores[each.label],
