@@ -193,3 +193,12 @@ def test_on_device_decoding_gives_the_same_dissection(
     with pytest.raises(DataError, match="--decode"):
         dissect(planted_model(), jpegs, layer="features", device="cpu", decode="nvjpeg",
                 progress=False)  # fmt: skip
+
+
+def test_layer_without_spatial_extent_is_refused(composites: Path) -> None:
+    """resnet18's avgpool has 1 x 1 maps: refused, naming it and the deepest spatial layer."""
+    from object2brain.models.zoo import load_model
+
+    model = load_model("resnet18", "none", seed=0)
+    with pytest.raises(LayerError, match=r"'avgpool'.*1 x 1 maps.*deepest.*'layer4'"):
+        dissect(model, composites, layer="avgpool", target=0, device="cpu", progress=False)

@@ -83,3 +83,33 @@ def test_heads_from_elsewhere_are_judged_by_their_weights(tmp_path: Path) -> Non
     assert "weights are zero" in str(degenerate_reason(tmp_path / "zero" / "head.safetensors"))
     save_head(nn.Linear(8, 1), tmp_path / "old" / "head.safetensors", {"best_epoch": 0})
     assert "best epoch 0" in str(degenerate_reason(tmp_path / "old" / "head.safetensors"))
+
+
+def test_study_stages_skip_a_degenerate_model_with_the_reason(tmp_path: Path) -> None:
+    """The study's dissect and lesion stages run nothing for a model whose head is degenerate
+    and say why in their manifests (a head given from elsewhere, judged by its weights)."""
+    from types import SimpleNamespace
+
+    from object2brain.options import DissectOptions, LesionOptions
+    from object2brain.pipeline.stages import _dissect, _lesion
+
+    linear = nn.Linear(8, 1)
+    with torch.no_grad():
+        linear.weight.zero_()
+    head = save_head(linear, tmp_path / "given" / "head.safetensors", {"arch": "tinynet"})
+    model = SimpleNamespace(label="tinynet")
+    out = tmp_path / "results"
+    stale = out / "dissect" / "tinynet" / "filter_objects.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier run\n")
+    config = SimpleNamespace(dissect=DissectOptions(layer="0"), lesion=LesionOptions(),
+                             models=[model])  # fmt: skip
+    study = SimpleNamespace(config=config, heads={"tinynet": head}, out=out,
+                            filter_tables=[stale])  # fmt: skip
+    (manifest,) = _dissect(study, model)  # type: ignore[arg-type]
+    assert not stale.exists()  # an earlier table must not reach the lesion stage
+    skipped = json.loads(manifest.read_text())["skipped"]
+    assert skipped["model"] == "tinynet" and "weights are zero" in skipped["reason"]
+    (manifest,) = _lesion(study, model)  # type: ignore[arg-type]
+    assert manifest == out / "lesion" / "tinynet" / "manifest.json"
+    assert "degenerate valence head" in json.loads(manifest.read_text())["skipped"]["reason"]
