@@ -11,6 +11,7 @@ from PIL import Image
 
 from object2brain.explain.detectors import Detection, ImageDetections
 from object2brain.explain.dissect import (
+    FilterScores,
     GroupAccumulator,
     InputGeometry,
     assign_filters,
@@ -136,9 +137,17 @@ def test_accumulator_and_assignment() -> None:
     assignment = assign_filters(enr, np.array([2, 1]), threshold=1.5, min_images=1)
     assert assignment.tolist() == [0, -1]
     assert assign_filters(enr, np.array([2, 1]), min_images=5).tolist() == [-1, -1]
-    table = filter_objects_table("m", "L", ["A", "B"], imp, enr, np.array([2, 1]), assignment)
+    # the assignment test: the best group's p_assign_fdr must be below 0.05 as well
+    p_fdr = np.array([[0.01, 0.5], [0.5, 0.5]])
+    assert assign_filters(enr, np.array([2, 1]), min_images=1, p_fdr=p_fdr).tolist() == [0, -1]
+    p_fdr[0, 0] = 0.05
+    assert assign_filters(enr, np.array([2, 1]), min_images=1, p_fdr=p_fdr).tolist() == [-1, -1]
+    p = np.full_like(enr, 0.2)
+    scores = FilterScores(imp, enr, p, p, np.array([2, 1]))
+    table = filter_objects_table("m", "L", ["A", "B"], scores, assignment)
     assert list(table.columns) == [
-        "model", "layer", "filter", "group", "importance", "enrichment", "n_images", "assigned"
+        "model", "layer", "filter", "group", "importance", "enrichment", "p_assign",
+        "p_assign_fdr", "n_images", "assigned",
     ]  # fmt: skip
     assert table["assigned"].sum() == 1
     assert table.loc[table["assigned"], ["filter", "group"]].values.tolist() == [[0, "A"]]
