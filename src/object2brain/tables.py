@@ -199,6 +199,17 @@ FILTER_OBJECTS = TableSchema(
             "detected in >= min_images images, and p_assign_fdr < 0.05)",
         ),
     ),
+    # tables written before the assignment test (without p_assign) still load
+    required=(
+        "model",
+        "layer",
+        "filter",
+        "group",
+        "importance",
+        "enrichment",
+        "n_images",
+        "assigned",
+    ),
 )
 
 OBJECT2BRAIN = TableSchema(
