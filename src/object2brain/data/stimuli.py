@@ -212,31 +212,28 @@ def _read_source(
     source: str | Path | pd.DataFrame, selection: ArraySelection
 ) -> tuple[pd.DataFrame, Path, Path | None]:
     """The raw table of ``source``, the folder its relative paths start from, and its path."""
-    if isinstance(source, pd.DataFrame):
-        frame, base, origin = source.copy(), Path.cwd(), None
-    else:
-        origin = Path(source).expanduser()
-        if origin.is_file() and is_array_file(origin):
-            names, paths = array_table(
-                origin.resolve(),
-                dataset=selection.dataset,
-                rows=selection.rows,
-                ids=selection.id_scheme,
-            )
-            table = pd.DataFrame({"stimulus_id": names, "path": paths})
-            return table, origin.parent, origin
-        if origin.is_dir():
-            frame, base = _table_from_folder(origin), origin
-        elif origin.exists():
-            frame, base = read_table(origin), origin.parent
-        else:
-            raise StimulusError(f"{origin}: no such stimulus table, image folder or image array")
+    origin = None if isinstance(source, pd.DataFrame) else Path(source).expanduser()
+    if origin is not None and origin.is_file() and is_array_file(origin):
+        names, paths = array_table(
+            origin.resolve(),
+            dataset=selection.dataset,
+            rows=selection.rows,
+            ids=selection.id_scheme,
+        )
+        return pd.DataFrame({"stimulus_id": names, "path": paths}), origin.parent, origin
     if selection != ArraySelection():
         raise StimulusError(
             f"{origin or 'stimulus table'}: dataset, rows and id_scheme apply to an image "
             "array source (.hdf5, .h5, .hdf) only"
         )
-    return frame, base, origin
+    if origin is None:
+        assert isinstance(source, pd.DataFrame)
+        return source.copy(), Path.cwd(), None
+    if origin.is_dir():
+        return _table_from_folder(origin), origin, origin
+    if origin.exists():
+        return read_table(origin), origin.parent, origin
+    raise StimulusError(f"{origin}: no such stimulus table, image folder or image array")
 
 
 def _id_problems(frame: pd.DataFrame) -> tuple[pd.Series, list[str]]:
