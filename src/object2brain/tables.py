@@ -359,8 +359,12 @@ MODEL_COMPARISON = TableSchema(
         _c("p_fdr", "float", "Benjamini-Hochberg of p over the pairs x targets per condition"),
         _N_BOOT,
         _BOOTSTRAP,
-        _c("selection", "str", "how the layers were picked: `listed`, `valence`, or `best on "
-           "N other stimuli` (chosen on a random half, tested on the other half)"),
+        _c(
+            "selection",
+            "str",
+            "how the layers were picked: `listed`, `valence`, or `best on "
+            "N other stimuli` (chosen on a random half, tested on the other half)",
+        ),
     ),
 )
 

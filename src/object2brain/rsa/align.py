@@ -55,6 +55,7 @@ from object2brain.data import GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 from object2brain.options import RsaOptions, Runtime
+from object2brain.rsa.group import ModelRdms, group_tables
 from object2brain.rsa.inference import (
     bootstrap_ci,
     condition_difference_bootstrap,
@@ -64,7 +65,6 @@ from object2brain.rsa.inference import (
     noise_ceiling,
     with_fdr,
 )
-from object2brain.rsa.group import ModelRdms, group_tables
 from object2brain.rsa.rdm import rdm_from_store, upper_triangle
 from object2brain.rsa.targets import (
     MIN_CORRELATION_VALUES,

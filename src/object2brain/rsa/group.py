@@ -29,14 +29,15 @@ the bootstrap variance exceeds the sampling variance by about
     E = 4 s_e^2 / (n (n - 1)).
 
 With noisy brain RDMs ``s_e`` dominates and the bootstrap variance is 2-3 times too large
-(intervals 1.4-1.7 times too wide). ``E`` is estimated from the double-centred influence values
-of the statistic (:func:`pair_excess`) and subtracted from ``V_stim`` and ``V_both`` (both hold
-it); the result is floored at ``V_stim / 3`` (the excess is at most two thirds of the bootstrap
-variance). Influence values are those of Pearson r of the standardised vectors (of ranks for
-Spearman): ``h_p = u_p v_p - r (u_p^2 + v_p^2) / 2`` for z-scores ``u``, ``v``.
+(intervals 1.4-1.7 times too wide). The delete-one-stimulus jackknife of the same statistic
+(pairs of the left-out stimulus dropped; exact recomputation, ranks included) has only half
+that excess, ``V_jack = 4 s_g^2 / n + 4 s_e^2 / n^2`` against the bootstrap's
+``V_stim = 4 s_g^2 / n + 6 s_e^2 / n^2``, so ``2 V_jack - V_stim`` estimates the sampling
+variance ``4 s_g^2 / n + 2 s_e^2 / n^2``. It replaces ``V_stim`` (and ``V_both`` loses the same
+excess), floored at ``V_stim / 3`` (the excess is at most two thirds of the bootstrap variance).
 
-Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``n/(n-1) (V_stim -
-E)``; ``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
+Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``2 V_jack - V_stim``;
+``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
 ``rbar +- t_{dof, 0.975} se`` and t-tests with ``dof = n - 1`` (stimuli), ``S - 1`` (subjects)
 or ``min(S, n) - 1`` (both), as rsatoolbox's ``t_tests``: one-sided ``p`` of ``rbar > 0``,
 one-sided ``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
@@ -134,7 +135,11 @@ def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> n
         comparison(c[:, iu] * c[:, ju]).numpy()
         for c in (counts[start : start + _BLOCK] for start in range(0, len(counts), _BLOCK))
     ]
-    return np.concatenate(parts) if parts else np.zeros((0, comparison.a.shape[0], comparison.b.shape[0]))
+    return (
+        np.concatenate(parts)
+        if parts
+        else np.zeros((0, comparison.a.shape[0], comparison.b.shape[0]))
+    )
 
 
 def leave_one_out_counts(n: int) -> torch.Tensor:
@@ -202,8 +207,10 @@ def _nanmean_rows(values: np.ndarray) -> np.ndarray:
 def _var(values: np.ndarray) -> np.ndarray:
     """Variance over axis 0 (ddof 1) of the defined resamples."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        out: np.ndarray = np.nanvar(values, axis=0, ddof=1) if len(values) > 1 else np.full(
-            values.shape[1:], np.nan
+        out: np.ndarray = (
+            np.nanvar(values, axis=0, ddof=1)
+            if len(values) > 1
+            else np.full(values.shape[1:], np.nan)
         )
     return out
 
