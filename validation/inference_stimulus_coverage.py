@@ -1,7 +1,11 @@
-import time, numpy as np, sys
+import sys
+import time
+
+import numpy as np
 
 sys.path.insert(0, "validation")
 from inference_common import World, population_r
+
 from object2brain.rsa import group as g
 
 w = World.make(1, noise=float(sys.argv[3]))
