@@ -214,6 +214,21 @@ class RsaOptions(StageOptions):
         description="Stimuli missing from brain data: error | intersect.",
         json_schema_extra=_cli(None),
     )
+    # group inference (two-factor bootstrap, model comparisons)
+    bootstrap: Literal["stimuli", "subjects", "both"] | None = Field(
+        None,
+        description=(
+            "Group inference resamples stimuli | subjects | both (default: both for a target "
+            "with >= 3 subjects, else stimuli)."
+        ),
+    )
+    compare_models: str | list[str] = Field(
+        "best",
+        description=(
+            "Model comparisons: best (each model's best layer, chosen on half the stimuli, "
+            "tested on the other half) | valence | model:layer,model:layer,..."
+        ),
+    )
 
 
 class DissectOptions(StageOptions):

@@ -306,6 +306,68 @@ PROPAGATE_ALIGNMENT = TableSchema(
     required=(),
 )
 
+_BOOTSTRAP = _c(
+    "bootstrap", "str", "what was resampled: `stimuli`, `subjects` or `both` (two-factor)"
+)
+_N_BOOT = _c("n_boot", "int", "bootstrap resamples")
+
+GROUP_INFERENCE = TableSchema(
+    "group_inference",
+    "rsa",
+    "the mean over subjects of r of one layer, target and condition, with an interval that "
+    "generalises over the resampled factors (two-factor bootstrap, corrected variance)",
+    (
+        _MODEL,
+        _LAYER,
+        _LAYER_INDEX,
+        _TARGET,
+        _CONDITION,
+        _COMPARE,
+        _c("mean_r", "float", "mean over subjects of r (subjects with a defined r)"),
+        _c("se", "float", "corrected bootstrap standard error of mean_r"),
+        _c("ci_low", "float", "lower bound of the 95% Student-t interval mean_r - t se"),
+        _c("ci_high", "float", "upper bound of that interval"),
+        _c("p", "float", "one-sided t-test p of mean_r > 0 with the corrected se"),
+        _c("p_fdr", "float", "Benjamini-Hochberg of p over layers x targets per model, condition"),
+        _c("nc_low", "float", "lower noise ceiling (NaN with fewer than two subjects)"),
+        _c("nc_high", "float", "upper noise ceiling"),
+        _c("p_below_nc", "float", "one-sided p of mean_r below the lower noise ceiling"),
+        _c("n_subjects", "int", "subjects of the target"),
+        _c("n_stimuli", "int", "stimuli in the condition"),
+        _N_BOOT,
+        _BOOTSTRAP,
+    ),
+)
+
+MODEL_COMPARISON = TableSchema(
+    "model_comparison",
+    "rsa",
+    "a paired comparison of two (model, layer) picks on one target and condition",
+    (
+        _c("model_a", "str", "model of the first pick"),
+        _c("layer_a", "str", "layer of the first pick"),
+        _c("model_b", "str", "model of the second pick"),
+        _c("layer_b", "str", "layer of the second pick"),
+        _TARGET,
+        _CONDITION,
+        _COMPARE,
+        _c("delta_r", "float", "mean over subjects of r_a - r_b"),
+        _c("se", "float", "corrected bootstrap standard error of delta_r (same resamples)"),
+        _c("ci_low", "float", "lower bound of the 95% Student-t interval"),
+        _c("ci_high", "float", "upper bound of that interval"),
+        _c("p", "float", "two-sided t-test p of delta_r != 0"),
+        _c("p_fdr", "float", "Benjamini-Hochberg of p over the pairs x targets per condition"),
+        _N_BOOT,
+        _BOOTSTRAP,
+        _c(
+            "selection",
+            "str",
+            "how the layers were picked: `listed`, `valence`, or `best on "
+            "N other stimuli` (chosen on a random half, tested on the other half)",
+        ),
+    ),
+)
+
 #: Every table by name, in the order the documentation lists them.
 TABLES: dict[str, TableSchema] = {
     schema.name: schema
@@ -314,6 +376,8 @@ TABLES: dict[str, TableSchema] = {
         ALIGNMENT_GROUP,
         BEHAVIOR_DIRECT,
         CONDITION_CONTRAST,
+        GROUP_INFERENCE,
+        MODEL_COMPARISON,
         HEAD_METRICS,
         FILTER_OBJECTS,
         DETECTIONS,

@@ -55,6 +55,7 @@ from object2brain.data import GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 from object2brain.options import RsaOptions, Runtime
+from object2brain.rsa.group import ModelRdms, group_tables
 from object2brain.rsa.inference import (
     bootstrap_ci,
     condition_difference_bootstrap,
@@ -93,6 +94,8 @@ class AlignmentResult:
     alignment_group: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    group_inference: pd.DataFrame = field(default_factory=pd.DataFrame)
+    model_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ def compute_alignment(
     alignment: list[dict[str, Any]] = []
     contrasts: list[dict[str, Any]] = []
     direct: list[dict[str, Any]] = []
+    kept: list[ModelRdms] = []
     for model in models:
         model_rdms = torch.stack(
             [
@@ -187,12 +191,17 @@ def compute_alignment(
                 for layer in model.layers
             ]
         )
+        kept.append(ModelRdms(model.name, model.layers, model.layer_index, model_rdms))
         for step in _model_steps(context, model, model_rdms, alignment, contrasts):
             done += step
             if progress is not None:
                 progress(done, total)
         direct += _direct_rows(context, model)
-    return _tables(alignment, contrasts, direct, analysis)
+    result = _tables(alignment, contrasts, direct, analysis)
+    result.group_inference, result.model_comparison = group_tables(
+        kept, analysis, options, runtime.seed, context.ceilings
+    )
+    return result
 
 
 def _model_steps(
