@@ -60,10 +60,8 @@ MAX_EMBEDDED_CSV_BYTES = 8_000_000
 #: ``simulate``, ``run``, ...) say nothing about tables; those of unknown commands claim every
 #: table when they list any.
 TABLES_WRITTEN_BY: dict[str, tuple[str, ...]] = {
-    "rsa": ("alignment", "alignment_group", "behavior_direct", "condition_contrast"),
-    "train-head": ("head_metrics",),
-    "dissect": ("filter_objects", "detections"),
-    "lesion": ("object2brain", "propagate_behavior", "propagate_alignment"),
+    stage: tuple(name for name, schema in SCHEMAS.items() if schema.stage == stage)
+    for stage in dict.fromkeys(schema.stage for schema in SCHEMAS.values())
 }
 _SUFFIXES = (".csv", ".parquet")
 
