@@ -248,11 +248,8 @@ def _write_manifest(plan: ExtractionPlan, path: Path, *, seconds: float | None) 
     stimuli, loaded, options = plan.stimuli, plan.loaded, plan.options
     inputs = {"stimuli_fingerprint": plan.config["stimuli"], "weights": loaded.weights_sha256}
     # an image array (tens of GB) enters through the stimulus fingerprint (its rows' pixels)
-    if (
-        stimuli.source is not None
-        and stimuli.source.is_file()
-        and not is_array_file(stimuli.source)
-    ):
+    source = stimuli.source
+    if source is not None and source.is_file() and not is_array_file(source):
         inputs["stimulus_table"] = file_sha256(source)
     return write_json(
         manifest_path(path),
