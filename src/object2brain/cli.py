@@ -31,6 +31,7 @@ from object2brain.errors import DataError, Object2BrainError
 from object2brain.options import (
     DissectOptions,
     ExtractOptions,
+    FetchOptions,
     LesionOptions,
     RsaOptions,
     Runtime,
@@ -160,11 +161,16 @@ CommandT = TypeVar("CommandT", bound=Callable[..., None])
 
 
 def stage_command(
-    name: str, model: type[StageOptions], *, runtime: Sequence[str] = ("seed", "device")
+    name: str,
+    model: type[StageOptions],
+    *,
+    runtime: Sequence[str] = ("seed", "device"),
+    group: typer.Typer | None = None,
 ) -> Callable[[CommandT], CommandT]:
     """Register ``function`` as the command ``name``: its own parameters (the inputs) plus the
     options of ``model``, the ``runtime`` fields and ``--quiet``. The function receives
-    ``options`` (a validated ``model``) and ``runtime`` (:class:`Runtime`) instead of them."""
+    ``options`` (a validated ``model``) and ``runtime`` (:class:`Runtime`) instead of them.
+    ``group``: the command group it belongs to (default: the top level)."""
 
     def register(function: CommandT) -> CommandT:
         own = [
@@ -189,7 +195,7 @@ def stage_command(
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         command.__doc__ = function.__doc__
         command.__name__ = function.__name__
-        app.command(name)(command)
+        (app if group is None else group).command(name)(command)
         return function
 
     return register
@@ -525,6 +531,37 @@ def lesion_command(
     )
     rows = len(result.object2brain)
     typer.echo(f"wrote {len(result.files)} files into {out} ({rows} rows in object2brain.csv)")
+
+
+findingemo_app = typer.Typer(
+    help="FindingEmo: the image set of the valence heads (published as URLs only).",
+    no_args_is_help=True,
+)
+app.add_typer(findingemo_app, name="findingemo")
+
+
+@stage_command("fetch", FetchOptions, runtime=(), group=findingemo_app)
+def findingemo_fetch_command(
+    out: Annotated[Path, typer.Option("--out", help="Image root to fetch into (resumable).")],
+    urls: Annotated[
+        Path | None, typer.Option("--urls", help="URL list (JSON records rel_path, idx_url, url).")
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option("--annotations", help="Annotation file whose images are fetched.")
+    ] = None,
+    *,
+    options: FetchOptions,
+    runtime: Runtime,
+) -> None:
+    """Download every FindingEmo image of the annotation file (default: the findingemo-light
+    package's) into OUT, trying each image's alternative URLs; a rerun fetches only what is
+    missing or damaged."""
+    from object2brain.data.fetch import fetch_findingemo
+
+    result = fetch_findingemo(
+        out, urls=urls, annotations=annotations, options=options, progress=runtime.progress
+    )
+    typer.echo(f"findingemo fetch: {result.summary()}")
 
 
 @app.command("run")

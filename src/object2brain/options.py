@@ -343,6 +343,28 @@ class SimulateOptions(StageOptions):
     )
 
 
+class FetchOptions(StageOptions):
+    """``findingemo fetch``: download FindingEmo's images from their published URLs."""
+
+    workers: Int = Field(8, ge=1, description="Download threads.")
+    timeout: Float = Field(
+        20.0, gt=0, description="Socket timeout in seconds, per connection and per read."
+    )
+    retries: Int = Field(
+        2,
+        ge=0,
+        description="Extra attempts per URL after a transient failure (timeout, 429, 5xx).",
+    )
+    per_host: Int = Field(2, ge=1, description="Most concurrent requests to one host.")
+    backoff: Float = Field(
+        1.0, ge=0, description="Base of the exponential backoff between retries (seconds)."
+    )
+    archive_fallback: bool = Field(
+        False,
+        description="After every listed URL of an image failed, try the Wayback Machine's copy.",
+    )
+
+
 #: Every stage's options model by stage name (the pipeline's and the CLI's names).
 STAGE_OPTIONS: dict[str, type[StageOptions]] = {
     "extract": ExtractOptions,
