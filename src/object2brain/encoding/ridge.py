@@ -211,8 +211,9 @@ def fit_ridge_cv(
 ) -> RidgeFit:
     """Cross-validated ridge from ``features`` ``(n, p)`` to ``responses`` ``(n, v)``.
 
-    ``folds`` ``(n,)``: outer fold of each stimulus (:func:`~object2brain.encoding.folds.outer_folds`);
-    inner folds come from :func:`~object2brain.encoding.folds.inner_splits` with ``seed``.
+    ``folds`` ``(n,)``: outer fold of each stimulus
+    (:func:`~object2brain.encoding.folds.outer_folds`); inner folds come from
+    :func:`~object2brain.encoding.folds.inner_splits` with ``seed``.
     ``pca_dim``: PCA of each training set to this many components first.
 
     Raises:
