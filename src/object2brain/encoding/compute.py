@@ -216,7 +216,9 @@ def _score_rows(
         y, p = responses[mask], predictions[mask]
         r, r2 = pearson_r(y, p), r2_score(y, p)
         summary = roi_summary(r, r2)
-        test = permutation_test(y, p, n_perm=study.options.n_perm, seed=study.seed)
+        test = permutation_test(
+            y, p, n_perm=study.options.n_perm, seed=study.seed, groups=study.folds[mask]
+        )
         runs = study.runs.get(roi)
         nc = float(np.mean(noise_ceiling(runs[:, mask]))) if runs is not None else float("nan")
         rows.append(

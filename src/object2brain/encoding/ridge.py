@@ -191,10 +191,14 @@ def _fit_one(
             )
             model.fit(x_train, y_train)
             weights = backend.to_numpy(model.get_primal_coef())
+    # himalaya returns exp(-log(alpha)): snap to the grid value it stands for
+    chosen = np.asarray(backend.to_numpy(model.best_alphas_), dtype=np.float64)
+    grid = np.asarray(alphas, dtype=np.float64)
+    nearest = np.abs(np.log(chosen)[:, None] - np.log(grid)[None, :]).argmin(axis=1)
     return (
         np.asarray(weights, dtype=np.float64),
         np.asarray(backend.to_numpy(model.intercept_), dtype=np.float64),
-        np.asarray(backend.to_numpy(model.best_alphas_), dtype=np.float64),
+        grid[nearest],
     )
 
 
