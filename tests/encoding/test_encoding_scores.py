@@ -28,9 +28,7 @@ def test_r_and_r2_match_references(data: tuple[np.ndarray, np.ndarray]) -> None:
     y, p = data
     expected = [np.corrcoef(y[:, i], p[:, i])[0, 1] for i in range(12)]
     np.testing.assert_allclose(pearson_r(y, p), expected, atol=1e-12)
-    np.testing.assert_allclose(
-        r2_score(y, p), sk_r2(y, p, multioutput="raw_values"), atol=1e-12
-    )
+    np.testing.assert_allclose(r2_score(y, p), sk_r2(y, p, multioutput="raw_values"), atol=1e-12)
     summary = roi_summary(pearson_r(y, p), r2_score(y, p))
     assert summary.r_median == pytest.approx(float(np.median(expected)))
 
@@ -40,7 +38,9 @@ def test_noise_ceiling_is_spearman_brown_corrected_split_half() -> None:
     signal = rng.standard_normal((50, 30))
     runs = signal[None] + rng.standard_normal((4, 50, 30))
     half = pearson_r(runs[0::2].mean(0), runs[1::2].mean(0))
-    np.testing.assert_allclose(noise_ceiling(runs), np.sqrt(np.clip(2 * half / (1 + half), 0, None)))
+    np.testing.assert_allclose(
+        noise_ceiling(runs), np.sqrt(np.clip(2 * half / (1 + half), 0, None))
+    )
     # Signal variance 1, noise variance 1/4 in the mean of 4 runs: reliability 0.8.
     assert float(np.mean(noise_ceiling(runs))) == pytest.approx(np.sqrt(0.8), abs=0.05)
     assert float(np.mean(noise_ceiling(rng.standard_normal((4, 50, 30))))) < 0.2
