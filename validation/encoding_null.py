@@ -5,7 +5,15 @@ voxels independent of them; :func:`object2brain.encoding.compute_encoding` (5 ou
 default alpha grid, 5 inner folds) gives ``p_perm`` of the ROI's mean r. Over ``--datasets`` such
 datasets the fraction with ``p_perm <= 0.05`` must lie in the 95% binomial interval around 0.05.
 For comparison the same out-of-fold predictions are also tested with permutations across folds
-(``groups=None``), which the encoding stage does not use (it is conservative).
+(``groups=None``), which the encoding stage does not use.
+
+What it shows (recorded in ``encoding_null.json``): the test is valid but conservative. Under
+the null, out-of-fold ridge predictions correlate *negatively* with the held-out responses on
+average (a property of cross-validated predictions: the fold intercepts move against the held-out
+values, and the per-voxel r's normalisation by the prediction's own spread skews it further),
+while permuting fixed predictions gives a null centred at 0. Permuting within the outer folds
+removes the intercept part; the rest remains. An exact test would refit the ridge for every
+permutation of the responses (``n_perm`` times the cost of the fit).
 
 Run: ``PYTHONPATH=src python validation/encoding_null.py [--datasets 200] [--n-perm 1000]``;
 writes ``validation/encoding_null.json``.

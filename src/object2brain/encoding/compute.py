@@ -337,6 +337,34 @@ def _band_rows(
     ]
 
 
+@dataclass
+class _Tables:
+    """Rows collected over layers and ROIs."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    voxels: list[pd.DataFrame] = field(default_factory=list)
+    bands: list[dict[str, Any]] = field(default_factory=list)
+    fits: dict[tuple[str, str, str], LayerFit] = field(default_factory=dict)
+
+
+def _add_banded(
+    study: _Study,
+    inputs: Mapping[str, np.ndarray],
+    responses: Mapping[RoiKey, np.ndarray],
+    tables: _Tables,
+) -> None:
+    """The banded model of every ROI: its ``encoding`` and ``encoding_voxels`` rows (layer
+    ``banded:l1+l2+...``, no single alpha) and its ``encoding_bands`` rows."""
+    for roi, y in responses.items():
+        label, banded = _banded(study, inputs, roi, y)
+        names = label.removeprefix("banded:").split("+")
+        extra = {"feature_dim": sum(inputs[b].shape[1] for b in names), "alpha_median": np.nan}
+        tables.rows += _score_rows(study, label, roi, y, banded.predictions, extra)
+        nan = np.full(y.shape[1], np.nan)
+        tables.voxels.append(_voxel_rows(study, label, roi, y, banded.predictions, nan))
+        tables.bands += _band_rows(study, label, names, roi, banded)
+
+
 def _finish(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The ``encoding`` table: BH-FDR per model and condition, columns in order."""
     table = pd.DataFrame(rows)
@@ -396,9 +424,7 @@ def compute_encoding(
         runs=runs or {},
         coords=voxel_coords or {},
     )
-    rows: list[dict[str, Any]] = []
-    voxels: list[pd.DataFrame] = []
-    fits: dict[tuple[str, str, str], LayerFit] = {}
+    tables = _Tables()
     inputs: dict[str, np.ndarray] = {}
     for layer in layers:
         if progress is not None:
@@ -407,21 +433,16 @@ def compute_encoding(
         inputs[layer] = layer_inputs(features[layer], layer, srp_dim, runtime.seed)
         for roi, y in responses.items():
             ridge = _fit_layer(study, layer, inputs[layer], roi, y)
-            fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, runtime.seed)
+            tables.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, runtime.seed)
             alphas = np.median(ridge.alphas, axis=0)
             extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
-            rows += _score_rows(study, layer, roi, y, ridge.predictions, extra)
-            voxels.append(_voxel_rows(study, layer, roi, y, ridge.predictions, alphas))
-    bands: list[dict[str, Any]] = []
+            tables.rows += _score_rows(study, layer, roi, y, ridge.predictions, extra)
+            tables.voxels.append(_voxel_rows(study, layer, roi, y, ridge.predictions, alphas))
     if options.banded is not None:
-        for roi, y in responses.items():
-            label, banded = _banded(study, inputs, roi, y)
-            dim = sum(inputs[b].shape[1] for b in label.removeprefix("banded:").split("+"))
-            extra = {"feature_dim": dim, "alpha_median": float("nan")}
-            rows += _score_rows(study, label, roi, y, banded.predictions, extra)
-            nan = np.full(y.shape[1], np.nan)
-            voxels.append(_voxel_rows(study, label, roi, y, banded.predictions, nan))
-            bands += _band_rows(study, label, label.removeprefix("banded:").split("+"), roi, banded)
+        if progress is not None:
+            progress(f"encoding {model} banded")
+        _add_banded(study, inputs, responses, tables)
+    rows, voxels, bands, fits = tables.rows, tables.voxels, tables.bands, tables.fits
     return EncodingResult(
         encoding=_finish(rows),
         encoding_voxels=pd.concat(voxels, ignore_index=True).loc[:, list(ENCODING_VOXEL_COLUMNS)],
