@@ -49,6 +49,7 @@ Variant = Literal["lesion", "keep"]
 NullKind = Literal["random", "matched"]
 OnMissing = Literal["error", "intersect"]
 ValenceSource = Literal["stimuli", "ratings"]
+PermNull = Literal["predictions", "refit"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -373,6 +374,13 @@ class EncodeOptions(StageOptions):
         100, ge=1, description="Random-search samples of the band weights (banded ridge)."
     )
     n_perm: Count = Field(1000, description="Permutations of the ROI's mean r.")
+    perm_null: PermNull = Field(
+        "predictions",
+        description=(
+            "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
+            "| refit: relabel the responses and rerun the cross-validation (exact, n_perm fits)."
+        ),
+    )
     layers: list[str] | None = Field(
         None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)
     )

@@ -169,26 +169,23 @@ def test_options_are_validated() -> None:
     np.testing.assert_allclose(options.alphas, np.logspace(-2, 7, 19))
     assert EncodeOptions(reduce="PCA:20").reduction() == ("pca", 20)
     assert EncodeOptions().reduction() == ("none", None)
+    assert EncodeOptions().perm_null == "predictions"
     for bad in (
         {"reduce": "svd:3"},
         {"reduce": "pca:0"},
         {"alphas": [0.0, 1.0]},
         {"banded": ["l1"]},
         {"folds": 1},
+        {"perm_null": "x"},
     ):
         with pytest.raises(OptionsError):
             resolve_options(EncodeOptions, None, **bad)
 
 
-@pytest.mark.slow
-def test_permutation_test_is_not_liberal_under_the_null() -> None:
-    """40 null datasets: the rejection rate at 0.05 stays below 0.125 (P < 0.01 under a calibrated
-    test: Binomial(40, 0.05) >= 5), which a test with a wrong null (e.g. permuting the responses'
-    columns apart, or scoring in-sample fits) far exceeds. The full run with 400 datasets is
-    ``validation/encoding_null.py``."""
-    options = EncodeOptions(n_perm=200)
+def _null_rejection_rate(perm_null: str, datasets: int = 40, n_perm: int = 200) -> float:
+    options = EncodeOptions(n_perm=n_perm, perm_null=perm_null)  # type: ignore[arg-type]
     rejected = 0
-    for index in range(40):
+    for index in range(datasets):
         rng = np.random.default_rng([2024, index])
         result = compute_encoding(
             {"layer": rng.standard_normal((60, 20))},
@@ -198,4 +195,28 @@ def test_permutation_test_is_not_liberal_under_the_null() -> None:
             stimulus_ids=_ids(),
         )
         rejected += int(result.encoding["p_perm"].iloc[0] <= 0.05)
-    assert rejected / 40 < 0.125
+    return rejected / datasets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("perm_null", ["predictions", "refit"])
+def test_permutation_tests_are_not_liberal_under_the_null(perm_null: str) -> None:
+    """40 null datasets: the rejection rate at 0.05 stays below 0.125 (P < 0.01 for a calibrated
+    test: Binomial(40, 0.05) >= 5), which a test with a wrong null (e.g. in-sample fits, or a
+    p-value without the +1) far exceeds. The full run (400 datasets) is
+    ``validation/encoding_null.py``."""
+    assert _null_rejection_rate(perm_null) < 0.125
+
+
+def test_refit_null_is_exact_on_a_planted_and_a_null_roi() -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, 6))
+    signal = x @ rng.standard_normal((6, 5))
+    responses = {
+        ("roi", "s"): signal + rng.standard_normal((40, 5)),
+        ("noise", "s"): rng.standard_normal((40, 5)),
+    }
+    options = EncodeOptions(n_perm=200, perm_null="refit", folds=4, inner_folds=4)
+    table = compute_encoding({"l": x}, responses, options, RUNTIME, stimulus_ids=_ids(40)).encoding
+    p = table.set_index("target")["p_perm"]
+    assert p["roi"] < 0.01 and p["noise"] > 0.05

@@ -10,7 +10,7 @@ from sklearn.model_selection import GridSearchCV, cross_val_predict
 from sklearn.pipeline import make_pipeline
 
 from object2brain.encoding.folds import fold_splits, inner_splits, outer_folds
-from object2brain.encoding.ridge import backend_for, fit_banded_cv, fit_ridge_cv
+from object2brain.encoding.ridge import backend_for, fit_banded_cv, fit_ridge_cv, fit_smoother
 from object2brain.errors import DataError
 
 GRID = np.logspace(-2, 4, 13)
@@ -85,6 +85,20 @@ def test_banded_ridge_splits_the_joint_score_and_finds_the_planted_band() -> Non
         bands, y, outer_folds(80, 4, seed=0), alphas=GRID, inner_folds=3, n_iter=20, seed=0
     )
     np.testing.assert_array_equal(again.predictions, fit.predictions)
+
+
+@pytest.mark.parametrize(
+    ("p", "pca_dim"), [(12, None), (80, None), (80, 6)], ids=["primal", "kernel", "pca"]
+)
+def test_smoother_reruns_the_cross_validation_for_any_responses(
+    p: int, pca_dim: int | None
+) -> None:
+    x, y = _data(50, p, 6, seed=5)
+    folds = outer_folds(50, 5, seed=5)
+    smoother = fit_smoother(x, folds, alphas=GRID, inner_folds=4, seed=5, pca_dim=pca_dim)
+    for responses in (y, y[np.random.default_rng(0).permutation(50)]):
+        fit = fit_ridge_cv(x, responses, folds, alphas=GRID, inner_folds=4, seed=5, pca_dim=pca_dim)
+        np.testing.assert_allclose(smoother.predict(responses), fit.predictions, atol=1e-9)
 
 
 def test_backend_follows_the_device() -> None:

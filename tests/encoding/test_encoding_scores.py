@@ -12,6 +12,7 @@ from object2brain.encoding.scores import (
     pearson_r,
     permutation_test,
     r2_score,
+    refit_permutation_test,
     roi_summary,
 )
 from object2brain.errors import DataError
@@ -88,3 +89,22 @@ def test_within_group_permutations_keep_each_group() -> None:
     np.testing.assert_allclose(result.null, result.observed, atol=1e-12)
     assert result.p == 1.0
     assert permutation_test(y, p, n_perm=50, seed=0).p < 1.0
+
+
+def test_refit_permutation_test_relabels_and_refits(data: tuple[np.ndarray, np.ndarray]) -> None:
+    y, p = data
+    calls: list[np.ndarray] = []
+
+    def refit(responses: np.ndarray) -> np.ndarray:
+        calls.append(responses)
+        return 0.5 * responses  # a "model" that predicts perfectly: every null r is 1
+
+    result = refit_permutation_test(y, p, refit, n_perm=PERM_BLOCK + 3, seed=4)
+    assert len(calls) == PERM_BLOCK + 3
+    np.testing.assert_allclose(result.null, 1.0)
+    assert result.p == 1.0
+    order = np.random.default_rng([4, 0]).permuted(np.tile(np.arange(40), (PERM_BLOCK, 1)), axis=1)
+    np.testing.assert_array_equal(calls[1], y[order[1]])
+    mask = np.arange(40) < 20
+    masked = refit_permutation_test(y, p, refit, n_perm=5, seed=4, mask=mask)
+    assert masked.observed == pytest.approx(float(pearson_r(y[mask], p[mask]).mean()))

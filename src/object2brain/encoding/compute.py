@@ -5,8 +5,11 @@ every ROI, cross-validated over stimuli; the tables of the ``encode`` stage.
 layer and ROI it fits :func:`object2brain.encoding.ridge.fit_ridge_cv` on the outer folds of
 :func:`object2brain.encoding.folds.outer_folds` and scores the out-of-fold predictions
 (:mod:`object2brain.encoding.scores`) on all stimuli (``condition = "all"``) and on the stimuli of
-each condition. BH-FDR runs over the rows (layers x ROIs, banded model included) of each model and
-condition.
+each condition. ``perm_null``: ``predictions`` permutes the out-of-fold predictions within the
+outer folds (fast; conservative, see ``permutation_test``); ``refit`` relabels the responses and
+reruns the cross-validation of the layer for every permutation (exact; banded rows always use
+``predictions``: the band-weight search is not linear in the responses). BH-FDR runs over the
+rows (layers x ROIs, banded model included) of each model and condition.
 
 Layer features ``(n, ...)`` are flattened to ``(n, p)``. With ``reduce = srp:DIM`` a layer with
 ``p > DIM`` is projected by the sparse random projection of
@@ -35,10 +38,12 @@ from object2brain.encoding.folds import folds_table, outer_folds
 from object2brain.encoding.ridge import (
     BackendName,
     BandedFit,
+    CvSmoother,
     RidgeFit,
     backend_for,
     fit_banded_cv,
     fit_ridge_cv,
+    fit_smoother,
 )
 from object2brain.encoding.scores import (
     fdr_bh,
@@ -46,6 +51,7 @@ from object2brain.encoding.scores import (
     pearson_r,
     permutation_test,
     r2_score,
+    refit_permutation_test,
     roi_summary,
 )
 from object2brain.errors import DataError, listing
@@ -209,16 +215,22 @@ def _score_rows(
     responses: np.ndarray,
     predictions: np.ndarray,
     extra: dict[str, Any],
+    refit: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """One ``encoding`` row per condition (``all`` first) of the out-of-fold predictions."""
+    """One ``encoding`` row per condition (``all`` first) of the out-of-fold predictions;
+    ``refit`` given: the exact permutation test that reruns the cross-validation."""
     rows = []
+    n_perm = study.options.n_perm
     for condition, mask in _condition_masks(study.conditions, responses.shape[0]):
         y, p = responses[mask], predictions[mask]
         r, r2 = pearson_r(y, p), r2_score(y, p)
         summary = roi_summary(r, r2)
-        test = permutation_test(
-            y, p, n_perm=study.options.n_perm, seed=study.seed, groups=study.folds[mask]
-        )
+        if refit is not None:
+            test = refit_permutation_test(
+                responses, predictions, refit, n_perm=n_perm, seed=study.seed, mask=mask
+            )
+        else:
+            test = permutation_test(y, p, n_perm=n_perm, seed=study.seed, groups=study.folds[mask])
         runs = study.runs.get(roi)
         nc = float(np.mean(noise_ceiling(runs[:, mask]))) if runs is not None else float("nan")
         rows.append(
@@ -293,6 +305,23 @@ def _fit_layer(
         )
     except DataError as exc:
         raise DataError(f"layer {layer}, ROI {roi[0]}/{roi[1]}: {exc}") from None
+
+
+def _refit(study: _Study, inputs: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``perm_null = refit``: the layer's cross-validation as a map of the responses (shared by
+    the ROIs); else ``None``."""
+    if study.options.perm_null != "refit" or study.options.n_perm == 0:
+        return None
+    kind, dim = study.options.reduction()
+    smoother: CvSmoother = fit_smoother(
+        inputs,
+        study.folds,
+        alphas=study.options.alphas,
+        inner_folds=study.options.inner_folds,
+        seed=study.seed,
+        pca_dim=dim if kind == "pca" else None,
+    )
+    return smoother.predict
 
 
 def _banded(
@@ -431,12 +460,13 @@ def compute_encoding(
             progress(f"encoding {model} {layer}")
         srp_dim = _srp_dim(options, features[layer])
         inputs[layer] = layer_inputs(features[layer], layer, srp_dim, runtime.seed)
+        refit = _refit(study, inputs[layer])
         for roi, y in responses.items():
             ridge = _fit_layer(study, layer, inputs[layer], roi, y)
             tables.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, runtime.seed)
             alphas = np.median(ridge.alphas, axis=0)
             extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
-            tables.rows += _score_rows(study, layer, roi, y, ridge.predictions, extra)
+            tables.rows += _score_rows(study, layer, roi, y, ridge.predictions, extra, refit)
             tables.voxels.append(_voxel_rows(study, layer, roi, y, ridge.predictions, alphas))
     if options.banded is not None:
         if progress is not None:

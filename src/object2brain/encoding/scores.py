@@ -24,6 +24,7 @@ result does not depend on the chunk size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
     "pearson_r",
     "permutation_test",
     "r2_score",
+    "refit_permutation_test",
     "roi_summary",
 ]
 
@@ -173,5 +175,41 @@ def permutation_test(
     if n_perm == 0:
         return PermutationResult(observed, null, float("nan"))
     # Tolerance: the same value computed in another order must count as reaching the observed.
+    exceed = int(np.count_nonzero(null >= observed - 1e-12))
+    return PermutationResult(observed, null, (1.0 + exceed) / (1.0 + n_perm))
+
+
+def refit_permutation_test(
+    responses: np.ndarray,
+    predictions: np.ndarray,
+    refit: Callable[[np.ndarray], np.ndarray],
+    *,
+    n_perm: int,
+    seed: int,
+    mask: np.ndarray | None = None,
+) -> PermutationResult:
+    """Exact permutation test of the ROI's mean r: the responses' rows are relabelled and the
+    whole cross-validation is rerun (``refit``: responses ``(n, v)`` -> out-of-fold predictions,
+    e.g. :meth:`object2brain.encoding.ridge.CvSmoother.predict`), so the null carries the
+    negative bias of cross-validated predictions that :func:`permutation_test` misses.
+
+    ``responses``, ``predictions`` ``(n, v)``; ``mask`` ``(n,)``: score only these stimuli (all
+    stimuli are relabelled and refitted). Permutations: the same seeded blocks as
+    :func:`permutation_test`. Cost: ``n_perm`` refits.
+    """
+    keep = np.ones(responses.shape[0], dtype=bool) if mask is None else mask
+    observed = float(np.nanmean(pearson_r(responses[keep], predictions[keep])))
+    null = np.empty(n_perm)
+    n = responses.shape[0]
+    for block in range(-(-n_perm // PERM_BLOCK)):
+        count = min(PERM_BLOCK, n_perm - block * PERM_BLOCK)
+        for offset, order in enumerate(_block_permutations(n, seed, block, count, None)):
+            relabelled = responses[order]
+            refitted = refit(relabelled)
+            null[block * PERM_BLOCK + offset] = np.nanmean(
+                pearson_r(relabelled[keep], refitted[keep])
+            )
+    if n_perm == 0:
+        return PermutationResult(observed, null, float("nan"))
     exceed = int(np.count_nonzero(null >= observed - 1e-12))
     return PermutationResult(observed, null, (1.0 + exceed) / (1.0 + n_perm))
