@@ -460,9 +460,11 @@ def compute_encoding(
             progress(f"encoding {model} {layer}")
         srp_dim = _srp_dim(options, features[layer])
         inputs[layer] = layer_inputs(features[layer], layer, srp_dim, runtime.seed)
-        refit = _refit(study, inputs[layer])
-        for roi, y in responses.items():
-            ridge = _fit_layer(study, layer, inputs[layer], roi, y)
+        refit = None
+        for index, (roi, y) in enumerate(responses.items()):
+            ridge = _fit_layer(study, layer, inputs[layer], roi, y)  # checks the inputs first
+            if index == 0:
+                refit = _refit(study, inputs[layer])
             tables.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, runtime.seed)
             alphas = np.median(ridge.alphas, axis=0)
             extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
