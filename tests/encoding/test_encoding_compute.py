@@ -153,9 +153,9 @@ def test_bad_input_raises_one_clear_error() -> None:
     nan[3, 1] = np.nan
     with pytest.raises(DataError, match="1 voxel\\(s\\) with NaN"):
         run(responses={("roi", "s"): nan})
+    bad = x["l"].copy()
+    bad[0, 0] = np.nan
     with pytest.raises(DataError, match="features contain NaN"):
-        bad = x["l"].copy()
-        bad[0, 0] = np.nan
         run({"l": bad}, options=EncodeOptions(n_perm=5, perm_null="refit"))
     with pytest.raises(DataError, match="condition\\(s\\) b have fewer stimuli than the 5 folds"):
         run(conditions=["a"] * 16 + ["b"] * 4)
