@@ -134,7 +134,8 @@ def test_bad_input_raises_one_clear_error(x: np.ndarray, y: np.ndarray, message:
 def test_cuda_backend_agrees_with_numpy(p: int) -> None:
     """float32 on the GPU vs float64 on the CPU: predictions within 1e-3 of the responses' scale
     (float32 SVD of centred features, relative error ~1e-6 per product, amplified by at most the
-    condition number of the smallest chosen alpha's system); chosen alphas equal except near ties."""
+    condition number of the smallest chosen alpha's system); chosen alphas equal except near
+    ties."""
     x, y = _data(120, p, 50, seed=6)
     folds = outer_folds(120, 5, seed=6)
     cpu = fit_ridge_cv(x, y, folds, alphas=GRID, inner_folds=5, seed=6)
