@@ -20,7 +20,7 @@ import sys
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import annotated_types
 import typer
@@ -106,6 +106,8 @@ def _cli_type(annotation: Any) -> Any:
         return _cli_type(members[0])
     if origin is list:  # typer lists hold plain types: the model checks allowed values
         return list[str]
+    if origin is Literal:  # a string: the model names the vocabulary in its message
+        return str
     return annotation
 
 

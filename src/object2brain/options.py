@@ -58,6 +58,23 @@ LOSSES: tuple[str, ...] = get_args(LossName)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 NULL_KINDS: tuple[str, ...] = get_args(NullKind)
 
+
+def _known(noun: str, allowed: tuple[str, ...]) -> BeforeValidator:
+    """A validator naming what a value is when it is not one of ``allowed``."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value not in allowed:
+            raise ValueError(f"unknown {noun} {value!r}; choose one of {', '.join(allowed)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+#: Option types of the vocabularies whose unknown values are named in the error message.
+RdmMetricOption = Annotated[RdmMetric, _known("RDM metric", RDM_METRICS)]
+CompareMethodOption = Annotated[CompareMethod, _known("comparison method", COMPARE_METHODS)]
+
+
 #: Upper bound of resampling counts (permutations, bootstrap resamples, null subsets): beyond it a
 #: run would not finish in a lifetime on any machine, so a larger value is a typo.
 MAX_RESAMPLES = 10_000_000
@@ -180,7 +197,7 @@ class TrainHeadOptions(StageOptions):
     @classmethod
     def _folds(cls, value: int | None) -> int | None:
         if value == 1:
-            raise ValueError("use 0 (off) or 2 or more folds")
+            raise ValueError(f"cross-fit {value}: use 0 (off) or 2 or more folds")
         return value
 
     def folds(self, *, in_study: bool) -> int:
@@ -193,13 +210,13 @@ class TrainHeadOptions(StageOptions):
 class RsaOptions(StageOptions):
     """``rsa``: every layer against behaviour and brain ROIs."""
 
-    rdm_metric: RdmMetric = Field(
+    rdm_metric: RdmMetricOption = Field(
         "correlation",
         validation_alias=AliasChoices("rdm_metric", "rdm"),
         description="correlation | euclidean | cosine",
         json_schema_extra=_cli("--rdm"),
     )
-    compare_method: CompareMethod = Field(
+    compare_method: CompareMethodOption = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
         description="spearman | pearson | kendall_tau_a",
@@ -304,13 +321,13 @@ class LesionOptions(StageOptions):
     layers: list[str] | None = Field(
         None, description="Layer(s) to analyse (default: all).", json_schema_extra=_cli("--layer")
     )
-    rdm_metric: RdmMetric = Field(
+    rdm_metric: RdmMetricOption = Field(
         "correlation",
         validation_alias=AliasChoices("rdm_metric", "rdm"),
         description="correlation | euclidean | cosine",
         json_schema_extra=_cli("--rdm"),
     )
-    compare_method: CompareMethod = Field(
+    compare_method: CompareMethodOption = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
         description="spearman | pearson | kendall_tau_a",
