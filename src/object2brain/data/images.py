@@ -8,6 +8,11 @@ greyscale, palette, RGBA, CMYK, 16-bit and EXIF-rotated files are handled identi
 - 16-bit and 32-bit integer images are scaled to 8 bits (``value / 257`` for 16-bit data,
   i.e. 65535 -> 255); float images are taken to lie in [0, 1];
 - greyscale is replicated to three channels; CMYK and YCbCr are converted by Pillow.
+
+An image may also be a row of an HDF5 image array, written ``FILE#ROW`` or ``FILE#DATASET#ROW``
+(:mod:`object2brain.data.image_array`): its uint8 ``(H, W, 3)`` pixels become the RGB picture
+directly, so the rest of the preprocessing is exactly that of a file with the same pixels.
+:func:`image_sha256` is the content hash of either kind (caches of per-image results use it).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from object2brain.data.image_array import parse_array_ref, read_row, row_sha256
+from object2brain.manifest import cached_file_sha256
 
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
@@ -55,15 +63,28 @@ def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Imag
     """Decode ``path`` into an 8-bit RGB :class:`PIL.Image.Image`.
 
     Args:
-        path: image file (any format Pillow reads).
+        path: image file (any format Pillow reads), or a row of an image array (``FILE#ROW``,
+            ``FILE#DATASET#ROW``; see module docstring).
         draft_size: if given, JPEG files may be decoded at a reduced scale no smaller than this
             many pixels on the short side (much faster; used for validation only).
 
     Raises:
         OSError, PIL.UnidentifiedImageError, ValueError: the file is unreadable or corrupt.
+        StimulusError: a bad image array, dataset or row (named).
     """
+    ref = parse_array_ref(path)
+    if ref is not None:
+        return Image.fromarray(read_row(ref))
     with Image.open(path) as opened:
         if draft_size is not None and opened.format == "JPEG":
             opened.draft("RGB", (draft_size, draft_size))
         opened.load()
         return to_rgb(opened)
+
+
+def image_sha256(path: str | Path) -> str:
+    """Content hash of an image: SHA-256 of the file's bytes
+    (:func:`~object2brain.manifest.cached_file_sha256`), or of an array row's pixels
+    (:func:`~object2brain.data.image_array.row_sha256`)."""
+    ref = parse_array_ref(path)
+    return row_sha256(ref) if ref is not None else cached_file_sha256(path)
