@@ -53,6 +53,7 @@ from object2brain.options import (
     TrainHeadOptions,
     describe_error,
 )
+from object2brain.yaml_io import describe_yaml_error, load_yaml
 
 
 class ConfigError(Object2BrainError):
@@ -153,9 +154,9 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of options at the top level")
     try:
