@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from object2brain.data import ALL_CONDITION
@@ -175,6 +176,48 @@ def id_problems(values: pd.Series, column: str) -> tuple[list[str], list[str]]:
             "(ids are taken exactly as written: remove the spaces)"
         )
     return text, problems
+
+
+TRUE_WORDS = frozenset({"true", "1"})
+FALSE_WORDS = frozenset({"false", "0"})
+
+
+def parse_booleans(values: pd.Series, where: str, column: str) -> pd.Series:
+    """``values`` as booleans, accepting only booleans, the numbers 1 and 0 and the words
+    ``true``/``false``/``1``/``0`` (any case, surrounding spaces ignored). Anything else (``yes``,
+    ``2``, an empty cell) would otherwise be read as *true* by ``astype(bool)``.
+
+    Raises:
+        DataError: ``<where>: column 'assigned' must hold true/false/1/0, not 'yes' (line 2), ...``
+            naming every offending file line (the header being line 1).
+    """
+    from object2brain.errors import DataError
+
+    parsed: list[bool] = []
+    bad: list[str] = []
+    for index, value in values.items():
+        flag = _boolean(value)
+        if flag is None:
+            bad.append(f"{value!r} (line {int(index) + 2})")  # type: ignore[call-overload]
+        parsed.append(bool(flag))
+    if bad:
+        raise DataError(
+            f"{where}: column {column!r} must hold true/false/1/0, not {listing(bad, limit=5)}"
+        )
+    return pd.Series(parsed, index=values.index, dtype=bool)
+
+
+def _boolean(value: object) -> bool | None:
+    """A strict boolean reading of one cell, ``None`` if it is not one."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer | float | np.floating) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+    return None
 
 
 def _missing(value: object) -> bool:
