@@ -27,7 +27,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # ``<<: *base`` keys may be overridden: only keys written here count
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
             except TypeError:  # an unhashable key: the base class reports it
@@ -51,7 +51,7 @@ def parse_yaml(text: str) -> Any:
         yaml.YAMLError: malformed YAML, an unsafe tag, or a duplicate key
             (:class:`DuplicateKeyError`, naming the key and its lines).
     """
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
 
 
 def load_yaml(path: str | Path, *, encoding: str = "utf-8") -> Any:

@@ -317,7 +317,9 @@ def _load_manifest(path: Path) -> list[BrainItem]:
     try:
         manifest = load_yaml(path)
     except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not a readable YAML manifest: {describe_yaml_error(exc)}") from None
+        raise DataError(
+            f"{path}: not a readable YAML manifest: {describe_yaml_error(exc)}"
+        ) from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a readable YAML manifest ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), list):
@@ -579,7 +581,7 @@ def check_rdm(data: np.ndarray, ids: Sequence[str], where: str) -> None:
         )
         raise DataError(
             f"{where}: the RDM's diagonal must be zero, but {off.size} of {len(ids)} entries are "
-            f"not (stimulus id(s) {listing([ids[i] for i in off])}: "
+            f"not (stimulus id(s) {listing([ids[int(i)] for i in off])}: "
             f"{listing([f'{diagonal[i]:g}' for i in off[:3]], limit=3)}){hint}"
         )
     negative = np.argwhere(data < -tol)

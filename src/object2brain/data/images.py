@@ -17,6 +17,8 @@ directly, so the rest of the preprocessing is exactly that of a file with the sa
 
 from __future__ import annotations
 
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,40 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
 
 
-def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Image:
+class LargeImageWarning(UserWarning):
+    """An image above Pillow's decompression-bomb limit, named with its stimulus or file."""
+
+
+# Pillow's own DecompressionBombWarning names neither the file nor the stimulus; load_image
+# replaces it with a LargeImageWarning that does (images past twice the limit stay an error).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_if_large(image: Image.Image, path: str | Path, stimulus_id: str | None) -> None:
+    """Warn once per file when ``image`` has more pixels than ``Image.MAX_IMAGE_PIXELS``."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is None or width * height <= limit:
+        return
+    with _WARNED_LOCK:
+        if str(path) in _WARNED:
+            return
+        _WARNED.add(str(path))
+    who = f"stimulus {stimulus_id!r} ({path})" if stimulus_id is not None else str(path)
+    warnings.warn(
+        f"{who}: {width} x {height} = {width * height:,} pixels, more than Pillow's "
+        f"decompression-bomb limit of {limit:,}; decoded anyway (slow, memory-hungry: check that "
+        "it is the intended image or downscale it)",
+        LargeImageWarning,
+        stacklevel=3,
+    )
+
+
+def load_image(
+    path: str | Path, *, draft_size: int | None = None, stimulus_id: str | None = None
+) -> Image.Image:
     """Decode ``path`` into an 8-bit RGB :class:`PIL.Image.Image`.
 
     Args:
@@ -67,6 +102,8 @@ def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Imag
             ``FILE#DATASET#ROW``; see module docstring).
         draft_size: if given, JPEG files may be decoded at a reduced scale no smaller than this
             many pixels on the short side (much faster; used for validation only).
+        stimulus_id: names the stimulus in the warning about an image above Pillow's
+            decompression-bomb limit (:class:`LargeImageWarning`, once per file).
 
     Raises:
         OSError, PIL.UnidentifiedImageError, ValueError: the file is unreadable or corrupt.
@@ -76,6 +113,7 @@ def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Imag
     if ref is not None:
         return Image.fromarray(read_row(ref))
     with Image.open(path) as opened:
+        _warn_if_large(opened, path, stimulus_id)
         if draft_size is not None and opened.format == "JPEG":
             opened.draft("RGB", (draft_size, draft_size))
         opened.load()

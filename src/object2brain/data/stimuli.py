@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,9 +140,7 @@ def read_table(path: Path, *, ids: Sequence[str] = ID_COLUMNS) -> pd.DataFrame:
             frame = pd.read_csv(path, sep=sep, dtype={c: str for c in ids})
             present = [c for c in ids if c in frame.columns]
             if present:
-                text = pd.read_csv(
-                    path, sep=sep, dtype=str, keep_default_na=False, usecols=present
-                )
+                text = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, usecols=present)
                 frame[present] = text[present].astype(object)
         else:
             raise StimulusError(
@@ -169,7 +168,9 @@ def id_problems(values: pd.Series, column: str) -> tuple[list[str], list[str]]:
     blank = [ln for ln, v in zip(lines, text, strict=True) if not v.strip()]
     if blank:
         problems.append(f"empty {column} on line(s) {listing(blank)}")
-    padded = [f"{ln} ({v!r})" for ln, v in zip(lines, text, strict=True) if v.strip() and v != v.strip()]
+    padded = [
+        f"{ln} ({v!r})" for ln, v in zip(lines, text, strict=True) if v.strip() and v != v.strip()
+    ]
     if padded:
         problems.append(
             f"{column} with leading or trailing spaces on line(s) {listing(padded)} "
@@ -319,8 +320,8 @@ def _id_problems(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     """The ids as written, and empty, padded or duplicate ids and reserved conditions as
     message parts."""
     ids, problems = id_problems(frame["stimulus_id"], "stimulus_id")
-    counts = pd.Series(ids).value_counts()
-    duplicated = sorted(i for i, n in counts.items() if n > 1 and str(i).strip())
+    counts = Counter(ids)
+    duplicated = sorted(i for i, n in counts.items() if n > 1 and i.strip())
     if duplicated:
         problems.append(f"duplicate stimulus_id(s): {listing(duplicated)}")
 
@@ -335,7 +336,9 @@ def _id_problems(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     return ids, problems
 
 
-def _file_problems(ids: Sequence[str], paths: list[Path], check: CheckLevel, workers: int) -> list[str]:
+def _file_problems(
+    ids: Sequence[str], paths: list[Path], check: CheckLevel, workers: int
+) -> list[str]:
     """Problems of the images as message parts: rows of image arrays (bad files, datasets, rows:
     :func:`~object2brain.data.image_array.array_problems`), then image files."""
     refs = [parse_array_ref(p) for p in paths]
@@ -391,7 +394,7 @@ def _unreadable(
         sid, path = item
         try:
             if check == "full":
-                load_image(path, draft_size=64)
+                load_image(path, draft_size=64, stimulus_id=sid)
             else:
                 from PIL import Image
 

@@ -175,8 +175,8 @@ def _refuse_double_assignment(frame: pd.DataFrame, where: str) -> None:
     keys = [assigned["model"].astype(str), assigned["layer"].astype(str), assigned["filter"]]
     groups = assigned["group"].astype(str).groupby(keys, sort=True).unique()
     doubled = [
-        f"{model}/{layer} filter {k} ({', '.join(sorted(names))})"
-        for (model, layer, k), names in groups.items()
+        f"{key[0]}/{key[1]} filter {key[2]} ({', '.join(sorted(names))})"  # type: ignore[index]
+        for key, names in groups.items()
         if len(names) > 1
     ]
     if doubled:
