@@ -57,7 +57,9 @@ def test_duplicate_keys_in_every_yaml_the_package_reads(
 def _h5(path: Path, kind: str, data: np.ndarray, subject: str = "sub-01", roi: str = "EVC") -> Path:
     with h5py.File(path, "w") as f:
         f.attrs["kind"] = kind
-        f.create_dataset("stimulus_ids", data=np.asarray(IDS, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset(
+            "stimulus_ids", data=np.asarray(IDS, dtype=object), dtype=h5py.string_dtype()
+        )
         f.create_dataset(f"{subject}/{roi}", data=data)
     return path
 

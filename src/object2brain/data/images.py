@@ -12,6 +12,10 @@ greyscale, palette, RGBA, CMYK, 16-bit and EXIF-rotated files are handled identi
 An image may also be a row of an HDF5 image array, written ``FILE#ROW`` or ``FILE#DATASET#ROW``
 (:mod:`object2brain.data.image_array`): its uint8 ``(H, W, 3)`` pixels become the RGB picture
 directly, so the rest of the preprocessing is exactly that of a file with the same pixels.
+
+An image with more pixels than Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is
+decoded with a :class:`LargeImageWarning` naming its stimulus (when known) and file, once per
+file, in place of Pillow's own warning, which names neither.
 :func:`image_sha256` is the content hash of either kind (caches of per-image results use it).
 """
 
@@ -65,11 +69,19 @@ class LargeImageWarning(UserWarning):
     """An image above Pillow's decompression-bomb limit, named with its stimulus or file."""
 
 
-# Pillow's own DecompressionBombWarning names neither the file nor the stimulus; load_image
-# replaces it with a LargeImageWarning that does (images past twice the limit stay an error).
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _WARNED: set[str] = set()
 _WARNED_LOCK = threading.Lock()
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(path: str | Path) -> Image.Image:
+    """``Image.open`` (reads the header only) without Pillow's DecompressionBombWarning, which
+    names neither the file nor the stimulus: :func:`_warn_if_large` replaces it. Images past
+    twice the limit stay an error (``DecompressionBombError``). The lock keeps the warning
+    filter change of one thread from racing another's."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 def _warn_if_large(image: Image.Image, path: str | Path, stimulus_id: str | None) -> None:
@@ -112,7 +124,7 @@ def load_image(
     ref = parse_array_ref(path)
     if ref is not None:
         return Image.fromarray(read_row(ref))
-    with Image.open(path) as opened:
+    with _open(path) as opened:
         _warn_if_large(opened, path, stimulus_id)
         if draft_size is not None and opened.format == "JPEG":
             opened.draft("RGB", (draft_size, draft_size))
