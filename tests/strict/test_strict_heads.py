@@ -65,11 +65,14 @@ def test_train_head_prints_why(
     argv = ["train-head", "--model", "resnet18", "--weights", "none", "--stimuli",
             str(stimulus_table), "--split", str(split), "--out", str(tmp_path / "h"),
             "--epochs", "1", "--quiet"]  # fmt: skip
+    code = 0
     try:
         main(argv)
     except SystemExit as exc:
-        assert not exc.code, capsys.readouterr().err
-    out = capsys.readouterr().out
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = captured.out
     # the untrained backbone may give one prediction for both test images: either reason is true
     why = r"\((2 images: any correlation of 2 points is \+1 or -1|the head predicts the same value)"
     for key in ("spearman", "pearson"):

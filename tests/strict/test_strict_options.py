@@ -32,7 +32,8 @@ TOO_MANY = str(MAX_RESAMPLES + 1)
     [
         (["rsa", "--activations", "a.h5", "--n-perm", "1000000000000"],
          "Invalid value for '--n-perm': Input should be less than or equal to 10000000"),
-        (["rsa", "--activations", "a.h5", "--n-boot", TOO_MANY], "'--n-boot': Input should be less"),
+        (["rsa", "--activations", "a.h5", "--n-boot", TOO_MANY],
+         "'--n-boot': Input should be less"),
         (["lesion", "--activations", "a.h5", "--filters", "f.csv", "--n-null", TOO_MANY],
          "'--n-null': Input should be less"),
         (["dissect", "--model", "resnet18", "--layer", "layer4", "--stimuli", "s.csv",
