@@ -188,8 +188,18 @@ def load_ratings(
                 f"{where}: {len(unknown)} stimulus id(s) not in the stimulus set: "
                 f"{listing(unknown)}"
             )
+    return Ratings(_merge_repeats(table, where, line, duplicates), origin)
+
+
+def _merge_repeats(
+    table: pd.DataFrame, where: str, line: np.ndarray, duplicates: Duplicates
+) -> pd.DataFrame:
+    """``table`` with one row per ``(subject, stimulus_id)``: repeats refused (``error``, naming
+    the pairs and their file lines ``line``) or averaged (``mean``)."""
     repeated = table.duplicated(["subject", "stimulus_id"], keep=False)
-    if repeated.any() and duplicates == "error":
+    if not repeated.any():
+        return table.reset_index(drop=True)
+    if duplicates == "error":
         pairs = table.loc[repeated, ["subject", "stimulus_id"]].drop_duplicates()
         shown = [f"({s}, {i}) on line(s) {_lines_of(table, s, i, line)}" for s, i in pairs.values]
         raise DataError(
@@ -197,16 +207,13 @@ def load_ratings(
             f"{listing(shown, limit=5)}; remove the repeats, or average them explicitly "
             "(load_ratings(..., duplicates='mean'))"
         )
-    if repeated.any():
-        log.info(
-            "%s: %d rows repeat a (subject, stimulus_id) pair; repeated ratings are averaged",
-            where,
-            int(repeated.sum()),
-        )
-        table = (
-            table.groupby(["subject", "stimulus_id"], sort=False)["valence"].mean().reset_index()
-        )
-    return Ratings(table.reset_index(drop=True), origin)
+    log.info(
+        "%s: %d rows repeat a (subject, stimulus_id) pair; repeated ratings are averaged",
+        where,
+        int(repeated.sum()),
+    )
+    averaged = table.groupby(["subject", "stimulus_id"], sort=False)["valence"].mean()
+    return averaged.reset_index().reset_index(drop=True)
 
 
 def _lines_of(table: pd.DataFrame, subject: str, sid: str, line: np.ndarray) -> str:
