@@ -261,7 +261,8 @@ def extract_command(
         typer.Option(
             "--valence",
             help="CSV (stimulus_id, predicted), e.g. train-head's out_of_fold.csv: stored as "
-            "layer 'valence' instead of the head's outputs.",
+            "layer 'valence' instead of the head's outputs (with --head: takes precedence, "
+            "with a warning).",
         ),
     ] = None,
     overwrite: Annotated[
@@ -384,18 +385,24 @@ def train_head_command(
         typer.echo(f"skipped {result.n_missing} missing image(s): {result.missing_path}")
     for name, head in result.models.items():
         test = head.metrics["test"]
-        scores = ", ".join(
-            f"{key} {test[key]:.3f}" if test.get(key) is not None else f"{key} n/a"
-            for key in ("spearman", "pearson", "r2")
-        )
+        scores = ", ".join(_metric(test, key) for key in ("spearman", "pearson", "r2"))
         typer.echo(f"{name}: test {scores} -> {head.head_path}")
         if head.out_of_fold_path is not None:
             oof = head.metrics["out_of_fold"]
-            rho = "n/a" if oof.get("spearman") is None else f"{oof['spearman']:.3f}"
+            rho = _metric(oof, "spearman").removeprefix("spearman ")
             typer.echo(
                 f"{name}: out-of-fold spearman {rho} over {oof['n']} stimuli "
                 f"-> {head.out_of_fold_path}"
             )
+
+
+def _metric(metrics: dict[str, Any], key: str) -> str:
+    """``key 0.123``, or ``key n/a (why)`` / ``key -1.000 (why)`` with the metric's reason
+    (:func:`~object2brain.heads.fit.regression_metrics`)."""
+    value = metrics.get(key)
+    shown = "n/a" if value is None else f"{value:.3f}"
+    why = metrics.get("reasons", {}).get(key)
+    return f"{key} {shown}" + (f" ({why})" if why else "")
 
 
 @stage_command("dissect", DissectOptions)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -90,14 +91,16 @@ def _not_a_boolean(value: Any) -> Any:
     return value
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
+def _finite(value: float) -> float:
+    """After parsing, so that ``"nan"``, ``"-inf"`` and ``1e400`` (text from a YAML file or an API
+    call, parsed by pydantic) are refused like the float ``nan``."""
+    if not math.isfinite(value):
         raise ValueError(f"expected a finite number, got {value}")
     return value
 
 
 Int = Annotated[int, BeforeValidator(_not_a_boolean)]
-Float = Annotated[float, BeforeValidator(_not_a_boolean), BeforeValidator(_finite)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean), AfterValidator(_finite)]
 Count = Annotated[Int, Field(ge=0, le=MAX_RESAMPLES)]
 
 

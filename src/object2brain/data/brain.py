@@ -34,7 +34,11 @@ Handling of problem values (each logged or raised with the file, subject, ROI an
   ``index`` 0 (background) is ignored with a warning; an index absent from the image is an error.
 - Constant (zero-variance) patterns make the correlation distance undefined: computing the RDM
   raises :class:`DataError` naming the stimulus ids (euclidean RDMs accept them).
-- RDMs must be square, finite and symmetric (to 1e-6 relative); a non-zero diagonal is ignored.
+- RDMs must be square, finite and symmetric, with a zero diagonal and no negative entry (each to
+  1e-6 of the largest magnitude; :func:`check_rdm`): a similarity matrix given as an RDM is
+  refused, naming the file, subject, ROI and stimulus ids.
+- A manifest key that no source kind reads (a typo such as ``pth:``) is an error naming the
+  source and the keys the kind accepts, as in the study config.
 - Stimulus ids are matched by value, never by position (:meth:`BrainData.aligned`); ids the brain
   data lack are listed in an error (or, with ``on_missing="intersect"``, logged and the analysis
   restricted to the common ids), each distinct set of missing ids once with the items lacking it;
@@ -276,12 +280,14 @@ def brain_files(source: str | Path) -> list[Path]:
     load are left out here; :func:`load_brain` reports them."""
     import yaml
 
+    from object2brain.yaml_io import load_yaml
+
     path = Path(source).expanduser()
     files = [path]
     if path.suffix.lower() in {".h5", ".hdf5", ".hdf"} or not path.is_file():
         return files
     try:
-        manifest = yaml.safe_load(path.read_text())
+        manifest = load_yaml(path)
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return files
     sources = manifest.get("sources") if isinstance(manifest, dict) else None
@@ -306,20 +312,23 @@ def brain_files(source: str | Path) -> list[Path]:
 def _load_manifest(path: Path) -> list[BrainItem]:
     import yaml
 
+    from object2brain.yaml_io import describe_yaml_error, load_yaml
+
     try:
-        manifest = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        manifest = load_yaml(path)
+    except yaml.YAMLError as exc:
+        raise DataError(
+            f"{path}: not a readable YAML manifest: {describe_yaml_error(exc)}"
+        ) from None
+    except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a readable YAML manifest ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), list):
         raise DataError(f"{path}: a brain manifest needs a 'sources:' list")
+    check_manifest_keys(manifest, str(path))
     items: list[BrainItem] = []
     for number, spec in enumerate(manifest["sources"], start=1):
         where = f"{path}: source {number}"
-        if not isinstance(spec, dict):
-            raise DataError(f"{where}: expected a mapping with 'kind' and paths")
         kind = spec.get("kind")
-        if kind not in SOURCE_KINDS:
-            raise DataError(f"{where}: unknown kind {kind!r} (use {', '.join(SOURCE_KINDS)})")
         if kind in ("patterns", "rdms"):
             items += _load_h5(_resolve(path, spec, "path", where), kind=str(kind))
         elif kind == "nifti":
@@ -329,6 +338,51 @@ def _load_manifest(path: Path) -> list[BrainItem]:
     if not items:
         raise DataError(f"{path}: the brain manifest declares no data")
     return items
+
+
+#: The keys each source kind of a brain manifest reads (``kind`` included).
+SOURCE_KEYS: dict[str, frozenset[str]] = {
+    "patterns": frozenset({"kind", "path"}),
+    "rdms": frozenset({"kind", "path"}),
+    "nifti": frozenset({"kind", "subject", "betas", "stimuli", "rois", "labels", "labels_tsv"}),
+    "nsd": frozenset(
+        {"kind", "root", "subjects", "repetitions", "sessions", "rois", "space", "betas"}
+    ),
+    "things_fmri": frozenset(
+        {"kind", "root", "subjects", "repetitions", "trial_types", "dataset", "rois"}
+    ),
+}
+#: The top-level keys of a brain manifest.
+MANIFEST_KEYS = frozenset({"sources"})
+
+
+def check_manifest_keys(manifest: dict[str, Any], where: str) -> None:
+    """Refuse keys that nothing reads: at the top level (only ``sources``) and in each source
+    (:data:`SOURCE_KEYS` of its kind); also a source that is no mapping or has an unknown kind.
+
+    Raises:
+        DataError: ``<where>: source N: unknown key(s) pth (a patterns source reads: kind, path)``.
+    """
+    unknown = sorted(str(k) for k in manifest if k not in MANIFEST_KEYS)
+    if unknown:
+        raise DataError(
+            f"{where}: unknown top-level key(s) {', '.join(unknown)} (a brain manifest has "
+            "only 'sources:')"
+        )
+    for number, spec in enumerate(manifest["sources"], start=1):
+        at = f"{where}: source {number}"
+        if not isinstance(spec, dict):
+            raise DataError(f"{at}: expected a mapping with 'kind' and paths")
+        kind = spec.get("kind")
+        if kind not in SOURCE_KINDS:
+            raise DataError(f"{at}: unknown kind {kind!r} (use {', '.join(SOURCE_KINDS)})")
+        allowed = SOURCE_KEYS[str(kind)]
+        extra = sorted(str(k) for k in spec if k not in allowed)
+        if extra:
+            raise DataError(
+                f"{at}: unknown key(s) {', '.join(extra)} (a {kind} source reads: "
+                f"{', '.join(sorted(allowed))})"
+            )
 
 
 def _published_files(manifest: Path, spec: dict[str, Any]) -> list[Path]:
@@ -453,9 +507,7 @@ def _make_item(
             raise DataError(
                 f"{where}: NaN or infinite dissimilarities for stimulus id(s) {listing(bad)}"
             )
-        scale = max(float(np.abs(data).max()), 1e-300)
-        if not np.allclose(data, data.T, rtol=0, atol=1e-6 * scale):
-            raise DataError(f"{where}: RDM is not symmetric")
+        check_rdm(data, ids, where)
         return BrainItem(subject, roi, "rdm", data, ids, source)
     patterns = data.reshape(n, -1)
     if patterns.shape[1] == 0:
@@ -501,6 +553,44 @@ def _make_item(
         )
         patterns = patterns[:, ~constant]
     return BrainItem(subject, roi, "patterns", patterns, ids, source)
+
+
+def check_rdm(data: np.ndarray, ids: Sequence[str], where: str) -> None:
+    """Refuse a square, finite ``(n, n)`` matrix that is not a dissimilarity matrix.
+
+    With ``tol = 1e-6 * max|d|`` (rounding of a computed RDM passes): the matrix must be symmetric
+    (``|d_ij - d_ji| <= tol``), its diagonal zero (``|d_ii| <= tol``: a stimulus is not
+    dissimilar to itself; a diagonal of ones is a *similarity* matrix, whose comparison with the
+    model's RDMs would flip the sign of every correlation) and no entry negative
+    (``d_ij >= -tol``). Each error names ``where`` (file, subject, ROI) and the stimulus ids.
+
+    Raises:
+        DataError: naming the first violated rule.
+    """
+    scale = max(float(np.abs(data).max()), 1e-300)
+    tol = 1e-6 * scale
+    if not np.allclose(data, data.T, rtol=0, atol=tol):
+        raise DataError(f"{where}: RDM is not symmetric")
+    diagonal = np.diagonal(data)
+    off = np.flatnonzero(np.abs(diagonal) > tol)
+    if off.size:
+        hint = (
+            " (a diagonal of ones: this looks like a similarity matrix; give 1 - similarity)"
+            if np.allclose(diagonal, 1.0)
+            else ""
+        )
+        raise DataError(
+            f"{where}: the RDM's diagonal must be zero, but {off.size} of {len(ids)} entries are "
+            f"not (stimulus id(s) {listing([ids[int(i)] for i in off])}: "
+            f"{listing([f'{diagonal[i]:g}' for i in off[:3]], limit=3)}){hint}"
+        )
+    negative = np.argwhere(data < -tol)
+    if negative.size:
+        pairs = [f"({ids[i]}, {ids[j]}) = {data[i, j]:g}" for i, j in negative if i < j]
+        raise DataError(
+            f"{where}: an RDM holds dissimilarities >= 0, but {len(pairs)} pair(s) are negative: "
+            f"{listing(pairs, limit=5)}"
+        )
 
 
 def _roi_name(path: Path) -> str:

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from object2brain.data import ALL_CONDITION
@@ -121,16 +123,25 @@ class StimulusSet:
         return digest.hexdigest()
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV, TSV or Parquet table with all columns as read (ids kept as strings)."""
+#: Columns read as text exactly as written (no ``NA``/``null``/``NaN`` -> missing conversion).
+ID_COLUMNS: tuple[str, ...] = ("stimulus_id", "subject")
+
+
+def read_table(path: Path, *, ids: Sequence[str] = ID_COLUMNS) -> pd.DataFrame:
+    """Read a CSV, TSV or Parquet table; the ``ids`` columns of a CSV/TSV are strings exactly as
+    written: ``NA``, ``null`` or ``NaN`` stay ids, an empty cell is ``""``, spaces are kept (the
+    loaders refuse ids with surrounding spaces). Other columns are parsed by pandas."""
     suffix = path.suffix.lower()
     try:
         if suffix in {".parquet", ".pq"}:
             frame = pd.read_parquet(path)
-        elif suffix in {".tsv", ".tab"}:
-            frame = pd.read_csv(path, sep="\t", dtype={"stimulus_id": str})
-        elif suffix == ".csv":
-            frame = pd.read_csv(path, dtype={"stimulus_id": str})
+        elif suffix in {".tsv", ".tab", ".csv"}:
+            sep = "," if suffix == ".csv" else "\t"
+            frame = pd.read_csv(path, sep=sep, dtype={c: str for c in ids})
+            present = [c for c in ids if c in frame.columns]
+            if present:
+                text = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, usecols=present)
+                frame[present] = text[present].astype(object)
         else:
             raise StimulusError(
                 f"{path}: unsupported table format {suffix!r} (use .csv, .tsv or .parquet)"
@@ -144,6 +155,75 @@ def read_table(path: Path) -> pd.DataFrame:
     except Exception as exc:  # pandas/pyarrow raise many types for malformed files
         raise StimulusError(f"{path}: cannot be read as a table ({exc})") from None
     return frame
+
+
+def id_problems(values: pd.Series, column: str) -> tuple[list[str], list[str]]:
+    """The ids of ``values`` as strings, and their problems as message parts (lines: 1-based
+    file lines, the header being line 1): empty cells, and ids with leading or trailing
+    whitespace (refused rather than stripped: ``" a"`` and ``"a"`` would otherwise silently be
+    one stimulus, or a mismatch against another table)."""
+    lines = [int(i) + 2 for i in values.index]
+    text = ["" if _missing(v) else str(v) for v in values]
+    problems: list[str] = []
+    blank = [ln for ln, v in zip(lines, text, strict=True) if not v.strip()]
+    if blank:
+        problems.append(f"empty {column} on line(s) {listing(blank)}")
+    padded = [
+        f"{ln} ({v!r})" for ln, v in zip(lines, text, strict=True) if v.strip() and v != v.strip()
+    ]
+    if padded:
+        problems.append(
+            f"{column} with leading or trailing spaces on line(s) {listing(padded)} "
+            "(ids are taken exactly as written: remove the spaces)"
+        )
+    return text, problems
+
+
+TRUE_WORDS = frozenset({"true", "1"})
+FALSE_WORDS = frozenset({"false", "0"})
+
+
+def parse_booleans(values: pd.Series, where: str, column: str) -> pd.Series:
+    """``values`` as booleans, accepting only booleans, the numbers 1 and 0 and the words
+    ``true``/``false``/``1``/``0`` (any case, surrounding spaces ignored). Anything else (``yes``,
+    ``2``, an empty cell) would otherwise be read as *true* by ``astype(bool)``.
+
+    Raises:
+        DataError: ``<where>: column 'assigned' must hold true/false/1/0, not 'yes' (line 2), ...``
+            naming every offending file line (the header being line 1).
+    """
+    from object2brain.errors import DataError
+
+    parsed: list[bool] = []
+    bad: list[str] = []
+    for index, value in values.items():
+        flag = _boolean(value)
+        if flag is None:
+            bad.append(f"{value!r} (line {int(index) + 2})")  # type: ignore[call-overload]
+        parsed.append(bool(flag))
+    if bad:
+        raise DataError(
+            f"{where}: column {column!r} must hold true/false/1/0, not {listing(bad, limit=5)}"
+        )
+    return pd.Series(parsed, index=values.index, dtype=bool)
+
+
+def _boolean(value: object) -> bool | None:
+    """A strict boolean reading of one cell, ``None`` if it is not one."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer | float | np.floating) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+    return None
+
+
+def _missing(value: object) -> bool:
+    """A missing cell of a non-text column (None or NaN); the string ``"NA"`` is an id."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def load_stimuli(
@@ -236,16 +316,12 @@ def _read_source(
     raise StimulusError(f"{origin}: no such stimulus table, image folder or image array")
 
 
-def _id_problems(frame: pd.DataFrame) -> tuple[pd.Series, list[str]]:
-    """The stripped ids, and empty or duplicate ids and reserved conditions as message parts."""
-    problems: list[str] = []
-    ids = frame["stimulus_id"]
-    blank = ids.isna() | (ids.astype(str).str.strip() == "")
-    if blank.any():
-        lines = [int(i) + 2 for i in frame.index[blank]]  # +2: header line, 1-based
-        problems.append(f"empty stimulus_id on line(s) {listing(lines)}")
-    ids = ids.astype(str).str.strip()
-    duplicated = sorted(set(ids[ids.duplicated(keep=False) & ~blank]))
+def _id_problems(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The ids as written, and empty, padded or duplicate ids and reserved conditions as
+    message parts."""
+    ids, problems = id_problems(frame["stimulus_id"], "stimulus_id")
+    counts = Counter(ids)
+    duplicated = sorted(i for i, n in counts.items() if n > 1 and i.strip())
     if duplicated:
         problems.append(f"duplicate stimulus_id(s): {listing(duplicated)}")
 
@@ -260,7 +336,9 @@ def _id_problems(frame: pd.DataFrame) -> tuple[pd.Series, list[str]]:
     return ids, problems
 
 
-def _file_problems(ids: pd.Series, paths: list[Path], check: CheckLevel, workers: int) -> list[str]:
+def _file_problems(
+    ids: Sequence[str], paths: list[Path], check: CheckLevel, workers: int
+) -> list[str]:
     """Problems of the images as message parts: rows of image arrays (bad files, datasets, rows:
     :func:`~object2brain.data.image_array.array_problems`), then image files."""
     refs = [parse_array_ref(p) for p in paths]
@@ -316,7 +394,7 @@ def _unreadable(
         sid, path = item
         try:
             if check == "full":
-                load_image(path, draft_size=64)
+                load_image(path, draft_size=64, stimulus_id=sid)
             else:
                 from PIL import Image
 
