@@ -280,6 +280,12 @@ def extract_command(
 
     stimulus_set = load_stimuli(stimuli)
     loaded = load_model(model, weights=weights, head=head, seed=runtime.seed, name=name)
+    if head is not None and valence is not None:
+        logging.getLogger("object2brain.cli").warning(
+            "--valence and --head both given: layer 'valence' holds the values of %s, not the "
+            "head's outputs (--valence takes precedence)",
+            valence,
+        )
     path = extract(
         loaded,
         stimulus_set,

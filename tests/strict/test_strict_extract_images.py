@@ -22,7 +22,7 @@ from object2brain.heads.io import save_head
 from object2brain.models.zoo import load_model
 
 
-def test_supplied_valence_wins_over_the_head_with_a_warning(
+def test_supplied_valence_wins_over_the_head_and_says_so(
     stimulus_table: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     head = nn.Linear(512, 1)
@@ -31,10 +31,12 @@ def test_supplied_valence_wins_over_the_head_with_a_warning(
     ids = load_stimuli(stimulus_table).ids
     supplied = {sid: float(i) for i, sid in enumerate(ids)}
     model = load_model("resnet18", "none", seed=0, head=path)
-    with caplog.at_level(logging.WARNING, logger="object2brain"):
+    # the API says so at INFO (a study passes both on purpose: cross-fitted valence); the CLI,
+    # where a user gave both flags, warns (test below)
+    with caplog.at_level(logging.INFO, logger="object2brain"):
         out = extract(model, stimulus_table, out=tmp_path / "v.h5", layers=["layer4"],
                       valence=supplied, progress=False)  # fmt: skip
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any(
         "has a valence head and predicted valence was supplied" in m
         and "holds the supplied values, not the head's outputs" in m
@@ -44,11 +46,28 @@ def test_supplied_valence_wins_over_the_head_with_a_warning(
         np.testing.assert_array_equal(store.read("valence"), np.arange(len(ids), dtype=float))
         assert store.attrs["valence_source"] == "supplied"
 
-    caplog.clear()  # without a head: nothing to warn about
-    with caplog.at_level(logging.WARNING, logger="object2brain"):
+    caplog.clear()  # without a head: nothing to say
+    with caplog.at_level(logging.INFO, logger="object2brain"):
         extract(load_model("resnet18", "none", seed=0), stimulus_table, out=tmp_path / "w.h5",
                 layers=["layer4"], valence=supplied, progress=False)  # fmt: skip
     assert not [r for r in caplog.records if "valence head" in r.getMessage()]
+
+
+def test_cli_warns_when_valence_and_head_are_both_given(
+    stimulus_table: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from object2brain.cli import main
+
+    head = nn.Linear(512, 1)
+    path = save_head(head, tmp_path / "h.safetensors", {"arch": "resnet18", "replaced_layer": "fc"})
+    valence = tmp_path / "valence.csv"
+    ids = load_stimuli(stimulus_table).ids
+    valence.write_text("stimulus_id,predicted\n" + "".join(f"{s},{i}\n" for i, s in enumerate(ids)))
+    argv = ["extract", "--model", "resnet18", "--weights", "none", "--stimuli", str(stimulus_table)]
+    argv += ["--out", str(tmp_path / "c.h5"), "--layers", "layer4", "--head", str(path)]
+    with caplog.at_level(logging.WARNING, logger="object2brain"):
+        main([*argv, "--valence", str(valence), "--quiet"])
+    assert any("--valence takes precedence" in r.getMessage() for r in caplog.records)
 
 
 def test_large_image_warning_names_the_stimulus(

@@ -93,8 +93,8 @@ def extract(
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
     supplied = None if valence is None else load_predicted_valence(valence, stimulus_set.ids)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, seed=seed)
-    if supplied is not None and loaded.has_head:
-        log.warning(
+    if supplied is not None and loaded.has_head:  # a study does this on purpose: INFO
+        log.info(
             "extract: model %r has a valence head and predicted valence was supplied: layer "
             "'valence' of %s holds the supplied values, not the head's outputs (the supplied "
             "valence takes precedence; store attribute valence_source = supplied)",
