@@ -39,7 +39,9 @@ from object2brain.errors import Object2BrainError
 # --- vocabularies (every list of allowed values lives here) --------------------------------
 
 RdmMetric = Literal["correlation", "euclidean", "cosine"]
-CompareMethod = Literal["spearman", "pearson", "kendall_tau_a"]
+CompareMethod = Literal[
+    "spearman", "pearson", "kendall_tau_a", "rho_a", "cosine", "corr_cov", "cosine_cov"
+]
 StorageDtype = Literal["float32", "float16"]
 AmpDtype = Literal["bfloat16", "float16"]
 DecodeMode = Literal["pil", "torch", "auto"]
@@ -201,7 +203,7 @@ class RsaOptions(StageOptions):
     compare_method: CompareMethod = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
-        description="spearman | pearson | kendall_tau_a",
+        description="spearman | pearson | kendall_tau_a | rho_a | cosine | corr_cov | cosine_cov",
         json_schema_extra=_cli("--compare"),
     )
     n_perm: Count = Field(10_000, description="Permutations.")
@@ -297,7 +299,7 @@ class LesionOptions(StageOptions):
     compare_method: CompareMethod = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
-        description="spearman | pearson | kendall_tau_a",
+        description="spearman | pearson | kendall_tau_a | rho_a | cosine | corr_cov | cosine_cov",
         json_schema_extra=_cli("--compare"),
     )
     batch_size: Int = Field(32, ge=1, description="Images per batch (with --propagate).")
