@@ -51,6 +51,7 @@ Variant = Literal["lesion", "keep"]
 NullKind = Literal["random", "matched"]
 OnMissing = Literal["error", "intersect"]
 ValenceSource = Literal["stimuli", "ratings"]
+BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -205,6 +206,13 @@ class RsaOptions(StageOptions):
         validation_alias=AliasChoices("compare_method", "compare"),
         description="spearman | pearson | kendall_tau_a | rho_a | cosine | corr_cov | cosine_cov",
         json_schema_extra=_cli("--compare"),
+    )
+    brain_rdm: BrainRdm | None = Field(
+        None,
+        description=(
+            "crossnobis | crossvalidated_euclidean: ROI RDMs cross-validated over the runs of "
+            "run-wise patterns (default: --rdm of each stimulus' mean pattern)."
+        ),
     )
     n_perm: Count = Field(10_000, description="Permutations.")
     n_boot: Count = Field(1_000, description="Bootstrap resamples.")

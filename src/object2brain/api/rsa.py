@@ -55,6 +55,7 @@ def rsa(
     n_boot: int | None = None,
     layers: Sequence[str] | None = None,
     on_missing: OnMissing | None = None,
+    brain_rdm: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -75,8 +76,8 @@ def rsa(
             fitted on some of the analysed stimuli, give the held-out ones (e.g. the ``test``
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
-        rdm_metric, compare_method, n_perm, n_boot, layers, on_missing: the fields of
-            :class:`RsaOptions` (None: not given).
+        rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, brain_rdm: the
+            fields of :class:`RsaOptions` (None: not given).
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
         ``condition_contrast`` and ``alignment_group`` tables, and the files written.
@@ -88,6 +89,7 @@ def rsa(
         "n_boot": n_boot,
         "layers": None if layers is None else list(layers),
         "on_missing": on_missing,
+        "brain_rdm": brain_rdm,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -110,6 +112,7 @@ def rsa(
             device=resolve_device(runtime.device),
             on_missing=opts.on_missing,
             behavior_ids=behavior_ids,
+            brain_rdm=opts.brain_rdm,
         )
         with progress_bar("rsa", progress) as bar:
             result = compute_alignment(stores, analysis, opts, runtime, progress=bar)
@@ -263,4 +266,16 @@ def _config(
         "layers": list(options.layers) if options.layers is not None else "all",
         "on_missing": options.on_missing,
         "behavior_ids": None if behavior_ids is None else sorted(behavior_ids),
+    } | _new_options(options)
+
+
+def _new_options(options: RsaOptions) -> dict[str, Any]:
+    """Options recorded in the manifest only when they differ from their default (so the
+    manifests of analyses that do not use them stay as they were)."""
+    defaults = RsaOptions()
+    names = ("brain_rdm",)
+    return {
+        name: getattr(options, name)
+        for name in names
+        if getattr(options, name) != getattr(defaults, name)
     }
