@@ -52,6 +52,8 @@ NullKind = Literal["random", "matched"]
 OnMissing = Literal["error", "intersect"]
 ValenceSource = Literal["stimuli", "ratings"]
 BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
+FdrFamily = Literal["model", "models", "study"]
+Pairs = Literal["all", "within"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -216,6 +218,14 @@ class RsaOptions(StageOptions):
     )
     n_perm: Count = Field(10_000, description="Permutations.")
     n_boot: Count = Field(1_000, description="Bootstrap resamples.")
+    fdr_family: FdrFamily = Field(
+        "model",
+        description=(
+            "Benjamini-Hochberg families: model (layers x targets of one model, condition and "
+            "subject level) | models (all models together) | study (the whole table: models, "
+            "conditions and subject levels together)."
+        ),
+    )
     layers: list[str] | None = Field(
         None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)
     )

@@ -56,6 +56,7 @@ def rsa(
     layers: Sequence[str] | None = None,
     on_missing: OnMissing | None = None,
     brain_rdm: str | None = None,
+    fdr_family: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -76,8 +77,8 @@ def rsa(
             fitted on some of the analysed stimuli, give the held-out ones (e.g. the ``test``
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
-        rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, brain_rdm: the
-            fields of :class:`RsaOptions` (None: not given).
+        rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, brain_rdm,
+            fdr_family: the fields of :class:`RsaOptions` (None: not given).
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
         ``condition_contrast`` and ``alignment_group`` tables, and the files written.
@@ -90,6 +91,7 @@ def rsa(
         "layers": None if layers is None else list(layers),
         "on_missing": on_missing,
         "brain_rdm": brain_rdm,
+        "fdr_family": fdr_family,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -273,7 +275,7 @@ def _new_options(options: RsaOptions) -> dict[str, Any]:
     """Options recorded in the manifest only when they differ from their default (so the
     manifests of analyses that do not use them stay as they were)."""
     defaults = RsaOptions()
-    names = ("brain_rdm",)
+    names = ("brain_rdm", "fdr_family")
     return {
         name: getattr(options, name)
         for name in names

@@ -23,8 +23,10 @@ from the stimulus table's ``valence`` column) has one row, ``group``.
 
 ``p_perm`` is the one-sided Mantel p (``(1 + #{r_perm >= r}) / (1 + n_perm)``); ``p_fdr`` the
 Benjamini-Hochberg adjustment over all (layer, target) tests of one model, condition and subject
-level; ``ci_low``/``ci_high`` the 95% stimulus-bootstrap interval; ``nc_low``/``nc_high`` the
-noise ceiling of the target in that condition (NaN with fewer than two subjects).
+level (``fdr_family`` ``model``, the default; ``models``: all models of one condition and subject
+level together; ``study``: every row of the table, :data:`FDR_FAMILIES`); ``ci_low``/``ci_high``
+the 95% stimulus-bootstrap interval; ``nc_low``/``nc_high`` the noise ceiling of the target in
+that condition (NaN with fewer than two subjects).
 
 The other tables:
 
@@ -192,7 +194,7 @@ def compute_alignment(
             if progress is not None:
                 progress(done, total)
         direct += _direct_rows(context, model)
-    return _tables(alignment, contrasts, direct, analysis)
+    return _tables(alignment, contrasts, direct, analysis, options.fdr_family)
 
 
 def _model_steps(
@@ -371,19 +373,51 @@ def predicted_valence(store: ActivationStore, ids: list[str]) -> np.ndarray:
     return values[:, 0]
 
 
+#: The columns whose rows share one Benjamini-Hochberg family, per table and ``fdr_family``:
+#: ``model`` (every layer x target of one model, condition and subject level), ``models`` (all
+#: models together, per condition and subject level), ``study`` (the whole table).
+FDR_FAMILIES: dict[str, dict[str, list[str]]] = {
+    "model": {
+        "alignment": ["model", "condition", "subject"],
+        "condition_contrast": ["model", "condition_a", "condition_b", "subject"],
+        "alignment_group": ["model", "condition"],
+    },
+    "models": {
+        "alignment": ["condition", "subject"],
+        "condition_contrast": ["condition_a", "condition_b", "subject"],
+        "alignment_group": ["condition"],
+    },
+    "study": {"alignment": [], "condition_contrast": [], "alignment_group": []},
+}
+
+
+def fdr_within(
+    frame: pd.DataFrame, family: list[str], columns: Sequence[tuple[str, str]]
+) -> pd.DataFrame:
+    """:func:`~object2brain.rsa.inference.with_fdr` over the families of ``family`` columns;
+    an empty list: the whole table is one family."""
+    if family or frame.empty:
+        return with_fdr(frame, family, columns)
+    marked = frame.assign(_family=0)
+    return with_fdr(marked, ["_family"], columns).drop(columns="_family")
+
+
 def _tables(
     alignment: list[dict[str, Any]],
     contrasts: list[dict[str, Any]],
     direct: list[dict[str, Any]],
     analysis: AnalysisSet,
+    fdr_family: str = "model",
 ) -> AlignmentResult:
-    aligned = with_fdr(
+    families = FDR_FAMILIES[fdr_family]
+    aligned = fdr_within(
         pd.DataFrame(alignment, columns=ALIGNMENT.column_names),
-        ["model", "condition", "subject"],
+        families["alignment"],
+        [("p_perm", "p_fdr")],
     )
-    contrast = with_fdr(
+    contrast = fdr_within(
         pd.DataFrame(contrasts, columns=CONDITION_CONTRAST.column_names),
-        ["model", "condition_a", "condition_b", "subject"],
+        families["condition_contrast"],
         [("p_perm", "p_fdr"), ("p_boot", "p_boot_fdr")],
     )
     summary = {
@@ -395,16 +429,18 @@ def _tables(
         aligned,
         pd.DataFrame(direct, columns=BEHAVIOR_DIRECT.column_names),
         contrast,
-        group_summary(aligned),
+        group_summary(aligned, families["alignment_group"]),
         summary,
     )
 
 
-def group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
+def group_summary(
+    alignment: pd.DataFrame, family: Sequence[str] = ("model", "condition")
+) -> pd.DataFrame:
     """Mean and SEM over subjects of per-subject r (``alignment_group`` table), and a one-sided
     one-sample t-test of the mean r > 0 across subjects, ``t = mean / sem`` with ``S - 1``
-    degrees of freedom (``p_t``; BH-FDR ``p_t_fdr`` over layers x targets per model and
-    condition).
+    degrees of freedom (``p_t``; BH-FDR ``p_t_fdr`` over the rows sharing the ``family``
+    columns, by default layers x targets per model and condition).
 
     The ``group`` rows of the alignment test these subjects (their p and CI come from stimulus
     permutations and resamples, the same for every subject: fixed effects); ``p_t`` treats the
@@ -425,5 +461,5 @@ def group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
     summary["p_t"] = scipy.stats.t.sf(summary["t"], dof.clip(lower=1)).astype(float)
     summary.loc[summary["t"].isna(), "p_t"] = np.nan
     summary["p_t_fdr"] = np.nan
-    summary = with_fdr(summary, ["model", "condition"], [("p_t", "p_t_fdr")])
+    summary = fdr_within(summary, list(family), [("p_t", "p_t_fdr")])
     return summary[columns]
