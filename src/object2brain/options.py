@@ -218,6 +218,13 @@ class RsaOptions(StageOptions):
     )
     n_perm: Count = Field(10_000, description="Permutations.")
     n_boot: Count = Field(1_000, description="Bootstrap resamples.")
+    pairs: Pairs = Field(
+        "all",
+        description=(
+            "all | within: the 'all' rows compare only pairs of stimuli of the same condition "
+            "(stratified permutations and resamples)."
+        ),
+    )
     fdr_family: FdrFamily = Field(
         "model",
         description=(

@@ -178,3 +178,26 @@ def test_masked_compare_refuses_the_new_methods() -> None:
 def test_rsa_and_lesion_options_accept_the_comparators(method: str) -> None:
     assert RsaOptions(compare=method).compare_method == method
     assert LesionOptions(compare=method).compare_method == method
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_lesion_delta_permutation_equals_rsatoolbox(method: str) -> None:
+    """The lesions' test of ``delta = r(variant, y) - r(full, y)`` (a statistic linear in the
+    prepared target) with the new comparators, against rsatoolbox on permuted RDMs."""
+    from object2brain.rsa.compare import prepare
+
+    rng = np.random.default_rng(9)
+    n, n_perm = 9, 40
+    full, variant, y = _rdms(rng, 1, n), _rdms(rng, 1, n), _rdms(rng, 2, n)
+    side = prepare(variant, method) - prepare(full, method)
+    res = inference.linear_permutation_test(side, prepare(y, method), n_perm, seed=2)
+    observed = _rsatoolbox(variant, y, method) - _rsatoolbox(full, y, method)
+    np.testing.assert_allclose(res.r, observed, atol=1e-9)
+    count = np.zeros_like(observed)
+    iu, ju = np.triu_indices(n, 1)
+    squares = [rsatoolbox.rdm.RDMs(v).get_matrices()[0] for v in (variant, full)]
+    for perm in np.concatenate(list(inference.permutations(n, n_perm, 2))):
+        v, f = (s[perm][:, perm][iu, ju][None] for s in squares)
+        delta = _rsatoolbox(v, y, method) - _rsatoolbox(f, y, method)
+        count += np.abs(delta) >= np.abs(observed) - 1e-12
+    np.testing.assert_array_equal(res.p, (1 + count) / (1 + n_perm))

@@ -57,6 +57,7 @@ def rsa(
     on_missing: OnMissing | None = None,
     brain_rdm: str | None = None,
     fdr_family: str | None = None,
+    pairs: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -78,7 +79,7 @@ def rsa(
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
         rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, brain_rdm,
-            fdr_family: the fields of :class:`RsaOptions` (None: not given).
+            fdr_family, pairs: the fields of :class:`RsaOptions` (None: not given).
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
         ``condition_contrast`` and ``alignment_group`` tables, and the files written.
@@ -92,6 +93,7 @@ def rsa(
         "on_missing": on_missing,
         "brain_rdm": brain_rdm,
         "fdr_family": fdr_family,
+        "pairs": pairs,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -275,7 +277,7 @@ def _new_options(options: RsaOptions) -> dict[str, Any]:
     """Options recorded in the manifest only when they differ from their default (so the
     manifests of analyses that do not use them stay as they were)."""
     defaults = RsaOptions()
-    names = ("brain_rdm", "fdr_family")
+    names = ("brain_rdm", "fdr_family", "pairs")
     return {
         name: getattr(options, name)
         for name in names

@@ -53,11 +53,12 @@ import scipy.stats
 import torch
 
 from object2brain.activations.store import ActivationStore
-from object2brain.data import GROUP_RDM_SUBJECT, GROUP_SUBJECT
+from object2brain.data import ALL_CONDITION, GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 from object2brain.options import RsaOptions, Runtime
 from object2brain.rsa.inference import (
+    TestResult,
     bootstrap_ci,
     condition_difference_bootstrap,
     condition_difference_test,
@@ -72,6 +73,12 @@ from object2brain.rsa.targets import (
     AnalysisSet,
     Condition,
     TargetColumns,
+)
+from object2brain.rsa.within import (
+    check_within_method,
+    within_bootstrap_ci,
+    within_mantel_test,
+    within_pairs,
 )
 from object2brain.tables import ALIGNMENT, ALIGNMENT_GROUP, BEHAVIOR_DIRECT, CONDITION_CONTRAST
 
@@ -167,6 +174,8 @@ def compute_alignment(
     models = select_models(stores, options.layers)
     method = options.compare_method
     n = len(analysis.ids)
+    if options.pairs == "within":
+        check_within_pairs(analysis, method)
     if method == "kendall_tau_a" and options.n_perm * n * n > 10**8:
         log.warning("kendall_tau_a costs O(m^2) per permutation: this run will be slow")
     context = _Context(
@@ -175,7 +184,7 @@ def compute_alignment(
         options,
         runtime.seed,
         device,
-        noise_ceilings(analysis, method, device),
+        noise_ceilings(analysis, method, device, options.pairs),
     )
     total = len(models) * (len(analysis.conditions) + len(analysis.contrasts))
     done = 0
@@ -214,20 +223,38 @@ def _model_steps(
         yield 1
 
 
+def check_within_pairs(analysis: AnalysisSet, method: str) -> None:
+    """Raise :class:`DataError` when ``pairs = within`` cannot run: no ``condition`` column,
+    no condition of 2 or more stimuli, or a comparison it does not support."""
+    if analysis.labels is None:
+        raise DataError(
+            f"{analysis.where}: --pairs within needs a 'condition' column in the stimulus table"
+        )
+    check_within_method(method)
+    within_pairs(analysis.labels.tolist())
+
+
 def noise_ceilings(
-    analysis: AnalysisSet, method: str, device: torch.device
+    analysis: AnalysisSet, method: str, device: torch.device, pairs: str = "all"
 ) -> dict[tuple[int, str], tuple[float, float]]:
     """Lower and upper noise ceiling per (target index, condition name); NaN for group-level
-    targets (:func:`~object2brain.rsa.inference.noise_ceiling`)."""
+    targets (:func:`~object2brain.rsa.inference.noise_ceiling`). With ``pairs = within`` the
+    ``all`` ceilings are those of the within-condition pairs."""
     ceilings: dict[tuple[int, str], tuple[float, float]] = {}
     for condition in analysis.conditions:
         rows = torch.as_tensor(condition.rows, device=device)
+        within = pairs == "within" and condition.name == ALL_CONDITION
         for index, target in enumerate(analysis.targets):
             if target.group_only:
                 ceilings[(index, condition.name)] = (float("nan"), float("nan"))
+                continue
+            if within:
+                assert analysis.labels is not None  # checked by check_within_pairs
+                chosen = within_pairs(analysis.labels.tolist(), target.rdms.device)
+                vectors = target.rdms[:, chosen.rows, chosen.cols]
             else:
                 vectors = upper_triangle(_sub(target.rdms, rows))
-                ceilings[(index, condition.name)] = noise_ceiling(vectors.cpu(), method)
+            ceilings[(index, condition.name)] = noise_ceiling(vectors.cpu(), method)
     return ceilings
 
 
@@ -262,16 +289,11 @@ def _condition_rows(
 ) -> list[dict[str, Any]]:
     """Rows of one model and condition: Mantel r and p, bootstrap CI, noise ceilings."""
     options, columns = context.options, context.columns
-    rows = torch.as_tensor(condition.rows, device=context.device)
-    models, targets = _sub(model_rdms, rows), _sub(columns.rdms, rows)
-    method = options.compare_method
-    test = mantel_test(
-        upper_triangle(models), upper_triangle(targets), method, options.n_perm, context.seed,
-        context.device, columns.combine,
-    )  # fmt: skip
-    low, high = bootstrap_ci(
-        models, targets, method, options.n_boot, context.seed, context.device, columns.combine
-    )
+    if options.pairs == "within" and condition.name == ALL_CONDITION:
+        test, low, high, n_stimuli = _within_statistics(context, model_rdms)
+    else:
+        test, low, high = _statistics(context, model_rdms, condition)
+        n_stimuli = condition.size
     block = []
     for k, q, keys in _cells(model, columns, options):
         nc_low, nc_high = context.ceilings[(columns.owner[q], condition.name)]
@@ -286,11 +308,48 @@ def _condition_rows(
                 "ci_high": float(high[k, q]),
                 "nc_low": nc_low,
                 "nc_high": nc_high,
-                "n_stimuli": condition.size,
+                "n_stimuli": n_stimuli,
                 "n_perm": options.n_perm,
             }
         )
     return block
+
+
+def _statistics(
+    context: _Context, model_rdms: torch.Tensor, condition: Condition
+) -> tuple[TestResult, np.ndarray, np.ndarray]:
+    """Mantel test and bootstrap interval of the stimuli of ``condition`` (all their pairs)."""
+    options, columns = context.options, context.columns
+    rows = torch.as_tensor(condition.rows, device=context.device)
+    models, targets = _sub(model_rdms, rows), _sub(columns.rdms, rows)
+    method = options.compare_method
+    test = mantel_test(
+        upper_triangle(models), upper_triangle(targets), method, options.n_perm, context.seed,
+        context.device, columns.combine,
+    )  # fmt: skip
+    low, high = bootstrap_ci(
+        models, targets, method, options.n_boot, context.seed, context.device, columns.combine
+    )
+    return test, low, high
+
+
+def _within_statistics(
+    context: _Context, model_rdms: torch.Tensor
+) -> tuple[TestResult, np.ndarray, np.ndarray, int]:
+    """Stratified Mantel test and bootstrap interval of the within-condition pairs of all
+    stimuli (:mod:`object2brain.rsa.within`), and the number of stimuli in them."""
+    options, columns = context.options, context.columns
+    assert context.analysis.labels is not None  # checked by check_within_pairs
+    labels = context.analysis.labels.tolist()
+    method, combine = options.compare_method, columns.combine
+    targets = columns.rdms.to(context.device)
+    test = within_mantel_test(
+        model_rdms, targets, labels, method, options.n_perm, context.seed, combine
+    )
+    low, high = within_bootstrap_ci(
+        model_rdms, targets, labels, method, options.n_boot, context.seed, combine
+    )
+    return test, low, high, within_pairs(labels).n_stimuli
 
 
 def _contrast_rows(
