@@ -40,7 +40,9 @@ from object2brain.errors import Object2BrainError
 # --- vocabularies (every list of allowed values lives here) --------------------------------
 
 RdmMetric = Literal["correlation", "euclidean", "cosine"]
-CompareMethod = Literal["spearman", "pearson", "kendall_tau_a"]
+CompareMethod = Literal[
+    "spearman", "pearson", "kendall_tau_a", "rho_a", "cosine", "corr_cov", "cosine_cov"
+]
 StorageDtype = Literal["float32", "float16"]
 AmpDtype = Literal["bfloat16", "float16"]
 DecodeMode = Literal["pil", "torch", "auto"]
@@ -51,6 +53,9 @@ NullKind = Literal["random", "matched"]
 OnMissing = Literal["error", "intersect"]
 ValenceSource = Literal["stimuli", "ratings"]
 PermNull = Literal["predictions", "refit"]
+BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
+FdrFamily = Literal["model", "models", "study"]
+Pairs = Literal["all", "within"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -222,11 +227,33 @@ class RsaOptions(StageOptions):
     compare_method: CompareMethodOption = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
-        description="spearman | pearson | kendall_tau_a",
+        description="spearman | pearson | kendall_tau_a | rho_a | cosine | corr_cov | cosine_cov",
         json_schema_extra=_cli("--compare"),
+    )
+    brain_rdm: BrainRdm | None = Field(
+        None,
+        description=(
+            "crossnobis | crossvalidated_euclidean: ROI RDMs cross-validated over the runs of "
+            "run-wise patterns (default: --rdm of each stimulus' mean pattern)."
+        ),
     )
     n_perm: Count = Field(10_000, description="Permutations.")
     n_boot: Count = Field(1_000, description="Bootstrap resamples.")
+    pairs: Pairs = Field(
+        "all",
+        description=(
+            "all | within: the 'all' rows compare only pairs of stimuli of the same condition "
+            "(stratified permutations and resamples)."
+        ),
+    )
+    fdr_family: FdrFamily = Field(
+        "model",
+        description=(
+            "Benjamini-Hochberg families: model (layers x targets of one model, condition and "
+            "subject level) | models (all models together) | study (the whole table: models, "
+            "conditions and subject levels together)."
+        ),
+    )
     layers: list[str] | None = Field(
         None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)
     )
@@ -333,7 +360,7 @@ class LesionOptions(StageOptions):
     compare_method: CompareMethodOption = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
-        description="spearman | pearson | kendall_tau_a",
+        description="spearman | pearson | kendall_tau_a | rho_a | cosine | corr_cov | cosine_cov",
         json_schema_extra=_cli("--compare"),
     )
     batch_size: Int = Field(32, ge=1, description="Images per batch (with --propagate).")

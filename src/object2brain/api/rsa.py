@@ -57,6 +57,9 @@ def rsa(
     on_missing: OnMissing | None = None,
     bootstrap: str | None = None,
     compare_models: str | Sequence[str] | None = None,
+    brain_rdm: str | None = None,
+    fdr_family: str | None = None,
+    pairs: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -78,8 +81,8 @@ def rsa(
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
         rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, bootstrap,
-            compare_models: the fields of
-            :class:`RsaOptions` (None: not given).
+            compare_models, brain_rdm, fdr_family, pairs: the fields of :class:`RsaOptions`
+            (None: not given).
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
         ``condition_contrast``, ``alignment_group``, ``group_inference`` and
@@ -96,6 +99,9 @@ def rsa(
         "compare_models": compare_models
         if compare_models is None or isinstance(compare_models, str)
         else list(compare_models),
+        "brain_rdm": brain_rdm,
+        "fdr_family": fdr_family,
+        "pairs": pairs,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -118,6 +124,7 @@ def rsa(
             device=resolve_device(runtime.device),
             on_missing=opts.on_missing,
             behavior_ids=behavior_ids,
+            brain_rdm=opts.brain_rdm,
         )
         with progress_bar("rsa", progress) as bar:
             result = compute_alignment(stores, analysis, opts, runtime, progress=bar)
@@ -277,4 +284,16 @@ def _config(
         "bootstrap": options.bootstrap,
         "compare_models": options.compare_models,
         "behavior_ids": None if behavior_ids is None else sorted(behavior_ids),
+    } | _new_options(options)
+
+
+def _new_options(options: RsaOptions) -> dict[str, Any]:
+    """Options recorded in the manifest only when they differ from their default (so the
+    manifests of analyses that do not use them stay as they were)."""
+    defaults = RsaOptions()
+    names = ("brain_rdm", "fdr_family", "pairs")
+    return {
+        name: getattr(options, name)
+        for name in names
+        if getattr(options, name) != getattr(defaults, name)
     }

@@ -4,9 +4,11 @@ Sources, declared in a YAML manifest (``sources:`` list, paths relative to the
 manifest) or given directly as a patterns/RDMs HDF5 file (root attribute ``kind``):
 
 - ``patterns`` HDF5: ``/stimulus_ids`` (n,), ``/<subject>/<roi>`` ``(n, n_voxels)`` (more
-  trailing dimensions are flattened).
+  trailing dimensions are flattened). Run-wise patterns add ``/runs`` (n,), the run of each row;
+  ids then repeat, once per run.
 - ``rdms`` HDF5: ``/stimulus_ids`` (n,), ``/<subject>/<roi>`` square ``(n, n)``.
-- ``nifti``: one subject's 4D beta image (volume i <-> row i of the sidecar TSV's ``stimulus_id``),
+- ``nifti``: one subject's 4D beta image (volume i <-> row i of the sidecar TSV's ``stimulus_id``;
+  an optional ``run`` column makes the betas run-wise: ids repeat, once per run),
   ROIs as 3D masks (``rois:``, file stem = ROI name, nonzero = inside) or a label image with a TSV
   of ``index``/``name`` (``labels:`` + ``labels_tsv:``). Masks and label images on another grid
   than the betas are resampled to the beta grid with nearest-neighbour interpolation (nilearn;
@@ -122,17 +124,77 @@ class BrainItem:
         return ids, sums / np.bincount(rows, minlength=len(ids))[:, None]
 
     def rdm(
-        self, metric: str = "correlation", device: str | torch.device | None = "auto"
+        self,
+        metric: str = "correlation",
+        device: str | torch.device | None = "auto",
+        brain_rdm: str | None = None,
     ) -> torch.Tensor:
-        """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``;
-        either way rounded by :func:`~object2brain.rsa.rdm.snap_ties`."""
-        from object2brain.devices import resolve_device
-        from object2brain.rsa.rdm import as_tensor, rdm_from_features, snap_ties
+        """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``
+        (of each stimulus' mean pattern over runs), or with ``brain_rdm`` (``crossnobis``,
+        ``crossvalidated_euclidean``) cross-validated over the runs
+        (:func:`~object2brain.rsa.rdm.crossvalidated_rdm`); always rounded by
+        :func:`~object2brain.rsa.rdm.snap_ties`.
 
+        Raises:
+            DataError: ``brain_rdm`` for an item without runs (an RDM, or one pattern per
+                stimulus).
+        """
+        from object2brain.devices import resolve_device
+        from object2brain.rsa.rdm import as_tensor, crossvalidated_rdm, rdm_from_features, snap_ties
+
+        if brain_rdm is not None:
+            if self.kind == "rdm" or self.runs is None:
+                given = "an RDM" if self.kind == "rdm" else "one pattern per stimulus"
+                raise DataError(
+                    f"{self.label}: --brain-rdm {brain_rdm} needs run-wise patterns (a 'run' "
+                    "column in the NIfTI betas TSV, a /runs dataset in a patterns HDF5, or "
+                    f"'repetitions: runs' of an NSD / THINGS source); this item has {given}"
+                )
+            order = list(dict.fromkeys(self.stimulus_ids))
+            rdm = crossvalidated_rdm(
+                self.data, self.stimulus_ids, self.runs, order, brain_rdm, device, self.label
+            )
+            return snap_ties(rdm)
         if self.kind == "rdm":
             return snap_ties(as_tensor(self.data, resolve_device(device)))
         ids, patterns = self.mean_patterns()
         return rdm_from_features(patterns, metric, device=device, ids=ids, what=self.label)
+
+
+def run_labels(values: Any, where: str) -> np.ndarray:
+    """Run labels ``(N,)`` as int64: integers as they are, any other labels (e.g. ``run-01``)
+    numbered in sorted order.
+
+    Raises:
+        DataError: a blank label.
+    """
+    array = np.asarray(values)
+    if array.dtype.kind in "SO":
+        array = np.asarray([v.decode() if isinstance(v, bytes) else v for v in array.tolist()])
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise DataError(f"{where}: empty or non-finite run label(s)")
+        if (array == np.round(array)).all():
+            return array.astype(np.int64)
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64)
+    text = np.asarray(["" if _blank(v) else str(v).strip() for v in array.tolist()])
+    if (text == "").any():
+        rows = [i + 1 for i in np.flatnonzero(text == "")]
+        raise DataError(f"{where}: empty run label in row(s) {listing(rows)}")
+    return np.unique(text, return_inverse=True)[1].astype(np.int64)
+
+
+def require_unique_runs(ids: Sequence[str], runs: np.ndarray, where: str) -> None:
+    """Raise :class:`DataError` when a stimulus id appears twice within one run."""
+    seen: set[tuple[str, int]] = set()
+    twice = []
+    for sid, run in zip(ids, runs.tolist(), strict=True):
+        if (sid, run) in seen:
+            twice.append(f"{sid!r} (run {run})")
+        seen.add((sid, run))
+    if twice:
+        raise DataError(f"{where}: stimulus id(s) repeated within a run: {listing(twice)}")
 
 
 @dataclass(frozen=True)
@@ -458,10 +520,21 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
         if "stimulus_ids" not in handle:
             raise DataError(f"{path}: missing dataset /stimulus_ids")
         ids = _decode_ids(handle["stimulus_ids"][()])
-        require_unique_ids(ids, str(path))
+        runs = None
+        if "runs" in handle:
+            if kind != "patterns":
+                raise DataError(f"{path}: /runs is for run-wise patterns, not {kind}")
+            runs = run_labels(handle["runs"][()], f"{path}: /runs")
+            if runs.shape != (len(ids),):
+                raise DataError(
+                    f"{path}: /runs has {runs.shape[0]} values, /stimulus_ids {len(ids)}"
+                )
+            require_unique_runs(ids, runs, str(path))
+        else:
+            require_unique_ids(ids, str(path))
         items: list[BrainItem] = []
         for subject in handle:
-            if subject == "stimulus_ids":
+            if subject in ("stimulus_ids", "runs"):
                 continue
             group = handle[subject]
             if not isinstance(group, h5py.Group):
@@ -487,7 +560,8 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
                     raise DataError(
                         f"{where}: dataset of type {node.dtype} is not numeric"
                     ) from None
-                items.append(_make_item(subject, roi, kind, data, ids, str(path), where))
+                item = _make_item(subject, roi, kind, data, ids, str(path), where)
+                items.append(item if runs is None else replace(item, runs=runs))
     if not items:
         raise DataError(f"{path}: no /<subject>/<roi> datasets found")
     return items
@@ -632,7 +706,12 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             f"{table_path}: {len(ids)} rows but {betas_path.name} has {betas.shape[3]} volumes "
             "(one row per volume)"
         )
-    require_unique_ids(ids, str(table_path))
+    runs = None
+    if "run" in table.columns:
+        runs = run_labels(table["run"].to_numpy(), f"{table_path}: column 'run'")
+        require_unique_runs(ids, runs, str(table_path))
+    else:
+        require_unique_ids(ids, str(table_path))
     data = _voxels(betas, betas_path, np.float32)
     nifti1: Any = nib.Nifti1Image
     grid = nifti1(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)
@@ -667,9 +746,8 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             )
         patterns = data[mask].T.astype(np.float64)  # (n_stimuli, n_voxels)
         item_where = f"{betas_path}: subject {subject!r}, ROI {roi!r}"
-        items.append(
-            _make_item(subject, roi, "patterns", patterns, ids, str(betas_path), item_where)
-        )
+        item = _make_item(subject, roi, "patterns", patterns, ids, str(betas_path), item_where)
+        items.append(item if runs is None else replace(item, runs=runs))
     return items
 
 
