@@ -49,6 +49,7 @@ Variant = Literal["lesion", "keep"]
 NullKind = Literal["random", "matched"]
 OnMissing = Literal["error", "intersect"]
 ValenceSource = Literal["stimuli", "ratings"]
+PermNull = Literal["predictions", "refit"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -366,3 +367,75 @@ def resolve_options(
         return model.model_validate({**options.model_dump(), **values})
     except ValidationError as exc:
         raise OptionsError("; ".join(describe_error(e) for e in exc.errors())) from None
+
+
+def _default_alphas() -> list[float]:
+    """``logspace(-2, 7, 19)``: 10^-2, 10^-1.5, ..., 10^7."""
+    return [10.0 ** (-2.0 + 0.5 * i) for i in range(19)]
+
+
+class EncodeOptions(StageOptions):
+    """``encode``: cross-validated ridge from every layer to every voxel (encoding models)."""
+
+    folds: Int = Field(5, ge=2, description="Outer cross-validation folds over stimuli.")
+    inner_folds: Int = Field(
+        5, ge=2, description="Inner folds (inside each training set) that choose the penalty."
+    )
+    alphas: list[Float] = Field(
+        default_factory=_default_alphas,
+        min_length=1,
+        description="Ridge penalties to choose from, per voxel (default logspace(-2, 7, 19)).",
+    )
+    reduce: str = Field(
+        "none",
+        description="none | srp:DIM | pca:DIM (PCA fitted on the training folds only).",
+    )
+    banded: list[str] | None = Field(
+        None,
+        description="Layers of a banded ridge across layers (2 or more, or 'all'); default off.",
+    )
+    n_iter: Int = Field(
+        100, ge=1, description="Random-search samples of the band weights (banded ridge)."
+    )
+    n_perm: Count = Field(1000, description="Permutations of the ROI's mean r.")
+    perm_null: PermNull = Field(
+        "predictions",
+        description=(
+            "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
+            "| refit: relabel the responses and rerun the cross-validation (exact, n_perm fits)."
+        ),
+    )
+    layers: list[str] | None = Field(
+        None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)
+    )
+
+    @field_validator("alphas")
+    @classmethod
+    def _positive_alphas(cls, value: list[float]) -> list[float]:
+        if any(a <= 0 for a in value):
+            raise ValueError("every alpha must be > 0")
+        return sorted(set(value))
+
+    @field_validator("reduce")
+    @classmethod
+    def _reduction(cls, value: str) -> str:
+        kind, _, dim = value.strip().lower().partition(":")
+        if kind == "none" and not dim:
+            return "none"
+        if kind in ("srp", "pca") and dim.isdigit() and int(dim) >= 1:
+            return f"{kind}:{int(dim)}"
+        raise ValueError(f"expected none, srp:DIM or pca:DIM (DIM >= 1), got {value!r}")
+
+    @field_validator("banded")
+    @classmethod
+    def _bands(cls, value: list[str] | None) -> list[str] | None:
+        if value is None or value == ["all"]:
+            return value
+        if len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError("give 2 or more distinct layers, or 'all'")
+        return value
+
+    def reduction(self) -> tuple[str, int | None]:
+        """``("none", None)``, ``("srp", DIM)`` or ``("pca", DIM)``."""
+        kind, _, dim = self.reduce.partition(":")
+        return kind, (int(dim) if dim else None)
