@@ -19,7 +19,6 @@ from object2brain.errors import DataError
 from object2brain.options import EncodeOptions
 from object2brain.pipeline.config import ConfigError, load_config
 from object2brain.tables import ENCODING, ENCODING_VOXELS
-from tests.rsa.rsa_helpers import write_store
 
 N = 48
 IDS = [f"s{i:02d}" for i in range(N)]
@@ -28,6 +27,24 @@ AFFINE = np.array(
 )  # not the identity: the map must carry the betas' affine
 SHAPE = (5, 4, 3)
 FAST = {"folds": 4, "inner_folds": 3, "n_perm": 200, "alphas": [0.1, 10.0, 1000.0]}
+
+
+def write_store(
+    path: Path, layers: dict[str, np.ndarray], ids: list[str], model: str = "tiny"
+) -> Path:
+    """A complete activation store with h5py (ids, layers in order, model label)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset(
+            "stimulus_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype()
+        )
+        for name, values in layers.items():
+            f.create_dataset(f"layers/{name}", data=values)
+        f.attrs.update({"model": model, "arch": model, "weights": "none", "complete": True})
+        f.attrs.update(
+            {"weights_sha256": "none", "preprocessing": "{}", "order": json.dumps(list(layers))}
+        )
+        f.attrs["object2brain_version"] = "0.1.0"
+    return path
 
 
 def _features(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -308,7 +325,7 @@ def test_study_config_has_an_encode_section(tmp_path: Path, stimulus_table: Path
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(payload))
-    with pytest.raises(ConfigError, match="encode.banded"):
+    with pytest.raises(ConfigError, match=r"encode\.banded"):
         load_config(path)
     payload["encode"]["banded"] = ["all"]
     path.write_text(yaml.safe_dump(payload))
@@ -316,5 +333,5 @@ def test_study_config_has_an_encode_section(tmp_path: Path, stimulus_table: Path
     assert config.encode == EncodeOptions(folds=3, reduce="pca:10", banded=["all"], n_perm=10)
     payload["encode"]["fold"] = 3
     path.write_text(yaml.safe_dump(payload))
-    with pytest.raises(ConfigError, match="encode.fold: unknown key"):
+    with pytest.raises(ConfigError, match=r"encode\.fold: unknown key"):
         load_config(path)
