@@ -335,3 +335,31 @@ def test_study_config_has_an_encode_section(tmp_path: Path, stimulus_table: Path
     path.write_text(yaml.safe_dump(payload))
     with pytest.raises(ConfigError, match=r"encode\.fold: unknown key"):
         load_config(path)
+
+
+def test_study_runs_the_encode_stage_and_reuses_it(tmp_path: Path, stimulus_table: Path) -> None:
+    from object2brain.pipeline.run import run_study
+
+    payload: dict[str, Any] = {
+        "out": str(tmp_path / "results"),
+        "seed": 1,
+        "device": "cpu",
+        "stimuli": str(stimulus_table),
+        "models": [{"arch": "resnet18", "weights": "none", "layers": ["layer3", "layer4"]}],
+        "simulate": {"rois": ["EVC=layer:layer3;snr=2;voxels=30"], "n_subjects": 2},
+        "extract": {"batch_size": 4},
+        "rsa": None,
+        "encode": {"folds": 2, "inner_folds": 2, "n_perm": 10, "reduce": "srp:64"},
+        "report": False,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    first = run_study(path, progress=False)
+    assert "encode" in first.ran and "rsa" not in first.ran
+    encoding = pd.read_csv(tmp_path / "results" / "encode" / "encoding.csv")
+    assert set(encoding["layer"]) == {"layer3", "layer4"}  # the stored layers of the model
+    rois = set(zip(encoding["target"], encoding["subject"], strict=True))
+    assert rois == {("EVC", "sub-01"), ("EVC", "sub-02"), ("behavior", "group")}  # + raters
+    assert (encoding["feature_dim"] == 64).all()  # SRP to 64 dimensions
+    second = run_study(path, progress=False)
+    assert "encode" in second.skipped
