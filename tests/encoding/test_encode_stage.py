@@ -363,3 +363,13 @@ def test_study_runs_the_encode_stage_and_reuses_it(tmp_path: Path, stimulus_tabl
     assert (encoding["feature_dim"] == 64).all()  # SRP to 64 dimensions
     second = run_study(path, progress=False)
     assert "encode" in second.skipped
+
+
+def test_report_has_the_encoding_section(nifti_run: dict[str, Any], tmp_path: Path) -> None:
+    from object2brain.report.build import best_encoding_layers, build_report
+
+    page = build_report(nifti_run["out"], out=tmp_path / "report.html").read_text()
+    assert 'id="encoding"' in page and "Encoding per layer: net_a" in page
+    best = best_encoding_layers(nifti_run["result"].encoding).set_index("target")
+    assert best.loc["EVC", "layer"] == "l2"
+    assert "encoding_voxels" in page  # the per-voxel table is offered for download
