@@ -490,7 +490,9 @@ def demo_command(
     typer.echo(
         f"recovered: EVC best layer {truth['evc_best_layer']} "
         f"({truth['evc_best_layer_index'] + 1} of {truth['n_layers']}); largest FFA lesion effect: "
-        f"{truth['ffa_top_lesion_group']} (delta r {truth['ffa_top_lesion_delta_r']:.3f})"
+        f"{truth['ffa_top_lesion_group']} (delta r {truth['ffa_top_lesion_delta_r']:.3f}); "
+        f"EVC best layer by encoding {truth['evc_encoding_best_layer']} "
+        f"(r {truth['evc_encoding_best_r']:.3f})"
     )
     typer.echo(f"report: {report}")
 
