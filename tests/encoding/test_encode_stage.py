@@ -187,11 +187,13 @@ def test_cli_two_stores_conditions_and_options(data: dict[str, Any], tmp_path: P
     args = ["encode", "--activations", *map(str, data["stores"]), "--brain", str(data["brain"])]
     args += ["--stimuli", str(data["stimuli"]), "--out", str(out), "--folds", "4"]
     args += ["--n-perm", "50", "--inner-folds", "3", "--alphas", "1", "--alphas", "100"]
-    args += ["--layers", "l1,l2", "--quiet", "--seed", "5"]
+    args += ["--layers", "l1,l2", "--banded", "l1,l2", "--n-iter", "5", "--quiet", "--seed", "5"]
     main(args)  # returns on success
     encoding = pd.read_csv(out / "encoding.csv")
     assert set(encoding["model"]) == {"net_a", "net_b"}
-    assert set(encoding["layer"]) == {"l1", "l2"}
+    assert set(encoding["layer"]) == {"l1", "l2", "banded:l1+l2"}
+    bands = pd.read_csv(out / "encoding_bands.csv")
+    assert set(bands["layer"]) == {"l1", "l2"} and set(bands["bands"]) == {"banded:l1+l2"}
     assert set(encoding["condition"]) == {"all", "a", "b"}
     assert (encoding["n_perm"] == 50).all() and (encoding["n_folds"] == 4).all()
     voxels = pd.read_csv(out / "encoding_voxels.csv")
@@ -321,16 +323,17 @@ def test_study_config_has_an_encode_section(tmp_path: Path, stimulus_table: Path
     payload: dict[str, Any] = {
         "stimuli": str(stimulus_table),
         "models": [{"arch": "resnet18", "weights": "none"}],
-        "encode": {"folds": 3, "reduce": "pca:10", "banded": "all", "n_perm": 10},
+        "encode": {"folds": 3, "reduce": "pca:10", "banded": "layer1", "n_perm": 10},
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(payload))
-    with pytest.raises(ConfigError, match=r"encode\.banded"):
+    with pytest.raises(ConfigError, match=r"encode\.banded: .*give 2 or more distinct layers"):
         load_config(path)
-    payload["encode"]["banded"] = ["all"]
+    payload["encode"]["banded"] = "layer1, layer2"  # as on the command line: --banded l1,l2
     path.write_text(yaml.safe_dump(payload))
     config, _ = load_config(path)
-    assert config.encode == EncodeOptions(folds=3, reduce="pca:10", banded=["all"], n_perm=10)
+    expected = EncodeOptions(folds=3, reduce="pca:10", banded=["layer1", "layer2"], n_perm=10)
+    assert config.encode == expected
     payload["encode"]["fold"] = 3
     path.write_text(yaml.safe_dump(payload))
     with pytest.raises(ConfigError, match=r"encode\.fold: unknown key"):

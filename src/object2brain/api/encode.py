@@ -48,6 +48,7 @@ from object2brain.api.rsa import (
 from object2brain.data import GROUP_SUBJECT
 from object2brain.data.brain import BrainData, BrainItem, VoxelGrid, load_brain
 from object2brain.data.ratings import load_ratings
+from object2brain.data.stimuli import StimulusSet
 from object2brain.encoding import EncodingResult, LayerFit, compute_encoding
 from object2brain.errors import DataError, listing
 from object2brain.io import atomic_path, check_output_folder, write_json, write_table
@@ -138,19 +139,17 @@ def encode(
             the brain data, raters with unrated stimuli, and the engine's checks (fewer stimuli
             than folds, a layer with one feature, constant voxels, ...).
     """
-    given = {
-        "folds": folds,
-        "inner_folds": inner_folds,
-        "alphas": None if alphas is None else list(alphas),
-        "reduce": reduce,
-        "banded": None if banded is None else list(banded),
-        "n_iter": n_iter,
-        "n_perm": n_perm,
-        "perm_null": perm_null,
-        "layers": None if layers is None else list(layers),
-    }
-    opts = resolve_options(
-        EncodeOptions, options, **{k: v for k, v in given.items() if v is not None}
+    opts = _resolve(
+        options,
+        folds=folds,
+        inner_folds=inner_folds,
+        alphas=alphas,
+        reduce=reduce,
+        banded=banded,
+        n_iter=n_iter,
+        n_perm=n_perm,
+        perm_null=perm_null,
+        layers=layers,
     )
     runtime = Runtime(seed=seed, device=str(device), progress=progress)
     if brain is None and ratings is None:
@@ -163,10 +162,7 @@ def encode(
         stores = [stack.enter_context(ActivationStore.open(p)) for p in paths]
         stimulus_set = stimulus_table(stimuli)
         ids = stimulus_set.ids if stimulus_set is not None else stores[0].stimulus_ids
-        conditions = None
-        if stimulus_set is not None and "condition" in stimulus_set.table:
-            conditions = stimulus_set.table["condition"].astype(str).tolist()
-        targets = load_targets(brain_data, ratings, list(ids), conditions)
+        targets = load_targets(brain_data, ratings, list(ids), _conditions(stimulus_set))
         results = {
             store_model(store): _encode_store(store, targets, opts, runtime) for store in stores
         }
@@ -181,11 +177,27 @@ def encode(
             "raters": targets.raters,
             **opts.model_dump(mode="json"),
         }
-        sources: list[object] = [brain, ratings, stimuli]
         more = [Path(s) for s in dict.fromkeys(i.source for i in (brain_data or _NO_BRAIN).items)]
-        inputs = input_hashes(paths, sources, more)
+        inputs = input_hashes(paths, [brain, ratings, stimuli], more)
         result.files = write_encoding(result, targets, Path(out), config, inputs, seed, figures)
     return result
+
+
+def _resolve(options: EncodeOptions | None, **given: Any) -> EncodeOptions:
+    """``options`` with the keywords given (not None; sequences as lists), validated."""
+    values = {
+        key: list(value) if isinstance(value, tuple | list) else value
+        for key, value in given.items()
+        if value is not None
+    }
+    return resolve_options(EncodeOptions, options, **values)
+
+
+def _conditions(stimulus_set: StimulusSet | None) -> list[str] | None:
+    """The stimulus table's ``condition`` column as text (None without one)."""
+    if stimulus_set is None or "condition" not in stimulus_set.table:
+        return None
+    return [str(c) for c in stimulus_set.table["condition"]]
 
 
 _NO_BRAIN = BrainData([])
