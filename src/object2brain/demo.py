@@ -16,8 +16,9 @@
 4. **Stages**: the study runs through :func:`object2brain.pipeline.run.run_config` (extraction,
    simulation, valence head trained on the simulated ratings, RSA, EmoCAM++ dissection with the
    OpenCV face detector, Object2Brain lesions, encoding models, report). The encoding models
-   (cross-validated ridge from every layer to every simulated voxel) use 3 folds and a sparse
-   random projection of each layer to 256 features, so that they stay fast.
+   (cross-validated ridge from every layer to every simulated voxel) use 3 folds, penalties at
+   whole decades and a sparse random projection of each layer to 256 features, so that they stay
+   fast.
 
 Expected recovery: the best layer of ``EVC`` is early (by RSA and by encoding), and the largest
 lesion effect on ``FFA`` comes from the ``Faces`` group; :func:`recovered_truth` checks them.
@@ -288,6 +289,7 @@ def demo_config(
                 "folds": 3,
                 "inner_folds": 3,
                 "reduce": f"srp:{ENCODE_SRP_DIM}",
+                "alphas": [10.0**k for k in range(-1, 8)],  # decades: half the default grid
                 "n_perm": size.n_perm,
             },
             "report": False,
