@@ -197,7 +197,9 @@ def test_cli_two_stores_conditions_and_options(data: dict[str, Any], tmp_path: P
     assert set(encoding["condition"]) == {"all", "a", "b"}
     assert (encoding["n_perm"] == 50).all() and (encoding["n_folds"] == 4).all()
     voxels = pd.read_csv(out / "encoding_voxels.csv")
-    assert voxels["alpha"].between(1.0, 100.0).all()  # median over folds of chosen alphas
+    single = voxels[~voxels["layer"].str.startswith("banded:")]
+    assert single["alpha"].between(1.0, 100.0).all()  # median over folds of chosen alphas
+    assert voxels.loc[voxels["layer"] == "banded:l1+l2", "alpha"].isna().all()
     # folds stratified by condition: each fold holds 6 of each condition
     folds = pd.read_csv(out / "folds.csv").merge(pd.read_csv(data["stimuli"]))
     assert (folds.groupby(["fold", "condition"]).size() == 6).all()
