@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from object2brain.errors import DataError, Object2BrainError
 from object2brain.options import (
     DissectOptions,
+    EncodeOptions,
     ExtractOptions,
     FetchOptions,
     LesionOptions,
@@ -344,6 +345,53 @@ def rsa_command(
     typer.echo(f"wrote {out / 'alignment.csv'}")
 
 
+@stage_command("encode", EncodeOptions)
+def encode_command(
+    *,
+    options: EncodeOptions,
+    runtime: Runtime,
+    activations: Annotated[
+        list[Path], typer.Option("--activations", help="Activation store(s) (.h5), one per model.")
+    ],
+    out: OutOpt,
+    brain: Annotated[
+        Path | None,
+        typer.Option("--brain", help="Brain manifest (YAML) or patterns .h5 (voxels; not RDMs)."),
+    ] = None,
+    ratings: Annotated[
+        Path | None,
+        typer.Option(
+            "--ratings", help="Ratings table (subject, stimulus_id, valence): a voxel per rater."
+        ),
+    ] = None,
+    stimuli: Annotated[
+        Path | None, typer.Option("--stimuli", help="Stimulus table (condition optional).")
+    ] = None,
+    layers: Annotated[
+        str, typer.Option("--layers", help="all | comma-separated layer names")
+    ] = "all",
+) -> None:
+    """Encoding models: cross-validated ridge from every layer to every voxel (or rater)."""
+    from object2brain.api.encode import encode
+
+    chosen = None if layers.strip() == "all" else [x.strip() for x in layers.split(",") if x]
+    result = encode(
+        activations,
+        brain=brain,
+        ratings=ratings,
+        stimuli=stimuli,
+        out=out,
+        options=options,
+        seed=runtime.seed,
+        device=runtime.device,
+        progress=runtime.progress,
+        layers=chosen,
+    )
+    typer.echo(
+        f"wrote {len(result.files)} files into {out} ({len(result.encoding)} rows in encoding.csv)"
+    )
+
+
 @stage_command("train-head", TrainHeadOptions)
 def train_head_command(
     *,
@@ -463,7 +511,9 @@ def demo_command(
     typer.echo(
         f"recovered: EVC best layer {truth['evc_best_layer']} "
         f"({truth['evc_best_layer_index'] + 1} of {truth['n_layers']}); largest FFA lesion effect: "
-        f"{truth['ffa_top_lesion_group']} (delta r {truth['ffa_top_lesion_delta_r']:.3f})"
+        f"{truth['ffa_top_lesion_group']} (delta r {truth['ffa_top_lesion_delta_r']:.3f}); "
+        f"EVC best layer by encoding {truth['evc_encoding_best_layer']} "
+        f"(r {truth['evc_encoding_best_r']:.3f})"
     )
     typer.echo(f"report: {report}")
 

@@ -510,6 +510,16 @@ class EncodeOptions(StageOptions):
             return f"{kind}:{int(dim)}"
         raise ValueError(f"expected none, srp:DIM or pca:DIM (DIM >= 1), got {value!r}")
 
+    @field_validator("banded", mode="before")
+    @classmethod
+    def _split_bands(cls, value: Any) -> Any:
+        """``l1,l2`` (one comma-separated flag or string) as well as a list or repeated flags."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
     @field_validator("banded")
     @classmethod
     def _bands(cls, value: list[str] | None) -> list[str] | None:

@@ -368,6 +368,83 @@ MODEL_COMPARISON = TableSchema(
     ),
 )
 
+_ROI_TARGET = _c("target", "str", "ROI name, or `behavior` (ratings: one voxel per rater)")
+_ROI_SUBJECT = _c("subject", "str", "subject; `group` for the ratings (one voxel per rater)")
+
+ENCODING = TableSchema(
+    "encoding",
+    "encode",
+    "the encoding model of one layer (or banded model) for one ROI, subject and condition",
+    (
+        _MODEL,
+        _c("layer", "str", "dotted module name of the layer, or `banded:l1+l2+...`"),
+        _ROI_TARGET,
+        _ROI_SUBJECT,
+        _CONDITION,
+        _c("n_voxels", "int", "voxels (or raters) of the ROI"),
+        _c("feature_dim", "int", "model features per fold after reduction (sum over bands)"),
+        _c("r_mean", "float", "mean over voxels of the Pearson r of out-of-fold predictions"),
+        _c("r_median", "float", "median over voxels of that r"),
+        _c("r2_mean", "float", "mean over voxels of R^2 = 1 - SSE / SST (out of fold)"),
+        _c(
+            "nc_mean",
+            "float",
+            "mean split-half noise ceiling on r (Spearman-Brown; NaN without run-wise data)",
+        ),
+        _c("frac_nc", "float", "r_mean / nc_mean"),
+        _c(
+            "p_perm",
+            "float",
+            "one-sided permutation p of r_mean, (1 + #{null >= r_mean}) / (1 + n_perm)",
+        ),
+        _c(
+            "p_fdr",
+            "float",
+            "Benjamini-Hochberg of p_perm over layers x ROIs, per model and condition",
+        ),
+        _N_PERM,
+        _c("n_stimuli", "int", "stimuli in the condition"),
+        _c("n_folds", "int", "outer cross-validation folds"),
+        _c("alpha_median", "float", "median over voxels of the chosen penalty (NaN: banded)"),
+    ),
+)
+
+ENCODING_VOXELS = TableSchema(
+    "encoding_voxels",
+    "encode",
+    "one voxel (or rater) of one ROI under the encoding model of one layer, all stimuli",
+    (
+        _MODEL,
+        _c("layer", "str", "dotted module name of the layer, or `banded:l1+l2+...`"),
+        _ROI_TARGET,
+        _ROI_SUBJECT,
+        _c("voxel", "int", "0-based voxel index within the ROI (rater index for `behavior`)"),
+        _c("i", "float", "voxel index on the betas' first axis (NIfTI sources; else NaN)"),
+        _c("j", "float", "voxel index on the second axis (NIfTI sources; else NaN)"),
+        _c("k", "float", "voxel index on the third axis (NIfTI sources; else NaN)"),
+        _c("r", "float", "Pearson r of the out-of-fold predictions"),
+        _c("r2", "float", "R^2 of the out-of-fold predictions"),
+        _c("alpha", "float", "median over outer folds of the chosen penalty (NaN: banded)"),
+    ),
+)
+
+ENCODING_BANDS = TableSchema(
+    "encoding_bands",
+    "encode",
+    "one layer (band) of a banded ridge model across layers, for one ROI and subject",
+    (
+        _MODEL,
+        _c("bands", "str", "the banded model, `banded:l1+l2+...`"),
+        _c("layer", "str", "the band (layer)"),
+        _ROI_TARGET,
+        _ROI_SUBJECT,
+        _c("n_voxels", "int", "voxels of the ROI"),
+        _c("r2_joint_mean", "float", "mean over voxels of the joint model's R^2"),
+        _c("r2_share_mean", "float", "mean over voxels of this band's share of it (split R^2)"),
+        _c("alpha_median", "float", "median over voxels and folds of the band's penalty"),
+    ),
+)
+
 #: Every table by name, in the order the documentation lists them.
 TABLES: dict[str, TableSchema] = {
     schema.name: schema
@@ -384,5 +461,8 @@ TABLES: dict[str, TableSchema] = {
         OBJECT2BRAIN,
         PROPAGATE_BEHAVIOR,
         PROPAGATE_ALIGNMENT,
+        ENCODING,
+        ENCODING_VOXELS,
+        ENCODING_BANDS,
     )
 }

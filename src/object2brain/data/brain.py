@@ -75,11 +75,24 @@ OnMissing = Literal["error", "intersect"]
 
 
 @dataclass(frozen=True)
+class VoxelGrid:
+    """The voxel grid of a NIfTI beta image: ``shape`` (3 ints) and ``affine`` ``(4, 4)``
+    (voxel indices -> world coordinates in mm)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+
+@dataclass(frozen=True)
 class BrainItem:
     """One subject x ROI: patterns ``(n, n_voxels)`` or an RDM ``(n, n)`` over ``stimulus_ids``.
 
     With ``runs`` (int64 ``(n,)``, patterns only) the rows are single repetitions: row ``i`` is
     stimulus ``stimulus_ids[i]`` in run ``runs[i]``, and ids repeat across runs.
+
+    NIfTI sources also keep where each voxel lies: ``coords`` (int64 ``(n_voxels, 3)``, the
+    indices i, j, k of column ``c`` of ``data`` on the betas' grid) and ``grid`` (that grid's
+    shape and affine), so voxel-wise results can be written back as images.
     """
 
     subject: str
@@ -89,6 +102,8 @@ class BrainItem:
     stimulus_ids: list[str]
     source: str
     runs: np.ndarray | None = None
+    coords: np.ndarray | None = None
+    grid: VoxelGrid | None = None
 
     @property
     def label(self) -> str:
@@ -568,8 +583,16 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
 
 
 def _make_item(
-    subject: str, roi: str, kind: str, data: np.ndarray, ids: list[str], source: str, where: str
+    subject: str,
+    roi: str,
+    kind: str,
+    data: np.ndarray,
+    ids: list[str],
+    source: str,
+    where: str,
+    coords: np.ndarray | None = None,
 ) -> BrainItem:
+    """A checked item; ``coords`` ``(n_voxels, 3)`` (NIfTI) lose the rows of dropped voxels."""
     n = len(ids)
     if data.ndim == 0 or data.shape[0] != n:
         raise DataError(f"{where}: has {data.shape[:1]} rows, expected {n} (one per stimulus id)")
@@ -610,6 +633,7 @@ def _make_item(
             bad_voxels.size,
         )
         patterns = patterns[:, ~bad_voxels]
+        coords = None if coords is None else coords[~bad_voxels]
     constant = (patterns == patterns[:1]).all(axis=0)
     if n > 1 and constant.all():
         raise DataError(
@@ -626,7 +650,8 @@ def _make_item(
             constant.size,
         )
         patterns = patterns[:, ~constant]
-    return BrainItem(subject, roi, "patterns", patterns, ids, source)
+        coords = None if coords is None else coords[~constant]
+    return BrainItem(subject, roi, "patterns", patterns, ids, source, coords=coords)
 
 
 def check_rdm(data: np.ndarray, ids: Sequence[str], where: str) -> None:
@@ -746,7 +771,11 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             )
         patterns = data[mask].T.astype(np.float64)  # (n_stimuli, n_voxels)
         item_where = f"{betas_path}: subject {subject!r}, ROI {roi!r}"
-        item = _make_item(subject, roi, "patterns", patterns, ids, str(betas_path), item_where)
+        coords = np.argwhere(mask).astype(np.int64)  # C order, as data[mask]
+        item = _make_item(
+            subject, roi, "patterns", patterns, ids, str(betas_path), item_where, coords
+        )
+        item = replace(item, grid=VoxelGrid(tuple(betas.shape[:3]), betas.affine))
         items.append(item if runs is None else replace(item, runs=runs))
     return items
 

@@ -56,53 +56,11 @@ from object2brain.encoding.scores import (
 )
 from object2brain.errors import DataError, listing
 from object2brain.options import EncodeOptions, Runtime
+from object2brain.tables import ENCODING, ENCODING_BANDS, ENCODING_VOXELS
 
-#: Columns of the ``encoding`` table (one row per model, layer, ROI and condition).
-ENCODING_COLUMNS: tuple[str, ...] = (
-    "model",
-    "layer",
-    "target",
-    "subject",
-    "condition",
-    "n_voxels",
-    "feature_dim",
-    "r_mean",
-    "r_median",
-    "r2_mean",
-    "nc_mean",
-    "frac_nc",
-    "p_perm",
-    "p_fdr",
-    "n_perm",
-    "n_stimuli",
-    "n_folds",
-    "alpha_median",
-)
-#: Columns of the ``encoding_voxels`` table (one row per model, layer, ROI and voxel; all stimuli).
-ENCODING_VOXEL_COLUMNS: tuple[str, ...] = (
-    "model",
-    "layer",
-    "target",
-    "subject",
-    "voxel",
-    "i",
-    "j",
-    "k",
-    "r",
-    "r2",
-    "alpha",
-)
-#: Columns of the ``encoding_bands`` table (banded ridge: one row per model, band and ROI).
-ENCODING_BAND_COLUMNS: tuple[str, ...] = (
-    "model",
-    "bands",
-    "layer",
-    "target",
-    "subject",
-    "n_voxels",
-    "r2_joint_mean",
-    "r2_share_mean",
-    "alpha_median",
+#: Columns of the ``encoding``, ``encoding_voxels`` and ``encoding_bands`` tables.
+ENCODING_COLUMNS, ENCODING_VOXEL_COLUMNS, ENCODING_BAND_COLUMNS = (
+    tuple(schema.column_names) for schema in (ENCODING, ENCODING_VOXELS, ENCODING_BANDS)
 )
 #: Condition label of the rows scored on all stimuli.
 ALL_CONDITIONS = "all"

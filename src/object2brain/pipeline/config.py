@@ -19,6 +19,7 @@ the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). 
     rsa: {rdm: correlation, compare: spearman, n_perm: 10000, n_boot: 1000}
     dissect: {layer: _blocks.15, detector: opencv}
     lesion: {variants: [lesion, keep], n_null: 1000, n_perm: 1000}
+    encode: {folds: 5, n_perm: 1000, reduce: "srp:4096"}
 
 Each stage section is that stage's options model (:mod:`object2brain.options`: the same names,
 types, defaults and help as the command line); a missing optional section skips the stage. In a
@@ -45,6 +46,7 @@ from pydantic import (
 from object2brain.errors import Object2BrainError, listing
 from object2brain.options import (
     DissectOptions,
+    EncodeOptions,
     ExtractOptions,
     Int,
     LesionOptions,
@@ -112,6 +114,7 @@ class RunConfig(_Strict):
     rsa: RsaOptions | None = Field(default_factory=RsaOptions)
     dissect: DissectOptions | None = None
     lesion: LesionOptions | None = None
+    encode: EncodeOptions | None = None
     report: bool = True
 
     @model_validator(mode="before")
