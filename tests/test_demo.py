@@ -30,6 +30,8 @@ def test_demo_recovers_the_planted_truth(demo: Path) -> None:
     assert planted["simulated"] is True
     # the early-visual ROI was built from _blocks.2: its best layer is among the first three
     assert truth["evc_best_layer_index"] <= 2, truth
+    # ... and its best-predicting layer in the encoding models too
+    assert truth["evc_encoding_best_layer_index"] <= 2, truth
     # the face ROI was built from face-selective filters: lesioning Faces hurts it most
     assert truth["ffa_top_lesion_group"] == "Faces", truth
     assert truth["ffa_top_lesion_delta_r"] < 0
@@ -47,6 +49,7 @@ def test_demo_outputs_and_report(demo: Path) -> None:
         "Condition contrast",
         "Which object groups",
         "Object2Brain",
+        "Encoding models",
         "Tables (CSV downloads)",
     ):
         assert section in page, section
@@ -59,6 +62,8 @@ def test_demo_outputs_and_report(demo: Path) -> None:
         "lesion/efficientnet_lite0/object2brain.csv",
         "manifest.json",
         "heads/efficientnet_lite0/head.safetensors",
+        "encode/encoding.csv",
+        "encode/folds.csv",
     ):
         assert (results / name).is_file(), name
     assert (demo / "stimuli" / "boxes.csv").is_file()

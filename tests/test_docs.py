@@ -30,7 +30,12 @@ def _text_files() -> list[Path]:
         candidates = [path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []
         for file in candidates:
             parts = file.relative_to(ROOT).parts
-            if any(part.startswith(".") or part == "__pycache__" for part in parts):
+            # hidden folders and build artefacts (pip's *.egg-info copies an old README) are not
+            # the repository's documents
+            if any(
+                part.startswith(".") or part == "__pycache__" or part.endswith(".egg-info")
+                for part in parts
+            ):
                 continue
             if file.is_file() and file.suffix in SUFFIXES and file != Path(__file__).resolve():
                 files.append(file)

@@ -90,3 +90,22 @@ def test_corrupt_file_raises(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(OSError, match=r"(?i)truncated|cannot identify"):
         load_image(tmp_path / "bad.jpg")
+
+
+def test_array_row_is_the_same_picture_as_its_png(base: Image.Image, tmp_path: Path) -> None:
+    import h5py
+
+    from object2brain.data.images import image_sha256
+    from object2brain.manifest import file_sha256
+
+    pixels = np.asarray(base)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("images", data=np.stack([pixels[::-1], pixels]))
+    base.save(tmp_path / "x.png")
+    from_array = load_image(f"{tmp_path / 'a.h5'}#images#1")
+    assert from_array.mode == "RGB" and from_array.size == base.size
+    np.testing.assert_array_equal(
+        np.asarray(from_array), np.asarray(load_image(tmp_path / "x.png"))
+    )
+    # files keep their content hash (detection caches written before stay valid)
+    assert image_sha256(tmp_path / "x.png") == file_sha256(tmp_path / "x.png")

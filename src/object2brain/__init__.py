@@ -8,6 +8,7 @@ The Python API mirrors the command line::
     o2b.list_layers(model)
     o2b.extract(model, stimuli, layers="all", out="acts.h5")
     o2b.rsa(["acts.h5"], brain="brain.yaml", ratings="ratings.csv", out="rsa")
+    o2b.encode(["acts.h5"], brain="brain.yaml", out="encode")
     o2b.lesion("acts.h5", "dissect/filter_objects.csv", brain="brain.yaml", out="lesion")
 
 The names are imported on first use (a module-level ``__getattr__``), so ``import object2brain``
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from object2brain._version import __version__ as __version__
     from object2brain.activations.store import ActivationStore as ActivationStore
     from object2brain.api.dissect import dissect as dissect
+    from object2brain.api.encode import encode as encode
     from object2brain.api.extract import extract as extract
     from object2brain.api.lesion import lesion as lesion
     from object2brain.api.rsa import rsa as rsa
@@ -49,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "Object2BrainError": "object2brain.errors",
     "StimulusSet": "object2brain.data.stimuli",
     "dissect": "object2brain.api.dissect",
+    "encode": "object2brain.api.encode",
     "extract": "object2brain.api.extract",
     "lesion": "object2brain.api.lesion",
     "list_layers": "object2brain.models.layers",

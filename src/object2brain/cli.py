@@ -20,7 +20,7 @@ import sys
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import annotated_types
 import typer
@@ -30,7 +30,9 @@ from pydantic.fields import FieldInfo
 from object2brain.errors import DataError, Object2BrainError
 from object2brain.options import (
     DissectOptions,
+    EncodeOptions,
     ExtractOptions,
+    FetchOptions,
     LesionOptions,
     RsaOptions,
     Runtime,
@@ -105,6 +107,8 @@ def _cli_type(annotation: Any) -> Any:
         return _cli_type(members[0])
     if origin is list:  # typer lists hold plain types: the model checks allowed values
         return list[str]
+    if origin is Literal:  # a string: the model names the vocabulary in its message
+        return str
     return annotation
 
 
@@ -160,11 +164,16 @@ CommandT = TypeVar("CommandT", bound=Callable[..., None])
 
 
 def stage_command(
-    name: str, model: type[StageOptions], *, runtime: Sequence[str] = ("seed", "device")
+    name: str,
+    model: type[StageOptions],
+    *,
+    runtime: Sequence[str] = ("seed", "device"),
+    group: typer.Typer | None = None,
 ) -> Callable[[CommandT], CommandT]:
     """Register ``function`` as the command ``name``: its own parameters (the inputs) plus the
     options of ``model``, the ``runtime`` fields and ``--quiet``. The function receives
-    ``options`` (a validated ``model``) and ``runtime`` (:class:`Runtime`) instead of them."""
+    ``options`` (a validated ``model``) and ``runtime`` (:class:`Runtime`) instead of them.
+    ``group``: the command group it belongs to (default: the top level)."""
 
     def register(function: CommandT) -> CommandT:
         own = [
@@ -189,7 +198,7 @@ def stage_command(
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         command.__doc__ = function.__doc__
         command.__name__ = function.__name__
-        app.command(name)(command)
+        (app if group is None else group).command(name)(command)
         return function
 
     return register
@@ -253,7 +262,8 @@ def extract_command(
         typer.Option(
             "--valence",
             help="CSV (stimulus_id, predicted), e.g. train-head's out_of_fold.csv: stored as "
-            "layer 'valence' instead of the head's outputs.",
+            "layer 'valence' instead of the head's outputs (with --head: takes precedence, "
+            "with a warning).",
         ),
     ] = None,
     overwrite: Annotated[
@@ -271,6 +281,12 @@ def extract_command(
 
     stimulus_set = load_stimuli(stimuli)
     loaded = load_model(model, weights=weights, head=head, seed=runtime.seed, name=name)
+    if head is not None and valence is not None:
+        logging.getLogger("object2brain.cli").warning(
+            "--valence and --head both given: layer 'valence' holds the values of %s, not the "
+            "head's outputs (--valence takes precedence)",
+            valence,
+        )
     path = extract(
         loaded,
         stimulus_set,
@@ -329,6 +345,53 @@ def rsa_command(
     typer.echo(f"wrote {out / 'alignment.csv'}")
 
 
+@stage_command("encode", EncodeOptions)
+def encode_command(
+    *,
+    options: EncodeOptions,
+    runtime: Runtime,
+    activations: Annotated[
+        list[Path], typer.Option("--activations", help="Activation store(s) (.h5), one per model.")
+    ],
+    out: OutOpt,
+    brain: Annotated[
+        Path | None,
+        typer.Option("--brain", help="Brain manifest (YAML) or patterns .h5 (voxels; not RDMs)."),
+    ] = None,
+    ratings: Annotated[
+        Path | None,
+        typer.Option(
+            "--ratings", help="Ratings table (subject, stimulus_id, valence): a voxel per rater."
+        ),
+    ] = None,
+    stimuli: Annotated[
+        Path | None, typer.Option("--stimuli", help="Stimulus table (condition optional).")
+    ] = None,
+    layers: Annotated[
+        str, typer.Option("--layers", help="all | comma-separated layer names")
+    ] = "all",
+) -> None:
+    """Encoding models: cross-validated ridge from every layer to every voxel (or rater)."""
+    from object2brain.api.encode import encode
+
+    chosen = None if layers.strip() == "all" else [x.strip() for x in layers.split(",") if x]
+    result = encode(
+        activations,
+        brain=brain,
+        ratings=ratings,
+        stimuli=stimuli,
+        out=out,
+        options=options,
+        seed=runtime.seed,
+        device=runtime.device,
+        progress=runtime.progress,
+        layers=chosen,
+    )
+    typer.echo(
+        f"wrote {len(result.files)} files into {out} ({len(result.encoding)} rows in encoding.csv)"
+    )
+
+
 @stage_command("train-head", TrainHeadOptions)
 def train_head_command(
     *,
@@ -376,18 +439,24 @@ def train_head_command(
         typer.echo(f"skipped {result.n_missing} missing image(s): {result.missing_path}")
     for name, head in result.models.items():
         test = head.metrics["test"]
-        scores = ", ".join(
-            f"{key} {test[key]:.3f}" if test.get(key) is not None else f"{key} n/a"
-            for key in ("spearman", "pearson", "r2")
-        )
+        scores = ", ".join(_metric(test, key) for key in ("spearman", "pearson", "r2"))
         typer.echo(f"{name}: test {scores} -> {head.head_path}")
         if head.out_of_fold_path is not None:
             oof = head.metrics["out_of_fold"]
-            rho = "n/a" if oof.get("spearman") is None else f"{oof['spearman']:.3f}"
+            rho = _metric(oof, "spearman").removeprefix("spearman ")
             typer.echo(
                 f"{name}: out-of-fold spearman {rho} over {oof['n']} stimuli "
                 f"-> {head.out_of_fold_path}"
             )
+
+
+def _metric(metrics: dict[str, Any], key: str) -> str:
+    """``key 0.123``, or ``key n/a (why)`` / ``key -1.000 (why)`` with the metric's reason
+    (:func:`~object2brain.heads.fit.regression_metrics`)."""
+    value = metrics.get(key)
+    shown = "n/a" if value is None else f"{value:.3f}"
+    why = metrics.get("reasons", {}).get(key)
+    return f"{key} {shown}" + (f" ({why})" if why else "")
 
 
 @stage_command("dissect", DissectOptions)
@@ -442,7 +511,9 @@ def demo_command(
     typer.echo(
         f"recovered: EVC best layer {truth['evc_best_layer']} "
         f"({truth['evc_best_layer_index'] + 1} of {truth['n_layers']}); largest FFA lesion effect: "
-        f"{truth['ffa_top_lesion_group']} (delta r {truth['ffa_top_lesion_delta_r']:.3f})"
+        f"{truth['ffa_top_lesion_group']} (delta r {truth['ffa_top_lesion_delta_r']:.3f}); "
+        f"EVC best layer by encoding {truth['evc_encoding_best_layer']} "
+        f"(r {truth['evc_encoding_best_r']:.3f})"
     )
     typer.echo(f"report: {report}")
 
@@ -525,6 +596,37 @@ def lesion_command(
     )
     rows = len(result.object2brain)
     typer.echo(f"wrote {len(result.files)} files into {out} ({rows} rows in object2brain.csv)")
+
+
+findingemo_app = typer.Typer(
+    help="FindingEmo: the image set of the valence heads (published as URLs only).",
+    no_args_is_help=True,
+)
+app.add_typer(findingemo_app, name="findingemo")
+
+
+@stage_command("fetch", FetchOptions, runtime=(), group=findingemo_app)
+def findingemo_fetch_command(
+    out: Annotated[Path, typer.Option("--out", help="Image root to fetch into (resumable).")],
+    urls: Annotated[
+        Path | None, typer.Option("--urls", help="URL list (JSON records rel_path, idx_url, url).")
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option("--annotations", help="Annotation file whose images are fetched.")
+    ] = None,
+    *,
+    options: FetchOptions,
+    runtime: Runtime,
+) -> None:
+    """Download every FindingEmo image of the annotation file (default: the findingemo-light
+    package's) into OUT, trying each image's alternative URLs; a rerun fetches only what is
+    missing or damaged."""
+    from object2brain.data.fetch import fetch_findingemo
+
+    result = fetch_findingemo(
+        out, urls=urls, annotations=annotations, options=options, progress=runtime.progress
+    )
+    typer.echo(f"findingemo fetch: {result.summary()}")
 
 
 @app.command("run")

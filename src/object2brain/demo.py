@@ -15,10 +15,13 @@
    ``VAL`` from the valence, responding at 30% gain in incongruent scenes.
 4. **Stages**: the study runs through :func:`object2brain.pipeline.run.run_config` (extraction,
    simulation, valence head trained on the simulated ratings, RSA, EmoCAM++ dissection with the
-   OpenCV face detector, Object2Brain lesions, report).
+   OpenCV face detector, Object2Brain lesions, encoding models, report). The encoding models
+   (cross-validated ridge from every layer to every simulated voxel) use 3 folds, penalties at
+   whole decades and a sparse random projection of each layer to 256 features, so that they stay
+   fast.
 
-Expected recovery: the best layer of ``EVC`` is early, and the largest lesion effect on ``FFA``
-comes from the ``Faces`` group; :func:`recovered_truth` checks both.
+Expected recovery: the best layer of ``EVC`` is early (by RSA and by encoding), and the largest
+lesion effect on ``FFA`` comes from the ``Faces`` group; :func:`recovered_truth` checks them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ DEMO_MODEL = "efficientnet_lite0"
 EARLY_LAYER = "_blocks.2"
 FACE_LAYER = "_blocks.14"
 N_FACE_FILTERS = 24
+#: Features per layer of the demo's encoding models (sparse random projection).
+ENCODE_SRP_DIM = 256
 # Context photos and their planted valence (+1 pleasant, -1 unpleasant).
 CONTEXTS: dict[str, float] = {
     "coffee": 1.0,
@@ -280,6 +285,13 @@ def demo_config(
                 "min_images": 5,
             },
             "lesion": {"variants": ["lesion", "keep"], "n_null": size.n_null},
+            "encode": {
+                "folds": 3,
+                "inner_folds": 3,
+                "reduce": f"srp:{ENCODE_SRP_DIM}",
+                "alphas": [10.0**k for k in range(-1, 8)],  # decades: half the default grid
+                "n_perm": size.n_perm,
+            },
             "report": False,
         }
     )
@@ -329,7 +341,8 @@ def run_demo(
 
 
 def recovered_truth(results: str | Path) -> dict[str, Any]:
-    """What the demo recovered: EVC's best layer (and its position) and FFA's top lesion group."""
+    """What the demo recovered: EVC's best layer by RSA and by encoding (each with its position
+    in network order) and FFA's top lesion group."""
     folder = Path(results)
     alignment = pd.read_csv(folder / "rsa" / "alignment.csv")
     rows = alignment[
@@ -348,7 +361,21 @@ def recovered_truth(results: str | Path) -> dict[str, Any]:
         & (lesion["condition"] == "all")
     ]
     top = ffa.dropna(subset=["delta_r"]).sort_values("delta_r").iloc[0]
+    encoding = pd.read_csv(folder / "encode" / "encoding.csv")
+    profile = (
+        encoding[
+            (encoding["model"] == DEMO_MODEL)
+            & (encoding["target"] == "EVC")
+            & (encoding["condition"] == "all")
+            & ~encoding["layer"].str.startswith("banded:")
+        ]
+        .groupby("layer", sort=False)["r_mean"]
+        .mean()  # over subjects; the table's layer order is network order
+    )
     return {
+        "evc_encoding_best_layer": str(profile.idxmax()),
+        "evc_encoding_best_layer_index": int(list(profile.index).index(profile.idxmax())),
+        "evc_encoding_best_r": float(profile.max()),
         "evc_best_layer": str(evc["layer"]),
         "evc_best_layer_index": int(evc["layer_index"]),
         "n_layers": int(n_layers),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -39,7 +40,9 @@ from object2brain.errors import Object2BrainError
 # --- vocabularies (every list of allowed values lives here) --------------------------------
 
 RdmMetric = Literal["correlation", "euclidean", "cosine"]
-CompareMethod = Literal["spearman", "pearson", "kendall_tau_a"]
+CompareMethod = Literal[
+    "spearman", "pearson", "kendall_tau_a", "rho_a", "cosine", "corr_cov", "cosine_cov"
+]
 StorageDtype = Literal["float32", "float16"]
 AmpDtype = Literal["bfloat16", "float16"]
 DecodeMode = Literal["pil", "torch", "auto"]
@@ -49,6 +52,10 @@ Variant = Literal["lesion", "keep"]
 NullKind = Literal["random", "matched"]
 OnMissing = Literal["error", "intersect"]
 ValenceSource = Literal["stimuli", "ratings"]
+PermNull = Literal["predictions", "refit"]
+BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
+FdrFamily = Literal["model", "models", "study"]
+Pairs = Literal["all", "within"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -56,6 +63,23 @@ DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 LOSSES: tuple[str, ...] = get_args(LossName)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 NULL_KINDS: tuple[str, ...] = get_args(NullKind)
+
+
+def _known(noun: str, allowed: tuple[str, ...]) -> BeforeValidator:
+    """A validator naming what a value is when it is not one of ``allowed``."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value not in allowed:
+            raise ValueError(f"unknown {noun} {value!r}; choose one of {', '.join(allowed)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+#: Option types of the vocabularies whose unknown values are named in the error message.
+RdmMetricOption = Annotated[RdmMetric, _known("RDM metric", RDM_METRICS)]
+CompareMethodOption = Annotated[CompareMethod, _known("comparison method", COMPARE_METHODS)]
+
 
 #: Upper bound of resampling counts (permutations, bootstrap resamples, null subsets): beyond it a
 #: run would not finish in a lifetime on any machine, so a larger value is a typo.
@@ -72,14 +96,16 @@ def _not_a_boolean(value: Any) -> Any:
     return value
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
+def _finite(value: float) -> float:
+    """After parsing, so that ``"nan"``, ``"-inf"`` and ``1e400`` (text from a YAML file or an API
+    call, parsed by pydantic) are refused like the float ``nan``."""
+    if not math.isfinite(value):
         raise ValueError(f"expected a finite number, got {value}")
     return value
 
 
 Int = Annotated[int, BeforeValidator(_not_a_boolean)]
-Float = Annotated[float, BeforeValidator(_not_a_boolean), BeforeValidator(_finite)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean), AfterValidator(_finite)]
 Count = Annotated[Int, Field(ge=0, le=MAX_RESAMPLES)]
 
 
@@ -179,7 +205,7 @@ class TrainHeadOptions(StageOptions):
     @classmethod
     def _folds(cls, value: int | None) -> int | None:
         if value == 1:
-            raise ValueError("use 0 (off) or 2 or more folds")
+            raise ValueError(f"cross-fit {value}: use 0 (off) or 2 or more folds")
         return value
 
     def folds(self, *, in_study: bool) -> int:
@@ -192,20 +218,42 @@ class TrainHeadOptions(StageOptions):
 class RsaOptions(StageOptions):
     """``rsa``: every layer against behaviour and brain ROIs."""
 
-    rdm_metric: RdmMetric = Field(
+    rdm_metric: RdmMetricOption = Field(
         "correlation",
         validation_alias=AliasChoices("rdm_metric", "rdm"),
         description="correlation | euclidean | cosine",
         json_schema_extra=_cli("--rdm"),
     )
-    compare_method: CompareMethod = Field(
+    compare_method: CompareMethodOption = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
-        description="spearman | pearson | kendall_tau_a",
+        description="spearman | pearson | kendall_tau_a | rho_a | cosine | corr_cov | cosine_cov",
         json_schema_extra=_cli("--compare"),
+    )
+    brain_rdm: BrainRdm | None = Field(
+        None,
+        description=(
+            "crossnobis | crossvalidated_euclidean: ROI RDMs cross-validated over the runs of "
+            "run-wise patterns (default: --rdm of each stimulus' mean pattern)."
+        ),
     )
     n_perm: Count = Field(10_000, description="Permutations.")
     n_boot: Count = Field(1_000, description="Bootstrap resamples.")
+    pairs: Pairs = Field(
+        "all",
+        description=(
+            "all | within: the 'all' rows compare only pairs of stimuli of the same condition "
+            "(stratified permutations and resamples)."
+        ),
+    )
+    fdr_family: FdrFamily = Field(
+        "model",
+        description=(
+            "Benjamini-Hochberg families: model (layers x targets of one model, condition and "
+            "subject level) | models (all models together) | study (the whole table: models, "
+            "conditions and subject levels together)."
+        ),
+    )
     layers: list[str] | None = Field(
         None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)
     )
@@ -213,6 +261,21 @@ class RsaOptions(StageOptions):
         "error",
         description="Stimuli missing from brain data: error | intersect.",
         json_schema_extra=_cli(None),
+    )
+    # group inference (two-factor bootstrap, model comparisons)
+    bootstrap: Literal["stimuli", "subjects", "both"] | None = Field(
+        None,
+        description=(
+            "Group inference resamples stimuli | subjects | both (default: both for a target "
+            "with >= 3 subjects, else stimuli)."
+        ),
+    )
+    compare_models: str | list[str] = Field(
+        "best",
+        description=(
+            "Model comparisons: best (each model's best layer, chosen on half the stimuli, "
+            "tested on the other half) | valence | model:layer,model:layer,..."
+        ),
     )
 
 
@@ -294,16 +357,16 @@ class LesionOptions(StageOptions):
     layers: list[str] | None = Field(
         None, description="Layer(s) to analyse (default: all).", json_schema_extra=_cli("--layer")
     )
-    rdm_metric: RdmMetric = Field(
+    rdm_metric: RdmMetricOption = Field(
         "correlation",
         validation_alias=AliasChoices("rdm_metric", "rdm"),
         description="correlation | euclidean | cosine",
         json_schema_extra=_cli("--rdm"),
     )
-    compare_method: CompareMethod = Field(
+    compare_method: CompareMethodOption = Field(
         "spearman",
         validation_alias=AliasChoices("compare_method", "compare"),
-        description="spearman | pearson | kendall_tau_a",
+        description="spearman | pearson | kendall_tau_a | rho_a | cosine | corr_cov | cosine_cov",
         json_schema_extra=_cli("--compare"),
     )
     batch_size: Int = Field(32, ge=1, description="Images per batch (with --propagate).")
@@ -331,6 +394,28 @@ class SimulateOptions(StageOptions):
     )
     valence_source: str | None = Field(
         None, description="layer:L or valence, when the stimulus table has none."
+    )
+
+
+class FetchOptions(StageOptions):
+    """``findingemo fetch``: download FindingEmo's images from their published URLs."""
+
+    workers: Int = Field(8, ge=1, description="Download threads.")
+    timeout: Float = Field(
+        20.0, gt=0, description="Socket timeout in seconds, per connection and per read."
+    )
+    retries: Int = Field(
+        2,
+        ge=0,
+        description="Extra attempts per URL after a transient failure (timeout, 429, 5xx).",
+    )
+    per_host: Int = Field(2, ge=1, description="Most concurrent requests to one host.")
+    backoff: Float = Field(
+        1.0, ge=0, description="Base of the exponential backoff between retries (seconds)."
+    )
+    archive_fallback: bool = Field(
+        False,
+        description="After every listed URL of an image failed, try the Wayback Machine's copy.",
     )
 
 
@@ -372,3 +457,85 @@ def resolve_options(
         return model.model_validate({**options.model_dump(), **values})
     except ValidationError as exc:
         raise OptionsError("; ".join(describe_error(e) for e in exc.errors())) from None
+
+
+def _default_alphas() -> list[float]:
+    """``logspace(-2, 7, 19)``: 10^-2, 10^-1.5, ..., 10^7."""
+    return [10.0 ** (-2.0 + 0.5 * i) for i in range(19)]
+
+
+class EncodeOptions(StageOptions):
+    """``encode``: cross-validated ridge from every layer to every voxel (encoding models)."""
+
+    folds: Int = Field(5, ge=2, description="Outer cross-validation folds over stimuli.")
+    inner_folds: Int = Field(
+        5, ge=2, description="Inner folds (inside each training set) that choose the penalty."
+    )
+    alphas: list[Float] = Field(
+        default_factory=_default_alphas,
+        min_length=1,
+        description="Ridge penalties to choose from, per voxel (default logspace(-2, 7, 19)).",
+    )
+    reduce: str = Field(
+        "none",
+        description="none | srp:DIM | pca:DIM (PCA fitted on the training folds only).",
+    )
+    banded: list[str] | None = Field(
+        None,
+        description="Layers of a banded ridge across layers (2 or more, or 'all'); default off.",
+    )
+    n_iter: Int = Field(
+        100, ge=1, description="Random-search samples of the band weights (banded ridge)."
+    )
+    n_perm: Count = Field(1000, description="Permutations of the ROI's mean r.")
+    perm_null: PermNull = Field(
+        "predictions",
+        description=(
+            "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
+            "| refit: relabel the responses and rerun the cross-validation (exact, n_perm fits)."
+        ),
+    )
+    layers: list[str] | None = Field(
+        None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)
+    )
+
+    @field_validator("alphas")
+    @classmethod
+    def _positive_alphas(cls, value: list[float]) -> list[float]:
+        if any(a <= 0 for a in value):
+            raise ValueError("every alpha must be > 0")
+        return sorted(set(value))
+
+    @field_validator("reduce")
+    @classmethod
+    def _reduction(cls, value: str) -> str:
+        kind, _, dim = value.strip().lower().partition(":")
+        if kind == "none" and not dim:
+            return "none"
+        if kind in ("srp", "pca") and dim.isdigit() and int(dim) >= 1:
+            return f"{kind}:{int(dim)}"
+        raise ValueError(f"expected none, srp:DIM or pca:DIM (DIM >= 1), got {value!r}")
+
+    @field_validator("banded", mode="before")
+    @classmethod
+    def _split_bands(cls, value: Any) -> Any:
+        """``l1,l2`` (one comma-separated flag or string) as well as a list or repeated flags."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    @field_validator("banded")
+    @classmethod
+    def _bands(cls, value: list[str] | None) -> list[str] | None:
+        if value is None or value == ["all"]:
+            return value
+        if len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError("give 2 or more distinct layers, or 'all'")
+        return value
+
+    def reduction(self) -> tuple[str, int | None]:
+        """``("none", None)``, ``("srp", DIM)`` or ``("pca", DIM)``."""
+        kind, _, dim = self.reduce.partition(":")
+        return kind, (int(dim) if dim else None)

@@ -47,6 +47,20 @@ duplicate or empty ids, missing columns, an empty table.
 Images are decoded the same way everywhere: EXIF orientation applied, transparency composited on
 white, greyscale replicated to RGB, CMYK converted, 16-bit data scaled to 8 bits (`v / 257`).
 
+### Image array (HDF5)
+
+Images may be rows of an HDF5 dataset of uint8 `(n_images, height, width, 3)` RGB pixels, such
+as the Natural Scenes Dataset's `nsd_stimuli.hdf5` (dataset `imgBrick`, 73,000 x 425 x 425 x 3);
+they are read by row and never written to disk. In a stimulus table, `path` `FILE#ROW` (dataset
+`imgBrick`) or `FILE#DATASET#ROW` names a row (0-based; `FILE` relative to the table's folder),
+e.g. `nsd_stimuli.hdf5#0` for NSD image `nsd-00001`; a table restricts a study to some rows and
+adds `condition`/`valence`. The `.hdf5`/`.h5`/`.hdf` file itself is also a stimulus source: every
+row, ids `nsd-00001`, `nsd-00002`, ... (row + 1, the ids of the `kind: nsd` brain source; the API
+`load_stimuli` takes `dataset`, `rows` and `id_scheme`). A row enters models exactly as a PNG of
+the same pixels would. Its content hash (stimulus fingerprint, detection cache) is the SHA-256 of
+`"{H}x{W}x3\0"` and its pixel bytes. Validation checks the file, dataset, type, shape and rows
+without reading pixels; each problem names the file and dataset.
+
 ### Ratings table
 
 Long format (CSV, TSV or Parquet): `subject`, `stimulus_id`, `valence` (numeric). Group ratings

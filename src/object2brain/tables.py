@@ -335,6 +335,145 @@ PROPAGATE_ALIGNMENT = TableSchema(
     required=(),
 )
 
+_BOOTSTRAP = _c(
+    "bootstrap", "str", "what was resampled: `stimuli`, `subjects` or `both` (two-factor)"
+)
+_N_BOOT = _c("n_boot", "int", "bootstrap resamples")
+
+GROUP_INFERENCE = TableSchema(
+    "group_inference",
+    "rsa",
+    "the mean over subjects of r of one layer, target and condition, with an interval that "
+    "generalises over the resampled factors (two-factor bootstrap, corrected variance)",
+    (
+        _MODEL,
+        _LAYER,
+        _LAYER_INDEX,
+        _TARGET,
+        _CONDITION,
+        _COMPARE,
+        _c("mean_r", "float", "mean over subjects of r (subjects with a defined r)"),
+        _c("se", "float", "corrected bootstrap standard error of mean_r"),
+        _c("ci_low", "float", "lower bound of the 95% Student-t interval mean_r - t se"),
+        _c("ci_high", "float", "upper bound of that interval"),
+        _c("p", "float", "one-sided t-test p of mean_r > 0 with the corrected se"),
+        _c("p_fdr", "float", "Benjamini-Hochberg of p over layers x targets per model, condition"),
+        _c("nc_low", "float", "lower noise ceiling (NaN with fewer than two subjects)"),
+        _c("nc_high", "float", "upper noise ceiling"),
+        _c("p_below_nc", "float", "one-sided p of mean_r below the lower noise ceiling"),
+        _c("n_subjects", "int", "subjects of the target"),
+        _c("n_stimuli", "int", "stimuli in the condition"),
+        _N_BOOT,
+        _BOOTSTRAP,
+    ),
+)
+
+MODEL_COMPARISON = TableSchema(
+    "model_comparison",
+    "rsa",
+    "a paired comparison of two (model, layer) picks on one target and condition",
+    (
+        _c("model_a", "str", "model of the first pick"),
+        _c("layer_a", "str", "layer of the first pick"),
+        _c("model_b", "str", "model of the second pick"),
+        _c("layer_b", "str", "layer of the second pick"),
+        _TARGET,
+        _CONDITION,
+        _COMPARE,
+        _c("delta_r", "float", "mean over subjects of r_a - r_b"),
+        _c("se", "float", "corrected bootstrap standard error of delta_r (same resamples)"),
+        _c("ci_low", "float", "lower bound of the 95% Student-t interval"),
+        _c("ci_high", "float", "upper bound of that interval"),
+        _c("p", "float", "two-sided t-test p of delta_r != 0"),
+        _c("p_fdr", "float", "Benjamini-Hochberg of p over the pairs x targets per condition"),
+        _N_BOOT,
+        _BOOTSTRAP,
+        _c(
+            "selection",
+            "str",
+            "how the layers were picked: `listed`, `valence`, or `best on "
+            "N other stimuli` (chosen on a random half, tested on the other half)",
+        ),
+    ),
+)
+
+_ROI_TARGET = _c("target", "str", "ROI name, or `behavior` (ratings: one voxel per rater)")
+_ROI_SUBJECT = _c("subject", "str", "subject; `group` for the ratings (one voxel per rater)")
+
+ENCODING = TableSchema(
+    "encoding",
+    "encode",
+    "the encoding model of one layer (or banded model) for one ROI, subject and condition",
+    (
+        _MODEL,
+        _c("layer", "str", "dotted module name of the layer, or `banded:l1+l2+...`"),
+        _ROI_TARGET,
+        _ROI_SUBJECT,
+        _CONDITION,
+        _c("n_voxels", "int", "voxels (or raters) of the ROI"),
+        _c("feature_dim", "int", "model features per fold after reduction (sum over bands)"),
+        _c("r_mean", "float", "mean over voxels of the Pearson r of out-of-fold predictions"),
+        _c("r_median", "float", "median over voxels of that r"),
+        _c("r2_mean", "float", "mean over voxels of R^2 = 1 - SSE / SST (out of fold)"),
+        _c(
+            "nc_mean",
+            "float",
+            "mean split-half noise ceiling on r (Spearman-Brown; NaN without run-wise data)",
+        ),
+        _c("frac_nc", "float", "r_mean / nc_mean"),
+        _c(
+            "p_perm",
+            "float",
+            "one-sided permutation p of r_mean, (1 + #{null >= r_mean}) / (1 + n_perm)",
+        ),
+        _c(
+            "p_fdr",
+            "float",
+            "Benjamini-Hochberg of p_perm over layers x ROIs, per model and condition",
+        ),
+        _N_PERM,
+        _c("n_stimuli", "int", "stimuli in the condition"),
+        _c("n_folds", "int", "outer cross-validation folds"),
+        _c("alpha_median", "float", "median over voxels of the chosen penalty (NaN: banded)"),
+    ),
+)
+
+ENCODING_VOXELS = TableSchema(
+    "encoding_voxels",
+    "encode",
+    "one voxel (or rater) of one ROI under the encoding model of one layer, all stimuli",
+    (
+        _MODEL,
+        _c("layer", "str", "dotted module name of the layer, or `banded:l1+l2+...`"),
+        _ROI_TARGET,
+        _ROI_SUBJECT,
+        _c("voxel", "int", "0-based voxel index within the ROI (rater index for `behavior`)"),
+        _c("i", "float", "voxel index on the betas' first axis (NIfTI sources; else NaN)"),
+        _c("j", "float", "voxel index on the second axis (NIfTI sources; else NaN)"),
+        _c("k", "float", "voxel index on the third axis (NIfTI sources; else NaN)"),
+        _c("r", "float", "Pearson r of the out-of-fold predictions"),
+        _c("r2", "float", "R^2 of the out-of-fold predictions"),
+        _c("alpha", "float", "median over outer folds of the chosen penalty (NaN: banded)"),
+    ),
+)
+
+ENCODING_BANDS = TableSchema(
+    "encoding_bands",
+    "encode",
+    "one layer (band) of a banded ridge model across layers, for one ROI and subject",
+    (
+        _MODEL,
+        _c("bands", "str", "the banded model, `banded:l1+l2+...`"),
+        _c("layer", "str", "the band (layer)"),
+        _ROI_TARGET,
+        _ROI_SUBJECT,
+        _c("n_voxels", "int", "voxels of the ROI"),
+        _c("r2_joint_mean", "float", "mean over voxels of the joint model's R^2"),
+        _c("r2_share_mean", "float", "mean over voxels of this band's share of it (split R^2)"),
+        _c("alpha_median", "float", "median over voxels and folds of the band's penalty"),
+    ),
+)
+
 #: Every table by name, in the order the documentation lists them.
 TABLES: dict[str, TableSchema] = {
     schema.name: schema
@@ -343,11 +482,16 @@ TABLES: dict[str, TableSchema] = {
         ALIGNMENT_GROUP,
         BEHAVIOR_DIRECT,
         CONDITION_CONTRAST,
+        GROUP_INFERENCE,
+        MODEL_COMPARISON,
         HEAD_METRICS,
         FILTER_OBJECTS,
         DETECTIONS,
         OBJECT2BRAIN,
         PROPAGATE_BEHAVIOR,
         PROPAGATE_ALIGNMENT,
+        ENCODING,
+        ENCODING_VOXELS,
+        ENCODING_BANDS,
     )
 }

@@ -250,3 +250,30 @@ def test_verify_image_and_package_defaults() -> None:
     paths = fetch.read_annotation_paths(fetch.package_file(fetch.ANNOTATIONS_FILE))
     assert len(paths) > 20000 and not paths[0].startswith("/")
     assert sum(p in urls for p in paths[:200]) > 150
+
+
+def test_cli_fetch_with_options_from_the_options_model(
+    tmp_path: Path, site: tuple[_Site, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``object2brain findingemo fetch``: flags generated from FetchOptions; a bad value is one
+    error line (exit 2); a run prints the summary and a rerun fetches nothing new."""
+    from object2brain.cli import main
+
+    server, base = site
+    server.add("/a.jpg", _jpeg(1))
+    urls, annotations = _lists(
+        tmp_path,
+        [("/Run_1/x/a.jpg", 1, f"{base}/a.jpg"), ("/Run_1/x/b.jpg", 1, f"{base}/none.jpg")],
+    )
+    out = tmp_path / "images"
+    argv = ["findingemo", "fetch", "--out", str(out), "--urls", str(urls)]
+    argv += ["--annotations", str(annotations), "--workers", "2", "--timeout", "2", "--quiet"]
+    with pytest.raises(SystemExit) as bad:
+        main([*argv[:-1], "--retries", "-1"])
+    assert bad.value.code == 2
+    assert "retries" in capsys.readouterr().err
+    main(argv)
+    assert "fetched 1, already present 0, failed 1" in capsys.readouterr().out
+    assert (out / "Run_1" / "x" / "a.jpg").read_bytes() == _jpeg(1)
+    main(argv)
+    assert "fetched 0, already present 1, failed 1" in capsys.readouterr().out

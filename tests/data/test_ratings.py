@@ -68,7 +68,7 @@ def test_unknown_stimulus_ids_listed() -> None:
 
 def test_repeats_averaged() -> None:
     frame = pd.concat([_frame(), _frame().iloc[:1].assign(valence=3.0)])
-    ratings = load_ratings(frame)
+    ratings = load_ratings(frame, duplicates="mean")  # repeats are an error by default
     assert ratings.matrix(["a"])[0, 0] == 2.0
 
 

@@ -136,7 +136,7 @@ def test_size_mismatch_and_unknown_method() -> None:
     with pytest.raises(DataError, match="differ in size"):
         compare(np.ones((1, 3)), np.ones((1, 6)))
     with pytest.raises(DataError, match="unknown comparison"):
-        compare(np.ones((1, 3)), np.ones((1, 3)), "cosine")
+        compare(np.ones((1, 3)), np.ones((1, 3)), "bures")
 
 
 @settings(max_examples=40, deadline=None)

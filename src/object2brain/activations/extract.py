@@ -56,6 +56,7 @@ from object2brain.activations.store import (
     StoreWriter,
     partial_path,
 )
+from object2brain.data.image_array import is_array_file
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import LayerError, StoreError, listing
@@ -246,8 +247,10 @@ def _write_manifest(plan: ExtractionPlan, path: Path, *, seconds: float | None) 
     """``<store>.manifest.json`` (``seconds`` None: the store was completed by an earlier run)."""
     stimuli, loaded, options = plan.stimuli, plan.loaded, plan.options
     inputs = {"stimuli_fingerprint": plan.config["stimuli"], "weights": loaded.weights_sha256}
-    if stimuli.source is not None and stimuli.source.is_file():
-        inputs["stimulus_table"] = file_sha256(stimuli.source)
+    # an image array (tens of GB) enters through the stimulus fingerprint (its rows' pixels)
+    source = stimuli.source
+    if source is not None and source.is_file() and not is_array_file(source):
+        inputs["stimulus_table"] = file_sha256(source)
     return write_json(
         manifest_path(path),
         build_manifest(

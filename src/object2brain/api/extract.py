@@ -4,6 +4,7 @@ plan and stream the activations into the store (:mod:`object2brain.activations.e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from object2brain.models.zoo import LoadedModel
 
 __all__ = ["extract"]
+
+log = logging.getLogger("object2brain.api.extract")
 
 
 def extract(
@@ -64,7 +67,8 @@ def extract(
         overwrite: replace an existing store at ``out`` written by another run (a complete store
             of this very run is always reused as it is).
         valence: predicted valence to store as layer ``valence`` instead of the head's outputs
-            (with or without a head): a table with ``stimulus_id, predicted`` (e.g.
+            (with or without a head; with a head it takes precedence over the head's outputs,
+            and a warning says so): a table with ``stimulus_id, predicted`` (e.g.
             ``train-head --cross-fit``'s ``out_of_fold.csv``) or a Series/mapping by stimulus id.
             The store's attribute ``valence_source`` says which (``head`` or ``supplied``).
 
@@ -89,6 +93,14 @@ def extract(
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
     supplied = None if valence is None else load_predicted_valence(valence, stimulus_set.ids)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, seed=seed)
+    if supplied is not None and loaded.has_head:  # a study does this on purpose: INFO
+        log.info(
+            "extract: model %r has a valence head and predicted valence was supplied: layer "
+            "'valence' of %s holds the supplied values, not the head's outputs (the supplied "
+            "valence takes precedence; store attribute valence_source = supplied)",
+            loaded.name,
+            out,
+        )
     check_writable(out)
     plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
     return run_extraction(plan, out, overwrite=overwrite)

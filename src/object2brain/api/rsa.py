@@ -55,6 +55,11 @@ def rsa(
     n_boot: int | None = None,
     layers: Sequence[str] | None = None,
     on_missing: OnMissing | None = None,
+    bootstrap: str | None = None,
+    compare_models: str | Sequence[str] | None = None,
+    brain_rdm: str | None = None,
+    fdr_family: str | None = None,
+    pairs: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -75,11 +80,13 @@ def rsa(
             fitted on some of the analysed stimuli, give the held-out ones (e.g. the ``test``
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
-        rdm_metric, compare_method, n_perm, n_boot, layers, on_missing: the fields of
-            :class:`RsaOptions` (None: not given).
+        rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, bootstrap,
+            compare_models, brain_rdm, fdr_family, pairs: the fields of :class:`RsaOptions`
+            (None: not given).
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
-        ``condition_contrast`` and ``alignment_group`` tables, and the files written.
+        ``condition_contrast``, ``alignment_group``, ``group_inference`` and
+        ``model_comparison`` tables, and the files written.
     """
     given = {
         "rdm_metric": rdm_metric,
@@ -88,6 +95,13 @@ def rsa(
         "n_boot": n_boot,
         "layers": None if layers is None else list(layers),
         "on_missing": on_missing,
+        "bootstrap": bootstrap,
+        "compare_models": compare_models
+        if compare_models is None or isinstance(compare_models, str)
+        else list(compare_models),
+        "brain_rdm": brain_rdm,
+        "fdr_family": fdr_family,
+        "pairs": pairs,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -110,6 +124,7 @@ def rsa(
             device=resolve_device(runtime.device),
             on_missing=opts.on_missing,
             behavior_ids=behavior_ids,
+            brain_rdm=opts.brain_rdm,
         )
         with progress_bar("rsa", progress) as bar:
             result = compute_alignment(stores, analysis, opts, runtime, progress=bar)
@@ -139,6 +154,10 @@ def write_alignment(
     files += write_table(result.alignment_group, out, "alignment_group")
     if not result.condition_contrast.empty:
         files += write_table(result.condition_contrast, out, "condition_contrast")
+    if not result.group_inference.empty:
+        files += write_table(result.group_inference, out, "group_inference")
+    if not result.model_comparison.empty:
+        files += write_table(result.model_comparison, out, "model_comparison")
     if figures:
         from object2brain.report.figures.alignment import alignment_figures
 
@@ -262,5 +281,19 @@ def _config(
         "device": device,
         "layers": list(options.layers) if options.layers is not None else "all",
         "on_missing": options.on_missing,
+        "bootstrap": options.bootstrap,
+        "compare_models": options.compare_models,
         "behavior_ids": None if behavior_ids is None else sorted(behavior_ids),
+    } | _new_options(options)
+
+
+def _new_options(options: RsaOptions) -> dict[str, Any]:
+    """Options recorded in the manifest only when they differ from their default (so the
+    manifests of analyses that do not use them stay as they were)."""
+    defaults = RsaOptions()
+    names = ("brain_rdm", "fdr_family", "pairs")
+    return {
+        name: getattr(options, name)
+        for name in names
+        if getattr(options, name) != getattr(defaults, name)
     }

@@ -4,9 +4,11 @@ Sources, declared in a YAML manifest (``sources:`` list, paths relative to the
 manifest) or given directly as a patterns/RDMs HDF5 file (root attribute ``kind``):
 
 - ``patterns`` HDF5: ``/stimulus_ids`` (n,), ``/<subject>/<roi>`` ``(n, n_voxels)`` (more
-  trailing dimensions are flattened).
+  trailing dimensions are flattened). Run-wise patterns add ``/runs`` (n,), the run of each row;
+  ids then repeat, once per run.
 - ``rdms`` HDF5: ``/stimulus_ids`` (n,), ``/<subject>/<roi>`` square ``(n, n)``.
-- ``nifti``: one subject's 4D beta image (volume i <-> row i of the sidecar TSV's ``stimulus_id``),
+- ``nifti``: one subject's 4D beta image (volume i <-> row i of the sidecar TSV's ``stimulus_id``;
+  an optional ``run`` column makes the betas run-wise: ids repeat, once per run),
   ROIs as 3D masks (``rois:``, file stem = ROI name, nonzero = inside) or a label image with a TSV
   of ``index``/``name`` (``labels:`` + ``labels_tsv:``). Masks and label images on another grid
   than the betas are resampled to the beta grid with nearest-neighbour interpolation (nilearn;
@@ -34,7 +36,11 @@ Handling of problem values (each logged or raised with the file, subject, ROI an
   ``index`` 0 (background) is ignored with a warning; an index absent from the image is an error.
 - Constant (zero-variance) patterns make the correlation distance undefined: computing the RDM
   raises :class:`DataError` naming the stimulus ids (euclidean RDMs accept them).
-- RDMs must be square, finite and symmetric (to 1e-6 relative); a non-zero diagonal is ignored.
+- RDMs must be square, finite and symmetric, with a zero diagonal and no negative entry (each to
+  1e-6 of the largest magnitude; :func:`check_rdm`): a similarity matrix given as an RDM is
+  refused, naming the file, subject, ROI and stimulus ids.
+- A manifest key that no source kind reads (a typo such as ``pth:``) is an error naming the
+  source and the keys the kind accepts, as in the study config.
 - Stimulus ids are matched by value, never by position (:meth:`BrainData.aligned`); ids the brain
   data lack are listed in an error (or, with ``on_missing="intersect"``, logged and the analysis
   restricted to the common ids), each distinct set of missing ids once with the items lacking it;
@@ -69,11 +75,24 @@ OnMissing = Literal["error", "intersect"]
 
 
 @dataclass(frozen=True)
+class VoxelGrid:
+    """The voxel grid of a NIfTI beta image: ``shape`` (3 ints) and ``affine`` ``(4, 4)``
+    (voxel indices -> world coordinates in mm)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+
+@dataclass(frozen=True)
 class BrainItem:
     """One subject x ROI: patterns ``(n, n_voxels)`` or an RDM ``(n, n)`` over ``stimulus_ids``.
 
     With ``runs`` (int64 ``(n,)``, patterns only) the rows are single repetitions: row ``i`` is
     stimulus ``stimulus_ids[i]`` in run ``runs[i]``, and ids repeat across runs.
+
+    NIfTI sources also keep where each voxel lies: ``coords`` (int64 ``(n_voxels, 3)``, the
+    indices i, j, k of column ``c`` of ``data`` on the betas' grid) and ``grid`` (that grid's
+    shape and affine), so voxel-wise results can be written back as images.
     """
 
     subject: str
@@ -83,6 +102,8 @@ class BrainItem:
     stimulus_ids: list[str]
     source: str
     runs: np.ndarray | None = None
+    coords: np.ndarray | None = None
+    grid: VoxelGrid | None = None
 
     @property
     def label(self) -> str:
@@ -118,17 +139,77 @@ class BrainItem:
         return ids, sums / np.bincount(rows, minlength=len(ids))[:, None]
 
     def rdm(
-        self, metric: str = "correlation", device: str | torch.device | None = "auto"
+        self,
+        metric: str = "correlation",
+        device: str | torch.device | None = "auto",
+        brain_rdm: str | None = None,
     ) -> torch.Tensor:
-        """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``;
-        either way rounded by :func:`~object2brain.rsa.rdm.snap_ties`."""
-        from object2brain.devices import resolve_device
-        from object2brain.rsa.rdm import as_tensor, rdm_from_features, snap_ties
+        """The RDM ``(n, n)`` (float64): given, or computed from the patterns with ``metric``
+        (of each stimulus' mean pattern over runs), or with ``brain_rdm`` (``crossnobis``,
+        ``crossvalidated_euclidean``) cross-validated over the runs
+        (:func:`~object2brain.rsa.rdm.crossvalidated_rdm`); always rounded by
+        :func:`~object2brain.rsa.rdm.snap_ties`.
 
+        Raises:
+            DataError: ``brain_rdm`` for an item without runs (an RDM, or one pattern per
+                stimulus).
+        """
+        from object2brain.devices import resolve_device
+        from object2brain.rsa.rdm import as_tensor, crossvalidated_rdm, rdm_from_features, snap_ties
+
+        if brain_rdm is not None:
+            if self.kind == "rdm" or self.runs is None:
+                given = "an RDM" if self.kind == "rdm" else "one pattern per stimulus"
+                raise DataError(
+                    f"{self.label}: --brain-rdm {brain_rdm} needs run-wise patterns (a 'run' "
+                    "column in the NIfTI betas TSV, a /runs dataset in a patterns HDF5, or "
+                    f"'repetitions: runs' of an NSD / THINGS source); this item has {given}"
+                )
+            order = list(dict.fromkeys(self.stimulus_ids))
+            rdm = crossvalidated_rdm(
+                self.data, self.stimulus_ids, self.runs, order, brain_rdm, device, self.label
+            )
+            return snap_ties(rdm)
         if self.kind == "rdm":
             return snap_ties(as_tensor(self.data, resolve_device(device)))
         ids, patterns = self.mean_patterns()
         return rdm_from_features(patterns, metric, device=device, ids=ids, what=self.label)
+
+
+def run_labels(values: Any, where: str) -> np.ndarray:
+    """Run labels ``(N,)`` as int64: integers as they are, any other labels (e.g. ``run-01``)
+    numbered in sorted order.
+
+    Raises:
+        DataError: a blank label.
+    """
+    array = np.asarray(values)
+    if array.dtype.kind in "SO":
+        array = np.asarray([v.decode() if isinstance(v, bytes) else v for v in array.tolist()])
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise DataError(f"{where}: empty or non-finite run label(s)")
+        if (array == np.round(array)).all():
+            return array.astype(np.int64)
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64)
+    text = np.asarray(["" if _blank(v) else str(v).strip() for v in array.tolist()])
+    if (text == "").any():
+        rows = [i + 1 for i in np.flatnonzero(text == "")]
+        raise DataError(f"{where}: empty run label in row(s) {listing(rows)}")
+    return np.unique(text, return_inverse=True)[1].astype(np.int64)
+
+
+def require_unique_runs(ids: Sequence[str], runs: np.ndarray, where: str) -> None:
+    """Raise :class:`DataError` when a stimulus id appears twice within one run."""
+    seen: set[tuple[str, int]] = set()
+    twice = []
+    for sid, run in zip(ids, runs.tolist(), strict=True):
+        if (sid, run) in seen:
+            twice.append(f"{sid!r} (run {run})")
+        seen.add((sid, run))
+    if twice:
+        raise DataError(f"{where}: stimulus id(s) repeated within a run: {listing(twice)}")
 
 
 @dataclass(frozen=True)
@@ -276,12 +357,14 @@ def brain_files(source: str | Path) -> list[Path]:
     load are left out here; :func:`load_brain` reports them."""
     import yaml
 
+    from object2brain.yaml_io import load_yaml
+
     path = Path(source).expanduser()
     files = [path]
     if path.suffix.lower() in {".h5", ".hdf5", ".hdf"} or not path.is_file():
         return files
     try:
-        manifest = yaml.safe_load(path.read_text())
+        manifest = load_yaml(path)
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return files
     sources = manifest.get("sources") if isinstance(manifest, dict) else None
@@ -306,20 +389,23 @@ def brain_files(source: str | Path) -> list[Path]:
 def _load_manifest(path: Path) -> list[BrainItem]:
     import yaml
 
+    from object2brain.yaml_io import describe_yaml_error, load_yaml
+
     try:
-        manifest = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        manifest = load_yaml(path)
+    except yaml.YAMLError as exc:
+        raise DataError(
+            f"{path}: not a readable YAML manifest: {describe_yaml_error(exc)}"
+        ) from None
+    except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a readable YAML manifest ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), list):
         raise DataError(f"{path}: a brain manifest needs a 'sources:' list")
+    check_manifest_keys(manifest, str(path))
     items: list[BrainItem] = []
     for number, spec in enumerate(manifest["sources"], start=1):
         where = f"{path}: source {number}"
-        if not isinstance(spec, dict):
-            raise DataError(f"{where}: expected a mapping with 'kind' and paths")
         kind = spec.get("kind")
-        if kind not in SOURCE_KINDS:
-            raise DataError(f"{where}: unknown kind {kind!r} (use {', '.join(SOURCE_KINDS)})")
         if kind in ("patterns", "rdms"):
             items += _load_h5(_resolve(path, spec, "path", where), kind=str(kind))
         elif kind == "nifti":
@@ -329,6 +415,51 @@ def _load_manifest(path: Path) -> list[BrainItem]:
     if not items:
         raise DataError(f"{path}: the brain manifest declares no data")
     return items
+
+
+#: The keys each source kind of a brain manifest reads (``kind`` included).
+SOURCE_KEYS: dict[str, frozenset[str]] = {
+    "patterns": frozenset({"kind", "path"}),
+    "rdms": frozenset({"kind", "path"}),
+    "nifti": frozenset({"kind", "subject", "betas", "stimuli", "rois", "labels", "labels_tsv"}),
+    "nsd": frozenset(
+        {"kind", "root", "subjects", "repetitions", "sessions", "rois", "space", "betas"}
+    ),
+    "things_fmri": frozenset(
+        {"kind", "root", "subjects", "repetitions", "trial_types", "dataset", "rois"}
+    ),
+}
+#: The top-level keys of a brain manifest.
+MANIFEST_KEYS = frozenset({"sources"})
+
+
+def check_manifest_keys(manifest: dict[str, Any], where: str) -> None:
+    """Refuse keys that nothing reads: at the top level (only ``sources``) and in each source
+    (:data:`SOURCE_KEYS` of its kind); also a source that is no mapping or has an unknown kind.
+
+    Raises:
+        DataError: ``<where>: source N: unknown key(s) pth (a patterns source reads: kind, path)``.
+    """
+    unknown = sorted(str(k) for k in manifest if k not in MANIFEST_KEYS)
+    if unknown:
+        raise DataError(
+            f"{where}: unknown top-level key(s) {', '.join(unknown)} (a brain manifest has "
+            "only 'sources:')"
+        )
+    for number, spec in enumerate(manifest["sources"], start=1):
+        at = f"{where}: source {number}"
+        if not isinstance(spec, dict):
+            raise DataError(f"{at}: expected a mapping with 'kind' and paths")
+        kind = spec.get("kind")
+        if kind not in SOURCE_KINDS:
+            raise DataError(f"{at}: unknown kind {kind!r} (use {', '.join(SOURCE_KINDS)})")
+        allowed = SOURCE_KEYS[str(kind)]
+        extra = sorted(str(k) for k in spec if k not in allowed)
+        if extra:
+            raise DataError(
+                f"{at}: unknown key(s) {', '.join(extra)} (a {kind} source reads: "
+                f"{', '.join(sorted(allowed))})"
+            )
 
 
 def _published_files(manifest: Path, spec: dict[str, Any]) -> list[Path]:
@@ -404,10 +535,21 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
         if "stimulus_ids" not in handle:
             raise DataError(f"{path}: missing dataset /stimulus_ids")
         ids = _decode_ids(handle["stimulus_ids"][()])
-        require_unique_ids(ids, str(path))
+        runs = None
+        if "runs" in handle:
+            if kind != "patterns":
+                raise DataError(f"{path}: /runs is for run-wise patterns, not {kind}")
+            runs = run_labels(handle["runs"][()], f"{path}: /runs")
+            if runs.shape != (len(ids),):
+                raise DataError(
+                    f"{path}: /runs has {runs.shape[0]} values, /stimulus_ids {len(ids)}"
+                )
+            require_unique_runs(ids, runs, str(path))
+        else:
+            require_unique_ids(ids, str(path))
         items: list[BrainItem] = []
         for subject in handle:
-            if subject == "stimulus_ids":
+            if subject in ("stimulus_ids", "runs"):
                 continue
             group = handle[subject]
             if not isinstance(group, h5py.Group):
@@ -433,15 +575,24 @@ def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
                     raise DataError(
                         f"{where}: dataset of type {node.dtype} is not numeric"
                     ) from None
-                items.append(_make_item(subject, roi, kind, data, ids, str(path), where))
+                item = _make_item(subject, roi, kind, data, ids, str(path), where)
+                items.append(item if runs is None else replace(item, runs=runs))
     if not items:
         raise DataError(f"{path}: no /<subject>/<roi> datasets found")
     return items
 
 
 def _make_item(
-    subject: str, roi: str, kind: str, data: np.ndarray, ids: list[str], source: str, where: str
+    subject: str,
+    roi: str,
+    kind: str,
+    data: np.ndarray,
+    ids: list[str],
+    source: str,
+    where: str,
+    coords: np.ndarray | None = None,
 ) -> BrainItem:
+    """A checked item; ``coords`` ``(n_voxels, 3)`` (NIfTI) lose the rows of dropped voxels."""
     n = len(ids)
     if data.ndim == 0 or data.shape[0] != n:
         raise DataError(f"{where}: has {data.shape[:1]} rows, expected {n} (one per stimulus id)")
@@ -453,9 +604,7 @@ def _make_item(
             raise DataError(
                 f"{where}: NaN or infinite dissimilarities for stimulus id(s) {listing(bad)}"
             )
-        scale = max(float(np.abs(data).max()), 1e-300)
-        if not np.allclose(data, data.T, rtol=0, atol=1e-6 * scale):
-            raise DataError(f"{where}: RDM is not symmetric")
+        check_rdm(data, ids, where)
         return BrainItem(subject, roi, "rdm", data, ids, source)
     patterns = data.reshape(n, -1)
     if patterns.shape[1] == 0:
@@ -484,6 +633,7 @@ def _make_item(
             bad_voxels.size,
         )
         patterns = patterns[:, ~bad_voxels]
+        coords = None if coords is None else coords[~bad_voxels]
     constant = (patterns == patterns[:1]).all(axis=0)
     if n > 1 and constant.all():
         raise DataError(
@@ -500,7 +650,46 @@ def _make_item(
             constant.size,
         )
         patterns = patterns[:, ~constant]
-    return BrainItem(subject, roi, "patterns", patterns, ids, source)
+        coords = None if coords is None else coords[~constant]
+    return BrainItem(subject, roi, "patterns", patterns, ids, source, coords=coords)
+
+
+def check_rdm(data: np.ndarray, ids: Sequence[str], where: str) -> None:
+    """Refuse a square, finite ``(n, n)`` matrix that is not a dissimilarity matrix.
+
+    With ``tol = 1e-6 * max|d|`` (rounding of a computed RDM passes): the matrix must be symmetric
+    (``|d_ij - d_ji| <= tol``), its diagonal zero (``|d_ii| <= tol``: a stimulus is not
+    dissimilar to itself; a diagonal of ones is a *similarity* matrix, whose comparison with the
+    model's RDMs would flip the sign of every correlation) and no entry negative
+    (``d_ij >= -tol``). Each error names ``where`` (file, subject, ROI) and the stimulus ids.
+
+    Raises:
+        DataError: naming the first violated rule.
+    """
+    scale = max(float(np.abs(data).max()), 1e-300)
+    tol = 1e-6 * scale
+    if not np.allclose(data, data.T, rtol=0, atol=tol):
+        raise DataError(f"{where}: RDM is not symmetric")
+    diagonal = np.diagonal(data)
+    off = np.flatnonzero(np.abs(diagonal) > tol)
+    if off.size:
+        hint = (
+            " (a diagonal of ones: this looks like a similarity matrix; give 1 - similarity)"
+            if np.allclose(diagonal, 1.0)
+            else ""
+        )
+        raise DataError(
+            f"{where}: the RDM's diagonal must be zero, but {off.size} of {len(ids)} entries are "
+            f"not (stimulus id(s) {listing([ids[int(i)] for i in off])}: "
+            f"{listing([f'{diagonal[i]:g}' for i in off[:3]], limit=3)}){hint}"
+        )
+    negative = np.argwhere(data < -tol)
+    if negative.size:
+        pairs = [f"({ids[i]}, {ids[j]}) = {data[i, j]:g}" for i, j in negative if i < j]
+        raise DataError(
+            f"{where}: an RDM holds dissimilarities >= 0, but {len(pairs)} pair(s) are negative: "
+            f"{listing(pairs, limit=5)}"
+        )
 
 
 def _roi_name(path: Path) -> str:
@@ -542,7 +731,12 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             f"{table_path}: {len(ids)} rows but {betas_path.name} has {betas.shape[3]} volumes "
             "(one row per volume)"
         )
-    require_unique_ids(ids, str(table_path))
+    runs = None
+    if "run" in table.columns:
+        runs = run_labels(table["run"].to_numpy(), f"{table_path}: column 'run'")
+        require_unique_runs(ids, runs, str(table_path))
+    else:
+        require_unique_ids(ids, str(table_path))
     data = _voxels(betas, betas_path, np.float32)
     nifti1: Any = nib.Nifti1Image
     grid = nifti1(np.zeros(betas.shape[:3], dtype=np.int8), betas.affine)
@@ -577,9 +771,12 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
             )
         patterns = data[mask].T.astype(np.float64)  # (n_stimuli, n_voxels)
         item_where = f"{betas_path}: subject {subject!r}, ROI {roi!r}"
-        items.append(
-            _make_item(subject, roi, "patterns", patterns, ids, str(betas_path), item_where)
+        coords = np.argwhere(mask).astype(np.int64)  # C order, as data[mask]
+        item = _make_item(
+            subject, roi, "patterns", patterns, ids, str(betas_path), item_where, coords
         )
+        item = replace(item, grid=VoxelGrid(tuple(betas.shape[:3]), betas.affine))
+        items.append(item if runs is None else replace(item, runs=runs))
     return items
 
 

@@ -67,12 +67,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 from PIL import Image
 
 from object2brain.errors import DataError
 from object2brain.io import atomic_path
+from object2brain.options import FetchOptions, OptionsError, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -462,14 +464,10 @@ def fetch_findingemo(
     *,
     urls: Path | None = None,
     annotations: Path | None = None,
-    workers: int = 8,
-    timeout: float = 20.0,
-    retries: int = 2,
-    per_host: int = 2,
-    archive_fallback: bool = False,
+    options: FetchOptions | None = None,
     progress: bool = True,
-    backoff: float = 1.0,
     on_outcome: Callable[[Outcome], None] | None = None,
+    **option_values: Any,
 ) -> FetchResult:
     """Download every image of a FindingEmo annotation file into ``out`` (see module docstring).
 
@@ -479,15 +477,11 @@ def fetch_findingemo(
             ``findingemo-light`` package's ``dataset_urls_exploded.json``.
         annotations: annotation CSV with ``image_path``; default: the package's
             ``annotations_single.ann``. Only its images are fetched.
-        workers: download threads (>= 1).
-        timeout: socket timeout in seconds, per connection and per read.
-        retries: extra attempts per URL after a transient failure (timeout, connection error,
-            HTTP 429/5xx), waiting ``backoff * 2**k`` s (+ up to 25 % jitter) before retry k+1.
-        per_host: most concurrent requests to one host.
-        archive_fallback: after all listed URLs of an image failed, try the Wayback Machine's
-            closest snapshot of each (off by default).
+        options: :class:`~object2brain.options.FetchOptions` (workers, timeout, retries,
+            per_host, backoff, archive_fallback); ``option_values`` override its fields. A
+            transient failure (timeout, connection error, HTTP 429/5xx) is retried after
+            ``backoff * 2**k`` s (+ up to 25 % jitter) before retry k+1.
         progress: show a progress bar and print the summary line to stderr.
-        backoff: base of the exponential backoff in seconds.
         on_outcome: called in the calling thread after each image is settled (for callers that
             report elsewhere; an exception raised here, e.g. ``KeyboardInterrupt``, stops the
             run like Ctrl-C).
@@ -499,11 +493,10 @@ def fetch_findingemo(
         DataError: unreadable URL list or annotation file, bad arguments.
         KeyboardInterrupt: re-raised after an interrupted run has written its reports.
     """
-    if workers < 1 or per_host < 1 or retries < 0 or timeout <= 0 or backoff < 0:
-        raise DataError(
-            f"fetch_findingemo: need workers >= 1, per_host >= 1, retries >= 0, timeout > 0 and "
-            f"backoff >= 0 (got {workers}, {per_host}, {retries}, {timeout}, {backoff})"
-        )
+    try:
+        settings = resolve_options(FetchOptions, options, **option_values)
+    except OptionsError as exc:
+        raise DataError(f"fetch_findingemo: {exc}") from None
     url_file = Path(urls) if urls is not None else package_file(URLS_FILE)
     ann_file = Path(annotations) if annotations is not None else package_file(ANNOTATIONS_FILE)
     jobs, unsafe = plan_jobs(read_url_list(url_file), read_annotation_paths(ann_file))
@@ -515,10 +508,12 @@ def fetch_findingemo(
     outcomes = [
         Outcome(p, "failed", reasons=("unsafe path (absolute or with '..')",)) for p in unsafe
     ]
-    policy = Policy(timeout, retries, backoff, archive_fallback)
+    policy = Policy(settings.timeout, settings.retries, settings.backoff, settings.archive_fallback)
     interrupted = False
     try:
-        _run_pool(jobs, out, policy, workers, per_host, progress, outcomes, on_outcome)
+        _run_pool(
+            jobs, out, policy, settings.workers, settings.per_host, progress, outcomes, on_outcome
+        )
     except KeyboardInterrupt:
         interrupted = True
     manifest, failures = _write_reports(out, outcomes, previous)

@@ -5,8 +5,11 @@ Read from CSV, TSV or Parquet (or a DataFrame). Validation reports, each in one
 empty subject or stimulus ids, missing (NaN) or non-numeric valence values, and stimulus ids that
 are not in the stimulus set (all listed).
 
-Repeated ratings of one stimulus by one subject are averaged (logged at INFO level). Group ratings
-are the mean over subjects.
+Ids (``subject``, ``stimulus_id``) are strings exactly as written: ``NA``, ``null`` or ``NaN`` are
+ids, not missing values; an empty id or one with leading or trailing spaces is an error naming the
+lines. Repeated ratings of one stimulus by one subject are an error listing the pairs and lines,
+unless ``duplicates="mean"`` asks to average them (logged at INFO level). Group ratings are the
+mean over subjects.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
 from object2brain.data import GROUP_RDM_SUBJECT, GROUP_SUBJECT
+from object2brain.data.stimuli import id_problems
 from object2brain.errors import DataError, StimulusError, listing, require_columns
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("subject", "stimulus_id", "valence")
+Duplicates = Literal["error", "mean"]
+DUPLICATES: tuple[str, ...] = get_args(Duplicates)
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ def _read(path: Path) -> pd.DataFrame:
 def load_ratings(
     source: str | Path | pd.DataFrame | Ratings,
     stimulus_ids: Sequence[str] | None = None,
+    *,
+    duplicates: Duplicates = "error",
 ) -> Ratings:
     """Load and validate a long ratings table.
 
@@ -109,11 +118,17 @@ def load_ratings(
         source: a .csv, .tsv or .parquet file, a DataFrame, or :class:`Ratings` (re-validated
             against ``stimulus_ids``).
         stimulus_ids: the stimulus set; every rated id must be in it (all strays are listed).
+        duplicates: rows repeating a ``(subject, stimulus_id)`` pair: ``error`` (default: a
+            repeated row is usually a merge or export mistake) or ``mean`` (average them,
+            logged at INFO level).
     Returns:
         :class:`Ratings`.
     Raises:
-        DataError: missing columns, empty ids, NaN or non-numeric valence, unknown stimulus ids.
+        DataError: missing columns, empty ids or ids with surrounding spaces, NaN or non-numeric
+            valence, unknown stimulus ids, repeated pairs (with ``duplicates="error"``).
     """
+    if duplicates not in DUPLICATES:
+        raise DataError(f"duplicates={duplicates!r}: use one of {', '.join(DUPLICATES)}")
     if isinstance(source, Ratings):
         frame, origin = source.table.copy(), source.source
     elif isinstance(source, pd.DataFrame):
@@ -131,12 +146,11 @@ def load_ratings(
 
     problems: list[str] = []
     line = frame.index.to_numpy() + 2  # header line, 1-based
+    text: dict[str, list[str]] = {}
     for column in ("subject", "stimulus_id"):
-        values = frame[column]
-        blank = values.isna() | (values.astype(str).str.strip() == "")
-        if blank.any():
-            problems.append(f"empty {column} on line(s) {listing(list(line[blank.to_numpy()]))}")
-    subjects = frame["subject"].astype(str).str.strip()
+        text[column], found = id_problems(frame[column], column)
+        problems += found
+    subjects = pd.Series(text["subject"], index=frame.index)
     reserved = subjects.isin([GROUP_SUBJECT, GROUP_RDM_SUBJECT])
     if reserved.any():
         names = ", ".join(sorted(set(subjects[reserved])))
@@ -161,9 +175,9 @@ def load_ratings(
 
     table = pd.DataFrame(
         {
-            "subject": frame["subject"].astype(str).str.strip(),
-            "stimulus_id": frame["stimulus_id"].astype(str).str.strip(),
-            "valence": numeric.astype(np.float64),
+            "subject": text["subject"],
+            "stimulus_id": text["stimulus_id"],
+            "valence": numeric.astype(np.float64).to_numpy(),
         }
     )
     if stimulus_ids is not None:
@@ -174,17 +188,40 @@ def load_ratings(
                 f"{where}: {len(unknown)} stimulus id(s) not in the stimulus set: "
                 f"{listing(unknown)}"
             )
+    return Ratings(_merge_repeats(table, where, line, duplicates), origin)
+
+
+def _merge_repeats(
+    table: pd.DataFrame, where: str, line: np.ndarray, duplicates: Duplicates
+) -> pd.DataFrame:
+    """``table`` with one row per ``(subject, stimulus_id)``: repeats refused (``error``, naming
+    the pairs and their file lines ``line``) or averaged (``mean``)."""
     repeated = table.duplicated(["subject", "stimulus_id"], keep=False)
-    if repeated.any():
-        log.info(
-            "%s: %d rows repeat a (subject, stimulus_id) pair; repeated ratings are averaged",
-            where,
-            int(repeated.sum()),
+    if not repeated.any():
+        return table.reset_index(drop=True)
+    if duplicates == "error":
+        pairs = table.loc[repeated, ["subject", "stimulus_id"]].drop_duplicates()
+        shown = [f"({s}, {i}) on line(s) {_lines_of(table, s, i, line)}" for s, i in pairs.values]
+        raise DataError(
+            f"{where}: {len(pairs)} (subject, stimulus_id) pair(s) are rated more than once: "
+            f"{listing(shown, limit=5)}; remove the repeats, or average them explicitly "
+            "(load_ratings(..., duplicates='mean'))"
         )
-        table = (
-            table.groupby(["subject", "stimulus_id"], sort=False)["valence"].mean().reset_index()
-        )
-    return Ratings(table.reset_index(drop=True), origin)
+    log.info(
+        "%s: %d rows repeat a (subject, stimulus_id) pair; repeated ratings are averaged",
+        where,
+        int(repeated.sum()),
+    )
+    averaged = table.groupby(["subject", "stimulus_id"], sort=False)["valence"].mean()
+    return averaged.reset_index().reset_index(drop=True)
+
+
+def _lines_of(table: pd.DataFrame, subject: str, sid: str, line: np.ndarray) -> str:
+    """The file lines of the rows of ``table`` rating ``sid`` by ``subject``."""
+    rows = np.flatnonzero(
+        (table["subject"].to_numpy() == subject) & (table["stimulus_id"].to_numpy() == sid)
+    )
+    return ", ".join(str(int(line[r])) for r in rows)
 
 
 def load_predicted_valence(

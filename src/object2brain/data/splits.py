@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from object2brain.data.stimuli import id_problems
 from object2brain.errors import DataError, require_columns
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,16 @@ def load_split(path: str | Path, ids: Sequence[str] | None = None) -> pd.DataFra
         raise DataError(f"{path}: split file not found")
     try:
         frame = pd.read_csv(path, dtype={"stimulus_id": str, "split": str})
+        if "stimulus_id" in frame.columns:  # ids exactly as written: "NA" is an id
+            text = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=["stimulus_id"])
+            frame["stimulus_id"] = text["stimulus_id"].astype(object)
     except Exception as exc:  # pandas raises many types for malformed files
         raise DataError(f"{path}: cannot be read as a CSV split file ({exc})") from None
     require_columns(frame.columns, SPLIT_COLUMNS, str(path))
-    frame["stimulus_id"] = frame["stimulus_id"].astype(str)
+    written, problems = id_problems(frame["stimulus_id"], "stimulus_id")
+    if problems:
+        raise DataError(f"{path}: " + "; ".join(problems))
+    frame["stimulus_id"] = written
     frame["split"] = frame["split"].astype(str).str.strip().str.lower()
     bad = sorted(set(frame["split"]) - set(SPLITS))
     if bad:

@@ -627,8 +627,7 @@ def detect_images(
     """
     from tqdm.auto import tqdm
 
-    from object2brain.data.images import load_image
-    from object2brain.manifest import file_sha256
+    from object2brain.data.images import image_sha256, load_image
 
     cache = DetectionCache(cache_dir, detector) if cache_dir and detector.cacheable else None
     results: list[ImageDetections] = []
@@ -636,7 +635,7 @@ def detect_images(
     for sid, path in tqdm(
         list(zip(ids, paths, strict=True)), disable=not progress, unit="img", desc="detect"
     ):
-        digest = file_sha256(path) if cache is not None else ""
+        digest = image_sha256(path) if cache is not None else ""  # file bytes or array row
         cached = cache.get(digest) if cache is not None else None
         if cached is not None:
             width, height, found = cached

@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from object2brain.data.image_array import is_array_file
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError, LayerError, ModelError
@@ -987,7 +988,8 @@ def _provenance(
     on_device_decode: bool,
 ) -> DissectProvenance:
     files: dict[str, Path] = {}
-    if stimuli.source is not None:
+    # an image array (tens of GB) enters through the stimulus fingerprint, not a file hash
+    if stimuli.source is not None and not is_array_file(stimuli.source):
         files["stimulus_table"] = stimuli.source
     for source in groups.source:
         files[f"groups:{source}"] = Path(source)

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from object2brain.errors import DataError
+from object2brain.yaml_io import describe_yaml_error, load_yaml, parse_yaml
 
 SHIPPED_MAPS: tuple[str, ...] = ("openimages", "coco", "opencv")
 
@@ -103,7 +104,7 @@ def load_groups(source: str | Path) -> GroupMap:
     text = str(source)
     if text in SHIPPED_MAPS:
         package = resources.files("object2brain.explain") / "groups" / f"{text}.yaml"
-        return _parse(yaml.safe_load(package.read_text(encoding="utf-8")), f"{text}.yaml")
+        return _parse(parse_yaml(package.read_text(encoding="utf-8")), f"{text}.yaml")
     if text == "default":
         return merge_groups([load_groups(name) for name in SHIPPED_MAPS], name="default")
     path = Path(text).expanduser()
@@ -113,8 +114,10 @@ def load_groups(source: str | Path) -> GroupMap:
             f"{', '.join((*SHIPPED_MAPS, 'default'))})"
         )
     try:
-        payload = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        payload = load_yaml(path)
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
+    except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid YAML ({exc})") from None
     return _parse(payload, str(path))
 

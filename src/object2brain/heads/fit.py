@@ -255,20 +255,24 @@ def cross_fitted_predictions(
     return predicted
 
 
-def regression_metrics(predicted: np.ndarray, rated: np.ndarray) -> dict[str, float | None]:
+def regression_metrics(predicted: np.ndarray, rated: np.ndarray) -> dict[str, Any]:
     """MAE, RMSE, Pearson r, Spearman rho and R^2 of ``predicted`` vs ``rated`` (both ``(n,)``).
 
     ``R^2 = 1 - sum (y - yhat)^2 / sum (y - mean y)^2``. Undefined values (constant input, fewer
-    than 2 images) are ``None``.
+    than 2 images) are ``None``; then, and when a value is defined but says nothing (two images:
+    any correlation of two points is +1 or -1), ``reasons`` maps the metric to why
+    (:func:`metric_reasons`; the key is absent when every metric is meaningful).
     """
     from scipy import stats
 
     p = np.asarray(predicted, dtype=np.float64)
     y = np.asarray(rated, dtype=np.float64)
     n = int(p.size)
-    out: dict[str, float | None] = {"n": n}
+    out: dict[str, Any] = {"n": n}
+    reasons = metric_reasons(p, y)
     if n == 0:
-        return out | {"mae": None, "rmse": None, "pearson": None, "spearman": None, "r2": None}
+        out |= {"mae": None, "rmse": None, "pearson": None, "spearman": None, "r2": None}
+        return out | {"reasons": reasons}
     error = p - y
     out["mae"] = float(np.mean(np.abs(error)))
     out["rmse"] = float(np.sqrt(np.mean(error**2)))
@@ -277,7 +281,28 @@ def regression_metrics(predicted: np.ndarray, rated: np.ndarray) -> dict[str, fl
     out["spearman"] = None if constant else float(stats.spearmanr(p, y).statistic)
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     out["r2"] = None if ss_tot == 0 else 1.0 - float(np.sum(error**2)) / ss_tot
-    return out
+    return out | ({"reasons": reasons} if reasons else {})
+
+
+def metric_reasons(predicted: np.ndarray, rated: np.ndarray) -> dict[str, str]:
+    """Why a metric of :func:`regression_metrics` is undefined or uninformative, by metric name
+    (empty when all are meaningful). ``predicted``, ``rated``: ``(n,)``."""
+    n = int(np.asarray(predicted).size)
+    correlations = ("pearson", "spearman")
+    if n == 0:
+        return dict.fromkeys(("mae", "rmse", *correlations, "r2"), "no images in this split")
+    if n == 1:
+        return dict.fromkeys((*correlations, "r2"), "1 image: needs at least 2")
+    reasons: dict[str, str] = {}
+    if np.ptp(rated) == 0:
+        reasons = dict.fromkeys(
+            (*correlations, "r2"), f"the rated valence is the same ({rated[0]:g}) for every image"
+        )
+    elif np.ptp(predicted) == 0:
+        reasons = dict.fromkeys(correlations, "the head predicts the same value for every image")
+    elif n == 2:
+        reasons = dict.fromkeys(correlations, "2 images: any correlation of 2 points is +1 or -1")
+    return reasons
 
 
 def per_level_metrics(

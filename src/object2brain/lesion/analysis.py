@@ -46,9 +46,9 @@ import pandas as pd
 import torch
 
 from object2brain.activations.store import ActivationStore
-from object2brain.data.stimuli import read_table
+from object2brain.data.stimuli import parse_booleans, read_table
 from object2brain.devices import Chunking, resolve_device
-from object2brain.errors import DataError, ModelError, require_columns
+from object2brain.errors import DataError, ModelError, listing, require_columns
 from object2brain.lesion.engine import (
     FilterStats,
     condensed_subset,
@@ -108,7 +108,8 @@ def group_filters(
     """Filter indices of every assigned group of ``model``/``layer``, plus ``unassigned``.
 
     Raises:
-        DataError: no rows for this model/layer, or filter indices outside ``0..n_filters-1``.
+        DataError: no rows for this model/layer, filter indices outside ``0..n_filters-1``,
+            an ``assigned`` value other than true/false/1/0, or a filter in two groups.
     """
     rows = filters[
         (filters["model"].astype(str) == model) & (filters["layer"].astype(str) == layer)
@@ -128,7 +129,9 @@ def group_filters(
             f"{where}: filter(s) {', '.join(map(str, bad[:10]))} of {model}/{layer} do not exist: "
             f"the layer has {n_filters} filters (0..{n_filters - 1})"
         )
-    assigned = rows[rows["assigned"].astype(bool)]
+    flags = parse_booleans(rows["assigned"], where, "assigned")
+    _refuse_double_assignment(rows.assign(assigned=flags), where)
+    assigned = rows[flags.to_numpy()]
     groups = {
         str(group): np.unique(block["filter"].astype(int).to_numpy())
         for group, block in assigned.groupby("group", sort=True)
@@ -155,7 +158,32 @@ def load_filter_table(source: str | Path | pd.DataFrame) -> FilterTable:
     require_columns(frame.columns, FILTER_COLUMNS, where, detail=" of a filter_objects table")
     if frame.empty:
         raise DataError(f"{where}: the filter table has no rows")
+    frame["assigned"] = parse_booleans(frame["assigned"], where, "assigned")
+    _refuse_double_assignment(frame, where)
     return FilterTable(frame, where)
+
+
+def _refuse_double_assignment(frame: pd.DataFrame, where: str) -> None:
+    """A filter belongs to one group at most (the dissection assigns each filter to its group of
+    largest enrichment): a table assigning a filter of a layer to two groups was edited or merged
+    by hand, and lesioning it twice would count it in both groups, so it is refused.
+
+    Raises:
+        DataError: naming the model, layer, filter and its groups.
+    """
+    assigned = frame[frame["assigned"].to_numpy(dtype=bool)]
+    keys = [assigned["model"].astype(str), assigned["layer"].astype(str), assigned["filter"]]
+    groups = assigned["group"].astype(str).groupby(keys, sort=True).unique()
+    doubled = [
+        f"{key[0]}/{key[1]} filter {key[2]} ({', '.join(sorted(names))})"  # type: ignore[index]
+        for key, names in groups.items()
+        if len(names) > 1
+    ]
+    if doubled:
+        raise DataError(
+            f"{where}: {len(doubled)} filter(s) are assigned to more than one group: "
+            f"{listing(doubled, limit=5)}; a filter belongs to one group at most"
+        )
 
 
 def store_model(store: ActivationStore) -> str:

@@ -18,6 +18,12 @@ runs a network on stimuli (extraction, head features, dissection and its gallery
 
 - datasets: :class:`ImageDataset` (Pillow), :class:`EncodedImageDataset` (bytes or Pillow) and
   the worker count :func:`default_workers`.
+
+A "path" may also be a row of an HDF5 image array (``FILE#ROW``, ``FILE#DATASET#ROW``; see
+:mod:`object2brain.data.image_array`): :func:`~object2brain.data.images.load_image` returns its
+pixels as the RGB picture, so it takes the Pillow path above (never the on-device JPEG path) and
+gives exactly the inputs of an image file with the same pixels. Each loader worker opens the HDF5
+file itself (handles are cached per process, never inherited across ``fork``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from object2brain.data.image_array import parse_array_ref, row_size
 from object2brain.data.images import load_image
 from object2brain.errors import StimulusError
 from object2brain.models.zoo import Preprocessing
@@ -87,6 +94,8 @@ def is_plain_jpeg(path: str | Path) -> bool:
     greyscale or 3-channel, no EXIF rotation. Reads the header only."""
     from PIL import Image
 
+    if parse_array_ref(path) is not None:
+        return False  # a row of an image array: pixels, not a file
     try:
         with Image.open(path) as image:
             if image.format != "JPEG" or image.mode not in {"RGB", "L"}:
@@ -398,8 +407,13 @@ def load_inputs(paths: Sequence[Path], preprocessing: Preprocessing) -> torch.Te
 
 def displayed_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` of an image as :func:`~object2brain.data.images.load_image` returns
-    it (after EXIF rotation), read from the file header without decoding the pixels."""
+    it (after EXIF rotation), read from the file header without decoding the pixels (for a row
+    of an image array, from the array's shape)."""
     from PIL import Image
+
+    ref = parse_array_ref(path)
+    if ref is not None:
+        return row_size(ref)
 
     with Image.open(path) as image:
         width, height = image.size

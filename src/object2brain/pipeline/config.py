@@ -19,6 +19,7 @@ the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). 
     rsa: {rdm: correlation, compare: spearman, n_perm: 10000, n_boot: 1000}
     dissect: {layer: _blocks.15, detector: opencv}
     lesion: {variants: [lesion, keep], n_null: 1000, n_perm: 1000}
+    encode: {folds: 5, n_perm: 1000, reduce: "srp:4096"}
 
 Each stage section is that stage's options model (:mod:`object2brain.options`: the same names,
 types, defaults and help as the command line); a missing optional section skips the stage. In a
@@ -28,6 +29,7 @@ metric and comparison unless the ``lesion`` section names its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,10 @@ from pydantic import (
     model_validator,
 )
 
-from object2brain.errors import Object2BrainError
+from object2brain.errors import Object2BrainError, listing
 from object2brain.options import (
     DissectOptions,
+    EncodeOptions,
     ExtractOptions,
     Int,
     LesionOptions,
@@ -53,6 +56,7 @@ from object2brain.options import (
     TrainHeadOptions,
     describe_error,
 )
+from object2brain.yaml_io import describe_yaml_error, load_yaml
 
 
 class ConfigError(Object2BrainError):
@@ -110,6 +114,7 @@ class RunConfig(_Strict):
     rsa: RsaOptions | None = Field(default_factory=RsaOptions)
     dissect: DissectOptions | None = None
     lesion: LesionOptions | None = None
+    encode: EncodeOptions | None = None
     report: bool = True
 
     @model_validator(mode="before")
@@ -153,9 +158,9 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of options at the top level")
     try:
@@ -253,6 +258,7 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
                     f"model {model.label!r} has no valence head to explain: give "
                     f"models.{index}.head or a train_head section",
                 )
+        _check_extracted(config, networks, fail)
         kind = dissect.detector.strip().lower()
         known = kind == "opencv" or kind in TORCHVISION_DETECTORS
         if given_boxes_file(kind) is None and not known:
@@ -263,3 +269,34 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
         resolve_device(config.device)
     except Object2BrainError as exc:
         raise fail("device", exc) from None
+
+
+def _check_extracted(
+    config: RunConfig, networks: dict[str, Any], fail: Callable[[str, object], ConfigError]
+) -> None:
+    """The lesions read the dissected layer from the activation store: with a ``lesion`` section,
+    each model's dissect layer (and every ``lesion.layers`` entry, which must be that layer) has
+    to be among the layers the study extracts (``models.N.layers``), or the study would fail at
+    its last stage, after every other one has run."""
+    from object2brain.models.layers import resolve_layers
+
+    dissect, lesion = config.dissect, config.lesion
+    if dissect is None or lesion is None:
+        return
+    for index, model in enumerate(config.models):
+        layer = dissect.layer_for(model.label)
+        key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
+        extracted = resolve_layers(networks[model.label], model.layers, arch=model.arch)
+        if layer not in extracted:
+            raise fail(
+                key,
+                f"layer {layer!r} of model {model.label!r} is dissected and lesioned but not "
+                f"extracted: add it to models.{index}.layers (now: {listing(extracted)})",
+            )
+        others = [name for name in lesion.layers or [] if name != layer]
+        if others:
+            raise fail(
+                "lesion.layers",
+                f"{', '.join(others)}: only the dissected layer of model {model.label!r} "
+                f"({layer!r}) has a filter assignment to lesion",
+            )

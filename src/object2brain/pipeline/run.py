@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from object2brain.data.image_array import is_array_file
 from object2brain.data.stimuli import load_stimuli
 from object2brain.io import check_output_folder, write_json
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
@@ -91,7 +92,10 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         progress=progress,
         cache=StageCache(out),
         stimuli_key=stimuli.fingerprint(),
-        table_key=fingerprint(config.stimuli),
+        # an image array (tens of GB) is keyed by its rows' pixels (stimuli_key), not rehashed
+        table_key=stimuli.fingerprint()
+        if is_array_file(config.stimuli)
+        else fingerprint(config.stimuli),
         brain=config.brain,
         ratings=config.ratings,
         heads={m.label: m.head for m in config.models},

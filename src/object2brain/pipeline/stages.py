@@ -655,5 +655,58 @@ LESION = Stage(
     run=_lesion,
 )
 
+
+# --- encode ----------------------------------------------------------------------------------
+
+
+def _encode(study: Study, model: Unit) -> list[Path]:
+    from object2brain.api.encode import encode
+
+    options = study.config.encode
+    assert options is not None
+    result = encode(
+        list(study.stores.values()),
+        brain=study.brain,
+        ratings=study.ratings,
+        stimuli=study.config.stimuli,
+        out=study.out / "encode",
+        options=options,
+        seed=study.seed,
+        device=study.device,
+        progress=study.progress,
+    )
+    return list(result.files)
+
+
+def _encode_key(study: Study, model: Unit) -> dict[str, Any]:
+    assert study.config.encode is not None
+    return {
+        "stage": "encode",
+        "options": options_key(study.config.encode),
+        **study.data_key(),
+        "seed": study.seed,
+    }
+
+
+ENCODE = Stage(
+    name="encode",
+    # brain patterns or ratings to predict
+    enabled=lambda study: (
+        study.config.encode is not None and (study.brain is not None or study.ratings is not None)
+    ),
+    folder=lambda study, model: study.out / "encode",
+    key=_encode_key,
+    run=_encode,
+)
+
 #: Every stage of a study, in run order.
-STAGES: list[Stage] = [EXTRACT_BACKBONE, SIMULATE, TRAIN_HEAD, EXTRACT, RSA, DISSECT, LESION]
+STAGES: list[Stage] = [
+    EXTRACT_BACKBONE,
+    SIMULATE,
+    TRAIN_HEAD,
+    EXTRACT,
+    RSA,
+    ENCODE,
+    DISSECT,
+    LESION,
+]

@@ -60,10 +60,8 @@ MAX_EMBEDDED_CSV_BYTES = 8_000_000
 #: ``simulate``, ``run``, ...) say nothing about tables; those of unknown commands claim every
 #: table when they list any.
 TABLES_WRITTEN_BY: dict[str, tuple[str, ...]] = {
-    "rsa": ("alignment", "alignment_group", "behavior_direct", "condition_contrast"),
-    "train-head": ("head_metrics",),
-    "dissect": ("filter_objects", "detections"),
-    "lesion": ("object2brain", "propagate_behavior", "propagate_alignment"),
+    stage: tuple(name for name, schema in SCHEMAS.items() if schema.stage == stage)
+    for stage in dict.fromkeys(schema.stage for schema in SCHEMAS.values())
 }
 _SUFFIXES = (".csv", ".parquet")
 
@@ -353,6 +351,8 @@ def _sections(study: _Study, figures: _Figures, report_dir: Path) -> list[html.S
         sections.append(_behavior_section(tables["behavior_direct"]))
     if "condition_contrast" in tables:
         sections.append(_contrast_section(tables["condition_contrast"]))
+    if "encoding" in tables:
+        sections.append(_encoding_section(figures, tables["encoding"]))
     if "filter_objects" in tables:
         sections.append(_filters_section(figures, tables["filter_objects"]))
     if "object2brain" in tables:
@@ -585,6 +585,30 @@ def _alignment_section(figures: _Figures, alignment: pd.DataFrame) -> html.Secti
     parts.append("<p>Best layer per model, target and condition (group level):</p>")
     parts.append(html.table_html(best))
     return html.Section("Alignment of layers with behaviour and brain", "".join(parts), "alignment")
+
+
+def best_encoding_layers(encoding: pd.DataFrame) -> pd.DataFrame:
+    """The layer with the largest ``r_mean`` per model, ROI (target, subject) and condition,
+    with its noise ceiling and the fraction of it explained."""
+    columns = ["model", "target", "subject", "condition", "layer", "n_voxels", "r_mean"]
+    columns += ["nc_mean", "frac_nc", "p_fdr"]
+    rows = encoding.dropna(subset=["r_mean"]).sort_values("r_mean", ascending=False)
+    best = rows.groupby(["model", "target", "subject", "condition"], sort=False).head(1)
+    return best.loc[:, columns].sort_values(["model", "target", "subject", "condition"])
+
+
+def _encoding_section(figures: _Figures, encoding: pd.DataFrame) -> html.Section:
+    parts = [
+        _figure(path, f"Encoding per layer: {path.stem.removeprefix('encoding_')}")
+        for path in figures("encoding_")
+    ]
+    parts.append(
+        "<p>Cross-validated ridge from each layer to each voxel: the mean over the ROI's voxels "
+        "of the Pearson r of held-out predictions (dashed: the ROI's split-half noise ceiling "
+        "where run-wise data exist). Best layer per model, ROI and condition:</p>"
+    )
+    parts.append(html.table_html(best_encoding_layers(encoding)))
+    return html.Section("Encoding models", "".join(parts), "encoding")
 
 
 def _behavior_section(frame: pd.DataFrame) -> html.Section:

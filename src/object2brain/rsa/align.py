@@ -23,8 +23,10 @@ from the stimulus table's ``valence`` column) has one row, ``group``.
 
 ``p_perm`` is the one-sided Mantel p (``(1 + #{r_perm >= r}) / (1 + n_perm)``); ``p_fdr`` the
 Benjamini-Hochberg adjustment over all (layer, target) tests of one model, condition and subject
-level; ``ci_low``/``ci_high`` the 95% stimulus-bootstrap interval; ``nc_low``/``nc_high`` the
-noise ceiling of the target in that condition (NaN with fewer than two subjects).
+level (``fdr_family`` ``model``, the default; ``models``: all models of one condition and subject
+level together; ``study``: every row of the table, :data:`FDR_FAMILIES`); ``ci_low``/``ci_high``
+the 95% stimulus-bootstrap interval; ``nc_low``/``nc_high`` the noise ceiling of the target in
+that condition (NaN with fewer than two subjects).
 
 The other tables:
 
@@ -51,11 +53,13 @@ import scipy.stats
 import torch
 
 from object2brain.activations.store import ActivationStore
-from object2brain.data import GROUP_RDM_SUBJECT, GROUP_SUBJECT
+from object2brain.data import ALL_CONDITION, GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
 from object2brain.options import RsaOptions, Runtime
+from object2brain.rsa.group import ModelRdms, group_tables
 from object2brain.rsa.inference import (
+    TestResult,
     bootstrap_ci,
     condition_difference_bootstrap,
     condition_difference_test,
@@ -70,6 +74,12 @@ from object2brain.rsa.targets import (
     AnalysisSet,
     Condition,
     TargetColumns,
+)
+from object2brain.rsa.within import (
+    check_within_method,
+    within_bootstrap_ci,
+    within_mantel_test,
+    within_pairs,
 )
 from object2brain.tables import ALIGNMENT, ALIGNMENT_GROUP, BEHAVIOR_DIRECT, CONDITION_CONTRAST
 
@@ -93,6 +103,8 @@ class AlignmentResult:
     alignment_group: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    group_inference: pd.DataFrame = field(default_factory=pd.DataFrame)
+    model_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass(frozen=True)
@@ -165,6 +177,8 @@ def compute_alignment(
     models = select_models(stores, options.layers)
     method = options.compare_method
     n = len(analysis.ids)
+    if options.pairs == "within":
+        check_within_pairs(analysis, method)
     if method == "kendall_tau_a" and options.n_perm * n * n > 10**8:
         log.warning("kendall_tau_a costs O(m^2) per permutation: this run will be slow")
     context = _Context(
@@ -173,13 +187,14 @@ def compute_alignment(
         options,
         runtime.seed,
         device,
-        noise_ceilings(analysis, method, device),
+        noise_ceilings(analysis, method, device, options.pairs),
     )
     total = len(models) * (len(analysis.conditions) + len(analysis.contrasts))
     done = 0
     alignment: list[dict[str, Any]] = []
     contrasts: list[dict[str, Any]] = []
     direct: list[dict[str, Any]] = []
+    kept: list[ModelRdms] = []
     for model in models:
         model_rdms = torch.stack(
             [
@@ -187,12 +202,17 @@ def compute_alignment(
                 for layer in model.layers
             ]
         )
+        kept.append(ModelRdms(model.name, model.layers, model.layer_index, model_rdms))
         for step in _model_steps(context, model, model_rdms, alignment, contrasts):
             done += step
             if progress is not None:
                 progress(done, total)
         direct += _direct_rows(context, model)
-    return _tables(alignment, contrasts, direct, analysis)
+    result = _tables(alignment, contrasts, direct, analysis, options.fdr_family)
+    result.group_inference, result.model_comparison = group_tables(
+        kept, analysis, options, runtime.seed, context.ceilings
+    )
+    return result
 
 
 def _model_steps(
@@ -212,20 +232,38 @@ def _model_steps(
         yield 1
 
 
+def check_within_pairs(analysis: AnalysisSet, method: str) -> None:
+    """Raise :class:`DataError` when ``pairs = within`` cannot run: no ``condition`` column,
+    no condition of 2 or more stimuli, or a comparison it does not support."""
+    if analysis.labels is None:
+        raise DataError(
+            f"{analysis.where}: --pairs within needs a 'condition' column in the stimulus table"
+        )
+    check_within_method(method)
+    within_pairs(analysis.labels.tolist())
+
+
 def noise_ceilings(
-    analysis: AnalysisSet, method: str, device: torch.device
+    analysis: AnalysisSet, method: str, device: torch.device, pairs: str = "all"
 ) -> dict[tuple[int, str], tuple[float, float]]:
     """Lower and upper noise ceiling per (target index, condition name); NaN for group-level
-    targets (:func:`~object2brain.rsa.inference.noise_ceiling`)."""
+    targets (:func:`~object2brain.rsa.inference.noise_ceiling`). With ``pairs = within`` the
+    ``all`` ceilings are those of the within-condition pairs."""
     ceilings: dict[tuple[int, str], tuple[float, float]] = {}
     for condition in analysis.conditions:
         rows = torch.as_tensor(condition.rows, device=device)
+        within = pairs == "within" and condition.name == ALL_CONDITION
         for index, target in enumerate(analysis.targets):
             if target.group_only:
                 ceilings[(index, condition.name)] = (float("nan"), float("nan"))
+                continue
+            if within:
+                assert analysis.labels is not None  # checked by check_within_pairs
+                chosen = within_pairs(analysis.labels.tolist(), target.rdms.device)
+                vectors = target.rdms[:, chosen.rows, chosen.cols]
             else:
                 vectors = upper_triangle(_sub(target.rdms, rows))
-                ceilings[(index, condition.name)] = noise_ceiling(vectors.cpu(), method)
+            ceilings[(index, condition.name)] = noise_ceiling(vectors.cpu(), method)
     return ceilings
 
 
@@ -260,16 +298,11 @@ def _condition_rows(
 ) -> list[dict[str, Any]]:
     """Rows of one model and condition: Mantel r and p, bootstrap CI, noise ceilings."""
     options, columns = context.options, context.columns
-    rows = torch.as_tensor(condition.rows, device=context.device)
-    models, targets = _sub(model_rdms, rows), _sub(columns.rdms, rows)
-    method = options.compare_method
-    test = mantel_test(
-        upper_triangle(models), upper_triangle(targets), method, options.n_perm, context.seed,
-        context.device, columns.combine,
-    )  # fmt: skip
-    low, high = bootstrap_ci(
-        models, targets, method, options.n_boot, context.seed, context.device, columns.combine
-    )
+    if options.pairs == "within" and condition.name == ALL_CONDITION:
+        test, low, high, n_stimuli = _within_statistics(context, model_rdms)
+    else:
+        test, low, high = _statistics(context, model_rdms, condition)
+        n_stimuli = condition.size
     block = []
     for k, q, keys in _cells(model, columns, options):
         nc_low, nc_high = context.ceilings[(columns.owner[q], condition.name)]
@@ -284,11 +317,48 @@ def _condition_rows(
                 "ci_high": float(high[k, q]),
                 "nc_low": nc_low,
                 "nc_high": nc_high,
-                "n_stimuli": condition.size,
+                "n_stimuli": n_stimuli,
                 "n_perm": options.n_perm,
             }
         )
     return block
+
+
+def _statistics(
+    context: _Context, model_rdms: torch.Tensor, condition: Condition
+) -> tuple[TestResult, np.ndarray, np.ndarray]:
+    """Mantel test and bootstrap interval of the stimuli of ``condition`` (all their pairs)."""
+    options, columns = context.options, context.columns
+    rows = torch.as_tensor(condition.rows, device=context.device)
+    models, targets = _sub(model_rdms, rows), _sub(columns.rdms, rows)
+    method = options.compare_method
+    test = mantel_test(
+        upper_triangle(models), upper_triangle(targets), method, options.n_perm, context.seed,
+        context.device, columns.combine,
+    )  # fmt: skip
+    low, high = bootstrap_ci(
+        models, targets, method, options.n_boot, context.seed, context.device, columns.combine
+    )
+    return test, low, high
+
+
+def _within_statistics(
+    context: _Context, model_rdms: torch.Tensor
+) -> tuple[TestResult, np.ndarray, np.ndarray, int]:
+    """Stratified Mantel test and bootstrap interval of the within-condition pairs of all
+    stimuli (:mod:`object2brain.rsa.within`), and the number of stimuli in them."""
+    options, columns = context.options, context.columns
+    assert context.analysis.labels is not None  # checked by check_within_pairs
+    labels = context.analysis.labels.tolist()
+    method, combine = options.compare_method, columns.combine
+    targets = columns.rdms.to(context.device)
+    test = within_mantel_test(
+        model_rdms, targets, labels, method, options.n_perm, context.seed, combine
+    )
+    low, high = within_bootstrap_ci(
+        model_rdms, targets, labels, method, options.n_boot, context.seed, combine
+    )
+    return test, low, high, within_pairs(labels).n_stimuli
 
 
 def _contrast_rows(
@@ -371,19 +441,51 @@ def predicted_valence(store: ActivationStore, ids: list[str]) -> np.ndarray:
     return values[:, 0]
 
 
+#: The columns whose rows share one Benjamini-Hochberg family, per table and ``fdr_family``:
+#: ``model`` (every layer x target of one model, condition and subject level), ``models`` (all
+#: models together, per condition and subject level), ``study`` (the whole table).
+FDR_FAMILIES: dict[str, dict[str, list[str]]] = {
+    "model": {
+        "alignment": ["model", "condition", "subject"],
+        "condition_contrast": ["model", "condition_a", "condition_b", "subject"],
+        "alignment_group": ["model", "condition"],
+    },
+    "models": {
+        "alignment": ["condition", "subject"],
+        "condition_contrast": ["condition_a", "condition_b", "subject"],
+        "alignment_group": ["condition"],
+    },
+    "study": {"alignment": [], "condition_contrast": [], "alignment_group": []},
+}
+
+
+def fdr_within(
+    frame: pd.DataFrame, family: list[str], columns: Sequence[tuple[str, str]]
+) -> pd.DataFrame:
+    """:func:`~object2brain.rsa.inference.with_fdr` over the families of ``family`` columns;
+    an empty list: the whole table is one family."""
+    if family or frame.empty:
+        return with_fdr(frame, family, columns)
+    marked = frame.assign(_family=0)
+    return with_fdr(marked, ["_family"], columns).drop(columns="_family")
+
+
 def _tables(
     alignment: list[dict[str, Any]],
     contrasts: list[dict[str, Any]],
     direct: list[dict[str, Any]],
     analysis: AnalysisSet,
+    fdr_family: str = "model",
 ) -> AlignmentResult:
-    aligned = with_fdr(
+    families = FDR_FAMILIES[fdr_family]
+    aligned = fdr_within(
         pd.DataFrame(alignment, columns=ALIGNMENT.column_names),
-        ["model", "condition", "subject"],
+        families["alignment"],
+        [("p_perm", "p_fdr")],
     )
-    contrast = with_fdr(
+    contrast = fdr_within(
         pd.DataFrame(contrasts, columns=CONDITION_CONTRAST.column_names),
-        ["model", "condition_a", "condition_b", "subject"],
+        families["condition_contrast"],
         [("p_perm", "p_fdr"), ("p_boot", "p_boot_fdr")],
     )
     summary = {
@@ -395,16 +497,18 @@ def _tables(
         aligned,
         pd.DataFrame(direct, columns=BEHAVIOR_DIRECT.column_names),
         contrast,
-        group_summary(aligned),
+        group_summary(aligned, families["alignment_group"]),
         summary,
     )
 
 
-def group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
+def group_summary(
+    alignment: pd.DataFrame, family: Sequence[str] = ("model", "condition")
+) -> pd.DataFrame:
     """Mean and SEM over subjects of per-subject r (``alignment_group`` table), and a one-sided
     one-sample t-test of the mean r > 0 across subjects, ``t = mean / sem`` with ``S - 1``
-    degrees of freedom (``p_t``; BH-FDR ``p_t_fdr`` over layers x targets per model and
-    condition).
+    degrees of freedom (``p_t``; BH-FDR ``p_t_fdr`` over the rows sharing the ``family``
+    columns, by default layers x targets per model and condition).
 
     The ``group`` rows of the alignment test these subjects (their p and CI come from stimulus
     permutations and resamples, the same for every subject: fixed effects); ``p_t`` treats the
@@ -425,5 +529,5 @@ def group_summary(alignment: pd.DataFrame) -> pd.DataFrame:
     summary["p_t"] = scipy.stats.t.sf(summary["t"], dof.clip(lower=1)).astype(float)
     summary.loc[summary["t"].isna(), "p_t"] = np.nan
     summary["p_t_fdr"] = np.nan
-    summary = with_fdr(summary, ["model", "condition"], [("p_t", "p_t_fdr")])
+    summary = fdr_within(summary, list(family), [("p_t", "p_t_fdr")])
     return summary[columns]

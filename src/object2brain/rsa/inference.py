@@ -50,11 +50,10 @@ from object2brain.errors import DataError
 from object2brain.rsa.compare import (
     WeightedComparison,
     check_method,
+    comparison_scale,
     correlate_prepared,
     masked_compare,
     prepare,
-    rankdata,
-    standardize,
 )
 from object2brain.rsa.compare import (
     compare as compare_rdms,
@@ -484,8 +483,9 @@ def _kendall_resamples(
 
 def _on_comparison_scale(x: torch.Tensor, method: str) -> torch.Tensor:
     """Condensed RDMs ``(S, m)`` on the scale a comparison sees: z-scores (Pearson; unit norm,
-    a scale common to all rows) or ranks (Spearman, Kendall tau-a), as rsatoolbox's pool_rdm."""
-    return standardize(x) if method == "pearson" else rankdata(x)
+    a scale common to all rows) or ranks (Spearman, Kendall tau-a), as rsatoolbox's pool_rdm
+    (:func:`~object2brain.rsa.compare.comparison_scale`, which also covers the other methods)."""
+    return comparison_scale(x, method)
 
 
 def pool_rdms(rdms: torch.Tensor, method: str = "spearman") -> torch.Tensor:

@@ -22,6 +22,23 @@ mathematically and avoid catastrophic cancellation in ``G - s s^T / p``.
 Condensed vectors are upper triangles ``i < j`` in row-major order (``numpy.triu_indices(n, 1)``),
 the same order as rsatoolbox and ``scipy.spatial.distance.squareform``.
 
+Cross-validated brain RDMs (:func:`crossvalidated_rdm`) from patterns measured in several runs
+(each stimulus once per run; Walther et al. 2016, Diedrichsen et al. 2021), as rsatoolbox's
+``calc_rdm(method='crossnobis', descriptor=..., cv_descriptor='runs', noise=...)``:
+
+- ``crossvalidated_euclidean``: for each run ``f`` (leave-one-run-out fold), ``U`` the mean
+  pattern of each stimulus over the other runs and ``V`` its pattern in run ``f``,
+  ``d_f(i, j) = (u_i - u_j)^T P (v_i - v_j) / p`` with ``P = I``; the RDM is the mean over folds.
+  Noise is independent across runs, so ``E[d] = ||mu_i - mu_j||^2 / p`` without the positive bias
+  of a distance of noisy patterns (and it can be negative).
+- ``crossnobis``: the same with ``P`` the noise precision (Mahalanobis), estimated from the
+  residuals of each pattern around its stimulus' mean over runs with Schaefer & Strimmer's
+  shrinkage towards the diagonal (rsatoolbox's ``prec_from_measurements(...,
+  method='shrinkage_diag')``): ``S = sum_r e_r e_r^T / dof`` with rsatoolbox's ``dof = (n - 1)
+  R`` (``n`` stimuli, ``R`` runs), off-diagonal entries shrunk by ``1 - lambda`` (``lambda`` the
+  estimated sampling variance of the off-diagonal correlations over their sum of squares,
+  clipped to [0, 1]), ``P = S^-1``.
+
 Every RDM is rounded to a grid of ``2^-40`` of its largest value (:func:`snap_ties`): equal
 dissimilarities that rounding made differ in their last bits (``|v_i - v_j|`` of group-mean
 ratings, a layer kept to one filter) tie exactly, as Spearman and Kendall need; no value moves by
@@ -44,6 +61,8 @@ if TYPE_CHECKING:
 
 RdmMetric = Literal["correlation", "euclidean", "cosine"]
 RDM_METRICS: tuple[str, ...] = ("correlation", "euclidean", "cosine")
+#: Cross-validated RDMs of run-wise brain patterns (:func:`crossvalidated_rdm`).
+BRAIN_RDMS: tuple[str, ...] = ("crossnobis", "crossvalidated_euclidean")
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -332,3 +351,108 @@ def to_rsatoolbox(
         rdm_descriptors=rdm_desc or None,
         pattern_descriptors={"stimulus_id": list(stimulus_ids)},
     )
+
+
+# --- cross-validated RDMs of run-wise patterns ------------------------------------------------
+
+
+def run_tensor(
+    patterns: ArrayLike,
+    stimulus_ids: Sequence[str],
+    runs: np.ndarray,
+    order: Sequence[str],
+    what: str = "patterns",
+) -> torch.Tensor:
+    """Patterns ``(N, p)`` of single runs as a tensor ``(n, R, p)`` (float64): stimulus ``order[i]``
+    in the ``r``-th run (runs sorted).
+
+    Raises:
+        DataError: a stimulus not measured exactly once in every run, or fewer than 2 runs.
+    """
+    x = as_tensor(patterns if isinstance(patterns, torch.Tensor) else np.asarray(patterns), None)
+    x = x.reshape(x.shape[0], -1)
+    labels = np.asarray(runs)
+    run_values = np.unique(labels)
+    if run_values.size < 2:
+        raise DataError(
+            f"{what}: cross-validated distances need at least 2 runs, found {run_values.size}"
+        )
+    position = {sid: i for i, sid in enumerate(order)}
+    run_of = {value: r for r, value in enumerate(run_values.tolist())}
+    slot = np.full((len(order), run_values.size), -1, dtype=np.int64)
+    for row, (sid, run) in enumerate(zip(stimulus_ids, labels.tolist(), strict=True)):
+        if sid not in position:
+            continue
+        i, r = position[sid], run_of[run]
+        if slot[i, r] >= 0:
+            raise DataError(f"{what}: stimulus {sid!r} appears twice in run {run!r}")
+        slot[i, r] = row
+    values = run_values.tolist()
+    lacking = [(order[i], values[r]) for i, r in np.argwhere(slot < 0)]
+    if lacking:
+        shown = ", ".join(f"{sid!r} in run {run!r}" for sid, run in lacking[:5])
+        raise DataError(
+            f"{what}: cross-validated distances need every stimulus once in every run; missing "
+            f"{len(lacking)} pattern(s): {shown}" + (" ..." if len(lacking) > 5 else "")
+        )
+    index = torch.as_tensor(slot, device=x.device)
+    return x[index]  # (n, R, p)
+
+
+def noise_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """Noise precision ``(p, p)`` of run-wise patterns ``(n, R, p)``: the inverse of the
+    residual covariance shrunk towards its diagonal (rsatoolbox's ``prec_from_measurements(...,
+    method='shrinkage_diag')``, module docstring)."""
+    n, R, p = tensor.shape
+    e = (tensor - tensor.mean(dim=1, keepdim=True)).reshape(n * R, p)
+    dof = (n - 1) * R  # rsatoolbox's degrees of freedom for a (stimulus x channel x run) tensor
+    rows = e.shape[0]
+    s_sum = e.T @ e
+    s2_sum = (e * e).T @ (e * e)
+    s = s_sum / dof
+    var = torch.diagonal(s)
+    std = var.sqrt()
+    s_mean = s_sum / std[None, :] / std[:, None] / (rows - 1)
+    s2_mean = s2_sum / var[None, :] / var[:, None] / (rows - 1)
+    var_hat = rows / dof**2 * (s2_mean - s_mean**2)
+    off = ~torch.eye(p, dtype=torch.bool, device=tensor.device)
+    lamb = float((var_hat[off].sum() / (s_mean[off] ** 2).sum()).clamp(0, 1)) if p > 1 else 0.0
+    shrunk = torch.where(off, s * (1 - lamb), s)
+    if not bool(torch.isfinite(shrunk).all()) or bool((var <= 0).any()):
+        raise DataError("the noise covariance is undefined: a voxel has no residual variance")
+    precision: torch.Tensor = torch.linalg.inv(shrunk)
+    return precision
+
+
+def crossvalidated_rdm(
+    patterns: ArrayLike,
+    stimulus_ids: Sequence[str],
+    runs: np.ndarray,
+    order: Sequence[str],
+    method: str = "crossnobis",
+    device: str | torch.device | None = "auto",
+    what: str = "patterns",
+) -> torch.Tensor:
+    """Cross-validated RDM ``(n, n)`` (float64) over the stimuli ``order`` of run-wise patterns
+    ``(N, p)`` (row ``k``: stimulus ``stimulus_ids[k]`` in run ``runs[k]``); ``method``
+    ``crossnobis`` or ``crossvalidated_euclidean`` (module docstring). Not snapped."""
+    if method not in BRAIN_RDMS:
+        raise DataError(f"unknown brain RDM {method!r}; choose one of {', '.join(BRAIN_RDMS)}")
+    dev = resolve_device(device)
+    x = patterns.to(dev) if isinstance(patterns, torch.Tensor) else np.asarray(patterns)
+    tensor = run_tensor(x, stimulus_ids, runs, order, what).to(dev)
+    n, R, p = tensor.shape
+    if method == "crossnobis":
+        precision = noise_precision(tensor)
+    else:
+        precision = torch.eye(p, dtype=torch.float64, device=dev)
+    total = tensor.sum(dim=1)
+    rdm = torch.zeros((n, n), dtype=torch.float64, device=dev)
+    for fold in range(R):
+        test = tensor[:, fold]
+        train = (total - test) / (R - 1)
+        kernel = train @ precision @ test.T
+        diag = torch.diagonal(kernel)
+        rdm += diag[None, :] + diag[:, None] - kernel - kernel.T
+    rdm = rdm / (R * p)
+    return (rdm + rdm.T) / 2 * (1 - torch.eye(n, dtype=torch.float64, device=dev))

@@ -267,8 +267,8 @@ def warn_constant_subjects(target: Target, vectors: torch.Tensor, cond: str, met
     constant = [subject for subject, flag in zip(target.subjects, flags, strict=True) if flag]
     if not constant:
         return
-    if method == "kendall_tau_a":
-        consequence = "their tau-a is 0 and enters the mean over subjects"
+    if method in ("kendall_tau_a", "rho_a"):
+        consequence = f"their {method} is 0 and enters the mean over subjects"
     else:
         consequence = (
             f"their {method} r is undefined (NaN rows); the mean over subjects (group row) and "
@@ -291,10 +291,13 @@ def build_targets(
     metric: str,
     device: torch.device,
     method: str,
+    brain_rdm: str | None = None,
 ) -> list[Target]:
     """Target RDMs for ``ids``: every ROI of ``brain`` and behaviour (per rater, or group-level).
 
-    ``metric``: the RDM metric of brain patterns; ``method``: the comparison, whose scale the
+    ``metric``: the RDM metric of brain patterns (``brain_rdm``, when given: a cross-validated
+    distance of run-wise patterns instead, :meth:`~object2brain.data.brain.BrainItem.rdm`);
+    ``method``: the comparison, whose scale the
     ROIs' group RDMs are pooled on (:func:`~object2brain.rsa.inference.pool_rdms`). Behaviour
     RDMs are ``|v_i - v_j|``: from ``ratings`` when given (raters who rated every stimulus get
     their own RDM, the group RDM is that of the group-mean ratings), else from the stimulus
@@ -305,7 +308,7 @@ def build_targets(
         aligned = brain.aligned(ids)
         for roi in aligned.rois:
             items = aligned.for_roi(roi)
-            rdms = torch.stack([item.rdm(metric, device) for item in items])
+            rdms = torch.stack([item.rdm(metric, device, brain_rdm) for item in items])
             subjects = [item.subject for item in items]
             group_only = subjects == [GROUP_SUBJECT]
             pooled = None if group_only else pool_rdms(rdms, method)
@@ -348,6 +351,7 @@ def build_analysis_set(
     device: torch.device,
     on_missing: OnMissing,
     behavior_ids: Sequence[str] | None,
+    brain_rdm: str | None = None,
 ) -> AnalysisSet:
     """The analysis set of loaded inputs (see the module docstring).
 
@@ -359,6 +363,8 @@ def build_analysis_set(
             stimulus table's ``valence`` (every analysed stimulus must have one).
         rdm_metric, compare_method: RDM metric of brain patterns and the comparison.
         behavior_ids: stimuli of predicted-vs-rated valence correlations (default: all).
+        brain_rdm: ``crossnobis`` or ``crossvalidated_euclidean``: ROI RDMs cross-validated over
+            the runs of run-wise patterns (None: ``rdm_metric`` of the mean patterns).
     Raises:
         DataError: fewer than :data:`MIN_CONDITION_STIMULI` stimuli, held-out ids outside the
             stimulus set, missing or non-numeric valence, nothing to align to.
@@ -380,7 +386,9 @@ def build_analysis_set(
     if "condition" in table.columns:
         every = StimulusSet(table).conditions or []  # "" where empty: in no condition
         labels = np.asarray([every[r] for r in rows])
-    targets = build_targets(brain, ratings, valence, ids, rdm_metric, device, compare_method)
+    targets = build_targets(
+        brain, ratings, valence, ids, rdm_metric, device, compare_method, brain_rdm
+    )
     rated = ratings.group_mean(ids) if ratings is not None else valence
     return AnalysisSet.from_targets(
         ids,

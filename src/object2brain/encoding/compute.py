@@ -1,0 +1,442 @@
+r"""Encoding models of one network: every layer (and optionally a banded model across layers) to
+every ROI, cross-validated over stimuli; the tables of the ``encode`` stage.
+
+:func:`compute_encoding` is pure (arrays in, :class:`EncodingResult` out; no file I/O). For each
+layer and ROI it fits :func:`object2brain.encoding.ridge.fit_ridge_cv` on the outer folds of
+:func:`object2brain.encoding.folds.outer_folds` and scores the out-of-fold predictions
+(:mod:`object2brain.encoding.scores`) on all stimuli (``condition = "all"``) and on the stimuli of
+each condition. ``perm_null``: ``predictions`` permutes the out-of-fold predictions within the
+outer folds (fast; conservative, see ``permutation_test``); ``refit`` relabels the responses and
+reruns the cross-validation of the layer for every permutation (exact; banded rows always use
+``predictions``: the band-weight search is not linear in the responses). BH-FDR runs over the
+rows (layers x ROIs, banded model included) of each model and condition.
+
+Layer features ``(n, ...)`` are flattened to ``(n, p)``. With ``reduce = srp:DIM`` a layer with
+``p > DIM`` is projected by the sparse random projection of
+:mod:`object2brain.activations.projection` (seeded by the root seed and the layer name, each row
+centred first; no fit, so it is applied before the folds); ``pca:DIM`` is fitted inside each
+training set.
+
+:func:`predict_with_filters` predicts the responses of the held-out stimuli from the same layer's
+features with some filters zeroed (or only some kept), with each fold's fitted weights: the input
+of the encoding lesion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from object2brain.activations.projection import project, srp_matrix
+from object2brain.devices import resolve_device
+from object2brain.encoding.folds import folds_table, outer_folds
+from object2brain.encoding.ridge import (
+    BackendName,
+    BandedFit,
+    CvSmoother,
+    RidgeFit,
+    backend_for,
+    fit_banded_cv,
+    fit_ridge_cv,
+    fit_smoother,
+)
+from object2brain.encoding.scores import (
+    fdr_bh,
+    noise_ceiling,
+    pearson_r,
+    permutation_test,
+    r2_score,
+    refit_permutation_test,
+    roi_summary,
+)
+from object2brain.errors import DataError, listing
+from object2brain.options import EncodeOptions, Runtime
+from object2brain.tables import ENCODING, ENCODING_BANDS, ENCODING_VOXELS
+
+#: Columns of the ``encoding``, ``encoding_voxels`` and ``encoding_bands`` tables.
+ENCODING_COLUMNS, ENCODING_VOXEL_COLUMNS, ENCODING_BAND_COLUMNS = (
+    tuple(schema.column_names) for schema in (ENCODING, ENCODING_VOXELS, ENCODING_BANDS)
+)
+#: Condition label of the rows scored on all stimuli.
+ALL_CONDITIONS = "all"
+
+RoiKey = tuple[str, str]
+"""An ROI: ``(target, subject)``."""
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """The fitted encoding model of one layer and ROI: the cross-validated ridge and how the
+    layer's features became its inputs (``srp_dim``: SRP to this many features, else ``None``)."""
+
+    layer: str
+    ridge: RidgeFit
+    srp_dim: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class EncodingResult:
+    """Tables of the ``encode`` stage for one model, plus the fitted models.
+
+    ``encoding`` (:data:`ENCODING_COLUMNS`), ``encoding_voxels`` (:data:`ENCODING_VOXEL_COLUMNS`),
+    ``encoding_bands`` (:data:`ENCODING_BAND_COLUMNS`, empty without banded ridge), ``folds``
+    (``stimulus_id``, ``fold``); ``fits[(layer, target, subject)]``.
+    """
+
+    encoding: pd.DataFrame
+    encoding_voxels: pd.DataFrame
+    encoding_bands: pd.DataFrame
+    folds: pd.DataFrame
+    fits: Mapping[tuple[str, str, str], LayerFit] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Study:
+    """What every layer x ROI fit shares."""
+
+    model: str
+    options: EncodeOptions
+    seed: int
+    backend: BackendName
+    folds: np.ndarray
+    conditions: np.ndarray | None
+    runs: Mapping[RoiKey, np.ndarray]
+    coords: Mapping[RoiKey, np.ndarray]
+
+
+def layer_inputs(raw: np.ndarray, layer: str, srp_dim: int | None, seed: int) -> np.ndarray:
+    """Model inputs ``(n, p)`` of a layer's features ``(n, ...)``: flattened, then SRP-projected
+    to ``srp_dim`` features when given (float64)."""
+    flat = np.asarray(raw, dtype=np.float64).reshape(raw.shape[0], -1)
+    if srp_dim is None:
+        return flat
+    matrix = srp_matrix(flat.shape[1], srp_dim, seed=seed, layer=layer)
+    projected = project(torch.from_numpy(flat.astype(np.float32)), matrix)
+    return projected.double().numpy()
+
+
+def _srp_dim(options: EncodeOptions, raw: np.ndarray) -> int | None:
+    kind, dim = options.reduction()
+    p = int(np.prod(raw.shape[1:]))
+    return dim if kind == "srp" and dim is not None and p > dim else None
+
+
+def predict_with_filters(
+    fit: LayerFit, features: np.ndarray, keep: np.ndarray | Sequence[bool]
+) -> np.ndarray:
+    """Out-of-fold predictions ``(n, v)`` from the layer's features ``(n, C, ...)`` (filters on
+    axis 1) with the filters where ``keep`` ``(C,)`` is False set to zero, each stimulus predicted
+    by the weights fitted without it (its outer fold's model). Lesion: ``keep = ~group``; keep
+    only: ``keep = group``."""
+    mask = np.asarray(keep, dtype=bool)
+    if features.ndim < 2 or mask.shape != (features.shape[1],):
+        raise DataError(
+            f"encoding lesion: {mask.size} filter flags for features of shape {features.shape}"
+        )
+    shape = (1, mask.size) + (1,) * (features.ndim - 2)
+    masked = features * mask.reshape(shape)
+    return fit.ridge.predict(layer_inputs(masked, fit.layer, fit.srp_dim, fit.seed))
+
+
+def _check_shapes(
+    features: Mapping[str, np.ndarray], responses: Mapping[RoiKey, np.ndarray], n: int
+) -> None:
+    bad = [f"layer {k} {v.shape}" for k, v in features.items() if v.shape[0] != n]
+    bad += [f"ROI {k[0]}/{k[1]} {v.shape}" for k, v in responses.items() if v.shape[0] != n]
+    if bad:
+        raise DataError(f"encoding: {n} stimuli, but first dimension differs: {listing(bad)}")
+    flat = [k for k, v in responses.items() if v.ndim != 2]
+    if flat:
+        raise DataError(
+            f"encoding: responses must be (stimuli, voxels); got no voxel axis for ROI(s) "
+            f"{listing([f'{t}/{s}' for t, s in flat])} (an RDM file has no voxels: use rsa)"
+        )
+
+
+def _condition_masks(conditions: np.ndarray | None, n: int) -> list[tuple[str, np.ndarray]]:
+    masks = [(ALL_CONDITIONS, np.ones(n, dtype=bool))]
+    if conditions is not None:
+        masks += [(str(c), conditions == c) for c in sorted(set(conditions.tolist()), key=str)]
+    return masks
+
+
+def _score_rows(
+    study: _Study,
+    layer: str,
+    roi: RoiKey,
+    responses: np.ndarray,
+    predictions: np.ndarray,
+    extra: dict[str, Any],
+    refit: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> list[dict[str, Any]]:
+    """One ``encoding`` row per condition (``all`` first) of the out-of-fold predictions;
+    ``refit`` given: the exact permutation test that reruns the cross-validation."""
+    rows = []
+    n_perm = study.options.n_perm
+    for condition, mask in _condition_masks(study.conditions, responses.shape[0]):
+        y, p = responses[mask], predictions[mask]
+        r, r2 = pearson_r(y, p), r2_score(y, p)
+        summary = roi_summary(r, r2)
+        if refit is not None:
+            test = refit_permutation_test(
+                responses, predictions, refit, n_perm=n_perm, seed=study.seed, mask=mask
+            )
+        else:
+            test = permutation_test(y, p, n_perm=n_perm, seed=study.seed, groups=study.folds[mask])
+        runs = study.runs.get(roi)
+        nc = float(np.mean(noise_ceiling(runs[:, mask]))) if runs is not None else float("nan")
+        rows.append(
+            {
+                "model": study.model,
+                "layer": layer,
+                "target": roi[0],
+                "subject": roi[1],
+                "condition": condition,
+                "n_voxels": int(y.shape[1]),
+                "r_mean": summary.r_mean,
+                "r_median": summary.r_median,
+                "r2_mean": summary.r2_mean,
+                "nc_mean": nc,
+                "frac_nc": summary.r_mean / nc if nc > 0 else float("nan"),
+                "p_perm": test.p,
+                "n_perm": study.options.n_perm,
+                "n_stimuli": int(mask.sum()),
+                "n_folds": study.options.folds,
+                **extra,
+            }
+        )
+    return rows
+
+
+def _voxel_rows(
+    study: _Study,
+    layer: str,
+    roi: RoiKey,
+    responses: np.ndarray,
+    predictions: np.ndarray,
+    alphas: np.ndarray,
+) -> pd.DataFrame:
+    """``encoding_voxels`` rows of one layer and ROI; ``alphas`` ``(v,)`` (median over folds)."""
+    v = responses.shape[1]
+    coords = study.coords.get(roi)
+    grid = np.full((v, 3), np.nan) if coords is None else np.asarray(coords, dtype=np.float64)
+    if grid.shape != (v, 3):
+        raise DataError(f"encoding: ROI {roi[0]}/{roi[1]} has {v} voxels but coords {grid.shape}")
+    return pd.DataFrame(
+        {
+            "model": study.model,
+            "layer": layer,
+            "target": roi[0],
+            "subject": roi[1],
+            "voxel": np.arange(v),
+            "i": grid[:, 0],
+            "j": grid[:, 1],
+            "k": grid[:, 2],
+            "r": pearson_r(responses, predictions),
+            "r2": r2_score(responses, predictions),
+            "alpha": alphas,
+        }
+    )
+
+
+def _fit_layer(
+    study: _Study, layer: str, inputs: np.ndarray, roi: RoiKey, responses: np.ndarray
+) -> RidgeFit:
+    options = study.options
+    kind, dim = options.reduction()
+    try:
+        return fit_ridge_cv(
+            inputs,
+            responses,
+            study.folds,
+            alphas=options.alphas,
+            inner_folds=options.inner_folds,
+            seed=study.seed,
+            pca_dim=dim if kind == "pca" else None,
+            backend=study.backend,
+        )
+    except DataError as exc:
+        raise DataError(f"layer {layer}, ROI {roi[0]}/{roi[1]}: {exc}") from None
+
+
+def _refit(study: _Study, inputs: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``perm_null = refit``: the layer's cross-validation as a map of the responses (shared by
+    the ROIs); else ``None``."""
+    if study.options.perm_null != "refit" or study.options.n_perm == 0:
+        return None
+    kind, dim = study.options.reduction()
+    smoother: CvSmoother = fit_smoother(
+        inputs,
+        study.folds,
+        alphas=study.options.alphas,
+        inner_folds=study.options.inner_folds,
+        seed=study.seed,
+        pca_dim=dim if kind == "pca" else None,
+    )
+    return smoother.predict
+
+
+def _banded(
+    study: _Study, inputs: Mapping[str, np.ndarray], roi: RoiKey, responses: np.ndarray
+) -> tuple[str, BandedFit]:
+    options = study.options
+    bands = list(inputs) if options.banded == ["all"] else list(options.banded or [])
+    missing = [b for b in bands if b not in inputs]
+    if missing:
+        raise DataError(f"encoding: banded layer(s) not analysed: {listing(missing)}")
+    kind, dim = options.reduction()
+    fit = fit_banded_cv(
+        [inputs[b] for b in bands],
+        responses,
+        study.folds,
+        alphas=options.alphas,
+        inner_folds=options.inner_folds,
+        n_iter=options.n_iter,
+        seed=study.seed,
+        pca_dim=dim if kind == "pca" else None,
+        backend=study.backend,
+    )
+    return "banded:" + "+".join(bands), fit
+
+
+def _band_rows(
+    study: _Study, label: str, bands: Sequence[str], roi: RoiKey, fit: BandedFit
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": study.model,
+            "bands": label,
+            "layer": band,
+            "target": roi[0],
+            "subject": roi[1],
+            "n_voxels": int(fit.r2_joint.size),
+            "r2_joint_mean": float(np.mean(fit.r2_joint)),
+            "r2_share_mean": float(np.mean(fit.r2_shares[j])),
+            "alpha_median": float(np.median(np.exp(-fit.deltas[:, j, :]))),
+        }
+        for j, band in enumerate(bands)
+    ]
+
+
+@dataclass
+class _Tables:
+    """Rows collected over layers and ROIs."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    voxels: list[pd.DataFrame] = field(default_factory=list)
+    bands: list[dict[str, Any]] = field(default_factory=list)
+    fits: dict[tuple[str, str, str], LayerFit] = field(default_factory=dict)
+
+
+def _add_banded(
+    study: _Study,
+    inputs: Mapping[str, np.ndarray],
+    responses: Mapping[RoiKey, np.ndarray],
+    tables: _Tables,
+) -> None:
+    """The banded model of every ROI: its ``encoding`` and ``encoding_voxels`` rows (layer
+    ``banded:l1+l2+...``, no single alpha) and its ``encoding_bands`` rows."""
+    for roi, y in responses.items():
+        label, banded = _banded(study, inputs, roi, y)
+        names = label.removeprefix("banded:").split("+")
+        extra = {"feature_dim": sum(inputs[b].shape[1] for b in names), "alpha_median": np.nan}
+        tables.rows += _score_rows(study, label, roi, y, banded.predictions, extra)
+        nan = np.full(y.shape[1], np.nan)
+        tables.voxels.append(_voxel_rows(study, label, roi, y, banded.predictions, nan))
+        tables.bands += _band_rows(study, label, names, roi, banded)
+
+
+def _finish(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The ``encoding`` table: BH-FDR per model and condition, columns in order."""
+    table = pd.DataFrame(rows)
+    table["p_fdr"] = np.nan
+    for _, index in table.groupby(["model", "condition"], sort=False).groups.items():
+        table.loc[index, "p_fdr"] = fdr_bh(table.loc[index, "p_perm"].to_numpy())
+    return table.loc[:, list(ENCODING_COLUMNS)].reset_index(drop=True)
+
+
+def compute_encoding(
+    features: Mapping[str, np.ndarray],
+    responses: Mapping[RoiKey, np.ndarray],
+    options: EncodeOptions,
+    runtime: Runtime,
+    *,
+    stimulus_ids: Sequence[str],
+    model: str = "model",
+    conditions: Sequence[str] | None = None,
+    runs: Mapping[RoiKey, np.ndarray] | None = None,
+    voxel_coords: Mapping[RoiKey, np.ndarray] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EncodingResult:
+    """Encoding models of ``model``: every layer of ``features`` to every ROI of ``responses``.
+
+    Args:
+        features: ``{layer: (n, ...)}`` activations of the ``n`` stimuli (rows in the order of
+            ``stimulus_ids``).
+        responses: ``{(target, subject): (n, v)}`` responses (e.g. betas averaged over runs).
+        options: folds, alphas, reduction, banded layers, permutations.
+        runtime: root seed (folds, SRP, permutations, band search) and device (himalaya's
+            ``numpy`` backend on the CPU, ``torch_cuda`` on CUDA).
+        stimulus_ids: ``n`` ids (for the folds table).
+        conditions: ``n`` condition labels: folds stratified by condition and rows per
+            condition.
+        runs: ``{(target, subject): (runs, n, v)}`` run-wise responses for the noise ceiling.
+        voxel_coords: ``{(target, subject): (v, 3)}`` voxel indices i, j, k on the source grid.
+        progress: called with a short message per layer.
+
+    Raises:
+        DataError: mismatched shapes, fewer stimuli than folds, a condition with fewer stimuli
+            than folds, a layer with one feature, NaN or constant voxels, no voxel axis.
+    """
+    n = len(stimulus_ids)
+    layers = options.layers or list(features)
+    unknown = [layer for layer in layers if layer not in features]
+    if unknown:
+        raise DataError(f"encoding: unknown layer(s) {listing(unknown)}")
+    _check_shapes({layer: features[layer] for layer in layers}, responses, n)
+    labels = None if conditions is None else np.asarray(conditions, dtype=object)
+    study = _Study(
+        model=model,
+        options=options,
+        seed=runtime.seed,
+        backend=backend_for(resolve_device(runtime.device)),
+        folds=outer_folds(n, options.folds, seed=runtime.seed, conditions=labels),
+        conditions=labels,
+        runs=runs or {},
+        coords=voxel_coords or {},
+    )
+    tables = _Tables()
+    inputs: dict[str, np.ndarray] = {}
+    for layer in layers:
+        if progress is not None:
+            progress(f"encoding {model} {layer}")
+        srp_dim = _srp_dim(options, features[layer])
+        inputs[layer] = layer_inputs(features[layer], layer, srp_dim, runtime.seed)
+        refit = None
+        for index, (roi, y) in enumerate(responses.items()):
+            ridge = _fit_layer(study, layer, inputs[layer], roi, y)  # checks the inputs first
+            if index == 0:
+                refit = _refit(study, inputs[layer])
+            tables.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, runtime.seed)
+            alphas = np.median(ridge.alphas, axis=0)
+            extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
+            tables.rows += _score_rows(study, layer, roi, y, ridge.predictions, extra, refit)
+            tables.voxels.append(_voxel_rows(study, layer, roi, y, ridge.predictions, alphas))
+    if options.banded is not None:
+        if progress is not None:
+            progress(f"encoding {model} banded")
+        _add_banded(study, inputs, responses, tables)
+    rows, voxels, bands, fits = tables.rows, tables.voxels, tables.bands, tables.fits
+    return EncodingResult(
+        encoding=_finish(rows),
+        encoding_voxels=pd.concat(voxels, ignore_index=True).loc[:, list(ENCODING_VOXEL_COLUMNS)],
+        encoding_bands=pd.DataFrame(bands, columns=list(ENCODING_BAND_COLUMNS)),
+        folds=folds_table(stimulus_ids, study.folds),
+        fits=fits,
+    )

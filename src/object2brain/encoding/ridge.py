@@ -1,0 +1,436 @@
+r"""Cross-validated ridge regression from features to voxel responses, with himalaya.
+
+For outer fold :math:`k` with training stimuli :math:`T_k` and test stimuli :math:`S_k`, every voxel
+:math:`v` gets
+
+.. math:: \hat{w}_v = \arg\min_w \|Y_{T_k v} - \bar{y}_v - (X_{T_k} - \bar{x}) w\|^2
+          + \alpha_v \|w\|^2, \qquad
+          \hat{Y}_{S_k v} = (X_{S_k} - \bar{x}) \hat{w}_v + \bar{y}_v
+
+(means over :math:`T_k`; an unpenalised intercept). The penalty :math:`\alpha_v` is chosen per voxel
+from the grid by inner cross-validation *inside* :math:`T_k` (the mean over inner folds of the
+negative mean squared error, himalaya's default score; ties go to the larger alpha); the test fold
+never takes part. Concatenating :math:`\hat{Y}_{S_k}` over folds gives the out-of-fold predictions
+``(n, v)``.
+
+The solver is himalaya's: :class:`himalaya.ridge.RidgeCV` when the fold has at least as many
+training stimuli as features, else the equivalent :class:`himalaya.kernel_ridge.KernelRidgeCV`
+with a linear kernel (whose dual coefficients give the primal weights
+:math:`W = X_{T_k}^\top D`). Banded ridge (one penalty per feature space, chosen by himalaya's
+seeded random search over the simplex of band weights) uses :class:`himalaya.ridge.BandedRidgeCV`.
+
+Backends: ``numpy`` (float64, CPU) or ``torch_cuda`` (float32, the current CUDA device). Weights,
+intercepts and predictions are returned as float64 numpy arrays.
+
+Feature reduction inside the folds: ``pca:DIM`` fits a PCA on each outer training set only
+(:func:`fit_pca`) and projects that fold's training and test features on it. (SRP needs no fit; it
+is applied to the layer's features before the folds, see :mod:`object2brain.encoding.compute`.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from object2brain.encoding.folds import fold_splits, inner_splits
+from object2brain.errors import DataError
+
+BackendName = Literal["numpy", "torch_cuda"]
+
+
+def backend_for(device: torch.device | str) -> BackendName:
+    """The himalaya backend for a compute device: ``torch_cuda`` on CUDA, else ``numpy``."""
+    return "torch_cuda" if torch.device(device).type == "cuda" else "numpy"
+
+
+@contextmanager
+def using_backend(name: BackendName) -> Iterator[Any]:
+    """Set himalaya's (global) backend for the duration of the block, then restore the previous
+    one. Yields the backend module."""
+    from himalaya.backend import get_backend, set_backend
+
+    previous = get_backend().name
+    backend = set_backend(name, on_error="raise")
+    try:
+        yield backend
+    finally:
+        set_backend(previous, on_error="raise")
+
+
+def _dtype(backend: BackendName) -> type[np.floating[Any]]:
+    return np.float64 if backend == "numpy" else np.float32
+
+
+@dataclass(frozen=True)
+class Pca:
+    """A PCA fitted on one training set: ``transform(X) = (X - mean) @ components``.
+
+    ``mean`` ``(p,)``, ``components`` ``(p, d)`` (orthonormal columns, by decreasing variance).
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """``(m, p)`` -> ``(m, d)``."""
+        return np.asarray((features - self.mean) @ self.components)
+
+
+def fit_pca(features: np.ndarray, dim: int) -> Pca:
+    """PCA of ``features`` ``(n_train, p)`` to ``min(dim, n_train - 1, p)`` components (SVD of the
+    centred matrix)."""
+    mean = features.mean(axis=0)
+    _, _, vt = np.linalg.svd(features - mean, full_matrices=False)
+    d = max(1, min(dim, features.shape[0] - 1, features.shape[1]))
+    return Pca(mean=mean, components=np.ascontiguousarray(vt[:d].T))
+
+
+@dataclass(frozen=True)
+class FoldFit:
+    """The ridge model of one outer fold.
+
+    ``test`` ``(n_test,)`` stimulus indices it predicts; ``alphas`` ``(v,)`` chosen penalties;
+    ``weights`` ``(d, v)`` and ``intercept`` ``(v,)`` on the fold's model features (after ``pca``
+    when one was fitted): ``prediction = transform(X) @ weights + intercept``.
+    """
+
+    fold: int
+    test: np.ndarray
+    alphas: np.ndarray
+    weights: np.ndarray
+    intercept: np.ndarray
+    pca: Pca | None = None
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Predictions ``(m, v)`` from features ``(m, p)`` (before PCA)."""
+        x = self.pca.transform(features) if self.pca is not None else features
+        return np.asarray(x @ self.weights + self.intercept)
+
+
+@dataclass(frozen=True)
+class RidgeFit:
+    """Cross-validated ridge: out-of-fold ``predictions`` ``(n, v)``, one :class:`FoldFit` per
+    outer fold, ``feature_dim`` (model features per fold after reduction)."""
+
+    predictions: np.ndarray
+    folds: tuple[FoldFit, ...]
+    feature_dim: int
+
+    @property
+    def alphas(self) -> np.ndarray:
+        """Chosen penalty per fold and voxel ``(K, v)``."""
+        return np.stack([f.alphas for f in self.folds])
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Out-of-fold predictions ``(n, v)`` of other features ``(n, p)`` of the same stimuli
+        (e.g. with filters zeroed): each fold's fitted model predicts its own test stimuli."""
+        out = np.empty_like(self.predictions)
+        for fold in self.folds:
+            out[fold.test] = fold.predict(features[fold.test])
+        return out
+
+
+def check_inputs(features: np.ndarray, responses: np.ndarray, where: str) -> None:
+    """Raise :class:`DataError` for unusable inputs: shapes, non-finite values, a single feature,
+    constant voxels."""
+    if features.ndim != 2 or responses.ndim != 2:
+        raise DataError(f"{where}: features and responses must be 2-D (stimuli first)")
+    if features.shape[0] != responses.shape[0]:
+        raise DataError(
+            f"{where}: {features.shape[0]} stimuli of features vs {responses.shape[0]} responses"
+        )
+    if features.shape[1] < 2:
+        raise DataError(f"{where}: {features.shape[1]} feature(s); a ridge model needs 2 or more")
+    if responses.shape[1] == 0:
+        raise DataError(f"{where}: no voxels")
+    if not np.isfinite(features).all():
+        raise DataError(f"{where}: features contain NaN or infinite values")
+    bad = np.flatnonzero(~np.isfinite(responses).all(axis=0))
+    if bad.size:
+        raise DataError(
+            f"{where}: {bad.size} voxel(s) with NaN or infinite responses (first: column "
+            f"{int(bad[0])}); remove them (e.g. voxels outside the brain mask)"
+        )
+    flat = np.flatnonzero(np.ptp(responses, axis=0) == 0)
+    if flat.size:
+        raise DataError(
+            f"{where}: {flat.size} voxel(s) with constant responses (first: column "
+            f"{int(flat[0])}); their correlation is undefined"
+        )
+
+
+def _fit_one(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    alphas: np.ndarray,
+    cv: list[tuple[np.ndarray, np.ndarray]],
+    backend: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(weights (d, v), intercept (v,), alphas (v,))`` of one training set, penalty per voxel by
+    the inner folds ``cv``."""
+    from himalaya.kernel_ridge import KernelRidgeCV
+    from himalaya.ridge import RidgeCV
+
+    n, d = x_train.shape
+    model: Any
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="himalaya")
+        if d <= n:
+            model = RidgeCV(alphas=alphas, fit_intercept=True, cv=cv)
+            model.fit(x_train, y_train)
+            weights = backend.to_numpy(model.coef_)
+        else:
+            model = KernelRidgeCV(
+                alphas=alphas, kernel="linear", fit_intercept=True, cv=cv, warn=False
+            )
+            model.fit(x_train, y_train)
+            weights = backend.to_numpy(model.get_primal_coef())
+    # himalaya returns exp(-log(alpha)): snap to the grid value it stands for
+    chosen = np.asarray(backend.to_numpy(model.best_alphas_), dtype=np.float64)
+    grid = np.asarray(alphas, dtype=np.float64)
+    nearest = np.abs(np.log(chosen)[:, None] - np.log(grid)[None, :]).argmin(axis=1)
+    return (
+        np.asarray(weights, dtype=np.float64),
+        np.asarray(backend.to_numpy(model.intercept_), dtype=np.float64),
+        grid[nearest],
+    )
+
+
+def fit_ridge_cv(
+    features: np.ndarray,
+    responses: np.ndarray,
+    folds: np.ndarray,
+    *,
+    alphas: Sequence[float],
+    inner_folds: int,
+    seed: int,
+    pca_dim: int | None = None,
+    backend: BackendName = "numpy",
+) -> RidgeFit:
+    """Cross-validated ridge from ``features`` ``(n, p)`` to ``responses`` ``(n, v)``.
+
+    ``folds`` ``(n,)``: outer fold of each stimulus
+    (:func:`~object2brain.encoding.folds.outer_folds`); inner folds come from
+    :func:`~object2brain.encoding.folds.inner_splits` with ``seed``.
+    ``pca_dim``: PCA of each training set to this many components first.
+
+    Raises:
+        DataError: see :func:`check_inputs`; too few training stimuli for the inner folds.
+    """
+    check_inputs(features, responses, "encoding")
+    dtype = _dtype(backend)
+    grid = np.asarray(alphas, dtype=dtype)
+    predictions = np.empty(responses.shape, dtype=np.float64)
+    fits: list[FoldFit] = []
+    with using_backend(backend) as module:
+        for k, (train, test) in enumerate(fold_splits(folds)):
+            pca = fit_pca(features[train], pca_dim) if pca_dim is not None else None
+            x_train = pca.transform(features[train]) if pca is not None else features[train]
+            cv = inner_splits(train.size, inner_folds, seed=seed, outer_fold=k)
+            weights, intercept, chosen = _fit_one(
+                x_train.astype(dtype, copy=False),
+                responses[train].astype(dtype, copy=False),
+                grid,
+                cv,
+                module,
+            )
+            fit = FoldFit(k, test, chosen, weights, intercept, pca)
+            predictions[test] = fit.predict(features[test])
+            fits.append(fit)
+    return RidgeFit(predictions, tuple(fits), int(fits[0].weights.shape[0]))
+
+
+@dataclass(frozen=True)
+class BandedFit:
+    r"""Cross-validated banded ridge over ``b`` feature spaces (bands).
+
+    - ``predictions`` ``(n, v)``: joint out-of-fold predictions;
+    - ``band_predictions`` ``(b, n, v)``: each band's part
+      :math:`(X^{(j)}_{S_k} - \bar{x}^{(j)}) W^{(j)}` (so ``predictions = band_predictions.sum(0)
+      + offsets``);
+    - ``offsets`` ``(n, v)``: the training mean of the responses of each test stimulus' fold;
+    - ``deltas`` ``(K, b, v)``: himalaya's log band weights :math:`\log(\gamma_j / \alpha)` per
+      fold (band :math:`j`'s effective penalty is :math:`e^{-\delta_j}`);
+    - ``r2_joint`` ``(v,)``: :math:`1 - SSE/SST` of the joint predictions (SST around the mean of
+      the responses);
+    - ``r2_shares`` ``(b, v)`` and ``r2_offset`` ``(v,)``: himalaya's product-measure split of the
+      joint :math:`R^2` (:func:`himalaya.scoring.r2_score_split` with the correlations between
+      bands), ``r2_shares.sum(0) + r2_offset == r2_joint``; the offset term is the part of the
+      fold-wise intercepts (differences between the folds' training means), usually small.
+    """
+
+    predictions: np.ndarray
+    band_predictions: np.ndarray
+    offsets: np.ndarray
+    deltas: np.ndarray
+    r2_joint: np.ndarray
+    r2_shares: np.ndarray
+    r2_offset: np.ndarray
+
+
+def fit_banded_cv(
+    bands: Sequence[np.ndarray],
+    responses: np.ndarray,
+    folds: np.ndarray,
+    *,
+    alphas: Sequence[float],
+    inner_folds: int,
+    n_iter: int,
+    seed: int,
+    pca_dim: int | None = None,
+    backend: BackendName = "numpy",
+) -> BandedFit:
+    """Banded ridge from ``bands`` (``b`` arrays ``(n, p_j)``) to ``responses`` ``(n, v)``.
+
+    Each outer fold runs himalaya's ``BandedRidgeCV`` (``solver="random_search"``, ``n_iter``
+    Dirichlet samples of the band weights, seeded by ``(seed, fold)``, ``alphas`` the grid) with
+    the inner folds of :func:`~object2brain.encoding.folds.inner_splits`. ``pca_dim``: each band
+    reduced by its own PCA fitted on the training set.
+    """
+    from himalaya.ridge import BandedRidgeCV
+    from himalaya.scoring import r2_score_split
+
+    if len(bands) < 2:
+        raise DataError(f"encoding: banded ridge needs 2 or more bands, got {len(bands)}")
+    for j, band in enumerate(bands):
+        check_inputs(band, responses, f"encoding band {j}")
+    dtype = _dtype(backend)
+    n, v = responses.shape
+    parts = np.zeros((len(bands), n, v))
+    offsets = np.zeros((n, v))
+    deltas: list[np.ndarray] = []
+    with using_backend(backend) as module:
+        for k, (train, test) in enumerate(fold_splits(folds)):
+            pcas = [fit_pca(b[train], pca_dim) if pca_dim else None for b in bands]
+            xs = [p.transform(b) if p is not None else b for p, b in zip(pcas, bands, strict=True)]
+            means = [x[train].mean(axis=0) for x in xs]
+            model = BandedRidgeCV(
+                groups="input",
+                solver="random_search",
+                solver_params={
+                    "n_iter": n_iter,
+                    "alphas": np.asarray(alphas, dtype=dtype),
+                    "progress_bar": False,
+                    "warn": False,
+                },
+                fit_intercept=True,
+                cv=inner_splits(train.size, inner_folds, seed=seed, outer_fold=k),
+                random_state=int(np.random.default_rng([seed, 2, k]).integers(2**31)),
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=UserWarning, module="himalaya")
+                model.fit([x[train].astype(dtype) for x in xs], responses[train].astype(dtype))
+            weights = np.asarray(module.to_numpy(model.coef_), dtype=np.float64)
+            start = 0
+            for j, (x, mean) in enumerate(zip(xs, means, strict=True)):
+                stop = start + x.shape[1]
+                parts[j][test] = (x[test] - mean) @ weights[start:stop]
+                start = stop
+            offsets[test] = responses[train].mean(axis=0)
+            deltas.append(np.asarray(module.to_numpy(model.deltas_), dtype=np.float64))
+    predictions = parts.sum(axis=0) + offsets
+    centred = responses - responses.mean(axis=0)
+    with using_backend("numpy"):
+        split = np.asarray(
+            r2_score_split(centred, np.concatenate([parts, (offsets - responses.mean(0))[None]]))
+        )
+    return BandedFit(
+        predictions=predictions,
+        band_predictions=parts,
+        offsets=offsets,
+        deltas=np.stack(deltas),
+        r2_joint=split.sum(axis=0),
+        r2_shares=split[:-1],
+        r2_offset=split[-1],
+    )
+
+
+@dataclass(frozen=True)
+class _FoldSmoother:
+    """Linear maps of one outer fold from training responses to predictions, per alpha.
+
+    ``outer`` ``(A, n_test, n_train)``; ``inner``: ``(train, validation, G)`` per inner fold with
+    ``G`` ``(A, n_validation, n_inner_train)`` (positions within the outer training set).
+    """
+
+    train: np.ndarray
+    test: np.ndarray
+    outer: np.ndarray
+    inner: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+
+
+def _smoother(x_train: np.ndarray, x_test: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    r"""``G`` ``(A, m, n_train)`` with ``G[a] @ y_train`` the ridge (with intercept) predictions:
+    :math:`G(\alpha) = \frac{1}{n}\mathbf{1}\mathbf{1}^\top + (X_* - \bar{x}) V
+    \,\mathrm{diag}(s / (s^2 + \alpha))\, U^\top` from the thin SVD
+    :math:`X - \bar{x} = U s V^\top`."""
+    mean = x_train.mean(axis=0)
+    u, s, vt = np.linalg.svd(x_train - mean, full_matrices=False)
+    projected = (x_test - mean) @ vt.T
+    shrink = s[None, :] / (s[None, :] ** 2 + alphas[:, None])
+    base = np.full((alphas.size, x_test.shape[0], x_train.shape[0]), 1.0 / x_train.shape[0])
+    return np.asarray(base + np.einsum("tr,ar,sr->ats", projected, shrink, u))
+
+
+@dataclass(frozen=True)
+class CvSmoother:
+    r"""The whole cross-validated ridge of one feature matrix as linear maps of the responses.
+
+    For fixed features, the out-of-fold prediction of every alpha is linear in the responses, so
+    :meth:`predict` reruns :func:`fit_ridge_cv` (inner-fold choice of alpha per voxel included:
+    mean over inner folds of the negative mean squared error, ties to the larger alpha) for any
+    responses ``(n, v)`` without refitting: the basis of the exact permutation test that relabels
+    the stimuli' responses and refits (:func:`object2brain.encoding.scores.refit_permutation_test`).
+    Memory: about ``8 A n^2 (1 + 1/K)`` bytes for ``A`` alphas, ``n`` stimuli, ``K`` folds.
+    """
+
+    alphas: np.ndarray
+    folds: tuple[_FoldSmoother, ...]
+
+    def predict(self, responses: np.ndarray) -> np.ndarray:
+        """Out-of-fold predictions ``(n, v)`` of ``responses`` ``(n, v)``."""
+        out = np.empty(responses.shape, dtype=np.float64)
+        columns = np.arange(responses.shape[1])
+        tie_break = (np.log(self.alphas) * 1e-10)[:, None]
+        for fold in self.folds:
+            y = responses[fold.train]
+            score = np.zeros((self.alphas.size, responses.shape[1]))
+            for train, validation, g in fold.inner:
+                residual = g @ y[train] - y[validation]
+                score -= (residual**2).mean(axis=1)
+            best = (score / len(fold.inner) + tie_break).argmax(axis=0)
+            out[fold.test] = (fold.outer @ y)[best, :, columns].T
+        return out
+
+
+def fit_smoother(
+    features: np.ndarray,
+    folds: np.ndarray,
+    *,
+    alphas: Sequence[float],
+    inner_folds: int,
+    seed: int,
+    pca_dim: int | None = None,
+) -> CvSmoother:
+    """The :class:`CvSmoother` of ``features`` ``(n, p)`` with the folds, inner folds, alphas and
+    PCA of :func:`fit_ridge_cv` (same arguments, float64)."""
+    grid = np.asarray(sorted(alphas), dtype=np.float64)
+    smoothers = []
+    for k, (train, test) in enumerate(fold_splits(folds)):
+        x = features[train]
+        x_test = features[test]
+        if pca_dim is not None:
+            pca = fit_pca(x, pca_dim)
+            x, x_test = pca.transform(x), pca.transform(x_test)
+        inner = tuple(
+            (a, b, _smoother(x[a], x[b], grid))
+            for a, b in inner_splits(train.size, inner_folds, seed=seed, outer_fold=k)
+        )
+        smoothers.append(_FoldSmoother(train, test, _smoother(x, x_test, grid), inner))
+    return CvSmoother(grid, tuple(smoothers))

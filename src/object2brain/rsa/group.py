@@ -1,0 +1,516 @@
+"""Group-level inference over subjects and stimuli at once, and paired model comparisons.
+
+Notation: ``K`` model RDMs, ``S`` subject RDMs of one target, ``n`` stimuli, ``m = n (n - 1) / 2``
+pairs, ``B`` resamples. The statistic is the mean over subjects of the per-subject coefficient,
+``rbar = mean_s r(model, subject_s)`` (Spearman or Pearson), or of a difference of two models'
+coefficients, ``delta = mean_s (r_a,s - r_b,s)``.
+
+**Two-factor ("dual") bootstrap** (Schuett et al. 2023, eLife 12:e82566; rsatoolbox's
+``eval_dual_bootstrap``). Each resample ``b`` draws ``n`` stimuli with replacement (counts
+``c_b``; a pair of stimuli then enters ``c_a c_b`` times and a stimulus never meets its own copy)
+and ``S`` subjects with replacement, and evaluates the statistic three ways from the same draws:
+stimuli and subjects resampled (variance ``V_both``), subjects only (``V_subj``), stimuli only
+(``V_stim``). For a crossed design ``x_sp = mu + a_s + b_p + e_sp`` the two-factor bootstrap
+counts the interaction ``e`` about three times; the corrected variance (rsatoolbox's
+``_dual_bootstrap`` with ``n_rdm = S``, ``n_pattern = n``) is
+
+    V = S/(S-1) V_subj + n/(n-1) V_stim - S n / ((S-1)(n-1)) (V_both - V_subj - V_stim),
+
+clipped to ``[max(S/(S-1) V_subj, n/(n-1) V_stim), V_both]``.
+
+**Pair correction of the stimulus bootstrap** (the reason stimulus-bootstrap intervals are too
+wide). An RDM coefficient is, to first order, a mean over pairs of stimuli of influence values
+``h_ab = g_a + g_b + e_ab`` (Hoeffding decomposition; ``e``: the part of a pair not explained
+by its two stimuli). Sampling ``n`` stimuli from a population gives
+``Var = 4 s_g^2 / n + 2 s_e^2 / (n (n - 1))``, but the bootstrap's stimulus effects are the
+sample's row means ``g_a + mean_b e_ab``, which carry ``s_e^2 / (n - 1)`` of pair noise each, so
+the bootstrap variance exceeds the sampling variance by about
+
+    E = 4 s_e^2 / (n (n - 1)).
+
+With noisy brain RDMs ``s_e`` dominates and the bootstrap variance is 2-3 times too large
+(intervals 1.4-1.7 times too wide). The delete-one-stimulus jackknife of the same statistic
+(pairs of the left-out stimulus dropped; exact recomputation, ranks included) has only half
+that excess, ``V_jack = 4 s_g^2 / n + 4 s_e^2 / n^2`` against the bootstrap's
+``V_stim = 4 s_g^2 / n + 6 s_e^2 / n^2``, so ``2 V_jack - V_stim`` estimates the sampling
+variance ``4 s_g^2 / n + 2 s_e^2 / n^2``. It replaces ``V_stim`` (and ``V_both`` loses the same
+excess), floored at ``V_stim / 3`` (the excess is at most two thirds of the bootstrap variance).
+
+Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``2 V_jack - V_stim``;
+``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
+``rbar +- t_{dof, 0.975} se`` and t-tests with ``dof = n - 1`` (stimuli), ``S - 1`` (subjects)
+or ``min(S, n) - 1`` (both), as rsatoolbox's ``t_tests``: one-sided ``p`` of ``rbar > 0``,
+one-sided ``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
+``r_s - l_s`` to the leave-one-subject-out ceiling ``l_s`` resampled with the same draws) and,
+for comparisons, two-sided ``p`` of ``delta != 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import torch
+
+from object2brain.errors import DataError
+from object2brain.rsa.compare import WeightedComparison, compare, prepare
+from object2brain.rsa.rdm import triu_indices, upper_triangle
+
+Bootstrap = Literal["stimuli", "subjects", "both"]
+BOOTSTRAPS: tuple[str, ...] = ("stimuli", "subjects", "both")
+_GROUP_STREAM = 15_485_863  # seed word of the two-factor resamples
+_BLOCK = 64  # resamples per weighted comparison call
+#: Fewest subjects of a target whose default bootstrap is ``both``.
+MIN_SUBJECTS_BOTH = 3
+
+
+def default_bootstrap(requested: str | None, n_subjects: int) -> str:
+    """``requested``, or ``both`` with at least :data:`MIN_SUBJECTS_BOTH` subjects, else
+    ``stimuli``. A subject bootstrap of one subject is refused (``stimuli`` is used)."""
+    if requested is None:
+        return "both" if n_subjects >= MIN_SUBJECTS_BOTH else "stimuli"
+    if requested not in BOOTSTRAPS:
+        raise DataError(f"unknown bootstrap {requested!r}; choose one of {', '.join(BOOTSTRAPS)}")
+    return requested if n_subjects >= 2 else "stimuli"
+
+
+@dataclass(frozen=True)
+class ResamplePlan:
+    """The draws shared by every statistic of one condition and target.
+
+    ``counts`` ``(B, n)``: how often each stimulus was drawn; ``subjects`` ``(B, S)``: the
+    subjects drawn (indices).
+    """
+
+    counts: np.ndarray
+    subjects: np.ndarray
+
+    @property
+    def n_boot(self) -> int:
+        """Number of resamples ``B``."""
+        return int(self.counts.shape[0])
+
+
+def resample_plan(n: int, n_subjects: int, n_boot: int, seed: int | Sequence[int]) -> ResamplePlan:
+    """Draws of ``n_boot`` two-factor resamples: a function of ``(seed, n, n_subjects, n_boot)``
+    only, so every model of a study is resampled alike (paired comparisons)."""
+    words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
+    rng = np.random.default_rng([*words, _GROUP_STREAM])
+    idx = rng.integers(0, n, size=(n_boot, n))
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
+    return ResamplePlan(counts, rng.integers(0, n_subjects, size=(n_boot, n_subjects)))
+
+
+@dataclass(frozen=True)
+class SubjectCoefficients:
+    """Per-subject coefficients of ``K`` rows (models or differences) and their resamples.
+
+    ``r`` ``(K, S)``; ``boot`` ``(B, K, S)`` under each resample's stimulus counts (all
+    subjects); ``influence`` ``(K, m)``: the subject-mean pair influence values of ``r``.
+    """
+
+    r: np.ndarray
+    boot: np.ndarray
+    jack: np.ndarray
+
+    def __sub__(self, other: SubjectCoefficients) -> SubjectCoefficients:
+        return SubjectCoefficients(self.r - other.r, self.boot - other.boot, self.jack - other.jack)
+
+    def rows(self, index: Sequence[int] | np.ndarray) -> SubjectCoefficients:
+        """The rows ``index`` of every array."""
+        i = np.asarray(index, dtype=np.int64)
+        return SubjectCoefficients(self.r[i], self.boot[:, i], self.jack[:, i])
+
+
+def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> np.ndarray:
+    """Coefficients ``(C, K, T)`` under stimulus counts ``(C, n)`` (pair weights ``c_a c_b``)."""
+    iu, ju = triu_indices(n, torch.device("cpu"))
+    parts = [
+        comparison(c[:, iu] * c[:, ju]).numpy()
+        for c in (counts[start : start + _BLOCK] for start in range(0, len(counts), _BLOCK))
+    ]
+    return (
+        np.concatenate(parts)
+        if parts
+        else np.zeros((0, comparison.a.shape[0], comparison.b.shape[0]))
+    )
+
+
+def leave_one_out_counts(n: int) -> torch.Tensor:
+    """``(n, n)`` stimulus counts of the delete-one jackknife: row ``a`` drops stimulus ``a``."""
+    return 1.0 - torch.eye(n, dtype=torch.float64)
+
+
+def subject_coefficients(
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, plan: ResamplePlan
+) -> SubjectCoefficients:
+    """Coefficients of square model RDMs ``(K, n, n)`` with subject RDMs ``(S, n, n)``, observed
+    and under each resample's stimulus counts (pairs weighted ``c_a c_b``)."""
+    if method not in ("spearman", "pearson"):
+        raise DataError(f"group inference supports spearman and pearson, not {method!r}")
+    A = upper_triangle(model_rdms).to(torch.float64).cpu()
+    Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
+    n = model_rdms.shape[-1]
+    r = compare(A, Y, method).numpy()
+    comparison = WeightedComparison(A, Y, method)
+    boot = _weighted(comparison, torch.as_tensor(plan.counts), n)
+    jack = _weighted(comparison, leave_one_out_counts(n), n)
+    return SubjectCoefficients(r, boot, jack)
+
+
+def lower_ceiling_coefficients(
+    subject_rdms: torch.Tensor, method: str, plan: ResamplePlan
+) -> SubjectCoefficients:
+    """The lower noise ceiling's per-subject terms ``l_s = r(subject_s, mean of the others)``
+    (pooled on the comparison's scale) as a ``(1, S)`` row, observed and resampled."""
+    Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
+    S, n = Y.shape[0], subject_rdms.shape[-1]
+    scaled = prepare(Y, method) if method == "pearson" else _ranks(Y)
+    others = (scaled.sum(dim=0, keepdim=True) - scaled) / max(1, S - 1)
+    comparison = WeightedComparison(Y, others, method)
+    r = torch.diagonal(compare(Y, others, method)).numpy()
+    boot = np.diagonal(_weighted(comparison, torch.as_tensor(plan.counts), n), axis1=1, axis2=2)
+    jack = np.diagonal(_weighted(comparison, leave_one_out_counts(n), n), axis1=1, axis2=2)
+    return SubjectCoefficients(r[None], boot[:, None, :], jack[:, None, :])
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    from object2brain.rsa.compare import rankdata
+
+    return rankdata(x)
+
+
+@dataclass(frozen=True)
+class Variances:
+    """Bootstrap variances ``(K,)`` of the subject-mean statistic from one plan."""
+
+    both: np.ndarray
+    stimuli: np.ndarray
+    subjects: np.ndarray
+    jackknife: np.ndarray
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        defined = np.isfinite(values)
+        total = np.where(defined, values, 0.0).sum(axis=-1)
+        count = defined.sum(axis=-1)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _var(values: np.ndarray) -> np.ndarray:
+    """Variance over axis 0 (ddof 1) of the defined resamples."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out: np.ndarray = (
+            np.nanvar(values, axis=0, ddof=1)
+            if len(values) > 1
+            else np.full(values.shape[1:], np.nan)
+        )
+    return out
+
+
+def bootstrap_variances(coef: SubjectCoefficients, plan: ResamplePlan) -> Variances:
+    """``V_both``, ``V_stim``, ``V_subj`` (module docstring) and the pair excess ``E``."""
+    picked = plan.subjects[:, None, :]  # (B, 1, S)
+    both = _nanmean_rows(np.take_along_axis(coef.boot, np.broadcast_to(picked, coef.boot.shape), 2))
+    stimuli = _nanmean_rows(coef.boot)
+    subjects = _nanmean_rows(coef.r[:, plan.subjects]).T  # (K, B, S) -> (B, K)
+    n = plan.counts.shape[1]
+    jack = _nanmean_rows(coef.jack)
+    jackknife = (n - 1) / n * np.nansum((jack - np.nanmean(jack, axis=0)) ** 2, axis=0)
+    return Variances(_var(both), _var(stimuli), _var(subjects), jackknife)
+
+
+def corrected_variance(
+    v: Variances, mode: str, n: int, n_subjects: int, *, pair_correction: bool = True
+) -> np.ndarray:
+    """The variance of the chosen bootstrap, corrected (module docstring). Without
+    ``pair_correction`` this is rsatoolbox's dual-bootstrap variance (stimulus factor
+    ``n / (n - 1)``)."""
+    if pair_correction:
+        stim, fn = np.maximum(2 * v.jackknife - v.stimuli, v.stimuli / 3), 1.0
+    else:
+        stim, fn = v.stimuli, n / (n - 1)
+    if mode == "stimuli":
+        return np.asarray(fn * stim)
+    fs = n_subjects / (n_subjects - 1)
+    if mode == "subjects":
+        return np.asarray(fs * v.subjects)
+    both = v.both - (v.stimuli - stim)
+    interaction = both - v.subjects - stim
+    dual = fs * v.subjects + fn * stim - fs * fn * interaction
+    dual = np.maximum(np.maximum(dual, fs * v.subjects), fn * stim)
+    return np.asarray(np.minimum(dual, both))
+
+
+def dof(mode: str, n: int, n_subjects: int) -> int:
+    """Degrees of freedom of the t-tests and intervals: ``n - 1``, ``S - 1`` or
+    ``min(S, n) - 1``."""
+    if mode == "stimuli":
+        return n - 1
+    if mode == "subjects":
+        return n_subjects - 1
+    return min(n, n_subjects) - 1
+
+
+@dataclass(frozen=True)
+class GroupEstimate:
+    """Per row: the subject-mean statistic, its corrected SE, t interval and p-values."""
+
+    mean: np.ndarray
+    se: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    p_greater: np.ndarray
+    p_two_sided: np.ndarray
+    dof: int
+
+
+def estimate(
+    coef: SubjectCoefficients,
+    plan: ResamplePlan,
+    mode: str,
+    level: float = 0.95,
+    *,
+    pair_correction: bool = True,
+) -> GroupEstimate:
+    """Mean over subjects, corrected SE (``mode``: stimuli | subjects | both), Student-t
+    interval at ``level`` and t-test p-values (one-sided ``> 0`` and two-sided)."""
+    n, S = plan.counts.shape[1], coef.r.shape[1]
+    mean = _nanmean_rows(coef.r)
+    variance = corrected_variance(
+        bootstrap_variances(coef, plan), mode, n, S, pair_correction=pair_correction
+    )
+    se = np.sqrt(np.maximum(variance, 0))
+    k = dof(mode, n, S)
+    quantile = scipy.stats.t.ppf(0.5 + level / 2, k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = mean / se
+    return GroupEstimate(
+        mean,
+        se,
+        mean - quantile * se,
+        mean + quantile * se,
+        scipy.stats.t.sf(t, k),
+        2 * scipy.stats.t.sf(np.abs(t), k),
+        k,
+    )
+
+
+# --- the tables ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRdms:
+    """One model's analysed layers and their square RDMs ``(K, n, n)`` over the analysis set."""
+
+    name: str
+    layers: list[str]
+    layer_index: list[int]
+    rdms: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """What the group tables need of the rsa options and the run."""
+
+    method: str
+    n_boot: int
+    bootstrap: str | None
+    compare_models: str | list[str]
+    seed: int
+
+
+def _cell_plan(
+    target: Any, rows: np.ndarray, settings: GroupSettings, words: tuple[int, int]
+) -> tuple[torch.Tensor, ResamplePlan, str]:
+    """Subject RDMs of one target within a condition, its resamples and its bootstrap."""
+    index = torch.as_tensor(rows, device=target.rdms.device)
+    sub = target.rdms[:, index][:, :, index].cpu()
+    S = sub.shape[0]
+    plan = resample_plan(len(rows), S, settings.n_boot, (settings.seed, *words))
+    return sub, plan, default_bootstrap(settings.bootstrap, S)
+
+
+def _restrict(rdms: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    index = torch.as_tensor(rows, device=rdms.device)
+    return rdms[:, index][:, :, index].cpu()
+
+
+def group_inference_rows(
+    models: Sequence[ModelRdms], analysis: Any, settings: GroupSettings, ceilings: dict[Any, Any]
+) -> list[dict[str, Any]]:
+    """Rows of the ``group_inference`` table (every model, layer, target and condition)."""
+    out: list[dict[str, Any]] = []
+    for ci, condition in enumerate(analysis.conditions):
+        for ti, target in enumerate(analysis.targets):
+            sub, plan, mode = _cell_plan(target, condition.rows, settings, (ti, ci))
+            S, n = sub.shape[0], len(condition.rows)
+            lower = lower_ceiling_coefficients(sub, settings.method, plan) if S >= 2 else None
+            nc_low, nc_high = ceilings[(ti, condition.name)]
+            for model in models:
+                coef = subject_coefficients(
+                    _restrict(model.rdms, condition.rows), sub, settings.method, plan
+                )
+                est = estimate(coef, plan, mode)
+                below = np.full(len(model.layers), np.nan)
+                if lower is not None:
+                    below = 1.0 - estimate(coef - lower, plan, mode).p_greater
+                for k, layer in enumerate(model.layers):
+                    out.append(
+                        {"model": model.name, "layer": layer,
+                         "layer_index": model.layer_index[k], "target": target.name,
+                         "condition": condition.name, "compare_method": settings.method,
+                         "mean_r": float(est.mean[k]), "se": float(est.se[k]),
+                         "ci_low": float(est.low[k]), "ci_high": float(est.high[k]),
+                         "p": float(est.p_greater[k]), "p_fdr": np.nan,
+                         "nc_low": nc_low, "nc_high": nc_high, "p_below_nc": float(below[k]),
+                         "n_subjects": S, "n_stimuli": n, "n_boot": settings.n_boot,
+                         "bootstrap": mode}
+                    )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One side of a comparison: a model and one of its layers (position ``k``)."""
+
+    model: ModelRdms
+    k: int
+
+    @property
+    def layer(self) -> str:
+        """The layer's name."""
+        return self.model.layers[self.k]
+
+
+def explicit_picks(models: Sequence[ModelRdms], spec: str | list[str]) -> list[Pick]:
+    """The ``model:layer`` pairs of ``spec`` (``valence``: every model's ``valence`` layer).
+
+    Raises:
+        DataError: an entry that is not ``model:layer`` or names an unknown model or layer.
+    """
+    by_name = {m.name: m for m in models}
+    if spec == "valence":
+        return [Pick(m, m.layers.index("valence")) for m in models if "valence" in m.layers]
+    items = [spec] if isinstance(spec, str) else list(spec)
+    picks = []
+    for item in (part for entry in items for part in entry.split(",") if part):
+        name, sep, layer = item.partition(":")
+        if not sep or name not in by_name or layer not in by_name[name].layers:
+            raise DataError(
+                f"--compare-models: {item!r} is not model:layer of an analysed model and layer "
+                f"(models: {', '.join(by_name)})"
+            )
+        picks.append(Pick(by_name[name], by_name[name].layers.index(layer)))
+    return picks
+
+
+def selection_split(n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of a random half of ``n_rows`` stimuli (selection) and the rest (test)."""
+    order = np.random.default_rng([seed, _GROUP_STREAM, 1]).permutation(n_rows)
+    half = n_rows // 2
+    return np.sort(order[:half]), np.sort(order[half:])
+
+
+def best_picks(
+    models: Sequence[ModelRdms], sub: torch.Tensor, rows: np.ndarray, method: str
+) -> list[Pick]:
+    """Each model's layer with the highest mean r over subjects on the stimuli ``rows``."""
+    picks = []
+    for model in models:
+        y = upper_triangle(_restrict(sub, rows))
+        r = compare(upper_triangle(_restrict(model.rdms, rows)), y, method).numpy()
+        score = _nanmean_rows(r)
+        picks.append(Pick(model, int(np.nanargmax(score)) if np.isfinite(score).any() else 0))
+    return picks
+
+
+def model_comparison_rows(
+    models: Sequence[ModelRdms], analysis: Any, settings: GroupSettings
+) -> list[dict[str, Any]]:
+    """Rows of the ``model_comparison`` table: every pair of picks per target and condition,
+    ``delta_r = mean_s (r_a,s - r_b,s)`` on the same resamples."""
+    out: list[dict[str, Any]] = []
+    best = settings.compare_models == "best"
+    fixed = None if best else explicit_picks(models, settings.compare_models)
+    for ci, condition in enumerate(analysis.conditions):
+        for ti, target in enumerate(analysis.targets):
+            rows = condition.rows
+            selection = "listed" if settings.compare_models != "valence" else "valence"
+            picks = fixed
+            if best:
+                pick_rows, rows = selection_split(len(condition.rows), settings.seed)
+                sub_all = _restrict(target.rdms, condition.rows)
+                picks = best_picks(models, sub_all, pick_rows, settings.method)
+                picks = [Pick(p.model, p.k) for p in picks]
+                rows = condition.rows[rows]
+                selection = f"best on {len(pick_rows)} other stimuli"
+            assert picks is not None
+            if len(picks) < 2 or len(rows) < 4:
+                continue
+            sub, plan, mode = _cell_plan(target, rows, settings, (ti, ci))
+            out += _pair_rows(picks, sub, rows, plan, mode, settings, target.name, condition.name,
+                              selection)  # fmt: skip
+    return out
+
+
+def _pair_rows(
+    picks: Sequence[Pick], sub: torch.Tensor, rows: np.ndarray, plan: ResamplePlan, mode: str,
+    settings: GroupSettings, target: str, condition: str, selection: str,
+) -> list[dict[str, Any]]:  # fmt: skip
+    coefs = [
+        subject_coefficients(
+            _restrict(p.model.rdms[p.k : p.k + 1], rows), sub, settings.method, plan
+        )
+        for p in picks
+    ]
+    out = []
+    for i, j in combinations(range(len(picks)), 2):
+        est = estimate(coefs[i] - coefs[j], plan, mode)
+        a, b = picks[i], picks[j]
+        out.append(
+            {"model_a": a.model.name, "layer_a": a.layer, "model_b": b.model.name,
+             "layer_b": b.layer, "target": target, "condition": condition,
+             "compare_method": settings.method, "delta_r": float(est.mean[0]),
+             "se": float(est.se[0]), "ci_low": float(est.low[0]), "ci_high": float(est.high[0]),
+             "p": float(est.p_two_sided[0]), "p_fdr": np.nan, "n_boot": settings.n_boot,
+             "bootstrap": mode, "selection": selection}
+        )  # fmt: skip
+    return out
+
+
+def group_tables(
+    models: Sequence[ModelRdms],
+    analysis: Any,
+    options: Any,
+    seed: int,
+    ceilings: dict[Any, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``group_inference`` and ``model_comparison`` tables of one alignment run (empty for
+    ``kendall_tau_a``, which the weighted resampling does not support)."""
+    from object2brain.rsa.inference import with_fdr
+    from object2brain.tables import GROUP_INFERENCE, MODEL_COMPARISON
+
+    group = pd.DataFrame(columns=GROUP_INFERENCE.column_names)
+    comparison = pd.DataFrame(columns=MODEL_COMPARISON.column_names)
+    if options.compare_method not in ("spearman", "pearson"):
+        return group, comparison
+    settings = GroupSettings(
+        options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed
+    )
+    rows = group_inference_rows(models, analysis, settings, ceilings)
+    if rows:
+        group = with_fdr(pd.DataFrame(rows, columns=GROUP_INFERENCE.column_names),
+                         ["model", "condition"], [("p", "p_fdr")])  # fmt: skip
+    pairs = model_comparison_rows(models, analysis, settings)
+    if pairs:
+        comparison = with_fdr(pd.DataFrame(pairs, columns=MODEL_COMPARISON.column_names),
+                              ["condition"], [("p", "p_fdr")])  # fmt: skip
+    return group, comparison

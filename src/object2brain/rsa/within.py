@@ -1,0 +1,199 @@
+"""RSA over within-condition pairs only (``--pairs within``).
+
+Over all stimuli an RDM mixes two kinds of structure: pairs of stimuli of the same condition
+(within) and pairs across conditions (between). Where conditions differ in content, model and
+brain both separate the conditions, and the between pairs alone give a high r, even when nothing
+within a condition is shared. With ``pairs = within`` the ``all`` rows compare only the pairs
+``(i, j)``, ``i < j``, whose stimuli have the same (non-empty) condition label:
+
+- **statistic**: the comparison (spearman, pearson, rho_a or cosine) of the ``P`` within pairs,
+  i.e. of the concatenated upper triangles of the conditions' RDMs (ranks and means over all
+  ``P`` values, as one vector);
+- **null**: stimulus labels permuted *within* each condition (stratified Mantel test): a within
+  pair maps to a within pair, so each permuted vector is a rearrangement of the same values and
+  a permuted coefficient is one dot product of prepared vectors, as in
+  :func:`~object2brain.rsa.inference.mantel_test`; one-sided ``p = (1 + #{r_perm >= r}) /
+  (1 + N)``. The permutations depend only on ``(seed, n_perm, labels)``;
+- **interval**: a stratified stimulus bootstrap (each condition resampled with replacement on its
+  own); a resample holds within pair ``(a, b)`` ``c_a c_b`` times (pairs of a stimulus with its
+  own copy dropped), computed as weighted coefficients
+  (:class:`~object2brain.rsa.compare.WeightedComparison`); percentile interval.
+
+The whitened comparators (``corr_cov``, ``cosine_cov``) need whole RDMs and Kendall's tau-a has
+no dot-product null: they are refused with ``pairs = within``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from object2brain.errors import DataError
+from object2brain.rsa.compare import WeightedComparison, prepare
+from object2brain.rsa.inference import PERM_BLOCK, TestResult, combine_finite, percentile_interval
+
+#: Comparison methods usable over within-condition pairs.
+WITHIN_METHODS: tuple[str, ...] = ("spearman", "pearson", "rho_a", "cosine")
+_WITHIN_STREAM = 52_711  # seed word of the stratified permutations and resamples
+_TILE_ELEMENTS = 1 << 22  # gathered values per block of permutations
+_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class WithinPairs:
+    """The within-condition pairs of ``n`` stimuli.
+
+    Attributes:
+        groups: the stimulus indices of each condition (conditions with >= 2 stimuli).
+        rows, cols: ``(P,)`` int64, the pairs ``(i, j)``, ``i < j``, condition by condition.
+        position: ``(n, n)`` int64, the pair number of ``(i, j)`` (symmetric; -1 off the pairs).
+    """
+
+    groups: list[np.ndarray]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    position: torch.Tensor
+
+    @property
+    def n_stimuli(self) -> int:
+        """Stimuli that have a within pair."""
+        return int(sum(g.size for g in self.groups))
+
+
+def within_pairs(labels: Sequence[str], device: torch.device | None = None) -> WithinPairs:
+    """:class:`WithinPairs` of condition ``labels`` ``(n,)`` (``""``: in no condition).
+
+    Raises:
+        DataError: no condition with at least 2 stimuli.
+    """
+    lab = np.asarray([str(x) for x in labels])
+    groups = [np.flatnonzero(lab == c) for c in dict.fromkeys(lab.tolist()) if c != ""]
+    groups = [g for g in groups if g.size >= 2]
+    if not groups:
+        raise DataError("--pairs within needs conditions of at least 2 stimuli")
+    rows, cols = [], []
+    for g in groups:
+        i, j = np.triu_indices(g.size, 1)
+        rows.append(g[i])
+        cols.append(g[j])
+    r = torch.as_tensor(np.concatenate(rows), device=device)
+    c = torch.as_tensor(np.concatenate(cols), device=device)
+    n = lab.size
+    position = torch.full((n, n), -1, dtype=torch.int64, device=device)
+    number = torch.arange(r.numel(), device=device)
+    position[r, c] = number
+    position[c, r] = number
+    return WithinPairs(groups, r, c, position)
+
+
+def check_within_method(method: str) -> None:
+    """Raise :class:`DataError` for a comparison that cannot run over within pairs."""
+    if method not in WITHIN_METHODS:
+        raise DataError(
+            f"--pairs within supports --compare {' | '.join(WITHIN_METHODS)}, not {method} "
+            "(the whitened comparators need whole RDMs; tau-a has no dot-product null)"
+        )
+
+
+def stratified_permutations(
+    pairs: WithinPairs, n: int, n_perm: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Blocks ``(b, n)`` of permutations of ``range(n)`` that permute within each condition
+    (stimuli in no condition stay), ``n_perm`` rows in total; block ``k`` from
+    ``numpy.random.default_rng([seed, _WITHIN_STREAM, k])``."""
+    for k, start in enumerate(range(0, n_perm, PERM_BLOCK)):
+        size = min(PERM_BLOCK, n_perm - start)
+        rng = np.random.default_rng([seed, _WITHIN_STREAM, k])
+        block = np.tile(np.arange(n), (size, 1))
+        for g in pairs.groups:
+            block[:, g] = g[rng.permuted(np.tile(np.arange(g.size), (size, 1)), axis=1)]
+        yield block
+
+
+def _with_combine(r: torch.Tensor, combine: torch.Tensor | None) -> torch.Tensor:
+    return r if combine is None else torch.cat([r, combine_finite(r, combine)], dim=-1)
+
+
+def within_mantel_test(
+    models: torch.Tensor,
+    targets: torch.Tensor,
+    labels: Sequence[str],
+    method: str,
+    n_perm: int,
+    seed: int,
+    combine: torch.Tensor | None = None,
+) -> TestResult:
+    """Stratified Mantel test over within-condition pairs (module docstring).
+
+    Args:
+        models: square RDMs ``(K, n, n)``; targets: ``(T, n, n)``; labels: ``(n,)``.
+    Returns:
+        ``r`` and one-sided ``p`` ``(K, T + G)`` (``G`` columns of ``combine``); ``p`` NaN where
+        ``r`` is NaN and when ``n_perm = 0``.
+    """
+    check_within_method(method)
+    device = models.device
+    pairs = within_pairs(labels, device)
+    xp = prepare(models[:, pairs.rows, pairs.cols], method)  # (K, P)
+    yp = prepare(targets[:, pairs.rows, pairs.cols].to(device), method)  # (T, P)
+    stat = _with_combine(xp @ yp.T, combine)
+    counts = torch.zeros_like(stat, dtype=torch.int64)
+    n, (K, P) = models.shape[-1], xp.shape
+    step = max(1, _TILE_ELEMENTS // max(1, K * P))
+    for block in stratified_permutations(pairs, n, n_perm, seed):
+        perms = torch.as_tensor(block, device=device)
+        for start in range(0, len(perms), step):
+            p = perms[start : start + step]
+            index = pairs.position[p[:, pairs.rows], p[:, pairs.cols]]  # (b, P)
+            null = torch.einsum("kbp,tp->bkt", xp[:, index], yp)
+            values = _with_combine(null, combine)
+            counts += (values >= stat - _TOL).sum(dim=0)
+    r = stat.cpu().numpy()
+    p_values: np.ndarray = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
+    p_values[np.isnan(r)] = np.nan
+    if n_perm == 0:
+        p_values[:] = np.nan
+    return TestResult(r=r, p=p_values, n_perm=n_perm)
+
+
+def within_bootstrap_ci(
+    models: torch.Tensor,
+    targets: torch.Tensor,
+    labels: Sequence[str],
+    method: str,
+    n_boot: int,
+    seed: int,
+    combine: torch.Tensor | None = None,
+    level: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified stimulus-bootstrap percentile interval ``(low, high)`` ``(K, T + G)`` of the
+    within-pairs coefficients (module docstring); NaN when ``n_boot = 0``."""
+    check_within_method(method)
+    device = models.device
+    pairs = within_pairs(labels, device)
+    G = 0 if combine is None else combine.shape[1]
+    if n_boot == 0:
+        nan = np.full((models.shape[0], targets.shape[0] + G), np.nan)
+        return nan, nan.copy()
+    a = models[:, pairs.rows, pairs.cols]
+    b = targets[:, pairs.rows, pairs.cols].to(device)
+    comparison = WeightedComparison(a, b, method)
+    n = models.shape[-1]
+    rng = np.random.default_rng([seed, _WITHIN_STREAM, 1 << 20])
+    values = []
+    for start in range(0, n_boot, PERM_BLOCK):
+        size = min(PERM_BLOCK, n_boot - start)
+        counts = np.zeros((size, n))
+        for g in pairs.groups:
+            draws = g[rng.integers(0, g.size, size=(size, g.size))]
+            np.add.at(counts, (np.arange(size)[:, None], draws), 1.0)
+        c = torch.as_tensor(counts, device=device)
+        step = max(1, _TILE_ELEMENTS // max(1, (a.shape[0] + b.shape[0]) * a.shape[1]))
+        for s in range(0, size, step):
+            part = c[s : s + step]
+            w = part[:, pairs.rows] * part[:, pairs.cols]
+            values.append(_with_combine(comparison(w), combine).cpu())
+    return percentile_interval(torch.cat(values).numpy(), level)

@@ -1,0 +1,226 @@
+"""compute_encoding: tables, planted truth, lesion predictions, bad input, the null."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from object2brain.encoding import (
+    ENCODING_BAND_COLUMNS,
+    ENCODING_COLUMNS,
+    ENCODING_VOXEL_COLUMNS,
+    EncodingResult,
+    compute_encoding,
+    predict_with_filters,
+)
+from object2brain.encoding.scores import pearson_r
+from object2brain.errors import DataError
+from object2brain.options import EncodeOptions, OptionsError, Runtime, resolve_options
+
+N = 60
+GROUP = np.array([True, True, True, False, False, False, False, False])  # planted filters of l2
+RUNTIME = Runtime(seed=1, device="cpu", progress=False)
+
+
+def _ids(n: int = N) -> list[str]:
+    return [f"s{i:02d}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def study() -> dict[str, object]:
+    rng = np.random.default_rng(7)
+    features = {name: rng.standard_normal((N, 8, 2, 2)) for name in ("l1", "l2", "l3")}
+    planted = features["l2"][:, GROUP].reshape(N, -1)
+    signal = planted @ rng.standard_normal((planted.shape[1], 12))
+    roi = signal + 0.7 * signal.std() * rng.standard_normal(signal.shape)
+    responses = {("roi", "sub-01"): roi, ("noise", "sub-01"): rng.standard_normal((N, 9))}
+    runs = {("roi", "sub-01"): roi[None] + rng.standard_normal((4, N, 12))}
+    coords = {("roi", "sub-01"): np.arange(36).reshape(12, 3)}
+    conditions = np.array(["a", "b"] * (N // 2))
+    result = compute_encoding(
+        features,
+        responses,
+        EncodeOptions(n_perm=400, banded=["l1", "l2"], n_iter=10),
+        RUNTIME,
+        stimulus_ids=_ids(),
+        model="net",
+        conditions=conditions,
+        runs=runs,
+        voxel_coords=coords,
+    )
+    return {"features": features, "responses": responses, "result": result}
+
+
+def test_tables_have_their_columns_and_rows(study: dict[str, object]) -> None:
+    result = study["result"]
+    assert isinstance(result, EncodingResult)
+    assert tuple(result.encoding.columns) == ENCODING_COLUMNS
+    assert tuple(result.encoding_voxels.columns) == ENCODING_VOXEL_COLUMNS
+    assert tuple(result.encoding_bands.columns) == ENCODING_BAND_COLUMNS
+    # 3 layers + banded, 2 ROIs, 3 conditions (all, a, b)
+    assert len(result.encoding) == 4 * 2 * 3
+    assert set(result.encoding["condition"]) == {"all", "a", "b"}
+    assert result.folds.columns.tolist() == ["stimulus_id", "fold"]
+    assert result.folds["fold"].value_counts().tolist() == [12] * 5
+    voxels = result.encoding_voxels
+    roi = voxels[(voxels["layer"] == "l2") & (voxels["target"] == "roi")]
+    assert roi["i"].tolist() == list(range(0, 36, 3))
+    noise = voxels[voxels["target"] == "noise"]
+    assert noise[["i", "j", "k"]].isna().all().all()
+    row = result.encoding.query("layer == 'l2' and target == 'roi' and condition == 'all'")
+    assert row["n_stimuli"].item() == N and row["n_folds"].item() == 5
+    assert row["feature_dim"].item() == 32 and row["n_voxels"].item() == 12
+    assert 0 < row["nc_mean"].item() <= 1
+    assert row["frac_nc"].item() == pytest.approx(row["r_mean"].item() / row["nc_mean"].item())
+    assert row["r_mean"].item() == pytest.approx(float(np.nanmean(roi["r"])))
+
+
+def test_planted_layer_wins_and_noise_roi_is_not_significant(study: dict[str, object]) -> None:
+    table = study["result"].encoding  # type: ignore[attr-defined]
+    all_rows = table[table["condition"] == "all"]
+    roi = all_rows[(all_rows["target"] == "roi") & ~all_rows["layer"].str.startswith("banded")]
+    assert roi.sort_values("r_mean")["layer"].iloc[-1] == "l2"
+    assert roi.set_index("layer").loc["l2", "r_mean"] > 0.5
+    assert roi.set_index("layer").loc["l2", "p_perm"] < 0.01
+    noise = all_rows[all_rows["target"] == "noise"]
+    assert (noise["p_perm"] > 0.05).all()
+    assert (table["p_fdr"] >= table["p_perm"] - 1e-15).all()
+    bands = study["result"].encoding_bands  # type: ignore[attr-defined]
+    shares = bands[bands["target"] == "roi"].set_index("layer")["r2_share_mean"]
+    assert shares["l2"] > 0.3 > abs(shares["l1"])
+
+
+def test_lesioning_the_planted_filters_removes_the_prediction(study: dict[str, object]) -> None:
+    result = study["result"]
+    features = study["features"]["l2"]  # type: ignore[index]
+    y = study["responses"][("roi", "sub-01")]  # type: ignore[index]
+    fit = result.fits[("l2", "roi", "sub-01")]  # type: ignore[attr-defined]
+    intact = predict_with_filters(fit, features, np.ones(8, dtype=bool))
+    np.testing.assert_allclose(intact, fit.ridge.predictions, atol=1e-12)
+    full = float(pearson_r(y, intact).mean())
+    lesioned = float(np.nanmean(pearson_r(y, predict_with_filters(fit, features, ~GROUP))))
+    other = np.roll(GROUP, 4)  # three filters that carry no signal
+    control = float(pearson_r(y, predict_with_filters(fit, features, ~other)).mean())
+    kept = float(pearson_r(y, predict_with_filters(fit, features, GROUP)).mean())
+    assert lesioned < 0.2 < full - 0.3
+    assert control == pytest.approx(full, abs=0.1)
+    assert kept > full - 0.05
+    with pytest.raises(DataError, match="7 filter flags"):
+        predict_with_filters(fit, features, np.ones(7, dtype=bool))
+
+
+def test_srp_reduction_and_seeded_reproducibility() -> None:
+    rng = np.random.default_rng(3)
+    features = {"big": rng.standard_normal((30, 4, 5, 5)), "small": rng.standard_normal((30, 6))}
+    responses = {("roi", "s"): rng.standard_normal((30, 4))}
+    options = EncodeOptions(reduce="srp:16", n_perm=50, folds=3, inner_folds=3)
+    first = compute_encoding(features, responses, options, RUNTIME, stimulus_ids=_ids(30))
+    dims = first.encoding.set_index("layer")["feature_dim"]
+    assert dims["big"] == 16 and dims["small"] == 6  # a layer at most DIM wide stays as it is
+    again = compute_encoding(features, responses, options, RUNTIME, stimulus_ids=_ids(30))
+    assert first.encoding.equals(again.encoding)
+    fit = first.fits[("big", "roi", "s")]
+    np.testing.assert_allclose(
+        predict_with_filters(fit, features["big"], np.ones(4, bool)), fit.ridge.predictions
+    )
+    pca = compute_encoding(
+        features,
+        responses,
+        options.model_copy(update={"reduce": "pca:5"}),
+        RUNTIME,
+        stimulus_ids=_ids(30),
+    )
+    assert pca.encoding.set_index("layer")["feature_dim"]["big"] == 5
+
+
+def test_bad_input_raises_one_clear_error() -> None:
+    rng = np.random.default_rng(0)
+    x = {"l": rng.standard_normal((20, 5))}
+    y = {("roi", "s"): rng.standard_normal((20, 3))}
+    opts = EncodeOptions(n_perm=10)
+
+    def run(
+        features: object = x, responses: object = y, options: EncodeOptions = opts, **kw: object
+    ) -> None:
+        n = next(iter(features.values())).shape[0]  # type: ignore[attr-defined]
+        compute_encoding(features, responses, options, RUNTIME, stimulus_ids=_ids(n), **kw)  # type: ignore[arg-type]
+
+    with pytest.raises(DataError, match="4 stimuli cannot be split into 5 folds"):
+        run({"l": x["l"][:4]}, {("roi", "s"): y[("roi", "s")][:4]})
+    with pytest.raises(DataError, match=r"layer one, ROI roi/s: .*1 feature"):
+        run({"one": rng.standard_normal((20, 1, 1, 1))})
+    nan = y[("roi", "s")].copy()
+    nan[3, 1] = np.nan
+    with pytest.raises(DataError, match="1 voxel\\(s\\) with NaN"):
+        run(responses={("roi", "s"): nan})
+    bad = x["l"].copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(DataError, match="features contain NaN"):
+        run({"l": bad}, options=EncodeOptions(n_perm=5, perm_null="refit"))
+    with pytest.raises(DataError, match="condition\\(s\\) b have fewer stimuli than the 5 folds"):
+        run(conditions=["a"] * 16 + ["b"] * 4)
+    with pytest.raises(DataError, match="no voxel axis for ROI\\(s\\) rdm/s"):
+        run(responses={("rdm", "s"): rng.standard_normal(20)})
+    with pytest.raises(DataError, match="unknown layer\\(s\\) nope"):
+        run(options=EncodeOptions(layers=["nope"]))
+    with pytest.raises(DataError, match="first dimension differs"):
+        run(responses={("roi", "s"): rng.standard_normal((19, 3))})
+
+
+def test_options_are_validated() -> None:
+    options = EncodeOptions()
+    assert options.folds == 5 and options.n_perm == 1000 and len(options.alphas) == 19
+    np.testing.assert_allclose(options.alphas, np.logspace(-2, 7, 19))
+    assert EncodeOptions(reduce="PCA:20").reduction() == ("pca", 20)
+    assert EncodeOptions().reduction() == ("none", None)
+    assert EncodeOptions().perm_null == "predictions"
+    for bad in (
+        {"reduce": "svd:3"},
+        {"reduce": "pca:0"},
+        {"alphas": [0.0, 1.0]},
+        {"banded": ["l1"]},
+        {"folds": 1},
+        {"perm_null": "x"},
+    ):
+        with pytest.raises(OptionsError):
+            resolve_options(EncodeOptions, None, **bad)
+
+
+def _null_rejection_rate(perm_null: str, datasets: int = 40, n_perm: int = 200) -> float:
+    options = EncodeOptions(n_perm=n_perm, perm_null=perm_null)  # type: ignore[arg-type]
+    rejected = 0
+    for index in range(datasets):
+        rng = np.random.default_rng([2024, index])
+        result = compute_encoding(
+            {"layer": rng.standard_normal((60, 20))},
+            {("roi", "s"): rng.standard_normal((60, 10))},
+            options,
+            Runtime(seed=index, device="cpu", progress=False),
+            stimulus_ids=_ids(),
+        )
+        rejected += int(result.encoding["p_perm"].iloc[0] <= 0.05)
+    return rejected / datasets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("perm_null", ["predictions", "refit"])
+def test_permutation_tests_are_not_liberal_under_the_null(perm_null: str) -> None:
+    """40 null datasets: the rejection rate at 0.05 stays below 0.125 (P < 0.01 for a calibrated
+    test: Binomial(40, 0.05) >= 5), which a test with a wrong null (e.g. in-sample fits, or a
+    p-value without the +1) far exceeds. The full run (400 datasets) is
+    ``validation/encoding_null.py``."""
+    assert _null_rejection_rate(perm_null) < 0.125
+
+
+def test_refit_null_is_exact_on_a_planted_and_a_null_roi() -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, 6))
+    signal = x @ rng.standard_normal((6, 5))
+    responses = {
+        ("roi", "s"): signal + rng.standard_normal((40, 5)),
+        ("noise", "s"): rng.standard_normal((40, 5)),
+    }
+    options = EncodeOptions(n_perm=200, perm_null="refit", folds=4, inner_folds=4)
+    table = compute_encoding({"l": x}, responses, options, RUNTIME, stimulus_ids=_ids(40)).encoding
+    p = table.set_index("target")["p_perm"]
+    assert p["roi"] < 0.01 and p["noise"] > 0.05
