@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from object2brain.activations.store import ActivationStore
 from object2brain.pipeline.config import ConfigError, load_config
@@ -24,17 +25,22 @@ def write_config(folder: Path, payload: dict[str, Any]) -> Path:
 
 @pytest.fixture
 def study(stimulus_table: Path, tmp_path: Path) -> dict[str, Any]:
+    # Each photo gets a bright patch at its own place, and its "face" box on the patch: filters
+    # that respond to the patch are enriched in their own image's box, not in other images'
+    # boxes, so the assignment test (boxes shuffled across images) can assign them.
     frame = pd.read_csv(stimulus_table)
-    boxes = pd.DataFrame(
-        {
-            "stimulus_id": frame["stimulus_id"],
-            "x0": 40,
-            "y0": 30,
-            "x1": 70,
-            "y1": 60,
-            "label": "face",
-        }
-    )
+    folder = tmp_path / "patched"
+    folder.mkdir()
+    rows, paths = [], []
+    for i, (sid, source) in enumerate(zip(frame["stimulus_id"], frame["path"], strict=True)):
+        image = Image.open(stimulus_table.parent / source).convert("RGB")
+        x0, y0 = 8 + (i * 23) % max(1, image.width - 48), 6 + (i * 11) % max(1, image.height - 40)
+        image.paste((255, 255, 255), (x0, y0, x0 + 32, y0 + 32))
+        image.save(folder / f"{sid}.png")
+        paths.append(str(folder / f"{sid}.png"))
+        rows.append({"stimulus_id": sid, "x0": x0, "y0": y0, "x1": x0 + 32, "y1": y0 + 32})
+    frame.assign(path=paths).to_csv(stimulus_table, index=False)
+    boxes = pd.DataFrame(rows).assign(label="face")
     boxes.to_csv(tmp_path / "boxes.csv", index=False)
     return {
         "out": "results",
