@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import StoreError
-from object2brain.io import check_writable
+from object2brain.io import check_output_folder
 from object2brain.options import ExtractOptions, OptionsError, Runtime, resolve_options
 
 if TYPE_CHECKING:
@@ -50,8 +50,9 @@ def extract(
             with ``weights`` (and ``seed``, for ``weights="none"``).
         stimuli: a :class:`~object2brain.data.stimuli.StimulusSet`, or a stimulus table / image
             folder to load.
-        out: the ``.h5`` file to write: ``/stimulus_ids`` ``(n,)``, ``/layers/<name>``
-            ``(n, ...)`` in each layer's original shape (or ``(n, srp)``), file attributes
+        out: the ``.h5`` file to write (its folder is created): ``/stimulus_ids`` ``(n,)``,
+            ``/layers/<name>`` ``(n, ...)`` in each layer's original shape (or ``(n, srp)``), file
+            attributes
             (model, weights and their SHA-256, preprocessing, layer ``order``, ``complete``).
         layers: ``all`` (the canonical layers) or names / a comma-separated list.
         options: :class:`~object2brain.options.ExtractOptions`; the keywords below, when given,
@@ -89,7 +90,9 @@ def extract(
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
     supplied = None if valence is None else load_predicted_valence(valence, stimulus_set.ids)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, seed=seed)
-    check_writable(out)
+    check_output_folder(out.parent)  # created (under the lock) by run_extraction
+    if out.is_dir():
+        raise StoreError(f"{out}: is a folder, expected a file name")
     plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
     return run_extraction(plan, out, overwrite=overwrite)
 
