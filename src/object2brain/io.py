@@ -234,16 +234,29 @@ def staged_output(out: str | Path) -> Iterator[Staging]:
     write that failed for lack of room becomes one :class:`StoreError` line. Temporary folders
     left by killed runs are removed at the start.
     """
-    out = Path(out).expanduser()
-    check_output_folder(out)
-    with output_lock(out), disk_errors(out):
+    given = Path(out).expanduser()
+    check_output_folder(given)
+    out = given.resolve()
+    if not out.name or os.path.ismount(out):
+        raise StoreError(f"{given}: a result folder cannot be a mount point; use a folder in it")
+    with output_lock(out), disk_errors(given):
         _recover(out)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGE}", dir=out.parent))
         try:
-            yield Staging(stage, out)
-            _commit(stage, out)
+            yield Staging(stage, given)
+            _commit(stage, out, given)
         finally:
             shutil.rmtree(stage, ignore_errors=True)  # after the swap: the old set
+
+
+@contextmanager
+def optional_staging(out: str | Path | None) -> Iterator[Staging | None]:
+    """:func:`staged_output` for ``out``, or nothing (``None``) when no output is asked for."""
+    if out is None:
+        yield None
+        return
+    with staged_output(out) as staging:
+        yield staging
 
 
 def _recover(out: Path) -> None:
@@ -255,9 +268,10 @@ def _recover(out: Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _commit(stage: Path, out: Path) -> None:
-    """Make ``stage`` the folder ``out`` (see :func:`staged_output`)."""
-    _rewrite_paths(stage / "manifest.json", stage, out)
+def _commit(stage: Path, out: Path, given: Path) -> None:
+    """Make ``stage`` the folder ``out`` (see :func:`staged_output`); paths under ``stage``
+    recorded in its manifest become paths under ``given`` (``out`` as the caller wrote it)."""
+    _rewrite_paths(stage / "manifest.json", stage, given)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: the output folder exists and is not a folder")
     if out.is_dir():
@@ -322,14 +336,13 @@ def _temporary(path: Path) -> bool:
 
 
 def _rewrite_paths(manifest: Path, stage: Path, out: Path) -> None:
-    """Paths under ``stage`` recorded in ``manifest`` (e.g. ``config.out``) -> under ``out``."""
+    """Paths under ``stage`` recorded in ``manifest`` (e.g. ``config.out``) -> under ``out``;
+    ``outputs`` under ``out`` (e.g. caches written into ``out`` itself) -> relative to it, as
+    :func:`object2brain.manifest.output_list` lists them when nothing is staged."""
     if not manifest.is_file():
         return
-    text = manifest.read_text()
-    prefix = str(stage)
-    if prefix not in text:
-        return
-    payload = json.loads(text)
+    payload = json.loads(manifest.read_text())
+    prefix, root = str(stage), out.resolve()
 
     def fix(value: Any) -> Any:
         if isinstance(value, str) and (value == prefix or value.startswith(prefix + os.sep)):
@@ -340,7 +353,18 @@ def _rewrite_paths(manifest: Path, stage: Path, out: Path) -> None:
             return {k: fix(v) for k, v in value.items()}
         return value
 
-    write_json(manifest, fix(payload))
+    fixed = fix(payload)
+    if isinstance(fixed.get("outputs"), list):
+        fixed["outputs"] = sorted(
+            Path(entry).resolve().relative_to(root).as_posix()
+            if isinstance(entry, str)
+            and Path(entry).is_absolute()
+            and Path(entry).resolve().is_relative_to(root)
+            else entry
+            for entry in fixed["outputs"]
+        )
+    if fixed != payload:
+        write_json(manifest, fixed)
 
 
 def _sync_tree(folder: Path) -> None:
