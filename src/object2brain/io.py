@@ -137,6 +137,14 @@ def disk_errors(target: str | Path) -> Iterator[None]:
         ) from None
 
 
+def damaged_message(path: Path, exc: BaseException, remedy: str) -> str:
+    """One line for an HDF5 file h5py cannot read: ``path``, h5py's cause (shortened) and
+    ``remedy`` (what to do)."""
+    cause = " ".join(str(exc).split())
+    cause = cause if len(cause) <= 120 else cause[:117] + "..."
+    return f"{path}: the HDF5 file is damaged or truncated ({cause}); {remedy}"
+
+
 def lock_path(target: Path) -> Path:
     """The lock file of an output ``target`` (file or folder): the hidden sibling
     ``.<name>.lock``, so that swapping a result folder leaves the lock in place."""

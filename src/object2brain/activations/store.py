@@ -56,7 +56,7 @@ import h5py
 import numpy as np
 
 from object2brain.errors import StoreError, require_unique_ids
-from object2brain.io import disk_error_reason
+from object2brain.io import damaged_message, disk_error_reason
 
 log = logging.getLogger("object2brain.activations.store")
 
@@ -70,13 +70,6 @@ _CHECK_BYTES = 256 << 20
 _PAGE = 1 << 16
 #: What h5py raises on a file whose bytes are damaged (checksums, heaps, B-trees).
 _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
-
-
-def damaged_message(path: Path, exc: BaseException, remedy: str) -> str:
-    """One line: ``path`` cannot be read as HDF5 (the first line of h5py's cause) and ``remedy``."""
-    cause = " ".join(str(exc).split())
-    cause = cause if len(cause) <= 120 else cause[:117] + "..."
-    return f"{path}: the HDF5 file is damaged or truncated ({cause}); {remedy}"
 
 
 @contextmanager
