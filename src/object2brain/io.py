@@ -18,11 +18,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def check_output_folder(folder: str | Path) -> None:
