@@ -143,7 +143,7 @@ def damaged_message(path: Path, exc: BaseException, remedy: str) -> str:
     ``remedy`` (what to do)."""
     cause = " ".join(str(exc).split())
     cause = cause if len(cause) <= 120 else cause[:117] + "..."
-    return f"{path}: the HDF5 file is damaged or truncated ({cause}); {remedy}"
+    return f"{path}: not a readable HDF5 file, damaged or truncated ({cause}); {remedy}"
 
 
 def lock_path(target: Path) -> Path:

@@ -120,7 +120,7 @@ class ActivationStore:
             handle = h5py.File(path, "r")
         except OSError as exc:
             raise StoreError(
-                damaged_message(path, exc, "it is not a readable HDF5 file: extract it again")
+                damaged_message(path, exc, "delete it and rerun extract to write it again")
             ) from None
         store = cls(handle, path)
         try:
@@ -628,7 +628,7 @@ class BackgroundWriter(Generic[Item]):
 
     def _drain(self) -> None:
         while (item := self._get()) is not _DONE:
-            if self._error is None and not self._raised:
+            if self._error is None:
                 try:
                     self._write(item)
                 except BaseException as exc:  # handed to the caller's thread
@@ -647,14 +647,14 @@ class BackgroundWriter(Generic[Item]):
             self._thread.join()
         if raise_error:
             self._raise()
-        elif self._error is not None:  # not lost behind the caller's own error
+        elif self._error is not None and not self._raised:  # not lost behind the caller's
             log.error("the writer thread had failed too: %s: %s", type(self._error).__name__,
                       self._error)  # fmt: skip
 
     def _raise(self) -> None:
         if self._error is not None:
-            error, self._error, self._raised = self._error, None, True
-            raise error
+            self._raised = True
+            raise self._error
 
 
 def _attr_value(value: Any) -> Any:
