@@ -168,8 +168,22 @@ def output_lock(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target).expanduser()
     lock = lock_path(target)
+    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
     with disk_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(target, lock):
+            yield lock
+    except BaseException:
+        for folder in created:  # a failed run leaves no empty folders behind
+            with suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+@contextmanager
+def _locked(target: Path, lock: Path) -> Iterator[None]:
+    """Hold the ``flock`` of ``lock`` (see :func:`output_lock`)."""
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -196,7 +210,7 @@ def output_lock(target: str | Path) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
     try:
-        yield lock
+        yield
     finally:
         with suppress(OSError):
             lock.unlink()  # before the lock is released: see the inode check above
