@@ -611,6 +611,16 @@ def interrupted_message(args: Sequence[str]) -> str:
     return "interrupted: " + _ON_RERUN.get(command, "rerun the same command to start again")
 
 
+def _exit_if_disk_full(exc: OSError) -> None:
+    """A write that failed for lack of room (not caught where it happened): one line, exit 2."""
+    reason = disk_error_reason(exc)
+    if reason is None or _state["debug"]:
+        return
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    typer.echo(f"error: {where}cannot write: {reason}; free space and rerun", err=True)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits with the status.
 
@@ -652,12 +662,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         sys.exit(1)
     except OSError as exc:
-        reason = disk_error_reason(exc)
-        if reason is None or _state["debug"]:
-            raise
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        typer.echo(f"error: {where}cannot write: {reason}; free space and rerun", err=True)
-        sys.exit(2)
+        _exit_if_disk_full(exc)
+        raise
     except Exception as exc:
         # Usage errors (typer's click exceptions) know how to show themselves.
         show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
