@@ -294,7 +294,7 @@ def _recover(out: Path) -> None:
 def _commit(stage: Path, out: Path, given: Path) -> None:
     """Make ``stage`` the folder ``out`` (see :func:`staged_output`); paths under ``stage``
     recorded in its manifest become paths under ``given`` (``out`` as the caller wrote it)."""
-    _rewrite_paths(stage / "manifest.json", stage, given)
+    _rewrite_paths(stage, out, given)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: the output folder exists and is not a folder")
     if out.is_dir():
@@ -358,17 +358,18 @@ def _temporary(path: Path) -> bool:
     return name.startswith(".o2b-probe-") or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def _rewrite_paths(manifest: Path, stage: Path, out: Path) -> None:
-    """Paths under ``stage`` recorded in ``manifest`` (e.g. ``config.out``) -> under ``out``;
-    ``outputs`` under ``out`` (e.g. caches written into ``out`` itself) -> relative to it, as
+def _rewrite_paths(stage: Path, out: Path, given: Path) -> None:
+    """Paths of ``stage`` recorded in the JSON files written there (a manifest's ``config.out``,
+    a head's ``split_file``) -> the result folder: the folder itself as the caller wrote it
+    (``given``), files in it under the resolved folder ``out``. A manifest's ``outputs`` under
+    ``out`` (caches written into ``out`` itself) become relative to it, as
     :func:`object2brain.manifest.output_list` lists them when nothing is staged."""
-    if not manifest.is_file():
-        return
-    payload = json.loads(manifest.read_text())
-    prefix, root = str(stage), out.resolve()
+    prefix = str(stage)
 
     def fix(value: Any) -> Any:
-        if isinstance(value, str) and (value == prefix or value.startswith(prefix + os.sep)):
+        if isinstance(value, str) and value == prefix:
+            return str(given)
+        if isinstance(value, str) and value.startswith(prefix + os.sep):
             return str(out) + value[len(prefix) :]
         if isinstance(value, list):
             return [fix(v) for v in value]
@@ -376,18 +377,26 @@ def _rewrite_paths(manifest: Path, stage: Path, out: Path) -> None:
             return {k: fix(v) for k, v in value.items()}
         return value
 
-    fixed = fix(payload)
-    if isinstance(fixed.get("outputs"), list):
-        fixed["outputs"] = sorted(
-            Path(entry).resolve().relative_to(root).as_posix()
-            if isinstance(entry, str)
-            and Path(entry).is_absolute()
-            and Path(entry).resolve().is_relative_to(root)
-            else entry
-            for entry in fixed["outputs"]
-        )
-    if fixed != payload:
-        write_json(manifest, fixed)
+    for path in stage.rglob("*.json"):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        fixed = fix(payload)
+        if path == stage / "manifest.json" and isinstance(fixed.get("outputs"), list):
+            fixed["outputs"] = _relative_outputs(fixed["outputs"], out)
+        if fixed != payload:
+            write_json(path, fixed)
+
+
+def _relative_outputs(entries: list[Any], out: Path) -> list[Any]:
+    def relative(entry: Any) -> Any:
+        if not isinstance(entry, str) or not Path(entry).is_absolute():
+            return entry
+        path = Path(entry).resolve()
+        return path.relative_to(out).as_posix() if path.is_relative_to(out) else entry
+
+    return sorted(relative(entry) for entry in entries)
 
 
 def _sync_tree(folder: Path) -> None:
