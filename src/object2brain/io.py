@@ -297,9 +297,9 @@ def _commit(stage: Path, out: Path, given: Path) -> None:
     _rewrite_paths(stage, out, given)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: the output folder exists and is not a folder")
+    _sync_tree(stage)  # the new files (carried-over caches are on disk already)
     if out.is_dir():
         _carry_over(out, stage)
-    _sync_tree(stage)
     if not out.exists():
         os.rename(stage, out)
     elif not _exchange(stage, out):
