@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from object2brain.errors import DataError, Object2BrainError
+from object2brain.io import disk_error_reason
 from object2brain.options import (
     DissectOptions,
     EncodeOptions,
@@ -692,14 +693,48 @@ def expand_multi_value(argv: list[str]) -> list[str]:
 INTERRUPTED = 130
 
 
+#: What rerunning an interrupted command does (Ctrl-C message), by command.
+_ON_RERUN = {
+    "extract": "rerun the same command to resume from the last written batch",
+    "run": "rerun the same command to resume: finished stages are not run again",
+    "dissect": (
+        "the output folder is unchanged; rerun the same command to start again (detections "
+        "already made are cached and reused)"
+    ),
+    "rsa": "the output folder is unchanged; rsa does not resume: rerun it to start again",
+    "lesion": "the output folder is unchanged; lesion does not resume: rerun it to start again",
+    "train-head": "the output folder is unchanged; rerun the same command to start again",
+}
+
+
+def interrupted_message(args: Sequence[str]) -> str:
+    """The Ctrl-C line of the command in ``args``: whether rerunning it resumes or restarts."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    return "interrupted: " + _ON_RERUN.get(command, "rerun the same command to start again")
+
+
+def _exit_if_disk_full(exc: OSError) -> None:
+    """A write that failed for lack of room (not caught where it happened): one line, exit 2."""
+    reason = disk_error_reason(exc)
+    if reason is None or _state["debug"]:
+        return
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    typer.echo(f"error: {where}cannot write: {reason}; free space and rerun", err=True)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits with the status."""
+    """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits with the status.
+
+    Errors of the user's input or environment are one line on stderr and exit status 2: an
+    :class:`Object2BrainError`, and a write that failed for lack of room (``No space left on
+    device``) wherever it happened; Ctrl-C says whether rerunning resumes or restarts (130).
+    """
+    args = expand_multi_value(sys.argv[1:] if argv is None else argv)
     try:
         # Without standalone mode typer *returns* an exit status instead of exiting, e.g. 130
         # when it caught Ctrl-C (KeyboardInterrupt) itself.
-        status = app(
-            args=expand_multi_value(sys.argv[1:] if argv is None else argv), standalone_mode=False
-        )
+        status = app(args=args, standalone_mode=False)
         if status == INTERRUPTED:
             raise KeyboardInterrupt
         if isinstance(status, int) and status != 0:
@@ -711,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+        typer.echo(interrupted_message(args), err=True)
         sys.exit(INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -728,6 +763,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             sys.exit(2)
         sys.exit(1)
+    except OSError as exc:
+        _exit_if_disk_full(exc)
+        raise
     except Exception as exc:
         # Usage errors (typer's click exceptions) know how to show themselves.
         show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)

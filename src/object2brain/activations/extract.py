@@ -14,10 +14,11 @@ One forward pass per batch records every requested layer through :class:`LayerRe
 batch's activations are copied to the host and written to ``<out>.partial`` on a writer thread
 (:class:`~object2brain.activations.store.BackgroundWriter`) while the next batch is computed, so at
 most three batches' activations are held (one computed, one waiting, one being written) whatever
-the number of stimuli. The partial file records how many rows are written (``n_done``); the store
-is renamed to ``<out>`` and marked complete only at the end, so an interrupted run (Ctrl-C, crash,
-killed job) resumes from the last written batch when the same command is run again. The
-manifest (``<store stem>.manifest.json``) is written last.
+the number of stimuli. The partial file records how many rows are written (``n_done``, raised
+only once a batch is flushed and synced); the store is renamed to ``<out>`` and marked complete
+only at the end, so an interrupted run (Ctrl-C, crash, killed job, full disk) resumes from the last
+written batch when the same command is run again. One run at a time writes ``<out>``: a second
+one is refused by the lock. The manifest (``<store stem>.manifest.json``) is written last.
 
 GPU options (all off by default, so stored values are today's float32 ones):
 
@@ -60,7 +61,7 @@ from object2brain.data.image_array import is_array_file
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import LayerError, StoreError, listing
-from object2brain.io import write_json
+from object2brain.io import disk_errors, output_lock, write_json
 from object2brain.manifest import build_manifest, cached_file_sha256, file_sha256
 from object2brain.models.inputs import image_batches, uses_device_decoding
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
@@ -213,13 +214,23 @@ def run_extraction(plan: ExtractionPlan, out: Path, *, overwrite: bool = False) 
     resumed from its last written batch; another run's store is replaced only with
     ``overwrite``.
 
+    Only one run writes ``out`` at a time: its lock (:func:`object2brain.io.output_lock`) is taken
+    before anything is opened for writing, and the parent folder of ``out`` is created.
+
     Returns:
         The path of the complete store.
 
     Raises:
-        StoreError: ``out`` holds another run's store (without ``overwrite``), or activations
-            that cannot be stored (NaN/inf, beyond float16's range).
+        StoreError: ``out`` holds another run's store (without ``overwrite``), activations that
+            cannot be stored (NaN/inf, beyond float16's range), another run holds the lock, or a
+            write failed (``No space left on device``: the batches before it are kept).
     """
+    with output_lock(out), disk_errors(out):
+        return _run_locked(plan, out, overwrite=overwrite)
+
+
+def _run_locked(plan: ExtractionPlan, out: Path, *, overwrite: bool) -> Path:
+    """:func:`run_extraction` under the lock of ``out``."""
     started = time.time()
     if out.exists():
         if _same_complete_store(out, plan.fingerprint):

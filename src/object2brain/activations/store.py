@@ -24,19 +24,31 @@ name twice; ``complete`` neither boolean nor 0/1) is refused with a one-line :cl
 naming the file and the attribute.
 
 A store is written to ``<path>.partial`` and renamed to ``<path>`` once complete. The partial file
-records how many rows are fully written (attribute ``n_done``) and a fingerprint of the run, so an
+records how many rows are fully written (attribute ``n_done``), a CRC-32 of every written row
+(dataset ``/_row_digests``, removed when the store is complete) and a fingerprint of the run, so an
 interrupted extraction resumes where it stopped.
+
+Faults (:class:`StoreWriter`): ``n_done`` is raised only after the batch's rows and digests were
+flushed to the file and ``fsync``-ed. A write that fails (``No space left on device``) is caught
+below HDF5 (:class:`_GuardedFile`): from then on nothing more reaches the disk, HDF5's own state
+stays consistent, the file closes cleanly and the run stops with one :class:`StoreError` line. A
+resumed run first checks the digests of rows ``0 .. n_done-1`` against the rows as they read back
+and continues from the first row that does not match (a partial file that cannot be read at all is
+started afresh), so a resumed store equals one written without a fault. A damaged file read by
+:class:`ActivationStore` gives one :class:`StoreError` line naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -44,11 +56,33 @@ import h5py
 import numpy as np
 
 from object2brain.errors import StoreError, require_unique_ids
+from object2brain.io import damaged_message, disk_error_reason
 
 log = logging.getLogger("object2brain.activations.store")
 
 PARTIAL_SUFFIX = ".partial"
 _STRING = h5py.string_dtype(encoding="utf-8")
+#: Dataset of a partial store: CRC-32 of each written row over every layer ``(n_stimuli,)``.
+DIGESTS = "_row_digests"
+#: Bytes read at a time when a resumed run checks the rows already written.
+_CHECK_BYTES = 256 << 20
+#: Page size of the in-memory writes after a failed write (:class:`_GuardedFile`).
+_PAGE = 1 << 16
+#: What h5py raises on a file whose bytes are damaged (checksums, heaps, B-trees).
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Reads of a store: h5py's errors on damaged bytes -> one :class:`StoreError` line."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except _H5_ERRORS as exc:
+        raise StoreError(
+            damaged_message(path, exc, "delete it and rerun extract to write it again")
+        ) from None
 
 
 def partial_path(path: Path) -> Path:
@@ -85,12 +119,16 @@ class ActivationStore:
         try:
             handle = h5py.File(path, "r")
         except OSError as exc:
-            raise StoreError(f"{path}: not a readable HDF5 file ({exc})") from None
+            raise StoreError(
+                damaged_message(path, exc, "delete it and rerun extract to write it again")
+            ) from None
         store = cls(handle, path)
         try:
-            store._validate(require_complete)
+            with _readable(path):
+                store._validate(require_complete)
         except StoreError:
-            handle.close()
+            with suppress(*_H5_ERRORS):
+                handle.close()
             raise
         return store
 
@@ -124,7 +162,8 @@ class ActivationStore:
     @property
     def stimulus_ids(self) -> list[str]:
         """Stimulus ids, ``(n_stimuli,)``, in row order."""
-        raw = self._file["stimulus_ids"][()]  # one read (iterating the dataset reads row by row)
+        with _readable(self.path):  # one read (iterating the dataset reads row by row)
+            raw = self._file["stimulus_ids"][()]
         return [s.decode() if isinstance(s, bytes) else str(s) for s in raw]
 
     @property
@@ -174,10 +213,12 @@ class ActivationStore:
         """Activations of ``layer``, ``(n_stimuli, ...)``; rows in ``ids`` order if given."""
         dataset = self._dataset(layer)
         if ids is None:
-            return np.asarray(dataset[()])
+            with _readable(self.path):
+                return np.asarray(dataset[()])
         rows = self.rows(ids)
         order = np.argsort(rows)
-        values = dataset[np.asarray(rows)[order]]
+        with _readable(self.path):
+            values = dataset[np.asarray(rows)[order]]
         return np.asarray(values)[np.argsort(order)]
 
     def iter_rows(self, layer: str, batch_size: int = 256) -> Iterator[tuple[slice, np.ndarray]]:
@@ -185,7 +226,9 @@ class ActivationStore:
         dataset = self._dataset(layer)
         for start in range(0, dataset.shape[0], batch_size):
             rows = slice(start, min(start + batch_size, dataset.shape[0]))
-            yield rows, np.asarray(dataset[rows])
+            with _readable(self.path):
+                block = np.asarray(dataset[rows])
+            yield rows, block
 
     def rows(self, ids: Sequence[str]) -> list[int]:
         """Row index of each stimulus id; every unknown id is listed in the error."""
@@ -263,16 +306,160 @@ def _layer_order(handle: h5py.File, path: Path) -> tuple[list[str], str]:
     return names + [n for n in present if n not in names], "attribute order"
 
 
+class _GuardedFile(io.FileIO):
+    """The partial file as HDF5 writes it (h5py's ``fileobj`` driver), with write faults caught.
+
+    HDF5 cannot recover from a failed write: its metadata cache stays half-flushed, and closing
+    the file retries the write, fails again and may crash the process. So the first failed write
+    (or ``truncate``, ``fsync``) is recorded in :attr:`failure` and reported to HDF5 as done;
+    from then on nothing more reaches the disk: HDF5's writes are kept in memory pages (reads see
+    them), so HDF5 stays consistent and closes cleanly, and :class:`StoreWriter` raises after the
+    flush that failed. The file on disk then holds what was written before the fault; ``n_done``
+    on disk never covers the failed batch.
+    """
+
+    failure: OSError | None = None
+
+    def __init__(self, path: Path, mode: str) -> None:
+        super().__init__(path, mode)
+        self._pages: dict[int, bytearray] = {}
+        self._pos = 0
+        self._size = 0
+
+    def _fail(self, exc: OSError) -> None:
+        if self.failure is None:
+            self.failure = exc
+            self._pos = super().tell()
+            self._size = os.fstat(self.fileno()).st_size
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.failure is None:
+            start, done = super().tell(), 0
+            try:
+                while done < len(view):
+                    done += super().write(view[done:]) or 0
+                return len(view)
+            except OSError as exc:
+                self._fail(exc)
+                self._pos = start
+        self._keep(view)
+        return len(view)
+
+    def _keep(self, view: memoryview) -> None:
+        """After a failure: ``view`` written at the current position, in memory."""
+        start, end = self._pos, self._pos + len(view)
+        for page in range(start // _PAGE, (end - 1) // _PAGE + 1) if len(view) else ():
+            buffer = self._page(page)
+            low, high = max(start, page * _PAGE), min(end, (page + 1) * _PAGE)
+            buffer[low - page * _PAGE : high - page * _PAGE] = view[low - start : high - start]
+        self._pos, self._size = end, max(self._size, end)
+
+    def _page(self, page: int) -> bytearray:
+        if page not in self._pages:
+            data = os.pread(self.fileno(), _PAGE, page * _PAGE)
+            self._pages[page] = bytearray(data) + bytearray(_PAGE - len(data))
+        return self._pages[page]
+
+    def readinto(self, buffer: Any) -> int:
+        if self.failure is None:
+            return super().readinto(buffer)
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        start = self._pos
+        for page in range(start // _PAGE, (start + n - 1) // _PAGE + 1) if n else ():
+            low, high = max(start, page * _PAGE), min(start + n, (page + 1) * _PAGE)
+            view[low - start : high - start] = self._page(page)[
+                low - page * _PAGE : high - page * _PAGE
+            ]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if self.failure is None:
+            return super().seek(offset, whence)
+        self._pos = {0: 0, 1: self._pos, 2: self._size}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return super().tell() if self.failure is None else self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.failure is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self._fail(exc)
+        self._size = self._pos if size is None else size
+        return self._size
+
+    def sync(self) -> None:
+        """``fsync``: the rows flushed so far survive a crash of the machine too."""
+        if self.failure is None:
+            try:
+                os.fsync(self.fileno())
+            except OSError as exc:
+                self._fail(exc)
+
+
+def row_digests(blocks: Mapping[str, np.ndarray]) -> np.ndarray:
+    """CRC-32 of each row over every layer (in name order): ``{layer: (rows, ...)}`` ->
+    ``(rows,)`` uint32. A row never written reads back as zeros, whose CRC-32 is not 0 (the fill
+    value of the digests), so it never passes as written."""
+    names = sorted(blocks)
+    n_rows = {blocks[name].shape[0] for name in names}
+    if len(n_rows) != 1:
+        raise StoreError(f"batch blocks differ in size: {sorted(n_rows)}")
+    contiguous = [np.ascontiguousarray(blocks[name]) for name in names]
+    out = np.empty(n_rows.pop(), dtype=np.uint32)
+    for row in range(len(out)):
+        crc = 0
+        for block in contiguous:
+            crc = zlib.crc32(block[row : row + 1].data, crc)
+        out[row] = crc
+    return out
+
+
+def verified_rows(temp: Path, n_done: int) -> int:
+    """How many leading rows of the partial file ``temp`` read back as written: the first row
+    whose CRC-32 differs from ``/_row_digests`` (or ``n_done``). Reads ``_CHECK_BYTES`` at a time.
+
+    Raises:
+        OSError, RuntimeError, KeyError, ValueError: the file cannot be read (h5py's errors).
+    """
+    with h5py.File(temp, "r") as handle:
+        digests = np.asarray(handle[DIGESTS][:n_done])
+        layers = {name: handle["layers"][name] for name in handle["layers"]}
+        if n_done and not layers:
+            return 0
+        row_bytes = sum(
+            max(1, int(np.prod(d.shape[1:], dtype=np.int64))) * d.dtype.itemsize
+            for d in layers.values()
+        )
+        step = max(1, _CHECK_BYTES // max(1, row_bytes))
+        for start in range(0, n_done, step):
+            stop = min(n_done, start + step)
+            found = row_digests({name: d[start:stop] for name, d in layers.items()})
+            bad = np.nonzero(found != digests[start:stop])[0]
+            if bad.size:
+                return start + int(bad[0])
+    return n_done
+
+
 class StoreWriter:
     """Writes an activation store batch by batch under its temporary name.
 
-    The partial file keeps ``n_done`` (rows fully written, flushed after every batch) and
-    ``fingerprint``; :meth:`resume_point` tells a new run where to continue.
+    The partial file keeps ``n_done`` (rows fully written: raised only once a batch's rows and
+    digests are flushed and ``fsync``-ed), ``/_row_digests`` and ``fingerprint``;
+    :meth:`resume_point` tells a new run where to continue. A failed write raises
+    :class:`StoreError` (one line: the file and ``No space left on device``) and leaves the
+    batches before it resumable (module docstring).
     """
 
-    def __init__(self, path: Path, handle: h5py.File) -> None:
+    def __init__(self, path: Path, handle: h5py.File, raw: _GuardedFile) -> None:
         self.path = path
         self._file = handle
+        self._raw = raw
 
     @classmethod
     def create(
@@ -285,35 +472,55 @@ class StoreWriter:
         """Start a new partial store (any stale partial file is replaced)."""
         temp = partial_path(path)
         try:
-            handle = h5py.File(temp, "w")
+            raw = _GuardedFile(temp, "w+")
+            handle = h5py.File(raw, "w")
         except OSError as exc:
             raise StoreError(f"{path}: cannot create {temp.name} ({exc})") from None
+        writer = cls(path, handle, raw)
         handle.create_dataset(
             "stimulus_ids", data=np.asarray(stimulus_ids, dtype=object), dtype=_STRING
         )
+        handle.create_dataset(DIGESTS, shape=(len(stimulus_ids),), dtype=np.uint32)
         handle.create_group("layers")
         for key, value in attrs.items():
             handle.attrs[key] = _attr_value(value)
         handle.attrs["complete"] = False
         handle.attrs["n_done"] = 0
         handle.attrs["fingerprint"] = fingerprint
-        handle.flush()
-        return cls(path, handle)
+        try:
+            writer._commit()
+        except StoreError:
+            writer.close()
+            temp.unlink(missing_ok=True)  # holds no row yet
+            raise
+        return writer
 
     @classmethod
     def resume(cls, path: Path, fingerprint: str) -> StoreWriter | None:
-        """Reopen ``<path>.partial`` if it belongs to the same run, else ``None``."""
+        """Reopen ``<path>.partial`` if it belongs to the same run, else ``None``; rows that do
+        not read back as written (a write that failed, a killed run) are written again."""
         temp = partial_path(path)
         if not temp.exists():
             return None
         try:
-            handle = h5py.File(temp, "r+")
-        except OSError:
+            with h5py.File(temp, "r") as handle:
+                if handle.attrs.get("fingerprint") != fingerprint or DIGESTS not in handle:
+                    return None
+                n_done = int(handle.attrs["n_done"])
+            good = verified_rows(temp, n_done)
+        except _H5_ERRORS as exc:
+            log.warning("%s", damaged_message(temp, exc, "starting the extraction afresh"))
             return None  # killed mid-write beyond repair: start again
-        if handle.attrs.get("fingerprint") != fingerprint:
-            handle.close()
-            return None
-        return cls(path, handle)
+        raw = _GuardedFile(temp, "r+")
+        writer = cls(path, h5py.File(raw, "r+"), raw)
+        if good < n_done:
+            log.warning(
+                "%s: rows %d-%d do not read back as written (an interrupted or failed write); "
+                "computing them again", temp, good, n_done - 1,
+            )  # fmt: skip
+            writer._file.attrs["n_done"] = good
+            writer._commit()
+        return writer
 
     @property
     def n_done(self) -> int:
@@ -343,16 +550,31 @@ class StoreWriter:
         )
 
     def write_rows(self, start: int, blocks: Mapping[str, np.ndarray]) -> None:
-        """Write one batch ``{layer: (batch, ...)}`` at rows ``start:start+batch``; commit it."""
-        sizes = {block.shape[0] for block in blocks.values()}
-        if len(sizes) != 1:
-            raise StoreError(f"{self.path}: batch blocks differ in size: {sorted(sizes)}")
-        stop = start + sizes.pop()
+        """Write one batch ``{layer: (batch, ...)}`` at rows ``start:start+batch``; commit it:
+        rows and digests flushed and synced first, then ``n_done`` raised (and synced)."""
+        digests = row_digests(blocks)
+        stop = start + len(digests)
         for name, block in blocks.items():
             self._file["layers"][name][start:stop] = block
-        self._file.flush()
+        self._file[DIGESTS][start:stop] = digests
+        self._commit()
         self._file.attrs["n_done"] = stop
+        self._commit()
+
+    def _commit(self) -> None:
+        """Flush HDF5's buffers to the file and ``fsync`` it; a failed write -> StoreError."""
         self._file.flush()
+        self._raw.sync()
+        self._check()
+
+    def _check(self) -> None:
+        failure = self._raw.failure
+        if failure is not None:
+            reason = disk_error_reason(failure) or failure.strerror or str(failure)
+            raise StoreError(
+                f"{partial_path(self.path)}: cannot write: {reason}; the batches written before "
+                "are kept: free space and rerun the same command to resume"
+            )
 
     def set_attr(self, key: str, value: Any) -> None:
         self._file.attrs[key] = _attr_value(value)
@@ -361,13 +583,18 @@ class StoreWriter:
         """Mark the store complete, close it and move it to its final name."""
         self._file.attrs["complete"] = True
         del self._file.attrs["n_done"]
-        self._file.close()
+        del self._file[DIGESTS]
+        self._commit()
+        self.close()
+        self._check()
         os.replace(partial_path(self.path), self.path)
         return self.path
 
     def close(self) -> None:
+        """Close the file; never raises for a failed write (see :class:`_GuardedFile`)."""
         if self._file.id.valid:
             self._file.close()
+        self._raw.close()
 
 
 Item = TypeVar("Item")
@@ -388,6 +615,7 @@ class BackgroundWriter(Generic[Item]):
         self._write = write
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._raised = False  # the error was raised in the caller's thread (not logged again)
         self._thread = threading.Thread(target=self._drain, name="o2b-writer", daemon=True)
         self._thread.start()
 
@@ -419,12 +647,13 @@ class BackgroundWriter(Generic[Item]):
             self._thread.join()
         if raise_error:
             self._raise()
-        elif self._error is not None:  # not lost behind the caller's own error
+        elif self._error is not None and not self._raised:  # not lost behind the caller's
             log.error("the writer thread had failed too: %s: %s", type(self._error).__name__,
                       self._error)  # fmt: skip
 
     def _raise(self) -> None:
         if self._error is not None:
+            self._raised = True
             raise self._error
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import DataError
-from object2brain.io import check_output_folder
+from object2brain.io import check_output_folder, optional_staging
 from object2brain.options import DissectOptions, OptionsError, Runtime, resolve_options
 
 if TYPE_CHECKING:
@@ -114,15 +114,17 @@ def dissect(
     _warn_degenerate_head(loaded)
     det, group_map = _detector_and_groups(detector, groups, resolved, runtime)
     cache = Path(cache_dir) if cache_dir is not None else _default_cache(out_path)
-    result = compute_dissection(
-        loaded, stimulus_set, det, group_map, resolved, runtime, cache_dir=cache,
-        gallery=figures and out_path is not None,
-    )  # fmt: skip
-    if out_path is not None:
-        drawn = draw_dissection_figures(result, out_path / "figures") if figures else []
-        result.summary["seconds"] = round(time.time() - started, 3)
-        result.files = write_dissection(result, out_path, also_written=drawn)
-        result.out = out_path
+    with optional_staging(out_path) as staging:  # the lock first: the cache may lie in out
+        result = compute_dissection(
+            loaded, stimulus_set, det, group_map, resolved, runtime, cache_dir=cache,
+            gallery=figures and out_path is not None,
+        )  # fmt: skip
+        if staging is not None:  # tables, figures, manifest: swapped in as a whole
+            folder = staging.folder
+            drawn = draw_dissection_figures(result, folder / "figures") if figures else []
+            result.summary["seconds"] = round(time.time() - started, 3)
+            result.files = staging.final(write_dissection(result, folder, also_written=drawn))
+            result.out = staging.out
     result.summary["seconds"] = round(time.time() - started, 3)
     return result
 

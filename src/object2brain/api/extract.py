@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import StoreError
-from object2brain.io import check_writable
+from object2brain.io import check_output_folder
 from object2brain.options import ExtractOptions, OptionsError, Runtime, resolve_options
 
 if TYPE_CHECKING:
@@ -53,8 +53,9 @@ def extract(
             with ``weights`` (and ``seed``, for ``weights="none"``).
         stimuli: a :class:`~object2brain.data.stimuli.StimulusSet`, or a stimulus table / image
             folder to load.
-        out: the ``.h5`` file to write: ``/stimulus_ids`` ``(n,)``, ``/layers/<name>``
-            ``(n, ...)`` in each layer's original shape (or ``(n, srp)``), file attributes
+        out: the ``.h5`` file to write (its folder is created): ``/stimulus_ids`` ``(n,)``,
+            ``/layers/<name>`` ``(n, ...)`` in each layer's original shape (or ``(n, srp)``), file
+            attributes
             (model, weights and their SHA-256, preprocessing, layer ``order``, ``complete``).
         layers: ``all`` (the canonical layers) or names / a comma-separated list.
         options: :class:`~object2brain.options.ExtractOptions`; the keywords below, when given,
@@ -101,7 +102,9 @@ def extract(
             loaded.name,
             out,
         )
-    check_writable(out)
+    check_output_folder(out.parent)  # created (under the lock) by run_extraction
+    if out.is_dir():
+        raise StoreError(f"{out}: is a folder, expected a file name")
     plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
     return run_extraction(plan, out, overwrite=overwrite)
 

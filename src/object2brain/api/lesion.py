@@ -32,7 +32,7 @@ from object2brain.data.ratings import load_ratings
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
-from object2brain.io import check_output_folder, write_json, write_table
+from object2brain.io import check_output_folder, optional_staging, write_json, write_table
 from object2brain.lesion.analysis import (
     LesionResult,
     check_same_weights,
@@ -122,7 +122,7 @@ def lesion(
     stimulus_set = stimulus_table(stimuli)
     dev = resolve_device(runtime.device)
     built: dict[tuple[str, ...], AnalysisSet] = {}
-    with ExitStack() as stack:
+    with optional_staging(out) as staging, ExitStack() as stack:
         stores = [stack.enter_context(ActivationStore.open(p)) for p in paths]
         for store in stores:
             _check_store(store, stimulus_set, opts, model)
@@ -143,11 +143,12 @@ def lesion(
                 )
             analyses.append(built[key])
         result = compute_lesion(stores, table, analyses, opts, runtime, model=model)
-    if out is not None:
-        config = _config(opts, str(dev))
-        sources = (filters, brain, ratings, stimuli)
-        inputs = input_hashes(paths, sources, _manifest_files(brain))
-        result.files = write_lesion(result, Path(out), config, inputs, seed, figures=figures)
+        if staging is not None:  # tables, figures, manifest: swapped in as a whole
+            config = _config(opts, str(dev))
+            sources = (filters, brain, ratings, stimuli)
+            inputs = input_hashes(paths, sources, _manifest_files(brain))
+            files = write_lesion(result, staging.folder, config, inputs, seed, figures=figures)
+            result.files = staging.final(files)
     return result
 
 

@@ -22,7 +22,7 @@ from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
-from object2brain.io import check_output_folder, write_json, write_table
+from object2brain.io import check_output_folder, optional_staging, write_json, write_table
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
 from object2brain.options import OnMissing, RsaOptions, Runtime, resolve_options
 from object2brain.rsa.align import AlignmentResult, Progress, compute_alignment
@@ -109,7 +109,7 @@ def rsa(
     if out is not None:
         check_output_folder(out)
     paths = store_paths(activations)
-    with ExitStack() as stack:
+    with optional_staging(out) as staging, ExitStack() as stack:
         stores = [stack.enter_context(ActivationStore.open(p)) for p in paths]
         stimulus_set = stimulus_table(stimuli)
         table_ids = stimulus_set.ids if stimulus_set is not None else stores[0].stimulus_ids
@@ -128,11 +128,12 @@ def rsa(
         )
         with progress_bar("rsa", progress) as bar:
             result = compute_alignment(stores, analysis, opts, runtime, progress=bar)
-    if out is not None:
-        sources = {"brain": brain, "ratings": ratings, "stimuli": stimuli}
-        config = _config(paths, sources, analysis, opts, str(device), behavior_ids)
-        inputs = input_hashes(paths, sources.values(), _brain_sources(brain_data))
-        result.files = write_alignment(result, Path(out), config, inputs, seed, figures=figures)
+        if staging is not None:  # tables, figures, manifest: swapped in as a whole
+            sources = {"brain": brain, "ratings": ratings, "stimuli": stimuli}
+            config = _config(paths, sources, analysis, opts, str(device), behavior_ids)
+            inputs = input_hashes(paths, sources.values(), _brain_sources(brain_data))
+            files = write_alignment(result, staging.folder, config, inputs, seed, figures=figures)
+            result.files = staging.final(files)
     return result
 
 

@@ -145,7 +145,7 @@ def train_head(
         Object2BrainError subclasses on bad input, before anything is written.
     """
     from object2brain.devices import resolve_device
-    from object2brain.io import check_output_folder
+    from object2brain.io import check_output_folder, staged_output
 
     started = time.time()
     out = Path(out).expanduser()
@@ -166,23 +166,37 @@ def train_head(
     rated = split_rated(data, split, opts, seed=seed, in_study=in_study)
     loaded = load_models(specs, seed=seed)
 
-    # Inputs are valid: from here on, compute and write.
-    features = [
-        prepare_features(name, model, data.stimuli, opts, runtime, folder=out)
-        for name, model in loaded.items()
-    ]
-    result = compute_heads(features, rated, opts, runtime)
-    figure_files = draw_figures(result, out) if figures else []
-    record = RunRecord(
+    # Inputs are valid: from here on, compute and write, under the lock of ``out`` (feature
+    # caches go into ``out`` itself; the results are swapped in as a whole at the end).
+    with staged_output(out) as staging:
+        features = [
+            prepare_features(name, model, data.stimuli, opts, runtime, folder=out)
+            for name, model in loaded.items()
+        ]
+        result = compute_heads(features, rated, opts, runtime)
+        figure_files = draw_figures(result, staging.folder) if figures else []
+        record = _record(findingemo, image_root, stimuli, split, str(torch_device), started)
+        files = write_heads(result, staging.folder, record=record, figures=figure_files)
+    return _summary(result, out, staging.final(files))
+
+
+def _record(
+    findingemo: str | Path | None,
+    image_root: str | Path | None,
+    stimuli: Any,
+    split: str | Path | None,
+    device: str,
+    started: float,
+) -> RunRecord:
+    """The run's inputs as its manifest records them."""
+    return RunRecord(
         findingemo=None if findingemo is None else str(findingemo),
         image_root=None if image_root is None else str(image_root),
         stimuli=None if stimuli is None else str(getattr(stimuli, "source", stimuli)),
         split=None if split is None else str(split),
-        device=str(torch_device),
+        device=device,
         started=started,
     )
-    files = write_heads(result, out, record=record, figures=figure_files)
-    return _summary(result, out, files)
 
 
 def draw_figures(result: HeadsResult, out: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -61,6 +62,8 @@ OPENCV_PARTS: tuple[str, ...] = (
     "person",
 )
 DETECTOR_KINDS: tuple[str, ...] = ("opencv", *TORCHVISION_DETECTORS, "boxes:FILE")
+
+log = logging.getLogger("object2brain.explain.detectors")
 
 
 @dataclass(frozen=True)
@@ -592,7 +595,11 @@ class DetectionCache:
             payload = json.loads(path.read_text(encoding="utf-8"))
             found = [Detection(**d) for d in payload["detections"]]
             return int(payload["width"]), int(payload["height"]), found
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "%s: damaged detection cache file (%s); detecting again and rewriting it",
+                path, " ".join(str(exc).split())[:80],
+            )  # fmt: skip
             return None
 
     def put(self, image_sha: str, width: int, height: int, found: Sequence[Detection]) -> None:
