@@ -372,5 +372,7 @@ def test_an_option_the_model_refuses_is_one_error_line(
     argv = ["train-head", "--model", "resnet18", "--out", str(tmp_path / "h"), "--lr", "0"]
     assert run(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: lr: Input should be greater than 0") and err.count("\n") == 1
+    assert (
+        err.startswith("error: --lr 0.0: Input should be greater than 0") and err.count("\n") == 1
+    )
     assert not (tmp_path / "h").exists()

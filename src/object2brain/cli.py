@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import annotated_types
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from object2brain.errors import DataError, Object2BrainError
@@ -35,12 +35,12 @@ from object2brain.options import (
     ExtractOptions,
     FetchOptions,
     LesionOptions,
+    OptionsError,
     RsaOptions,
     Runtime,
     SimulateOptions,
     StageOptions,
     TrainHeadOptions,
-    resolve_options,
 )
 
 app = typer.Typer(
@@ -190,7 +190,7 @@ def stage_command(
             quiet = values.pop("quiet")
             _quiet(quiet)
             given = {k: values.pop(k) for k in fields}
-            options = resolve_options(model, **{k: v for k, v in given.items() if v is not None})
+            options = _validated(model, {k: v for k, v in given.items() if v is not None})
             settings = {k: values.pop(k) for k in runtime}
             function(**values, options=options, runtime=Runtime(**settings, progress=not quiet))
 
@@ -203,6 +203,22 @@ def stage_command(
         return function
 
     return register
+
+
+def _validated(model: type[StageOptions], values: dict[str, Any]) -> StageOptions:
+    """``values`` (the flags given) as ``model``; each problem names the flag and the value as
+    typed on the command line (``--cross-fit 1: use 0 (off) or 2 or more folds``)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            info = model.model_fields.get(name)
+            flag = (_flag(name, info) if info is not None else None) or name
+            label = f"{flag} {values[name]}" if name in values else flag
+            problems.append(f"{label}: {str(error['msg']).removeprefix('Value error, ')}")
+        raise OptionsError("; ".join(problems)) from None
 
 
 _QUIET = inspect.Parameter(

@@ -205,7 +205,7 @@ class TrainHeadOptions(StageOptions):
     @classmethod
     def _folds(cls, value: int | None) -> int | None:
         if value == 1:
-            raise ValueError(f"cross-fit {value}: use 0 (off) or 2 or more folds")
+            raise ValueError("use 0 (off) or 2 or more folds")
         return value
 
     def folds(self, *, in_study: bool) -> int:
