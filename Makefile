@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/object2brain demo --out $(OUT)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks validation
+	$(BIN)/ruff format --check src tests benchmarks validation
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
