@@ -43,10 +43,9 @@ import torch
 from object2brain.devices import chunked, free_memory_bytes, pick_chunk
 from object2brain.errors import DataError
 from object2brain.options import NULL_KINDS as NULL_KINDS  # re-exported: the null vocabulary
-from object2brain.options import NullKind as NullKind
+from object2brain.options import RDM_METRICS
 from object2brain.rsa.rdm import snap_ties
 
-_METRICS = ("correlation", "euclidean", "cosine")
 _RESIDENT_FRACTION = 0.5  # the cross stack stays on a CUDA device if it takes at most this
 
 
@@ -275,8 +274,10 @@ class FilterStats:
             DataError: (``strict``) a masked pattern with zero variance (correlation) or all zeros
                 (cosine), e.g. an empty subset or a subset whose filters are silent.
         """
-        if metric not in _METRICS:
-            raise DataError(f"unknown RDM metric {metric!r}; choose one of {', '.join(_METRICS)}")
+        if metric not in RDM_METRICS:
+            raise DataError(
+                f"unknown RDM metric {metric!r}; choose one of {', '.join(RDM_METRICS)}"
+            )
         target = torch.device(device) if device is not None else self.sums.device
         m = torch.as_tensor(masks, dtype=torch.float64, device=target)
         m = m[None] if m.ndim == 1 else m

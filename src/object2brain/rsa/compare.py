@@ -44,25 +44,14 @@ of the row's tie group), so no resample is ever sorted or expanded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from object2brain.errors import DataError
+from object2brain.options import COMPARE_METHODS as COMPARE_METHODS  # vocabularies live there
+from object2brain.options import CompareMethod as CompareMethod
 
-CompareMethod = Literal[
-    "spearman", "pearson", "kendall_tau_a", "rho_a", "cosine", "corr_cov", "cosine_cov"
-]
-COMPARE_METHODS: tuple[str, ...] = (
-    "spearman",
-    "pearson",
-    "kendall_tau_a",
-    "rho_a",
-    "cosine",
-    "corr_cov",
-    "cosine_cov",
-)
 #: The whitened comparators (cosine of double-centred second-moment matrices).
 COV_METHODS: tuple[str, ...] = ("corr_cov", "cosine_cov")
 #: rsatoolbox's name of each comparison method (``rsatoolbox.rdm.compare(method=...)``).

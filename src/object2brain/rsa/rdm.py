@@ -48,21 +48,22 @@ more than ``2^-40`` (9e-13) of the RDM's largest.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import torch
 
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
+from object2brain.options import RDM_METRICS as RDM_METRICS  # the vocabularies live there
+from object2brain.options import BrainRdm
+from object2brain.options import RdmMetric as RdmMetric
 
 if TYPE_CHECKING:
     from object2brain.activations.store import ActivationStore
 
-RdmMetric = Literal["correlation", "euclidean", "cosine"]
-RDM_METRICS: tuple[str, ...] = ("correlation", "euclidean", "cosine")
 #: Cross-validated RDMs of run-wise brain patterns (:func:`crossvalidated_rdm`).
-BRAIN_RDMS: tuple[str, ...] = ("crossnobis", "crossvalidated_euclidean")
+BRAIN_RDMS: tuple[str, ...] = get_args(BrainRdm)
 
 ArrayLike = np.ndarray | torch.Tensor
 
