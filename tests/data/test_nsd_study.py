@@ -34,6 +34,11 @@ def _nsd_study(folder: Path) -> Path:
             for b in base
         ]
     )
+    # a bright patch at a place of its own in each image, under that image's "face" box: the
+    # assignment test (boxes shuffled across images) then has something real to find
+    corners = [(2 + (i * 5) % (SIZE - 14), 3 + (i * 7) % (SIZE - 14)) for i in range(N_IMAGES)]
+    for image, (x0, y0) in zip(pixels, corners, strict=True):
+        image[y0 : y0 + 12, x0 : x0 + 12] = 255
     with h5py.File(folder / "nsd_stimuli.hdf5", "w") as f:
         f.create_dataset("imgBrick", data=pixels)
 
@@ -63,10 +68,10 @@ def _nsd_study(folder: Path) -> Path:
     pd.DataFrame(
         {
             "stimulus_id": [nsd_stimulus_id(r + 1) for r in rows],
-            "x0": 4,
-            "y0": 6,
-            "x1": 20,
-            "y1": 24,
+            "x0": [corners[r][0] for r in rows],
+            "y0": [corners[r][1] for r in rows],
+            "x1": [corners[r][0] + 12 for r in rows],
+            "y1": [corners[r][1] + 12 for r in rows],
             "label": "face",
         }
     ).to_csv(folder / "boxes.csv", index=False)
