@@ -100,6 +100,41 @@ sources:
   are errors; NaN voxels and voxels with the same value for every stimulus are dropped with a
   warning.
 
+#### Published datasets: `kind: nsd` and `kind: things_fmri`
+
+```yaml
+sources:
+  - kind: nsd                       # Natural Scenes Dataset, local copy of the data release
+    root: nsd/                      # holds nsddata/ and nsddata_betas/
+    subjects: [1, 2]                # ids become subj01, subj02
+    sessions: [1, 2, 3]             # optional: default every betas_sessionNN.hdf5 present
+    rois: [nsdgeneral, {name: V1, file: prf-visualrois, labels: [1, 2]}]
+    repetitions: mean               # or runs (one row per trial; run = repetition number)
+  - kind: things_fmri               # THINGS-fMRI single-trial responses
+    root: betas_csv/                # sub-XX_ResponseData.h5, _VoxelMetadata.csv, _StimulusMetadata.csv
+    subjects: [1]
+    rois: [V1, {name: FFA, columns: [lFFA, rFFA]}]   # voxel-metadata columns
+    repetitions: runs
+```
+
+- NSD: the design file `nsd_expdesign.mat` (`masterordering`, `subjectim`, 1-based) maps each
+  trial to one of the 73,000 images; betas are int16 percent signal change x 300 (divided by 300),
+  750 trials per session file; ROI masks `roi/<name>.nii.gz` on the betas' grid. Stimulus ids are
+  `nsd-00001` ... (the 1-based 73k index), the ids of the image-array source above.
+- THINGS-fMRI: responses voxels x trials, trial i = row i of the stimulus metadata, stimulus id =
+  the image file name without extension; ROIs are voxel-metadata columns.
+- Both layouts were built from the datasets' published documentation and readers; no real NSD or
+  THINGS-fMRI file was available when they were written, so the tests use small files written in
+  those layouts. Without PyTables, THINGS' pandas HDF table is decoded with h5py.
+
+### FindingEmo images
+
+FindingEmo publishes URLs only. `object2brain findingemo fetch --out DIR` downloads every image of
+the annotation file (default: the `findingemo-light` package's `annotations_single.ann`, URLs from
+its `dataset_urls_exploded.json`: records `rel_path`, `idx_url`, `url`) into `DIR/<rel_path>`, the
+layout `train-head --findingemo ... --image-root DIR` reads; `DIR/manifest.csv` (rel_path, url,
+sha256, bytes) and `DIR/failures.csv` (rel_path, n_tried, tried_urls, reason) record the outcome.
+
 ### Activation store (HDF5)
 
 Written by `extract`; any tool can write one:
