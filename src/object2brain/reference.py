@@ -111,7 +111,7 @@ sources:
     rois: [nsdgeneral, {name: V1, file: prf-visualrois, labels: [1, 2]}]
     repetitions: mean               # or runs (one row per trial; run = repetition number)
   - kind: things_fmri               # THINGS-fMRI single-trial responses
-    root: betas_csv/                # sub-XX_ResponseData.h5, _VoxelMetadata.csv, _StimulusMetadata.csv
+    root: betas_csv/                # sub-XX_ResponseData.h5, _VoxelMetadata.csv, ...
     subjects: [1]
     rois: [V1, {name: FFA, columns: [lFFA, rFFA]}]   # voxel-metadata columns
     repetitions: runs
