@@ -34,7 +34,8 @@ def study(stimulus_table: Path, tmp_path: Path) -> dict[str, Any]:
     rows, paths = [], []
     for i, (sid, source) in enumerate(zip(frame["stimulus_id"], frame["path"], strict=True)):
         image = Image.open(stimulus_table.parent / source).convert("RGB")
-        x0, y0 = 8 + (i * 23) % max(1, image.width - 48), 6 + (i * 11) % max(1, image.height - 40)
+        # x1 stays below 90: a test below moves every box's right edge to 90
+        x0, y0 = 8 + (i * 23) % 50, 6 + (i * 11) % max(1, image.height - 40)
         image.paste((255, 255, 255), (x0, y0, x0 + 32, y0 + 32))
         image.save(folder / f"{sid}.png")
         paths.append(str(folder / f"{sid}.png"))

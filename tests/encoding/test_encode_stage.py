@@ -234,7 +234,7 @@ def _base(data: dict[str, Any], out: Path) -> list[str]:
         (["--folds", "60"], "48 stimuli cannot be split into 60 folds"),
         (["--layers", "one"], "1 feature(s); a ridge model needs 2 or more"),
         (["--layers", "l9"], "no layer(s) l9 in the store"),
-        (["--banded", "l1"], "banded: give 2 or more distinct layers"),
+        (["--banded", "l1"], "--banded ['l1']: give 2 or more distinct layers"),
         (["--reduce", "tsne:3"], "expected none, srp:DIM or pca:DIM"),
     ],
 )

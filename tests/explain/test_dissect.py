@@ -83,8 +83,15 @@ def test_given_boxes_clipped_and_counted(composites: Path, tmp_path: Path) -> No
     assert s["unmapped_classes"] == {"Flux capacitor": 1}
     assert s["boxes_file_unmatched"] == ["nosuch"]
     assert s["images_used"] == 2 and s["images_without_detections"] == 5
-    assigned = result.table[result.table["assigned"]]
-    assert assigned[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Faces"]]
+    # the enrichment rule still singles out the planted face channel; with boxes on only two
+    # images the assignment test (boxes shuffled across images) cannot reach p < 0.05, so
+    # nothing is assigned: two images are no evidence that a filter follows faces
+    table = result.table
+    best = table.loc[table.groupby("filter")["enrichment"].idxmax()]
+    above = best[best["enrichment"] >= 1.5]
+    assert above[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Faces"]]
+    assert not table["assigned"].any()
+    assert (table["p_assign"].dropna() >= 1 / 3).all()
 
 
 def test_no_usable_detection_is_a_clear_error(composites: Path, tmp_path: Path) -> None:

@@ -37,11 +37,11 @@ TOO_MANY = str(MAX_RESAMPLES + 1)
         (["lesion", "--activations", "a.h5", "--filters", "f.csv", "--n-null", TOO_MANY],
          "'--n-null': Input should be less"),
         (["dissect", "--model", "resnet18", "--layer", "layer4", "--stimuli", "s.csv",
-          "--threshold", "nan"], "threshold: expected a finite number, got nan"),
+          "--threshold", "nan"], "--threshold nan: expected a finite number, got nan"),
         (["dissect", "--model", "resnet18", "--layer", "layer4", "--stimuli", "s.csv",
-          "--threshold", "-inf"], "threshold: expected a finite number, got -inf"),
+          "--threshold", "-inf"], "--threshold -inf: expected a finite number, got -inf"),
         (["train-head", "--model", "resnet18", "--stimuli", "s.csv", "--lr", "inf"],
-         "lr: expected a finite number, got inf"),
+         "--lr inf: expected a finite number, got inf"),
     ],
 )  # fmt: skip
 def test_cli_refuses(
