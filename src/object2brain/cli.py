@@ -41,6 +41,7 @@ from object2brain.options import (
     SimulateOptions,
     StageOptions,
     TrainHeadOptions,
+    cli_flag,
 )
 
 app = typer.Typer(
@@ -85,15 +86,6 @@ def _quiet(quiet: bool) -> None:
 
 
 # --- options generated from the options models -------------------------------------------
-
-
-def _flag(name: str, info: FieldInfo) -> str | None:
-    """The field's flag: ``json_schema_extra["cli"]`` if given (``None``: none), else --name."""
-    extra = info.json_schema_extra
-    if isinstance(extra, dict) and "cli" in extra:
-        flag = extra["cli"]
-        return flag if isinstance(flag, str) else None
-    return "--" + name.replace("_", "-")
 
 
 def _cli_type(annotation: Any) -> Any:
@@ -155,7 +147,7 @@ def _model_parameters(
     """The typer options of every field of ``model`` that has a flag (``only``: these fields)."""
     parameters = []
     for name, info in model.model_fields.items():
-        flag = _flag(name, info)
+        flag = cli_flag(model, name)
         if flag is not None and (only is None or name in only):
             parameters.append(_parameter(name, info, flag))
     return parameters
@@ -214,8 +206,7 @@ def _validated(model: type[StageOptions], values: dict[str, Any]) -> StageOption
         problems = []
         for error in exc.errors():
             name = str(error["loc"][0]) if error["loc"] else ""
-            info = model.model_fields.get(name)
-            flag = (_flag(name, info) if info is not None else None) or name
+            flag = (cli_flag(model, name) if name in model.model_fields else None) or name
             label = f"{flag} {values[name]}" if name in values else flag
             problems.append(f"{label}: {str(error['msg']).removeprefix('Value error, ')}")
         raise OptionsError("; ".join(problems)) from None

@@ -100,6 +100,19 @@ def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str) -> tuple[Pa
     return csv_path, parquet_path
 
 
+def write_tables(
+    out_dir: str | Path, frames: Mapping[str, pd.DataFrame], *, unless_empty: Iterable[str] = ()
+) -> list[Path]:
+    """:func:`write_table` of each ``name -> frame`` in order; the tables named in
+    ``unless_empty`` are left out when they have no row. Returns the files written."""
+    skip_empty = set(unless_empty)
+    files: list[Path] = []
+    for name, frame in frames.items():
+        if not (name in skip_empty and frame.empty):
+            files += write_table(frame, out_dir, name)
+    return files
+
+
 # --- faults: a full disk, two runs at once, a kill mid-write -----------------------------------
 
 #: errno values of a write that failed for lack of room or a broken medium.

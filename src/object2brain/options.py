@@ -432,6 +432,27 @@ STAGE_OPTIONS: dict[str, type[StageOptions]] = {
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
+def cli_flag(model: type[BaseModel], name: str) -> str | None:
+    """The command-line flag of field ``name``: ``json_schema_extra["cli"]`` when given (``None``:
+    the field has no flag), else ``--`` + the name with dashes."""
+    info = model.model_fields.get(name)
+    extra = info.json_schema_extra if info is not None else None
+    if isinstance(extra, dict) and "cli" in extra:
+        flag = extra["cli"]
+        return flag if isinstance(flag, str) else None
+    return "--" + name.replace("_", "-")
+
+
+def as_flags(model: type[BaseModel], message: str) -> str:
+    """An :class:`OptionsError` message with each field named by its flag:
+    ``num_workers: problem; srp: problem`` -> ``--workers: problem; --srp: problem``."""
+    parts = []
+    for part in message.split("; "):
+        key, _, problem = part.partition(": ")
+        parts.append(f"{cli_flag(model, key) or key}: {problem}")
+    return "; ".join(parts)
+
+
 def describe_error(error: Mapping[str, Any]) -> str:
     """One pydantic error as ``key.path: problem``."""
     location = ".".join(str(part) for part in error["loc"]) or "(top level)"

@@ -130,7 +130,7 @@ def assert_same_results(out: Path, reference: Path) -> None:
 
 KILL_AFTER_TWO_TABLES = """
 import os, signal, sys
-import object2brain.api.rsa as api
+import object2brain.io as api  # every table is written through io.write_table
 from object2brain.cli import main
 original, calls = api.write_table, []
 def killing(*args, **kwargs):

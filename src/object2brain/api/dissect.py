@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import DataError
 from object2brain.io import check_output_folder, optional_staging
-from object2brain.options import DissectOptions, OptionsError, Runtime, resolve_options
+from object2brain.options import DissectOptions, OptionsError, Runtime, as_flags, resolve_options
 
 if TYPE_CHECKING:
     import torch
@@ -202,14 +202,4 @@ def _resolve(options: DissectOptions | None, values: dict[str, Any]) -> DissectO
     try:
         return resolve_options(DissectOptions, options, **values)
     except OptionsError as exc:
-        raise DataError(f"dissect: {_as_flags(str(exc))}") from None
-
-
-def _as_flags(message: str) -> str:
-    """``decode: problem; layer: problem`` -> ``--decode: problem; --layer: problem``."""
-    flags = {"num_workers": "workers"}
-    parts = []
-    for part in message.split("; "):
-        key, _, problem = part.partition(": ")
-        parts.append(f"--{flags.get(key, key).replace('_', '-')}: {problem}")
-    return "; ".join(parts)
+        raise DataError(f"dissect: {as_flags(DissectOptions, str(exc))}") from None

@@ -51,7 +51,7 @@ from object2brain.data.ratings import load_ratings
 from object2brain.data.stimuli import StimulusSet
 from object2brain.encoding import EncodingResult, LayerFit, compute_encoding
 from object2brain.errors import DataError, listing
-from object2brain.io import atomic_path, check_output_folder, write_json, write_table
+from object2brain.io import atomic_path, check_output_folder, write_json, write_tables
 from object2brain.lesion.analysis import store_model
 from object2brain.manifest import build_manifest, output_list
 from object2brain.options import EncodeOptions, Runtime, resolve_options
@@ -340,11 +340,11 @@ def write_encoding(
     """Write the tables, ``folds.csv``, the NIfTI maps, the figures (via
     :mod:`object2brain.report.figures.encoding`) and ``manifest.json``; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    files += write_table(result.encoding, out, "encoding")
-    files += write_table(result.encoding_voxels, out, "encoding_voxels")
-    if not result.encoding_bands.empty:
-        files += write_table(result.encoding_bands, out, "encoding_bands")
+    files = write_tables(
+        out,
+        {name: getattr(result, name) for name in ("encoding", "encoding_voxels", "encoding_bands")},
+        unless_empty=("encoding_bands",),
+    )
     with atomic_path(out / "folds.csv") as temp:
         result.folds.to_csv(temp, index=False)
     files.append(out / "folds.csv")

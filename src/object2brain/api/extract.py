@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import StoreError
 from object2brain.io import check_output_folder
-from object2brain.options import ExtractOptions, OptionsError, Runtime, resolve_options
+from object2brain.options import ExtractOptions, OptionsError, Runtime, as_flags, resolve_options
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -114,14 +114,4 @@ def _resolve(options: ExtractOptions | None, values: dict[str, Any]) -> ExtractO
     try:
         return resolve_options(ExtractOptions, options, **values)
     except OptionsError as exc:
-        raise StoreError(f"extract: {_as_flags(str(exc))}") from None
-
-
-def _as_flags(message: str) -> str:
-    """``amp: problem; srp: problem`` -> ``--amp: problem; --srp: problem``."""
-    flags = {"num_workers": "workers"}
-    parts = []
-    for part in message.split("; "):
-        key, _, problem = part.partition(": ")
-        parts.append(f"--{flags.get(key, key).replace('_', '-')}: {problem}")
-    return "; ".join(parts)
+        raise StoreError(f"extract: {as_flags(ExtractOptions, str(exc))}") from None

@@ -32,7 +32,12 @@ from object2brain.data.ratings import load_ratings
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
-from object2brain.io import check_output_folder, optional_staging, write_json, write_table
+from object2brain.io import (
+    check_output_folder,
+    optional_staging,
+    write_json,
+    write_tables,
+)
 from object2brain.lesion.analysis import (
     LesionResult,
     check_same_weights,
@@ -164,11 +169,12 @@ def write_lesion(
     """Write ``object2brain``, the ``propagate_*`` tables (when not empty), the figures (via
     :mod:`object2brain.report.figures.lesion`) and ``manifest.json``; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
-    files = list(write_table(result.object2brain, out, "object2brain"))
-    for name in ("propagate_behavior", "propagate_alignment"):
-        frame = getattr(result, name)
-        if not frame.empty:
-            files.extend(write_table(frame, out, name))
+    optional = ("propagate_behavior", "propagate_alignment")
+    files = write_tables(
+        out,
+        {name: getattr(result, name) for name in ("object2brain", *optional)},
+        unless_empty=optional,
+    )
     if figures:
         from object2brain.report.figures.lesion import lesion_figures
 

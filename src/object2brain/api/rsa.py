@@ -22,7 +22,12 @@ from object2brain.data.ratings import Ratings, load_ratings
 from object2brain.data.stimuli import StimulusSet, load_stimuli
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
-from object2brain.io import check_output_folder, optional_staging, write_json, write_table
+from object2brain.io import (
+    check_output_folder,
+    optional_staging,
+    write_json,
+    write_tables,
+)
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
 from object2brain.options import OnMissing, RsaOptions, Runtime, resolve_options
 from object2brain.rsa.align import AlignmentResult, Progress, compute_alignment
@@ -149,16 +154,13 @@ def write_alignment(
     """Write the four tables (``condition_contrast`` when not empty), the figures (via
     :mod:`object2brain.report.figures.alignment`) and ``manifest.json``; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    files += write_table(result.alignment, out, "alignment")
-    files += write_table(result.behavior_direct, out, "behavior_direct")
-    files += write_table(result.alignment_group, out, "alignment_group")
-    if not result.condition_contrast.empty:
-        files += write_table(result.condition_contrast, out, "condition_contrast")
-    if not result.group_inference.empty:
-        files += write_table(result.group_inference, out, "group_inference")
-    if not result.model_comparison.empty:
-        files += write_table(result.model_comparison, out, "model_comparison")
+    optional = ("condition_contrast", "group_inference", "model_comparison")
+    files = write_tables(
+        out,
+        {name: getattr(result, name) for name in ("alignment", "behavior_direct",
+                                                   "alignment_group", *optional)},
+        unless_empty=optional,
+    )  # fmt: skip
     if figures:
         from object2brain.report.figures.alignment import alignment_figures
 
