@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from object2brain.api.lesion import lesion as lesion
     from object2brain.api.rsa import rsa as rsa
     from object2brain.api.simulate import simulate as simulate
+    from object2brain.api.rdms import export_rsatoolbox as export_rsatoolbox
+    from object2brain.api.rdms import load_rdms as load_rdms
+    from object2brain.api.rdms import to_rsatoolbox as to_rsatoolbox
     from object2brain.api.train_head import train_head as train_head
     from object2brain.data.images import load_image as load_image
     from object2brain.data.stimuli import StimulusSet as StimulusSet
@@ -63,6 +66,9 @@ _EXPORTS: dict[str, str] = {
     "run_study": "object2brain.pipeline.run",
     "simulate": "object2brain.api.simulate",
     "train_head": "object2brain.api.train_head",
+    "to_rsatoolbox": "object2brain.api.rdms",
+    "export_rsatoolbox": "object2brain.api.rdms",
+    "load_rdms": "object2brain.api.rdms",
 }
 
 __all__ = sorted(_EXPORTS)

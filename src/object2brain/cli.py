@@ -653,6 +653,21 @@ def run_command(
         typer.echo(f"report: {result.report}")
 
 
+@app.command("export-rsatoolbox")
+def export_rsatoolbox_command(
+    rsa_dir: Annotated[Path, typer.Argument(help="rsa output folder (with rdms.h5) or rdms.h5.")],
+    out: Annotated[Path, typer.Argument(help="File to write (rsatoolbox HDF5, e.g. rdms.hdf5).")],
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", help="model | brain | behaviour: only those RDMs (default: all)."),
+    ] = None,
+) -> None:
+    """Write an analysis' RDMs in rsatoolbox's own format (rsatoolbox.rdm.load_rdm reads it)."""
+    from object2brain.api.rdms import export_rsatoolbox
+
+    typer.echo(f"rsatoolbox RDMs: {export_rsatoolbox(rsa_dir, out, kind=kind)}")
+
+
 @app.command("report")
 def report_command(
     folder: Annotated[Path, typer.Argument(help="Results folder (tables, figures).")],

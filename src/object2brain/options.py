@@ -270,6 +270,13 @@ class RsaOptions(StageOptions):
             "with >= 3 subjects, else stimuli)."
         ),
     )
+    save_rdms: bool = Field(
+        True,
+        description=(
+            "Write rdms.h5 (every RDM of the analysis, float64 upper triangles: "
+            "8 n (n - 1) / 2 bytes each, 4 MB per RDM at n = 1000)."
+        ),
+    )
     compare_models: str | list[str] = Field(
         "best",
         description=(

@@ -29,10 +29,12 @@ from object2brain.io import (
     write_tables,
 )
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
+from object2brain.rdm_file import RDM_FILE, RdmSet, write_rdm_file
 from object2brain.options import OnMissing, RsaOptions, Runtime, resolve_options
 from object2brain.rsa.align import AlignmentResult, Progress, compute_alignment
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.rdm import check_metric
+from object2brain.rsa.rdmset import analysis_rdms
 from object2brain.rsa.targets import AnalysisSet, build_analysis_set
 
 ActivationsArg = Sequence[str | Path] | str | Path
@@ -65,6 +67,7 @@ def rsa(
     brain_rdm: str | None = None,
     fdr_family: str | None = None,
     pairs: str | None = None,
+    save_rdms: bool | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -86,8 +89,9 @@ def rsa(
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
         rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, bootstrap,
-            compare_models, brain_rdm, fdr_family, pairs: the fields of :class:`RsaOptions`
-            (None: not given).
+            compare_models, brain_rdm, fdr_family, pairs, save_rdms: the fields of
+            :class:`RsaOptions` (None: not given); ``save_rdms`` writes ``rdms.h5`` (every RDM
+            of the analysis, :mod:`object2brain.rdm_file`) into ``out``.
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
         ``condition_contrast``, ``alignment_group``, ``group_inference`` and
@@ -107,6 +111,7 @@ def rsa(
         "brain_rdm": brain_rdm,
         "fdr_family": fdr_family,
         "pairs": pairs,
+        "save_rdms": save_rdms,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -137,7 +142,10 @@ def rsa(
             sources = {"brain": brain, "ratings": ratings, "stimuli": stimuli}
             config = _config(paths, sources, analysis, opts, str(device), behavior_ids)
             inputs = input_hashes(paths, sources.values(), _brain_sources(brain_data))
-            files = write_alignment(result, staging.folder, config, inputs, seed, figures=figures)
+            rdms = analysis_rdm_set(result, analysis, opts, brain_data) if opts.save_rdms else None
+            files = write_alignment(
+                result, staging.folder, config, inputs, seed, figures=figures, rdms=rdms
+            )
             result.files = staging.final(files)
     return result
 
@@ -150,9 +158,11 @@ def write_alignment(
     seed: int,
     *,
     figures: bool,
+    rdms: RdmSet | None = None,
 ) -> list[Path]:
-    """Write the four tables (``condition_contrast`` when not empty), the figures (via
-    :mod:`object2brain.report.figures.alignment`) and ``manifest.json``; returns the files."""
+    """Write the four tables (``condition_contrast`` when not empty), ``rdms.h5`` (when
+    ``rdms`` is given), the figures (via :mod:`object2brain.report.figures.alignment` and
+    ``.rdms``) and ``manifest.json``; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
     optional = ("condition_contrast", "group_inference", "model_comparison")
     files = write_tables(
@@ -165,6 +175,12 @@ def write_alignment(
         from object2brain.report.figures.alignment import alignment_figures
 
         files += alignment_figures(result.alignment, out / "figures")
+    if rdms is not None:
+        files.append(write_rdm_file(out / RDM_FILE, rdms))
+        if figures:
+            from object2brain.report.figures.rdms import rdm_figures
+
+            files += rdm_figures(rdms, result.alignment, out / "figures")
     manifest = build_manifest(
         "rsa",
         config,
@@ -175,6 +191,24 @@ def write_alignment(
     )
     files.append(write_json(out / "manifest.json", manifest))
     return files
+
+
+def analysis_rdm_set(
+    result: AlignmentResult, analysis: AnalysisSet, options: RsaOptions, brain: BrainData | None
+) -> RdmSet:
+    """The RDMs of ``result`` for ``rdms.h5``, with each pattern ROI's voxel count."""
+    voxels = {
+        (item.subject, item.roi): int(item.data.shape[1])
+        for item in (brain.items if brain is not None else [])
+        if item.kind == "patterns"
+    }
+    return analysis_rdms(
+        analysis,
+        result.model_rdms,
+        rdm_metric=options.rdm_metric,
+        compare_method=options.compare_method,
+        n_voxels=voxels,
+    )
 
 
 # --- shared by the edges of the RSA stages (rsa, lesion) ----------------------------------------
@@ -294,7 +328,7 @@ def _new_options(options: RsaOptions) -> dict[str, Any]:
     """Options recorded in the manifest only when they differ from their default (so the
     manifests of analyses that do not use them stay as they were)."""
     defaults = RsaOptions()
-    names = ("brain_rdm", "fdr_family", "pairs")
+    names = ("brain_rdm", "fdr_family", "pairs", "save_rdms")
     return {
         name: getattr(options, name)
         for name in names

@@ -347,6 +347,9 @@ def _sections(study: _Study, figures: _Figures, report_dir: Path) -> list[html.S
         sections.append(_heads_section(figures, tables["head_metrics"]))
     if "alignment" in tables:
         sections.append(_alignment_section(figures, tables["alignment"]))
+    rdm_panels = figures("rdms_") + figures("mds_")
+    if rdm_panels:  # drawn by the rsa stage from its rdms.h5
+        sections.append(_rdm_section(rdm_panels))
     if "behavior_direct" in tables:
         sections.append(_behavior_section(tables["behavior_direct"]))
     if "condition_contrast" in tables:
@@ -585,6 +588,23 @@ def _alignment_section(figures: _Figures, alignment: pd.DataFrame) -> html.Secti
     parts.append("<p>Best layer per model, target and condition (group level):</p>")
     parts.append(html.table_html(best))
     return html.Section("Alignment of layers with behaviour and brain", "".join(parts), "alignment")
+
+
+def _rdm_section(paths: Sequence[Path]) -> html.Section:
+    """RDM and MDS panels of each target (the rsa stage's ``rdms_*`` and ``mds_*`` figures)."""
+    intro = (
+        "<p>Each target's group RDM next to the RDM of the layer that aligns best with it "
+        "(group level, condition all; stimuli sorted by condition, then rated valence; "
+        "dissimilarities as percentiles within each RDM), and classical MDS of both. Every RDM "
+        "is in <code>rsa/rdms.h5</code>; <code>object2brain export-rsatoolbox</code> writes "
+        "them for rsatoolbox.</p>"
+    )
+    parts = [
+        _figure(path, f"{'RDMs' if path.stem.startswith('rdms_') else 'MDS'}: "
+                      f"{path.stem.split('_', 1)[1]} and its best layer")
+        for path in sorted(paths, key=lambda p: (p.stem.split("_", 1)[1], p.stem[0] == "m"))
+    ]  # fmt: skip
+    return html.Section("RDMs and MDS", intro + "".join(parts), "rdms")
 
 
 def best_encoding_layers(encoding: pd.DataFrame) -> pd.DataFrame:

@@ -105,6 +105,8 @@ class AlignmentResult:
     files: list[Path] = field(default_factory=list)
     group_inference: pd.DataFrame = field(default_factory=pd.DataFrame)
     model_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: every model's analysed layers and their RDMs over the analysis set (for ``rdms.h5``)
+    model_rdms: list[ModelRdms] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ def compute_alignment(
     result.group_inference, result.model_comparison = group_tables(
         kept, analysis, options, runtime.seed, context.ceilings
     )
+    result.model_rdms = kept
     return result
 
 
