@@ -249,6 +249,40 @@ file among its inputs.
 """
 
 
+RDM_FILE_FORMAT = """\
+### RDMs of an analysis (`rdms.h5`)
+
+The `rsa` stage writes every RDM it compared into `rdms.h5` in its output folder (unless
+`--no-save-rdms`; each RDM takes 8 n (n - 1) / 2 bytes, 4 MB at n = 1000 stimuli, 400 MB at
+n = 10 000). HDF5, written with the stage's other outputs (all or nothing):
+
+```
+/stimulus_ids            (n,) str      the analysed stimuli, in the order of every RDM
+/conditions              (n,) str      condition of each stimulus ("" none; when known)
+/valence                 (n,) float64  group-mean rated valence (when known)
+/model/<model>/<layer>   (m,) float64  layer RDM
+/brain/<roi>/<subject>   (m,) float64  a subject's ROI RDM
+/brain/<roi>/group       (m,) float64  the subjects' RDMs pooled on the comparison's scale
+/behaviour/<target>/<rater | group>    |v_i - v_j| of a rater's or the group-mean ratings
+```
+
+Each RDM is the condensed upper triangle, m = n (n - 1) / 2 values, row-major over i < j (the
+order of scipy's `squareform` and rsatoolbox's `dissimilarities`). Root attributes: `format`
+(`object2brain-rdms`), `version`, `rdm_metric`, `compare_method`. Dataset attributes: `kind`
+(`model` | `brain` | `behaviour`), `name` (model or target), `label` (layer or subject), `order`,
+`metric`; model RDMs `model`, `layer`, `layer_index` (0-based network position); brain RDMs
+`roi`, `subject`, `n_voxels` (voxels after resampling and masking; absent for RDM input); group
+RDMs `pooled_on` (the comparison whose scale the subjects were averaged on: ranks for spearman,
+z-scores for pearson) and `n_subjects`. A `/` in a name is stored as `%2F` (the attributes keep
+the name). Read it with `object2brain.rdm_file.read_rdm_file` or `o2b.load_rdms(DIR)`;
+`object2brain export-rsatoolbox DIR OUT.hdf5` (or `o2b.to_rsatoolbox(DIR)`) writes the set in
+rsatoolbox's own format, read by `rsatoolbox.rdm.load_rdm(OUT.hdf5)`: pattern descriptors
+`stimulus_id` (and `condition`, `valence`), RDM descriptors `kind`, `name`, `label`, `model`,
+`layer`, `layer_index`, `target`, `roi`, `subject`, `n_voxels`, `metric`, ... (`""`, or -1 for
+integers, where an RDM has none).
+"""
+
+
 def _cell(text: str) -> str:
     """Text safe inside a Markdown table cell."""
     return " ".join(text.split()).replace("|", "\\|")
@@ -284,6 +318,7 @@ def formats_markdown() -> str:
         "[methods.md](methods.md); commands and options: [cli.md](cli.md).",
         "",
         INPUT_FORMATS,
+        RDM_FILE_FORMAT,
         "## Result tables",
         "",
         " ".join(lead.replace("``", "`").split()),

@@ -379,6 +379,7 @@ def brain_files(source: str | Path) -> list[Path]:
         named = [spec.get(key) for key in ("path", "betas", "stimuli", "labels", "labels_tsv")]
         rois = spec.get("rois")
         named += rois if isinstance(rois, list) else []
+        named += list(rois.values()) if isinstance(rois, dict) else []
         for value in named:
             if isinstance(value, str) and value:
                 file = Path(value).expanduser()
@@ -764,12 +765,9 @@ def _load_nifti_source(manifest: Path, spec: dict[str, Any], where: str) -> list
         raise DataError(f"{where}: give either 'rois' or 'labels' + 'labels_tsv', not both")
     masks: Iterable[tuple[str, np.ndarray, str]]
     if spec.get("rois") is not None:
-        rois = spec["rois"]
-        if not isinstance(rois, list) or not rois:
-            raise DataError(f"{where}: 'rois' must be a list of mask files")
         masks = [
-            _mask(_resolve(manifest, {"roi": value}, "roi", where), grid, betas_path)
-            for value in rois
+            _mask(_resolve(manifest, {"roi": value}, "roi", where), grid, betas_path, name)
+            for name, value in _named_rois(spec["rois"], where)
         ]
     elif spec.get("labels") is not None:
         masks = _label_masks(
@@ -825,13 +823,29 @@ def _voxels(image: Any, path: Path, dtype: Any = None) -> np.ndarray:
         ) from None
 
 
-def _mask(path: Path, grid: Any, betas_path: Path) -> tuple[str, np.ndarray, str]:
-    """ROI name, boolean mask on the beta grid and source of a 3D mask: nonzero = inside.
+def _named_rois(rois: Any, where: str) -> list[tuple[str | None, Any]]:
+    """``rois:`` as ``(name, mask file)`` pairs: a list of files (name None: the file stem) or
+    a mapping ``{name: file}`` (the name is the ROI's target name)."""
+    if isinstance(rois, dict) and rois:
+        bad = [str(k) for k in rois if not isinstance(k, str) or not k.strip()]
+        if bad:
+            raise DataError(f"{where}: 'rois' names must be non-empty text: {', '.join(bad)}")
+        return [(str(name).strip(), value) for name, value in rois.items()]
+    if isinstance(rois, list) and rois:
+        return [(None, value) for value in rois]
+    raise DataError(f"{where}: 'rois' must be a list of mask files or a mapping {{name: file}}")
+
+
+def _mask(
+    path: Path, grid: Any, betas_path: Path, name: str | None = None
+) -> tuple[str, np.ndarray, str]:
+    """ROI name (``name``, else the file's stem), boolean mask on the beta grid and source of
+    a 3D mask: nonzero = inside.
 
     NaN counts as outside. Values other than 0 and 1 (a probabilistic map) and a mask partly
     outside the betas' field of view are warned about."""
     values, original, affine = _on_grid(path, grid, betas_path)
-    name = _roi_name(path)
+    name = name or _roi_name(path)
     finite = np.isfinite(original)
     inside = finite & (original != 0)
     levels = np.unique(original[inside])
