@@ -640,15 +640,28 @@ def findingemo_fetch_command(
 @app.command("run")
 def run_command(
     config: Annotated[Path, typer.Argument(help="Study config (YAML).")],
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the study (every problem at once, exit 2 if any) and print which "
+            "stages would run and why; writes nothing.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run every stage of a study; finished stages are reused, an interrupted run resumes."""
+    _quiet(quiet)
+    if dry_run:
+        _dry_run(config)
+        return
     from object2brain.pipeline.run import run_study
 
-    _quiet(quiet)
     result = run_study(config, progress=not quiet)
     ran, reused = ", ".join(result.ran) or "nothing", ", ".join(result.skipped) or "nothing"
     typer.echo(f"ran: {ran}; reused: {reused}")
+    for name, seconds in result.timings.items():
+        typer.echo(f"  {name}: {seconds:.1f} s" + ("" if name in result.ran else " (reused)"))
     if result.report is not None:
         typer.echo(f"report: {result.report}")
 
@@ -666,6 +679,21 @@ def export_rsatoolbox_command(
     from object2brain.api.rdms import export_rsatoolbox
 
     typer.echo(f"rsatoolbox RDMs: {export_rsatoolbox(rsa_dir, out, kind=kind)}")
+
+
+def _dry_run(config: Path) -> None:
+    """``run --dry-run``: every problem (exit 2), else the stage plan."""
+    from object2brain.pipeline.plan import dry_run
+
+    checked = dry_run(config)
+    if not checked.ok:
+        typer.echo(f"error: {config}: {len(checked.problems)} problem(s):", err=True)
+        for problem in checked.problems:
+            typer.echo(f"  - {problem}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{config}: valid; stages in run order:")
+    for line in checked.lines():
+        typer.echo(f"  {line}")
 
 
 @app.command("report")

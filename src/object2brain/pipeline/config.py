@@ -146,42 +146,109 @@ class RunConfig(_Strict):
 
 
 _PATH_KEYS = ("stimuli", "brain", "ratings")
+#: Rounds of leaving out the keys at fault to check the rest of a config (see check_config).
+_PRUNE_ROUNDS = 6
 
 
 def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     """Read, validate and resolve a run config; returns it and its folder.
 
     Raises:
-        ConfigError: naming the key path (``models.0.arch``) and the problem.
+        ConfigError: naming every key path at fault (``models.0.arch: ...; rsa.n_perm: ...``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = load_yaml(path)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of options at the top level")
-    try:
-        config = RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(
-            f"{path}: " + "; ".join(describe_error(e) for e in exc.errors())
-        ) from None
-    base = path.resolve().parent
-    config = _resolve_paths(config, base, path)
-    _check_against_models(config, path)
+    config, base, problems = check_config(path)
+    if problems or config is None:
+        raise ConfigError(f"{path}: " + "; ".join(problems or ["not a valid config"]))
     return config, base
 
 
-def _resolve_paths(config: RunConfig, base: Path, source: Path) -> RunConfig:
+def check_config(path: str | Path) -> tuple[RunConfig | None, Path, list[str]]:
+    """Every problem of a run config at once: the config (None when too broken to resolve),
+    its folder, and the problems, each ``key.path: problem``.
+
+    Keys (types, unknown keys, values), files, layers, detectors and the device are checked in
+    one pass: a key at fault is left out (a whole model entry for a problem inside it, a whole
+    section when a required key is missing) and the rest is checked as if it were absent.
+    """
+    path = Path(path)
+    base = path.resolve().parent
+    if not path.is_file():
+        return None, base, ["config file not found"]
+    try:
+        raw = load_yaml(path)
+    except yaml.YAMLError as exc:
+        return None, base, [f"not valid YAML: {describe_yaml_error(exc)}"]
+    if not isinstance(raw, dict):
+        return None, base, ["expected a mapping of options at the top level"]
+    config, problems = _validate_leniently(raw)
+    if config is None:
+        return None, base, problems
+    config = _resolve_paths(config, base, problems)
+    _check_against_models(config, problems)
+    return config, base, list(dict.fromkeys(problems))
+
+
+def _validate_leniently(raw: dict[str, Any]) -> tuple[RunConfig | None, list[str]]:
+    """Validate ``raw``; on errors, record them, leave out the keys at fault and validate the
+    rest again (so later checks still see every valid key)."""
+    import copy
+
+    problems: list[str] = []
+    data = copy.deepcopy(raw)
+    for _ in range(_PRUNE_ROUNDS):
+        try:
+            return RunConfig.model_validate(data), problems
+        except ValidationError as exc:
+            errors = exc.errors()
+            problems += [describe_error(e) for e in errors if describe_error(e) not in problems]
+            pruned = False
+            for error in sorted(errors, key=lambda e: [str(p) for p in e["loc"]], reverse=True):
+                pruned |= _prune(data, tuple(error["loc"]), error["type"] == "missing")
+            if not pruned:
+                break
+    return None, problems
+
+
+def _prune(data: dict[str, Any], loc: tuple[Any, ...], missing: bool) -> bool:
+    """Leave out what ``loc`` points at: a model entry as a whole, a section whose required
+    key is missing as a whole, else the deepest key of ``loc`` present. False: nothing to
+    leave out (a problem of the top level or of a required top-level key)."""
+    if not loc or (len(loc) == 1 and loc[0] in ("stimuli", "models")):
+        return False
+    if loc[0] == "models" and len(loc) >= 2 and isinstance(data.get("models"), list):
+        index = loc[1]
+        if isinstance(index, int) and 0 <= index < len(data["models"]):
+            del data["models"][index]
+            return True
+        return False
+    node: Any = data
+    trail: list[tuple[Any, Any]] = []
+    for key in loc:
+        present = (isinstance(node, dict) and key in node) or (
+            isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node)
+        )
+        if not present:
+            break
+        trail.append((node, key))
+        node = node[key]
+    if missing and trail:  # a section without a required key: leave the section out
+        trail = trail[:1]
+    if not trail:
+        return False
+    parent, key = trail[-1]
+    if isinstance(parent, dict) and len(trail) == 1 and key in ("stimuli", "models"):
+        return False
+    del parent[key]
+    return True
+
+
+def _resolve_paths(config: RunConfig, base: Path, problems: list[str]) -> RunConfig:
     def resolve(value: Path | None, key: str) -> Path | None:
         if value is None:
             return None
         full = value if value.is_absolute() else base / value
         if not full.exists():
-            raise ConfigError(f"{source}: {key}: file not found: {full}")
+            problems.append(f"{key}: file not found: {full}")
         return full
 
     updates: dict[str, Any] = {key: resolve(getattr(config, key), key) for key in _PATH_KEYS}
@@ -210,10 +277,11 @@ def _resolve_paths(config: RunConfig, base: Path, source: Path) -> RunConfig:
     return config.model_copy(update=updates)
 
 
-def _check_against_models(config: RunConfig, source: Path) -> None:
+def _check_against_models(config: RunConfig, problems: list[str]) -> None:
     """What pydantic cannot see: layer names on their architectures, the dissect layer of every
     model, the detector, a valence head for dissection, the device; checked before any stage
-    runs (architectures are built on the meta device: no memory, no weights)."""
+    runs (architectures are built on the meta device: no memory, no weights). Every problem is
+    appended to ``problems``."""
     from object2brain.devices import resolve_device
     from object2brain.explain.detectors import (
         DETECTOR_KINDS,
@@ -223,79 +291,95 @@ def _check_against_models(config: RunConfig, source: Path) -> None:
     from object2brain.models.layers import resolve_layers
     from object2brain.models.zoo import build_architecture
 
-    def fail(key: str, problem: object) -> ConfigError:
-        return ConfigError(f"{source}: {key}: {problem}")
+    def fail(key: str, problem: object) -> None:
+        problems.append(f"{key}: {problem}")
 
     networks = {m.label: build_architecture(m.arch, on_meta=True) for m in config.models}
+    layered: set[str] = set()  # models whose layers resolve
     for index, model in enumerate(config.models):
-        if model.layers != "all":
-            try:
-                resolve_layers(networks[model.label], model.layers, arch=model.arch)
-            except Object2BrainError as exc:
-                raise fail(f"models.{index}.layers", exc) from None
+        try:
+            resolve_layers(networks[model.label], model.layers, arch=model.arch)
+            layered.add(model.label)
+        except Object2BrainError as exc:
+            fail(f"models.{index}.layers", exc)
     dissect = config.dissect
     if dissect is not None:
-        if isinstance(dissect.layer, dict):
-            unknown = sorted(set(dissect.layer) - set(networks))
-            if unknown:
-                raise fail(
-                    f"dissect.layer.{unknown[0]}",
-                    f"no model named {unknown[0]!r} (models: {', '.join(networks)})",
-                )
-        for index, model in enumerate(config.models):
-            try:
-                layer = dissect.layer_for(model.label)
-            except OptionsError as exc:  # names its key already
-                raise ConfigError(f"{source}: {exc}") from None
-            key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
-            try:
-                resolve_layers(networks[model.label], [layer], arch=model.arch)
-            except Object2BrainError as exc:
-                raise fail(key, exc) from None
-            if model.head is None and config.train_head is None:
-                raise fail(
-                    "dissect",
-                    f"model {model.label!r} has no valence head to explain: give "
-                    f"models.{index}.head or a train_head section",
-                )
-        _check_extracted(config, networks, fail)
+        _check_dissect(config, networks, fail)
+        _check_extracted(config, networks, layered, fail)
         kind = dissect.detector.strip().lower()
         known = kind == "opencv" or kind in TORCHVISION_DETECTORS
         if given_boxes_file(kind) is None and not known:
-            raise fail(
-                "dissect.detector", f"unknown detector {kind!r}; use {', '.join(DETECTOR_KINDS)}"
-            )
+            fail("dissect.detector", f"unknown detector {kind!r}; use {', '.join(DETECTOR_KINDS)}")
     try:
         resolve_device(config.device)
     except Object2BrainError as exc:
-        raise fail("device", exc) from None
+        fail("device", exc)
+
+
+def _check_dissect(
+    config: RunConfig, networks: dict[str, Any], fail: Callable[[str, object], None]
+) -> None:
+    """The dissect layer of every model exists, and every model has a head to explain."""
+    from object2brain.models.layers import resolve_layers
+
+    dissect = config.dissect
+    assert dissect is not None
+    if isinstance(dissect.layer, dict):
+        for unknown in sorted(set(dissect.layer) - set(networks)):
+            fail(f"dissect.layer.{unknown}",
+                 f"no model named {unknown!r} (models: {', '.join(networks)})")  # fmt: skip
+    for index, model in enumerate(config.models):
+        key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
+        try:
+            layer = dissect.layer_for(model.label)
+            resolve_layers(networks[model.label], [layer], arch=model.arch)
+        except OptionsError as exc:  # names its key already
+            problems_key, _, problem = str(exc).partition(": ")
+            fail(problems_key, problem or exc)
+        except Object2BrainError as exc:
+            fail(key, exc)
+        if model.head is None and config.train_head is None:
+            fail(
+                "dissect",
+                f"model {model.label!r} has no valence head to explain: give "
+                f"models.{index}.head or a train_head section",
+            )
 
 
 def _check_extracted(
-    config: RunConfig, networks: dict[str, Any], fail: Callable[[str, object], ConfigError]
+    config: RunConfig,
+    networks: dict[str, Any],
+    layered: set[str],
+    fail: Callable[[str, object], None],
 ) -> None:
     """The lesions read the dissected layer from the activation store: with a ``lesion`` section,
     each model's dissect layer (and every ``lesion.layers`` entry, which must be that layer) has
     to be among the layers the study extracts (``models.N.layers``), or the study would fail at
-    its last stage, after every other one has run."""
+    its last stage, after every other one has run. Models whose layers do not resolve
+    (``layered``: those that do) are left out."""
     from object2brain.models.layers import resolve_layers
 
     dissect, lesion = config.dissect, config.lesion
     if dissect is None or lesion is None:
         return
     for index, model in enumerate(config.models):
-        layer = dissect.layer_for(model.label)
+        if model.label not in layered:
+            continue
+        try:
+            layer = dissect.layer_for(model.label)
+        except OptionsError:
+            continue  # reported by _check_dissect
         key = "dissect.layer" + (f".{model.label}" if isinstance(dissect.layer, dict) else "")
         extracted = resolve_layers(networks[model.label], model.layers, arch=model.arch)
         if layer not in extracted:
-            raise fail(
+            fail(
                 key,
                 f"layer {layer!r} of model {model.label!r} is dissected and lesioned but not "
                 f"extracted: add it to models.{index}.layers (now: {listing(extracted)})",
             )
         others = [name for name in lesion.layers or [] if name != layer]
         if others:
-            raise fail(
+            fail(
                 "lesion.layers",
                 f"{', '.join(others)}: only the dissected layer of model {model.label!r} "
                 f"({layer!r}) has a filter assignment to lesion",

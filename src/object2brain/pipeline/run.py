@@ -37,6 +37,10 @@ results left in ``<out>`` by an earlier version of the study (e.g. a renamed mod
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +58,7 @@ from object2brain.pipeline.stages import (
     run_stages,
 )
 
-__all__ = ["STAGE_FILE", "RunResult", "run_config", "run_study"]
+__all__ = ["STAGE_FILE", "RunResult", "new_study", "once_per_run", "preflight", "run_config", "run_study"]
 
 
 @dataclass
@@ -66,6 +70,8 @@ class RunResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     report: Path | None = None
+    #: seconds each stage took (stages reused: the time recorded when they ran)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def run_study(config_path: str | Path, *, progress: bool = True) -> RunResult:
@@ -75,32 +81,19 @@ def run_study(config_path: str | Path, *, progress: bool = True) -> RunResult:
 
 
 def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
-    """Run a validated :class:`RunConfig`: every stage, then the manifest and the report."""
+    """Run a validated :class:`RunConfig`: every stage, then the manifest and the report.
+
+    Each stage's time is logged and recorded in the manifest (``timings``, seconds); a message
+    logged again with the same text during the run is shown once."""
     out = config.out
     check_output_folder(out)
+    study = new_study(config, progress=progress)
+    problems = preflight(study)
+    if problems:
+        raise ConfigError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
-    stimuli = load_stimuli(config.stimuli)
-    folds = config.train_head.folds(in_study=True) if config.train_head is not None else 0
-    if folds > len(stimuli) and any(m.head is None for m in config.models):
-        raise ConfigError(
-            f"train_head.cross_fit: {folds} folds for {len(stimuli)} stimuli; use at most "
-            f"{len(stimuli)} (or 0: no cross-fitting)"
-        )
-    study = Study(
-        config=config,
-        stimuli=stimuli,
-        progress=progress,
-        cache=StageCache(out),
-        stimuli_key=stimuli.fingerprint(),
-        # an image array (tens of GB) is keyed by its rows' pixels (stimuli_key), not rehashed
-        table_key=stimuli.fingerprint()
-        if is_array_file(config.stimuli)
-        else fingerprint(config.stimuli),
-        brain=config.brain,
-        ratings=config.ratings,
-        heads={m.label: m.head for m in config.models},
-    )
-    run_stages(study)
+    with once_per_run():
+        run_stages(study)
     outputs = list(dict.fromkeys(study.cache.outputs))
     # the report reads the manifest to leave out results that are not this run's
     _write_manifest(study, outputs)
@@ -111,7 +104,73 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         report = build_report(out)
         _write_manifest(study, [*outputs, report])
     cache = study.cache
-    return RunResult(out, study.stores, cache.ran, cache.reused, report)
+    return RunResult(out, study.stores, cache.ran, cache.reused, report, dict(cache.seconds))
+
+
+def preflight(study: Study) -> list[str]:
+    """What a run checks before its first stage, beyond the config: cross-fitting folds
+    against the number of stimuli."""
+    config, stimuli = study.config, study.stimuli
+    folds = config.train_head.folds(in_study=True) if config.train_head is not None else 0
+    if folds > len(stimuli) and any(m.head is None for m in config.models):
+        return [
+            f"train_head.cross_fit: {folds} folds for {len(stimuli)} stimuli; use at most "
+            f"{len(stimuli)} (or 0: no cross-fitting)"
+        ]
+    return []
+
+
+def new_study(config: RunConfig, *, progress: bool) -> Study:
+    """The :class:`Study` of ``config``: its stimuli loaded (images checked) and keyed; nothing
+    written."""
+    stimuli = load_stimuli(config.stimuli)
+    return Study(
+        config=config,
+        stimuli=stimuli,
+        progress=progress,
+        cache=StageCache(config.out),
+        stimuli_key=stimuli.fingerprint(),
+        # an image array (tens of GB) is keyed by its rows' pixels (stimuli_key), not rehashed
+        table_key=stimuli.fingerprint()
+        if is_array_file(config.stimuli)
+        else fingerprint(config.stimuli),
+        brain=config.brain,
+        ratings=config.ratings,
+        heads={m.label: m.head for m in config.models},
+    )
+
+
+class _Once(logging.Filter):
+    """Lets a record through the first time its level and text are seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@contextmanager
+def once_per_run() -> Iterator[None]:
+    """Within the block, each log message (same level and text) and each Python warning (same
+    text and category) is shown once: on every handler of the root and ``object2brain``
+    loggers."""
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("object2brain").handlers]
+    filters = [_Once() for _ in handlers]  # one per handler: each sees every record once
+    for handler, once in zip(handlers, filters, strict=True):
+        handler.addFilter(once)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("once")
+            yield
+    finally:
+        for handler, once in zip(handlers, filters, strict=True):
+            handler.removeFilter(once)
 
 
 def _write_manifest(study: Study, files: list[Path]) -> None:
@@ -129,6 +188,7 @@ def _write_manifest(study: Study, files: list[Path]) -> None:
                 "stages": study.cache.keys,
                 "ran": study.cache.ran,
                 "reused": study.cache.reused,
+                "timings": study.cache.seconds,
             },
         ),
     )

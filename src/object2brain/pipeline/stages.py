@@ -113,6 +113,8 @@ class StageCache:
         self.reused: list[str] = []
         self.keys: dict[str, str] = {}
         self.outputs: list[Path] = []
+        #: seconds per stage: measured when it ran, recorded in its .stage.json when reused
+        self.seconds: dict[str, float] = {}
 
     def run(self, name: str, folder: Path, key_payload: Any, work: Callable[[], list[Path]]) -> str:
         """Run ``work`` unless ``folder/.stage.json`` has the same key and its outputs exist."""
@@ -124,6 +126,7 @@ class StageCache:
             inside = all(p.resolve().is_relative_to(self.out.resolve()) for p in outputs)
             if record.get("key") == key and inside and all(p.exists() for p in outputs):
                 log.info("stage %s: unchanged, reusing %s", name, folder)
+                self.seconds[name] = float(record.get("seconds", 0.0))
                 self._record(name, key, outputs, self.reused)
                 return key
         log.info("stage %s: running", name)
@@ -131,14 +134,12 @@ class StageCache:
         folder.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
         outputs = work()
+        seconds = round(time.time() - started, 2)
         write_json(
-            marker,
-            {
-                "key": key,
-                "outputs": output_list(outputs, self.out),
-                "seconds": round(time.time() - started, 2),
-            },
+            marker, {"key": key, "outputs": output_list(outputs, self.out), "seconds": seconds}
         )
+        self.seconds[name] = seconds
+        log.info("stage %s: done in %.1f s", name, seconds)
         self._record(name, key, outputs, self.ran)
         return key
 

@@ -1,0 +1,121 @@
+"""The study workflow: ``run --dry-run`` (every problem at once, the stage plan), stage timings,
+each message once per run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from object2brain.cli import main
+from object2brain.pipeline.config import ConfigError, load_config
+from object2brain.pipeline.plan import dry_run
+from object2brain.pipeline.run import once_per_run
+
+
+def _config(tmp_path: Path, stimuli: Path, **edits: Any) -> Path:
+    payload: dict[str, Any] = {
+        "out": "results",
+        "device": "cpu",
+        "stimuli": str(stimuli),
+        "models": [{"arch": "resnet18", "weights": "none", "layers": ["layer3", "layer4"]}],
+        "rsa": {"n_perm": 10, "n_boot": 5},
+    }
+    payload.update(edits)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
+FIVE_ERRORS = {
+    "colour": "red",  # unknown key
+    "rsa": {"n_perm": "many"},  # wrong type
+    "models": [
+        {"arch": "resnet18", "weights": "none", "layers": ["layer9"]},  # unknown layer
+        {"arch": "resnet19"},  # unknown model
+    ],
+    "device": "cuda:99",  # no such device
+    "ratings": "nowhere.csv",  # missing file
+}
+
+
+def test_dry_run_lists_every_problem_at_once_and_writes_nothing(
+    tmp_path: Path, stimulus_table: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, stimulus_table, **FIVE_ERRORS)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(path), "--dry-run"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for expected in (
+        "colour: unknown key",
+        "rsa.n_perm: Input should be a valid integer",
+        "models.0.layers: unknown layer(s) for resnet18: 'layer9'",
+        "models.1.arch: unknown model 'resnet19'",
+        "device: ",
+        "ratings: file not found",
+    ):
+        assert expected in err, (expected, err)
+    assert "6 problem(s)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_a_run_reports_every_problem_too(tmp_path: Path, stimulus_table: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_config(tmp_path, stimulus_table, **FIVE_ERRORS))
+    message = str(info.value)
+    assert "models.0.layers" in message and "device" in message and "colour" in message
+
+
+def test_dry_run_plan_says_what_would_run_and_why(
+    tmp_path: Path, stimulus_table: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, stimulus_table)
+    main(["run", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "valid; stages in run order" in out
+    assert "extract:resnet18" in out and "never run" in out
+    assert not (tmp_path / "results").exists()
+    checked = dry_run(path)
+    assert [p.name for p in checked.plan] == ["extract:resnet18", "rsa"]
+    # a finished extract with the same key is reused; the rsa stage then reads it unchanged
+    study_plan = checked.plan[0]
+    from object2brain.pipeline.plan import plan_stages
+    from object2brain.pipeline.run import new_study
+    from object2brain.pipeline.stages import STAGE_FILE, digest
+
+    config, _ = load_config(path)
+    study = new_study(config, progress=False)
+    extract = next(s for s in __import__("object2brain.pipeline.stages", fromlist=["STAGES"])
+                   .STAGES if s.name == "extract")  # fmt: skip
+    key = digest(extract.key(study, config.models[0]))
+    study_plan.folder.mkdir(parents=True)
+    store = config.out / "activations" / "resnet18.h5"
+    store.write_bytes(b"stand-in")
+    (study_plan.folder / STAGE_FILE).write_text(
+        json.dumps({"key": key, "outputs": ["activations/resnet18.h5"], "seconds": 1.0})
+    )
+    again = plan_stages(new_study(config, progress=False))
+    assert (again[0].action, again[0].reason) == ("reuse", "unchanged")
+    assert again[1].action == "run" and "never run" in again[1].reason
+    store.unlink()
+    third = plan_stages(new_study(config, progress=False))
+    assert third[0].reason.startswith("outputs missing")
+    assert "an earlier stage it reads re-runs (extract:resnet18)" in third[1].reason
+
+
+def test_each_message_is_shown_once_per_run(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("object2brain.data.brain")
+    with caplog.at_level(logging.INFO), once_per_run():
+        for _ in range(8):
+            log.info("resampled to the beta grid")
+        log.warning("stimulus s01 has no condition")
+        log.warning("stimulus s01 has no condition")
+    texts = [r.getMessage() for r in caplog.records]
+    assert texts.count("resampled to the beta grid") == 1
+    assert texts.count("stimulus s01 has no condition") == 1
