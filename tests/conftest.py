@@ -14,9 +14,12 @@ from o2b_testing import PHOTOS, shipped_photo
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Tests never download: offline mode and an empty torch hub cache."""
+    """Tests never download: offline mode and an empty torch hub cache; the user cache folder
+    is a fresh temporary one."""
     monkeypatch.setenv("OBJECT2BRAIN_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+    # the user's cache folder (shared detection cache): one per test, never ~/.cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
 
 
 @pytest.fixture(autouse=True)

@@ -30,11 +30,11 @@ if TYPE_CHECKING:
     from object2brain.api.encode import encode as encode
     from object2brain.api.extract import extract as extract
     from object2brain.api.lesion import lesion as lesion
-    from object2brain.api.rsa import rsa as rsa
-    from object2brain.api.simulate import simulate as simulate
     from object2brain.api.rdms import export_rsatoolbox as export_rsatoolbox
     from object2brain.api.rdms import load_rdms as load_rdms
     from object2brain.api.rdms import to_rsatoolbox as to_rsatoolbox
+    from object2brain.api.rsa import rsa as rsa
+    from object2brain.api.simulate import simulate as simulate
     from object2brain.api.train_head import train_head as train_head
     from object2brain.data.images import load_image as load_image
     from object2brain.data.stimuli import StimulusSet as StimulusSet

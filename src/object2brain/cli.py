@@ -492,7 +492,7 @@ def dissect_command(
         device=runtime.device,
         seed=runtime.seed,
         progress=runtime.progress,
-        **keywords(options),
+        **keywords(options, detection_cache="cache_dir"),
     )
     typer.echo(f"wrote {out / 'filter_objects.csv'}")
 

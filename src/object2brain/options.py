@@ -318,6 +318,14 @@ class DissectOptions(StageOptions):
         description="Image decoding worker processes (default: by cores).",
         json_schema_extra=_cli("--workers"),
     )
+    detection_cache: Path | None = Field(
+        None,
+        description=(
+            "Folder of the detection cache (keyed by image content and detector settings; "
+            "default: $XDG_CACHE_HOME/object2brain/detections, else "
+            "~/.cache/object2brain/detections)."
+        ),
+    )
     gallery_filters: Int = Field(
         3,
         ge=0,

@@ -165,7 +165,13 @@ def write_rdm_file(path: str | Path, rdms: RdmSet) -> Path:
             seen.add(rdm.key)
             dataset = handle.create_dataset(rdm.key, data=rdm.vector.astype(np.float64))
             dataset.attrs.update(
-                {"kind": rdm.kind, "name": rdm.name, "label": rdm.label, "order": order, **rdm.attrs}
+                {
+                    "kind": rdm.kind,
+                    "name": rdm.name,
+                    "label": rdm.label,
+                    "order": order,
+                    **rdm.attrs,
+                }
             )
     return path
 

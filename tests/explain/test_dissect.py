@@ -11,6 +11,7 @@ import pytest
 
 from object2brain.api.dissect import dissect
 from object2brain.errors import DataError, LayerError, ModelError
+from object2brain.explain.detectors import default_detection_cache
 from object2brain.explain.dissect import FILTER_OBJECTS_COLUMNS
 
 from .helpers import (
@@ -57,7 +58,8 @@ def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "dissect"
     assert manifest["summary"]["images_without_detections"] == 1
-    assert len(list((out / "detection_cache").rglob("*.json"))) == 7
+    # in the user's shared cache (XDG_CACHE_HOME: a temporary folder in the tests)
+    assert len(list(default_detection_cache().rglob("*.json"))) == 7
     # A second run takes every detection from the cache.
     again = dissect(planted_model(), composites, layer="features", out=out, device="cpu",
                     figures=False, progress=False)  # fmt: skip

@@ -33,8 +33,11 @@ def _study(tmp_path: Path) -> dict[str, Path]:
             f.create_dataset(f"sub-{s}/AMY", data=rng.normal(size=(N, 30)))
             f.create_dataset(f"sub-{s}/V1", data=rng.normal(size=(N, 25)))
     ratings = pd.DataFrame(
-        [{"subject": f"r{s}", "stimulus_id": sid, "valence": float(rng.normal())}
-         for s in range(3) for sid in IDS]  # fmt: skip
+        [
+            {"subject": f"r{s}", "stimulus_id": sid, "valence": float(rng.normal())}
+            for s in range(3)
+            for sid in IDS
+        ]  # fmt: skip
     )
     ratings.to_csv(tmp_path / "ratings.csv", index=False)
     pd.DataFrame(

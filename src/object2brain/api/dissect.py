@@ -73,7 +73,9 @@ def dissect(
         seed: recorded; seeds random weights when ``model`` is a name.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         progress: progress bars.
-        cache_dir: detection cache (default ``<out>/detection_cache``; none without ``out``).
+        cache_dir: detection cache folder (default: ``options.detection_cache``, else the
+            user's cache shared with ``object2brain run`` and the command line,
+            :func:`~object2brain.explain.detectors.default_detection_cache`).
         figures: draw the enrichment heatmap and one gallery per group (needs ``out``).
 
     Returns:
@@ -113,7 +115,7 @@ def dissect(
     )
     _warn_degenerate_head(loaded)
     det, group_map = _detector_and_groups(detector, groups, resolved, runtime)
-    cache = Path(cache_dir) if cache_dir is not None else _default_cache(out_path)
+    cache = _cache_folder(cache_dir, resolved)
     with optional_staging(out_path) as staging:  # the lock first: the cache may lie in out
         result = compute_dissection(
             loaded, stimulus_set, det, group_map, resolved, runtime, cache_dir=cache,
@@ -193,8 +195,15 @@ def _warn_degenerate_head(loaded: LoadedModel) -> None:
         )
 
 
-def _default_cache(out: Path | None) -> Path | None:
-    return out / "detection_cache" if out is not None else None
+def _cache_folder(cache_dir: str | Path | None, options: DissectOptions) -> Path:
+    """The detection cache: ``cache_dir``, else the option, else the user's shared cache."""
+    from object2brain.explain.detectors import default_detection_cache
+
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if options.detection_cache is not None:
+        return Path(options.detection_cache).expanduser()
+    return default_detection_cache()
 
 
 def _resolve(options: DissectOptions | None, values: dict[str, Any]) -> DissectOptions:

@@ -29,8 +29,8 @@ from object2brain.io import (
     write_tables,
 )
 from object2brain.manifest import build_manifest, cached_file_sha256, output_list
-from object2brain.rdm_file import RDM_FILE, RdmSet, write_rdm_file
 from object2brain.options import OnMissing, RsaOptions, Runtime, resolve_options
+from object2brain.rdm_file import RDM_FILE, RdmSet, write_rdm_file
 from object2brain.rsa.align import AlignmentResult, Progress, compute_alignment
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.rdm import check_metric

@@ -20,7 +20,8 @@ Detectors (``make_detector(spec)``):
   file stem, then image id (see :class:`GivenBoxes`).
 
 Detections of the real detectors are cached as JSON per (detector and its settings, SHA-256 of the
-image file) by :class:`DetectionCache`.
+image file) by :class:`DetectionCache`, by default in one folder per user
+(:func:`default_detection_cache`) that studies, the command line and the API share.
 """
 
 from __future__ import annotations
@@ -574,6 +575,15 @@ def make_detector(
     if key in TORCHVISION_DETECTORS:
         return TorchvisionDetector(key, score_threshold=score_threshold, device=device)
     raise DataError(f"unknown detector {spec!r}; use one of {', '.join(DETECTOR_KINDS)}")
+
+
+def default_detection_cache() -> Path:
+    """The detection cache shared by studies, the command line and the API:
+    ``$XDG_CACHE_HOME/object2brain/detections``, else ``~/.cache/object2brain/detections``."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "object2brain" / "detections"
 
 
 class DetectionCache:

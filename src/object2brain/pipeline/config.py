@@ -271,8 +271,11 @@ def _resolve_paths(config: RunConfig, base: Path, problems: list[str]) -> RunCon
         if boxes_file is not None:
             detector = f"boxes:{resolve(Path(boxes_file), 'dissect.detector')}"
         groups = resolve(config.dissect.groups, "dissect.groups")
+        cache = config.dissect.detection_cache  # a folder made when needed: not checked
+        if cache is not None and not cache.expanduser().is_absolute():
+            cache = base / cache
         updates["dissect"] = config.dissect.model_copy(
-            update={"groups": groups, "detector": detector}
+            update={"groups": groups, "detector": detector, "detection_cache": cache}
         )
     return config.model_copy(update=updates)
 

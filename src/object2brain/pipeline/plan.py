@@ -122,7 +122,7 @@ def plan_stages(study: Study) -> list[PlannedStage]:
         try:
             if not stage.enabled(study):
                 continue
-        except Exception:  # noqa: BLE001 - depends on an earlier stage's outputs
+        except Exception:
             continue
         units: list[Unit] = list(study.config.models) if stage.per_model else [None]
         for model in units:
@@ -136,7 +136,7 @@ def plan_stages(study: Study) -> list[PlannedStage]:
             study.cache.keys[name] = key
             try:
                 stage.publish(study, model)
-            except Exception:  # noqa: BLE001,S110 - its outputs do not exist yet
+            except Exception:
                 pass
     return plan
 
@@ -158,7 +158,7 @@ def _decide(
         key = digest(stage.key(study, model))
         study.cache.keys.update({name: _PENDING for name in pending})
         poisoned = digest(stage.key(study, model))
-    except Exception:  # noqa: BLE001 - reads an output an earlier stage will write
+    except Exception:
         return "run", "reads outputs that an earlier stage will write", _PENDING
     finally:
         study.cache.keys.update(recorded)

@@ -58,7 +58,15 @@ from object2brain.pipeline.stages import (
     run_stages,
 )
 
-__all__ = ["STAGE_FILE", "RunResult", "new_study", "once_per_run", "preflight", "run_config", "run_study"]
+__all__ = [
+    "STAGE_FILE",
+    "RunResult",
+    "new_study",
+    "once_per_run",
+    "preflight",
+    "run_config",
+    "run_study",
+]
 
 
 @dataclass

@@ -85,5 +85,7 @@ def _target_rdms(
                  "pooled_on": pooled, "n_subjects": len(target.subjects)}  # fmt: skip
         if kind == "brain":
             attrs["roi"] = target.name
-        out.append(Rdm(kind, target.name, GROUP_SUBJECT, _vectors(target.group_rdm[None])[0], attrs))
+        out.append(
+            Rdm(kind, target.name, GROUP_SUBJECT, _vectors(target.group_rdm[None])[0], attrs)
+        )
     return out
