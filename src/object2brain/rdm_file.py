@@ -22,8 +22,8 @@ in the set), ``metric``; model RDMs
 add ``layer_index`` (0-based position in the network); brain RDMs ``roi``, ``subject`` and
 ``n_voxels`` (the pattern's voxels after resampling and masking; absent for given RDMs); group
 RDMs ``pooled_on``: the comparison on whose scale the subjects' RDMs were averaged (ranks for
-``spearman``, z-scores for ``pearson``, ...), or ``group-mean ratings`` for behaviour. A name holding ``/`` is
-stored with ``%2F`` in its place (the attributes keep the name).
+``spearman``, z-scores for ``pearson``, ...), or ``group-mean ratings`` for behaviour. A name
+holding ``/`` is stored with ``%2F`` in its place (the attributes keep the name).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class RdmSet:
 def squareform(vector: np.ndarray) -> np.ndarray:
     """Condensed upper triangle ``(m,)`` -> symmetric ``(n, n)``, ``m = n (n - 1) / 2``."""
     vector = np.asarray(vector, dtype=np.float64)
-    n = int(round((1 + np.sqrt(1 + 8 * vector.size)) / 2))
+    n = round(float((1 + np.sqrt(1 + 8 * vector.size)) / 2))
     if n * (n - 1) // 2 != vector.size:
         raise RdmFileError(f"{vector.size} values are not the upper triangle of a square RDM")
     square = np.zeros((n, n))

@@ -32,13 +32,8 @@ def _study(tmp_path: Path) -> dict[str, Path]:
         for s in range(3):
             f.create_dataset(f"sub-{s}/AMY", data=rng.normal(size=(N, 30)))
             f.create_dataset(f"sub-{s}/V1", data=rng.normal(size=(N, 25)))
-    ratings = pd.DataFrame(
-        [
-            {"subject": f"r{s}", "stimulus_id": sid, "valence": float(rng.normal())}
-            for s in range(3)
-            for sid in IDS
-        ]  # fmt: skip
-    )
+    rows = [(f"r{s}", sid, float(rng.normal())) for s in range(3) for sid in IDS]
+    ratings = pd.DataFrame(rows, columns=["subject", "stimulus_id", "valence"])
     ratings.to_csv(tmp_path / "ratings.csv", index=False)
     pd.DataFrame(
         {"stimulus_id": IDS, "path": "x.jpg", "condition": ["a", "b", "c"] * (N // 3)}
@@ -118,7 +113,7 @@ def test_rsa_writes_every_rdm_it_used(tmp_path: Path) -> None:
 def test_save_rdms_false_writes_none(tmp_path: Path) -> None:
     out = _run(tmp_path, save_rdms=False)  # type: ignore[arg-type]
     assert (out / "alignment.csv").is_file() and not (out / RDM_FILE).exists()
-    with pytest.raises(DataError, match="no rdms.h5"):
+    with pytest.raises(DataError, match=r"no rdms\.h5"):
         load_rdms(out)
 
 

@@ -11,6 +11,7 @@ writes nothing (no output folder, no stage file).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,10 +135,8 @@ def plan_stages(study: Study) -> list[PlannedStage]:
             if action == "run":
                 pending.append(name)
             study.cache.keys[name] = key
-            try:
+            with contextlib.suppress(Exception):  # its outputs may not exist yet
                 stage.publish(study, model)
-            except Exception:
-                pass
     return plan
 
 

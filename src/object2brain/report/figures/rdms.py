@@ -165,8 +165,8 @@ def _mds_panels(
             rows = np.array([i for i, label in enumerate(conditions) if label == condition])
             style: dict[str, Any] = {"marker": markers[c % len(markers)], "s": 22}
             if rdms.valence is not None:
-                style |= {"c": rdms.valence[rows], "cmap": "coolwarm",
-                          "vmin": np.nanmin(rdms.valence), "vmax": np.nanmax(rdms.valence)}  # fmt: skip
+                low, high = np.nanmin(rdms.valence), np.nanmax(rdms.valence)
+                style |= {"c": rdms.valence[rows], "cmap": "coolwarm", "vmin": low, "vmax": high}
             points = ax.scatter(coords[rows, 0], coords[rows, 1], label=condition or "none",
                                 edgecolors="black", linewidths=0.3, **style)  # fmt: skip
         if len(names) > 1 or names != [""]:
