@@ -119,3 +119,38 @@ def test_each_message_is_shown_once_per_run(caplog: pytest.LogCaptureFixture) ->
     texts = [r.getMessage() for r in caplog.records]
     assert texts.count("resampled to the beta grid") == 1
     assert texts.count("stimulus s01 has no condition") == 1
+
+
+def test_models_sharing_a_backbone_are_extracted_once(
+    tmp_path: Path, stimulus_table: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import h5py
+    import numpy as np
+
+    import object2brain.api.extract as api_extract
+    from object2brain.pipeline.run import run_study
+
+    calls: list[str] = []
+    real = api_extract.extract
+
+    def counting(model: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(model.name)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(api_extract, "extract", counting)
+    models = [
+        {"arch": "resnet18", "weights": "none", "layers": ["layer4"], "name": "a"},
+        {"arch": "resnet18", "weights": "none", "layers": ["layer4"], "name": "b"},
+        {"arch": "resnet18", "weights": "none", "layers": ["layer3"], "name": "c"},
+    ]
+    path = _config(tmp_path, stimulus_table, models=models, rsa=None, report=False)
+    result = run_study(path, progress=False)
+    assert calls == ["a", "c"]  # b shares a's backbone; c extracts other layers
+    assert {"extract:a", "extract:b", "extract:c"} <= set(result.ran)
+    assert set(result.timings) >= {"extract:a", "extract:b", "extract:c"}
+    manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())
+    assert set(manifest["timings"]) == set(result.timings)
+    with h5py.File(result.stores["a"]) as a, h5py.File(result.stores["b"]) as b:
+        np.testing.assert_array_equal(a["layers/layer4"][()], b["layers/layer4"][()])
+        assert b.attrs["model"] == "b" and b.attrs["backbone_from"] == "a.h5"
+        assert json.loads(b.attrs["order"]) == ["layer4"]

@@ -267,6 +267,9 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
     head = None if backbone else study.heads[model.label]
     path = _store(study, model, backbone=backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
+    shared = None if backbone else _shared_backbone(study, model, path)
+    if shared is not None:
+        return [shared]
     store = extract(
         study.load(model, head),
         study.stimuli,
@@ -280,6 +283,23 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
         valence=None if backbone else study.out_of_fold.get(model.label),
     )
     return [store]
+
+
+def _shared_backbone(study: Study, model: ModelConfig, path: Path) -> Path | None:
+    """``path`` copied from an earlier model's store with the same backbone (see
+    :mod:`object2brain.pipeline.backbone`), or None: extract it."""
+    from object2brain.pipeline.backbone import copy_backbone, shared_source
+
+    source = shared_source(study, model)
+    if source is None:
+        return None
+    supplied = study.out_of_fold.get(model.label)
+    valence = None
+    if supplied is not None:
+        from object2brain.data.ratings import load_predicted_valence
+
+        valence = load_predicted_valence(supplied, study.stimuli.ids)
+    return copy_backbone(source, path, model.label, study.heads[model.label], valence)
 
 
 def _extract_key(study: Study, model: Unit, *, backbone: bool) -> dict[str, Any]:
