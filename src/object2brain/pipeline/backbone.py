@@ -1,12 +1,13 @@
 """Models of a study that share a backbone are extracted once.
 
 Two models share a backbone when their architecture, weights (by content), extracted layers,
-input preprocessing (fixed by architecture and weights) and the extraction options are the same
-(:func:`backbone_key`), e.g. one network with two valence heads. The second model's store is
-then a copy of the first's (:func:`copy_backbone`) with its own name and its own ``valence``
-layer, when that layer needs no forward pass: the model has no head, or its valence is supplied
-(the out-of-fold predictions of heads cross-fitted in the study). A model with its own head file
-whose outputs differ from the first's is extracted in full.
+input preprocessing (fixed by architecture and weights), the extraction options, stimuli and
+seed are the same (``object2brain.pipeline.stages.backbone_key``), e.g. one network with two
+valence heads. The second model's store is then a copy of the first's (:func:`copy_backbone`)
+with its own name and its own ``valence`` layer, when that layer needs no forward pass: the
+model has no head, or its valence is supplied (the out-of-fold predictions of heads
+cross-fitted in the study). A model with its own head file and no supplied valence is extracted
+in full (its head's outputs need the forward pass).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,33 +33,22 @@ log = logging.getLogger("object2brain.run")
 VALENCE_LAYER = "valence"
 
 
-def backbone_key(study: Study, model: ModelConfig) -> str:
-    """SHA-256 of what a store's backbone layers depend on (module docstring)."""
-    from object2brain.pipeline.stages import digest, model_key, options_key
-
-    key = model_key(model)
-    key.pop("name", None)
-    payload = {
-        "model": key,
-        "extract": options_key(study.config.extract),
-        "stimuli": study.stimuli_key,
-        "seed": study.seed,
-    }
-    return digest(payload)
-
-
-def shared_source(study: Study, model: ModelConfig) -> Path | None:
+def shared_source(
+    study: Study, model: ModelConfig, backbone_key: Callable[[ModelConfig], str]
+) -> Path | None:
     """The store of an earlier model of ``study`` (extracted in this run) whose backbone
-    ``model`` shares, when ``model``'s valence layer needs no forward pass; else None."""
+    ``model`` shares (the same ``backbone_key``: architecture, weights by content, layers,
+    extraction options, stimuli, seed), when ``model``'s valence layer needs no forward pass;
+    else None."""
     head, supplied = study.heads.get(model.label), study.out_of_fold.get(model.label)
     if head is not None and supplied is None:
         return None
-    mine = backbone_key(study, model)
+    mine = backbone_key(model)
     for other in study.config.models:
         if other.label == model.label:
             return None  # only models before this one
         store = study.stores.get(other.label)
-        if store is not None and store.is_file() and backbone_key(study, other) == mine:
+        if store is not None and store.is_file() and backbone_key(other) == mine:
             return store
     return None
 

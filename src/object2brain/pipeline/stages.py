@@ -290,7 +290,7 @@ def _shared_backbone(study: Study, model: ModelConfig, path: Path) -> Path | Non
     :mod:`object2brain.pipeline.backbone`), or None: extract it."""
     from object2brain.pipeline.backbone import copy_backbone, shared_source
 
-    source = shared_source(study, model)
+    source = shared_source(study, model, lambda each: backbone_key(study, each))
     if source is None:
         return None
     supplied = study.out_of_fold.get(model.label)
@@ -300,6 +300,17 @@ def _shared_backbone(study: Study, model: ModelConfig, path: Path) -> Path | Non
 
         valence = load_predicted_valence(supplied, study.stimuli.ids)
     return copy_backbone(source, path, model.label, study.heads[model.label], valence)
+
+
+def backbone_key(study: Study, model: ModelConfig) -> str:
+    """SHA-256 of what a store's backbone layers depend on: the model's architecture, weights
+    (by content) and layers (not its name or head; preprocessing follows from architecture and
+    weights), the extraction options, the stimuli and the seed (random weights)."""
+    key = model_key(model)
+    key.pop("name", None)
+    payload = {"model": key, "extract": options_key(study.config.extract),
+               "stimuli": study.stimuli_key, "seed": study.seed}  # fmt: skip
+    return digest(payload)
 
 
 def _extract_key(study: Study, model: Unit, *, backbone: bool) -> dict[str, Any]:
