@@ -155,3 +155,27 @@ def test_export_without_rsatoolbox_says_so(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(DataError, match="pip install rsatoolbox"):
         export_rsatoolbox(out, tmp_path / "x.hdf5")
     assert not (tmp_path / "x.hdf5").exists()
+
+
+def test_report_shows_rdm_panels_when_rdms_are_written(tmp_path: Path) -> None:
+    from object2brain.report.build import build_report
+
+    out = _run(tmp_path)
+    page = build_report(out).read_text()
+    assert "RDMs and MDS" in page
+    assert page.count("<figure>") >= page.count('alt="RDMs: ') > 0
+    for target in ("AMY", "V1", "behavior"):
+        assert f"RDMs: {target} and its best layer" in page
+        assert f"MDS: {target} and its best layer" in page
+
+
+def test_stimulus_order_and_classical_mds() -> None:
+    from object2brain.report.figures.rdms import classical_mds, stimulus_order
+
+    rdms = RdmSet(["a", "b", "c", "d"], [], ["y", "x", "y", "x"], np.array([2.0, 1.0, -1.0, 0.0]))
+    assert stimulus_order(rdms).tolist() == [2, 0, 3, 1]  # condition y first, then valence
+    points = np.random.default_rng(0).normal(size=(6, 2))
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    coords = classical_mds(distances)
+    recovered = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+    np.testing.assert_allclose(recovered, distances, atol=1e-9)  # Euclidean: exact
