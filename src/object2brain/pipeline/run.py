@@ -100,17 +100,17 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
     if problems:
         raise ConfigError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
+    report = None
     with once_per_run():
         run_stages(study)
-    outputs = list(dict.fromkeys(study.cache.outputs))
-    # the report reads the manifest to leave out results that are not this run's
-    _write_manifest(study, outputs)
-    report = None
-    if config.report:
-        from object2brain.report.build import build_report
+        outputs = list(dict.fromkeys(study.cache.outputs))
+        # the report reads the manifest to leave out results that are not this run's
+        _write_manifest(study, outputs)
+        if config.report:
+            from object2brain.report.build import build_report
 
-        report = build_report(out)
-        _write_manifest(study, [*outputs, report])
+            report = build_report(out)
+            _write_manifest(study, [*outputs, report])
     cache = study.cache
     return RunResult(out, study.stores, cache.ran, cache.reused, report, dict(cache.seconds))
 
