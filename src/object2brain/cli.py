@@ -252,7 +252,11 @@ def layers_command(
         typer.echo(f"{layer.name:<28}{layer.kind:<12}{layer.module_type}")
 
 
-@stage_command("extract", ExtractOptions)
+#: The runtime flags of the stages that run on an executor (``--executor local|ray``).
+DISTRIBUTED = ("seed", "device", "executor", "ray_address")
+
+
+@stage_command("extract", ExtractOptions, runtime=DISTRIBUTED)
 def extract_command(
     *,
     options: ExtractOptions,
@@ -305,12 +309,14 @@ def extract_command(
         seed=runtime.seed,
         device=runtime.device,
         progress=runtime.progress,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         **keywords(options, amp="amp_dtype"),
     )
     typer.echo(f"wrote {path}")
 
 
-@stage_command("rsa", RsaOptions)
+@stage_command("rsa", RsaOptions, runtime=DISTRIBUTED)
 def rsa_command(
     *,
     options: RsaOptions,
@@ -347,6 +353,8 @@ def rsa_command(
         seed=runtime.seed,
         device=runtime.device,
         progress=runtime.progress,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         behavior_ids=behavior_ids,
         **keywords(options),
     )

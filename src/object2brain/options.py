@@ -132,8 +132,8 @@ class Runtime(BaseModel):
     executor: ExecutorKind = Field(
         "local",
         description=(
-            "Where independent chunks run: local (this process) | ray (a Ray cluster; "
-            "pip install 'object2brain[ray]')."
+            "Where independent chunks run: local (this process) | ray (a Ray cluster; needs "
+            "the extra 'ray' of object2brain)."
         ),
     )
     ray_address: str | None = Field(

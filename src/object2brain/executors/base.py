@@ -48,8 +48,13 @@ class Executor(Protocol):
     stage in errors (``rsa: chunk 3 of 10 failed after 3 retries: ...``).
     """
 
-    name: str
-    workers: int
+    @property
+    def name(self) -> str:
+        """``local`` | ``ray``."""
+
+    @property
+    def workers(self) -> int:
+        """How many chunks run at once."""
 
     def map_chunks(
         self,
