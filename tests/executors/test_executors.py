@@ -85,12 +85,10 @@ def test_mantel_on_ray_equals_local(ray_cluster: ModuleType, cpus_per_task: int)
     n_perm = 3 * PERM_BLOCK + 250  # four blocks: several chunks per worker
     for method in ("spearman", "pearson"):
         local = mantel_test(models, targets, method, n_perm, 11, "cpu", combine)
-        remote = mantel_test(
-            models, targets, method, n_perm, 11, "cpu", combine, executor=ray_ex
-        )
+        remote = mantel_test(models, targets, method, n_perm, 11, "cpu", combine, executor=ray_ex)
         np.testing.assert_array_equal(remote.p, local.p)
         np.testing.assert_allclose(remote.r, local.r, rtol=0, atol=1e-12)
-        assert 0 < np.nanmin(local.p) and np.nanmax(local.p) <= 1
+        assert np.nanmin(local.p) > 0 and np.nanmax(local.p) <= 1
     X, Y = torch.as_tensor(models), torch.as_tensor(targets)
     X = (X - X.mean(1, keepdim=True)) / X.std(1, keepdim=True)
     Y = (Y - Y.mean(1, keepdim=True)) / Y.std(1, keepdim=True)

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import logging
+import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,33 +127,39 @@ def _compute_shards(
 ) -> None:
     """Run the shards ``todo`` on an actor pool of Ray Data."""
     ray = connect(settings.address)
-    import ray.data
-
+    data = importlib.import_module("ray.data")
     gpus = 1.0 if plan.device.type == "cuda" else 0.0
     workers = settings.workers or max(1, min(len(todo), int(ray.cluster_resources()["CPU"])))
-    plan_ref = [ray.put(dataclasses.replace(plan, runtime=plan.runtime))]
-    dataset = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-    mapped = dataset.map_batches(
-        _ShardActor,
-        fn_constructor_args=(plan_ref, str(folder), [(r.start, r.stop) for r in ranges]),
-        batch_size=1,
-        concurrency=min(workers, len(todo)),
-        num_cpus=settings.cpus_per_worker,
-        num_gpus=gpus,
-        max_restarts=settings.max_retries,
-        max_task_retries=settings.max_retries,
-    )
+    plan_ref = [ray.put(plan)]  # once in the object store; every actor gets its own copy
+    dataset = data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+    with warnings.catch_warnings():  # max_restarts / max_task_retries have no named parameter
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mapped = dataset.map_batches(
+            _ShardActor,
+            fn_constructor_args=(plan_ref, str(folder), [(r.start, r.stop) for r in ranges]),
+            batch_size=1,
+            concurrency=min(workers, len(todo)),
+            num_cpus=settings.cpus_per_worker,
+            num_gpus=gpus,
+            max_restarts=settings.max_retries,  # a dead actor's process is started again
+            max_task_retries=settings.max_retries,  # and its shard retried
+        )
     try:
         finished = sorted(int(row["shard"]) for row in mapped.take_all())
     except Exception as exc:
         missing = _missing_shards(plan, folder, ranges)
         raise ExecutorError(
-            f"extract: shard(s) {missing} of {len(ranges)} failed after "
-            f"{settings.max_retries} retries ({type(exc).__name__}: {str(exc)[:300]}); the "
+            f"extract: shard(s) {missing} of {len(ranges)} failed ({_first_line(exc)}); the "
             f"finished shards are kept in {folder}: rerun the same command to redo the rest"
         ) from None
     if finished != sorted(todo):
         raise ExecutorError(f"extract: shards {sorted(set(todo) - set(finished))} did not run")
+
+
+def _first_line(exc: Exception) -> str:
+    """``Type: first line`` of ``exc`` (terminal colour codes removed)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()]
+    return f"{type(exc).__name__}: {next((line for line in lines if line), '')}"
 
 
 @dataclasses.dataclass(frozen=True)
