@@ -47,7 +47,11 @@ def _study(tmp_path: Path) -> dict[str, Path]:
     pd.DataFrame({"stimulus_id": IDS, "path": "x.jpg", "condition": conditions}).to_csv(
         tmp_path / "stimuli.csv", index=False
     )
-    return {"store": store, "ratings": tmp_path / "ratings.csv", "stimuli": tmp_path / "stimuli.csv"}
+    return {
+        "store": store,
+        "ratings": tmp_path / "ratings.csv",
+        "stimuli": tmp_path / "stimuli.csv",
+    }
 
 
 def _run(files: dict[str, Path], **extra: object) -> pd.DataFrame:
@@ -79,6 +83,7 @@ def test_cli_executor_ray(ray_cluster: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["rsa", "--activations", str(files["store"]), "--ratings", str(files["ratings"]),
             "--stimuli", str(files["stimuli"]), "--out", str(out), "--n-perm", "2500",
-            "--n-boot", "20", "--seed", "3", "--device", "cpu", "--quiet", "--executor", "ray"]  # fmt: skip
+            "--n-boot", "20", "--seed", "3", "--device", "cpu", "--quiet",
+            "--executor", "ray"]  # fmt: skip
     main(args)
     _same(pd.read_csv(out / "alignment.csv"), local.reset_index(drop=True))
