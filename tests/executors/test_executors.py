@@ -4,6 +4,7 @@ Mantel permutations giving the same p-values on Ray (1 and 2 workers) as in this
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -114,3 +115,31 @@ def test_ray_errors_name_stage_and_chunk(ray_cluster: ModuleType) -> None:
         ex.map_chunks(_fails_on_two, [0, 1, 2, 3], stage="rsa")
     with pytest.raises(Object2BrainError, match="bad input in chunk 0"):
         ex.map_chunks(_user_error, [0], stage="rsa")
+
+
+def _study_yaml(tmp_path: Path, executor: str) -> Path:
+    (tmp_path / "stimuli.csv").write_text("stimulus_id,path\na,a.jpg\n")
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "stimuli: stimuli.csv\nmodels:\n  - {arch: resnet18, weights: none}\n"
+        f"executor: {executor}\n"
+    )
+    return config
+
+
+def test_study_config_executor_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from object2brain.pipeline.config import ConfigError, RunConfig, load_config
+
+    assert (
+        RunConfig.model_validate(
+            {"stimuli": "s.csv", "models": [{"arch": "resnet18"}]}
+        ).executor.kind
+        == "local"
+    )
+    with pytest.raises(ConfigError, match="executor"):
+        load_config(_study_yaml(tmp_path, "{kind: spark}"))
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r"executor.kind: .*pip install 'object2brain\[ray\]'"):
+        load_config(_study_yaml(tmp_path, "{kind: ray, address: auto}"))
+    config, _ = load_config(_study_yaml(tmp_path, "{kind: local}"))
+    assert config.executor.kind == "local" and config.executor.address is None
