@@ -184,7 +184,8 @@ def stage_command(
             given = {k: values.pop(k) for k in fields}
             options = _validated(model, {k: v for k, v in given.items() if v is not None})
             settings = {k: values.pop(k) for k in runtime}
-            function(**values, options=options, runtime=Runtime(**settings, progress=not quiet))
+            runtime_values = {**settings, "progress": not quiet}
+            function(**values, options=options, runtime=_validated(Runtime, runtime_values))
 
         parameters = [*own, *generated, *shared]
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
@@ -197,7 +198,10 @@ def stage_command(
     return register
 
 
-def _validated(model: type[StageOptions], values: dict[str, Any]) -> StageOptions:
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _validated(model: type[ModelT], values: dict[str, Any]) -> ModelT:
     """``values`` (the flags given) as ``model``; each problem names the flag and the value as
     typed on the command line (``--cross-fit 1: use 0 (off) or 2 or more folds``)."""
     try:
