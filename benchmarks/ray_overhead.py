@@ -3,8 +3,9 @@
 1. **Per-task overhead**: ``RayExecutor.map_chunks`` of a function that returns at once, over
    ``--tasks`` chunks with a shared object (put once): seconds per task beyond the work.
 2. **Per-shard overhead**: ``extract_on_ray`` of ``--images`` images in shards of one batch
-   against the local ``run_extraction`` of the same plan: ``(t_ray - t_local / w) / shards`` is
-   the start-up, transfer and stitching cost per shard (``w`` workers).
+   against the local ``run_extraction`` of the same plan.
+   Two shard counts with one worker separate the fixed cost (Ray Data start, actor start:
+   model transfer and load; stitching) from the cost of each further shard.
 3. **Speed-up of the Mantel permutations** (``--n-perm`` permutations of ``--n`` stimuli, 8
    model and 8 target RDMs): measured with 1 and 2 workers of a local Ray cluster (one per CPU
    core here), and *simulated* for 4 and 8 workers from the measured numbers:
@@ -75,14 +76,19 @@ def shard_overhead(n_images: int, folder: Path) -> dict[str, float]:
     run_extraction(plan, folder / "local.h5")
     local = time.perf_counter() - started
     out: dict[str, float] = {"images": n_images, "local_seconds": local}
-    for workers in (1, 2):
+    # (workers, shard size): one shard vs one shard per batch separates the fixed cost (Ray
+    # Data start, actor start = model transfer and load, stitching) from the cost per shard
+    for workers, size in ((1, n_images), (1, 2), (2, 2)):
         started = time.perf_counter()
-        extract_on_ray(plan, folder / f"ray{workers}.h5",
-                       settings=RaySettings(workers=workers, shard_size=2))  # fmt: skip
-        seconds = time.perf_counter() - started
-        shards = math.ceil(n_images / 2)
-        out[f"ray_{workers}_seconds"] = seconds
-        out[f"ray_{workers}_overhead_per_shard"] = (seconds - local / workers) / shards
+        extract_on_ray(plan, folder / f"ray{workers}-{size}.h5",
+                       settings=RaySettings(workers=workers, shard_size=size))  # fmt: skip
+        out[f"ray_{workers}w_{math.ceil(n_images / size)}shards_seconds"] = (
+            time.perf_counter() - started
+        )
+    one = out["ray_1w_1shards_seconds"]
+    many = out[f"ray_1w_{math.ceil(n_images / 2)}shards_seconds"]
+    out["fixed_seconds"] = one - local
+    out["seconds_per_shard"] = (many - one) / (math.ceil(n_images / 2) - 1)
     return out
 
 
@@ -108,7 +114,7 @@ def permutation_speedup(n: int, n_perm: int, per_task: float) -> dict[str, Any]:
         measured[ex.workers] = time.perf_counter() - started
         assert np.array_equal(res.p, local.p)
     blocks = math.ceil(n_perm / PERM_BLOCK)
-    t_fixed = max(0.0, measured[1] - serial - 2 * per_task)  # put + gather beyond the work
+    t_fixed = max(0.0, measured[1] - serial)  # put + gather beyond the work
     simulated = {}
     for w in (1, 2, 4, 8):
         chunks = min(blocks, 2 * w)

@@ -21,9 +21,9 @@ from object2brain.executors.base import (
     LocalExecutor,
     chunk_seed,
     chunks_of,
-    executor_for,
 )
 from object2brain.executors.ray import RayExecutor, require_ray
+from object2brain.options import Runtime
 
 __all__ = [
     "Executor",
@@ -35,3 +35,11 @@ __all__ = [
     "executor_for",
     "require_ray",
 ]
+
+
+def executor_for(runtime: Runtime) -> Executor:
+    """The executor chosen by ``runtime.executor`` (``local`` | ``ray``, at
+    ``runtime.ray_address``)."""
+    if runtime.executor == "local":
+        return LocalExecutor()
+    return RayExecutor(address=runtime.ray_address)

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from object2brain.errors import Object2BrainError
-from object2brain.options import Runtime
 
 Chunk = TypeVar("Chunk")
 Result = TypeVar("Result")
@@ -84,13 +83,3 @@ class LocalExecutor:
 
     def __repr__(self) -> str:
         return "LocalExecutor()"
-
-
-def executor_for(runtime: Runtime) -> Executor:
-    """The executor chosen by ``runtime.executor`` (``local`` | ``ray``, at
-    ``runtime.ray_address``)."""
-    if runtime.executor == "local":
-        return LocalExecutor()
-    from object2brain.executors.ray import RayExecutor
-
-    return RayExecutor(address=runtime.ray_address)
