@@ -152,6 +152,7 @@ def main() -> None:
             "python": platform.python_version(),
             "ray": ray.__version__,
             "ray_cluster_cpus": ray.cluster_resources().get("CPU"),
+            "load_average_1min_at_start": os.getloadavg()[0],
         },
     }
     report["task_overhead"] = task_overhead(args.tasks)
