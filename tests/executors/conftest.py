@@ -24,7 +24,8 @@ def ray_cluster() -> Iterator[ModuleType]:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # the workers import this folder's test modules (functions sent by reference) and the package
     here = Path(__file__).resolve().parent
-    paths = [str(here), str(here.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+    paths = [str(here), str(here.parent), str(here.parents[1] / "src")]
+    paths.append(os.environ.get("PYTHONPATH", ""))
     ray.init(
         num_cpus=2,
         include_dashboard=False,
