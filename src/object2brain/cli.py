@@ -295,6 +295,10 @@ def extract_command(
     from object2brain.data.stimuli import load_stimuli
     from object2brain.models.zoo import load_model
 
+    if runtime.executor == "ray":
+        from object2brain.executors import require_ray
+
+        require_ray()  # before the images are read
     stimulus_set = load_stimuli(stimuli)
     loaded = load_model(model, weights=weights, head=head, seed=runtime.seed, name=name)
     if head is not None and valence is not None:

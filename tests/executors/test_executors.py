@@ -143,3 +143,28 @@ def test_study_config_executor_section(tmp_path: Path, monkeypatch: pytest.Monke
         load_config(_study_yaml(tmp_path, "{kind: ray, address: auto}"))
     config, _ = load_config(_study_yaml(tmp_path, "{kind: local}"))
     assert config.executor.kind == "local" and config.executor.address is None
+
+
+@pytest.mark.parametrize("command", ["rsa", "extract"])
+def test_cli_without_ray_one_line_exit_2(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from object2brain.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    (tmp_path / "stimuli.csv").write_text("stimulus_id,path\na,a.jpg\n")
+    args = {
+        "rsa": ["rsa", "--activations", str(tmp_path / "acts.h5"), "--out", str(tmp_path / "o")],
+        "extract": ["extract", "--model", "resnet18", "--weights", "none", "--stimuli",
+                    str(tmp_path / "stimuli.csv"), "--out", str(tmp_path / "acts.h5")],
+    }[command]  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--executor", "ray", "--quiet"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --executor ray needs Ray, which is not installed: "
+                   "pip install 'object2brain[ray]'"]  # fmt: skip
+    assert not (tmp_path / "o").exists() and not (tmp_path / "acts.h5").exists()

@@ -118,6 +118,10 @@ def rsa(
         seed=seed, device=str(device), progress=progress, executor=executor,
         ray_address=ray_address,
     )  # fmt: skip
+    if runtime.executor == "ray":
+        from object2brain.executors import require_ray
+
+        require_ray()  # before anything is read: one clear error without the extra
     if out is not None:
         check_output_folder(out)
     paths = store_paths(activations)
