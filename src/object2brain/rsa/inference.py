@@ -270,6 +270,10 @@ class _NullJob:
         for key, value in vars(null).items():
             if isinstance(value, torch.Tensor):
                 setattr(null, key, value.cpu())
+        if isinstance(null, _DotNull):  # tiles sized for the CPU's cache, not the GPU's memory
+            m, S = null.gathered.shape
+            null.tile = _CPU_TILE_ELEMENTS
+            null.perms_per_tile = max(1, _CPU_TILE_ELEMENTS // (m * S))
         combine = None if self.combine is None else self.combine.cpu()
         return dataclasses.replace(self, null=null, bound=self.bound.cpu(), combine=combine)
 
