@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev,findingemo]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,findingemo,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -184,7 +184,8 @@ def stage_command(
             given = {k: values.pop(k) for k in fields}
             options = _validated(model, {k: v for k, v in given.items() if v is not None})
             settings = {k: values.pop(k) for k in runtime}
-            function(**values, options=options, runtime=Runtime(**settings, progress=not quiet))
+            runtime_values = {**settings, "progress": not quiet}
+            function(**values, options=options, runtime=_validated(Runtime, runtime_values))
 
         parameters = [*own, *generated, *shared]
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
@@ -197,7 +198,10 @@ def stage_command(
     return register
 
 
-def _validated(model: type[StageOptions], values: dict[str, Any]) -> StageOptions:
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _validated(model: type[ModelT], values: dict[str, Any]) -> ModelT:
     """``values`` (the flags given) as ``model``; each problem names the flag and the value as
     typed on the command line (``--cross-fit 1: use 0 (off) or 2 or more folds``)."""
     try:
@@ -252,7 +256,11 @@ def layers_command(
         typer.echo(f"{layer.name:<28}{layer.kind:<12}{layer.module_type}")
 
 
-@stage_command("extract", ExtractOptions)
+#: The runtime flags of the stages that run on an executor (``--executor local|ray``).
+DISTRIBUTED = ("seed", "device", "executor", "ray_address")
+
+
+@stage_command("extract", ExtractOptions, runtime=DISTRIBUTED)
 def extract_command(
     *,
     options: ExtractOptions,
@@ -287,6 +295,10 @@ def extract_command(
     from object2brain.data.stimuli import load_stimuli
     from object2brain.models.zoo import load_model
 
+    if runtime.executor == "ray":
+        from object2brain.executors import require_ray
+
+        require_ray()  # before the images are read
     stimulus_set = load_stimuli(stimuli)
     loaded = load_model(model, weights=weights, head=head, seed=runtime.seed, name=name)
     if head is not None and valence is not None:
@@ -305,12 +317,14 @@ def extract_command(
         seed=runtime.seed,
         device=runtime.device,
         progress=runtime.progress,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         **keywords(options, amp="amp_dtype"),
     )
     typer.echo(f"wrote {path}")
 
 
-@stage_command("rsa", RsaOptions)
+@stage_command("rsa", RsaOptions, runtime=DISTRIBUTED)
 def rsa_command(
     *,
     options: RsaOptions,
@@ -347,6 +361,8 @@ def rsa_command(
         seed=runtime.seed,
         device=runtime.device,
         progress=runtime.progress,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         behavior_ids=behavior_ids,
         **keywords(options),
     )

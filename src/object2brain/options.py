@@ -51,6 +51,7 @@ Direction = Literal["positive", "negative", "abs"]
 Variant = Literal["lesion", "keep"]
 NullKind = Literal["random", "matched"]
 OnMissing = Literal["error", "intersect"]
+ExecutorKind = Literal["local", "ray"]
 ValenceSource = Literal["stimuli", "ratings"]
 PermNull = Literal["predictions", "refit"]
 BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
@@ -128,6 +129,20 @@ class Runtime(BaseModel):
     seed: Int = Field(0, description="Random seed (random weights, projections, statistics).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     progress: bool = Field(True, description="Progress bars.", json_schema_extra=_cli(None))
+    executor: ExecutorKind = Field(
+        "local",
+        description=(
+            "Where independent chunks run: local (this process) | ray (a Ray cluster; needs "
+            "the extra 'ray' of object2brain)."
+        ),
+    )
+    ray_address: str | None = Field(
+        None,
+        description=(
+            "Ray cluster address with --executor ray: auto (the cluster of this machine), "
+            "ray://HOST:10001; default: start a local one."
+        ),
+    )
 
 
 class ExtractOptions(StageOptions):

@@ -45,6 +45,8 @@ def extract(
     progress: bool = True,
     overwrite: bool = False,
     valence: str | Path | pd.Series | Mapping[str, float] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Path:
     """Extract activations of ``layers`` for every stimulus into the activation store ``out``.
 
@@ -72,6 +74,9 @@ def extract(
             and a warning says so): a table with ``stimulus_id, predicted`` (e.g.
             ``train-head --cross-fit``'s ``out_of_fold.csv``) or a Series/mapping by stimulus id.
             The store's attribute ``valence_source`` says which (``head`` or ``supplied``).
+        executor: ``local`` (this process) | ``ray``: shards of stimuli on an actor pool of a
+            Ray cluster at ``ray_address``, stitched into the same store
+            (:mod:`object2brain.executors.extraction`).
 
     Returns:
         The path of the complete store.
@@ -89,7 +94,14 @@ def extract(
         "channels_last": channels_last, "decode": decode, "num_workers": num_workers,
     }  # fmt: skip
     resolved = _resolve(options, {k: v for k, v in given.items() if v is not None})
-    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    runtime = Runtime(
+        seed=seed, device=str(device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
+    if runtime.executor == "ray":
+        from object2brain.executors import require_ray
+
+        require_ray()  # before anything is loaded: one clear error without the extra
     out = Path(out).expanduser()
     stimulus_set = stimuli if isinstance(stimuli, StimulusSet) else load_stimuli(stimuli)
     supplied = None if valence is None else load_predicted_valence(valence, stimulus_set.ids)
@@ -106,6 +118,11 @@ def extract(
     if out.is_dir():
         raise StoreError(f"{out}: is a folder, expected a file name")
     plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
+    if runtime.executor == "ray":
+        from object2brain.executors.extraction import RaySettings, extract_on_ray
+
+        settings = RaySettings(address=runtime.ray_address)
+        return extract_on_ray(plan, out, overwrite=overwrite, settings=settings)
     return run_extraction(plan, out, overwrite=overwrite)
 
 

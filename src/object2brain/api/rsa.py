@@ -54,6 +54,8 @@ def rsa(
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
     figures: bool = True,
     behavior_ids: Sequence[str] | None = None,
     rdm_metric: str | None = None,
@@ -82,6 +84,8 @@ def rsa(
         seed: seed of every permutation and resample.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         progress: show a progress bar.
+        executor: ``local`` | ``ray``: the blocks of Mantel permutations as tasks of a Ray
+            cluster at ``ray_address`` (same p-values; :mod:`object2brain.executors`).
         figures: write the figures (when ``out`` is given).
         behavior_ids: the stimuli of the direct correlation of predicted with rated valence
             (``behavior_direct``; default: every analysed stimulus). When a valence head was
@@ -115,7 +119,14 @@ def rsa(
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
-    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    runtime = Runtime(
+        seed=seed, device=str(device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
+    if runtime.executor == "ray":
+        from object2brain.executors import require_ray
+
+        require_ray()  # before anything is read: one clear error without the extra
     if out is not None:
         check_output_folder(out)
     paths = store_paths(activations)

@@ -20,6 +20,7 @@ the path of the key at fault (``models.1.arch: unknown model 'resnet19' ...``). 
     dissect: {layer: _blocks.15, detector: opencv}
     lesion: {variants: [lesion, keep], n_null: 1000, n_perm: 1000}
     encode: {folds: 5, n_perm: 1000, reduce: "srp:4096"}
+    executor: {kind: ray, address: auto}   # optional; default local (results are the same)
 
 Each stage section is that stage's options model (:mod:`object2brain.options`: the same names,
 types, defaults and help as the command line); a missing optional section skips the stage. In a
@@ -47,6 +48,7 @@ from object2brain.errors import Object2BrainError, listing
 from object2brain.options import (
     DissectOptions,
     EncodeOptions,
+    ExecutorKind,
     ExtractOptions,
     Int,
     LesionOptions,
@@ -98,12 +100,22 @@ _SHARED_WITH_RSA = {
 }
 
 
+class ExecutorConfig(_Strict):
+    """Where the extraction shards and the RSA permutation blocks run (``executor:`` section):
+    ``kind`` local | ray, ``address`` of the Ray cluster (``auto``: the cluster of this
+    machine; none: a local one started for the run)."""
+
+    kind: ExecutorKind = "local"
+    address: str | None = None
+
+
 class RunConfig(_Strict):
     """A whole study (see module docstring)."""
 
     out: Path = Path("results")
     seed: Int = 0
     device: str = "auto"
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     stimuli: Path
     models: list[ModelConfig] = Field(min_length=1)
     brain: Path | None = None
@@ -317,6 +329,13 @@ def _check_against_models(config: RunConfig, problems: list[str]) -> None:
         resolve_device(config.device)
     except Object2BrainError as exc:
         fail("device", exc)
+    if config.executor.kind == "ray":
+        from object2brain.executors import require_ray
+
+        try:
+            require_ray()
+        except Object2BrainError as exc:
+            fail("executor.kind", exc)
 
 
 def _check_dissect(

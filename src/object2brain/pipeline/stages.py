@@ -281,6 +281,8 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
         overwrite=True,
         progress=study.progress,
         valence=None if backbone else study.out_of_fold.get(model.label),
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return [store]
 
@@ -522,6 +524,8 @@ def _rsa(study: Study, model: Unit) -> list[Path]:
         device=study.device,
         progress=study.progress,
         behavior_ids=study.rsa_held_out,
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return list(result.files)
 

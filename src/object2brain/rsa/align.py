@@ -56,6 +56,7 @@ from object2brain.activations.store import ActivationStore
 from object2brain.data import ALL_CONDITION, GROUP_RDM_SUBJECT, GROUP_SUBJECT
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
+from object2brain.executors import Executor, executor_for
 from object2brain.options import RsaOptions, Runtime
 from object2brain.rsa.group import ModelRdms, group_tables
 from object2brain.rsa.inference import (
@@ -134,6 +135,7 @@ class _Context:
     seed: int
     device: torch.device
     ceilings: dict[tuple[int, str], tuple[float, float]]
+    executor: Executor | None = None  # where the Mantel permutation blocks run (None: here)
 
 
 def select_models(
@@ -190,6 +192,7 @@ def compute_alignment(
         runtime.seed,
         device,
         noise_ceilings(analysis, method, device, options.pairs),
+        executor_for(runtime),
     )
     total = len(models) * (len(analysis.conditions) + len(analysis.contrasts))
     done = 0
@@ -337,7 +340,7 @@ def _statistics(
     method = options.compare_method
     test = mantel_test(
         upper_triangle(models), upper_triangle(targets), method, options.n_perm, context.seed,
-        context.device, columns.combine,
+        context.device, columns.combine, executor=context.executor,
     )  # fmt: skip
     low, high = bootstrap_ci(
         models, targets, method, options.n_boot, context.seed, context.device, columns.combine

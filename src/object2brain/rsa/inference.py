@@ -36,6 +36,8 @@ from the *same* permutations / resamples, so the group mean gets its own exact n
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ import torch
 
 from object2brain.devices import Chunking, pick_chunk, resolve_device
 from object2brain.errors import DataError
+from object2brain.executors.base import Executor, chunk_seed, chunks_of
 from object2brain.rsa.compare import (
     WeightedComparison,
     check_method,
@@ -101,10 +104,22 @@ def permutations(n: int, n_perm: int, seed: int) -> Iterator[np.ndarray]:
     Block ``k`` comes from ``numpy.random.default_rng([seed, k])``: the sequence depends only on
     ``(seed, n_perm, n)``.
     """
-    for k, start in enumerate(range(0, n_perm, PERM_BLOCK)):
-        size = min(PERM_BLOCK, n_perm - start)
-        rng = np.random.default_rng([seed, k])
-        yield rng.permuted(np.tile(np.arange(n), (size, 1)), axis=1)
+    for k in range(n_blocks(n_perm)):
+        yield permutation_block(n, n_perm, seed, k)
+
+
+def n_blocks(n_perm: int) -> int:
+    """Number of blocks of :func:`permutations` (``ceil(n_perm / PERM_BLOCK)``)."""
+    return -(-n_perm // PERM_BLOCK)
+
+
+def permutation_block(n: int, n_perm: int, seed: int, k: int) -> np.ndarray:
+    """Block ``k`` ``(b, n)`` of :func:`permutations`, drawn on its own from
+    ``default_rng(chunk_seed(seed, None, k)) = default_rng([seed, k])``: any worker can draw any
+    block, and the blocks are those of a plain loop."""
+    size = min(PERM_BLOCK, n_perm - k * PERM_BLOCK)
+    rng = np.random.default_rng(chunk_seed(seed, None, k))
+    return rng.permuted(np.tile(np.arange(n), (size, 1)), axis=1)
 
 
 def pair_index(perms: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -187,6 +202,8 @@ def mantel_test(
     device: str | torch.device | None = "auto",
     combine: torch.Tensor | None = None,
     memory_elements: int | None = None,
+    *,
+    executor: Executor | None = None,
 ) -> TestResult:
     """Mantel permutation test of condensed model RDMs ``(K, m)`` against targets ``(T, m)``.
 
@@ -196,6 +213,8 @@ def mantel_test(
     values (default: cache-sized on the CPU, sized from free memory on a GPU; a tile that runs
     out of memory is halved and retried). p-values do not depend on the tile sizes; ``r_perm``
     only in the last bits (summation order), far inside the ``1e-12`` tie tolerance.
+    ``executor`` (:mod:`object2brain.executors`): where the blocks of permutations run; the
+    p-values are the same for every executor and number of workers.
     """
     _, (X, Y) = _inputs(method, device, model, target)
     X = X[None] if X.ndim == 1 else X
@@ -212,7 +231,9 @@ def mantel_test(
     else:
         null = _DotNull(xp, yp, gather_model, n, memory_elements)
     del X, Y, xp, yp  # the null holds what it needs (the dot null: pair-major copies)
-    counts = _count_extremes(null, stat, combine, n, n_perm, seed, gather_model, two_sided=False)
+    counts = _count_extremes(
+        null, stat, combine, n, n_perm, seed, gather_model, two_sided=False, executor=executor
+    )
     r = stat.cpu().numpy()
     return TestResult(r=r, p=_permutation_p(counts, r, n_perm), n_perm=n_perm)
 
@@ -227,6 +248,57 @@ def _permutation_p(counts: torch.Tensor, observed: np.ndarray, n_perm: int) -> n
     return p
 
 
+@dataclass(frozen=True)
+class _NullJob:
+    """What a chunk of permutation blocks needs (an executor's shared object: the RDM vectors,
+    inside ``null``, go to a Ray object store once)."""
+
+    null: _DotNull | _KendallNull
+    bound: torch.Tensor  # (K, T + G): r - tol, or |r| - tol
+    combine: torch.Tensor | None
+    n: int
+    n_perm: int
+    seed: int
+    gather_model: bool
+    two_sided: bool
+
+    def on_cpu(self) -> _NullJob:
+        """A copy whose tensors are on the CPU (for workers without the driver's GPU)."""
+        if self.bound.device.type == "cpu":
+            return self
+        null = copy.copy(self.null)
+        for key, value in vars(null).items():
+            if isinstance(value, torch.Tensor):
+                setattr(null, key, value.cpu())
+        if isinstance(null, _DotNull):  # tiles sized for the CPU's cache, not the GPU's memory
+            m, S = null.gathered.shape
+            null.tile = _CPU_TILE_ELEMENTS
+            null.perms_per_tile = max(1, _CPU_TILE_ELEMENTS // (m * S))
+        combine = None if self.combine is None else self.combine.cpu()
+        return dataclasses.replace(self, null=null, bound=self.bound.cpu(), combine=combine)
+
+
+def _count_blocks(job: _NullJob, blocks: range) -> torch.Tensor:
+    """``#{s_perm >= s}`` (or ``#{|s_perm| >= |s|}``) over the permutation blocks ``blocks``
+    (:func:`permutation_block`), per entry ``(K, T + G)``, in tiles of ``job.null``."""
+    null, dev = job.null, job.bound.device
+    counts = torch.zeros_like(job.bound, dtype=torch.int64)
+
+    def count_block(perms: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        values = _with_combine(null.coefficients(perms[start:stop]), job.combine)
+        return ((values.abs() if job.two_sided else values) >= job.bound).sum(dim=0)
+
+    chunking = Chunking(null.perms_per_tile)
+    for k in blocks:
+        block = permutation_block(job.n, job.n_perm, job.seed, k)
+        perms = torch.as_tensor(block if job.gather_model else np.argsort(block, axis=1)).to(dev)
+        for _start, _stop, found in chunking.run(
+            len(perms), partial(count_block, perms), device=dev
+        ):
+            counts += found
+    return counts
+
+
 def _count_extremes(
     null: _DotNull | _KendallNull,
     stat: torch.Tensor,
@@ -237,25 +309,25 @@ def _count_extremes(
     gather_model: bool,
     *,
     two_sided: bool,
+    executor: Executor | None = None,
 ) -> torch.Tensor:
     """``#{s_perm >= s}`` (or ``#{|s_perm| >= |s|}``) over the permutations of
-    :func:`permutations`, per entry of ``stat`` ``(K, T + G)``, in tiles of ``null``."""
-    counts = torch.zeros_like(stat, dtype=torch.int64)
+    :func:`permutations`, per entry of ``stat`` ``(K, T + G)``.
+
+    The blocks run as chunks of ``executor`` (default: in this process, all blocks in one
+    chunk); counts are integers summed over the chunks, so p-values do not depend on the
+    executor or the number of its workers. A Ray executor's workers compute on the CPU.
+    """
     bound = stat.abs() - _TOL if two_sided else stat - _TOL
-
-    def count_block(perms: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        values = _with_combine(null.coefficients(perms[start:stop]), combine)
-        return ((values.abs() if two_sided else values) >= bound).sum(dim=0)
-
-    chunking = Chunking(null.perms_per_tile)
-    dev = stat.device
-    for block in permutations(n, n_perm, seed):
-        perms = torch.as_tensor(block if gather_model else np.argsort(block, axis=1)).to(dev)
-        for _start, _stop, found in chunking.run(
-            len(perms), partial(count_block, perms), device=dev
-        ):
-            counts += found
-    return counts
+    job = _NullJob(null, bound, combine, n, n_perm, seed, gather_model, two_sided)
+    total = n_blocks(n_perm)
+    if executor is None or executor.name == "local" or total == 0:
+        return _count_blocks(job, range(total))
+    per_chunk = max(1, -(-total // (2 * executor.workers)))
+    found = executor.map_chunks(
+        _count_blocks, chunks_of(total, per_chunk), stage="rsa permutations", shared=job.on_cpu()
+    )
+    return torch.stack(found).sum(dim=0).to(stat.device)
 
 
 def linear_permutation_test(
@@ -265,6 +337,8 @@ def linear_permutation_test(
     seed: int = 0,
     combine: torch.Tensor | None = None,
     memory_elements: int | None = None,
+    *,
+    executor: Executor | None = None,
 ) -> TestResult:
     """Two-sided permutation test of statistics linear in a prepared target:
     ``s = x . (y o pi)`` for rows ``x`` of ``model_side`` ``(K, m)`` (any vectors, e.g. the
@@ -275,7 +349,8 @@ def linear_permutation_test(
     ``p = (1 + #{|s_perm| >= |s|}) / (1 + N)``, NaN where ``s`` is NaN or ``N = 0``. With
     ``x = prepare(variant) - prepare(full)`` this tests a change of Pearson / Spearman r,
     ``delta = r(variant, y) - r(full, y)``, against targets whose stimulus labels carry no
-    relation to the model.
+    relation to the model. ``executor``: where the permutation blocks run (as in
+    :func:`mantel_test`).
     """
     X = model_side.to(torch.float64)
     Y = target_prepared.to(device=X.device, dtype=torch.float64)
@@ -283,7 +358,9 @@ def linear_permutation_test(
     stat = _with_combine(X @ Y.T, combine)
     gather_model = X.shape[0] <= Y.shape[0]
     null = _DotNull(X, Y, gather_model, n, memory_elements)  # NaN rows stay NaN (left out)
-    counts = _count_extremes(null, stat, combine, n, n_perm, seed, gather_model, two_sided=True)
+    counts = _count_extremes(
+        null, stat, combine, n, n_perm, seed, gather_model, two_sided=True, executor=executor
+    )
     s = stat.cpu().numpy()
     return TestResult(r=s, p=_permutation_p(counts, s, n_perm), n_perm=n_perm)
 

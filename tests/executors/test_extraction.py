@@ -1,0 +1,150 @@
+"""Extraction on a local Ray cluster: the store equals a local run's (ids, order, attributes,
+arrays bit-identical on the CPU) with 1 and 2 workers; a worker killed mid-extraction is
+restarted and the store is the same; a rerun redoes only the missing shards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import object2brain as o2b
+from o2b_testing import PHOTOS
+from object2brain.activations.extract import manifest_path, plan_extraction, run_extraction
+from object2brain.activations.store import ActivationStore
+from object2brain.executors import ExecutorError
+from object2brain.executors import extraction as ray_extraction
+from object2brain.executors.extraction import (
+    RaySettings,
+    extract_on_ray,
+    shard_folder,
+    shard_ranges,
+)
+from object2brain.models.zoo import load_model
+from object2brain.options import ExtractOptions, Runtime
+
+NAMES = list(PHOTOS)[:6]
+IDS = [f"s{i:02d}_{name}" for i, name in enumerate(NAMES)]
+
+
+@pytest.fixture(scope="module")
+def plan(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    table = tmp_path_factory.mktemp("table") / "stimuli.csv"
+    rows = [
+        {"stimulus_id": i, "path": str(photo_dir / f"{n}.jpg")}
+        for i, n in zip(IDS, NAMES, strict=True)
+    ]
+    pd.DataFrame(rows).to_csv(table, index=False)
+    stimuli = o2b.load_stimuli(table)
+    model = load_model("resnet18", "none", seed=3)
+    options = ExtractOptions(batch_size=2, srp=64, num_workers=0)
+    runtime = Runtime(seed=5, device="cpu", progress=False)
+    return plan_extraction(model, stimuli, ["layer1", "layer4", "fc"], options, runtime)
+
+
+@pytest.fixture(scope="module")
+def local_store(plan: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_extraction(plan, tmp_path_factory.mktemp("local") / "acts.h5")
+
+
+def _same_store(a: Path, b: Path) -> None:
+    with ActivationStore.open(a) as x, ActivationStore.open(b) as y:
+        assert x.stimulus_ids == y.stimulus_ids == IDS
+        assert x.layers == y.layers
+        assert x.attrs == y.attrs  # fingerprint, order, srp, model, weights, preprocessing ...
+        for layer in x.layers:
+            ax, ay = x.read(layer), y.read(layer)
+            assert ax.dtype == ay.dtype and ax.shape == ay.shape
+            assert ax.tobytes() == ay.tobytes(), layer  # bit-identical
+    ma, mb = (o2b_manifest(p) for p in (a, b))
+    assert ma == mb
+
+
+def o2b_manifest(store: Path) -> dict[str, Any]:
+    import json
+
+    manifest = json.loads(manifest_path(store).read_text())
+    for volatile in ("created", "seconds", "out", "outputs", "host", "elapsed"):
+        manifest.pop(volatile, None)
+        manifest.get("config", {}).pop(volatile, None)
+        manifest.get("extra", {}).pop(volatile, None)
+    return manifest
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_store_equals_local(
+    ray_cluster: ModuleType, plan: Any, local_store: Path, tmp_path: Path, workers: int
+) -> None:
+    out = tmp_path / "acts.h5"
+    settings = RaySettings(workers=workers, shard_size=2)  # 3 shards of one batch each
+    assert len(shard_ranges(len(IDS), 2, 2)) == 3
+    assert extract_on_ray(plan, out, settings=settings) == out
+    _same_store(out, local_store)
+    assert not shard_folder(out).exists()  # removed once the store is complete
+
+
+def test_shards_hold_whole_batches() -> None:
+    assert [(r.start, r.stop) for r in shard_ranges(7, 2, 3)] == [(0, 4), (4, 7)]
+    assert [(r.start, r.stop) for r in shard_ranges(5, 4)] == [(0, 5)]
+
+
+class _DiesOnce(ray_extraction._ShardActor):
+    """An actor whose process exits on its first shard, once (a marker file remembers)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        marker = self.folder.parent / "killed-once"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)  # the worker process dies mid-extraction
+        return super().__call__(batch)
+
+
+def test_killed_worker_is_restarted_same_store(
+    ray_cluster: ModuleType,
+    plan: Any,
+    local_store: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ray_extraction, "_ShardActor", _DiesOnce)
+    out = tmp_path / "acts.h5"
+    extract_on_ray(plan, out, settings=RaySettings(workers=2, shard_size=2))
+    assert (tmp_path / "killed-once").is_file()  # a worker did die
+    _same_store(out, local_store)
+
+
+class _Broken(ray_extraction._ShardActor):
+    """Shard 1 always fails; the others are computed."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if 1 in batch["shard"].tolist():
+            raise RuntimeError("this node lost its disk")
+        return super().__call__(batch)
+
+
+def test_failed_shard_keeps_finished_ones_and_rerun_redoes_only_it(
+    ray_cluster: ModuleType,
+    plan: Any,
+    local_store: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "acts.h5"
+    settings = RaySettings(workers=1, shard_size=2, max_retries=0)
+    monkeypatch.setattr(ray_extraction, "_ShardActor", _Broken)
+    with pytest.raises(ExecutorError, match=r"extract: shard\(s\) \[1(, 2)?\] of 3 failed"):
+        extract_on_ray(plan, out, settings=settings)
+    assert not out.exists()
+    kept = sorted(p.name for p in shard_folder(out).glob("shard-*.h5"))
+    assert "shard-00001.h5" not in kept and len(kept) >= 1  # finished shards are kept
+    ranges = shard_ranges(len(IDS), 2, 2)
+    missing = ray_extraction._missing_shards(plan, shard_folder(out), ranges)
+    assert 0 not in missing and 1 in missing  # a rerun computes the missing ones only
+    monkeypatch.undo()
+    extract_on_ray(plan, out, settings=settings)
+    _same_store(out, local_store)
