@@ -219,6 +219,12 @@ OBJECT2BRAIN = TableSchema(
     (
         _MODEL,
         _LAYER,
+        _c(
+            "analysis",
+            "str",
+            "`rsa` (the layer's RDM against the target's) or `encoding` (the ROI's mean r of the "
+            "out-of-fold ridge predictions, fitted weights, no refit; p_perm NaN, n_perm 0)",
+        ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` (group's filters zeroed) or `keep` (only them kept)"),
         _TARGET,
@@ -302,6 +308,12 @@ PROPAGATE_BEHAVIOR = TableSchema(
     (
         _MODEL,
         _LAYER,
+        _c(
+            "analysis",
+            "str",
+            "`rsa` (the layer's RDM against the target's) or `encoding` (the ROI's mean r of the "
+            "out-of-fold ridge predictions, fitted weights, no refit; p_perm NaN, n_perm 0)",
+        ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` or `keep`"),
         _CONDITION,
@@ -322,6 +334,12 @@ PROPAGATE_ALIGNMENT = TableSchema(
     (
         _MODEL,
         _LAYER,
+        _c(
+            "analysis",
+            "str",
+            "`rsa` (the layer's RDM against the target's) or `encoding` (the ROI's mean r of the "
+            "out-of-fold ridge predictions, fitted weights, no refit; p_perm NaN, n_perm 0)",
+        ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` or `keep`"),
         _c("later_layer", "str", "a layer after the lesioned one in network order"),

@@ -259,6 +259,8 @@ def _fit_layer(
             inner_folds=options.inner_folds,
             seed=study.seed,
             pca_dim=dim if kind == "pca" else None,
+            standardize=options.standardize,
+            keep_weights=options.keep_weights,
             backend=study.backend,
         )
     except DataError as exc:
@@ -278,6 +280,7 @@ def _refit(study: _Study, inputs: np.ndarray) -> Callable[[np.ndarray], np.ndarr
         inner_folds=study.options.inner_folds,
         seed=study.seed,
         pca_dim=dim if kind == "pca" else None,
+        standardize=study.options.standardize,
     )
     return smoother.predict
 
@@ -300,6 +303,7 @@ def _banded(
         n_iter=options.n_iter,
         seed=study.seed,
         pca_dim=dim if kind == "pca" else None,
+        standardize=options.standardize,
         backend=study.backend,
     )
     return "banded:" + "+".join(bands), fit
