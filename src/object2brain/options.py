@@ -525,7 +525,7 @@ class EncodeOptions(StageOptions):
         ),
     )
     standardize: bool = Field(
-        True,
+        False,
         description=(
             "z-score each feature with the mean and sd of the training folds only (before PCA)."
         ),

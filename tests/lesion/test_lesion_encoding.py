@@ -165,7 +165,7 @@ def test_standardisation_never_sees_test_fold_stimuli() -> None:
     result = compute_encoding(
         {"l": x},
         {("r", "s"): y},
-        FAST.model_copy(update={"keep_weights": True}),
+        FAST.model_copy(update={"keep_weights": True, "standardize": True}),
         Runtime(seed=0, device="cpu", progress=False),
         stimulus_ids=[f"s{i}" for i in range(30)],
     )
