@@ -139,6 +139,11 @@ def predict_with_filters(
         raise DataError(
             f"encoding lesion: {mask.size} filter flags for features of shape {features.shape}"
         )
+    if any(fold.weights.shape[0] == 0 for fold in fit.ridge.folds):
+        raise DataError(
+            f"encoding lesion: layer {fit.layer} was fitted without keeping its weights; fit it "
+            "with keep_weights=True (EncodeOptions) to predict from lesioned features"
+        )
     shape = (1, mask.size) + (1,) * (features.ndim - 2)
     masked = features * mask.reshape(shape)
     return fit.ridge.predict(layer_inputs(masked, fit.layer, fit.srp_dim, fit.seed))
