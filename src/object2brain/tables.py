@@ -242,6 +242,27 @@ OBJECT2BRAIN = TableSchema(
         _c("p_perm_fdr", "float", "Benjamini-Hochberg of p_perm"),
         _N_PERM,
     ),
+    # tables written before the encoding lesion have no column analysis (all rows rsa)
+    required=(
+        "model",
+        "layer",
+        "group",
+        "variant",
+        "target",
+        "subject",
+        "condition",
+        "n_filters",
+        "r_full",
+        "r_variant",
+        "delta_r",
+        "p_null",
+        "z_null",
+        "n_null",
+        "p_fdr",
+        "p_perm",
+        "p_perm_fdr",
+        "n_perm",
+    ),
 )
 
 HEAD_METRICS = TableSchema(
