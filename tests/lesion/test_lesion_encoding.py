@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -248,3 +249,21 @@ def test_subset_masks_share_nulls_by_size(filter_table: pd.DataFrame, store: Pat
     # Faces, Animals, Vehicles (6 filters each) share one null; unassigned (6) too
     assert len(subsets.null_rows) == 1
     assert subsets.masks.shape == (1 + 4 + 10, K)
+
+
+def test_study_lesion_uses_the_encode_section_only_for_encoding() -> None:
+    """The pipeline passes its ``encode`` section as the lesion's encoding model (and keys the
+    cached lesion on it) only when the lesion analyses encoding."""
+    from types import SimpleNamespace
+
+    from object2brain.pipeline.stages import _lesion_encoding
+
+    section = EncodeOptions(folds=3)
+
+    def study(analysis: str, encode: EncodeOptions | None) -> Any:
+        lesion = LesionOptions(analysis=analysis)  # type: ignore[arg-type]
+        return SimpleNamespace(config=SimpleNamespace(lesion=lesion, encode=encode))
+
+    assert _lesion_encoding(study("rsa", section)) is None
+    assert _lesion_encoding(study("both", section)) is section
+    assert _lesion_encoding(study("encoding", None)) == EncodeOptions()
