@@ -54,6 +54,7 @@ OnMissing = Literal["error", "intersect"]
 ExecutorKind = Literal["local", "ray"]
 ValenceSource = Literal["stimuli", "ratings"]
 PermNull = Literal["predictions", "refit"]
+LesionAnalysis = Literal["rsa", "encoding", "both"]
 BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
 FdrFamily = Literal["model", "models", "study"]
 Pairs = Literal["all", "within"]
@@ -400,6 +401,13 @@ class LesionOptions(StageOptions):
         json_schema_extra=_cli("--compare"),
     )
     batch_size: Int = Field(32, ge=1, description="Images per batch (with --propagate).")
+    analysis: LesionAnalysis = Field(
+        "rsa",
+        description=(
+            "rsa | encoding | both: lesion the RSA (RDM correlation) and/or the encoding models "
+            "(ROI mean r of out-of-fold ridge predictions; needs brain patterns or ratings)."
+        ),
+    )
 
 
 class SimulateOptions(StageOptions):
@@ -545,6 +553,21 @@ class EncodeOptions(StageOptions):
             "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
             "| refit: relabel the responses and rerun the cross-validation (exact, n_perm fits)."
         ),
+    )
+    standardize: bool = Field(
+        False,
+        description=(
+            "z-score each feature with the mean and sd of the training folds only (before PCA)."
+        ),
+        json_schema_extra=_cli("--standardize/--no-standardize"),
+    )
+    keep_weights: bool = Field(
+        False,
+        description=(
+            "Keep every fold's fitted weights (features x voxels, per layer and ROI) in the "
+            "result (API only; nothing written needs them)."
+        ),
+        json_schema_extra=_cli(None),
     )
     layers: list[str] | None = Field(
         None, description="Layers to analyse (default: all).", json_schema_extra=_cli(None)

@@ -219,6 +219,12 @@ OBJECT2BRAIN = TableSchema(
     (
         _MODEL,
         _LAYER,
+        _c(
+            "analysis",
+            "str",
+            "`rsa` (the layer's RDM against the target's) or `encoding` (the ROI's mean r of the "
+            "out-of-fold ridge predictions, fitted weights, no refit; p_perm NaN, n_perm 0)",
+        ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` (group's filters zeroed) or `keep` (only them kept)"),
         _TARGET,
@@ -235,6 +241,27 @@ OBJECT2BRAIN = TableSchema(
         _c("p_perm", "float", "two-sided stimulus-label permutation p of delta_r"),
         _c("p_perm_fdr", "float", "Benjamini-Hochberg of p_perm"),
         _N_PERM,
+    ),
+    # tables written before the encoding lesion have no column analysis (all rows rsa)
+    required=(
+        "model",
+        "layer",
+        "group",
+        "variant",
+        "target",
+        "subject",
+        "condition",
+        "n_filters",
+        "r_full",
+        "r_variant",
+        "delta_r",
+        "p_null",
+        "z_null",
+        "n_null",
+        "p_fdr",
+        "p_perm",
+        "p_perm_fdr",
+        "n_perm",
     ),
 )
 
@@ -302,6 +329,12 @@ PROPAGATE_BEHAVIOR = TableSchema(
     (
         _MODEL,
         _LAYER,
+        _c(
+            "analysis",
+            "str",
+            "`rsa` (the layer's RDM against the target's) or `encoding` (the ROI's mean r of the "
+            "out-of-fold ridge predictions, fitted weights, no refit; p_perm NaN, n_perm 0)",
+        ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` or `keep`"),
         _CONDITION,
@@ -322,6 +355,12 @@ PROPAGATE_ALIGNMENT = TableSchema(
     (
         _MODEL,
         _LAYER,
+        _c(
+            "analysis",
+            "str",
+            "`rsa` (the layer's RDM against the target's) or `encoding` (the ROI's mean r of the "
+            "out-of-fold ridge predictions, fitted weights, no refit; p_perm NaN, n_perm 0)",
+        ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` or `keep`"),
         _c("later_layer", "str", "a layer after the lesioned one in network order"),

@@ -40,7 +40,7 @@ def study() -> dict[str, object]:
     result = compute_encoding(
         features,
         responses,
-        EncodeOptions(n_perm=400, banded=["l1", "l2"], n_iter=10),
+        EncodeOptions(n_perm=400, banded=["l1", "l2"], n_iter=10, keep_weights=True),
         RUNTIME,
         stimulus_ids=_ids(),
         model="net",
@@ -109,11 +109,34 @@ def test_lesioning_the_planted_filters_removes_the_prediction(study: dict[str, o
         predict_with_filters(fit, features, np.ones(7, dtype=bool))
 
 
+def test_weights_are_dropped_unless_kept(study: dict[str, object]) -> None:
+    """Default ``keep_weights=False``: the same predictions, alphas and intercepts, no ``(p, v)``
+    weights held, and a lesion prediction says why it cannot run."""
+    kept = study["result"]
+    features, responses = study["features"], study["responses"]
+    light = compute_encoding(
+        {"l2": features["l2"]},  # type: ignore[index]
+        {("roi", "sub-01"): responses[("roi", "sub-01")]},  # type: ignore[index]
+        EncodeOptions(n_perm=0),
+        RUNTIME,
+        stimulus_ids=_ids(),
+        model="net",
+        conditions=np.array(["a", "b"] * (N // 2)),
+    )
+    heavy_fit = kept.fits[("l2", "roi", "sub-01")]  # type: ignore[attr-defined]
+    light_fit = light.fits[("l2", "roi", "sub-01")]
+    np.testing.assert_array_equal(light_fit.ridge.predictions, heavy_fit.ridge.predictions)
+    assert light_fit.ridge.feature_dim == heavy_fit.ridge.feature_dim == 32
+    assert all(fold.weights.size == 0 for fold in light_fit.ridge.folds)
+    with pytest.raises(DataError, match="keep_weights"):
+        predict_with_filters(light_fit, features["l2"], np.ones(8, dtype=bool))  # type: ignore[index]
+
+
 def test_srp_reduction_and_seeded_reproducibility() -> None:
     rng = np.random.default_rng(3)
     features = {"big": rng.standard_normal((30, 4, 5, 5)), "small": rng.standard_normal((30, 6))}
     responses = {("roi", "s"): rng.standard_normal((30, 4))}
-    options = EncodeOptions(reduce="srp:16", n_perm=50, folds=3, inner_folds=3)
+    options = EncodeOptions(reduce="srp:16", n_perm=50, folds=3, inner_folds=3, keep_weights=True)
     first = compute_encoding(features, responses, options, RUNTIME, stimulus_ids=_ids(30))
     dims = first.encoding.set_index("layer")["feature_dim"]
     assert dims["big"] == 16 and dims["small"] == 6  # a layer at most DIM wide stays as it is

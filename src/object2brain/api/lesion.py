@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from object2brain.activations.store import ActivationStore
+from object2brain.api.encode import load_targets
 from object2brain.api.rsa import (
     ActivationsArg,
     BrainArg,
@@ -44,10 +45,12 @@ from object2brain.lesion.analysis import (
     compute_lesion,
     load_filter_table,
 )
+from object2brain.lesion.encoding import EncodingLesionData, compute_encoding_lesion
 from object2brain.manifest import build_manifest, output_list
 from object2brain.models.zoo import LoadedModel
 from object2brain.options import (
     NULL_KINDS,
+    EncodeOptions,
     LesionOptions,
     NullKind,
     Runtime,
@@ -57,6 +60,7 @@ from object2brain.options import (
 from object2brain.rsa.compare import check_method
 from object2brain.rsa.rdm import check_metric
 from object2brain.rsa.targets import AnalysisSet, build_analysis_set
+from object2brain.tables import OBJECT2BRAIN
 
 
 def lesion(
@@ -84,6 +88,8 @@ def lesion(
     null_subsets: NullKind | None = None,
     propagate: bool | None = None,
     batch_size: int | None = None,
+    analysis: str | None = None,
+    encode_options: EncodeOptions | None = None,
 ) -> LesionResult:
     """Lesion / keep-only analysis of every object group (Object2Brain).
 
@@ -103,7 +109,11 @@ def lesion(
         behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
             (default all): the held-out ones when the head was fitted on some of these stimuli.
         layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
-            propagate, batch_size: the fields of :class:`LesionOptions` (None: not given).
+            propagate, batch_size, analysis: the fields of :class:`LesionOptions` (None: not
+            given).
+        encode_options: the encoding model of ``analysis = encoding | both`` (folds, alphas,
+            standardisation; ``reduce`` must be ``none``); default :class:`EncodeOptions()`, the
+            ``encode`` stage's default model.
     """
     given = {
         "layers": None if layers is None else list(layers),
@@ -116,6 +126,7 @@ def lesion(
         "null_subsets": null_subsets,
         "propagate": propagate,
         "batch_size": batch_size,
+        "analysis": analysis,
     }
     opts = resolve_lesion_options(options, given)
     runtime = Runtime(seed=seed, device=str(device), progress=progress)
@@ -132,7 +143,7 @@ def lesion(
         for store in stores:
             _check_store(store, stimulus_set, opts, model)
         analyses = []
-        for store in stores:
+        for store in stores if opts.analysis != "encoding" else ():
             key = tuple(stimulus_set.ids if stimulus_set is not None else store.stimulus_ids)
             if key not in built:  # one analysis set per distinct set of stimuli
                 built[key] = build_analysis_set(
@@ -147,7 +158,16 @@ def lesion(
                     behavior_ids=behavior_ids,
                 )
             analyses.append(built[key])
-        result = compute_lesion(stores, table, analyses, opts, runtime, model=model)
+        result = LesionResult(pd.DataFrame(columns=OBJECT2BRAIN.column_names))
+        if opts.analysis != "encoding":
+            result = compute_lesion(stores, table, analyses, opts, runtime, model=model)
+        if opts.analysis != "rsa":
+            data = encoding_lesion_data(brain_data, ratings, stimulus_set, stores[0])
+            encoded = compute_encoding_lesion(
+                stores, table, data, opts, encode_options or EncodeOptions(), runtime
+            )
+            parts = [result.object2brain, encoded] if opts.analysis == "both" else [encoded]
+            result.object2brain = pd.concat(parts, ignore_index=True)
         if staging is not None:  # tables, figures, manifest: swapped in as a whole
             config = _config(opts, str(dev))
             sources = (filters, brain, ratings, stimuli)
@@ -178,7 +198,9 @@ def write_lesion(
     if figures:
         from object2brain.report.figures.lesion import lesion_figures
 
-        files.extend(lesion_figures(result.object2brain, out / "figures"))
+        table = result.object2brain  # one analysis per figure: RSA rows when there are some
+        rsa_rows = table[table["analysis"] == "rsa"]
+        files.extend(lesion_figures(rsa_rows if len(rsa_rows) else table, out / "figures"))
     manifest = build_manifest(
         "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=output_list(files, out)
     )
@@ -244,5 +266,30 @@ def _config(options: LesionOptions, device: str) -> dict[str, Any]:
         "null_subsets": options.null_subsets,
         "n_perm": options.n_perm,
         "propagate": options.propagate,
+        "analysis": options.analysis,
         "device": device,
     }
+
+
+def encoding_lesion_data(
+    brain: BrainData | None,
+    ratings: RatingsArg,
+    stimuli: StimulusSet | None,
+    store: ActivationStore,
+) -> EncodingLesionData:
+    """The responses of the encoding lesion: brain patterns (not RDMs) and raters, as the
+    ``encode`` stage reads them, on the stimulus table's ids (else the first store's).
+
+    Raises:
+        DataError: neither brain data nor ratings, an RDMs source, missing stimuli.
+    """
+    if brain is None and ratings is None:
+        raise DataError(
+            "lesion --analysis encoding needs brain patterns (--brain) or ratings (--ratings)"
+        )
+    ids = list(stimuli.ids if stimuli is not None else store.stimulus_ids)
+    conditions = None
+    if stimuli is not None and "condition" in stimuli.table:
+        conditions = [str(c) for c in stimuli.table["condition"]]
+    targets = load_targets(brain, ratings, ids, conditions)
+    return EncodingLesionData(ids, targets.responses, conditions)

@@ -139,6 +139,11 @@ def predict_with_filters(
         raise DataError(
             f"encoding lesion: {mask.size} filter flags for features of shape {features.shape}"
         )
+    if any(fold.weights.shape[0] == 0 for fold in fit.ridge.folds):
+        raise DataError(
+            f"encoding lesion: layer {fit.layer} was fitted without keeping its weights; fit it "
+            "with keep_weights=True (EncodeOptions) to predict from lesioned features"
+        )
     shape = (1, mask.size) + (1,) * (features.ndim - 2)
     masked = features * mask.reshape(shape)
     return fit.ridge.predict(layer_inputs(masked, fit.layer, fit.srp_dim, fit.seed))
@@ -259,6 +264,8 @@ def _fit_layer(
             inner_folds=options.inner_folds,
             seed=study.seed,
             pca_dim=dim if kind == "pca" else None,
+            standardize=options.standardize,
+            keep_weights=options.keep_weights,
             backend=study.backend,
         )
     except DataError as exc:
@@ -278,6 +285,7 @@ def _refit(study: _Study, inputs: np.ndarray) -> Callable[[np.ndarray], np.ndarr
         inner_folds=study.options.inner_folds,
         seed=study.seed,
         pca_dim=dim if kind == "pca" else None,
+        standardize=study.options.standardize,
     )
     return smoother.predict
 
@@ -300,6 +308,7 @@ def _banded(
         n_iter=options.n_iter,
         seed=study.seed,
         pca_dim=dim if kind == "pca" else None,
+        standardize=options.standardize,
         backend=study.backend,
     )
     return "banded:" + "+".join(bands), fit

@@ -92,12 +92,37 @@ def fit_pca(features: np.ndarray, dim: int) -> Pca:
 
 
 @dataclass(frozen=True)
+class Scaler:
+    """Standardisation fitted on one training set: ``transform(X) = (X - mean) / scale``.
+
+    ``mean``, ``scale`` ``(p,)``: the training stimuli's mean and standard deviation (ddof 0) of
+    each feature; a feature constant on the training stimuli keeps ``scale = 1``.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """``(m, p)`` -> ``(m, p)``."""
+        return np.asarray((features - self.mean) / self.scale)
+
+
+def fit_scaler(features: np.ndarray) -> Scaler:
+    """The :class:`Scaler` of training features ``(n_train, p)`` (their rows only)."""
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    return Scaler(mean=mean, scale=np.where(scale > 0, scale, 1.0))
+
+
+@dataclass(frozen=True)
 class FoldFit:
     """The ridge model of one outer fold.
 
     ``test`` ``(n_test,)`` stimulus indices it predicts; ``alphas`` ``(v,)`` chosen penalties;
-    ``weights`` ``(d, v)`` and ``intercept`` ``(v,)`` on the fold's model features (after ``pca``
-    when one was fitted): ``prediction = transform(X) @ weights + intercept``.
+    ``weights`` ``(d, v)`` and ``intercept`` ``(v,)`` on the fold's model features (after
+    ``scaler``, then ``pca``, when fitted): ``prediction = transform(X) @ weights + intercept``.
+    ``weights`` is empty ``(0, v)`` when the fit was asked not to keep them (then
+    :meth:`predict` cannot run).
     """
 
     fold: int
@@ -106,11 +131,18 @@ class FoldFit:
     weights: np.ndarray
     intercept: np.ndarray
     pca: Pca | None = None
+    scaler: Scaler | None = None
+
+    def inputs(self, features: np.ndarray) -> np.ndarray:
+        """The model features ``(m, d)`` of features ``(m, p)``: standardised, then PCA."""
+        x = self.scaler.transform(features) if self.scaler is not None else features
+        return self.pca.transform(x) if self.pca is not None else x
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Predictions ``(m, v)`` from features ``(m, p)`` (before PCA)."""
-        x = self.pca.transform(features) if self.pca is not None else features
-        return np.asarray(x @ self.weights + self.intercept)
+        """Predictions ``(m, v)`` from features ``(m, p)`` (before standardisation and PCA)."""
+        if self.weights.shape[0] == 0:
+            raise ValueError("this fold's weights were not kept (keep_weights=False)")
+        return np.asarray(self.inputs(features) @ self.weights + self.intercept)
 
 
 @dataclass(frozen=True)
@@ -211,6 +243,8 @@ def fit_ridge_cv(
     inner_folds: int,
     seed: int,
     pca_dim: int | None = None,
+    standardize: bool = False,
+    keep_weights: bool = True,
     backend: BackendName = "numpy",
 ) -> RidgeFit:
     """Cross-validated ridge from ``features`` ``(n, p)`` to ``responses`` ``(n, v)``.
@@ -218,7 +252,11 @@ def fit_ridge_cv(
     ``folds`` ``(n,)``: outer fold of each stimulus
     (:func:`~object2brain.encoding.folds.outer_folds`); inner folds come from
     :func:`~object2brain.encoding.folds.inner_splits` with ``seed``.
-    ``pca_dim``: PCA of each training set to this many components first.
+    ``standardize``: each feature z-scored with the mean and standard deviation of the outer
+    training set (:func:`fit_scaler`; the test fold's stimuli never enter them).
+    ``pca_dim``: PCA of each training set to this many components (after standardisation).
+    ``keep_weights``: False drops each fold's ``(d, v)`` weights once its test stimuli are
+    predicted (predictions, alphas and intercepts are kept; no lesion prediction then).
 
     Raises:
         DataError: see :func:`check_inputs`; too few training stimuli for the inner folds.
@@ -228,10 +266,13 @@ def fit_ridge_cv(
     grid = np.asarray(alphas, dtype=dtype)
     predictions = np.empty(responses.shape, dtype=np.float64)
     fits: list[FoldFit] = []
+    dims: list[int] = []
     with using_backend(backend) as module:
         for k, (train, test) in enumerate(fold_splits(folds)):
-            pca = fit_pca(features[train], pca_dim) if pca_dim is not None else None
-            x_train = pca.transform(features[train]) if pca is not None else features[train]
+            scaler = fit_scaler(features[train]) if standardize else None
+            x_train = scaler.transform(features[train]) if scaler is not None else features[train]
+            pca = fit_pca(x_train, pca_dim) if pca_dim is not None else None
+            x_train = pca.transform(x_train) if pca is not None else x_train
             cv = inner_splits(train.size, inner_folds, seed=seed, outer_fold=k)
             weights, intercept, chosen = _fit_one(
                 x_train.astype(dtype, copy=False),
@@ -240,10 +281,13 @@ def fit_ridge_cv(
                 cv,
                 module,
             )
-            fit = FoldFit(k, test, chosen, weights, intercept, pca)
+            fit = FoldFit(k, test, chosen, weights, intercept, pca, scaler)
             predictions[test] = fit.predict(features[test])
+            dims.append(int(weights.shape[0]))
+            if not keep_weights:
+                fit = FoldFit(k, test, chosen, weights[:0], intercept, pca, scaler)
             fits.append(fit)
-    return RidgeFit(predictions, tuple(fits), int(fits[0].weights.shape[0]))
+    return RidgeFit(predictions, tuple(fits), dims[0])
 
 
 @dataclass(frozen=True)
@@ -284,14 +328,16 @@ def fit_banded_cv(
     n_iter: int,
     seed: int,
     pca_dim: int | None = None,
+    standardize: bool = False,
     backend: BackendName = "numpy",
 ) -> BandedFit:
     """Banded ridge from ``bands`` (``b`` arrays ``(n, p_j)``) to ``responses`` ``(n, v)``.
 
     Each outer fold runs himalaya's ``BandedRidgeCV`` (``solver="random_search"``, ``n_iter``
     Dirichlet samples of the band weights, seeded by ``(seed, fold)``, ``alphas`` the grid) with
-    the inner folds of :func:`~object2brain.encoding.folds.inner_splits`. ``pca_dim``: each band
-    reduced by its own PCA fitted on the training set.
+    the inner folds of :func:`~object2brain.encoding.folds.inner_splits`. ``standardize``: each
+    band's features z-scored with the training set's mean and standard deviation; ``pca_dim``:
+    each band reduced by its own PCA fitted on the training set (after standardisation).
     """
     from himalaya.ridge import BandedRidgeCV
     from himalaya.scoring import r2_score_split
@@ -307,8 +353,9 @@ def fit_banded_cv(
     deltas: list[np.ndarray] = []
     with using_backend(backend) as module:
         for k, (train, test) in enumerate(fold_splits(folds)):
-            pcas = [fit_pca(b[train], pca_dim) if pca_dim else None for b in bands]
-            xs = [p.transform(b) if p is not None else b for p, b in zip(pcas, bands, strict=True)]
+            scaled = [fit_scaler(b[train]).transform(b) if standardize else b for b in bands]
+            pcas = [fit_pca(b[train], pca_dim) if pca_dim else None for b in scaled]
+            xs = [p.transform(b) if p is not None else b for p, b in zip(pcas, scaled, strict=True)]
             means = [x[train].mean(axis=0) for x in xs]
             model = BandedRidgeCV(
                 groups="input",
@@ -417,14 +464,18 @@ def fit_smoother(
     inner_folds: int,
     seed: int,
     pca_dim: int | None = None,
+    standardize: bool = False,
 ) -> CvSmoother:
-    """The :class:`CvSmoother` of ``features`` ``(n, p)`` with the folds, inner folds, alphas and
-    PCA of :func:`fit_ridge_cv` (same arguments, float64)."""
+    """The :class:`CvSmoother` of ``features`` ``(n, p)`` with the folds, inner folds, alphas,
+    standardisation and PCA of :func:`fit_ridge_cv` (same arguments, float64)."""
     grid = np.asarray(sorted(alphas), dtype=np.float64)
     smoothers = []
     for k, (train, test) in enumerate(fold_splits(folds)):
         x = features[train]
         x_test = features[test]
+        if standardize:
+            scaler = fit_scaler(x)
+            x, x_test = scaler.transform(x), scaler.transform(x_test)
         if pca_dim is not None:
             pca = fit_pca(x, pca_dim)
             x, x_test = pca.transform(x), pca.transform(x_test)

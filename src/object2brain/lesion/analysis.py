@@ -222,7 +222,7 @@ def compute_lesion(
                 behavior.append(parts[0])
                 later.append(parts[1])
     frame = with_fdr(
-        pd.DataFrame(rows, columns=OBJECT2BRAIN.column_names),
+        pd.DataFrame(rows, columns=OBJECT2BRAIN.column_names).assign(analysis="rsa"),
         ["model", "layer", "variant", "condition", "subject"],  # as the alignment's
         [("p_null", "p_fdr"), ("p_perm", "p_perm_fdr")],
     )
@@ -523,3 +523,40 @@ def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(varies, (delta - centre) / spread, np.nan)
     return p, z
+
+
+# --- shared with the encoding lesion (object2brain.lesion.encoding) -----------------------
+
+
+def layers_to_lesion(
+    store: ActivationStore, table: pd.DataFrame, model: str, layers: Sequence[str] | None
+) -> list[str]:
+    """The layers of ``store`` the lesion analyses: ``layers`` (checked), else every layer of the
+    store that the filter table has rows for (as the RSA lesion)."""
+    return _layers_of(store, table, model, layers, str(store.path))
+
+
+def null_subset_masks(
+    n_filters: int,
+    filters: np.ndarray,
+    strata: np.ndarray | None,
+    n_null: int,
+    seed: int,
+    variant: str,
+) -> np.ndarray:
+    """The null filter subsets ``(n_null, K)`` (True = filter kept) of one group and variant,
+    drawn exactly as the RSA lesion draws them (seed ``seed + group size``; uniform, or
+    norm-matched with ``strata``), so both analyses test against the same subsets."""
+    draws = _null_draws(n_filters, filters, strata, n_null, seed + len(filters))
+    return ~draws if variant == "lesion" else draws
+
+
+def null_p_z(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided p and z of ``delta`` ``(T,)`` against ``null`` ``(N, T)``, as the RSA lesion's
+    ``p_null`` and ``z_null``."""
+    return _null_stats(delta, null)
+
+
+def stratum_counts(strata: np.ndarray | None, filters: np.ndarray) -> tuple[int, ...]:
+    """What a (matched) null depends on besides the group size (shared null draws)."""
+    return _stratum_counts(strata, filters)

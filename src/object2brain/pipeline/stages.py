@@ -28,7 +28,7 @@ from object2brain.data.brain import brain_files
 from object2brain.data.stimuli import StimulusSet
 from object2brain.io import write_json
 from object2brain.manifest import cached_file_sha256, output_list
-from object2brain.options import StageOptions
+from object2brain.options import EncodeOptions, StageOptions
 from object2brain.pipeline.config import ModelConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -665,9 +665,20 @@ def _lesion(study: Study, model: Unit) -> list[Path]:
             model=loaded,
             progress=study.progress,
             behavior_ids=study.held_out,
+            encode_options=_lesion_encoding(study),
         )
         files.extend(result.files)
     return files
+
+
+def _lesion_encoding(study: Study) -> EncodeOptions | None:
+    """The encoding model of ``lesion.analysis = encoding | both``: the study's ``encode``
+    section when it has one (so ``r_full`` is the ``encode`` table's ``r_mean``; a reduced one is
+    refused by the lesion), else the default model; None for the RSA lesion alone."""
+    options = study.config.lesion
+    if options is None or options.analysis == "rsa":
+        return None
+    return study.config.encode or EncodeOptions()
 
 
 def _lesion_key(study: Study, model: Unit) -> dict[str, Any]:
@@ -679,6 +690,7 @@ def _lesion_key(study: Study, model: Unit) -> dict[str, Any]:
         "dissect": [study.cache.keys[f"dissect:{m.label}"] for m in study.config.models],
         "held_out": study.held_out,
         "seed": study.seed,
+        **({"encoding": options_key(enc)} if (enc := _lesion_encoding(study)) else {}),
     }
 
 

@@ -1,0 +1,351 @@
+r"""Object2Brain on encoding models: how much of an ROI's predicted response each object group's
+filters carry (``lesion --analysis encoding``).
+
+For every model, layer ``L``, object group ``g``, variant and ROI (``target``, ``subject``):
+
+1. the encoding model of ``L`` is fitted as the ``encode`` stage fits it
+   (:func:`object2brain.encoding.ridge.fit_ridge_cv`: the same seeded outer and inner folds,
+   penalty grid and training-fold standardisation, from ``EncodeOptions``), so ``r_full`` equals
+   the ``encode`` table's ``r_mean`` for the same options and seed;
+2. **lesion**: the held-out features of each outer fold get ``g``'s filters set to zero;
+   **keep**: every other filter of ``L`` set to zero; each fold's fitted weights predict its own
+   test stimuli (no refit);
+3. ``r_variant`` is the ROI's mean Pearson r over voxels of these out-of-fold predictions,
+   ``delta_r = r_variant - r_full``;
+4. null: the same random filter subsets as the RSA lesion
+   (:func:`object2brain.lesion.analysis.null_subset_masks`: same sizes, seeds and draws, uniform
+   or norm-matched), each predicted the same way; ``p_null`` two-sided and ``z_null`` as there;
+   ``p_fdr``: Benjamini-Hochberg over groups x ROIs within model, layer, variant, condition and
+   subject level. ``p_perm`` is NaN (``n_perm = 0``): no stimulus-label permutation is run for
+   encoding rows.
+
+Per-subject rows, plus ``subject = group`` for a target with two or more subjects: the mean over
+its subjects of ``r_full``, ``r_variant`` and of every null subset's r (the subsets are the same
+for every subject), so the group row has its own null.
+
+Why refit rather than load the ``encode`` stage's weights: the fit is deterministic (seeded
+folds), costs one ridge fit per layer and ROI, and needs no ``features x voxels`` weights on disk
+for every fold, layer and ROI (the ``encode`` stage does not keep them, see ``keep_weights``).
+
+Computation: a lesioned prediction is affine in the filter mask ``m`` ``(C,)``. With the fold's
+standardisation (mean :math:`\mu`, sd :math:`s`) and weights :math:`W` ``(p, v)``, intercept
+:math:`b`, the prediction of a test stimulus with features :math:`x` (filter :math:`c` owning the
+columns :math:`J_c` of the flattened ``(C, h, w)`` features) is
+
+.. math:: \hat{y}(m) = b - (\mu / s) W + \sum_c m_c \, (x_{J_c} / s_{J_c}) W_{J_c},
+
+so each filter's contribution ``(C, n, v)`` is computed once and every subset costs one product
+with the mask matrix. Contributions are held for a block of voxels at a time
+(:data:`BLOCK_BYTES`), so the memory does not grow with the ROI.
+
+Features must map to filters: the layer's activations ``(n, C, ...)`` unreduced (``reduce =
+none``); a store layer kept as a random projection (``--srp``) or an encoding reduction
+(``srp:DIM``, ``pca:DIM``) is refused, naming the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from object2brain.activations.store import ActivationStore
+from object2brain.data import ALL_CONDITION
+from object2brain.devices import resolve_device
+from object2brain.encoding.folds import outer_folds
+from object2brain.encoding.ridge import RidgeFit, fit_ridge_cv
+from object2brain.errors import DataError
+from object2brain.lesion.analysis import (
+    FilterTable,
+    LayerFilters,
+    layers_to_lesion,
+    load_layer,
+    null_p_z,
+    null_subset_masks,
+    store_model,
+    stratum_counts,
+)
+from object2brain.lesion.engine import filter_norms, norm_strata
+from object2brain.options import EncodeOptions, LesionOptions, Runtime
+from object2brain.rsa.inference import with_fdr
+from object2brain.tables import OBJECT2BRAIN
+
+#: Bytes of filter contributions (or of subset predictions) held at once.
+BLOCK_BYTES = 1 << 28
+#: Subject label of the mean over a target's subjects.
+GROUP = "group"
+
+RoiKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class EncodingLesionData:
+    """What the encoding lesion predicts, on the analysed stimuli ``ids`` (rows in that order):
+    ``responses[(target, subject)]`` ``(n, v)`` and the condition labels ``(n,)`` (or None)."""
+
+    ids: list[str]
+    responses: Mapping[RoiKey, np.ndarray]
+    conditions: Sequence[str] | None = None
+
+
+def check_encoding_options(encode: EncodeOptions, layers: Sequence[str]) -> None:
+    """Refuse an encoding reduction: its model features are not the layer's filters.
+
+    Raises:
+        DataError: naming the layers and the reduction.
+    """
+    if encode.reduce != "none":
+        raise DataError(
+            f"lesion --analysis encoding: layer(s) {', '.join(layers)} would be encoded with "
+            f"reduce={encode.reduce}, whose features are not the layer's filters; the encoding "
+            "lesion needs unreduced features (encode reduce: none)"
+        )
+
+
+def compute_encoding_lesion(
+    stores: Sequence[ActivationStore],
+    filters: FilterTable,
+    data: EncodingLesionData,
+    options: LesionOptions,
+    encode: EncodeOptions,
+    runtime: Runtime,
+) -> pd.DataFrame:
+    """``object2brain`` rows (``analysis = encoding``) of every store, layer, group, variant,
+    ROI and condition (module docstring); ``p_fdr`` filled, ``p_perm`` NaN.
+
+    Raises:
+        DataError: a reduction in ``encode``, a projected store layer, a layer without filters,
+            and the encoding checks (fewer stimuli than folds, NaN or constant voxels, ...).
+    """
+    device = resolve_device(runtime.device)
+    labels = None if data.conditions is None else np.asarray(data.conditions, dtype=object)
+    folds = outer_folds(len(data.ids), encode.folds, seed=runtime.seed, conditions=labels)
+    rows: list[dict[str, Any]] = []
+    for store in stores:
+        name = store_model(store)
+        layers = layers_to_lesion(store, filters.frame, name, options.layers)
+        check_encoding_options(encode, layers)
+        for layer in layers:
+            task = load_layer(store, layer, name, filters, data.ids, options.groups, device)
+            features = _layer_features(store, layer, data.ids, task.stats.n_filters)
+            rows += _layer_rows(task, features, data, folds, labels, options, encode, runtime)
+    frame = pd.DataFrame(rows, columns=[*OBJECT2BRAIN.column_names])
+    return with_fdr(
+        frame, ["model", "layer", "variant", "condition", "subject"], [("p_null", "p_fdr")]
+    )
+
+
+def _layer_features(
+    store: ActivationStore, layer: str, ids: list[str], n_filters: int
+) -> np.ndarray:
+    """The layer's activations ``(n, C, positions)`` (float64)."""
+    if layer in store.projected_layers:  # also refused by the filter statistics
+        raise DataError(f"{store.path}: layer {layer!r} is a random projection, not filters")
+    raw = store.read(layer, ids=ids)
+    if raw.ndim < 2 or raw.shape[1] != n_filters:
+        raise DataError(f"{store.path}: layer {layer!r} of shape {raw.shape} has no filter axis")
+    return np.asarray(raw, dtype=np.float64).reshape(raw.shape[0], raw.shape[1], -1)
+
+
+_NullKey = tuple[str, int, tuple[int, ...]]
+"""Variant, group size and stratum counts: groups with the same key share their null subsets."""
+
+
+@dataclass(frozen=True)
+class _Masks:
+    """Every filter subset of one layer: row 0 the intact layer, then one row per (group,
+    variant) ``estimates``, then the null subsets of each key at ``null_rows[key]``."""
+
+    masks: np.ndarray
+    estimates: list[tuple[str, int, str, _NullKey]]
+    null_rows: dict[_NullKey, slice]
+
+
+def _subset_masks(task: LayerFilters, options: LesionOptions, seed: int) -> _Masks:
+    K = task.stats.n_filters
+    norms = filter_norms(task.stats) if options.null_subsets == "matched" else None
+    rows = [np.ones(K, dtype=bool)]
+    estimates: list[tuple[str, int, str, _NullKey]] = []
+    nulls: dict[_NullKey, np.ndarray] = {}
+    for group, members in task.groups.items():
+        strata = None if norms is None else norm_strata(norms, members)
+        for variant in options.variants:
+            mask = np.full(K, variant == "lesion")
+            mask[members] = variant == "keep"
+            rows.append(mask)
+            key: _NullKey = (str(variant), len(members), stratum_counts(strata, members))
+            estimates.append((group, len(members), variant, key))
+            if options.n_null and key not in nulls:
+                nulls[key] = null_subset_masks(K, members, strata, options.n_null, seed, variant)
+    start = len(rows)
+    null_rows: dict[_NullKey, slice] = {}
+    for key, block in nulls.items():
+        null_rows[key] = slice(start, start + len(block))
+        start += len(block)
+    masks = np.concatenate([np.stack(rows), *nulls.values()]) if nulls else np.stack(rows)
+    return _Masks(masks, estimates, null_rows)
+
+
+def _condition_masks(labels: np.ndarray | None, n: int) -> list[tuple[str, np.ndarray]]:
+    masks = [(ALL_CONDITION, np.ones(n, dtype=bool))]
+    if labels is not None:
+        masks += [(str(c), labels == c) for c in sorted(set(labels.tolist()), key=str)]
+    return masks
+
+
+def _fit(
+    features: np.ndarray, y: np.ndarray, folds: np.ndarray, encode: EncodeOptions, seed: int
+) -> RidgeFit:
+    return fit_ridge_cv(
+        features.reshape(features.shape[0], -1),
+        y,
+        folds,
+        alphas=encode.alphas,
+        inner_folds=encode.inner_folds,
+        seed=seed,
+        standardize=encode.standardize,
+        keep_weights=True,
+    )
+
+
+def subset_mean_r(
+    fit: RidgeFit,
+    features: np.ndarray,
+    responses: np.ndarray,
+    masks: np.ndarray,
+    conditions: Sequence[np.ndarray],
+) -> np.ndarray:
+    """Mean over voxels of the Pearson r ``(M, len(conditions))`` between ``responses``
+    ``(n, v)`` and the out-of-fold predictions of each filter subset ``masks`` ``(M, C)`` (True:
+    kept) from ``features`` ``(n, C, positions)``, scored on the stimuli of each condition mask
+    ``(n,)``. Equals :meth:`RidgeFit.predict` on the masked, flattened features (voxels whose
+    prediction is constant are left out of the mean, as in the ``encode`` table)."""
+    n, C, _ = features.shape
+    v = responses.shape[1]
+    total = np.zeros((len(masks), len(conditions)))
+    count = np.zeros((len(masks), len(conditions)))
+    voxel_block = max(1, BLOCK_BYTES // (8 * C * n))
+    weights = masks.astype(np.float64)
+    for first in range(0, v, voxel_block):
+        cols = slice(first, min(first + voxel_block, v))
+        base, parts = _contributions(fit, features, cols)
+        chunk = max(1, BLOCK_BYTES // (8 * n * parts.shape[2]))
+        for start in range(0, len(masks), chunk):
+            stop = min(start + chunk, len(masks))
+            predictions = base[None] + np.einsum("mc,cnv->mnv", weights[start:stop], parts)
+            for j, rows in enumerate(conditions):
+                r = _pearson(responses[rows, cols], predictions[:, rows])
+                total[start:stop, j] += np.nansum(r, axis=1)
+                count[start:stop, j] += np.isfinite(r).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(total / count)
+
+
+def _contributions(
+    fit: RidgeFit, features: np.ndarray, cols: slice
+) -> tuple[np.ndarray, np.ndarray]:
+    """``base`` ``(n, vb)`` and each filter's contribution ``(C, n, vb)`` to the out-of-fold
+    predictions of the voxels ``cols`` (module docstring)."""
+    n, C, positions = features.shape
+    base: np.ndarray | None = None
+    parts: np.ndarray | None = None
+    for fold in fit.folds:
+        if fold.pca is not None:
+            raise DataError("the encoding lesion needs unreduced features (no PCA)")
+        w = fold.weights[:, cols]
+        mean = np.zeros(C * positions) if fold.scaler is None else fold.scaler.mean
+        scale = np.ones(C * positions) if fold.scaler is None else fold.scaler.scale
+        if base is None or parts is None:
+            base = np.empty((n, w.shape[1]))
+            parts = np.empty((C, n, w.shape[1]))
+        base[fold.test] = fold.intercept[cols] - (mean / scale) @ w
+        x = features[fold.test] / scale.reshape(1, C, positions)
+        parts[:, fold.test] = np.einsum("tcp,cpv->ctv", x, w.reshape(C, positions, -1))
+    assert base is not None and parts is not None
+    return base, parts
+
+
+def _pearson(y: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """r ``(m, v)`` of ``y`` ``(n, v)`` with each of ``predictions`` ``(m, n, v)`` (NaN where a
+    prediction or response is constant)."""
+    yc = y - y.mean(axis=0)
+    pc = predictions - predictions.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.linalg.norm(yc, axis=0)[None] * np.linalg.norm(pc, axis=1)
+        return np.asarray(np.einsum("nv,mnv->mv", yc, pc) / norm)
+
+
+def _layer_rows(
+    task: LayerFilters,
+    features: np.ndarray,
+    data: EncodingLesionData,
+    folds: np.ndarray,
+    labels: np.ndarray | None,
+    options: LesionOptions,
+    encode: EncodeOptions,
+    runtime: Runtime,
+) -> list[dict[str, Any]]:
+    """Rows of one layer: every ROI (and target group) x condition x group x variant."""
+    subsets = _subset_masks(task, options, runtime.seed)
+    conditions = _condition_masks(labels, len(data.ids))
+    scores: dict[RoiKey, np.ndarray] = {}  # (M, conditions) mean r of every subset
+    for roi, y in data.responses.items():
+        try:
+            fit = _fit(features, y, folds, encode, runtime.seed)
+        except DataError as exc:
+            raise DataError(f"layer {task.layer}, ROI {roi[0]}/{roi[1]}: {exc}") from None
+        scores[roi] = subset_mean_r(fit, features, y, subsets.masks, [m for _, m in conditions])
+    scores |= _group_scores(scores)
+    rows: list[dict[str, Any]] = []
+    for j, (condition, _) in enumerate(conditions):
+        rois = list(scores)
+        table = np.stack([scores[roi][:, j] for roi in rois], axis=1)  # (M, T)
+        full = table[0]
+        for e, (group, size, variant, key) in enumerate(subsets.estimates, start=1):
+            delta = table[e] - full
+            null_slice = subsets.null_rows.get(key)
+            null = None if null_slice is None else table[null_slice] - full[None]
+            p, z = null_p_z(delta, null)
+            for t, (target, subject) in enumerate(rois):
+                rows.append(
+                    {
+                        "model": task.model,
+                        "layer": task.layer,
+                        "analysis": "encoding",
+                        "group": group,
+                        "variant": variant,
+                        "target": target,
+                        "subject": subject,
+                        "condition": condition,
+                        "n_filters": size,
+                        "r_full": full[t],
+                        "r_variant": table[e, t],
+                        "delta_r": delta[t],
+                        "p_null": p[t],
+                        "z_null": z[t],
+                        "n_null": options.n_null,
+                        "p_perm": np.nan,
+                        "p_perm_fdr": np.nan,
+                        "n_perm": 0,
+                    }
+                )
+    return rows
+
+
+def _group_scores(scores: Mapping[RoiKey, np.ndarray]) -> dict[RoiKey, np.ndarray]:
+    """``(target, group)``: the mean over the target's subjects (two or more) of every subset's
+    mean r (NaN-aware)."""
+    by_target: dict[str, list[np.ndarray]] = {}
+    for (target, _subject), values in scores.items():
+        by_target.setdefault(target, []).append(values)
+    out = {}
+    for target, parts in by_target.items():
+        if len(parts) >= 2 and (target, GROUP) not in scores:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stacked = np.stack(parts)
+                finite = np.isfinite(stacked)
+                out[(target, GROUP)] = np.where(finite, stacked, 0).sum(0) / finite.sum(0)
+    return out
