@@ -37,6 +37,9 @@ results left in ``<out>`` by an earlier version of the study (e.g. a renamed mod
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,21 +103,22 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         ratings=config.ratings,
         heads={m.label: m.head for m in config.models},
     )
-    run_stages(study)
+    with _warnings_of_the_run() as warnings:
+        run_stages(study)
     outputs = list(dict.fromkeys(study.cache.outputs))
     # the report reads the manifest to leave out results that are not this run's
-    _write_manifest(study, outputs)
+    _write_manifest(study, outputs, warnings)
     report = None
     if config.report:
         from object2brain.report.build import build_report
 
         report = build_report(out)
-        _write_manifest(study, [*outputs, report])
+        _write_manifest(study, [*outputs, report], warnings)
     cache = study.cache
     return RunResult(out, study.stores, cache.ran, cache.reused, report)
 
 
-def _write_manifest(study: Study, files: list[Path]) -> None:
+def _write_manifest(study: Study, files: list[Path], warnings: list[str]) -> None:
     """``<out>/manifest.json``: the config, inputs by content, stage keys and ``files``."""
     write_json(
         study.out / "manifest.json",
@@ -129,9 +133,36 @@ def _write_manifest(study: Study, files: list[Path]) -> None:
                 "stages": study.cache.keys,
                 "ran": study.cache.ran,
                 "reused": study.cache.reused,
+                # each warning of the stages once, in order (the report's provenance)
+                "warnings": warnings,
             },
         ),
     )
+
+
+class _Collect(logging.Handler):
+    """Keeps each distinct warning message of the package's loggers, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+@contextmanager
+def _warnings_of_the_run() -> Iterator[list[str]]:
+    """The distinct warnings logged under ``object2brain`` while the block runs."""
+    handler = _Collect()
+    logger = logging.getLogger("object2brain")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def _inputs(study: Study) -> dict[str, str]:
