@@ -124,7 +124,10 @@ def table_html(frame: pd.DataFrame, *, float_format: str = "{:.3f}", wrap: bool 
     for record in frame.itertuples(index=False):
         cells = []
         for value in record:
-            text = float_format.format(value) if isinstance(value, float) else str(value)
+            if isinstance(value, float):
+                text = "n/a" if value != value else float_format.format(value)  # NaN: n/a
+            else:
+                text = str(value)
             cells.append(f"<td>{escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     table_class = ' class="wrap"' if wrap else ""

@@ -234,6 +234,8 @@ def provenance_section(folder: Path, tables: dict[str, pd.DataFrame]) -> html.Se
         "on their own do not).</p>"
     )
     options = statistics_options(records, folder)
+    if (options["command"] != "run").any():  # the stages' own records: the options they used
+        options = options[(options["command"] != "run") | ~options["option"].str.contains(".", regex=False)]
     last = options["option"].str.rsplit(".", n=1).str[-1]
     parts.append("<h3>Statistics options</h3>")
     parts.append(html.table_html(options[last.isin(STATISTICS)], wrap=True))
