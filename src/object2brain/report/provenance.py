@@ -148,11 +148,11 @@ def head_sources(folder: Path) -> pd.DataFrame:
         head = model.get("head") if isinstance(model, dict) else None
         if head:
             found.setdefault((Path(str(head)).parent / "head.json").resolve(), f"given: {head}")
-    rows = []
+    rows: list[dict[str, object]] = []
     for path, source in found.items():
         record = _read_json(path)
         if record is None:
-            rows.append({"model": "?", "source": source, "record": f"{path}: not readable"})
+            rows.append({"model": "?", "source": source, "arch": f"{path}: not readable"})
             continue
         row: dict[str, object] = {"model": record.get("model", record.get("arch", "?"))}
         row["source"] = source
@@ -235,7 +235,9 @@ def provenance_section(folder: Path, tables: dict[str, pd.DataFrame]) -> html.Se
     )
     options = statistics_options(records, folder)
     if (options["command"] != "run").any():  # the stages' own records: the options they used
-        options = options[(options["command"] != "run") | ~options["option"].str.contains(".", regex=False)]
+        options = options[
+            (options["command"] != "run") | ~options["option"].str.contains(".", regex=False)
+        ]
     last = options["option"].str.rsplit(".", n=1).str[-1]
     parts.append("<h3>Statistics options</h3>")
     parts.append(html.table_html(options[last.isin(STATISTICS)], wrap=True))

@@ -26,6 +26,8 @@ import pandas as pd
 
 from object2brain.report.figures.alignment import pyplot
 
+__all__ = ["Drawn", "Profile", "pyplot"]
+
 ALPHA = 0.05
 _GREY = "0.55"
 
@@ -75,7 +77,9 @@ def _layer_positions(rows: pd.DataFrame) -> tuple[dict[tuple[str, str], int], li
     return position, shared
 
 
-def _panel_grid(n: int, width: float, height: float = 3.4, columns: int = 3) -> tuple[Any, list]:
+def _panel_grid(
+    n: int, width: float, height: float = 3.4, columns: int = 3
+) -> tuple[Any, list[Any]]:
     plt = pyplot()
     n_cols = max(1, min(columns, n))
     n_rows = max(1, -(-n // n_cols))
@@ -119,18 +123,8 @@ def _series(
     if interval is not None:
         low, high = interval
         ok = np.isfinite(low) & np.isfinite(high) & np.isfinite(y)
-        if ok.any():
-            bars = ax.errorbar(
-                x[ok],
-                y[ok],
-                yerr=[y[ok] - low[ok], high[ok] - y[ok]],
-                fmt="none",
-                ecolor=colour,
-                elinewidth=1.0,
-                capsize=2.5,
-            )
-            for part in bars.lines[2]:
-                part.set_gid(f"o2b-ci-{panel}")
+        if ok.any():  # a percentile interval need not contain the estimate: drawn as is
+            ax.vlines(x[ok], low[ok], high[ok], colors=[colour], lw=1.0, gid=f"o2b-ci-{panel}")
     ax.scatter(x[filled], y[filled], color=colour, s=26, zorder=3)
     ax.scatter(x[~filled], y[~filled], facecolors="white", edgecolors=[colour], s=26, zorder=3)
 
@@ -178,9 +172,11 @@ def plot_layer_profiles(
         ax.set_title(target, fontsize=10)
         if shared is not None:
             ax.set_xticks(range(len(shared)), shared, rotation=60, ha="right", fontsize=7)
+        else:
+            ax.set_xticks(range(n_x))
         ax.set_xlabel("layer (network order)" if shared else "layer rank in its model")
         ax.set_ylabel(profile.ylabel, fontsize=8)
-    if axes:
+    if axes and axes[0].get_legend_handles_labels()[1]:
         axes[0].legend(fontsize=7, frameon=False, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -279,11 +275,7 @@ def plot_best_layers(alignment: pd.DataFrame, condition: str = "all") -> Drawn:
             x = t + (m - (len(models) - 1) / 2) * width
             r, low_ci, high_ci = float(row["r"]), float(row["ci_low"]), float(row["ci_high"])
             if np.isfinite(low_ci) and np.isfinite(high_ci):
-                bars = ax.errorbar(
-                    [x], [r], yerr=[[r - low_ci], [high_ci - r]], fmt="none", ecolor=colours(m % 10)
-                )
-                for part in bars.lines[2]:
-                    part.set_gid(f"o2b-ci-{t}")
+                ax.vlines([x], [low_ci], [high_ci], colors=[colours(m % 10)], gid=f"o2b-ci-{t}")
             labelled = model in ax.get_legend_handles_labels()[1]
             ax.scatter(
                 [x], [r], color=colours(m % 10), s=34, zorder=3, label=None if labelled else model
@@ -294,7 +286,8 @@ def plot_best_layers(alignment: pd.DataFrame, condition: str = "all") -> Drawn:
     ax.axhline(0, color="0.7", lw=0.7)
     ax.set_xticks(range(len(targets)), targets)
     ax.set_ylabel(f"best layer r (group, condition {condition})")
-    ax.legend(fontsize=7, frameon=False, loc="best")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7, frameon=False, loc="best")
     fig.tight_layout()
     drawn.caption = (
         f"Best layer per model and target (largest group-level r, condition {condition}; the "
@@ -352,10 +345,7 @@ def plot_model_comparison(comparison: pd.DataFrame) -> Drawn:
     low, high = rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float)
     ok = np.isfinite(low) & np.isfinite(high)
     if ok.any():
-        bars = ax.errorbar(delta[ok], y[ok], xerr=[delta[ok] - low[ok], high[ok] - delta[ok]],
-                           fmt="none", ecolor="tab:blue", capsize=2.5)  # fmt: skip
-        for part in bars.lines[2]:
-            part.set_gid("o2b-ci-0")
+        ax.hlines(y[ok], low[ok], high[ok], colors="tab:blue", gid="o2b-ci-0")
     filled = (pd.to_numeric(rows["p_fdr"], errors="coerce") < ALPHA).to_numpy(bool)
     ax.scatter(delta[filled], y[filled], color="tab:blue", s=26, zorder=3)
     ax.scatter(
@@ -484,7 +474,7 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
         ax.set_title(target, fontsize=10)
         ax.set_ylabel("delta r (variant - full)" if on_delta else "z_null of delta r", fontsize=8)
         drawn.ceilings.append(0)
-    if axes:
+    if axes and axes[0].get_legend_handles_labels()[1]:
         axes[0].legend(fontsize=7, frameon=False, loc="best")
     fig.tight_layout()
     spread = (
