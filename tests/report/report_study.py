@@ -172,6 +172,7 @@ def write_study(folder: Path, given_head: Path) -> Path:
     (given_head.parent / "head.json").write_text(json.dumps(given_record))
     for stage, seconds in (("rsa", 12.5), ("lesion", 40.25)):
         (folder / stage / ".stage.json").write_text(json.dumps({"key": "k", "seconds": seconds}))
+    _dissections(folder)
     simulation = folder / "simulation"
     simulation.mkdir()
     truth = {"simulated": True, "n_subjects": 2, "seed": 0, "rating_noise": 1.0,
@@ -184,3 +185,25 @@ def write_study(folder: Path, given_head: Path) -> Path:
         "reused": ["rsa"], "warnings": [WARNING, "stimulus s3 has no rating"],
     }))  # fmt: skip
     return folder
+
+
+def _dissections(folder: Path) -> None:
+    """``dissect/<model>/``: filter_objects, a gallery and the filter heatmap (PNG); alexnet's
+    groups were never detected in enough images (every enrichment NaN: a blank heatmap)."""
+    from PIL import Image
+
+    for model, layers in MODELS.items():
+        out = folder / "dissect" / model
+        (out / "figures").mkdir(parents=True)
+        blank = model == "alexnet"
+        rows = [{
+            "model": model, "layer": layers[-1], "filter": k, "group": group,
+            "importance": 0.5, "enrichment": np.nan if blank else 1.0 + k,
+            "p_assign": 0.01, "p_assign_fdr": 0.02, "n_images": 1 if blank else 9,
+            "assigned": (not blank) and k == 1 and group == "Faces",
+        } for k in range(3) for group in ("Faces", "Humans")]  # fmt: skip
+        _frame("filter_objects", rows).to_csv(out / "filter_objects.csv", index=False)
+        figures = ["figures/gallery_Faces.png", "figures/filter_group_heatmap.png"]
+        for name in figures:
+            Image.new("RGB", (8, 8), "white").save(out / name)
+        _manifest(out, "dissect", ["filter_objects.csv", *figures])

@@ -138,6 +138,16 @@ def test_lesion_captions_name_model_and_layer(page: str) -> None:
     assert not any(c.startswith("lesion_") for c in captions)
 
 
+def test_gallery_and_heatmap_captions_name_model_layer_and_explain_a_blank(page: str) -> None:
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
+    for model, layers in MODELS.items():
+        gallery = [c for c in captions if c.startswith(f"{model} / {layers[-1]}, group Faces:")]
+        assert len(gallery) == 1 and "f&lt;index&gt; = the filter&#x27;s channel" in gallery[0]
+        heatmap = [c for c in captions if c.startswith(f"{model} / {layers[-1]}: log2 enrich")]
+        assert len(heatmap) == 1
+        assert ("blank: no group was detected" in heatmap[0]) == (model == "alexnet")
+
+
 def test_provenance(page: str) -> None:
     section = page[page.index('id="provenance"') : page.index('id="tables"')]
     for text in (

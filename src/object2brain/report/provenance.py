@@ -148,23 +148,25 @@ def head_sources(folder: Path) -> pd.DataFrame:
         head = model.get("head") if isinstance(model, dict) else None
         if head:
             found.setdefault((Path(str(head)).parent / "head.json").resolve(), f"given: {head}")
-    rows: list[dict[str, object]] = []
-    for path, source in found.items():
-        record = _read_json(path)
-        if record is None:
-            rows.append({"model": "?", "source": source, "arch": f"{path}: not readable"})
-            continue
-        row: dict[str, object] = {"model": record.get("model", record.get("arch", "?"))}
-        row["source"] = source
-        row.update({key: record.get(key, "") for key in _HEAD_FIELDS})
-        metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
-        for split in ("val", "test"):
-            values = (metrics or {}).get(split)
-            if isinstance(values, dict):
-                row[f"{split} pearson / mae"] = _metric(values, "pearson", "mae")
-        row["degenerate"] = record.get("degenerate", "")
-        rows.append(row)
+    rows = [_head_row(path, source) for path, source in found.items()]
     return pd.DataFrame(rows) if rows else pd.DataFrame({"heads": ["none found"]})
+
+
+def _head_row(path: Path, source: str) -> dict[str, object]:
+    """One head: model, source, training facts and validation/test metrics of its head.json."""
+    record = _read_json(path)
+    if record is None:
+        return {"model": "?", "source": source, "arch": f"{path}: not readable"}
+    row: dict[str, object] = {"model": record.get("model", record.get("arch", "?"))}
+    row["source"] = source
+    row.update({key: record.get(key, "") for key in _HEAD_FIELDS})
+    metrics = record.get("metrics")
+    for split in ("val", "test"):
+        values = metrics.get(split) if isinstance(metrics, dict) else None
+        if isinstance(values, dict):
+            row[f"{split} pearson / mae"] = _metric(values, "pearson", "mae")
+    row["degenerate"] = record.get("degenerate", "")
+    return row
 
 
 def _metric(values: dict[str, Any], *names: str) -> str:

@@ -129,45 +129,53 @@ def _series(
     ax.scatter(x[~filled], y[~filled], facecolors="white", edgecolors=[colour], s=26, zorder=3)
 
 
+def _profile_lines(
+    ax: Any, panel: pd.DataFrame, profile: Profile, index: int, *, by_condition: bool
+) -> None:
+    """The lines of one panel: one per model (and condition), x from ``panel["_x"]``."""
+    colours = pyplot().get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
+    models = [str(m) for m in dict.fromkeys(profile.rows["model"])]
+    conditions = [str(c) for c in dict.fromkeys(profile.rows["condition"])]
+    for (model, condition), line in panel.groupby(["model", "condition"], sort=False):
+        line = line.sort_values("layer_index")
+        _series(
+            ax,
+            line["_x"].to_numpy(float),
+            line[profile.value].to_numpy(float),
+            (line["ci_low"].to_numpy(float), line["ci_high"].to_numpy(float)),
+            line["_significant"].to_numpy(bool),
+            colour=colours(models.index(str(model)) % 10),
+            label=f"{model} ({condition})" if by_condition else str(model),
+            panel=index,
+            linestyle=styles[conditions.index(str(condition)) % 4] if by_condition else "-",
+        )
+
+
+def _tests_in_words(profile: Profile, targets: Sequence[str]) -> str:
+    by_test: dict[str, list[str]] = {}
+    for target in targets:
+        by_test.setdefault(profile.test.get(target, "none"), []).append(target)
+    return "; ".join(f"{test} ({', '.join(names)})" for test, names in by_test.items())
+
+
 def plot_layer_profiles(
     profile: Profile, *, name: str, title: str, by_condition: bool = False
 ) -> Drawn:
     """One panel per target: ``profile.value`` per layer, one line per model (and condition
     when ``by_condition``: line style per condition), error bars ``[ci_low, ci_high]``, the
     target's ceiling as one grey band, markers filled where ``profile.significant``."""
-    plt = pyplot()
-    rows = profile.rows.assign(_significant=profile.significant.to_numpy(dtype=bool))
+    position, shared = _layer_positions(profile.rows)
+    x = [position[(str(m), str(layer))] for m, layer in profile.rows[["model", "layer"]].values]
+    rows = profile.rows.assign(_significant=profile.significant.to_numpy(dtype=bool), _x=x)
     targets = [str(t) for t in dict.fromkeys(rows["target"])]
-    position, shared = _layer_positions(rows)
     n_x = 1 + max(position.values(), default=0)
     fig, axes = _panel_grid(len(targets), max(3.6, 0.32 * n_x + 2.2))
-    models = [str(m) for m in dict.fromkeys(rows["model"])]
-    conditions = [str(c) for c in dict.fromkeys(rows["condition"])]
-    colours = plt.get_cmap("tab10")
-    styles = ["-", "--", ":", "-."]
     drawn = Drawn(fig, "", name, targets, [])
     for i, (ax, target) in enumerate(zip(axes, targets, strict=True)):
         panel = rows[rows["target"].astype(str) == target]
         drawn.ceilings.append(_ceiling(ax, panel, i))
-        for m, model in enumerate(models):
-            for c, condition in enumerate(conditions):
-                line = panel[(panel["model"] == model) & (panel["condition"] == condition)]
-                if line.empty:
-                    continue
-                line = line.sort_values("layer_index")
-                x = np.asarray([position[(model, str(layer))] for layer in line["layer"]], float)
-                label = f"{model} ({condition})" if by_condition else model
-                _series(
-                    ax,
-                    x,
-                    line[profile.value].to_numpy(float),
-                    (line["ci_low"].to_numpy(float), line["ci_high"].to_numpy(float)),
-                    line["_significant"].to_numpy(bool),
-                    colour=colours(m % 10),
-                    label=label,
-                    panel=i,
-                    linestyle=styles[c % len(styles)] if by_condition else "-",
-                )
+        _profile_lines(ax, panel, profile, i, by_condition=by_condition)
         ax.axhline(0, color="0.7", lw=0.7)
         ax.set_title(target, fontsize=10)
         if shared is not None:
@@ -180,13 +188,10 @@ def plot_layer_profiles(
         axes[0].legend(fontsize=7, frameon=False, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    by_test: dict[str, list[str]] = {}
-    for target in targets:
-        by_test.setdefault(profile.test.get(target, "none"), []).append(target)
-    tests = "; ".join(f"{test} ({', '.join(names)})" for test, names in by_test.items())
     drawn.caption = (
         f"{title}. Error bars: 95% interval (ci_low, ci_high); grey band: the target's noise "
-        f"ceiling (lower to upper); markers filled where {tests} < {ALPHA:g}."
+        f"ceiling (lower to upper); markers filled where {_tests_in_words(profile, targets)} "
+        f"< {ALPHA:g}."
     )
     if shared is None:
         drawn.caption += " Models differ in their layers: x is each layer's rank in its own model."
@@ -423,6 +428,30 @@ def object2brain_marks(rows: pd.DataFrame) -> tuple[pd.Series, str]:
     return pd.Series(q < ALPHA, index=rows.index), rule
 
 
+def _object2brain_points(
+    ax: Any,
+    part: pd.DataFrame,
+    x: np.ndarray,
+    value: str,
+    marks: np.ndarray,
+    *,
+    colour: Any,
+    label: str | None,
+) -> None:
+    """One model / layer's groups in a panel: points, the null's interval when the table has
+    one (``null_low``/``null_high``), ``*`` where ``marks``."""
+    y = pd.to_numeric(part[value], errors="coerce").to_numpy(float)
+    if value == "delta_r":
+        low = pd.to_numeric(part["null_low"], errors="coerce").to_numpy(float)
+        high = pd.to_numeric(part["null_high"], errors="coerce").to_numpy(float)
+        ax.vlines(x, low, high, colors=[colour], alpha=0.45, lw=3)
+    ax.scatter(x, y, color=colour, s=24, zorder=3, label=label)
+    for xi, yi in zip(x[marks], y[marks], strict=True):
+        if np.isfinite(yi):
+            ax.annotate("*", (xi, yi), xytext=(0, 3), textcoords="offset points", ha="center",
+                        fontsize=11)  # fmt: skip
+
+
 def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Drawn | None:
     """Every model's object groups in one figure: one panel per target, groups on x, one colour
     per model / layer; ``*`` where :func:`object2brain_marks` passes.
@@ -459,16 +488,10 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
             part = rows[(rows["target"].astype(str) == target) & (series == name)]
             x = np.asarray([groups.index(str(g)) for g in part["group"]], float)
             x += (s - (len(names) - 1) / 2) * width
-            y = pd.to_numeric(part[value], errors="coerce").to_numpy(float)
-            if on_delta:
-                low = pd.to_numeric(part["null_low"], errors="coerce").to_numpy(float)
-                high = pd.to_numeric(part["null_high"], errors="coerce").to_numpy(float)
-                ax.vlines(x, low, high, color=colours(s % 10), alpha=0.45, lw=3)
-            ax.scatter(x, y, color=colours(s % 10), s=24, zorder=3, label=name if i == 0 else None)
-            for xi, yi, hit in zip(x, y, marks[part.index], strict=True):
-                if hit and np.isfinite(yi):
-                    ax.annotate("*", (xi, yi), xytext=(0, 3), textcoords="offset points",
-                                ha="center", fontsize=11)  # fmt: skip
+            _object2brain_points(
+                ax, part, x, value, marks[part.index].to_numpy(bool), colour=colours(s % 10),
+                label=name if name not in ax.get_legend_handles_labels()[1] else None,
+            )  # fmt: skip
         ax.axhline(0, color="0.5", lw=0.7)
         ax.set_xticks(range(len(groups)), groups, rotation=35, ha="right", fontsize=7)
         ax.set_title(target, fontsize=10)
