@@ -212,3 +212,19 @@ def test_conditions_of_the_study_appear_as_lines() -> None:
     glance.pyplot().close(drawn.figure)
     assert "alexnet (pos)" in labels and "resnet18 (neg)" in labels
     assert isinstance(profile.rows, pd.DataFrame)
+
+
+def test_a_run_records_each_warning_once() -> None:
+    """What the provenance lists: ``object2brain run`` keeps each distinct warning once."""
+    import logging
+
+    from object2brain.pipeline.run import _warnings_of_the_run
+
+    log = logging.getLogger("object2brain.data.brain")
+    with _warnings_of_the_run() as warnings:
+        for _ in range(8):
+            log.warning("resampled %s to the betas' grid", "EVC")
+        log.warning("stimulus s3 has no rating")
+        log.info("not a warning")
+    log.warning("after the run")
+    assert warnings == ["resampled EVC to the betas' grid", "stimulus s3 has no rating"]
