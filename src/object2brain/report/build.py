@@ -3,13 +3,18 @@
 :func:`build_report` looks for the result tables of every stage anywhere under the folder
 (:data:`TABLES`; CSV, or Parquet where a folder has no CSV of that name), the figures under
 ``figures/`` folders (PNG), ``truth.json`` of a simulation and the ``manifest.json`` files, and
-writes ``report.html``: summary, planted truth vs recovered (when the data are simulated), valence
-heads (metrics, predicted vs rated), layer curves with noise ceilings, behaviour correlations per
-condition, condition contrasts, filter x group heatmaps, Object2Brain heatmaps, example images with
-filter maps and boxes, and every table as a downloadable CSV. Images and tables are inlined (data
-URIs): the file needs no network and no other file, except tables whose CSV exceeds
-:data:`MAX_EMBEDDED_CSV_BYTES` (e.g. the detections of a whole corpus), which are linked by their
-path relative to the report instead.
+writes ``report.html`` with the sections of :data:`SECTIONS`: summary, planted truth vs recovered
+(when the data are simulated), valence heads (metrics, predicted vs rated, where each head came
+from), alignment per target with every model's layer curve and the noise ceiling, each model's best
+layer, the across-subject inference and model comparisons, behaviour correlations per condition,
+condition contrasts, encoding models, filter x group heatmaps and galleries, Object2Brain across
+models and per model, provenance (:mod:`object2brain.report.provenance`), and every table as a
+downloadable CSV. The figures of the alignment, contrasts, inference, encoding and Object2Brain
+sections are drawn here from the tables (:mod:`object2brain.report.figures.glance`), every model
+together, as inline SVG; the dissection's galleries and the lesion heatmaps are the stages' PNGs.
+Images and tables are inlined (data URIs): the file needs no network and no other file, except
+tables whose CSV exceeds :data:`MAX_EMBEDDED_CSV_BYTES` (e.g. the detections of a whole corpus),
+which are linked by their path relative to the report instead.
 
 When the folder is the output of ``object2brain run`` (its ``manifest.json`` has command ``run``),
 only the files that manifest lists are reported: results left in the folder by an earlier version
