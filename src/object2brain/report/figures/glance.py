@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from object2brain.report.figures.alignment import pyplot
+from object2brain.report.figures.base import pyplot
 
 __all__ = ["Drawn", "Profile", "pyplot"]
 
