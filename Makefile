@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.object2brain-installed
 OUT ?= demo_out
 
-.PHONY: demo test lint typecheck pytest install docs clean
+.PHONY: demo test lint typecheck pytest install docs clean chromium
 
 # torch/torchvision are pinned here, not in pyproject.toml: 2.14.1/0.29.1 are the builds that
 # this machine (and CI) install from local files, and the only pair whose torchvision loads.
@@ -31,7 +31,15 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck pytest
+# The report's browser test drives the system Chromium (playwright from the dev extra, no
+# browser download): install it when missing and we are root; a failure leaves the test's skip
+# reason to say so.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "chromium could not be installed: the browser tests will be skipped"
+
+test: lint typecheck chromium pytest
 
 # Regenerate docs/formats.md and docs/cli.md from the code (a test fails while they are stale).
 docs: $(STAMP)

@@ -233,7 +233,11 @@ as spaces; a class under two groups is an error).
 
 Every command that writes results writes `manifest.json` into its `--out` folder: the command, its
 options, seeds, package versions, the SHA-256 of every input and the list of outputs. Files are
-written under a temporary name and renamed when complete.
+written under a temporary name and renamed when complete. `rsa` also records its `targets` (kind
+and subjects or raters of each) and `roi_voxels` (ROI -> subject -> voxels analysed, after
+resampling, masking and dropping non-finite or constant voxels); `object2brain run` records its
+`warnings` (each distinct message once) and each stage folder's `.stage.json` the `seconds` the
+stage took.
 
 ### The report
 
@@ -245,7 +249,10 @@ required column is an error naming the file; tables without rows are listed as e
 that the `manifest.json` beside it does not list is a leftover of an earlier run and is skipped
 with a warning; in the folder of `object2brain run` only the outputs its manifest lists are shown.
 A simulation's `truth.json` is compared only with analyses whose manifest records a simulated
-file among its inputs.
+file among its inputs. The report draws its main figures itself from the tables, every model
+together, inline as SVG (alignment per target, best layers, condition contrasts, group inference,
+model comparisons, encoding, Object2Brain across models; see docs/methods.md), and ends with a
+provenance section read from the manifests, `.stage.json` files and each head's `head.json`.
 """
 
 

@@ -153,6 +153,7 @@ def rsa(
             sources = {"brain": brain, "ratings": ratings, "stimuli": stimuli}
             config = _config(paths, sources, analysis, opts, str(device), behavior_ids)
             inputs = input_hashes(paths, sources.values(), _brain_sources(brain_data))
+            result.summary["roi_voxels"] = roi_voxels(brain_data)  # the report's provenance
             rdms = analysis_rdm_set(result, analysis, opts, brain_data) if opts.save_rdms else None
             files = write_alignment(
                 result, staging.folder, config, inputs, seed, figures=figures, rdms=rdms
@@ -223,6 +224,16 @@ def analysis_rdm_set(
 
 
 # --- shared by the edges of the RSA stages (rsa, lesion) ----------------------------------------
+
+
+def roi_voxels(brain: BrainData | None) -> dict[str, dict[str, int]]:
+    """ROI -> subject -> voxels analysed (after resampling, masking and dropping non-finite or
+    constant voxels); ROIs given as RDMs have no voxel count and are left out."""
+    counts: dict[str, dict[str, int]] = {}
+    for item in brain.items if brain is not None else []:
+        if item.kind == "patterns":
+            counts.setdefault(item.roi, {})[item.subject] = int(item.data.shape[1])
+    return counts
 
 
 def check_counts(values: dict[str, Any], names: Sequence[str]) -> None:

@@ -101,16 +101,16 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         raise ConfigError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
     report = None
-    with once_per_run():
+    with once_per_run(), _warnings_of_the_run() as run_warnings:
         run_stages(study)
         outputs = list(dict.fromkeys(study.cache.outputs))
         # the report reads the manifest to leave out results that are not this run's
-        _write_manifest(study, outputs)
+        _write_manifest(study, outputs, run_warnings)
         if config.report:
             from object2brain.report.build import build_report
 
             report = build_report(out)
-            _write_manifest(study, [*outputs, report])
+            _write_manifest(study, [*outputs, report], run_warnings)
     cache = study.cache
     return RunResult(out, study.stores, cache.ran, cache.reused, report, dict(cache.seconds))
 
@@ -181,7 +181,7 @@ def once_per_run() -> Iterator[None]:
             handler.removeFilter(once)
 
 
-def _write_manifest(study: Study, files: list[Path]) -> None:
+def _write_manifest(study: Study, files: list[Path], run_warnings: list[str]) -> None:
     """``<out>/manifest.json``: the config, inputs by content, stage keys and ``files``."""
     write_json(
         study.out / "manifest.json",
@@ -197,9 +197,36 @@ def _write_manifest(study: Study, files: list[Path]) -> None:
                 "ran": study.cache.ran,
                 "reused": study.cache.reused,
                 "timings": study.cache.seconds,
+                # each warning of the stages once, in order (the report's provenance)
+                "warnings": run_warnings,
             },
         ),
     )
+
+
+class _Collect(logging.Handler):
+    """Keeps each distinct warning message of the package's loggers, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+@contextmanager
+def _warnings_of_the_run() -> Iterator[list[str]]:
+    """The distinct warnings logged under ``object2brain`` while the block runs."""
+    handler = _Collect()
+    logger = logging.getLogger("object2brain")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def _inputs(study: Study) -> dict[str, str]:

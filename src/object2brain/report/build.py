@@ -3,13 +3,18 @@
 :func:`build_report` looks for the result tables of every stage anywhere under the folder
 (:data:`TABLES`; CSV, or Parquet where a folder has no CSV of that name), the figures under
 ``figures/`` folders (PNG), ``truth.json`` of a simulation and the ``manifest.json`` files, and
-writes ``report.html``: summary, planted truth vs recovered (when the data are simulated), valence
-heads (metrics, predicted vs rated), layer curves with noise ceilings, behaviour correlations per
-condition, condition contrasts, filter x group heatmaps, Object2Brain heatmaps, example images with
-filter maps and boxes, and every table as a downloadable CSV. Images and tables are inlined (data
-URIs): the file needs no network and no other file, except tables whose CSV exceeds
-:data:`MAX_EMBEDDED_CSV_BYTES` (e.g. the detections of a whole corpus), which are linked by their
-path relative to the report instead.
+writes ``report.html`` with the sections of :data:`SECTIONS`: summary, planted truth vs recovered
+(when the data are simulated), valence heads (metrics, predicted vs rated, where each head came
+from), alignment per target with every model's layer curve and the noise ceiling, each model's best
+layer, the across-subject inference and model comparisons, behaviour correlations per condition,
+condition contrasts, encoding models, filter x group heatmaps and galleries, Object2Brain across
+models and per model, provenance (:mod:`object2brain.report.provenance`), and every table as a
+downloadable CSV. The figures of the alignment, contrasts, inference, encoding and Object2Brain
+sections are drawn here from the tables (:mod:`object2brain.report.figures.glance`), every model
+together, as inline SVG; the dissection's galleries and the lesion heatmaps are the stages' PNGs.
+Images and tables are inlined (data URIs): the file needs no network and no other file, except
+tables whose CSV exceeds :data:`MAX_EMBEDDED_CSV_BYTES` (e.g. the detections of a whole corpus),
+which are linked by their path relative to the report instead.
 
 When the folder is the output of ``object2brain run`` (its ``manifest.json`` has command ``run``),
 only the files that manifest lists are reported: results left in the folder by an earlier version
@@ -33,12 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from object2brain.errors import DataError, StimulusError, listing, require_columns
 from object2brain.manifest import cached_file_sha256
 from object2brain.report import html
+from object2brain.report.figures import glance
+from object2brain.report.figures.alignment import slug
 from object2brain.report.figures.lesion import summary_rows
+from object2brain.report.provenance import head_sources, provenance_section
 from object2brain.tables import TABLES as SCHEMAS
 
 log = logging.getLogger("object2brain.report")
@@ -337,37 +346,68 @@ def _read_study(folder: Path, scope: _RunScope) -> _Study:
     return _Study(with_rows, tables, sources, truth, truth_tables, other_data, empty)
 
 
-def _sections(study: _Study, figures: _Figures, report_dir: Path) -> list[html.Section]:
-    """The report's sections, in page order, for the tables present."""
-    tables = study.tables
-    sections = [_summary(tables, study.truth, study.empty, study.other_data)]
-    if study.truth is not None:
-        sections.append(_truth_section(study.truth, study.truth_tables, study.other_data))
-    if "head_metrics" in tables:
-        sections.append(_heads_section(figures, tables["head_metrics"]))
-    if "alignment" in tables:
-        sections.append(_alignment_section(figures, tables["alignment"]))
-    rdm_panels = figures("rdms_") + figures("mds_")
-    if rdm_panels:  # drawn by the rsa stage from its rdms.h5
-        sections.append(_rdm_section(rdm_panels))
-    if "behavior_direct" in tables:
-        sections.append(_behavior_section(tables["behavior_direct"]))
-    if "condition_contrast" in tables:
-        sections.append(_contrast_section(tables["condition_contrast"]))
-    if "encoding" in tables:
-        sections.append(_encoding_section(figures, tables["encoding"]))
-    if "filter_objects" in tables:
-        sections.append(_filters_section(figures, tables["filter_objects"]))
-    if "object2brain" in tables:
-        sections.append(_lesion_section(figures, tables["object2brain"], tables))
+@dataclass(frozen=True)
+class _Context:
+    """What a section builder reads: the study's tables, its figures (by file-name prefix), the
+    results folder and the report's folder (for links)."""
+
+    study: _Study
+    figures: _Figures
+    folder: Path
+    report_dir: Path
+
+    @property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return self.study.tables
+
+
+#: Builds one section of the report, or None when its tables are absent.
+SectionBuilder = Callable[[_Context], "html.Section | None"]
+
+
+def _tables_section(context: _Context) -> html.Section:
+    study = context.study
     downloads = (
-        f"<li>{_download(t, n, [p for p, _ in study.sources[n]], report_dir)}</li>"
+        f"<li>{_download(t, n, [p for p, _ in study.sources[n]], context.report_dir)}</li>"
         for n, t in study.all_tables.items()
     )
-    sections.append(
-        html.Section("Tables (CSV downloads)", "<ul>" + "".join(downloads) + "</ul>", "tables")
-    )
-    return sections
+    return html.Section("Tables (CSV downloads)", "<ul>" + "".join(downloads) + "</ul>", "tables")
+
+
+def _when(name: str, build: Callable[[_Context, pd.DataFrame], html.Section]) -> SectionBuilder:
+    """A builder that calls ``build(context, table)`` when table ``name`` has rows."""
+
+    def section(context: _Context) -> html.Section | None:
+        if name not in context.tables:
+            return None
+        return build(context, context.tables[name])
+
+    return section
+
+
+#: The report's sections in page order: (anchor, builder). A new section (e.g. the RDM panels
+#: read from ``rdms.h5``, which belong after ``contrast``) is one entry here.
+SECTIONS: list[tuple[str, SectionBuilder]] = [
+    ("summary", lambda c: _summary(c.tables, c.study.truth, c.study.empty, c.study.other_data)),
+    ("truth", lambda c: _truth_or_none(c)),
+    ("heads", lambda c: _heads_section(c) if _has_heads(c) else None),
+    ("alignment", _when("alignment", lambda c, t: _alignment_section(c, t))),
+    ("inference", lambda c: _inference_section(c)),
+    ("behavior", _when("behavior_direct", lambda c, t: _behavior_section(t))),
+    ("contrast", _when("condition_contrast", lambda c, t: _contrast_section(t))),
+    ("rdms", lambda c: _rdm_section(c.figures("rdms_") + c.figures("mds_"))),
+    ("encoding", _when("encoding", lambda c, t: _encoding_section(c, t))),
+    ("filters", _when("filter_objects", lambda c, t: _filters_section(c, t))),
+    ("lesion", _when("object2brain", lambda c, t: _lesion_section(c, t))),
+    ("provenance", lambda c: provenance_section(c.folder, c.tables)),
+    ("tables", _tables_section),
+]  # fmt: skip
+
+
+def _sections(context: _Context) -> list[html.Section]:
+    """The report's sections, in page order (:data:`SECTIONS`), for the tables present."""
+    built = (build(context) for _, build in SECTIONS)
+    return [section for section in built if section is not None]
 
 
 def _simulated_note(study: _Study) -> str:
@@ -400,7 +440,7 @@ def build_report(
     def figures(prefix: str) -> list[Path]:
         return find_figures(folder, prefix, scope)
 
-    sections = _sections(study, figures, target.parent)
+    sections = _sections(_Context(study, figures, folder, target.parent))
     scope.warn(folder)
     page = html.render_page(title or "object2brain report", _simulated_note(study), sections)
     return html.write_page(target, page)
@@ -452,6 +492,13 @@ def _input_hashes(directory: Path) -> set[str] | None:
     return {str(value) for value in inputs.values()}
 
 
+def _layers_per_model(alignment: pd.DataFrame) -> str:
+    """Each model's own number of layers (``valence``, the head's output, not counted)."""
+    layers = alignment[alignment["layer"].astype(str) != "valence"]
+    counts = layers.groupby("model", sort=False)["layer"].nunique()
+    return ", ".join(f"{model}: {n}" for model, n in counts.items()) or "n/a"
+
+
 def _largest(values: pd.Series) -> str:
     """The largest value as an integer, ``n/a`` when there is no number."""
     top = pd.to_numeric(values, errors="coerce").max()
@@ -480,7 +527,7 @@ def _summary(
         in_all = frame[frame["condition"].astype(str) == "all"]
         facts += [
             ("models", ", ".join(dict.fromkeys(frame["model"].astype(str)))),
-            ("layers per model", _largest(frame.groupby("model")["layer"].nunique())),
+            ("layers per model", _layers_per_model(frame)),
             ("targets", ", ".join(dict.fromkeys(frame["target"].astype(str)))),
             ("conditions", ", ".join(dict.fromkeys(frame["condition"].astype(str)))),
             ("stimuli", _largest(in_all["n_stimuli"] if not in_all.empty else frame["n_stimuli"])),
@@ -558,40 +605,76 @@ def _truth_section(
     return html.Section("Planted truth vs recovered", body, "truth")
 
 
-def _heads_section(figures: _Figures, metrics: pd.DataFrame) -> html.Section:
+def _has_heads(context: _Context) -> bool:
+    return "head_metrics" in context.tables or "heads" not in head_sources(context.folder)
+
+
+def _truth_or_none(context: _Context) -> html.Section | None:
+    study = context.study
+    if study.truth is None:
+        return None
+    return _truth_section(study.truth, study.truth_tables, study.other_data)
+
+
+def _heads_section(context: _Context) -> html.Section:
     intro = (
         "Valence heads on the frozen backbones: fit on the training split, early stopping on "
         "the validation split; the test split is held out."
     )
-    if "out_of_fold" in set(metrics["split"]):
-        intro += (
-            " Row <code>out_of_fold</code>: every stimulus predicted by a cross-fitted head that "
-            "was not fitted on it (in <code>object2brain run</code>, the stores' "
-            "<code>valence</code> layer)."
-        )
-    parts = [f"<p>{intro}</p>", html.table_html(metrics)]
+    metrics = context.tables.get("head_metrics")
+    parts = []
+    if metrics is not None:
+        if "out_of_fold" in set(metrics["split"]):
+            intro += (
+                " Row <code>out_of_fold</code>: every stimulus predicted by a cross-fitted head "
+                "that was not fitted on it (in <code>object2brain run</code>, the stores' "
+                "<code>valence</code> layer)."
+            )
+        parts += [f"<p>{intro}</p>", html.table_html(metrics)]
     parts += [
         _figure(
             path, f"Predicted vs rated valence: {path.stem.removeprefix('predicted_vs_rated_')}"
         )
-        for path in figures("predicted_vs_rated_")
+        for path in context.figures("predicted_vs_rated_")
     ]
+    parts.append(
+        "<p>Every head the analysis used, trained here or given (<code>head.json</code> beside "
+        "each head file):</p>" + html.table_html(head_sources(context.folder), wrap=True)
+    )
     return html.Section("Valence heads", "".join(parts), "heads")
 
 
-def _alignment_section(figures: _Figures, alignment: pd.DataFrame) -> html.Section:
-    parts = [
-        _figure(path, f"Alignment per layer: {path.stem.removeprefix('alignment_')}")
-        for path in figures("alignment_")
-    ]
+def _alignment_section(context: _Context, alignment: pd.DataFrame) -> html.Section:
+    tables = context.tables
+    parts = []
+    profile = glance.alignment_profile(
+        alignment, tables.get("group_inference"), tables.get("alignment_group")
+    )
+    if not profile.rows.empty:
+        parts.append(_svg(glance.plot_layer_profiles(
+            profile, name="alignment", title="Alignment per layer (condition all)"
+        )))  # fmt: skip
+    conditions = [c for c in dict.fromkeys(alignment["condition"].astype(str)) if c != "all"]
+    if conditions:
+        by_condition = glance.alignment_profile(
+            alignment, tables.get("group_inference"), tables.get("alignment_group"),
+            conditions=conditions,
+        )  # fmt: skip
+        parts.append(_svg(glance.plot_layer_profiles(
+            by_condition, name="alignment_conditions", by_condition=True,
+            title="Alignment per layer and condition",
+        )))  # fmt: skip
+    parts.append(_svg(glance.plot_best_layers(alignment)))
     best = best_layers(alignment)
     parts.append("<p>Best layer per model, target and condition (group level):</p>")
-    parts.append(html.table_html(best))
+    parts.append(html.table_html(best, wrap=True))
     return html.Section("Alignment of layers with behaviour and brain", "".join(parts), "alignment")
 
 
-def _rdm_section(paths: Sequence[Path]) -> html.Section:
+def _rdm_section(paths: Sequence[Path]) -> html.Section | None:
     """RDM and MDS panels of each target (the rsa stage's ``rdms_*`` and ``mds_*`` figures)."""
+    if not paths:  # drawn by the rsa stage from its rdms.h5
+        return None
     intro = (
         "<p>Each target's group RDM next to the RDM of the layer that aligns best with it "
         "(group level, condition all; stimuli sorted by condition, then rated valence; "
@@ -607,6 +690,47 @@ def _rdm_section(paths: Sequence[Path]) -> html.Section:
     return html.Section("RDMs and MDS", intro + "".join(parts), "rdms")
 
 
+def _inference_section(context: _Context) -> html.Section | None:
+    """The across-subject inference (two-factor bootstrap) and the paired model comparisons."""
+    inference = context.tables.get("group_inference")
+    comparison = context.tables.get("model_comparison")
+    parts = []
+    if (
+        inference is not None
+        and np.isfinite(pd.to_numeric(inference["ci_low"], errors="coerce")).any()
+    ):
+        profile = glance.inference_profile(inference[inference["condition"] == "all"])
+        parts.append(_svg(glance.plot_layer_profiles(
+            profile, name="group_inference",
+            title=f"Mean r over subjects (bootstrap: {_values(inference, 'bootstrap')})",
+        )))  # fmt: skip
+    elif inference is not None:
+        parts.append(
+            "<p>Group inference: no bootstrap intervals (<code>n_boot</code> 0); the layer "
+            "profiles above use the across-subject t-test of <code>alignment_group</code>.</p>"
+        )
+    if comparison is not None:
+        parts.append(_svg(glance.plot_model_comparison(comparison)))
+        parts.append(html.table_html(comparison, wrap=True))
+    if not parts:
+        return None
+    return html.Section("Across subjects and across models", "".join(parts), "inference")
+
+
+def _values(frame: pd.DataFrame, column: str) -> str:
+    return ", ".join(dict.fromkeys(frame[column].astype(str))) if column in frame else "n/a"
+
+
+def _svg(drawn: glance.Drawn) -> str:
+    """A drawn figure inline as SVG (closed once written)."""
+    try:
+        return html.svg_figure_html(
+            drawn.figure, drawn.caption, name=drawn.name, attributes=drawn.attributes()
+        )
+    finally:
+        glance.pyplot().close(drawn.figure)
+
+
 def best_encoding_layers(encoding: pd.DataFrame) -> pd.DataFrame:
     """The layer with the largest ``r_mean`` per model, ROI (target, subject) and condition,
     with its noise ceiling and the fraction of it explained."""
@@ -617,17 +741,13 @@ def best_encoding_layers(encoding: pd.DataFrame) -> pd.DataFrame:
     return best.loc[:, columns].sort_values(["model", "target", "subject", "condition"])
 
 
-def _encoding_section(figures: _Figures, encoding: pd.DataFrame) -> html.Section:
-    parts = [
-        _figure(path, f"Encoding per layer: {path.stem.removeprefix('encoding_')}")
-        for path in figures("encoding_")
-    ]
+def _encoding_section(context: _Context, encoding: pd.DataFrame) -> html.Section:
+    parts = [_svg(glance.plot_encoding_profiles(encoding))]
     parts.append(
         "<p>Cross-validated ridge from each layer to each voxel: the mean over the ROI's voxels "
-        "of the Pearson r of held-out predictions (dashed: the ROI's split-half noise ceiling "
-        "where run-wise data exist). Best layer per model, ROI and condition:</p>"
+        "of the Pearson r of held-out predictions. Best layer per model, ROI and condition:</p>"
     )
-    parts.append(html.table_html(best_encoding_layers(encoding)))
+    parts.append(html.table_html(best_encoding_layers(encoding), wrap=True))
     return html.Section("Encoding models", "".join(parts), "encoding")
 
 
@@ -639,21 +759,52 @@ def _behavior_section(frame: pd.DataFrame) -> html.Section:
     return html.Section("Behaviour: predicted vs rated valence", body, "behavior")
 
 
+#: Columns of the contrast table as shown in the report (renamed to say which p it is).
+CONTRAST_SHOWN = {
+    "model": "model",
+    "layer": "layer",
+    "target": "target",
+    "condition_a": "a",
+    "condition_b": "b",
+    "r_a": "r a",
+    "r_b": "r b",
+    "delta_r": "delta r (a - b)",
+    "ci_low": "CI low (bootstrap)",
+    "ci_high": "CI high (bootstrap)",
+    "p_boot_fdr": "p bootstrap, BH-FDR",
+    "p_fdr": "p label permutation, BH-FDR",
+}
+
+
 def _contrast_section(frame: pd.DataFrame) -> html.Section:
     shown = frame[frame["subject"] == "group"] if "subject" in frame else frame
-    by = "p_boot" if "p_boot" in shown else "p_perm"  # tables of earlier versions lack p_boot
+    has_boot = "p_boot_fdr" in shown and shown["p_boot_fdr"].notna().any()
+    by = "p_boot_fdr" if has_boot else "p_fdr"  # tables of earlier versions lack p_boot
     shown = shown.sort_values(by).head(25)
-    body = (
-        "<p>Difference in r between conditions (the 25 smallest p-values at group level). "
-        "<code>ci_low</code>, <code>ci_high</code>, <code>p_boot</code>: bootstrap resampling "
-        "the stimuli within each condition, valid when the conditions differ in content; "
-        "<code>p_perm</code> permutes condition labels and assumes the stimuli of the two "
-        "conditions are exchangeable.</p>" + html.table_html(shown)
+    columns = {k: v for k, v in CONTRAST_SHOWN.items() if k in shown}
+    figure = _svg(glance.plot_contrasts(frame)) if "subject" in frame else ""
+    body = figure + (
+        "<p>Difference in r between conditions at group level; the table lists the 25 rows "
+        f"with the smallest <b>{html.escape(columns[by])}</b> (Benjamini-Hochberg over the "
+        "layers x targets of one model and condition pair). The CI and the bootstrap p resample "
+        "the stimuli within each condition, valid when the conditions differ in content; the "
+        "label-permutation p assumes the stimuli of the two conditions are exchangeable. Every "
+        "row and column is in the CSV download.</p>"
+        + html.table_html(shown[list(columns)].rename(columns=columns), wrap=True)
     )
     return html.Section("Condition contrast", body, "contrast")
 
 
-def _filters_section(figures: _Figures, filters: pd.DataFrame) -> html.Section:
+def _dissected(context: _Context) -> dict[Path, tuple[str, str]]:
+    """Folder of each dissection -> its (model, layer), from the ``filter_objects`` read there."""
+    found = {}
+    for path, frame in context.study.sources.get("filter_objects", []):
+        if not frame.empty:
+            found[path.parent] = (str(frame["model"].iat[0]), str(frame["layer"].iat[0]))
+    return found
+
+
+def _filters_section(context: _Context, filters: pd.DataFrame) -> html.Section:
     counts = (
         filters[filters["assigned"].astype(bool)]
         .groupby(["model", "layer", "group"])
@@ -666,35 +817,65 @@ def _filters_section(figures: _Figures, filters: pd.DataFrame) -> html.Section:
         "valence output x object detections).</p>",
         html.table_html(counts),
     ]
-    for path in figures("filter_group"):
-        parts.append(_figure(path, f"Filter x group enrichment: {path.stem}"))
-    galleries = figures("gallery")
+    where = _dissected(context)
+    for path in context.figures("filter_group"):
+        model, layer = where.get(path.parent.parent, ("unknown model", "unknown layer"))
+        rows = filters[(filters["model"] == model) & (filters["layer"] == layer)]
+        caption = f"{model} / {layer}: log2 enrichment of the top filters (rows) x object groups"
+        if rows.empty or not np.isfinite(pd.to_numeric(rows["enrichment"], errors="coerce")).any():
+            caption += (
+                " - blank: no group was detected in enough images to score any filter "
+                "(every enrichment is undefined)"
+            )
+        elif not rows["assigned"].astype(bool).any():
+            caption += " - no filter passed the assignment rule (no outlined cell)"
+        parts.append(_figure(path, caption))
+    galleries = context.figures("gallery")
     if galleries:
         parts.append("<h3>Example images: filter maps and detected boxes</h3>")
-        parts.extend(_figure(path, path.stem) for path in galleries[:12])
+        for path in galleries[:12]:
+            model, layer = where.get(path.parent.parent, ("unknown model", "unknown layer"))
+            group = path.stem.removeprefix("gallery_")
+            parts.append(_figure(path, (
+                f"{model} / {layer}, group {group}: one row per filter (f<index> = the filter's "
+                "channel in the layer, * = assigned to the group, E = enrichment), its top "
+                "images with the filter's Grad-CAM map and the group's boxes"
+            )))  # fmt: skip
     return html.Section("Which object groups each filter attends to", "".join(parts), "filters")
 
 
-def _lesion_section(
-    figures: _Figures, table: pd.DataFrame, tables: dict[str, pd.DataFrame]
-) -> html.Section:
+def _lesion_section(context: _Context, table: pd.DataFrame) -> html.Section:
     parts = [
         "<p>Change in correlation (delta r) when the filters of an object group are lesioned "
         "(zeroed) or kept alone, tested against random filter subsets of the same size "
         "(<code>p_null</code>) and against permuted stimulus labels of the target "
-        "(<code>p_perm</code>); * both FDR < 0.05. A group whose filters are atypical of the "
-        "layer (e.g. in activation norm) can differ from random subsets even for a target "
-        "unrelated to the model: <code>p_perm</code> guards against that.</p>"
+        "(<code>p_perm</code>). A group whose filters are atypical of the layer (e.g. in "
+        "activation norm) can differ from random subsets even for a target unrelated to the "
+        "model: <code>p_perm</code> guards against that.</p>"
     ]
-    parts.extend(_figure(path, path.stem) for path in figures("lesion_"))
+    across = glance.plot_object2brain_models(table)
+    if across is not None:
+        parts.append(_svg(across))
+    pairs = table[["model", "layer"]].drop_duplicates().astype(str).itertuples(index=False)
+    names = {f"lesion_{slug(model)}_{slug(layer)}": (model, layer) for model, layer in pairs}
+    _, rule = glance.object2brain_marks(table)
+    for path in context.figures("lesion_"):
+        if path.stem not in names:  # lesion_models_*: the figure across models above
+            continue
+        model, layer = names[path.stem]
+        parts.append(_figure(path, (
+            f"{model} / {layer}: delta r per object group (rows) and target (columns), "
+            f"condition all, group level; * where {rule} (** below 0.01)"
+        )))  # fmt: skip
     group = summary_rows(table)
-    significant = group[group["q"] < 0.05].drop(columns="q").sort_values("delta_r")
+    marks, _ = glance.object2brain_marks(group)
+    significant = group[marks.to_numpy(bool)].drop(columns="q").sort_values("delta_r")
     if not significant.empty:
-        parts.append("<p>Significant effects (condition all, group level):</p>")
-        parts.append(html.table_html(significant.drop(columns=["condition", "subject"])))
-    if "propagate_behavior" in tables:
+        parts.append(f"<p>Effects where {html.escape(rule)} (condition all, group level):</p>")
+        parts.append(html.table_html(significant.drop(columns=["condition", "subject"]), wrap=True))
+    if "propagate_behavior" in context.tables:
         parts.append("<p>Propagated lesions: change of the direct behaviour correlation.</p>")
-        parts.append(html.table_html(tables["propagate_behavior"]))
+        parts.append(html.table_html(context.tables["propagate_behavior"], wrap=True))
     return html.Section(
         "Object2Brain: object groups behind the alignment", "".join(parts), "lesion"
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,13 @@ th { background: #f4f4f6; }
 .card { width: 150px; font-size: .72rem; }
 .card img { width: 150px; height: 150px; object-fit: cover; border-radius: 4px; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; }
+figure.svg svg { max-width: 100%; height: auto; }
 .scroll { overflow-x: auto; max-width: 100%; }
 figcaption { font-size: .85rem; color: #555; }
+table.wrap { table-layout: fixed; width: 100%; }
+table.wrap th, table.wrap td { overflow-wrap: anywhere; word-break: break-word; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: .15rem 1rem; }
+dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; overflow-wrap: anywhere; }
 """
 
 
@@ -58,6 +65,47 @@ def figure_html(figure: Any, caption: str, *, dpi: int = 110) -> str:
     )
 
 
+#: Ids of figure parts that a figure tags with ``gid="o2b-<kind>-<panel>"`` (matplotlib writes
+#: them as SVG group ids): :func:`svg_figure_html` turns them into ``class="o2b-<kind>"
+#: data-panel="<panel>"``, so a test can count, e.g., the ceiling bands drawn in each panel.
+_TAG = re.compile(r'id="o2b-([a-z]+)-(\d+)"')
+_SVG_IDS = itertools.count()
+
+
+def svg_markup(figure: Any) -> str:
+    """A matplotlib figure as inline ``<svg>`` markup (text kept as text).
+
+    Every id is prefixed with a number unique in this process, so that several figures in one
+    page never share ids (matplotlib numbers ``patch_1``, ``line2d_1``... afresh per figure);
+    tagged parts (:data:`_TAG`) become classes with their panel number.
+    """
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": None}):
+        figure.savefig(buffer, format="svg", bbox_inches="tight")
+    markup = buffer.getvalue()
+    markup = markup[markup.index("<svg") :]  # no XML declaration or doctype inside HTML
+    markup = _TAG.sub(r'class="o2b-\1" data-panel="\2"', markup)
+    prefix = f"f{next(_SVG_IDS)}-"
+    markup = re.sub(r'\bid="([^"]+)"', rf'id="{prefix}\1"', markup)
+    return re.sub(r"(url\(#|href=\"#)([^\")]+)", rf"\1{prefix}\2", markup)
+
+
+def svg_figure_html(
+    figure: Any, caption: str, *, name: str, attributes: dict[str, object] | None = None
+) -> str:
+    """A matplotlib figure inline as SVG with a caption; ``data-figure="<name>"`` and
+    ``attributes`` (written as ``data-<key>``) on the ``<figure>`` element."""
+    extra = "".join(
+        f' data-{escape(key)}="{escape(value)}"' for key, value in (attributes or {}).items()
+    )
+    return (
+        f'<figure class="svg" data-figure="{escape(name)}"{extra}>{svg_markup(figure)}'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
+
+
 def image_card(image: Any, lines: Sequence[str], *, size: int = 150) -> str:
     """A thumbnail (PIL image) with caption lines."""
     thumb = image.copy()
@@ -68,18 +116,23 @@ def image_card(image: Any, lines: Sequence[str], *, size: int = 150) -> str:
     return f'<div class="card"><img src="{png_data_uri(buffer.getvalue())}" alt="">{captions}</div>'
 
 
-def table_html(frame: pd.DataFrame, *, float_format: str = "{:.3f}") -> str:
-    """A DataFrame as an HTML table (values escaped)."""
+def table_html(frame: pd.DataFrame, *, float_format: str = "{:.3f}", wrap: bool = False) -> str:
+    """A DataFrame as an HTML table (values escaped); ``wrap``: fixed layout at the page's
+    width, long cells wrapped (for wide tables that must fit the page)."""
     head = "".join(f"<th>{escape(c)}</th>" for c in frame.columns)
     rows = []
     for record in frame.itertuples(index=False):
         cells = []
         for value in record:
-            text = float_format.format(value) if isinstance(value, float) else str(value)
+            if isinstance(value, float):
+                text = "n/a" if value != value else float_format.format(value)  # NaN: n/a
+            else:
+                text = str(value)
             cells.append(f"<td>{escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    table_class = ' class="wrap"' if wrap else ""
     return (
-        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f'<div class="scroll"><table{table_class}><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
 
