@@ -59,6 +59,7 @@ from object2brain.errors import DataError
 from object2brain.options import RsaOptions, Runtime
 from object2brain.rsa.group import ModelRdms, group_tables
 from object2brain.rsa.inference import (
+    ConditionResamples,
     TestResult,
     bootstrap_ci,
     condition_difference_bootstrap,
@@ -226,7 +227,8 @@ def _model_steps(
     for condition in context.analysis.conditions:
         alignment += _condition_rows(context, model, model_rdms, condition)
         yield 1
-    cache: dict[tuple[str, int], np.ndarray] = {}  # bootstrap resamples of this model's RDMs
+    # bootstrap resamples of this model's RDMs, per condition
+    cache: dict[tuple[str, int], ConditionResamples] = {}
     for pair in context.analysis.contrasts:
         contrasts += _contrast_rows(context, model, model_rdms, pair, cache)
         yield 1
@@ -366,7 +368,7 @@ def _contrast_rows(
     model: ModelLayers,
     model_rdms: torch.Tensor,
     pair: tuple[Condition, Condition],
-    cache: dict[tuple[str, int], np.ndarray],
+    cache: dict[tuple[str, int], ConditionResamples],
 ) -> list[dict[str, Any]]:
     """Rows of one model and pair of conditions: ``delta_r = r_a - r_b``, its label-permutation
     p and its bootstrap interval and p."""
