@@ -32,7 +32,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference_calibration import Population, corr_rdms
 
-from object2brain.rsa.inference import bootstrap_ci, condition_difference_bootstrap
+from object2brain.rsa.inference import (
+    bootstrap_values,
+    condition_difference_bootstrap,
+    corrected_spread,
+    jackknife_values,
+    observed_values,
+    percentile_interval,
+)
 
 ALPHA = 0.05
 
@@ -45,10 +52,16 @@ def coverage(pop: Population, n: int, reps: int, n_boot: int, seed: int) -> dict
     for rep in range(reps):
         stim = rng.choice(pop.models.shape[1], size=n, replace=False)
         models, subs = pop.draw(stim, np.array([0]))
-        for key, corrected in (("corrected", True), ("uncorrected (percentile)", False)):
-            low, high = bootstrap_ci(
-                models[:1], subs, "spearman", n_boot, rep, "cpu", corrected=corrected
-            )
+        # one set of resamples, both intervals (bootstrap_ci with corrected=True / False)
+        boot = bootstrap_values(models[:1], subs, "spearman", n_boot, rep, "cpu")
+        spread = corrected_spread(
+            boot,
+            jackknife_values(models[:1], subs, "spearman", "cpu"),
+            observed_values(models[:1], subs, "spearman", "cpu"),
+        )
+        intervals = {"corrected": spread.interval(0.95),
+                     "uncorrected (percentile)": percentile_interval(boot, 0.95)}  # fmt: skip
+        for key, (low, high) in intervals.items():
             hits[key] += int(low[0, 0] <= truth <= high[0, 0])
             width[key] += float(high[0, 0] - low[0, 0]) / reps
         if (rep + 1) % 25 == 0:
@@ -105,7 +118,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     quick = parser.parse_args().quick
     torch.set_num_threads(1)
-    setup = {"n_pop": 600 if quick else 2000, "noise": 6.0, "n_boot": 200 if quick else 400,
+    setup = {"n_pop": 600 if quick else 2000, "noise": 6.0, "n_boot": 200 if quick else 300,
              "reps": 20 if quick else 150, "contrast_datasets": 40 if quick else 400,
              "contrast_n": 30}  # fmt: skip
     out_path = Path("/tmp" if quick else "validation") / "alignment_calibration.json"
