@@ -65,6 +65,7 @@ def rsa(
     brain_rdm: str | None = None,
     fdr_family: str | None = None,
     pairs: str | None = None,
+    contrast_scale: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -86,7 +87,8 @@ def rsa(
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
         rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, bootstrap,
-            compare_models, brain_rdm, fdr_family, pairs: the fields of :class:`RsaOptions`
+            compare_models, brain_rdm, fdr_family, pairs, contrast_scale: the fields of
+            :class:`RsaOptions`
             (None: not given).
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
@@ -107,6 +109,7 @@ def rsa(
         "brain_rdm": brain_rdm,
         "fdr_family": fdr_family,
         "pairs": pairs,
+        "contrast_scale": contrast_scale,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -294,7 +297,7 @@ def _new_options(options: RsaOptions) -> dict[str, Any]:
     """Options recorded in the manifest only when they differ from their default (so the
     manifests of analyses that do not use them stay as they were)."""
     defaults = RsaOptions()
-    names = ("brain_rdm", "fdr_family", "pairs")
+    names = ("brain_rdm", "fdr_family", "pairs", "contrast_scale")
     return {
         name: getattr(options, name)
         for name in names

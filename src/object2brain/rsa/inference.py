@@ -836,6 +836,13 @@ class ConditionResamples:
         (:func:`corrected_spread`)."""
         return corrected_spread(self.boot, self.jack, self.observed)
 
+    def scaled(self, divisor: np.ndarray) -> ConditionResamples:
+        """Every value divided by ``divisor`` (broadcast to ``(K, T + G)``)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return ConditionResamples(
+                self.boot / divisor, self.jack / divisor, self.observed / divisor
+            )
+
 
 def condition_difference_bootstrap(
     model_rdms: np.ndarray | torch.Tensor,
@@ -853,6 +860,7 @@ def condition_difference_bootstrap(
     cache: dict[tuple[str, int], ConditionResamples] | None = None,
     *,
     corrected: bool = True,
+    ceilings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ContrastInterval:
     """Stimulus bootstrap of ``r_a - r_b`` that resamples within each condition.
 
@@ -875,6 +883,10 @@ def condition_difference_bootstrap(
     ``cache``: a dict shared by calls with the same RDMs, method, ``n_boot``, seed and
     ``combine`` (e.g. every contrast of one model): a condition's resamples depend only on it
     and its side of the pair (``a`` or ``b``), so pairs (a, b) and (a, c) share a's.
+
+    ``ceilings``: divisors ``(c_a, c_b)``, each broadcastable to ``(K, T + G)`` (e.g. each
+    condition's noise ceiling per target column): the statistic becomes
+    ``r_a / c_a - r_b / c_b`` (divisors held fixed; variances scale by ``1 / c^2``).
     """
     lab = np.asarray([str(x) for x in labels])
     A = torch.as_tensor(model_rdms)
@@ -908,6 +920,8 @@ def condition_difference_bootstrap(
     if n_boot == 0:
         nan = np.full((len(A), len(Bt) + G), np.nan)
         return ContrastInterval(nan, nan.copy(), nan.copy(), 0)
+    if ceilings is not None:
+        sides = [side.scaled(c) for side, c in zip(sides, ceilings, strict=True)]
     if corrected:
         spread = sides[0].spread().difference(sides[1].spread())
         low, high = spread.interval(level)
