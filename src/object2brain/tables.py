@@ -97,8 +97,8 @@ ALIGNMENT = TableSchema(
             "ci_low",
             "float",
             "lower bound of the 95% interval r - t_(n-1) se, se from the stimulus bootstrap "
-            "with its pair excess removed (jackknife-corrected); percentile of the stratified "
-            "bootstrap with --pairs within",
+            "with its pair excess removed (jackknife-corrected; stratified by condition with "
+            "--pairs within)",
         ),
         _c("ci_high", "float", "upper bound of that interval, r + t_(n-1) se"),
         _c("nc_low", "float", "lower noise ceiling of the target (NaN with < 2 subjects)"),
