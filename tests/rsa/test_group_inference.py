@@ -174,3 +174,51 @@ def test_cross_validated_best_finds_the_planted_model_and_not_noise() -> None:
         (row,) = g.cross_validated_rows(models, target, condition, settings, (0, 0))
         rejects += row["p"] < 0.05
     assert rejects <= 3  # 16 draws at alpha 0.05: at most 3 with probability 0.99
+
+
+@pytest.mark.parametrize("method", ["rho_a", "cosine", "corr_cov", "cosine_cov"])
+def test_group_inference_of_rsatoolbox_comparators(method: str) -> None:
+    """The other comparators: the unresampled mean equals rsatoolbox's eval_fixed; a resample
+    and a delete-one row equal rsatoolbox.rdm.compare on the RDMs of the drawn stimuli (pairs
+    of a stimulus with its own copy dropped); the lower-ceiling terms equal rsatoolbox's
+    comparison of each subject with the pooled others (pool_rdm) and average to the lower
+    noise ceiling of the alignment table."""
+    rsatoolbox = pytest.importorskip("rsatoolbox")
+    from object2brain.rsa.compare import RSATOOLBOX_NAMES
+    from object2brain.rsa.inference import noise_ceiling
+
+    name = RSATOOLBOX_NAMES[method]
+    n, S = 12, 4
+    models, subs = _study(8, n, S, n_models=2)
+    plan = g.resample_plan(n, S, 3, 1)
+    coef = g.subject_coefficients(models, subs, method, plan)
+    iu = np.triu_indices(n, 1)
+    data = rsatoolbox.rdm.RDMs(subs.numpy()[:, iu[0], iu[1]], dissimilarity_measure="corr")
+    fixed = [rsatoolbox.model.ModelFixed(f"m{k}", models[k].numpy()[iu]) for k in range(2)]
+    evaluations = rsatoolbox.inference.eval_fixed(fixed, data, method=name).evaluations
+    mean = g.estimate(coef, plan, "both").mean
+    np.testing.assert_allclose(mean, np.mean(evaluations, axis=-1)[0], atol=1e-9)
+
+    def on_stimuli(index: np.ndarray) -> np.ndarray:
+        i, j = np.triu_indices(len(index), 1)
+        keep = index[i] != index[j]
+        a, b = index[i][keep], index[j][keep]
+        m = rsatoolbox.rdm.RDMs(models.numpy()[:, a, b])
+        d = rsatoolbox.rdm.RDMs(subs.numpy()[:, a, b])
+        return rsatoolbox.rdm.compare(m, d, method=name)
+
+    drawn = np.repeat(np.arange(n), plan.counts[0].astype(int))
+    if method not in ("corr_cov", "cosine_cov"):  # resampled whitening: test_comparators.py
+        np.testing.assert_allclose(coef.boot[0], on_stimuli(drawn), atol=1e-9)
+    np.testing.assert_allclose(coef.jack[3], on_stimuli(np.delete(np.arange(n), 3)), atol=1e-9)
+    lower = g.lower_ceiling_coefficients(subs, method, plan)
+    vectors = subs.numpy()[:, iu[0], iu[1]]
+    assert lower.r.mean() == pytest.approx(noise_ceiling(vectors, method)[0], abs=1e-12)
+    if method in ("corr_cov", "cosine_cov"):
+        return  # pooled on the whitened scale here, rms-scaled in rsatoolbox's pool_rdm
+    for s in range(S):
+        pooled = rsatoolbox.util.inference_util.pool_rdm(
+            rsatoolbox.rdm.RDMs(np.delete(vectors, s, axis=0)), method=name
+        )
+        expected = rsatoolbox.rdm.compare(rsatoolbox.rdm.RDMs(vectors[s : s + 1]), pooled, name)
+        assert lower.r[0, s] == pytest.approx(float(expected[0, 0]), abs=1e-9)

@@ -2,7 +2,8 @@
 
 Notation: ``K`` model RDMs, ``S`` subject RDMs of one target, ``n`` stimuli, ``m = n (n - 1) / 2``
 pairs, ``B`` resamples. The statistic is the mean over subjects of the per-subject coefficient,
-``rbar = mean_s r(model, subject_s)`` (Spearman or Pearson), or of a difference of two models'
+``rbar = mean_s r(model, subject_s)`` (any comparator of :data:`GROUP_METHODS`: those whose
+resamples are weighted comparisons of the original pairs), or of a difference of two models'
 coefficients, ``delta = mean_s (r_a,s - r_b,s)``.
 
 **Two-factor ("dual") bootstrap** (Schuett et al. 2023, eLife 12:e82566; rsatoolbox's
@@ -58,13 +59,17 @@ import scipy.stats
 import torch
 
 from object2brain.errors import DataError
-from object2brain.rsa.compare import WeightedComparison, compare, prepare
+from object2brain.rsa.compare import WeightedComparison, compare, comparison_scale
 from object2brain.rsa.rdm import triu_indices, upper_triangle
 
 Bootstrap = Literal["stimuli", "subjects", "both"]
 BOOTSTRAPS: tuple[str, ...] = ("stimuli", "subjects", "both")
 _GROUP_STREAM = 15_485_863  # seed word of the two-factor resamples
 _BLOCK = 64  # resamples per weighted comparison call
+#: Comparators of the group tables (those with a weighted form for the resamples).
+GROUP_METHODS: tuple[str, ...] = (
+    "spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov",
+)  # fmt: skip
 #: Fewest subjects of a target whose default bootstrap is ``both``.
 MIN_SUBJECTS_BOTH = 3
 
@@ -132,7 +137,7 @@ def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> n
     """Coefficients ``(C, K, T)`` under stimulus counts ``(C, n)`` (pair weights ``c_a c_b``)."""
     iu, ju = triu_indices(n, torch.device("cpu"))
     parts = [
-        comparison(c[:, iu] * c[:, ju]).numpy()
+        comparison(c[:, iu] * c[:, ju], c).numpy()
         for c in (counts[start : start + _BLOCK] for start in range(0, len(counts), _BLOCK))
     ]
     return (
@@ -152,8 +157,11 @@ def subject_coefficients(
 ) -> SubjectCoefficients:
     """Coefficients of square model RDMs ``(K, n, n)`` with subject RDMs ``(S, n, n)``, observed
     and under each resample's stimulus counts (pairs weighted ``c_a c_b``)."""
-    if method not in ("spearman", "pearson"):
-        raise DataError(f"group inference supports spearman and pearson, not {method!r}")
+    if method not in GROUP_METHODS:
+        raise DataError(
+            f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r} (kendall_tau_a "
+            "has no weighted form for the resamples)"
+        )
     A = upper_triangle(model_rdms).to(torch.float64).cpu()
     Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
     n = model_rdms.shape[-1]
@@ -171,19 +179,13 @@ def lower_ceiling_coefficients(
     (pooled on the comparison's scale) as a ``(1, S)`` row, observed and resampled."""
     Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
     S, n = Y.shape[0], subject_rdms.shape[-1]
-    scaled = prepare(Y, method) if method == "pearson" else _ranks(Y)
+    scaled = comparison_scale(Y, method)
     others = (scaled.sum(dim=0, keepdim=True) - scaled) / max(1, S - 1)
     comparison = WeightedComparison(Y, others, method)
     r = torch.diagonal(compare(Y, others, method)).numpy()
     boot = np.diagonal(_weighted(comparison, torch.as_tensor(plan.counts), n), axis1=1, axis2=2)
     jack = np.diagonal(_weighted(comparison, leave_one_out_counts(n), n), axis1=1, axis2=2)
     return SubjectCoefficients(r[None], boot[:, None, :], jack[:, None, :])
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    from object2brain.rsa.compare import rankdata
-
-    return rankdata(x)
 
 
 @dataclass(frozen=True)
@@ -571,13 +573,13 @@ def group_tables(
     ceilings: dict[Any, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``group_inference`` and ``model_comparison`` tables of one alignment run (empty for
-    ``kendall_tau_a``, which the weighted resampling does not support)."""
+    ``kendall_tau_a``, which has no weighted form for the resamples)."""
     from object2brain.rsa.inference import with_fdr
     from object2brain.tables import GROUP_INFERENCE, MODEL_COMPARISON
 
     group = pd.DataFrame(columns=GROUP_INFERENCE.column_names)
     comparison = pd.DataFrame(columns=MODEL_COMPARISON.column_names)
-    if options.compare_method not in ("spearman", "pearson"):
+    if options.compare_method not in GROUP_METHODS:
         return group, comparison
     settings = GroupSettings(
         options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed
