@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference_calibration import Population, corr_rdms
 
 from object2brain.rsa.inference import (
+    ConditionResamples,
     bootstrap_values,
     condition_difference_bootstrap,
     corrected_spread,
@@ -95,10 +96,12 @@ def contrast(datasets: int, n: int, noise_b: float, n_boot: int, seed: int) -> d
     covers = dict.fromkeys(rejects, 0)
     for rep in range(datasets):
         model, brain, labels = two_conditions(rng, n, 3.0, noise_b)
+        cache: dict[tuple[str, int], ConditionResamples] = {}  # both intervals: same resamples
         for key, corrected in (("corrected", True), ("uncorrected (percentile)", False)):
             res = condition_difference_bootstrap(
-                model, brain, labels, "a", "b", "spearman", n_boot, rep, "cpu", corrected=corrected
-            )
+                model, brain, labels, "a", "b", "spearman", n_boot, rep, "cpu", cache=cache,
+                corrected=corrected,
+            )  # fmt: skip
             rejects[key] += int(res.p[0, 0] < ALPHA)
             covers[key] += int(res.low[0, 0] <= 0 <= res.high[0, 0])
         if (rep + 1) % 100 == 0:
@@ -116,10 +119,15 @@ def contrast(datasets: int, n: int, noise_b: float, n_boot: int, seed: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
+    parser.add_argument(
+        "--contrast-only", action="store_true", help="add the contrast sections to the JSON"
+    )
+    args = parser.parse_args()
+    quick = args.quick
     torch.set_num_threads(1)
     setup = {"n_pop": 600 if quick else 2000, "noise": 6.0, "n_boot": 200 if quick else 300,
-             "reps": 20 if quick else 150, "contrast_datasets": 40 if quick else 400,
+             "reps": 20 if quick else 150, "contrast_datasets": 40 if quick else 240,
+             "power_datasets": 20 if quick else 100,
              "contrast_n": 30}  # fmt: skip
     out_path = Path("/tmp" if quick else "validation") / "alignment_calibration.json"
     record: dict[str, Any] = {
@@ -129,17 +137,23 @@ def main() -> None:
         "setup": setup,
     }
     start = time.time()
-    pop = Population(1, setup["n_pop"], 1, setup["noise"], 0.7)
-    record["alignment_ci"] = {}
-    for n in (40, 200):
+    if args.contrast_only:
+        record = json.loads(out_path.read_text())
+        record["contrast_command"] = " ".join(["python", *sys.argv])
+        record["setup"] |= {"contrast_datasets": setup["contrast_datasets"],
+                            "power_datasets": setup["power_datasets"]}  # fmt: skip
+    pop = None if args.contrast_only else Population(1, setup["n_pop"], 1, setup["noise"], 0.7)
+    record.setdefault("alignment_ci", {})
+    for n in () if pop is None else (40, 200):
         record["alignment_ci"][f"n={n}"] = coverage(pop, n, setup["reps"], setup["n_boot"], n)
         record["seconds"] = round(time.time() - start, 1)
         out_path.write_text(json.dumps(record, indent=1))
-    for name, noise_b in (("contrast_null", 5.0), ("contrast_power", 8.0)):
-        record[name] = contrast(
-            setup["contrast_datasets"], setup["contrast_n"], noise_b, setup["n_boot"], 3
-        )
-        record["seconds"] = round(time.time() - start, 1)
+    for name, noise_b, datasets in (
+        ("contrast_null", 5.0, setup["contrast_datasets"]),
+        ("contrast_power", 8.0, setup["power_datasets"]),
+    ):
+        record[name] = contrast(datasets, setup["contrast_n"], noise_b, setup["n_boot"], 3)
+        record[f"{name}_seconds"] = round(time.time() - start, 1)
         out_path.write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
 
