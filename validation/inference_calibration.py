@@ -90,7 +90,10 @@ class Population:
         return compare(models, subs, "spearman").numpy().mean(axis=1)
 
 
-def coverage(pop: Population, n: int, S: int, reps: int, n_boot: int, seed: int) -> dict[str, Any]:
+def coverage(
+    pop: Population, n: int, S: int, reps: int, n_boot: int, seed: int,
+    partial: Any = None,
+) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(seed)
     hits: dict[str, list[int]] = {}
     errors: dict[str, list[float]] = {}
@@ -119,6 +122,14 @@ def coverage(pop: Population, n: int, S: int, reps: int, n_boot: int, seed: int)
                     ses.setdefault(key, []).append(float(est.se[0]))
         if (rep + 1) % 25 == 0:
             print(f"  n={n} rep {rep + 1}/{reps}", flush=True)
+        if partial is not None and (rep + 1) % 10 == 0:
+            partial(_summary(hits, errors, ses) | {"experiments_done": rep + 1})
+    return _summary(hits, errors, ses)
+
+
+def _summary(
+    hits: dict[str, list[int]], errors: dict[str, list[float]], ses: dict[str, list[float]]
+) -> dict[str, Any]:
     out = {}
     for key, h in hits.items():
         rmse = float(np.sqrt(np.mean(np.square(errors[key]))))
@@ -174,6 +185,9 @@ def nulls(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--n200-only", action="store_true", help="add the n = 200 coverage, written every 10"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     quick = args.quick
@@ -193,15 +207,24 @@ def main() -> None:
     pop = Population(1, setup["n_pop"], setup["n_subjects_pop"], setup["noise"], setup["tau"])
     record["population_r"] = {"A": float(pop.r_pop[0].mean()), "B": float(pop.r_pop[1].mean())}
     print("population", record["population_r"], f"{time.time() - start:.0f} s", flush=True)
-    record["coverage"] = {}
+    record.setdefault("coverage", {})
     sections = [("coverage", 40), ("nulls", 40), ("coverage", 200)]  # cheap ones first
+    if args.n200_only:
+        record = json.loads(out_path.read_text()) | {"n200_command": record["command"]}
+        sections = sections[2:]
+
+    def partial(summary: dict[str, Any]) -> None:
+        record["coverage"]["n=200"] = summary
+        record["seconds_n200"] = round(time.time() - start, 1)
+        out_path.write_text(json.dumps(record, indent=1))
+
     for section, n in sections:
         if section == "nulls":
             record["nulls"] = nulls(n, setup["S"], setup["null_datasets"], setup["n_boot"],
                                     setup["noise"], setup["tau"], 7)  # fmt: skip
         else:
             record["coverage"][f"n={n}"] = coverage(
-                pop, n, setup["S"], setup["reps"], setup["n_boot"], n
+                pop, n, setup["S"], setup["reps"], setup["n_boot"], n, partial if n == 200 else None
             )
         record["seconds"] = round(time.time() - start, 1)
         out_path.write_text(json.dumps(record, indent=1))
