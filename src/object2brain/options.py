@@ -58,6 +58,7 @@ LesionAnalysis = Literal["rsa", "encoding", "both"]
 BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
 FdrFamily = Literal["model", "models", "study"]
 Pairs = Literal["all", "within"]
+ContrastScale = Literal["raw", "noise_ceiling"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -296,8 +297,16 @@ class RsaOptions(StageOptions):
     compare_models: str | list[str] = Field(
         "best",
         description=(
-            "Model comparisons: best (each model's best layer, chosen on half the stimuli, "
-            "tested on the other half) | valence | model:layer,model:layer,..."
+            "Model comparisons: best (each model's best layer by 5-fold cross-validation over "
+            "stimuli: chosen on the training folds, scored on the held-out fold) | valence | "
+            "model:layer,model:layer,..."
+        ),
+    )
+    contrast_scale: ContrastScale = Field(
+        "raw",
+        description=(
+            "Condition contrasts: raw (r_a - r_b) | noise_ceiling (r_a / nc_a - r_b / nc_b, each "
+            "r over its condition's upper noise ceiling; p_perm is then NaN)."
         ),
     )
 

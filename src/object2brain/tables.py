@@ -93,8 +93,14 @@ ALIGNMENT = TableSchema(
             "Benjamini-Hochberg over the (layer, target) tests of one model, condition and "
             "subject level",
         ),
-        _c("ci_low", "float", "2.5% percentile of the stimulus bootstrap"),
-        _c("ci_high", "float", "97.5% percentile of the stimulus bootstrap"),
+        _c(
+            "ci_low",
+            "float",
+            "lower bound of the 95% interval r - t_(n-1) se, se from the stimulus bootstrap "
+            "with its pair excess removed (jackknife-corrected; stratified by condition with "
+            "--pairs within)",
+        ),
+        _c("ci_high", "float", "upper bound of that interval, r + t_(n-1) se"),
         _c("nc_low", "float", "lower noise ceiling of the target (NaN with < 2 subjects)"),
         _c("nc_high", "float", "upper noise ceiling of the target (NaN with < 2 subjects)"),
         _c("n_stimuli", "int", "stimuli in the condition"),
@@ -155,17 +161,32 @@ CONDITION_CONTRAST = TableSchema(
         _COMPARE,
         _c("r_a", "float", "r within condition a"),
         _c("r_b", "float", "r within condition b"),
-        _c("delta_r", "float", "r_a - r_b"),
+        _c("delta_r", "float", "r_a - r_b (see contrast_scale)"),
         _c("p_perm", "float", "two-sided p from permuting condition labels"),
         _c("p_fdr", "float", "Benjamini-Hochberg of p_perm, as for `alignment`, per pair"),
-        _c("ci_low", "float", "2.5% percentile of delta_r over stimulus bootstraps"),
-        _c("ci_high", "float", "97.5% percentile of delta_r over stimulus bootstraps"),
-        _c("p_boot", "float", "two-sided bootstrap p of delta_r = 0"),
+        _c(
+            "ci_low",
+            "float",
+            "lower bound of the 95% interval of delta_r (within-condition "
+            "stimulus bootstrap, pair-corrected variance, Welch t)",
+        ),
+        _c("ci_high", "float", "upper bound of the 95% interval of delta_r"),
+        _c(
+            "p_boot",
+            "float",
+            "two-sided t-test p of delta_r = 0 from the corrected bootstrap variance",
+        ),
         _c("p_boot_fdr", "float", "Benjamini-Hochberg of p_boot"),
         _c("n_a", "int", "stimuli in condition a"),
         _c("n_b", "int", "stimuli in condition b"),
         _N_PERM,
         _c("n_boot", "int", "bootstrap resamples"),
+        _c(
+            "contrast_scale",
+            "str",
+            "raw: delta_r = r_a - r_b; noise_ceiling: delta_r = r_a / nc_a - r_b / nc_b (each "
+            "condition's upper noise ceiling of the target; r_a, r_b stay raw; p_perm NaN)",
+        ),
     ),
 )
 

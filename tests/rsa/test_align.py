@@ -359,3 +359,49 @@ def test_alignment_group_t_test_across_subjects(tmp_path: Path) -> None:
         np.testing.assert_allclose(family["p_t_fdr"], fdr_bh(family["p_t"].to_numpy()))
     planted = group.query("layer == 'layer2' and target == 'planted' and condition == 'all'")
     assert planted["p_t"].iloc[0] < 0.05
+
+
+def test_contrast_relative_to_the_noise_ceiling(tmp_path: Path) -> None:
+    """contrast_scale noise_ceiling: delta_r = r_a / nc_a - r_b / nc_b with each condition's
+    upper ceiling (the nc_high of the alignment rows), r_a and r_b raw, p_perm NaN, and the
+    interval that of the raw contrast's resamples divided by the ceilings."""
+    from object2brain.rsa.inference import condition_difference_bootstrap
+
+    files = _planted(tmp_path)
+    kwargs = {"brain": files["brain"], "stimuli": files["stimuli"], "n_perm": 20, "n_boot": 50,
+              "device": "cpu", "progress": False, "figures": False}  # fmt: skip
+    raw = rsa(files["store"], **kwargs)
+    scaled = rsa(files["store"], contrast_scale="noise_ceiling", **kwargs)
+    assert set(raw.condition_contrast["contrast_scale"]) == {"raw"}
+    table = scaled.condition_contrast
+    assert set(table["contrast_scale"]) == {"noise_ceiling"} and table["p_perm"].isna().all()
+    ceiling = raw.alignment.set_index(["layer", "target", "subject", "condition"])["nc_high"]
+    brain_rows = table[table["target_kind"] == "roi"]
+    assert len(brain_rows) > 0
+    for _, row in brain_rows.iterrows():
+        key = (row["layer"], row["target"], row["subject"])
+        nc_a, nc_b = ceiling[(*key, row["condition_a"])], ceiling[(*key, row["condition_b"])]
+        expected = row["r_a"] / nc_a - row["r_b"] / nc_b
+        np.testing.assert_allclose(row["delta_r"], expected, rtol=1e-12)
+    # the bootstrap: resamples divided by the divisors (uncorrected path: percentile of them)
+    rng = np.random.default_rng(0)
+    import torch
+
+    model = torch.as_tensor(rng.normal(size=(1, 12, 12)))
+    model = model + model.transpose(1, 2)
+    target = model + 0.5 * torch.as_tensor(rng.normal(size=(1, 12, 12)))
+    target = target + target.transpose(1, 2)
+    labels = ["a", "b"] * 6
+    shared = {"n_boot": 40, "device": "cpu"}
+    plain = condition_difference_bootstrap(model, target, labels, "a", "b", corrected=False,
+                                           **shared)  # fmt: skip
+    ones = (np.ones(1), np.ones(1))
+    same = condition_difference_bootstrap(model, target, labels, "a", "b", corrected=False,
+                                          ceilings=ones, **shared)  # fmt: skip
+    np.testing.assert_array_equal(plain.low, same.low)
+    halves = (np.full(1, 0.5), np.full(1, 0.5))
+    halved = condition_difference_bootstrap(model, target, labels, "a", "b", ceilings=halves,
+                                            **shared)  # fmt: skip
+    full = condition_difference_bootstrap(model, target, labels, "a", "b", n_boot=40, device="cpu")
+    np.testing.assert_allclose(halved.high - halved.low, 2 * (full.high - full.low), rtol=1e-9)
+    np.testing.assert_allclose(halved.p, full.p, rtol=1e-9)

@@ -70,7 +70,7 @@ def test_bootstrap_by_brute_force() -> None:
     rng = np.random.default_rng(1)
     n = len(LABELS)
     models, targets = _square(rng, 2, n), _square(rng, 2, n)
-    low, high = within_bootstrap_ci(models, targets, LABELS, "spearman", 40, seed=5)
+    low, high = within_bootstrap_ci(models, targets, LABELS, "spearman", 40, 5, corrected=False)
     pairs = within_pairs(LABELS)
     draws_rng = np.random.default_rng([5, _WITHIN_STREAM, 1 << 20])
     draws = [g[draws_rng.integers(0, g.size, size=(40, g.size))] for g in pairs.groups]
@@ -89,6 +89,23 @@ def test_bootstrap_by_brute_force() -> None:
                 values[b, k, t] = scipy.stats.spearmanr(va[k], vb[t])[0]
     np.testing.assert_allclose(low, np.nanquantile(values, 0.025, axis=0), atol=1e-9)
     np.testing.assert_allclose(high, np.nanquantile(values, 0.975, axis=0), atol=1e-9)
+    # corrected: r -+ t sqrt(max(2 V_jack - V_boot, V_boot / 3)), the delete-one values over the
+    # stimuli with within pairs recomputed by scipy (dof: their number - 1)
+    x, y = _pair_vectors(models, LABELS), _pair_vectors(targets, LABELS)
+    observed = np.array([[scipy.stats.spearmanr(a, b)[0] for b in y] for a in x])
+    stimuli = np.concatenate(pairs.groups)
+    jack = []
+    for left in stimuli:
+        labels = [lab if i != left else "" for i, lab in enumerate(LABELS)]
+        xl, yl = _pair_vectors(models, labels), _pair_vectors(targets, labels)
+        jack.append([[scipy.stats.spearmanr(a, b)[0] for b in yl] for a in xl])
+    m = len(stimuli)
+    v_jack = (m - 1) / m * ((jack - np.mean(jack, axis=0)) ** 2).sum(axis=0)
+    v_boot = np.nanvar(values, axis=0, ddof=1)
+    half = scipy.stats.t.ppf(0.975, m - 1) * np.sqrt(np.maximum(2 * v_jack - v_boot, v_boot / 3))
+    low, high = within_bootstrap_ci(models, targets, LABELS, "spearman", 40, seed=5)
+    np.testing.assert_allclose(low, np.clip(observed - half, -1, 1), atol=1e-9)
+    np.testing.assert_allclose(high, np.clip(observed + half, -1, 1), atol=1e-9)
 
 
 def _content_null(rng: np.random.Generator, n_per: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -70,6 +70,7 @@ def rsa(
     fdr_family: str | None = None,
     pairs: str | None = None,
     save_rdms: bool | None = None,
+    contrast_scale: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -93,7 +94,7 @@ def rsa(
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
         rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, bootstrap,
-            compare_models, brain_rdm, fdr_family, pairs, save_rdms: the fields of
+            compare_models, brain_rdm, fdr_family, pairs, contrast_scale, save_rdms: the fields of
             :class:`RsaOptions` (None: not given); ``save_rdms`` writes ``rdms.h5`` (every RDM
             of the analysis, :mod:`object2brain.rdm_file`) into ``out``.
     Returns:
@@ -116,6 +117,7 @@ def rsa(
         "fdr_family": fdr_family,
         "pairs": pairs,
         "save_rdms": save_rdms,
+        "contrast_scale": contrast_scale,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -350,7 +352,7 @@ def _new_options(options: RsaOptions) -> dict[str, Any]:
     """Options recorded in the manifest only when they differ from their default (so the
     manifests of analyses that do not use them stay as they were)."""
     defaults = RsaOptions()
-    names = ("brain_rdm", "fdr_family", "pairs", "save_rdms")
+    names = ("brain_rdm", "fdr_family", "pairs", "save_rdms", "contrast_scale")
     return {
         name: getattr(options, name)
         for name in names

@@ -60,6 +60,7 @@ from object2brain.executors import Executor, executor_for
 from object2brain.options import RsaOptions, Runtime
 from object2brain.rsa.group import ModelRdms, group_tables
 from object2brain.rsa.inference import (
+    ConditionResamples,
     TestResult,
     bootstrap_ci,
     condition_difference_bootstrap,
@@ -232,7 +233,8 @@ def _model_steps(
     for condition in context.analysis.conditions:
         alignment += _condition_rows(context, model, model_rdms, condition)
         yield 1
-    cache: dict[tuple[str, int], np.ndarray] = {}  # bootstrap resamples of this model's RDMs
+    # bootstrap resamples of this model's RDMs, per condition
+    cache: dict[tuple[str, int], ConditionResamples] = {}
     for pair in context.analysis.contrasts:
         contrasts += _contrast_rows(context, model, model_rdms, pair, cache)
         yield 1
@@ -372,10 +374,11 @@ def _contrast_rows(
     model: ModelLayers,
     model_rdms: torch.Tensor,
     pair: tuple[Condition, Condition],
-    cache: dict[tuple[str, int], np.ndarray],
+    cache: dict[tuple[str, int], ConditionResamples],
 ) -> list[dict[str, Any]]:
-    """Rows of one model and pair of conditions: ``delta_r = r_a - r_b``, its label-permutation
-    p and its bootstrap interval and p."""
+    """Rows of one model and pair of conditions: ``delta_r = r_a - r_b`` (``contrast_scale``
+    ``noise_ceiling``: ``r_a / nc_a - r_b / nc_b``, upper ceilings; the label permutation,
+    a test of the raw difference, is then not reported), its bootstrap interval and p."""
     options, columns = context.options, context.columns
     assert context.analysis.labels is not None  # there are conditions
     labels = context.analysis.labels.tolist()
@@ -385,10 +388,16 @@ def _contrast_rows(
         model_rdms, columns.rdms, labels, a, b, *shared, options.n_perm, context.seed,
         context.device, columns.combine,
     )  # fmt: skip
+    by_ceiling = options.contrast_scale == "noise_ceiling"
+    ceilings = (_upper_ceilings(context, a), _upper_ceilings(context, b)) if by_ceiling else None
     interval = condition_difference_bootstrap(
         model_rdms, columns.rdms, labels, a, b, *shared, options.n_boot, context.seed,
-        context.device, columns.combine, cache=cache,
+        context.device, columns.combine, cache=cache, ceilings=ceilings,
     )  # fmt: skip
+    delta = res.delta
+    if ceilings is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = res.r_a / ceilings[0] - res.r_b / ceilings[1]
     return [
         keys
         | {
@@ -396,8 +405,8 @@ def _contrast_rows(
             "condition_b": b,
             "r_a": float(res.r_a[k, q]),
             "r_b": float(res.r_b[k, q]),
-            "delta_r": float(res.delta[k, q]),
-            "p_perm": float(res.p[k, q]),
+            "delta_r": float(delta[k, q]),
+            "p_perm": np.nan if by_ceiling else float(res.p[k, q]),
             "p_fdr": np.nan,
             "ci_low": float(interval.low[k, q]),
             "ci_high": float(interval.high[k, q]),
@@ -407,9 +416,17 @@ def _contrast_rows(
             "n_b": res.n_b,
             "n_perm": res.n_perm,
             "n_boot": interval.n_boot,
+            "contrast_scale": options.contrast_scale,
         }
         for k, q, keys in _cells(model, columns, options)
     ]
+
+
+def _upper_ceilings(context: _Context, condition: str) -> np.ndarray:
+    """The upper noise ceiling of each target column's target in ``condition`` ``(T + G,)``
+    (NaN for a target of one subject)."""
+    owner = context.columns.owner
+    return np.array([context.ceilings[(owner[q], condition)][1] for q in range(len(owner))])
 
 
 def _direct_rows(context: _Context, model: ModelLayers) -> list[dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 Notation: ``K`` model RDMs, ``S`` subject RDMs of one target, ``n`` stimuli, ``m = n (n - 1) / 2``
 pairs, ``B`` resamples. The statistic is the mean over subjects of the per-subject coefficient,
-``rbar = mean_s r(model, subject_s)`` (Spearman or Pearson), or of a difference of two models'
+``rbar = mean_s r(model, subject_s)`` (any comparator of :data:`GROUP_METHODS`: those whose
+resamples are weighted comparisons of the original pairs), or of a difference of two models'
 coefficients, ``delta = mean_s (r_a,s - r_b,s)``.
 
 **Two-factor ("dual") bootstrap** (Schuett et al. 2023, eLife 12:e82566; rsatoolbox's
@@ -58,13 +59,17 @@ import scipy.stats
 import torch
 
 from object2brain.errors import DataError
-from object2brain.rsa.compare import WeightedComparison, compare, prepare
+from object2brain.rsa.compare import WeightedComparison, compare, comparison_scale
 from object2brain.rsa.rdm import triu_indices, upper_triangle
 
 Bootstrap = Literal["stimuli", "subjects", "both"]
 BOOTSTRAPS: tuple[str, ...] = ("stimuli", "subjects", "both")
 _GROUP_STREAM = 15_485_863  # seed word of the two-factor resamples
 _BLOCK = 64  # resamples per weighted comparison call
+#: Comparators of the group tables (those with a weighted form for the resamples).
+GROUP_METHODS: tuple[str, ...] = (
+    "spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov",
+)  # fmt: skip
 #: Fewest subjects of a target whose default bootstrap is ``both``.
 MIN_SUBJECTS_BOTH = 3
 
@@ -132,7 +137,7 @@ def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> n
     """Coefficients ``(C, K, T)`` under stimulus counts ``(C, n)`` (pair weights ``c_a c_b``)."""
     iu, ju = triu_indices(n, torch.device("cpu"))
     parts = [
-        comparison(c[:, iu] * c[:, ju]).numpy()
+        comparison(c[:, iu] * c[:, ju], c).numpy()
         for c in (counts[start : start + _BLOCK] for start in range(0, len(counts), _BLOCK))
     ]
     return (
@@ -152,8 +157,11 @@ def subject_coefficients(
 ) -> SubjectCoefficients:
     """Coefficients of square model RDMs ``(K, n, n)`` with subject RDMs ``(S, n, n)``, observed
     and under each resample's stimulus counts (pairs weighted ``c_a c_b``)."""
-    if method not in ("spearman", "pearson"):
-        raise DataError(f"group inference supports spearman and pearson, not {method!r}")
+    if method not in GROUP_METHODS:
+        raise DataError(
+            f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r} (kendall_tau_a "
+            "has no weighted form for the resamples)"
+        )
     A = upper_triangle(model_rdms).to(torch.float64).cpu()
     Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
     n = model_rdms.shape[-1]
@@ -171,19 +179,13 @@ def lower_ceiling_coefficients(
     (pooled on the comparison's scale) as a ``(1, S)`` row, observed and resampled."""
     Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
     S, n = Y.shape[0], subject_rdms.shape[-1]
-    scaled = prepare(Y, method) if method == "pearson" else _ranks(Y)
+    scaled = comparison_scale(Y, method)
     others = (scaled.sum(dim=0, keepdim=True) - scaled) / max(1, S - 1)
     comparison = WeightedComparison(Y, others, method)
     r = torch.diagonal(compare(Y, others, method)).numpy()
     boot = np.diagonal(_weighted(comparison, torch.as_tensor(plan.counts), n), axis1=1, axis2=2)
     jack = np.diagonal(_weighted(comparison, leave_one_out_counts(n), n), axis1=1, axis2=2)
     return SubjectCoefficients(r[None], boot[:, None, :], jack[:, None, :])
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    from object2brain.rsa.compare import rankdata
-
-    return rankdata(x)
 
 
 @dataclass(frozen=True)
@@ -412,11 +414,20 @@ def explicit_picks(models: Sequence[ModelRdms], spec: str | list[str]) -> list[P
     return picks
 
 
-def selection_split(n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of a random half of ``n_rows`` stimuli (selection) and the rest (test)."""
+#: Stimulus folds of the cross-validated ``best`` layer choice.
+BEST_FOLDS = 5
+#: Fewest stimuli of a held-out fold.
+MIN_FOLD_STIMULI = 4
+
+
+def stimulus_folds(n_rows: int, seed: int) -> list[np.ndarray]:
+    """Positions of ``n_rows`` stimuli in ``k = min(BEST_FOLDS, n_rows // MIN_FOLD_STIMULI)``
+    random folds of near-equal size (each sorted); empty when ``k < 2``."""
+    k = min(BEST_FOLDS, n_rows // MIN_FOLD_STIMULI)
+    if k < 2:
+        return []
     order = np.random.default_rng([seed, _GROUP_STREAM, 1]).permutation(n_rows)
-    half = n_rows // 2
-    return np.sort(order[:half]), np.sort(order[half:])
+    return [np.sort(fold) for fold in np.array_split(order, k)]
 
 
 def best_picks(
@@ -436,29 +447,97 @@ def model_comparison_rows(
     models: Sequence[ModelRdms], analysis: Any, settings: GroupSettings
 ) -> list[dict[str, Any]]:
     """Rows of the ``model_comparison`` table: every pair of picks per target and condition,
-    ``delta_r = mean_s (r_a,s - r_b,s)`` on the same resamples."""
+    ``delta_r = mean_s (r_a,s - r_b,s)`` on the same resamples (``best``: cross-validated,
+    :func:`cross_validated_rows`)."""
     out: list[dict[str, Any]] = []
     best = settings.compare_models == "best"
     fixed = None if best else explicit_picks(models, settings.compare_models)
+    selection = "valence" if settings.compare_models == "valence" else "listed"
     for ci, condition in enumerate(analysis.conditions):
         for ti, target in enumerate(analysis.targets):
-            rows = condition.rows
-            selection = "listed" if settings.compare_models != "valence" else "valence"
-            picks = fixed
             if best:
-                pick_rows, rows = selection_split(len(condition.rows), settings.seed)
-                sub_all = _restrict(target.rdms, condition.rows)
-                picks = best_picks(models, sub_all, pick_rows, settings.method)
-                picks = [Pick(p.model, p.k) for p in picks]
-                rows = condition.rows[rows]
-                selection = f"best on {len(pick_rows)} other stimuli"
-            assert picks is not None
-            if len(picks) < 2 or len(rows) < 4:
+                out += cross_validated_rows(models, target, condition, settings, (ti, ci))
+                continue
+            assert fixed is not None
+            rows = condition.rows
+            if len(fixed) < 2 or len(rows) < 4:
                 continue
             sub, plan, mode = _cell_plan(target, rows, settings, (ti, ci))
-            out += _pair_rows(picks, sub, rows, plan, mode, settings, target.name, condition.name,
+            out += _pair_rows(fixed, sub, rows, plan, mode, settings, target.name, condition.name,
                               selection)  # fmt: skip
     return out
+
+
+def _fold_coefficients(
+    pick_layers: list[int], model: ModelRdms, sub: torch.Tensor, folds: list[np.ndarray],
+    plans: list[ResamplePlan], method: str,
+) -> SubjectCoefficients:  # fmt: skip
+    """One model's held-out coefficients, fold ``f`` scored with layer ``pick_layers[f]`` on
+    the fold's stimuli: ``r = mean_f r_f`` ``(1, S)``, resamples ``mean_f r_f*`` (each fold's
+    stimuli resampled on their own, subjects drawn once), and delete-one rows (a stimulus of
+    fold ``f`` changes only ``r_f``)."""
+    parts = [
+        subject_coefficients(
+            _restrict(model.rdms[k : k + 1], fold), _restrict(sub, fold), method, plan
+        )
+        for k, fold, plan in zip(pick_layers, folds, plans, strict=True)
+    ]
+    k = len(parts)
+    total = sum(part.r for part in parts)
+    boot = sum(part.boot for part in parts) / k
+    jack = np.concatenate([(total - part.r + part.jack) / k for part in parts])
+    return SubjectCoefficients(np.asarray(total) / k, np.asarray(boot), jack)
+
+
+def cross_validated_rows(
+    models: Sequence[ModelRdms], target: Any, condition: Any, settings: GroupSettings,
+    words: tuple[int, int],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """``--compare-models best``: k-fold cross-validation over stimulus folds
+    (:func:`stimulus_folds`). For each fold, each model's layer with the highest mean r over
+    subjects on the *other* folds (:func:`best_picks`) is scored on the fold's own stimuli
+    (pairs within the fold); the statistic is the mean over folds of the held-out
+    ``delta_r``, never computed on the stimuli its layers were chosen on. Its resamples draw
+    each fold's stimuli on their own and the subjects once (shared by the folds)."""
+    rows = condition.rows
+    folds = stimulus_folds(len(rows), settings.seed)
+    if len(models) < 2 or not folds:
+        return []
+    sub_all = _restrict(target.rdms, rows)
+    chosen = []  # (fold, model) -> layer position
+    for fold in folds:
+        train = np.setdiff1d(np.arange(len(rows)), fold)
+        chosen.append([p.k for p in best_picks(models, sub_all, train, settings.method)])
+    S = sub_all.shape[0]
+    plans = [resample_plan(len(f), S, settings.n_boot, (settings.seed, *words, i))
+             for i, f in enumerate(folds)]  # fmt: skip
+    plan = ResamplePlan(np.concatenate([p.counts for p in plans], axis=1), plans[0].subjects)
+    mode = default_bootstrap(settings.bootstrap, S)
+    coefs = [
+        _fold_coefficients([c[m] for c in chosen], model, sub_all, folds, plans, settings.method)
+        for m, model in enumerate(models)
+    ]
+    selection = f"best by {len(folds)}-fold cross-validation"
+    out = []
+    for i, j in combinations(range(len(models)), 2):
+        est = estimate(coefs[i] - coefs[j], plan, mode)
+        out.append(
+            {"model_a": models[i].name, "layer_a": _fold_layers(models[i], [c[i] for c in chosen]),
+             "model_b": models[j].name, "layer_b": _fold_layers(models[j], [c[j] for c in chosen]),
+             "target": target.name, "condition": condition.name,
+             "compare_method": settings.method, "delta_r": float(est.mean[0]),
+             "se": float(est.se[0]), "ci_low": float(est.low[0]), "ci_high": float(est.high[0]),
+             "p": float(est.p_two_sided[0]), "p_fdr": np.nan, "n_boot": settings.n_boot,
+             "bootstrap": mode, "selection": selection}
+        )  # fmt: skip
+    return out
+
+
+def _fold_layers(model: ModelRdms, picks: list[int]) -> str:
+    """The layer chosen in every fold, or the folds' choices in fold order
+    (``conv3|conv3|fc|conv3|conv3``) when they differ."""
+    names = [model.layers[k] for k in picks]
+    return names[0] if len(set(names)) == 1 else "|".join(names)
 
 
 def _pair_rows(
@@ -494,13 +573,13 @@ def group_tables(
     ceilings: dict[Any, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``group_inference`` and ``model_comparison`` tables of one alignment run (empty for
-    ``kendall_tau_a``, which the weighted resampling does not support)."""
+    ``kendall_tau_a``, which has no weighted form for the resamples)."""
     from object2brain.rsa.inference import with_fdr
     from object2brain.tables import GROUP_INFERENCE, MODEL_COMPARISON
 
     group = pd.DataFrame(columns=GROUP_INFERENCE.column_names)
     comparison = pd.DataFrame(columns=MODEL_COMPARISON.column_names)
-    if options.compare_method not in ("spearman", "pearson"):
+    if options.compare_method not in GROUP_METHODS:
         return group, comparison
     settings = GroupSettings(
         options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed

@@ -45,6 +45,7 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
 
 from object2brain.devices import Chunking, pick_chunk, resolve_device
@@ -456,12 +457,16 @@ def bootstrap_ci(
     combine: torch.Tensor | None = None,
     level: float = 0.95,
     memory_elements: int | None = None,
+    *,
+    corrected: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stimulus-bootstrap percentile interval of the coefficients of square RDMs.
+    """Stimulus-bootstrap interval of the coefficients of square RDMs.
 
     Args:
         model_rdms: ``(K, n, n)``; target_rdms: ``(T, n, n)``.
         combine: optional ``(T, G)`` derived columns (see module docstring).
+        corrected: the pair-corrected Student-t interval (:func:`corrected_spread`); False: the
+            plain percentile interval of the resamples (too wide: see the module docstring).
     Returns:
         ``(low, high)``, each ``(K, T + G)``; NaN when ``n_boot = 0``.
     Each resample draws ``n`` stimuli with replacement; pairs ``a < b`` of the resample whose two
@@ -475,7 +480,127 @@ def bootstrap_ci(
     values = bootstrap_values(
         model_rdms, target_rdms, method, n_boot, seed, device, combine, memory_elements
     )
-    return percentile_interval(values, level)
+    if not corrected:
+        return percentile_interval(values, level)
+    spread = corrected_spread(
+        values, jackknife_values(model_rdms, target_rdms, method, device, combine),
+        observed_values(model_rdms, target_rdms, method, device, combine),
+    )  # fmt: skip
+    return spread.interval(level)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A statistic ``(K, T + G)``, its corrected sampling variance over stimuli and the degrees
+    of freedom of its t interval and test."""
+
+    observed: np.ndarray
+    variance: np.ndarray
+    dof: np.ndarray | float
+    bound: float = 1.0  # the statistic's range is [-bound, bound]
+
+    @property
+    def se(self) -> np.ndarray:
+        """Standard error ``sqrt(variance)``."""
+        return np.asarray(np.sqrt(np.maximum(self.variance, 0.0)))
+
+    def interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """``observed +- t_{dof, (1 + level) / 2} se``, clipped to ``[-bound, bound]``."""
+        q = scipy.stats.t.ppf(0.5 + level / 2, self.dof)
+        low = np.clip(self.observed - q * self.se, -self.bound, self.bound)
+        high = np.clip(self.observed + q * self.se, -self.bound, self.bound)
+        return low, high
+
+    def p_two_sided(self) -> np.ndarray:
+        """Two-sided t-test ``p`` of ``observed = 0`` (NaN where the SE is 0 or undefined)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = self.observed / np.where(self.se > 0, self.se, np.nan)
+        return np.asarray(2 * scipy.stats.t.sf(np.abs(t), self.dof))
+
+    def difference(self, other: Spread) -> Spread:
+        """``self - other`` of two independent statistics: variances add, Welch-Satterthwaite
+        degrees of freedom ``(V_a + V_b)^2 / (V_a^2 / dof_a + V_b^2 / dof_b)``."""
+        va, vb = np.maximum(self.variance, 0.0), np.maximum(other.variance, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dof = (va + vb) ** 2 / (va**2 / self.dof + vb**2 / other.dof)
+        fallback = np.minimum(self.dof, other.dof)
+        dof = np.where(np.isfinite(dof) & (dof > 0), dof, fallback)
+        return Spread(
+            self.observed - other.observed, va + vb, np.asarray(dof, dtype=np.float64),
+            self.bound + other.bound,
+        )  # fmt: skip
+
+
+def corrected_spread(boot: np.ndarray, jack: np.ndarray, observed: np.ndarray) -> Spread:
+    """Pair-corrected sampling variance of an RDM coefficient from its stimulus bootstrap.
+
+    ``boot`` ``(B, ...)``: resample values; ``jack`` ``(n, ...)``: delete-one-stimulus values;
+    ``observed`` ``(...)``. With ``V_boot`` the variance of the resamples (ddof 1, undefined ones
+    left out) and ``V_jack = (n - 1) / n sum_a (jack_a - mean)^2``,
+
+        V = max(2 V_jack - V_boot, V_boot / 3),    dof = n - 1.
+
+    A coefficient is to first order a mean over pairs of influence values
+    ``h_ab = g_a + g_b + e_ab``; its sampling variance over stimuli is
+    ``4 s_g^2 / n + 2 s_e^2 / n^2``, the bootstrap's ``4 s_g^2 / n + 6 s_e^2 / n^2`` (each
+    resampled stimulus effect carries its row's pair noise) and the jackknife's
+    ``4 s_g^2 / n + 4 s_e^2 / n^2``, so ``2 V_jack - V_boot`` removes the excess; the floor is the
+    largest share the excess can take (two thirds).
+    """
+    n = jack.shape[0]
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN
+        v_boot = (
+            np.nanvar(boot, axis=0, ddof=1) if len(boot) > 1 else np.full(observed.shape, np.nan)
+        )
+        centre = np.nanmean(jack, axis=0)
+        v_jack = (n - 1) / n * np.nansum((jack - centre) ** 2, axis=0)
+    v_jack = np.where(np.isfinite(jack).all(axis=0), v_jack, np.nan)
+    variance = np.maximum(2 * v_jack - v_boot, v_boot / 3)
+    variance = np.where(np.isnan(v_jack), v_boot, variance)  # no jackknife: the bootstrap's
+    return Spread(np.asarray(observed, dtype=np.float64), variance, float(n - 1))
+
+
+def observed_values(
+    model_rdms: np.ndarray | torch.Tensor,
+    target_rdms: np.ndarray | torch.Tensor,
+    method: str = "spearman",
+    device: str | torch.device | None = "auto",
+    combine: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Coefficients ``(K, T + G)`` of square RDMs ``(K, n, n)`` and ``(T, n, n)``."""
+    _, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
+    r = compare_rdms(upper_triangle(A), upper_triangle(Bt), method)
+    return _with_combine(r, combine).cpu().numpy()
+
+
+def jackknife_values(
+    model_rdms: np.ndarray | torch.Tensor,
+    target_rdms: np.ndarray | torch.Tensor,
+    method: str = "spearman",
+    device: str | torch.device | None = "auto",
+    combine: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Delete-one-stimulus values ``(n, K, T + G)``: row ``a`` compares the RDMs without
+    stimulus ``a`` (all its pairs dropped; ranks recomputed)."""
+    dev, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
+    n = A.shape[-1]
+    keep = torch.ones((n, n), dtype=torch.bool, device=dev)
+    keep.fill_diagonal_(False)
+    if method == "kendall_tau_a":
+        idx = torch.arange(n, device=dev).expand(n, n)[keep].reshape(n, n - 1)
+        iu, ju = triu_indices(n - 1, dev)
+        parts = [_kendall_resamples(A, Bt, iu, ju, idx[s : s + 4]) for s in range(0, n, 4)]
+        return _with_combine(torch.cat(parts), combine).cpu().numpy()
+    comparison = WeightedComparison(upper_triangle(A), upper_triangle(Bt), method)
+    iu, ju = triu_indices(n, dev)
+    counts = keep.to(torch.float64)
+    step = max(1, PERM_BLOCK // 16)
+    parts = [
+        comparison(c[:, iu] * c[:, ju], c)
+        for c in (counts[s : s + step] for s in range(0, n, step))
+    ]
+    return _with_combine(torch.cat(parts), combine).cpu().numpy()
 
 
 def bootstrap_values(
@@ -765,13 +890,35 @@ def condition_difference_test(
 
 @dataclass(frozen=True)
 class ContrastInterval:
-    """Stratified bootstrap of ``delta = r_a - r_b``: percentile interval and two-sided ``p``,
+    """Stratified bootstrap of ``delta = r_a - r_b``: interval and two-sided ``p``,
     all ``(K, T + G)``."""
 
     low: np.ndarray
     high: np.ndarray
     p: np.ndarray
     n_boot: int
+
+
+@dataclass(frozen=True)
+class ConditionResamples:
+    """One condition's bootstrap values ``(B, K, T + G)``, delete-one values ``(n_c, K, T + G)``
+    and observed coefficients ``(K, T + G)``."""
+
+    boot: np.ndarray
+    jack: np.ndarray
+    observed: np.ndarray
+
+    def spread(self) -> Spread:
+        """The pair-corrected variance of the condition's coefficients
+        (:func:`corrected_spread`)."""
+        return corrected_spread(self.boot, self.jack, self.observed)
+
+    def scaled(self, divisor: np.ndarray) -> ConditionResamples:
+        """Every value divided by ``divisor`` (broadcast to ``(K, T + G)``)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return ConditionResamples(
+                self.boot / divisor, self.jack / divisor, self.observed / divisor
+            )
 
 
 def condition_difference_bootstrap(
@@ -787,7 +934,10 @@ def condition_difference_bootstrap(
     combine: torch.Tensor | None = None,
     level: float = 0.95,
     memory_elements: int | None = None,
-    cache: dict[tuple[str, int], np.ndarray] | None = None,
+    cache: dict[tuple[str, int], ConditionResamples] | None = None,
+    *,
+    corrected: bool = True,
+    ceilings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ContrastInterval:
     """Stimulus bootstrap of ``r_a - r_b`` that resamples within each condition.
 
@@ -796,21 +946,29 @@ def condition_difference_bootstrap(
     assumes that stimuli of the two conditions are exchangeable. The label permutation of
     :func:`condition_difference_test` does assume it: where the conditions differ in content
     (a mean pattern or spread shared by model and brain), mixed groups inflate r and its null is
-    too narrow (type-I error 0.3-0.7 at alpha 0.05 in simulations; this bootstrap 0.02-0.05).
+    too narrow (type-I error 0.3-0.7 at alpha 0.05 in simulations).
 
     Returns:
-        :class:`ContrastInterval`: percentile interval of ``delta*`` and
-        ``p = min(1, 2 min(1 + #{delta* <= 0}, 1 + #{delta* >= 0}) / (1 + B))`` over the
-        ``B`` defined resamples; NaN when ``n_boot = 0``.
+        :class:`ContrastInterval`. ``corrected`` (default): each condition's variance is
+        pair-corrected (:func:`corrected_spread`), ``V = V_a + V_b``, the interval
+        ``delta +- t se`` and ``p`` the two-sided t-test with Welch-Satterthwaite degrees of
+        freedom (:meth:`Spread.difference`). Otherwise the percentile interval of ``delta*`` and
+        ``p = min(1, 2 min(1 + #{delta* <= 0}, 1 + #{delta* >= 0}) / (1 + B))`` over the ``B``
+        defined resamples (conservative: the resampled spread is too wide). NaN when
+        ``n_boot = 0``.
 
     ``cache``: a dict shared by calls with the same RDMs, method, ``n_boot``, seed and
     ``combine`` (e.g. every contrast of one model): a condition's resamples depend only on it
     and its side of the pair (``a`` or ``b``), so pairs (a, b) and (a, c) share a's.
+
+    ``ceilings``: divisors ``(c_a, c_b)``, each broadcastable to ``(K, T + G)`` (e.g. each
+    condition's noise ceiling per target column): the statistic becomes
+    ``r_a / c_a - r_b / c_b`` (divisors held fixed; variances scale by ``1 / c^2``).
     """
     lab = np.asarray([str(x) for x in labels])
     A = torch.as_tensor(model_rdms)
     Bt = torch.as_tensor(target_rdms)
-    values = []
+    sides: list[ConditionResamples] = []
     for word, condition in enumerate((condition_a, condition_b)):
         rows = torch.as_tensor(np.flatnonzero(lab == condition), device=A.device)
         if rows.numel() < 3:
@@ -818,23 +976,34 @@ def condition_difference_bootstrap(
         if n_boot == 0:
             continue
         if cache is not None and (condition, word) in cache:
-            values.append(cache[(condition, word)])
+            sides.append(cache[(condition, word)])
             continue
         sub_a = A[:, rows][:, :, rows]
         sub_b = Bt[:, rows.to(Bt.device)][:, :, rows.to(Bt.device)]
-        values.append(
-            bootstrap_values(
-                sub_a, sub_b, method, n_boot, (seed, _CONTRAST_STREAM, word), device, combine,
-                memory_elements,
-            )
+        boot = bootstrap_values(
+            sub_a, sub_b, method, n_boot, (seed, _CONTRAST_STREAM, word), device, combine,
+            memory_elements,
         )  # fmt: skip
+        sides.append(
+            ConditionResamples(
+                boot,
+                jackknife_values(sub_a, sub_b, method, device, combine),
+                observed_values(sub_a, sub_b, method, device, combine),
+            )
+        )
         if cache is not None:
-            cache[(condition, word)] = values[-1]
+            cache[(condition, word)] = sides[-1]
     G = 0 if combine is None else combine.shape[1]
     if n_boot == 0:
         nan = np.full((len(A), len(Bt) + G), np.nan)
         return ContrastInterval(nan, nan.copy(), nan.copy(), 0)
-    delta = values[0] - values[1]
+    if ceilings is not None:
+        sides = [side.scaled(c) for side, c in zip(sides, ceilings, strict=True)]
+    if corrected:
+        spread = sides[0].spread().difference(sides[1].spread())
+        low, high = spread.interval(level)
+        return ContrastInterval(low, high, spread.p_two_sided(), n_boot)
+    delta = sides[0].boot - sides[1].boot
     low, high = percentile_interval(delta, level)
     defined = np.isfinite(delta)
     count = defined.sum(axis=0)

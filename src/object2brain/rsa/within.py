@@ -17,7 +17,8 @@ within a condition is shared. With ``pairs = within`` the ``all`` rows compare o
 - **interval**: a stratified stimulus bootstrap (each condition resampled with replacement on its
   own); a resample holds within pair ``(a, b)`` ``c_a c_b`` times (pairs of a stimulus with its
   own copy dropped), computed as weighted coefficients
-  (:class:`~object2brain.rsa.compare.WeightedComparison`); percentile interval.
+  (:class:`~object2brain.rsa.compare.WeightedComparison`); the pair-corrected t interval of the
+  all-pairs rows (:func:`~object2brain.rsa.inference.corrected_spread`).
 
 The whitened comparators (``corr_cov``, ``cosine_cov``) need whole RDMs and Kendall's tau-a has
 no dot-product null: they are refused with ``pairs = within``.
@@ -33,7 +34,13 @@ import torch
 
 from object2brain.errors import DataError
 from object2brain.rsa.compare import WeightedComparison, prepare
-from object2brain.rsa.inference import PERM_BLOCK, TestResult, combine_finite, percentile_interval
+from object2brain.rsa.inference import (
+    PERM_BLOCK,
+    TestResult,
+    combine_finite,
+    corrected_spread,
+    percentile_interval,
+)
 
 #: Comparison methods usable over within-condition pairs.
 WITHIN_METHODS: tuple[str, ...] = ("spearman", "pearson", "rho_a", "cosine")
@@ -168,9 +175,16 @@ def within_bootstrap_ci(
     seed: int,
     combine: torch.Tensor | None = None,
     level: float = 0.95,
+    *,
+    corrected: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified stimulus-bootstrap percentile interval ``(low, high)`` ``(K, T + G)`` of the
-    within-pairs coefficients (module docstring); NaN when ``n_boot = 0``."""
+    """Stratified stimulus-bootstrap interval ``(low, high)`` ``(K, T + G)`` of the
+    within-pairs coefficients (module docstring); NaN when ``n_boot = 0``.
+
+    ``corrected``: the pair-corrected t interval
+    (:func:`~object2brain.rsa.inference.corrected_spread`; delete-one values over the stimuli
+    that have within pairs, ``dof`` their number minus one); otherwise the percentile interval.
+    """
     check_within_method(method)
     device = models.device
     pairs = within_pairs(labels, device)
@@ -196,4 +210,16 @@ def within_bootstrap_ci(
             part = c[s : s + step]
             w = part[:, pairs.rows] * part[:, pairs.cols]
             values.append(_with_combine(comparison(w), combine).cpu())
-    return percentile_interval(torch.cat(values).numpy(), level)
+    boot = torch.cat(values).numpy()
+    if not corrected:
+        return percentile_interval(boot, level)
+    stimuli = torch.as_tensor(np.concatenate(pairs.groups), device=device)
+    keep = torch.ones((len(stimuli), n), dtype=torch.float64, device=device)
+    keep[torch.arange(len(stimuli), device=device), stimuli] = 0.0
+    jack = [
+        _with_combine(comparison(k[:, pairs.rows] * k[:, pairs.cols]), combine).cpu()
+        for k in (keep[s : s + 64] for s in range(0, len(keep), 64))
+    ]
+    ones = torch.ones((1, a.shape[1]), dtype=torch.float64, device=device)
+    observed = _with_combine(comparison(ones), combine)[0].cpu().numpy()
+    return corrected_spread(boot, torch.cat(jack).numpy(), observed).interval(level)

@@ -1,0 +1,127 @@
+"""Benchmark of the two-factor (stimuli x subjects) bootstrap against rsatoolbox's
+``eval_dual_bootstrap`` on the same data, in one process.
+
+Data: ``n`` stimuli, ``L`` model layers (fixed model RDMs), ``R`` ROIs of ``S`` subjects each
+(noisy measurements of the features a layer sees), Spearman, ``B`` resamples.
+
+- ours: per ROI, :func:`object2brain.rsa.group.resample_plan`,
+  :func:`~object2brain.rsa.group.subject_coefficients` (every resample as pair weights on the
+  original pairs, all layers and subjects at once) and
+  :func:`~object2brain.rsa.group.estimate` with ``pair_correction=False`` (rsatoolbox's
+  corrected dual-bootstrap variance, the same estimator; the tables report the pair-corrected
+  one, which costs the ``n`` delete-one evaluations more);
+- rsatoolbox: per ROI, ``rsatoolbox.inference.eval_dual_bootstrap(models, data,
+  method="spearman", N=B)`` (``use_correction=True``, its default), ``get_sem()``.
+
+Printed: both run times, their ratio, and the relative difference of the standard errors per
+(layer, ROI) (both are Monte-Carlo estimates: they agree to about 15% at ``B >= 1,000``).
+
+Run: ``PYTHONPATH=src python benchmarks/inference.py`` (reduced: 30 stimuli x 3 layers x 1 ROI
+x 5 subjects x 1,000 resamples, a few minutes here) or ``--issue`` (300 stimuli x 10 layers x
+6 ROIs x 8 subjects x 1,000 resamples; rsatoolbox's side takes hours: ``--rsatoolbox-rois 1``
+times it on one ROI and extrapolates linearly). ``--out FILE`` writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from object2brain.rsa import group as g
+
+
+def correlation_rdms(patterns: np.ndarray) -> np.ndarray:
+    """``1 - r`` RDMs ``(R, n, n)`` of patterns ``(R, n, p)``."""
+    z = patterns - patterns.mean(axis=-1, keepdims=True)
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    return np.asarray(1.0 - z @ np.swapaxes(z, -1, -2))
+
+
+def make_data(n: int, L: int, R: int, S: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Layer RDMs ``(L, n, n)`` and subject RDMs ``(R, S, n, n)``."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8))
+    layers = np.stack([x @ rng.normal(size=(8, 30)) + (1 + k) * rng.normal(size=(n, 30))
+                       for k in range(L)])  # fmt: skip
+    subjects = np.stack([
+        np.stack([x @ rng.normal(size=(8, 40)) + 3 * rng.normal(size=(n, 40)) for _ in range(S)])
+        for _ in range(R)
+    ])  # fmt: skip
+    return correlation_rdms(layers), np.stack([correlation_rdms(s) for s in subjects])
+
+
+def ours(layers: np.ndarray, subjects: np.ndarray, B: int) -> tuple[np.ndarray, float]:
+    """SEs ``(L, R)`` and seconds."""
+    start = time.perf_counter()
+    n, S = layers.shape[-1], subjects.shape[1]
+    models = torch.as_tensor(layers)
+    out = []
+    for roi, subs in enumerate(subjects):
+        plan = g.resample_plan(n, S, B, (0, roi))
+        coef = g.subject_coefficients(models, torch.as_tensor(subs), "spearman", plan)
+        out.append(g.estimate(coef, plan, "both", pair_correction=False).se)
+    return np.stack(out, axis=1), time.perf_counter() - start
+
+
+def theirs(layers: np.ndarray, subjects: np.ndarray, B: int, rois: int) -> tuple[np.ndarray, float]:
+    """rsatoolbox's SEs ``(L, rois)`` and seconds for the first ``rois`` ROIs."""
+    import rsatoolbox
+
+    iu = np.triu_indices(layers.shape[-1], 1)
+    models = [rsatoolbox.model.ModelFixed(f"layer{k}", rdm[iu]) for k, rdm in enumerate(layers)]
+    start = time.perf_counter()
+    out = []
+    np.random.seed(0)  # noqa: NPY002 (rsatoolbox draws from the legacy global generator)
+    for subs in subjects[:rois]:
+        data = rsatoolbox.rdm.RDMs(subs[:, iu[0], iu[1]], dissimilarity_measure="corr")
+        result = rsatoolbox.inference.eval_dual_bootstrap(models, data, method="spearman", N=B)
+        out.append(np.asarray(result.get_sem()))
+    return np.stack(out, axis=1), time.perf_counter() - start
+
+
+def run(n: int, L: int, R: int, S: int, B: int, rsatoolbox_rois: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    layers, subjects = make_data(n, L, R, S)
+    se_ours, t_ours = ours(layers, subjects, B)
+    rois = min(R, rsatoolbox_rois)
+    se_theirs, t_theirs = theirs(layers, subjects, B, rois)
+    t_theirs_all = t_theirs * R / rois
+    rel = np.abs(se_ours[:, :rois] / se_theirs - 1)
+    return {
+        "size": {"stimuli": n, "layers": L, "rois": R, "subjects": S, "resamples": B},
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), "
+        "one torch thread",
+        "seconds_ours": round(t_ours, 2),
+        "seconds_rsatoolbox": round(t_theirs_all, 2),
+        "rsatoolbox_timed_rois": rois,
+        "ratio_rsatoolbox_over_ours": round(t_theirs_all / t_ours, 1),
+        "se_relative_difference_max": float(rel.max()),
+        "se_relative_difference_median": float(np.median(rel)),
+        "se_ours": se_ours[:, :rois].round(5).tolist(),
+        "se_rsatoolbox": se_theirs.round(5).tolist(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--issue", action="store_true", help="300 x 10 x 6 x 8 x 1,000")
+    parser.add_argument("--rsatoolbox-rois", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    size = (300, 10, 6, 8, 1000) if args.issue else (30, 3, 1, 5, 1000)
+    figures = run(*size, rsatoolbox_rois=args.rsatoolbox_rois)
+    print(json.dumps(figures, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
