@@ -50,6 +50,8 @@ LossName = Literal["weighted_mse", "mse"]
 Direction = Literal["positive", "negative", "abs"]
 Variant = Literal["lesion", "keep"]
 NullKind = Literal["random", "matched"]
+#: How lesion groups are selected relative to the stimuli their effects are measured on.
+Selection = Literal["cross_fit", "same"]
 OnMissing = Literal["error", "intersect"]
 ValenceSource = Literal["stimuli", "ratings"]
 PermNull = Literal["predictions", "refit"]
@@ -63,6 +65,7 @@ DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 LOSSES: tuple[str, ...] = get_args(LossName)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 NULL_KINDS: tuple[str, ...] = get_args(NullKind)
+SELECTIONS: tuple[str, ...] = get_args(Selection)
 
 
 def _known(noun: str, allowed: tuple[str, ...]) -> BeforeValidator:
@@ -350,6 +353,23 @@ class LesionOptions(StageOptions):
         "random", description="random | matched (null subsets matched on filter norm)."
     )
     n_perm: Count = Field(1000, description="Stimulus-label permutations (p_perm).")
+    n_group_null: Count = Field(
+        1000,
+        description=(
+            "Filter subsets matched to the group on norm and single-filter alignment (p_group)."
+        ),
+    )
+    selection: Selection = Field(
+        "cross_fit",
+        description=(
+            "cross_fit: groups chosen without the held-out fold's stimuli, effects measured on "
+            "it (needs a filter table with a fold column, else falls back to same); same: "
+            "groups and effects on the same stimuli (circular)."
+        ),
+    )
+    selection_folds: Int = Field(
+        2, ge=2, description="Folds of stimuli for --selection cross_fit (stratified by condition)."
+    )
     propagate: bool = Field(False, description="Zero the filters inside the forward pass.")
     groups: list[str] | None = Field(
         None, description="Restrict to these object groups.", json_schema_extra=_cli("--group")

@@ -660,12 +660,19 @@ def _lesion_section(
 ) -> html.Section:
     parts = [
         "<p>Change in correlation (delta r) when the filters of an object group are lesioned "
-        "(zeroed) or kept alone, tested against random filter subsets of the same size "
-        "(<code>p_null</code>) and against permuted stimulus labels of the target "
-        "(<code>p_perm</code>); * both FDR < 0.05. A group whose filters are atypical of the "
-        "layer (e.g. in activation norm) can differ from random subsets even for a target "
-        "unrelated to the model: <code>p_perm</code> guards against that.</p>"
+        "(zeroed) or kept alone, tested against filter subsets matched to the group on norm "
+        "and on their single filters' alignment with the target (<code>p_group</code>, the "
+        "test of the group itself) and against permuted stimulus labels of the target "
+        "(<code>p_perm</code>, whether the target relates to the layer at all); * both FDR "
+        "< 0.05. <code>p_null</code> (random subsets of the same size) is kept in the table: "
+        "it is too liberal for groups atypical of the layer.</p>"
     ]
+    if "selection" in table and (table["selection"].astype(str) == "same").any():
+        parts.append(
+            "<p><strong>Circular selection:</strong> rows with <code>selection = same</code> "
+            "test groups chosen on the same stimuli; their effects are biased upwards. Run the "
+            "dissection per selection fold for cross-fitted groups.</p>"
+        )
     parts.extend(_figure(path, path.stem) for path in figures("lesion_"))
     group = summary_rows(table)
     significant = group[group["q"] < 0.05].drop(columns="q").sort_values("delta_r")
