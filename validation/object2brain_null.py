@@ -14,7 +14,8 @@ For a..c the starred rule (``significant``) must reject at most inside the binom
 around 0.05; for d it must reject in >= 80%. The rejection rates of ``p_null`` (random subsets)
 and ``p_perm`` alone are recorded for comparison. Run (about 10 minutes on 1 core)::
 
-    nice -n 10 python validation/object2brain_null.py --datasets 200 --out validation/object2brain_null.json
+    nice -n 10 python validation/object2brain_null.py --datasets 200 \
+        --out validation/object2brain_null.json
 """
 
 from __future__ import annotations
