@@ -129,24 +129,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.time()
-    results = run(args.datasets, args.filters, args.stimuli, args.group, args.draws,
-                  tuple(args.cases))  # fmt: skip
-    record = {
+    record: dict = {
         "datasets": args.datasets,
         "filters": args.filters,
         "stimuli": args.stimuli,
         "group": args.group,
         "draws": args.draws,
         "interval_0.05": interval(args.datasets),
-        "cases": results,
+        "cases": {},
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
         "python": platform.python_version(),
-        "seconds": round(time.time() - start, 1),
     }
-    text = json.dumps(record, indent=2)
+    for case in args.cases:  # written after each case: a stopped run keeps what it finished
+        record["cases"] |= run(args.datasets, args.filters, args.stimuli, args.group, args.draws,
+                               (case,))  # fmt: skip
+        record["seconds"] = round(time.time() - start, 1)
+        text = json.dumps(record, indent=2)
+        if args.out:
+            args.out.write_text(text + "\n")
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

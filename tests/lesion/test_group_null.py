@@ -119,8 +119,8 @@ def test_cross_fitting_removes_an_effect_manufactured_by_selection() -> None:
         )
         task = LayerFilters("m", "L", stats, {}, folds=folds, fold_groups=fold_groups)
         crossed = lesion_layer(task, analysis, options, seed=seed, device=CPU)
-        pick = [r for r in same if r["condition"] == "all"][0]
-        picked = [r for r in crossed if r["condition"] == "all"][0]
+        pick = next(r for r in same if r["condition"] == "all")
+        picked = next(r for r in crossed if r["condition"] == "all")
         assert pick["selection"] == "same" and picked["selection"] == "cross_fit"
         same_hits += pick["p_null"] < 0.05 and pick["delta_r"] > 0
         cross_hits += picked["p_null"] < 0.05 and picked["delta_r"] > 0
@@ -162,5 +162,5 @@ def test_fold_table_through_the_api(tmp_path: Path) -> None:
     assert set(result.object2brain["selection"]) == {"same"}
     manifest = json.loads((tmp_path / "same" / "manifest.json").read_text())
     assert "circular" in " ".join(manifest["selection_notes"])
-    with pytest.raises(Exception, match="folds 0..2"):
+    with pytest.raises(Exception, match=r"folds 0\.\.2"):
         lesion(store, table, selection_folds=3, **common)
