@@ -306,6 +306,15 @@ class DissectOptions(StageOptions):
         le=MAX_RESAMPLES,
         description="Null draws of the assignment test (boxes of other images; p_assign).",
     )
+    selection_folds: Int = Field(
+        2,
+        ge=0,
+        description=(
+            "Also assign filters once per selection fold without that fold's images (rows with "
+            "fold = k, for lesion --selection cross_fit; same folds as lesion --selection-folds "
+            "and the same seed); 0: only the all-images rows."
+        ),
+    )
     batch_size: Int = Field(16, ge=1, description="Images per batch.")
     decode: DecodeMode = Field("pil", description="pil | torch (plain JPEGs on the device) | auto.")
     num_workers: Int | None = Field(
@@ -326,6 +335,13 @@ class DissectOptions(StageOptions):
         description="Images per filter in the gallery figure.",
         json_schema_extra=_cli(None),
     )
+
+    @field_validator("selection_folds")
+    @classmethod
+    def _selection_folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("use 0 (off) or 2 or more folds")
+        return value
 
     def layer_for(self, model: str) -> str:
         """The layer to dissect in ``model``."""

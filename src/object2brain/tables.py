@@ -198,6 +198,13 @@ FILTER_OBJECTS = TableSchema(
             "the filter belongs to this group (its largest enrichment, >= threshold, group "
             "detected in >= min_images images, and p_assign_fdr < 0.05)",
         ),
+        _c(
+            "fold",
+            "int",
+            "empty: assigned on all images; k: assigned without selection fold k's images "
+            "(every column of the row, the null included, from the other folds' images), the "
+            "groups `lesion --selection cross_fit` tests on fold k",
+        ),
     ),
     # tables written before the assignment test (without p_assign) still load
     required=(

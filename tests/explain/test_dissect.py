@@ -36,8 +36,10 @@ def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Pa
     out = tmp_path / "out"
     result = dissect(planted_model(), composites, layer="features", out=out, device="cpu",
                      gallery_filters=1, gallery_images=3, progress=False)  # fmt: skip
-    table = result.table
-    assert tuple(table.columns) == FILTER_OBJECTS_COLUMNS
+    assert tuple(result.table.columns) == FILTER_OBJECTS_COLUMNS
+    table = result.table[result.table["fold"].isna()]  # all images; then 2 selection folds
+    assert sorted(result.table["fold"].dropna().unique()) == [0, 1]
+    assert len(result.table) == 3 * len(table)
     assigned = table[table["assigned"]]
     assert assigned[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Faces"]]
     faces = table[table["group"] == "Faces"].set_index("filter")

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from object2brain.activations.store import ActivationStore
-from object2brain.data.splits import make_folds
+from object2brain.data.splits import condition_folds
 from object2brain.data.stimuli import parse_booleans, read_table
 from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, listing, require_columns
@@ -272,11 +272,12 @@ def starred(frame: pd.DataFrame, alpha: float = ALPHA) -> pd.Series:
 
 def selection_folds(analysis: AnalysisSet, k: int, seed: int) -> np.ndarray:
     """Selection fold ``(n,)`` in ``0 .. k - 1`` of every analysed stimulus, stratified by
-    condition: :func:`~object2brain.data.splits.make_folds` of the analysis set's stimuli (in
-    their order) with one valence level, ``within`` = the condition labels and ``seed``. A
-    dissection that chooses fold ``k``'s groups must hold out exactly these stimuli."""
-    labels = analysis.labels if analysis.labels is not None else np.full(len(analysis.ids), "")
-    return make_folds(np.zeros(len(analysis.ids)), k, seed=seed, within=labels)
+    condition: :func:`~object2brain.data.splits.condition_folds` of the analysis set's stimuli
+    (in their order), their condition labels and ``seed``. The dissection that chooses fold
+    ``k``'s groups (``dissect --selection-folds``) holds out exactly these stimuli when its
+    stimulus set is the analysis set (same ids, order and conditions) and its seed is the
+    same."""
+    return condition_folds(analysis.labels, len(analysis.ids), k, seed=seed)
 
 
 def with_selection(
