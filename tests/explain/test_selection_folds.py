@@ -116,3 +116,10 @@ def test_dissect_then_lesion_is_cross_fitted(study: dict[str, Path], tmp_path: P
     assert set(frame["selection"]) == {"cross_fit"}
     lesion_manifest = json.loads((tmp_path / "lesion" / "manifest.json").read_text())
     assert "selection_notes" not in lesion_manifest  # no fallback to same
+    # the report counts the all-images assignment and shows the dissection's selection note
+    from object2brain.report.build import build_report
+
+    (tmp_path / "acts.h5").unlink()
+    page = build_report(tmp_path, out=tmp_path / "report").read_text()
+    assert "Selection notes" in page and "not from fold heads" in page
+    assert "1 of 4" in page  # filters assigned: the all-images rows only, not 3 x the folds

@@ -524,8 +524,9 @@ class SelectionFolds:
         self.n_folds = int(self.fold_of.max()) + 1
         self.parts = [GroupAccumulator(G, K, top=1) for _ in range(self.n_folds)]
         self.nulls = [
-            AssignmentNull(_without_fold(prepared, self.fold_of, k), shape, n_draws, seed,
-                           stream=k + 1)  # fmt: skip
+            AssignmentNull(
+                _without_fold(prepared, self.fold_of, k), shape, n_draws, seed, stream=k + 1
+            )
             for k in range(self.n_folds)
         ]
 
@@ -908,8 +909,13 @@ def _fold_tables(
     for k in range(folds.n_folds):
         n_images = folds.n_images(prepared, k, len(names))
         scores = folds.scores(k, n_images)
-        assignment = assign_filters(scores.enrichment, n_images, threshold=options.threshold,
-                                    min_images=options.min_images, p_fdr=scores.p_assign_fdr)  # fmt: skip
+        assignment = assign_filters(
+            scores.enrichment,
+            n_images,
+            threshold=options.threshold,
+            min_images=options.min_images,
+            p_fdr=scores.p_assign_fdr,
+        )
         tables.append(filter_objects_table(model, layer, names, scores, assignment, fold=k))
     return tables
 

@@ -354,9 +354,10 @@ def _sections(study: _Study, figures: _Figures, report_dir: Path) -> list[html.S
     if "encoding" in tables:
         sections.append(_encoding_section(figures, tables["encoding"]))
     if "filter_objects" in tables:
-        sections.append(_filters_section(figures, tables["filter_objects"]))
+        sections.append(_filters_section(figures, all_images_rows(tables["filter_objects"])))
     if "object2brain" in tables:
-        sections.append(_lesion_section(figures, tables["object2brain"], tables))
+        notes = _selection_notes(study.sources)
+        sections.append(_lesion_section(figures, tables["object2brain"], tables, notes))
     downloads = (
         f"<li>{_download(t, n, [p for p, _ in study.sources[n]], report_dir)}</li>"
         for n, t in study.all_tables.items()
@@ -488,7 +489,7 @@ def _summary(
             ("permutations", _largest(frame["n_perm"])),
         ]
     if "filter_objects" in tables:
-        frame = tables["filter_objects"]
+        frame = all_images_rows(tables["filter_objects"])
         keys = ["model", "layer", "filter"]
         n_assigned = len(frame[frame["assigned"].astype(bool)].drop_duplicates(keys))
         n_filters = len(frame.drop_duplicates(keys))
@@ -655,8 +656,31 @@ def _filters_section(figures: _Figures, filters: pd.DataFrame) -> html.Section:
     return html.Section("Which object groups each filter attends to", "".join(parts), "filters")
 
 
+def all_images_rows(filters: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a ``filter_objects`` table assigned on all images (empty ``fold``; the rows of
+    the selection folds are for the cross-fitted lesion)."""
+    if "fold" not in filters:
+        return filters
+    return filters[pd.to_numeric(filters["fold"], errors="coerce").isna()]
+
+
+def _selection_notes(sources: _Sources) -> list[str]:
+    """``selection_notes`` of the manifests next to the dissection and lesion tables (what the
+    cross-fitted selection could not hold out, or why it fell back to ``same``)."""
+    notes: list[str] = []
+    for name in ("filter_objects", "object2brain"):
+        for path, _ in sources.get(name, []):
+            manifest = _read_manifest(path.parent, warn=False) or {}
+            found = manifest.get("selection_notes")
+            notes += [str(n) for n in found] if isinstance(found, list) else []
+    return list(dict.fromkeys(notes))
+
+
 def _lesion_section(
-    figures: _Figures, table: pd.DataFrame, tables: dict[str, pd.DataFrame]
+    figures: _Figures,
+    table: pd.DataFrame,
+    tables: dict[str, pd.DataFrame],
+    notes: Sequence[str] = (),
 ) -> html.Section:
     parts = [
         "<p>Change in correlation (delta r) when the filters of an object group are lesioned "
@@ -673,6 +697,9 @@ def _lesion_section(
             "test groups chosen on the same stimuli; their effects are biased upwards. Run the "
             "dissection per selection fold for cross-fitted groups.</p>"
         )
+    if notes:
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        parts.append(f"<p><strong>Selection notes:</strong></p><ul>{items}</ul>")
     parts.extend(_figure(path, path.stem) for path in figures("lesion_"))
     group = summary_rows(table)
     significant = group[group["q"] < 0.05].drop(columns="q").sort_values("delta_r")
