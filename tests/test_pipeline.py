@@ -152,7 +152,12 @@ def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path
     assert {"EVC", "behavior"} <= set(alignment["target"])
     lesion = pd.read_csv(out / "lesion" / "resnet18" / "object2brain.csv")
     assert {"Faces", "unassigned"} <= set(lesion["group"])
+    # dissect writes per-fold assignments, so the lesion is cross-fitted end to end
+    filters = pd.read_csv(out / "dissect" / "resnet18" / "filter_objects.csv")
+    assert sorted(filters["fold"].dropna().unique()) == [0, 1]
+    assert set(lesion["selection"]) == {"cross_fit"}
     page = (out / "report.html").read_text()
+    assert "not from fold heads" in page  # the head saw every fold: said in the report
     assert "Planted truth vs recovered" in page and "Simulated data" in page
     assert "predicted by a cross-fitted head that was not fitted on it" in page
     # heads trained on the study's stimuli: the 'valence' layer holds the out-of-fold
