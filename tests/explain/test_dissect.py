@@ -52,7 +52,7 @@ def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Pa
     for name in ("filter_objects.csv", "filter_objects.parquet", "detections.csv", "manifest.json"):
         assert (out / name).is_file()
     read = pd.read_parquet(out / "filter_objects.parquet")
-    assert tuple(read.columns) == FILTER_OBJECTS_COLUMNS and len(read) == len(table)
+    assert tuple(read.columns) == FILTER_OBJECTS_COLUMNS and len(read) == len(result.table)
     for stem in ("filter_group_heatmap", "gallery_Faces"):
         assert (out / "figures" / f"{stem}.png").is_file()
         assert (out / "figures" / f"{stem}.svg").is_file()
@@ -64,7 +64,7 @@ def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Pa
     again = dissect(planted_model(), composites, layer="features", out=out, device="cpu",
                     figures=False, progress=False)  # fmt: skip
     assert again.summary["cache_hits"] == 7
-    pd.testing.assert_frame_equal(again.table, table)
+    pd.testing.assert_frame_equal(again.table, result.table)
 
 
 def test_given_boxes_clipped_and_counted(composites: Path, tmp_path: Path) -> None:
