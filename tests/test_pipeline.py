@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,18 @@ def test_run_reuses_and_reruns_only_what_changed(study: dict[str, Any], tmp_path
     assert "valence" in set(alignment["layer"])  # the trained head's output was extracted
     assert {"EVC", "behavior"} <= set(alignment["target"])
     lesion = pd.read_csv(out / "lesion" / "resnet18" / "object2brain.csv")
-    assert {"Faces", "unassigned"} <= set(lesion["group"])
+    # dissect writes per-fold assignments, so the lesion is cross-fitted (the default) end to
+    # end. This study has 8 stimuli, 4 per selection fold: a permutation p_assign is >= 1/24
+    # there, so no filter is assigned without either fold and there is nothing to lesion (on
+    # all 8 images Faces is assigned; the circular analysis would have lesioned it)
+    filters = pd.read_csv(out / "dissect" / "resnet18" / "filter_objects.csv")
+    assert sorted(filters["fold"].dropna().unique()) == [0, 1]
+    per_fold = filters[filters["fold"].notna()]
+    assert not per_fold["assigned"].any() and per_fold["p_assign"].min() > 1 / 25
+    assert filters.loc[filters["fold"].isna() & (filters["group"] == "Faces"), "assigned"].any()
+    assert lesion.empty
+    dissected = json.loads((out / "dissect" / "resnet18" / "manifest.json").read_text())
+    assert "not from fold heads" in " ".join(dissected["selection_notes"])
     page = (out / "report.html").read_text()
     assert "Planted truth vs recovered" in page and "Simulated data" in page
     assert "predicted by a cross-fitted head that was not fitted on it" in page

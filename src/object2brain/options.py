@@ -50,6 +50,8 @@ LossName = Literal["weighted_mse", "mse"]
 Direction = Literal["positive", "negative", "abs"]
 Variant = Literal["lesion", "keep"]
 NullKind = Literal["random", "matched"]
+#: How lesion groups are selected relative to the stimuli their effects are measured on.
+Selection = Literal["cross_fit", "same"]
 OnMissing = Literal["error", "intersect"]
 ExecutorKind = Literal["local", "ray"]
 ValenceSource = Literal["stimuli", "ratings"]
@@ -66,6 +68,7 @@ DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 LOSSES: tuple[str, ...] = get_args(LossName)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 NULL_KINDS: tuple[str, ...] = get_args(NullKind)
+SELECTIONS: tuple[str, ...] = get_args(Selection)
 
 
 def _known(noun: str, allowed: tuple[str, ...]) -> BeforeValidator:
@@ -335,6 +338,15 @@ class DissectOptions(StageOptions):
         le=MAX_RESAMPLES,
         description="Null draws of the assignment test (boxes of other images; p_assign).",
     )
+    selection_folds: Int = Field(
+        2,
+        ge=0,
+        description=(
+            "Also assign filters once per selection fold without that fold's images (rows with "
+            "fold = k, for lesion --selection cross_fit; same folds as lesion --selection-folds "
+            "and the same seed); 0: only the all-images rows."
+        ),
+    )
     batch_size: Int = Field(16, ge=1, description="Images per batch.")
     decode: DecodeMode = Field("pil", description="pil | torch (plain JPEGs on the device) | auto.")
     num_workers: Int | None = Field(
@@ -364,6 +376,13 @@ class DissectOptions(StageOptions):
         json_schema_extra=_cli(None),
     )
 
+    @field_validator("selection_folds")
+    @classmethod
+    def _selection_folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("use 0 (off) or 2 or more folds")
+        return value
+
     def layer_for(self, model: str) -> str:
         """The layer to dissect in ``model``."""
         if isinstance(self.layer, str):
@@ -390,6 +409,23 @@ class LesionOptions(StageOptions):
         "random", description="random | matched (null subsets matched on filter norm)."
     )
     n_perm: Count = Field(1000, description="Stimulus-label permutations (p_perm).")
+    n_group_null: Count = Field(
+        1000,
+        description=(
+            "Filter subsets matched to the group on norm and single-filter alignment (p_group)."
+        ),
+    )
+    selection: Selection = Field(
+        "cross_fit",
+        description=(
+            "cross_fit: groups chosen without the held-out fold's stimuli, effects measured on "
+            "it (needs a filter table with a fold column, else falls back to same); same: "
+            "groups and effects on the same stimuli (circular)."
+        ),
+    )
+    selection_folds: Int = Field(
+        2, ge=2, description="Folds of stimuli for --selection cross_fit (stratified by condition)."
+    )
     propagate: bool = Field(False, description="Zero the filters inside the forward pass.")
     groups: list[str] | None = Field(
         None, description="Restrict to these object groups.", json_schema_extra=_cli("--group")

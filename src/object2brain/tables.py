@@ -219,6 +219,13 @@ FILTER_OBJECTS = TableSchema(
             "the filter belongs to this group (its largest enrichment, >= threshold, group "
             "detected in >= min_images images, and p_assign_fdr < 0.05)",
         ),
+        _c(
+            "fold",
+            "int",
+            "empty: assigned on all images; k: assigned without selection fold k's images "
+            "(every column of the row, the null included, from the other folds' images), the "
+            "groups `lesion --selection cross_fit` tests on fold k",
+        ),
     ),
     # tables written before the assignment test (without p_assign) still load
     required=(
@@ -255,15 +262,47 @@ OBJECT2BRAIN = TableSchema(
         _c("r_full", "float", "r of the intact layer"),
         _c("r_variant", "float", "r with the group's filters zeroed / kept"),
         _c("delta_r", "float", "r_variant - r_full"),
-        _c("p_null", "float", "two-sided p against random filter subsets of the same size"),
+        _c(
+            "p_null",
+            "float",
+            "two-sided p against random filter subsets of the same size (does the group matter "
+            "more than any filters of its size; too liberal for groups atypical of the layer)",
+        ),
         _c("z_null", "float", "(delta_r - mean of the null) / sd of the null"),
         _c("n_null", "int", "random filter subsets"),
         _c("p_fdr", "float", "Benjamini-Hochberg of p_null"),
-        _c("p_perm", "float", "two-sided stimulus-label permutation p of delta_r"),
+        _c(
+            "p_perm",
+            "float",
+            "two-sided stimulus-label permutation p of delta_r (does the target relate to the "
+            "layer at all; not a test of the group)",
+        ),
         _c("p_perm_fdr", "float", "Benjamini-Hochberg of p_perm"),
         _N_PERM,
+        _c(
+            "p_group",
+            "float",
+            "two-sided p of delta_r against filter subsets matched to the group on norm and "
+            "single-filter alignment with the target, measured on the selection stimuli "
+            "(the test of the group itself)",
+        ),
+        _c("p_group_fdr", "float", "Benjamini-Hochberg of p_group, over the family of p_fdr"),
+        _c("n_group_null", "int", "matched filter subsets (p_group)"),
+        _c(
+            "significant",
+            "bool",
+            "starred: p_group_fdr < 0.05 and p_perm_fdr < 0.05 (p_group_fdr alone where no "
+            "permutations ran)",
+        ),
+        _c(
+            "selection",
+            "str",
+            "`cross_fit` (groups chosen without the stimuli their effect is measured on, "
+            "combined over folds) or `same` (groups chosen on the same stimuli: circular)",
+        ),
     ),
-    # tables written before the encoding lesion have no column analysis (all rows rsa)
+    # tables written before the group null, cross-fitting and the encoding lesion (no column
+    # analysis: all rows rsa) still load
     required=(
         "model",
         "layer",

@@ -147,7 +147,8 @@ def test_accumulator_and_assignment() -> None:
     table = filter_objects_table("m", "L", ["A", "B"], scores, assignment)
     assert list(table.columns) == [
         "model", "layer", "filter", "group", "importance", "enrichment", "p_assign",
-        "p_assign_fdr", "n_images", "assigned",
+        "p_assign_fdr", "n_images", "assigned", "fold",
     ]  # fmt: skip
+    assert table["fold"].isna().all()  # the all-images rows
     assert table["assigned"].sum() == 1
     assert table.loc[table["assigned"], ["filter", "group"]].values.tolist() == [[0, "A"]]

@@ -37,8 +37,10 @@ def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Pa
     out = tmp_path / "out"
     result = dissect(planted_model(), composites, layer="features", out=out, device="cpu",
                      gallery_filters=1, gallery_images=3, progress=False)  # fmt: skip
-    table = result.table
-    assert tuple(table.columns) == FILTER_OBJECTS_COLUMNS
+    assert tuple(result.table.columns) == FILTER_OBJECTS_COLUMNS
+    table = result.table[result.table["fold"].isna()]  # all images; then 2 selection folds
+    assert sorted(result.table["fold"].dropna().unique()) == [0, 1]
+    assert len(result.table) == 3 * len(table)
     assigned = table[table["assigned"]]
     assert assigned[["filter", "group"]].values.tolist() == [[FACE_CHANNEL, "Faces"]]
     faces = table[table["group"] == "Faces"].set_index("filter")
@@ -51,7 +53,7 @@ def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Pa
     for name in ("filter_objects.csv", "filter_objects.parquet", "detections.csv", "manifest.json"):
         assert (out / name).is_file()
     read = pd.read_parquet(out / "filter_objects.parquet")
-    assert tuple(read.columns) == FILTER_OBJECTS_COLUMNS and len(read) == len(table)
+    assert tuple(read.columns) == FILTER_OBJECTS_COLUMNS and len(read) == len(result.table)
     for stem in ("filter_group_heatmap", "gallery_Faces"):
         assert (out / "figures" / f"{stem}.png").is_file()
         assert (out / "figures" / f"{stem}.svg").is_file()
@@ -64,7 +66,7 @@ def test_planted_face_filter_is_assigned_to_faces(composites: Path, tmp_path: Pa
     again = dissect(planted_model(), composites, layer="features", out=out, device="cpu",
                     figures=False, progress=False)  # fmt: skip
     assert again.summary["cache_hits"] == 7
-    pd.testing.assert_frame_equal(again.table, table)
+    pd.testing.assert_frame_equal(again.table, result.table)
 
 
 def test_given_boxes_clipped_and_counted(composites: Path, tmp_path: Path) -> None:

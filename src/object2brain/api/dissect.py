@@ -40,6 +40,7 @@ def dissect(
     threshold: float | None = None,
     min_images: int | None = None,
     n_null_assign: int | None = None,
+    selection_folds: int | None = None,
     batch_size: int | None = None,
     decode: str | None = None,
     num_workers: int | None = None,
@@ -95,7 +96,8 @@ def dissect(
     started = time.time()
     given = {
         "layer": layer, "direction": direction, "target": target, "threshold": threshold,
-        "min_images": min_images, "n_null_assign": n_null_assign, "batch_size": batch_size,
+        "min_images": min_images, "n_null_assign": n_null_assign,
+        "selection_folds": selection_folds, "batch_size": batch_size,
         "decode": decode,
         "num_workers": num_workers, "gallery_filters": gallery_filters,
         "gallery_images": gallery_images,
@@ -140,7 +142,8 @@ def draw_dissection_figures(result: DissectResult, folder: Path) -> list[Path]:
         plot_group_gallery,
     )
 
-    files = plot_filter_group_heatmap(result.table, folder)
+    table = result.table
+    files = plot_filter_group_heatmap(table[table["fold"].isna()], folder)  # all-images rows
     names = [f.name for f in fields(GalleryPanel)]
     for group in result.summary["groups"]:
         panels = [

@@ -50,10 +50,12 @@ from object2brain.manifest import build_manifest, output_list
 from object2brain.models.zoo import LoadedModel
 from object2brain.options import (
     NULL_KINDS,
+    SELECTIONS,
     EncodeOptions,
     LesionOptions,
     NullKind,
     Runtime,
+    Selection,
     Variant,
     resolve_options,
 )
@@ -86,6 +88,9 @@ def lesion(
     n_null: int | None = None,
     n_perm: int | None = None,
     null_subsets: NullKind | None = None,
+    n_group_null: int | None = None,
+    selection: Selection | None = None,
+    selection_folds: int | None = None,
     propagate: bool | None = None,
     batch_size: int | None = None,
     analysis: str | None = None,
@@ -109,11 +114,9 @@ def lesion(
         behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
             (default all): the held-out ones when the head was fitted on some of these stimuli.
         layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
-            propagate, batch_size, analysis: the fields of :class:`LesionOptions` (None: not
-            given).
-        encode_options: the encoding model of ``analysis = encoding | both`` (folds, alphas,
-            standardisation; ``reduce`` must be ``none``); default :class:`EncodeOptions()`, the
-            ``encode`` stage's default model.
+    EncodeOptions,
+            n_group_null, selection, selection_folds, propagate, batch_size: the fields of
+            :class:`LesionOptions` (None: not given).
     """
     given = {
         "layers": None if layers is None else list(layers),
@@ -124,6 +127,9 @@ def lesion(
         "n_null": n_null,
         "n_perm": n_perm,
         "null_subsets": null_subsets,
+        "n_group_null": n_group_null,
+        "selection": selection,
+        "selection_folds": selection_folds,
         "propagate": propagate,
         "batch_size": batch_size,
         "analysis": analysis,
@@ -202,7 +208,12 @@ def write_lesion(
         rsa_rows = table[table["analysis"] == "rsa"]
         files.extend(lesion_figures(rsa_rows if len(rsa_rows) else table, out / "figures"))
     manifest = build_manifest(
-        "lesion", config, seeds={"seed": seed}, inputs=inputs, outputs=output_list(files, out)
+        "lesion",
+        config,
+        seeds={"seed": seed},
+        inputs=inputs,
+        outputs=output_list(files, out),
+        extra={"selection_notes": result.notes} if result.notes else None,
     )
     files.append(write_json(out / "manifest.json", manifest))
     return files
@@ -220,6 +231,10 @@ def resolve_lesion_options(options: LesionOptions | None, given: dict[str, Any])
         if variant not in ("lesion", "keep"):
             raise DataError(f"unknown variant {variant!r}: use lesion or keep")
     check_counts(values, ("n_null", "n_perm"))
+    check_counts(values, ("n_group_null",))
+    chosen = values.get("selection")
+    if chosen is not None and chosen not in SELECTIONS:
+        raise DataError(f"--selection {chosen!r}: use {' or '.join(SELECTIONS)}")
     kind = values.get("null_subsets")
     if kind is not None and kind not in NULL_KINDS:
         raise DataError(f"--null-subsets {kind!r}: use {' or '.join(NULL_KINDS)}")
@@ -265,6 +280,9 @@ def _config(options: LesionOptions, device: str) -> dict[str, Any]:
         "n_null": options.n_null,
         "null_subsets": options.null_subsets,
         "n_perm": options.n_perm,
+        "n_group_null": options.n_group_null,
+        "selection": options.selection,
+        "selection_folds": options.selection_folds,
         "propagate": options.propagate,
         "analysis": options.analysis,
         "device": device,

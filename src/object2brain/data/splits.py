@@ -100,6 +100,22 @@ def make_split(
     )
 
 
+def condition_folds(
+    labels: Sequence[str] | np.ndarray | None, n: int, k: int, *, seed: int
+) -> np.ndarray:
+    """Selection folds of ``n`` stimuli (in their order), stratified by condition: fold
+    ``(n,)`` int64 in ``0 .. k - 1``, :func:`make_folds` with one valence level and ``within`` =
+    the condition labels ``(n,)`` (``None``: one condition). The dissection (which assigns
+    filters without each fold's stimuli) and the lesion (which tests the groups so chosen on
+    that fold) both call this with the same stimuli, labels, ``k`` and ``seed``, so they agree.
+
+    Raises:
+        DataError: ``k`` out of ``2 .. n``.
+    """
+    within = np.full(n, "") if labels is None else np.asarray(labels, dtype=str)
+    return make_folds(np.zeros(n), k, seed=seed, within=within)
+
+
 def make_folds(
     valence: Sequence[float] | np.ndarray,
     k: int,

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from object2brain.data.image_array import is_array_file
+from object2brain.data.splits import condition_folds
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError, LayerError, ModelError
@@ -405,6 +406,8 @@ class AssignmentNull:
         shape: tuple[int, int],
         n_draws: int,
         seed: int,
+        *,
+        stream: int = 0,
     ) -> None:
         G, K = shape
         positions = sorted(prepared.by_image)
@@ -416,7 +419,8 @@ class AssignmentNull:
         self.boxes = np.concatenate([b for b, _ in boxes]) if boxes else np.zeros((0, 4), np.int64)
         self.groups = np.concatenate([g for _, g in boxes]) if boxes else np.zeros(0, np.int64)
         n = len(positions)
-        rng = np.random.default_rng([int(seed), 0x0A551])
+        # stream 0: the all-images null; stream k + 1: selection fold k's (its own draws)
+        rng = np.random.default_rng([int(seed), 0x0A551, *([stream] if stream else [])])
         #: ``donors[r, i]``: the image whose boxes image ``i`` gets in draw ``r`` (a uniform
         #: random permutation per draw; none with fewer than two images).
         self.donors = (
@@ -445,14 +449,20 @@ class AssignmentNull:
         image_size: tuple[int, int],
     ) -> None:
         """Score the batch's maps ``(batch, K, h, w)`` (whole-frame means ``(batch, K)``) on the
-        donors' boxes of every draw."""
-        parts = [self.donor_boxes(int(position)) for position in positions]
-        rows = np.concatenate([r for _, r in parts])
+        donors' boxes of every draw; images outside this null's set are skipped."""
+        parts = [
+            (b, self.donor_boxes(int(position)))
+            for b, position in enumerate(positions)
+            if int(position) in self.row_of
+        ]
+        if not parts:
+            return
+        rows = np.concatenate([r for _, (_, r) in parts])
         if len(rows) == 0:
             return
-        boxes = torch.from_numpy(np.concatenate([b for b, _ in parts]))
+        boxes = torch.from_numpy(np.concatenate([bx for _, (bx, _) in parts]))
         image_index = torch.from_numpy(
-            np.concatenate([np.full(len(r), b, dtype=np.int64) for b, (_, r) in enumerate(parts)])
+            np.concatenate([np.full(len(r), b, dtype=np.int64) for b, (_, r) in parts])
         )
         importance = box_importance(maps, boxes, image_index, image_size).detach().cpu()
         denominator = whole.detach().cpu()[image_index]
@@ -488,6 +498,89 @@ def fdr_over_layer(p: np.ndarray) -> np.ndarray:
     return adjusted
 
 
+class SelectionFolds:
+    """Sums of the pass per selection fold, for the assignment made without each fold.
+
+    ``fold_of`` ``(n,)``: the selection fold of every stimulus position
+    (:func:`~object2brain.data.splits.condition_folds`). Box sums are additive over images, so
+    one accumulator per fold (the boxes of the images *in* fold ``f``) gives the sums without
+    fold ``k`` as the sum of the other folds' accumulators: the CNN and Grad-CAM run once. The
+    assignment null of fold ``k`` is its own :class:`AssignmentNull` over the images not in
+    fold ``k`` (donors drawn among them only; stream ``k + 1`` of the seed), so each image's maps
+    are also scored on the donors of the ``F - 1`` nulls it belongs to (null cost and memory
+    ``F`` times those of the all-images null, for ``F`` folds).
+    """
+
+    def __init__(
+        self,
+        fold_of: np.ndarray,
+        prepared: PreparedBoxes,
+        shape: tuple[int, int],
+        n_draws: int,
+        seed: int,
+    ) -> None:
+        G, K = shape
+        self.fold_of = np.asarray(fold_of, dtype=np.int64)
+        self.n_folds = int(self.fold_of.max()) + 1
+        self.parts = [GroupAccumulator(G, K, top=1) for _ in range(self.n_folds)]
+        self.nulls = [
+            AssignmentNull(
+                _without_fold(prepared, self.fold_of, k), shape, n_draws, seed, stream=k + 1
+            )
+            for k in range(self.n_folds)
+        ]
+
+    def add(
+        self,
+        importance: torch.Tensor,
+        whole: torch.Tensor,
+        image_index: torch.Tensor,
+        group_index: torch.Tensor,
+        positions: torch.Tensor,
+        maps: torch.Tensor,
+        image_size: tuple[int, int],
+    ) -> None:
+        """Add one batch (arguments as :meth:`GroupAccumulator.add`; ``maps`` ``(batch, K, h,
+        w)`` for the nulls)."""
+        importance, image_index = importance.detach().cpu(), image_index.cpu()
+        group_index = group_index.cpu()
+        box_fold = torch.from_numpy(self.fold_of[positions.cpu().numpy()])[image_index]
+        for fold, accumulator in enumerate(self.parts):
+            inside = box_fold == fold
+            if bool(inside.any()):
+                accumulator.add(importance[inside], whole, image_index[inside],
+                                group_index[inside], positions)  # fmt: skip
+        for null in self.nulls:
+            null.add(maps, whole, positions.tolist(), image_size)
+
+    def scores(self, k: int, n_images: np.ndarray) -> FilterScores:
+        """:class:`FilterScores` of the images not in fold ``k`` (``n_images`` ``(G,)``: the
+        images of each group outside fold ``k``)."""
+        others = [part for fold, part in enumerate(self.parts) if fold != k]
+        G, K = others[0].sum_importance.shape
+        merged = GroupAccumulator(G, K, top=1)
+        for part in others:
+            merged.sum_importance += part.sum_importance
+            merged.sum_enrichment += part.sum_enrichment
+            merged.n_enrichment += part.n_enrichment
+            merged.n_boxes += part.n_boxes
+        return _scores(merged, self.nulls[k], n_images)
+
+    def n_images(self, prepared: PreparedBoxes, k: int, n_groups: int) -> np.ndarray:
+        """Images ``(G,)`` outside fold ``k`` in which each group was detected."""
+        counts = np.zeros(n_groups, dtype=np.int64)
+        for position, (_, gids) in prepared.by_image.items():
+            if self.fold_of[position] != k:
+                counts[np.unique(gids)] += 1
+        return counts
+
+
+def _without_fold(prepared: PreparedBoxes, fold_of: np.ndarray, k: int) -> PreparedBoxes:
+    """``prepared`` restricted to the images not in fold ``k`` (for that fold's null)."""
+    kept = {p: boxes for p, boxes in prepared.by_image.items() if fold_of[p] != k}
+    return PreparedBoxes(prepared.frame, kept, prepared.counts, prepared.unmapped)
+
+
 def assign_filters(
     enrichment: np.ndarray,
     n_images: np.ndarray,
@@ -521,9 +614,12 @@ def filter_objects_table(
     groups: Sequence[str],
     scores: FilterScores,
     assignment: np.ndarray,
+    *,
+    fold: int | None = None,
 ) -> pd.DataFrame:
     """The ``filter_objects`` table (columns :data:`object2brain.tables.FILTER_OBJECTS`): one row
-    per (filter, group), filters outer, groups inner."""
+    per (filter, group), filters outer, groups inner; column ``fold`` = ``fold`` (empty: the
+    assignment on all images)."""
     G, K = scores.importance.shape
     filters = np.repeat(np.arange(K), G)
     group_ids = np.tile(np.arange(G), K)
@@ -543,6 +639,7 @@ def filter_objects_table(
             "p_assign_fdr": flat(scores.p_assign_fdr),
             "n_images": np.asarray(scores.n_images, dtype=np.int64)[group_ids] if G else [],
             "assigned": assignment[filters] == group_ids,
+            "fold": pd.array([fold] * (G * K), dtype="Int64"),
         },
         columns=list(FILTER_OBJECTS_COLUMNS),
     )
@@ -631,6 +728,7 @@ class DissectResult:
         gallery: the gallery figures' panels (empty unless asked for).
         out: output folder, if one was written.
         files: files written.
+        notes: caveats of the selection folds for the manifest (``selection_notes``).
     """
 
     table: pd.DataFrame
@@ -640,6 +738,7 @@ class DissectResult:
     gallery: list[GalleryImage] = field(default_factory=list)
     out: Path | None = None
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -732,8 +831,9 @@ def compute_dissection(
     on_device_decode = uses_device_decoding(options.decode, cams.device)
     shape = (len(groups.groups), n_filters)
     null = AssignmentNull(prepared, shape, options.n_null_assign, runtime.seed)
+    folds = _selection_folds(stimuli, prepared, shape, options, runtime.seed)
     accumulator, n_images = _accumulate(cams, prepared, lists, options, on_device_decode, null,
-                                        progress=runtime.progress)  # fmt: skip
+                                        progress=runtime.progress, folds=folds)  # fmt: skip
     _require_gradient(accumulator, cams.layer)
     scores = _scores(accumulator, null, n_images)
     assignment = assign_filters(
@@ -746,6 +846,8 @@ def compute_dissection(
     enrichment = scores.enrichment
     names = list(groups.groups)
     table = filter_objects_table(loaded.name, cams.layer, names, scores, assignment)
+    per_fold = _fold_tables(folds, prepared, loaded.name, cams.layer, names, options)
+    table = pd.concat([table, *per_fold], ignore_index=True)
     summary: dict[str, Any] = {
         **prepared.counts,
         "unmapped_classes": prepared.unmapped,
@@ -759,6 +861,7 @@ def compute_dissection(
         "n_assigned": {g: int((assignment == i).sum()) for i, g in enumerate(names)},
         "n_null_assign": options.n_null_assign,
         "n_above_threshold": _n_above_threshold(scores, options),
+        **_fold_summary(folds, per_fold),
         "seconds": 0.0,
     }
     panels = (
@@ -769,7 +872,81 @@ def compute_dissection(
     )  # fmt: skip
     provenance = _provenance(loaded, stimuli, detector, groups, options, runtime, cams,
                              on_device_decode)  # fmt: skip
-    return DissectResult(table, prepared.frame, summary, provenance, panels)
+    notes = selection_notes(loaded, options)
+    return DissectResult(table, prepared.frame, summary, provenance, panels, notes=notes)
+
+
+def _selection_folds(
+    stimuli: StimulusSet,
+    prepared: PreparedBoxes,
+    shape: tuple[int, int],
+    options: DissectOptions,
+    seed: int,
+) -> SelectionFolds | None:
+    """The per-fold sums of ``options.selection_folds`` folds of the stimuli (None: 0 folds)."""
+    k = options.selection_folds
+    if k == 0:
+        return None
+    if k > len(stimuli):
+        raise DataError(f"--selection-folds {k}: more folds than the {len(stimuli)} stimuli")
+    fold_of = condition_folds(stimuli.conditions, len(stimuli), k, seed=seed)
+    return SelectionFolds(fold_of, prepared, shape, options.n_null_assign, seed)
+
+
+def _fold_tables(
+    folds: SelectionFolds | None,
+    prepared: PreparedBoxes,
+    model: str,
+    layer: str,
+    names: list[str],
+    options: DissectOptions,
+) -> list[pd.DataFrame]:
+    """The ``filter_objects`` rows of every selection fold ``k`` (``fold = k``): scores,
+    ``p_assign`` and assignment from the images not in fold ``k``."""
+    if folds is None:
+        return []
+    tables = []
+    for k in range(folds.n_folds):
+        n_images = folds.n_images(prepared, k, len(names))
+        scores = folds.scores(k, n_images)
+        assignment = assign_filters(
+            scores.enrichment,
+            n_images,
+            threshold=options.threshold,
+            min_images=options.min_images,
+            p_fdr=scores.p_assign_fdr,
+        )
+        tables.append(filter_objects_table(model, layer, names, scores, assignment, fold=k))
+    return tables
+
+
+def _fold_summary(folds: SelectionFolds | None, per_fold: list[pd.DataFrame]) -> dict[str, Any]:
+    """Summary entries of the selection folds: their number, images (with a used box) per fold
+    and filters assigned per group without each fold."""
+    if folds is None:
+        return {"selection_folds": 0}
+    return {
+        "selection_folds": folds.n_folds,
+        "fold_sizes": [int((folds.fold_of == k).sum()) for k in range(folds.n_folds)],
+        "n_assigned_per_fold": [
+            {str(g): int(n) for g, n in t[t["assigned"]].groupby("group").size().items()}
+            for t in per_fold
+        ],
+    }
+
+
+def selection_notes(loaded: LoadedModel, options: DissectOptions) -> list[str]:
+    """What the manifest says about the selection folds' independence (``selection_notes``):
+    the per-fold rows hold out each fold's images from the assignment, but Grad-CAM explains
+    one valence head for all folds, so a head trained on these stimuli saw every fold."""
+    if options.selection_folds == 0 or options.target is not None or not loaded.has_head:
+        return []
+    return [
+        f"{loaded.name}: the per-fold assignments (fold = k) leave fold k's images out of the "
+        "assignment, but their Grad-CAM maps come from one valence head, not from fold heads: "
+        "a head trained on these stimuli saw the held-out fold's stimuli too, so the "
+        "cross-fitted selection is only as independent of fold k as the head is"
+    ]
 
 
 def _cam_pass(loaded: LoadedModel, options: DissectOptions, device: torch.device) -> _CamPass:
@@ -885,10 +1062,11 @@ def _accumulate(
     null: AssignmentNull,
     *,
     progress: bool,
+    folds: SelectionFolds | None = None,
 ) -> tuple[GroupAccumulator, np.ndarray]:
     """One Grad-CAM pass over the images with a used box: the per-(group, filter) sums
-    ``(G, K)`` of the real boxes and, in ``null``, of the donors' boxes; the number of images
-    each group was detected in ``(G,)``."""
+    ``(G, K)`` of the real boxes and, in ``null``, of the donors' boxes (also per selection
+    fold, into ``folds``); the number of images each group was detected in ``(G,)``."""
     from tqdm.auto import tqdm
 
     G, K = null.n_groups, null.sum.shape[1]
@@ -917,6 +1095,9 @@ def _accumulate(
             whole = image_means(maps, (cams.crop, cams.crop))
             accumulator.add(importance, whole, image_index, group_index, batch_positions)
             null.add(maps, whole, batch_positions.tolist(), (cams.crop, cams.crop))
+            if folds is not None:
+                folds.add(importance, whole, image_index, group_index, batch_positions, maps,
+                          (cams.crop, cams.crop))  # fmt: skip
             del maps, importance, whole
             bar.update(len(indices))
     finally:
@@ -1004,6 +1185,7 @@ def _provenance(
         "threshold": options.threshold,
         "min_images": options.min_images,
         "n_null_assign": options.n_null_assign,
+        "selection_folds": options.selection_folds,
         "batch_size": options.batch_size,
         "device": str(cams.device),
         "seed": runtime.seed,
@@ -1124,6 +1306,7 @@ def write_dissection_manifest(result: DissectResult, out: Path, files: Sequence[
         seeds={"seed": record.seed},
         inputs=inputs,
         outputs=output_list(files, out),
-        extra={"summary": result.summary},
+        extra={"summary": result.summary}
+        | ({"selection_notes": result.notes} if result.notes else {}),
     )
     return write_json(out / "manifest.json", payload)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,29 +46,41 @@ import pandas as pd
 import torch
 
 from object2brain.activations.store import ActivationStore
+from object2brain.data.splits import condition_folds
 from object2brain.data.stimuli import parse_booleans, read_table
 from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, listing, require_columns
 from object2brain.lesion.engine import (
     FilterStats,
+    alignment_bins,
     condensed_subset,
     filter_norms,
     matched_subset_masks,
     norm_strata,
     random_subset_masks,
+    swap_subset_masks,
 )
 from object2brain.lesion.propagate import propagate_layer
 from object2brain.models.zoo import LoadedModel
 from object2brain.options import LesionOptions, Runtime
 from object2brain.rsa.compare import correlate_prepared, prepare
 from object2brain.rsa.inference import linear_permutation_test, with_fdr
-from object2brain.rsa.targets import AnalysisSet, Condition, TargetColumns
+from object2brain.rsa.targets import (
+    MIN_CONDITION_STIMULI,
+    AnalysisSet,
+    Condition,
+    TargetColumns,
+)
 from object2brain.tables import OBJECT2BRAIN
 
 log = logging.getLogger("object2brain.lesion.analysis")
 
 UNASSIGNED = "unassigned"
 FILTER_COLUMNS = ("model", "layer", "filter", "group", "assigned")
+#: Optional column of a filter table: the selection fold whose stimuli its assignment left out.
+FOLD_COLUMN = "fold"
+#: Level of the starred rule (FDR-adjusted p below it).
+ALPHA = 0.05
 #: Values of the variant-minus-full difference vectors tested at once for ``p_perm`` (256 MB).
 DIFFERENCE_BLOCK_VALUES = 1 << 25
 
@@ -81,6 +93,7 @@ class LesionResult:
     propagate_behavior: pd.DataFrame = field(default_factory=pd.DataFrame)
     propagate_alignment: pd.DataFrame = field(default_factory=pd.DataFrame)
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,12 +107,19 @@ class FilterTable:
 @dataclass(frozen=True)
 class LayerFilters:
     """One layer to lesion: its model, name, per-filter statistics of the analysed stimuli
-    (:class:`~object2brain.lesion.engine.FilterStats`) and the filters ``(k,)`` of each group."""
+    (:class:`~object2brain.lesion.engine.FilterStats`) and the filters ``(k,)`` of each group.
+
+    Cross-fitted selection: ``folds`` ``(n,)`` is the selection fold of every analysed stimulus
+    and ``fold_groups[k]`` the groups chosen without fold ``k``'s stimuli; None / empty for
+    ``same`` (``groups`` chosen on all stimuli).
+    """
 
     model: str
     layer: str
     stats: FilterStats
     groups: dict[str, np.ndarray]
+    folds: np.ndarray | None = None
+    fold_groups: tuple[dict[str, np.ndarray], ...] = ()
 
 
 def group_filters(
@@ -173,6 +193,8 @@ def _refuse_double_assignment(frame: pd.DataFrame, where: str) -> None:
     """
     assigned = frame[frame["assigned"].to_numpy(dtype=bool)]
     keys = [assigned["model"].astype(str), assigned["layer"].astype(str), assigned["filter"]]
+    if FOLD_COLUMN in assigned:  # per-fold assignments are separate tables
+        keys.append(pd.to_numeric(assigned[FOLD_COLUMN], errors="coerce").fillna(-1))
     groups = assigned["group"].astype(str).groupby(keys, sort=True).unique()
     doubled = [
         f"{key[0]}/{key[1]} filter {key[2]} ({', '.join(sorted(names))})"  # type: ignore[index]
@@ -211,10 +233,13 @@ def compute_lesion(
     rows: list[dict[str, Any]] = []
     behavior: list[pd.DataFrame] = []
     later: list[pd.DataFrame] = []
+    notes: list[str] = []
     for store, analysis in zip(stores, analyses, strict=True):
         name = store_model(store)
         for layer in _layers_of(store, filters.frame, name, options.layers, str(store.path)):
             task = load_layer(store, layer, name, filters, analysis.ids, options.groups, device)
+            task, note = with_selection(task, filters, analysis, options, runtime.seed)
+            notes += [note] if note else []
             rows += lesion_layer(task, analysis, options, seed=runtime.seed, device=device)
             if options.propagate:
                 assert model is not None  # checked by the caller
@@ -224,13 +249,92 @@ def compute_lesion(
     frame = with_fdr(
         pd.DataFrame(rows, columns=OBJECT2BRAIN.column_names).assign(analysis="rsa"),
         ["model", "layer", "variant", "condition", "subject"],  # as the alignment's
-        [("p_null", "p_fdr"), ("p_perm", "p_perm_fdr")],
+        [("p_null", "p_fdr"), ("p_perm", "p_perm_fdr"), ("p_group", "p_group_fdr")],
     )
+    frame["significant"] = starred(frame)
     return LesionResult(
         frame,
         pd.concat(behavior, ignore_index=True) if behavior else pd.DataFrame(),
         pd.concat(later, ignore_index=True) if later else pd.DataFrame(),
+        notes=notes,
     )
+
+
+def starred(frame: pd.DataFrame, alpha: float = ALPHA) -> pd.Series:
+    """The starred rule ``(N,)`` bool: ``p_group_fdr < alpha`` (the group beats filter subsets
+    matched to it on norm and single-filter alignment) and ``p_perm_fdr < alpha`` (the target
+    relates to the layer's change at all; where no permutations were run, ``p_group_fdr``
+    alone)."""
+    group = frame["p_group_fdr"].to_numpy(dtype=float) < alpha
+    perm = frame["p_perm_fdr"].to_numpy(dtype=float)
+    return pd.Series(group & (np.isnan(perm) | (perm < alpha)), index=frame.index, dtype=bool)
+
+
+def selection_folds(analysis: AnalysisSet, k: int, seed: int) -> np.ndarray:
+    """Selection fold ``(n,)`` in ``0 .. k - 1`` of every analysed stimulus, stratified by
+    condition: :func:`~object2brain.data.splits.condition_folds` of the analysis set's stimuli
+    (in their order), their condition labels and ``seed``. The dissection that chooses fold
+    ``k``'s groups (``dissect --selection-folds``) holds out exactly these stimuli when its
+    stimulus set is the analysis set (same ids, order and conditions) and its seed is the
+    same."""
+    return condition_folds(analysis.labels, len(analysis.ids), k, seed=seed)
+
+
+def with_selection(
+    task: LayerFilters,
+    filters: FilterTable,
+    analysis: AnalysisSet,
+    options: LesionOptions,
+    seed: int,
+) -> tuple[LayerFilters, str]:
+    """``task`` with its cross-fitted groups (``options.selection == "cross_fit"``), and a note
+    for the manifest when the selection falls back to ``same``.
+
+    Cross-fitting needs the filter table's column ``fold``: rows with ``fold = k`` hold the
+    assignment made without fold ``k``'s stimuli (:func:`selection_folds`), rows with an empty
+    ``fold`` the assignment on all stimuli. A table without fold rows for the layer falls back
+    to ``same`` (its groups saw every stimulus: circular), with a warning and the note.
+
+    Raises:
+        DataError: fold values outside ``0 .. K - 1`` or a fold without rows.
+    """
+    if options.selection == "same":
+        return task, ""
+    frame = filters.frame
+    rows = frame[
+        (frame["model"].astype(str) == task.model) & (frame["layer"].astype(str) == task.layer)
+    ]
+    folds = rows[FOLD_COLUMN] if FOLD_COLUMN in rows else pd.Series(dtype=float)
+    folds = pd.to_numeric(folds, errors="coerce").dropna()
+    if folds.empty:
+        note = (
+            f"{task.model}/{task.layer}: --selection cross_fit needs a filter table with "
+            "per-fold assignments (column fold); this one was assigned on all stimuli, so the "
+            "rows are selection = same (circular: groups chosen on the stimuli they are tested on)"
+        )
+        log.warning(note)
+        return task, note
+    k = options.selection_folds
+    wanted = set(range(k))
+    if set(folds.astype(int)) != wanted or not np.allclose(folds, folds.round()):
+        raise DataError(
+            f"{filters.where}: column fold of {task.model}/{task.layer} holds "
+            f"{sorted(set(folds.tolist()))}; --selection-folds {k} needs folds 0..{k - 1}"
+        )
+    fold_groups = []
+    for fold in range(k):
+        part = rows.loc[folds.index[folds.astype(int) == fold]]
+        members = group_filters(
+            part,
+            task.model,
+            task.layer,
+            task.stats.n_filters,
+            where=f"{filters.where} (fold {fold})",
+        )
+        wanted_groups = options.groups or list(members)
+        fold_groups.append({g: members[g] for g in wanted_groups if g in members})
+    fold_of = selection_folds(analysis, k, seed)
+    return replace(task, folds=fold_of, fold_groups=tuple(fold_groups)), ""
 
 
 def load_layer(
@@ -242,9 +346,18 @@ def load_layer(
     groups: Sequence[str] | None,
     device: torch.device,
 ) -> LayerFilters:
-    """The statistics of ``layer`` for ``ids`` and its groups' filters (``groups``: only those)."""
+    """The statistics of ``layer`` for ``ids`` and its groups' filters (``groups``: only those)
+    as assigned on all stimuli (rows with an empty ``fold``; none when the table has only
+    per-fold rows for the layer)."""
     stats = FilterStats.from_store(store, layer, ids, device=device)
-    members = group_filters(filters.frame, model, layer, stats.n_filters, where=filters.where)
+    frame = filters.frame
+    if FOLD_COLUMN in frame:
+        unfolded = pd.to_numeric(frame[FOLD_COLUMN], errors="coerce").isna().to_numpy()
+        here = (frame["model"].astype(str) == model) & (frame["layer"].astype(str) == layer)
+        if not (unfolded & here.to_numpy()).any():
+            return LayerFilters(model, layer, stats, {})
+        frame = frame[unfolded]
+    members = group_filters(frame, model, layer, stats.n_filters, where=filters.where)
     return LayerFilters(model, layer, stats, _select_groups(members, groups, model, layer))
 
 
@@ -303,10 +416,10 @@ def check_same_weights(store: ActivationStore, model: LoadedModel) -> None:
 
 @dataclass(frozen=True)
 class _Scorer:
-    """Correlations of filter-subset RDMs with the targets within one condition.
+    """Correlations of filter-subset RDMs with the targets on one set of stimuli.
 
-    ``stats``: the filters' statistics of the condition's stimuli; ``target`` ``(Q, m)``: the
-    targets' condensed RDMs of those stimuli, prepared (ranked / standardised) once.
+    ``stats``: the filters' statistics of those stimuli; ``target`` ``(Q, m)``: the targets'
+    condensed RDMs of those stimuli, prepared (ranked / standardised) once.
     """
 
     stats: FilterStats
@@ -321,18 +434,17 @@ class _Scorer:
         cls,
         task: LayerFilters,
         analysis: AnalysisSet,
-        condition: Condition,
+        rows: np.ndarray,
         options: LesionOptions,
         device: torch.device,
     ) -> _Scorer:
+        """The scorer of the analysis set's stimuli ``rows`` ``(n_r,)`` (ascending)."""
         columns = analysis.columns(group_rdm=False)
         stats = task.stats
-        if condition.size != len(analysis.ids):
-            stats = stats.subset(condition.rows)
+        if len(rows) != len(analysis.ids):
+            stats = stats.subset(rows)
         vectors = columns.vectors()
-        pairs = torch.as_tensor(
-            condensed_subset(len(analysis.ids), condition.rows), device=vectors.device
-        )
+        pairs = torch.as_tensor(condensed_subset(len(analysis.ids), rows), device=vectors.device)
         target = prepare(vectors[:, pairs], options.compare_method).to(device)
         return cls(stats, target, columns, options.rdm_metric, options.compare_method, device)
 
@@ -358,20 +470,52 @@ class _Scorer:
         rdm = self.stats.rdms(mask[None], self.metric, device=self.device, strict=False)
         return prepare(rdm, self.method)[0]
 
+    def alignment(self) -> np.ndarray:
+        """Single-filter alignment ``(K, T)``: r of each filter's own RDM with the column that
+        summarises each of the ``T`` targets (its ``group`` column, or its only column)."""
+        r = self.correlations(np.eye(self.stats.n_filters, dtype=bool))
+        return r[:, _summary_columns(self.columns)]
+
+
+def _summary_columns(columns: TargetColumns) -> list[int]:
+    """Per target (in order of ``columns.owner``), its last column: the derived ``group``
+    column of a target with subjects, or the single column of a group-level target."""
+    last: dict[int, int] = {}
+    for c, owner in enumerate(columns.owner):
+        last[owner] = c
+    return [last[t] for t in sorted(last)]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One selection fold of one condition: the rows ``test`` (ascending indices into the
+    analysis set's ids) on which effects are measured, the rows ``select`` on which the groups
+    were chosen and single-filter alignment is measured, the groups so chosen, and the weight
+    of the fold (its share of the condition's tested stimuli)."""
+
+    index: int
+    test: np.ndarray
+    select: np.ndarray
+    groups: dict[str, np.ndarray]
+    weight: float
+
 
 @dataclass(frozen=True)
 class _Estimate:
-    """One group and variant in one condition: its mask ``(K,)``, r, delta and null p and z
-    (each ``(Q + G,)``)."""
+    """One group and variant on one part (or combined over parts): its mask ``(K,)`` (of the
+    first part), r, delta ``(Q + G,)`` and its null draws: random subsets ``(N, Q + G)``,
+    matched subsets ``(M, Q + G)`` and label permutations ``(P, Q + G)`` (None: not drawn)."""
 
     group: str
-    n_filters: int
+    n_filters: float
     variant: str
     mask: np.ndarray
+    r_full: np.ndarray
     r_variant: np.ndarray
     delta: np.ndarray
-    p_null: np.ndarray
-    z_null: np.ndarray
+    null_random: np.ndarray | None
+    null_group: np.ndarray | None
+    null_perm: np.ndarray | None = None
 
 
 def lesion_layer(
@@ -382,51 +526,223 @@ def lesion_layer(
     seed: int,
     device: torch.device,
 ) -> list[dict[str, Any]]:
-    """Rows of the ``object2brain`` table of one layer (``p_fdr``, ``p_perm_fdr`` not yet
-    filled): every group x variant x target column x analysed condition of ``analysis``."""
-    norms = filter_norms(task.stats) if options.null_subsets == "matched" else None
+    """Rows of the ``object2brain`` table of one layer (the ``*_fdr`` columns not yet filled):
+    every group x variant x target column x analysed condition of ``analysis``.
+
+    With ``task.folds`` (cross-fitted selection) each condition's effects are measured fold by
+    fold on the fold's stimuli, with the groups chosen without them, and combined over folds
+    (:func:`_combine`); else on all of the condition's stimuli with ``task.groups``.
+    """
+    linear = options.n_perm > 0 and options.compare_method != "kendall_tau_a"
+    selection = "cross_fit" if task.folds is not None else "same"
     rows: list[dict[str, Any]] = []
     for condition in analysis.conditions:
-        scorer = _Scorer.of(task, analysis, condition, options, device)
-        r_full = scorer.correlations(np.ones((1, task.stats.n_filters), dtype=bool))[0]
-        estimates = _estimates(task, scorer, r_full, options, seed, norms)
-        linear = options.n_perm > 0 and options.compare_method != "kendall_tau_a"
-        p_perm = _label_permutation_p(scorer, estimates, options.n_perm, seed, linear)
+        parts = _parts(task, condition)
+        if not parts:
+            log.warning(
+                "%s/%s: condition %r has too few stimuli per selection fold: no lesion rows",
+                task.model,
+                task.layer,
+                condition.name,
+            )
+            continue
+        per_part = [
+            _part_estimates(task, analysis, part, options, seed, linear, device) for part in parts
+        ]
+        columns = analysis.columns(group_rdm=False)
         common = {"model": task.model, "layer": task.layer, "condition": condition.name}
+        if selection == "same":
+            scorer = _Scorer.of(task, analysis, condition.rows, options, device)
+            estimates = per_part[0]
+            p_perm = _label_permutation_p(scorer, estimates, options.n_perm, seed, linear)
+        else:
+            estimates = _combine(parts, per_part)
+            p_perm = np.stack([_perm_p(e) for e in estimates]) if estimates else np.zeros((0,))
         for estimate, p_labels in zip(estimates, p_perm, strict=True):
-            rows += _rows(common, scorer.columns, estimate, p_labels, options, r_full, linear)
+            rows += _rows(
+                common | {"selection": selection}, columns, estimate, p_labels, options, linear
+            )
     return rows
 
 
-def _estimates(
+def _parts(task: LayerFilters, condition: Condition) -> list[_Part]:
+    """The parts of one condition: all its stimuli (``same``) or one per selection fold."""
+    if task.folds is None:
+        return [_Part(0, condition.rows, condition.rows, task.groups, 1.0)]
+    fold_of = task.folds[condition.rows]
+    parts = []
+    for k, groups in enumerate(task.fold_groups):
+        test = condition.rows[fold_of == k]
+        select = condition.rows[fold_of != k]
+        if len(test) < MIN_CONDITION_STIMULI or len(select) < MIN_CONDITION_STIMULI:
+            return []
+        parts.append(_Part(k, test, select, groups, len(test) / condition.size))
+    return parts
+
+
+def _part_estimates(
     task: LayerFilters,
-    scorer: _Scorer,
-    r_full: np.ndarray,
+    analysis: AnalysisSet,
+    part: _Part,
     options: LesionOptions,
     seed: int,
-    norms: np.ndarray | None,
+    linear: bool,
+    device: torch.device,
 ) -> list[_Estimate]:
-    """r, delta and null p and z of every group and variant. Null subsets of the same variant,
-    size (and, matched, counts per norm stratum) are drawn once and shared."""
+    """r, delta and the null draws of every group and variant of one part. Null subsets of
+    the same variant, size (and cell counts) are drawn once and shared between groups."""
+    scorer = _Scorer.of(task, analysis, part.test, options, device)
     K = task.stats.n_filters
-    nulls: dict[tuple[str, int, tuple[int, ...]], np.ndarray] = {}
+    r_full = scorer.correlations(np.ones((1, K), dtype=bool))[0]
+    norms = filter_norms(task.stats.subset(part.select))
+    alignment = None
+    if options.n_group_null:
+        chooser = _Scorer.of(task, analysis, part.select, options, device)
+        alignment = chooser.alignment()
+    shift = 0 if task.folds is None else 100_003 * (part.index + 1)
+    nulls: dict[tuple[Any, ...], np.ndarray] = {}
     estimates = []
-    for group, filters in task.groups.items():
-        strata = None if norms is None else norm_strata(norms, filters)
-        counts = _stratum_counts(strata, filters)
+    for group, filters in part.groups.items():
+        group_strata = None
+        if options.null_subsets == "matched":  # norms of all stimuli, as before cross-fitting
+            group_strata = norm_strata(filter_norms(task.stats), filters)
+        counts = _stratum_counts(group_strata, filters)
         for variant in options.variants:
             mask = np.full(K, variant == "lesion")
             mask[filters] = variant == "keep"
             r_variant = scorer.correlations(mask[None])[0]
-            delta = r_variant - r_full
-            key = (variant, len(filters), counts)
+            key = ("random", variant, len(filters), counts)
             if options.n_null and key not in nulls:
-                draws = _null_draws(K, filters, strata, options.n_null, seed + len(filters))
-                null_masks = ~draws if variant == "lesion" else draws
-                nulls[key] = scorer.correlations(null_masks) - r_full[None]
-            p, z = _null_stats(delta, nulls.get(key))
-            estimates.append(_Estimate(group, len(filters), variant, mask, r_variant, delta, p, z))
+                draws = _null_draws(
+                    K, filters, group_strata, options.n_null, seed + len(filters) + shift
+                )
+                nulls[key] = scorer.correlations(~draws if variant == "lesion" else draws)
+            null_group = None
+            if alignment is not None:
+                null_group = _group_null(
+                    scorer,
+                    norms,
+                    alignment,
+                    filters,
+                    variant,
+                    options.n_group_null,
+                    seed + len(filters) + shift,
+                )
+            perm = None
+            if linear and task.folds is not None:
+                perm = _permutation_null(scorer, mask, r_full, options.n_perm, seed + shift)
+            estimates.append(
+                _Estimate(
+                    group,
+                    float(len(filters)),
+                    variant,
+                    mask,
+                    r_full,
+                    r_variant,
+                    r_variant - r_full,
+                    nulls[key] - r_full[None] if key in nulls else None,
+                    null_group,
+                    perm,
+                )
+            )
     return estimates
+
+
+def _group_null(
+    scorer: _Scorer,
+    norms: np.ndarray,
+    alignment: np.ndarray,
+    filters: np.ndarray,
+    variant: str,
+    n_draws: int,
+    seed: int,
+) -> np.ndarray:
+    """``delta_r`` ``(M, Q + G)`` of ``n_draws`` filter subsets matched to the group, per
+    target, filter by filter on norm (a caliper) and single-filter alignment (quantile bins,
+    :func:`~object2brain.lesion.engine.swap_subset_masks`): each target's columns get the draws
+    matched on the alignment with that target."""
+    r_full = scorer.correlations(np.ones((1, scorer.stats.n_filters), dtype=bool))[0]
+    out = np.full((n_draws, len(scorer.columns.labels)), np.nan)
+    owners = np.asarray(scorer.columns.owner)
+    for t, target in enumerate(sorted(set(scorer.columns.owner))):
+        bins = alignment_bins(alignment[:, t], filters)
+        draws = swap_subset_masks(norms, bins, filters, n_draws, seed=seed + 7_919 * (t + 1))
+        r = scorer.correlations(~draws if variant == "lesion" else draws)
+        own = owners == target
+        out[:, own] = r[:, own] - r_full[None, own]
+    return out
+
+
+def _permutation_null(
+    scorer: _Scorer, mask: np.ndarray, r_full: np.ndarray, n_perm: int, seed: int
+) -> np.ndarray:
+    """``delta_r`` ``(P, Q + G)`` of one subset against the targets with their stimulus labels
+    permuted (``P = n_perm`` permutations of the part's stimuli, drawn from ``seed``): the
+    dot product of the prepared variant-minus-full difference with the permuted targets."""
+    full = scorer.prepared(np.ones(scorer.stats.n_filters, dtype=bool))
+    difference = (scorer.prepared(mask) - full).cpu().numpy()
+    target = scorer.target.cpu().numpy()
+    n = scorer.stats.n_stimuli
+    square = np.zeros((n, n), dtype=np.int64)
+    i, j = np.triu_indices(n, k=1)
+    square[i, j] = square[j, i] = np.arange(len(i))
+    rng = np.random.default_rng([seed, n])
+    out = np.empty((n_perm, target.shape[0]))
+    for p in range(n_perm):
+        order = rng.permutation(n)
+        out[p] = target[:, square[order[i], order[j]]] @ difference
+    del r_full
+    return scorer.columns.with_group(out)
+
+
+def _combine(parts: list[_Part], per_part: list[list[_Estimate]]) -> list[_Estimate]:
+    """Per group and variant, the fold-size weighted mean over the folds where the group has
+    filters (weights renormalised over those folds) of r, delta and of every null draw, draw
+    by draw: the combined statistic and its combined null."""
+    keys = dict.fromkeys((e.group, e.variant) for estimates in per_part for e in estimates)
+    combined = []
+    for group, variant in keys:
+        found = [
+            (part.weight, e)
+            for part, estimates in zip(parts, per_part, strict=True)
+            for e in estimates
+            if (e.group, e.variant) == (group, variant)
+        ]
+        weights = np.array([w for w, _ in found]) / sum(w for w, _ in found)
+        pick = [e for _, e in found]
+        first = pick[0]
+        combined.append(
+            _Estimate(
+                group,
+                float(_weighted([e.n_filters for e in pick], weights)),
+                variant,
+                first.mask,
+                _weighted([e.r_full for e in pick], weights),
+                _weighted([e.r_variant for e in pick], weights),
+                _weighted([e.delta for e in pick], weights),
+                _weighted([e.null_random for e in pick], weights),
+                _weighted([e.null_group for e in pick], weights),
+                _weighted([e.null_perm for e in pick], weights),
+            )
+        )
+    return combined
+
+
+def _weighted(values: Sequence[Any], weights: np.ndarray) -> Any:
+    """``sum_k w_k values_k`` (None when any value is None: that null was not drawn)."""
+    if any(v is None for v in values):
+        return None
+    return sum(w * np.asarray(v, dtype=float) for w, v in zip(weights, values, strict=True))
+
+
+def _perm_p(estimate: _Estimate) -> np.ndarray:
+    """Two-sided ``(1 + #{|s_perm| >= |s|}) / (1 + P)`` of ``delta`` against ``null_perm``."""
+    if estimate.null_perm is None:
+        return np.full_like(estimate.delta, np.nan)
+    null = estimate.null_perm
+    extreme = (np.abs(null) >= np.abs(estimate.delta)[None] - 1e-12) & np.isfinite(null)
+    p = (1 + extreme.sum(axis=0)) / (1 + len(null))
+    return np.where(np.isfinite(estimate.delta), p, np.nan)
 
 
 def _null_draws(
@@ -468,9 +784,10 @@ def _rows(
     estimate: _Estimate,
     p_labels: np.ndarray,
     options: LesionOptions,
-    r_full: np.ndarray,
     linear: bool,
 ) -> list[dict[str, Any]]:
+    p_null, z_null = _null_stats(estimate.delta, estimate.null_random)
+    p_group, _ = _null_stats(estimate.delta, estimate.null_group)
     return [
         common
         | {
@@ -478,15 +795,17 @@ def _rows(
             "variant": estimate.variant,
             "target": target,
             "subject": subject,
-            "n_filters": estimate.n_filters,
-            "r_full": r_full[c],
+            "n_filters": round(estimate.n_filters),
+            "r_full": estimate.r_full[c],
             "r_variant": estimate.r_variant[c],
             "delta_r": estimate.delta[c],
-            "p_null": estimate.p_null[c],
-            "z_null": estimate.z_null[c],
+            "p_null": p_null[c],
+            "z_null": z_null[c],
             "n_null": options.n_null,
             "p_perm": p_labels[c],
             "n_perm": options.n_perm if linear else 0,
+            "p_group": p_group[c],
+            "n_group_null": options.n_group_null,
         }
         for c, (target, _kind, subject) in enumerate(columns.labels)
     ]

@@ -395,3 +395,72 @@ def matched_subset_masks(
                 n_filters, int(count), n_subsets, seed=[seed, stratum], pool=pool
             )
     return masks
+
+
+#: Most quantile bins of single-filter alignment in the group null.
+MAX_ALIGNMENT_BINS = 4
+#: Norm caliper of the group null: a group filter is swapped only with filters whose activation
+#: norm is within this distance in natural-log units (exp(0.2): within about 22%).
+NORM_CALIPER = 0.2
+
+
+def alignment_bins(
+    alignment: np.ndarray, members: Sequence[int] | np.ndarray, max_bins: int = MAX_ALIGNMENT_BINS
+) -> np.ndarray:
+    """Quantile bin ``(K,)`` of every filter's single-filter alignment, for a null matched to
+    ``members``: the most bins (up to ``max_bins``; equal sizes to one filter, NaN lowest) in
+    which every bin holds at least twice as many filters as the group has there, so that a
+    group of unusually aligned filters is compared with filters from its upper bin, half of them
+    at least from outside the group; one bin when no finer cut does."""
+    values = np.where(np.isfinite(alignment), alignment, -np.inf)
+    order = np.argsort(values, kind="stable")
+    chosen = np.asarray(members, dtype=np.int64)
+    n_filters = len(values)
+    for n_bins in range(min(max_bins, n_filters), 1, -1):
+        bins = np.empty(n_filters, dtype=np.int64)
+        bins[order] = np.arange(n_filters) * n_bins // n_filters
+        if (
+            np.bincount(bins, minlength=n_bins) >= 2 * np.bincount(bins[chosen], minlength=n_bins)
+        ).all():
+            return bins
+    return np.zeros(n_filters, dtype=np.int64)
+
+
+def swap_subset_masks(
+    norms: np.ndarray,
+    bins: np.ndarray,
+    members: Sequence[int] | np.ndarray,
+    n_subsets: int,
+    *,
+    seed: int,
+    caliper: float = NORM_CALIPER,
+) -> np.ndarray:
+    """``(n_subsets, K)`` bool masks of subsets matched to ``members`` filter by filter.
+
+    Each group filter ``i`` is replaced by a filter drawn uniformly from its pool: the filters
+    of its alignment bin (``bins``) whose log norm is within ``caliper`` of its own, itself
+    included, none drawn twice (a pool used up: the unused filter of nearest norm in the bin,
+    else overall). Filters with the fewest candidates are replaced first. A group whose norms no
+    other filter shares is thus compared with itself (p = 1: no claim), where quantile strata
+    would mix in weaker filters and reject for norm alone.
+    """
+    chosen = np.asarray(members, dtype=np.int64)
+    n_filters = len(norms)
+    log_norm = np.log(np.maximum(np.asarray(norms, dtype=np.float64), 1e-300))
+    pools = [(np.abs(log_norm - log_norm[i]) <= caliper) & (bins == bins[i]) for i in chosen]
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n_subsets, n_filters), dtype=bool)
+    for step in np.argsort([pool.sum() for pool in pools], kind="stable"):
+        i = chosen[step]
+        keys = rng.random((n_subsets, n_filters))
+        free = ~masks
+        candidates = pools[step][None] & free
+        score = np.where(candidates, keys, -1.0)
+        pick = score.argmax(axis=1)
+        empty = ~candidates.any(axis=1)
+        if empty.any():  # nearest unused norm, within the bin first
+            distance = np.abs(log_norm - log_norm[i])[None] + 1e6 * (bins != bins[i])[None]
+            fallback = np.where(free[empty], distance, np.inf).argmin(axis=1)
+            pick[empty] = fallback
+        masks[np.arange(n_subsets), pick] = True
+    return masks

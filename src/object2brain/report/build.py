@@ -397,7 +397,7 @@ SECTIONS: list[tuple[str, SectionBuilder]] = [
     ("contrast", _when("condition_contrast", lambda c, t: _contrast_section(t))),
     ("rdms", lambda c: _rdm_section(c.figures("rdms_") + c.figures("mds_"))),
     ("encoding", _when("encoding", lambda c, t: _encoding_section(c, t))),
-    ("filters", _when("filter_objects", lambda c, t: _filters_section(c, t))),
+    ("filters", _when("filter_objects", lambda c, t: _filters_section(c, all_images_rows(t)))),
     ("lesion", _when("object2brain", lambda c, t: _lesion_section(c, t))),
     ("provenance", lambda c: provenance_section(c.folder, c.tables)),
     ("tables", _tables_section),
@@ -538,7 +538,7 @@ def _summary(
             ("permutations", _largest(frame["n_perm"])),
         ]
     if "filter_objects" in tables:
-        frame = tables["filter_objects"]
+        frame = all_images_rows(tables["filter_objects"])
         keys = ["model", "layer", "filter"]
         n_assigned = len(frame[frame["assigned"].astype(bool)].drop_duplicates(keys))
         n_filters = len(frame.drop_duplicates(keys))
@@ -844,15 +844,46 @@ def _filters_section(context: _Context, filters: pd.DataFrame) -> html.Section:
     return html.Section("Which object groups each filter attends to", "".join(parts), "filters")
 
 
+def all_images_rows(filters: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a ``filter_objects`` table assigned on all images (empty ``fold``; the rows of
+    the selection folds are for the cross-fitted lesion)."""
+    if "fold" not in filters:
+        return filters
+    return filters[pd.to_numeric(filters["fold"], errors="coerce").isna()]
+
+
+def _selection_notes(sources: _Sources) -> list[str]:
+    """``selection_notes`` of the manifests next to the dissection and lesion tables (what the
+    cross-fitted selection could not hold out, or why it fell back to ``same``)."""
+    notes: list[str] = []
+    for name in ("filter_objects", "object2brain"):
+        for path, _ in sources.get(name, []):
+            manifest = _read_manifest(path.parent, warn=False) or {}
+            found = manifest.get("selection_notes")
+            notes += [str(n) for n in found] if isinstance(found, list) else []
+    return list(dict.fromkeys(notes))
+
+
 def _lesion_section(context: _Context, table: pd.DataFrame) -> html.Section:
+    notes = _selection_notes(context.study.sources)
     parts = [
         "<p>Change in correlation (delta r) when the filters of an object group are lesioned "
-        "(zeroed) or kept alone, tested against random filter subsets of the same size "
-        "(<code>p_null</code>) and against permuted stimulus labels of the target "
-        "(<code>p_perm</code>). A group whose filters are atypical of the layer (e.g. in "
-        "activation norm) can differ from random subsets even for a target unrelated to the "
-        "model: <code>p_perm</code> guards against that.</p>"
+        "(zeroed) or kept alone, tested against filter subsets matched to the group on norm "
+        "and on their single filters' alignment with the target (<code>p_group</code>, the "
+        "test of the group itself) and against permuted stimulus labels of the target "
+        "(<code>p_perm</code>, whether the target relates to the layer at all); * both FDR "
+        "< 0.05. <code>p_null</code> (random subsets of the same size) is kept in the table: "
+        "it is too liberal for groups atypical of the layer.</p>"
     ]
+    if "selection" in table and (table["selection"].astype(str) == "same").any():
+        parts.append(
+            "<p><strong>Circular selection:</strong> rows with <code>selection = same</code> "
+            "test groups chosen on the same stimuli; their effects are biased upwards. Run the "
+            "dissection per selection fold for cross-fitted groups.</p>"
+        )
+    if notes:
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        parts.append(f"<p><strong>Selection notes:</strong></p><ul>{items}</ul>")
     across = glance.plot_object2brain_models(table)
     if across is not None:
         parts.append(_svg(across))

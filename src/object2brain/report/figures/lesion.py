@@ -12,13 +12,15 @@ from object2brain.report.figures.alignment import pyplot, save_figure, slug
 
 def summary_rows(table: pd.DataFrame, condition: str = "all") -> pd.DataFrame:
     """Rows shown in figures: one condition, the group level of every target, with ``q``: the
-    larger of the two FDR-adjusted p-values (``p_fdr`` against random filter subsets,
-    ``p_perm_fdr`` against permuted stimulus labels), so a mark needs both tests."""
+    larger of the FDR-adjusted p-values of the starred rule, ``p_group_fdr`` (against filter
+    subsets matched to the group) and ``p_perm_fdr`` (against permuted stimulus labels), so a
+    mark needs both. Tables written before ``p_group`` existed use ``p_fdr`` (random subsets)."""
     rows = table[(table["condition"] == condition) & (table["subject"] == "group")].copy()
-    q = rows["p_fdr"].to_numpy(dtype=float)
-    if "p_perm_fdr" in rows:  # NaN where not computed (n_perm 0, tau-a): p_fdr alone
+    first = "p_group_fdr" if "p_group_fdr" in rows else "p_fdr"
+    q = rows[first].to_numpy(dtype=float)
+    if "p_perm_fdr" in rows:  # NaN where not computed (n_perm 0, tau-a): the first alone
         perm = rows["p_perm_fdr"].to_numpy(dtype=float)
-        q = np.where(np.isnan(perm), q, np.maximum(q, perm))  # NaN p_fdr stays NaN
+        q = np.where(np.isnan(perm), q, np.maximum(q, perm))  # NaN first stays NaN
     rows["q"] = q
     return rows
 
