@@ -471,6 +471,9 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
     on_delta = {"null_low", "null_high"} <= set(rows.columns)
     value = "delta_r" if on_delta else "z_null"
     series = rows["model"].astype(str) + " / " + rows["layer"].astype(str)
+    if "analysis" in rows:  # `lesion --analysis both`: encoding rows are a series of their own
+        kind = rows["analysis"].astype(str)
+        series = series.where(kind == "rsa", series + " (" + kind + ")")
     names = list(dict.fromkeys(series))
     groups = [str(g) for g in dict.fromkeys(rows["group"])]
     targets = [str(t) for t in dict.fromkeys(rows["target"])]
