@@ -151,6 +151,13 @@ class ExtractOptions(StageOptions):
         description="Image decoding worker processes (0: in the main process; default: by cores).",
         json_schema_extra=_cli("--workers"),
     )
+    image_cache: Path | None = Field(
+        None,
+        description=(
+            "Decoded-image cache folder: model-resolution pixels kept across runs "
+            "(same preprocessing: no decoding)."
+        ),
+    )
 
 
 class TrainHeadOptions(StageOptions):
@@ -310,6 +317,13 @@ class DissectOptions(StageOptions):
         ge=0,
         description="Image decoding worker processes (default: by cores).",
         json_schema_extra=_cli("--workers"),
+    )
+    image_cache: Path | None = Field(
+        None,
+        description=(
+            "Decoded-image cache folder: model-resolution pixels kept across runs "
+            "(same preprocessing: no decoding)."
+        ),
     )
     gallery_filters: Int = Field(
         3,
