@@ -465,7 +465,12 @@ def image_batches(
         paths, ids, preprocessing, device=device, batch_size=batch_size,
         num_workers=num_workers, on_device_decode=False, cache=cache, hits=hits,
     )  # fmt: skip
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        with timing.stage("read"):  # waiting for the loader: reading + Pillow in its workers
+            batch = next(batches, None)
+        if batch is None:
+            return
         if cache is not None:
             misses = [j for j, i in enumerate(batch[0].tolist()) if hits[i] is None]
             if misses and not any(batch[2]):

@@ -5,8 +5,12 @@ Off by default (no cost). Inside ``with profile_stages() as times:`` every :func
 the image path (:mod:`object2brain.models.inputs`) and of extraction adds its seconds to
 ``times``; on CUDA each timed block synchronises the device first and last, so the stages are
 measured one by one and no longer overlap: compare the profile with an unprofiled run's wall time
-to see the overlap. ``read`` is summed over the reading threads (thread-seconds: with 8 threads
-it may exceed the wall time), the others are wall seconds of the thread that runs them.
+to see the overlap. On the pipelined path (``decode="torch"``) ``read`` is summed over the
+reading threads (thread-seconds: with 8 threads it may exceed the wall time) and ``decode`` is the
+batched decode, resize and normalisation; on the Pillow path ``read`` is the time the main
+process waits for the loader's next batch (its workers read and decode) and ``decode`` the copy
+to the device and normalisation. The others are wall seconds of the thread that runs them
+(``write``: the store's writer thread).
 """
 
 from __future__ import annotations
