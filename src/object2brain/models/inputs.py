@@ -507,7 +507,8 @@ class _Item:
 
     ``payload``: file bytes ``(n_bytes,)`` uint8 when ``encoded`` (a plain JPEG for the device
     decoder), else pixels ``(3, crop, crop)`` uint8 (from the cache or Pillow); ``decoder``: whose
-    pixels they are (cache key and normalisation); ``cached``: read from the cache.
+    pixels they are (cache key and normalisation); ``cached``: read from the cache; ``key``: its
+    cache key (``None`` without a cache).
     """
 
     payload: torch.Tensor
@@ -515,11 +516,13 @@ class _Item:
     decoder: str
     cached: bool
     error: str = ""
+    key: str | None = None
 
 
 class _ItemReader:
     """What a reading thread does for image ``i``: cached pixels, else the bytes of a plain JPEG,
-    else Pillow pixels (exactly :class:`ImageDataset`'s)."""
+    else Pillow pixels (exactly :class:`ImageDataset`'s). The header check and the content hash
+    of the cache key run in the thread too (25,000 header reads take seconds)."""
 
     def __init__(
         self,
@@ -530,31 +533,36 @@ class _ItemReader:
         cache: ImageCache | None,
     ) -> None:
         self.pillow = ImageDataset(paths, ids, preprocessing, pixels=True)
-        self.plain = [is_plain_jpeg(path) for path in paths]
-        self.decoders = [device_decoder(device) if p else DECODER_PIL for p in self.plain]
+        self.device_decoder = device_decoder(device)
         self.cache = cache
-        self.hits = _cache_hits(cache, paths, self.decoders)
 
     def __call__(self, index: int) -> _Item:
         with timing.stage("read"):
             return self._read(index)
 
     def _read(self, index: int) -> _Item:
-        decoder, entry = self.decoders[index], self.hits[index]
-        if self.cache is not None and entry is not None:
-            cached = self.cache.read(entry)
-            if cached is not None:
-                return _Item(torch.from_numpy(cached), False, decoder, True)
         path = self.pillow.paths[index]
-        if self.plain[index]:
+        plain = is_plain_jpeg(path)
+        decoder = self.device_decoder if plain else DECODER_PIL
+        key = None
+        if self.cache is not None:
+            try:
+                key = ImageCache.key(path, decoder)
+            except OSError:
+                key = None  # unreadable: Pillow names the problem below
+            entry = self.cache.entries.get(key) if key is not None else None
+            cached = self.cache.read(entry) if entry is not None else None
+            if cached is not None:
+                return _Item(torch.from_numpy(cached), False, decoder, True, key=key)
+        if plain:
             try:
                 data = Path(path).read_bytes()
                 return _Item(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, decoder,
-                             False)  # fmt: skip
+                             False, key=key)  # fmt: skip
             except OSError:
                 pass  # Pillow names the problem below
         _, pixels, error = self.pillow[index]
-        return _Item(pixels, False, DECODER_PIL, False, error)
+        return _Item(pixels, False, DECODER_PIL, False, error, None if plain else key)
 
 
 def pipelined_batches(
@@ -653,10 +661,9 @@ def _assemble(
             inputs[torch_rows] = normalize_decoded(pixels[torch_rows], preprocessing)
         if pil_rows:
             inputs[pil_rows] = preprocessing.normalize(pixels[pil_rows])
-        new = [j for j, item in enumerate(items) if not item.cached]
+        new = [j for j, item in enumerate(items) if not item.cached and item.key is not None]
         if writer is not None and new:
-            keys = [ImageCache.key(reader.pillow.paths[int(indices[j])], items[j].decoder)
-                    for j in new]  # fmt: skip
+            keys = [str(items[j].key) for j in new]
             host = pixels[new].to("cpu", non_blocking=side is not None)
             ready = _record_event(side)
             writer.submit(_add_to_cache, reader.cache, keys, host, ready)
