@@ -15,8 +15,9 @@ def test_gpu_cases_smoke_runs_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_cases.py"), "--quick", "--device", "cpu",
+         "--budget-s", "3000",
          "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "gpu_cases.json").read_text())
