@@ -202,6 +202,8 @@ class _Any(type):
     def __getattr__(cls, name): return _Any(name, (), {})
     def __call__(cls, *a, **k): return cls
     def __getitem__(cls, item): return cls
+    def __iter__(cls): return iter(())
+    def __bool__(cls): return False
 class _Module(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"): raise AttributeError(name)
@@ -221,7 +223,8 @@ THINGSVISION_NOTE = (
     "torch 2.14.1 / torchvision 0.29.1 of our environment; its wheel pins tensorflow < 2.16 and "
     "numpy < 2 and imports tensorflow at module level even on its torchvision path, where it is "
     "never called: tensorflow/keras are replaced by inert stub modules (a numpy < 2 stack is not "
-    "installable beside torch 2.14). Its own ImageDataset (Pillow, its transforms = ours) and "
+    "installable beside torch 2.14), and np.AxisError (removed in numpy 2) is aliased to "
+    "np.exceptions.AxisError. Its own ImageDataset (Pillow, its transforms = ours) and "
     "single-process DataLoader, get_extractor_from_model on the same resnet18, all layers in one "
     "extract_features call."
 )
@@ -230,6 +233,8 @@ THINGSVISION_NOTE = (
 def thingsvision_child(folder: Path, state: Path, batch: int, out: Path, check: int) -> None:
     """Runs in the THINGSvision environment: time it, save the first ``check`` rows."""
     exec(TF_STUB, {})  # inert stand-ins for tensorflow/keras (see THINGSVISION_NOTE)
+    if not hasattr(np, "AxisError"):  # its helpers use np.AxisError, gone in numpy 2
+        setattr(np, "AxisError", np.exceptions.AxisError)  # noqa: B010
     from thingsvision import get_extractor_from_model
     from thingsvision.utils.data import DataLoader, ImageDataset
 
