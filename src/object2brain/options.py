@@ -171,6 +171,13 @@ class ExtractOptions(StageOptions):
         description="Image decoding worker processes (0: in the main process; default: by cores).",
         json_schema_extra=_cli("--workers"),
     )
+    image_cache: Path | None = Field(
+        None,
+        description=(
+            "Decoded-image cache folder: model-resolution pixels kept across runs "
+            "(same preprocessing: no decoding)."
+        ),
+    )
 
 
 class TrainHeadOptions(StageOptions):
@@ -361,6 +368,13 @@ class DissectOptions(StageOptions):
             "Folder of the detection cache (keyed by image content and detector settings; "
             "default: $XDG_CACHE_HOME/object2brain/detections, else "
             "~/.cache/object2brain/detections)."
+        ),
+    )
+    image_cache: Path | None = Field(
+        None,
+        description=(
+            "Decoded-image cache folder: model-resolution pixels kept across runs "
+            "(same preprocessing: no decoding)."
         ),
     )
     gallery_filters: Int = Field(

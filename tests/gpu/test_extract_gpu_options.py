@@ -199,12 +199,16 @@ def test_default_fingerprint_is_unchanged(
 
 
 @pytest.mark.parametrize(
-    ("cores", "cpu_workers", "cuda_workers"), [(2, 0, 2), (3, 0, 3), (8, 2, 4), (32, 4, 4)]
+    ("cores", "gpus", "cpu_workers", "cuda_workers"),
+    [(2, 1, 0, 1), (3, 1, 0, 1), (8, 1, 2, 6), (16, 1, 4, 14), (16, 2, 4, 6), (128, 1, 4, 32)],
 )
 def test_default_workers_leave_cpu_cores_to_the_forward_pass(
-    monkeypatch: pytest.MonkeyPatch, cores: int, cpu_workers: int, cuda_workers: int
+    monkeypatch: pytest.MonkeyPatch, cores: int, gpus: int, cpu_workers: int, cuda_workers: int
 ) -> None:
-    monkeypatch.setattr(image_inputs.os, "cpu_count", lambda: cores)
+    """On the CPU the forward pass keeps most cores; feeding GPUs, each GPU's share of the cores
+    less two (its main process and pinning thread) decodes with Pillow."""
+    monkeypatch.setattr(image_inputs, "usable_cores", lambda: cores)
+    monkeypatch.setattr(image_inputs.torch.cuda, "device_count", lambda: gpus)
     assert image_inputs.default_workers(1000, 32, torch.device("cpu")) == cpu_workers
     assert image_inputs.default_workers(1000, 32, torch.device("cuda")) == cuda_workers
     assert image_inputs.default_workers(32, 32, torch.device("cuda")) == 0  # one batch: no workers

@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_cases_smoke_runs_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_cases.py"), "--smoke", "--device", "cpu",
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_cases.py"), "--quick", "--device", "cpu",
+         "--budget-s", "3000",
          "--workdir", str(tmp_path / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "gpu_cases.json").read_text())
@@ -30,6 +31,15 @@ def test_gpu_cases_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert results["cases"]["rsa"]["seconds"] > 0
     assert results["cases"]["extract"]["e2e_device_decode"]["images_per_s"] > 0
     assert results["cases"]["dissect"]["images_per_s"] > 0
+    extract = results["cases"]["extract"]
+    for label in ("e2e_pillow", "e2e_device_decode_cache_fill", "e2e_from_cache"):
+        assert extract[label]["images_per_s"] > 0, label
+    for label in ("profile_device_decode", "profile_pillow", "profile_from_cache"):
+        profile = extract[label]["profile"]
+        assert profile["images"] == extract[label]["images"], label
+        assert all(profile[f"{stage}_s"] > 0 for stage in ("decode", "forward", "write")), label
+    assert extract["profile_device_decode"]["profile"]["read_s"] > 0  # the reading threads
+    assert results["cases"]["dissect"]["profile"]["images"] > 0
     assert results["cases"]["rsa_stage"]["contrast_seconds"] > 0
     assert results["skipped"] == []
 

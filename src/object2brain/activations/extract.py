@@ -63,6 +63,8 @@ from object2brain.devices import resolve_device
 from object2brain.errors import LayerError, StoreError, listing
 from object2brain.io import disk_errors, output_lock, write_json
 from object2brain.manifest import build_manifest, cached_file_sha256, file_sha256
+from object2brain.models import timing
+from object2brain.models.image_cache import ImageCache
 from object2brain.models.inputs import image_batches, uses_device_decoding
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
 from object2brain.models.zoo import LoadedModel
@@ -123,6 +125,8 @@ class ExtractionPlan:
         fingerprint: SHA-256 of what the store holds, by content (weights, head, image bytes,
             settings that change stored values): a complete store with the same fingerprint is
             reused, a partial one resumed.
+        image_cache: the decoded-image cache (``options.image_cache``), or ``None``; it changes
+            no stored value, so it is not part of the fingerprint.
     """
 
     loaded: LoadedModel
@@ -135,6 +139,7 @@ class ExtractionPlan:
     valence: np.ndarray | None
     config: dict[str, Any] = field(repr=False)
     fingerprint: str
+    image_cache: ImageCache | None = field(default=None, repr=False)
 
     @property
     def storage_dtype(self) -> np.dtype[Any]:
@@ -201,9 +206,12 @@ def plan_extraction(
     identity = {k: v for k, v in config.items() if k not in ("weights", "head")}
     identity["head_sha256"] = cached_file_sha256(loaded.head["path"]) if loaded.head else None
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    cache = None
+    if options.image_cache is not None:
+        cache = ImageCache(options.image_cache, loaded.preprocessing)
     return ExtractionPlan(
         loaded, stimuli, layer_names, options, runtime, device, on_device_decode, valence,
-        config, fingerprint,
+        config, fingerprint, cache,
     )  # fmt: skip
 
 
@@ -273,6 +281,7 @@ def _write_manifest(plan: ExtractionPlan, path: Path, *, seconds: float | None) 
                 "device": str(plan.device),
                 "channels_last": options.channels_last,
                 "decode": "torch" if plan.on_device_decode else "pil",
+                "image_cache": None if options.image_cache is None else str(options.image_cache),
             },
             seeds={"seed": plan.runtime.seed},
             inputs=inputs,
@@ -313,6 +322,7 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         on_device_decode=plan.on_device_decode,
+        cache=plan.image_cache,
     )
     network = loaded.module.to(device).eval()
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
@@ -326,7 +336,7 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         with LayerRecorder(network, plan.layers) as recorder, torch.inference_mode():
             for indices, inputs in batches:
                 recorder.reset()
-                with _autocast(device, options.amp):
+                with timing.stage("forward", device), _autocast(device, options.amp):
                     output = network(inputs.contiguous(memory_format=memory_format))
                 blocks = _batch_blocks(plan, recorder.outputs, output, start + indices.numpy())
                 if options.srp is not None:
@@ -337,7 +347,9 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
                         [*recorder.order, *([VALENCE_LAYER] if VALENCE_LAYER in blocks else [])]
                     )
                 rows = [ids[int(i)] for i in indices]
-                background.put(_to_host(blocks, plan.storage_dtype, start + int(indices[0]), rows))
+                with timing.stage("copy", device):
+                    host = _to_host(blocks, plan.storage_dtype, start + int(indices[0]), rows)
+                background.put(host)
         background.close()
     except BaseException:
         background.close(raise_error=False)  # keep the batches already written (resumable)
@@ -388,6 +400,10 @@ class _BatchStore:
         self.projections: dict[str, torch.Tensor] = {}
 
     def store(self, batch: _HostBatch) -> None:
+        with timing.stage("write"):
+            self._store(batch)
+
+    def _store(self, batch: _HostBatch) -> None:
         plan, writer, dtype = self.plan, self.writer, self.plan.storage_dtype
         if batch.copied is not None:
             batch.copied.synchronize()

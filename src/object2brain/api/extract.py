@@ -39,6 +39,7 @@ def extract(
     channels_last: bool | None = None,
     decode: str | None = None,
     num_workers: int | None = None,
+    image_cache: str | Path | None = None,
     weights: str = "default",
     seed: int = 0,
     device: str | torch.device = "auto",
@@ -62,7 +63,8 @@ def extract(
         layers: ``all`` (the canonical layers) or names / a comma-separated list.
         options: :class:`~object2brain.options.ExtractOptions`; the keywords below, when given,
             override its fields (``batch_size``, ``dtype``, ``srp``, ``amp_dtype`` = field
-            ``amp``, ``channels_last``, ``decode``, ``num_workers``; meanings and defaults there).
+            ``amp``, ``channels_last``, ``decode``, ``num_workers``, ``image_cache``; meanings and
+            defaults there).
         weights: used only when ``model`` is a name.
         seed: seed of the projection matrices (and of ``weights=none`` when loading by name).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
@@ -92,6 +94,7 @@ def extract(
     given = {
         "batch_size": batch_size, "dtype": dtype, "srp": srp, "amp": amp_dtype,
         "channels_last": channels_last, "decode": decode, "num_workers": num_workers,
+        "image_cache": image_cache,
     }  # fmt: skip
     resolved = _resolve(options, {k: v for k, v in given.items() if v is not None})
     runtime = Runtime(

@@ -60,6 +60,7 @@ from object2brain.explain.filtercam import filter_cams, upsample_maps
 from object2brain.explain.groups import GroupMap
 from object2brain.io import write_json, write_table
 from object2brain.manifest import build_manifest, file_sha256, output_list
+from object2brain.models.image_cache import ImageCache
 from object2brain.models.inputs import (
     displayed_size,
     image_batches,
@@ -1084,7 +1085,9 @@ def _accumulate(
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         on_device_decode=on_device_decode,
-    )
+        cache=None if options.image_cache is None else ImageCache(options.image_cache,
+                                                                  cams.preprocessing),
+    )  # fmt: skip
     bar = tqdm(total=len(positions), disable=not progress, unit="img", desc="dissect")
     try:
         for indices, inputs in batches:

@@ -28,6 +28,7 @@ file itself (handles are cached per process, never inherited across ``fork``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from object2brain.data.image_array import parse_array_ref, row_size
 from object2brain.data.images import load_image
 from object2brain.errors import StimulusError
+from object2brain.models import timing
+from object2brain.models.image_cache import CacheEntry, ImageCache
 from object2brain.models.zoo import Preprocessing
 from object2brain.options import DecodeMode
 
@@ -54,6 +57,9 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
     of the bytes for loader workers to hand over); :meth:`Preprocessing.normalize` on the compute
     device then gives exactly the float input of the default.
 
+    ``cache`` + ``hits`` (with ``pixels=True``): images with an entry in ``hits`` are read from
+    the decoded-image cache instead of being decoded.
+
     Decoding errors are returned as text (``error``) rather than raised, so the main process can
     report the stimulus id and path in one clear message, whichever worker hit them.
     """
@@ -66,8 +72,12 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
         *,
         augment: bool = False,
         pixels: bool = False,
+        cache: ImageCache | None = None,
+        hits: Sequence[CacheEntry | None] | None = None,
     ):
         self.paths = list(paths)
+        self.cache = cache if pixels and not augment else None
+        self.hits = list(hits) if hits is not None else [None] * len(self.paths)
         self.ids = list(ids)
         self.crop = preprocessing.crop_size
         self.transform = (
@@ -81,6 +91,11 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        entry = self.hits[index]
+        if self.cache is not None and entry is not None:
+            cached = self.cache.read(entry)
+            if cached is not None:
+                return index, torch.from_numpy(cached), ""
         try:
             return index, self.transform(load_image(self.paths[index])), ""
         except Exception as exc:  # any decoder failure is reported with its stimulus
@@ -248,33 +263,21 @@ def _decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.T
     return images
 
 
-def decode_batch(
-    payloads: Sequence[torch.Tensor],
-    encoded: Sequence[bool],
-    preprocessing: Preprocessing,
-    device: torch.device,
+def decode_pixels(
+    data: Sequence[torch.Tensor], preprocessing: Preprocessing, device: torch.device
 ) -> torch.Tensor:
-    """Model inputs ``(B, 3, crop, crop)`` float32 on ``device`` from a batch of
-    :class:`EncodedImageDataset` payloads.
-
-    Encoded JPEG bytes are decoded on ``device`` (all at once), grouped by size, resized so the
-    short side is ``resize_size`` (antialiased, rounded to 8-bit levels as Pillow does),
-    centre-cropped, scaled to [0, 1] and normalised; already transformed payloads are copied.
-    """
+    """Resized, centre-cropped pixels ``(n, 3, crop, crop)`` uint8 on ``device`` of plain JPEG
+    files given as byte tensors ``(n_bytes_i,)``: decoded on ``device`` all at once, grouped by
+    size, resized so the short side is ``resize_size`` (antialiased, rounded to 8-bit levels as
+    Pillow does) and centre-cropped."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
     crop = preprocessing.crop_size
-    batch = torch.empty((len(payloads), 3, crop, crop), dtype=torch.float32, device=device)
-    jpeg_slots = [i for i, flag in enumerate(encoded) if flag]
-    for i, flag in enumerate(encoded):
-        if not flag:
-            batch[i] = payloads[i].to(device, non_blocking=True)
-    if not jpeg_slots:
-        return batch
-    decoded = _decode_jpeg([payloads[i] for i in jpeg_slots], device)
-    mean = torch.tensor(preprocessing.mean, device=device)[:, None, None]
-    std = torch.tensor(preprocessing.std, device=device)[:, None, None]
+    pixels = torch.empty((len(data), 3, crop, crop), dtype=torch.uint8, device=device)
+    if not data:
+        return pixels
+    decoded = _decode_jpeg(list(data), device)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for j, image in enumerate(decoded):
         by_shape.setdefault(tuple(image.shape), []).append(j)
@@ -286,8 +289,40 @@ def decode_batch(
             interpolation=InterpolationMode(preprocessing.interpolation),
             antialias=True,
         )
-        pixels = TF.center_crop(resized.round_().clamp_(0, 255), [crop, crop])
-        batch[[jpeg_slots[j] for j in members]] = (pixels / 255.0 - mean) / std
+        cropped = TF.center_crop(resized.round_().clamp_(0, 255), [crop, crop])
+        pixels[members] = cropped.to(torch.uint8)
+    return pixels
+
+
+def normalize_decoded(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """Model input ``(n, 3, crop, crop)`` float32 of pixels decoded by :func:`decode_pixels`:
+    ``(pixels / 255 - mean) / std`` (a division, where :meth:`Preprocessing.normalize` of the
+    Pillow path multiplies by 1/255: the two differ in the last bit, so each path keeps its own
+    arithmetic and a cached image is normalised as the decoder that made it was)."""
+    device = pixels.device
+    mean = torch.tensor(preprocessing.mean, device=device)[:, None, None]
+    std = torch.tensor(preprocessing.std, device=device)[:, None, None]
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
+def decode_batch(
+    payloads: Sequence[torch.Tensor],
+    encoded: Sequence[bool],
+    preprocessing: Preprocessing,
+    device: torch.device,
+) -> torch.Tensor:
+    """Model inputs ``(B, 3, crop, crop)`` float32 on ``device`` from a batch of
+    :class:`EncodedImageDataset` payloads: encoded JPEG bytes through :func:`decode_pixels` and
+    :func:`normalize_decoded`; already transformed payloads are copied."""
+    crop = preprocessing.crop_size
+    batch = torch.empty((len(payloads), 3, crop, crop), dtype=torch.float32, device=device)
+    jpeg_slots = [i for i, flag in enumerate(encoded) if flag]
+    for i, flag in enumerate(encoded):
+        if not flag:
+            batch[i] = payloads[i].to(device, non_blocking=True)
+    if jpeg_slots:
+        pixels = decode_pixels([payloads[i] for i in jpeg_slots], preprocessing, device)
+        batch[jpeg_slots] = normalize_decoded(pixels, preprocessing)
     return batch
 
 
@@ -308,14 +343,17 @@ def image_loader(
     batch_size: int,
     num_workers: int | None,
     on_device_decode: bool,
+    cache: ImageCache | None = None,
+    hits: Sequence[CacheEntry | None] | None = None,
 ) -> DataLoader[Any]:
     """Batches of stimulus images in order, for :func:`model_inputs`: Pillow-decoded uint8
-    pixels (:class:`ImageDataset` with ``pixels=True``) or, with ``on_device_decode``, file bytes
-    (:class:`EncodedBatch`); pinned on CUDA. ``num_workers`` ``None``: :func:`default_workers`."""
+    pixels (:class:`ImageDataset` with ``pixels=True``; those with an entry in ``hits`` read
+    from ``cache`` instead) or, with ``on_device_decode``, file bytes (:class:`EncodedBatch`);
+    pinned on CUDA. ``num_workers`` ``None``: :func:`default_workers`."""
     dataset: Dataset[Any] = (
         EncodedImageDataset(paths, ids, preprocessing)
         if on_device_decode
-        else ImageDataset(paths, ids, preprocessing, pixels=True)
+        else ImageDataset(paths, ids, preprocessing, pixels=True, cache=cache, hits=hits)
     )
     workers = (
         default_workers(len(paths), batch_size, device) if num_workers is None else num_workers
@@ -363,14 +401,36 @@ def default_workers(
     """Image-decoding worker processes for ``n_items`` run on ``device``.
 
     None for up to ``min_batches`` batches (starting workers would cost more than they save).
-    Feeding a GPU: up to 4. On the CPU the workers compete with the forward pass for the same
-    cores, so one per 4 cores, at most 4, and none on machines of up to 3 cores (measured on 2
-    cores: resnet18 extraction ran at 30 images/s without workers, 25 with two).
+    Feeding a GPU: a fair share of the cores this process may use (:func:`usable_cores`) divided
+    among the visible GPUs, less two (the main process, which runs the GPU, and the pinning
+    thread), at least 1 and at most 32: 14 workers on a 16-core single-GPU host (Pillow decoding
+    of 500 x 375 JPEGs runs at ~150-250 images/s per core, so 4 workers capped the Pillow path at
+    ~1,000 images/s on an H200). On the CPU the workers compete with the forward pass for the
+    same cores, so one per 4 cores, at most 4, and none on machines of up to 3 cores (measured on
+    2 cores: resnet18 extraction ran at 30 images/s without workers, 25 with two).
     """
     if n_items <= min_batches * batch_size:
         return 0
-    cores = os.cpu_count() or 1
-    return min(4, cores) if device.type == "cuda" else min(4, cores // 4)
+    cores = usable_cores()
+    if device.type != "cuda":
+        return min(4, cores // 4)
+    gpus = max(1, torch.cuda.device_count())
+    return max(1, min(32, cores // gpus - 2))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(device: torch.device) -> int:
+    """Reading threads of the pipelined path (:func:`pipelined_batches`): reading bytes waits on
+    the disk, not the CPU, so twice the usable cores, at least 4 and at most 32."""
+    del device  # the same on every device: the threads read files
+    return max(4, min(32, 2 * usable_cores()))
 
 
 def image_batches(
@@ -382,20 +442,287 @@ def image_batches(
     batch_size: int,
     num_workers: int | None,
     on_device_decode: bool,
+    cache: ImageCache | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Dataset indices ``(B,)`` and model inputs ``(B, 3, crop, crop)`` float32 on ``device`` of
-    each batch of ``paths``, in order (:func:`image_loader` then :func:`model_inputs`)."""
+    each batch of ``paths``, in order.
+
+    ``on_device_decode``: the pipelined path (:func:`pipelined_batches`; ``num_workers`` is its
+    thread count). Otherwise Pillow in loader worker processes (:func:`image_loader` then
+    :func:`model_inputs`). ``cache``: decoded pixels are read from and added to this
+    decoded-image cache (:class:`~object2brain.models.image_cache.ImageCache`); the inputs are
+    bit for bit those of a run without it (on the same device).
+    """
+    if on_device_decode:
+        threads = default_threads(device) if num_workers is None else num_workers
+        yield from pipelined_batches(
+            paths, ids, preprocessing, device=device, batch_size=batch_size, threads=threads,
+            cache=cache,
+        )  # fmt: skip
+        return
+    hits = _cache_hits(cache, paths, [DECODER_PIL] * len(paths))
     loader = image_loader(
-        paths,
-        ids,
-        preprocessing,
-        device=device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        on_device_decode=on_device_decode,
-    )
-    for batch in loader:
-        yield model_inputs(batch, preprocessing, device, ids)
+        paths, ids, preprocessing, device=device, batch_size=batch_size,
+        num_workers=num_workers, on_device_decode=False, cache=cache, hits=hits,
+    )  # fmt: skip
+    batches = iter(loader)
+    while True:
+        with timing.stage("read"):  # waiting for the loader: reading + Pillow in its workers
+            batch = next(batches, None)
+        if batch is None:
+            return
+        if cache is not None:
+            misses = [j for j, i in enumerate(batch[0].tolist()) if hits[i] is None]
+            if misses and not any(batch[2]):
+                keys = [ImageCache.key(paths[int(batch[0][j])], DECODER_PIL) for j in misses]
+                cache.add(keys, batch[1][misses].numpy())
+        with timing.stage("decode", device, images=len(batch[0])):
+            result = model_inputs(batch, preprocessing, device, ids)
+        yield result
+
+
+#: Decoder names in the decoded-image cache's keys (pixels differ by decoder).
+DECODER_PIL = "pil"
+
+
+def device_decoder(device: torch.device) -> str:
+    """Cache decoder name of torchvision's JPEG decoder on ``device``: ``torch:cuda`` (nvJPEG)
+    or ``torch:cpu`` (libjpeg-turbo), whose pixels may differ."""
+    return f"torch:{device.type}"
+
+
+def _cache_hits(
+    cache: ImageCache | None, paths: Sequence[Path], decoders: Sequence[str]
+) -> list[CacheEntry | None]:
+    """The cache entry of each image (``None``: not cached, or no cache)."""
+    if cache is None:
+        return [None] * len(paths)
+    keys = [ImageCache.key(path, decoder) for path, decoder in zip(paths, decoders, strict=True)]
+    return cache.lookup(keys)
+
+
+@dataclass
+class _Item:
+    """One image read by a thread of the pipelined path.
+
+    ``payload``: file bytes ``(n_bytes,)`` uint8 when ``encoded`` (a plain JPEG for the device
+    decoder), else pixels ``(3, crop, crop)`` uint8 (from the cache or Pillow); ``decoder``: whose
+    pixels they are (cache key and normalisation); ``cached``: read from the cache; ``key``: its
+    cache key (``None`` without a cache).
+    """
+
+    payload: torch.Tensor
+    encoded: bool
+    decoder: str
+    cached: bool
+    error: str = ""
+    key: str | None = None
+
+
+class _ItemReader:
+    """What a reading thread does for image ``i``: cached pixels, else the bytes of a plain JPEG,
+    else Pillow pixels (exactly :class:`ImageDataset`'s). The header check and the content hash
+    of the cache key run in the thread too (25,000 header reads take seconds)."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        ids: Sequence[str],
+        preprocessing: Preprocessing,
+        device: torch.device,
+        cache: ImageCache | None,
+    ) -> None:
+        self.pillow = ImageDataset(paths, ids, preprocessing, pixels=True)
+        self.device_decoder = device_decoder(device)
+        self.cache = cache
+
+    def __call__(self, index: int) -> _Item:
+        with timing.stage("read"):
+            return self._read(index)
+
+    def _read(self, index: int) -> _Item:
+        path = self.pillow.paths[index]
+        plain = is_plain_jpeg(path)
+        decoder = self.device_decoder if plain else DECODER_PIL
+        key = None
+        if self.cache is not None:
+            try:
+                key = ImageCache.key(path, decoder)
+            except OSError:
+                key = None  # unreadable: Pillow names the problem below
+            entry = self.cache.entries.get(key) if key is not None else None
+            cached = self.cache.read(entry) if entry is not None else None
+            if cached is not None:
+                return _Item(torch.from_numpy(cached), False, decoder, True, key=key)
+        if plain:
+            try:
+                data = Path(path).read_bytes()
+                return _Item(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, decoder,
+                             False, key=key)  # fmt: skip
+            except OSError:
+                pass  # Pillow names the problem below
+        _, pixels, error = self.pillow[index]
+        return _Item(pixels, False, DECODER_PIL, False, error, None if plain else key)
+
+
+def pipelined_batches(
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    preprocessing: Preprocessing,
+    *,
+    device: torch.device,
+    batch_size: int,
+    threads: int,
+    cache: ImageCache | None = None,
+    ahead: int = 3,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Dataset indices ``(B,)`` and model inputs ``(B, 3, crop, crop)`` float32 on ``device`` of
+    each batch of ``paths``, in order, by the pipelined image path (``decode="torch"``):
+
+    1. ``threads`` threads read each image (``0``: in this thread), up to ``ahead`` batches
+       ahead: its cached pixels, else a plain JPEG's bytes, else (progressive, CMYK, PNG, EXIF
+       rotation, array rows, ...) its Pillow pixels; no worker processes, so no tensor per image
+       crosses a process boundary;
+    2. the batch's JPEG bytes are decoded in one batched call on ``device`` (nvJPEG on CUDA),
+       resized and cropped there (:func:`decode_pixels`), normalised (each image as its decoder's
+       path does) and the new pixels are added to ``cache`` on a background thread;
+    3. on CUDA, step 2 runs on a stream of its own, and the batch is handed over with the
+       compute stream made to wait for it: the batch after it is read and decoded while the
+       caller's forward pass and device-to-host copies of this one run.
+
+    On the CPU the same code runs without streams, and gives exactly the inputs of
+    :func:`image_loader` + :func:`model_inputs` with ``on_device_decode=True``.
+
+    Raises:
+        StimulusError: an image that cannot be decoded (named), or a batch nvJPEG rejects.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    reader = _ItemReader(paths, ids, preprocessing, device, cache)
+    starts = list(range(0, len(paths), batch_size))
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="o2b-read") if threads > 0 else None
+    writer = ThreadPoolExecutor(1, thread_name_prefix="o2b-cache") if cache is not None else None
+    queued: list[list[Future[_Item]]] = []
+
+    def submit(first: int) -> None:
+        indices = range(first, min(first + batch_size, len(paths)))
+        if pool is not None:
+            queued.append([pool.submit(reader, i) for i in indices])
+        else:
+            done: list[Future[_Item]] = []
+            for i in indices:
+                future: Future[_Item] = Future()
+                future.set_result(reader(i))
+                done.append(future)
+            queued.append(done)
+
+    try:
+        for first in starts[:ahead]:
+            submit(first)
+        for number, first in enumerate(starts):
+            items = [future.result() for future in queued.pop(0)]
+            if number + ahead < len(starts):
+                submit(starts[number + ahead])
+            indices = torch.arange(first, first + len(items))
+            yield indices, _assemble(items, indices, reader, ids, preprocessing, device, side,
+                                     writer)  # fmt: skip
+    finally:
+        for batch in queued:
+            for future in batch:
+                future.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if writer is not None:
+            writer.shutdown(wait=True)
+
+
+def _assemble(
+    items: list[_Item],
+    indices: torch.Tensor,
+    reader: _ItemReader,
+    ids: Sequence[str],
+    preprocessing: Preprocessing,
+    device: torch.device,
+    side: torch.cuda.Stream | None,
+    writer: Any,
+) -> torch.Tensor:
+    """Step 2-3 of :func:`pipelined_batches` for one batch: model inputs on ``device``."""
+    failed = [item.error for item in items if item.error]
+    if failed:
+        raise StimulusError(f"{len(failed)} image(s) could not be decoded: {'; '.join(failed)}")
+    context = torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+    with context, timing.stage("decode", device, images=len(items)):
+        pixels = _batch_pixels(items, indices, ids, preprocessing, device)
+        torch_rows = [j for j, item in enumerate(items) if item.decoder != DECODER_PIL]
+        pil_rows = [j for j, item in enumerate(items) if item.decoder == DECODER_PIL]
+        inputs = torch.empty(pixels.shape, dtype=torch.float32, device=device)
+        if torch_rows:
+            inputs[torch_rows] = normalize_decoded(pixels[torch_rows], preprocessing)
+        if pil_rows:
+            inputs[pil_rows] = preprocessing.normalize(pixels[pil_rows])
+        new = [j for j, item in enumerate(items) if not item.cached and item.key is not None]
+        if writer is not None and new:
+            keys = [str(items[j].key) for j in new]
+            host = pixels[new].to("cpu", non_blocking=side is not None)
+            ready = _record_event(side)
+            writer.submit(_add_to_cache, reader.cache, keys, host, ready)
+    if side is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(side)
+        inputs.record_stream(compute)
+    return inputs
+
+
+def _batch_pixels(
+    items: list[_Item],
+    indices: torch.Tensor,
+    ids: Sequence[str],
+    preprocessing: Preprocessing,
+    device: torch.device,
+) -> torch.Tensor:
+    """Pixels ``(B, 3, crop, crop)`` uint8 on ``device`` of one batch's items: the encoded ones
+    decoded on ``device`` in one call, the others copied."""
+    crop = preprocessing.crop_size
+    pixels = torch.empty((len(items), 3, crop, crop), dtype=torch.uint8, device=device)
+    encoded = [j for j, item in enumerate(items) if item.encoded]
+    others = [j for j, item in enumerate(items) if not item.encoded]
+    if others:
+        stacked = torch.stack([items[j].payload for j in others])
+        if device.type == "cuda":
+            stacked = stacked.pin_memory()
+        pixels[others] = stacked.to(device, non_blocking=True)
+    if encoded:
+        try:
+            pixels[encoded] = decode_pixels([items[j].payload for j in encoded], preprocessing,
+                                            device)  # fmt: skip
+        except RuntimeError as exc:  # e.g. a truncated JPEG rejected by nvJPEG
+            names = ", ".join(ids[int(indices[j])] for j in encoded)
+            raise StimulusError(
+                f"on-device JPEG decoding failed for a batch of stimuli ({names}): "
+                f"{exc}; rerun with decode='pil' to have the file named"
+            ) from exc
+    return pixels
+
+
+def _record_event(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    if stream is None:
+        return None
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record(stream)
+    return event
+
+
+def _add_to_cache(
+    cache: ImageCache, keys: list[str], host: torch.Tensor, ready: torch.cuda.Event | None
+) -> None:
+    """On the cache-writing thread: wait for the copy to the host, then append."""
+    if ready is not None:
+        ready.synchronize()
+    try:
+        cache.add(keys, host.numpy())
+    except OSError as exc:  # a full disk must not stop the run: the cache is an optimisation
+        log.warning("image cache %s: could not add %d images (%s)", cache.folder, len(keys), exc)
 
 
 def load_inputs(paths: Sequence[Path], preprocessing: Preprocessing) -> torch.Tensor:

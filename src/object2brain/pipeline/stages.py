@@ -40,7 +40,7 @@ STAGE_FILE = ".stage.json"
 #: Files a train-head stage writes per model (``heads/<model>/...``) and once (``heads/...``).
 HEAD_FILE, OUT_OF_FOLD_FILE, SPLIT_FILE = "head.safetensors", "out_of_fold.csv", "split.csv"
 #: Options that change how fast a stage runs, never what it writes: not part of its key.
-_SPEED_ONLY = frozenset({"num_workers", "detection_cache"})
+_SPEED_ONLY = frozenset({"num_workers", "detection_cache", "image_cache"})
 
 
 def digest(payload: Any) -> str:
