@@ -84,6 +84,7 @@ def lesion(
     null_subsets: NullKind | None = None,
     propagate: bool | None = None,
     batch_size: int | None = None,
+    duplicate_ratings: str | None = None,
 ) -> LesionResult:
     """Lesion / keep-only analysis of every object group (Object2Brain).
 
@@ -103,7 +104,8 @@ def lesion(
         behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
             (default all): the held-out ones when the head was fitted on some of these stimuli.
         layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
-            propagate, batch_size: the fields of :class:`LesionOptions` (None: not given).
+            propagate, batch_size, duplicate_ratings: the fields of :class:`LesionOptions` (None:
+            not given).
     """
     given = {
         "layers": None if layers is None else list(layers),
@@ -116,6 +118,7 @@ def lesion(
         "null_subsets": null_subsets,
         "propagate": propagate,
         "batch_size": batch_size,
+        "duplicate_ratings": duplicate_ratings,
     }
     opts = resolve_lesion_options(options, given)
     runtime = Runtime(seed=seed, device=str(device), progress=progress)
@@ -139,7 +142,9 @@ def lesion(
                     stimulus_set,
                     store.stimulus_ids,
                     brain=brain_data,
-                    ratings=load_ratings(ratings, key) if ratings is not None else None,
+                    ratings=load_ratings(ratings, key, duplicates=opts.duplicate_ratings)
+                    if ratings is not None
+                    else None,
                     rdm_metric=opts.rdm_metric,
                     compare_method=opts.compare_method,
                     device=dev,

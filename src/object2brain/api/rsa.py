@@ -65,6 +65,7 @@ def rsa(
     brain_rdm: str | None = None,
     fdr_family: str | None = None,
     pairs: str | None = None,
+    duplicate_ratings: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -86,8 +87,8 @@ def rsa(
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
         rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, bootstrap,
-            compare_models, brain_rdm, fdr_family, pairs: the fields of :class:`RsaOptions`
-            (None: not given).
+            compare_models, brain_rdm, fdr_family, pairs, duplicate_ratings: the fields of
+            :class:`RsaOptions` (None: not given).
     Returns:
         :class:`AlignmentResult` with the ``alignment``, ``behavior_direct``,
         ``condition_contrast``, ``alignment_group``, ``group_inference`` and
@@ -107,6 +108,7 @@ def rsa(
         "brain_rdm": brain_rdm,
         "fdr_family": fdr_family,
         "pairs": pairs,
+        "duplicate_ratings": duplicate_ratings,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -123,7 +125,9 @@ def rsa(
             stimulus_set,
             stores[0].stimulus_ids,
             brain=brain_data,
-            ratings=load_ratings(ratings, table_ids) if ratings is not None else None,
+            ratings=load_ratings(ratings, table_ids, duplicates=opts.duplicate_ratings)
+            if ratings is not None
+            else None,
             rdm_metric=opts.rdm_metric,
             compare_method=opts.compare_method,
             device=resolve_device(runtime.device),
