@@ -62,6 +62,12 @@ def _probe_writable(folder: Path, named: Path) -> None:
     os.unlink(probe)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
@@ -70,9 +76,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temp = Path(temp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; give results the usual permissions
+    os.chmod(temp, 0o666 & ~_umask())  # mkstemp creates 0600; give results the usual permissions
     try:
         yield temp
         os.replace(temp, path)
@@ -317,6 +321,7 @@ def staged_output(out: str | Path) -> Iterator[Staging]:
     with output_lock(out), disk_errors(given):
         _recover(out)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGE}", dir=out.parent))
+        stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a result folder is the usual 0755
         try:
             yield Staging(stage, given)
             _commit(stage, out, given)

@@ -39,6 +39,7 @@ clipped to [-3, 3].
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -322,14 +323,19 @@ def write_simulation(simulation: Simulation, out: Path) -> SimulationResult:
     ``manifest.json`` of ``simulation`` into the existing folder ``out``."""
     ids, specs, options = simulation.stimulus_ids, simulation.specs, simulation.options
     patterns_path = out / "patterns.h5"
-    with atomic_path(patterns_path) as temp, h5py.File(temp, "w") as handle:
+    # Built in memory, then written as plain bytes: a full disk is one OSError of that write,
+    # never HDF5's failed flushes (which crash the interpreter when the handles are freed).
+    image = io.BytesIO()
+    with h5py.File(image, "w") as handle:
         handle.attrs["kind"] = "patterns"
         handle.attrs["simulated"] = True
         handle["stimulus_ids"] = np.asarray(ids, dtype=object).astype(h5py.string_dtype())
         for subject, rois in simulation.patterns.items():
             group = handle.create_group(subject)
             for name, patterns in rois.items():
-                group[name] = patterns
+                group.create_dataset(name, data=patterns, fletcher32=True)  # damage detected
+    with atomic_path(patterns_path) as temp:
+        temp.write_bytes(image.getbuffer())
 
     manifest_path = out / "brain.yaml"
     with atomic_path(manifest_path) as temp:

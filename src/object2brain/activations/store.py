@@ -541,8 +541,12 @@ class StoreWriter:
             return
         row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
         rows_per_chunk = int(max(1, min(n_rows, (4 << 20) // row_bytes)))
-        group.create_dataset(
-            name, shape=(n_rows, *row_shape), dtype=dtype, chunks=(rows_per_chunk, *row_shape)
+        group.create_dataset(  # Fletcher-32 per chunk: damaged bytes are an error, not values
+            name,
+            shape=(n_rows, *row_shape),
+            dtype=dtype,
+            chunks=(rows_per_chunk, *row_shape),
+            fletcher32=True,
         )
 
     def write_rows(self, start: int, blocks: Mapping[str, np.ndarray]) -> None:
