@@ -151,7 +151,8 @@ def build_base(base: Path) -> None:
             rdm = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
             handle.create_group(subject)["ROI"] = rdm
     _nifti(base, ids, rng)
-    filters = [{"layer": "layer4", "filter": k, "group": "Faces" if k < 8 else "Kitchen",
+    filters = [{"model": "resnet18", "layer": "layer4", "filter": k,
+                "group": "Faces" if k < 8 else "Kitchen",
                 "importance": 1.0, "enrichment": 2.0, "p_assign": 0.01, "p_assign_fdr": 0.02,
                 "n_images": 8, "assigned": True} for k in range(16)]  # fmt: skip
     pd.DataFrame(filters).to_csv(base / "filters.csv", index=False)
@@ -401,7 +402,7 @@ def flag_cases() -> list[Case]:
                     names=(flag,),
                 ))  # fmt: skip
     for command, flag, value in WORDS:
-        culprit = value.split(":")[-1] if flag == "--roi" else value
+        culprit = value.split(":")[-1] if flag == "--roi" else value.split(":", 1)[-1]
         cases.append(Case(
             f"{command} {flag} {value}", "unknown name",
             lambda b, c, cm=command, f=flag, v=value: replace_arg(COMMANDS[cm](b, c), f, v),
@@ -560,7 +561,7 @@ def input_cases() -> list[Case]:
         C("patterns: wrong row count", "patterns HDF5", rsa_h5, ("data.h5",), prepare=h5("data.h5", lambda h, ids: (h.attrs.__setitem__("kind", "patterns"), h.__setitem__("stimulus_ids", np.asarray(ids, dtype=object).astype(h5py.string_dtype())), h.create_group("s1").__setitem__("ROI", np.ones((N - 2, 3)))))),  # noqa: E501
         C("patterns: NaN everywhere", "patterns HDF5", rsa_h5, ("data.h5",), prepare=h5("data.h5", lambda h, ids: (h.attrs.__setitem__("kind", "patterns"), h.__setitem__("stimulus_ids", np.asarray(ids, dtype=object).astype(h5py.string_dtype())), h.create_group("s1").__setitem__("ROI", np.full((N, 3), np.nan))))),  # noqa: E501
         C("patterns: string data", "patterns HDF5", rsa_h5, ("data.h5",), prepare=h5("data.h5", lambda h, ids: (h.attrs.__setitem__("kind", "patterns"), h.__setitem__("stimulus_ids", np.asarray(ids, dtype=object).astype(h5py.string_dtype())), h.create_group("s1").__setitem__("ROI", np.asarray([["x"] * 3] * N, dtype=object).astype(h5py.string_dtype()))))),  # noqa: E501
-        C("patterns: duplicate stimulus ids", "patterns HDF5", rsa_h5, ("data.h5", "s00"), prepare=h5("data.h5", lambda h, ids: (h.attrs.__setitem__("kind", "patterns"), h.__setitem__("stimulus_ids", np.asarray(["s00"] + ids[1:] , dtype=object).astype(h5py.string_dtype())), h.create_group("s1").__setitem__("ROI", np.random.default_rng(0).normal(size=(N, 3)))))),  # noqa: E501
+        C("patterns: duplicate stimulus ids", "patterns HDF5", rsa_h5, ("data.h5", "s00"), prepare=h5("data.h5", lambda h, ids: (h.attrs.__setitem__("kind", "patterns"), h.__setitem__("stimulus_ids", np.asarray(["s00", *ids[1:]], dtype=object).astype(h5py.string_dtype())), h.create_group("s1").__setitem__("ROI", np.random.default_rng(0).normal(size=(N, 3)))))),  # noqa: E501
         C("rdms: similarity (diagonal 1)", "RDM HDF5", rsa_h5, ("data.h5", "diagonal"), prepare=rdm_file(lambda r: 1 - r / r.max()), reduced=True),  # noqa: E501
         C("rdms: negative entries", "RDM HDF5", rsa_h5, ("data.h5", "negative"), prepare=rdm_file(lambda r: r - r.mean() * (1 - np.eye(N)))),  # noqa: E501
         C("rdms: not symmetric", "RDM HDF5", rsa_h5, ("data.h5", "symmetric"), prepare=rdm_file(lambda r: r + np.triu(np.ones((N, N)), 1))),  # noqa: E501
@@ -863,9 +864,8 @@ def interrupted(case: Case, args: list[Any], base: Path, out: Path | None
         notes.append("(the run had finished before the signal)")
     elif case.fault == "sigint" and child.returncode != 130:
         notes.append(f"SIGINT gave exit {child.returncode}: {err.strip()[-200:]}")
-    if out is not None and out.exists() and out.is_dir():
-        if any(p.name.endswith(".tmp") for p in out.rglob("*")):
-            notes.append("a temporary file inside the result folder after the kill")
+    if out is not None and out.is_dir() and any(p.name.endswith(".tmp") for p in out.rglob("*")):
+        notes.append("a temporary file inside the result folder after the kill")
     done = cli(args)
     if done.returncode == 0 and case.same_as and out is not None:
         notes += compare(base / case.same_as, out)
@@ -957,25 +957,45 @@ def write_results(outcomes: list[Outcome], seconds: float, reduced: bool) -> Non
     (HERE / "fault_sweep_results.md").write_text("\n".join(lines) + "\n")
 
 
+def merged(outcomes: list[Outcome], seconds: float) -> tuple[list[Outcome], float]:
+    """The recorded outcomes with those of ``outcomes`` (cases run again after a fix) in their
+    place, in the order of :func:`all_cases`; the run time is the sum of both runs."""
+    recorded = json.loads((HERE / "fault_sweep_results.json").read_text())
+    by_name = {o["case"]: Outcome(**o) for o in recorded["outcomes"]}
+    by_name.update({o.case: o for o in outcomes})
+    order = [c.name for c in all_cases() if c.name in by_name]
+    return [by_name[name] for name in order], recorded["seconds"] + seconds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reduced", action="store_true", help="~20 representative cases")
     parser.add_argument("--no-write", action="store_true", help="do not write the results")
     parser.add_argument("--only", help="run the cases whose name contains this text")
     parser.add_argument("--workers", type=int, default=2, help="cases run at a time")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only or --group: replace those cases' rows in the recorded results",
+    )
+    parser.add_argument("--group", help="run the cases of this group")
     parsed = parser.parse_args(argv)
     cases = all_cases()
     if parsed.reduced:
         cases = [c for c in cases if c.reduced]
     if parsed.only:
         cases = [c for c in cases if parsed.only in c.name]
+    if parsed.group:
+        cases = [c for c in cases if c.group == parsed.group]
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="o2b-sweep-") as work:
         outcomes = sweep(cases, Path(work), workers=parsed.workers)
     seconds = time.monotonic() - start
     bad = [o for o in outcomes if o.verdict == "BAD"]
     print(f"{len(outcomes)} cases, {len(bad)} BAD, {seconds:.0f} s")
-    if not parsed.no_write and not parsed.only:
+    if parsed.merge:
+        outcomes, seconds = merged(outcomes, seconds)
+    if not parsed.no_write and (parsed.merge or not (parsed.only or parsed.group)):
         write_results(outcomes, seconds, parsed.reduced)
     return 1 if bad else 0
 

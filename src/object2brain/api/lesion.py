@@ -250,4 +250,4 @@ def _config(options: LesionOptions, device: str) -> dict[str, Any]:
         "n_perm": options.n_perm,
         "propagate": options.propagate,
         "device": device,
-    }
+    } | ({"duplicate_ratings": "mean"} if options.duplicate_ratings == "mean" else {})

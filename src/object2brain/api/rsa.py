@@ -298,7 +298,7 @@ def _new_options(options: RsaOptions) -> dict[str, Any]:
     """Options recorded in the manifest only when they differ from their default (so the
     manifests of analyses that do not use them stay as they were)."""
     defaults = RsaOptions()
-    names = ("brain_rdm", "fdr_family", "pairs")
+    names = ("brain_rdm", "fdr_family", "pairs", "duplicate_ratings")
     return {
         name: getattr(options, name)
         for name in names
