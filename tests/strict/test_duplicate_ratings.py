@@ -56,8 +56,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def rsa(inputs: dict[str, Path], ratings: Path, out: Path, *more: str) -> int:
     try:
-        main(["rsa", "--activations", str(inputs["store"]), "--ratings", str(ratings), "--out",
-              str(out), "--n-perm", "9", "--n-boot", "3", "--device", "cpu", "--quiet", *more])  # fmt: skip
+        main(["rsa", "--activations", str(inputs["store"]), "--ratings", str(ratings),
+              "--out", str(out), "--n-perm", "9", "--n-boot", "3", "--device", "cpu",
+              "--quiet", *more])  # fmt: skip
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
@@ -118,7 +119,7 @@ def test_a_study_takes_the_rsa_sections_choice(tmp_path: Path) -> None:
             "encode": {},
             "lesion": {},
             "dissect": {"layer": "layer4"},
-        }  # fmt: skip
+        }
     )
     assert config.duplicate_ratings() == "mean"
     assert config.encode is not None and config.encode.duplicate_ratings == "mean"
