@@ -656,71 +656,35 @@ def output_cases() -> list[Case]:
 
 
 def signal_cases() -> list[Case]:
+    """A signal ``delay`` s after the run took its output's lock (it is then at work), a rerun."""
+
+    def kill(name: str, args: Args, fault: str, delay: float, same_as: str | None,
+             **more: Any) -> Case:  # fmt: skip
+        return Case(name, "signal", args, expect="ok", fault=fault, delay=delay,
+                    same_as=same_as, **more)  # fmt: skip
+
     return [
-        Case(
-            "extract: SIGKILL after 4 s, rerun resumes",
-            "signal",
+        kill(
+            "extract: SIGKILL 2 s into the run, rerun resumes",
             EXTRACT,
-            expect="ok",
-            fault="sigkill",
-            delay=4.0,
-            same_as="acts.h5",
+            "sigkill",
+            2.0,
+            "acts.h5",
             reduced=True,
         ),
-        Case(
-            "extract: SIGINT after 4 s, rerun resumes",
-            "signal",
-            EXTRACT,
-            expect="ok",
-            fault="sigint",
-            delay=4.0,
-            same_as="acts.h5",
-        ),
-        Case(
-            "extract: SIGKILL after 1 s, rerun",
-            "signal",
-            EXTRACT,
-            expect="ok",
-            fault="sigkill",
-            delay=1.0,
-            same_as="acts.h5",
-        ),
-        Case(
-            "rsa: SIGKILL after 4 s, rerun",
-            "signal",
-            RSA,
-            expect="ok",
-            fault="sigkill",
-            delay=4.0,
-            same_as="rsa_ref",
-        ),
-        Case(
-            "rsa: SIGINT after 3 s, rerun",
-            "signal",
-            RSA,
-            expect="ok",
-            fault="sigint",
-            delay=3.0,
-            same_as="rsa_ref",
-        ),
-        Case(
+        kill("extract: SIGINT 2 s into the run, rerun resumes", EXTRACT, "sigint", 2.0, "acts.h5"),
+        kill("extract: SIGKILL 0.5 s into the run, rerun", EXTRACT, "sigkill", 0.5, "acts.h5"),
+        kill("rsa: SIGKILL 1 s into the run, rerun", RSA, "sigkill", 1.0, "rsa_ref"),
+        kill("rsa: SIGINT 1 s into the run, rerun", RSA, "sigint", 1.0, "rsa_ref"),
+        kill(
             "rsa: SIGKILL over old results, rerun",
-            "signal",
             RSA,
-            expect="ok",
-            fault="sigkill",
-            delay=5.0,
-            same_as="rsa_ref",
+            "sigkill",
+            2.0,
+            "rsa_ref",
             prepare=copy_tree("rsa_ref", "out"),
         ),
-        Case(
-            "simulate: SIGKILL after 3 s, rerun",
-            "signal",
-            SIMULATE,
-            expect="ok",
-            fault="sigkill",
-            delay=3.0,
-        ),
+        kill("simulate: SIGKILL 0.5 s into the run, rerun", SIMULATE, "sigkill", 0.5, None),
     ]
 
 
@@ -850,12 +814,18 @@ def run_case(case: Case, base: Path, folder: Path) -> Outcome:
 
 def interrupted(case: Case, args: list[Any], base: Path, out: Path | None
                 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:  # fmt: skip
-    """Start ``args``, send the signal after ``case.delay`` s, then rerun to completion; the
-    rerun's result is compared with the reference under ``base``."""
+    """Start ``args``, send the signal ``case.delay`` s after the run took its output's lock,
+    then rerun to completion; the rerun's result is compared with the reference under
+    ``base``."""
     notes: list[str] = []
     child = subprocess.Popen([sys.executable, "-c", CLI, *map(str, args)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env())  # fmt: skip
+    if out is not None:  # the run is at work once it holds its output's lock
+        lock = out.with_name(f".{out.name}.lock")
+        deadline = time.monotonic() + TIMEOUT
+        while not lock.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
     time.sleep(case.delay)
     finished = child.poll() is not None
     child.send_signal(signal.SIGINT if case.fault == "sigint" else signal.SIGKILL)
