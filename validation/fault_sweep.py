@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -391,6 +392,12 @@ def replace_arg(args: list[Any], flag: str, value: Any) -> list[Any]:
     return [*args[:-1], flag, value, args[-1]]  # before --quiet
 
 
+def drop_flag(args: list[Any], flag: str) -> list[Any]:
+    """``args`` without ``flag`` and its value."""
+    at = args.index(flag)
+    return args[:at] + args[at + 2 :]
+
+
 def flag_cases() -> list[Case]:
     cases = []
     for command, flags in FLAGS.items():
@@ -452,7 +459,7 @@ def input_cases() -> list[Case]:
 
     def sim_brain(text: str) -> Callable[[Path, Path], None]:
         def prepare(base: Path, case: Path) -> None:
-            (case / "brain.yaml").write_text(text.format(base / sim_patterns))
+            (case / "brain.yaml").write_text(text.replace("{}", str(base / sim_patterns)))
 
         return prepare
 
@@ -527,7 +534,8 @@ def input_cases() -> list[Case]:
         C("stimuli: image empty", "stimuli", ext_stim, ("s04",), prepare=both(stimuli(lambda f: f), lambda b, c: (c / "img" / "s04.png").write_bytes(b""))),  # noqa: E501
         C("stimuli: image is a folder", "stimuli", ext_stim, ("s05",), prepare=both(stimuli(lambda f: f), lambda b, c: ((c / "img" / "s05.png").unlink(), (c / "img" / "s05.png").mkdir()))),  # noqa: E501
         C("stimuli: stimuli is a folder", "stimuli", lambda b, c: replace_arg(EXTRACT(b, c), "--stimuli", c / "emptydir"), ("emptydir",), prepare=lambda b, c: (c / "emptydir").mkdir()),  # noqa: E501
-        C("stimuli (rsa): valence not numeric", "stimuli", lambda b, c: replace_arg(RSA(b, c), "--stimuli", c / "stimuli.csv"), ("stimuli.csv",), prepare=stimuli(set_cell("valence", "high")), out=None),  # noqa: E501
+        C("stimuli (rsa, no ratings): valence not numeric", "stimuli", lambda b, c: drop_flag(replace_arg(RSA(b, c), "--stimuli", c / "stimuli.csv"), "--ratings"), ("stimuli.csv",), prepare=stimuli(set_cell("valence", "high"))),  # noqa: E501
+        C("stimuli (rsa, with ratings): valence not numeric, not used", "stimuli", lambda b, c: replace_arg(RSA(b, c), "--stimuli", c / "stimuli.csv"), expect="ok", prepare=stimuli(set_cell("valence", "high"))),  # noqa: E501
         # ratings (rsa)
         C("ratings: missing file", "ratings", lambda b, c: replace_arg(RSA(b, c), "--ratings", c / "none.csv"), ("none.csv",)),  # noqa: E501
         C("ratings: empty file", "ratings", rsa_rat, ("ratings.csv",), prepare=write("ratings.csv", "")),  # noqa: E501
@@ -868,22 +876,34 @@ def same_store(a: Path, b: Path) -> bool:
 
 
 def all_cases() -> list[Case]:
-    return [*flag_cases(), *input_cases(), *output_cases(), *signal_cases()]
+    return [*input_cases(), *output_cases(), *signal_cases(), *flag_cases()]
 
 
 def sweep(
-    cases: list[Case], work: Path, log: Callable[[str], None] = print, workers: int = 1
+    cases: list[Case],
+    work: Path,
+    log: Callable[[str], None] = print,
+    workers: int = 1,
+    progress: Callable[[list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     """Build the tiny study under ``work`` and run ``cases`` (``workers`` at a time, the
     signal cases alone at the end); the outcomes in the order of ``cases``."""
     base = work / "base"
     start = time.monotonic()
-    build_base(base)
-    log(f"tiny study built in {time.monotonic() - start:.0f} s")
+    if not (base / "study.yaml").exists():
+        build_base(base)
+    log(f"tiny study ready in {time.monotonic() - start:.0f} s")
 
     def one(number: int) -> Outcome:
         case = cases[number]
-        outcome = run_case(case, base, work / "cases" / f"{number:03d}")
+        try:
+            outcome = run_case(case, base, work / "cases" / f"{number:03d}")
+        except Exception as exc:
+            outcome = Outcome(case.name, case.group, "", None, "", "ERROR", f"sweep: {exc!r}")
+        with guard:
+            found[number] = outcome
+            if progress is not None:
+                progress([found[i] for i in sorted(found)])
         log(f"[{number + 1}/{len(cases)}] {outcome.verdict} {case.name} ({outcome.seconds} s)"
             + (f": {outcome.why}" if outcome.why else ""))  # fmt: skip
         return outcome
@@ -891,19 +911,24 @@ def sweep(
     calm = [i for i, c in enumerate(cases) if c.fault not in ("sigint", "sigkill")]
     timed = [i for i, c in enumerate(cases) if c.fault in ("sigint", "sigkill")]
     found: dict[int, Outcome] = {}
+    guard = threading.Lock()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        found.update(zip(calm, pool.map(one, calm), strict=True))
+        list(pool.map(one, calm))
     for number in timed:  # alone: the signal's moment depends on the machine's load
-        found[number] = one(number)
+        one(number)
     return [found[i] for i in range(len(cases))]
 
 
-def write_results(outcomes: list[Outcome], seconds: float, reduced: bool) -> None:
-    bad = [o for o in outcomes if o.verdict == "BAD"]
+def write_results(
+    outcomes: list[Outcome], seconds: float, reduced: bool, planned: int | None = None
+) -> None:
+    """The JSON and markdown records; ``planned``: the number of cases of the run, when it
+    stopped (or is still running) before all of them finished."""
+    bad = [o for o in outcomes if o.verdict != "GOOD"]
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()})"  # noqa: E501
     payload = {
         "cases": len(outcomes), "good": len(outcomes) - len(bad), "bad": len(bad),
-        "seconds": round(seconds), "machine": machine, "reduced": reduced,
+        "seconds": round(seconds), "machine": machine, "reduced": reduced, "planned": planned,
         "outcomes": [o.__dict__ for o in outcomes],
     }  # fmt: skip
     (HERE / "fault_sweep_results.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -911,7 +936,8 @@ def write_results(outcomes: list[Outcome], seconds: float, reduced: bool) -> Non
         "# Fault sweep: results",
         "",
         f"`validation/fault_sweep.py`: {len(outcomes)} cases, **{len(bad)} BAD**, "
-        f"{len(outcomes) - len(bad)} GOOD; {seconds / 60:.1f} min on {machine}.",
+        f"{len(outcomes) - len(bad)} GOOD; {seconds / 60:.1f} min on {machine}."
+        + (f" **Partial: {len(outcomes)} of {planned} cases ran.**" if planned else ""),
         "",
         "GOOD: exit 2, one line naming the culprit, no traceback, the output untouched and no "
         "temporary file left (or, for a case that must succeed, exit 0 with the expected "
@@ -949,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --only or --group: replace those cases' rows in the recorded results",
     )
     parser.add_argument("--group", help="run the cases of this group")
+    parser.add_argument("--base", help="a tiny study built by an earlier run (reused)")
     parsed = parser.parse_args(argv)
     cases = all_cases()
     if parsed.reduced:
@@ -958,11 +985,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parsed.group:
         cases = [c for c in cases if c.group == parsed.group]
     start = time.monotonic()
+    writing = not parsed.no_write and not (parsed.only or parsed.group)
+
+    def progress(done: list[Outcome]) -> None:  # a record after every case
+        if writing and len(done) < len(cases):
+            write_results(done, time.monotonic() - start, parsed.reduced, len(cases))
+
     with tempfile.TemporaryDirectory(prefix="o2b-sweep-") as work:
-        outcomes = sweep(cases, Path(work), workers=parsed.workers)
+        if parsed.base:
+            shutil.copytree(parsed.base, Path(work) / "base", symlinks=True)
+        outcomes = sweep(cases, Path(work), workers=parsed.workers, progress=progress)
     seconds = time.monotonic() - start
-    bad = [o for o in outcomes if o.verdict == "BAD"]
-    print(f"{len(outcomes)} cases, {len(bad)} BAD, {seconds:.0f} s")
+    bad = [o for o in outcomes if o.verdict != "GOOD"]
+    print(f"{len(outcomes)} cases, {len(bad)} BAD or ERROR, {seconds:.0f} s")
     if parsed.merge:
         outcomes, seconds = merged(outcomes, seconds)
     if not parsed.no_write and (parsed.merge or not (parsed.only or parsed.group)):
