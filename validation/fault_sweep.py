@@ -592,7 +592,8 @@ def input_cases() -> list[Case]:
         C("store: truncated", "store", rsa_store, ("acts.h5",), prepare=damaged("acts.h5", "acts.h5", 0.6, truncate=True)),  # noqa: E501
         C("store: a patterns file", "store", lambda b, c: replace_arg(RSA(b, c), "--activations", b / sim_patterns), ("patterns.h5",)),  # noqa: E501
         C("store (encode): damaged", "store", with_input(ENCODE, "--activations", "acts.h5"), ("acts.h5",), prepare=damaged("acts.h5", "acts.h5", 0.5, 65536)),  # noqa: E501
-        C("store (simulate): damaged", "store", with_input(SIMULATE, "--activations", "acts.h5"), ("acts.h5",), prepare=damaged("acts.h5", "acts.h5", 0.5, 65536)),  # noqa: E501
+        C("store (simulate): damaged layer read", "store", lambda b, c: replace_arg(with_input(SIMULATE, "--activations", "acts.h5")(b, c), "--roi", "EVC=layer:layer4;voxels=20"), ("acts.h5",), prepare=damaged("acts.h5", "acts.h5", 0.5, 65536)),  # noqa: E501
+        C("store (simulate): damaged layer not read", "store", with_input(SIMULATE, "--activations", "acts.h5"), expect="ok", prepare=damaged("acts.h5", "acts.h5", 0.5, 65536)),  # noqa: E501
         C("store (lesion): damaged", "store", with_input(LESION, "--activations", "acts.h5"), ("acts.h5",), prepare=damaged("acts.h5", "acts.h5", 0.5, 65536)),  # noqa: E501
         C("store (encode): brain is RDMs", "store", lambda b, c: replace_arg(ENCODE(b, c), "--brain", b / "rdms.h5"), ("rdms.h5", "RDM")),  # noqa: E501
         # head
