@@ -626,7 +626,7 @@ def input_cases() -> list[Case]:
         C("config: unknown key", "config", run_cfg, ("study.yaml", "colour"), prepare=config(good_cfg + "colour: red\n"), reduced=True),  # noqa: E501
         C("config: duplicate key", "config", run_cfg, ("study.yaml", "seed"), prepare=config(good_cfg + "seed: 1\nseed: 2\n")),  # noqa: E501
         C("config: python tag", "config", run_cfg, ("study.yaml",), prepare=config("out: !!python/object/apply:os.getcwd []\n")),  # noqa: E501
-        C("config: dissect layer not extracted", "config", run_cfg, ("dissect.layer", "layer3"), prepare=config(good_cfg + "dissect: {layer: layer3, detector: 'boxes:BASE/boxes.csv'}\n")),  # noqa: E501
+        C("config: lesioned layer not extracted", "config", run_cfg, ("dissect.layer", "layer3"), prepare=config(good_cfg.replace("layers: [layer1, layer4]}", "layers: [layer1, layer4], head: BASE/heads/resnet18/head.safetensors}") + "dissect: {layer: layer3, detector: 'boxes:BASE/boxes.csv'}\nlesion: {n_null: 5, n_perm: 5}\n")),  # noqa: E501
         C("config: threshold nan", "config", run_cfg, ("threshold",), prepare=config(good_cfg + "dissect: {layer: layer4, threshold: .nan, detector: 'boxes:BASE/boxes.csv'}\n")),  # noqa: E501
         C("config: n_perm huge", "config", run_cfg, ("n_perm",), prepare=config(good_cfg.replace("n_perm: 20", "n_perm: 1000000000000"))),  # noqa: E501
         C("config: n_perm a string", "config", run_cfg, ("n_perm",), prepare=config(good_cfg.replace("n_perm: 20", "n_perm: many"))),  # noqa: E501
@@ -638,7 +638,7 @@ def input_cases() -> list[Case]:
         # report
         C("report: folder missing", "report", lambda b, c: ["report", c / "none", "--quiet"], ("none",), out=None),  # noqa: E501
         C("report: folder is a file", "report", lambda b, c: ["report", b / "stimuli.csv", "--quiet"], ("stimuli.csv",), out=None),  # noqa: E501
-        C("report: damaged table", "report", lambda b, c: ["report", c / "res", "--out", c / "out" / "r.html", "--quiet"], ("alignment",), prepare=both(copy_tree("rsa_ref", "res"), lambda b, c: (c / "res" / "alignment.parquet").write_bytes(garbage))),  # noqa: E501
+        C("report: damaged table", "report", lambda b, c: ["report", c / "res", "--out", c / "r.html", "--quiet"], ("alignment",), prepare=both(copy_tree("rsa_ref", "res"), lambda b, c: [(c / "res" / f"alignment.{x}").write_bytes(garbage) for x in ("csv", "parquet")])),  # noqa: E501
     ]  # fmt: skip
 
 
@@ -982,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parsed.reduced:
         cases = [c for c in cases if c.reduced]
     if parsed.only:
-        cases = [c for c in cases if parsed.only in c.name]
+        cases = [c for c in cases if any(part in c.name for part in parsed.only.split("|"))]
     if parsed.group:
         cases = [c for c in cases if c.group == parsed.group]
     start = time.monotonic()

@@ -51,7 +51,13 @@ from object2brain.data.ratings import load_ratings
 from object2brain.data.stimuli import StimulusSet
 from object2brain.encoding import EncodingResult, LayerFit, compute_encoding
 from object2brain.errors import DataError, listing
-from object2brain.io import atomic_path, check_output_folder, write_json, write_tables
+from object2brain.io import (
+    atomic_path,
+    check_output_folder,
+    staged_output,
+    write_json,
+    write_tables,
+)
 from object2brain.lesion.analysis import store_model
 from object2brain.manifest import build_manifest, output_list
 from object2brain.options import DuplicateRatings, EncodeOptions, Runtime, resolve_options
@@ -187,7 +193,9 @@ def encode(
         }
         more = [Path(s) for s in dict.fromkeys(i.source for i in (brain_data or _NO_BRAIN).items)]
         inputs = input_hashes(paths, [brain, ratings, stimuli], more)
-        result.files = write_encoding(result, targets, Path(out), config, inputs, seed, figures)
+        with staged_output(out) as staging:  # the folder changes as a whole, under its lock
+            files = write_encoding(result, targets, staging.folder, config, inputs, seed, figures)
+        result.files = staging.final(files)
     return result
 
 

@@ -185,6 +185,10 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         raw = load_yaml(path)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of options at the top level")
     try:
