@@ -36,6 +36,7 @@ import pandas as pd
 from PIL import Image
 
 from object2brain.data.stimuli import StimulusSet, load_stimuli
+from object2brain.io import check_output_folder, output_lock, staged_output
 from object2brain.pipeline.config import RunConfig
 
 log = logging.getLogger("object2brain.demo")
@@ -134,7 +135,17 @@ def _random_context(photo: Image.Image, rng: np.random.Generator) -> Image.Image
 
 
 def build_demo_stimuli(folder: Path, size: DemoSize, seed: int = 0) -> StimulusSet:
-    """Write the demo images, ``stimuli.csv`` and ground-truth ``boxes.csv``; load the set."""
+    """Write the demo images, ``stimuli.csv`` and ground-truth ``boxes.csv``; load the set.
+
+    The folder is written as a whole (:func:`object2brain.io.staged_output`): a kill or a full
+    disk leaves the previous set of images and tables or the new one, never a mix."""
+    with staged_output(folder) as staging:
+        _write_demo_stimuli(staging.folder, size, seed)
+    return load_stimuli(folder / "stimuli.csv")
+
+
+def _write_demo_stimuli(folder: Path, size: DemoSize, seed: int) -> None:
+    """The images and tables of :func:`build_demo_stimuli` into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     contexts = {name: _context_photo(name) for name in CONTEXTS}
@@ -190,7 +201,6 @@ def build_demo_stimuli(folder: Path, size: DemoSize, seed: int = 0) -> StimulusS
             )
     pd.DataFrame(rows).to_csv(folder / "stimuli.csv", index=False)
     pd.DataFrame(boxes).to_csv(folder / "boxes.csv", index=False)
-    return load_stimuli(folder / "stimuli.csv")
 
 
 def face_selective_filters(
@@ -305,15 +315,28 @@ def run_demo(
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
-    """Build the demo study in ``out``, run every stage and return the report path."""
+    """Build the demo study in ``out``, run every stage and return the report path.
+
+    One demo per folder at a time (:func:`object2brain.io.output_lock` on ``out``; a second is
+    refused with one line). Each part is written as a whole: the stimulus folder is swapped in
+    complete, the store is extracted through its resumable partial file, each stage's result
+    folder is swapped in complete and the report is written atomically; a kill or a full disk
+    therefore leaves each part old or new, and a rerun finishes the study.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: use {', '.join(SIZES)}")
+    out = Path(out).resolve()
+    check_output_folder(out)
+    with output_lock(out):
+        return _run_demo(out, SIZES[size], batch_size, device, progress)
+
+
+def _run_demo(out: Path, chosen: DemoSize, batch_size: int, device: str, progress: bool) -> Path:
+    """The stages of :func:`run_demo` (under its lock)."""
     from object2brain.api.extract import extract
     from object2brain.models.zoo import load_model
     from object2brain.pipeline.run import run_config
 
-    if size not in SIZES:
-        raise ValueError(f"size {size!r}: use {', '.join(SIZES)}")
-    chosen = SIZES[size]
-    out = Path(out).resolve()
     stimuli = build_demo_stimuli(out / "stimuli", chosen)
     backbone = out / "results" / "activations" / f"{DEMO_MODEL}.backbone.h5"
     backbone.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from object2brain.errors import StoreError
+from object2brain.errors import DataError, Object2BrainError, StoreError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -62,6 +62,12 @@ def _probe_writable(folder: Path, named: Path) -> None:
     os.unlink(probe)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
@@ -70,9 +76,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temp = Path(temp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; give results the usual permissions
+    os.chmod(temp, 0o666 & ~_umask())  # mkstemp creates 0600; give results the usual permissions
     try:
         yield temp
         os.replace(temp, path)
@@ -157,6 +161,45 @@ def damaged_message(path: Path, exc: BaseException, remedy: str) -> str:
     cause = " ".join(str(exc).split())
     cause = cause if len(cause) <= 120 else cause[:117] + "..."
     return f"{path}: not a readable HDF5 file, damaged or truncated ({cause}); {remedy}"
+
+
+#: What to do about a damaged activation store (named in its one-line error).
+STORE_REMEDY = "delete it and rerun extract to write it again"
+#: What h5py raises on a file whose bytes are damaged or truncated (checksums, heaps, B-trees).
+HDF5_ERRORS: tuple[type[Exception], ...] = (OSError, RuntimeError, KeyError, ValueError)
+
+
+@contextmanager
+def hdf5_reading(
+    path: str | Path, remedy: str, error: type[Object2BrainError] = DataError
+) -> Iterator[None]:
+    """Reads of the HDF5 file ``path`` in the block: what h5py raises on damaged bytes
+    (:data:`HDF5_ERRORS`) becomes one ``error`` line naming the file, the cause and ``remedy``
+    (:func:`damaged_message`); the project's own errors pass unchanged. Every read of an HDF5
+    file (stores, patterns, RDMs, feature caches, image arrays) goes through it."""
+    try:
+        yield
+    except Object2BrainError:
+        raise
+    except HDF5_ERRORS as exc:
+        raise error(damaged_message(Path(path), exc, remedy)) from None
+
+
+@contextmanager
+def open_hdf5(
+    path: str | Path, remedy: str, error: type[Object2BrainError] = DataError
+) -> Iterator[Any]:
+    """The ``h5py.File`` of ``path`` opened for reading, closed after the block; damaged bytes
+    met while opening or reading in the block raise one ``error`` line (:func:`hdf5_reading`)."""
+    import h5py
+
+    with hdf5_reading(path, remedy, error):
+        handle = h5py.File(path, "r")
+        try:
+            yield handle
+        finally:
+            with suppress(*HDF5_ERRORS):
+                handle.close()
 
 
 def lock_path(target: Path) -> Path:
@@ -278,6 +321,7 @@ def staged_output(out: str | Path) -> Iterator[Staging]:
     with output_lock(out), disk_errors(given):
         _recover(out)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGE}", dir=out.parent))
+        stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a result folder is the usual 0755
         try:
             yield Staging(stage, given)
             _commit(stage, out, given)

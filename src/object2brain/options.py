@@ -61,6 +61,7 @@ BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
 FdrFamily = Literal["model", "models", "study"]
 Pairs = Literal["all", "within"]
 ContrastScale = Literal["raw", "noise_ceiling"]
+DuplicateRatings = Literal["error", "mean"]
 
 RDM_METRICS: tuple[str, ...] = get_args(RdmMetric)
 COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
@@ -124,6 +125,19 @@ class StageOptions(BaseModel):
     """Base of the stage models: frozen, unknown keys refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RatingsOptions(StageOptions):
+    """What the stages reading a ratings table (rsa, lesion, encode; a study's train-head with
+    ``ratings: ratings``) share: how repeated ratings are treated."""
+
+    duplicate_ratings: DuplicateRatings = Field(
+        "error",
+        description=(
+            "Rows repeating a (subject, stimulus_id) pair in the ratings: error (default; a "
+            "repeat is usually a merge mistake) | mean (average them)."
+        ),
+    )
 
 
 class Runtime(BaseModel):
@@ -242,7 +256,7 @@ class TrainHeadOptions(StageOptions):
         return 5 if in_study else 0
 
 
-class RsaOptions(StageOptions):
+class RsaOptions(RatingsOptions):
     """``rsa``: every layer against behaviour and brain ROIs."""
 
     rdm_metric: RdmMetricOption = Field(
@@ -409,7 +423,7 @@ class DissectOptions(StageOptions):
 _BOTH_VARIANTS: tuple[Variant, Variant] = ("lesion", "keep")
 
 
-class LesionOptions(StageOptions):
+class LesionOptions(RatingsOptions):
     """``lesion``: Object2Brain, lesion or keep only each object group's filters."""
 
     variants: list[Variant] = Field(
@@ -582,7 +596,7 @@ def _default_alphas() -> list[float]:
     return [10.0 ** (-2.0 + 0.5 * i) for i in range(19)]
 
 
-class EncodeOptions(StageOptions):
+class EncodeOptions(RatingsOptions):
     """``encode``: cross-validated ridge from every layer to every voxel (encoding models)."""
 
     folds: Int = Field(5, ge=2, description="Outer cross-validation folds over stimuli.")

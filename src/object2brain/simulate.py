@@ -39,6 +39,7 @@ clipped to [-3, 3].
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -54,8 +55,8 @@ import yaml
 
 from object2brain.activations.store import ActivationStore
 from object2brain.data.stimuli import StimulusSet, load_stimuli
-from object2brain.errors import DataError, StoreError, listing
-from object2brain.io import atomic_path, check_output_folder, write_json
+from object2brain.errors import DataError, listing
+from object2brain.io import atomic_path, check_output_folder, staged_output, write_json
 from object2brain.manifest import build_manifest, cached_file_sha256
 from object2brain.options import SimulateOptions
 
@@ -259,20 +260,16 @@ def simulate(
         simulation = compute_simulation(
             store, specs, table, options, seed=seed, n_basis=n_basis, where=where
         )
-    created = _missing_folders(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{out}: cannot create the output folder ({exc.strerror})") from None
-    try:
-        return write_simulation(simulation, out)
-    except BaseException:
-        for folder in created:  # innermost first; only folders this call made and left empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
+    # Written into a temporary sibling folder swapped in whole, under the output lock: a kill or a
+    # full disk leaves the previous set or the new one, never a mix.
+    with staged_output(out) as staging:
+        written = write_simulation(simulation, staging.folder)
+    patterns, manifest, ratings, truth = staging.final(
+        [written.patterns, written.brain_manifest, written.ratings, written.truth]
+    )
+    return SimulationResult(
+        patterns, manifest, ratings, truth, written.true_valence, written.stimulus_ids
+    )
 
 
 def compute_simulation(
@@ -326,14 +323,19 @@ def write_simulation(simulation: Simulation, out: Path) -> SimulationResult:
     ``manifest.json`` of ``simulation`` into the existing folder ``out``."""
     ids, specs, options = simulation.stimulus_ids, simulation.specs, simulation.options
     patterns_path = out / "patterns.h5"
-    with atomic_path(patterns_path) as temp, h5py.File(temp, "w") as handle:
+    # Built in memory, then written as plain bytes: a full disk is one OSError of that write,
+    # never HDF5's failed flushes (which crash the interpreter when the handles are freed).
+    image = io.BytesIO()
+    with h5py.File(image, "w") as handle:
         handle.attrs["kind"] = "patterns"
         handle.attrs["simulated"] = True
         handle["stimulus_ids"] = np.asarray(ids, dtype=object).astype(h5py.string_dtype())
         for subject, rois in simulation.patterns.items():
             group = handle.create_group(subject)
             for name, patterns in rois.items():
-                group[name] = patterns
+                group.create_dataset(name, data=patterns, fletcher32=True)  # damage detected
+    with atomic_path(patterns_path) as temp:
+        temp.write_bytes(image.getbuffer())
 
     manifest_path = out / "brain.yaml"
     with atomic_path(manifest_path) as temp:
@@ -396,16 +398,6 @@ def _check_arguments(
     if duplicated:
         raise DataError(f"ROI names must be unique: {', '.join(duplicated)} given more than once")
     return specs
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its ancestors that do not exist yet, innermost first."""
-    missing = []
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            break
-        missing.append(candidate)
-    return missing
 
 
 def _subject(index: int) -> str:

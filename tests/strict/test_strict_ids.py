@@ -99,7 +99,7 @@ def test_repeated_ratings_refused_by_default(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith(f"{path}: 2 (subject, stimulus_id) pair(s) are rated more than once")
     assert "(s1, a) on line(s) 2, 5" in message and "(s2, a) on line(s) 4, 6" in message
-    assert "duplicates='mean'" in message
+    assert "--duplicate-ratings mean" in message
 
 
 def test_repeated_ratings_averaged_when_asked() -> None:

@@ -48,7 +48,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -56,7 +56,13 @@ import h5py
 import numpy as np
 
 from object2brain.errors import StoreError, require_unique_ids
-from object2brain.io import damaged_message, disk_error_reason
+from object2brain.io import (
+    HDF5_ERRORS,
+    STORE_REMEDY,
+    damaged_message,
+    disk_error_reason,
+    hdf5_reading,
+)
 
 log = logging.getLogger("object2brain.activations.store")
 
@@ -69,20 +75,12 @@ _CHECK_BYTES = 256 << 20
 #: Page size of the in-memory writes after a failed write (:class:`_GuardedFile`).
 _PAGE = 1 << 16
 #: What h5py raises on a file whose bytes are damaged (checksums, heaps, B-trees).
-_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+_H5_ERRORS = HDF5_ERRORS
 
 
-@contextmanager
-def _readable(path: Path) -> Iterator[None]:
+def _readable(path: Path) -> AbstractContextManager[None]:
     """Reads of a store: h5py's errors on damaged bytes -> one :class:`StoreError` line."""
-    try:
-        yield
-    except StoreError:
-        raise
-    except _H5_ERRORS as exc:
-        raise StoreError(
-            damaged_message(path, exc, "delete it and rerun extract to write it again")
-        ) from None
+    return hdf5_reading(path, STORE_REMEDY, StoreError)
 
 
 def partial_path(path: Path) -> Path:
@@ -119,9 +117,7 @@ class ActivationStore:
         try:
             handle = h5py.File(path, "r")
         except OSError as exc:
-            raise StoreError(
-                damaged_message(path, exc, "delete it and rerun extract to write it again")
-            ) from None
+            raise StoreError(damaged_message(path, exc, STORE_REMEDY)) from None
         store = cls(handle, path)
         try:
             with _readable(path):
@@ -545,8 +541,12 @@ class StoreWriter:
             return
         row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize)
         rows_per_chunk = int(max(1, min(n_rows, (4 << 20) // row_bytes)))
-        group.create_dataset(
-            name, shape=(n_rows, *row_shape), dtype=dtype, chunks=(rows_per_chunk, *row_shape)
+        group.create_dataset(  # Fletcher-32 per chunk: damaged bytes are an error, not values
+            name,
+            shape=(n_rows, *row_shape),
+            dtype=dtype,
+            chunks=(rows_per_chunk, *row_shape),
+            fletcher32=True,
         )
 
     def write_rows(self, start: int, blocks: Mapping[str, np.ndarray]) -> None:

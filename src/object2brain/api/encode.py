@@ -51,10 +51,16 @@ from object2brain.data.ratings import load_ratings
 from object2brain.data.stimuli import StimulusSet
 from object2brain.encoding import EncodingResult, LayerFit, compute_encoding
 from object2brain.errors import DataError, listing
-from object2brain.io import atomic_path, check_output_folder, write_json, write_tables
+from object2brain.io import (
+    atomic_path,
+    check_output_folder,
+    staged_output,
+    write_json,
+    write_tables,
+)
 from object2brain.lesion.analysis import store_model
 from object2brain.manifest import build_manifest, output_list
-from object2brain.options import EncodeOptions, Runtime, resolve_options
+from object2brain.options import DuplicateRatings, EncodeOptions, Runtime, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,7 @@ def encode(
     n_perm: int | None = None,
     perm_null: str | None = None,
     layers: Sequence[str] | None = None,
+    duplicate_ratings: str | None = None,
 ) -> EncodeResult:
     """Encoding models: cross-validated ridge from every layer of every model to every voxel.
 
@@ -131,8 +138,8 @@ def encode(
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (himalaya's torch_cuda backend on CUDA).
         progress: log one line per model and layer.
         figures: draw the layer profiles (when ``out`` is given).
-        folds, inner_folds, alphas, reduce, banded, n_iter, n_perm, perm_null, layers: the
-            fields of :class:`EncodeOptions` (None: not given).
+        folds, inner_folds, alphas, reduce, banded, n_iter, n_perm, perm_null, layers,
+            duplicate_ratings: the fields of :class:`EncodeOptions` (None: not given).
 
     Raises:
         DataError: no brain data nor ratings, an RDMs source, stimuli missing from a store or
@@ -150,6 +157,7 @@ def encode(
         n_perm=n_perm,
         perm_null=perm_null,
         layers=layers,
+        duplicate_ratings=duplicate_ratings,
     )
     runtime = Runtime(seed=seed, device=str(device), progress=progress)
     if brain is None and ratings is None:
@@ -162,7 +170,13 @@ def encode(
         stores = [stack.enter_context(ActivationStore.open(p)) for p in paths]
         stimulus_set = stimulus_table(stimuli)
         ids = stimulus_set.ids if stimulus_set is not None else stores[0].stimulus_ids
-        targets = load_targets(brain_data, ratings, list(ids), _conditions(stimulus_set))
+        targets = load_targets(
+            brain_data,
+            ratings,
+            list(ids),
+            _conditions(stimulus_set),
+            duplicates=opts.duplicate_ratings,
+        )
         results = {
             store_model(store): _encode_store(store, targets, opts, runtime) for store in stores
         }
@@ -179,7 +193,9 @@ def encode(
         }
         more = [Path(s) for s in dict.fromkeys(i.source for i in (brain_data or _NO_BRAIN).items)]
         inputs = input_hashes(paths, [brain, ratings, stimuli], more)
-        result.files = write_encoding(result, targets, Path(out), config, inputs, seed, figures)
+        with staged_output(out) as staging:  # the folder changes as a whole, under its lock
+            files = write_encoding(result, targets, staging.folder, config, inputs, seed, figures)
+        result.files = staging.final(files)
     return result
 
 
@@ -262,8 +278,11 @@ def load_targets(
     ratings: RatingsArg,
     ids: list[str],
     conditions: list[str] | None,
+    *,
+    duplicates: DuplicateRatings = "error",
 ) -> EncodingTargets:
-    """The responses of the brain items and raters on ``ids`` (see :class:`EncodingTargets`)."""
+    """The responses of the brain items and raters on ``ids`` (see :class:`EncodingTargets`);
+    ``duplicates``: repeated ratings of a pair refused or averaged (``duplicate_ratings``)."""
     targets = EncodingTargets(ids=ids, conditions=conditions, responses={})
     if brain is not None:
         rdms = [item.label for item in brain.items if item.kind == "rdm"]
@@ -276,7 +295,7 @@ def load_targets(
         for item in brain.items:
             _add_item(targets, item.take(ids))
     if ratings is not None:
-        table = load_ratings(ratings, ids)
+        table = load_ratings(ratings, ids, duplicates=duplicates)
         matrix = table.matrix(ids)  # (raters, n)
         unrated = [s for s, row in zip(table.subjects, matrix, strict=True) if np.isnan(row).any()]
         if unrated:

@@ -95,6 +95,7 @@ def lesion(
     batch_size: int | None = None,
     analysis: str | None = None,
     encode_options: EncodeOptions | None = None,
+    duplicate_ratings: str | None = None,
 ) -> LesionResult:
     """Lesion / keep-only analysis of every object group (Object2Brain).
 
@@ -114,9 +115,8 @@ def lesion(
         behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
             (default all): the held-out ones when the head was fitted on some of these stimuli.
         layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
-    EncodeOptions,
-            n_group_null, selection, selection_folds, propagate, batch_size: the fields of
-            :class:`LesionOptions` (None: not given).
+            n_group_null, selection, selection_folds, propagate, batch_size,
+            duplicate_ratings: the fields of :class:`LesionOptions` (None: not given).
     """
     given = {
         "layers": None if layers is None else list(layers),
@@ -133,6 +133,7 @@ def lesion(
         "propagate": propagate,
         "batch_size": batch_size,
         "analysis": analysis,
+        "duplicate_ratings": duplicate_ratings,
     }
     opts = resolve_lesion_options(options, given)
     runtime = Runtime(seed=seed, device=str(device), progress=progress)
@@ -156,7 +157,9 @@ def lesion(
                     stimulus_set,
                     store.stimulus_ids,
                     brain=brain_data,
-                    ratings=load_ratings(ratings, key) if ratings is not None else None,
+                    ratings=load_ratings(ratings, key, duplicates=opts.duplicate_ratings)
+                    if ratings is not None
+                    else None,
                     rdm_metric=opts.rdm_metric,
                     compare_method=opts.compare_method,
                     device=dev,
@@ -286,7 +289,7 @@ def _config(options: LesionOptions, device: str) -> dict[str, Any]:
         "propagate": options.propagate,
         "analysis": options.analysis,
         "device": device,
-    }
+    } | ({"duplicate_ratings": "mean"} if options.duplicate_ratings == "mean" else {})
 
 
 def encoding_lesion_data(

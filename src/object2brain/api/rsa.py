@@ -71,6 +71,7 @@ def rsa(
     pairs: str | None = None,
     save_rdms: bool | None = None,
     contrast_scale: str | None = None,
+    duplicate_ratings: str | None = None,
 ) -> AlignmentResult:
     """Align every layer of every model with behaviour and brain ROIs by RSA.
 
@@ -94,7 +95,8 @@ def rsa(
             split): on its own training stimuli a head's r is optimistic. Fewer than 3 in a
             condition give a NaN row.
         rdm_metric, compare_method, n_perm, n_boot, layers, on_missing, bootstrap,
-            compare_models, brain_rdm, fdr_family, pairs, contrast_scale, save_rdms: the fields of
+            compare_models, brain_rdm, fdr_family, pairs, contrast_scale, save_rdms,
+            duplicate_ratings: the fields of
             :class:`RsaOptions` (None: not given); ``save_rdms`` writes ``rdms.h5`` (every RDM
             of the analysis, :mod:`object2brain.rdm_file`) into ``out``.
     Returns:
@@ -118,6 +120,7 @@ def rsa(
         "pairs": pairs,
         "save_rdms": save_rdms,
         "contrast_scale": contrast_scale,
+        "duplicate_ratings": duplicate_ratings,
     }
     check_counts(given, ("n_perm", "n_boot"))
     opts = resolve_rsa_options(options, given)
@@ -141,7 +144,9 @@ def rsa(
             stimulus_set,
             stores[0].stimulus_ids,
             brain=brain_data,
-            ratings=load_ratings(ratings, table_ids) if ratings is not None else None,
+            ratings=load_ratings(ratings, table_ids, duplicates=opts.duplicate_ratings)
+            if ratings is not None
+            else None,
             rdm_metric=opts.rdm_metric,
             compare_method=opts.compare_method,
             device=resolve_device(runtime.device),
@@ -352,7 +357,7 @@ def _new_options(options: RsaOptions) -> dict[str, Any]:
     """Options recorded in the manifest only when they differ from their default (so the
     manifests of analyses that do not use them stay as they were)."""
     defaults = RsaOptions()
-    names = ("brain_rdm", "fdr_family", "pairs", "save_rdms", "contrast_scale")
+    names = ("brain_rdm", "fdr_family", "pairs", "save_rdms", "contrast_scale", "duplicate_ratings")
     return {
         name: getattr(options, name)
         for name in names

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +67,7 @@ from object2brain.errors import (
     require_columns,
     require_unique_ids,
 )
-from object2brain.io import damaged_message
+from object2brain.io import open_hdf5
 
 log = logging.getLogger(__name__)
 
@@ -515,20 +514,9 @@ def _decode_ids(values: Any) -> list[str]:
 
 
 def _load_h5(path: Path, kind: str | None) -> list[BrainItem]:
-    import h5py
-
     remedy = "replace it with an intact copy (or export it again from its source)"
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(damaged_message(path, exc, remedy)) from None
-    try:
+    with open_hdf5(path, remedy) as handle:  # damaged bytes: one line naming the file
         items = _read_h5(handle, path, kind)
-    except (OSError, RuntimeError, KeyError) as exc:  # h5py on damaged bytes
-        raise DataError(damaged_message(path, exc, remedy)) from None
-    finally:
-        with suppress(OSError, RuntimeError):
-            handle.close()
     if not items:
         raise DataError(f"{path}: no /<subject>/<roi> datasets found")
     return items

@@ -59,8 +59,11 @@ from typing import Any, Literal
 import numpy as np
 
 from object2brain.errors import DataError, listing
+from object2brain.io import open_hdf5
 
 N_IMAGES = 73000
+#: What to do about a damaged HDF5 file of the dataset (named in its one-line error).
+_REMEDY = "download it again from the dataset's source (the copy here is damaged or truncated)"
 TRIALS_PER_SESSION = 750
 BETA_SCALE = 300.0
 DEFAULT_SPACE = "func1pt8mm"
@@ -311,15 +314,11 @@ def _session_files(source: NsdSource, subject: int) -> dict[int, Path]:
 
 def _grid_shape(path: Path) -> tuple[int, ...]:
     """The ``(Z, Y, X)`` shape of a session file's ``/betas``, checked to be 750 trials."""
-    import h5py
 
-    try:
-        with h5py.File(path, "r") as handle:
-            if "betas" not in handle:
-                raise DataError(f"{path}: missing dataset /betas")
-            shape = tuple(int(n) for n in handle["betas"].shape)
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with open_hdf5(path, _REMEDY) as handle:  # damaged bytes: one line naming the file
+        if "betas" not in handle:
+            raise DataError(f"{path}: missing dataset /betas")
+        shape = tuple(int(n) for n in handle["betas"].shape)
     if len(shape) != 4 or shape[0] != TRIALS_PER_SESSION:
         raise DataError(
             f"{path}: /betas has shape {shape}; expected ({TRIALS_PER_SESSION}, Z, Y, X) as "
@@ -358,13 +357,9 @@ def _roi_mask(source: NsdSource, subject: int, roi: RoiSpec, grid: tuple[int, ..
 
 def _read_box(path: Path, box: tuple[slice, ...]) -> np.ndarray:
     """``/betas[:, box]`` as float64 percent signal change ``(750, *box shape)``."""
-    import h5py
 
-    try:
-        with h5py.File(path, "r") as handle:
-            raw = handle["betas"][(slice(None), *box)]
-    except (OSError, KeyError) as exc:
-        raise DataError(f"{path}: cannot read /betas ({exc})") from None
+    with open_hdf5(path, _REMEDY) as handle:
+        raw = handle["betas"][(slice(None), *box)]
     return np.asarray(raw, dtype=np.float64) / BETA_SCALE
 
 

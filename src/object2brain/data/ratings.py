@@ -205,7 +205,7 @@ def _merge_repeats(
         raise DataError(
             f"{where}: {len(pairs)} (subject, stimulus_id) pair(s) are rated more than once: "
             f"{listing(shown, limit=5)}; remove the repeats, or average them explicitly "
-            "(load_ratings(..., duplicates='mean'))"
+            "(--duplicate-ratings mean; duplicate_ratings: mean in a study's rsa section)"
         )
     log.info(
         "%s: %d rows repeat a (subject, stimulus_id) pair; repeated ratings are averaged",

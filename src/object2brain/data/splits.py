@@ -167,6 +167,8 @@ def held_out_ids(path: str | Path) -> list[str]:
     ``split.csv``): the stimuli its heads were not fitted on."""
     split = load_split(path)
     ids: list[str] = split.loc[split["split"] == "test", "stimulus_id"].tolist()
+    if not ids:
+        raise DataError(f"{path}: no 'test' rows: no held-out stimuli to compare on")
     return ids
 
 

@@ -53,8 +53,11 @@ import pandas as pd
 
 from object2brain.data.nsd import Repetitions, RoiPatterns, parse_common
 from object2brain.errors import DataError, listing, require_columns
+from object2brain.io import open_hdf5
 
 DEFAULT_TRIAL_TYPES_EXCLUDED = ("catch",)
+#: What to do about a damaged HDF5 file of the dataset (named in its one-line error).
+_REMEDY = "download it again from the dataset's source (the copy here is damaged or truncated)"
 
 
 @dataclass(frozen=True)
@@ -142,13 +145,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 def read_responses(path: Path, dataset: str | None = None) -> tuple[np.ndarray, list[str] | None]:
     """Responses ``(n_voxels, n_trials)`` float64 and the voxel ids (``None`` if the file has
     none) of a response file (see module docstring for the formats read)."""
-    import h5py
-
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
-    with handle:
+    with open_hdf5(path, _REMEDY) as handle:  # damaged bytes: one line naming the file
         if dataset is not None or not _pandas_groups(handle):
             return _plain_dataset(handle, path, dataset), None
         key = _pandas_groups(handle)[0]
@@ -201,7 +198,7 @@ def _fixed_frame(path: Path, key: str) -> tuple[np.ndarray, list[str] | None]:
     import h5py
 
     columns: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as handle:
+    with open_hdf5(path, _REMEDY) as handle:
         group = handle[key]
         for i in range(int(group.attrs.get("nblocks", 0))):
             items_node, values_node = group.get(f"block{i}_items"), group.get(f"block{i}_values")

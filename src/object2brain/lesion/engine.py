@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from object2brain.devices import chunked, free_memory_bytes, pick_chunk
-from object2brain.errors import DataError
+from object2brain.errors import DataError, StoreError
+from object2brain.io import STORE_REMEDY, hdf5_reading
 from object2brain.options import NULL_KINDS as NULL_KINDS  # re-exported: the null vocabulary
 from object2brain.options import RDM_METRICS
 from object2brain.rsa.rdm import snap_ties
@@ -162,7 +163,8 @@ class FilterStats:
 
         def blocks() -> Iterator[np.ndarray]:
             for start in range(0, shape[1], step):
-                slab = np.asarray(dataset[:, start : start + step])
+                with hdf5_reading(store.path, STORE_REMEDY, StoreError):  # damaged: one line
+                    slab = np.asarray(dataset[:, start : start + step])
                 yield slab[rows[order]][inverse] if ids is not None else slab
 
         chosen = all_ids if ids is None else list(ids)

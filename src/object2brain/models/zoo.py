@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -370,9 +372,19 @@ _DENSENET_KEY = re.compile(
 
 def _from_checkpoint(arch: str, path: Path) -> tuple[nn.Module, str]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors, truncated files, non-torch files
-        raise ModelError(f"{path}: cannot be read as a torch checkpoint ({exc})") from None
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not for the user
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # holds pickled objects other than tensors and containers
+        raise ModelError(
+            f"{path}: cannot be read as a torch checkpoint: it holds pickled Python objects other "
+            "than tensors (refused: loading them could run code), or it is damaged; save the "
+            "model's state_dict with torch.save and give that file"
+        ) from None
+    except Exception as exc:  # truncated files, non-torch files
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise ModelError(f"{path}: cannot be read as a torch checkpoint ({reason})") from None
     state = _state_dict_of(payload, path)
     state = {_clean_key(arch, key): value for key, value in state.items()}
     num_classes = _checkpoint_classes(arch, state)

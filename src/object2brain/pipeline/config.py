@@ -47,6 +47,7 @@ from pydantic import (
 from object2brain.errors import Object2BrainError, listing
 from object2brain.options import (
     DissectOptions,
+    DuplicateRatings,
     EncodeOptions,
     ExecutorKind,
     ExtractOptions,
@@ -145,6 +146,29 @@ class RunConfig(_Strict):
                 lesion[field] = given[0]
         return {**data, "lesion": lesion}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _duplicate_ratings_from_rsa(cls, data: Any) -> Any:
+        """The lesion and encode sections read the ratings as rsa does unless they say."""
+        if not isinstance(data, dict) or not isinstance(data.get("rsa"), dict):
+            return data
+        if "duplicate_ratings" not in data["rsa"]:
+            return data
+        updated = dict(data)
+        for name in ("lesion", "encode"):
+            section = data.get(name)
+            if isinstance(section, dict) and "duplicate_ratings" not in section:
+                updated[name] = {**section, "duplicate_ratings": data["rsa"]["duplicate_ratings"]}
+        return updated
+
+    def duplicate_ratings(self) -> DuplicateRatings:
+        """How the study treats repeated ratings: the rsa section's choice (else encode's, else
+        lesion's; default ``error``); a study's train-head reads the ratings with it."""
+        for section in (self.rsa, self.encode, self.lesion):
+            if section is not None:
+                return section.duplicate_ratings
+        return "error"
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         labels = [m.label for m in self.models]
@@ -190,6 +214,8 @@ def check_config(path: str | Path) -> tuple[RunConfig | None, Path, list[str]]:
         raw = load_yaml(path)
     except yaml.YAMLError as exc:
         return None, base, [f"not valid YAML: {describe_yaml_error(exc)}"]
+    except UnicodeDecodeError as exc:
+        return None, base, [f"not a UTF-8 text file ({exc.reason} at byte {exc.start})"]
     if not isinstance(raw, dict):
         return None, base, ["expected a mapping of options at the top level"]
     config, problems = _validate_leniently(raw)

@@ -28,7 +28,7 @@ from object2brain.data.brain import brain_files
 from object2brain.data.stimuli import StimulusSet
 from object2brain.io import write_json
 from object2brain.manifest import cached_file_sha256, output_list
-from object2brain.options import EncodeOptions, StageOptions
+from object2brain.options import DuplicateRatings, EncodeOptions, StageOptions
 from object2brain.pipeline.config import ModelConfig, RunConfig
 
 if TYPE_CHECKING:
@@ -416,7 +416,10 @@ def _train_heads(study: Study, model: Unit) -> list[Path]:
     assert options is not None
     folder = study.out / "heads"
     table = _rated_table(
-        study.stimuli, study.ratings if options.ratings == "ratings" else None, folder
+        study.stimuli,
+        study.ratings if options.ratings == "ratings" else None,
+        folder,
+        study.config.duplicate_ratings(),
     )
     result = train_head(
         [study.load(m) for m in study.untrained()],
@@ -443,6 +446,7 @@ def _train_head_key(study: Study, model: Unit) -> dict[str, Any]:
         "models": [model_key(m) for m in study.untrained()],
         "seed": study.seed,
         "ratings": fingerprint(study.ratings) if from_ratings else None,
+        "duplicate_ratings": study.config.duplicate_ratings() if from_ratings else None,
     }
 
 
@@ -480,13 +484,16 @@ def _publish_heads(study: Study, model: Unit) -> None:
     )
 
 
-def _rated_table(stimuli: StimulusSet, ratings: Path | None, folder: Path) -> Path | StimulusSet:
-    """The stimulus set with ``valence`` = mean rating (written next to the heads) if asked."""
+def _rated_table(
+    stimuli: StimulusSet, ratings: Path | None, folder: Path, duplicates: DuplicateRatings
+) -> Path | StimulusSet:
+    """The stimulus set with ``valence`` = mean rating (written next to the heads) if asked;
+    ``duplicates``: repeated ratings of a pair refused or averaged."""
     if ratings is None:
         return stimuli
     from object2brain.data.ratings import load_ratings
 
-    loaded = load_ratings(ratings, stimuli.ids)
+    loaded = load_ratings(ratings, stimuli.ids, duplicates=duplicates)
     table = stimuli.table.copy()
     table["valence"] = loaded.group_mean(stimuli.ids)
     folder.mkdir(parents=True, exist_ok=True)

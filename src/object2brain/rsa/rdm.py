@@ -48,13 +48,15 @@ more than ``2^-40`` (9e-13) of the RDM's largest.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import torch
 
 from object2brain.devices import resolve_device
-from object2brain.errors import DataError
+from object2brain.errors import DataError, StoreError
+from object2brain.io import STORE_REMEDY, hdf5_reading
 from object2brain.options import RDM_METRICS as RDM_METRICS  # the vocabularies live there
 from object2brain.options import BrainRdm
 from object2brain.options import RdmMetric as RdmMetric
@@ -287,18 +289,22 @@ def iter_feature_chunks(
     from the free host memory (:func:`feature_chunk_elements`).
     """
     chunk_elements = feature_chunk_elements(chunk_elements, "cpu")
-    dataset: Any = store._dataset(layer)
-    shape = tuple(dataset.shape)
+    damaged = partial(hdf5_reading, store.path, STORE_REMEDY, StoreError)
+    with damaged():  # a damaged store: one line naming it, as from the store's own reads
+        dataset: Any = store._dataset(layer)
+        shape = tuple(dataset.shape)
     rows = None if ids is None else np.asarray(store.rows(ids))
     if len(shape) == 1:
-        block = np.asarray(dataset[()]).reshape(-1, 1)
+        with damaged():
+            block = np.asarray(dataset[()]).reshape(-1, 1)
         yield block if rows is None else block[rows]
         return
     n_rows = shape[0]
     per_index = int(np.prod(shape[2:], dtype=np.int64)) * n_rows
     step = max(1, chunk_elements // max(per_index, 1))
     for start in range(0, shape[1], step):
-        block = np.asarray(dataset[:, start : start + step]).reshape(n_rows, -1)
+        with damaged():
+            block = np.asarray(dataset[:, start : start + step]).reshape(n_rows, -1)
         yield block if rows is None else block[rows]
 
 
