@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -267,11 +268,16 @@ def test_edited_inputs_rerun_the_stages_that_read_them(
 
     # renamed model: the old model's folders stay on disk but out of the report
     study["models"][0]["name"] = "renamed"
+    # groups chosen on all 8 stimuli: 4 per selection fold assign no filter (p_assign >= 1/24),
+    # and an empty lesion table draws no figure to look for
+    study["lesion"]["selection"] = "same"
     with caplog.at_level(logging.WARNING, logger="object2brain"):
         run_study(write_config(tmp_path, study), progress=False)
     assert (out / "lesion" / "resnet18" / "object2brain.csv").is_file()
     page = (out / "report.html").read_text()
-    assert "lesion_renamed" in page and "lesion_resnet18" not in page
+    # the lesion figures' captions name model and layer
+    assert re.search(r"renamed / [\w.]+: delta r per object group", page)
+    assert not re.search(r"resnet18 / [\w.]+: delta r per object group", page)
     assert "Valence heads" in page and "predicted_vs_rated_renamed" not in page  # caption only
     for table_name in ("alignment_group.csv", "head_metrics.csv", "detections.csv"):
         assert table_name in page, table_name

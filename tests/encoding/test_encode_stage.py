@@ -374,7 +374,10 @@ def test_report_has_the_encoding_section(nifti_run: dict[str, Any], tmp_path: Pa
     from object2brain.report.build import best_encoding_layers, build_report
 
     page = build_report(nifti_run["out"], out=tmp_path / "report.html").read_text()
-    assert 'id="encoding"' in page and "Encoding per layer: net_a" in page
+    assert 'id="encoding"' in page
+    # one figure across models (layers in network order, one line per model), drawn inline
+    section = page[page.index('id="encoding"') :]
+    assert 'data-figure="encoding"' in section and "net_a" in section
     best = best_encoding_layers(nifti_run["result"].encoding).set_index("target")
     assert best.loc["EVC", "layer"] == "l2"
     assert "encoding_voxels" in page  # the per-voxel table is offered for download

@@ -414,10 +414,10 @@ def plot_encoding_profiles(encoding: pd.DataFrame) -> Drawn:
 
 def object2brain_marks(rows: pd.DataFrame) -> tuple[pd.Series, str]:
     """Which group rows carry the alignment, and the rule in words: the table's ``significant``
-    column where present (the starred rule of the lesion stage, ``p_group_fdr``), else both
+    column where it has values (the starred rule of the lesion stage, ``p_group_fdr``), else both
     ``p_fdr`` (random filter subsets) and ``p_perm_fdr`` (permuted stimulus labels) below ALPHA
     (``p_perm_fdr`` NaN: ``p_fdr`` alone)."""
-    if "significant" in rows:
+    if "significant" in rows and rows["significant"].notna().any():
         marks = rows["significant"].astype(str).str.lower().isin(["true", "1", "1.0"])
         return marks, "the lesion stage's starred rule (column significant)"
     q = pd.to_numeric(rows["p_fdr"], errors="coerce").to_numpy(float)
@@ -472,7 +472,7 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
     value = "delta_r" if on_delta else "z_null"
     series = rows["model"].astype(str) + " / " + rows["layer"].astype(str)
     if "analysis" in rows:  # `lesion --analysis both`: encoding rows are a series of their own
-        kind = rows["analysis"].astype(str)
+        kind = rows["analysis"].fillna("rsa").astype(str)
         series = series.where(kind == "rsa", series + " (" + kind + ")")
     names = list(dict.fromkeys(series))
     groups = [str(g) for g in dict.fromkeys(rows["group"])]
