@@ -385,3 +385,19 @@ def test_report_imports_no_stage() -> None:
                 if parts[0] == "object2brain" and (len(parts) < 2 or parts[1] not in allowed):
                     found.append(f"{path.name}: {name}")
     assert not found, found
+
+
+def test_report_out_in_a_missing_folder_is_created(tmp_path: Path) -> None:
+    results = rsa_folder(tmp_path / "results")
+    target = tmp_path / "not" / "yet" / "report.html"
+    assert build_report(results, out=target) == target
+    assert target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_a_failing_report_creates_no_folder(tmp_path: Path) -> None:
+    results = rsa_folder(tmp_path / "results")
+    (results / "alignment.csv").write_text("model,layer\nm,l\n")  # columns missing
+    target = tmp_path / "not" / "yet" / "report.html"
+    with pytest.raises(DataError):
+        build_report(results, out=target)
+    assert not (tmp_path / "not").exists()

@@ -155,9 +155,11 @@ def render_page(title: str, intro: str, sections: Sequence[Section]) -> str:
 
 
 def write_page(path: Path, page: str) -> Path:
-    """Write the page atomically."""
+    """Write the page atomically, creating its folder (as every other command does for its
+    output) once the page is rendered."""
     from object2brain.io import atomic_path
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:
         temp.write_text(page, encoding="utf-8")
     return path
