@@ -154,3 +154,80 @@ def test_models_sharing_a_backbone_are_extracted_once(
         np.testing.assert_array_equal(a["layers/layer4"][()], b["layers/layer4"][()])
         assert b.attrs["model"] == "b" and b.attrs["backbone_from"] == "a.h5"
         assert json.loads(b.attrs["order"]) == ["layer4"]
+
+
+def _head(path: Path, seed: int) -> Path:
+    import torch
+
+    from object2brain.heads.io import save_head
+
+    torch.manual_seed(seed)
+    return save_head(torch.nn.Linear(512, 1), path, {"arch": "resnet18", "replaced_layer": "fc"})
+
+
+def test_models_with_their_own_heads_share_one_backbone_pass(
+    tmp_path: Path, stimulus_table: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two models on one backbone with different head files: one forward pass over the stimuli;
+    the second store (its head run on the captured head inputs) equals a separate extraction,
+    array for array and attribute for attribute (but ``backbone_from``), manifest included."""
+    import h5py
+    import numpy as np
+
+    import object2brain.activations.extract as activations_extract
+    from object2brain.api.extract import extract
+    from object2brain.models.zoo import load_model
+    from object2brain.pipeline.run import run_study
+
+    passes: list[int] = []
+    real = activations_extract._run_batches
+
+    def counting(plan: Any, writer: Any) -> None:
+        passes.append(len(plan.stimuli))
+        real(plan, writer)
+
+    monkeypatch.setattr(activations_extract, "_run_batches", counting)
+    heads = [_head(tmp_path / f"h{i}" / "head.safetensors", i) for i in (1, 2)]
+    models = [
+        {
+            "arch": "resnet18",
+            "weights": "none",
+            "layers": ["layer3", "layer4"],
+            "name": name,
+            "head": str(head),
+        }
+        for name, head in zip(("b", "c"), heads, strict=True)
+    ]
+    path = _config(tmp_path, stimulus_table, models=models, rsa=None, report=False,
+                   extract={"batch_size": 3})  # fmt: skip
+    result = run_study(path, progress=False)
+    assert len(passes) == 1  # the backbone ran once over the stimuli
+    alone = tmp_path / "alone"
+    for name, head in zip(("b", "c"), heads, strict=True):
+        loaded = load_model("resnet18", "none", head=head, seed=0, name=name)
+        extract(loaded, stimulus_table, out=alone / f"{name}.h5", layers=["layer3", "layer4"],
+                batch_size=3, device="cpu", seed=0, progress=False)  # fmt: skip
+    assert len(passes) == 3
+    with h5py.File(result.stores["c"]) as shared, h5py.File(alone / "c.h5") as single:
+        assert shared.attrs["backbone_from"] == "b.h5"
+        assert set(shared["layers"]) == set(single["layers"]) == {"layer3", "layer4", "valence"}
+        for name in single["layers"]:
+            got, want = shared["layers"][name], single["layers"][name]
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got[()], want[()])  # bit-identical on the CPU
+        np.testing.assert_array_equal(shared["stimulus_ids"][()], single["stimulus_ids"][()])
+        attrs = {k: v for k, v in shared.attrs.items() if k != "backbone_from"}
+        assert attrs.keys() == single.attrs.keys()
+        for key, value in single.attrs.items():
+            assert attrs[key] == value, key
+        with h5py.File(result.stores["b"]) as first:
+            assert not np.array_equal(first["layers/valence"][()], shared["layers/valence"][()])
+    manifests = [
+        json.loads(p.with_name("c.manifest.json").read_text())
+        for p in (result.stores["c"], alone / "c.h5")
+    ]
+    for manifest in manifests:  # where and when it was written, how long it took
+        for key in ("created", "seconds", "outputs"):
+            manifest.pop(key, None)
+        manifest["config"].pop("out")
+    assert manifests[0] == manifests[1]

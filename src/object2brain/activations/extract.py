@@ -81,6 +81,7 @@ __all__ = [
     "plan_extraction",
     "probe_layers",
     "run_extraction",
+    "write_manifest",
 ]
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,16 +172,19 @@ def plan_extraction(
     runtime: Runtime,
     *,
     valence: np.ndarray | None = None,
+    probe: bool = True,
 ) -> ExtractionPlan:
     """Resolve the layers (``all`` or names), the device and the decoding path, probe the layers
-    with one blank forward pass, and fingerprint the store-to-be.
+    with one blank forward pass (unless ``probe`` is False: a store written from another
+    extraction's layers, :mod:`object2brain.pipeline.backbone`), and fingerprint the store-to-be.
 
     Raises:
         LayerError: an unknown layer, or a module that does not run once per forward pass.
     """
     layer_names = resolve_layers(loaded, layers)
     device = resolve_device(runtime.device)
-    probe_layers(loaded, layer_names, device)
+    if probe:
+        probe_layers(loaded, layer_names, device)
     on_device_decode = uses_device_decoding(options.decode, device)
     config: dict[str, Any] = {
         **loaded.describe(),
@@ -244,7 +248,7 @@ def _run_locked(plan: ExtractionPlan, out: Path, *, overwrite: bool) -> Path:
         if _same_complete_store(out, plan.fingerprint):
             log.info("%s is already complete for this model, layers and stimuli", out)
             if not manifest_path(out).is_file():  # stopped between the store and its manifest
-                _write_manifest(plan, out, seconds=None)
+                write_manifest(plan, out, seconds=None)
             return out
         if not overwrite:
             raise StoreError(f"{out}: already exists (from another run); pass --overwrite")
@@ -258,12 +262,13 @@ def _run_locked(plan: ExtractionPlan, out: Path, *, overwrite: bool) -> Path:
         path = writer.finish()
     finally:
         writer.close()
-    _write_manifest(plan, path, seconds=round(time.time() - started, 3))
+    write_manifest(plan, path, seconds=round(time.time() - started, 3))
     return path
 
 
-def _write_manifest(plan: ExtractionPlan, path: Path, *, seconds: float | None) -> Path:
-    """``<store>.manifest.json`` (``seconds`` None: the store was completed by an earlier run)."""
+def write_manifest(plan: ExtractionPlan, path: Path, *, seconds: float | None) -> Path:
+    """``<store>.manifest.json`` of the store ``path`` written for ``plan`` (``seconds`` None: the
+    store was completed by an earlier run)."""
     stimuli, loaded, options = plan.stimuli, plan.loaded, plan.options
     inputs = {"stimuli_fingerprint": plan.config["stimuli"], "weights": loaded.weights_sha256}
     # an image array (tens of GB) enters through the stimulus fingerprint (its rows' pixels)
@@ -289,6 +294,9 @@ def _write_manifest(plan: ExtractionPlan, path: Path, *, seconds: float | None) 
             extra={"n_stimuli": len(stimuli), "seconds": seconds},
         ),
     )
+
+
+_write_manifest = write_manifest  # the name the Ray executor imports
 
 
 def manifest_path(store: Path) -> Path:

@@ -172,6 +172,9 @@ class Study:
     #: model -> cross-fitted predictions (its store's 'valence' layer)
     out_of_fold: dict[str, Path] = field(default_factory=dict)
     backbone_stores: dict[str, Path] = field(default_factory=dict)
+    #: model -> layer -> per batch, that layer's input in the model's extraction (the features
+    #: later models' heads on the same backbone read; :mod:`object2brain.pipeline.backbone`)
+    head_inputs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     stores: dict[str, Path] = field(default_factory=dict)
     filter_tables: list[Path] = field(default_factory=list)
 
@@ -262,37 +265,63 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
     """``model`` into its store; with its head (and cross-fitted valence) unless ``backbone``.
     A stage replaces its own store."""
     from object2brain.api.extract import extract
+    from object2brain.pipeline.backbone import capture_layers, capturing, whole_run
 
     options, model = study.config.extract, _model(model)
     head = None if backbone else study.heads[model.label]
     path = _store(study, model, backbone=backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
-    shared = None if backbone else _shared_backbone(study, model, path)
+    loaded = study.load(model, head)
+    shared = None if backbone else _shared_backbone(study, model, path, loaded)
     if shared is not None:
         return [shared]
-    store = extract(
-        study.load(model, head),
-        study.stimuli,
-        out=path,
-        layers=model.layers,
-        options=options,
-        device=study.device,
-        seed=study.seed,
-        overwrite=True,
-        progress=study.progress,
-        valence=None if backbone else study.out_of_fold.get(model.label),
-        executor=study.config.executor.kind,
-        ray_address=study.config.executor.address,
-    )
+    capture: set[str] = set()
+    if not backbone and study.config.executor.kind == "local":
+        key = lambda each: backbone_key(study, each)  # noqa: E731
+        capture = capture_layers(study, model, key, loaded.output_layer)
+    with capturing(loaded.module, capture) as captured:
+        store = extract(
+            loaded,
+            study.stimuli,
+            out=path,
+            layers=model.layers,
+            options=options,
+            device=study.device,
+            seed=study.seed,
+            overwrite=True,
+            progress=study.progress,
+            valence=None if backbone else study.out_of_fold.get(model.label),
+            executor=study.config.executor.kind,
+            ray_address=study.config.executor.address,
+        )
+    kept = whole_run(captured, len(study.stimuli))
+    if kept:
+        study.head_inputs[model.label] = kept
     return [store]
 
 
-def _shared_backbone(study: Study, model: ModelConfig, path: Path) -> Path | None:
-    """``path`` copied from an earlier model's store with the same backbone (see
-    :mod:`object2brain.pipeline.backbone`), or None: extract it."""
-    from object2brain.pipeline.backbone import copy_backbone, shared_source
+def _shared_backbone(
+    study: Study, model: ModelConfig, path: Path, loaded: LoadedModel
+) -> Path | None:
+    """``path`` written from an earlier model's store with the same backbone (see
+    :mod:`object2brain.pipeline.backbone`), or None: extract it. ``loaded``: ``model`` with its
+    head."""
+    import numpy as np
 
-    source = shared_source(study, model, lambda each: backbone_key(study, each))
+    from object2brain.activations.extract import plan_extraction
+    from object2brain.api.extract import _resolve
+    from object2brain.options import Runtime
+    from object2brain.pipeline.backbone import (
+        head_layer,
+        head_valence,
+        needs_head_pass,
+        shared_source,
+        write_shared,
+    )
+
+    started = time.time()
+    key = lambda each: backbone_key(study, each)  # noqa: E731
+    source = shared_source(study, model, key, loaded.output_layer)
     if source is None:
         return None
     supplied = study.out_of_fold.get(model.label)
@@ -301,7 +330,18 @@ def _shared_backbone(study: Study, model: ModelConfig, path: Path) -> Path | Non
         from object2brain.data.ratings import load_predicted_valence
 
         valence = load_predicted_valence(supplied, study.stimuli.ids)
-    return copy_backbone(source, path, model.label, study.heads[model.label], valence)
+    runtime = Runtime(seed=study.seed, device=study.device, progress=study.progress)
+    plan = plan_extraction(loaded, study.stimuli, model.layers, _resolve(study.config.extract, {}),
+                           runtime, valence=valence, probe=False)  # fmt: skip
+    stored = None
+    if valence is not None:
+        stored = valence.astype(np.float32).astype(plan.storage_dtype)
+    elif needs_head_pass(study, model):
+        head = study.heads[model.label]
+        assert head is not None
+        layer = head_layer(head, loaded.output_layer)
+        stored = head_valence(loaded, layer, study.head_inputs[source.stem][layer], plan)
+    return write_shared(source, path, plan, stored, round(time.time() - started, 3))
 
 
 def backbone_key(study: Study, model: ModelConfig) -> str:
