@@ -243,7 +243,10 @@ def compute_lesion(
             rows += lesion_layer(task, analysis, options, seed=runtime.seed, device=device)
             if options.propagate:
                 assert model is not None  # checked by the caller
-                parts = propagate_layer(model, store, layer, task.groups, analysis, options, device)
+                parts = propagate_layer(
+                    model, store, layer, task.groups, analysis, options, device,
+                    folds=task.folds, fold_groups=task.fold_groups,
+                )  # fmt: skip
                 behavior.append(parts[0])
                 later.append(parts[1])
     frame = with_fdr(
