@@ -29,7 +29,9 @@ Option ``propagate`` (needs the model and the stimulus images): the filters are 
 the forward pass (a hook on ``L``), so later layers and the valence output change too. Reported:
 the change of the direct behaviour correlation (predicted vs rated valence, table
 ``propagate_behavior``) and of later layers' alignment (table ``propagate_alignment``). No null
-is computed there (each subset would need its own forward pass).
+is computed there (each subset would need its own forward pass). Cross-fitted selection zeroes
+fold ``k``'s groups on fold ``k``'s stimuli and combines over folds
+(:func:`~object2brain.lesion.propagate.propagate_layer`).
 """
 
 from __future__ import annotations
