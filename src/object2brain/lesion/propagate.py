@@ -200,6 +200,8 @@ class _Downstream:
         alignment = {}
         for condition in self.analysis.conditions:
             at = self.positions(condition.rows)
+            if len(at) < MIN_CONDITION_STIMULI:  # a fold with few of its stimuli: no rows
+                continue
             for name in self.later:
                 features = acts[name][at]
                 rdm = upper_triangle(rdm_from_features(features, metric, device=self.device))
