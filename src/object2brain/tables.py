@@ -397,6 +397,13 @@ PROPAGATE_BEHAVIOR = TableSchema(
         ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` or `keep`"),
+        _c(
+            "selection",
+            "str",
+            "`cross_fit` (fold k's groups zeroed on fold k's stimuli, combined over folds "
+            "weighted by the fold's stimuli in the correlation) or `same` (groups chosen on "
+            "all stimuli: circular)",
+        ),
         _CONDITION,
         _c("method", "str", "`pearson` or `spearman`"),
         _c("r_full", "float", "predicted vs rated valence, intact network"),
@@ -423,6 +430,13 @@ PROPAGATE_ALIGNMENT = TableSchema(
         ),
         _c("group", "str", "object group (or `unassigned`)"),
         _c("variant", "str", "`lesion` or `keep`"),
+        _c(
+            "selection",
+            "str",
+            "`cross_fit` (fold k's groups zeroed on fold k's stimuli, combined over folds "
+            "weighted by the fold's stimuli in the correlation) or `same` (groups chosen on "
+            "all stimuli: circular)",
+        ),
         _c("later_layer", "str", "a layer after the lesioned one in network order"),
         _TARGET,
         _LESION_SUBJECT,

@@ -510,3 +510,65 @@ def test_label_permutation_p_does_not_depend_on_row_blocks(
     blocks = lesion(store, filter_table, brain=brain, n_null=0, n_perm=30).object2brain
     assert whole["p_perm"].notna().any()
     pd.testing.assert_series_equal(whole["p_perm"], blocks["p_perm"])
+
+
+def test_propagate_cross_fit_zeroes_each_folds_own_group(
+    stimulus_table: Path, tmp_path: Path
+) -> None:
+    """Cross-fitted --propagate: fold k's group (different per fold) zeroed on fold k's
+    stimuli, combined by held-out size, equals zeroing it by hand (within 1e-6); ``same``
+    zeroes the all-images group on all stimuli, as before."""
+    from object2brain.data.splits import condition_folds
+
+    head = nn.Linear(512, 1)
+    torch.nn.init.normal_(head.weight, std=0.1)
+    path = save_head(head, tmp_path / "head.safetensors", {"arch": "resnet18"})
+    model = load_model("resnet18", "none", seed=0, head=path)
+    store = extract(
+        model, stimulus_table, out=tmp_path / "v.h5", layers="layer3,layer4", progress=False
+    )
+    planted = {0: np.arange(0, 40), 1: np.arange(100, 160)}  # disjoint groups per fold
+    every = np.arange(0, 60)  # the all-images assignment (the `same` group)
+    base = {"model": "resnet18", "layer": "layer3", "group": "Faces", "importance": 1.0}
+    base |= {"enrichment": 2.0, "n_images": 5}
+    rows = [
+        base | {"filter": f, "assigned": bool(np.isin(f, chosen)), "fold": fold}
+        for fold, chosen in [(None, every), *planted.items()]
+        for f in range(256)
+    ]
+    table = pd.DataFrame(rows)
+    common = {"stimuli": stimulus_table, "layers": ["layer3"], "n_null": 0, "seed": 5}
+    common |= {"propagate": True, "model": model, "batch_size": 4, "variants": ("lesion",)}
+    cross = lesion(store, table, **common)
+    same = lesion(store, table, selection="same", **common)
+    frame = pd.read_csv(stimulus_table)
+    ids = frame["stimulus_id"].tolist()
+    rated = frame["valence"].to_numpy()
+    folds = condition_folds(frame["condition"].to_numpy(), len(ids), 2, seed=5)
+    stimuli = o2b.load_stimuli(stimulus_table)
+
+    def pearson(rows: np.ndarray, filters: np.ndarray) -> float:
+        mask = np.ones(256)
+        mask[filters] = 0.0
+        sub = stimuli.subset([ids[i] for i in rows])
+        valence = forward_with_mask(model, sub, "layer3", mask, ["valence"], batch_size=4)
+        return float(np.corrcoef(valence["valence"], rated[rows])[0, 1])
+
+    parts = [np.flatnonzero(folds == k) for k in (0, 1)]
+    weights = np.array([len(p) for p in parts]) / len(ids)
+    full = sum(w * pearson(p, np.array([], int)) for w, p in zip(weights, parts, strict=True))
+    zeroed = sum(weights[k] * pearson(parts[k], planted[k]) for k in (0, 1))
+    wrong = sum(weights[k] * pearson(parts[k], planted[1 - k]) for k in (0, 1))
+    row = cross.propagate_behavior.query("condition == 'all' and method == 'pearson'").iloc[0]
+    assert row["selection"] == "cross_fit" and row["n"] == len(ids)
+    assert row["r_full"] == pytest.approx(full, abs=1e-6)
+    assert row["r_variant"] == pytest.approx(zeroed, abs=1e-6)
+    assert abs(row["r_variant"] - wrong) > 1e-3  # the other fold's group gives another number
+    assert set(cross.propagate_alignment["selection"]) == {"cross_fit"}
+    assert set(cross.propagate_alignment["condition"]) == {"all"}  # 2 per condition and fold
+    old = same.propagate_behavior.query("condition == 'all' and method == 'pearson'").iloc[0]
+    everything = np.arange(len(ids))
+    assert old["selection"] == "same"
+    assert old["r_full"] == pytest.approx(pearson(everything, np.array([], int)), abs=1e-6)
+    assert old["r_variant"] == pytest.approx(pearson(everything, every), abs=1e-6)
+    assert set(same.propagate_behavior["condition"]) == {"all", "congruent", "incongruent"}

@@ -29,7 +29,9 @@ Option ``propagate`` (needs the model and the stimulus images): the filters are 
 the forward pass (a hook on ``L``), so later layers and the valence output change too. Reported:
 the change of the direct behaviour correlation (predicted vs rated valence, table
 ``propagate_behavior``) and of later layers' alignment (table ``propagate_alignment``). No null
-is computed there (each subset would need its own forward pass).
+is computed there (each subset would need its own forward pass). Cross-fitted selection zeroes
+fold ``k``'s groups on fold ``k``'s stimuli and combines over folds
+(:func:`~object2brain.lesion.propagate.propagate_layer`).
 """
 
 from __future__ import annotations
@@ -243,7 +245,10 @@ def compute_lesion(
             rows += lesion_layer(task, analysis, options, seed=runtime.seed, device=device)
             if options.propagate:
                 assert model is not None  # checked by the caller
-                parts = propagate_layer(model, store, layer, task.groups, analysis, options, device)
+                parts = propagate_layer(
+                    model, store, layer, task.groups, analysis, options, device,
+                    folds=task.folds, fold_groups=task.fold_groups,
+                )  # fmt: skip
                 behavior.append(parts[0])
                 later.append(parts[1])
     frame = with_fdr(
