@@ -29,7 +29,8 @@ class TableSchema:
     is, and its columns in order.
 
     ``required`` names the columns a reader (the report) insists on, when that is fewer than all
-    of them (tables written by earlier versions lack some); ``None``: every column.
+    of them; ``None``: every column but those in ``added`` (columns later versions added, which
+    tables written by earlier versions lack).
     """
 
     name: str
@@ -37,6 +38,7 @@ class TableSchema:
     row: str
     columns: tuple[Column, ...]
     required: tuple[str, ...] | None = None
+    added: tuple[str, ...] = ()
 
     @property
     def column_names(self) -> list[str]:
@@ -46,7 +48,9 @@ class TableSchema:
     @property
     def required_columns(self) -> list[str]:
         """The columns a reader of this table requires, in order."""
-        return list(self.required) if self.required is not None else self.column_names
+        if self.required is not None:
+            return list(self.required)
+        return [name for name in self.column_names if name not in self.added]
 
 
 def _c(name: str, dtype: str, description: str) -> Column:
@@ -227,17 +231,8 @@ FILTER_OBJECTS = TableSchema(
             "groups `lesion --selection cross_fit` tests on fold k",
         ),
     ),
-    # tables written before the assignment test (without p_assign) still load
-    required=(
-        "model",
-        "layer",
-        "filter",
-        "group",
-        "importance",
-        "enrichment",
-        "n_images",
-        "assigned",
-    ),
+    # tables written before the assignment test and the selection folds still load
+    added=("p_assign", "p_assign_fdr", "fold"),
 )
 
 OBJECT2BRAIN = TableSchema(
@@ -303,26 +298,7 @@ OBJECT2BRAIN = TableSchema(
     ),
     # tables written before the group null, cross-fitting and the encoding lesion (no column
     # analysis: all rows rsa) still load
-    required=(
-        "model",
-        "layer",
-        "group",
-        "variant",
-        "target",
-        "subject",
-        "condition",
-        "n_filters",
-        "r_full",
-        "r_variant",
-        "delta_r",
-        "p_null",
-        "z_null",
-        "n_null",
-        "p_fdr",
-        "p_perm",
-        "p_perm_fdr",
-        "n_perm",
-    ),
+    added=("analysis", "p_group", "p_group_fdr", "n_group_null", "significant", "selection"),
 )
 
 HEAD_METRICS = TableSchema(
