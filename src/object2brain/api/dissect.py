@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import DataError
+from object2brain.executors import stage_runtime
 from object2brain.io import check_output_folder, optional_staging
 from object2brain.options import DissectOptions, OptionsError, Runtime, as_flags, resolve_options
 
@@ -54,6 +55,8 @@ def dissect(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     figures: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> DissectResult:
     """EmoCAM++: per-filter Grad-CAM x object detections -> the ``filter_objects`` table.
 
@@ -75,6 +78,10 @@ def dissect(
         seed: recorded; seeds random weights when ``model`` is a name.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         progress: progress bars.
+        executor: ``local`` (this process) | ``ray``: the Grad-CAM
+            pass in shards of images on an actor pool on a Ray cluster at
+            ``ray_address`` (``auto``: the cluster of this machine; ``None``: a local one); the
+            results are those of a local run (:mod:`object2brain.executors`).
         cache_dir: detection cache folder (default: ``options.detection_cache``, else the
             user's cache shared with ``object2brain run`` and the command line,
             :func:`~object2brain.explain.detectors.default_detection_cache`).
@@ -107,7 +114,10 @@ def dissect(
         "groups": groups if isinstance(groups, str | Path) else None,
     }  # fmt: skip
     resolved = _resolve(options, {k: v for k, v in given.items() if v is not None})
-    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    runtime = stage_runtime(
+        seed=seed, device=str(device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
     out_path = None if out is None else Path(out).expanduser()
     if out_path is not None:
         check_output_folder(out_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from object2brain.data.findingemo import VALENCE_RANGE
+from object2brain.executors import stage_runtime
 from object2brain.heads.train import (
     OUT_OF_FOLD_NAME,
     HeadsResult,
@@ -30,7 +31,7 @@ from object2brain.heads.write import (
     RunRecord,
     write_heads,
 )
-from object2brain.options import LossName, Runtime, TrainHeadOptions
+from object2brain.options import LossName, TrainHeadOptions
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -101,6 +102,8 @@ def train_head(
     fractions: tuple[float, float, float] | None = None,
     num_workers: int | None = None,
     cross_fit: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> TrainHeadResult:
     """Train a one-output valence head on each frozen backbone; the same split for all models.
 
@@ -123,6 +126,10 @@ def train_head(
         seed: seed of the split, the folds, the batch order and the augmentations.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         progress: show progress bars.
+        executor: ``local`` (this process) | ``ray``: accepted (the
+            feature pass itself still runs in this process) on a Ray cluster at
+            ``ray_address`` (``auto``: the cluster of this machine; ``None``: a local one); the
+            results are those of a local run (:mod:`object2brain.executors`).
         figures: write the predicted-vs-rated scatter figure of each model.
         loss, augment, cache, epochs, patience, lr, weight_decay, batch_size, fractions,
         num_workers, cross_fit: the fields of :class:`TrainHeadOptions` (``None``: from
@@ -158,7 +165,10 @@ def train_head(
     opts = resolve_train_options(options, values)
     specs = resolve_models(models, weights)
     torch_device = resolve_device(device)
-    runtime = Runtime(seed=seed, device=str(torch_device), progress=progress)
+    runtime = stage_runtime(
+        seed=seed, device=str(torch_device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
     check_output_folder(out)
     if opts.augment and opts.cache:
         log.warning("--augment: features change every epoch, so they are not cached")

@@ -470,6 +470,8 @@ def _train_heads(study: Study, model: Unit) -> list[Path]:
         device=study.device,
         seed=study.seed,
         progress=study.progress,
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return list(result.files)
 
@@ -633,6 +635,8 @@ def _dissect(study: Study, model: Unit) -> list[Path]:
         device=study.device,
         seed=study.seed,
         progress=study.progress,
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return list(result.files)
 
@@ -713,6 +717,8 @@ def _lesion(study: Study, model: Unit) -> list[Path]:
             progress=study.progress,
             behavior_ids=study.held_out,
             encode_options=_lesion_encoding(study),
+            executor=study.config.executor.kind,
+            ray_address=study.config.executor.address,
         )
         files.extend(result.files)
     return files
@@ -768,6 +774,8 @@ def _encode(study: Study, model: Unit) -> list[Path]:
         seed=study.seed,
         device=study.device,
         progress=study.progress,
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return list(result.files)
 
