@@ -145,9 +145,7 @@ def test_study_config_executor_section(tmp_path: Path, monkeypatch: pytest.Monke
     assert config.executor.kind == "local" and config.executor.address is None
 
 
-@pytest.mark.parametrize(
-    "command", ["rsa", "extract", "dissect", "train-head", "lesion", "encode"]
-)
+@pytest.mark.parametrize("command", ["rsa", "extract", "dissect", "train-head", "lesion", "encode"])
 def test_cli_without_ray_one_line_exit_2(
     command: str,
     tmp_path: Path,

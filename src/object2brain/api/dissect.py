@@ -5,6 +5,8 @@ tables and manifest (:func:`object2brain.explain.dissect.write_dissection`)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from object2brain.data.stimuli import StimulusSet
+    from object2brain.executors.dissection import DissectShards
     from object2brain.explain.detectors import Detector
     from object2brain.explain.dissect import DissectResult
     from object2brain.explain.groups import GroupMap
@@ -131,9 +134,10 @@ def dissect(
     det, group_map = _detector_and_groups(detector, groups, resolved, runtime)
     cache = _cache_folder(cache_dir, resolved)
     with optional_staging(out_path) as staging:  # the lock first: the cache may lie in out
+        shards = _sharded_pass(runtime, out_path, stimulus_set)
         result = compute_dissection(
             loaded, stimulus_set, det, group_map, resolved, runtime, cache_dir=cache,
-            gallery=figures and out_path is not None,
+            gallery=figures and out_path is not None, accumulate=shards,
         )  # fmt: skip
         if staging is not None:  # tables, figures, manifest: swapped in as a whole
             folder = staging.folder
@@ -142,7 +146,26 @@ def dissect(
             result.files = staging.final(write_dissection(result, folder, also_written=drawn))
             result.out = staging.out
     result.summary["seconds"] = round(time.time() - started, 3)
+    if shards is not None:  # written (or nothing to write): the shards are no longer needed
+        shutil.rmtree(shards.folder, ignore_errors=True)
     return result
+
+
+def _sharded_pass(runtime: Runtime, out: Path | None, stimuli: StimulusSet) -> DissectShards | None:
+    """With ``--executor ray``: the Grad-CAM pass in shards on the Ray cluster, the shard files
+    next to ``out`` (``<out>.shards/``, kept until the tables are written, so a rerun after a
+    failure redoes only the missing shards; without ``out``, a temporary folder)."""
+    if runtime.executor != "ray":
+        return None
+    from object2brain.executors import RayExecutor
+    from object2brain.executors.dissection import DissectShards, dissect_shard_folder
+
+    if out is None:
+        folder = Path(tempfile.mkdtemp(prefix="o2b-dissect-shards-"))
+    else:
+        folder = dissect_shard_folder(out)
+    executor = RayExecutor(address=runtime.ray_address)
+    return DissectShards(executor, folder, key=stimuli.fingerprint())
 
 
 def draw_dissection_figures(result: DissectResult, folder: Path) -> list[Path]:

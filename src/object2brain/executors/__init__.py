@@ -59,7 +59,7 @@ def stage_runtime(
     saying what to install, before any input is read."""
     runtime = Runtime(
         seed=seed, device=device, progress=progress, executor=executor, ray_address=ray_address
-    )  # type: ignore[arg-type]
+    )
     if runtime.executor == "ray":
         require_ray()
     return runtime
