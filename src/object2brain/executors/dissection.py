@@ -39,10 +39,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,8 +49,9 @@ import numpy as np
 import torch
 
 from object2brain.devices import resolve_device
-from object2brain.executors.base import Executor, ExecutorError
-from object2brain.executors.extraction import _first_line, shard_ranges
+from object2brain.executors.base import Executor
+from object2brain.executors.extraction import shard_ranges
+from object2brain.executors.pool import PoolSettings, run_on_pool
 from object2brain.explain.dissect import (
     AssignmentNull,
     GroupAccumulator,
@@ -182,37 +181,18 @@ class DissectShards:
 
     def _on_ray(self, job: _Job, todo: list[int]) -> None:
         """The shards ``todo`` on an actor pool of Ray Data."""
-        from object2brain.executors.ray import connect
-
-        ray = connect(getattr(self.executor, "address", None))
-        data = importlib.import_module("ray.data")
-        gpus = 1.0 if job.cams.device.type == "cuda" else 0.0
-        workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        job_ref = [ray.put(job)]  # once in the object store; each actor holds one model
-        dataset = data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-        with warnings.catch_warnings():  # max_restarts / max_task_retries: no named parameter
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mapped = dataset.map_batches(
-                _ShardActor,
-                fn_constructor_args=(job_ref,),
-                batch_size=1,
-                concurrency=min(workers, len(todo)),
-                num_cpus=self.cpus_per_worker,
-                num_gpus=gpus,
-                max_restarts=self.max_retries,  # a dead actor's process is started again
-                max_task_retries=self.max_retries,  # and its shard retried
-            )
-        try:
-            finished = sorted(int(row["shard"]) for row in mapped.take_all())
-        except Exception as exc:
-            missing = [i for i in range(len(job.ranges)) if not _complete(job, i)]
-            raise ExecutorError(
-                f"dissect: shard(s) {missing} of {len(job.ranges)} failed ({_first_line(exc)}); "
-                f"the finished shards are kept in {job.folder}: rerun the same command to redo "
-                "the rest"
-            ) from None
-        if finished != sorted(todo):
-            raise ExecutorError(f"dissect: shards {sorted(set(todo) - set(finished))} did not run")
+        settings = PoolSettings(
+            address=getattr(self.executor, "address", None),
+            workers=self.workers,
+            cpus_per_worker=self.cpus_per_worker,
+            gpus_per_worker=1.0 if job.cams.device.type == "cuda" else 0.0,
+            max_retries=self.max_retries,
+        )
+        run_on_pool(
+            _ShardActor, job, todo, settings, stage="dissect", total=len(job.ranges),
+            missing=lambda: [i for i in range(len(job.ranges)) if not _complete(job, i)],
+            folder=job.folder,
+        )  # fmt: skip
 
 
 class _ShardActor:
