@@ -4,6 +4,7 @@ job (and so one model), each call computes one shard into its own file on the sh
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import warnings
 from collections.abc import Callable
@@ -63,12 +64,17 @@ def run_on_pool(
             max_restarts=settings.max_retries,  # a dead actor's process is started again
             max_task_retries=settings.max_retries,  # and its shard retried
         )
+    failure = None
     try:
         finished = sorted(int(row["shard"]) for row in mapped.take_all())
     except Exception as exc:
+        failure = _first_line(exc)
+    if failure is not None:
+        del mapped, dataset
+        gc.collect()  # the failed run's executor and actors are freed (their CPUs, GPUs)
         raise ExecutorError(
-            f"{stage}: shard(s) {missing()} of {total} failed ({_first_line(exc)}); the "
-            f"finished shards are kept in {folder}: rerun the same command to redo the rest"
-        ) from None
+            f"{stage}: shard(s) {missing()} of {total} failed ({failure}); the finished "
+            f"shards are kept in {folder}: rerun the same command to redo the rest"
+        )
     if finished != sorted(todo):
         raise ExecutorError(f"{stage}: shards {sorted(set(todo) - set(finished))} did not run")
