@@ -5,7 +5,6 @@ naming the stage and the shard, the finished shards kept."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -171,10 +170,5 @@ def test_failed_shard_is_one_error_and_finished_shards_are_kept(
         _run(study, shards)
     kept = sorted(p.name for p in folder.glob("shard-*.h5"))
     assert "shard-00001.h5" not in kept and len(kept) >= 1  # finished shards are kept
-    # the failed pool's actors are gone: their CPUs are free for the next stage's tasks
-    deadline = time.time() + 30
-    while ray_cluster.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
-        time.sleep(0.5)
-    assert ray_cluster.available_resources().get("CPU", 0) == 2
     monkeypatch.undo()
     _same_table(_run(study, shards).table, local)  # the rerun completes them
