@@ -190,12 +190,19 @@ def lower_ceiling_coefficients(
 
 @dataclass(frozen=True)
 class Variances:
-    """Bootstrap variances ``(K,)`` of the subject-mean statistic from one plan."""
+    """Bootstrap variances ``(K,)`` of the subject-mean statistic from one plan.
+
+    ``subject_stimuli``, ``subject_jackknife``: the means over subjects of each subject's own
+    ``V_stim,s`` and ``V_jack,s`` (the stimulus variances of ``r_s`` alone), the ingredients of
+    the two-factor interaction (module docstring).
+    """
 
     both: np.ndarray
     stimuli: np.ndarray
     subjects: np.ndarray
     jackknife: np.ndarray
+    subject_stimuli: np.ndarray
+    subject_jackknife: np.ndarray
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:
@@ -217,43 +224,106 @@ def _var(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _jackknife_var(jack: np.ndarray) -> np.ndarray:
+    """Delete-one jackknife variance ``(n-1)/n sum_a (x_(a) - mean)^2`` over axis 0."""
+    n = jack.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centred = jack - np.nanmean(jack, axis=0)
+        return np.asarray((n - 1) / n * np.nansum(centred**2, axis=0))
+
+
 def bootstrap_variances(coef: SubjectCoefficients, plan: ResamplePlan) -> Variances:
-    """``V_both``, ``V_stim``, ``V_subj`` (module docstring) and the pair excess ``E``."""
+    """``V_both``, ``V_stim``, ``V_subj``, ``V_jack`` of the subject mean and the subjects'
+    mean own corrected stimulus variance (module docstring)."""
     picked = plan.subjects[:, None, :]  # (B, 1, S)
     both = _nanmean_rows(np.take_along_axis(coef.boot, np.broadcast_to(picked, coef.boot.shape), 2))
     stimuli = _nanmean_rows(coef.boot)
     subjects = _nanmean_rows(coef.r[:, plan.subjects]).T  # (K, B, S) -> (B, K)
-    n = plan.counts.shape[1]
-    jack = _nanmean_rows(coef.jack)
-    jackknife = (n - 1) / n * np.nansum((jack - np.nanmean(jack, axis=0)) ** 2, axis=0)
-    return Variances(_var(both), _var(stimuli), _var(subjects), jackknife)
+    jackknife = _jackknife_var(_nanmean_rows(coef.jack))
+    own_boot, own_jack = _var(coef.boot), _jackknife_var(coef.jack)  # (K, S)
+    return Variances(_var(both), _var(stimuli), _var(subjects), jackknife,
+                     _nanmean_rows(own_boot), _nanmean_rows(own_jack))  # fmt: skip
+
+
+def pair_corrected(jackknife: Any, bootstrap: Any, n: int) -> Any:
+    """The unbiased combination ``(2n - 3)/(n - 1) V_jack - n/(n - 2) V_stim`` of a
+    delete-one jackknife and a stimulus-bootstrap variance of a pair statistic (module
+    docstring; unfloored, linear in both)."""
+    return (2 * n - 3) / (n - 1) * jackknife - n / (n - 2) * bootstrap
+
+
+@dataclass(frozen=True)
+class Components:
+    """The corrected variance ``(K,)`` as a subject part and a stimulus part (``both`` = their
+    sum), and its Welch-Satterthwaite degrees of freedom."""
+
+    subjects: np.ndarray
+    stimuli: np.ndarray
+    dof: np.ndarray
+
+    @property
+    def total(self) -> np.ndarray:
+        """``subjects + stimuli``."""
+        return np.asarray(self.subjects + self.stimuli)
+
+
+def variance_components(
+    v: Variances, mode: str, n: int, n_subjects: int, *, pair_correction: bool = True
+) -> Components:
+    """The variance of the chosen bootstrap, corrected (module docstring), in parts.
+
+    ``stimuli``: ``max(2 V_jack - V_stim, V_stim / 3)`` with ``n - 1`` degrees of freedom;
+    ``subjects``: ``S / (S - 1) V_subj`` with ``S - 1``; ``both``: the stimulus part plus
+    ``max(0, S / (S - 1) V_subj - I)`` with the interaction
+    ``I = (mean_s W_s - W) / (S - 1)`` (``W``: the corrected stimulus variance of the subject
+    mean, ``W_s``: of subject ``s``'s own coefficient) and Welch-Satterthwaite degrees of
+    freedom. Without ``pair_correction`` this is rsatoolbox's dual-bootstrap variance (stimulus
+    factor ``n / (n - 1)``) with its ``min(S, n) - 1`` degrees of freedom.
+    """
+    shape = np.shape(v.stimuli)
+    zero = np.zeros(shape)
+    fs = n_subjects / (n_subjects - 1) if n_subjects > 1 else np.nan
+    if not pair_correction:
+        return Components(zero, _rsatoolbox_variance(v, mode, n, n_subjects, fs),
+                          np.full(shape, float(dof(mode, n, n_subjects))))  # fmt: skip
+    raw = pair_corrected(v.jackknife, v.stimuli, n)
+    stim = np.maximum(raw, n / (3 * n - 4) * v.stimuli)
+    if mode == "stimuli":
+        return Components(zero, np.asarray(stim), np.full(shape, n - 1.0))
+    if mode == "subjects":
+        return Components(np.asarray(fs * v.subjects), zero, np.full(shape, n_subjects - 1.0))
+    own = pair_corrected(v.subject_jackknife, v.subject_stimuli, n)
+    interaction = (own - raw) / (n_subjects - 1)
+    subj = np.maximum(fs * v.subjects - interaction, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = (subj + stim) ** 2 / (subj**2 / (n_subjects - 1) + stim**2 / (n - 1))
+    k = np.clip(np.nan_to_num(k, nan=n - 1.0), min(n, n_subjects) - 1, n + n_subjects - 2)
+    return Components(np.asarray(subj), np.asarray(stim), np.asarray(k))
+
+
+def _rsatoolbox_variance(v: Variances, mode: str, n: int, n_subjects: int, fs: float) -> Any:
+    """rsatoolbox's ``_dual_bootstrap`` (``n_rdm = S``, ``n_pattern = n``) and its one-factor
+    ``n / (n - 1)`` corrections."""
+    fn = n / (n - 1)
+    if mode == "stimuli":
+        return fn * v.stimuli
+    if mode == "subjects":
+        return fs * v.subjects
+    dual = fs * v.subjects + fn * v.stimuli - fs * fn * (v.both - v.subjects - v.stimuli)
+    return np.minimum(np.maximum(np.maximum(dual, fs * v.subjects), fn * v.stimuli), v.both)
 
 
 def corrected_variance(
     v: Variances, mode: str, n: int, n_subjects: int, *, pair_correction: bool = True
 ) -> np.ndarray:
-    """The variance of the chosen bootstrap, corrected (module docstring). Without
-    ``pair_correction`` this is rsatoolbox's dual-bootstrap variance (stimulus factor
-    ``n / (n - 1)``)."""
-    if pair_correction:
-        stim, fn = np.maximum(2 * v.jackknife - v.stimuli, v.stimuli / 3), 1.0
-    else:
-        stim, fn = v.stimuli, n / (n - 1)
-    if mode == "stimuli":
-        return np.asarray(fn * stim)
-    fs = n_subjects / (n_subjects - 1)
-    if mode == "subjects":
-        return np.asarray(fs * v.subjects)
-    both = v.both - (v.stimuli - stim)
-    interaction = both - v.subjects - stim
-    dual = fs * v.subjects + fn * stim - fs * fn * interaction
-    dual = np.maximum(np.maximum(dual, fs * v.subjects), fn * stim)
-    return np.asarray(np.minimum(dual, both))
+    """The variance of the chosen bootstrap, corrected (:func:`variance_components`)."""
+    return variance_components(v, mode, n, n_subjects, pair_correction=pair_correction).total
 
 
 def dof(mode: str, n: int, n_subjects: int) -> int:
-    """Degrees of freedom of the t-tests and intervals: ``n - 1``, ``S - 1`` or
-    ``min(S, n) - 1``."""
+    """rsatoolbox's degrees of freedom of the uncorrected estimators: ``n - 1``, ``S - 1`` or
+    ``min(S, n) - 1`` (the corrected ``both`` uses Welch-Satterthwaite,
+    :func:`variance_components`)."""
     if mode == "stimuli":
         return n - 1
     if mode == "subjects":
@@ -263,7 +333,8 @@ def dof(mode: str, n: int, n_subjects: int) -> int:
 
 @dataclass(frozen=True)
 class GroupEstimate:
-    """Per row: the subject-mean statistic, its corrected SE, t interval and p-values."""
+    """Per row: the subject-mean statistic, its corrected SE, t interval, p-values and the
+    t distribution's degrees of freedom ``(K,)``."""
 
     mean: np.ndarray
     se: np.ndarray
@@ -271,7 +342,7 @@ class GroupEstimate:
     high: np.ndarray
     p_greater: np.ndarray
     p_two_sided: np.ndarray
-    dof: int
+    dof: np.ndarray
 
 
 def estimate(
@@ -283,14 +354,15 @@ def estimate(
     pair_correction: bool = True,
 ) -> GroupEstimate:
     """Mean over subjects, corrected SE (``mode``: stimuli | subjects | both), Student-t
-    interval at ``level`` and t-test p-values (one-sided ``> 0`` and two-sided)."""
+    interval at ``level`` and t-test p-values (one-sided ``> 0`` and two-sided) with the
+    degrees of freedom of :func:`variance_components`."""
     n, S = plan.counts.shape[1], coef.r.shape[1]
     mean = _nanmean_rows(coef.r)
-    variance = corrected_variance(
+    parts = variance_components(
         bootstrap_variances(coef, plan), mode, n, S, pair_correction=pair_correction
     )
-    se = np.sqrt(np.maximum(variance, 0))
-    k = dof(mode, n, S)
+    se = np.sqrt(np.maximum(parts.total, 0))
+    k = parts.dof
     quantile = scipy.stats.t.ppf(0.5 + level / 2, k)
     with np.errstate(invalid="ignore", divide="ignore"):
         t = mean / se
