@@ -59,6 +59,7 @@ import scipy.stats
 import torch
 
 from object2brain.errors import DataError
+from object2brain.executors.base import Executor, chunk_seed, chunks_of
 from object2brain.rsa.compare import WeightedComparison, compare, comparison_scale
 from object2brain.rsa.rdm import triu_indices, upper_triangle
 
@@ -66,6 +67,9 @@ Bootstrap = Literal["stimuli", "subjects", "both"]
 BOOTSTRAPS: tuple[str, ...] = ("stimuli", "subjects", "both")
 _GROUP_STREAM = 15_485_863  # seed word of the two-factor resamples
 _BLOCK = 64  # resamples per weighted comparison call
+#: Resamples per chunk: chunk ``k`` is drawn from its own seed (:func:`resample_plan`) and is one
+#: unit of work of an executor; a constant, never dependent on the number of workers.
+RESAMPLE_CHUNK = 250
 #: Comparators of the group tables (those with a weighted form for the resamples).
 GROUP_METHODS: tuple[str, ...] = (
     "spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov",
@@ -103,13 +107,23 @@ class ResamplePlan:
 
 def resample_plan(n: int, n_subjects: int, n_boot: int, seed: int | Sequence[int]) -> ResamplePlan:
     """Draws of ``n_boot`` two-factor resamples: a function of ``(seed, n, n_subjects, n_boot)``
-    only, so every model of a study is resampled alike (paired comparisons)."""
-    words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
-    rng = np.random.default_rng([*words, _GROUP_STREAM])
-    idx = rng.integers(0, n, size=(n_boot, n))
+    only, so every model of a study is resampled alike (paired comparisons).
+
+    ``seed``: ``root`` or ``(root, *words)`` (e.g. the target and condition). Resamples come in
+    chunks of :data:`RESAMPLE_CHUNK`; chunk ``k`` draws its stimulus indices ``(C, n)`` and then
+    its subject indices ``(C, S)`` from
+    ``numpy.random.default_rng([*chunk_seed(root, stream, k), *words])``, so any worker can draw
+    any chunk and the first resamples do not change with ``n_boot``.
+    """
+    root, *words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
     counts = np.zeros((n_boot, n))
-    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
-    return ResamplePlan(counts, rng.integers(0, n_subjects, size=(n_boot, n_subjects)))
+    subjects = np.zeros((n_boot, n_subjects), dtype=np.int64)
+    for k, rows in enumerate(chunks_of(n_boot, RESAMPLE_CHUNK)):
+        rng = np.random.default_rng([*chunk_seed(root, _GROUP_STREAM, k), *words])
+        idx = rng.integers(0, n, size=(len(rows), n))
+        np.add.at(counts, (np.asarray(rows)[:, None], idx), 1.0)
+        subjects[rows.start : rows.stop] = rng.integers(0, n_subjects, size=(len(rows), n_subjects))
+    return ResamplePlan(counts, subjects)
 
 
 @dataclass(frozen=True)
@@ -147,16 +161,43 @@ def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> n
     )
 
 
+def _weighted_chunk(shared: tuple[torch.Tensor, torch.Tensor, str], counts: np.ndarray) -> Any:
+    """One chunk of resamples (an executor's unit): ``(C, K, T)`` coefficients of the condensed
+    RDMs ``shared = (A, Y, method)`` under the stimulus counts ``(C, n)``."""
+    a, y, method = shared
+    n = counts.shape[1]
+    return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n)
+
+
+def resampled(
+    a: torch.Tensor, y: torch.Tensor, method: str, counts: np.ndarray,
+    executor: Executor | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Coefficients ``(B, K, T)`` of condensed RDMs ``a`` ``(K, m)`` and ``y`` ``(T, m)`` under
+    every resample's stimulus counts, the chunks of :data:`RESAMPLE_CHUNK` resamples run by
+    ``executor`` (default: here); the same numbers for every executor and number of workers."""
+    n = counts.shape[1]
+    if executor is None or executor.name == "local" or len(counts) <= RESAMPLE_CHUNK:
+        return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n)
+    chunks = [counts[r.start : r.stop] for r in chunks_of(len(counts), RESAMPLE_CHUNK)]
+    parts = executor.map_chunks(
+        _weighted_chunk, chunks, stage="rsa group bootstrap", shared=(a, y, method)
+    )
+    return np.concatenate(parts)
+
+
 def leave_one_out_counts(n: int) -> torch.Tensor:
     """``(n, n)`` stimulus counts of the delete-one jackknife: row ``a`` drops stimulus ``a``."""
     return 1.0 - torch.eye(n, dtype=torch.float64)
 
 
 def subject_coefficients(
-    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, plan: ResamplePlan
-) -> SubjectCoefficients:
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, plan: ResamplePlan,
+    executor: Executor | None = None,
+) -> SubjectCoefficients:  # fmt: skip
     """Coefficients of square model RDMs ``(K, n, n)`` with subject RDMs ``(S, n, n)``, observed
-    and under each resample's stimulus counts (pairs weighted ``c_a c_b``)."""
+    and under each resample's stimulus counts (pairs weighted ``c_a c_b``; the resamples'
+    chunks run by ``executor``, :func:`resampled`)."""
     if method not in GROUP_METHODS:
         raise DataError(
             f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r} (kendall_tau_a "
@@ -166,14 +207,13 @@ def subject_coefficients(
     Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
     n = model_rdms.shape[-1]
     r = compare(A, Y, method).numpy()
-    comparison = WeightedComparison(A, Y, method)
-    boot = _weighted(comparison, torch.as_tensor(plan.counts), n)
-    jack = _weighted(comparison, leave_one_out_counts(n), n)
+    boot = resampled(A, Y, method, plan.counts, executor)
+    jack = _weighted(WeightedComparison(A, Y, method), leave_one_out_counts(n), n)
     return SubjectCoefficients(r, boot, jack)
 
 
 def lower_ceiling_coefficients(
-    subject_rdms: torch.Tensor, method: str, plan: ResamplePlan
+    subject_rdms: torch.Tensor, method: str, plan: ResamplePlan, executor: Executor | None = None
 ) -> SubjectCoefficients:
     """The lower noise ceiling's per-subject terms ``l_s = r(subject_s, mean of the others)``
     (pooled on the comparison's scale) as a ``(1, S)`` row, observed and resampled."""
@@ -183,7 +223,7 @@ def lower_ceiling_coefficients(
     others = (scaled.sum(dim=0, keepdim=True) - scaled) / max(1, S - 1)
     comparison = WeightedComparison(Y, others, method)
     r = torch.diagonal(compare(Y, others, method)).numpy()
-    boot = np.diagonal(_weighted(comparison, torch.as_tensor(plan.counts), n), axis1=1, axis2=2)
+    boot = np.diagonal(resampled(Y, others, method, plan.counts, executor), axis1=1, axis2=2)
     jack = np.diagonal(_weighted(comparison, leave_one_out_counts(n), n), axis1=1, axis2=2)
     return SubjectCoefficients(r[None], boot[:, None, :], jack[:, None, :])
 
@@ -399,6 +439,7 @@ class GroupSettings:
     bootstrap: str | None
     compare_models: str | list[str]
     seed: int
+    executor: Executor | None = None  # where the chunks of resamples run (None: here)
 
 
 def _cell_plan(
@@ -426,12 +467,17 @@ def group_inference_rows(
         for ti, target in enumerate(analysis.targets):
             sub, plan, mode = _cell_plan(target, condition.rows, settings, (ti, ci))
             S, n = sub.shape[0], len(condition.rows)
-            lower = lower_ceiling_coefficients(sub, settings.method, plan) if S >= 2 else None
+            lower = (
+                lower_ceiling_coefficients(sub, settings.method, plan, settings.executor)
+                if S >= 2
+                else None
+            )
             nc_low, nc_high = ceilings[(ti, condition.name)]
             for model in models:
                 coef = subject_coefficients(
-                    _restrict(model.rdms, condition.rows), sub, settings.method, plan
-                )
+                    _restrict(model.rdms, condition.rows), sub, settings.method, plan,
+                    settings.executor,
+                )  # fmt: skip
                 est = estimate(coef, plan, mode)
                 below = np.full(len(model.layers), np.nan)
                 if lower is not None:
@@ -542,7 +588,7 @@ def model_comparison_rows(
 
 def _fold_coefficients(
     pick_layers: list[int], model: ModelRdms, sub: torch.Tensor, folds: list[np.ndarray],
-    plans: list[ResamplePlan], method: str,
+    plans: list[ResamplePlan], method: str, executor: Executor | None = None,
 ) -> SubjectCoefficients:  # fmt: skip
     """One model's held-out coefficients, fold ``f`` scored with layer ``pick_layers[f]`` on
     the fold's stimuli: ``r = mean_f r_f`` ``(1, S)``, resamples ``mean_f r_f*`` (each fold's
@@ -550,7 +596,7 @@ def _fold_coefficients(
     fold ``f`` changes only ``r_f``)."""
     parts = [
         subject_coefficients(
-            _restrict(model.rdms[k : k + 1], fold), _restrict(sub, fold), method, plan
+            _restrict(model.rdms[k : k + 1], fold), _restrict(sub, fold), method, plan, executor
         )
         for k, fold, plan in zip(pick_layers, folds, plans, strict=True)
     ]
@@ -586,7 +632,8 @@ def cross_validated_rows(
     plan = ResamplePlan(np.concatenate([p.counts for p in plans], axis=1), plans[0].subjects)
     mode = default_bootstrap(settings.bootstrap, S)
     coefs = [
-        _fold_coefficients([c[m] for c in chosen], model, sub_all, folds, plans, settings.method)
+        _fold_coefficients([c[m] for c in chosen], model, sub_all, folds, plans, settings.method,
+                           settings.executor)  # fmt: skip
         for m, model in enumerate(models)
     ]
     selection = f"best by {len(folds)}-fold cross-validation"
@@ -618,8 +665,9 @@ def _pair_rows(
 ) -> list[dict[str, Any]]:  # fmt: skip
     coefs = [
         subject_coefficients(
-            _restrict(p.model.rdms[p.k : p.k + 1], rows), sub, settings.method, plan
-        )
+            _restrict(p.model.rdms[p.k : p.k + 1], rows), sub, settings.method, plan,
+            settings.executor,
+        )  # fmt: skip
         for p in picks
     ]
     out = []
@@ -643,9 +691,11 @@ def group_tables(
     options: Any,
     seed: int,
     ceilings: dict[Any, Any],
+    executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``group_inference`` and ``model_comparison`` tables of one alignment run (empty for
-    ``kendall_tau_a``, which has no weighted form for the resamples)."""
+    ``kendall_tau_a``, which has no weighted form for the resamples); the chunks of resamples
+    run by ``executor`` (default: here; the same numbers for every executor)."""
     from object2brain.rsa.inference import with_fdr
     from object2brain.tables import GROUP_INFERENCE, MODEL_COMPARISON
 
@@ -654,8 +704,9 @@ def group_tables(
     if options.compare_method not in GROUP_METHODS:
         return group, comparison
     settings = GroupSettings(
-        options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed
-    )
+        options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed,
+        executor,
+    )  # fmt: skip
     rows = group_inference_rows(models, analysis, settings, ceilings)
     if rows:
         group = with_fdr(pd.DataFrame(rows, columns=GROUP_INFERENCE.column_names),
