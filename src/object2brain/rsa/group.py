@@ -58,6 +58,7 @@ import pandas as pd
 import scipy.stats
 import torch
 
+from object2brain.data.splits import make_folds
 from object2brain.errors import DataError
 from object2brain.executors.base import Executor, chunk_seed, chunks_of
 from object2brain.rsa.compare import WeightedComparison, compare, comparison_scale
@@ -538,14 +539,18 @@ BEST_FOLDS = 5
 MIN_FOLD_STIMULI = 4
 
 
-def stimulus_folds(n_rows: int, seed: int) -> list[np.ndarray]:
+def stimulus_folds(
+    n_rows: int, seed: int, within: Sequence[str] | np.ndarray | None = None
+) -> list[np.ndarray]:
     """Positions of ``n_rows`` stimuli in ``k = min(BEST_FOLDS, n_rows // MIN_FOLD_STIMULI)``
-    random folds of near-equal size (each sorted); empty when ``k < 2``."""
+    folds of near-equal size (each sorted; empty when ``k < 2``): the folds of
+    :func:`object2brain.data.splits.make_folds` (one level; stratified by the ``within``
+    labels, e.g. each stimulus' condition, when given)."""
     k = min(BEST_FOLDS, n_rows // MIN_FOLD_STIMULI)
     if k < 2:
         return []
-    order = np.random.default_rng([seed, _GROUP_STREAM, 1]).permutation(n_rows)
-    return [np.sort(fold) for fold in np.array_split(order, k)]
+    folds = make_folds(np.zeros(n_rows), k, seed=seed, within=within)
+    return [np.flatnonzero(folds == f) for f in range(k)]
 
 
 def best_picks(
@@ -574,7 +579,11 @@ def model_comparison_rows(
     for ci, condition in enumerate(analysis.conditions):
         for ti, target in enumerate(analysis.targets):
             if best:
-                out += cross_validated_rows(models, target, condition, settings, (ti, ci))
+                known = getattr(analysis, "labels", None)
+                labels = None if known is None else np.asarray(known)[condition.rows]
+                out += cross_validated_rows(
+                    models, target, condition, settings, (ti, ci), labels
+                )
                 continue
             assert fixed is not None
             rows = condition.rows
@@ -609,16 +618,17 @@ def _fold_coefficients(
 
 def cross_validated_rows(
     models: Sequence[ModelRdms], target: Any, condition: Any, settings: GroupSettings,
-    words: tuple[int, int],
+    words: tuple[int, int], labels: Sequence[str] | np.ndarray | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """``--compare-models best``: k-fold cross-validation over stimulus folds
-    (:func:`stimulus_folds`). For each fold, each model's layer with the highest mean r over
+    (:func:`stimulus_folds`, stratified by the stimuli's condition ``labels`` when given). For
+    each fold, each model's layer with the highest mean r over
     subjects on the *other* folds (:func:`best_picks`) is scored on the fold's own stimuli
     (pairs within the fold); the statistic is the mean over folds of the held-out
     ``delta_r``, never computed on the stimuli its layers were chosen on. Its resamples draw
     each fold's stimuli on their own and the subjects once (shared by the folds)."""
     rows = condition.rows
-    folds = stimulus_folds(len(rows), settings.seed)
+    folds = stimulus_folds(len(rows), settings.seed, labels)
     if len(models) < 2 or not folds:
         return []
     sub_all = _restrict(target.rdms, rows)
