@@ -61,8 +61,13 @@ import torch
 from object2brain.data.splits import make_folds
 from object2brain.errors import DataError
 from object2brain.executors.base import Executor, chunk_seed, chunks_of
-from object2brain.rsa.compare import WeightedComparison, compare, comparison_scale
-from object2brain.rsa.rdm import triu_indices, upper_triangle
+from object2brain.rsa.compare import (
+    WeightedComparison,
+    compare,
+    comparison_scale,
+    masked_compare,
+)
+from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
 
 Bootstrap = Literal["stimuli", "subjects", "both"]
 BOOTSTRAPS: tuple[str, ...] = ("stimuli", "subjects", "both")
@@ -71,9 +76,10 @@ _BLOCK = 64  # resamples per weighted comparison call
 #: Resamples per chunk: chunk ``k`` is drawn from its own seed (:func:`resample_plan`) and is one
 #: unit of work of an executor; a constant, never dependent on the number of workers.
 RESAMPLE_CHUNK = 250
-#: Comparators of the group tables (those with a weighted form for the resamples).
+KENDALL = "kendall_tau_a"
+#: Comparators of the group tables (Kendall tau-a's resamples are gathered, the others weighted).
 GROUP_METHODS: tuple[str, ...] = (
-    "spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov",
+    "spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov", KENDALL,
 )  # fmt: skip
 #: Fewest subjects of a target whose default bootstrap is ``both``.
 MIN_SUBJECTS_BOTH = 3
@@ -162,12 +168,37 @@ def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> n
     )
 
 
+def _kendall(a: torch.Tensor, y: torch.Tensor, counts: np.ndarray) -> np.ndarray:
+    """Kendall tau-a ``(C, K, T)`` of condensed RDMs ``a`` ``(K, m)`` and ``y`` ``(T, m)`` under
+    stimulus counts ``(C, n)``: each resample lists stimulus ``a`` ``c_a`` times, takes the pairs
+    ``p < q`` of that list and drops those of a stimulus with its own copy (tau-a has no weighted
+    form: the pairs are gathered; ``O(m^2)`` per resample)."""
+    A, Y = squareform(a), squareform(y)
+    n = counts.shape[1]
+    out = []
+    for c in np.asarray(counts).astype(np.int64):
+        idx = torch.as_tensor(np.repeat(np.arange(n), c))
+        i, j = triu_indices(len(idx), torch.device("cpu"))
+        ra, rb = idx[i], idx[j]
+        w = (ra != rb).to(torch.float64)[None]
+        out.append(masked_compare(A[:, ra, rb][None], Y[:, ra, rb][None], w, KENDALL).numpy())
+    return np.concatenate(out) if out else np.zeros((0, a.shape[0], y.shape[0]))
+
+
+def _coefficients(a: torch.Tensor, y: torch.Tensor, method: str, counts: np.ndarray) -> Any:
+    """Coefficients ``(C, K, T)`` of condensed RDMs under stimulus counts ``(C, n)`` (pair
+    weights ``c_a c_b``; Kendall tau-a: :func:`_kendall`)."""
+    if method == KENDALL:
+        return _kendall(a, y, counts)
+    n = counts.shape[1]
+    return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n)
+
+
 def _weighted_chunk(shared: tuple[torch.Tensor, torch.Tensor, str], counts: np.ndarray) -> Any:
     """One chunk of resamples (an executor's unit): ``(C, K, T)`` coefficients of the condensed
     RDMs ``shared = (A, Y, method)`` under the stimulus counts ``(C, n)``."""
     a, y, method = shared
-    n = counts.shape[1]
-    return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n)
+    return _coefficients(a, y, method, counts)
 
 
 def resampled(
@@ -177,9 +208,8 @@ def resampled(
     """Coefficients ``(B, K, T)`` of condensed RDMs ``a`` ``(K, m)`` and ``y`` ``(T, m)`` under
     every resample's stimulus counts, the chunks of :data:`RESAMPLE_CHUNK` resamples run by
     ``executor`` (default: here); the same numbers for every executor and number of workers."""
-    n = counts.shape[1]
     if executor is None or executor.name == "local" or len(counts) <= RESAMPLE_CHUNK:
-        return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n)
+        return np.asarray(_coefficients(a, y, method, counts))
     chunks = [counts[r.start : r.stop] for r in chunks_of(len(counts), RESAMPLE_CHUNK)]
     parts = executor.map_chunks(
         _weighted_chunk, chunks, stage="rsa group bootstrap", shared=(a, y, method)
@@ -200,16 +230,13 @@ def subject_coefficients(
     and under each resample's stimulus counts (pairs weighted ``c_a c_b``; the resamples'
     chunks run by ``executor``, :func:`resampled`)."""
     if method not in GROUP_METHODS:
-        raise DataError(
-            f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r} (kendall_tau_a "
-            "has no weighted form for the resamples)"
-        )
+        raise DataError(f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r}")
     A = upper_triangle(model_rdms).to(torch.float64).cpu()
     Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
     n = model_rdms.shape[-1]
     r = compare(A, Y, method).numpy()
     boot = resampled(A, Y, method, plan.counts, executor)
-    jack = _weighted(WeightedComparison(A, Y, method), leave_one_out_counts(n), n)
+    jack = _coefficients(A, Y, method, leave_one_out_counts(n).numpy())
     return SubjectCoefficients(r, boot, jack)
 
 
@@ -222,10 +249,11 @@ def lower_ceiling_coefficients(
     S, n = Y.shape[0], subject_rdms.shape[-1]
     scaled = comparison_scale(Y, method)
     others = (scaled.sum(dim=0, keepdim=True) - scaled) / max(1, S - 1)
-    comparison = WeightedComparison(Y, others, method)
     r = torch.diagonal(compare(Y, others, method)).numpy()
     boot = np.diagonal(resampled(Y, others, method, plan.counts, executor), axis1=1, axis2=2)
-    jack = np.diagonal(_weighted(comparison, leave_one_out_counts(n), n), axis1=1, axis2=2)
+    jack = np.diagonal(
+        _coefficients(Y, others, method, leave_one_out_counts(n).numpy()), axis1=1, axis2=2
+    )
     return SubjectCoefficients(r[None], boot[:, None, :], jack[:, None, :])
 
 
@@ -703,9 +731,8 @@ def group_tables(
     ceilings: dict[Any, Any],
     executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``group_inference`` and ``model_comparison`` tables of one alignment run (empty for
-    ``kendall_tau_a``, which has no weighted form for the resamples); the chunks of resamples
-    run by ``executor`` (default: here; the same numbers for every executor)."""
+    """The ``group_inference`` and ``model_comparison`` tables of one alignment run; the chunks
+    of resamples run by ``executor`` (default: here; the same numbers for every executor)."""
     from object2brain.rsa.inference import with_fdr
     from object2brain.tables import GROUP_INFERENCE, MODEL_COMPARISON
 
