@@ -306,9 +306,15 @@ OBJECT2BRAIN = TableSchema(
     # tables written before the group null, cross-fitting and the encoding lesion (no column
     # analysis: all rows rsa) still load
     added=(
-        "analysis", "p_group", "p_group_fdr", "n_group_null", "significant", "selection",
-        "null_low", "null_high",
-    ),  # fmt: skip
+        "analysis",
+        "p_group",
+        "p_group_fdr",
+        "n_group_null",
+        "significant",
+        "selection",
+        "null_low",
+        "null_high",
+    ),
 )
 
 HEAD_METRICS = TableSchema(

@@ -88,16 +88,19 @@ def test_fold_rows_equal_a_dissection_with_the_fold_head(
     for k in (0, 1):
         rows = table[table["fold"] == k].reset_index(drop=True)
         others = [sid for i, sid in enumerate(stimuli.ids) if i % 2 != k]  # the heads' folds
-        alone = _dissect(study, _with_head(study["heads"] / fold_head_name(k)),
-                         stimuli.subset(others), selection_folds=0).table  # type: ignore[attr-defined]
+        alone = _dissect(
+            study,
+            _with_head(study["heads"] / fold_head_name(k)),
+            stimuli.subset(others),
+            selection_folds=0,
+        ).table  # type: ignore[attr-defined]
         np.testing.assert_allclose(rows[MEASURES].to_numpy(float),
                                    alone[MEASURES].to_numpy(float), rtol=1e-9)  # fmt: skip
         for column in ("p_assign", "p_assign_fdr", "assigned"):  # the same null draws too
             assert rows[column].equals(alone[column].reset_index(drop=True)), column
         assigned.append(rows.loc[rows["assigned"], ["filter", "group"]].values.tolist())
         if k == 1:  # head 1 weighs the face filter negatively: other maps
-            main = _dissect(study, planted_model(), stimuli.subset(others),
-                            selection_folds=0).table  # type: ignore[attr-defined]
+            main = _dissect(study, planted_model(), stimuli.subset(others), selection_folds=0).table  # type: ignore[attr-defined]
             differs = ~np.isclose(rows["enrichment"], main["enrichment"], equal_nan=True)
             assert differs.any()
     assert assigned[0] == [[2, "Faces"]]  # head 0 is the planted face head

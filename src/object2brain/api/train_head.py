@@ -126,9 +126,9 @@ def train_head(
         progress: show progress bars.
         figures: write the predicted-vs-rated scatter figure of each model.
         loss, augment, cache, epochs, patience, lr, weight_decay, batch_size, fractions,
-        num_workers, cross_fit, selection_folds: the fields of :class:`TrainHeadOptions` (``None``: from
-            ``options``, else its default). ``cache`` keeps the penultimate features in an
-            activation store ``<out>/<model>/features.h5`` (off with ``augment``);
+        num_workers, cross_fit, selection_folds: the fields of :class:`TrainHeadOptions`
+            (``None``: from ``options``, else its default). ``cache`` keeps the penultimate
+            features in an activation store ``<out>/<model>/features.h5`` (off with ``augment``);
             ``cross_fit=K`` (``K >= 2``) also fits ``K`` fold heads and writes every stimulus's
             out-of-fold prediction to ``<out>/<model>/out_of_fold.csv`` (``stimulus_id, fold,
             valence, level, predicted``), with metrics under ``"out_of_fold"``: use these, not

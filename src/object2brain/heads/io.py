@@ -157,8 +157,8 @@ class FoldHeads:
             raise DataError(
                 f"{self.folder}: stimulus {missing[0]!r}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + f" is held out by none of the {self.n_folds} fold heads: they were fitted on another "
-                "stimulus set; train them on these stimuli (train-head --selection-folds)"
+                + f" is held out by none of the {self.n_folds} fold heads: they were fitted on "
+                "another stimulus set; train them on these stimuli (train-head --selection-folds)"
             )
         return np.asarray([where[sid] for sid in ids], dtype=np.int64)
 
@@ -181,7 +181,7 @@ def load_fold_heads(model: LoadedModel, folder: Path) -> FoldHeads:
             f"(train-head --selection-folds K); found {len(paths)}"
         )
     heads, held, layers = [], [], set()
-    for k, path in enumerate(paths):
+    for path in paths:
         linear, meta, layer = checked_head(model, path)
         if "held_out" not in meta or meta.get("n_folds") != len(paths):
             raise ModelError(

@@ -137,7 +137,12 @@ def write_head(fit: HeadFit, result: HeadsResult, out: Path, split_path: Path) -
     written.append(write_json(folder / METRICS_NAME, fit.metrics))
     metadata = head_metadata(fit, result, split_path)
     head_path = save_head(fit.head, folder / HEAD_NAME, metadata)
-    return [*written, head_path, sidecar_path(head_path), *write_fold_heads(fit, result, metadata, folder)]
+    return [
+        *written,
+        head_path,
+        sidecar_path(head_path),
+        *write_fold_heads(fit, result, metadata, folder),
+    ]
 
 
 def write_fold_heads(
@@ -199,7 +204,9 @@ def _manifest(
         "augment": options.augment,
         "cache": uses_cache(options),
         "cross_fit": result.rated.n_folds,
-        "selection_folds": 0 if result.rated.selection is None else int(result.rated.selection.max()) + 1,
+        "selection_folds": 0
+        if result.rated.selection is None
+        else int(result.rated.selection.max()) + 1,
         **{k: getattr(options, k) for k in ("epochs", "patience", "lr", "weight_decay")},
         "batch_size": options.batch_size,
         "device": record.device,

@@ -146,7 +146,9 @@ def recorded_folds(filters: FilterTable, ids: Sequence[str], k: int) -> np.ndarr
     """
     assert filters.folds is not None
     where = filters.folds_where or "the dissection's selection folds"
-    fold_of = dict(zip(filters.folds["stimulus_id"].astype(str), filters.folds["fold"], strict=True))
+    fold_of = dict(
+        zip(filters.folds["stimulus_id"].astype(str), filters.folds["fold"], strict=True)
+    )
     missing = [sid for sid in ids if sid not in fold_of]
     if missing:
         raise DataError(
@@ -943,7 +945,6 @@ def null_interval(null: np.ndarray | None, n_columns: int) -> tuple[np.ndarray, 
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, as wanted
         low, high = np.nanquantile(values, NULL_QUANTILES, axis=0)
     return np.asarray(low, dtype=float), np.asarray(high, dtype=float)
-
 
 
 def layers_to_lesion(

@@ -481,7 +481,10 @@ def _train_head_key(study: Study, model: Unit) -> dict[str, Any]:
     return {
         "stage": "train_head",
         "options": options_key(options)
-        | {"cross_fit": options.folds(in_study=True), "selection_folds": study_selection_folds(study)},
+        | {
+            "cross_fit": options.folds(in_study=True),
+            "selection_folds": study_selection_folds(study),
+        },
         "stimuli": study.stimuli_key,
         "valence": column_key(study.stimuli, "valence"),
         "models": [model_key(m) for m in study.untrained()],
@@ -740,7 +743,9 @@ def _lesion(study: Study, model: Unit) -> list[Path]:
             progress=study.progress,
             behavior_ids=study.held_out,
             encode_options=_lesion_encoding(study),
-            folds=folds if (folds := _dissect_folder(study, each) / "folds.csv").is_file() else None,
+            folds=folds
+            if (folds := _dissect_folder(study, each) / "folds.csv").is_file()
+            else None,
         )
         files.extend(result.files)
     return files
