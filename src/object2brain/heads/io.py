@@ -172,7 +172,7 @@ def load_fold_heads(model: LoadedModel, folder: Path) -> FoldHeads:
             another ``n_folds``, a stimulus held out by two heads, or a head that does not fit.
     """
     folder = Path(folder).expanduser()
-    paths = []
+    paths: list[Path] = []
     while (folder / fold_head_name(len(paths))).is_file():
         paths.append(folder / fold_head_name(len(paths)))
     if len(paths) < 2:
