@@ -236,13 +236,23 @@ class TrainHeadOptions(StageOptions):
             "stimuli), 0 for train-head alone."
         ),
     )
+    selection_folds: Int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "K >= 2: also K selection fold heads, head k fitted without the stimuli of selection "
+            "fold k (folds stratified by condition, as dissect --selection-folds with the same "
+            "seed), saved as <model>/head.fold<k>.safetensors for dissect --fold-heads; 0: none. "
+            "Default: in a study with a cross-fitted dissection, its selection folds; else 0."
+        ),
+    )
     ratings: ValenceSource = Field(
         "stimuli",
         description="In a study: train on the stimulus table's valence or the mean rating.",
         json_schema_extra=_cli(None),
     )
 
-    @field_validator("cross_fit")
+    @field_validator("cross_fit", "selection_folds")
     @classmethod
     def _folds(cls, value: int | None) -> int | None:
         if value == 1:
@@ -389,6 +399,14 @@ class DissectOptions(StageOptions):
         description=(
             "Decoded-image cache folder: model-resolution pixels kept across runs "
             "(same preprocessing: no decoding)."
+        ),
+    )
+    fold_heads: Path | None = Field(
+        None,
+        description=(
+            "Folder of selection fold heads (head.fold<k>.safetensors with sidecars naming the "
+            "held-out stimuli, from train-head --selection-folds): fold k's Grad-CAM maps come "
+            "from the head that did not see fold k, and the selection folds are the heads' folds."
         ),
     )
     gallery_filters: Int = Field(

@@ -96,6 +96,7 @@ def lesion(
     analysis: str | None = None,
     encode_options: EncodeOptions | None = None,
     duplicate_ratings: str | None = None,
+    folds: str | Path | None = None,
 ) -> LesionResult:
     """Lesion / keep-only analysis of every object group (Object2Brain).
 
@@ -117,6 +118,11 @@ def lesion(
         layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
             n_group_null, selection, selection_folds, propagate, batch_size,
             duplicate_ratings: the fields of :class:`LesionOptions` (None: not given).
+        folds: the dissection's selection folds (its ``folds.csv``: ``stimulus_id, fold``;
+            default: the ``folds.csv`` next to a ``filters`` file). With
+            ``selection="cross_fit"`` every analysed stimulus must be in it (else an error
+            naming the file and the first missing stimulus) and fold ``k``'s groups are
+            measured on the stimuli it puts in fold ``k``.
     """
     given = {
         "layers": None if layers is None else list(layers),
@@ -139,7 +145,7 @@ def lesion(
     runtime = Runtime(seed=seed, device=str(device), progress=progress)
     if out is not None:
         check_output_folder(out)
-    table = load_filter_table(filters)
+    table = load_filter_table(filters, folds)
     paths = store_paths(activations)
     brain_data = load_brain(brain) if brain is not None else None
     stimulus_set = stimulus_table(stimuli)

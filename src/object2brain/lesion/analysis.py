@@ -100,10 +100,66 @@ class LesionResult:
 
 @dataclass(frozen=True)
 class FilterTable:
-    """A ``filter_objects`` table (the dissection's filter-to-group assignment) and its origin."""
+    """A ``filter_objects`` table (the dissection's filter-to-group assignment) and its origin;
+    ``folds``: the dissection's selection folds (``stimulus_id, fold``, its ``folds.csv``) read
+    from ``folds_where``, or ``None`` when not known."""
 
     frame: pd.DataFrame
     where: str = "filter table"
+    folds: pd.DataFrame | None = None
+    folds_where: str = ""
+
+
+#: The dissection's record of its selection folds, next to its ``filter_objects`` table.
+FOLDS_FILE = "folds.csv"
+
+
+def load_fold_definition(path: str | Path) -> pd.DataFrame:
+    """A dissection's ``folds.csv`` (``stimulus_id, fold``; ids exactly as written).
+
+    Raises:
+        DataError: unreadable, missing columns, duplicate ids or non-integer folds.
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={"stimulus_id": str}, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise DataError(f"{path}: cannot be read as a selection fold file ({exc})") from None
+    require_columns(frame.columns, ("stimulus_id", "fold"), str(path))
+    folds = pd.to_numeric(frame["fold"], errors="coerce")
+    if folds.isna().any() or (folds < 0).any() or not np.allclose(folds, folds.round()):
+        raise DataError(f"{path}: column fold must hold fold numbers 0, 1, ...")
+    duplicated = frame["stimulus_id"][frame["stimulus_id"].duplicated()]
+    if len(duplicated):
+        raise DataError(f"{path}: stimulus_id {duplicated.iloc[0]!r} is listed twice")
+    return pd.DataFrame({"stimulus_id": frame["stimulus_id"], "fold": folds.astype(np.int64)})
+
+
+def recorded_folds(filters: FilterTable, ids: Sequence[str], k: int) -> np.ndarray:
+    """The selection fold ``(n,)`` of every analysed stimulus ``ids`` as the dissection recorded
+    it (``filters.folds``): the lesion measures fold ``k``'s groups on exactly the stimuli the
+    dissection held out of fold ``k``'s selection.
+
+    Raises:
+        DataError: naming the fold file and the first analysed stimulus it does not hold (the
+            dissection saw other stimuli), or another number of folds than ``k``.
+    """
+    assert filters.folds is not None
+    where = filters.folds_where or "the dissection's selection folds"
+    fold_of = dict(
+        zip(filters.folds["stimulus_id"].astype(str), filters.folds["fold"], strict=True)
+    )
+    missing = [sid for sid in ids if sid not in fold_of]
+    if missing:
+        raise DataError(
+            f"{where}: the lesion measures stimulus {missing[0]!r}, which the dissection's "
+            f"selection folds do not hold ({len(missing)} such stimuli): the groups were chosen "
+            "on other stimuli; dissect the stimuli the lesion analyses"
+        )
+    n_folds = int(filters.folds["fold"].max()) + 1
+    if n_folds != k:
+        raise DataError(f"{where}: {n_folds} selection folds, but --selection-folds {k}")
+    return np.asarray([fold_of[sid] for sid in ids], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -173,16 +229,23 @@ def group_filters(
     return groups
 
 
-def load_filter_table(source: str | Path | pd.DataFrame) -> FilterTable:
-    """Read a ``filter_objects`` table and check its columns."""
+def load_filter_table(
+    source: str | Path | pd.DataFrame, folds: str | Path | None = None
+) -> FilterTable:
+    """Read a ``filter_objects`` table and check its columns; with it the dissection's
+    selection folds: ``folds``, else the :data:`FOLDS_FILE` next to a table file, if any."""
     frame = source.copy() if isinstance(source, pd.DataFrame) else read_table(Path(source))
     where = "filter table" if isinstance(source, pd.DataFrame) else str(source)
+    if folds is None and not isinstance(source, pd.DataFrame):
+        beside = Path(source).parent / FOLDS_FILE
+        folds = beside if beside.is_file() else None
+    definition = None if folds is None else load_fold_definition(folds)
     require_columns(frame.columns, FILTER_COLUMNS, where, detail=" of a filter_objects table")
     if frame.empty:
         raise DataError(f"{where}: the filter table has no rows")
     frame["assigned"] = parse_booleans(frame["assigned"], where, "assigned")
     _refuse_double_assignment(frame, where)
-    return FilterTable(frame, where)
+    return FilterTable(frame, where, definition, "" if folds is None else str(folds))
 
 
 def _refuse_double_assignment(frame: pd.DataFrame, where: str) -> None:
@@ -338,7 +401,17 @@ def with_selection(
         )
         wanted_groups = options.groups or list(members)
         fold_groups.append({g: members[g] for g in wanted_groups if g in members})
-    fold_of = selection_folds(analysis, k, seed)
+    if filters.folds is not None:
+        fold_of = recorded_folds(filters, analysis.ids, k)
+    else:
+        log.warning(
+            "%s: no record of the dissection's selection folds (%s): the folds are drawn again "
+            "from the analysed stimuli, which matches the dissection only if it dissected these "
+            "stimuli (same ids, order, conditions) with the same seed",
+            filters.where,
+            FOLDS_FILE,
+        )
+        fold_of = selection_folds(analysis, k, seed)
     return replace(task, folds=fold_of, fold_groups=tuple(fold_groups)), ""
 
 
@@ -793,6 +866,7 @@ def _rows(
 ) -> list[dict[str, Any]]:
     p_null, z_null = _null_stats(estimate.delta, estimate.null_random)
     p_group, _ = _null_stats(estimate.delta, estimate.null_group)
+    null_low, null_high = null_interval(estimate.null_random, len(estimate.delta))
     return [
         common
         | {
@@ -807,6 +881,8 @@ def _rows(
             "p_null": p_null[c],
             "z_null": z_null[c],
             "n_null": options.n_null,
+            "null_low": null_low[c],
+            "null_high": null_high[c],
             "p_perm": p_labels[c],
             "n_perm": options.n_perm if linear else 0,
             "p_group": p_group[c],
@@ -850,6 +926,25 @@ def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray,
 
 
 # --- shared with the encoding lesion (object2brain.lesion.encoding) -----------------------
+
+
+#: Quantiles of the null of ``delta_r`` reported as ``null_low`` and ``null_high``.
+NULL_QUANTILES = (0.025, 0.975)
+
+
+def null_interval(null: np.ndarray | None, n_columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """``null_low`` and ``null_high`` ``(T,)``: the 2.5% and 97.5% quantiles (numpy's linear
+    interpolation) of each column's finite null draws of ``delta_r`` ``(N, T)``; NaN where a
+    column has none or no null was drawn. The central 95% of the draws a ``delta_r`` is
+    compared with by ``p_null``."""
+    if null is None or len(null) == 0:
+        nan = np.full(n_columns, np.nan)
+        return nan, nan.copy()
+    values = np.where(np.isfinite(null), null, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, as wanted
+        low, high = np.nanquantile(values, NULL_QUANTILES, axis=0)
+    return np.asarray(low, dtype=float), np.asarray(high, dtype=float)
 
 
 def layers_to_lesion(

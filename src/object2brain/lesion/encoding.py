@@ -63,6 +63,7 @@ from object2brain.lesion.analysis import (
     LayerFilters,
     layers_to_lesion,
     load_layer,
+    null_interval,
     null_p_z,
     null_subset_masks,
     store_model,
@@ -309,6 +310,7 @@ def _layer_rows(
             null_slice = subsets.null_rows.get(key)
             null = None if null_slice is None else table[null_slice] - full[None]
             p, z = null_p_z(delta, null)
+            low, high = null_interval(null, len(delta))
             for t, (target, subject) in enumerate(rois):
                 rows.append(
                     {
@@ -327,6 +329,8 @@ def _layer_rows(
                         "p_null": p[t],
                         "z_null": z[t],
                         "n_null": options.n_null,
+                        "null_low": low[t],
+                        "null_high": high[t],
                         "p_perm": np.nan,
                         "p_perm_fdr": np.nan,
                         "n_perm": 0,
