@@ -157,12 +157,15 @@ def summarise(p_values: dict[str, list[float]]) -> dict[str, Any]:
         "binomial_95_interval": [low, high],
         "rejection_rate": rates,
         "inside_interval": {k: bool(low <= r <= high) for k, r in rates.items()},
-        "ks_uniform_p": {k: float(stats.kstest(ps, "uniform").pvalue) for k, ps in p_values.items()},
+        "ks_uniform_p": {
+            k: float(stats.kstest(ps, "uniform").pvalue) for k, ps in p_values.items()
+        },
     }
 
 
-def run_setting(args: argparse.Namespace, v: int, signal: float, datasets: int, refit: bool,
-                start: int = 0) -> dict[str, Any]:
+def run_setting(
+    args: argparse.Namespace, v: int, signal: float, datasets: int, refit: bool, start: int = 0
+) -> dict[str, Any]:
     p_values: dict[str, list[float]] = {}
     began = time.perf_counter()
     for index in range(start, start + datasets):
@@ -171,11 +174,18 @@ def run_setting(args: argparse.Namespace, v: int, signal: float, datasets: int, 
         ).items():
             p_values.setdefault(key, []).append(value)
         if (index - start + 1) % 25 == 0:
-            rates = {k: round(float(np.mean(np.asarray(x) <= LEVEL)), 4) for k, x in p_values.items()}
-            print(f"v={v} signal={signal}: {index - start + 1} datasets {rates} "
-                  f"{time.perf_counter() - began:.0f} s", flush=True)
+            rates = {
+                k: round(float(np.mean(np.asarray(x) <= LEVEL)), 4) for k, x in p_values.items()
+            }
+            print(
+                f"v={v} signal={signal}: {index - start + 1} datasets {rates} "
+                f"{time.perf_counter() - began:.0f} s",
+                flush=True,
+            )
     summary = summarise(p_values)
-    summary.update({"n_voxels": v, "signal": signal, "seconds": round(time.perf_counter() - began, 1)})
+    summary.update(
+        {"n_voxels": v, "signal": signal, "seconds": round(time.perf_counter() - began, 1)}
+    )
     return summary
 
 
@@ -198,10 +208,16 @@ def markdown(result: dict[str, Any]) -> str:
             rate = setting["rejection_rate"].get(test)
             ks = setting["ks_uniform_p"].get(test)
             cells.append("-" if rate is None else f"{100 * rate:.2f}% (KS p {ks:.2g})")
-        lines.append(f"| {name} | {setting['datasets']} | [{100 * low:.2f}, {100 * high:.2f}]% | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "Rows `power`: rejection rate on planted datasets (higher is better; no "
-              "interval applies). Run times per setting are in the JSON."]
+        lines.append(
+            f"| {name} | {setting['datasets']} | [{100 * low:.2f}, {100 * high:.2f}]% | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        "Rows `power`: rejection rate on planted datasets (higher is better; no "
+        "interval applies). Run times per setting are in the JSON.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -229,9 +245,20 @@ def main() -> None:
     }
     plan = [
         (f"null, {args.voxels} voxels", args.voxels, 0.0, args.datasets, True),
-        (f"power, {args.voxels} voxels, s={args.signal}", args.voxels, args.signal,
-         args.power_datasets, True),
-        (f"null, {args.more_voxels} voxels (no refit)", args.more_voxels, 0.0, args.datasets, False),
+        (
+            f"power, {args.voxels} voxels, s={args.signal}",
+            args.voxels,
+            args.signal,
+            args.power_datasets,
+            True,
+        ),
+        (
+            f"null, {args.more_voxels} voxels (no refit)",
+            args.more_voxels,
+            0.0,
+            args.datasets,
+            False,
+        ),
     ]
     for name, v, signal, datasets, refit in plan:
         result["settings"][name] = run_setting(args, v, signal, datasets, refit)

@@ -37,13 +37,13 @@ PERM_BLOCK = 256
 
 __all__ = [
     "PERM_BLOCK",
+    "REFIT_COLUMNS",
     "PermutationResult",
     "fdr_bh",
     "noise_ceiling",
     "pearson_r",
     "permutation_test",
     "r2_score",
-    "REFIT_COLUMNS",
     "refit_permutation_test",
     "refit_permutation_tests",
     "roi_summary",
