@@ -51,7 +51,7 @@ from object2brain.encoding.scores import (
     pearson_r,
     permutation_test,
     r2_score,
-    refit_permutation_test,
+    refit_permutation_tests,
     roi_summary,
 )
 from object2brain.errors import DataError, listing
@@ -184,14 +184,20 @@ def _score_rows(
     ``refit`` given: the exact permutation test that reruns the cross-validation."""
     rows = []
     n_perm = study.options.n_perm
-    for condition, mask in _condition_masks(study.conditions, responses.shape[0]):
+    masks = _condition_masks(study.conditions, responses.shape[0])
+    exact = (
+        refit_permutation_tests(
+            responses, predictions, refit, [m for _, m in masks], n_perm=n_perm, seed=study.seed
+        )
+        if refit is not None
+        else None
+    )
+    for index, (condition, mask) in enumerate(masks):
         y, p = responses[mask], predictions[mask]
         r, r2 = pearson_r(y, p), r2_score(y, p)
         summary = roi_summary(r, r2)
-        if refit is not None:
-            test = refit_permutation_test(
-                responses, predictions, refit, n_perm=n_perm, seed=study.seed, mask=mask
-            )
+        if exact is not None:
+            test = exact[index]  # one refit per permutation, scored on every condition
         else:
             test = permutation_test(y, p, n_perm=n_perm, seed=study.seed, groups=study.folds[mask])
         runs = study.runs.get(roi)
