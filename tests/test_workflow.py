@@ -231,3 +231,105 @@ def test_models_with_their_own_heads_share_one_backbone_pass(
             manifest.pop(key, None)
         manifest["config"].pop("out")
     assert manifests[0] == manifests[1]
+
+
+def test_a_model_added_to_a_finished_study_reads_no_image(
+    tmp_path: Path, stimulus_table: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run a study with model b (its own head), then add model c (same backbone, another head)
+    and run again: c's store is written from b's store and the head inputs b's extraction kept
+    next to it, with no image decoded and no pass over the images; it equals a separate
+    extraction bit for bit (CPU)."""
+    import h5py
+    import numpy as np
+
+    import object2brain.activations.extract as activations_extract
+    import object2brain.models.inputs as model_inputs
+    from object2brain.api.extract import extract
+    from object2brain.data.stimuli import load_stimuli
+    from object2brain.models.zoo import load_model
+    from object2brain.pipeline.backbone import head_inputs_file
+    from object2brain.pipeline.run import run_study
+
+    counts = {"passes": 0, "batches": 0, "decoded": 0}
+    real_run, real_batches, real_load = (activations_extract._run_batches,
+                                         activations_extract.image_batches,
+                                         model_inputs.load_image)  # fmt: skip
+
+    def run_batches(plan: Any, writer: Any) -> None:
+        counts["passes"] += 1
+        real_run(plan, writer)
+
+    def image_batches(*args: Any, **kwargs: Any) -> Any:
+        counts["batches"] += 1
+        return real_batches(*args, **kwargs)
+
+    def load_image(*args: Any, **kwargs: Any) -> Any:
+        counts["decoded"] += 1
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(activations_extract, "_run_batches", run_batches)
+    monkeypatch.setattr(activations_extract, "image_batches", image_batches)
+    monkeypatch.setattr(model_inputs, "load_image", load_image)
+    heads = [_head(tmp_path / f"h{i}" / "head.safetensors", i) for i in (1, 2)]
+    base = {"arch": "resnet18", "weights": "none", "layers": ["layer4"]}
+    models = [
+        {**base, "name": name, "head": str(head)}
+        for name, head in zip(("b", "c"), heads, strict=True)
+    ]
+    common = {"rsa": None, "report": False, "extract": {"batch_size": 3, "num_workers": 0}}
+    run_study(_config(tmp_path, stimulus_table, models=models[:1], **common), progress=False)
+    assert counts["passes"] == 1 and counts["batches"] == 1 and counts["decoded"] > 0
+    kept = head_inputs_file(tmp_path / "results", "b")
+    assert kept.is_file()
+    with h5py.File(kept) as handle:
+        n = len(load_stimuli(stimulus_table))
+        assert handle["layers/fc"].shape == (n, 512)  # resnet18's fc input, every stimulus
+    counts.update(passes=0, batches=0, decoded=0)
+    second = run_study(_config(tmp_path, stimulus_table, models=models, **common), progress=False)
+    assert "extract:b" in second.skipped and "extract:c" in second.ran
+    assert counts == {"passes": 0, "batches": 0, "decoded": 0}  # c read no image
+    alone = tmp_path / "alone" / "c.h5"
+    loaded = load_model("resnet18", "none", head=heads[1], seed=0, name="c")
+    extract(loaded, stimulus_table, out=alone, layers=["layer4"], batch_size=3, num_workers=0,
+            device="cpu", seed=0, progress=False)  # fmt: skip
+    assert counts["passes"] == 1 and counts["decoded"] > 0  # the counters do count
+    with h5py.File(second.stores["c"]) as shared, h5py.File(alone) as single:
+        assert shared.attrs["backbone_from"] == "b.h5"
+        assert set(shared["layers"]) == set(single["layers"]) == {"layer4", "valence"}
+        for name in single["layers"]:
+            got, want = shared["layers"][name], single["layers"][name]
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got[()], want[()])  # bit-identical on the CPU
+        for key, value in single.attrs.items():
+            assert shared.attrs[key] == value, key
+        with h5py.File(second.stores["b"]) as other:
+            assert not np.array_equal(other["layers/valence"][()], shared["layers/valence"][()])
+
+
+def test_stale_or_foreign_head_inputs_are_not_used(tmp_path: Path) -> None:
+    """The kept head inputs round-trip exactly (rows per batch, dtype, bfloat16 included) and
+    are read only for the same backbone key and the store they were written with."""
+    import h5py
+    import torch
+
+    from object2brain.pipeline.backbone import read_head_inputs, write_head_inputs
+
+    store = tmp_path / "a.h5"
+    with h5py.File(store, "w") as handle:
+        handle.attrs["fingerprint"] = "f1"
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 8).to(torch.bfloat16), torch.randn(2, 8).to(torch.bfloat16)]
+    wide = [torch.randn(3, 20000)]  # over the limit: not kept
+    path = write_head_inputs(tmp_path / "k.h5", {"fc": batches, "big": wide}, "key", store)
+    assert path is not None
+    got = read_head_inputs(path, "key", store, "fc")
+    assert got is not None and [b.shape[0] for b in got] == [3, 2]
+    for a, b in zip(got, batches, strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert read_head_inputs(path, "key", store, "big") is None
+    assert read_head_inputs(path, "other backbone", store, "fc") is None
+    with h5py.File(store, "r+") as handle:
+        handle.attrs["fingerprint"] = "f2"  # the store was re-extracted
+    assert read_head_inputs(path, "key", store, "fc") is None
+    assert write_head_inputs(tmp_path / "none.h5", {"big": wide}, "key", store) is None
