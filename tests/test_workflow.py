@@ -111,12 +111,14 @@ def test_dry_run_plan_says_what_would_run_and_why(
 
 def test_each_message_is_shown_once_per_run(caplog: pytest.LogCaptureFixture) -> None:
     log = logging.getLogger("object2brain.data.brain")
-    with caplog.at_level(logging.INFO), once_per_run():
+    with caplog.at_level(logging.INFO), once_per_run() as recorded:
         for _ in range(8):
             log.info("resampled to the beta grid")
         log.warning("stimulus s01 has no condition")
         log.warning("stimulus s01 has no condition")
-    texts = [r.getMessage() for r in caplog.records]
+    log.warning("stimulus s01 has no condition")  # after the run: shown again, not recorded
+    assert recorded == ["stimulus s01 has no condition"]  # the manifest's warnings: once
+    texts = [r.getMessage() for r in caplog.records[:-1]]
     assert texts.count("resampled to the beta grid") == 1
     assert texts.count("stimulus s01 has no condition") == 1
 

@@ -218,10 +218,10 @@ def test_a_run_records_each_warning_once() -> None:
     """What the provenance lists: ``object2brain run`` keeps each distinct warning once."""
     import logging
 
-    from object2brain.pipeline.run import _warnings_of_the_run
+    from object2brain.pipeline.run import once_per_run
 
     log = logging.getLogger("object2brain.data.brain")
-    with _warnings_of_the_run() as warnings:
+    with once_per_run() as warnings:
         for _ in range(8):
             log.warning("resampled %s to the betas' grid", "EVC")
         log.warning("stimulus s3 has no rating")
