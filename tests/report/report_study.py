@@ -114,7 +114,19 @@ def tables(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
                         "p_perm": 0.01, "p_fdr": 0.02, "n_perm": 99, "n_stimuli": 40,
                         "n_folds": 5, "alpha_median": 10.0,
                     })  # fmt: skip
+    behaviour, later = [], []
+    for selection in ("cross_fit", "same"):
+        for group in ("Faces", "Humans"):
+            common = {"model": "resnet18", "layer": "layer1", "analysis": "rsa", "group": group,
+                      "variant": "lesion", "selection": selection, "condition": "all",
+                      "r_full": 0.4, "r_variant": 0.3, "delta_r": -0.1}  # fmt: skip
+            behaviour.append({**common, "method": "pearson", "n": 40})
+            for subject in (*SUBJECTS, "group"):
+                later.append({**common, "later_layer": "layer4", "target": "FFA",
+                              "subject": subject})  # fmt: skip
     return {
+        "lesion/propagate_behavior": _frame("propagate_behavior", behaviour),
+        "lesion/propagate_alignment": _frame("propagate_alignment", later),
         "rsa/alignment": alignment,
         "rsa/alignment_group": summary[TABLES["alignment_group"].column_names],
         "rsa/group_inference": inference[TABLES["group_inference"].column_names],

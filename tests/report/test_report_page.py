@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -228,3 +229,54 @@ def test_a_run_records_each_warning_once() -> None:
         log.info("not a warning")
     log.warning("after the run")
     assert warnings == ["resampled EVC to the betas' grid", "stimulus s3 has no rating"]
+
+
+def test_object2brain_figure_draws_delta_r_against_the_null_quantiles() -> None:
+    """With ``null_low``/``null_high`` (the null delta_r's 2.5% and 97.5% quantiles) the figure
+    shows delta_r and each group's null interval; without them (older tables), or with the
+    columns empty, z_null against the grey -1.96..1.96 band."""
+    from object2brain.report.html import svg_figure_html
+
+    rows = tables(np.random.default_rng(5))["lesion/object2brain"]
+    delta = pd.to_numeric(rows["delta_r"])
+    quantiles = rows.assign(null_low=delta - 0.05 - rows.index * 1e-3, null_high=delta + 0.02)
+
+    def draw(table: pd.DataFrame) -> tuple[Any, str]:
+        drawn = glance.plot_object2brain_models(table)
+        assert drawn is not None
+        axes = drawn.figure.axes
+        markup = svg_figure_html(drawn.figure, drawn.caption, name="o2b")
+        glance.pyplot().close(drawn.figure)
+        return axes, markup
+
+    axes, markup = draw(quantiles)
+    assert axes[0].get_ylabel() == "delta r (variant - full)"
+    assert 'class="o2b-nullq"' in markup and 'class="o2b-null"' not in markup
+    assert "null_low to null_high" in markup and "97.5%" in markup
+    # the drawn intervals are the table's quantiles, point for point
+    shown = rows[(rows["condition"] == "all") & (rows["subject"] == "group")
+                 & (rows["variant"] == "lesion")]  # fmt: skip
+    first = shown[shown["target"] == shown["target"].iloc[0]]
+    drawn_bars = [c for c in axes[0].collections if c.get_gid() == "o2b-nullq-0"]
+    segments = np.concatenate([np.asarray(c.get_segments()) for c in drawn_bars])
+    expected = quantiles.loc[first.index, ["null_low", "null_high"]].to_numpy(float)
+    got = segments[:, :, 1]  # per bar (low, high)
+    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(expected, axis=0))
+    points = np.concatenate([np.asarray(c.get_offsets()) for c in axes[0].collections
+                             if c.get_gid() is None and len(c.get_offsets())])  # fmt: skip
+    np.testing.assert_allclose(np.sort(points[:, 1]), np.sort(delta[first.index].to_numpy()))
+    for table in (rows, quantiles.assign(null_low=np.nan, null_high=np.nan)):
+        axes, markup = draw(table)
+        assert axes[0].get_ylabel() == "z_null of delta r"
+        assert 'class="o2b-null"' in markup and 'class="o2b-nullq"' not in markup
+        assert "-1.96 to 1.96" in markup
+
+
+def test_propagated_rows_chosen_on_the_same_stimuli_are_worded_circular(page: str) -> None:
+    section = page[page.index("Propagated lesions: change of the direct behaviour") :]
+    notes = re.findall(r"<strong>Circular selection:</strong> (\d+) of (\d+) rows", section)
+    assert notes == [("2", "4"), ("2", "4")]  # behaviour; later layers at the group level
+    cells = re.findall(r"<td>(same \(circular\)|cross_fit|same)</td>", section)
+    assert cells.count("same (circular)") == 4 and cells.count("cross_fit") == 4
+    assert "same" not in cells  # no bare `same` left
+    assert "Propagated lesions: change of later layers&#x27; alignment" in section

@@ -864,6 +864,43 @@ def _selection_notes(sources: _Sources) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
+#: The propagated-lesion tables the report shows, with what each row measures.
+_PROPAGATE = {
+    "propagate_behavior": "Propagated lesions: change of the direct behaviour correlation "
+    "(predicted vs rated valence) when the group's filters are zeroed inside the forward pass.",
+    "propagate_alignment": "Propagated lesions: change of later layers' alignment with each "
+    "target when the group's filters are zeroed inside the forward pass (group level).",
+}
+
+
+def propagate_parts(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The propagated-lesion tables (``propagate_alignment`` at the group level where it has
+    group rows), each with its note; rows with ``selection = same`` are worded
+    ``same (circular)`` and a note says how many there are and why they are biased."""
+    parts: list[str] = []
+    for name, intro in _PROPAGATE.items():
+        frame = tables.get(name)
+        if frame is None or frame.empty:
+            continue
+        if "subject" in frame and (frame["subject"].astype(str) == "group").any():
+            frame = frame[frame["subject"].astype(str) == "group"]
+        parts.append(f"<p>{html.escape(intro)}</p>")
+        selection = frame["selection"].astype(str) if "selection" in frame else None
+        if selection is not None and (selection == "same").any():
+            circular = selection == "same"
+            frame = frame.assign(selection=selection.where(~circular, "same (circular)"))
+            parts.append(
+                f"<p><strong>Circular selection:</strong> {int(circular.sum())} of {len(frame)} "
+                "rows (<code>selection = same (circular)</code>) zero groups that were chosen on "
+                "the same stimuli whose correlation they then measure, so their delta r is "
+                "biased away from zero and is no evidence for the group; rows with "
+                "<code>cross_fit</code> zero on each fold's stimuli the groups chosen without "
+                "them.</p>"
+            )
+        parts.append(html.table_html(frame, wrap=True))
+    return parts
+
+
 def _lesion_section(context: _Context, table: pd.DataFrame) -> html.Section:
     notes = _selection_notes(context.study.sources)
     parts = [
@@ -904,9 +941,7 @@ def _lesion_section(context: _Context, table: pd.DataFrame) -> html.Section:
     if not significant.empty:
         parts.append(f"<p>Effects where {html.escape(rule)} (condition all, group level):</p>")
         parts.append(html.table_html(significant.drop(columns=["condition", "subject"]), wrap=True))
-    if "propagate_behavior" in context.tables:
-        parts.append("<p>Propagated lesions: change of the direct behaviour correlation.</p>")
-        parts.append(html.table_html(context.tables["propagate_behavior"], wrap=True))
+    parts += propagate_parts(context.tables)
     return html.Section(
         "Object2Brain: object groups behind the alignment", "".join(parts), "lesion"
     )

@@ -3,7 +3,8 @@
 Each function returns a :class:`Drawn`: the matplotlib figure, its caption (which names the test
 behind filled markers and where every interval comes from) and per panel how many noise-ceiling
 bands it holds. The report inlines them as SVG; parts are tagged (``gid="o2b-<kind>-<panel>"``:
-``ceiling`` bands, ``ci`` error bars) so that the page can be checked for what was drawn.
+``ceiling`` bands, ``ci`` error bars, ``null`` the z_null band and ``nullq`` the null's
+quantile bars of the Object2Brain figure) so that the page can be checked for what was drawn.
 
 - :func:`plot_layer_profiles`: one panel per target, layers in network order on x, one line per
   model (and condition), bootstrap CI error bars, one grey noise-ceiling band, markers filled
@@ -428,6 +429,15 @@ def object2brain_marks(rows: pd.DataFrame) -> tuple[pd.Series, str]:
     return pd.Series(q < ALPHA, index=rows.index), rule
 
 
+def has_null_quantiles(rows: pd.DataFrame) -> bool:
+    """Whether an ``object2brain`` table records the null's quantiles: columns ``null_low`` and
+    ``null_high`` with at least one value each (tables written before them do not)."""
+    return all(
+        c in rows and pd.to_numeric(rows[c], errors="coerce").notna().any()
+        for c in ("null_low", "null_high")
+    )
+
+
 def _object2brain_points(
     ax: Any,
     part: pd.DataFrame,
@@ -437,14 +447,18 @@ def _object2brain_points(
     *,
     colour: Any,
     label: str | None,
+    panel: int,
 ) -> None:
     """One model / layer's groups in a panel: points, the null's interval when the table has
-    one (``null_low``/``null_high``), ``*`` where ``marks``."""
+    one (``null_low``/``null_high``; tagged ``o2b-nullq-<panel>``), ``*`` where ``marks``."""
     y = pd.to_numeric(part[value], errors="coerce").to_numpy(float)
     if value == "delta_r":
         low = pd.to_numeric(part["null_low"], errors="coerce").to_numpy(float)
         high = pd.to_numeric(part["null_high"], errors="coerce").to_numpy(float)
-        ax.vlines(x, low, high, colors=[colour], alpha=0.45, lw=3)
+        ok = np.isfinite(low) & np.isfinite(high)
+        if ok.any():
+            ax.vlines(x[ok], low[ok], high[ok], colors=[colour], alpha=0.45, lw=3,
+                      gid=f"o2b-nullq-{panel}")  # fmt: skip
     ax.scatter(x, y, color=colour, s=24, zorder=3, label=label)
     for xi, yi in zip(x[marks], y[marks], strict=True):
         if np.isfinite(yi):
@@ -456,9 +470,10 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
     """Every model's object groups in one figure: one panel per target, groups on x, one colour
     per model / layer; ``*`` where :func:`object2brain_marks` passes.
 
-    y is ``delta_r`` with the null's central 95% as an interval when the table has
-    ``null_low``/``null_high``; otherwise ``z_null`` (delta_r in standard deviations of the
-    random-subset null, whose spread is then the grey band -1.96 to 1.96)."""
+    y is ``delta_r`` with the null's central 95% (``null_low`` to ``null_high``, the 2.5% and
+    97.5% quantiles of the random-subset null's delta_r) as an interval when the table records
+    them (:func:`has_null_quantiles`); otherwise (older tables) ``z_null`` (delta_r in standard
+    deviations of the random-subset null, whose spread is then the grey band -1.96 to 1.96)."""
     plt = pyplot()
     rows = table[
         (table["condition"].astype(str) == "all")
@@ -468,11 +483,11 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
     if rows.empty:
         return None
     marks, rule = object2brain_marks(rows)
-    on_delta = {"null_low", "null_high"} <= set(rows.columns)
+    on_delta = has_null_quantiles(rows)
     value = "delta_r" if on_delta else "z_null"
     series = rows["model"].astype(str) + " / " + rows["layer"].astype(str)
     if "analysis" in rows:  # `lesion --analysis both`: encoding rows are a series of their own
-        kind = rows["analysis"].fillna("rsa").astype(str)
+        kind = rows["analysis"].astype(str).where(rows["analysis"].notna(), "rsa")
         series = series.where(kind == "rsa", series + " (" + kind + ")")
     names = list(dict.fromkeys(series))
     groups = [str(g) for g in dict.fromkeys(rows["group"])]
@@ -493,7 +508,7 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
             x += (s - (len(names) - 1) / 2) * width
             _object2brain_points(
                 ax, part, x, value, marks[part.index].to_numpy(bool), colour=colours(s % 10),
-                label=name if name not in ax.get_legend_handles_labels()[1] else None,
+                label=name if name not in ax.get_legend_handles_labels()[1] else None, panel=i,
             )  # fmt: skip
         ax.axhline(0, color="0.5", lw=0.7)
         ax.set_xticks(range(len(groups)), groups, rotation=35, ha="right", fontsize=7)
@@ -504,7 +519,8 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
         axes[0].legend(fontsize=7, frameon=False, loc="best")
     fig.tight_layout()
     spread = (
-        "bars: the random-subset null's central 95% (null_low to null_high)"
+        "y: delta_r; bars: the random-subset null's central 95% (null_low to null_high, its "
+        "2.5% and 97.5% quantiles of delta r), so a point outside its bar lies outside the null"
         if on_delta
         else "y: z_null = (delta r - mean of the random-subset null) / its SD, so the null's "
         "spread is the grey band (-1.96 to 1.96; the table records no null quantiles)"
