@@ -335,3 +335,92 @@ def test_stale_or_foreign_head_inputs_are_not_used(tmp_path: Path) -> None:
         handle.attrs["fingerprint"] = "f2"  # the store was re-extracted
     assert read_head_inputs(path, "key", store, "fc") is None
     assert write_head_inputs(tmp_path / "none.h5", {"big": wide}, "key", store) is None
+
+
+def _brain(folder: Path, ids: list[str]) -> Path:
+    """A NIfTI brain manifest of two subjects (4x4x4 voxels of 2 mm, one volume per id, ROI
+    EVC); returns the manifest."""
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    mask = np.zeros((4, 4, 4), dtype=np.uint8)
+    mask[:2, :2, :2] = 1
+    (folder / "rois").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(mask, affine), folder / "rois" / "EVC.nii.gz")
+    lines = ["sources:"]
+    for subject in ("sub-01", "sub-02"):
+        (folder / subject).mkdir()
+        betas = rng.normal(size=(4, 4, 4, len(ids))).astype(np.float32)
+        nib.save(nib.Nifti1Image(betas, affine), folder / subject / "betas.nii.gz")
+        pd.DataFrame({"stimulus_id": ids}).to_csv(folder / subject / "betas.tsv", sep="\t",
+                                                  index=False)  # fmt: skip
+        lines += [f"  - kind: nifti\n    subject: {subject}\n    betas: {subject}/betas.nii.gz\n"
+                  f"    stimuli: {subject}/betas.tsv\n    rois: [rois/EVC.nii.gz]"]  # fmt: skip
+    manifest = folder / "brain.yaml"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_dry_run_loads_the_brain_data_and_ratings_and_lists_every_problem(
+    tmp_path: Path, stimulus_table: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five problems of different kinds, two of them inside brain files and one in the ratings,
+    reported in one pass (exit 2, nothing written); a clean study then passes, and brain ids
+    that miss stimuli are reported too."""
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    ids = list(pd.read_csv(stimulus_table)["stimulus_id"])
+    data = tmp_path / "data"
+    manifest = _brain(data, ids)
+    # 1: sub-01's sidecar lists fewer ids than its betas have volumes
+    pd.DataFrame({"stimulus_id": ids[:-1]}).to_csv(data / "sub-01" / "betas.tsv", sep="\t",
+                                                   index=False)  # fmt: skip
+    # 2: sub-02's ROI on a grid far from the betas (nothing left after resampling)
+    far = np.diag([2.0, 2.0, 2.0, 1.0])
+    far[:3, 3] = 500.0
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), far), data / "rois" / "FAR.nii.gz")
+    text = manifest.read_text().replace("rois: [rois/EVC.nii.gz]", "rois: [rois/FAR.nii.gz]")
+    manifest.write_text(text.replace("rois: [rois/FAR.nii.gz]", "rois: [rois/EVC.nii.gz]", 1))
+    # 3: ratings of a stimulus the study does not have
+    ratings = data / "ratings.csv"
+    pd.DataFrame({"subject": ["r1", "r1"], "stimulus_id": [ids[0], "s99_unknown"],
+                  "valence": [1.0, 2.0]}).to_csv(ratings, index=False)  # fmt: skip
+    # 4: an unknown key, 5: a wrong type
+    path = _config(tmp_path, stimulus_table, brain=str(manifest), ratings=str(ratings),
+                   colour="red", rsa={"n_perm": "many"})  # fmt: skip
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(path), "--dry-run"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for expected in (
+        "colour: unknown key",
+        "rsa.n_perm: Input should be a valid integer",
+        f"brain: {data / 'sub-01' / 'betas.tsv'}: {len(ids) - 1} rows but betas.nii.gz has "
+        f"{len(ids)} volumes",
+        f"brain: {data / 'rois' / 'FAR.nii.gz'}: ROI 'FAR' of subject 'sub-02' has no voxels on "
+        "the beta grid",
+        f"ratings: {ratings}: 1 stimulus id(s) not in the stimulus set: s99_unknown",
+    ):
+        assert expected in err, (expected, err)
+    assert "5 problem(s)" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # fixed, the study passes; brain data that miss a stimulus are then reported
+    pd.DataFrame({"stimulus_id": ids}).to_csv(data / "sub-01" / "betas.tsv", sep="\t",
+                                              index=False)  # fmt: skip
+    manifest.write_text(manifest.read_text().replace("FAR", "EVC"))
+    ratings.write_text(ratings.read_text().replace("s99_unknown", ids[1]))
+    clean = _config(tmp_path, stimulus_table, brain=str(manifest), ratings=str(ratings))
+    assert dry_run(clean).ok
+    stimuli = pd.read_csv(stimulus_table)
+    extra = stimuli.iloc[:1].assign(stimulus_id="s98_new")
+    pd.concat([stimuli, extra]).to_csv(stimulus_table.with_name("more.csv"), index=False)
+    checked = dry_run(_config(tmp_path, stimulus_table.with_name("more.csv"),
+                              brain=str(manifest), ratings=str(ratings)))  # fmt: skip
+    assert len(checked.problems) == 1 and "do not cover the stimulus set" in checked.problems[0]
+    assert "s98_new" in checked.problems[0]
