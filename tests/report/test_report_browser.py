@@ -19,7 +19,8 @@ from object2brain.report.build import build_report
 from .report_study import TARGETS, write_study
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-SECTIONS = ("summary", "alignment", "inference", "contrast", "encoding", "lesion", "provenance")
+SECTIONS = ("summary", "alignment", "inference", "contrast", "rdms", "encoding", "lesion",
+            "provenance")  # fmt: skip
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 

@@ -280,3 +280,34 @@ def test_propagated_rows_chosen_on_the_same_stimuli_are_worded_circular(page: st
     assert cells.count("same (circular)") == 4 and cells.count("cross_fit") == 4
     assert "same" not in cells  # no bare `same` left
     assert "Propagated lesions: change of later layers&#x27; alignment" in section
+
+
+def test_heatmap_marks_follow_the_rule_the_caption_names() -> None:
+    """The per-model heatmaps star the same cells as the figure across models: with an empty
+    p_group_fdr column both fall back to p_fdr and p_perm_fdr (one planted effect starred);
+    with p_group_fdr values the heatmap uses them."""
+    from object2brain.report.figures.lesion import summary_rows
+
+    rows = tables(np.random.default_rng(3))["lesion/object2brain"]
+    marks, rule = glance.object2brain_marks(rows)
+    q = summary_rows(rows)["q"]
+    shown = summary_rows(rows).index
+    assert "p_fdr and p_perm_fdr" in rule
+    np.testing.assert_array_equal((q < 0.05).to_numpy(), marks[shown].to_numpy(bool))
+    assert int((q < 0.05).sum()) == 2  # lesion and keep of the planted effect
+    strict = rows.assign(p_group_fdr=0.5)  # the matched null rejects nothing
+    assert not (summary_rows(strict)["q"] < 0.05).any()
+
+
+def test_effects_table_fits_the_page(page: str) -> None:
+    """The starred Object2Brain rows without raw p-values, counts and empty columns."""
+    from object2brain.report.build import effects_table
+
+    rows = tables(np.random.default_rng(3))["lesion/object2brain"]
+    shown = effects_table(rows)
+    assert {"p_null", "p_perm", "n_null", "condition", "subject"}.isdisjoint(shown.columns)
+    assert {"delta_r", "p_fdr", "p_perm_fdr", "z_null"} <= set(shown.columns)
+    assert shown.notna().any().all()  # no column of n/a only
+    assert len(shown.columns) <= 15
+    section = page[page.index("Effects where") :]
+    assert "<th>p_null</th>" not in section.split("</table>")[0]

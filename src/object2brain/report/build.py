@@ -864,6 +864,20 @@ def _selection_notes(sources: _Sources) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
+#: Columns of an ``object2brain`` table left out of the report's table of effects: the level
+#: shown (condition all, group), raw p-values whose FDR-adjusted values are shown, and counts of
+#: resamples (in the provenance); every column is in the CSV.
+_EFFECT_COLUMNS_LEFT_OUT = ("condition", "subject", "p_null", "p_perm", "p_group", "n_null",
+                            "n_perm", "n_group_null", "fold")  # fmt: skip
+
+
+def effects_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The starred Object2Brain rows as the report shows them: without the columns of
+    :data:`_EFFECT_COLUMNS_LEFT_OUT` and without columns that hold no value."""
+    shown = rows.drop(columns=[c for c in _EFFECT_COLUMNS_LEFT_OUT if c in rows])
+    return shown.loc[:, shown.notna().any()]
+
+
 #: The propagated-lesion tables the report shows, with what each row measures.
 _PROPAGATE = {
     "propagate_behavior": "Propagated lesions: change of the direct behaviour correlation "
@@ -940,7 +954,7 @@ def _lesion_section(context: _Context, table: pd.DataFrame) -> html.Section:
     significant = group[marks.to_numpy(bool)].drop(columns="q").sort_values("delta_r")
     if not significant.empty:
         parts.append(f"<p>Effects where {html.escape(rule)} (condition all, group level):</p>")
-        parts.append(html.table_html(significant.drop(columns=["condition", "subject"]), wrap=True))
+        parts.append(html.table_html(effects_table(significant), wrap=True))
     parts += propagate_parts(context.tables)
     return html.Section(
         "Object2Brain: object groups behind the alignment", "".join(parts), "lesion"

@@ -78,6 +78,13 @@ def _layer_positions(rows: pd.DataFrame) -> tuple[dict[tuple[str, str], int], li
     return position, shared
 
 
+def _layer_names(rows: pd.DataFrame) -> dict[str, list[str]]:
+    """Each model's layers in its network order (what the ranks on x stand for)."""
+    order = rows[["model", "layer", "layer_index"]].drop_duplicates(["model", "layer"])
+    order = order.sort_values(["model", "layer_index"], kind="stable")
+    return {str(m): [str(x) for x in block["layer"]] for m, block in order.groupby("model")}
+
+
 def _panel_grid(
     n: int, width: float, height: float = 3.4, columns: int = 3
 ) -> tuple[Any, list[Any]]:
@@ -133,16 +140,22 @@ def _series(
 def _profile_lines(
     ax: Any, panel: pd.DataFrame, profile: Profile, index: int, *, by_condition: bool
 ) -> None:
-    """The lines of one panel: one per model (and condition), x from ``panel["_x"]``."""
+    """The lines of one panel: one per model (and condition), x from ``panel["_x"]``, each
+    line shifted a little (the same shift in every panel) so that overlapping error bars of
+    different lines stay apart."""
     colours = pyplot().get_cmap("tab10")
     styles = ["-", "--", ":", "-."]
     models = [str(m) for m in dict.fromkeys(profile.rows["model"])]
     conditions = [str(c) for c in dict.fromkeys(profile.rows["condition"])]
+    keys = profile.rows[["model", "condition"]].astype(str).drop_duplicates()
+    lines = list(keys.itertuples(index=False, name=None))
+    step = min(0.08, 0.5 / max(1, len(lines)))
     for (model, condition), line in panel.groupby(["model", "condition"], sort=False):
         line = line.sort_values("layer_index")
+        shift = (lines.index((str(model), str(condition))) - (len(lines) - 1) / 2) * step
         _series(
             ax,
-            line["_x"].to_numpy(float),
+            line["_x"].to_numpy(float) + shift,
             line[profile.value].to_numpy(float),
             (line["ci_low"].to_numpy(float), line["ci_high"].to_numpy(float)),
             line["_significant"].to_numpy(bool),
@@ -195,7 +208,12 @@ def plot_layer_profiles(
         f"< {ALPHA:g}."
     )
     if shared is None:
-        drawn.caption += " Models differ in their layers: x is each layer's rank in its own model."
+        drawn.caption += (
+            " Models differ in their layers: x is each layer's rank in its own model ("
+            + "; ".join(f"{model}: {', '.join(layers)}" for model, layers in
+                        _layer_names(profile.rows).items())
+            + ")."
+        )  # fmt: skip
     return drawn
 
 
@@ -511,7 +529,8 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
                 label=name if name not in ax.get_legend_handles_labels()[1] else None, panel=i,
             )  # fmt: skip
         ax.axhline(0, color="0.5", lw=0.7)
-        ax.set_xticks(range(len(groups)), groups, rotation=35, ha="right", fontsize=7)
+        turn = {"rotation": 35, "ha": "right", "rotation_mode": "anchor"} if len(groups) > 4 else {}
+        ax.set_xticks(range(len(groups)), groups, fontsize=7, **turn)
         ax.set_title(target, fontsize=10)
         ax.set_ylabel("delta r (variant - full)" if on_delta else "z_null of delta r", fontsize=8)
         drawn.ceilings.append(0)
