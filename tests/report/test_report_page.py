@@ -170,6 +170,9 @@ def test_provenance(page: str) -> None:
     ):
         assert text in section, text
     assert section.count(html.escape(WARNING)) == 1  # recorded by two manifests, listed once
+    heads = section[section.index("Valence heads") :].split("</table>")[0]
+    assert "<th>best_epoch</th>" in heads  # alexnet's head.json records it
+    assert "<th>n_train</th>" not in heads  # no head.json records it: no empty column
 
 
 def test_sections_are_a_registry_in_page_order() -> None:
