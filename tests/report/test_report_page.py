@@ -185,6 +185,8 @@ def test_sections_are_a_registry_in_page_order() -> None:
 
 def test_report_still_says_the_data_are_simulated(page: str) -> None:
     assert "<b>Simulated data.</b>" in page
+    # a truth.json without valence_origin: no empty "True valence: ;"
+    assert "True valence: ;" not in page and "Ratings: 2 simulated raters" in page
 
 
 def test_roi_voxel_counts_after_dropping_constant_voxels(tmp_path: Path) -> None:

@@ -585,15 +585,20 @@ def _truth_section(
                 top = part.loc[part["delta_r"].idxmin()]
                 recovered.append(
                     f"largest lesion effect: {top['group']} ({top['model']}/{top['layer']}, "
-                    f"delta r = {top['delta_r']:.2f}, p = {top['p_null']:.3g})"
+                    f"delta r = {top['delta_r']:.2f}, p_null = {top['p_null']:.3g})"
                 )
         gain = roi.get("condition_gain") or {}
         planted = roi["source"] + (f"; gain {gain}" if gain else "") + f"; SNR {roi['snr']}"
         rows.append((roi["name"], planted, "; ".join(recovered) or "not analysed"))
     frame = pd.DataFrame(rows, columns=["ROI", "planted source", "recovered"])
     body = html.table_html(frame) + (
-        f"<p>True valence: {html.escape(truth.get('valence_origin', ''))}; ratings: "
-        f"{truth.get('n_subjects')} simulated raters with noise SD "
+        "<p>"
+        + (
+            f"True valence: {html.escape(str(origin))}; "
+            if (origin := truth.get("valence_origin"))
+            else ""
+        )
+        + f"Ratings: {truth.get('n_subjects')} simulated raters with noise SD "
         f"{truth.get('rating_noise')}.</p>"
     )
     if other_data:
