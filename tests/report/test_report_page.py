@@ -111,6 +111,12 @@ def test_model_comparison_group_inference_and_encoding_figures(page: str) -> Non
     assert bands_per_panel(shown["group_inference"]) == [1, 1]  # ROIs only
     assert bands_per_panel(shown["encoding"]) == [1, 1]
     assert "range over subjects of the split-half noise ceiling" in shown["encoding"]
+    # the comparison table fits the page: what every row shares is said once above it
+    section = page[page.index('data-figure="model_comparison"') :]
+    table = section[section.index("<table") : section.index("</table>")]
+    assert "Every row: compare_method <b>spearman</b>" in section
+    assert "<th>n_boot</th>" not in table and "<th>delta_r</th>" in table
+    assert "<th>target</th>" in table  # identifying columns stay, constant or not
 
 
 def test_object2brain_across_models_marks_only_where_both_tests_pass(page: str) -> None:

@@ -716,10 +716,28 @@ def _inference_section(context: _Context) -> html.Section | None:
         )
     if comparison is not None:
         parts.append(_svg(glance.plot_model_comparison(comparison)))
-        parts.append(html.table_html(comparison, wrap=True))
+        settings = ("compare_method", "n_boot", "bootstrap", "selection")
+        note, shown = constant_columns(comparison, settings)
+        parts.append(note + html.table_html(shown, wrap=True))
     if not parts:
         return None
     return html.Section("Across subjects and across models", "".join(parts), "inference")
+
+
+def constant_columns(frame: pd.DataFrame, settings: Sequence[str]) -> tuple[str, pd.DataFrame]:
+    """A table made narrower for the page: the columns of ``settings`` (how rows were computed,
+    never results) that hold one value in every row (of two or more) are said once in a
+    sentence above it (``<p>Every row: n_boot 100; ...</p>``) and left out of the table; the
+    CSV keeps them."""
+    if len(frame) < 2:
+        return "", frame
+    same = [c for c in settings
+            if c in frame and frame[c].astype(str).nunique(dropna=False) == 1]  # fmt: skip
+    if not same:
+        return "", frame
+    said = "; ".join(f"{html.escape(str(c))} <b>{html.escape(str(frame[c].iat[0]))}</b>"
+                     for c in same)  # fmt: skip
+    return f"<p>Every row: {said}.</p>", frame.drop(columns=same)
 
 
 def _values(frame: pd.DataFrame, column: str) -> str:
