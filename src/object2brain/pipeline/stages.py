@@ -265,7 +265,7 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
     """``model`` into its store; with its head (and cross-fitted valence) unless ``backbone``.
     A stage replaces its own store."""
     from object2brain.api.extract import extract
-    from object2brain.pipeline.backbone import capture_layers, capturing, whole_run
+    from object2brain.pipeline import backbone as shared_backbone
 
     options, model = study.config.extract, _model(model)
     head = None if backbone else study.heads[model.label]
@@ -276,10 +276,16 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
     if shared is not None:
         return [shared]
     capture: set[str] = set()
+    kept_for_later: set[str] = set()  # written next to the store for models added later
+    key = lambda each: backbone_key(study, each)  # noqa: E731
+    sidecar = shared_backbone.head_inputs_file(study.out, model.label)
+    if not backbone:
+        sidecar.unlink(missing_ok=True)
     if not backbone and study.config.executor.kind == "local":
-        key = lambda each: backbone_key(study, each)  # noqa: E731
-        capture = capture_layers(study, model, key, loaded.output_layer)
-    with capturing(loaded.module, capture) as captured:
+        capture = shared_backbone.capture_layers(study, model, key, loaded.output_layer)
+        kept_for_later = {shared_backbone.head_layer(head, loaded.output_layer)
+                          if head is not None else loaded.output_layer}  # fmt: skip
+    with shared_backbone.capturing(loaded.module, capture, kept_for_later - capture) as captured:
         store = extract(
             loaded,
             study.stimuli,
@@ -294,9 +300,11 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
             executor=study.config.executor.kind,
             ray_address=study.config.executor.address,
         )
-    kept = whole_run(captured, len(study.stimuli))
+    kept = shared_backbone.whole_run(captured, len(study.stimuli))
     if kept:
         study.head_inputs[model.label] = kept
+        later = {layer: kept[layer] for layer in kept_for_later if layer in kept}
+        shared_backbone.write_head_inputs(sidecar, later, backbone_key(study, model), store)
     return [store]
 
 
