@@ -424,3 +424,23 @@ def test_dry_run_loads_the_brain_data_and_ratings_and_lists_every_problem(
                               brain=str(manifest), ratings=str(ratings)))  # fmt: skip
     assert len(checked.problems) == 1 and "do not cover the stimulus set" in checked.problems[0]
     assert "s98_new" in checked.problems[0]
+
+
+def test_ray_workers_capture_nothing_so_added_models_extract_in_full() -> None:
+    """On Ray (``executor: ray``) no hook of this process sees the forward pass: nothing is
+    captured or kept beside the store (the safe fallback: a later model is extracted in full);
+    locally the model's own head layer (else its output layer) is kept."""
+    from types import SimpleNamespace
+
+    from object2brain.pipeline.backbone import layers_to_capture
+
+    model: Any = SimpleNamespace(label="a")
+    loaded: Any = SimpleNamespace(output_layer="fc")
+
+    def study(kind: str) -> Any:
+        config = SimpleNamespace(executor=SimpleNamespace(kind=kind), models=[model])
+        return SimpleNamespace(config=config, heads={"a": None}, out_of_fold={})
+
+    key: Any = str
+    assert layers_to_capture(study("ray"), model, key, loaded) == (set(), set())
+    assert layers_to_capture(study("local"), model, key, loaded) == (set(), {"fc"})

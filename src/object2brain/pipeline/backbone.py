@@ -160,6 +160,23 @@ def capture_layers(
     return layers
 
 
+def layers_to_capture(
+    study: Study,
+    model: ModelConfig,
+    backbone_key: Callable[[ModelConfig], str],
+    loaded: LoadedModel,
+) -> tuple[set[str], set[str]]:
+    """What ``model``'s extraction (``loaded``: with its head) captures: the layers later models
+    of this run need (:func:`capture_layers`) and the layer whose input is kept beside its store
+    for models added later (the layer its head replaces, else its output layer). Nothing on
+    Ray workers (``executor: ray``), where no hook of this process sees the forward pass."""
+    if study.config.executor.kind != "local":
+        return set(), set()
+    head = study.heads.get(model.label)
+    own = head_layer(head, loaded.output_layer) if head is not None else loaded.output_layer
+    return capture_layers(study, model, backbone_key, loaded.output_layer), {own}
+
+
 @contextmanager
 def capturing(
     module: torch.nn.Module, layers: set[str], optional: set[str] | frozenset[str] = frozenset()

@@ -275,16 +275,13 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
     shared = None if backbone else _shared_backbone(study, model, path, loaded)
     if shared is not None:
         return [shared]
-    capture: set[str] = set()
-    kept_for_later: set[str] = set()  # written next to the store for models added later
     key = lambda each: backbone_key(study, each)  # noqa: E731
     sidecar = shared_backbone.head_inputs_file(study.out, model.label)
+    capture: set[str] = set()
+    kept_for_later: set[str] = set()  # written beside the store for models added later
     if not backbone:
         sidecar.unlink(missing_ok=True)
-    if not backbone and study.config.executor.kind == "local":
-        capture = shared_backbone.capture_layers(study, model, key, loaded.output_layer)
-        kept_for_later = {shared_backbone.head_layer(head, loaded.output_layer)
-                          if head is not None else loaded.output_layer}  # fmt: skip
+        capture, kept_for_later = shared_backbone.layers_to_capture(study, model, key, loaded)
     with shared_backbone.capturing(loaded.module, capture, kept_for_later - capture) as captured:
         store = extract(
             loaded,
