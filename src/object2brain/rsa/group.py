@@ -59,6 +59,7 @@ for comparisons, two-sided ``p`` of ``delta != 0``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -307,7 +308,8 @@ def _var(values: np.ndarray) -> np.ndarray:
 def _jackknife_var(jack: np.ndarray) -> np.ndarray:
     """Delete-one jackknife variance ``(n-1)/n sum_a (x_(a) - mean)^2`` over axis 0."""
     n = jack.shape[0]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "Mean of empty slice": NaN stays
         centred = jack - np.nanmean(jack, axis=0)
         return np.asarray((n - 1) / n * np.nansum(centred**2, axis=0))
 
