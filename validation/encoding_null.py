@@ -216,8 +216,9 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Rows `power`: rejection rate on planted datasets (higher is better; no "
-        "interval applies). Run times per setting are in the JSON.",
+        "Rows `power`: rejection rate on planted datasets (higher is better; the "
+        "interval and KS columns apply to the null rows only). Run times per setting are in the "
+        "JSON.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -303,7 +303,7 @@ def test_nan_voxels_are_dropped_with_a_warning(
     assert result.encoding["n_voxels"].tolist() == [5]
     assert "dropped 1 of 6 voxel(s) with NaN" in caplog.text
     empty = _patterns(tmp_path / "all_nan.h5", {"V1": np.full((N, 4), np.nan)})
-    with pytest.raises(DataError, match="V1.*every voxel has NaN"):
+    with pytest.raises(DataError, match=r"V1.*every voxel has NaN"):
         o2b.encode(data["stores"][0], brain=empty, progress=False, layers=["l1"], **FAST)
 
 

@@ -126,3 +126,23 @@ def test_fold_heads_that_do_not_cover_the_stimuli_are_refused(study: dict[str, P
     with pytest.raises(DataError, match="--selection-folds 2"):
         _dissect(study, planted_model(), study["stimuli"], fold_heads=study["heads"],
                  selection_folds=3)  # fmt: skip
+
+
+def test_the_manifest_says_whether_the_one_head_saw_these_stimuli(tmp_path: Path) -> None:
+    from object2brain.explain.dissect import head_saw_stimuli, selection_notes
+    from object2brain.options import DissectOptions
+
+    split = tmp_path / "split.csv"
+    pd.DataFrame({"stimulus_id": ["a", "b", "c"], "split": ["train", "val", "test"]}).to_csv(
+        split, index=False
+    )
+    model = planted_model()
+    options = DissectOptions(layer="features")
+    model.head = {"split_file": str(split)}
+    assert head_saw_stimuli(model, ["b", "z"]) is True  # fitted (val: early stopping) on b
+    assert "was fitted on these stimuli" in selection_notes(model, options, None, True)[0]
+    assert head_saw_stimuli(model, ["c", "z"]) is False  # c was its test split only
+    assert "fitted on other stimuli" in selection_notes(model, options, None, False)[0]
+    model.head = {"planted": True}  # no split file: unknown
+    assert head_saw_stimuli(model, ["a"]) is None
+    assert "may have been fitted" in selection_notes(model, options, None, None)[0]

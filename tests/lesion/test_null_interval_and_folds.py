@@ -120,3 +120,18 @@ def test_lesion_uses_the_dissections_recorded_folds(toy: dict[str, object]) -> N
                                                              index=False)  # fmt: skip
     with pytest.raises(DataError, match="3 selection folds, but --selection-folds 2"):
         lesion(toy["store"], table, **common)  # type: ignore[arg-type]
+
+
+def test_null_interval_skips_undefined_draws() -> None:
+    from object2brain.lesion.analysis import null_interval
+
+    rng = np.random.default_rng(0)
+    null = rng.normal(size=(200, 3))
+    null[::7, 1] = np.nan  # silent subsets: no r
+    null[:, 2] = np.nan
+    low, high = null_interval(null, 3)
+    for c in (0, 1):
+        finite = null[np.isfinite(null[:, c]), c]
+        assert (low[c], high[c]) == tuple(np.quantile(finite, [0.025, 0.975]))
+    assert np.isnan(low[2]) and np.isnan(high[2])
+    assert np.isnan(null_interval(None, 2)[0]).all()  # --n-null 0 (the encoding lesion too)

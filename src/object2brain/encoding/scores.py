@@ -12,7 +12,10 @@ For responses :math:`Y` ``(n, v)`` and out-of-fold predictions :math:`\hat{Y}` `
   the noisy mean response at most by the square root of its reliability);
 - :func:`permutation_test`: the ROI's mean r against its null distribution when the rows of
   :math:`\hat{Y}` are permuted together against :math:`Y` (within each outer fold: see the
-  function); :math:`p = (1 + \#\{null \ge obs\}) / (1 + N)`.
+  function); :math:`p = (1 + \#\{null \ge obs\}) / (1 + N)`. Fast, valid, conservative;
+- :func:`refit_permutation_tests`: the exact test: the responses' rows are relabelled and the
+  whole cross-validation rerun per permutation (many relabelled copies per call), the null of
+  every stimulus mask (condition) from the same refits.
 
 Permutation statistic in one product: with columns z-scored and divided by :math:`\sqrt{n}`
 (:math:`\tilde{Y}`, :math:`\tilde{P}`), the mean r for permutation :math:`\pi` is
@@ -150,8 +153,11 @@ def permutation_test(
     *negatively* with the responses (each fold's intercept, the training mean, moves against the
     held-out values; mean r about -0.17 with 60 stimuli, 5 folds), and a permutation across folds
     destroys that shared structure, so its null sits too high and the test almost never rejects
-    (0 of 40 null datasets at 0.05). Permuting within folds keeps it; the rejection rate under
-    the null is then nominal (``validation/encoding_null.py``). ``blocks_per_chunk`` blocks of
+    (0 of 40 null datasets at 0.05). Permuting within folds keeps it; the test is then valid
+    but still conservative (1.75% of 400 null datasets at 0.05 with 10 voxels, 0.25% with 50;
+    ``validation/encoding_null.md``): each fold's predictions also depend on the other folds'
+    responses, which no permutation of fixed predictions reproduces. The exact test is
+    :func:`refit_permutation_tests`. ``blocks_per_chunk`` blocks of
     :data:`PERM_BLOCK` permutations are evaluated at once (memory ``8 n`` bytes per permutation);
     it does not change the result. ``n_perm == 0``: ``p`` is NaN.
     """

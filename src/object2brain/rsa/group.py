@@ -2,22 +2,30 @@
 
 Notation: ``K`` model RDMs, ``S`` subject RDMs of one target, ``n`` stimuli, ``m = n (n - 1) / 2``
 pairs, ``B`` resamples. The statistic is the mean over subjects of the per-subject coefficient,
-``rbar = mean_s r(model, subject_s)`` (any comparator of :data:`GROUP_METHODS`: those whose
-resamples are weighted comparisons of the original pairs), or of a difference of two models'
-coefficients, ``delta = mean_s (r_a,s - r_b,s)``.
+``rbar = mean_s r(model, subject_s)`` (any comparator of :data:`GROUP_METHODS`), or of a
+difference of two models' coefficients, ``delta = mean_s (r_a,s - r_b,s)``.
 
 **Two-factor ("dual") bootstrap** (Schuett et al. 2023, eLife 12:e82566; rsatoolbox's
 ``eval_dual_bootstrap``). Each resample ``b`` draws ``n`` stimuli with replacement (counts
 ``c_b``; a pair of stimuli then enters ``c_a c_b`` times and a stimulus never meets its own copy)
-and ``S`` subjects with replacement, and evaluates the statistic three ways from the same draws:
+and ``S`` subjects with replacement (in chunks of :data:`RESAMPLE_CHUNK` with their own seeds,
+:func:`resample_plan`), and evaluates the statistic three ways from the same draws:
 stimuli and subjects resampled (variance ``V_both``), subjects only (``V_subj``), stimuli only
-(``V_stim``). For a crossed design ``x_sp = mu + a_s + b_p + e_sp`` the two-factor bootstrap
-counts the interaction ``e`` about three times; the corrected variance (rsatoolbox's
-``_dual_bootstrap`` with ``n_rdm = S``, ``n_pattern = n``) is
+(``V_stim``).
 
-    V = S/(S-1) V_subj + n/(n-1) V_stim - S n / ((S-1)(n-1)) (V_both - V_subj - V_stim),
+**The corrected two-factor variance.** rsatoolbox's estimator for cells of a crossed design,
+``S/(S-1) V_subj + n/(n-1) V_stim - S n/((S-1)(n-1)) (V_both - V_subj - V_stim)``, is
+conservative for RDM comparisons (its stimulus terms carry the pair excess below, and its
+``min(S, n) - 1`` degrees of freedom). Writing ``rbar = mu + mean_s a_s + c(P) + mean_s u_s(P)``
+(subject effects ``a_s``; the stimulus-sample deviation ``c`` shared by the subjects and ``u_s``
+each subject's own), ``Var(rbar) = s_a^2 / S + Var(c) + Var(u) / S``, estimated as
 
-clipped to ``[max(S/(S-1) V_subj, n/(n-1) V_stim), V_both]``.
+    V = W + max(0, S/(S-1) V_subj - I),   I = (mean_s W_s - W) / (S - 1),
+
+with ``W`` the pair-corrected stimulus variance of ``rbar`` (unbiased for
+``Var(c) + Var(u) / S``), ``W_s`` that of subject ``s``'s own ``r_s`` (``Var(c) + Var(u)``) and
+``S/(S-1) V_subj`` the subject bootstrap (``s_a^2 / S + Var(u) / S``); Welch-Satterthwaite
+degrees of freedom. ``V_both`` is kept for rsatoolbox's estimator (``pair_correction=False``).
 
 **Pair correction of the stimulus bootstrap** (the reason stimulus-bootstrap intervals are too
 wide). An RDM coefficient is, to first order, a mean over pairs of stimuli of influence values
@@ -30,17 +38,20 @@ the bootstrap variance exceeds the sampling variance by about
     E = 4 s_e^2 / (n (n - 1)).
 
 With noisy brain RDMs ``s_e`` dominates and the bootstrap variance is 2-3 times too large
-(intervals 1.4-1.7 times too wide). The delete-one-stimulus jackknife of the same statistic
-(pairs of the left-out stimulus dropped; exact recomputation, ranks included) has only half
-that excess, ``V_jack = 4 s_g^2 / n + 4 s_e^2 / n^2`` against the bootstrap's
-``V_stim = 4 s_g^2 / n + 6 s_e^2 / n^2``, so ``2 V_jack - V_stim`` estimates the sampling
-variance ``4 s_g^2 / n + 2 s_e^2 / n^2``. It replaces ``V_stim`` (and ``V_both`` loses the same
-excess), floored at ``V_stim / 3`` (the excess is at most two thirds of the bootstrap variance).
+(intervals 1.4-1.7 times too wide). The delete-one-stimulus jackknife (pairs of the left-out
+stimulus dropped; exact recomputation, ranks included) has expectation
+``4 s_g^2 / n + 4 s_e^2 / (n (n - 2))`` and the weighted pair bootstrap
+``4 (n-2)^2 s_g^2 / (n^2 (n-1)) + (6n - 8) s_e^2 / (n^2 (n-1))``, so
 
-Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``2 V_jack - V_stim``;
+    W = (2n - 3)/(n - 1) V_jack - n/(n - 2) V_stim
+
+(:func:`pair_corrected`) is unbiased for the sampling variance ``4 s_g^2 / n + 2 s_e^2 /
+(n (n - 1))``; floored at ``n / (3n - 4) V_stim``, its value when ``s_g = 0``.
+
+Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``W``;
 ``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
 ``rbar +- t_{dof, 0.975} se`` and t-tests with ``dof = n - 1`` (stimuli), ``S - 1`` (subjects)
-or ``min(S, n) - 1`` (both), as rsatoolbox's ``t_tests``: one-sided ``p`` of ``rbar > 0``,
+or Welch-Satterthwaite (both): one-sided ``p`` of ``rbar > 0``,
 one-sided ``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
 ``r_s - l_s`` to the leave-one-subject-out ceiling ``l_s`` resampled with the same draws) and,
 for comparisons, two-sided ``p`` of ``delta != 0``.
@@ -48,6 +59,7 @@ for comparisons, two-sided ``p`` of ``delta != 0``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -296,7 +308,8 @@ def _var(values: np.ndarray) -> np.ndarray:
 def _jackknife_var(jack: np.ndarray) -> np.ndarray:
     """Delete-one jackknife variance ``(n-1)/n sum_a (x_(a) - mean)^2`` over axis 0."""
     n = jack.shape[0]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "Mean of empty slice": NaN stays
         centred = jack - np.nanmean(jack, axis=0)
         return np.asarray((n - 1) / n * np.nansum(centred**2, axis=0))
 
@@ -609,9 +622,7 @@ def model_comparison_rows(
             if best:
                 known = getattr(analysis, "labels", None)
                 labels = None if known is None else np.asarray(known)[condition.rows]
-                out += cross_validated_rows(
-                    models, target, condition, settings, (ti, ci), labels
-                )
+                out += cross_validated_rows(models, target, condition, settings, (ti, ci), labels)
                 continue
             assert fixed is not None
             rows = condition.rows
@@ -670,8 +681,9 @@ def cross_validated_rows(
     plan = ResamplePlan(np.concatenate([p.counts for p in plans], axis=1), plans[0].subjects)
     mode = default_bootstrap(settings.bootstrap, S)
     coefs = [
-        _fold_coefficients([c[m] for c in chosen], model, sub_all, folds, plans, settings.method,
-                           settings.executor)  # fmt: skip
+        _fold_coefficients(
+            [c[m] for c in chosen], model, sub_all, folds, plans, settings.method, settings.executor
+        )
         for m, model in enumerate(models)
     ]
     selection = f"best by {len(folds)}-fold cross-validation"
@@ -703,9 +715,12 @@ def _pair_rows(
 ) -> list[dict[str, Any]]:  # fmt: skip
     coefs = [
         subject_coefficients(
-            _restrict(p.model.rdms[p.k : p.k + 1], rows), sub, settings.method, plan,
+            _restrict(p.model.rdms[p.k : p.k + 1], rows),
+            sub,
+            settings.method,
+            plan,
             settings.executor,
-        )  # fmt: skip
+        )
         for p in picks
     ]
     out = []

@@ -694,7 +694,7 @@ def bootstrap_values(
     not depend on batch sizes, devices, ``executor`` (where the chunks run; default: here) or
     the number of its workers (a Ray executor's workers compute on the CPU).
     """
-    dev, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
+    _, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
     root, *words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
     job = _BootJob(A, Bt, method, combine, memory_elements, n_boot, root, tuple(words))
     total = len(chunks_of(n_boot, BOOT_CHUNK)) if n_boot > 0 else 0
