@@ -412,6 +412,25 @@ def encode_layer(job: _LayerJob, layer: str) -> _LayerPart:
     return part
 
 
+def _encode_layers(
+    job: _LayerJob,
+    layers: Sequence[str],
+    executor: Executor,
+    progress: Callable[[str], None] | None,
+) -> list[_LayerPart]:
+    """:func:`encode_layer` of every layer: in this process layer by layer (with progress), or
+    as the tasks of ``executor``."""
+    say = progress or (lambda _message: None)
+    if executor.name != "local":
+        say(f"encoding {job.study.model}: {len(layers)} layer(s) on {executor.name}")
+        return executor.map_chunks(encode_layer, layers, stage="encode layers", shared=job)
+    parts = []
+    for layer in layers:
+        say(f"encoding {job.study.model} {layer}")
+        parts.append(encode_layer(job, layer))
+    return parts
+
+
 def compute_encoding(
     features: Mapping[str, np.ndarray],
     responses: Mapping[RoiKey, np.ndarray],
@@ -470,17 +489,7 @@ def compute_encoding(
     tables = _Tables()
     inputs: dict[str, np.ndarray] = {}
     job = _LayerJob(study, {layer: features[layer] for layer in layers}, dict(responses))
-    executor = executor or executor_for(runtime)
-    if executor.name == "local":  # layer by layer, with progress
-        parts = []
-        for layer in layers:
-            if progress is not None:
-                progress(f"encoding {model} {layer}")
-            parts.append(encode_layer(job, layer))
-    else:
-        if progress is not None:
-            progress(f"encoding {model}: {len(layers)} layer(s) on {executor.name}")
-        parts = executor.map_chunks(encode_layer, layers, stage="encode layers", shared=job)
+    parts = _encode_layers(job, layers, executor or executor_for(runtime), progress)
     for layer, part in zip(layers, parts, strict=True):
         inputs[layer] = part.inputs
         tables.rows += part.rows
