@@ -14,8 +14,21 @@
    in this process and ``t_task`` the per-task overhead of (1). A simulation: it assumes
    one free core per worker and no memory-bandwidth contention.
 
+4. **Dissection on Ray** (``--dissect-images`` random images with given boxes, resnet18 with
+   random weights, ``layer3``, 99 null draws): the local pass against 1 worker with one shard,
+   1 worker with one shard per batch and 2 workers; the tables are checked equal.
+5. **Amdahl model of the image stages** from the measured parts: ``T(w) = t_serial +
+   (t_parallel + S * t_shard) / w`` with ``t_parallel`` the work of all shards (the local run's
+   pass), ``t_shard`` the measured cost of one more shard, ``S`` the shards, and ``t_serial``
+   what only the driver does (Ray Data and actor start, planning / detection, stitching /
+   reduction) = ``T(1 worker, 1 shard) - t_parallel - t_shard``; its serial fraction
+   ``f = t_serial / T(1)`` bounds the speed-up by ``1 / f``. Evaluated for 1, 2, 4, 8 workers.
+
+Ray Data is warmed up (one tiny actor-pool run) before anything is timed, so its one-time
+start is not charged to the first measurement.
+
 Run: ``.venv/bin/python benchmarks/ray_overhead.py [--tasks 200] [--images 16] [--n 80]
-[--n-perm 8000]``; writes ``benchmarks/results/<date>-ray-overhead.json``.
+[--n-perm 8000] [--dissect-images 16]``; writes ``benchmarks/results/<date>-ray-overhead.json``.
 """
 
 from __future__ import annotations
@@ -79,6 +92,7 @@ def shard_overhead(n_images: int, folder: Path) -> dict[str, float]:
     # (workers, shard size): one shard vs one shard per batch separates the fixed cost (Ray
     # Data start, actor start = model transfer and load, stitching) from the cost per shard
     for workers, size in ((1, n_images), (1, 2), (2, 2)):
+        wait_idle()
         started = time.perf_counter()
         extract_on_ray(plan, folder / f"ray{workers}-{size}.h5",
                        settings=RaySettings(workers=workers, shard_size=size))  # fmt: skip
@@ -89,6 +103,151 @@ def shard_overhead(n_images: int, folder: Path) -> dict[str, float]:
     many = out[f"ray_1w_{math.ceil(n_images / 2)}shards_seconds"]
     out["fixed_seconds"] = one - local
     out["seconds_per_shard"] = (many - one) / (math.ceil(n_images / 2) - 1)
+    out["stitch_seconds"] = _stitch_seconds(plan, folder)
+    out["pool_start_seconds"] = warm_ray_data()  # a pool run without work, Ray Data warm
+    serial = out["stitch_seconds"] + out["pool_start_seconds"]
+    out["amdahl"] = amdahl(one, serial, out["seconds_per_shard"], math.ceil(n_images / 2), local)
+    return out
+
+
+def _stitch_seconds(plan: Any, folder: Path) -> float:
+    """The driver's stitching alone: shard stores computed here, then copied into one."""
+    from object2brain.activations.extract import run_extraction
+    from object2brain.executors.extraction import shard_plan, shard_ranges, stitch_shards
+
+    ranges = shard_ranges(len(plan.stimuli), plan.options.batch_size, plan.options.batch_size)
+    shards = [run_extraction(shard_plan(plan, r), folder / f"shard{i}.h5")
+              for i, r in enumerate(ranges)]  # fmt: skip
+    started = time.perf_counter()
+    stitch_shards(plan, folder / "stitched.h5", shards)
+    return time.perf_counter() - started
+
+
+def amdahl(
+    one: float, serial: float, per_shard: float, shards: int, local: float
+) -> dict[str, Any]:
+    """``T(w) = t_serial + (t_parallel + S t_shard) / w`` (module docstring) for 1-8 workers:
+    ``serial`` measured directly (pool start, stitching or reduction, driver-only steps),
+    ``t_parallel = one - serial - per_shard`` from ``one`` = T(1 worker, 1 shard); speed-ups
+    against 1 worker and against ``local`` (the whole local run)."""
+    per_shard = max(0.0, per_shard)  # noise can make the difference of two runs negative
+    parallel = max(0.0, one - serial - per_shard)
+    work = parallel + shards * per_shard
+    times = {w: serial + work / w for w in (1, 2, 4, 8)}
+    return {
+        "t_serial": serial,
+        "t_parallel": parallel,
+        "t_shard": per_shard,
+        "shards": shards,
+        "serial_fraction": serial / times[1],
+        "max_speedup": times[1] / serial if serial > 0 else math.inf,
+        "seconds": times,
+        "speedup_vs_1_worker": {w: times[1] / t for w, t in times.items()},
+        "speedup_vs_local": {w: local / t for w, t in times.items()},
+    }
+
+
+def wait_idle(limit: float = 120.0) -> None:
+    """Wait until every CPU of the Ray cluster is free (the actors of an earlier actor pool
+    are released asynchronously; a task needing their CPUs would wait for them)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.time() + limit
+    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def warm_ray_data() -> float:
+    """One tiny actor-pool run of Ray Data (its one-time start), in seconds."""
+    import ray.data
+
+    class Echo:
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return batch
+
+    wait_idle()
+    started = time.perf_counter()
+    ray.data.from_items([{"x": i} for i in range(2)]).map_batches(
+        Echo, batch_size=1, concurrency=1
+    ).take_all()
+    return time.perf_counter() - started
+
+
+def dissect_overhead(n_images: int, folder: Path) -> dict[str, Any]:
+    """The dissection pass locally and on Ray (1 worker: 1 shard / 1 per batch; 2 workers)."""
+    import pandas as pd
+    from PIL import Image
+
+    import object2brain as o2b
+    from object2brain.api.dissect import _detector_and_groups
+    from object2brain.executors import LocalExecutor, RayExecutor
+    from object2brain.executors.dissection import DissectShards
+    from object2brain.explain import dissect as dissect_module
+    from object2brain.explain.dissect import compute_dissection
+    from object2brain.models.zoo import load_model
+    from object2brain.options import DissectOptions, Runtime
+
+    rng = np.random.default_rng(1)
+    rows, boxes = [], []
+    for i in range(n_images):
+        path = folder / f"d{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(path)
+        rows.append({"stimulus_id": f"d{i:03d}", "path": str(path)})
+        for label in ("Human face", "Building"):
+            x, y = rng.integers(0, 150, 2)
+            boxes.append([f"d{i:03d}", x, y, x + 60, y + 60, label])
+    pd.DataFrame(rows).to_csv(folder / "d.csv", index=False)
+    columns = ["stimulus_id", "x0", "y0", "x1", "y1", "label"]
+    pd.DataFrame(boxes, columns=columns).to_csv(folder / "boxes.csv", index=False)
+    stimuli = o2b.load_stimuli(folder / "d.csv")
+    options = DissectOptions(layer="layer3", detector=f"boxes:{folder / 'boxes.csv'}",
+                             n_null_assign=99, selection_folds=0, batch_size=2,
+                             num_workers=0, target=0)  # fmt: skip
+    runtime = Runtime(seed=0, device="cpu", progress=False)
+    model = load_model("resnet18", "none")
+    detector, groups = _detector_and_groups(options.detector, None, options, runtime)
+    pass_seconds: list[float] = []
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return dissect_module._accumulate(*args, **kwargs)
+        finally:
+            pass_seconds.append(time.perf_counter() - started)
+
+    def run(accumulate: Any) -> tuple[float, Any]:
+        started = time.perf_counter()
+        result = compute_dissection(model, stimuli, detector, groups, options, runtime,
+                                    accumulate=accumulate)  # fmt: skip
+        return time.perf_counter() - started, result.table
+
+    local, table = run(timed)
+    out: dict[str, Any] = {"images": n_images, "local_seconds": local,
+                           "local_pass_seconds": pass_seconds[0]}  # fmt: skip
+    shards = math.ceil(n_images / 2)
+    for workers, per in ((1, shards), (1, 1), (2, 1)):
+        ex = RayExecutor()
+        sharded = DissectShards(ex, folder / f"s{workers}-{per}", workers=workers,
+                                batches_per_shard=per)  # fmt: skip
+        wait_idle()
+        seconds, other = run(sharded)
+        count = math.ceil(shards / per)
+        out[f"ray_{workers}w_{count}shards_seconds"] = seconds
+        same = other["p_assign"].equals(table["p_assign"]) and np.allclose(
+            other["enrichment"], table["enrichment"], rtol=1e-12, atol=0, equal_nan=True
+        )
+        out[f"ray_{workers}w_{count}shards_equal_local"] = bool(same)
+    started = time.perf_counter()
+    run(DissectShards(LocalExecutor(), folder / "s-local", batches_per_shard=1))
+    out["local_shards_seconds"] = time.perf_counter() - started
+    one, many = out["ray_1w_1shards_seconds"], out[f"ray_1w_{shards}shards_seconds"]
+    out["seconds_per_shard"] = (many - one) / (shards - 1)
+    # serial: the pool start and the driver-only part of a run (detection, probe, reduction,
+    # assignment, table: the local run without its pass)
+    out["pool_start_seconds"] = warm_ray_data()
+    serial = out["pool_start_seconds"] + (local - pass_seconds[0])
+    out["amdahl"] = amdahl(one, serial, out["seconds_per_shard"], shards, local)
     return out
 
 
@@ -107,6 +266,7 @@ def permutation_speedup(n: int, n_perm: int, per_task: float) -> dict[str, Any]:
     serial = time.perf_counter() - started
     measured = {}
     for cpus in (2, 1):  # a task per 2 CPUs: 1 worker; per CPU: 2 workers
+        wait_idle()
         ex = RayExecutor(num_cpus=cpus)
         mantel_test(models, targets, "spearman", PERM_BLOCK, 0, "cpu", executor=ex)  # warm
         started = time.perf_counter()
@@ -137,6 +297,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--n", type=int, default=80)
     parser.add_argument("--n-perm", type=int, default=8000)
+    parser.add_argument("--dissect-images", type=int, default=16)
     args = parser.parse_args()
     import ray
 
@@ -144,6 +305,9 @@ def main() -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": src}})  # fmt: skip
+    import torch
+
+    torch.set_num_threads(1)  # the driver's local runs on one core, as one Ray worker
     started = time.time()
     report: dict[str, Any] = {
         "machine": {
@@ -155,15 +319,21 @@ def main() -> None:
             "load_average_1min_at_start": os.getloadavg()[0],
         },
     }
+    report["ray_data_first_start_seconds"] = warm_ray_data()
+    print("ray data start", report["ray_data_first_start_seconds"], flush=True)
     report["task_overhead"] = task_overhead(args.tasks)
     print("task overhead", report["task_overhead"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         report["shard_overhead"] = shard_overhead(args.images, Path(tmp))
     print("shard overhead", report["shard_overhead"], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["dissect"] = dissect_overhead(args.dissect_images, Path(tmp))
+    print("dissect", report["dissect"], flush=True)
     per_task = report["task_overhead"]["seconds_per_task"]
     report["mantel"] = permutation_speedup(args.n, args.n_perm, per_task)
     print("mantel", report["mantel"], flush=True)
     report["seconds"] = round(time.time() - started, 1)
+    report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{time.strftime('%Y-%m-%d-%H%M')}-ray-overhead.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")

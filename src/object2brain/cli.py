@@ -369,7 +369,7 @@ def rsa_command(
     typer.echo(f"wrote {out / 'alignment.csv'}")
 
 
-@stage_command("encode", EncodeOptions)
+@stage_command("encode", EncodeOptions, runtime=DISTRIBUTED)
 def encode_command(
     *,
     options: EncodeOptions,
@@ -409,6 +409,8 @@ def encode_command(
         seed=runtime.seed,
         device=runtime.device,
         progress=runtime.progress,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         layers=chosen,
     )
     typer.echo(
@@ -416,7 +418,7 @@ def encode_command(
     )
 
 
-@stage_command("train-head", TrainHeadOptions)
+@stage_command("train-head", TrainHeadOptions, runtime=DISTRIBUTED)
 def train_head_command(
     *,
     options: TrainHeadOptions,
@@ -457,6 +459,8 @@ def train_head_command(
         device=runtime.device,
         seed=runtime.seed,
         progress=runtime.progress,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         **keywords(options, exclude=["ratings"]) | {"cross_fit": options.folds(in_study=False)},
     )
     if result.n_missing:
@@ -483,7 +487,7 @@ def _metric(metrics: dict[str, Any], key: str) -> str:
     return f"{key} {shown}" + (f" ({why})" if why else "")
 
 
-@stage_command("dissect", DissectOptions)
+@stage_command("dissect", DissectOptions, runtime=DISTRIBUTED)
 def dissect_command(
     *,
     options: DissectOptions,
@@ -508,6 +512,8 @@ def dissect_command(
         device=runtime.device,
         seed=runtime.seed,
         progress=runtime.progress,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         **keywords(options, detection_cache="cache_dir"),
     )
     typer.echo(f"wrote {out / 'filter_objects.csv'}")
@@ -569,7 +575,7 @@ def simulate_command(
     )
 
 
-@stage_command("lesion", LesionOptions)
+@stage_command("lesion", LesionOptions, runtime=DISTRIBUTED)
 def lesion_command(
     *,
     options: LesionOptions,
@@ -615,6 +621,8 @@ def lesion_command(
         out=out,
         seed=runtime.seed,
         device=runtime.device,
+        executor=runtime.executor,
+        ray_address=runtime.ray_address,
         model=loaded,
         **keywords(options),
     )

@@ -145,7 +145,7 @@ def test_study_config_executor_section(tmp_path: Path, monkeypatch: pytest.Monke
     assert config.executor.kind == "local" and config.executor.address is None
 
 
-@pytest.mark.parametrize("command", ["rsa", "extract"])
+@pytest.mark.parametrize("command", ["rsa", "extract", "dissect", "train-head", "lesion", "encode"])
 def test_cli_without_ray_one_line_exit_2(
     command: str,
     tmp_path: Path,
@@ -160,6 +160,15 @@ def test_cli_without_ray_one_line_exit_2(
         "rsa": ["rsa", "--activations", str(tmp_path / "acts.h5"), "--out", str(tmp_path / "o")],
         "extract": ["extract", "--model", "resnet18", "--weights", "none", "--stimuli",
                     str(tmp_path / "stimuli.csv"), "--out", str(tmp_path / "acts.h5")],
+        "dissect": ["dissect", "--model", "resnet18", "--weights", "none", "--stimuli",
+                    str(tmp_path / "stimuli.csv"), "--out", str(tmp_path / "o"),
+                    "--layer", "layer4"],
+        "train-head": ["train-head", "--model", "resnet18", "--weights", "none", "--stimuli",
+                       str(tmp_path / "stimuli.csv"), "--out", str(tmp_path / "o")],
+        "lesion": ["lesion", "--activations", str(tmp_path / "acts.h5"), "--filters",
+                   str(tmp_path / "f.csv"), "--out", str(tmp_path / "o")],
+        "encode": ["encode", "--activations", str(tmp_path / "acts.h5"), "--ratings",
+                   str(tmp_path / "r.csv"), "--out", str(tmp_path / "o")],
     }[command]  # fmt: skip
     with pytest.raises(SystemExit) as done:
         main([*args, "--executor", "ray", "--quiet"])

@@ -5,12 +5,15 @@ tables and manifest (:func:`object2brain.explain.dissect.write_dissection`)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from object2brain.errors import DataError
+from object2brain.executors import stage_runtime
 from object2brain.io import check_output_folder, optional_staging
 from object2brain.options import DissectOptions, OptionsError, Runtime, as_flags, resolve_options
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from object2brain.data.stimuli import StimulusSet
+    from object2brain.executors.dissection import DissectShards
     from object2brain.explain.detectors import Detector
     from object2brain.explain.dissect import DissectResult
     from object2brain.explain.groups import GroupMap
@@ -55,6 +59,8 @@ def dissect(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     figures: bool = True,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> DissectResult:
     """EmoCAM++: per-filter Grad-CAM x object detections -> the ``filter_objects`` table.
 
@@ -76,6 +82,10 @@ def dissect(
         seed: recorded; seeds random weights when ``model`` is a name.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         progress: progress bars.
+        executor: ``local`` (this process) | ``ray``: the Grad-CAM
+            pass in shards of images on an actor pool on a Ray cluster at
+            ``ray_address`` (``auto``: the cluster of this machine; ``None``: a local one); the
+            results are those of a local run (:mod:`object2brain.executors`).
         cache_dir: detection cache folder (default: ``options.detection_cache``, else the
             user's cache shared with ``object2brain run`` and the command line,
             :func:`~object2brain.explain.detectors.default_detection_cache`).
@@ -108,7 +118,10 @@ def dissect(
         "groups": groups if isinstance(groups, str | Path) else None,
     }  # fmt: skip
     resolved = _resolve(options, {k: v for k, v in given.items() if v is not None})
-    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    runtime = stage_runtime(
+        seed=seed, device=str(device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
     out_path = None if out is None else Path(out).expanduser()
     if out_path is not None:
         check_output_folder(out_path)
@@ -122,9 +135,10 @@ def dissect(
     det, group_map = _detector_and_groups(detector, groups, resolved, runtime)
     cache = _cache_folder(cache_dir, resolved)
     with optional_staging(out_path) as staging:  # the lock first: the cache may lie in out
+        shards = _sharded_pass(runtime, out_path, stimulus_set)
         result = compute_dissection(
             loaded, stimulus_set, det, group_map, resolved, runtime, cache_dir=cache,
-            gallery=figures and out_path is not None,
+            gallery=figures and out_path is not None, accumulate=shards,
         )  # fmt: skip
         if staging is not None:  # tables, figures, manifest: swapped in as a whole
             folder = staging.folder
@@ -133,7 +147,26 @@ def dissect(
             result.files = staging.final(write_dissection(result, folder, also_written=drawn))
             result.out = staging.out
     result.summary["seconds"] = round(time.time() - started, 3)
+    if shards is not None:  # written (or nothing to write): the shards are no longer needed
+        shutil.rmtree(shards.folder, ignore_errors=True)
     return result
+
+
+def _sharded_pass(runtime: Runtime, out: Path | None, stimuli: StimulusSet) -> DissectShards | None:
+    """With ``--executor ray``: the Grad-CAM pass in shards on the Ray cluster, the shard files
+    next to ``out`` (``<out>.shards/``, kept until the tables are written, so a rerun after a
+    failure redoes only the missing shards; without ``out``, a temporary folder)."""
+    if runtime.executor != "ray":
+        return None
+    from object2brain.executors import RayExecutor
+    from object2brain.executors.dissection import DissectShards, dissect_shard_folder
+
+    if out is None:
+        folder = Path(tempfile.mkdtemp(prefix="o2b-dissect-shards-"))
+    else:
+        folder = dissect_shard_folder(out)
+    executor = RayExecutor(address=runtime.ray_address)
+    return DissectShards(executor, folder, key=stimuli.fingerprint())
 
 
 def draw_dissection_figures(result: DissectResult, folder: Path) -> list[Path]:

@@ -51,6 +51,7 @@ from object2brain.data.ratings import load_ratings
 from object2brain.data.stimuli import StimulusSet
 from object2brain.encoding import EncodingResult, LayerFit, compute_encoding
 from object2brain.errors import DataError, listing
+from object2brain.executors import stage_runtime
 from object2brain.io import (
     atomic_path,
     check_output_folder,
@@ -122,6 +123,8 @@ def encode(
     perm_null: str | None = None,
     layers: Sequence[str] | None = None,
     duplicate_ratings: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> EncodeResult:
     """Encoding models: cross-validated ridge from every layer of every model to every voxel.
 
@@ -137,6 +140,10 @@ def encode(
         seed: seed of the folds, SRP, band search and permutations.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (himalaya's torch_cuda backend on CUDA).
         progress: log one line per model and layer.
+        executor: ``local`` (this process) | ``ray``: the
+            cross-validation folds on a Ray cluster at
+            ``ray_address`` (``auto``: the cluster of this machine; ``None``: a local one); the
+            results are those of a local run (:mod:`object2brain.executors`).
         figures: draw the layer profiles (when ``out`` is given).
         folds, inner_folds, alphas, reduce, banded, n_iter, n_perm, perm_null, layers,
             duplicate_ratings: the fields of :class:`EncodeOptions` (None: not given).
@@ -159,7 +166,10 @@ def encode(
         layers=layers,
         duplicate_ratings=duplicate_ratings,
     )
-    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    runtime = stage_runtime(
+        seed=seed, device=str(device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
     if brain is None and ratings is None:
         raise DataError("encode needs brain data (--brain) or ratings (--ratings) to predict")
     if out is not None:

@@ -33,6 +33,7 @@ from object2brain.data.ratings import load_ratings
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
 from object2brain.errors import DataError
+from object2brain.executors import stage_runtime
 from object2brain.io import (
     check_output_folder,
     optional_staging,
@@ -54,7 +55,6 @@ from object2brain.options import (
     EncodeOptions,
     LesionOptions,
     NullKind,
-    Runtime,
     Selection,
     Variant,
     resolve_options,
@@ -97,6 +97,8 @@ def lesion(
     encode_options: EncodeOptions | None = None,
     duplicate_ratings: str | None = None,
     folds: str | Path | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> LesionResult:
     """Lesion / keep-only analysis of every object group (Object2Brain).
 
@@ -110,6 +112,10 @@ def lesion(
         seed: seed of the null subsets and the label permutations.
         device: where RDMs and comparisons run.
         progress: accepted for symmetry with the other stages (no bar is drawn).
+        executor: ``local`` (this process) | ``ray``: the chunks of
+            null subsets and permutations on a Ray cluster at
+            ``ray_address`` (``auto``: the cluster of this machine; ``None``: a local one); the
+            results are those of a local run (:mod:`object2brain.executors`).
         model: a :class:`~object2brain.models.zoo.LoadedModel` for ``propagate`` (the network
             that wrote the store).
         figures: write the heatmap figures (when ``out`` is given).
@@ -142,7 +148,10 @@ def lesion(
         "duplicate_ratings": duplicate_ratings,
     }
     opts = resolve_lesion_options(options, given)
-    runtime = Runtime(seed=seed, device=str(device), progress=progress)
+    runtime = stage_runtime(
+        seed=seed, device=str(device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
     if out is not None:
         check_output_folder(out)
     table = load_filter_table(filters, folds)

@@ -3,6 +3,7 @@ write (the steps live in :mod:`object2brain.heads.train` and :mod:`object2brain.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from object2brain.data.findingemo import VALENCE_RANGE
+from object2brain.executors import stage_runtime
 from object2brain.heads.train import (
     OUT_OF_FOLD_NAME,
     HeadsResult,
+    ModelFeatures,
     compute_heads,
     load_models,
     load_rated,
@@ -20,6 +23,7 @@ from object2brain.heads.train import (
     resolve_models,
     resolve_train_options,
     split_rated,
+    uses_cache,
 )
 from object2brain.heads.write import (
     HEAD_NAME,
@@ -102,6 +106,8 @@ def train_head(
     num_workers: int | None = None,
     cross_fit: int | None = None,
     selection_folds: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> TrainHeadResult:
     """Train a one-output valence head on each frozen backbone; the same split for all models.
 
@@ -124,6 +130,10 @@ def train_head(
         seed: seed of the split, the folds, the batch order and the augmentations.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         progress: show progress bars.
+        executor: ``local`` (this process) | ``ray``: the feature pass (with the feature
+            cache) in shards on an actor pool of a Ray cluster at ``ray_address`` (``auto``:
+            the cluster of this machine; ``None``: a local one), stitched into the same feature
+            store; training stays here (:mod:`object2brain.executors.features`).
         figures: write the predicted-vs-rated scatter figure of each model.
         loss, augment, cache, epochs, patience, lr, weight_decay, batch_size, fractions,
         num_workers, cross_fit, selection_folds: the fields of :class:`TrainHeadOptions`
@@ -162,7 +172,10 @@ def train_head(
     opts = resolve_train_options(options, values)
     specs = resolve_models(models, weights)
     torch_device = resolve_device(device)
-    runtime = Runtime(seed=seed, device=str(torch_device), progress=progress)
+    runtime = stage_runtime(
+        seed=seed, device=str(torch_device), progress=progress, executor=executor,
+        ray_address=ray_address,
+    )  # fmt: skip
     check_output_folder(out)
     if opts.augment and opts.cache:
         log.warning("--augment: features change every epoch, so they are not cached")
@@ -174,7 +187,7 @@ def train_head(
     # caches go into ``out`` itself; the results are swapped in as a whole at the end).
     with staged_output(out) as staging:
         features = [
-            prepare_features(name, model, data.stimuli, opts, runtime, folder=out)
+            _features(name, model, data.stimuli, opts, runtime, out)
             for name, model in loaded.items()
         ]
         result = compute_heads(features, rated, opts, runtime)
@@ -182,6 +195,41 @@ def train_head(
         record = _record(findingemo, image_root, stimuli, split, str(torch_device), started)
         files = write_heads(result, staging.folder, record=record, figures=figure_files)
     return _summary(result, out, staging.final(files))
+
+
+def _features(
+    name: str,
+    loaded: LoadedModel,
+    stimuli: StimulusSet,
+    options: TrainHeadOptions,
+    runtime: Runtime,
+    out: Path,
+) -> ModelFeatures:
+    """The head's features (:func:`~object2brain.heads.train.prepare_features`); with
+    ``--executor ray`` and the feature cache, the feature store is first written from shards
+    computed on the Ray cluster (:mod:`object2brain.executors.features`), then read as a local
+    run reads it."""
+    if runtime.executor != "ray":
+        return prepare_features(name, loaded, stimuli, options, runtime, folder=out)
+    if not uses_cache(options):
+        log.warning("--executor ray with --augment: the features change every epoch, so %s's "
+                    "training runs in this process", name)  # fmt: skip
+        return prepare_features(name, loaded, stimuli, options, runtime, folder=out)
+    from object2brain.devices import resolve_device
+    from object2brain.executors.features import features_on_ray
+    from object2brain.executors.pool import PoolSettings
+    from object2brain.heads.features import FEATURES_NAME
+
+    started = time.time()
+    computed = features_on_ray(
+        loaded, stimuli, out / name / FEATURES_NAME, device=resolve_device(runtime.device),
+        batch_size=options.batch_size, num_workers=options.num_workers or 0,
+        settings=PoolSettings(address=runtime.ray_address),
+    )  # fmt: skip
+    features = prepare_features(name, loaded, stimuli, options, runtime, folder=out)
+    if not computed:
+        return features
+    return dataclasses.replace(features, reused=False, seconds=time.time() - started)
 
 
 def _record(

@@ -34,6 +34,7 @@ __all__ = [
     "chunks_of",
     "executor_for",
     "require_ray",
+    "stage_runtime",
 ]
 
 
@@ -43,3 +44,22 @@ def executor_for(runtime: Runtime) -> Executor:
     if runtime.executor == "local":
         return LocalExecutor()
     return RayExecutor(address=runtime.ray_address)
+
+
+def stage_runtime(
+    *,
+    seed: int,
+    device: str,
+    progress: bool,
+    executor: str = "local",
+    ray_address: str | None = None,
+) -> Runtime:
+    """The :class:`~object2brain.options.Runtime` of a stage's API call; with
+    ``executor="ray"`` Ray is checked first: without the extra, one :class:`ExecutorError`
+    saying what to install, before any input is read."""
+    runtime = Runtime(
+        seed=seed, device=device, progress=progress, executor=executor, ray_address=ray_address
+    )
+    if runtime.executor == "ray":
+        require_ray()
+    return runtime

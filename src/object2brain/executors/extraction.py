@@ -25,6 +25,7 @@ by the driver into ONE activation store equal to a local run's.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib
 import logging
@@ -144,14 +145,19 @@ def _compute_shards(
             max_restarts=settings.max_retries,  # a dead actor's process is started again
             max_task_retries=settings.max_retries,  # and its shard retried
         )
+    failure = None
     try:
         finished = sorted(int(row["shard"]) for row in mapped.take_all())
     except Exception as exc:
+        failure = _first_line(exc)
+    if failure is not None:
+        del mapped, dataset
+        gc.collect()  # the failed run's executor and actors are freed (their CPUs, GPUs)
         missing = _missing_shards(plan, folder, ranges)
         raise ExecutorError(
-            f"extract: shard(s) {missing} of {len(ranges)} failed ({_first_line(exc)}); the "
+            f"extract: shard(s) {missing} of {len(ranges)} failed ({failure}); the "
             f"finished shards are kept in {folder}: rerun the same command to redo the rest"
-        ) from None
+        )
     if finished != sorted(todo):
         raise ExecutorError(f"extract: shards {sorted(set(todo) - set(finished))} did not run")
 

@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -746,6 +746,25 @@ class DissectResult:
     folds: pd.DataFrame | None = None
 
 
+class Accumulate(Protocol):
+    """The Grad-CAM pass of :func:`compute_dissection` (the signature of its default,
+    ``_accumulate``): the per-(group, filter) sums, the null's and the folds' sums filled in, and
+    the images per group ``(G,)``."""
+
+    def __call__(
+        self,
+        cams: _CamPass,
+        prepared: PreparedBoxes,
+        stimuli: _Stimuli,
+        options: DissectOptions,
+        on_device_decode: bool,
+        null: AssignmentNull,
+        *,
+        progress: bool,
+        folds: SelectionFolds | None = None,
+    ) -> tuple[GroupAccumulator, np.ndarray]: ...
+
+
 @dataclass(frozen=True)
 class _CamPass:
     """How per-filter Grad-CAM maps of a batch are computed: ``network`` on ``device``, maps of
@@ -791,6 +810,7 @@ def compute_dissection(
     *,
     cache_dir: Path | None = None,
     gallery: bool = False,
+    accumulate: Accumulate | None = None,
 ) -> DissectResult:
     """EmoCAM++: per-filter Grad-CAM x object detections -> the ``filter_objects`` table.
 
@@ -807,6 +827,9 @@ def compute_dissection(
         gallery: also compute the gallery panels (the top ``options.gallery_filters`` filters of
             each group, assigned first, then by enrichment; their top
             ``options.gallery_images`` images each), a second Grad-CAM pass over those images.
+        accumulate: runs the Grad-CAM pass (default: in this process, batch after batch); e.g.
+            :class:`object2brain.executors.dissection.DissectShards`, the pass in shards of
+            images on an executor (a Ray cluster), with the same sums.
 
     Summary counts: ``images``, ``images_used``, ``images_without_detections`` (left out),
     ``detections``, ``used`` boxes, ``clipped`` (partly outside the image), ``outside_image`` /
@@ -840,8 +863,9 @@ def compute_dissection(
     folds = None
     if fold_of is not None and fold_heads is None:  # one pass, per-fold sums
         folds = SelectionFolds(fold_of, prepared, shape, options.n_null_assign, runtime.seed)
-    accumulator, n_images = _accumulate(cams, prepared, lists, options, on_device_decode, null,
-                                        progress=runtime.progress, folds=folds)  # fmt: skip
+    run_pass = accumulate or _accumulate
+    accumulator, n_images = run_pass(cams, prepared, lists, options, on_device_decode, null,
+                                     progress=runtime.progress, folds=folds)  # fmt: skip
     _require_gradient(accumulator, cams.layer)
     scores = _scores(accumulator, null, n_images)
     assignment = assign_filters(

@@ -102,7 +102,7 @@ _SHARED_WITH_RSA = {
 
 
 class ExecutorConfig(_Strict):
-    """Where the extraction shards and the RSA permutation blocks run (``executor:`` section):
+    """Where the independent chunks of every stage run (``executor:`` section):
     ``kind`` local | ray, ``address`` of the Ray cluster (``auto``: the cluster of this
     machine; none: a local one started for the run)."""
 

@@ -475,6 +475,8 @@ def _train_heads(study: Study, model: Unit) -> list[Path]:
         device=study.device,
         seed=study.seed,
         progress=study.progress,
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return list(result.files)
 
@@ -665,6 +667,8 @@ def _dissect(study: Study, model: Unit) -> list[Path]:
         device=study.device,
         seed=study.seed,
         progress=study.progress,
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return list(result.files)
 
@@ -751,6 +755,8 @@ def _lesion(study: Study, model: Unit) -> list[Path]:
             folds=folds
             if (folds := _dissect_folder(study, each) / "folds.csv").is_file()
             else None,
+            executor=study.config.executor.kind,
+            ray_address=study.config.executor.address,
         )
         files.extend(result.files)
     return files
@@ -806,6 +812,8 @@ def _encode(study: Study, model: Unit) -> list[Path]:
         seed=study.seed,
         device=study.device,
         progress=study.progress,
+        executor=study.config.executor.kind,
+        ray_address=study.config.executor.address,
     )
     return list(result.files)
 
