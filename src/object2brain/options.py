@@ -234,6 +234,13 @@ class TrainHeadOptions(StageOptions):
         description="Image decoding worker processes (0: in the main process; default: by cores).",
         json_schema_extra=_cli(None),
     )
+    image_cache: Path | None = Field(
+        None,
+        description=(
+            "Decoded-image cache folder for the backbone's feature pass (as extract's; "
+            "not used for augmented training images)."
+        ),
+    )
     cross_fit: Int | None = Field(
         None,
         ge=0,
@@ -481,6 +488,10 @@ class LesionOptions(RatingsOptions):
         json_schema_extra=_cli("--compare"),
     )
     batch_size: Int = Field(32, ge=1, description="Images per batch (with --propagate).")
+    image_cache: Path | None = Field(
+        None,
+        description="Decoded-image cache folder for --propagate's forward passes (as extract's).",
+    )
     analysis: LesionAnalysis = Field(
         "rsa",
         description=(

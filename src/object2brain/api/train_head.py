@@ -101,6 +101,7 @@ def train_head(
     fractions: tuple[float, float, float] | None = None,
     num_workers: int | None = None,
     cross_fit: int | None = None,
+    image_cache: str | Path | None = None,
 ) -> TrainHeadResult:
     """Train a one-output valence head on each frozen backbone; the same split for all models.
 
@@ -125,7 +126,7 @@ def train_head(
         progress: show progress bars.
         figures: write the predicted-vs-rated scatter figure of each model.
         loss, augment, cache, epochs, patience, lr, weight_decay, batch_size, fractions,
-        num_workers, cross_fit: the fields of :class:`TrainHeadOptions` (``None``: from
+        num_workers, cross_fit, image_cache: the fields of :class:`TrainHeadOptions` (``None``: from
             ``options``, else its default). ``cache`` keeps the penultimate features in an
             activation store ``<out>/<model>/features.h5`` (off with ``augment``);
             ``cross_fit=K`` (``K >= 2``) also fits ``K`` fold heads and writes every stimulus's
@@ -153,7 +154,7 @@ def train_head(
         "loss": loss, "augment": augment, "cache": cache, "epochs": epochs,
         "patience": patience, "lr": lr, "weight_decay": weight_decay,
         "batch_size": batch_size, "fractions": fractions, "num_workers": num_workers,
-        "cross_fit": cross_fit,
+        "cross_fit": cross_fit, "image_cache": image_cache,
     }  # fmt: skip
     opts = resolve_train_options(options, values)
     specs = resolve_models(models, weights)

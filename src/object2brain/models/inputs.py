@@ -460,10 +460,10 @@ def image_batches(
             cache=cache,
         )  # fmt: skip
         return
-    hits = _cache_hits(cache, paths, [DECODER_PIL] * len(paths))
+    dataset = pixel_dataset(paths, ids, preprocessing, cache=cache)
     loader = image_loader(
         paths, ids, preprocessing, device=device, batch_size=batch_size,
-        num_workers=num_workers, on_device_decode=False, cache=cache, hits=hits,
+        num_workers=num_workers, on_device_decode=False, cache=cache, hits=dataset.hits,
     )  # fmt: skip
     batches = iter(loader)
     while True:
@@ -471,11 +471,7 @@ def image_batches(
             batch = next(batches, None)
         if batch is None:
             return
-        if cache is not None:
-            misses = [j for j, i in enumerate(batch[0].tolist()) if hits[i] is None]
-            if misses and not any(batch[2]):
-                keys = [ImageCache.key(paths[int(batch[0][j])], DECODER_PIL) for j in misses]
-                cache.add(keys, batch[1][misses].numpy())
+        remember_pixels(dataset, batch)
         with timing.stage("decode", device, images=len(batch[0])):
             result = model_inputs(batch, preprocessing, device, ids)
         yield result
@@ -483,6 +479,43 @@ def image_batches(
 
 #: Decoder names in the decoded-image cache's keys (pixels differ by decoder).
 DECODER_PIL = "pil"
+
+
+def pixel_dataset(
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    preprocessing: Preprocessing,
+    *,
+    cache: ImageCache | None = None,
+    augment: bool = False,
+) -> ImageDataset:
+    """The Pillow-pixels dataset (:class:`ImageDataset` with ``pixels=True``) of every stage that
+    runs a network on stimuli by the Pillow path: images held by the decoded-image ``cache``
+    are read from it instead of being decoded (not with ``augment``: random crops are not
+    cached). Its batches' new pixels go into the cache with :func:`remember_pixels`; the inputs
+    are bit for bit those of a run without a cache."""
+    use = None if augment else cache
+    hits = _cache_hits(use, paths, [DECODER_PIL] * len(paths))
+    return ImageDataset(paths, ids, preprocessing, augment=augment, pixels=True, cache=use,
+                        hits=hits)  # fmt: skip
+
+
+def remember_pixels(dataset: ImageDataset, batch: Any) -> None:
+    """Add the pixels of a loader batch ``(indices (B,), pixels (B, 3, crop, crop) uint8,
+    errors)`` of :func:`pixel_dataset` that were decoded (not read from its cache) to the cache,
+    and mark them cached for the dataset's next pass (a batch with a decoding error adds
+    nothing: the caller reports it). No cache: nothing."""
+    cache = dataset.cache
+    if cache is None or any(batch[2]):
+        return
+    rows = [int(i) for i in batch[0].tolist()]
+    misses = [j for j, i in enumerate(rows) if dataset.hits[i] is None]
+    if not misses:
+        return
+    keys = [ImageCache.key(dataset.paths[rows[j]], DECODER_PIL) for j in misses]
+    cache.add(keys, batch[1][misses].numpy())
+    for j, key in zip(misses, keys, strict=True):
+        dataset.hits[rows[j]] = cache.entries.get(key)
 
 
 def device_decoder(device: torch.device) -> str:
