@@ -39,7 +39,9 @@ class PillowCounter:
 
 def _features(source: BackboneFeatures, n: int) -> np.ndarray:
     rows = np.arange(n)[::-1].copy()  # not in file order: the cache is keyed by content
-    parts = {int(i): f for idx, f in source.batches(rows, 3) for i, f in zip(idx, f.numpy())}
+    parts = {}
+    for idx, block in source.batches(rows, 3):
+        parts.update(zip(idx.tolist(), block.numpy(), strict=True))
     return np.stack([parts[i] for i in range(n)])
 
 
@@ -94,8 +96,9 @@ def test_propagation_reads_the_cache(
     cache = ImageCache(tmp_path / "cache", model.preprocessing)
     forward_with_mask(model, stimuli, "layer2", mask, ["layer3"], batch_size=4, cache=cache)
     counter = PillowCounter(monkeypatch)
+    again = ImageCache(tmp_path / "cache", model.preprocessing)
     cached = forward_with_mask(model, stimuli, "layer2", mask, ["layer3", "fc"], batch_size=4,
-                               cache=ImageCache(tmp_path / "cache", model.preprocessing))  # fmt: skip
+                               cache=again)  # fmt: skip
     assert counter.calls == 0
     for name in ("layer3", "fc"):
         np.testing.assert_array_equal(cached[name], plain[name])

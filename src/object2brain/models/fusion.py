@@ -81,7 +81,8 @@ def fold_batchnorm(module: nn.Module, keep: Collection[str] = ()) -> tuple[nn.Mo
     pairs = foldable_pairs(folded, keep)
     for conv_name, norm_name in pairs:
         conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
-        _replace(folded, conv_name, fuse_conv_bn_eval(conv, norm))  # type: ignore[arg-type]
+        assert isinstance(conv, _CONVS) and isinstance(norm, _NORMS)  # by foldable_pairs
+        _replace(folded, conv_name, fuse_conv_bn_eval(conv, norm))
         _replace(folded, norm_name, nn.Identity())
     return folded, len(pairs)
 

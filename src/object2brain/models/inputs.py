@@ -77,7 +77,9 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
     ):
         self.paths = list(paths)
         self.cache = cache if pixels and not augment else None
-        self.hits = list(hits) if hits is not None else [None] * len(self.paths)
+        self.hits: list[CacheEntry | None] = (
+            list(hits) if hits is not None else [None] * len(self.paths)
+        )
         self.ids = list(ids)
         self.crop = preprocessing.crop_size
         self.transform = (
@@ -465,7 +467,8 @@ def image_batches(
         paths, ids, preprocessing, device=device, batch_size=batch_size,
         num_workers=num_workers, on_device_decode=False, cache=cache, hits=dataset.hits,
     )  # fmt: skip
-    batches = iter(loader)
+    # without worker processes the next batch is decoded on a thread while this one is used
+    batches = read_ahead(loader) if loader.num_workers == 0 else iter(loader)
     while True:
         with timing.stage("read"):  # waiting for the loader: reading + Pillow in its workers
             batch = next(batches, None)
@@ -475,6 +478,50 @@ def image_batches(
         with timing.stage("decode", device, images=len(batch[0])):
             result = model_inputs(batch, preprocessing, device, ids)
         yield result
+
+
+def read_ahead(batches: Any, depth: int = 1) -> Iterator[Any]:
+    """The items of ``batches``, produced on a thread of their own up to ``depth`` items ahead
+    of the consumer (a single-process loader: Pillow and the uint8 copies release the GIL, so
+    the next batch is decoded while the network runs on this one). An error of the producer is
+    raised here, at its item; closing the generator stops the thread after its current item."""
+    import queue
+    import threading
+
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        items.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            items.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="o2b-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                items.get_nowait()
+            thread.join(timeout=0.05)
 
 
 #: Decoder names in the decoded-image cache's keys (pixels differ by decoder).
