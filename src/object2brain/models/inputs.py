@@ -10,14 +10,17 @@ runs a network on stimuli (extraction, head features, dissection and its gallery
 
   - ``pil``: loader workers decode with Pillow (:func:`~object2brain.data.images.load_image`)
     and hand over uint8 pixels; the compute device normalises them
-    (:meth:`~object2brain.models.zoo.Preprocessing.normalize`);
+    (:meth:`~object2brain.models.zoo.Preprocessing.normalize`); without workers the next batch
+    is decoded on a thread (:func:`read_ahead`) while the network runs on this one;
   - ``torch`` (or ``auto`` = ``torch`` on CUDA): plain JPEG files (:func:`is_plain_jpeg`) travel
     as bytes and are decoded on the compute device (nvJPEG on CUDA), then resized (antialiased,
     rounded to 8 bits like Pillow), centre-cropped and normalised there; every other file goes
     through Pillow exactly as above. The two paths differ by about one 8-bit level per pixel.
 
 - datasets: :class:`ImageDataset` (Pillow), :class:`EncodedImageDataset` (bytes or Pillow) and
-  the worker count :func:`default_workers`.
+  the worker count :func:`default_workers`; :func:`pixel_dataset` + :func:`remember_pixels`: the
+  Pillow-pixels dataset with the decoded-image cache, for stages with their own loader (the
+  train-head feature pass).
 
 A "path" may also be a row of an HDF5 image array (``FILE#ROW``, ``FILE#DATASET#ROW``; see
 :mod:`object2brain.data.image_array`): :func:`~object2brain.data.images.load_image` returns its
