@@ -93,6 +93,7 @@ def lesion(
     selection_folds: int | None = None,
     propagate: bool | None = None,
     batch_size: int | None = None,
+    image_cache: str | Path | None = None,
     analysis: str | None = None,
     encode_options: EncodeOptions | None = None,
     duplicate_ratings: str | None = None,
@@ -122,7 +123,7 @@ def lesion(
         behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
             (default all): the held-out ones when the head was fitted on some of these stimuli.
         layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
-            n_group_null, selection, selection_folds, propagate, batch_size,
+            n_group_null, selection, selection_folds, propagate, batch_size, image_cache,
             duplicate_ratings: the fields of :class:`LesionOptions` (None: not given).
         folds: the dissection's selection folds (its ``folds.csv``: ``stimulus_id, fold``;
             default: the ``folds.csv`` next to a ``filters`` file). With
@@ -144,6 +145,7 @@ def lesion(
         "selection_folds": selection_folds,
         "propagate": propagate,
         "batch_size": batch_size,
+        "image_cache": image_cache,
         "analysis": analysis,
         "duplicate_ratings": duplicate_ratings,
     }

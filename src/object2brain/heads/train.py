@@ -288,6 +288,7 @@ def prepare_features(
     every batch (augmented training images, eval-transform validation and prediction).
     """
     from object2brain.devices import resolve_device
+    from object2brain.models.image_cache import ImageCache
     from object2brain.models.inputs import default_workers
 
     started = time.time()
@@ -295,12 +296,16 @@ def prepare_features(
     workers = options.num_workers
     if workers is None:
         workers = default_workers(len(stimuli), options.batch_size, device, min_batches=4)
+    images = None  # the decoded-image cache (not the feature store of ``options.cache``)
+    if options.image_cache is not None:
+        images = ImageCache(options.image_cache, loaded.preprocessing)
     if not uses_cache(options):
         train = BackboneFeatures(
-            loaded, stimuli, device=device, augment=options.augment, num_workers=workers
-        )
+            loaded, stimuli, device=device, augment=options.augment, num_workers=workers,
+            cache=images,
+        )  # fmt: skip
         evaluate = (
-            BackboneFeatures(loaded, stimuli, device=device, num_workers=workers)
+            BackboneFeatures(loaded, stimuli, device=device, num_workers=workers, cache=images)
             if options.augment
             else train
         )
@@ -317,6 +322,7 @@ def prepare_features(
             batch_size=options.batch_size,
             num_workers=workers,
             progress=runtime.progress,
+            cache=images,
         )
     source = CachedFeatures(features, device)
     sources = FeatureSources(source, source, int(features.shape[1]))
