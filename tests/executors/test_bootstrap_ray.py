@@ -1,6 +1,7 @@
 """The bootstrap resamples of the RSA stage (stimulus bootstrap, contrast bootstrap, two-factor
-group bootstrap) drawn in chunks of their own seeds: a Ray run with 1 or 2 workers equals a
-local run exactly, and the first chunks do not change with the number of resamples."""
+group bootstrap, within-pairs bootstrap) drawn in chunks of their own seeds: a Ray run with 1 or
+2 workers equals a local run exactly, and the first chunks do not change with the number of
+resamples."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from object2brain.rsa.inference import (
     condition_difference_bootstrap,
 )
 from object2brain.rsa.rdm import upper_triangle
+from object2brain.rsa.within import within_bootstrap_ci
 
 
 def _square(rng: np.random.Generator, count: int, n: int, base: np.ndarray) -> torch.Tensor:
@@ -72,3 +74,9 @@ def test_bootstraps_on_ray_equal_local(ray_cluster: ModuleType, cpus_per_task: i
     np.testing.assert_array_equal(
         g.resampled(a, y, "cosine", plan.counts, ray_ex), g.resampled(a, y, "cosine", plan.counts)
     )
+    within = (models, subjects, ["a"] * 5 + ["b"] * 4 + [""] + ["c"] * 2, "spearman", n_boot, 7)
+    for corrected in (True, False):
+        here_ci = within_bootstrap_ci(*within, corrected=corrected)
+        there_ci = within_bootstrap_ci(*within, corrected=corrected, executor=ray_ex)
+        np.testing.assert_array_equal(there_ci[0], here_ci[0])
+        np.testing.assert_array_equal(there_ci[1], here_ci[1])

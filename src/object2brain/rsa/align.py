@@ -365,8 +365,9 @@ def _within_statistics(
         model_rdms, targets, labels, method, options.n_perm, context.seed, combine
     )
     low, high = within_bootstrap_ci(
-        model_rdms, targets, labels, method, options.n_boot, context.seed, combine
-    )
+        model_rdms, targets, labels, method, options.n_boot, context.seed, combine,
+        executor=context.executor,
+    )  # fmt: skip
     return test, low, high, within_pairs(labels).n_stimuli
 
 

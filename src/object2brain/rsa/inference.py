@@ -41,9 +41,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -698,13 +699,23 @@ def bootstrap_values(
     root, *words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
     job = _BootJob(A, Bt, method, combine, memory_elements, n_boot, root, tuple(words))
     total = len(chunks_of(n_boot, BOOT_CHUNK)) if n_boot > 0 else 0
+    return torch.cat(map_boot_chunks(_boot_chunks, job, total, executor, "rsa bootstrap")).numpy()
+
+
+def map_boot_chunks(
+    fn: Callable[[Any, range], torch.Tensor],
+    job: Any,
+    total: int,
+    executor: Executor | None,
+    stage: str,
+) -> list[torch.Tensor]:
+    """``fn(job, chunks)`` over the bootstrap chunks ``range(total)``: here in one call (no
+    executor, a local one, or at most one chunk), otherwise cut into ``2 x workers`` tasks of
+    ``executor`` that share ``job.on_cpu()``; the parts in chunk order (concatenate them)."""
     if executor is None or executor.name == "local" or total <= 1:
-        return _boot_chunks(job, range(total)).numpy()
+        return [fn(job, range(total))]
     per_task = max(1, -(-total // (2 * executor.workers)))
-    found = executor.map_chunks(
-        _boot_chunks, chunks_of(total, per_task), stage="rsa bootstrap", shared=job.on_cpu()
-    )
-    return torch.cat(found).numpy()
+    return executor.map_chunks(fn, chunks_of(total, per_task), stage=stage, shared=job.on_cpu())
 
 
 def percentile_interval(values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:

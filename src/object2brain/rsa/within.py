@@ -26,6 +26,7 @@ no dot-product null: they are refused with ``pairs = within``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,18 +34,22 @@ import numpy as np
 import torch
 
 from object2brain.errors import DataError
+from object2brain.executors.base import Executor, chunk_seed, chunks_of
 from object2brain.rsa.compare import WeightedComparison, prepare
 from object2brain.rsa.inference import (
+    BOOT_CHUNK,
     PERM_BLOCK,
     TestResult,
     combine_finite,
     corrected_spread,
+    map_boot_chunks,
     percentile_interval,
 )
 
 #: Comparison methods usable over within-condition pairs.
 WITHIN_METHODS: tuple[str, ...] = ("spearman", "pearson", "rho_a", "cosine")
-_WITHIN_STREAM = 52_711  # seed word of the stratified permutations and resamples
+_WITHIN_STREAM = 52_711  # stream of the stratified permutations (block k: [seed, stream, k])
+_WITHIN_BOOT_STREAM = 52_721  # stream of the stratified resamples (chunk k: [seed, stream, k])
 _TILE_ELEMENTS = 1 << 22  # gathered values per block of permutations
 _TOL = 1e-12
 
@@ -166,6 +171,59 @@ def within_mantel_test(
     return TestResult(r=r, p=p_values, n_perm=n_perm)
 
 
+@dataclass(frozen=True)
+class _WithinBootJob:
+    """What a chunk of stratified resamples needs (an executor's shared object): the
+    within-pair values and the conditions."""
+
+    a: torch.Tensor  # (K, P) the models' within-pair values
+    b: torch.Tensor  # (T, P) the targets'
+    rows: torch.Tensor  # (P,) the pairs (i, j)
+    cols: torch.Tensor
+    groups: tuple[np.ndarray, ...]
+    n: int
+    method: str
+    combine: torch.Tensor | None
+    n_boot: int
+    seed: int
+
+    def on_cpu(self) -> _WithinBootJob:
+        """A copy whose tensors are on the CPU (for workers without the driver's GPU)."""
+        combine = None if self.combine is None else self.combine.cpu()
+        return dataclasses.replace(
+            self, a=self.a.cpu(), b=self.b.cpu(), rows=self.rows.cpu(), cols=self.cols.cpu(),
+            combine=combine,
+        )  # fmt: skip
+
+    def counts(self, k: int) -> np.ndarray:
+        """How often each stimulus is drawn ``(C, n)`` in chunk ``k``: each condition ``g``
+        in turn, ``g[rng.integers(0, g.size, (C, g.size))]`` with
+        ``rng = default_rng(chunk_seed(seed, _WITHIN_BOOT_STREAM, k))``."""
+        size = len(chunks_of(self.n_boot, BOOT_CHUNK)[k])
+        rng = np.random.default_rng(chunk_seed(self.seed, _WITHIN_BOOT_STREAM, k))
+        counts = np.zeros((size, self.n))
+        for g in self.groups:
+            draws = g[rng.integers(0, g.size, size=(size, g.size))]
+            np.add.at(counts, (np.arange(size)[:, None], draws), 1.0)
+        return counts
+
+
+def _within_boot_chunks(job: _WithinBootJob, chunks: range) -> torch.Tensor:
+    """Coefficients ``(C, K, T + G)`` of the resamples of the chunks ``chunks`` (on the CPU)."""
+    comparison = WeightedComparison(job.a, job.b, job.method)
+    step = max(1, _TILE_ELEMENTS // max(1, (job.a.shape[0] + job.b.shape[0]) * job.a.shape[1]))
+    values = []
+    for k in chunks:
+        c = torch.as_tensor(job.counts(k), device=job.a.device)
+        for s in range(0, len(c), step):
+            part = c[s : s + step]
+            w = part[:, job.rows] * part[:, job.cols]
+            values.append(_with_combine(comparison(w), job.combine).cpu())
+    G = 0 if job.combine is None else job.combine.shape[1]
+    shape = (0, job.a.shape[0], job.b.shape[0] + G)
+    return torch.cat(values) if values else torch.zeros(shape, dtype=torch.float64)
+
+
 def within_bootstrap_ci(
     models: torch.Tensor,
     targets: torch.Tensor,
@@ -177,6 +235,7 @@ def within_bootstrap_ci(
     level: float = 0.95,
     *,
     corrected: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified stimulus-bootstrap interval ``(low, high)`` ``(K, T + G)`` of the
     within-pairs coefficients (module docstring); NaN when ``n_boot = 0``.
@@ -184,6 +243,10 @@ def within_bootstrap_ci(
     ``corrected``: the pair-corrected t interval
     (:func:`~object2brain.rsa.inference.corrected_spread`; delete-one values over the stimuli
     that have within pairs, ``dof`` their number minus one); otherwise the percentile interval.
+    The resamples come in chunks of :data:`~object2brain.rsa.inference.BOOT_CHUNK`, chunk ``k``
+    drawn from ``default_rng(chunk_seed(seed, _WITHIN_BOOT_STREAM, k))``
+    (:meth:`_WithinBootJob.counts`), so the interval does not depend on ``executor`` (where the
+    chunks run; default: here) or the number of its workers.
     """
     check_within_method(method)
     device = models.device
@@ -194,25 +257,16 @@ def within_bootstrap_ci(
         return nan, nan.copy()
     a = models[:, pairs.rows, pairs.cols]
     b = targets[:, pairs.rows, pairs.cols].to(device)
-    comparison = WeightedComparison(a, b, method)
     n = models.shape[-1]
-    rng = np.random.default_rng([seed, _WITHIN_STREAM, 1 << 20])
-    values = []
-    for start in range(0, n_boot, PERM_BLOCK):
-        size = min(PERM_BLOCK, n_boot - start)
-        counts = np.zeros((size, n))
-        for g in pairs.groups:
-            draws = g[rng.integers(0, g.size, size=(size, g.size))]
-            np.add.at(counts, (np.arange(size)[:, None], draws), 1.0)
-        c = torch.as_tensor(counts, device=device)
-        step = max(1, _TILE_ELEMENTS // max(1, (a.shape[0] + b.shape[0]) * a.shape[1]))
-        for s in range(0, size, step):
-            part = c[s : s + step]
-            w = part[:, pairs.rows] * part[:, pairs.cols]
-            values.append(_with_combine(comparison(w), combine).cpu())
-    boot = torch.cat(values).numpy()
+    job = _WithinBootJob(
+        a, b, pairs.rows, pairs.cols, tuple(pairs.groups), n, method, combine, n_boot, seed
+    )
+    total = len(chunks_of(n_boot, BOOT_CHUNK))
+    parts = map_boot_chunks(_within_boot_chunks, job, total, executor, "rsa within bootstrap")
+    boot = torch.cat(parts).numpy()
     if not corrected:
         return percentile_interval(boot, level)
+    comparison = WeightedComparison(a, b, method)
     stimuli = torch.as_tensor(np.concatenate(pairs.groups), device=device)
     keep = torch.ones((len(stimuli), n), dtype=torch.float64, device=device)
     keep[torch.arange(len(stimuli), device=device), stimuli] = 0.0
