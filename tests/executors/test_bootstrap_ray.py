@@ -15,11 +15,12 @@ from object2brain.executors import RayExecutor
 from object2brain.rsa import group as g
 from object2brain.rsa.inference import (
     BOOT_CHUNK,
+    PERM_BLOCK,
     bootstrap_values,
     condition_difference_bootstrap,
 )
 from object2brain.rsa.rdm import upper_triangle
-from object2brain.rsa.within import within_bootstrap_ci
+from object2brain.rsa.within import within_bootstrap_ci, within_mantel_test
 
 
 def _square(rng: np.random.Generator, count: int, n: int, base: np.ndarray) -> torch.Tensor:
@@ -80,3 +81,6 @@ def test_bootstraps_on_ray_equal_local(ray_cluster: ModuleType, cpus_per_task: i
         there_ci = within_bootstrap_ci(*within, corrected=corrected, executor=ray_ex)
         np.testing.assert_array_equal(there_ci[0], here_ci[0])
         np.testing.assert_array_equal(there_ci[1], here_ci[1])
+    here_test = within_mantel_test(*within[:4], 2 * PERM_BLOCK + 9, 7)
+    there_test = within_mantel_test(*within[:4], 2 * PERM_BLOCK + 9, 7, executor=ray_ex)
+    np.testing.assert_array_equal(there_test.p, here_test.p)

@@ -22,7 +22,7 @@ from object2brain.api.rsa import rsa
 from object2brain.errors import DataError
 from object2brain.executors import chunk_seed
 from object2brain.rsa.compare import RSATOOLBOX_NAMES
-from object2brain.rsa.inference import BOOT_CHUNK, mantel_test
+from object2brain.rsa.inference import BOOT_CHUNK, PERM_BLOCK, mantel_test
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 from object2brain.rsa.within import (
     _WITHIN_BOOT_STREAM,
@@ -231,6 +231,14 @@ def test_bootstrap_chunks_in_reverse_order_equal_local(corrected: bool) -> None:
     np.testing.assert_array_equal(there[0], here[0])
     np.testing.assert_array_equal(there[1], here[1])
     assert np.isfinite(here[0]).all() and (here[0] < here[1]).all()
+    test = within_mantel_test(models, targets, LABELS, "pearson", 2 * PERM_BLOCK + 9, 9, combine)
+    reverse = _ReverseExecutor()
+    moved = within_mantel_test(
+        models, targets, LABELS, "pearson", 2 * PERM_BLOCK + 9, 9, combine, executor=reverse
+    )
+    assert reverse.calls == 3  # three blocks, one task each
+    np.testing.assert_array_equal(moved.p, test.p)
+    np.testing.assert_array_equal(moved.r, test.r)
 
 
 def test_bootstrap_chunks_do_not_depend_on_the_number_of_resamples() -> None:

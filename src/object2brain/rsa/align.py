@@ -136,7 +136,7 @@ class _Context:
     seed: int
     device: torch.device
     ceilings: dict[tuple[int, str], tuple[float, float]]
-    executor: Executor | None = None  # where the Mantel permutation blocks run (None: here)
+    executor: Executor | None = None  # where permutation blocks and resamples run (None: here)
 
 
 def select_models(
@@ -362,8 +362,9 @@ def _within_statistics(
     method, combine = options.compare_method, columns.combine
     targets = columns.rdms.to(context.device)
     test = within_mantel_test(
-        model_rdms, targets, labels, method, options.n_perm, context.seed, combine
-    )
+        model_rdms, targets, labels, method, options.n_perm, context.seed, combine,
+        executor=context.executor,
+    )  # fmt: skip
     low, high = within_bootstrap_ci(
         model_rdms, targets, labels, method, options.n_boot, context.seed, combine,
         executor=context.executor,

@@ -699,19 +699,20 @@ def bootstrap_values(
     root, *words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
     job = _BootJob(A, Bt, method, combine, memory_elements, n_boot, root, tuple(words))
     total = len(chunks_of(n_boot, BOOT_CHUNK)) if n_boot > 0 else 0
-    return torch.cat(map_boot_chunks(_boot_chunks, job, total, executor, "rsa bootstrap")).numpy()
+    return torch.cat(map_chunk_ranges(_boot_chunks, job, total, executor, "rsa bootstrap")).numpy()
 
 
-def map_boot_chunks(
+def map_chunk_ranges(
     fn: Callable[[Any, range], torch.Tensor],
     job: Any,
     total: int,
     executor: Executor | None,
     stage: str,
 ) -> list[torch.Tensor]:
-    """``fn(job, chunks)`` over the bootstrap chunks ``range(total)``: here in one call (no
-    executor, a local one, or at most one chunk), otherwise cut into ``2 x workers`` tasks of
-    ``executor`` that share ``job.on_cpu()``; the parts in chunk order (concatenate them)."""
+    """``fn(job, chunks)`` over the chunks ``range(total)`` (bootstrap chunks, permutation
+    blocks), each seeded by its own index: here in one call (no executor, a local one, or at
+    most one chunk), otherwise cut into ``2 x workers`` tasks of ``executor`` that share
+    ``job.on_cpu()``; the parts in chunk order (concatenate or add them)."""
     if executor is None or executor.name == "local" or total <= 1:
         return [fn(job, range(total))]
     per_task = max(1, -(-total // (2 * executor.workers)))

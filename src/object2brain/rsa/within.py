@@ -42,7 +42,8 @@ from object2brain.rsa.inference import (
     TestResult,
     combine_finite,
     corrected_spread,
-    map_boot_chunks,
+    map_chunk_ranges,
+    n_blocks,
     percentile_interval,
 )
 
@@ -114,19 +115,70 @@ def stratified_permutations(
     pairs: WithinPairs, n: int, n_perm: int, seed: int
 ) -> Iterator[np.ndarray]:
     """Blocks ``(b, n)`` of permutations of ``range(n)`` that permute within each condition
-    (stimuli in no condition stay), ``n_perm`` rows in total; block ``k`` from
-    ``numpy.random.default_rng([seed, _WITHIN_STREAM, k])``."""
-    for k, start in enumerate(range(0, n_perm, PERM_BLOCK)):
-        size = min(PERM_BLOCK, n_perm - start)
-        rng = np.random.default_rng([seed, _WITHIN_STREAM, k])
-        block = np.tile(np.arange(n), (size, 1))
-        for g in pairs.groups:
-            block[:, g] = g[rng.permuted(np.tile(np.arange(g.size), (size, 1)), axis=1)]
-        yield block
+    (stimuli in no condition stay), ``n_perm`` rows in total (:func:`stratified_block`)."""
+    for k in range(n_blocks(n_perm)):
+        yield stratified_block(tuple(pairs.groups), n, n_perm, seed, k)
+
+
+def stratified_block(
+    groups: tuple[np.ndarray, ...], n: int, n_perm: int, seed: int, k: int
+) -> np.ndarray:
+    """Block ``k`` ``(b, n)`` of :func:`stratified_permutations`, drawn on its own from
+    ``default_rng(chunk_seed(seed, _WITHIN_STREAM, k)) = default_rng([seed, _WITHIN_STREAM,
+    k])``: any worker can draw any block, and the blocks are those of a plain loop."""
+    size = min(PERM_BLOCK, n_perm - k * PERM_BLOCK)
+    rng = np.random.default_rng(chunk_seed(seed, _WITHIN_STREAM, k))
+    block = np.tile(np.arange(n), (size, 1))
+    for g in groups:
+        block[:, g] = g[rng.permuted(np.tile(np.arange(g.size), (size, 1)), axis=1)]
+    return block
 
 
 def _with_combine(r: torch.Tensor, combine: torch.Tensor | None) -> torch.Tensor:
     return r if combine is None else torch.cat([r, combine_finite(r, combine)], dim=-1)
+
+
+@dataclass(frozen=True)
+class _WithinNullJob:
+    """What a chunk of stratified permutation blocks needs (an executor's shared object)."""
+
+    xp: torch.Tensor  # (K, P) the models' prepared within-pair values
+    yp: torch.Tensor  # (T, P) the targets'
+    bound: torch.Tensor  # (K, T + G): r - tol
+    combine: torch.Tensor | None
+    position: torch.Tensor  # (n, n) pair numbers (WithinPairs.position)
+    rows: torch.Tensor  # (P,) the pairs (i, j)
+    cols: torch.Tensor
+    groups: tuple[np.ndarray, ...]
+    n: int
+    n_perm: int
+    seed: int
+
+    def on_cpu(self) -> _WithinNullJob:
+        """A copy whose tensors are on the CPU (for workers without the driver's GPU)."""
+        combine = None if self.combine is None else self.combine.cpu()
+        return dataclasses.replace(
+            self, xp=self.xp.cpu(), yp=self.yp.cpu(), bound=self.bound.cpu(), combine=combine,
+            position=self.position.cpu(), rows=self.rows.cpu(), cols=self.cols.cpu(),
+        )  # fmt: skip
+
+
+def _within_count_blocks(job: _WithinNullJob, blocks: range) -> torch.Tensor:
+    """``#{r_perm >= r}`` ``(K, T + G)`` over the permutation blocks ``blocks``
+    (:func:`stratified_block`)."""
+    device = job.xp.device
+    counts = torch.zeros_like(job.bound, dtype=torch.int64)
+    K, P = job.xp.shape
+    step = max(1, _TILE_ELEMENTS // max(1, K * P))
+    for k in blocks:
+        block = stratified_block(job.groups, job.n, job.n_perm, job.seed, k)
+        perms = torch.as_tensor(block, device=device)
+        for start in range(0, len(perms), step):
+            p = perms[start : start + step]
+            index = job.position[p[:, job.rows], p[:, job.cols]]  # (b, P)
+            null = torch.einsum("kbp,tp->bkt", job.xp[:, index], job.yp)
+            counts += (_with_combine(null, job.combine) >= job.bound).sum(dim=0)
+    return counts
 
 
 def within_mantel_test(
@@ -137,11 +189,15 @@ def within_mantel_test(
     n_perm: int,
     seed: int,
     combine: torch.Tensor | None = None,
+    *,
+    executor: Executor | None = None,
 ) -> TestResult:
     """Stratified Mantel test over within-condition pairs (module docstring).
 
     Args:
         models: square RDMs ``(K, n, n)``; targets: ``(T, n, n)``; labels: ``(n,)``.
+        executor: where the permutation blocks run (default: here); counts are integers added
+            over the blocks, so ``p`` does not depend on the executor or its workers.
     Returns:
         ``r`` and one-sided ``p`` ``(K, T + G)`` (``G`` columns of ``combine``); ``p`` NaN where
         ``r`` is NaN and when ``n_perm = 0``.
@@ -152,17 +208,14 @@ def within_mantel_test(
     xp = prepare(models[:, pairs.rows, pairs.cols], method)  # (K, P)
     yp = prepare(targets[:, pairs.rows, pairs.cols].to(device), method)  # (T, P)
     stat = _with_combine(xp @ yp.T, combine)
-    counts = torch.zeros_like(stat, dtype=torch.int64)
-    n, (K, P) = models.shape[-1], xp.shape
-    step = max(1, _TILE_ELEMENTS // max(1, K * P))
-    for block in stratified_permutations(pairs, n, n_perm, seed):
-        perms = torch.as_tensor(block, device=device)
-        for start in range(0, len(perms), step):
-            p = perms[start : start + step]
-            index = pairs.position[p[:, pairs.rows], p[:, pairs.cols]]  # (b, P)
-            null = torch.einsum("kbp,tp->bkt", xp[:, index], yp)
-            values = _with_combine(null, combine)
-            counts += (values >= stat - _TOL).sum(dim=0)
+    job = _WithinNullJob(
+        xp, yp, stat - _TOL, combine, pairs.position, pairs.rows, pairs.cols,
+        tuple(pairs.groups), models.shape[-1], n_perm, seed,
+    )  # fmt: skip
+    found = map_chunk_ranges(
+        _within_count_blocks, job, n_blocks(n_perm), executor, "rsa within permutations"
+    )
+    counts = torch.stack([c.to(device) for c in found]).sum(dim=0)
     r = stat.cpu().numpy()
     p_values: np.ndarray = (1.0 + counts.cpu().numpy()) / (1.0 + n_perm)
     p_values[np.isnan(r)] = np.nan
@@ -262,7 +315,7 @@ def within_bootstrap_ci(
         a, b, pairs.rows, pairs.cols, tuple(pairs.groups), n, method, combine, n_boot, seed
     )
     total = len(chunks_of(n_boot, BOOT_CHUNK))
-    parts = map_boot_chunks(_within_boot_chunks, job, total, executor, "rsa within bootstrap")
+    parts = map_chunk_ranges(_within_boot_chunks, job, total, executor, "rsa within bootstrap")
     boot = torch.cat(parts).numpy()
     if not corrected:
         return percentile_interval(boot, level)
