@@ -13,12 +13,19 @@ within a condition is shared. With ``pairs = within`` the ``all`` rows compare o
   pair maps to a within pair, so each permuted vector is a rearrangement of the same values and
   a permuted coefficient is one dot product of prepared vectors, as in
   :func:`~object2brain.rsa.inference.mantel_test`; one-sided ``p = (1 + #{r_perm >= r}) /
-  (1 + N)``. The permutations depend only on ``(seed, n_perm, labels)``;
+  (1 + N)``. The permutations depend only on ``(seed, n_perm, labels)``: block ``k`` of
+  ``PERM_BLOCK`` from ``default_rng(chunk_seed(seed, _WITHIN_STREAM, k))``;
 - **interval**: a stratified stimulus bootstrap (each condition resampled with replacement on its
   own); a resample holds within pair ``(a, b)`` ``c_a c_b`` times (pairs of a stimulus with its
   own copy dropped), computed as weighted coefficients
   (:class:`~object2brain.rsa.compare.WeightedComparison`); the pair-corrected t interval of the
-  all-pairs rows (:func:`~object2brain.rsa.inference.corrected_spread`).
+  all-pairs rows (:func:`~object2brain.rsa.inference.corrected_spread`). The resamples come
+  in chunks of ``BOOT_CHUNK``, chunk ``k`` from
+  ``default_rng(chunk_seed(seed, _WITHIN_BOOT_STREAM, k))``.
+
+Permutation blocks and resample chunks run as chunks of an executor
+(:func:`~object2brain.rsa.inference.map_chunk_ranges`): the results do not depend on where, in
+which order or on how many workers they run.
 
 The whitened comparators (``corr_cov``, ``cosine_cov``) need whole RDMs and Kendall's tau-a has
 no dot-product null: they are refused with ``pairs = within``.
