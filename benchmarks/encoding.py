@@ -9,20 +9,26 @@ voxels, 5 outer folds, 19 alphas (``logspace(-2, 7, 19)``), penalty per voxel.
   linearly, said so below);
 - scikit-learn, fastest: per outer fold ``RidgeCV(alphas, alpha_per_target=True)`` (efficient
   leave-one-out on all voxels at once; a different inner scheme, shown for reference).
-- the exact permutation null (``perm_null = refit``): set-up of the linear maps and the time of
-  one permutation (the whole cross-validation rerun on relabelled responses).
+- the permutation nulls of the ROI's mean r: the exact ``refit`` (set-up of the linear maps, then
+  :func:`~object2brain.encoding.scores.refit_permutation_test`: the whole cross-validation rerun
+  on relabelled responses, batched over permutations) and the fast ``predictions`` null
+  (:func:`~object2brain.encoding.scores.permutation_test`), 100 permutations each.
 Scenario B (``--device cuda`` only): 1,000 stimuli x 20 layers (``--features`` each) x 10,000
 voxels x 5 folds x 19 alphas with himalaya's ``torch_cuda`` backend.
 
-Run: ``PYTHONPATH=src python benchmarks/encoding.py [--quick] [--device cpu|cuda]``.
+Run: ``PYTHONPATH=src python benchmarks/encoding.py [--quick] [--device cpu|cuda] [--json PATH]``
+(``--json``: also write the result, with the machine and its load average, e.g. to
+``benchmarks/results/<date>-encoding-cpu.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +37,7 @@ from sklearn.linear_model import RidgeCV
 
 from object2brain.encoding.folds import fold_splits, inner_splits, outer_folds
 from object2brain.encoding.ridge import fit_ridge_cv, fit_smoother
+from object2brain.encoding.scores import permutation_test, refit_permutation_test
 
 ALPHAS = np.logspace(-2, 7, 19)
 
@@ -81,13 +88,16 @@ def scenario_a(n: int, p: int, v: int, sk_voxels: int) -> dict[str, Any]:
     smoother = fit_smoother(x, folds, alphas=ALPHAS, inner_folds=5, seed=0)
     t_smoother = time.perf_counter() - start
     start = time.perf_counter()
-    for i in range(5):
-        smoother.predict(y[np.random.default_rng(i).permutation(n)])
-    t_perm = (time.perf_counter() - start) / 5
+    refit_permutation_test(y, ours.predictions, smoother.predict, n_perm=100, seed=0)
+    t_perm = (time.perf_counter() - start) / 100
+    start = time.perf_counter()
+    permutation_test(y, ours.predictions, n_perm=100, seed=0, groups=folds)
+    t_fast = (time.perf_counter() - start) / 100
     return {
         "shape": f"{n} stimuli x {p} features x {v} voxels, 5 folds, 19 alphas",
         "refit_null_setup_s": round(t_smoother, 2),
-        "refit_null_s_per_permutation": round(t_perm, 3),
+        "refit_null_s_per_permutation": round(t_perm, 4),
+        "predictions_null_s_per_permutation": round(t_fast, 6),
         "ours_s": round(t_ours, 2),
         "sklearn_per_voxel_same_folds_s": round(t_sk, 1),
         "sklearn_per_voxel_extrapolated_from_voxels": sk_voxels,
@@ -117,7 +127,12 @@ def scenario_b(features: int, layers: int) -> dict[str, Any]:
 
 def run(quick: bool = False, device: str = "cpu", features: int = 1000) -> dict[str, Any]:
     n, p, v = (200, 100, 500) if quick else (500, 300, 2000)
-    result: dict[str, Any] = {"machine": machine(), "A": scenario_a(n, p, v, sk_voxels=10)}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "load_average_1_5_15_min_before": list(os.getloadavg()),
+        "A": scenario_a(n, p, v, sk_voxels=10),
+        "load_average_1_5_15_min_after": list(os.getloadavg()),
+    }
     if device.startswith("cuda"):
         result["B"] = scenario_b(features, layers=2 if quick else 20)
     return result
@@ -128,8 +143,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--features", type=int, default=1000, help="Scenario B: per layer.")
+    parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     result = run(args.quick, args.device, args.features)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():
         print(f"{key}: {value}")
 

@@ -26,6 +26,14 @@ Cases (full sizes; ``--smoke`` runs tiny sizes end to end on any device, the CPU
   pipelined image path (``decode="torch"``; goal < 30 s), with a Pillow probe and its stage
   profile.
   Baseline: the same call on the CPU on a slice, extrapolated.
+- ``encode``: cross-validated ridge (``object2brain.encoding.ridge.fit_ridge_cv``, himalaya's
+  ``torch_cuda`` backend, float32), 1,000 stimuli x 20 layers (1,000 features each) x 10,000
+  voxels x 5 outer (5 inner) folds x 19 alphas (goal < 60 s), layer by layer under the budget
+  (layers left are extrapolated, said so). Check: CPU (numpy, float64) vs GPU on 200 stimuli x
+  100 features x 200 voxels (fraction of equal alphas; largest prediction difference where they
+  agree, in units of the responses' SD; tolerance 1e-3: float32). Needs himalaya (pure Python):
+  where the device image lacks it, the case says so instead of failing the run. Not in the
+  default ``--cases``: run it with ``--cases encode``.
 - ``rsa_stage`` (run last, no goal): the rest of an RSA run at the rsa case's scale, bootstrap
   CIs (1,000 resamples) and one condition contrast (500 + 500 stimuli, 500 permutations,
   extrapolated to 10,000).
@@ -89,6 +97,7 @@ FULL = {
     "extract": {"n": 10_000, "n_full": 1_000, "batch": 256, "srp": 4096, "naive": 48},
     "dissect": {"n": 25_000, "batch": 128, "cpu_images": 64, "check": 32},
     "rsa_stage": {"n": 1000, "layers": 20, "rois": 20, "n_boot": 1000, "contrast_perm": 500},
+    "encode": {"n": 1000, "layers": 20, "features": 1000, "voxels": 10_000, "check_n": 200},
 }
 # Smoke sizes stay above the slices the full run takes (e.g. 60 stimuli = 1,770 pairs), so that a
 # slice that only breaks at scale breaks here too.
@@ -98,9 +107,17 @@ SMOKE = {
     "extract": {"n": 12, "n_full": 6, "batch": 4, "srp": 64, "naive": 3},
     "dissect": {"n": 12, "batch": 4, "cpu_images": 4, "check": 4},
     "rsa_stage": {"n": 40, "layers": 3, "rois": 3, "n_boot": 20, "contrast_perm": 20},
+    "encode": {"n": 60, "layers": 2, "features": 30, "voxels": 50, "check_n": 40},
 }
 # Rough cost of each case at full size on an H100 (s), used by the budget guard.
-ESTIMATE_S = {"rsa": 40, "lesion": 90, "extract": 180, "dissect": 90, "rsa_stage": 30}
+ESTIMATE_S = {
+    "rsa": 40,
+    "lesion": 90,
+    "extract": 180,
+    "dissect": 90,
+    "rsa_stage": 30,
+    "encode": 60,
+}
 
 
 class Budget:
@@ -292,6 +309,71 @@ def case_rsa_stage(sizes: dict[str, int], device: torch.device, budget: Budget) 
         out["contrast_seconds"] = seconds
         out["contrast_seconds_per_10000_extrapolated"] = seconds * 10_000 / n_perm
         say(f"  contrast on {device}: {seconds:.2f} s for {n_perm} permutations")
+    return out
+
+
+def case_encode(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
+    """Encoding models at the issue's scale on the device (see the module docstring)."""
+    try:
+        import himalaya  # noqa: F401
+    except ImportError:
+        return {"skipped": "himalaya is not installed here (pip install himalaya; pure Python)"}
+    from object2brain.encoding.folds import outer_folds
+    from object2brain.encoding.ridge import backend_for, fit_ridge_cv
+
+    alphas = [10.0 ** (-2.0 + 0.5 * i) for i in range(19)]
+    backend = backend_for(device)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"sizes": sizes, "backend": backend, "alphas": 19, "folds": 5}
+    m, p_check = sizes["check_n"], min(100, sizes["features"])
+    x = rng.standard_normal((m, p_check))
+    y = x @ rng.standard_normal((p_check, 200)) * 0.1 + rng.standard_normal((m, 200))
+    folds = outer_folds(m, 5, seed=0)
+    cpu = fit_ridge_cv(x, y, folds, alphas=alphas, inner_folds=5, seed=0, keep_weights=False)
+    dev = fit_ridge_cv(
+        x, y, folds, alphas=alphas, inner_folds=5, seed=0, keep_weights=False, backend=backend
+    )
+    same = np.all(cpu.alphas == dev.alphas, axis=0)
+    diff = np.abs(cpu.predictions - dev.predictions)[:, same] / y.std()
+    out["check"] = {
+        "alphas_equal_fraction": float(same.mean()),
+        "max_prediction_difference_sd": float(diff.max()) if diff.size else None,
+        "tolerance_sd": 1e-3,
+        "ok": bool(same.mean() > 0.95 and (diff.size == 0 or diff.max() < 1e-3)),
+    }
+    say(f"  encode check: {out['check']}")
+    n, v = sizes["n"], sizes["voxels"]
+    responses = rng.standard_normal((n, v)).astype(np.float32)
+    folds = outer_folds(n, 5, seed=0)
+    per_layer: list[float] = []
+    for layer in range(sizes["layers"]):
+        needed = per_layer[-1] if per_layer else 10.0
+        if not budget.allows(needed, f"encode layer {layer}"):
+            break
+        features = rng.standard_normal((n, sizes["features"])).astype(np.float32)
+        seconds, _ = timed(
+            device,
+            lambda f=features: fit_ridge_cv(
+                f,
+                responses,
+                folds,
+                alphas=alphas,
+                inner_folds=5,
+                seed=0,
+                keep_weights=False,
+                backend=backend,
+            ),
+        )
+        per_layer.append(seconds)
+        say(f"  encode layer {layer}: {seconds:.2f} s")
+    out["layers_timed"] = len(per_layer)
+    out["seconds_per_layer"] = per_layer
+    out["seconds_measured"] = sum(per_layer)
+    if per_layer:
+        steady = float(np.median(per_layer[1:] or per_layer))
+        out["seconds_all_layers"] = sum(per_layer) + steady * (sizes["layers"] - len(per_layer))
+        out["extrapolated"] = len(per_layer) < sizes["layers"]
+        out["goal_met"] = bool(device.type == "cuda" and out["seconds_all_layers"] < 60)
     return out
 
 
@@ -909,6 +991,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     value = case_dissect(sizes["dissect"], device, budget, work)
                 elif name == "rsa_stage":
                     value = case_rsa_stage(sizes["rsa_stage"], device, budget)
+                elif name == "encode":
+                    value = case_encode(sizes["encode"], device, budget)
                 else:
                     raise ValueError(f"unknown case {name!r}")
             except Exception as exc:  # keep the other cases' numbers

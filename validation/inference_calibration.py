@@ -193,7 +193,7 @@ def main() -> None:
     quick = args.quick
     setup = {"n_pop": 600 if quick else 2000, "n_subjects_pop": 40 if quick else 100,
              "S": 6, "noise": 6.0, "tau": 0.7, "n_boot": 200 if quick else 250,
-             "reps": 20 if quick else 150, "null_datasets": 40 if quick else 240}  # fmt: skip
+             "reps": 20 if quick else 200, "null_datasets": 40 if quick else 240}  # fmt: skip
     out_path = Path(
         "/tmp/inference_calibration.json" if quick else "validation/inference_calibration.json"
     )

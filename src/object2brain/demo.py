@@ -365,7 +365,10 @@ def _run_demo(out: Path, chosen: DemoSize, batch_size: int, device: str, progres
 
 def recovered_truth(results: str | Path) -> dict[str, Any]:
     """What the demo recovered: EVC's best layer by RSA and by encoding (each with its position
-    in network order) and FFA's top lesion group."""
+    in network order) and FFA's top lesion group (RSA lesion: its ``delta_r``, ``p_group`` (the
+    test of the group itself, against filter subsets matched to it), whether it is starred
+    (``significant``) and, for comparison, ``p_null`` (random subsets of its size: too liberal
+    for a group atypical of the layer))."""
     folder = Path(results)
     alignment = pd.read_csv(folder / "rsa" / "alignment.csv")
     rows = alignment[
@@ -377,6 +380,8 @@ def recovered_truth(results: str | Path) -> dict[str, Any]:
     evc = rows[rows["target"] == "EVC"].sort_values("r", ascending=False).iloc[0]
     n_layers = rows["layer"].nunique()
     lesion = pd.read_csv(folder / "lesion" / DEMO_MODEL / "object2brain.csv")
+    if "analysis" in lesion:
+        lesion = lesion[lesion["analysis"] == "rsa"]
     ffa = lesion[
         (lesion["target"] == "FFA")
         & (lesion["subject"] == "group")
@@ -404,5 +409,7 @@ def recovered_truth(results: str | Path) -> dict[str, Any]:
         "n_layers": int(n_layers),
         "ffa_top_lesion_group": str(top["group"]),
         "ffa_top_lesion_delta_r": float(top["delta_r"]),
-        "ffa_top_lesion_p": float(top["p_null"]),
+        "ffa_top_lesion_p_group": float(top["p_group"]),
+        "ffa_top_lesion_significant": bool(top["significant"]),
+        "ffa_top_lesion_p_null": float(top["p_null"]),
     }

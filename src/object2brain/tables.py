@@ -265,6 +265,13 @@ OBJECT2BRAIN = TableSchema(
         ),
         _c("z_null", "float", "(delta_r - mean of the null) / sd of the null"),
         _c("n_null", "int", "random filter subsets"),
+        _c(
+            "null_low",
+            "float",
+            "2.5% quantile of the random-subset null of delta_r (the p_null draws; cross_fit: "
+            "of the fold-weighted null combined draw by draw)",
+        ),
+        _c("null_high", "float", "97.5% quantile of the same null of delta_r"),
         _c("p_fdr", "float", "Benjamini-Hochberg of p_null"),
         _c(
             "p_perm",
@@ -298,7 +305,16 @@ OBJECT2BRAIN = TableSchema(
     ),
     # tables written before the group null, cross-fitting and the encoding lesion (no column
     # analysis: all rows rsa) still load
-    added=("analysis", "p_group", "p_group_fdr", "n_group_null", "significant", "selection"),
+    added=(
+        "analysis",
+        "p_group",
+        "p_group_fdr",
+        "n_group_null",
+        "significant",
+        "selection",
+        "null_low",
+        "null_high",
+    ),
 )
 
 HEAD_METRICS = TableSchema(

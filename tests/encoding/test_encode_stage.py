@@ -302,6 +302,9 @@ def test_nan_voxels_are_dropped_with_a_warning(
     result = o2b.encode(data["stores"][0], brain=patterns, progress=False, layers=["l1"], **FAST)
     assert result.encoding["n_voxels"].tolist() == [5]
     assert "dropped 1 of 6 voxel(s) with NaN" in caplog.text
+    empty = _patterns(tmp_path / "all_nan.h5", {"V1": np.full((N, 4), np.nan)})
+    with pytest.raises(DataError, match=r"V1.*every voxel has NaN"):
+        o2b.encode(data["stores"][0], brain=empty, progress=False, layers=["l1"], **FAST)
 
 
 def test_unrated_stimuli_of_a_rater_are_an_error(data: dict[str, Any], tmp_path: Path) -> None:

@@ -69,6 +69,27 @@ def test_pca_is_fitted_on_the_training_folds_only() -> None:
     np.testing.assert_allclose(again.folds[0].weights, fit.folds[0].weights)
 
 
+def test_pca_to_at_least_the_training_stimuli_is_lossless() -> None:
+    """With more features than stimuli, a PCA of each training set to >= n_train - 1 components
+    spans every direction ridge can use (its weights lie in the centred training rows' span, and
+    the penalty is rotation invariant), so its predictions and chosen alphas equal the unreduced
+    fit's: the cheap way to keep a large layer's stimulus kernel (an SRP to few dimensions adds
+    noise to it)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((36, 400))
+    y = x @ rng.standard_normal((400, 7)) / 20 + rng.standard_normal((36, 7))
+    folds = outer_folds(36, 3, seed=1)
+    full = fit_ridge_cv(x, y, folds, alphas=GRID, inner_folds=3, seed=2, keep_weights=False)
+    pca = fit_ridge_cv(
+        x, y, folds, alphas=GRID, inner_folds=3, seed=2, pca_dim=36, keep_weights=False
+    )
+    assert pca.feature_dim == 23  # 24 training stimuli: rank 23 after centring
+    np.testing.assert_array_equal(pca.alphas, full.alphas)
+    np.testing.assert_allclose(pca.predictions, full.predictions, atol=1e-8)
+    fewer = fit_ridge_cv(x, y, folds, alphas=GRID, inner_folds=3, seed=2, pca_dim=5)
+    assert np.abs(fewer.predictions - full.predictions).max() > 1e-3
+
+
 def test_banded_ridge_splits_the_joint_score_and_finds_the_planted_band() -> None:
     rng = np.random.default_rng(4)
     bands = [rng.standard_normal((80, 6)), rng.standard_normal((80, 10))]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import r2_score as sk_r2
 
+from object2brain.encoding.ridge import fit_smoother
 from object2brain.encoding.scores import (
     PERM_BLOCK,
     noise_ceiling,
@@ -13,6 +14,7 @@ from object2brain.encoding.scores import (
     permutation_test,
     r2_score,
     refit_permutation_test,
+    refit_permutation_tests,
     roi_summary,
 )
 from object2brain.errors import DataError
@@ -99,12 +101,43 @@ def test_refit_permutation_test_relabels_and_refits(data: tuple[np.ndarray, np.n
         calls.append(responses)
         return 0.5 * responses  # a "model" that predicts perfectly: every null r is 1
 
-    result = refit_permutation_test(y, p, refit, n_perm=PERM_BLOCK + 3, seed=4)
-    assert len(calls) == PERM_BLOCK + 3
+    # 12 voxels, 36 columns per call: 3 relabelled copies stacked per refit
+    result = refit_permutation_test(y, p, refit, n_perm=PERM_BLOCK + 3, seed=4, max_columns=36)
+    assert len(calls) == -(-(PERM_BLOCK + 3) // 3)
     np.testing.assert_allclose(result.null, 1.0)
     assert result.p == 1.0
     order = np.random.default_rng([4, 0]).permuted(np.tile(np.arange(40), (PERM_BLOCK, 1)), axis=1)
-    np.testing.assert_array_equal(calls[1], y[order[1]])
+    np.testing.assert_array_equal(calls[0][:, 12:24], y[order[1]])  # the second permutation
     mask = np.arange(40) < 20
     masked = refit_permutation_test(y, p, refit, n_perm=5, seed=4, mask=mask)
     assert masked.observed == pytest.approx(float(pearson_r(y[mask], p[mask]).mean()))
+
+
+def test_refit_tests_do_not_depend_on_batching_and_share_the_refits() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((30, 5))
+    y = x @ rng.standard_normal((5, 4)) * 0.3 + rng.standard_normal((30, 4))
+    folds = np.arange(30) % 3
+    smoother = fit_smoother(x, folds, alphas=[0.1, 10.0, 1000.0], inner_folds=3, seed=0)
+    predictions = smoother.predict(y)
+    masks = [np.ones(30, dtype=bool), np.arange(30) < 15]
+    calls: list[int] = []
+
+    def counted(responses: np.ndarray) -> np.ndarray:
+        calls.append(responses.shape[1])
+        return smoother.predict(responses)
+
+    batched = refit_permutation_tests(y, predictions, counted, masks, n_perm=300, seed=2)
+    assert sum(calls) == 300 * 4  # one refit per permutation for both masks
+    for mask, together in zip(masks, batched, strict=True):
+        one = refit_permutation_test(
+            y, predictions, smoother.predict, n_perm=300, seed=2, mask=mask, max_columns=4
+        )
+        np.testing.assert_allclose(together.null, one.null, atol=1e-12)
+        assert together.p == one.p
+    # each null value is the mean r of a relabelled refit, computed directly
+    first = np.random.default_rng([2, 0]).permuted(np.tile(np.arange(30), (PERM_BLOCK, 1)), axis=1)[
+        0
+    ]
+    direct = float(pearson_r(y[first], smoother.predict(y[first])).mean())
+    assert batched[0].null[0] == pytest.approx(direct, abs=1e-12)

@@ -23,6 +23,7 @@ from object2brain.errors import DataError
 from object2brain.lesion.analysis import null_subset_masks
 from object2brain.lesion.encoding import _subset_masks, subset_mean_r
 from object2brain.lesion.engine import random_subset_masks
+from object2brain.lesion.nulls import NULL_CHUNK, RANDOM_STREAM
 from object2brain.options import EncodeOptions, LesionOptions, Runtime
 from object2brain.simulate import simulate
 from object2brain.tables import OBJECT2BRAIN
@@ -151,11 +152,18 @@ def encode_responses(brain: Path) -> dict[tuple[str, str], np.ndarray]:
 
 
 def test_null_subsets_are_the_rsa_lesions() -> None:
-    """Same sizes, seeds and draws as the RSA lesion's null (uniform draws)."""
+    """Same sizes, seeds and draws as the RSA lesion's null (uniform draws): chunks of
+    ``NULL_CHUNK`` subsets, chunk ``k`` seeded ``[seed + group size, RANDOM_STREAM, k]``."""
     members = np.arange(6)
+    total = NULL_CHUNK + 50  # two chunks, the second shorter
     for variant in ("lesion", "keep"):
-        got = null_subset_masks(K, members, None, 50, 7, variant)
-        draws = random_subset_masks(K, 6, 50, seed=7 + 6)
+        got = null_subset_masks(K, members, None, total, 7, variant)
+        draws = np.concatenate(
+            [
+                random_subset_masks(K, 6, NULL_CHUNK, seed=[7 + 6, RANDOM_STREAM, 0]),
+                random_subset_masks(K, 6, 50, seed=[7 + 6, RANDOM_STREAM, 1]),
+            ]
+        )
         np.testing.assert_array_equal(got, ~draws if variant == "lesion" else draws)
 
 

@@ -114,7 +114,19 @@ def tables(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
                         "p_perm": 0.01, "p_fdr": 0.02, "n_perm": 99, "n_stimuli": 40,
                         "n_folds": 5, "alpha_median": 10.0,
                     })  # fmt: skip
+    behaviour, later = [], []
+    for selection in ("cross_fit", "same"):
+        for group in ("Faces", "Humans"):
+            common = {"model": "resnet18", "layer": "layer1", "analysis": "rsa", "group": group,
+                      "variant": "lesion", "selection": selection, "condition": "all",
+                      "r_full": 0.4, "r_variant": 0.3, "delta_r": -0.1}  # fmt: skip
+            behaviour.append({**common, "method": "pearson", "n": 40})
+            for subject in (*SUBJECTS, "group"):
+                later.append({**common, "later_layer": "layer4", "target": "FFA",
+                              "subject": subject})  # fmt: skip
     return {
+        "lesion/propagate_behavior": _frame("propagate_behavior", behaviour),
+        "lesion/propagate_alignment": _frame("propagate_alignment", later),
         "rsa/alignment": alignment,
         "rsa/alignment_group": summary[TABLES["alignment_group"].column_names],
         "rsa/group_inference": inference[TABLES["group_inference"].column_names],
@@ -149,6 +161,9 @@ def write_study(folder: Path, given_head: Path) -> Path:
     lesion = folder / "lesion"
     figures = lesion_figures(pd.read_csv(lesion / "object2brain.csv"), lesion / "figures")
     outputs["lesion"] += [p.relative_to(lesion).as_posix() for p in figures]
+    outputs["rsa"] += _rdm_figures(
+        folder / "rsa", tables(np.random.default_rng(0))["rsa/alignment"]
+    )
     rsa_extra = {
         "config": {"n_perm": 199, "n_boot": 100, "compare_method": "spearman", "stimuli": "x"},
         "targets": {
@@ -185,6 +200,34 @@ def write_study(folder: Path, given_head: Path) -> Path:
         "reused": ["rsa"], "warnings": [WARNING, "stimulus s3 has no rating"],
     }))  # fmt: skip
     return folder
+
+
+def _rdm_figures(rsa: Path, alignment: pd.DataFrame) -> list[str]:
+    """The rsa stage's RDM and MDS figures of a synthetic RDM set: 24 stimuli in two conditions
+    with a valence gradient; each model layer, each ROI's group RDM and behaviour's RDM mix a
+    condition/valence structure with noise."""
+    from object2brain.rdm_file import Rdm, RdmSet, condensed
+    from object2brain.report.figures.rdms import rdm_figures
+
+    rng = np.random.default_rng(1)
+    n = 24
+    conditions = ["pos" if i % 2 else "neg" for i in range(n)]
+    valence = np.where(np.arange(n) % 2, 1.0, -1.0) + rng.normal(0, 0.5, n)
+    signal = np.abs(valence[:, None] - valence[None, :])
+
+    def rdm(kind: str, name: str, label: str, weight: float) -> Rdm:
+        noise = rng.random((n, n))
+        square = weight * signal + (noise + noise.T)
+        np.fill_diagonal(square, 0.0)
+        return Rdm(kind, name, label, condensed(square), {"n_stimuli": n})
+
+    rdms = [rdm("model", m, layer, 0.2 + 0.3 * k) for m, layers in MODELS.items()
+            for k, layer in enumerate(layers)]  # fmt: skip
+    rdms += [rdm("brain", roi, "group", 1.0) for roi in ROIS]
+    rdms.append(rdm("behaviour", "behavior", "group", 2.0))
+    ids = [f"s{i:02d}" for i in range(n)]
+    files = rdm_figures(RdmSet(ids, rdms, conditions, valence), alignment, rsa / "figures")
+    return [p.relative_to(rsa).as_posix() for p in files]
 
 
 def _dissections(folder: Path) -> None:

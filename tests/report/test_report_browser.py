@@ -19,7 +19,8 @@ from object2brain.report.build import build_report
 from .report_study import TARGETS, write_study
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-SECTIONS = ("summary", "alignment", "inference", "contrast", "encoding", "lesion", "provenance")
+SECTIONS = ("summary", "alignment", "inference", "contrast", "rdms", "encoding", "lesion",
+            "provenance")  # fmt: skip
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 
@@ -71,8 +72,14 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
         )
         for section in SECTIONS:
             page.locator(f"section#{section}").screenshot(path=str(shots / f"{section}.png"))
+        banner = page.locator("p.note", has_text="Simulated data.")  # at the top, plainly
+        simulated = banner.count() == 1 and banner.is_visible()
+        page.evaluate("window.scrollTo(0, 0)")
+        top = page.evaluate("document.querySelector('p.note').getBoundingClientRect().top")
+        page.screenshot(path=str(shots / "top.png"))  # the page as it opens
         browser.close()
     assert failed == [] and errors == []
+    assert simulated and top < 300  # the page says the data are simulated before any result
     assert images and all(images)  # the lesion heatmaps (PNG) decode
     assert svgs and min(svgs) > 100  # every inline figure is laid out
     assert panels == [1] * len(TARGETS)

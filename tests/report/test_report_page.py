@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -110,6 +111,12 @@ def test_model_comparison_group_inference_and_encoding_figures(page: str) -> Non
     assert bands_per_panel(shown["group_inference"]) == [1, 1]  # ROIs only
     assert bands_per_panel(shown["encoding"]) == [1, 1]
     assert "range over subjects of the split-half noise ceiling" in shown["encoding"]
+    # the comparison table fits the page: what every row shares is said once above it
+    section = page[page.index('data-figure="model_comparison"') :]
+    table = section[section.index("<table") : section.index("</table>")]
+    assert "Every row: compare_method <b>spearman</b>" in section
+    assert "<th>n_boot</th>" not in table and "<th>delta_r</th>" in table
+    assert "<th>target</th>" in table  # identifying columns stay, constant or not
 
 
 def test_object2brain_across_models_marks_only_where_both_tests_pass(page: str) -> None:
@@ -169,6 +176,9 @@ def test_provenance(page: str) -> None:
     ):
         assert text in section, text
     assert section.count(html.escape(WARNING)) == 1  # recorded by two manifests, listed once
+    heads = section[section.index("Valence heads") :].split("</table>")[0]
+    assert "<th>best_epoch</th>" in heads  # alexnet's head.json records it
+    assert "<th>n_train</th>" not in heads  # no head.json records it: no empty column
 
 
 def test_sections_are_a_registry_in_page_order() -> None:
@@ -181,6 +191,8 @@ def test_sections_are_a_registry_in_page_order() -> None:
 
 def test_report_still_says_the_data_are_simulated(page: str) -> None:
     assert "<b>Simulated data.</b>" in page
+    # a truth.json without valence_origin: no empty "True valence: ;"
+    assert "True valence: ;" not in page and "Ratings: 2 simulated raters" in page
 
 
 def test_roi_voxel_counts_after_dropping_constant_voxels(tmp_path: Path) -> None:
@@ -218,13 +230,95 @@ def test_a_run_records_each_warning_once() -> None:
     """What the provenance lists: ``object2brain run`` keeps each distinct warning once."""
     import logging
 
-    from object2brain.pipeline.run import _warnings_of_the_run
+    from object2brain.pipeline.run import once_per_run
 
     log = logging.getLogger("object2brain.data.brain")
-    with _warnings_of_the_run() as warnings:
+    with once_per_run() as warnings:
         for _ in range(8):
             log.warning("resampled %s to the betas' grid", "EVC")
         log.warning("stimulus s3 has no rating")
         log.info("not a warning")
     log.warning("after the run")
     assert warnings == ["resampled EVC to the betas' grid", "stimulus s3 has no rating"]
+
+
+def test_object2brain_figure_draws_delta_r_against_the_null_quantiles() -> None:
+    """With ``null_low``/``null_high`` (the null delta_r's 2.5% and 97.5% quantiles) the figure
+    shows delta_r and each group's null interval; without them (older tables), or with the
+    columns empty, z_null against the grey -1.96..1.96 band."""
+    from object2brain.report.html import svg_figure_html
+
+    rows = tables(np.random.default_rng(5))["lesion/object2brain"]
+    delta = pd.to_numeric(rows["delta_r"])
+    quantiles = rows.assign(null_low=delta - 0.05 - rows.index * 1e-3, null_high=delta + 0.02)
+
+    def draw(table: pd.DataFrame) -> tuple[Any, str]:
+        drawn = glance.plot_object2brain_models(table)
+        assert drawn is not None
+        axes = drawn.figure.axes
+        markup = svg_figure_html(drawn.figure, drawn.caption, name="o2b")
+        glance.pyplot().close(drawn.figure)
+        return axes, markup
+
+    axes, markup = draw(quantiles)
+    assert axes[0].get_ylabel() == "delta r (variant - full)"
+    assert 'class="o2b-nullq"' in markup and 'class="o2b-null"' not in markup
+    assert "null_low to null_high" in markup and "97.5%" in markup
+    # the drawn intervals are the table's quantiles, point for point
+    shown = rows[(rows["condition"] == "all") & (rows["subject"] == "group")
+                 & (rows["variant"] == "lesion")]  # fmt: skip
+    first = shown[shown["target"] == shown["target"].iloc[0]]
+    drawn_bars = [c for c in axes[0].collections if c.get_gid() == "o2b-nullq-0"]
+    segments = np.concatenate([np.asarray(c.get_segments()) for c in drawn_bars])
+    expected = quantiles.loc[first.index, ["null_low", "null_high"]].to_numpy(float)
+    got = segments[:, :, 1]  # per bar (low, high)
+    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(expected, axis=0))
+    points = np.concatenate([np.asarray(c.get_offsets()) for c in axes[0].collections
+                             if c.get_gid() is None and len(c.get_offsets())])  # fmt: skip
+    np.testing.assert_allclose(np.sort(points[:, 1]), np.sort(delta[first.index].to_numpy()))
+    for table in (rows, quantiles.assign(null_low=np.nan, null_high=np.nan)):
+        axes, markup = draw(table)
+        assert axes[0].get_ylabel() == "z_null of delta r"
+        assert 'class="o2b-null"' in markup and 'class="o2b-nullq"' not in markup
+        assert "-1.96 to 1.96" in markup
+
+
+def test_propagated_rows_chosen_on_the_same_stimuli_are_worded_circular(page: str) -> None:
+    section = page[page.index("Propagated lesions: change of the direct behaviour") :]
+    notes = re.findall(r"<strong>Circular selection:</strong> (\d+) of (\d+) rows", section)
+    assert notes == [("2", "4"), ("2", "4")]  # behaviour; later layers at the group level
+    cells = re.findall(r"<td>(same \(circular\)|cross_fit|same)</td>", section)
+    assert cells.count("same (circular)") == 4 and cells.count("cross_fit") == 4
+    assert "same" not in cells  # no bare `same` left
+    assert "Propagated lesions: change of later layers&#x27; alignment" in section
+
+
+def test_heatmap_marks_follow_the_rule_the_caption_names() -> None:
+    """The per-model heatmaps star the same cells as the figure across models: with an empty
+    p_group_fdr column both fall back to p_fdr and p_perm_fdr (one planted effect starred);
+    with p_group_fdr values the heatmap uses them."""
+    from object2brain.report.figures.lesion import summary_rows
+
+    rows = tables(np.random.default_rng(3))["lesion/object2brain"]
+    marks, rule = glance.object2brain_marks(rows)
+    q = summary_rows(rows)["q"]
+    shown = summary_rows(rows).index
+    assert "p_fdr and p_perm_fdr" in rule
+    np.testing.assert_array_equal((q < 0.05).to_numpy(), marks[shown].to_numpy(bool))
+    assert int((q < 0.05).sum()) == 2  # lesion and keep of the planted effect
+    strict = rows.assign(p_group_fdr=0.5)  # the matched null rejects nothing
+    assert not (summary_rows(strict)["q"] < 0.05).any()
+
+
+def test_effects_table_fits_the_page(page: str) -> None:
+    """The starred Object2Brain rows without raw p-values, counts and empty columns."""
+    from object2brain.report.build import effects_table
+
+    rows = tables(np.random.default_rng(3))["lesion/object2brain"]
+    shown = effects_table(rows)
+    assert {"p_null", "p_perm", "n_null", "condition", "subject"}.isdisjoint(shown.columns)
+    assert {"delta_r", "p_fdr", "p_perm_fdr", "z_null"} <= set(shown.columns)
+    assert shown.notna().any().all()  # no column of n/a only
+    assert len(shown.columns) <= 15
+    section = page[page.index("Effects where") :]
+    assert "<th>p_null</th>" not in section.split("</table>")[0]

@@ -5,7 +5,9 @@ one: ``validation/within_pairs_null.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -18,11 +20,14 @@ from rsa_helpers import write_store
 
 from object2brain.api.rsa import rsa
 from object2brain.errors import DataError
+from object2brain.executors import chunk_seed
 from object2brain.rsa.compare import RSATOOLBOX_NAMES
-from object2brain.rsa.inference import mantel_test
+from object2brain.rsa.inference import BOOT_CHUNK, PERM_BLOCK, mantel_test
 from object2brain.rsa.rdm import rdm_from_features, upper_triangle
 from object2brain.rsa.within import (
-    _WITHIN_STREAM,
+    _WITHIN_BOOT_STREAM,
+    _within_boot_chunks,
+    _WithinBootJob,
     stratified_permutations,
     within_bootstrap_ci,
     within_mantel_test,
@@ -72,7 +77,7 @@ def test_bootstrap_by_brute_force() -> None:
     models, targets = _square(rng, 2, n), _square(rng, 2, n)
     low, high = within_bootstrap_ci(models, targets, LABELS, "spearman", 40, 5, corrected=False)
     pairs = within_pairs(LABELS)
-    draws_rng = np.random.default_rng([5, _WITHIN_STREAM, 1 << 20])
+    draws_rng = np.random.default_rng(chunk_seed(5, _WITHIN_BOOT_STREAM, 0))  # one chunk
     draws = [g[draws_rng.integers(0, g.size, size=(40, g.size))] for g in pairs.groups]
     values = np.full((40, 2, 2), np.nan)
     for b in range(40):
@@ -192,3 +197,68 @@ def test_rsa_within_refuses_bad_input(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--pairs within supports --compare"):
         rsa(paths["activations"], brain=paths["brain"], stimuli=paths["stimuli"],
             pairs="within", compare_method="cosine_cov", **kwargs)  # fmt: skip
+
+
+class _ReverseExecutor:
+    """Runs the chunks last to first (results in chunk order, as the protocol asks)."""
+
+    name = "reverse"
+    workers = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def map_chunks(
+        self, fn: Callable[..., Any], chunks: Sequence[Any], *, stage: str, shared: Any = None
+    ) -> list[Any]:
+        self.calls += len(chunks)
+        done = {i: fn(shared, chunks[i]) for i in reversed(range(len(chunks)))}
+        return [done[i] for i in range(len(chunks))]
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_bootstrap_chunks_in_reverse_order_equal_local(corrected: bool) -> None:
+    rng = np.random.default_rng(2)
+    n = len(LABELS)
+    models, targets = _square(rng, 2, n), _square(rng, 3, n)
+    combine = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]).T.to(torch.float64)
+    n_boot = 3 * BOOT_CHUNK + 7  # four chunks
+    args = (models, targets, LABELS, "pearson", n_boot, 9, combine)
+    reverse = _ReverseExecutor()
+    here = within_bootstrap_ci(*args, corrected=corrected)
+    there = within_bootstrap_ci(*args, corrected=corrected, executor=reverse)
+    assert reverse.calls == 4  # one task per chunk with two workers
+    np.testing.assert_array_equal(there[0], here[0])
+    np.testing.assert_array_equal(there[1], here[1])
+    assert np.isfinite(here[0]).all() and (here[0] < here[1]).all()
+    test = within_mantel_test(models, targets, LABELS, "pearson", 2 * PERM_BLOCK + 9, 9, combine)
+    reverse = _ReverseExecutor()
+    moved = within_mantel_test(
+        models, targets, LABELS, "pearson", 2 * PERM_BLOCK + 9, 9, combine, executor=reverse
+    )
+    assert reverse.calls == 3  # three blocks, one task each
+    np.testing.assert_array_equal(moved.p, test.p)
+    np.testing.assert_array_equal(moved.r, test.r)
+
+
+def test_bootstrap_chunks_do_not_depend_on_the_number_of_resamples() -> None:
+    rng = np.random.default_rng(3)
+    n = len(LABELS)
+    models, targets = _square(rng, 1, n), _square(rng, 1, n)
+    args = (models, targets, LABELS, "spearman")
+    first = within_bootstrap_ci(*args, BOOT_CHUNK, 4, corrected=False, level=0.5)
+    job_values = _within_values(models, targets, BOOT_CHUNK, 4)
+    longer = _within_values(models, targets, 2 * BOOT_CHUNK + 3, 4)
+    np.testing.assert_array_equal(longer[:BOOT_CHUNK], job_values)
+    assert not np.array_equal(longer[BOOT_CHUNK : 2 * BOOT_CHUNK], job_values)
+    np.testing.assert_allclose(first[0], np.nanquantile(job_values, 0.25, axis=0), atol=1e-12)
+
+
+def _within_values(models: torch.Tensor, targets: torch.Tensor, n_boot: int, seed: int) -> Any:
+    pairs = within_pairs(LABELS)
+    a, b = models[:, pairs.rows, pairs.cols], targets[:, pairs.rows, pairs.cols]
+    job = _WithinBootJob(
+        a, b, pairs.rows, pairs.cols, tuple(pairs.groups), len(LABELS), "spearman", None,
+        n_boot, seed,
+    )  # fmt: skip
+    return _within_boot_chunks(job, range(-(-n_boot // BOOT_CHUNK))).numpy()

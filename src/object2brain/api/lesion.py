@@ -93,9 +93,11 @@ def lesion(
     selection_folds: int | None = None,
     propagate: bool | None = None,
     batch_size: int | None = None,
+    image_cache: str | Path | None = None,
     analysis: str | None = None,
     encode_options: EncodeOptions | None = None,
     duplicate_ratings: str | None = None,
+    folds: str | Path | None = None,
     executor: str = "local",
     ray_address: str | None = None,
 ) -> LesionResult:
@@ -121,8 +123,13 @@ def lesion(
         behavior_ids: with ``propagate``, the stimuli of the direct behaviour correlation
             (default all): the held-out ones when the head was fitted on some of these stimuli.
         layers, groups, variants, rdm_metric, compare_method, n_null, n_perm, null_subsets,
-            n_group_null, selection, selection_folds, propagate, batch_size,
+            n_group_null, selection, selection_folds, propagate, batch_size, image_cache,
             duplicate_ratings: the fields of :class:`LesionOptions` (None: not given).
+        folds: the dissection's selection folds (its ``folds.csv``: ``stimulus_id, fold``;
+            default: the ``folds.csv`` next to a ``filters`` file). With
+            ``selection="cross_fit"`` every analysed stimulus must be in it (else an error
+            naming the file and the first missing stimulus) and fold ``k``'s groups are
+            measured on the stimuli it puts in fold ``k``.
     """
     given = {
         "layers": None if layers is None else list(layers),
@@ -138,6 +145,7 @@ def lesion(
         "selection_folds": selection_folds,
         "propagate": propagate,
         "batch_size": batch_size,
+        "image_cache": image_cache,
         "analysis": analysis,
         "duplicate_ratings": duplicate_ratings,
     }
@@ -148,7 +156,7 @@ def lesion(
     )  # fmt: skip
     if out is not None:
         check_output_folder(out)
-    table = load_filter_table(filters)
+    table = load_filter_table(filters, folds)
     paths = store_paths(activations)
     brain_data = load_brain(brain) if brain is not None else None
     stimulus_set = stimulus_table(stimuli)

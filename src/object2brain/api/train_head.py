@@ -105,8 +105,10 @@ def train_head(
     fractions: tuple[float, float, float] | None = None,
     num_workers: int | None = None,
     cross_fit: int | None = None,
+    selection_folds: int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    image_cache: str | Path | None = None,
 ) -> TrainHeadResult:
     """Train a one-output valence head on each frozen backbone; the same split for all models.
 
@@ -135,14 +137,18 @@ def train_head(
             store; training stays here (:mod:`object2brain.executors.features`).
         figures: write the predicted-vs-rated scatter figure of each model.
         loss, augment, cache, epochs, patience, lr, weight_decay, batch_size, fractions,
-        num_workers, cross_fit: the fields of :class:`TrainHeadOptions` (``None``: from
-            ``options``, else its default). ``cache`` keeps the penultimate features in an
-            activation store ``<out>/<model>/features.h5`` (off with ``augment``);
+        num_workers, cross_fit, selection_folds, image_cache: the fields of
+            :class:`TrainHeadOptions` (``None``: from ``options``, else its default). ``cache``
+            keeps the penultimate features in an activation store ``<out>/<model>/features.h5``
+            (off with ``augment``);
             ``cross_fit=K`` (``K >= 2``) also fits ``K`` fold heads and writes every stimulus's
             out-of-fold prediction to ``<out>/<model>/out_of_fold.csv`` (``stimulus_id, fold,
             valence, level, predicted``), with metrics under ``"out_of_fold"``: use these, not
             the main head's, to correlate predicted valence with the ratings of the training
-            stimuli (``extract(valence=...)``).
+            stimuli (``extract(valence=...)``). ``selection_folds=K`` also fits ``K`` heads on
+            the condition-stratified selection folds and saves them as
+            ``<out>/<model>/head.fold<k>.safetensors`` (sidecar ``head.fold<k>.json`` naming
+            fold ``k``'s held-out stimuli) for ``dissect(fold_heads=...)``.
 
     Returns:
         :class:`TrainHeadResult`. Files: ``<out>/split.csv``, ``<out>/missing_images.csv`` (if
@@ -163,7 +169,7 @@ def train_head(
         "loss": loss, "augment": augment, "cache": cache, "epochs": epochs,
         "patience": patience, "lr": lr, "weight_decay": weight_decay,
         "batch_size": batch_size, "fractions": fractions, "num_workers": num_workers,
-        "cross_fit": cross_fit,
+        "cross_fit": cross_fit, "selection_folds": selection_folds, "image_cache": image_cache,
     }  # fmt: skip
     opts = resolve_train_options(options, values)
     specs = resolve_models(models, weights)

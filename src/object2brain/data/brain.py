@@ -389,6 +389,17 @@ def brain_files(source: str | Path) -> list[Path]:
 
 
 def _load_manifest(path: Path) -> list[BrainItem]:
+    items: list[BrainItem] = []
+    for number, spec in enumerate(read_manifest(path)["sources"], start=1):
+        items += load_source(path, spec, number)
+    if not items:
+        raise DataError(f"{path}: the brain manifest declares no data")
+    return items
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The brain manifest at ``path``, its keys checked (:func:`check_manifest_keys`); no data
+    read. Raises :class:`DataError` naming the file."""
     import yaml
 
     from object2brain.yaml_io import describe_yaml_error, load_yaml
@@ -404,19 +415,20 @@ def _load_manifest(path: Path) -> list[BrainItem]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), list):
         raise DataError(f"{path}: a brain manifest needs a 'sources:' list")
     check_manifest_keys(manifest, str(path))
-    items: list[BrainItem] = []
-    for number, spec in enumerate(manifest["sources"], start=1):
-        where = f"{path}: source {number}"
-        kind = spec.get("kind")
-        if kind in ("patterns", "rdms"):
-            items += _load_h5(_resolve(path, spec, "path", where), kind=str(kind))
-        elif kind == "nifti":
-            items += _load_nifti_source(path, spec, where)
-        else:
-            items += _load_published(path, spec, str(kind), where)
-    if not items:
-        raise DataError(f"{path}: the brain manifest declares no data")
-    return items
+    return manifest
+
+
+def load_source(path: Path, spec: dict[str, Any], number: int) -> list[BrainItem]:
+    """The items of source ``number`` (1-based, ``spec``) of the brain manifest at ``path``, with
+    every check :func:`load_brain` makes (shapes, stimulus ids, ROI masks on the betas' grid).
+    Raises :class:`DataError` naming ``<path>: source <number>`` and the file at fault."""
+    where = f"{path}: source {number}"
+    kind = spec.get("kind")
+    if kind in ("patterns", "rdms"):
+        return _load_h5(_resolve(path, spec, "path", where), kind=str(kind))
+    if kind == "nifti":
+        return _load_nifti_source(path, spec, where)
+    return _load_published(path, spec, str(kind), where)
 
 
 #: The keys each source kind of a brain manifest reads (``kind`` included).

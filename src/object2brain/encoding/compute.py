@@ -51,10 +51,11 @@ from object2brain.encoding.scores import (
     pearson_r,
     permutation_test,
     r2_score,
-    refit_permutation_test,
+    refit_permutation_tests,
     roi_summary,
 )
 from object2brain.errors import DataError, listing
+from object2brain.executors import Executor, executor_for
 from object2brain.options import EncodeOptions, Runtime
 from object2brain.tables import ENCODING, ENCODING_BANDS, ENCODING_VOXELS
 
@@ -184,14 +185,20 @@ def _score_rows(
     ``refit`` given: the exact permutation test that reruns the cross-validation."""
     rows = []
     n_perm = study.options.n_perm
-    for condition, mask in _condition_masks(study.conditions, responses.shape[0]):
+    masks = _condition_masks(study.conditions, responses.shape[0])
+    exact = (
+        refit_permutation_tests(
+            responses, predictions, refit, [m for _, m in masks], n_perm=n_perm, seed=study.seed
+        )
+        if refit is not None
+        else None
+    )
+    for index, (condition, mask) in enumerate(masks):
         y, p = responses[mask], predictions[mask]
         r, r2 = pearson_r(y, p), r2_score(y, p)
         summary = roi_summary(r, r2)
-        if refit is not None:
-            test = refit_permutation_test(
-                responses, predictions, refit, n_perm=n_perm, seed=study.seed, mask=mask
-            )
+        if exact is not None:
+            test = exact[index]  # one refit per permutation, scored on every condition
         else:
             test = permutation_test(y, p, n_perm=n_perm, seed=study.seed, groups=study.folds[mask])
         runs = study.runs.get(roi)
@@ -370,6 +377,66 @@ def _finish(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return table.loc[:, list(ENCODING_COLUMNS)].reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class _LayerJob:
+    """What the task of every layer shares (an executor's shared object: the features and
+    responses go to a Ray object store once)."""
+
+    study: _Study
+    features: Mapping[str, np.ndarray]
+    responses: Mapping[RoiKey, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _LayerPart:
+    """One layer's results: its model inputs (kept for a banded model, else empty), its
+    ``encoding`` rows, ``encoding_voxels`` frames and fits."""
+
+    inputs: np.ndarray
+    rows: list[dict[str, Any]]
+    voxels: list[pd.DataFrame]
+    fits: dict[tuple[str, str, str], LayerFit]
+
+
+def encode_layer(job: _LayerJob, layer: str) -> _LayerPart:
+    """The encoding models of ``layer`` to every ROI (a pure function of the job and the layer:
+    one executor task; the same numbers wherever it runs)."""
+    study, options = job.study, job.study.options
+    srp_dim = _srp_dim(options, job.features[layer])
+    inputs = layer_inputs(job.features[layer], layer, srp_dim, study.seed)
+    part = _LayerPart(inputs if options.banded is not None else inputs[:0], [], [], {})
+    refit = None
+    for index, (roi, y) in enumerate(job.responses.items()):
+        ridge = _fit_layer(study, layer, inputs, roi, y)  # checks the inputs first
+        if index == 0:
+            refit = _refit(study, inputs)
+        part.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, study.seed)
+        alphas = np.median(ridge.alphas, axis=0)
+        extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
+        part.rows.extend(_score_rows(study, layer, roi, y, ridge.predictions, extra, refit))
+        part.voxels.append(_voxel_rows(study, layer, roi, y, ridge.predictions, alphas))
+    return part
+
+
+def _encode_layers(
+    job: _LayerJob,
+    layers: Sequence[str],
+    executor: Executor,
+    progress: Callable[[str], None] | None,
+) -> list[_LayerPart]:
+    """:func:`encode_layer` of every layer: in this process layer by layer (with progress), or
+    as the tasks of ``executor``."""
+    say = progress or (lambda _message: None)
+    if executor.name != "local":
+        say(f"encoding {job.study.model}: {len(layers)} layer(s) on {executor.name}")
+        return executor.map_chunks(encode_layer, layers, stage="encode layers", shared=job)
+    parts = []
+    for layer in layers:
+        say(f"encoding {job.study.model} {layer}")
+        parts.append(encode_layer(job, layer))
+    return parts
+
+
 def compute_encoding(
     features: Mapping[str, np.ndarray],
     responses: Mapping[RoiKey, np.ndarray],
@@ -382,8 +449,13 @@ def compute_encoding(
     runs: Mapping[RoiKey, np.ndarray] | None = None,
     voxel_coords: Mapping[RoiKey, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> EncodingResult:
     """Encoding models of ``model``: every layer of ``features`` to every ROI of ``responses``.
+
+    Each layer is one task of ``executor`` (:func:`encode_layer`; default: the executor of
+    ``runtime.executor``, in this process for ``local``): the tables are the same for every
+    executor and number of workers. The banded model runs on the driver.
 
     Args:
         features: ``{layer: (n, ...)}`` activations of the ``n`` stimuli (rows in the order of
@@ -422,21 +494,13 @@ def compute_encoding(
     )
     tables = _Tables()
     inputs: dict[str, np.ndarray] = {}
-    for layer in layers:
-        if progress is not None:
-            progress(f"encoding {model} {layer}")
-        srp_dim = _srp_dim(options, features[layer])
-        inputs[layer] = layer_inputs(features[layer], layer, srp_dim, runtime.seed)
-        refit = None
-        for index, (roi, y) in enumerate(responses.items()):
-            ridge = _fit_layer(study, layer, inputs[layer], roi, y)  # checks the inputs first
-            if index == 0:
-                refit = _refit(study, inputs[layer])
-            tables.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, runtime.seed)
-            alphas = np.median(ridge.alphas, axis=0)
-            extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
-            tables.rows += _score_rows(study, layer, roi, y, ridge.predictions, extra, refit)
-            tables.voxels.append(_voxel_rows(study, layer, roi, y, ridge.predictions, alphas))
+    job = _LayerJob(study, {layer: features[layer] for layer in layers}, dict(responses))
+    parts = _encode_layers(job, layers, executor or executor_for(runtime), progress)
+    for layer, part in zip(layers, parts, strict=True):
+        inputs[layer] = part.inputs
+        tables.rows += part.rows
+        tables.voxels += part.voxels
+        tables.fits |= part.fits
     if options.banded is not None:
         if progress is not None:
             progress(f"encoding {model} banded")

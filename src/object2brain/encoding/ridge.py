@@ -400,16 +400,20 @@ def fit_banded_cv(
 
 @dataclass(frozen=True)
 class _FoldSmoother:
-    """Linear maps of one outer fold from training responses to predictions, per alpha.
+    r"""Linear maps of one outer fold from training responses to predictions, per alpha.
 
-    ``outer`` ``(A, n_test, n_train)``; ``inner``: ``(train, validation, G)`` per inner fold with
-    ``G`` ``(A, n_validation, n_inner_train)`` (positions within the outer training set).
+    ``outer`` ``(A * n_test, n_train)``: row block ``a`` maps the training responses to the test
+    predictions with alpha ``a``. ``residual`` ``(A * n_train, n_train)``: row block ``a`` maps
+    them to the inner-fold validation residuals (prediction minus response of every training
+    stimulus, predicted by its inner fold's model), each row scaled by
+    :math:`1/\sqrt{n_{val} K_{inner}}` so that minus the squared norm of a block's column is the
+    inner-CV score (the mean over inner folds of the negative mean squared error).
     """
 
     train: np.ndarray
     test: np.ndarray
     outer: np.ndarray
-    inner: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+    residual: np.ndarray
 
 
 def _smoother(x_train: np.ndarray, x_test: np.ndarray, alphas: np.ndarray) -> np.ndarray:
@@ -425,6 +429,21 @@ def _smoother(x_train: np.ndarray, x_test: np.ndarray, alphas: np.ndarray) -> np
     return np.asarray(base + np.einsum("tr,ar,sr->ats", projected, shrink, u))
 
 
+def _residual_operator(
+    x: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]], alphas: np.ndarray
+) -> np.ndarray:
+    """The stacked inner-fold residual map ``(A * n_train, n_train)`` of :class:`_FoldSmoother`
+    for training features ``x`` ``(n_train, d)`` and inner ``splits``."""
+    n = x.shape[0]
+    out = np.zeros((alphas.size, n, n))
+    for train, validation in splits:
+        block = np.zeros((alphas.size, validation.size, n))
+        block[:, :, train] = _smoother(x[train], x[validation], alphas)
+        block[:, np.arange(validation.size), validation] -= 1.0
+        out[:, validation, :] = block / np.sqrt(validation.size * len(splits))
+    return out.reshape(alphas.size * n, n)
+
+
 @dataclass(frozen=True)
 class CvSmoother:
     r"""The whole cross-validated ridge of one feature matrix as linear maps of the responses.
@@ -432,27 +451,28 @@ class CvSmoother:
     For fixed features, the out-of-fold prediction of every alpha is linear in the responses, so
     :meth:`predict` reruns :func:`fit_ridge_cv` (inner-fold choice of alpha per voxel included:
     mean over inner folds of the negative mean squared error, ties to the larger alpha) for any
-    responses ``(n, v)`` without refitting: the basis of the exact permutation test that relabels
-    the stimuli' responses and refits (:func:`object2brain.encoding.scores.refit_permutation_test`).
-    Memory: about ``8 A n^2 (1 + 1/K)`` bytes for ``A`` alphas, ``n`` stimuli, ``K`` folds.
+    responses ``(n, c)`` without refitting: the basis of the exact permutation test that relabels
+    the stimuli' responses and refits (:func:`object2brain.encoding.scores.refit_permutation_test`,
+    which stacks many relabelled copies of the responses as columns of one call).
+    Memory: about ``8 A n^2`` bytes for ``A`` alphas and ``n`` stimuli; cost of
+    :meth:`predict`: about ``2 A n^2 c`` flops for ``c`` columns (two matrix products per fold).
     """
 
     alphas: np.ndarray
     folds: tuple[_FoldSmoother, ...]
 
     def predict(self, responses: np.ndarray) -> np.ndarray:
-        """Out-of-fold predictions ``(n, v)`` of ``responses`` ``(n, v)``."""
+        """Out-of-fold predictions ``(n, c)`` of ``responses`` ``(n, c)`` (each column a voxel)."""
         out = np.empty(responses.shape, dtype=np.float64)
-        columns = np.arange(responses.shape[1])
+        n_alphas, c = self.alphas.size, responses.shape[1]
         tie_break = (np.log(self.alphas) * 1e-10)[:, None]
         for fold in self.folds:
             y = responses[fold.train]
-            score = np.zeros((self.alphas.size, responses.shape[1]))
-            for train, validation, g in fold.inner:
-                residual = g @ y[train] - y[validation]
-                score -= (residual**2).mean(axis=1)
-            best = (score / len(fold.inner) + tie_break).argmax(axis=0)
-            out[fold.test] = (fold.outer @ y)[best, :, columns].T
+            residual = (fold.residual @ y).reshape(n_alphas, fold.train.size, c)
+            score = -np.einsum("atc,atc->ac", residual, residual)
+            best = (score + tie_break).argmax(axis=0)
+            predicted = (fold.outer @ y).reshape(n_alphas, fold.test.size, c)
+            out[fold.test] = np.take_along_axis(predicted, best[None, None, :], axis=0)[0]
         return out
 
 
@@ -479,9 +499,7 @@ def fit_smoother(
         if pca_dim is not None:
             pca = fit_pca(x, pca_dim)
             x, x_test = pca.transform(x), pca.transform(x_test)
-        inner = tuple(
-            (a, b, _smoother(x[a], x[b], grid))
-            for a, b in inner_splits(train.size, inner_folds, seed=seed, outer_fold=k)
-        )
-        smoothers.append(_FoldSmoother(train, test, _smoother(x, x_test, grid), inner))
+        splits = inner_splits(train.size, inner_folds, seed=seed, outer_fold=k)
+        outer = _smoother(x, x_test, grid).reshape(grid.size * test.size, train.size)
+        smoothers.append(_FoldSmoother(train, test, outer, _residual_operator(x, splits, grid)))
     return CvSmoother(grid, tuple(smoothers))

@@ -58,6 +58,7 @@ from object2brain.errors import DataError, LayerError, ModelError
 from object2brain.explain.detectors import Detector, GivenBoxes, ImageDetections, detect_images
 from object2brain.explain.filtercam import filter_cams, upsample_maps
 from object2brain.explain.groups import GroupMap
+from object2brain.heads.io import FoldHeads
 from object2brain.io import write_json, write_table
 from object2brain.manifest import build_manifest, file_sha256, output_list
 from object2brain.models.image_cache import ImageCache
@@ -730,6 +731,8 @@ class DissectResult:
         out: output folder, if one was written.
         files: files written.
         notes: caveats of the selection folds for the manifest (``selection_notes``).
+        folds: the selection folds, ``stimulus_id, fold`` (``folds.csv``; the definition the
+            lesion checks its stimuli against), or ``None`` without selection folds.
     """
 
     table: pd.DataFrame
@@ -740,6 +743,7 @@ class DissectResult:
     out: Path | None = None
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    folds: pd.DataFrame | None = None
 
 
 class Accumulate(Protocol):
@@ -855,7 +859,10 @@ def compute_dissection(
     on_device_decode = uses_device_decoding(options.decode, cams.device)
     shape = (len(groups.groups), n_filters)
     null = AssignmentNull(prepared, shape, options.n_null_assign, runtime.seed)
-    folds = _selection_folds(stimuli, prepared, shape, options, runtime.seed)
+    fold_of, fold_heads = fold_definition(loaded, stimuli, options, runtime.seed)
+    folds = None
+    if fold_of is not None and fold_heads is None:  # one pass, per-fold sums
+        folds = SelectionFolds(fold_of, prepared, shape, options.n_null_assign, runtime.seed)
     run_pass = accumulate or _accumulate
     accumulator, n_images = run_pass(cams, prepared, lists, options, on_device_decode, null,
                                      progress=runtime.progress, folds=folds)  # fmt: skip
@@ -871,7 +878,12 @@ def compute_dissection(
     enrichment = scores.enrichment
     names = list(groups.groups)
     table = filter_objects_table(loaded.name, cams.layer, names, scores, assignment)
-    per_fold = _fold_tables(folds, prepared, loaded.name, cams.layer, names, options)
+    if fold_heads is not None and fold_of is not None:
+        pass_ = _FoldPass(cams, prepared, lists, options, on_device_decode, runtime)
+        fold_scores = _fold_head_scores(loaded, fold_heads, fold_of, pass_, shape)
+    else:
+        fold_scores = _selection_fold_scores(folds, prepared, len(names))
+    per_fold = _fold_tables(fold_scores, loaded.name, cams.layer, names, options)
     table = pd.concat([table, *per_fold], ignore_index=True)
     summary: dict[str, Any] = {
         **prepared.counts,
@@ -886,7 +898,9 @@ def compute_dissection(
         "n_assigned": {g: int((assignment == i).sum()) for i, g in enumerate(names)},
         "n_null_assign": options.n_null_assign,
         "n_above_threshold": _n_above_threshold(scores, options),
-        **_fold_summary(folds, per_fold),
+        **_fold_summary(fold_of, per_fold),
+        "fold_heads": fold_heads is not None,
+        "head_saw_stimuli": head_saw_stimuli(loaded, lists.ids),
         "seconds": 0.0,
     }
     panels = (
@@ -896,31 +910,102 @@ def compute_dissection(
         else []
     )  # fmt: skip
     provenance = _provenance(loaded, stimuli, detector, groups, options, runtime, cams,
-                             on_device_decode)  # fmt: skip
-    notes = selection_notes(loaded, options)
-    return DissectResult(table, prepared.frame, summary, provenance, panels, notes=notes)
+                             on_device_decode, fold_heads)  # fmt: skip
+    notes = selection_notes(loaded, options, fold_heads, summary["head_saw_stimuli"])
+    fold_table = None
+    if fold_of is not None:
+        fold_table = pd.DataFrame({"stimulus_id": lists.ids, "fold": fold_of.astype(np.int64)})
+    return DissectResult(table, prepared.frame, summary, provenance, panels, notes=notes,
+                         folds=fold_table)  # fmt: skip
 
 
-def _selection_folds(
-    stimuli: StimulusSet,
-    prepared: PreparedBoxes,
-    shape: tuple[int, int],
-    options: DissectOptions,
-    seed: int,
-) -> SelectionFolds | None:
-    """The per-fold sums of ``options.selection_folds`` folds of the stimuli (None: 0 folds)."""
+def fold_definition(
+    loaded: LoadedModel, stimuli: StimulusSet, options: DissectOptions, seed: int
+) -> tuple[np.ndarray | None, FoldHeads | None]:
+    """The selection fold ``(n,)`` of every stimulus and the fold heads, if any.
+
+    With ``options.fold_heads`` the folds are the heads' (each stimulus in the fold whose head
+    held it out; :meth:`~object2brain.heads.io.FoldHeads.fold_of`), else
+    :func:`~object2brain.data.splits.condition_folds` of the stimuli's conditions with ``seed``
+    (the folds train-head --selection-folds draws for the same stimuli and seed). ``(None,
+    None)`` with 0 folds.
+
+    Raises:
+        DataError: more folds than stimuli, fold heads whose number differs from
+            ``options.selection_folds``, or a stimulus no fold head held out.
+        ModelError: fold heads that do not fit the model.
+    """
+    from object2brain.heads.io import load_fold_heads
+
     k = options.selection_folds
+    if options.fold_heads is not None:
+        heads = load_fold_heads(loaded, Path(options.fold_heads))
+        if k != heads.n_folds:
+            raise DataError(
+                f"--fold-heads {options.fold_heads}: {heads.n_folds} fold heads, but "
+                f"--selection-folds {k}: give --selection-folds {heads.n_folds}"
+            )
+        return heads.fold_of(list(stimuli.ids)), heads
     if k == 0:
-        return None
+        return None, None
     if k > len(stimuli):
         raise DataError(f"--selection-folds {k}: more folds than the {len(stimuli)} stimuli")
-    fold_of = condition_folds(stimuli.conditions, len(stimuli), k, seed=seed)
-    return SelectionFolds(fold_of, prepared, shape, options.n_null_assign, seed)
+    return condition_folds(stimuli.conditions, len(stimuli), k, seed=seed), None
+
+
+@dataclass(frozen=True)
+class _FoldPass:
+    """What a Grad-CAM pass over a subset of the images needs besides its head and null."""
+
+    cams: _CamPass
+    prepared: PreparedBoxes
+    stimuli: _Stimuli
+    options: DissectOptions
+    on_device_decode: bool
+    runtime: Runtime
+
+
+def _fold_head_scores(
+    loaded: LoadedModel,
+    heads: FoldHeads,
+    fold_of: np.ndarray,
+    run: _FoldPass,
+    shape: tuple[int, int],
+) -> list[FilterScores]:
+    """Per fold ``k``: a Grad-CAM pass of fold head ``k`` (in place of the valence head) over
+    the images not in fold ``k``, scored against an assignment null over those images drawn
+    as a dissection of those images alone draws it (stream 0 of the seed): the fold's rows are
+    those of a dissection with fold head ``k`` of the other folds' stimuli, p_assign included.
+    The fold's selection then saw none of fold ``k``'s stimuli, the head included."""
+    from object2brain.heads.io import swapped_head
+
+    scores = []
+    for k, head in enumerate(heads.heads):
+        prepared = _without_fold(run.prepared, fold_of, k)
+        null = AssignmentNull(prepared, shape, run.options.n_null_assign, run.runtime.seed)
+        if not prepared.by_image:  # no image with a box outside fold k
+            scores.append(_scores(GroupAccumulator(*shape, top=1), null, np.zeros(shape[0], int)))
+            continue
+        with swapped_head(loaded, heads.layer, head):
+            accumulator, n_images = _accumulate(
+                run.cams, prepared, run.stimuli, run.options, run.on_device_decode, null,
+                progress=run.runtime.progress,
+            )  # fmt: skip
+        scores.append(_scores(accumulator, null, n_images))
+    return scores
+
+
+def _selection_fold_scores(
+    folds: SelectionFolds | None, prepared: PreparedBoxes, n_groups: int
+) -> list[FilterScores]:
+    """Per fold ``k``: the scores of the images not in fold ``k`` from the one pass's sums."""
+    if folds is None:
+        return []
+    return [folds.scores(k, folds.n_images(prepared, k, n_groups)) for k in range(folds.n_folds)]
 
 
 def _fold_tables(
-    folds: SelectionFolds | None,
-    prepared: PreparedBoxes,
+    fold_scores: list[FilterScores],
     model: str,
     layer: str,
     names: list[str],
@@ -928,15 +1013,11 @@ def _fold_tables(
 ) -> list[pd.DataFrame]:
     """The ``filter_objects`` rows of every selection fold ``k`` (``fold = k``): scores,
     ``p_assign`` and assignment from the images not in fold ``k``."""
-    if folds is None:
-        return []
     tables = []
-    for k in range(folds.n_folds):
-        n_images = folds.n_images(prepared, k, len(names))
-        scores = folds.scores(k, n_images)
+    for k, scores in enumerate(fold_scores):
         assignment = assign_filters(
             scores.enrichment,
-            n_images,
+            scores.n_images,
             threshold=options.threshold,
             min_images=options.min_images,
             p_fdr=scores.p_assign_fdr,
@@ -945,14 +1026,15 @@ def _fold_tables(
     return tables
 
 
-def _fold_summary(folds: SelectionFolds | None, per_fold: list[pd.DataFrame]) -> dict[str, Any]:
-    """Summary entries of the selection folds: their number, images (with a used box) per fold
-    and filters assigned per group without each fold."""
-    if folds is None:
+def _fold_summary(fold_of: np.ndarray | None, per_fold: list[pd.DataFrame]) -> dict[str, Any]:
+    """Summary entries of the selection folds: their number, stimuli per fold and filters
+    assigned per group without each fold."""
+    if fold_of is None:
         return {"selection_folds": 0}
+    n_folds = int(fold_of.max()) + 1
     return {
-        "selection_folds": folds.n_folds,
-        "fold_sizes": [int((folds.fold_of == k).sum()) for k in range(folds.n_folds)],
+        "selection_folds": n_folds,
+        "fold_sizes": [int((fold_of == k).sum()) for k in range(n_folds)],
         "n_assigned_per_fold": [
             {str(g): int(n) for g, n in t[t["assigned"]].groupby("group").size().items()}
             for t in per_fold
@@ -960,17 +1042,51 @@ def _fold_summary(folds: SelectionFolds | None, per_fold: list[pd.DataFrame]) ->
     }
 
 
-def selection_notes(loaded: LoadedModel, options: DissectOptions) -> list[str]:
-    """What the manifest says about the selection folds' independence (``selection_notes``):
-    the per-fold rows hold out each fold's images from the assignment, but Grad-CAM explains
-    one valence head for all folds, so a head trained on these stimuli saw every fold."""
+def head_saw_stimuli(loaded: LoadedModel, ids: Sequence[str]) -> bool | None:
+    """Whether the valence head was fitted on any of ``ids``: its sidecar's split file (written
+    by train-head) lists them in ``train`` or ``val``. ``None``: unknown (no head file, or its
+    split file is not readable here)."""
+    split = (loaded.head or {}).get("split_file")
+    if not split or not Path(split).is_file():
+        return None
+    try:
+        frame = pd.read_csv(split, dtype=str, keep_default_na=False)
+        fitted = set(frame.loc[frame["split"].str.lower().isin(["train", "val"]), "stimulus_id"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return bool(fitted & set(ids))
+
+
+def selection_notes(
+    loaded: LoadedModel,
+    options: DissectOptions,
+    fold_heads: FoldHeads | None = None,
+    saw: bool | None = None,
+) -> list[str]:
+    """What the manifest says about the selection folds' independence from the valence head
+    (``selection_notes``): fold heads (fold k's maps from a head that did not see fold k), a
+    head fitted on other stimuli (no circularity from the head), or one head fitted on these
+    stimuli (or of unknown origin), which saw every fold."""
     if options.selection_folds == 0 or options.target is not None or not loaded.has_head:
         return []
+    if fold_heads is not None:
+        return [
+            f"{loaded.name}: fold k's Grad-CAM maps come from fold head k "
+            f"({fold_heads.folder}), fitted without fold k's stimuli: the selection of fold k "
+            "saw none of its stimuli, the valence head included"
+        ]
+    if saw is False:
+        return [
+            f"{loaded.name}: the valence head was fitted on other stimuli (none of these): the "
+            "cross-fitted selection has no circularity from the head"
+        ]
+    fitted = "was fitted on these stimuli" if saw else "may have been fitted on these stimuli"
     return [
         f"{loaded.name}: the per-fold assignments (fold = k) leave fold k's images out of the "
-        "assignment, but their Grad-CAM maps come from one valence head, not from fold heads: "
-        "a head trained on these stimuli saw the held-out fold's stimuli too, so the "
-        "cross-fitted selection is only as independent of fold k as the head is"
+        f"assignment, but their Grad-CAM maps come from one valence head that {fitted}, not "
+        "from fold heads: it saw the held-out fold's stimuli too, so the cross-fitted "
+        "selection is only as independent of fold k as the head is (train-head "
+        "--selection-folds and dissect --fold-heads remove this)"
     ]
 
 
@@ -1194,8 +1310,11 @@ def _provenance(
     runtime: Runtime,
     cams: _CamPass,
     on_device_decode: bool,
+    fold_heads: FoldHeads | None = None,
 ) -> DissectProvenance:
     files: dict[str, Path] = {}
+    for k, path in enumerate(fold_heads.paths if fold_heads is not None else ()):
+        files[f"fold_head:{k}"] = path
     # an image array (tens of GB) enters through the stimulus fingerprint, not a file hash
     if stimuli.source is not None and not is_array_file(stimuli.source):
         files["stimulus_table"] = stimuli.source
@@ -1213,6 +1332,7 @@ def _provenance(
         "min_images": options.min_images,
         "n_null_assign": options.n_null_assign,
         "selection_folds": options.selection_folds,
+        "fold_heads": None if options.fold_heads is None else str(options.fold_heads),
         "batch_size": options.batch_size,
         "device": str(cams.device),
         "seed": runtime.seed,
@@ -1314,8 +1434,24 @@ def write_dissection(
     """
     files = [*write_table(result.table, out, "filter_objects")]
     files += write_table(result.boxes, out, "detections")
+    (out / FOLDS_NAME).unlink(missing_ok=True)
+    if result.folds is not None:
+        files.append(write_fold_definition(result.folds, out / FOLDS_NAME))
     files += also_written
     return [*files, write_dissection_manifest(result, out, files)]
+
+
+#: The dissection's selection folds next to ``filter_objects.csv``: ``stimulus_id, fold``.
+FOLDS_NAME = "folds.csv"
+
+
+def write_fold_definition(folds: pd.DataFrame, path: Path) -> Path:
+    """``folds`` (``stimulus_id, fold``) as CSV, atomically."""
+    from object2brain.io import atomic_path
+
+    with atomic_path(path) as temp:
+        folds[["stimulus_id", "fold"]].to_csv(temp, index=False)
+    return path
 
 
 def write_dissection_manifest(result: DissectResult, out: Path, files: Sequence[Path]) -> Path:

@@ -38,7 +38,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from object2brain.errors import ModelError, StoreError
-from object2brain.models.inputs import ImageDataset, model_inputs
+from object2brain.models.image_cache import ImageCache
+from object2brain.models.inputs import model_inputs, pixel_dataset, remember_pixels
 
 if TYPE_CHECKING:
     from object2brain.data.stimuli import StimulusSet
@@ -95,14 +96,15 @@ class BackboneFeatures:
         augment: bool = False,
         num_workers: int = 0,
         progress: bool = False,
+        cache: ImageCache | None = None,
     ) -> None:
         self.loaded = loaded
         self.device = device
         self.num_workers = num_workers
         self.progress = progress
         self.ids = stimuli.ids
-        self.dataset = ImageDataset(
-            stimuli.paths, self.ids, loaded.preprocessing, augment=augment, pixels=True
+        self.dataset = pixel_dataset(
+            stimuli.paths, self.ids, loaded.preprocessing, cache=cache, augment=augment
         )
         self.module = loaded.module.to(device).eval()
         self.output = self.module.get_submodule(loaded.output_layer)
@@ -129,6 +131,7 @@ class BackboneFeatures:
         bar = tqdm(total=len(order), disable=not self.progress, unit="img", desc="features")
         try:
             for batch in loader:
+                remember_pixels(self.dataset, batch)  # into the decoded-image cache, if any
                 indices, inputs = model_inputs(
                     batch, self.loaded.preprocessing, self.device, self.ids
                 )
@@ -267,6 +270,7 @@ def cached_features(
     batch_size: int,
     num_workers: int,
     progress: bool = False,
+    cache: ImageCache | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Features from the feature store at ``path`` if it matches, else computed and stored.
 
@@ -278,6 +282,6 @@ def cached_features(
         log.info("%s: reusing stored features %s", path, tuple(stored.shape))
         return stored, True
     source = BackboneFeatures(
-        loaded, stimuli, device=device, num_workers=num_workers, progress=progress
+        loaded, stimuli, device=device, num_workers=num_workers, progress=progress, cache=cache
     )
     return write_feature_store(path, loaded, stimuli, source, batch_size=batch_size), False

@@ -233,26 +233,58 @@ def cross_fitted_predictions(
     Returns:
         Predicted valence ``(n,)`` float64.
     """
-    n = len(data.valence)
-    is_val = np.zeros(n, dtype=bool)
-    is_val[val_rows] = True
-    predicted = np.full(n, np.nan)
-    for j in np.unique(folds):
+    predicted = np.full(len(data.valence), np.nan)
+    fits = fit_fold_heads(data, folds, val_rows, options, seed=seed, device=device)
+    for j, fit in enumerate(fits):
         held = np.flatnonzero(folds == j)
-        train_rows = np.flatnonzero((folds != j) & ~is_val)
-        fold_val = np.flatnonzero((folds != j) & is_val)
-        fit = fit_head(data, train_rows, fold_val, options, seed=seed + 1 + int(j), device=device)
         head = fit.head.to(device)
         batch = max(options.batch_size, PREDICT_BATCH)
         predicted[held] = predict(head, data.sources.eval, held, batch_size=batch)
+        fit.head = head.cpu()
         log.info(
             "cross-fitting fold %d: %d stimuli predicted by a head fitted on %d (best epoch %d)",
             j,
             len(held),
-            len(train_rows),
+            int((folds != j).sum()),
             fit.best_epoch,
         )
     return predicted
+
+
+def fit_fold_heads(
+    data: RatedFeatures,
+    folds: np.ndarray,
+    val_rows: np.ndarray,
+    options: TrainHeadOptions,
+    *,
+    seed: int,
+    device: torch.device,
+) -> list[FitResult]:
+    """One head per fold ``j = 0 .. K - 1``, each fitted without fold ``j``'s stimuli.
+
+    Fold ``j``'s head is fitted as the main head (:func:`fit_head`) on every stimulus outside
+    fold ``j`` except the validation rows, stopping early on the validation rows outside fold
+    ``j``, shuffling with ``seed + 1 + j``.
+
+    Args:
+        data: features and ratings of every stimulus ``(n,)``.
+        folds: fold index of every stimulus ``(n,)`` in ``0 .. K - 1``.
+        val_rows: the main split's validation rows (never trained on; early stopping).
+        options: training options, as for :func:`fit_head`.
+        seed: root seed of the folds' batch shuffles.
+        device: where the heads train.
+
+    Returns:
+        The ``K`` fits, in fold order (heads on the CPU).
+    """
+    is_val = np.zeros(len(data.valence), dtype=bool)
+    is_val[val_rows] = True
+    fits = []
+    for j in range(int(np.max(folds)) + 1):
+        train_rows = np.flatnonzero((folds != j) & ~is_val)
+        fold_val = np.flatnonzero((folds != j) & is_val)
+        fits.append(fit_head(data, train_rows, fold_val, options, seed=seed + 1 + j, device=device))
+    return fits
 
 
 def regression_metrics(predicted: np.ndarray, rated: np.ndarray) -> dict[str, Any]:

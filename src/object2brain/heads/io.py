@@ -9,13 +9,17 @@ is then the predicted valence ``(batch, 1)``, which extraction stores as layer `
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from object2brain.errors import ModelError
+from object2brain.errors import DataError, ModelError
 
 if TYPE_CHECKING:
     from object2brain.models.zoo import LoadedModel
@@ -71,6 +75,20 @@ def load_head(path: Path) -> tuple[nn.Linear, dict[str, Any]]:
 
 def attach_head(model: LoadedModel, path: Path) -> None:
     """Replace ``model``'s output layer by the valence head at ``path`` (in place)."""
+    linear, meta, layer = checked_head(model, path)
+    linear.requires_grad_(False)
+    model.module.set_submodule(layer, linear)
+    model.head = {**meta, "path": str(path.resolve()), "replaced_layer": layer}
+
+
+def checked_head(model: LoadedModel, path: Path) -> tuple[nn.Linear, dict[str, Any], str]:
+    """The head at ``path``, its sidecar and the layer of ``model`` it replaces, after checking
+    that it was trained for this architecture and these backbone weights and that its input
+    size matches that layer.
+
+    Raises:
+        ModelError: naming the file and what does not match.
+    """
     linear, meta = load_head(path)
     if meta.get("arch") not in (None, model.arch):
         raise ModelError(f"{path}: head was trained for {meta['arch']}, not {model.arch}")
@@ -93,9 +111,106 @@ def attach_head(model: LoadedModel, path: Path) -> None:
             f"{path}: head expects {linear.in_features} input features, "
             f"{model.arch}.{layer} gives {got}"
         )
-    linear.requires_grad_(False)
-    model.module.set_submodule(layer, linear)
-    model.head = {**meta, "path": str(path.resolve()), "replaced_layer": layer}
+    return linear, meta, layer
+
+
+#: File name of selection fold head ``k`` (next to ``head.safetensors``).
+FOLD_HEAD_PATTERN = "head.fold{k}.safetensors"
+
+
+def fold_head_name(k: int) -> str:
+    """``head.fold<k>.safetensors``."""
+    return FOLD_HEAD_PATTERN.format(k=k)
+
+
+@dataclass(frozen=True)
+class FoldHeads:
+    """The selection fold heads of one model, checked against it.
+
+    Attributes:
+        folder: where they were read.
+        heads: head ``k`` ``nn.Linear(in_features, 1)`` (no gradient), in fold order.
+        layer: the layer of the model they replace.
+        held_out: fold ``k``'s stimulus ids (never seen by head ``k``), in fold order.
+        paths: the head files, in fold order.
+    """
+
+    folder: Path
+    heads: tuple[nn.Linear, ...]
+    layer: str
+    held_out: tuple[tuple[str, ...], ...]
+    paths: tuple[Path, ...]
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.heads)
+
+    def fold_of(self, ids: Sequence[str]) -> np.ndarray:
+        """Fold ``(n,)`` int64 of every stimulus of ``ids``: the fold whose head held it out.
+
+        Raises:
+            DataError: a stimulus held out by no head (naming the folder and the first such id).
+        """
+        where = {sid: k for k, held in enumerate(self.held_out) for sid in held}
+        missing = [sid for sid in ids if sid not in where]
+        if missing:
+            raise DataError(
+                f"{self.folder}: stimulus {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f" is held out by none of the {self.n_folds} fold heads: they were fitted on "
+                "another stimulus set; train them on these stimuli (train-head --selection-folds)"
+            )
+        return np.asarray([where[sid] for sid in ids], dtype=np.int64)
+
+
+def load_fold_heads(model: LoadedModel, folder: Path) -> FoldHeads:
+    """Read ``folder``'s ``head.fold<k>.safetensors`` (``k = 0 .. K - 1``, K >= 2) and their
+    sidecars (``fold``, ``n_folds``, ``held_out``), each checked as :func:`checked_head`.
+
+    Raises:
+        ModelError: no fold heads, a gap in ``k``, a sidecar without ``held_out`` or with
+            another ``n_folds``, a stimulus held out by two heads, or a head that does not fit.
+    """
+    folder = Path(folder).expanduser()
+    paths: list[Path] = []
+    while (folder / fold_head_name(len(paths))).is_file():
+        paths.append(folder / fold_head_name(len(paths)))
+    if len(paths) < 2:
+        raise ModelError(
+            f"--fold-heads {folder}: needs head.fold0.safetensors, head.fold1.safetensors, ... "
+            f"(train-head --selection-folds K); found {len(paths)}"
+        )
+    heads, held, layers = [], [], set()
+    for path in paths:
+        linear, meta, layer = checked_head(model, path)
+        if "held_out" not in meta or meta.get("n_folds") != len(paths):
+            raise ModelError(
+                f"{sidecar_path(path)}: a fold head's sidecar needs held_out (its fold's "
+                f"stimulus ids) and n_folds = {len(paths)} (the fold heads found)"
+            )
+        linear.requires_grad_(False)
+        heads.append(linear.eval())
+        held.append(tuple(str(i) for i in meta["held_out"]))
+        layers.add(layer)
+    twice: set[str] = set()
+    seen: set[str] = set()
+    for ids in held:
+        twice |= seen & set(ids)
+        seen |= set(ids)
+    if twice:
+        raise ModelError(f"{folder}: stimulus {sorted(twice)[0]!r} is held out by two fold heads")
+    return FoldHeads(folder, tuple(heads), layers.pop(), tuple(held), tuple(paths))
+
+
+@contextmanager
+def swapped_head(model: LoadedModel, layer: str, head: nn.Module) -> Iterator[None]:
+    """``model.module`` with ``head`` in place of ``layer`` inside the block; restored after."""
+    original = model.module.get_submodule(layer)
+    model.module.set_submodule(layer, head.to(next(original.parameters()).device))
+    try:
+        yield
+    finally:
+        model.module.set_submodule(layer, original)
 
 
 def degenerate_reason(head_path: Path | str) -> str | None:

@@ -48,6 +48,7 @@ from object2brain.heads.fit import (
     RatedFeatures,
     cross_fitted_predictions,
     degeneracy,
+    fit_fold_heads,
     fit_head,
     per_level_metrics,
     predict,
@@ -189,12 +190,16 @@ class RatedSplit:
         split: ``stimulus_id, valence, level, split`` in stimulus order (the split file).
         folds: fold of every stimulus ``(n,)`` int64, or ``None`` without cross-fitting.
         n_folds: the number of folds ``K`` (0: no cross-fitting).
+        selection: selection fold of every stimulus ``(n,)`` int64
+            (:func:`~object2brain.data.splits.condition_folds`: stratified by condition, the
+            dissection's folds for the same stimuli and seed), or ``None``: no fold heads.
     """
 
     data: RatedImages
     split: pd.DataFrame
     folds: np.ndarray | None
     n_folds: int
+    selection: np.ndarray | None = None
 
     @property
     def assignment(self) -> np.ndarray:
@@ -218,7 +223,7 @@ def split_rated(
 ) -> RatedSplit:
     """The split file ``split`` matched to ``data``, or a new split (``options.fractions``,
     stratified by valence level), and the folds of ``options.folds(in_study=...)``."""
-    from object2brain.data.splits import load_split, make_folds, make_split
+    from object2brain.data.splits import condition_folds, load_split, make_folds, make_split
 
     ids = data.stimuli.ids
     if split is not None:
@@ -229,7 +234,12 @@ def split_rated(
     k = options.folds(in_study=in_study)
     within = frame["split"].to_numpy()
     folds = make_folds(data.valence, k, seed=seed, within=within) if k else None
-    return RatedSplit(data=data, split=frame, folds=folds, n_folds=k)
+    s = options.selection_folds or 0
+    if s > len(ids):
+        raise DataError(f"--selection-folds {s}: more folds than the {len(ids)} rated stimuli")
+    conditions = data.stimuli.conditions
+    selection = condition_folds(conditions, len(ids), s, seed=seed) if s else None
+    return RatedSplit(data=data, split=frame, folds=folds, n_folds=k, selection=selection)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +288,7 @@ def prepare_features(
     every batch (augmented training images, eval-transform validation and prediction).
     """
     from object2brain.devices import resolve_device
+    from object2brain.models.image_cache import ImageCache
     from object2brain.models.inputs import default_workers
 
     started = time.time()
@@ -285,12 +296,16 @@ def prepare_features(
     workers = options.num_workers
     if workers is None:
         workers = default_workers(len(stimuli), options.batch_size, device, min_batches=4)
+    images = None  # the decoded-image cache (not the feature store of ``options.cache``)
+    if options.image_cache is not None:
+        images = ImageCache(options.image_cache, loaded.preprocessing)
     if not uses_cache(options):
         train = BackboneFeatures(
-            loaded, stimuli, device=device, augment=options.augment, num_workers=workers
-        )
+            loaded, stimuli, device=device, augment=options.augment, num_workers=workers,
+            cache=images,
+        )  # fmt: skip
         evaluate = (
-            BackboneFeatures(loaded, stimuli, device=device, num_workers=workers)
+            BackboneFeatures(loaded, stimuli, device=device, num_workers=workers, cache=images)
             if options.augment
             else train
         )
@@ -307,6 +322,7 @@ def prepare_features(
             batch_size=options.batch_size,
             num_workers=workers,
             progress=runtime.progress,
+            cache=images,
         )
     source = CachedFeatures(features, device)
     sources = FeatureSources(source, source, int(features.shape[1]))
@@ -332,6 +348,8 @@ class HeadFit:
         seconds: features + fitting time.
         degenerate: why the head is degenerate (:func:`~.fit.degeneracy`), or ``None``; later
             stages skip a degenerate head's model.
+        fold_heads: the selection fold heads (fold ``k``'s fitted without the stimuli of
+            selection fold ``k``), empty without selection folds.
     """
 
     model: ModelFeatures
@@ -341,6 +359,7 @@ class HeadFit:
     out_of_fold: pd.DataFrame | None
     seconds: float
     degenerate: str | None = None
+    fold_heads: tuple[FitResult, ...] = ()
 
     @property
     def head(self) -> nn.Linear:
@@ -443,6 +462,11 @@ def compute_head(
             out_of_fold = cross_fitted_predictions(
                 features, rated.folds, rows["val"], options, seed=runtime.seed, device=device
             )
+        fold_heads: list[FitResult] = []
+        if rated.selection is not None:
+            fold_heads = fit_fold_heads(
+                features, rated.selection, rows["val"], options, seed=runtime.seed, device=device
+            )
     columns = {"stimulus_id": data.stimuli.ids, "valence": data.valence, "level": data.levels}
     predictions = pd.DataFrame({**columns, "split": rated.assignment, "predicted": predicted})[
         ["stimulus_id", "split", "valence", "level", "predicted"]
@@ -461,6 +485,7 @@ def compute_head(
         out_of_fold=oof_table,
         seconds=round(model.seconds + time.time() - started, 3),
         degenerate=degeneracy(fit, predicted[held_out], data.valence[held_out]),
+        fold_heads=tuple(fold_heads),
     )
 
 

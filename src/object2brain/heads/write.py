@@ -11,6 +11,8 @@ Files under the output folder ``<out>``::
     <model>/metrics.json           regression metrics per split and level, training history
     <model>/predictions.csv        stimulus_id, split, valence, level, predicted
     <model>/out_of_fold.csv        stimulus_id, fold, valence, level, predicted (cross-fitting)
+    <model>/head.fold<k>.safetensors  selection fold head k (fitted without selection fold k)
+    <model>/head.fold<k>.json      its sidecar: fold, n_folds, held_out (fold k's stimulus ids)
     <model>/features.h5            the feature store (written while computing, see .features)
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from object2brain.heads.io import save_head, sidecar_path
+from object2brain.heads.io import fold_head_name, save_head, sidecar_path
 from object2brain.heads.train import OUT_OF_FOLD_NAME, HeadFit, HeadsResult, json_ready, uses_cache
 
 log = logging.getLogger("object2brain.heads")
@@ -133,8 +135,47 @@ def write_head(fit: HeadFit, result: HeadsResult, out: Path, split_path: Path) -
         written.append(_write_csv(fit.out_of_fold, folder / OUT_OF_FOLD_NAME))
     written.append(_write_csv(fit.predictions, folder / PREDICTIONS_NAME))
     written.append(write_json(folder / METRICS_NAME, fit.metrics))
-    head_path = save_head(fit.head, folder / HEAD_NAME, head_metadata(fit, result, split_path))
-    return [*written, head_path, sidecar_path(head_path)]
+    metadata = head_metadata(fit, result, split_path)
+    head_path = save_head(fit.head, folder / HEAD_NAME, metadata)
+    return [
+        *written,
+        head_path,
+        sidecar_path(head_path),
+        *write_fold_heads(fit, result, metadata, folder),
+    ]
+
+
+def write_fold_heads(
+    fit: HeadFit, result: HeadsResult, metadata: dict[str, Any], folder: Path
+) -> list[Path]:
+    """The selection fold heads of one model (``head.fold<k>.safetensors`` + sidecar): the main
+    head's sidecar ``metadata`` with ``fold``, ``n_folds``, ``held_out`` (the ids of fold
+    ``k``'s stimuli, never trained on), ``best_epoch`` and ``epochs_run`` of that head, in
+    ``folder`` (the model's folder). Fold
+    heads of an earlier run are removed first (they would no longer match this split)."""
+    for stale in folder.glob("head.fold*.*"):
+        stale.unlink()
+    selection = result.rated.selection
+    if selection is None or not fit.fold_heads:
+        return []
+    ids = list(result.rated.data.stimuli.ids)
+    written: list[Path] = []
+    n_folds = len(fit.fold_heads)
+    for k, head_fit in enumerate(fit.fold_heads):
+        held_out = [sid for sid, f in zip(ids, selection, strict=True) if f == k]
+        entry = dict(metadata) | {
+            "fold": k,
+            "n_folds": n_folds,
+            "held_out": held_out,
+            "best_epoch": head_fit.best_epoch,
+            "epochs_run": len(head_fit.history),
+            "fold_definition": "condition_folds (stratified by condition), seed "
+            f"{result.runtime.seed}",
+        }
+        entry.pop("metrics", None)  # the main head's
+        path = save_head(head_fit.head, folder / fold_head_name(k), json_ready(entry))
+        written += [path, sidecar_path(path)]
+    return written
 
 
 def _manifest(
@@ -163,6 +204,9 @@ def _manifest(
         "augment": options.augment,
         "cache": uses_cache(options),
         "cross_fit": result.rated.n_folds,
+        "selection_folds": 0
+        if result.rated.selection is None
+        else int(result.rated.selection.max()) + 1,
         **{k: getattr(options, k) for k in ("epochs", "patience", "lr", "weight_decay")},
         "batch_size": options.batch_size,
         "device": record.device,

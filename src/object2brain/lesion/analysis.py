@@ -52,16 +52,15 @@ from object2brain.data.splits import condition_folds
 from object2brain.data.stimuli import parse_booleans, read_table
 from object2brain.devices import Chunking, resolve_device
 from object2brain.errors import DataError, ModelError, listing, require_columns
+from object2brain.executors import Executor, executor_for
 from object2brain.lesion.engine import (
     FilterStats,
     alignment_bins,
     condensed_subset,
     filter_norms,
-    matched_subset_masks,
     norm_strata,
-    random_subset_masks,
-    swap_subset_masks,
 )
+from object2brain.lesion.nulls import NullJob, NullRequest, request_masks, run_nulls
 from object2brain.lesion.propagate import propagate_layer
 from object2brain.models.zoo import LoadedModel
 from object2brain.options import LesionOptions, Runtime
@@ -100,10 +99,66 @@ class LesionResult:
 
 @dataclass(frozen=True)
 class FilterTable:
-    """A ``filter_objects`` table (the dissection's filter-to-group assignment) and its origin."""
+    """A ``filter_objects`` table (the dissection's filter-to-group assignment) and its origin;
+    ``folds``: the dissection's selection folds (``stimulus_id, fold``, its ``folds.csv``) read
+    from ``folds_where``, or ``None`` when not known."""
 
     frame: pd.DataFrame
     where: str = "filter table"
+    folds: pd.DataFrame | None = None
+    folds_where: str = ""
+
+
+#: The dissection's record of its selection folds, next to its ``filter_objects`` table.
+FOLDS_FILE = "folds.csv"
+
+
+def load_fold_definition(path: str | Path) -> pd.DataFrame:
+    """A dissection's ``folds.csv`` (``stimulus_id, fold``; ids exactly as written).
+
+    Raises:
+        DataError: unreadable, missing columns, duplicate ids or non-integer folds.
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={"stimulus_id": str}, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise DataError(f"{path}: cannot be read as a selection fold file ({exc})") from None
+    require_columns(frame.columns, ("stimulus_id", "fold"), str(path))
+    folds = pd.to_numeric(frame["fold"], errors="coerce")
+    if folds.isna().any() or (folds < 0).any() or not np.allclose(folds, folds.round()):
+        raise DataError(f"{path}: column fold must hold fold numbers 0, 1, ...")
+    duplicated = frame["stimulus_id"][frame["stimulus_id"].duplicated()]
+    if len(duplicated):
+        raise DataError(f"{path}: stimulus_id {duplicated.iloc[0]!r} is listed twice")
+    return pd.DataFrame({"stimulus_id": frame["stimulus_id"], "fold": folds.astype(np.int64)})
+
+
+def recorded_folds(filters: FilterTable, ids: Sequence[str], k: int) -> np.ndarray:
+    """The selection fold ``(n,)`` of every analysed stimulus ``ids`` as the dissection recorded
+    it (``filters.folds``): the lesion measures fold ``k``'s groups on exactly the stimuli the
+    dissection held out of fold ``k``'s selection.
+
+    Raises:
+        DataError: naming the fold file and the first analysed stimulus it does not hold (the
+            dissection saw other stimuli), or another number of folds than ``k``.
+    """
+    assert filters.folds is not None
+    where = filters.folds_where or "the dissection's selection folds"
+    fold_of = dict(
+        zip(filters.folds["stimulus_id"].astype(str), filters.folds["fold"], strict=True)
+    )
+    missing = [sid for sid in ids if sid not in fold_of]
+    if missing:
+        raise DataError(
+            f"{where}: the lesion measures stimulus {missing[0]!r}, which the dissection's "
+            f"selection folds do not hold ({len(missing)} such stimuli): the groups were chosen "
+            "on other stimuli; dissect the stimuli the lesion analyses"
+        )
+    n_folds = int(filters.folds["fold"].max()) + 1
+    if n_folds != k:
+        raise DataError(f"{where}: {n_folds} selection folds, but --selection-folds {k}")
+    return np.asarray([fold_of[sid] for sid in ids], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -173,16 +228,23 @@ def group_filters(
     return groups
 
 
-def load_filter_table(source: str | Path | pd.DataFrame) -> FilterTable:
-    """Read a ``filter_objects`` table and check its columns."""
+def load_filter_table(
+    source: str | Path | pd.DataFrame, folds: str | Path | None = None
+) -> FilterTable:
+    """Read a ``filter_objects`` table and check its columns; with it the dissection's
+    selection folds: ``folds``, else the :data:`FOLDS_FILE` next to a table file, if any."""
     frame = source.copy() if isinstance(source, pd.DataFrame) else read_table(Path(source))
     where = "filter table" if isinstance(source, pd.DataFrame) else str(source)
+    if folds is None and not isinstance(source, pd.DataFrame):
+        beside = Path(source).parent / FOLDS_FILE
+        folds = beside if beside.is_file() else None
+    definition = None if folds is None else load_fold_definition(folds)
     require_columns(frame.columns, FILTER_COLUMNS, where, detail=" of a filter_objects table")
     if frame.empty:
         raise DataError(f"{where}: the filter table has no rows")
     frame["assigned"] = parse_booleans(frame["assigned"], where, "assigned")
     _refuse_double_assignment(frame, where)
-    return FilterTable(frame, where)
+    return FilterTable(frame, where, definition, "" if folds is None else str(folds))
 
 
 def _refuse_double_assignment(frame: pd.DataFrame, where: str) -> None:
@@ -223,15 +285,19 @@ def compute_lesion(
     runtime: Runtime,
     *,
     model: LoadedModel | None = None,
+    executor: Executor | None = None,
 ) -> LesionResult:
     """Lesion / keep-only analysis of every object group of every store (module docstring).
 
     ``analyses[i]`` is the analysis set of ``stores[i]`` (the same object for stores of the same
     stimuli). With ``options.propagate``, ``model`` is re-run with each group's filters zeroed
-    inside the forward pass (its analysis set must hold the stimulus images). Pure: reads the
-    stores, writes nothing.
+    inside the forward pass (its analysis set must hold the stimulus images). ``executor``:
+    where the chunks of null subsets and permutations run (default: the one of
+    ``runtime.executor``); the table is the same for every executor and number of workers.
+    Pure: reads the stores, writes nothing.
     """
     device = resolve_device(runtime.device)
+    executor = executor or executor_for(runtime)
     rows: list[dict[str, Any]] = []
     behavior: list[pd.DataFrame] = []
     later: list[pd.DataFrame] = []
@@ -242,7 +308,9 @@ def compute_lesion(
             task = load_layer(store, layer, name, filters, analysis.ids, options.groups, device)
             task, note = with_selection(task, filters, analysis, options, runtime.seed)
             notes += [note] if note else []
-            rows += lesion_layer(task, analysis, options, seed=runtime.seed, device=device)
+            rows += lesion_layer(
+                task, analysis, options, seed=runtime.seed, device=device, executor=executor
+            )
             if options.propagate:
                 assert model is not None  # checked by the caller
                 parts = propagate_layer(
@@ -338,7 +406,17 @@ def with_selection(
         )
         wanted_groups = options.groups or list(members)
         fold_groups.append({g: members[g] for g in wanted_groups if g in members})
-    fold_of = selection_folds(analysis, k, seed)
+    if filters.folds is not None:
+        fold_of = recorded_folds(filters, analysis.ids, k)
+    else:
+        log.warning(
+            "%s: no record of the dissection's selection folds (%s): the folds are drawn again "
+            "from the analysed stimuli, which matches the dissection only if it dissected these "
+            "stimuli (same ids, order, conditions) with the same seed",
+            filters.where,
+            FOLDS_FILE,
+        )
+        fold_of = selection_folds(analysis, k, seed)
     return replace(task, folds=fold_of, fold_groups=tuple(fold_groups)), ""
 
 
@@ -470,6 +548,19 @@ class _Scorer:
         chunks = Chunking(size).run(len(masks), chunk_r, device=self.device)
         return self.columns.with_group(np.concatenate([r for _, _, r in chunks]))
 
+    def on_cpu(self) -> _Scorer:
+        """A copy on the CPU (for an executor's workers), without the targets' full RDMs
+        (``columns.rdms``: the scorer uses only its prepared ``target``)."""
+        combine = self.columns.combine
+        columns = replace(
+            self.columns,
+            rdms=self.columns.rdms[:0].cpu(),
+            combine=None if combine is None else combine.cpu(),
+        )
+        cpu = torch.device("cpu")
+        return replace(self, stats=self.stats.to(cpu), target=self.target.cpu(),
+                       columns=columns, device=cpu)  # fmt: skip
+
     def prepared(self, mask: np.ndarray) -> torch.Tensor:
         """The prepared condensed RDM ``(m,)`` of one subset (NaN when silent: no r, no p)."""
         rdm = self.stats.rdms(mask[None], self.metric, device=self.device, strict=False)
@@ -530,6 +621,7 @@ def lesion_layer(
     *,
     seed: int,
     device: torch.device,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the ``object2brain`` table of one layer (the ``*_fdr`` columns not yet filled):
     every group x variant x target column x analysed condition of ``analysis``.
@@ -552,14 +644,15 @@ def lesion_layer(
             )
             continue
         per_part = [
-            _part_estimates(task, analysis, part, options, seed, linear, device) for part in parts
+            _part_estimates(task, analysis, part, options, seed, linear, device, executor)
+            for part in parts
         ]
         columns = analysis.columns(group_rdm=False)
         common = {"model": task.model, "layer": task.layer, "condition": condition.name}
         if selection == "same":
             scorer = _Scorer.of(task, analysis, condition.rows, options, device)
             estimates = per_part[0]
-            p_perm = _label_permutation_p(scorer, estimates, options.n_perm, seed, linear)
+            p_perm = _label_permutation_p(scorer, estimates, options.n_perm, seed, linear, executor)
         else:
             estimates = _combine(parts, per_part)
             p_perm = np.stack([_perm_p(e) for e in estimates]) if estimates else np.zeros((0,))
@@ -593,9 +686,11 @@ def _part_estimates(
     seed: int,
     linear: bool,
     device: torch.device,
+    executor: Executor | None = None,
 ) -> list[_Estimate]:
     """r, delta and the null draws of every group and variant of one part. Null subsets of
-    the same variant, size (and cell counts) are drawn once and shared between groups."""
+    the same variant, size (and cell counts) are drawn once and shared between groups. The
+    nulls' chunks run on ``executor`` (:mod:`object2brain.lesion.nulls`)."""
     scorer = _Scorer.of(task, analysis, part.test, options, device)
     K = task.stats.n_filters
     r_full = scorer.correlations(np.ones((1, K), dtype=bool))[0]
@@ -605,8 +700,8 @@ def _part_estimates(
         chooser = _Scorer.of(task, analysis, part.select, options, device)
         alignment = chooser.alignment()
     shift = 0 if task.folds is None else 100_003 * (part.index + 1)
-    nulls: dict[tuple[Any, ...], np.ndarray] = {}
-    estimates = []
+    requests: dict[tuple[Any, ...], NullRequest] = {}
+    pending = []
     for group, filters in part.groups.items():
         group_strata = None
         if options.null_subsets == "matched":  # norms of all stimuli, as before cross-fitting
@@ -617,87 +712,86 @@ def _part_estimates(
             mask[filters] = variant == "keep"
             r_variant = scorer.correlations(mask[None])[0]
             key = ("random", variant, len(filters), counts)
-            if options.n_null and key not in nulls:
-                draws = _null_draws(
-                    K, filters, group_strata, options.n_null, seed + len(filters) + shift
-                )
-                nulls[key] = scorer.correlations(~draws if variant == "lesion" else draws)
-            null_group = None
+            if options.n_null and key not in requests:
+                requests[key] = NullRequest(
+                    "random", seed + len(filters) + shift, options.n_null, K, filters,
+                    variant == "lesion", strata=group_strata,
+                )  # fmt: skip
+            keys: list[tuple[Any, ...]] = [key] if options.n_null else []
             if alignment is not None:
-                null_group = _group_null(
-                    scorer,
-                    norms,
-                    alignment,
-                    filters,
-                    variant,
-                    options.n_group_null,
-                    seed + len(filters) + shift,
-                )
-            perm = None
+                keys.append(("group", group, variant))
+                requests |= _group_requests(
+                    scorer, norms, alignment, filters, variant == "lesion",
+                    options.n_group_null, seed + len(filters) + shift, keys[-1],
+                )  # fmt: skip
             if linear and task.folds is not None:
-                perm = _permutation_null(scorer, mask, r_full, options.n_perm, seed + shift)
-            estimates.append(
-                _Estimate(
-                    group,
-                    float(len(filters)),
-                    variant,
-                    mask,
-                    r_full,
-                    r_variant,
-                    r_variant - r_full,
-                    nulls[key] - r_full[None] if key in nulls else None,
-                    null_group,
-                    perm,
-                )
+                keys.append(("perm", group, variant))
+                requests[keys[-1]] = NullRequest(
+                    "perm", seed + shift, options.n_perm, K, filters, variant == "lesion",
+                    mask=mask,
+                )  # fmt: skip
+            pending.append((group, filters, variant, mask, r_variant, keys))
+    stage = f"lesion {task.model}/{task.layer} nulls"
+    drawn = run_nulls(NullJob(scorer, r_full), list(requests.values()), executor, stage=stage)
+    nulls = _assembled(requests, drawn)
+    estimates = []
+    for group, filters, variant, mask, r_variant, keys in pending:
+        estimates.append(
+            _Estimate(
+                group,
+                float(len(filters)),
+                variant,
+                mask,
+                r_full,
+                r_variant,
+                r_variant - r_full,
+                nulls.get(keys[0]) if options.n_null else None,
+                nulls.get(("group", group, variant)),
+                nulls.get(("perm", group, variant)),
             )
+        )
     return estimates
 
 
-def _group_null(
+def _group_requests(
     scorer: _Scorer,
     norms: np.ndarray,
     alignment: np.ndarray,
     filters: np.ndarray,
-    variant: str,
+    lesion: bool,
     n_draws: int,
     seed: int,
-) -> np.ndarray:
-    """``delta_r`` ``(M, Q + G)`` of ``n_draws`` filter subsets matched to the group, per
-    target, filter by filter on norm (a caliper) and single-filter alignment (quantile bins,
-    :func:`~object2brain.lesion.engine.swap_subset_masks`): each target's columns get the draws
-    matched on the alignment with that target."""
-    r_full = scorer.correlations(np.ones((1, scorer.stats.n_filters), dtype=bool))[0]
-    out = np.full((n_draws, len(scorer.columns.labels)), np.nan)
+    key: tuple[Any, ...],
+) -> dict[tuple[Any, ...], NullRequest]:
+    """The nulls of ``p_group``: per target ``t``, ``n_draws`` filter subsets matched to the
+    group filter by filter on norm (a caliper) and single-filter alignment with ``t`` (quantile
+    bins, :func:`~object2brain.lesion.engine.swap_subset_masks`; root seed
+    ``seed + 7919 (t + 1)``), scored on ``t``'s columns (keys ``(*key, t)``)."""
     owners = np.asarray(scorer.columns.owner)
+    out = {}
     for t, target in enumerate(sorted(set(scorer.columns.owner))):
         bins = alignment_bins(alignment[:, t], filters)
-        draws = swap_subset_masks(norms, bins, filters, n_draws, seed=seed + 7_919 * (t + 1))
-        r = scorer.correlations(~draws if variant == "lesion" else draws)
-        own = owners == target
-        out[:, own] = r[:, own] - r_full[None, own]
+        out[(*key, t)] = NullRequest(
+            "group", seed + 7_919 * (t + 1), n_draws, scorer.stats.n_filters, filters, lesion,
+            norms=norms, bins=bins, own=owners == target,
+        )  # fmt: skip
     return out
 
 
-def _permutation_null(
-    scorer: _Scorer, mask: np.ndarray, r_full: np.ndarray, n_perm: int, seed: int
-) -> np.ndarray:
-    """``delta_r`` ``(P, Q + G)`` of one subset against the targets with their stimulus labels
-    permuted (``P = n_perm`` permutations of the part's stimuli, drawn from ``seed``): the
-    dot product of the prepared variant-minus-full difference with the permuted targets."""
-    full = scorer.prepared(np.ones(scorer.stats.n_filters, dtype=bool))
-    difference = (scorer.prepared(mask) - full).cpu().numpy()
-    target = scorer.target.cpu().numpy()
-    n = scorer.stats.n_stimuli
-    square = np.zeros((n, n), dtype=np.int64)
-    i, j = np.triu_indices(n, k=1)
-    square[i, j] = square[j, i] = np.arange(len(i))
-    rng = np.random.default_rng([seed, n])
-    out = np.empty((n_perm, target.shape[0]))
-    for p in range(n_perm):
-        order = rng.permutation(n)
-        out[p] = target[:, square[order[i], order[j]]] @ difference
-    del r_full
-    return scorer.columns.with_group(out)
+def _assembled(
+    requests: dict[tuple[Any, ...], NullRequest], drawn: list[np.ndarray]
+) -> dict[tuple[Any, ...], np.ndarray]:
+    """Nulls by key; the per-target ``group`` nulls ``(*key, t)`` merged into one ``(M, Q + G)``
+    array under ``key`` (each target's columns ``own`` from its own draws)."""
+    nulls: dict[tuple[Any, ...], np.ndarray] = {}
+    for (key, request), values in zip(requests.items(), drawn, strict=True):
+        if request.kind != "group":
+            nulls[key] = values
+            continue
+        assert request.own is not None
+        merged = nulls.setdefault(key[:-1], np.full_like(values, np.nan))
+        merged[:, request.own] = values[:, request.own]
+    return nulls
 
 
 def _combine(parts: list[_Part], per_part: list[list[_Estimate]]) -> list[_Estimate]:
@@ -750,17 +844,13 @@ def _perm_p(estimate: _Estimate) -> np.ndarray:
     return np.where(np.isfinite(estimate.delta), p, np.nan)
 
 
-def _null_draws(
-    K: int, filters: np.ndarray, strata: np.ndarray | None, n_null: int, seed: int
-) -> np.ndarray:
-    """``(n_null, K)`` random subsets of the group's size: uniform, or norm-matched."""
-    if strata is None:
-        return random_subset_masks(K, len(filters), n_null, seed=seed)
-    return matched_subset_masks(strata, filters, n_null, seed=seed)
-
-
 def _label_permutation_p(
-    scorer: _Scorer, estimates: list[_Estimate], n_perm: int, seed: int, linear: bool
+    scorer: _Scorer,
+    estimates: list[_Estimate],
+    n_perm: int,
+    seed: int,
+    linear: bool,
+    executor: Executor | None = None,
 ) -> np.ndarray:
     """Two-sided ``p_perm`` ``(E, Q + G)`` of every estimate's ``delta_r``.
 
@@ -778,7 +868,7 @@ def _label_permutation_p(
     for first in range(0, len(masks), block):
         differences = torch.stack([scorer.prepared(m) - full for m in masks[first : first + block]])
         p_perm[first : first + len(differences)] = linear_permutation_test(
-            differences, scorer.target, n_perm, seed, scorer.columns.combine
+            differences, scorer.target, n_perm, seed, scorer.columns.combine, executor=executor
         ).p
     return p_perm
 
@@ -793,6 +883,7 @@ def _rows(
 ) -> list[dict[str, Any]]:
     p_null, z_null = _null_stats(estimate.delta, estimate.null_random)
     p_group, _ = _null_stats(estimate.delta, estimate.null_group)
+    null_low, null_high = null_interval(estimate.null_random, len(estimate.delta))
     return [
         common
         | {
@@ -807,6 +898,8 @@ def _rows(
             "p_null": p_null[c],
             "z_null": z_null[c],
             "n_null": options.n_null,
+            "null_low": null_low[c],
+            "null_high": null_high[c],
             "p_perm": p_labels[c],
             "n_perm": options.n_perm if linear else 0,
             "p_group": p_group[c],
@@ -852,6 +945,25 @@ def _null_stats(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray,
 # --- shared with the encoding lesion (object2brain.lesion.encoding) -----------------------
 
 
+#: Quantiles of the null of ``delta_r`` reported as ``null_low`` and ``null_high``.
+NULL_QUANTILES = (0.025, 0.975)
+
+
+def null_interval(null: np.ndarray | None, n_columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """``null_low`` and ``null_high`` ``(T,)``: the 2.5% and 97.5% quantiles (numpy's linear
+    interpolation) of each column's finite null draws of ``delta_r`` ``(N, T)``; NaN where a
+    column has none or no null was drawn. The central 95% of the draws a ``delta_r`` is
+    compared with by ``p_null``."""
+    if null is None or len(null) == 0:
+        nan = np.full(n_columns, np.nan)
+        return nan, nan.copy()
+    values = np.where(np.isfinite(null), null, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN, as wanted
+        low, high = np.nanquantile(values, NULL_QUANTILES, axis=0)
+    return np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+
+
 def layers_to_lesion(
     store: ActivationStore, table: pd.DataFrame, model: str, layers: Sequence[str] | None
 ) -> list[str]:
@@ -869,10 +981,14 @@ def null_subset_masks(
     variant: str,
 ) -> np.ndarray:
     """The null filter subsets ``(n_null, K)`` (True = filter kept) of one group and variant,
-    drawn exactly as the RSA lesion draws them (seed ``seed + group size``; uniform, or
-    norm-matched with ``strata``), so both analyses test against the same subsets."""
-    draws = _null_draws(n_filters, filters, strata, n_null, seed + len(filters))
-    return ~draws if variant == "lesion" else draws
+    drawn exactly as the RSA lesion draws them (root seed ``seed + group size``, in chunks of
+    :data:`~object2brain.lesion.nulls.NULL_CHUNK`; uniform, or norm-matched with ``strata``),
+    so both analyses test against the same subsets."""
+    request = NullRequest(
+        "random", seed + len(filters), n_null, n_filters, filters, variant == "lesion",
+        strata=strata,
+    )  # fmt: skip
+    return request_masks(request)
 
 
 def null_p_z(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

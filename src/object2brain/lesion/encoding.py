@@ -58,11 +58,13 @@ from object2brain.devices import resolve_device
 from object2brain.encoding.folds import outer_folds
 from object2brain.encoding.ridge import RidgeFit, fit_ridge_cv
 from object2brain.errors import DataError
+from object2brain.executors import Executor, LocalExecutor, executor_for
 from object2brain.lesion.analysis import (
     FilterTable,
     LayerFilters,
     layers_to_lesion,
     load_layer,
+    null_interval,
     null_p_z,
     null_subset_masks,
     store_model,
@@ -112,15 +114,20 @@ def compute_encoding_lesion(
     options: LesionOptions,
     encode: EncodeOptions,
     runtime: Runtime,
+    *,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """``object2brain`` rows (``analysis = encoding``) of every store, layer, group, variant,
-    ROI and condition (module docstring); ``p_fdr`` filled, ``p_perm`` NaN.
+    ROI and condition (module docstring); ``p_fdr`` filled, ``p_perm`` NaN. Each ROI's fit and
+    subset predictions run as one task of ``executor`` (default: the executor of
+    ``runtime.executor``); the rows are the same for every executor and number of workers.
 
     Raises:
         DataError: a reduction in ``encode``, a projected store layer, a layer without filters,
             and the encoding checks (fewer stimuli than folds, NaN or constant voxels, ...).
     """
     device = resolve_device(runtime.device)
+    executor = executor or executor_for(runtime)
     labels = None if data.conditions is None else np.asarray(data.conditions, dtype=object)
     folds = outer_folds(len(data.ids), encode.folds, seed=runtime.seed, conditions=labels)
     rows: list[dict[str, Any]] = []
@@ -131,7 +138,9 @@ def compute_encoding_lesion(
         for layer in layers:
             task = load_layer(store, layer, name, filters, data.ids, options.groups, device)
             features = _layer_features(store, layer, data.ids, task.stats.n_filters)
-            rows += _layer_rows(task, features, data, folds, labels, options, encode, runtime)
+            rows += _layer_rows(
+                task, features, data, folds, labels, options, encode, runtime, executor
+            )
     frame = pd.DataFrame(rows, columns=[*OBJECT2BRAIN.column_names])
     return with_fdr(
         frame, ["model", "layer", "variant", "condition", "subject"], [("p_null", "p_fdr")]
@@ -278,6 +287,33 @@ def _pearson(y: np.ndarray, predictions: np.ndarray) -> np.ndarray:
         return np.asarray(np.einsum("nv,mnv->mv", yc, pc) / norm)
 
 
+@dataclass(frozen=True)
+class _RoiJob:
+    """What the task of every ROI of a layer shares (an executor's shared object): the layer's
+    features ``(n, C, positions)``, outer folds ``(n,)``, subset masks ``(M, C)`` and condition
+    masks ``(n,)``."""
+
+    layer: str
+    features: np.ndarray
+    folds: np.ndarray
+    masks: np.ndarray
+    conditions: list[np.ndarray]
+    encode: EncodeOptions
+    seed: int
+
+
+def roi_scores(job: _RoiJob, roi: tuple[RoiKey, np.ndarray]) -> np.ndarray:
+    """Mean r ``(M, conditions)`` of every subset's out-of-fold predictions of one ROI
+    ``(key, responses (n, v))``: its encoding model fitted, then every subset predicted (one
+    executor task; the same numbers wherever it runs)."""
+    key, y = roi
+    try:
+        fit = _fit(job.features, y, job.folds, job.encode, job.seed)
+    except DataError as exc:
+        raise DataError(f"layer {job.layer}, ROI {key[0]}/{key[1]}: {exc}") from None
+    return subset_mean_r(fit, job.features, y, job.masks, job.conditions)
+
+
 def _layer_rows(
     task: LayerFilters,
     features: np.ndarray,
@@ -287,17 +323,20 @@ def _layer_rows(
     options: LesionOptions,
     encode: EncodeOptions,
     runtime: Runtime,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of one layer: every ROI (and target group) x condition x group x variant."""
+    """Rows of one layer: every ROI (and target group) x condition x group x variant; each
+    ROI's fit and predictions one task of ``executor`` (:func:`roi_scores`)."""
     subsets = _subset_masks(task, options, runtime.seed)
     conditions = _condition_masks(labels, len(data.ids))
-    scores: dict[RoiKey, np.ndarray] = {}  # (M, conditions) mean r of every subset
-    for roi, y in data.responses.items():
-        try:
-            fit = _fit(features, y, folds, encode, runtime.seed)
-        except DataError as exc:
-            raise DataError(f"layer {task.layer}, ROI {roi[0]}/{roi[1]}: {exc}") from None
-        scores[roi] = subset_mean_r(fit, features, y, subsets.masks, [m for _, m in conditions])
+    job = _RoiJob(task.layer, features, folds, subsets.masks, [m for _, m in conditions],
+                  encode, runtime.seed)  # fmt: skip
+    items = list(data.responses.items())
+    found = (executor or LocalExecutor()).map_chunks(
+        roi_scores, items, stage=f"lesion encoding {task.model}/{task.layer}", shared=job
+    )
+    # (M, conditions) mean r of every subset
+    scores: dict[RoiKey, np.ndarray] = {roi: r for (roi, _), r in zip(items, found, strict=True)}
     scores |= _group_scores(scores)
     rows: list[dict[str, Any]] = []
     for j, (condition, _) in enumerate(conditions):
@@ -309,6 +348,7 @@ def _layer_rows(
             null_slice = subsets.null_rows.get(key)
             null = None if null_slice is None else table[null_slice] - full[None]
             p, z = null_p_z(delta, null)
+            low, high = null_interval(null, len(delta))
             for t, (target, subject) in enumerate(rois):
                 rows.append(
                     {
@@ -327,6 +367,8 @@ def _layer_rows(
                         "p_null": p[t],
                         "z_null": z[t],
                         "n_null": options.n_null,
+                        "null_low": low[t],
+                        "null_high": high[t],
                         "p_perm": np.nan,
                         "p_perm_fdr": np.nan,
                         "n_perm": 0,

@@ -381,10 +381,16 @@ def norm_strata(
 
 
 def matched_subset_masks(
-    strata: np.ndarray, members: Sequence[int] | np.ndarray, n_subsets: int, *, seed: int
+    strata: np.ndarray,
+    members: Sequence[int] | np.ndarray,
+    n_subsets: int,
+    *,
+    seed: int | Sequence[int],
 ) -> np.ndarray:
     """``(n_subsets, K)`` bool masks drawn like ``members`` stratum by stratum: as many filters
-    from each stratum as ``members`` has there, uniformly within it (seeded)."""
+    from each stratum as ``members`` has there, uniformly within it (stratum ``b`` from the
+    seed words ``[*seed, b]``)."""
+    words = [seed] if isinstance(seed, int | np.integer) else list(seed)
     n_filters = len(strata)
     masks = np.zeros((n_subsets, n_filters), dtype=bool)
     counts = np.bincount(
@@ -394,7 +400,7 @@ def matched_subset_masks(
         if count:
             pool = np.flatnonzero(strata == stratum)
             masks |= random_subset_masks(
-                n_filters, int(count), n_subsets, seed=[seed, stratum], pool=pool
+                n_filters, int(count), n_subsets, seed=[*words, stratum], pool=pool
             )
     return masks
 
@@ -434,7 +440,7 @@ def swap_subset_masks(
     members: Sequence[int] | np.ndarray,
     n_subsets: int,
     *,
-    seed: int,
+    seed: int | Sequence[int],
     caliper: float = NORM_CALIPER,
 ) -> np.ndarray:
     """``(n_subsets, K)`` bool masks of subsets matched to ``members`` filter by filter.

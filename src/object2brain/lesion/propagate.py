@@ -31,7 +31,8 @@ from torch import nn
 from object2brain.data.stimuli import StimulusSet
 from object2brain.errors import DataError, LayerError
 from object2brain.lesion.engine import condensed_subset
-from object2brain.models.inputs import image_loader, model_inputs
+from object2brain.models.image_cache import ImageCache
+from object2brain.models.inputs import image_batches
 from object2brain.models.layers import VALENCE_LAYER, ForwardHooks, LayerRecorder
 from object2brain.models.zoo import LoadedModel
 from object2brain.options import LesionOptions
@@ -78,16 +79,20 @@ def forward_with_mask(
     *,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    cache: ImageCache | None = None,
 ) -> dict[str, np.ndarray]:
     """Activations ``{name: (n, ...)}`` of ``record`` (and ``valence`` with a head) under ``mask``.
 
     ``mask`` ``(K,)`` is 1 for filters of ``layer`` that are kept and 0 for lesioned ones.
+    ``cache``: the decoded-image cache (images held there are not decoded again; the inputs are
+    bit for bit those without it).
     """
     device = torch.device(device)
     names = [name for name in record if name != VALENCE_LAYER]
     ids = stimuli.ids
-    loader = image_loader(stimuli.paths, ids, model.preprocessing, device=device,
-                          batch_size=batch_size, num_workers=0, on_device_decode=False)  # fmt: skip
+    batches = image_batches(stimuli.paths, ids, model.preprocessing, device=device,
+                            batch_size=batch_size, num_workers=0, on_device_decode=False,
+                            cache=cache)  # fmt: skip
     network = model.module.to(device).eval()
     blocks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     valence: list[np.ndarray] = []
@@ -96,8 +101,7 @@ def forward_with_mask(
         LayerRecorder(network, names) as recorder,
         torch.inference_mode(),
     ):
-        for batch in loader:
-            _, inputs = model_inputs(batch, model.preprocessing, device, ids)
+        for _, inputs in batches:
             recorder.reset()
             output = network(inputs)
             for name in names:
@@ -169,6 +173,8 @@ class _Downstream:
         acts = forward_with_mask(
             self.model, stimuli, self.layer, mask, record,
             batch_size=self.options.batch_size, device=self.device,
+            cache=None if self.options.image_cache is None
+            else ImageCache(self.options.image_cache, self.model.preprocessing),
         )  # fmt: skip
         return self._behavior(acts), self._alignment(acts)
 

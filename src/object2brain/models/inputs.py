@@ -10,14 +10,17 @@ runs a network on stimuli (extraction, head features, dissection and its gallery
 
   - ``pil``: loader workers decode with Pillow (:func:`~object2brain.data.images.load_image`)
     and hand over uint8 pixels; the compute device normalises them
-    (:meth:`~object2brain.models.zoo.Preprocessing.normalize`);
+    (:meth:`~object2brain.models.zoo.Preprocessing.normalize`); without workers the next batch
+    is decoded on a thread (:func:`read_ahead`) while the network runs on this one;
   - ``torch`` (or ``auto`` = ``torch`` on CUDA): plain JPEG files (:func:`is_plain_jpeg`) travel
     as bytes and are decoded on the compute device (nvJPEG on CUDA), then resized (antialiased,
     rounded to 8 bits like Pillow), centre-cropped and normalised there; every other file goes
     through Pillow exactly as above. The two paths differ by about one 8-bit level per pixel.
 
 - datasets: :class:`ImageDataset` (Pillow), :class:`EncodedImageDataset` (bytes or Pillow) and
-  the worker count :func:`default_workers`.
+  the worker count :func:`default_workers`; :func:`pixel_dataset` + :func:`remember_pixels`: the
+  Pillow-pixels dataset with the decoded-image cache, for stages with their own loader (the
+  train-head feature pass).
 
 A "path" may also be a row of an HDF5 image array (``FILE#ROW``, ``FILE#DATASET#ROW``; see
 :mod:`object2brain.data.image_array`): :func:`~object2brain.data.images.load_image` returns its
@@ -77,7 +80,9 @@ class ImageDataset(Dataset[tuple[int, torch.Tensor, str]]):
     ):
         self.paths = list(paths)
         self.cache = cache if pixels and not augment else None
-        self.hits = list(hits) if hits is not None else [None] * len(self.paths)
+        self.hits: list[CacheEntry | None] = (
+            list(hits) if hits is not None else [None] * len(self.paths)
+        )
         self.ids = list(ids)
         self.crop = preprocessing.crop_size
         self.transform = (
@@ -460,29 +465,107 @@ def image_batches(
             cache=cache,
         )  # fmt: skip
         return
-    hits = _cache_hits(cache, paths, [DECODER_PIL] * len(paths))
+    dataset = pixel_dataset(paths, ids, preprocessing, cache=cache)
     loader = image_loader(
         paths, ids, preprocessing, device=device, batch_size=batch_size,
-        num_workers=num_workers, on_device_decode=False, cache=cache, hits=hits,
+        num_workers=num_workers, on_device_decode=False, cache=cache, hits=dataset.hits,
     )  # fmt: skip
-    batches = iter(loader)
+    # without worker processes the next batch is decoded on a thread while this one is used
+    batches = read_ahead(loader) if loader.num_workers == 0 else iter(loader)
     while True:
         with timing.stage("read"):  # waiting for the loader: reading + Pillow in its workers
             batch = next(batches, None)
         if batch is None:
             return
-        if cache is not None:
-            misses = [j for j, i in enumerate(batch[0].tolist()) if hits[i] is None]
-            if misses and not any(batch[2]):
-                keys = [ImageCache.key(paths[int(batch[0][j])], DECODER_PIL) for j in misses]
-                cache.add(keys, batch[1][misses].numpy())
+        remember_pixels(dataset, batch)
         with timing.stage("decode", device, images=len(batch[0])):
             result = model_inputs(batch, preprocessing, device, ids)
         yield result
 
 
+def read_ahead(batches: Any, depth: int = 1) -> Iterator[Any]:
+    """The items of ``batches``, produced on a thread of their own up to ``depth`` items ahead
+    of the consumer (a single-process loader: Pillow and the uint8 copies release the GIL, so
+    the next batch is decoded while the network runs on this one). An error of the producer is
+    raised here, at its item; closing the generator stops the thread after its current item."""
+    import queue
+    import threading
+
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        items.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            items.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="o2b-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                items.get_nowait()
+            thread.join(timeout=0.05)
+
+
 #: Decoder names in the decoded-image cache's keys (pixels differ by decoder).
 DECODER_PIL = "pil"
+
+
+def pixel_dataset(
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    preprocessing: Preprocessing,
+    *,
+    cache: ImageCache | None = None,
+    augment: bool = False,
+) -> ImageDataset:
+    """The Pillow-pixels dataset (:class:`ImageDataset` with ``pixels=True``) of every stage that
+    runs a network on stimuli by the Pillow path: images held by the decoded-image ``cache``
+    are read from it instead of being decoded (not with ``augment``: random crops are not
+    cached). Its batches' new pixels go into the cache with :func:`remember_pixels`; the inputs
+    are bit for bit those of a run without a cache."""
+    use = None if augment else cache
+    hits = _cache_hits(use, paths, [DECODER_PIL] * len(paths))
+    return ImageDataset(paths, ids, preprocessing, augment=augment, pixels=True, cache=use,
+                        hits=hits)  # fmt: skip
+
+
+def remember_pixels(dataset: ImageDataset, batch: Any) -> None:
+    """Add the pixels of a loader batch ``(indices (B,), pixels (B, 3, crop, crop) uint8,
+    errors)`` of :func:`pixel_dataset` that were decoded (not read from its cache) to the cache,
+    and mark them cached for the dataset's next pass (a batch with a decoding error adds
+    nothing: the caller reports it). No cache: nothing."""
+    cache = dataset.cache
+    if cache is None or any(batch[2]):
+        return
+    rows = [int(i) for i in batch[0].tolist()]
+    misses = [j for j, i in enumerate(rows) if dataset.hits[i] is None]
+    if not misses:
+        return
+    keys = [ImageCache.key(dataset.paths[rows[j]], DECODER_PIL) for j in misses]
+    cache.add(keys, batch[1][misses].numpy())
+    for j, key in zip(misses, keys, strict=True):
+        dataset.hits[rows[j]] = cache.entries.get(key)
 
 
 def device_decoder(device: torch.device) -> str:

@@ -15,9 +15,20 @@ Its ``valence`` layer is
   the first model's extraction captures the input of the layer the head replaces
   (:func:`capturing`, a forward pre-hook, one tensor per batch) and :func:`head_valence` runs
   the head on those same batches, so the values are bit-identical to a separate extraction on
-  the CPU (same batches, same operation). Without captured features (the first model's store
-  was reused from an earlier run, resumed, or written by Ray workers) such a model is extracted
-  in full.
+  the CPU (same batches, same operation).
+
+A model ADDED to a finished study is served the same way: every local extraction also keeps the
+input of the layer its own head replaces (its output layer when it has no head; kept only when it
+has at most :data:`KEPT_LIMIT` values per stimulus, e.g. 512 for resnet18, 4096 for alexnet,
+and :data:`KEPT_BYTES` in all, so memory and disk stay bounded) and
+writes these batches next to its store, in its stage folder (``<out>/activations/.<model>/
+head_inputs.h5``, :func:`write_head_inputs`): one dataset per layer with the rows of each batch,
+the original dtype, the backbone key and the fingerprint of the store it came with. A later run
+reads them (:func:`read_head_inputs`) when the backbone key and the store's fingerprint match, so
+the added model reads no image. The file is a cache, not a stage output: when it is missing or
+stale the model is extracted in full. Without captured features (the first model's store was
+resumed mid-way, or written by Ray workers, where nothing is captured; or its head input is
+larger than the limit) the model is likewise extracted in full: the safe fallback.
 
 A head replacing a layer that the stores record (``models.N.layers`` naming the output layer)
 changes that layer's values, so such models never share.
@@ -52,6 +63,19 @@ VALENCE_LAYER = "valence"
 #: per batch, the input of one layer ``(batch, ...)`` as the forward pass computed it
 Batches = list["torch.Tensor"]
 
+#: the most values per stimulus of a head input kept for models added to the study later
+#: (16384 float32 values = 64 KiB per stimulus, 64 MB for 1000 stimuli)
+KEPT_LIMIT = 16384
+#: the most bytes of one such input kept in all (e.g. 73,000 stimuli x 512 float32 = 150 MB)
+KEPT_BYTES = 512 << 20
+
+HEAD_INPUTS_FILE = "head_inputs.h5"
+
+
+def head_inputs_file(out: Path, label: str) -> Path:
+    """Where model ``label``'s extraction keeps its head inputs: its stage folder."""
+    return out / "activations" / f".{label}" / HEAD_INPUTS_FILE
+
 
 def needs_head_pass(study: Study, model: ModelConfig) -> bool:
     """Whether ``model``'s valence layer comes from its head's forward pass (a head file and no
@@ -70,10 +94,11 @@ def head_layer(head: Path, output_layer: str) -> str:
 def shared_source(
     study: Study, model: ModelConfig, backbone_key: Callable[[ModelConfig], str], output_layer: str
 ) -> Path | None:
-    """The store of an earlier model of ``study`` (extracted in this run) whose backbone
-    ``model`` shares (the same ``backbone_key``: architecture, weights by content, layers,
-    extraction options, stimuli, seed) and from which ``model``'s store can be written (for a
-    model with a head file: that store's extraction captured the head's input); else None."""
+    """The store of an earlier model of ``study`` (extracted in this run, or reused from an
+    earlier one) whose backbone ``model`` shares (the same ``backbone_key``: architecture,
+    weights by content, layers, extraction options, stimuli, seed) and from which ``model``'s
+    store can be written (for a model with a head file: that store's extraction captured the
+    head's input, in this run or in the file :func:`write_head_inputs` wrote); else None."""
     mine = backbone_key(model)
     head = study.heads.get(model.label)
     layer = None if head is None else head_layer(head, output_layer)
@@ -85,10 +110,25 @@ def shared_source(
             continue
         if not _layers_untouched(store, layer):
             continue
-        if needs_head_pass(study, model) and layer not in study.head_inputs.get(other.label, {}):
+        if needs_head_pass(study, model) and not _has_head_input(study, other, mine, store, layer):
             continue
         return store
     return None
+
+
+def _has_head_input(
+    study: Study, other: ModelConfig, backbone: str, store: Path, layer: str | None
+) -> bool:
+    """Whether ``other``'s extraction captured ``layer``'s input, in this run or (read into
+    ``study.head_inputs``) in the file it wrote next to ``store``."""
+    captured = study.head_inputs.get(other.label, {})
+    if layer is None or layer in captured:
+        return layer is not None
+    batches = read_head_inputs(head_inputs_file(study.out, other.label), backbone, store, layer)
+    if batches is None:
+        return False
+    study.head_inputs.setdefault(other.label, {})[layer] = batches
+    return True
 
 
 def _layers_untouched(store: Path, layer: str | None) -> bool:
@@ -120,16 +160,48 @@ def capture_layers(
     return layers
 
 
+def layers_to_capture(
+    study: Study,
+    model: ModelConfig,
+    backbone_key: Callable[[ModelConfig], str],
+    loaded: LoadedModel,
+) -> tuple[set[str], set[str]]:
+    """What ``model``'s extraction (``loaded``: with its head) captures: the layers later models
+    of this run need (:func:`capture_layers`) and the layer whose input is kept beside its store
+    for models added later (the layer its head replaces, else its output layer). Nothing on
+    Ray workers (``executor: ray``), where no hook of this process sees the forward pass."""
+    if study.config.executor.kind != "local":
+        return set(), set()
+    head = study.heads.get(model.label)
+    own = head_layer(head, loaded.output_layer) if head is not None else loaded.output_layer
+    return capture_layers(study, model, backbone_key, loaded.output_layer), {own}
+
+
 @contextmanager
-def capturing(module: torch.nn.Module, layers: set[str]) -> Iterator[dict[str, Batches]]:
+def capturing(
+    module: torch.nn.Module, layers: set[str], optional: set[str] | frozenset[str] = frozenset()
+) -> Iterator[dict[str, Batches]]:
     """While open, every forward pass of ``module`` appends the input of each of ``layers`` to
-    ``captured[layer]`` (a detached copy, on its device)."""
-    captured: dict[str, Batches] = {layer: [] for layer in sorted(layers)}
+    ``captured[layer]`` (a detached copy, on its device). A layer of ``optional`` whose input
+    has more than :data:`KEPT_LIMIT` values per row, or more than :data:`KEPT_BYTES` in all, is
+    not kept (dropped when the block ends)."""
+    captured: dict[str, Batches] = {layer: [] for layer in sorted(layers | set(optional))}
+    dropped: set[str] = set()
+    held: dict[str, int] = {}  # bytes captured per optional layer
     handles = []
     for layer in captured:
 
-        def hook(_module: Any, inputs: tuple[Any, ...], into: Batches = captured[layer]) -> None:
-            into.append(inputs[0].detach().clone())
+        def hook(
+            _: Any, inputs: tuple[Any, ...], into: Batches = captured[layer], name: str = layer
+        ) -> None:
+            tensor = inputs[0]
+            if name in optional:
+                held[name] = held.get(name, 0) + tensor.numel() * tensor.element_size()
+                if tensor[0].numel() > KEPT_LIMIT or held[name] > KEPT_BYTES:
+                    dropped.add(name)
+                    into.clear()
+            if name not in dropped:
+                into.append(tensor.detach().clone())
 
         handles.append(module.get_submodule(layer).register_forward_pre_hook(hook))
     try:
@@ -137,6 +209,67 @@ def capturing(module: torch.nn.Module, layers: set[str]) -> Iterator[dict[str, B
     finally:
         for handle in handles:
             handle.remove()
+        for layer in dropped:
+            captured.pop(layer, None)
+
+
+def write_head_inputs(
+    path: Path, kept: dict[str, Batches], backbone: str, store: Path
+) -> Path | None:
+    """Write the captured head inputs ``kept`` (one pass over every stimulus, per layer its
+    batches; layers with more than :data:`KEPT_LIMIT` values per stimulus left out) to ``path``
+    atomically: per layer the rows ``(n, ...)`` (bfloat16 stored as float32, exactly), the rows
+    of each batch and the dtype; the ``backbone`` key and the fingerprint of ``store``, the store
+    they came with. None when no layer is kept."""
+    import h5py
+    import torch
+
+    kept = {k: v for k, v in kept.items() if v and v[0][0].numel() <= KEPT_LIMIT}
+    if not kept:
+        return None
+
+    with h5py.File(store, "r") as handle:
+        store_fingerprint = str(handle.attrs["fingerprint"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temp, h5py.File(temp, "w") as handle:
+        handle.attrs["backbone_key"] = backbone
+        handle.attrs["store_fingerprint"] = store_fingerprint
+        for layer, batches in kept.items():
+            rows = torch.cat([b.detach().cpu() for b in batches])
+            dtype = str(rows.dtype).removeprefix("torch.")
+            data = rows.float() if rows.dtype == torch.bfloat16 else rows
+            dataset = handle.create_dataset(f"layers/{layer}", data=data.numpy())
+            dataset.attrs["batch_rows"] = json.dumps([int(b.shape[0]) for b in batches])
+            dataset.attrs["dtype"] = dtype
+    return path
+
+
+def read_head_inputs(path: Path, backbone: str, store: Path, layer: str) -> Batches | None:
+    """The batches of ``layer``'s input that :func:`write_head_inputs` wrote to ``path``, as
+    they were captured (same rows per batch, same dtype, on the CPU); None when the file is
+    missing, holds no ``layer``, or another backbone's or another store's inputs."""
+    import h5py
+    import torch
+
+    if not path.is_file() or not store.is_file():
+        return None
+    with h5py.File(store, "r") as handle:
+        store_fingerprint = str(handle.attrs.get("fingerprint", ""))
+    try:
+        with h5py.File(path, "r") as handle:
+            same = handle.attrs.get("backbone_key") == backbone and (
+                handle.attrs.get("store_fingerprint") == store_fingerprint
+            )
+            if not same or f"layers/{layer}" not in handle:
+                return None
+            dataset = handle[f"layers/{layer}"]
+            rows = json.loads(dataset.attrs["batch_rows"])
+            dtype = getattr(torch, str(dataset.attrs["dtype"]))
+            data = torch.from_numpy(dataset[()]).to(dtype)
+    except (OSError, KeyError, ValueError):
+        log.warning("%s: unreadable, extracting in full", path)
+        return None
+    return list(torch.split(data, rows))
 
 
 def whole_run(captured: dict[str, Batches], n_rows: int) -> dict[str, Batches]:
@@ -164,7 +297,7 @@ def head_valence(loaded: LoadedModel, layer: str, batches: Batches, plan: Extrac
     values = []
     with torch.inference_mode(), _autocast(plan.device, plan.options.amp):
         for batch in batches:
-            output = head(batch)
+            output = head(batch.to(plan.device))
             values.append(output.reshape(output.shape[0], -1)[:, 0].float().cpu().numpy())
     return np.concatenate(values).astype(plan.storage_dtype)
 

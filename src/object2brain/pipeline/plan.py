@@ -2,7 +2,9 @@
 
 :func:`dry_run` checks the config in one pass (:func:`~object2brain.pipeline.config.check_config`:
 keys, values, files, layers, detectors, device), then what a run checks before its first stage
-(the stimulus table and its images, the brain data's files, cross-fitting folds), and, when all
+(the stimulus table and its images, cross-fitting folds), then loads the brain data and ratings
+with the validators the stages use (each brain source on its own, so a problem in one does not
+hide another's; then the ids against the stimulus set), and, when all
 is well, lists the stages in run order with what a run would do with each: ``reuse`` (its
 ``.stage.json`` holds the same key and every output it lists exists) or ``run``, with the reason:
 never run, options or inputs changed, outputs missing, or an earlier stage it reads re-runs. It
@@ -76,7 +78,7 @@ def dry_run(config_path: str | Path) -> DryRun:
         result.problems += preflight(study)
     except Object2BrainError as exc:
         result.problems.append(str(exc))
-    result.problems += _brain_problems(config)
+    result.problems += _data_problems(config, study)
     if result.problems or study is None:
         result.problems = list(dict.fromkeys(result.problems))
         return result
@@ -84,33 +86,50 @@ def dry_run(config_path: str | Path) -> DryRun:
     return result
 
 
-def _brain_problems(config: RunConfig) -> list[str]:
-    """Files a brain manifest names that do not exist (the manifest is read, no data loaded)."""
-    if config.brain is None or not config.brain.exists():
+def _data_problems(config: RunConfig, study: Study | None) -> list[str]:
+    """The brain data and ratings loaded with the validators the stages use, each problem once:
+    every source of a brain manifest on its own (shapes, stimulus ids, ROI masks on the betas'
+    grid), then the ids against the stimulus set (``rsa.on_missing``); the ratings against the
+    stimulus ids (``duplicate_ratings``). Missing files are the config check's problems."""
+    ids = None if study is None else study.stimuli.ids
+    problems = _brain_problems(config, ids)
+    if config.ratings is not None and config.ratings.is_file() and ids is not None:
+        from object2brain.data.ratings import load_ratings
+
+        try:
+            load_ratings(config.ratings, ids, duplicates=config.duplicate_ratings())
+        except (Object2BrainError, OSError, ValueError) as exc:
+            problems.append(f"ratings: {exc}")
+    return problems
+
+
+def _brain_problems(config: RunConfig, ids: list[str] | None) -> list[str]:
+    """The brain data of ``config`` loaded source by source; ``ids``: the stimulus set's."""
+    from object2brain.data.brain import BrainData, load_brain, load_source, read_manifest
+
+    path = config.brain
+    if path is None or not path.is_file():
         return []
-    import yaml
-
-    from object2brain.yaml_io import load_yaml
-
+    problems: list[str] = []
+    items = []
     try:
-        manifest = load_yaml(config.brain) if config.brain.suffix in (".yaml", ".yml") else None
-    except yaml.YAMLError as exc:
-        return [f"brain: {config.brain}: not valid YAML: {exc}"]
-    sources = manifest.get("sources") if isinstance(manifest, dict) else None
-    problems = []
-    for index, spec in enumerate(sources if isinstance(sources, list) else []):
-        if not isinstance(spec, dict):
-            continue
-        rois = spec.get("rois")
-        named = [spec.get(k) for k in ("path", "betas", "stimuli", "labels", "labels_tsv")]
-        named += rois if isinstance(rois, list) else []
-        named += list(rois.values()) if isinstance(rois, dict) else []
-        for value in named:
-            if isinstance(value, str) and value:
-                file = Path(value).expanduser()
-                file = file if file.is_absolute() else config.brain.parent / file
-                if not file.exists():
-                    problems.append(f"brain: {config.brain}: sources.{index}: not found: {file}")
+        if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
+            items = load_brain(path).items
+        else:
+            for number, spec in enumerate(read_manifest(path)["sources"], start=1):
+                try:
+                    items += load_source(path, spec, number)
+                except (Object2BrainError, OSError, ValueError) as exc:
+                    problems.append(f"brain: {exc}")
+        if problems:
+            return problems
+        if not items:
+            return [f"brain: {path}: the brain manifest declares no data"]
+        if ids is not None:
+            on_missing = config.rsa.on_missing if config.rsa is not None else "error"
+            BrainData(items, path).common_ids(ids, on_missing=on_missing)
+    except (Object2BrainError, OSError, ValueError) as exc:
+        problems.append(f"brain: {exc}")
     return problems
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +101,7 @@ def run_config(config: RunConfig, *, progress: bool = True) -> RunResult:
         raise ConfigError("; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
     report = None
-    with once_per_run(), _warnings_of_the_run() as run_warnings:
+    with once_per_run() as run_warnings:
         run_stages(study)
         outputs = list(dict.fromkeys(study.cache.outputs))
         # the report reads the manifest to leave out results that are not this run's
@@ -148,35 +148,56 @@ def new_study(config: RunConfig, *, progress: bool) -> Study:
     )
 
 
-class _Once(logging.Filter):
-    """Lets a record through the first time its level and text are seen."""
+class _RunMessages(logging.Handler):
+    """The messages of one run: each shown once, each distinct warning recorded once.
+
+    Attached to the ``object2brain`` logger it records every distinct warning text, in order
+    (:attr:`warnings`, the run manifest's ``warnings``); :meth:`first_time` gives the filter that
+    lets a record through another handler only the first time that handler sees its level and
+    text."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[tuple[int, str]] = set()
+        super().__init__(logging.WARNING)
+        self.warnings: list[str] = []
+        self._seen: set[tuple[int, int, str]] = set()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.levelno, record.getMessage())
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def first_time(self, handler: logging.Handler) -> Callable[[logging.LogRecord], bool]:
+        """A filter for ``handler``: true the first time it sees a record's level and text."""
+
+        def once(record: logging.LogRecord) -> bool:
+            key = (id(handler), record.levelno, record.getMessage())
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+            return True
+
+        return once
 
 
 @contextmanager
-def once_per_run() -> Iterator[None]:
+def once_per_run() -> Iterator[list[str]]:
     """Within the block, each log message (same level and text) and each Python warning (same
-    text and category) is shown once: on every handler of the root and ``object2brain``
-    loggers."""
+    text and category) is shown once, on every handler of the root and ``object2brain``
+    loggers; yields the distinct warnings logged under ``object2brain``, in order (filled while
+    the block runs)."""
+    run = _RunMessages()
     handlers = [*logging.getLogger().handlers, *logging.getLogger("object2brain").handlers]
-    filters = [_Once() for _ in handlers]  # one per handler: each sees every record once
+    filters = [run.first_time(handler) for handler in handlers]  # each sees every record once
     for handler, once in zip(handlers, filters, strict=True):
         handler.addFilter(once)
+    package = logging.getLogger("object2brain")
+    package.addHandler(run)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("once")
-            yield
+            yield run.warnings
     finally:
+        package.removeHandler(run)
         for handler, once in zip(handlers, filters, strict=True):
             handler.removeFilter(once)
 
@@ -202,31 +223,6 @@ def _write_manifest(study: Study, files: list[Path], run_warnings: list[str]) ->
             },
         ),
     )
-
-
-class _Collect(logging.Handler):
-    """Keeps each distinct warning message of the package's loggers, in order."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message not in self.messages:
-            self.messages.append(message)
-
-
-@contextmanager
-def _warnings_of_the_run() -> Iterator[list[str]]:
-    """The distinct warnings logged under ``object2brain`` while the block runs."""
-    handler = _Collect()
-    logger = logging.getLogger("object2brain")
-    logger.addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        logger.removeHandler(handler)
 
 
 def _inputs(study: Study) -> dict[str, str]:

@@ -265,7 +265,7 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
     """``model`` into its store; with its head (and cross-fitted valence) unless ``backbone``.
     A stage replaces its own store."""
     from object2brain.api.extract import extract
-    from object2brain.pipeline.backbone import capture_layers, capturing, whole_run
+    from object2brain.pipeline import backbone as shared_backbone
 
     options, model = study.config.extract, _model(model)
     head = None if backbone else study.heads[model.label]
@@ -275,11 +275,14 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
     shared = None if backbone else _shared_backbone(study, model, path, loaded)
     if shared is not None:
         return [shared]
+    key = lambda each: backbone_key(study, each)  # noqa: E731
+    sidecar = shared_backbone.head_inputs_file(study.out, model.label)
     capture: set[str] = set()
-    if not backbone and study.config.executor.kind == "local":
-        key = lambda each: backbone_key(study, each)  # noqa: E731
-        capture = capture_layers(study, model, key, loaded.output_layer)
-    with capturing(loaded.module, capture) as captured:
+    kept_for_later: set[str] = set()  # written beside the store for models added later
+    if not backbone:
+        sidecar.unlink(missing_ok=True)
+        capture, kept_for_later = shared_backbone.layers_to_capture(study, model, key, loaded)
+    with shared_backbone.capturing(loaded.module, capture, kept_for_later - capture) as captured:
         store = extract(
             loaded,
             study.stimuli,
@@ -294,9 +297,11 @@ def _extract(study: Study, model: Unit, *, backbone: bool) -> list[Path]:
             executor=study.config.executor.kind,
             ray_address=study.config.executor.address,
         )
-    kept = whole_run(captured, len(study.stimuli))
+    kept = shared_backbone.whole_run(captured, len(study.stimuli))
     if kept:
         study.head_inputs[model.label] = kept
+        later = {layer: kept[layer] for layer in kept_for_later if layer in kept}
+        shared_backbone.write_head_inputs(sidecar, later, backbone_key(study, model), store)
     return [store]
 
 
@@ -465,7 +470,7 @@ def _train_heads(study: Study, model: Unit) -> list[Path]:
         [study.load(m) for m in study.untrained()],
         out=folder,
         stimuli=table,
-        options=options,
+        options=options.model_copy(update={"selection_folds": study_selection_folds(study)}),
         in_study=True,
         device=study.device,
         seed=study.seed,
@@ -482,7 +487,11 @@ def _train_head_key(study: Study, model: Unit) -> dict[str, Any]:
     from_ratings = options.ratings == "ratings"
     return {
         "stage": "train_head",
-        "options": options_key(options) | {"cross_fit": options.folds(in_study=True)},
+        "options": options_key(options)
+        | {
+            "cross_fit": options.folds(in_study=True),
+            "selection_folds": study_selection_folds(study),
+        },
         "stimuli": study.stimuli_key,
         "valence": column_key(study.stimuli, "valence"),
         "models": [model_key(m) for m in study.untrained()],
@@ -490,6 +499,28 @@ def _train_head_key(study: Study, model: Unit) -> dict[str, Any]:
         "ratings": fingerprint(study.ratings) if from_ratings else None,
         "duplicate_ratings": study.config.duplicate_ratings() if from_ratings else None,
     }
+
+
+def study_selection_folds(study: Study) -> int:
+    """The selection fold heads the study's train_head fits: its ``selection_folds``, else the
+    dissection's selection folds (when it explains the valence head), else none."""
+    options, dissect = study.config.train_head, study.config.dissect
+    if options is not None and options.selection_folds is not None:
+        return options.selection_folds
+    if dissect is None or dissect.target is not None or dissect.fold_heads is not None:
+        return 0
+    return dissect.selection_folds
+
+
+def _fold_heads(study: Study, model: ModelConfig) -> Path | None:
+    """The folder of ``model``'s selection fold heads, when this study trained them."""
+    from object2brain.heads.io import fold_head_name
+
+    head = study.heads.get(model.label)
+    trained = head is not None and model.head is None and study_selection_folds(study) > 0
+    if trained and head is not None and (head.parent / fold_head_name(0)).is_file():
+        return head.parent
+    return None
 
 
 def _publish_heads(study: Study, model: Unit) -> None:
@@ -632,6 +663,7 @@ def _dissect(study: Study, model: Unit) -> list[Path]:
         layer=options.layer_for(model.label),
         options=options,
         out=_dissect_folder(study, model),
+        fold_heads=_fold_heads(study, model) or options.fold_heads,
         device=study.device,
         seed=study.seed,
         progress=study.progress,
@@ -655,6 +687,9 @@ def _dissect_key(study: Study, model: Unit) -> dict[str, Any]:
         "boxes": fingerprint(boxes),
         "model": model_key(model),
         "head": fingerprint(study.heads[model.label]),
+        "fold_heads": [fingerprint(p) for p in sorted(f.glob("head.fold*"))]
+        if (f := _fold_heads(study, model) or options.fold_heads) is not None
+        else None,
         "stimuli": study.stimuli_key,
         "seed": study.seed,
     }
@@ -717,6 +752,9 @@ def _lesion(study: Study, model: Unit) -> list[Path]:
             progress=study.progress,
             behavior_ids=study.held_out,
             encode_options=_lesion_encoding(study),
+            folds=folds
+            if (folds := _dissect_folder(study, each) / "folds.csv").is_file()
+            else None,
             executor=study.config.executor.kind,
             ray_address=study.config.executor.address,
         )

@@ -585,15 +585,20 @@ def _truth_section(
                 top = part.loc[part["delta_r"].idxmin()]
                 recovered.append(
                     f"largest lesion effect: {top['group']} ({top['model']}/{top['layer']}, "
-                    f"delta r = {top['delta_r']:.2f}, p = {top['p_null']:.3g})"
+                    f"delta r = {top['delta_r']:.2f}, p_null = {top['p_null']:.3g})"
                 )
         gain = roi.get("condition_gain") or {}
         planted = roi["source"] + (f"; gain {gain}" if gain else "") + f"; SNR {roi['snr']}"
         rows.append((roi["name"], planted, "; ".join(recovered) or "not analysed"))
     frame = pd.DataFrame(rows, columns=["ROI", "planted source", "recovered"])
     body = html.table_html(frame) + (
-        f"<p>True valence: {html.escape(truth.get('valence_origin', ''))}; ratings: "
-        f"{truth.get('n_subjects')} simulated raters with noise SD "
+        "<p>"
+        + (
+            f"True valence: {html.escape(str(origin))}; "
+            if (origin := truth.get("valence_origin"))
+            else ""
+        )
+        + f"Ratings: {truth.get('n_subjects')} simulated raters with noise SD "
         f"{truth.get('rating_noise')}.</p>"
     )
     if other_data:
@@ -711,10 +716,28 @@ def _inference_section(context: _Context) -> html.Section | None:
         )
     if comparison is not None:
         parts.append(_svg(glance.plot_model_comparison(comparison)))
-        parts.append(html.table_html(comparison, wrap=True))
+        settings = ("compare_method", "n_boot", "bootstrap", "selection")
+        note, shown = constant_columns(comparison, settings)
+        parts.append(note + html.table_html(shown, wrap=True))
     if not parts:
         return None
     return html.Section("Across subjects and across models", "".join(parts), "inference")
+
+
+def constant_columns(frame: pd.DataFrame, settings: Sequence[str]) -> tuple[str, pd.DataFrame]:
+    """A table made narrower for the page: the columns of ``settings`` (how rows were computed,
+    never results) that hold one value in every row (of two or more) are said once in a
+    sentence above it (``<p>Every row: n_boot 100; ...</p>``) and left out of the table; the
+    CSV keeps them."""
+    if len(frame) < 2:
+        return "", frame
+    same = [c for c in settings
+            if c in frame and frame[c].astype(str).nunique(dropna=False) == 1]  # fmt: skip
+    if not same:
+        return "", frame
+    said = "; ".join(f"{html.escape(str(c))} <b>{html.escape(str(frame[c].iat[0]))}</b>"
+                     for c in same)  # fmt: skip
+    return f"<p>Every row: {said}.</p>", frame.drop(columns=same)
 
 
 def _values(frame: pd.DataFrame, column: str) -> str:
@@ -864,6 +887,57 @@ def _selection_notes(sources: _Sources) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
+#: Columns of an ``object2brain`` table left out of the report's table of effects: the level
+#: shown (condition all, group), raw p-values whose FDR-adjusted values are shown, and counts of
+#: resamples (in the provenance); every column is in the CSV.
+_EFFECT_COLUMNS_LEFT_OUT = ("condition", "subject", "p_null", "p_perm", "p_group", "n_null",
+                            "n_perm", "n_group_null", "fold")  # fmt: skip
+
+
+def effects_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The starred Object2Brain rows as the report shows them: without the columns of
+    :data:`_EFFECT_COLUMNS_LEFT_OUT` and without columns that hold no value."""
+    shown = rows.drop(columns=[c for c in _EFFECT_COLUMNS_LEFT_OUT if c in rows])
+    return shown.loc[:, shown.notna().any()]
+
+
+#: The propagated-lesion tables the report shows, with what each row measures.
+_PROPAGATE = {
+    "propagate_behavior": "Propagated lesions: change of the direct behaviour correlation "
+    "(predicted vs rated valence) when the group's filters are zeroed inside the forward pass.",
+    "propagate_alignment": "Propagated lesions: change of later layers' alignment with each "
+    "target when the group's filters are zeroed inside the forward pass (group level).",
+}
+
+
+def propagate_parts(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The propagated-lesion tables (``propagate_alignment`` at the group level where it has
+    group rows), each with its note; rows with ``selection = same`` are worded
+    ``same (circular)`` and a note says how many there are and why they are biased."""
+    parts: list[str] = []
+    for name, intro in _PROPAGATE.items():
+        frame = tables.get(name)
+        if frame is None or frame.empty:
+            continue
+        if "subject" in frame and (frame["subject"].astype(str) == "group").any():
+            frame = frame[frame["subject"].astype(str) == "group"]
+        parts.append(f"<p>{html.escape(intro)}</p>")
+        selection = frame["selection"].astype(str) if "selection" in frame else None
+        if selection is not None and (selection == "same").any():
+            circular = selection == "same"
+            frame = frame.assign(selection=selection.where(~circular, "same (circular)"))
+            parts.append(
+                f"<p><strong>Circular selection:</strong> {int(circular.sum())} of {len(frame)} "
+                "rows (<code>selection = same (circular)</code>) zero groups that were chosen on "
+                "the same stimuli whose correlation they then measure, so their delta r is "
+                "biased away from zero and is no evidence for the group; rows with "
+                "<code>cross_fit</code> zero on each fold's stimuli the groups chosen without "
+                "them.</p>"
+            )
+        parts.append(html.table_html(frame, wrap=True))
+    return parts
+
+
 def _lesion_section(context: _Context, table: pd.DataFrame) -> html.Section:
     notes = _selection_notes(context.study.sources)
     parts = [
@@ -903,10 +977,8 @@ def _lesion_section(context: _Context, table: pd.DataFrame) -> html.Section:
     significant = group[marks.to_numpy(bool)].drop(columns="q").sort_values("delta_r")
     if not significant.empty:
         parts.append(f"<p>Effects where {html.escape(rule)} (condition all, group level):</p>")
-        parts.append(html.table_html(significant.drop(columns=["condition", "subject"]), wrap=True))
-    if "propagate_behavior" in context.tables:
-        parts.append("<p>Propagated lesions: change of the direct behaviour correlation.</p>")
-        parts.append(html.table_html(context.tables["propagate_behavior"], wrap=True))
+        parts.append(html.table_html(effects_table(significant), wrap=True))
+    parts += propagate_parts(context.tables)
     return html.Section(
         "Object2Brain: object groups behind the alignment", "".join(parts), "lesion"
     )

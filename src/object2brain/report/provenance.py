@@ -149,7 +149,12 @@ def head_sources(folder: Path) -> pd.DataFrame:
         if head:
             found.setdefault((Path(str(head)).parent / "head.json").resolve(), f"given: {head}")
     rows = [_head_row(path, source) for path, source in found.items()]
-    return pd.DataFrame(rows) if rows else pd.DataFrame({"heads": ["none found"]})
+    if not rows:
+        return pd.DataFrame({"heads": ["none found"]})
+    frame = pd.DataFrame(rows)
+    blank = frame.map(lambda v: v is None or (isinstance(v, str) and v == ""))
+    empty = [c for c in frame.columns if c not in ("model", "source") and blank[c].all()]
+    return frame.drop(columns=empty)  # facts no head records: left out (the page's width)
 
 
 def _head_row(path: Path, source: str) -> dict[str, object]:

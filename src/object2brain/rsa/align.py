@@ -136,7 +136,7 @@ class _Context:
     seed: int
     device: torch.device
     ceilings: dict[tuple[int, str], tuple[float, float]]
-    executor: Executor | None = None  # where the Mantel permutation blocks run (None: here)
+    executor: Executor | None = None  # where permutation blocks and resamples run (None: here)
 
 
 def select_models(
@@ -216,7 +216,7 @@ def compute_alignment(
         direct += _direct_rows(context, model)
     result = _tables(alignment, contrasts, direct, analysis, options.fdr_family)
     result.group_inference, result.model_comparison = group_tables(
-        kept, analysis, options, runtime.seed, context.ceilings
+        kept, analysis, options, runtime.seed, context.ceilings, context.executor
     )
     result.model_rdms = kept
     return result
@@ -345,8 +345,9 @@ def _statistics(
         context.device, columns.combine, executor=context.executor,
     )  # fmt: skip
     low, high = bootstrap_ci(
-        models, targets, method, options.n_boot, context.seed, context.device, columns.combine
-    )
+        models, targets, method, options.n_boot, context.seed, context.device, columns.combine,
+        executor=context.executor,
+    )  # fmt: skip
     return test, low, high
 
 
@@ -361,11 +362,13 @@ def _within_statistics(
     method, combine = options.compare_method, columns.combine
     targets = columns.rdms.to(context.device)
     test = within_mantel_test(
-        model_rdms, targets, labels, method, options.n_perm, context.seed, combine
-    )
+        model_rdms, targets, labels, method, options.n_perm, context.seed, combine,
+        executor=context.executor,
+    )  # fmt: skip
     low, high = within_bootstrap_ci(
-        model_rdms, targets, labels, method, options.n_boot, context.seed, combine
-    )
+        model_rdms, targets, labels, method, options.n_boot, context.seed, combine,
+        executor=context.executor,
+    )  # fmt: skip
     return test, low, high, within_pairs(labels).n_stimuli
 
 
@@ -393,6 +396,7 @@ def _contrast_rows(
     interval = condition_difference_bootstrap(
         model_rdms, columns.rdms, labels, a, b, *shared, options.n_boot, context.seed,
         context.device, columns.combine, cache=cache, ceilings=ceilings,
+        executor=context.executor,
     )  # fmt: skip
     delta = res.delta
     if ceilings is not None:

@@ -2,22 +2,30 @@
 
 Notation: ``K`` model RDMs, ``S`` subject RDMs of one target, ``n`` stimuli, ``m = n (n - 1) / 2``
 pairs, ``B`` resamples. The statistic is the mean over subjects of the per-subject coefficient,
-``rbar = mean_s r(model, subject_s)`` (any comparator of :data:`GROUP_METHODS`: those whose
-resamples are weighted comparisons of the original pairs), or of a difference of two models'
-coefficients, ``delta = mean_s (r_a,s - r_b,s)``.
+``rbar = mean_s r(model, subject_s)`` (any comparator of :data:`GROUP_METHODS`), or of a
+difference of two models' coefficients, ``delta = mean_s (r_a,s - r_b,s)``.
 
 **Two-factor ("dual") bootstrap** (Schuett et al. 2023, eLife 12:e82566; rsatoolbox's
 ``eval_dual_bootstrap``). Each resample ``b`` draws ``n`` stimuli with replacement (counts
 ``c_b``; a pair of stimuli then enters ``c_a c_b`` times and a stimulus never meets its own copy)
-and ``S`` subjects with replacement, and evaluates the statistic three ways from the same draws:
+and ``S`` subjects with replacement (in chunks of :data:`RESAMPLE_CHUNK` with their own seeds,
+:func:`resample_plan`), and evaluates the statistic three ways from the same draws:
 stimuli and subjects resampled (variance ``V_both``), subjects only (``V_subj``), stimuli only
-(``V_stim``). For a crossed design ``x_sp = mu + a_s + b_p + e_sp`` the two-factor bootstrap
-counts the interaction ``e`` about three times; the corrected variance (rsatoolbox's
-``_dual_bootstrap`` with ``n_rdm = S``, ``n_pattern = n``) is
+(``V_stim``).
 
-    V = S/(S-1) V_subj + n/(n-1) V_stim - S n / ((S-1)(n-1)) (V_both - V_subj - V_stim),
+**The corrected two-factor variance.** rsatoolbox's estimator for cells of a crossed design,
+``S/(S-1) V_subj + n/(n-1) V_stim - S n/((S-1)(n-1)) (V_both - V_subj - V_stim)``, is
+conservative for RDM comparisons (its stimulus terms carry the pair excess below, and its
+``min(S, n) - 1`` degrees of freedom). Writing ``rbar = mu + mean_s a_s + c(P) + mean_s u_s(P)``
+(subject effects ``a_s``; the stimulus-sample deviation ``c`` shared by the subjects and ``u_s``
+each subject's own), ``Var(rbar) = s_a^2 / S + Var(c) + Var(u) / S``, estimated as
 
-clipped to ``[max(S/(S-1) V_subj, n/(n-1) V_stim), V_both]``.
+    V = W + max(0, S/(S-1) V_subj - I),   I = (mean_s W_s - W) / (S - 1),
+
+with ``W`` the pair-corrected stimulus variance of ``rbar`` (unbiased for
+``Var(c) + Var(u) / S``), ``W_s`` that of subject ``s``'s own ``r_s`` (``Var(c) + Var(u)``) and
+``S/(S-1) V_subj`` the subject bootstrap (``s_a^2 / S + Var(u) / S``); Welch-Satterthwaite
+degrees of freedom. ``V_both`` is kept for rsatoolbox's estimator (``pair_correction=False``).
 
 **Pair correction of the stimulus bootstrap** (the reason stimulus-bootstrap intervals are too
 wide). An RDM coefficient is, to first order, a mean over pairs of stimuli of influence values
@@ -30,17 +38,20 @@ the bootstrap variance exceeds the sampling variance by about
     E = 4 s_e^2 / (n (n - 1)).
 
 With noisy brain RDMs ``s_e`` dominates and the bootstrap variance is 2-3 times too large
-(intervals 1.4-1.7 times too wide). The delete-one-stimulus jackknife of the same statistic
-(pairs of the left-out stimulus dropped; exact recomputation, ranks included) has only half
-that excess, ``V_jack = 4 s_g^2 / n + 4 s_e^2 / n^2`` against the bootstrap's
-``V_stim = 4 s_g^2 / n + 6 s_e^2 / n^2``, so ``2 V_jack - V_stim`` estimates the sampling
-variance ``4 s_g^2 / n + 2 s_e^2 / n^2``. It replaces ``V_stim`` (and ``V_both`` loses the same
-excess), floored at ``V_stim / 3`` (the excess is at most two thirds of the bootstrap variance).
+(intervals 1.4-1.7 times too wide). The delete-one-stimulus jackknife (pairs of the left-out
+stimulus dropped; exact recomputation, ranks included) has expectation
+``4 s_g^2 / n + 4 s_e^2 / (n (n - 2))`` and the weighted pair bootstrap
+``4 (n-2)^2 s_g^2 / (n^2 (n-1)) + (6n - 8) s_e^2 / (n^2 (n-1))``, so
 
-Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``2 V_jack - V_stim``;
+    W = (2n - 3)/(n - 1) V_jack - n/(n - 2) V_stim
+
+(:func:`pair_corrected`) is unbiased for the sampling variance ``4 s_g^2 / n + 2 s_e^2 /
+(n (n - 1))``; floored at ``n / (3n - 4) V_stim``, its value when ``s_g = 0``.
+
+Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``W``;
 ``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
 ``rbar +- t_{dof, 0.975} se`` and t-tests with ``dof = n - 1`` (stimuli), ``S - 1`` (subjects)
-or ``min(S, n) - 1`` (both), as rsatoolbox's ``t_tests``: one-sided ``p`` of ``rbar > 0``,
+or Welch-Satterthwaite (both): one-sided ``p`` of ``rbar > 0``,
 one-sided ``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
 ``r_s - l_s`` to the leave-one-subject-out ceiling ``l_s`` resampled with the same draws) and,
 for comparisons, two-sided ``p`` of ``delta != 0``.
@@ -48,6 +59,7 @@ for comparisons, two-sided ``p`` of ``delta != 0``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -58,17 +70,28 @@ import pandas as pd
 import scipy.stats
 import torch
 
+from object2brain.data.splits import make_folds
 from object2brain.errors import DataError
-from object2brain.rsa.compare import WeightedComparison, compare, comparison_scale
-from object2brain.rsa.rdm import triu_indices, upper_triangle
+from object2brain.executors.base import Executor, chunk_seed, chunks_of
+from object2brain.rsa.compare import (
+    WeightedComparison,
+    compare,
+    comparison_scale,
+    masked_compare,
+)
+from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
 
 Bootstrap = Literal["stimuli", "subjects", "both"]
 BOOTSTRAPS: tuple[str, ...] = ("stimuli", "subjects", "both")
 _GROUP_STREAM = 15_485_863  # seed word of the two-factor resamples
 _BLOCK = 64  # resamples per weighted comparison call
-#: Comparators of the group tables (those with a weighted form for the resamples).
+#: Resamples per chunk: chunk ``k`` is drawn from its own seed (:func:`resample_plan`) and is one
+#: unit of work of an executor; a constant, never dependent on the number of workers.
+RESAMPLE_CHUNK = 250
+KENDALL = "kendall_tau_a"
+#: Comparators of the group tables (Kendall tau-a's resamples are gathered, the others weighted).
 GROUP_METHODS: tuple[str, ...] = (
-    "spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov",
+    "spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov", KENDALL,
 )  # fmt: skip
 #: Fewest subjects of a target whose default bootstrap is ``both``.
 MIN_SUBJECTS_BOTH = 3
@@ -103,13 +126,23 @@ class ResamplePlan:
 
 def resample_plan(n: int, n_subjects: int, n_boot: int, seed: int | Sequence[int]) -> ResamplePlan:
     """Draws of ``n_boot`` two-factor resamples: a function of ``(seed, n, n_subjects, n_boot)``
-    only, so every model of a study is resampled alike (paired comparisons)."""
-    words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
-    rng = np.random.default_rng([*words, _GROUP_STREAM])
-    idx = rng.integers(0, n, size=(n_boot, n))
+    only, so every model of a study is resampled alike (paired comparisons).
+
+    ``seed``: ``root`` or ``(root, *words)`` (e.g. the target and condition). Resamples come in
+    chunks of :data:`RESAMPLE_CHUNK`; chunk ``k`` draws its stimulus indices ``(C, n)`` and then
+    its subject indices ``(C, S)`` from
+    ``numpy.random.default_rng([*chunk_seed(root, stream, k), *words])``, so any worker can draw
+    any chunk and the first resamples do not change with ``n_boot``.
+    """
+    root, *words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
     counts = np.zeros((n_boot, n))
-    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
-    return ResamplePlan(counts, rng.integers(0, n_subjects, size=(n_boot, n_subjects)))
+    subjects = np.zeros((n_boot, n_subjects), dtype=np.int64)
+    for k, rows in enumerate(chunks_of(n_boot, RESAMPLE_CHUNK)):
+        rng = np.random.default_rng([*chunk_seed(root, _GROUP_STREAM, k), *words])
+        idx = rng.integers(0, n, size=(len(rows), n))
+        np.add.at(counts, (np.asarray(rows)[:, None], idx), 1.0)
+        subjects[rows.start : rows.stop] = rng.integers(0, n_subjects, size=(len(rows), n_subjects))
+    return ResamplePlan(counts, subjects)
 
 
 @dataclass(frozen=True)
@@ -147,33 +180,80 @@ def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> n
     )
 
 
+def _kendall(a: torch.Tensor, y: torch.Tensor, counts: np.ndarray) -> np.ndarray:
+    """Kendall tau-a ``(C, K, T)`` of condensed RDMs ``a`` ``(K, m)`` and ``y`` ``(T, m)`` under
+    stimulus counts ``(C, n)``: each resample lists stimulus ``a`` ``c_a`` times, takes the pairs
+    ``p < q`` of that list and drops those of a stimulus with its own copy (tau-a has no weighted
+    form: the pairs are gathered; ``O(m^2)`` per resample)."""
+    A, Y = squareform(a), squareform(y)
+    n = counts.shape[1]
+    out = []
+    for c in np.asarray(counts).astype(np.int64):
+        idx = torch.as_tensor(np.repeat(np.arange(n), c))
+        i, j = triu_indices(len(idx), torch.device("cpu"))
+        ra, rb = idx[i], idx[j]
+        w = (ra != rb).to(torch.float64)[None]
+        out.append(masked_compare(A[:, ra, rb][None], Y[:, ra, rb][None], w, KENDALL).numpy())
+    return np.concatenate(out) if out else np.zeros((0, a.shape[0], y.shape[0]))
+
+
+def _coefficients(a: torch.Tensor, y: torch.Tensor, method: str, counts: np.ndarray) -> Any:
+    """Coefficients ``(C, K, T)`` of condensed RDMs under stimulus counts ``(C, n)`` (pair
+    weights ``c_a c_b``; Kendall tau-a: :func:`_kendall`)."""
+    if method == KENDALL:
+        return _kendall(a, y, counts)
+    n = counts.shape[1]
+    return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n)
+
+
+def _weighted_chunk(shared: tuple[torch.Tensor, torch.Tensor, str], counts: np.ndarray) -> Any:
+    """One chunk of resamples (an executor's unit): ``(C, K, T)`` coefficients of the condensed
+    RDMs ``shared = (A, Y, method)`` under the stimulus counts ``(C, n)``."""
+    a, y, method = shared
+    return _coefficients(a, y, method, counts)
+
+
+def resampled(
+    a: torch.Tensor, y: torch.Tensor, method: str, counts: np.ndarray,
+    executor: Executor | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Coefficients ``(B, K, T)`` of condensed RDMs ``a`` ``(K, m)`` and ``y`` ``(T, m)`` under
+    every resample's stimulus counts, the chunks of :data:`RESAMPLE_CHUNK` resamples run by
+    ``executor`` (default: here); the same numbers for every executor and number of workers."""
+    if executor is None or executor.name == "local" or len(counts) <= RESAMPLE_CHUNK:
+        return np.asarray(_coefficients(a, y, method, counts))
+    chunks = [counts[r.start : r.stop] for r in chunks_of(len(counts), RESAMPLE_CHUNK)]
+    parts = executor.map_chunks(
+        _weighted_chunk, chunks, stage="rsa group bootstrap", shared=(a, y, method)
+    )
+    return np.concatenate(parts)
+
+
 def leave_one_out_counts(n: int) -> torch.Tensor:
     """``(n, n)`` stimulus counts of the delete-one jackknife: row ``a`` drops stimulus ``a``."""
     return 1.0 - torch.eye(n, dtype=torch.float64)
 
 
 def subject_coefficients(
-    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, plan: ResamplePlan
-) -> SubjectCoefficients:
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, plan: ResamplePlan,
+    executor: Executor | None = None,
+) -> SubjectCoefficients:  # fmt: skip
     """Coefficients of square model RDMs ``(K, n, n)`` with subject RDMs ``(S, n, n)``, observed
-    and under each resample's stimulus counts (pairs weighted ``c_a c_b``)."""
+    and under each resample's stimulus counts (pairs weighted ``c_a c_b``; the resamples'
+    chunks run by ``executor``, :func:`resampled`)."""
     if method not in GROUP_METHODS:
-        raise DataError(
-            f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r} (kendall_tau_a "
-            "has no weighted form for the resamples)"
-        )
+        raise DataError(f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r}")
     A = upper_triangle(model_rdms).to(torch.float64).cpu()
     Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
     n = model_rdms.shape[-1]
     r = compare(A, Y, method).numpy()
-    comparison = WeightedComparison(A, Y, method)
-    boot = _weighted(comparison, torch.as_tensor(plan.counts), n)
-    jack = _weighted(comparison, leave_one_out_counts(n), n)
+    boot = resampled(A, Y, method, plan.counts, executor)
+    jack = _coefficients(A, Y, method, leave_one_out_counts(n).numpy())
     return SubjectCoefficients(r, boot, jack)
 
 
 def lower_ceiling_coefficients(
-    subject_rdms: torch.Tensor, method: str, plan: ResamplePlan
+    subject_rdms: torch.Tensor, method: str, plan: ResamplePlan, executor: Executor | None = None
 ) -> SubjectCoefficients:
     """The lower noise ceiling's per-subject terms ``l_s = r(subject_s, mean of the others)``
     (pooled on the comparison's scale) as a ``(1, S)`` row, observed and resampled."""
@@ -181,21 +261,29 @@ def lower_ceiling_coefficients(
     S, n = Y.shape[0], subject_rdms.shape[-1]
     scaled = comparison_scale(Y, method)
     others = (scaled.sum(dim=0, keepdim=True) - scaled) / max(1, S - 1)
-    comparison = WeightedComparison(Y, others, method)
     r = torch.diagonal(compare(Y, others, method)).numpy()
-    boot = np.diagonal(_weighted(comparison, torch.as_tensor(plan.counts), n), axis1=1, axis2=2)
-    jack = np.diagonal(_weighted(comparison, leave_one_out_counts(n), n), axis1=1, axis2=2)
+    boot = np.diagonal(resampled(Y, others, method, plan.counts, executor), axis1=1, axis2=2)
+    jack = np.diagonal(
+        _coefficients(Y, others, method, leave_one_out_counts(n).numpy()), axis1=1, axis2=2
+    )
     return SubjectCoefficients(r[None], boot[:, None, :], jack[:, None, :])
 
 
 @dataclass(frozen=True)
 class Variances:
-    """Bootstrap variances ``(K,)`` of the subject-mean statistic from one plan."""
+    """Bootstrap variances ``(K,)`` of the subject-mean statistic from one plan.
+
+    ``subject_stimuli``, ``subject_jackknife``: the means over subjects of each subject's own
+    ``V_stim,s`` and ``V_jack,s`` (the stimulus variances of ``r_s`` alone), the ingredients of
+    the two-factor interaction (module docstring).
+    """
 
     both: np.ndarray
     stimuli: np.ndarray
     subjects: np.ndarray
     jackknife: np.ndarray
+    subject_stimuli: np.ndarray
+    subject_jackknife: np.ndarray
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:
@@ -217,43 +305,107 @@ def _var(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _jackknife_var(jack: np.ndarray) -> np.ndarray:
+    """Delete-one jackknife variance ``(n-1)/n sum_a (x_(a) - mean)^2`` over axis 0."""
+    n = jack.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "Mean of empty slice": NaN stays
+        centred = jack - np.nanmean(jack, axis=0)
+        return np.asarray((n - 1) / n * np.nansum(centred**2, axis=0))
+
+
 def bootstrap_variances(coef: SubjectCoefficients, plan: ResamplePlan) -> Variances:
-    """``V_both``, ``V_stim``, ``V_subj`` (module docstring) and the pair excess ``E``."""
+    """``V_both``, ``V_stim``, ``V_subj``, ``V_jack`` of the subject mean and the subjects'
+    mean own corrected stimulus variance (module docstring)."""
     picked = plan.subjects[:, None, :]  # (B, 1, S)
     both = _nanmean_rows(np.take_along_axis(coef.boot, np.broadcast_to(picked, coef.boot.shape), 2))
     stimuli = _nanmean_rows(coef.boot)
     subjects = _nanmean_rows(coef.r[:, plan.subjects]).T  # (K, B, S) -> (B, K)
-    n = plan.counts.shape[1]
-    jack = _nanmean_rows(coef.jack)
-    jackknife = (n - 1) / n * np.nansum((jack - np.nanmean(jack, axis=0)) ** 2, axis=0)
-    return Variances(_var(both), _var(stimuli), _var(subjects), jackknife)
+    jackknife = _jackknife_var(_nanmean_rows(coef.jack))
+    own_boot, own_jack = _var(coef.boot), _jackknife_var(coef.jack)  # (K, S)
+    return Variances(_var(both), _var(stimuli), _var(subjects), jackknife,
+                     _nanmean_rows(own_boot), _nanmean_rows(own_jack))  # fmt: skip
+
+
+def pair_corrected(jackknife: Any, bootstrap: Any, n: int) -> Any:
+    """The unbiased combination ``(2n - 3)/(n - 1) V_jack - n/(n - 2) V_stim`` of a
+    delete-one jackknife and a stimulus-bootstrap variance of a pair statistic (module
+    docstring; unfloored, linear in both)."""
+    return (2 * n - 3) / (n - 1) * jackknife - n / (n - 2) * bootstrap
+
+
+@dataclass(frozen=True)
+class Components:
+    """The corrected variance ``(K,)`` as a subject part and a stimulus part (``both`` = their
+    sum), and its Welch-Satterthwaite degrees of freedom."""
+
+    subjects: np.ndarray
+    stimuli: np.ndarray
+    dof: np.ndarray
+
+    @property
+    def total(self) -> np.ndarray:
+        """``subjects + stimuli``."""
+        return np.asarray(self.subjects + self.stimuli)
+
+
+def variance_components(
+    v: Variances, mode: str, n: int, n_subjects: int, *, pair_correction: bool = True
+) -> Components:
+    """The variance of the chosen bootstrap, corrected (module docstring), in parts.
+
+    ``stimuli``: ``max(2 V_jack - V_stim, V_stim / 3)`` with ``n - 1`` degrees of freedom;
+    ``subjects``: ``S / (S - 1) V_subj`` with ``S - 1``; ``both``: the stimulus part plus
+    ``max(0, S / (S - 1) V_subj - I)`` with the interaction
+    ``I = (mean_s W_s - W) / (S - 1)`` (``W``: the corrected stimulus variance of the subject
+    mean, ``W_s``: of subject ``s``'s own coefficient) and Welch-Satterthwaite degrees of
+    freedom. Without ``pair_correction`` this is rsatoolbox's dual-bootstrap variance (stimulus
+    factor ``n / (n - 1)``) with its ``min(S, n) - 1`` degrees of freedom.
+    """
+    shape = np.shape(v.stimuli)
+    zero = np.zeros(shape)
+    fs = n_subjects / (n_subjects - 1) if n_subjects > 1 else np.nan
+    if not pair_correction:
+        return Components(zero, _rsatoolbox_variance(v, mode, n, n_subjects, fs),
+                          np.full(shape, float(dof(mode, n, n_subjects))))  # fmt: skip
+    raw = pair_corrected(v.jackknife, v.stimuli, n)
+    stim = np.maximum(raw, n / (3 * n - 4) * v.stimuli)
+    if mode == "stimuli":
+        return Components(zero, np.asarray(stim), np.full(shape, n - 1.0))
+    if mode == "subjects":
+        return Components(np.asarray(fs * v.subjects), zero, np.full(shape, n_subjects - 1.0))
+    own = pair_corrected(v.subject_jackknife, v.subject_stimuli, n)
+    interaction = (own - raw) / (n_subjects - 1)
+    subj = np.maximum(fs * v.subjects - interaction, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = (subj + stim) ** 2 / (subj**2 / (n_subjects - 1) + stim**2 / (n - 1))
+    k = np.clip(np.nan_to_num(k, nan=n - 1.0), min(n, n_subjects) - 1, n + n_subjects - 2)
+    return Components(np.asarray(subj), np.asarray(stim), np.asarray(k))
+
+
+def _rsatoolbox_variance(v: Variances, mode: str, n: int, n_subjects: int, fs: float) -> Any:
+    """rsatoolbox's ``_dual_bootstrap`` (``n_rdm = S``, ``n_pattern = n``) and its one-factor
+    ``n / (n - 1)`` corrections."""
+    fn = n / (n - 1)
+    if mode == "stimuli":
+        return fn * v.stimuli
+    if mode == "subjects":
+        return fs * v.subjects
+    dual = fs * v.subjects + fn * v.stimuli - fs * fn * (v.both - v.subjects - v.stimuli)
+    return np.minimum(np.maximum(np.maximum(dual, fs * v.subjects), fn * v.stimuli), v.both)
 
 
 def corrected_variance(
     v: Variances, mode: str, n: int, n_subjects: int, *, pair_correction: bool = True
 ) -> np.ndarray:
-    """The variance of the chosen bootstrap, corrected (module docstring). Without
-    ``pair_correction`` this is rsatoolbox's dual-bootstrap variance (stimulus factor
-    ``n / (n - 1)``)."""
-    if pair_correction:
-        stim, fn = np.maximum(2 * v.jackknife - v.stimuli, v.stimuli / 3), 1.0
-    else:
-        stim, fn = v.stimuli, n / (n - 1)
-    if mode == "stimuli":
-        return np.asarray(fn * stim)
-    fs = n_subjects / (n_subjects - 1)
-    if mode == "subjects":
-        return np.asarray(fs * v.subjects)
-    both = v.both - (v.stimuli - stim)
-    interaction = both - v.subjects - stim
-    dual = fs * v.subjects + fn * stim - fs * fn * interaction
-    dual = np.maximum(np.maximum(dual, fs * v.subjects), fn * stim)
-    return np.asarray(np.minimum(dual, both))
+    """The variance of the chosen bootstrap, corrected (:func:`variance_components`)."""
+    return variance_components(v, mode, n, n_subjects, pair_correction=pair_correction).total
 
 
 def dof(mode: str, n: int, n_subjects: int) -> int:
-    """Degrees of freedom of the t-tests and intervals: ``n - 1``, ``S - 1`` or
-    ``min(S, n) - 1``."""
+    """rsatoolbox's degrees of freedom of the uncorrected estimators: ``n - 1``, ``S - 1`` or
+    ``min(S, n) - 1`` (the corrected ``both`` uses Welch-Satterthwaite,
+    :func:`variance_components`)."""
     if mode == "stimuli":
         return n - 1
     if mode == "subjects":
@@ -263,7 +415,8 @@ def dof(mode: str, n: int, n_subjects: int) -> int:
 
 @dataclass(frozen=True)
 class GroupEstimate:
-    """Per row: the subject-mean statistic, its corrected SE, t interval and p-values."""
+    """Per row: the subject-mean statistic, its corrected SE, t interval, p-values and the
+    t distribution's degrees of freedom ``(K,)``."""
 
     mean: np.ndarray
     se: np.ndarray
@@ -271,7 +424,7 @@ class GroupEstimate:
     high: np.ndarray
     p_greater: np.ndarray
     p_two_sided: np.ndarray
-    dof: int
+    dof: np.ndarray
 
 
 def estimate(
@@ -283,14 +436,15 @@ def estimate(
     pair_correction: bool = True,
 ) -> GroupEstimate:
     """Mean over subjects, corrected SE (``mode``: stimuli | subjects | both), Student-t
-    interval at ``level`` and t-test p-values (one-sided ``> 0`` and two-sided)."""
+    interval at ``level`` and t-test p-values (one-sided ``> 0`` and two-sided) with the
+    degrees of freedom of :func:`variance_components`."""
     n, S = plan.counts.shape[1], coef.r.shape[1]
     mean = _nanmean_rows(coef.r)
-    variance = corrected_variance(
+    parts = variance_components(
         bootstrap_variances(coef, plan), mode, n, S, pair_correction=pair_correction
     )
-    se = np.sqrt(np.maximum(variance, 0))
-    k = dof(mode, n, S)
+    se = np.sqrt(np.maximum(parts.total, 0))
+    k = parts.dof
     quantile = scipy.stats.t.ppf(0.5 + level / 2, k)
     with np.errstate(invalid="ignore", divide="ignore"):
         t = mean / se
@@ -327,6 +481,7 @@ class GroupSettings:
     bootstrap: str | None
     compare_models: str | list[str]
     seed: int
+    executor: Executor | None = None  # where the chunks of resamples run (None: here)
 
 
 def _cell_plan(
@@ -354,12 +509,17 @@ def group_inference_rows(
         for ti, target in enumerate(analysis.targets):
             sub, plan, mode = _cell_plan(target, condition.rows, settings, (ti, ci))
             S, n = sub.shape[0], len(condition.rows)
-            lower = lower_ceiling_coefficients(sub, settings.method, plan) if S >= 2 else None
+            lower = (
+                lower_ceiling_coefficients(sub, settings.method, plan, settings.executor)
+                if S >= 2
+                else None
+            )
             nc_low, nc_high = ceilings[(ti, condition.name)]
             for model in models:
                 coef = subject_coefficients(
-                    _restrict(model.rdms, condition.rows), sub, settings.method, plan
-                )
+                    _restrict(model.rdms, condition.rows), sub, settings.method, plan,
+                    settings.executor,
+                )  # fmt: skip
                 est = estimate(coef, plan, mode)
                 below = np.full(len(model.layers), np.nan)
                 if lower is not None:
@@ -420,14 +580,18 @@ BEST_FOLDS = 5
 MIN_FOLD_STIMULI = 4
 
 
-def stimulus_folds(n_rows: int, seed: int) -> list[np.ndarray]:
+def stimulus_folds(
+    n_rows: int, seed: int, within: Sequence[str] | np.ndarray | None = None
+) -> list[np.ndarray]:
     """Positions of ``n_rows`` stimuli in ``k = min(BEST_FOLDS, n_rows // MIN_FOLD_STIMULI)``
-    random folds of near-equal size (each sorted); empty when ``k < 2``."""
+    folds of near-equal size (each sorted; empty when ``k < 2``): the folds of
+    :func:`object2brain.data.splits.make_folds` (one level; stratified by the ``within``
+    labels, e.g. each stimulus' condition, when given)."""
     k = min(BEST_FOLDS, n_rows // MIN_FOLD_STIMULI)
     if k < 2:
         return []
-    order = np.random.default_rng([seed, _GROUP_STREAM, 1]).permutation(n_rows)
-    return [np.sort(fold) for fold in np.array_split(order, k)]
+    folds = make_folds(np.zeros(n_rows), k, seed=seed, within=within)
+    return [np.flatnonzero(folds == f) for f in range(k)]
 
 
 def best_picks(
@@ -456,7 +620,9 @@ def model_comparison_rows(
     for ci, condition in enumerate(analysis.conditions):
         for ti, target in enumerate(analysis.targets):
             if best:
-                out += cross_validated_rows(models, target, condition, settings, (ti, ci))
+                known = getattr(analysis, "labels", None)
+                labels = None if known is None else np.asarray(known)[condition.rows]
+                out += cross_validated_rows(models, target, condition, settings, (ti, ci), labels)
                 continue
             assert fixed is not None
             rows = condition.rows
@@ -470,7 +636,7 @@ def model_comparison_rows(
 
 def _fold_coefficients(
     pick_layers: list[int], model: ModelRdms, sub: torch.Tensor, folds: list[np.ndarray],
-    plans: list[ResamplePlan], method: str,
+    plans: list[ResamplePlan], method: str, executor: Executor | None = None,
 ) -> SubjectCoefficients:  # fmt: skip
     """One model's held-out coefficients, fold ``f`` scored with layer ``pick_layers[f]`` on
     the fold's stimuli: ``r = mean_f r_f`` ``(1, S)``, resamples ``mean_f r_f*`` (each fold's
@@ -478,7 +644,7 @@ def _fold_coefficients(
     fold ``f`` changes only ``r_f``)."""
     parts = [
         subject_coefficients(
-            _restrict(model.rdms[k : k + 1], fold), _restrict(sub, fold), method, plan
+            _restrict(model.rdms[k : k + 1], fold), _restrict(sub, fold), method, plan, executor
         )
         for k, fold, plan in zip(pick_layers, folds, plans, strict=True)
     ]
@@ -491,16 +657,17 @@ def _fold_coefficients(
 
 def cross_validated_rows(
     models: Sequence[ModelRdms], target: Any, condition: Any, settings: GroupSettings,
-    words: tuple[int, int],
+    words: tuple[int, int], labels: Sequence[str] | np.ndarray | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """``--compare-models best``: k-fold cross-validation over stimulus folds
-    (:func:`stimulus_folds`). For each fold, each model's layer with the highest mean r over
+    (:func:`stimulus_folds`, stratified by the stimuli's condition ``labels`` when given). For
+    each fold, each model's layer with the highest mean r over
     subjects on the *other* folds (:func:`best_picks`) is scored on the fold's own stimuli
     (pairs within the fold); the statistic is the mean over folds of the held-out
     ``delta_r``, never computed on the stimuli its layers were chosen on. Its resamples draw
     each fold's stimuli on their own and the subjects once (shared by the folds)."""
     rows = condition.rows
-    folds = stimulus_folds(len(rows), settings.seed)
+    folds = stimulus_folds(len(rows), settings.seed, labels)
     if len(models) < 2 or not folds:
         return []
     sub_all = _restrict(target.rdms, rows)
@@ -514,7 +681,9 @@ def cross_validated_rows(
     plan = ResamplePlan(np.concatenate([p.counts for p in plans], axis=1), plans[0].subjects)
     mode = default_bootstrap(settings.bootstrap, S)
     coefs = [
-        _fold_coefficients([c[m] for c in chosen], model, sub_all, folds, plans, settings.method)
+        _fold_coefficients(
+            [c[m] for c in chosen], model, sub_all, folds, plans, settings.method, settings.executor
+        )
         for m, model in enumerate(models)
     ]
     selection = f"best by {len(folds)}-fold cross-validation"
@@ -546,7 +715,11 @@ def _pair_rows(
 ) -> list[dict[str, Any]]:  # fmt: skip
     coefs = [
         subject_coefficients(
-            _restrict(p.model.rdms[p.k : p.k + 1], rows), sub, settings.method, plan
+            _restrict(p.model.rdms[p.k : p.k + 1], rows),
+            sub,
+            settings.method,
+            plan,
+            settings.executor,
         )
         for p in picks
     ]
@@ -571,9 +744,10 @@ def group_tables(
     options: Any,
     seed: int,
     ceilings: dict[Any, Any],
+    executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``group_inference`` and ``model_comparison`` tables of one alignment run (empty for
-    ``kendall_tau_a``, which has no weighted form for the resamples)."""
+    """The ``group_inference`` and ``model_comparison`` tables of one alignment run; the chunks
+    of resamples run by ``executor`` (default: here; the same numbers for every executor)."""
     from object2brain.rsa.inference import with_fdr
     from object2brain.tables import GROUP_INFERENCE, MODEL_COMPARISON
 
@@ -582,8 +756,9 @@ def group_tables(
     if options.compare_method not in GROUP_METHODS:
         return group, comparison
     settings = GroupSettings(
-        options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed
-    )
+        options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed,
+        executor,
+    )  # fmt: skip
     rows = group_inference_rows(models, analysis, settings, ceilings)
     if rows:
         group = with_fdr(pd.DataFrame(rows, columns=GROUP_INFERENCE.column_names),

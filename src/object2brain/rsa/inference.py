@@ -23,7 +23,9 @@ from the *same* permutations / resamples, so the group mean gets its own exact n
   (default 95%). Such a resample holds original pair ``(a, b)`` exactly ``c_a c_b`` times
   (``c``: how often each stimulus was drawn), so Spearman and Pearson are computed as weighted
   coefficients over the original pairs (:class:`~object2brain.rsa.compare.WeightedComparison`):
-  no resample is gathered or sorted.
+  no resample is gathered or sorted. Resamples come in chunks of ``BOOT_CHUNK`` with their own
+  seeds (:func:`bootstrap_values`), so an executor's workers (Ray) give the numbers of a local
+  run.
 - **Noise ceiling** of ``S`` subject RDMs: upper = ``mean_s r(RDM_s, mean of all)``, lower =
   ``mean_s r(RDM_s, mean of the others)`` (raw dissimilarities averaged; NaN when ``S < 2``).
 - **FDR**: Benjamini-Hochberg step-up adjusted p-values.
@@ -39,9 +41,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -459,6 +462,7 @@ def bootstrap_ci(
     memory_elements: int | None = None,
     *,
     corrected: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stimulus-bootstrap interval of the coefficients of square RDMs.
 
@@ -478,8 +482,9 @@ def bootstrap_ci(
         nan = np.full((K, T + G), np.nan)
         return nan, nan.copy()
     values = bootstrap_values(
-        model_rdms, target_rdms, method, n_boot, seed, device, combine, memory_elements
-    )
+        model_rdms, target_rdms, method, n_boot, seed, device, combine, memory_elements,
+        executor,
+    )  # fmt: skip
     if not corrected:
         return percentile_interval(values, level)
     spread = corrected_spread(
@@ -603,6 +608,73 @@ def jackknife_values(
     return _with_combine(torch.cat(parts), combine).cpu().numpy()
 
 
+#: Resamples per chunk of a stimulus bootstrap: chunk ``k`` draws from its own seed
+#: (:func:`bootstrap_values`) and is one unit of work of an executor; a constant, never
+#: dependent on the number of workers.
+BOOT_CHUNK = 250
+
+
+@dataclass(frozen=True)
+class _BootJob:
+    """What a chunk of stimulus-bootstrap resamples needs (an executor's shared object)."""
+
+    a: torch.Tensor  # (K, n, n) float64
+    bt: torch.Tensor  # (T, n, n) float64
+    method: str
+    combine: torch.Tensor | None
+    memory_elements: int | None
+    n_boot: int
+    root: int
+    words: tuple[int, ...]
+
+    def on_cpu(self) -> _BootJob:
+        """A copy whose tensors are on the CPU (for workers without the driver's GPU)."""
+        combine = None if self.combine is None else self.combine.cpu()
+        return dataclasses.replace(self, a=self.a.cpu(), bt=self.bt.cpu(), combine=combine)
+
+    def indices(self, k: int) -> np.ndarray:
+        """Stimulus draws ``(C, n)`` of chunk ``k``:
+        ``default_rng([*chunk_seed(root, stream, k), *words]).integers(0, n, (C, n))``."""
+        rows = chunks_of(self.n_boot, BOOT_CHUNK)[k]
+        rng = np.random.default_rng([*chunk_seed(self.root, _BOOT_STREAM, k), *self.words])
+        n = self.a.shape[-1]
+        return rng.integers(0, n, size=(len(rows), n))
+
+
+def _boot_chunks(job: _BootJob, chunks: range) -> torch.Tensor:
+    """Coefficients ``(C, K, T + G)`` of the resamples of the chunks ``chunks`` (on the CPU)."""
+    A, Bt, dev = job.a, job.bt, job.a.device
+    K, n, T = A.shape[0], A.shape[-1], Bt.shape[0]
+    m = n * (n - 1) // 2
+    iu, ju = triu_indices(n, dev)
+    if job.method == "kendall_tau_a":
+        draw = partial(_kendall_resamples, A, Bt, iu, ju)
+        # Per resample: gathered (K + T, m) values, sign-matrix chunks, the pair index (m,) x 3.
+        batch = _batch_size(
+            job.memory_elements, (K + T) * m, 8 * (4 * (K + T) * m + 3 * m + n), dev
+        )
+        batch = max(1, min(batch, 4))
+    else:
+        # A resample holds pair (a, b) c_a c_b times (c: how often each stimulus was drawn), so
+        # it is the original pairs under those weights: sort once, no gathers.
+        comparison = WeightedComparison(upper_triangle(A), upper_triangle(Bt), job.method)
+        draw = partial(_weighted_resamples, comparison, iu, ju)
+        # Per resample: the weights (m,), the standardised rows (K + T, m) and the temporaries of
+        # one row being ranked (about 7 arrays (m,): gathered weights, cumulative sums, ties).
+        batch = _batch_size(job.memory_elements, (K + T) * m, 8 * ((K + T + 8) * m + n), dev)
+    stats = []
+    chunking = Chunking(batch)
+    for k in chunks:
+        idx = torch.as_tensor(job.indices(k)).to(dev)
+
+        def resamples(start: int, stop: int, idx: torch.Tensor = idx) -> torch.Tensor:
+            return _with_combine(draw(idx[start:stop]), job.combine).cpu()
+
+        stats += [values for _start, _stop, values in chunking.run(len(idx), resamples, device=dev)]
+    G = 0 if job.combine is None else job.combine.shape[1]
+    return torch.cat(stats) if stats else torch.zeros((0, K, T + G), dtype=torch.float64)
+
+
 def bootstrap_values(
     model_rdms: np.ndarray | torch.Tensor,
     target_rdms: np.ndarray | torch.Tensor,
@@ -612,41 +684,39 @@ def bootstrap_values(
     device: str | torch.device | None = "auto",
     combine: torch.Tensor | None = None,
     memory_elements: int | None = None,
+    executor: Executor | None = None,
 ) -> np.ndarray:
     """The coefficients of ``n_boot`` stimulus-bootstrap resamples, ``(n_boot, K, T + G)``
-    (see :func:`bootstrap_ci`; ``seed`` may be a sequence, e.g. ``(seed, condition)``, for
-    independent streams)."""
-    dev, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
-    K, n = A.shape[0], A.shape[-1]
-    T = Bt.shape[0]
-    m = n * (n - 1) // 2
-    words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
-    rng = np.random.default_rng([*words, _BOOT_STREAM])
-    iu, ju = triu_indices(n, dev)
-    if method == "kendall_tau_a":
-        draw = partial(_kendall_resamples, A, Bt, iu, ju)
-        # Per resample: gathered (K + T, m) values, sign-matrix chunks, the pair index (m,) x 3.
-        batch = _batch_size(memory_elements, (K + T) * m, 8 * (4 * (K + T) * m + 3 * m + n), dev)
-        batch = max(1, min(batch, 4))
-    else:
-        # A resample holds pair (a, b) c_a c_b times (c: how often each stimulus was drawn), so
-        # it is the original pairs under those weights: sort once, no gathers.
-        comparison = WeightedComparison(upper_triangle(A), upper_triangle(Bt), method)
-        draw = partial(_weighted_resamples, comparison, iu, ju)
-        # Per resample: the weights (m,), the standardised rows (K + T, m) and the temporaries of
-        # one row being ranked (about 7 arrays (m,): gathered weights, cumulative sums, ties).
-        batch = _batch_size(memory_elements, (K + T) * m, 8 * ((K + T + 8) * m + n), dev)
-    stats = []
-    chunking = Chunking(batch)
-    for done in range(0, n_boot, PERM_BLOCK):
-        idx = torch.as_tensor(rng.integers(0, n, size=(min(PERM_BLOCK, n_boot - done), n)))
-        idx = idx.to(dev)
+    (see :func:`bootstrap_ci`).
 
-        def resamples(start: int, stop: int, idx: torch.Tensor = idx) -> torch.Tensor:
-            return _with_combine(draw(idx[start:stop]), combine).cpu()
+    ``seed``: ``root`` or ``(root, *words)`` (e.g. ``(seed, condition)``) for independent
+    streams. The resamples come in chunks of :data:`BOOT_CHUNK`; chunk ``k`` draws its stimuli
+    from ``numpy.random.default_rng([*chunk_seed(root, stream, k), *words])``, so the values do
+    not depend on batch sizes, devices, ``executor`` (where the chunks run; default: here) or
+    the number of its workers (a Ray executor's workers compute on the CPU).
+    """
+    _, (A, Bt) = _inputs(method, device, model_rdms, target_rdms)
+    root, *words = [int(seed)] if isinstance(seed, int | np.integer) else [int(w) for w in seed]
+    job = _BootJob(A, Bt, method, combine, memory_elements, n_boot, root, tuple(words))
+    total = len(chunks_of(n_boot, BOOT_CHUNK)) if n_boot > 0 else 0
+    return torch.cat(map_chunk_ranges(_boot_chunks, job, total, executor, "rsa bootstrap")).numpy()
 
-        stats += [values for _start, _stop, values in chunking.run(len(idx), resamples, device=dev)]
-    return torch.cat(stats).numpy()
+
+def map_chunk_ranges(
+    fn: Callable[[Any, range], torch.Tensor],
+    job: Any,
+    total: int,
+    executor: Executor | None,
+    stage: str,
+) -> list[torch.Tensor]:
+    """``fn(job, chunks)`` over the chunks ``range(total)`` (bootstrap chunks, permutation
+    blocks), each seeded by its own index: here in one call (no executor, a local one, or at
+    most one chunk), otherwise cut into ``2 x workers`` tasks of ``executor`` that share
+    ``job.on_cpu()``; the parts in chunk order (concatenate or add them)."""
+    if executor is None or executor.name == "local" or total <= 1:
+        return [fn(job, range(total))]
+    per_task = max(1, -(-total // (2 * executor.workers)))
+    return executor.map_chunks(fn, chunks_of(total, per_task), stage=stage, shared=job.on_cpu())
 
 
 def percentile_interval(values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -938,6 +1008,7 @@ def condition_difference_bootstrap(
     *,
     corrected: bool = True,
     ceilings: tuple[np.ndarray, np.ndarray] | None = None,
+    executor: Executor | None = None,
 ) -> ContrastInterval:
     """Stimulus bootstrap of ``r_a - r_b`` that resamples within each condition.
 
@@ -982,7 +1053,7 @@ def condition_difference_bootstrap(
         sub_b = Bt[:, rows.to(Bt.device)][:, :, rows.to(Bt.device)]
         boot = bootstrap_values(
             sub_a, sub_b, method, n_boot, (seed, _CONTRAST_STREAM, word), device, combine,
-            memory_elements,
+            memory_elements, executor,
         )  # fmt: skip
         sides.append(
             ConditionResamples(

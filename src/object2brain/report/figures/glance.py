@@ -3,7 +3,8 @@
 Each function returns a :class:`Drawn`: the matplotlib figure, its caption (which names the test
 behind filled markers and where every interval comes from) and per panel how many noise-ceiling
 bands it holds. The report inlines them as SVG; parts are tagged (``gid="o2b-<kind>-<panel>"``:
-``ceiling`` bands, ``ci`` error bars) so that the page can be checked for what was drawn.
+``ceiling`` bands, ``ci`` error bars, ``null`` the z_null band and ``nullq`` the null's
+quantile bars of the Object2Brain figure) so that the page can be checked for what was drawn.
 
 - :func:`plot_layer_profiles`: one panel per target, layers in network order on x, one line per
   model (and condition), bootstrap CI error bars, one grey noise-ceiling band, markers filled
@@ -77,6 +78,13 @@ def _layer_positions(rows: pd.DataFrame) -> tuple[dict[tuple[str, str], int], li
     return position, shared
 
 
+def _layer_names(rows: pd.DataFrame) -> dict[str, list[str]]:
+    """Each model's layers in its network order (what the ranks on x stand for)."""
+    order = rows[["model", "layer", "layer_index"]].drop_duplicates(["model", "layer"])
+    order = order.sort_values(["model", "layer_index"], kind="stable")
+    return {str(m): [str(x) for x in block["layer"]] for m, block in order.groupby("model")}
+
+
 def _panel_grid(
     n: int, width: float, height: float = 3.4, columns: int = 3
 ) -> tuple[Any, list[Any]]:
@@ -132,16 +140,22 @@ def _series(
 def _profile_lines(
     ax: Any, panel: pd.DataFrame, profile: Profile, index: int, *, by_condition: bool
 ) -> None:
-    """The lines of one panel: one per model (and condition), x from ``panel["_x"]``."""
+    """The lines of one panel: one per model (and condition), x from ``panel["_x"]``, each
+    line shifted a little (the same shift in every panel) so that overlapping error bars of
+    different lines stay apart."""
     colours = pyplot().get_cmap("tab10")
     styles = ["-", "--", ":", "-."]
     models = [str(m) for m in dict.fromkeys(profile.rows["model"])]
     conditions = [str(c) for c in dict.fromkeys(profile.rows["condition"])]
+    keys = profile.rows[["model", "condition"]].astype(str).drop_duplicates()
+    lines = list(keys.itertuples(index=False, name=None))
+    step = min(0.08, 0.5 / max(1, len(lines)))
     for (model, condition), line in panel.groupby(["model", "condition"], sort=False):
         line = line.sort_values("layer_index")
+        shift = (lines.index((str(model), str(condition))) - (len(lines) - 1) / 2) * step
         _series(
             ax,
-            line["_x"].to_numpy(float),
+            line["_x"].to_numpy(float) + shift,
             line[profile.value].to_numpy(float),
             (line["ci_low"].to_numpy(float), line["ci_high"].to_numpy(float)),
             line["_significant"].to_numpy(bool),
@@ -194,7 +208,12 @@ def plot_layer_profiles(
         f"< {ALPHA:g}."
     )
     if shared is None:
-        drawn.caption += " Models differ in their layers: x is each layer's rank in its own model."
+        drawn.caption += (
+            " Models differ in their layers: x is each layer's rank in its own model ("
+            + "; ".join(f"{model}: {', '.join(layers)}" for model, layers in
+                        _layer_names(profile.rows).items())
+            + ")."
+        )  # fmt: skip
     return drawn
 
 
@@ -428,6 +447,15 @@ def object2brain_marks(rows: pd.DataFrame) -> tuple[pd.Series, str]:
     return pd.Series(q < ALPHA, index=rows.index), rule
 
 
+def has_null_quantiles(rows: pd.DataFrame) -> bool:
+    """Whether an ``object2brain`` table records the null's quantiles: columns ``null_low`` and
+    ``null_high`` with at least one value each (tables written before them do not)."""
+    return all(
+        c in rows and pd.to_numeric(rows[c], errors="coerce").notna().any()
+        for c in ("null_low", "null_high")
+    )
+
+
 def _object2brain_points(
     ax: Any,
     part: pd.DataFrame,
@@ -437,14 +465,18 @@ def _object2brain_points(
     *,
     colour: Any,
     label: str | None,
+    panel: int,
 ) -> None:
     """One model / layer's groups in a panel: points, the null's interval when the table has
-    one (``null_low``/``null_high``), ``*`` where ``marks``."""
+    one (``null_low``/``null_high``; tagged ``o2b-nullq-<panel>``), ``*`` where ``marks``."""
     y = pd.to_numeric(part[value], errors="coerce").to_numpy(float)
     if value == "delta_r":
         low = pd.to_numeric(part["null_low"], errors="coerce").to_numpy(float)
         high = pd.to_numeric(part["null_high"], errors="coerce").to_numpy(float)
-        ax.vlines(x, low, high, colors=[colour], alpha=0.45, lw=3)
+        ok = np.isfinite(low) & np.isfinite(high)
+        if ok.any():
+            ax.vlines(x[ok], low[ok], high[ok], colors=[colour], alpha=0.45, lw=3,
+                      gid=f"o2b-nullq-{panel}")  # fmt: skip
     ax.scatter(x, y, color=colour, s=24, zorder=3, label=label)
     for xi, yi in zip(x[marks], y[marks], strict=True):
         if np.isfinite(yi):
@@ -456,9 +488,10 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
     """Every model's object groups in one figure: one panel per target, groups on x, one colour
     per model / layer; ``*`` where :func:`object2brain_marks` passes.
 
-    y is ``delta_r`` with the null's central 95% as an interval when the table has
-    ``null_low``/``null_high``; otherwise ``z_null`` (delta_r in standard deviations of the
-    random-subset null, whose spread is then the grey band -1.96 to 1.96)."""
+    y is ``delta_r`` with the null's central 95% (``null_low`` to ``null_high``, the 2.5% and
+    97.5% quantiles of the random-subset null's delta_r) as an interval when the table records
+    them (:func:`has_null_quantiles`); otherwise (older tables) ``z_null`` (delta_r in standard
+    deviations of the random-subset null, whose spread is then the grey band -1.96 to 1.96)."""
     plt = pyplot()
     rows = table[
         (table["condition"].astype(str) == "all")
@@ -468,11 +501,11 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
     if rows.empty:
         return None
     marks, rule = object2brain_marks(rows)
-    on_delta = {"null_low", "null_high"} <= set(rows.columns)
+    on_delta = has_null_quantiles(rows)
     value = "delta_r" if on_delta else "z_null"
     series = rows["model"].astype(str) + " / " + rows["layer"].astype(str)
     if "analysis" in rows:  # `lesion --analysis both`: encoding rows are a series of their own
-        kind = rows["analysis"].fillna("rsa").astype(str)
+        kind = rows["analysis"].astype(str).where(rows["analysis"].notna(), "rsa")
         series = series.where(kind == "rsa", series + " (" + kind + ")")
     names = list(dict.fromkeys(series))
     groups = [str(g) for g in dict.fromkeys(rows["group"])]
@@ -493,10 +526,11 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
             x += (s - (len(names) - 1) / 2) * width
             _object2brain_points(
                 ax, part, x, value, marks[part.index].to_numpy(bool), colour=colours(s % 10),
-                label=name if name not in ax.get_legend_handles_labels()[1] else None,
+                label=name if name not in ax.get_legend_handles_labels()[1] else None, panel=i,
             )  # fmt: skip
         ax.axhline(0, color="0.5", lw=0.7)
-        ax.set_xticks(range(len(groups)), groups, rotation=35, ha="right", fontsize=7)
+        turn = {"rotation": 35, "ha": "right", "rotation_mode": "anchor"} if len(groups) > 4 else {}
+        ax.set_xticks(range(len(groups)), groups, fontsize=7, **turn)
         ax.set_title(target, fontsize=10)
         ax.set_ylabel("delta r (variant - full)" if on_delta else "z_null of delta r", fontsize=8)
         drawn.ceilings.append(0)
@@ -504,7 +538,8 @@ def plot_object2brain_models(table: pd.DataFrame, variant: str = "lesion") -> Dr
         axes[0].legend(fontsize=7, frameon=False, loc="best")
     fig.tight_layout()
     spread = (
-        "bars: the random-subset null's central 95% (null_low to null_high)"
+        "y: delta_r; bars: the random-subset null's central 95% (null_low to null_high, its "
+        "2.5% and 97.5% quantiles of delta r), so a point outside its bar lies outside the null"
         if on_delta
         else "y: z_null = (delta r - mean of the random-subset null) / its SD, so the null's "
         "spread is the grey band (-1.96 to 1.96; the table records no null quantiles)"

@@ -14,10 +14,14 @@ def summary_rows(table: pd.DataFrame, condition: str = "all") -> pd.DataFrame:
     """Rows shown in figures: one condition, the group level of every target, with ``q``: the
     larger of the FDR-adjusted p-values of the starred rule, ``p_group_fdr`` (against filter
     subsets matched to the group) and ``p_perm_fdr`` (against permuted stimulus labels), so a
-    mark needs both. Tables written before ``p_group`` existed use ``p_fdr`` (random subsets)."""
+    mark needs both. Tables without ``p_group`` values (written before it existed) use ``p_fdr``
+    (random subsets), as the report's rule in words says."""
     rows = table[(table["condition"] == condition) & (table["subject"] == "group")].copy()
-    first = "p_group_fdr" if "p_group_fdr" in rows else "p_fdr"
-    q = rows[first].to_numpy(dtype=float)
+    has_group = (
+        "p_group_fdr" in rows and pd.to_numeric(rows["p_group_fdr"], errors="coerce").notna().any()
+    )
+    first = "p_group_fdr" if has_group else "p_fdr"
+    q = pd.to_numeric(rows[first], errors="coerce").to_numpy(dtype=float)
     if "p_perm_fdr" in rows:  # NaN where not computed (n_perm 0, tau-a): the first alone
         perm = rows["p_perm_fdr"].to_numpy(dtype=float)
         q = np.where(np.isnan(perm), q, np.maximum(q, perm))  # NaN first stays NaN
@@ -62,8 +66,10 @@ def plot_lesion_heatmaps(table: pd.DataFrame, folder: Path) -> list[Path]:
                 for j in range(len(targets)):
                     value = q.iat[i, j]
                     mark = "**" if value < 0.01 else "*" if value < 0.05 else ""
-                    if mark:
-                        ax.text(j, i, mark, ha="center", va="center", fontsize=11)
+                    if mark:  # white on the dark ends of the colour scale
+                        dark = abs(float(delta.iat[i, j])) > 0.6 * limit
+                        ax.text(j, i, mark, ha="center", va="center", fontsize=11,
+                                color="white" if dark else "black")  # fmt: skip
             ax.set_xticks(range(len(targets)), targets, rotation=45, ha="right")
             ax.set_yticks(range(len(groups)), groups if ax is axes[0][0] else [])
             ax.set_title(variant)

@@ -15,6 +15,7 @@ For every target (each ROI, and behaviour) of an :class:`~object2brain.rdm_file.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,17 @@ def _boundaries(rdms: RdmSet, order: np.ndarray) -> list[float]:
     return [i - 0.5 for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
 
 
+def _blocks(rdms: RdmSet, order: np.ndarray) -> tuple[list[float], list[str]]:
+    """The centre of each condition's block of rows in ``order`` and its name (none without
+    conditions)."""
+    if rdms.conditions is None:
+        return [], []
+    labels = [rdms.conditions[i] or "none" for i in order]
+    starts = [0, *(int(edge + 0.5) for edge in _boundaries(rdms, order)), len(labels)]
+    centres = [(a + b - 1) / 2 for a, b in pairwise(starts)]
+    return centres, [labels[a] for a in starts[:-1]]
+
+
 def _describe(rdm: Rdm) -> str:
     if rdm.kind == "model":
         return f"{rdm.name} {rdm.label}"
@@ -140,8 +152,10 @@ def _rdm_panels(
             ax.axhline(edge, color="white", linewidth=0.6)
             ax.axvline(edge, color="white", linewidth=0.6)
         ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        centres, names = _blocks(rdms, order)  # each condition's block named on the axes
+        ax.set_xticks(centres, names, fontsize=8)
+        ax.set_yticks(centres, names, fontsize=8, rotation=90, va="center")
+        ax.tick_params(length=0)
         ax.set_xlabel("stimuli by condition, then valence")
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="dissimilarity percentile")
     files = save_figure(fig, out_dir, stem)
@@ -169,13 +183,21 @@ def _mds_panels(
                 style |= {"c": rdms.valence[rows], "cmap": "coolwarm", "vmin": low, "vmax": high}
             points = ax.scatter(coords[rows, 0], coords[rows, 1], label=condition or "none",
                                 edgecolors="black", linewidths=0.3, **style)  # fmt: skip
-        if len(names) > 1 or names != [""]:
-            ax.legend(fontsize=7, title="condition", title_fontsize=7)
         ax.set_title(f"MDS: {title}", fontsize=9)
+        ax.set_aspect("equal", adjustable="datalim")  # distances as in the RDM, both axes
         ax.set_xlabel("dimension 1")
-        ax.set_ylabel("dimension 2")
+    axes[0].set_ylabel("dimension 2")
     if rdms.valence is not None:
         fig.colorbar(points, ax=list(axes), shrink=0.8, label="rated valence")
+    if len(names) > 1 or names != [""]:  # one legend below the panels: shapes, not colours
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], linestyle="", marker=markers[c % len(markers)], color="0.6",
+                          markeredgecolor="black", markeredgewidth=0.3, markersize=5)
+                   for c in range(len(names))]  # fmt: skip
+        fig.legend(handles, [n or "none" for n in names], title="condition", fontsize=7,
+                   title_fontsize=7, loc="upper center", bbox_to_anchor=(0.45, 0.02),
+                   ncol=min(len(names), 6), frameon=False)  # fmt: skip
     files = save_figure(fig, out_dir, stem)
     plt.close(fig)
     return files
