@@ -19,6 +19,14 @@ For every model, layer ``L``, object group ``g``, variant and ROI (``target``, `
    subject level. ``p_perm`` is NaN (``n_perm = 0``): no stimulus-label permutation is run for
    encoding rows.
 
+Selection (``options.selection``, column ``selection``): ``same``, or a filter table without
+per-fold rows, scores the all-images groups on all stimuli (circular). ``cross_fit`` (default):
+per selection fold ``k`` (:func:`object2brain.lesion.analysis.with_selection`: the dissection's
+recorded folds, else drawn again), fold ``k``'s groups and their own null subsets (seeds shifted
+by :func:`~object2brain.lesion.analysis.fold_seed_shift`) are scored on fold ``k``'s stimuli
+only, with the same fit; r, delta and every null draw are combined over folds by the RSA
+lesion's fold-size weighted mean, draw by draw.
+
 Per-subject rows, plus ``subject = group`` for a target with two or more subjects: the mean over
 its subjects of ``r_full``, ``r_variant`` and of every null subset's r (the subsets are the same
 for every subject), so the group row has its own null.
