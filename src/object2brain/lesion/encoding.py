@@ -134,11 +134,14 @@ def compute_encoding_lesion(
     runtime: Runtime,
     *,
     executor: Executor | None = None,
+    notes: list[str] | None = None,
 ) -> pd.DataFrame:
     """``object2brain`` rows (``analysis = encoding``) of every store, layer, group, variant,
     ROI and condition (module docstring); ``p_fdr`` filled, ``p_perm`` NaN. Each ROI's fit and
     subset predictions run as one task of ``executor`` (default: the executor of
     ``runtime.executor``); the rows are the same for every executor and number of workers.
+    ``notes``: gets the manifest note of every layer whose cross-fitted selection fell back to
+    ``same`` (once each).
 
     Raises:
         DataError: a reduction in ``encode``, a projected store layer, a layer without filters,
@@ -157,7 +160,9 @@ def compute_encoding_lesion(
         check_encoding_options(encode, layers)
         for layer in layers:
             task = load_layer(store, layer, name, filters, data.ids, options.groups, device)
-            task, _note = with_selection(task, filters, analysed, options, runtime.seed)
+            task, note = with_selection(task, filters, analysed, options, runtime.seed)
+            if note and notes is not None and note not in notes:
+                notes.append(note)
             features = _layer_features(store, layer, data.ids, task.stats.n_filters)
             rows += _layer_rows(
                 task, features, data, folds, labels, options, encode, runtime, executor
