@@ -16,8 +16,13 @@ from scipy.stats import spearmanr
 
 from object2brain.api.lesion import lesion
 from object2brain.errors import DataError
-from object2brain.lesion.analysis import LayerFilters, lesion_layer, selection_folds
-from object2brain.lesion.engine import FilterStats, random_subset_masks
+from object2brain.lesion.analysis import (
+    LayerFilters,
+    lesion_layer,
+    null_subset_masks,
+    selection_folds,
+)
+from object2brain.lesion.engine import FilterStats
 from object2brain.options import LesionOptions
 from object2brain.rsa.targets import AnalysisSet, Target
 
@@ -60,9 +65,10 @@ def test_null_interval_is_the_quantiles_of_brute_force_draws(selection: str) -> 
     row = next(r for r in rows if r["condition"] == "all" and r["group"] == "G")
     combined = np.zeros(N_NULL)
     for test, weight, shift in parts:  # each fold's draws, as the lesion seeds them
-        draws = random_subset_masks(K, len(group), N_NULL, seed=SEED + len(group) + shift)
+        # the lesion's chunk-seeded draws (True: kept), root seed SEED + size + shift
+        draws = null_subset_masks(K, group, None, N_NULL, SEED + shift, "lesion")
         full = _r(acts, roi, test, np.ones(K, bool))
-        combined += weight * np.array([_r(acts, roi, test, ~d) - full for d in draws])
+        combined += weight * np.array([_r(acts, roi, test, d) - full for d in draws])
     low, high = np.quantile(combined, [0.025, 0.975])
     assert row["null_low"] == pytest.approx(low, abs=1e-9)
     assert row["null_high"] == pytest.approx(high, abs=1e-9)

@@ -190,7 +190,13 @@ def lesion(
         if opts.analysis != "rsa":
             data = encoding_lesion_data(brain_data, ratings, stimulus_set, stores[0])
             encoded = compute_encoding_lesion(
-                stores, table, data, opts, encode_options or EncodeOptions(), runtime
+                stores,
+                table,
+                data,
+                opts,
+                encode_options or EncodeOptions(),
+                runtime,
+                notes=result.notes,
             )
             parts = [result.object2brain, encoded] if opts.analysis == "both" else [encoded]
             result.object2brain = pd.concat(parts, ignore_index=True)

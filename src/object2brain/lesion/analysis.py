@@ -699,7 +699,7 @@ def _part_estimates(
     if options.n_group_null:
         chooser = _Scorer.of(task, analysis, part.select, options, device)
         alignment = chooser.alignment()
-    shift = 0 if task.folds is None else 100_003 * (part.index + 1)
+    shift = 0 if task.folds is None else fold_seed_shift(part.index)
     requests: dict[tuple[Any, ...], NullRequest] = {}
     pending = []
     for group, filters in part.groups.items():
@@ -1000,3 +1000,9 @@ def null_p_z(delta: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, np
 def stratum_counts(strata: np.ndarray | None, filters: np.ndarray) -> tuple[int, ...]:
     """What a (matched) null depends on besides the group size (shared null draws)."""
     return _stratum_counts(strata, filters)
+
+
+def fold_seed_shift(index: int) -> int:
+    """What selection fold ``index``'s null subsets add to the root seed (cross-fitted
+    selection): each fold draws its own subsets, the same in the RSA and encoding lesions."""
+    return 100_003 * (index + 1)

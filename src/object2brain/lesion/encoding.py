@@ -19,6 +19,14 @@ For every model, layer ``L``, object group ``g``, variant and ROI (``target``, `
    subject level. ``p_perm`` is NaN (``n_perm = 0``): no stimulus-label permutation is run for
    encoding rows.
 
+Selection (``options.selection``, column ``selection``): ``same``, or a filter table without
+per-fold rows, scores the all-images groups on all stimuli (circular). ``cross_fit`` (default):
+per selection fold ``k`` (:func:`object2brain.lesion.analysis.with_selection`: the dissection's
+recorded folds, else drawn again), fold ``k``'s groups and their own null subsets (seeds shifted
+by :func:`~object2brain.lesion.analysis.fold_seed_shift`) are scored on fold ``k``'s stimuli
+only, with the same fit; r, delta and every null draw are combined over folds by the RSA
+lesion's fold-size weighted mean, draw by draw.
+
 Per-subject rows, plus ``subject = group`` for a target with two or more subjects: the mean over
 its subjects of ``r_full``, ``r_variant`` and of every null subset's r (the subsets are the same
 for every subject), so the group row has its own null.
@@ -45,8 +53,9 @@ none``); a store layer kept as a random projection (``--srp``) or an encoding re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -62,6 +71,11 @@ from object2brain.executors import Executor, LocalExecutor, executor_for
 from object2brain.lesion.analysis import (
     FilterTable,
     LayerFilters,
+    _combine,
+    _Estimate,
+    _Part,
+    _parts,
+    fold_seed_shift,
     layers_to_lesion,
     load_layer,
     null_interval,
@@ -69,11 +83,15 @@ from object2brain.lesion.analysis import (
     null_subset_masks,
     store_model,
     stratum_counts,
+    with_selection,
 )
 from object2brain.lesion.engine import filter_norms, norm_strata
 from object2brain.options import EncodeOptions, LesionOptions, Runtime
 from object2brain.rsa.inference import with_fdr
+from object2brain.rsa.targets import AnalysisSet, Condition
 from object2brain.tables import OBJECT2BRAIN
+
+log = logging.getLogger("object2brain.lesion.encoding")
 
 #: Bytes of filter contributions (or of subset predictions) held at once.
 BLOCK_BYTES = 1 << 28
@@ -116,11 +134,14 @@ def compute_encoding_lesion(
     runtime: Runtime,
     *,
     executor: Executor | None = None,
+    notes: list[str] | None = None,
 ) -> pd.DataFrame:
     """``object2brain`` rows (``analysis = encoding``) of every store, layer, group, variant,
     ROI and condition (module docstring); ``p_fdr`` filled, ``p_perm`` NaN. Each ROI's fit and
     subset predictions run as one task of ``executor`` (default: the executor of
     ``runtime.executor``); the rows are the same for every executor and number of workers.
+    ``notes``: gets the manifest note of every layer whose cross-fitted selection fell back to
+    ``same`` (once each).
 
     Raises:
         DataError: a reduction in ``encode``, a projected store layer, a layer without filters,
@@ -130,6 +151,8 @@ def compute_encoding_lesion(
     executor = executor or executor_for(runtime)
     labels = None if data.conditions is None else np.asarray(data.conditions, dtype=object)
     folds = outer_folds(len(data.ids), encode.folds, seed=runtime.seed, conditions=labels)
+    # what the selection folds are drawn from when the dissection did not record them
+    analysed = AnalysisSet(list(data.ids), [], labels)
     rows: list[dict[str, Any]] = []
     for store in stores:
         name = store_model(store)
@@ -137,6 +160,9 @@ def compute_encoding_lesion(
         check_encoding_options(encode, layers)
         for layer in layers:
             task = load_layer(store, layer, name, filters, data.ids, options.groups, device)
+            task, note = with_selection(task, filters, analysed, options, runtime.seed)
+            if note and notes is not None and note not in notes:
+                notes.append(note)
             features = _layer_features(store, layer, data.ids, task.stats.n_filters)
             rows += _layer_rows(
                 task, features, data, folds, labels, options, encode, runtime, executor
@@ -232,25 +258,38 @@ def subset_mean_r(
     kept) from ``features`` ``(n, C, positions)``, scored on the stimuli of each condition mask
     ``(n,)``. Equals :meth:`RidgeFit.predict` on the masked, flattened features (voxels whose
     prediction is constant are left out of the mean, as in the ``encode`` table)."""
+    return blocks_mean_r(fit, features, responses, [(masks, conditions)])[0]
+
+
+def blocks_mean_r(
+    fit: RidgeFit,
+    features: np.ndarray,
+    responses: np.ndarray,
+    blocks: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]],
+) -> list[np.ndarray]:
+    """:func:`subset_mean_r` of every block ``(masks (M_b, C), conditions [(n,)])`` (one per
+    selection fold: its subsets scored on its stimuli), the filter contributions computed once
+    for all blocks."""
     n, C, _ = features.shape
     v = responses.shape[1]
-    total = np.zeros((len(masks), len(conditions)))
-    count = np.zeros((len(masks), len(conditions)))
+    totals = [np.zeros((len(masks), len(conditions))) for masks, conditions in blocks]
+    counts = [np.zeros((len(masks), len(conditions))) for masks, conditions in blocks]
     voxel_block = max(1, BLOCK_BYTES // (8 * C * n))
-    weights = masks.astype(np.float64)
     for first in range(0, v, voxel_block):
         cols = slice(first, min(first + voxel_block, v))
         base, parts = _contributions(fit, features, cols)
         chunk = max(1, BLOCK_BYTES // (8 * n * parts.shape[2]))
-        for start in range(0, len(masks), chunk):
-            stop = min(start + chunk, len(masks))
-            predictions = base[None] + np.einsum("mc,cnv->mnv", weights[start:stop], parts)
-            for j, rows in enumerate(conditions):
-                r = _pearson(responses[rows, cols], predictions[:, rows])
-                total[start:stop, j] += np.nansum(r, axis=1)
-                count[start:stop, j] += np.isfinite(r).sum(axis=1)
+        for (masks, conditions), total, count in zip(blocks, totals, counts, strict=True):
+            weights = masks.astype(np.float64)
+            for start in range(0, len(masks), chunk):
+                stop = min(start + chunk, len(masks))
+                predictions = base[None] + np.einsum("mc,cnv->mnv", weights[start:stop], parts)
+                for j, rows in enumerate(conditions):
+                    r = _pearson(responses[rows, cols], predictions[:, rows])
+                    total[start:stop, j] += np.nansum(r, axis=1)
+                    count[start:stop, j] += np.isfinite(r).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(total / count)
+        return [np.asarray(total / count) for total, count in zip(totals, counts, strict=True)]
 
 
 def _contributions(
@@ -291,7 +330,8 @@ def _pearson(y: np.ndarray, predictions: np.ndarray) -> np.ndarray:
 class _RoiJob:
     """What the task of every ROI of a layer shares (an executor's shared object): the layer's
     features ``(n, C, positions)``, outer folds ``(n,)``, subset masks ``(M, C)`` and condition
-    masks ``(n,)``."""
+    masks ``(n,)``; cross-fitted selection: ``blocks``, per selection fold its subset masks and
+    the masks ``(n,)`` of its stimuli in each condition."""
 
     layer: str
     features: np.ndarray
@@ -300,18 +340,31 @@ class _RoiJob:
     conditions: list[np.ndarray]
     encode: EncodeOptions
     seed: int
+    blocks: tuple[tuple[np.ndarray, list[np.ndarray]], ...] = ()
 
 
 def roi_scores(job: _RoiJob, roi: tuple[RoiKey, np.ndarray]) -> np.ndarray:
     """Mean r ``(M, conditions)`` of every subset's out-of-fold predictions of one ROI
     ``(key, responses (n, v))``: its encoding model fitted, then every subset predicted (one
     executor task; the same numbers wherever it runs)."""
+    fit, y = _roi_fit(job, roi)
+    return subset_mean_r(fit, job.features, y, job.masks, job.conditions)
+
+
+def roi_fold_scores(job: _RoiJob, roi: tuple[RoiKey, np.ndarray]) -> list[np.ndarray]:
+    """Cross-fitted selection: per selection fold (``job.blocks``), mean r ``(M_k,
+    conditions)`` of its subsets' out-of-fold predictions of one ROI on its stimuli; one fit
+    per ROI, as :func:`roi_scores`."""
+    fit, y = _roi_fit(job, roi)
+    return blocks_mean_r(fit, job.features, y, job.blocks)
+
+
+def _roi_fit(job: _RoiJob, roi: tuple[RoiKey, np.ndarray]) -> tuple[RidgeFit, np.ndarray]:
     key, y = roi
     try:
-        fit = _fit(job.features, y, job.folds, job.encode, job.seed)
+        return _fit(job.features, y, job.folds, job.encode, job.seed), y
     except DataError as exc:
         raise DataError(f"layer {job.layer}, ROI {key[0]}/{key[1]}: {exc}") from None
-    return subset_mean_r(fit, job.features, y, job.masks, job.conditions)
 
 
 def _layer_rows(
@@ -326,7 +379,12 @@ def _layer_rows(
     executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of one layer: every ROI (and target group) x condition x group x variant; each
-    ROI's fit and predictions one task of ``executor`` (:func:`roi_scores`)."""
+    ROI's fit and predictions one task of ``executor`` (:func:`roi_scores`). Cross-fitted
+    selection (``task.folds``): :func:`_cross_fit_rows`."""
+    if task.folds is not None:
+        return _cross_fit_rows(
+            task, features, data, folds, labels, options, encode, runtime, executor
+        )
     subsets = _subset_masks(task, options, runtime.seed)
     conditions = _condition_masks(labels, len(data.ids))
     job = _RoiJob(task.layer, features, folds, subsets.masks, [m for _, m in conditions],
@@ -357,6 +415,7 @@ def _layer_rows(
                         "analysis": "encoding",
                         "group": group,
                         "variant": variant,
+                        "selection": "same",
                         "target": target,
                         "subject": subject,
                         "condition": condition,
@@ -375,6 +434,110 @@ def _layer_rows(
                     }
                 )
     return rows
+
+
+def _cross_fit_rows(
+    task: LayerFilters,
+    features: np.ndarray,
+    data: EncodingLesionData,
+    folds: np.ndarray,
+    labels: np.ndarray | None,
+    options: LesionOptions,
+    encode: EncodeOptions,
+    runtime: Runtime,
+    executor: Executor | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of one layer with cross-fitted selection: per selection fold ``k``, the groups
+    chosen without fold ``k``'s stimuli and their null subsets (seeded per fold as the RSA
+    lesion's) scored on fold ``k``'s stimuli of each condition (the encoding fit unchanged: one
+    per ROI); r, delta and every null draw combined over folds by the RSA lesion's fold-size
+    weighted mean (:func:`object2brain.lesion.analysis._combine`)."""
+    assert task.folds is not None
+    parts_of: list[tuple[str, list[_Part]]] = []
+    for condition, rows in _condition_masks(labels, len(data.ids)):
+        parts = _parts(task, Condition(condition, np.flatnonzero(rows)))
+        if parts:
+            parts_of.append((condition, parts))
+        else:
+            log.warning(
+                "%s/%s: condition %r has too few stimuli per selection fold: no encoding "
+                "lesion rows",
+                task.model,
+                task.layer,
+                condition,
+            )
+    if not parts_of:
+        return []
+    subsets = [
+        _subset_masks(replace(task, groups=groups), options, runtime.seed + fold_seed_shift(k))
+        for k, groups in enumerate(task.fold_groups)
+    ]
+    blocks = tuple(
+        (subsets[k].masks, [_rows_mask(parts[k].test, len(data.ids)) for _, parts in parts_of])
+        for k in range(len(subsets))
+    )
+    job = _RoiJob(task.layer, features, folds, subsets[0].masks, [], encode, runtime.seed,
+                  blocks)  # fmt: skip
+    items = list(data.responses.items())
+    found = (executor or LocalExecutor()).map_chunks(
+        roi_fold_scores, items, stage=f"lesion encoding {task.model}/{task.layer}", shared=job
+    )
+    out: list[dict[str, Any]] = []
+    for j, (condition, parts) in enumerate(parts_of):
+        per_part = []
+        rois: list[RoiKey] = []
+        for k, part in enumerate(parts):
+            scores = {roi: r[k][:, j] for (roi, _), r in zip(items, found, strict=True)}
+            scores |= _group_scores(scores)
+            rois = list(scores)
+            table = np.stack([scores[roi] for roi in rois], axis=1)  # (M_k, T)
+            full = table[0]
+            estimates = []
+            for e, (group, size, variant, key) in enumerate(subsets[part.index].estimates, 1):
+                null_slice = subsets[part.index].null_rows.get(key)
+                null = None if null_slice is None else table[null_slice] - full[None]
+                mask = subsets[part.index].masks[e]
+                delta = table[e] - full
+                estimates.append(
+                    _Estimate(group, float(size), variant, mask, full, table[e], delta, null, None)
+                )
+            per_part.append(estimates)
+        for estimate in _combine(parts, per_part):
+            p, z = null_p_z(estimate.delta, estimate.null_random)
+            low, high = null_interval(estimate.null_random, len(estimate.delta))
+            for t, (target, subject) in enumerate(rois):
+                out.append(
+                    {
+                        "model": task.model,
+                        "layer": task.layer,
+                        "analysis": "encoding",
+                        "group": estimate.group,
+                        "variant": estimate.variant,
+                        "selection": "cross_fit",
+                        "target": target,
+                        "subject": subject,
+                        "condition": condition,
+                        "n_filters": round(estimate.n_filters),
+                        "r_full": estimate.r_full[t],
+                        "r_variant": estimate.r_variant[t],
+                        "delta_r": estimate.delta[t],
+                        "p_null": p[t],
+                        "z_null": z[t],
+                        "n_null": options.n_null,
+                        "null_low": low[t],
+                        "null_high": high[t],
+                        "p_perm": np.nan,
+                        "p_perm_fdr": np.nan,
+                        "n_perm": 0,
+                    }
+                )
+    return out
+
+
+def _rows_mask(rows: np.ndarray, n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return mask
 
 
 def _group_scores(scores: Mapping[RoiKey, np.ndarray]) -> dict[RoiKey, np.ndarray]:
