@@ -405,34 +405,10 @@ def _layer_rows(
             delta = table[e] - full
             null_slice = subsets.null_rows.get(key)
             null = None if null_slice is None else table[null_slice] - full[None]
-            p, z = null_p_z(delta, null)
-            low, high = null_interval(null, len(delta))
-            for t, (target, subject) in enumerate(rois):
-                rows.append(
-                    {
-                        "model": task.model,
-                        "layer": task.layer,
-                        "analysis": "encoding",
-                        "group": group,
-                        "variant": variant,
-                        "selection": "same",
-                        "target": target,
-                        "subject": subject,
-                        "condition": condition,
-                        "n_filters": size,
-                        "r_full": full[t],
-                        "r_variant": table[e, t],
-                        "delta_r": delta[t],
-                        "p_null": p[t],
-                        "z_null": z[t],
-                        "n_null": options.n_null,
-                        "null_low": low[t],
-                        "null_high": high[t],
-                        "p_perm": np.nan,
-                        "p_perm_fdr": np.nan,
-                        "n_perm": 0,
-                    }
-                )
+            rows.extend(
+                _rows(task, condition, "same", rois, (group, variant, size), full, table[e],
+                      delta, null, options.n_null)
+            )  # fmt: skip
     return rows
 
 
@@ -503,35 +479,59 @@ def _cross_fit_rows(
                 )
             per_part.append(estimates)
         for estimate in _combine(parts, per_part):
-            p, z = null_p_z(estimate.delta, estimate.null_random)
-            low, high = null_interval(estimate.null_random, len(estimate.delta))
-            for t, (target, subject) in enumerate(rois):
-                out.append(
-                    {
-                        "model": task.model,
-                        "layer": task.layer,
-                        "analysis": "encoding",
-                        "group": estimate.group,
-                        "variant": estimate.variant,
-                        "selection": "cross_fit",
-                        "target": target,
-                        "subject": subject,
-                        "condition": condition,
-                        "n_filters": round(estimate.n_filters),
-                        "r_full": estimate.r_full[t],
-                        "r_variant": estimate.r_variant[t],
-                        "delta_r": estimate.delta[t],
-                        "p_null": p[t],
-                        "z_null": z[t],
-                        "n_null": options.n_null,
-                        "null_low": low[t],
-                        "null_high": high[t],
-                        "p_perm": np.nan,
-                        "p_perm_fdr": np.nan,
-                        "n_perm": 0,
-                    }
-                )
+            out.extend(
+                _rows(task, condition, "cross_fit", rois,
+                      (estimate.group, estimate.variant, round(estimate.n_filters)),
+                      estimate.r_full, estimate.r_variant, estimate.delta, estimate.null_random,
+                      options.n_null)
+            )  # fmt: skip
     return out
+
+
+def _rows(
+    task: LayerFilters,
+    condition: str,
+    selection: str,
+    rois: list[RoiKey],
+    subset: tuple[str, str, int],
+    r_full: np.ndarray,
+    r_variant: np.ndarray,
+    delta: np.ndarray,
+    null: np.ndarray | None,
+    n_null: int,
+) -> list[dict[str, Any]]:
+    """``object2brain`` rows (``analysis = encoding``) of one subset ``(group, variant,
+    n_filters)`` for every ROI ``rois`` ``(T,)``: its r ``(T,)``, delta and null draws
+    ``(draws, T)``, with ``p_null``, ``z_null`` and the null's interval."""
+    group, variant, n_filters = subset
+    p, z = null_p_z(delta, null)
+    low, high = null_interval(null, len(delta))
+    return [
+        {
+            "model": task.model,
+            "layer": task.layer,
+            "analysis": "encoding",
+            "group": group,
+            "variant": variant,
+            "selection": selection,
+            "target": target,
+            "subject": subject,
+            "condition": condition,
+            "n_filters": n_filters,
+            "r_full": r_full[t],
+            "r_variant": r_variant[t],
+            "delta_r": delta[t],
+            "p_null": p[t],
+            "z_null": z[t],
+            "n_null": n_null,
+            "null_low": low[t],
+            "null_high": high[t],
+            "p_perm": np.nan,
+            "p_perm_fdr": np.nan,
+            "n_perm": 0,
+        }
+        for t, (target, subject) in enumerate(rois)
+    ]
 
 
 def _rows_mask(rows: np.ndarray, n: int) -> np.ndarray:
