@@ -79,6 +79,7 @@ from object2brain.rsa.compare import (
     comparison_scale,
     masked_compare,
 )
+from object2brain.rsa.inference import pair_corrected, pair_corrected_variance
 from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
 
 Bootstrap = Literal["stimuli", "subjects", "both"]
@@ -327,13 +328,6 @@ def bootstrap_variances(coef: SubjectCoefficients, plan: ResamplePlan) -> Varian
                      _nanmean_rows(own_boot), _nanmean_rows(own_jack))  # fmt: skip
 
 
-def pair_corrected(jackknife: Any, bootstrap: Any, n: int) -> Any:
-    """The unbiased combination ``(2n - 3)/(n - 1) V_jack - n/(n - 2) V_stim`` of a
-    delete-one jackknife and a stimulus-bootstrap variance of a pair statistic (module
-    docstring; unfloored, linear in both)."""
-    return (2 * n - 3) / (n - 1) * jackknife - n / (n - 2) * bootstrap
-
-
 @dataclass(frozen=True)
 class Components:
     """The corrected variance ``(K,)`` as a subject part and a stimulus part (``both`` = their
@@ -354,7 +348,7 @@ def variance_components(
 ) -> Components:
     """The variance of the chosen bootstrap, corrected (module docstring), in parts.
 
-    ``stimuli``: ``max(2 V_jack - V_stim, V_stim / 3)`` with ``n - 1`` degrees of freedom;
+    ``stimuli``: :func:`~object2brain.rsa.inference.pair_corrected_variance` with ``n - 1`` degrees of freedom;
     ``subjects``: ``S / (S - 1) V_subj`` with ``S - 1``; ``both``: the stimulus part plus
     ``max(0, S / (S - 1) V_subj - I)`` with the interaction
     ``I = (mean_s W_s - W) / (S - 1)`` (``W``: the corrected stimulus variance of the subject
@@ -369,7 +363,7 @@ def variance_components(
         return Components(zero, _rsatoolbox_variance(v, mode, n, n_subjects, fs),
                           np.full(shape, float(dof(mode, n, n_subjects))))  # fmt: skip
     raw = pair_corrected(v.jackknife, v.stimuli, n)
-    stim = np.maximum(raw, n / (3 * n - 4) * v.stimuli)
+    stim = pair_corrected_variance(v.jackknife, v.stimuli, n)
     if mode == "stimuli":
         return Components(zero, np.asarray(stim), np.full(shape, n - 1.0))
     if mode == "subjects":
