@@ -185,6 +185,11 @@ def markdown(record: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, help="repetitions per coverage case (default 150)")
+    parser.add_argument("--sizes", default="40,200", help="stimulus counts of the coverage cases")
+    parser.add_argument(
+        "--tag", default="", help="write alignment_calibration_TAG.json/md, coverage only"
+    )
     args = parser.parse_args()
     quick = args.quick
     torch.set_num_threads(1)
@@ -192,8 +197,11 @@ def main() -> None:
              "reps": 20 if quick else 150, "contrast_datasets": 40 if quick else 240,
              "power_datasets": 20 if quick else 100,
              "contrast_n": 30}  # fmt: skip
+    if args.reps:
+        setup["reps"] = args.reps
     out_dir = Path("/tmp" if quick else "validation")
-    out_path = out_dir / "alignment_calibration.json"
+    stem = f"alignment_calibration_{args.tag}" if args.tag else "alignment_calibration"
+    out_path = out_dir / f"{stem}.json"
     record: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()} {platform.system()} (shared 2-core development "
@@ -208,16 +216,20 @@ def main() -> None:
         record["seconds"] = round(time.time() - start, 1)
         record["load_now"] = [round(x, 1) for x in os.getloadavg()]
         out_path.write_text(json.dumps(record, indent=1))
-        (out_dir / "alignment_calibration.md").write_text(markdown(record))
+        (out_dir / f"{stem}.md").write_text(markdown(record))
 
     for name, noise_b, datasets in (
-        ("contrast_null", 5.0, setup["contrast_datasets"]),
-        ("contrast_power", 8.0, setup["power_datasets"]),
+        ()
+        if args.tag
+        else (
+            ("contrast_null", 5.0, setup["contrast_datasets"]),
+            ("contrast_power", 8.0, setup["power_datasets"]),
+        )
     ):
         record[name] = contrast(datasets, setup["contrast_n"], noise_b, setup["n_boot"], 3)
         save()
     pop = Population(1, setup["n_pop"], 1, setup["noise"], 0.7)
-    for n in (40, 200):
+    for n in (int(x) for x in args.sizes.split(",")):
 
         def partial(res: dict[str, Any], key: str = f"n={n}") -> None:
             record["alignment_ci"][key] = res
