@@ -46,10 +46,10 @@ def test_results_do_not_depend_on_the_block_size(method: str) -> None:
 
 def test_resample_block_fits_the_issue_size_in_memory() -> None:
     """At 1,000 stimuli x (20 layers + 10 subjects) a block (prepared rows and ranking
-    temporaries, ``8 (m + n) (K + T + 8)`` bytes per resample) stays within pick_chunk's share
+    temporaries, ``8 (m + n) (K + T + 12)`` bytes per resample) stays within pick_chunk's share
     of free memory: on the CPU at most 64 resamples and 512 MiB (or a single resample); on an
-    H200 (~140 GB free) 0.4 x 140e9 / 152 MB ~ 368 resamples per call."""
-    per = 8 * (1000 * 999 // 2 + 1000) * 38
+    H200 (~140 GB free) 0.4 x 140e9 / 168 MB ~ 333 resamples per call."""
+    per = 8 * (1000 * 999 // 2 + 1000) * 42
     block = g.resample_block(30, 1000, torch.device("cpu"))
     assert 1 <= block <= 64
     assert block == 1 or block * per <= 512 << 20
@@ -132,3 +132,22 @@ def test_cuda_equals_cpu(method: str) -> None:
             for key, value in a.items():
                 if isinstance(value, float):
                     assert b[key] == pytest.approx(value, abs=1e-9, nan_ok=True), key
+
+
+def test_gpu_benchmark_inference_case_runs_on_the_cpu() -> None:
+    """benchmarks/gpu_cases.py's ``inference`` case end to end at tiny sizes on the CPU: its
+    CPU-vs-device check passes, every ROI is timed, the comparison and the baseline run."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_cases.py"
+    spec = importlib.util.spec_from_file_location("gpu_cases_for_test", path)
+    assert spec is not None and spec.loader is not None
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    sizes = {"n": 20, "layers": 2, "rois": 2, "subjects": 3, "n_boot": 8, "cpu_boot": 2,
+             "check_n": 16}  # fmt: skip
+    out = cases.case_inference(sizes, torch.device("cpu"), cases.Budget(600.0))
+    assert out["check"]["passed"], out["check"]
+    assert out["rois_timed"] == 2 and not out["extrapolated"]
+    assert out["resamples_per_s"] > 0 and out["model_comparison_rows"] == 1
+    assert out["cpu_seconds_extrapolated"] > 0

@@ -172,11 +172,12 @@ def resample_block(rows: int, n: int, device: torch.device) -> int:
     """Resamples per weighted comparison call of ``rows = K + T`` condensed RDMs of ``n``
     stimuli on ``device``: what fits in a share of its free memory
     (:func:`object2brain.devices.pick_chunk`), the prepared rows of every resample plus the
-    ranking temporaries (about 8 more rows; ``m + n`` values each, the whitened methods' size),
+    ranking and pair-weight temporaries (about 12 more rows; ``m + n`` values each, the whitened
+    methods' size),
     and at most :data:`_BLOCK` on the CPU (larger blocks are not faster there). A block only
     groups resamples: every resample's coefficients are computed on their own, so the results
     do not depend on it (tests)."""
-    per_resample = 8 * (n * (n - 1) // 2 + n) * (rows + 8)
+    per_resample = 8 * (n * (n - 1) // 2 + n) * (rows + 12)
     cap = _BLOCK if device.type == "cpu" else None
     return pick_chunk(per_resample, device, maximum=cap)
 
