@@ -140,13 +140,13 @@ def contrast(datasets: int, n: int, noise_b: float, n_boot: int, seed: int) -> d
     }
 
 
-def markdown(record: dict[str, Any]) -> str:
-    """The record as the tables of ``alignment_calibration.md``."""
+def markdown(record: dict[str, Any], stem: str = "alignment_calibration") -> str:
+    """The record as the tables of ``STEM.md``."""
     keys = ("corrected", LIMIT, PERCENTILE)
     lines = [
         "# Alignment and contrast interval calibration",
         "",
-        "Written by `validation/alignment_calibration.py` (numbers: `alignment_calibration.json`).",
+        f"Written by `validation/alignment_calibration.py` (numbers: `{stem}.json`).",
         f"Command: `{record['command']}`; machine: {record['machine']}; load average at start "
         f"{record.get('load_at_start', '?')}, at the last write {record.get('load_now', '?')}.",
         f"Setup: {json.dumps(record['setup'])}. `corrected`: the exact pair form "
@@ -216,7 +216,7 @@ def main() -> None:
         record["seconds"] = round(time.time() - start, 1)
         record["load_now"] = [round(x, 1) for x in os.getloadavg()]
         out_path.write_text(json.dumps(record, indent=1))
-        (out_dir / f"{stem}.md").write_text(markdown(record))
+        (out_dir / f"{stem}.md").write_text(markdown(record, stem))
 
     for name, noise_b, datasets in (
         ()
