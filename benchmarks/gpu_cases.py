@@ -34,6 +34,17 @@ Cases (full sizes; ``--smoke`` runs tiny sizes end to end on any device, the CPU
   agree, in units of the responses' SD; tolerance 1e-3: float32). Needs himalaya (pure Python):
   where the device image lacks it, the case says so instead of failing the run. Not in the
   default ``--cases``: run it with ``--cases encode``.
+- ``inference`` (issue 18): the two-factor group bootstrap (``group_inference``: every layer
+  against the subject mean of every ROI, 1,000 resamples plus the 1,000 delete-one rows and the
+  lower noise ceiling's terms) at 1,000 stimuli x 20 layers x 20 ROIs x 10 subjects, Spearman,
+  on the device (``object2brain.rsa.group``, resamples per call from the device's free memory),
+  ROI by ROI under the budget (ROIs left are extrapolated, said so), and one ``model_comparison``
+  (two listed layers, same resamples). Throughput in resamples/s and coefficients/s, peak
+  device memory. Check: CPU vs device on a slice (60 stimuli x 3 layers x 4 subjects, 50
+  resamples: every resample and delete-one coefficient, and the rows' mean_r, se, ci, p; 1e-9).
+  Baseline: the same code on the CPU on 2 resamples of one ROI (model and lower-ceiling terms),
+  extrapolated to every resample, delete-one row and ROI. Not in the default
+  ``--cases``: run it with ``--cases inference``.
 - ``rsa_stage`` (run last, no goal): the rest of an RSA run at the rsa case's scale, bootstrap
   CIs (1,000 resamples) and one condition contrast (500 + 500 stimuli, 500 permutations,
   extrapolated to 10,000).
@@ -98,6 +109,15 @@ FULL = {
     "dissect": {"n": 25_000, "batch": 128, "cpu_images": 64, "check": 32},
     "rsa_stage": {"n": 1000, "layers": 20, "rois": 20, "n_boot": 1000, "contrast_perm": 500},
     "encode": {"n": 1000, "layers": 20, "features": 1000, "voxels": 10_000, "check_n": 200},
+    "inference": {
+        "n": 1000,
+        "layers": 20,
+        "rois": 20,
+        "subjects": 10,
+        "n_boot": 1000,
+        "cpu_boot": 2,
+        "check_n": 60,
+    },
 }
 # Smoke sizes stay above the slices the full run takes (e.g. 60 stimuli = 1,770 pairs), so that a
 # slice that only breaks at scale breaks here too.
@@ -108,6 +128,15 @@ SMOKE = {
     "dissect": {"n": 12, "batch": 4, "cpu_images": 4, "check": 4},
     "rsa_stage": {"n": 40, "layers": 3, "rois": 3, "n_boot": 20, "contrast_perm": 20},
     "encode": {"n": 60, "layers": 2, "features": 30, "voxels": 50, "check_n": 40},
+    "inference": {
+        "n": 40,
+        "layers": 3,
+        "rois": 2,
+        "subjects": 4,
+        "n_boot": 20,
+        "cpu_boot": 2,
+        "check_n": 30,
+    },
 }
 # Rough cost of each case at full size on an H100 (s), used by the budget guard.
 ESTIMATE_S = {
@@ -117,6 +146,7 @@ ESTIMATE_S = {
     "dissect": 90,
     "rsa_stage": 30,
     "encode": 60,
+    "inference": 120,
 }
 
 
@@ -374,6 +404,133 @@ def case_encode(sizes: dict[str, int], device: torch.device, budget: Budget) -> 
         out["seconds_all_layers"] = sum(per_layer) + steady * (sizes["layers"] - len(per_layer))
         out["extrapolated"] = len(per_layer) < sizes["layers"]
         out["goal_met"] = bool(device.type == "cuda" and out["seconds_all_layers"] < 60)
+    return out
+
+
+def _inference_study(
+    n: int, layers: int, rois: int, subjects: int, seed: int = 3
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Square model RDMs ``(layers, n, n)`` and per ROI subject RDMs ``(subjects, n, n)``
+    (float64, CPU): random dissimilarities, each subject a noisy copy of one layer's."""
+    from object2brain.rsa.rdm import squareform
+
+    gen = torch.Generator().manual_seed(seed)
+    m = n * (n - 1) // 2
+    X = torch.rand(layers, m, generator=gen, dtype=torch.float64)
+    rois_out = []
+    for t in range(rois):
+        noise = torch.rand(subjects, m, generator=gen, dtype=torch.float64)
+        rois_out.append(squareform(noise + 0.3 * X[t % layers]))
+    return squareform(X), rois_out
+
+
+def case_inference(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
+    """The two-factor group bootstrap of issue 18 on the device (see the module docstring)."""
+    from types import SimpleNamespace
+
+    from object2brain.rsa import group as g
+
+    n, K, R, S, B = (sizes[k] for k in ("n", "layers", "rois", "subjects", "n_boot"))
+    out: dict[str, Any] = {"sizes": sizes, "method": "spearman", "bootstrap": "both"}
+
+    def analysis(targets: list[torch.Tensor], rows: np.ndarray, first: int = 0) -> Any:
+        return SimpleNamespace(
+            conditions=[SimpleNamespace(name="all", rows=rows)],
+            targets=[
+                SimpleNamespace(name=f"roi{first + i}", rdms=t) for i, t in enumerate(targets)
+            ],
+        )
+
+    def settings(dev: torch.device, boot: int, picks: str = "m:l0,m:l1") -> Any:
+        return g.GroupSettings("spearman", boot, None, picks, 0, None, dev)
+
+    # check: CPU vs device on a slice
+    ns = min(n, sizes["check_n"])
+    Xs, rois_s = _inference_study(ns, 3, 1, 4, seed=5)
+    plan = g.resample_plan(ns, 4, 50, 1)
+    coefs = [g.subject_coefficients(Xs, rois_s[0], "spearman", plan, device=d)
+             for d in (torch.device("cpu"), device)]  # fmt: skip
+    model_s = [g.ModelRdms("m", ["l0", "l1", "l2"], [0, 1, 2], Xs)]
+    rows = [
+        g.group_inference_rows(model_s, analysis(rois_s, np.arange(ns)), settings(d, 50),
+                               {(0, "all"): (0.0, 0.0)})
+        for d in (torch.device("cpu"), device)
+    ]  # fmt: skip
+    row_diff = max(
+        abs(a[k] - b[k]) for a, b in zip(*rows, strict=True) for k in ("mean_r", "se", "ci_low",
+                                                                      "ci_high", "p")
+    )  # fmt: skip
+    coef_diff = max(float(np.abs(getattr(coefs[0], k) - getattr(coefs[1], k)).max())
+                    for k in ("r", "boot", "jack"))  # fmt: skip
+    out["check"] = {
+        "slice": f"{ns} stimuli x 3 layers x 4 subjects, 50 resamples",
+        "max_abs_diff_coefficients": coef_diff,
+        "max_abs_diff_rows": float(row_diff),
+        "tolerance": 1e-9,
+        "passed": bool(coef_diff <= 1e-9 and row_diff <= 1e-9),
+    }
+    say(f"  inference check: {out['check']}")
+    X, rois = _inference_study(n, K, R, S)
+    model = [g.ModelRdms("m", [f"l{k}" for k in range(K)], list(range(K)), X.to(device))]
+    every = np.arange(n)
+    g.group_inference_rows(model, analysis([rois[0]], np.arange(min(n, 50))),
+                           settings(device, 4), {(0, "all"): (0.0, 0.0)})  # warm-up  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_roi: list[float] = []
+    for t in range(R):
+        if not budget.allows(per_roi[-1] if per_roi else 30.0, f"inference ROI {t}"):
+            break
+        seconds, _ = timed(
+            device,
+            lambda t=t: g.group_inference_rows(
+                model, analysis([rois[t].to(device)], every, t), settings(device, B),
+                {(0, "all"): (0.0, 0.0)},
+            ),
+        )  # fmt: skip
+        per_roi.append(seconds)
+        say(f"  inference ROI {t}: {seconds:.2f} s ({K} layers x {S} subjects x {B} resamples)")
+    out["rois_timed"] = len(per_roi)
+    out["seconds_per_roi"] = per_roi
+    if per_roi:
+        steady = float(np.median(per_roi[1:] or per_roi))
+        total = sum(per_roi) + steady * (R - len(per_roi))
+        out["group_inference_seconds"] = total
+        out["extrapolated"] = len(per_roi) < R
+        out["resamples_per_s"] = R * B / total  # two-factor resamples of a whole ROI
+        # coefficients: (resamples + delete-one rows) x (layers x subjects + lower-ceiling terms)
+        out["coefficients_per_s"] = R * (B + n) * (K * S + S) / total
+        say(f"  inference on {device}: {total:.1f} s for {R} ROIs"
+            f"{' (extrapolated)' if out['extrapolated'] else ''}; "
+            f"{out['resamples_per_s']:.1f} resamples/s, "
+            f"{out['coefficients_per_s']:.3g} coefficients/s")  # fmt: skip
+    if device.type == "cuda":
+        out["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if budget.allows(per_roi[0] / K * 2 if per_roi else 30.0, "model_comparison"):
+        seconds, pairs = timed(
+            device,
+            lambda: g.model_comparison_rows(model, analysis([rois[0].to(device)], every),
+                                            settings(device, B)),
+        )  # fmt: skip
+        out["model_comparison_seconds"] = seconds
+        out["model_comparison_rows"] = len(pairs)
+        say(f"  model_comparison (2 listed layers, 1 ROI): {seconds:.2f} s")
+    cpu_boot = sizes["cpu_boot"]
+    # the baseline (on the CPU also at smoke sizes, so that a dry run exercises it)
+    if (device.type == "cuda" or n <= 100) and budget.allows(120, "inference CPU baseline"):
+        from object2brain.rsa.rdm import upper_triangle
+
+        cpu = torch.device("cpu")
+        A, Y = upper_triangle(X), upper_triangle(rois[0])
+        counts = g.resample_plan(n, S, cpu_boot, 0).counts
+        t_model, _ = timed(cpu, lambda: g._coefficients(A, Y, "spearman", counts))
+        others = (Y.sum(dim=0, keepdim=True) - Y) / (S - 1)
+        t_lower, _ = timed(cpu, lambda: g._coefficients(Y, others, "spearman", counts))
+        out["cpu_seconds_extrapolated"] = (t_model + t_lower) / cpu_boot * (B + n) * R
+        out["cpu_measured"] = f"{t_model + t_lower:.2f} s for {cpu_boot} resamples of one ROI"
+        if "group_inference_seconds" in out:
+            out["ratio_vs_cpu"] = out["cpu_seconds_extrapolated"] / out["group_inference_seconds"]
+        say(f"  inference CPU: {out['cpu_seconds_extrapolated']:.0f} s (extrapolated)")
     return out
 
 
@@ -993,6 +1150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     value = case_rsa_stage(sizes["rsa_stage"], device, budget)
                 elif name == "encode":
                     value = case_encode(sizes["encode"], device, budget)
+                elif name == "inference":
+                    value = case_inference(sizes["inference"], device, budget)
                 else:
                     raise ValueError(f"unknown case {name!r}")
             except Exception as exc:  # keep the other cases' numbers

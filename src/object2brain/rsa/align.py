@@ -216,8 +216,9 @@ def compute_alignment(
         direct += _direct_rows(context, model)
     result = _tables(alignment, contrasts, direct, analysis, options.fdr_family)
     result.group_inference, result.model_comparison = group_tables(
-        kept, analysis, options, runtime.seed, context.ceilings, context.executor
-    )
+        kept, analysis, options, runtime.seed, context.ceilings, context.executor,
+        context.device,
+    )  # fmt: skip
     result.model_rdms = kept
     return result
 

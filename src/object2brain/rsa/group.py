@@ -71,6 +71,7 @@ import scipy.stats
 import torch
 
 from object2brain.data.splits import make_folds
+from object2brain.devices import Chunking, pick_chunk
 from object2brain.errors import DataError
 from object2brain.executors.base import Executor, chunk_seed, chunks_of
 from object2brain.rsa.compare import (
@@ -79,12 +80,13 @@ from object2brain.rsa.compare import (
     comparison_scale,
     masked_compare,
 )
+from object2brain.rsa.inference import pair_corrected, pair_corrected_variance
 from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
 
 Bootstrap = Literal["stimuli", "subjects", "both"]
 BOOTSTRAPS: tuple[str, ...] = ("stimuli", "subjects", "both")
 _GROUP_STREAM = 15_485_863  # seed word of the two-factor resamples
-_BLOCK = 64  # resamples per weighted comparison call
+_BLOCK = 64  # resamples per weighted comparison call on the CPU (at most)
 #: Resamples per chunk: chunk ``k`` is drawn from its own seed (:func:`resample_plan`) and is one
 #: unit of work of an executor; a constant, never dependent on the number of workers.
 RESAMPLE_CHUNK = 250
@@ -166,13 +168,37 @@ class SubjectCoefficients:
         return SubjectCoefficients(self.r[i], self.boot[:, i], self.jack[:, i])
 
 
-def _weighted(comparison: WeightedComparison, counts: torch.Tensor, n: int) -> np.ndarray:
-    """Coefficients ``(C, K, T)`` under stimulus counts ``(C, n)`` (pair weights ``c_a c_b``)."""
-    iu, ju = triu_indices(n, torch.device("cpu"))
-    parts = [
-        comparison(c[:, iu] * c[:, ju], c).numpy()
-        for c in (counts[start : start + _BLOCK] for start in range(0, len(counts), _BLOCK))
-    ]
+def resample_block(rows: int, n: int, device: torch.device) -> int:
+    """Resamples per weighted comparison call of ``rows = K + T`` condensed RDMs of ``n``
+    stimuli on ``device``: what fits in a share of its free memory
+    (:func:`object2brain.devices.pick_chunk`), the prepared rows of every resample plus the
+    ranking and pair-weight temporaries (about 12 more rows; ``m + n`` values each, the whitened
+    methods' size),
+    and at most :data:`_BLOCK` on the CPU (larger blocks are not faster there). A block only
+    groups resamples: every resample's coefficients are computed on their own, so the results
+    do not depend on it (tests)."""
+    per_resample = 8 * (n * (n - 1) // 2 + n) * (rows + 12)
+    cap = _BLOCK if device.type == "cpu" else None
+    return pick_chunk(per_resample, device, maximum=cap)
+
+
+def _weighted(
+    comparison: WeightedComparison, counts: torch.Tensor, n: int, block: int | None = None
+) -> np.ndarray:
+    """Coefficients ``(C, K, T)`` under stimulus counts ``(C, n)`` (pair weights ``c_a c_b``),
+    on the device of the comparison's rows, ``block`` resamples per call (default:
+    :func:`resample_block`; halved when a block runs out of memory)."""
+    device = comparison.a.device
+    rows = comparison.a.shape[0] + comparison.b.shape[0]
+    iu, ju = triu_indices(n, device)
+    counts = counts.to(device=device, dtype=torch.float64)
+
+    def work(start: int, stop: int) -> np.ndarray:
+        c = counts[start:stop]
+        return comparison(c[:, iu] * c[:, ju], c).cpu().numpy()
+
+    chunking = Chunking(block or resample_block(rows, n, device))
+    parts = [value for _, _, value in chunking.run(len(counts), work, device=device)]
     return (
         np.concatenate(parts)
         if parts
@@ -197,13 +223,16 @@ def _kendall(a: torch.Tensor, y: torch.Tensor, counts: np.ndarray) -> np.ndarray
     return np.concatenate(out) if out else np.zeros((0, a.shape[0], y.shape[0]))
 
 
-def _coefficients(a: torch.Tensor, y: torch.Tensor, method: str, counts: np.ndarray) -> Any:
+def _coefficients(
+    a: torch.Tensor, y: torch.Tensor, method: str, counts: np.ndarray, block: int | None = None
+) -> Any:
     """Coefficients ``(C, K, T)`` of condensed RDMs under stimulus counts ``(C, n)`` (pair
-    weights ``c_a c_b``; Kendall tau-a: :func:`_kendall`)."""
+    weights ``c_a c_b``; on the device of ``a`` and ``y``, ``block`` resamples per call,
+    :func:`_weighted`; Kendall tau-a: :func:`_kendall`, on the CPU)."""
     if method == KENDALL:
-        return _kendall(a, y, counts)
+        return _kendall(a.cpu(), y.cpu(), counts)
     n = counts.shape[1]
-    return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n)
+    return _weighted(WeightedComparison(a, y, method), torch.as_tensor(counts), n, block)
 
 
 def _weighted_chunk(shared: tuple[torch.Tensor, torch.Tensor, str], counts: np.ndarray) -> Any:
@@ -215,16 +244,18 @@ def _weighted_chunk(shared: tuple[torch.Tensor, torch.Tensor, str], counts: np.n
 
 def resampled(
     a: torch.Tensor, y: torch.Tensor, method: str, counts: np.ndarray,
-    executor: Executor | None = None,
+    executor: Executor | None = None, block: int | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Coefficients ``(B, K, T)`` of condensed RDMs ``a`` ``(K, m)`` and ``y`` ``(T, m)`` under
-    every resample's stimulus counts, the chunks of :data:`RESAMPLE_CHUNK` resamples run by
-    ``executor`` (default: here); the same numbers for every executor and number of workers."""
+    every resample's stimulus counts: here on the device of ``a`` and ``y`` (``block``
+    resamples per call, :func:`_weighted`), or with a non-local ``executor`` its chunks of
+    :data:`RESAMPLE_CHUNK` resamples on the workers (CPU); the same numbers for every
+    executor, number of workers, device (to rounding) and block size."""
     if executor is None or executor.name == "local" or len(counts) <= RESAMPLE_CHUNK:
-        return np.asarray(_coefficients(a, y, method, counts))
+        return np.asarray(_coefficients(a, y, method, counts, block))
     chunks = [counts[r.start : r.stop] for r in chunks_of(len(counts), RESAMPLE_CHUNK)]
     parts = executor.map_chunks(
-        _weighted_chunk, chunks, stage="rsa group bootstrap", shared=(a, y, method)
+        _weighted_chunk, chunks, stage="rsa group bootstrap", shared=(a.cpu(), y.cpu(), method)
     )
     return np.concatenate(parts)
 
@@ -236,35 +267,40 @@ def leave_one_out_counts(n: int) -> torch.Tensor:
 
 def subject_coefficients(
     model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, plan: ResamplePlan,
-    executor: Executor | None = None,
+    executor: Executor | None = None, device: torch.device | str = "cpu",
+    block: int | None = None,
 ) -> SubjectCoefficients:  # fmt: skip
     """Coefficients of square model RDMs ``(K, n, n)`` with subject RDMs ``(S, n, n)``, observed
-    and under each resample's stimulus counts (pairs weighted ``c_a c_b``; the resamples'
-    chunks run by ``executor``, :func:`resampled`)."""
+    and under each resample's stimulus counts (pairs weighted ``c_a c_b``; computed on
+    ``device``, ``block`` resamples per call, or the resamples' chunks run by ``executor``,
+    :func:`resampled`)."""
     if method not in GROUP_METHODS:
         raise DataError(f"group inference supports {', '.join(GROUP_METHODS)}, not {method!r}")
-    A = upper_triangle(model_rdms).to(torch.float64).cpu()
-    Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
+    dev = torch.device(device)
+    A = upper_triangle(model_rdms.to(dev)).to(torch.float64)
+    Y = upper_triangle(subject_rdms.to(dev)).to(torch.float64)
     n = model_rdms.shape[-1]
-    r = compare(A, Y, method).numpy()
-    boot = resampled(A, Y, method, plan.counts, executor)
-    jack = _coefficients(A, Y, method, leave_one_out_counts(n).numpy())
+    r = compare(A, Y, method).cpu().numpy()
+    boot = resampled(A, Y, method, plan.counts, executor, block)
+    jack = _coefficients(A, Y, method, leave_one_out_counts(n).numpy(), block)
     return SubjectCoefficients(r, boot, jack)
 
 
 def lower_ceiling_coefficients(
-    subject_rdms: torch.Tensor, method: str, plan: ResamplePlan, executor: Executor | None = None
-) -> SubjectCoefficients:
+    subject_rdms: torch.Tensor, method: str, plan: ResamplePlan, executor: Executor | None = None,
+    device: torch.device | str = "cpu", block: int | None = None,
+) -> SubjectCoefficients:  # fmt: skip
     """The lower noise ceiling's per-subject terms ``l_s = r(subject_s, mean of the others)``
-    (pooled on the comparison's scale) as a ``(1, S)`` row, observed and resampled."""
-    Y = upper_triangle(subject_rdms).to(torch.float64).cpu()
+    (pooled on the comparison's scale) as a ``(1, S)`` row, observed and resampled (on
+    ``device``, as :func:`subject_coefficients`)."""
+    Y = upper_triangle(subject_rdms.to(torch.device(device))).to(torch.float64)
     S, n = Y.shape[0], subject_rdms.shape[-1]
     scaled = comparison_scale(Y, method)
     others = (scaled.sum(dim=0, keepdim=True) - scaled) / max(1, S - 1)
-    r = torch.diagonal(compare(Y, others, method)).numpy()
-    boot = np.diagonal(resampled(Y, others, method, plan.counts, executor), axis1=1, axis2=2)
+    r = torch.diagonal(compare(Y, others, method)).cpu().numpy()
+    boot = np.diagonal(resampled(Y, others, method, plan.counts, executor, block), axis1=1, axis2=2)
     jack = np.diagonal(
-        _coefficients(Y, others, method, leave_one_out_counts(n).numpy()), axis1=1, axis2=2
+        _coefficients(Y, others, method, leave_one_out_counts(n).numpy(), block), axis1=1, axis2=2
     )
     return SubjectCoefficients(r[None], boot[:, None, :], jack[:, None, :])
 
@@ -327,13 +363,6 @@ def bootstrap_variances(coef: SubjectCoefficients, plan: ResamplePlan) -> Varian
                      _nanmean_rows(own_boot), _nanmean_rows(own_jack))  # fmt: skip
 
 
-def pair_corrected(jackknife: Any, bootstrap: Any, n: int) -> Any:
-    """The unbiased combination ``(2n - 3)/(n - 1) V_jack - n/(n - 2) V_stim`` of a
-    delete-one jackknife and a stimulus-bootstrap variance of a pair statistic (module
-    docstring; unfloored, linear in both)."""
-    return (2 * n - 3) / (n - 1) * jackknife - n / (n - 2) * bootstrap
-
-
 @dataclass(frozen=True)
 class Components:
     """The corrected variance ``(K,)`` as a subject part and a stimulus part (``both`` = their
@@ -354,7 +383,8 @@ def variance_components(
 ) -> Components:
     """The variance of the chosen bootstrap, corrected (module docstring), in parts.
 
-    ``stimuli``: ``max(2 V_jack - V_stim, V_stim / 3)`` with ``n - 1`` degrees of freedom;
+    ``stimuli``: :func:`~object2brain.rsa.inference.pair_corrected_variance` with ``n - 1``
+    degrees of freedom;
     ``subjects``: ``S / (S - 1) V_subj`` with ``S - 1``; ``both``: the stimulus part plus
     ``max(0, S / (S - 1) V_subj - I)`` with the interaction
     ``I = (mean_s W_s - W) / (S - 1)`` (``W``: the corrected stimulus variance of the subject
@@ -369,7 +399,7 @@ def variance_components(
         return Components(zero, _rsatoolbox_variance(v, mode, n, n_subjects, fs),
                           np.full(shape, float(dof(mode, n, n_subjects))))  # fmt: skip
     raw = pair_corrected(v.jackknife, v.stimuli, n)
-    stim = np.maximum(raw, n / (3 * n - 4) * v.stimuli)
+    stim = pair_corrected_variance(v.jackknife, v.stimuli, n)
     if mode == "stimuli":
         return Components(zero, np.asarray(stim), np.full(shape, n - 1.0))
     if mode == "subjects":
@@ -482,6 +512,8 @@ class GroupSettings:
     compare_models: str | list[str]
     seed: int
     executor: Executor | None = None  # where the chunks of resamples run (None: here)
+    device: str | torch.device = "cpu"  # where they run here (the run's --device)
+    block: int | None = None  # resamples per call (None: from the device's free memory)
 
 
 def _cell_plan(
@@ -510,7 +542,9 @@ def group_inference_rows(
             sub, plan, mode = _cell_plan(target, condition.rows, settings, (ti, ci))
             S, n = sub.shape[0], len(condition.rows)
             lower = (
-                lower_ceiling_coefficients(sub, settings.method, plan, settings.executor)
+                lower_ceiling_coefficients(
+                    sub, settings.method, plan, settings.executor, settings.device, settings.block
+                )
                 if S >= 2
                 else None
             )
@@ -518,7 +552,7 @@ def group_inference_rows(
             for model in models:
                 coef = subject_coefficients(
                     _restrict(model.rdms, condition.rows), sub, settings.method, plan,
-                    settings.executor,
+                    settings.executor, settings.device, settings.block,
                 )  # fmt: skip
                 est = estimate(coef, plan, mode)
                 below = np.full(len(model.layers), np.nan)
@@ -637,6 +671,7 @@ def model_comparison_rows(
 def _fold_coefficients(
     pick_layers: list[int], model: ModelRdms, sub: torch.Tensor, folds: list[np.ndarray],
     plans: list[ResamplePlan], method: str, executor: Executor | None = None,
+    device: torch.device | str = "cpu", block: int | None = None,
 ) -> SubjectCoefficients:  # fmt: skip
     """One model's held-out coefficients, fold ``f`` scored with layer ``pick_layers[f]`` on
     the fold's stimuli: ``r = mean_f r_f`` ``(1, S)``, resamples ``mean_f r_f*`` (each fold's
@@ -644,7 +679,13 @@ def _fold_coefficients(
     fold ``f`` changes only ``r_f``)."""
     parts = [
         subject_coefficients(
-            _restrict(model.rdms[k : k + 1], fold), _restrict(sub, fold), method, plan, executor
+            _restrict(model.rdms[k : k + 1], fold),
+            _restrict(sub, fold),
+            method,
+            plan,
+            executor,
+            device,
+            block,
         )
         for k, fold, plan in zip(pick_layers, folds, plans, strict=True)
     ]
@@ -682,7 +723,15 @@ def cross_validated_rows(
     mode = default_bootstrap(settings.bootstrap, S)
     coefs = [
         _fold_coefficients(
-            [c[m] for c in chosen], model, sub_all, folds, plans, settings.method, settings.executor
+            [c[m] for c in chosen],
+            model,
+            sub_all,
+            folds,
+            plans,
+            settings.method,
+            settings.executor,
+            settings.device,
+            settings.block,
         )
         for m, model in enumerate(models)
     ]
@@ -720,6 +769,8 @@ def _pair_rows(
             settings.method,
             plan,
             settings.executor,
+            settings.device,
+            settings.block,
         )
         for p in picks
     ]
@@ -745,9 +796,11 @@ def group_tables(
     seed: int,
     ceilings: dict[Any, Any],
     executor: Executor | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``group_inference`` and ``model_comparison`` tables of one alignment run; the chunks
-    of resamples run by ``executor`` (default: here; the same numbers for every executor)."""
+    of resamples run by ``executor`` (default: here, on ``device``, the run's ``--device``;
+    the same numbers for every executor, and on every device to rounding)."""
     from object2brain.rsa.inference import with_fdr
     from object2brain.tables import GROUP_INFERENCE, MODEL_COMPARISON
 
@@ -757,7 +810,7 @@ def group_tables(
         return group, comparison
     settings = GroupSettings(
         options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed,
-        executor,
+        executor, device,
     )  # fmt: skip
     rows = group_inference_rows(models, analysis, settings, ceilings)
     if rows:

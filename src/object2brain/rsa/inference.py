@@ -536,21 +536,40 @@ class Spread:
         )  # fmt: skip
 
 
-def corrected_spread(boot: np.ndarray, jack: np.ndarray, observed: np.ndarray) -> Spread:
+def pair_corrected(jackknife: Any, bootstrap: Any, n: int) -> Any:
+    """The unbiased combination ``(2n - 3)/(n - 1) V_jack - n/(n - 2) V_boot`` of a delete-one
+    jackknife and a pair-bootstrap variance of a pair statistic of ``n`` stimuli (unfloored,
+    linear in both; derivation in :func:`corrected_spread`). The one copy of the formula:
+    :mod:`object2brain.rsa.group` uses it too."""
+    return (2 * n - 3) / (n - 1) * jackknife - n / (n - 2) * bootstrap
+
+
+def pair_corrected_variance(jackknife: Any, bootstrap: Any, n: int) -> Any:
+    """:func:`pair_corrected` floored at ``n / (3n - 4) V_boot`` (its expectation when the
+    stimuli carry no effect of their own, ``s_g = 0``)."""
+    return np.maximum(pair_corrected(jackknife, bootstrap, n), n / (3 * n - 4) * bootstrap)
+
+
+def corrected_spread(
+    boot: np.ndarray, jack: np.ndarray, observed: np.ndarray, *, exact: bool = True
+) -> Spread:
     """Pair-corrected sampling variance of an RDM coefficient from its stimulus bootstrap.
 
     ``boot`` ``(B, ...)``: resample values; ``jack`` ``(n, ...)``: delete-one-stimulus values;
     ``observed`` ``(...)``. With ``V_boot`` the variance of the resamples (ddof 1, undefined ones
     left out) and ``V_jack = (n - 1) / n sum_a (jack_a - mean)^2``,
 
-        V = max(2 V_jack - V_boot, V_boot / 3),    dof = n - 1.
+        V = max((2n - 3)/(n - 1) V_jack - n/(n - 2) V_boot, n/(3n - 4) V_boot),  dof = n - 1
 
-    A coefficient is to first order a mean over pairs of influence values
-    ``h_ab = g_a + g_b + e_ab``; its sampling variance over stimuli is
-    ``4 s_g^2 / n + 2 s_e^2 / n^2``, the bootstrap's ``4 s_g^2 / n + 6 s_e^2 / n^2`` (each
-    resampled stimulus effect carries its row's pair noise) and the jackknife's
-    ``4 s_g^2 / n + 4 s_e^2 / n^2``, so ``2 V_jack - V_boot`` removes the excess; the floor is the
-    largest share the excess can take (two thirds).
+    (:func:`pair_corrected_variance`). A coefficient is to first order a mean over pairs of
+    influence values ``h_ab = g_a + g_b + e_ab``; its sampling variance over stimuli is
+    ``4 s_g^2 / n + 2 s_e^2 / (n (n - 1))``, the jackknife's expectation
+    ``4 s_g^2 / n + 4 s_e^2 / (n (n - 2))`` and the pair bootstrap's (pairs of a stimulus with
+    its own copy dropped) ``4 (n-2)^2 s_g^2 / (n^2 (n-1)) + (6n - 8) s_e^2 / (n^2 (n-1))``; the
+    combination above is unbiased for the sampling variance, the floor is its value at
+    ``s_g = 0``. ``exact=False``: the large-``n`` limit ``max(2 V_jack - V_boot, V_boot / 3)``,
+    kept for the stratified within-pairs bootstrap (:mod:`object2brain.rsa.within`), whose
+    conditions of different sizes have no single ``n``.
     """
     n = jack.shape[0]
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
@@ -561,7 +580,10 @@ def corrected_spread(boot: np.ndarray, jack: np.ndarray, observed: np.ndarray) -
         centre = np.nanmean(jack, axis=0)
         v_jack = (n - 1) / n * np.nansum((jack - centre) ** 2, axis=0)
     v_jack = np.where(np.isfinite(jack).all(axis=0), v_jack, np.nan)
-    variance = np.maximum(2 * v_jack - v_boot, v_boot / 3)
+    if exact and n > 2:
+        variance = pair_corrected_variance(v_jack, v_boot, n)
+    else:
+        variance = np.maximum(2 * v_jack - v_boot, v_boot / 3)
     variance = np.where(np.isnan(v_jack), v_boot, variance)  # no jackknife: the bootstrap's
     return Spread(np.asarray(observed, dtype=np.float64), variance, float(n - 1))
 

@@ -336,4 +336,5 @@ def within_bootstrap_ci(
     ]
     ones = torch.ones((1, a.shape[1]), dtype=torch.float64, device=device)
     observed = _with_combine(comparison(ones), combine)[0].cpu().numpy()
-    return corrected_spread(boot, torch.cat(jack).numpy(), observed).interval(level)
+    spread = corrected_spread(boot, torch.cat(jack).numpy(), observed, exact=False)  # strata
+    return spread.interval(level)
