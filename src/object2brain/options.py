@@ -663,6 +663,13 @@ class EncodeOptions(RatingsOptions):
             "| refit: relabel the responses and rerun the cross-validation (exact, n_perm fits)."
         ),
     )
+    perm_stop: Count = Field(
+        10,
+        description=(
+            "refit: sequential p (Besag & Clifford 1991): stop a test's refits once this many "
+            "null values reach the observed mean r, p = stop / refits (0: all n_perm)."
+        ),
+    )
     standardize: bool = Field(
         False,
         description=(
