@@ -115,3 +115,40 @@ def test_the_table_reports_the_permutations_behind_each_p() -> None:
     assert seq.loc["roi", "n_perm"] == 200 and seq.loc["roi", "p_perm"] == full.loc["roi", "p_perm"]
     assert 10 <= seq.loc["noise", "n_perm"] < 200 and full.loc["noise", "n_perm"] == 200
     assert seq.loc["noise", "p_perm"] == pytest.approx(10 / seq.loc["noise", "n_perm"])
+
+
+def test_sequential_refit_is_calibrated_where_predictions_is_conservative() -> None:
+    """60 small null datasets (30 stimuli, 20 voxels, 3 folds, 99 permutations): the sequential
+    refit test (``perm_null = refit`` with the default ``perm_stop``) rejects at 0.2 inside the
+    binomial 95% interval, with most tests stopped early, while the ``predictions`` null rejects
+    below it (conservative). A refit test as conservative as ``predictions``, or one whose stopped
+    p forgot the Besag-Clifford form, fails. The full run (400 datasets, 1,000 permutations) is
+    ``validation/encoding_null.py --sequential``."""
+    p_values: dict[str, list[float]] = {"refit": [], "predictions": []}
+    used = []
+    for index in range(60):
+        rng = np.random.default_rng([7, index])
+        features, responses = rng.standard_normal((30, 8)), rng.standard_normal((30, 20))
+        for null in p_values:
+            options = EncodeOptions(
+                n_perm=99,
+                perm_null=null,  # type: ignore[arg-type]
+                folds=3,
+                inner_folds=3,
+                alphas=[10.0**k for k in range(-1, 8)],
+            )
+            table = compute_encoding(
+                {"l": features},
+                {("roi", "s"): responses},
+                options,
+                Runtime(seed=index, device="cpu", progress=False),
+                stimulus_ids=[f"s{i}" for i in range(30)],
+            ).encoding
+            p_values[null].append(float(table["p_perm"].iloc[0]))
+            if null == "refit":
+                used.append(int(table["n_perm"].iloc[0]))
+    low, high = stats.binom.interval(0.95, 60, 0.2)
+    rejected = {k: int(np.count_nonzero(np.asarray(v) <= 0.2)) for k, v in p_values.items()}
+    assert low <= rejected["refit"] <= high
+    assert rejected["predictions"] < low
+    assert np.mean(used) < 50  # most null tests stop long before 99 refits
