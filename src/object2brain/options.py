@@ -660,7 +660,8 @@ class EncodeOptions(RatingsOptions):
         "predictions",
         description=(
             "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
-            "| refit: relabel the responses and rerun the cross-validation (exact, n_perm fits)."
+            "| refit: relabel the responses and rerun the cross-validation (exact, calibrated; up "
+            "to n_perm fits, see perm_stop)."
         ),
     )
     perm_stop: Count = Field(
