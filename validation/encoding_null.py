@@ -359,7 +359,18 @@ def sequential_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {setting['datasets']} | {bounds} | {test} | {cells} | {used} |"
             )
-    lines += ["", "Run times per setting (seconds, load average) are in the JSON."]
+    lines += [
+        "",
+        "Rows `power`: rejection rate on planted datasets (higher is better; the intervals apply "
+        "to the null rows only).",
+        "",
+        "Run time per setting: "
+        + "; ".join(
+            f"{name} {setting['seconds']:.0f} s (load average {setting['load_average'][0]:.1f})"
+            for name, setting in result["settings"].items()
+        )
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
