@@ -10,7 +10,7 @@ from scipy import stats
 from object2brain.encoding import compute_encoding
 from object2brain.encoding.ridge import fit_smoother
 from object2brain.encoding.scores import refit_permutation_tests, sequential_p
-from object2brain.options import EncodeOptions, Runtime
+from object2brain.options import EncodeOptions, OptionsError, Runtime, resolve_options
 
 
 def test_sequential_p_stops_at_the_h_th_null_value_reaching_the_observed() -> None:
@@ -33,8 +33,8 @@ def test_sequential_p_stops_at_the_h_th_null_value_reaching_the_observed() -> No
 def test_sequential_p_is_valid_and_exact_at_its_levels() -> None:
     """4,000 exchangeable (observed, null) sets (the null hypothesis): the sequential p rejects at
     0.05, 0.1 and 0.2 inside the binomial 95% interval (the attainable levels 10/200, 10/100,
-    10/50 are exact), and most tests stop early; a p-value without the stopping rule's
-    correction (e.g. ``(h + 1) / (L + 1)``) or one that counts only strict exceedances is off."""
+    10/50 are exact), and most tests stop early. A liberal stopped p off by one in ``h``
+    (``(h - 1) / L``) rejects 5.8%, 11.5% and 22.6% here, outside every interval."""
     rng = np.random.default_rng(0)
     draws = rng.standard_normal((4000, 1 + 999))
     results = [sequential_p(d[1:], d[0], stop=10, n_perm=999) for d in draws]
@@ -152,3 +152,10 @@ def test_sequential_refit_is_calibrated_where_predictions_is_conservative() -> N
     assert low <= rejected["refit"] <= high
     assert rejected["predictions"] < low
     assert np.mean(used) < 50  # most null tests stop long before 99 refits
+
+
+def test_perm_stop_option() -> None:
+    assert EncodeOptions().perm_stop == 10 and EncodeOptions().perm_null == "predictions"
+    assert resolve_options(EncodeOptions, None, perm_stop=0).perm_stop == 0
+    with pytest.raises(OptionsError, match="perm_stop"):
+        resolve_options(EncodeOptions, None, perm_stop=-1)
