@@ -660,7 +660,15 @@ class EncodeOptions(RatingsOptions):
         "predictions",
         description=(
             "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
-            "| refit: relabel the responses and rerun the cross-validation (exact, n_perm fits)."
+            "| refit: relabel the responses and rerun the cross-validation (exact, calibrated; up "
+            "to n_perm fits, see perm_stop)."
+        ),
+    )
+    perm_stop: Count = Field(
+        10,
+        description=(
+            "refit: sequential p (Besag & Clifford 1991): stop a test's refits once this many "
+            "null values reach the observed mean r, p = stop / refits (0: all n_perm)."
         ),
     )
     standardize: bool = Field(

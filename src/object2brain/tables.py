@@ -529,14 +529,19 @@ ENCODING = TableSchema(
         _c(
             "p_perm",
             "float",
-            "one-sided permutation p of r_mean, (1 + #{null >= r_mean}) / (1 + n_perm)",
+            "one-sided permutation p of r_mean, (1 + #{null >= r_mean}) / (1 + n_perm); "
+            "sequential refit test stopped early: perm_stop / n_perm",
         ),
         _c(
             "p_fdr",
             "float",
             "Benjamini-Hochberg of p_perm over layers x ROIs, per model and condition",
         ),
-        _N_PERM,
+        _c(
+            "n_perm",
+            "int",
+            "permutations behind p_perm (fewer than requested where a sequential test stopped)",
+        ),
         _c("n_stimuli", "int", "stimuli in the condition"),
         _c("n_folds", "int", "outer cross-validation folds"),
         _c("alpha_median", "float", "median over voxels of the chosen penalty (NaN: banded)"),

@@ -264,6 +264,7 @@ def test_refit_null_p_values_are_uniform_where_fixed_predictions_are_not() -> No
             options = EncodeOptions(
                 n_perm=99,
                 perm_null=null,  # type: ignore[arg-type]
+                perm_stop=0,  # all 99 refits: the sequential p is discrete (no KS test)
                 folds=3,
                 inner_folds=3,
                 alphas=[10.0**k for k in range(-1, 8)],

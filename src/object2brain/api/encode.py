@@ -121,6 +121,7 @@ def encode(
     n_iter: int | None = None,
     n_perm: int | None = None,
     perm_null: str | None = None,
+    perm_stop: int | None = None,
     layers: Sequence[str] | None = None,
     duplicate_ratings: str | None = None,
     executor: str = "local",
@@ -145,8 +146,9 @@ def encode(
             ``ray_address`` (``auto``: the cluster of this machine; ``None``: a local one); the
             results are those of a local run (:mod:`object2brain.executors`).
         figures: draw the layer profiles (when ``out`` is given).
-        folds, inner_folds, alphas, reduce, banded, n_iter, n_perm, perm_null, layers,
-            duplicate_ratings: the fields of :class:`EncodeOptions` (None: not given).
+        folds, inner_folds, alphas, reduce, banded, n_iter, n_perm, perm_null, perm_stop,
+            layers, duplicate_ratings: the fields of :class:`EncodeOptions` (None: not
+            given).
 
     Raises:
         DataError: no brain data nor ratings, an RDMs source, stimuli missing from a store or
@@ -163,6 +165,7 @@ def encode(
         n_iter=n_iter,
         n_perm=n_perm,
         perm_null=perm_null,
+        perm_stop=perm_stop,
         layers=layers,
         duplicate_ratings=duplicate_ratings,
     )

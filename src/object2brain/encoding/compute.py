@@ -188,7 +188,13 @@ def _score_rows(
     masks = _condition_masks(study.conditions, responses.shape[0])
     exact = (
         refit_permutation_tests(
-            responses, predictions, refit, [m for _, m in masks], n_perm=n_perm, seed=study.seed
+            responses,
+            predictions,
+            refit,
+            [m for _, m in masks],
+            n_perm=n_perm,
+            seed=study.seed,
+            stop=study.options.perm_stop,
         )
         if refit is not None
         else None
@@ -217,7 +223,7 @@ def _score_rows(
                 "nc_mean": nc,
                 "frac_nc": summary.r_mean / nc if nc > 0 else float("nan"),
                 "p_perm": test.p,
-                "n_perm": study.options.n_perm,
+                "n_perm": test.n_used,  # fewer than options.n_perm where a sequential test stopped
                 "n_stimuli": int(mask.sum()),
                 "n_folds": study.options.folds,
                 **extra,

@@ -15,7 +15,9 @@ For responses :math:`Y` ``(n, v)`` and out-of-fold predictions :math:`\hat{Y}` `
   function); :math:`p = (1 + \#\{null \ge obs\}) / (1 + N)`. Fast, valid, conservative;
 - :func:`refit_permutation_tests`: the exact test: the responses' rows are relabelled and the
   whole cross-validation rerun per permutation (many relabelled copies per call), the null of
-  every stimulus mask (condition) from the same refits.
+  every stimulus mask (condition) from the same refits; optionally sequential
+  (:func:`sequential_p`, Besag & Clifford 1991): a test stops once ``h`` null values have
+  reached the observed one, so most null tests need a few dozen refits instead of ``n_perm``.
 
 Permutation statistic in one product: with columns z-scored and divided by :math:`\sqrt{n}`
 (:math:`\tilde{Y}`, :math:`\tilde{P}`), the mean r for permutation :math:`\pi` is
@@ -27,7 +29,7 @@ result does not depend on the chunk size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +52,7 @@ __all__ = [
     "refit_permutation_test",
     "refit_permutation_tests",
     "roi_summary",
+    "sequential_p",
 ]
 
 
@@ -114,11 +117,17 @@ def roi_summary(r: np.ndarray, r2: np.ndarray) -> RoiSummary:
 
 @dataclass(frozen=True)
 class PermutationResult:
-    """Observed ROI mean r, its null distribution ``(n_perm,)`` and ``p``."""
+    """Observed ROI mean r, its null distribution ``(n_used,)`` (the draws behind ``p``: all
+    ``n_perm``, or fewer where a sequential test stopped) and ``p``."""
 
     observed: float
     null: np.ndarray
     p: float
+
+    @property
+    def n_used(self) -> int:
+        """Permutations behind ``p``."""
+        return int(self.null.shape[0])
 
 
 def _block_permutations(
@@ -191,6 +200,51 @@ def permutation_test(
 #: call about ``8 A n x REFIT_COLUMNS`` bytes; the result does not depend on it).
 REFIT_COLUMNS = 8192
 
+#: Tolerance of ``null >= observed``: the same value computed in another order must count as
+#: reaching the observed one.
+_TIES = 1e-12
+
+
+def sequential_p(null: np.ndarray, observed: float, *, stop: int, n_perm: int) -> tuple[float, int]:
+    r"""Besag & Clifford's (1991) sequential Monte Carlo p-value and the permutations it used.
+
+    ``null`` ``(m,)``: the first ``m <= n_perm`` null statistics in the order they were drawn
+    (every value up to the ``stop``-th one reaching ``observed``, or all ``n_perm``). With ``stop
+    = h > 0``: if the ``h``-th null value :math:`\ge` ``observed`` is draw number ``L``, then
+    :math:`p = h / L` after ``L`` permutations; if fewer than ``h`` of the ``n_perm`` draws reach
+    it (``g`` of them), :math:`p = (g + 1) / (n_perm + 1)`, the fixed test's p. Valid:
+    :math:`P(p \le u) \le u` under the null for every ``u`` (exact at the attainable values
+    :math:`h / L` and :math:`(g + 1) / (n_perm + 1)`), because the sequence stops the same way
+    whatever the later draws would have been. ``stop = 0``: the fixed test over all ``n_perm``.
+    A p below ``h / n_perm`` is only reached without stopping, so a test that rejects at level
+    :math:`\alpha \ge h / n_perm` gives up power only where ``p`` lies near :math:`\alpha`.
+
+    Returns:
+        ``(p, used)``: the p-value and the number of permutations behind it (NaN and 0 when
+        ``n_perm == 0``).
+    """
+    if n_perm == 0:
+        return float("nan"), 0
+    hits = np.flatnonzero(np.asarray(null)[:n_perm] >= observed - _TIES)
+    if 0 < stop <= hits.size:
+        used = int(hits[stop - 1]) + 1
+        return stop / used, used
+    if null.shape[0] < n_perm:
+        raise ValueError(f"sequential p: {null.shape[0]} of {n_perm} draws and no stop reached")
+    return (1.0 + hits.size) / (1.0 + n_perm), n_perm
+
+
+def _batches(n_perm: int, per_call: int, stop: int) -> Iterator[tuple[int, int]]:
+    """``(first, count)`` of the permutations of each refit call: ``per_call`` at a time, or with
+    ``stop > 0`` first ``stop``, then doubling the total (``stop, stop, 2 stop, 4 stop, ...``,
+    capped by ``per_call``) so a test that stops early computes at most about twice the draws it
+    uses. The schedule only sets the cost: every p uses the prefix of the same seeded draws."""
+    first = 0
+    while first < n_perm:
+        count = min(per_call, n_perm - first, max(stop, first) if stop > 0 else per_call)
+        yield first, count
+        first += count
+
 
 def refit_permutation_tests(
     responses: np.ndarray,
@@ -200,6 +254,7 @@ def refit_permutation_tests(
     *,
     n_perm: int,
     seed: int,
+    stop: int = 0,
     max_columns: int = REFIT_COLUMNS,
 ) -> list[PermutationResult]:
     """Exact permutation tests of the ROI's mean r, one per stimulus mask, from one set of refits:
@@ -212,14 +267,19 @@ def refit_permutation_tests(
     ``responses``, ``predictions`` ``(n, v)``; ``masks``: boolean ``(n,)`` each, the stimuli a
     test scores (all stimuli are relabelled and refitted once per permutation, whatever the
     masks). Permutations: the seeded blocks of :func:`permutation_test` (across all stimuli).
-    Relabelled copies are stacked as columns, ``max(1, max_columns // v)`` permutations per call
-    of ``refit``; the result does not depend on ``max_columns``. Cost: ``n_perm`` refits of ``v``
-    columns (:class:`~object2brain.encoding.ridge.CvSmoother`: about ``2 A n^2 v`` flops each).
+    ``stop = h > 0``: sequential p-values (:func:`sequential_p`): a mask's test stops at its
+    ``h``-th null value reaching the observed one, and the refits stop once every mask's test
+    has stopped (or after ``n_perm``); each result's ``null`` holds the draws its p used (its
+    ``n_used``). Relabelled copies are stacked as columns, at most ``max(1, max_columns // v)``
+    permutations per call of ``refit`` (:func:`_batches`); the results do not depend on
+    ``max_columns``. Cost: one refit of ``v`` columns per permutation drawn
+    (:class:`~object2brain.encoding.ridge.CvSmoother`: about ``2 A n^2 v`` flops each).
     """
     n, v = responses.shape
     observed = [float(np.nanmean(pearson_r(responses[m], predictions[m]))) for m in masks]
-    nulls = [np.empty(n_perm) for _ in masks]
-    per_call = max(1, max_columns // max(v, 1))
+    nulls = [np.full(n_perm, np.nan) for _ in masks]
+    reached = [0] * len(masks)  # null values >= observed so far, per mask
+    drawn = [0] * len(masks)  # null values computed, per mask (stopped masks fall behind)
     orders = (
         order
         for block in range(-(-n_perm // PERM_BLOCK))
@@ -227,22 +287,24 @@ def refit_permutation_tests(
             n, seed, block, min(PERM_BLOCK, n_perm - block * PERM_BLOCK), None
         )
     )
-    for first in range(0, n_perm, per_call):
-        count = min(per_call, n_perm - first)
+    for first, count in _batches(n_perm, max(1, max_columns // max(v, 1)), stop):
+        open_masks = [i for i in range(len(masks)) if stop == 0 or reached[i] < stop]
+        if not open_masks:
+            break
         batch = np.stack([next(orders) for _ in range(count)])  # (count, n)
         relabelled = responses[batch].transpose(1, 0, 2).reshape(n, count * v)
         refitted = refit(relabelled)
-        for null, mask in zip(nulls, masks, strict=True):
-            r = pearson_r(relabelled[mask], refitted[mask]).reshape(count, v)
-            null[first : first + count] = np.nanmean(r, axis=1)
-    return [_result(obs, null, n_perm) for obs, null in zip(observed, nulls, strict=True)]
-
-
-def _result(observed: float, null: np.ndarray, n_perm: int) -> PermutationResult:
-    if n_perm == 0:
-        return PermutationResult(observed, null, float("nan"))
-    exceed = int(np.count_nonzero(null >= observed - 1e-12))
-    return PermutationResult(observed, null, (1.0 + exceed) / (1.0 + n_perm))
+        for i in open_masks:
+            r = pearson_r(relabelled[masks[i]], refitted[masks[i]]).reshape(count, v)
+            values = np.nanmean(r, axis=1)
+            nulls[i][first : first + count] = values
+            reached[i] += int(np.count_nonzero(values >= observed[i] - _TIES))
+            drawn[i] = first + count
+    results = []
+    for obs, null, m in zip(observed, nulls, drawn, strict=True):
+        p, used = sequential_p(null[:m], obs, stop=stop, n_perm=n_perm)
+        results.append(PermutationResult(obs, null[:used], p))
+    return results
 
 
 def refit_permutation_test(
@@ -253,10 +315,18 @@ def refit_permutation_test(
     n_perm: int,
     seed: int,
     mask: np.ndarray | None = None,
+    stop: int = 0,
     max_columns: int = REFIT_COLUMNS,
 ) -> PermutationResult:
     """:func:`refit_permutation_tests` for one mask (``None``: all stimuli)."""
     keep = np.ones(responses.shape[0], dtype=bool) if mask is None else mask
     return refit_permutation_tests(
-        responses, predictions, refit, [keep], n_perm=n_perm, seed=seed, max_columns=max_columns
+        responses,
+        predictions,
+        refit,
+        [keep],
+        n_perm=n_perm,
+        seed=seed,
+        stop=stop,
+        max_columns=max_columns,
     )[0]

@@ -29,7 +29,7 @@ STATISTICS = frozenset(
     {"n_perm", "n_boot", "n_null", "n_null_assign", "folds", "inner_folds", "alphas", "n_iter"}
     | {"bootstrap", "compare_method", "rdm_metric", "brain_rdm", "fdr_family", "perm_null"}
     | {"null_subsets", "threshold", "min_images", "direction", "cross_fit", "compare_models"}
-    | {"seed", "n_subjects", "rating_noise", "reduce"}
+    | {"seed", "n_subjects", "rating_noise", "reduce", "perm_stop"}
 )
 _HEAD_FIELDS = ("arch", "loss", "epochs_run", "best_epoch", "n_train", "n_val", "n_test")
 
