@@ -51,8 +51,9 @@ stimulus dropped; exact recomputation, ranks included) has expectation
 Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``W``;
 ``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
 ``rbar +- t_{dof, 0.975} se`` and t-tests with ``dof = n - 1`` (stimuli), ``S - 1`` (subjects)
-or Welch-Satterthwaite (both): one-sided ``p`` of ``rbar > 0``,
-one-sided ``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
+or Welch-Satterthwaite (both): one-sided ``p_greater`` of ``rbar > 0`` (the table's ``p`` is
+the score test of :func:`association_test` instead, where it applies), one-sided
+``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
 ``r_s - l_s`` to the leave-one-subject-out ceiling ``l_s`` resampled with the same draws) and,
 for comparisons, two-sided ``p`` of ``delta != 0``.
 """
