@@ -89,6 +89,16 @@ def random_effects_world(rng: np.random.Generator, n: int) -> tuple[torch.Tensor
     return model, squareform(lam * d + eps)
 
 
+def score_only(models: torch.Tensor, subs: torch.Tensor) -> dict[str, np.ndarray]:
+    """Section ``null_only``: the score tests alone (no resamples, no relabellings)."""
+    out = {}
+    for mode in ("both", "stimuli"):
+        test = g.association_test(models, subs, "spearman", mode)
+        assert test is not None
+        out[f"score/{mode}"] = test.p
+    return out
+
+
 def p_values(
     models: torch.Tensor, subs: torch.Tensor, seed: int, with_mantel: bool = True
 ) -> dict[str, np.ndarray]:
@@ -116,21 +126,30 @@ def run(
 ) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(seed)
     planted = WEAK if section == "weak" else PLANTED
-    ps: dict[str, list[np.ndarray]] = {k: [] for k in METHODS}
+    methods = ("score/both", "score/stimuli") if section == "null_only" else METHODS
+    ps: dict[str, list[np.ndarray]] = {k: [] for k in methods}
     start, load0 = time.time(), os.getloadavg()[0]
     result: dict[str, Any] = {}
     for rep in range(datasets):
         if section == "random_effects":
             models, subs = random_effects_world(rng, n)
         else:
-            models, subs = sharp_world(rng, n, planted)
-        values = p_values(models, subs, seed * 100_003 + rep, with_mantel=section != "weak")
+            models, subs = sharp_world(rng, n, () if section == "null_only" else planted)
+        values = (
+            score_only(models, subs)
+            if section == "null_only"
+            else p_values(models, subs, seed * 100_003 + rep, with_mantel=section != "weak")
+        )
         for key, value in values.items():
             ps[key].append(value)
-        if (rep + 1) % 20 == 0 or rep + 1 == datasets:
+        if (rep + 1) % (100 if section == "null_only" else 20) == 0 or rep + 1 == datasets:
             low, high = scipy.stats.binom.interval(0.95, rep + 1, ALPHA)
             arr = {k: np.array(v) for k, v in ps.items()}
-            labels = ["null"] if section == "random_effects" else ["null", *map(str, planted)]
+            labels = (
+                ["null"]
+                if section in ("random_effects", "null_only")
+                else ["null", *map(str, planted)]
+            )
             result = {
                 "n": n, "datasets": rep + 1, "seconds": round(time.time() - start, 1),
                 "load_average_start_end": [round(load0, 1), round(os.getloadavg()[0], 1)],
@@ -169,7 +188,8 @@ def main() -> None:
                   "compare": "spearman"},
     }  # fmt: skip
     record.setdefault("sections", {})
-    plan = [("sharp", 40, 11), ("random_effects", 40, 12), ("sharp", 200, 13), ("weak", 200, 14)]
+    plan = [("sharp", 40, 11), ("random_effects", 40, 12), ("sharp", 200, 13), ("weak", 200, 14),
+            ("null_only", 40, 15), ("null_only", 200, 16)]  # fmt: skip
     for section, n, seed in plan:
         key = f"{section}/n={n}"
         if args.only and key not in args.only.split(","):
