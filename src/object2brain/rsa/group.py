@@ -51,8 +51,9 @@ stimulus dropped; exact recomputation, ranks included) has expectation
 Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``W``;
 ``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
 ``rbar +- t_{dof, 0.975} se`` and t-tests with ``dof = n - 1`` (stimuli), ``S - 1`` (subjects)
-or Welch-Satterthwaite (both): one-sided ``p`` of ``rbar > 0``,
-one-sided ``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
+or Welch-Satterthwaite (both): one-sided ``p_greater`` of ``rbar > 0`` (the table's ``p`` is
+the score test of :func:`association_test` instead, where it applies), one-sided
+``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
 ``r_s - l_s`` to the leave-one-subject-out ceiling ``l_s`` resampled with the same draws) and,
 for comparisons, two-sided ``p`` of ``delta != 0``.
 """
@@ -79,6 +80,8 @@ from object2brain.rsa.compare import (
     compare,
     comparison_scale,
     masked_compare,
+    prepare,
+    row_sums,
 )
 from object2brain.rsa.inference import pair_corrected, pair_corrected_variance
 from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
@@ -489,6 +492,111 @@ def estimate(
     )
 
 
+# --- the test of r > 0 (column ``p`` of ``group_inference``) -----------------------------------
+
+
+def _mantel_parts(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``(R,)``, sum of squared stimulus effects ``(R,)`` and sum of squared residuals
+    ``(R,)`` of condensed hollow symmetric matrices ``x`` ``(R, m)`` written
+    ``x_ij = mu + g_i + g_j + e_ij`` with ``sum_i g_i = 0`` and every row of ``e`` summing to 0
+    (``g = (s - (n - 1) mu) / (n - 2)``, ``s``: row sums)."""
+    mu = x.mean(dim=-1, keepdim=True)
+    g = (row_sums(x, n) - (n - 1) * mu) / (n - 2)
+    iu, ju = triu_indices(n, x.device)
+    e = x - mu - g[..., iu] - g[..., ju]
+    return mu[..., 0], (g**2).sum(dim=-1), (e**2).sum(dim=-1)
+
+
+def permutation_moments(a: torch.Tensor, y: torch.Tensor, n: int) -> tuple[Any, Any]:
+    """Exact mean and variance ``(K, T)`` of ``<a o pi, y>`` over all ``n!`` relabellings ``pi``
+    of the stimuli of condensed RDMs ``a`` ``(K, m)`` (``y`` ``(T, m)``; ``n >= 4``).
+
+    With ``a = mu_a + g_i + g_j + e_ij`` (:func:`_mantel_parts`) and ``y`` alike, the statistic is
+    ``m mu_a mu_y + (n - 2) sum_i g_i h_pi(i) + sum_{i<j} e_ij f_pi(i)pi(j)``; the two random
+    terms are uncorrelated, the first is a linear permutation statistic (variance
+    ``sum g^2 sum h^2 / (n - 1)``), the second is degenerate (variance
+    ``2 sum e^2 sum f^2 / (n (n - 3))``), so (Mantel 1967; Hubert 1987)
+    ``Var = (n - 2)^2 / (n - 1) G_a G_y + 2 E_a E_y / (n (n - 3))``."""
+    m = a.shape[-1]
+    mu_a, g_a, e_a = _mantel_parts(a, n)
+    mu_y, g_y, e_y = _mantel_parts(y, n)
+    mean = m * mu_a[:, None] * mu_y[None]
+    linear = (n - 2) ** 2 / (n - 1) * g_a[:, None] * g_y[None]
+    var = linear + 2 / (n * (n - 3)) * e_a[:, None] * e_y[None]
+    return mean.cpu().numpy(), var.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class AssociationTest:
+    """The score test of the subject-mean coefficient against no association, per row ``(K,)``:
+    ``z = (rbar - null_mean) / sqrt(W0 + B0)`` with ``W0`` the exact stimulus-relabelling
+    variance of ``rbar`` and ``B0`` the subject variance net of it, one-sided ``p``."""
+
+    z: np.ndarray
+    p: np.ndarray
+    dof: np.ndarray
+    null_mean: np.ndarray
+    null_variance: np.ndarray  # W0
+    subject_variance: np.ndarray  # B0
+
+
+def association_test(
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, mode: str
+) -> AssociationTest | None:
+    """One-sided test of ``rbar > 0`` (no association) for the ``p`` column of
+    ``group_inference``; ``None`` where it does not apply (``subjects``: the stimuli are held
+    fixed, the t-test of :func:`estimate` is used; ``kendall_tau_a``, which is not a dot product
+    of relabelled vectors; fewer than 4 stimuli).
+
+    Every other comparator is ``r_s = <a o pi, y_s>`` of prepared vectors
+    (:func:`object2brain.rsa.compare.prepare`), so under the null that the model's stimulus
+    labels are exchangeable with respect to the subjects' RDMs, ``rbar = <a o pi, mean_s y_s>``
+    has the exact mean and variance ``W0`` of :func:`permutation_moments` (a score test:
+    the variance under H0, not the bootstrap variance, whose pair terms overstate it near 0).
+    ``both`` adds the between-subject variance ``B0 = max(0, var_s(r_s - E0_s) / S - I0)``, net
+    of its expectation under the null ``I0 = (mean_s W0_s - W0) / (S - 1)`` (``W0_s``, ``E0_s``
+    of each subject's own r), so a population of subjects whose mean association is 0 is not
+    rejected because each subject's own r differs from 0; reference: Student t with
+    ``(W0 + B0)^2 / (B0^2 / (S - 1))`` degrees of freedom (``W0`` is exact; normal when
+    ``B0 = 0``). ``stimuli``: ``B0 = 0`` (subjects fixed), the normal approximation of the
+    Mantel test of the subject mean. Subjects with an undefined r are left out.
+    """
+    n = model_rdms.shape[-1]
+    if mode == "subjects" or method == KENDALL or n < 4:
+        return None
+    a = prepare(upper_triangle(model_rdms).to(torch.float64).cpu(), method)
+    y = prepare(upper_triangle(subject_rdms).to(torch.float64).cpu(), method)
+    y = y[torch.isfinite(y).all(dim=-1)]
+    K, S = a.shape[0], y.shape[0]
+    if S == 0:
+        nan = np.full(K, np.nan)
+        return AssociationTest(nan, nan, nan, nan, nan, nan)
+    r = (a @ y.T).numpy()  # (K, S)
+    own_mean, own_var = permutation_moments(a, y, n)
+    null_mean, null_var = (v[:, 0] for v in permutation_moments(a, y.mean(dim=0, keepdim=True), n))
+    subj = np.zeros(K)
+    if mode == "both" and S >= 2:
+        spread = np.var(r - own_mean, axis=1, ddof=1) / S
+        subj = np.maximum(spread - (own_var.mean(axis=1) - null_var) / (S - 1), 0.0)
+    total = null_var + subj
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (r.mean(axis=1) - null_mean) / np.sqrt(total)
+        k = np.where(subj > 0, total**2 / (subj**2 / max(S - 1, 1)), np.inf)
+    k = np.maximum(k, max(S - 1, 1))
+    return AssociationTest(z, scipy.stats.t.sf(z, k), k, null_mean, null_var, subj)
+
+
+def group_p(
+    model_rdms: torch.Tensor, rows: np.ndarray, subject_rdms: torch.Tensor, method: str,
+    mode: str, est: GroupEstimate,
+) -> np.ndarray:  # fmt: skip
+    """The ``p`` column (one-sided, r > 0) of ``group_inference``: :func:`association_test` of
+    the model RDMs restricted to ``rows`` against ``subject_rdms``, or the t-test of ``est``
+    where that test does not apply."""
+    test = association_test(_restrict(model_rdms, rows), subject_rdms, method, mode)
+    return est.p_greater if test is None else test.p
+
+
 # --- the tables ---------------------------------------------------------------------------------
 
 
@@ -555,6 +663,7 @@ def group_inference_rows(
                     settings.executor, settings.device, settings.block,
                 )  # fmt: skip
                 est = estimate(coef, plan, mode)
+                p_greater = group_p(model.rdms, condition.rows, sub, settings.method, mode, est)
                 below = np.full(len(model.layers), np.nan)
                 if lower is not None:
                     below = 1.0 - estimate(coef - lower, plan, mode).p_greater
@@ -565,7 +674,7 @@ def group_inference_rows(
                          "condition": condition.name, "compare_method": settings.method,
                          "mean_r": float(est.mean[k]), "se": float(est.se[k]),
                          "ci_low": float(est.low[k]), "ci_high": float(est.high[k]),
-                         "p": float(est.p_greater[k]), "p_fdr": np.nan,
+                         "p": float(p_greater[k]), "p_fdr": np.nan,
                          "nc_low": nc_low, "nc_high": nc_high, "p_below_nc": float(below[k]),
                          "n_subjects": S, "n_stimuli": n, "n_boot": settings.n_boot,
                          "bootstrap": mode}

@@ -225,7 +225,7 @@ def alignment_profile(
     conditions: Sequence[str] = ("all",),
 ) -> Profile:
     """The group rows of ``alignment`` (``subject == "group"``) in ``conditions``, each filled by
-    the group-level test: ``group_inference`` ``p_fdr`` (two-factor bootstrap t-test) where it
+    the group-level test: ``group_inference`` ``p_fdr`` (score test of r > 0) where it
     has a finite value for the target, else ``alignment_group`` ``p_t_fdr`` (one-sample t-test of
     the per-subject r), else the Mantel permutation ``p_fdr`` of the group row itself."""
     rows = alignment[
@@ -234,7 +234,7 @@ def alignment_profile(
     ].reset_index(drop=True)
     keys = ["model", "layer", "target", "condition"]
     sources: list[tuple[pd.DataFrame | None, str, str]] = [
-        (group_inference, "p_fdr", "group_inference p_fdr (two-factor bootstrap t-test)"),
+        (group_inference, "p_fdr", "group_inference p_fdr (score test of r > 0)"),
         (alignment_group, "p_t_fdr", "alignment_group p_t_fdr (t-test of the per-subject r)"),
     ]
     p = pd.Series(np.nan, index=rows.index)
