@@ -412,7 +412,10 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
     sink = _BatchStore(plan, writer, bar.update)
     background: BackgroundWriter[_HostBatch] = BackgroundWriter(sink.store, depth=1)
     try:
-        with LayerRecorder(network, plan.layers) as recorder, torch.inference_mode():
+        # recorded outputs copied straight into the stored (contiguous) layout: with
+        # channels_last (or int8's NHWC taps) one copy instead of a copy and a transposition
+        recorder = LayerRecorder(network, plan.layers, memory_format=torch.contiguous_format)
+        with recorder, torch.inference_mode():
             for indices, inputs in batches:
                 recorder.reset()
                 with timing.stage("forward", device), _autocast(device, options.amp):
@@ -460,15 +463,15 @@ def _int8_network(plan: ExtractionPlan, network: torch.nn.Module) -> torch.nn.Mo
     calibration = plan.calibration
     assert calibration is not None  # set by plan_extraction with quantize
     started = time.perf_counter()
-    batches = image_batches(
-        calibration.paths, calibration.ids, plan.loaded.preprocessing, device=plan.device,
-        batch_size=CALIBRATION_BATCH, num_workers=0, on_device_decode=plan.on_device_decode,
-        cache=plan.image_cache,
-    )  # fmt: skip
-    # decoded before tracing: torch.fx patches nn.Module.__call__ process-wide while it traces,
-    # which breaks the transforms of a decoding thread
-    inputs = [batch for _, batch in batches]
-    with timing.stage("quantize"):
+    with timing.stage("quantize"):  # decoding the calibration images included
+        batches = image_batches(
+            calibration.paths, calibration.ids, plan.loaded.preprocessing, device=plan.device,
+            batch_size=CALIBRATION_BATCH, num_workers=0, on_device_decode=plan.on_device_decode,
+            cache=plan.image_cache,
+        )  # fmt: skip
+        # decoded before tracing: torch.fx patches nn.Module.__call__ process-wide while it
+        # traces, which breaks the transforms of a decoding thread
+        inputs = [batch for _, batch in batches]
         quantized = quantize_int8(network, plan.layers, inputs)
     log.info("quantized %s to int8 on %d calibration images in %.1f s", plan.loaded.name,
              len(calibration), time.perf_counter() - started)  # fmt: skip
@@ -561,7 +564,7 @@ def _to_host(
     """Queue the copies of ``blocks`` (layer -> ``(batch, ...)`` float32) to the host, cast to the
     storage dtype on the device; on CUDA the copies are asynchronous, into pinned memory, and the
     call returns at once (no synchronisation with the device)."""
-    peaks = torch.stack([b.reshape(b.shape[0], -1).abs().amax(dim=1) for b in blocks.values()])
+    peaks = torch.stack([_peak(b) for b in blocks.values()])
     target = _TORCH_DTYPES[dtype.name]
     device = peaks.device
     if device.type != "cuda":
@@ -576,6 +579,13 @@ def _to_host(
     copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
     copied.record(torch.cuda.current_stream(device))  # the copies' stream (cuda:N, not cuda:0)
     return _HostBatch(first_row, ids, host, host_peaks, copied)
+
+
+def _peak(block: torch.Tensor) -> torch.Tensor:
+    """Largest ``|value|`` of each row of ``block`` ``(batch, ...)`` (NaN if any is NaN), in one
+    pass without a temporary ``abs`` copy."""
+    low, high = torch.aminmax(block.reshape(block.shape[0], -1), dim=1)
+    return torch.maximum(-low, high)
 
 
 #: Largest finite float16 value: larger activations would be stored as inf.

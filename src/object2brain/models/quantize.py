@@ -76,7 +76,7 @@ def qconfig_mapping(reduce_range: bool) -> Any:
     from torch.ao.quantization import QConfig, QConfigMapping
     from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
-    qconfig = QConfig(
+    qconfig = QConfig(  # type: ignore[no-untyped-call]
         activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range),
         weight=PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric
