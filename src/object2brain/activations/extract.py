@@ -231,9 +231,9 @@ def plan_extraction(
     """
     layer_names = resolve_layers(loaded, layers)
     device = resolve_device(runtime.device)
+    _check_quantize(options, device)
     if probe:
         probe_layers(loaded, layer_names, device)
-    _check_quantize(options, device)
     on_device_decode = uses_device_decoding(options.decode, device)
     config: dict[str, Any] = {
         **loaded.describe(),
