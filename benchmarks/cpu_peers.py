@@ -13,6 +13,12 @@ then every run again), and the best (shortest) is kept, because the machine is s
 - ``ours_fast``: our fastest numerics option on the CPU, batch norms folded into the
   convolutions (``fold_batchnorm=True``) in the channels_last layout, float32 throughout; its
   error against ours_float32 per layer (max abs and relative) in ``error_per_layer_all_images``;
+- ``ours_int8``: ``quantize="int8"`` with channels_last inputs (post-training static int8,
+  x86 backend; calibrated on the first 64 images by id inside the timed run: its calibration
+  seconds are in ``quantize_s``, and ``images_per_s_after_calibration`` is the rate without
+  them); its error against ours_float32 per layer (max and median relative to the layer's
+  largest value) and what it does to an RSA (``rsa_r_vs_float32``: Pearson r between the
+  float32 and int8 correlation-distance RDMs of each layer over all images);
 - ``ours_bf16_channels_last``: ``amp="bfloat16"``, ``channels_last=True`` (slower than float32 on
   CPUs without bf16 instructions; ``--skip bf16`` leaves it out);
 - ``ours_torch_decode``: ``decode="torch"`` (the pipelined path: threads read the files,
@@ -166,13 +172,15 @@ def run_ours(
 ) -> tuple[float, dict[str, np.ndarray]]:
     import object2brain as o2b
     from object2brain.activations.store import ActivationStore
+    from object2brain.models import timing
 
     model = o2b.load_model("resnet18", "none", seed=0)
     for stale in (out, out.with_name(out.stem + ".manifest.json")):
         stale.unlink(missing_ok=True)
-    with Clock() as clock:
+    with Clock() as clock, timing.profile_stages() as stages:
         o2b.extract(model, folder, out=out, layers="all", device="cpu", batch_size=batch,
                     progress=False, **options)  # fmt: skip
+    clock.quantize = stages.seconds.get("quantize", 0.0)  # type: ignore[attr-defined]
     with ActivationStore.open(out) as store:
         return clock, {layer: store.read(layer) for layer in LAYERS}
 
@@ -188,14 +196,30 @@ def max_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rows: int | No
 
 
 def layer_error(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Per layer, over all images: the largest absolute difference and that difference relative
-    to the layer's largest ``|value|`` (float32 reference)."""
+    """Per layer, over all images: the largest absolute difference, that difference and the
+    median one relative to the layer's largest ``|value|`` (float32 reference)."""
     out = {}
     for k in LAYERS:
         ref = reference[k].astype(np.float64)
-        diff = float(np.abs(ref - other[k].reshape(ref.shape)).max())
+        diffs = np.abs(ref - other[k].reshape(ref.shape))
+        diff, median = float(diffs.max()), float(np.median(diffs))
         scale = max(float(np.abs(ref).max()), 1e-30)
-        out[k] = {"max_abs": float(f"{diff:.3g}"), "max_rel": float(f"{diff / scale:.3g}")}
+        out[k] = {"max_abs": float(f"{diff:.3g}"), "max_rel": float(f"{diff / scale:.3g}"),
+                  "median_rel": float(f"{median / scale:.3g}")}  # fmt: skip
+    return out
+
+
+def rdm_agreement(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per layer: Pearson r between the correlation-distance RDMs (1 - r between images' flattened
+    activations, upper triangle) of ``reference`` and ``other``."""
+    out = {}
+    for k in LAYERS:
+        rdms = []
+        for acts in (reference[k], other[k]):
+            flat = acts.reshape(acts.shape[0], -1).astype(np.float64)
+            rdm = 1.0 - np.corrcoef(flat)
+            rdms.append(rdm[np.triu_indices(len(flat), k=1)])
+        out[k] = float(f"{np.corrcoef(rdms[0], rdms[1])[0, 1]:.6f}")
     return out
 
 
@@ -333,6 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acts: dict[str, dict[str, np.ndarray]] = {}
 
     def record(name: str, clock: Clock, values: dict[str, np.ndarray], **extra: Any) -> None:
+        quantize_s = getattr(clock, "quantize", 0.0)
+        if quantize_s:
+            extra["quantize_s"] = round(quantize_s, 3)
+            extra["images_per_s_after_calibration"] = round(args.n / (clock.wall - quantize_s), 2)
         runs[name] = {
             "seconds": round(clock.wall, 3),
             "images_per_s": round(args.n / clock.wall, 2),
@@ -354,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         schedule["ours_float32_channels_last"] = ours("cl.h5", channels_last=True)
     if "fast" not in skip:
         schedule["ours_fast"] = ours("fast.h5", fold_batchnorm=True, channels_last=True)
+    if "int8" not in skip:
+        schedule["ours_int8"] = ours("int8.h5", quantize="int8", channels_last=True)
     if "bf16" not in skip:
         schedule["ours_bf16_channels_last"] = ours("bf16.h5", amp_dtype="bfloat16",
                                                    channels_last=True)  # fmt: skip
@@ -409,7 +439,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               for name, values in acts.items() if name != "ours_float32"}  # fmt: skip
     layer_errors = {name: layer_error(reference, acts[name])
                     for name in ("ours_float32_channels_last", "ours_fast",
-                                 "ours_bf16_channels_last") if name in acts}  # fmt: skip
+                                 "ours_int8", "ours_bf16_channels_last")
+                    if name in acts}  # fmt: skip
+    rsa_r = {name: rdm_agreement(reference, acts[name])
+             for name in ("ours_fast", "ours_int8") if name in acts}  # fmt: skip
     peers = [name for name in ("torchvision", "thingsvision") if "images_per_s" in runs[name]]
     best_peer = max(peers, key=lambda name: runs[name]["images_per_s"])
     best_rate = runs[best_peer]["images_per_s"]
@@ -442,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_per_cpu_s_vs_best_peer": cpu_ratios,
         "max_scaled_error_vs_ours_float32": {k: float(f"{v:.3g}") for k, v in checks.items()},
         "error_per_layer_all_images": layer_errors,
+        "rsa_r_vs_float32": rsa_r,
         "targets": {
             # float32 numerics with either memory layout (channels_last is float32 too, and the
             # peer's best configuration uses it)
@@ -450,13 +484,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             >= 1.0,
             "fastest_numerics_at_least_1_5x": max(
-                ratios.get("ours_fast", 0), ratios.get("ours_bf16_channels_last", 0)
+                ratios.get("ours_fast", 0),
+                ratios.get("ours_int8", 0),
+                ratios.get("ours_bf16_channels_last", 0),
             )
             >= 1.5,
         },
     }
     summary = ("ratio_vs_best_peer", "best_peer", "ratio_per_cpu_s_vs_best_peer", "targets",
-               "max_scaled_error_vs_ours_float32")  # fmt: skip
+               "max_scaled_error_vs_ours_float32", "rsa_r_vs_float32")  # fmt: skip
     print(json.dumps({k: results[k] for k in summary}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,14 @@ class ExtractOptions(StageOptions):
             "equal up to float rounding, ~2e-6 of a layer's largest value on resnet18)."
         ),
     )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description=(
+            "none | int8: post-training static int8 quantization on the CPU (x86 backend, "
+            "calibrated on the first 64 stimuli by id; recorded layers dequantized to float32; "
+            "faster, values differ by a few % of a layer's largest value, docs/methods.md)."
+        ),
+    )
     decode: DecodeMode = Field("pil", description="pil | torch (plain JPEGs on the device) | auto.")
     num_workers: Int | None = Field(
         None,

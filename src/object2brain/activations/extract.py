@@ -32,6 +32,12 @@ GPU options (all off by default, so stored values are today's float32 ones):
 - ``fold_batchnorm=True``: eval-mode batch norms folded into the convolutions before them
   (:mod:`object2brain.models.fusion`; the loaded model is not changed); values equal up to float
   rounding (~2e-6 of a layer's largest value on resnet18), part of the store's fingerprint.
+- ``quantize="int8"`` (CPU only): post-training static int8 quantization
+  (:mod:`object2brain.models.quantize`: torch.ao FX, x86 backend, calibrated on the first 64
+  stimuli by id, whatever the chunk, shard or worker count); recorded layers are dequantized to
+  float32 at their hooks under the same module names. Values differ from float32 by a few % of
+  a layer's largest value (``docs/methods.md``); the mode, backend and calibration set are part
+  of the store's fingerprint.
 - ``decode="torch"`` (or ``"auto"`` = ``torch`` on CUDA): plain JPEG files are decoded on the
   compute device (:mod:`object2brain.models.inputs`). Different decoders and resamplers differ by
   about one 8-bit level per pixel; the ``decode`` mode is part of the store's fingerprint.
@@ -72,6 +78,12 @@ from object2brain.models.fusion import fold_batchnorm
 from object2brain.models.image_cache import ImageCache
 from object2brain.models.inputs import image_batches, uses_device_decoding
 from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_layers
+from object2brain.models.quantize import (
+    CALIBRATION_BATCH,
+    calibration_ids,
+    quantization_config,
+    quantize_int8,
+)
 from object2brain.models.zoo import LoadedModel
 from object2brain.options import AmpDtype, ExtractOptions, Runtime, StorageDtype
 
@@ -161,6 +173,8 @@ class ExtractionPlan:
             reused, a partial one resumed.
         image_cache: the decoded-image cache (``options.image_cache``), or ``None``; it changes
             no stored value, so it is not part of the fingerprint.
+        calibration: with ``quantize="int8"``, the calibration stimuli (the first of the whole
+            set by id; kept as they are in the plan of a shard or a resumed run), else ``None``.
     """
 
     loaded: LoadedModel
@@ -174,6 +188,7 @@ class ExtractionPlan:
     config: dict[str, Any] = field(repr=False)
     fingerprint: str
     image_cache: ImageCache | None = field(default=None, repr=False)
+    calibration: StimulusSet | None = field(default=None, repr=False)
 
     @property
     def storage_dtype(self) -> np.dtype[Any]:
@@ -216,6 +231,7 @@ def plan_extraction(
     """
     layer_names = resolve_layers(loaded, layers)
     device = resolve_device(runtime.device)
+    _check_quantize(options, device)
     if probe:
         probe_layers(loaded, layer_names, device)
     on_device_decode = uses_device_decoding(options.decode, device)
@@ -237,6 +253,10 @@ def plan_extraction(
         config["fold_batchnorm"] = True
     if on_device_decode:
         config["decode"] = "torch"
+    calibration = None
+    if options.quantize != "none":
+        config["quantize"] = quantization_config(stimuli.ids)
+        calibration = stimuli.subset(calibration_ids(stimuli.ids))
     if valence is not None:
         config["valence"] = "supplied"
         config["valence_sha256"] = hashlib.sha256(valence.tobytes()).hexdigest()
@@ -250,8 +270,23 @@ def plan_extraction(
         cache = ImageCache(options.image_cache, loaded.preprocessing)
     return ExtractionPlan(
         loaded, stimuli, layer_names, options, runtime, device, on_device_decode, valence,
-        config, fingerprint, cache,
+        config, fingerprint, cache, calibration,
     )  # fmt: skip
+
+
+def _check_quantize(options: ExtractOptions, device: torch.device) -> None:
+    """``quantize`` runs on the CPU only and in float32 (not with ``amp``)."""
+    if options.quantize == "none":
+        return
+    if device.type != "cpu":
+        raise StoreError(
+            f"extract: --quantize {options.quantize} runs on the CPU only (device {device}); "
+            "use --device cpu, or --amp bfloat16|float16 for a faster GPU pass"
+        )
+    if options.amp is not None:
+        raise StoreError(
+            f"extract: --quantize {options.quantize} and --amp {options.amp} exclude each other"
+        )
 
 
 def run_extraction(plan: ExtractionPlan, out: Path, *, overwrite: bool = False) -> Path:
@@ -369,14 +404,18 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
     )
     network = _network(plan)
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    if options.channels_last:
+    reformat = options.channels_last and options.quantize == "none"  # int8: the inputs only
+    if reformat:
         network.to(memory_format=torch.channels_last)
     bar = tqdm(total=n, initial=start, disable=not plan.runtime.progress, unit="img",
                desc="extract")  # fmt: skip
     sink = _BatchStore(plan, writer, bar.update)
     background: BackgroundWriter[_HostBatch] = BackgroundWriter(sink.store, depth=1)
     try:
-        with LayerRecorder(network, plan.layers) as recorder, torch.inference_mode():
+        # recorded outputs copied straight into the stored (contiguous) layout: with
+        # channels_last (or int8's NHWC taps) one copy instead of a copy and a transposition
+        recorder = LayerRecorder(network, plan.layers, memory_format=torch.contiguous_format)
+        with recorder, torch.inference_mode():
             for indices, inputs in batches:
                 recorder.reset()
                 with timing.stage("forward", device), _autocast(device, options.amp):
@@ -399,7 +438,7 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         raise
     finally:
         bar.close()
-        if options.channels_last:
+        if reformat:
             network.to(memory_format=torch.contiguous_format)
 
 
@@ -408,11 +447,35 @@ def _network(plan: ExtractionPlan) -> torch.nn.Module:
     batch norms folded into the convolutions (:func:`~object2brain.models.fusion.fold_batchnorm`;
     convolutions whose own output is recorded are kept as they are)."""
     network = plan.loaded.module.to(plan.device).eval()
-    if not plan.options.fold_batchnorm:
-        return network
-    folded, count = fold_batchnorm(network, keep=plan.layers)
-    log.info("folded %d batch norms of %s into their convolutions", count, plan.loaded.name)
-    return folded
+    if plan.options.fold_batchnorm:
+        network, count = fold_batchnorm(network, keep=plan.layers)
+        log.info("folded %d batch norms of %s into their convolutions", count, plan.loaded.name)
+    if plan.options.quantize == "int8":
+        _check_quantize(plan.options, plan.device)  # a Ray node's device may differ
+        network = _int8_network(plan, network)
+    return network
+
+
+def _int8_network(plan: ExtractionPlan, network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` quantized to int8 (:func:`~object2brain.models.quantize.quantize_int8`),
+    calibrated on ``plan.calibration`` decoded as every other image, in batches of
+    :data:`~object2brain.models.quantize.CALIBRATION_BATCH`."""
+    calibration = plan.calibration
+    assert calibration is not None  # set by plan_extraction with quantize
+    started = time.perf_counter()
+    with timing.stage("quantize"):  # decoding the calibration images included
+        batches = image_batches(
+            calibration.paths, calibration.ids, plan.loaded.preprocessing, device=plan.device,
+            batch_size=CALIBRATION_BATCH, num_workers=0, on_device_decode=plan.on_device_decode,
+            cache=plan.image_cache,
+        )  # fmt: skip
+        # decoded before tracing: torch.fx patches nn.Module.__call__ process-wide while it
+        # traces, which breaks the transforms of a decoding thread
+        inputs = [batch for _, batch in batches]
+        quantized = quantize_int8(network, plan.layers, inputs)
+    log.info("quantized %s to int8 on %d calibration images in %.1f s", plan.loaded.name,
+             len(calibration), time.perf_counter() - started)  # fmt: skip
+    return quantized
 
 
 def _autocast(device: torch.device, amp: AmpDtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -501,7 +564,7 @@ def _to_host(
     """Queue the copies of ``blocks`` (layer -> ``(batch, ...)`` float32) to the host, cast to the
     storage dtype on the device; on CUDA the copies are asynchronous, into pinned memory, and the
     call returns at once (no synchronisation with the device)."""
-    peaks = torch.stack([b.reshape(b.shape[0], -1).abs().amax(dim=1) for b in blocks.values()])
+    peaks = torch.stack([_peak(b) for b in blocks.values()])
     target = _TORCH_DTYPES[dtype.name]
     device = peaks.device
     if device.type != "cuda":
@@ -516,6 +579,13 @@ def _to_host(
     copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
     copied.record(torch.cuda.current_stream(device))  # the copies' stream (cuda:N, not cuda:0)
     return _HostBatch(first_row, ids, host, host_peaks, copied)
+
+
+def _peak(block: torch.Tensor) -> torch.Tensor:
+    """Largest ``|value|`` of each row of ``block`` ``(batch, ...)`` (NaN if any is NaN), in one
+    pass without a temporary ``abs`` copy."""
+    low, high = torch.aminmax(block.reshape(block.shape[0], -1), dim=1)
+    return torch.maximum(-low, high)
 
 
 #: Largest finite float16 value: larger activations would be stored as inf.

@@ -38,6 +38,7 @@ def extract(
     amp_dtype: str | None = None,
     channels_last: bool | None = None,
     fold_batchnorm: bool | None = None,
+    quantize: str | None = None,
     decode: str | None = None,
     num_workers: int | None = None,
     image_cache: str | Path | None = None,
@@ -64,8 +65,8 @@ def extract(
         layers: ``all`` (the canonical layers) or names / a comma-separated list.
         options: :class:`~object2brain.options.ExtractOptions`; the keywords below, when given,
             override its fields (``batch_size``, ``dtype``, ``srp``, ``amp_dtype`` = field
-            ``amp``, ``channels_last``, ``fold_batchnorm``, ``decode``, ``num_workers``,
-            ``image_cache``; meanings and
+            ``amp``, ``channels_last``, ``fold_batchnorm``, ``quantize``, ``decode``,
+            ``num_workers``, ``image_cache``; meanings and
             defaults there).
         weights: used only when ``model`` is a name.
         seed: seed of the projection matrices (and of ``weights=none`` when loading by name).
@@ -97,6 +98,7 @@ def extract(
         "batch_size": batch_size, "dtype": dtype, "srp": srp, "amp": amp_dtype,
         "channels_last": channels_last, "decode": decode, "num_workers": num_workers,
         "image_cache": image_cache, "fold_batchnorm": fold_batchnorm,
+        "quantize": quantize,
     }  # fmt: skip
     resolved = _resolve(options, {k: v for k, v in given.items() if v is not None})
     runtime = Runtime(

@@ -289,7 +289,9 @@ class LayerRecorder(ForwardHooks):
     """Context manager that records the outputs of named modules during forward passes.
 
     Each recorded output is detached and *copied* (in-place activations such as
-    ``ReLU(inplace=True)`` would otherwise overwrite it) to ``device`` / ``dtype``.
+    ``ReLU(inplace=True)`` would otherwise overwrite it) to ``device`` / ``dtype`` /
+    ``memory_format`` (default: the output's own layout; ``torch.contiguous_format`` turns a
+    channels_last output into the stored layout in the same copy).
 
     Example::
 
@@ -306,11 +308,13 @@ class LayerRecorder(ForwardHooks):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format = torch.preserve_format,
     ) -> None:
         super().__init__(module)
         self.names = list(names)
         self.device = device
         self.dtype = dtype
+        self.memory_format = memory_format
         self.outputs: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
 
@@ -327,7 +331,10 @@ class LayerRecorder(ForwardHooks):
             if name not in self.order:
                 self.order.append(name)
             self.outputs[name] = tensor.detach().to(
-                device=self.device or tensor.device, dtype=self.dtype or tensor.dtype, copy=True
+                device=self.device or tensor.device,
+                dtype=self.dtype or tensor.dtype,
+                memory_format=self.memory_format,
+                copy=True,
             )
 
         return hook
