@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -155,6 +156,61 @@ def test_srp_reduction_and_seeded_reproducibility() -> None:
         stimulus_ids=_ids(30),
     )
     assert pca.encoding.set_index("layer")["feature_dim"]["big"] == 5
+
+
+def test_fold_reductions_are_fitted_once_per_layer_and_fold(
+    study: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``pca:DIM`` and standardisation, each outer fold's PCA is fitted once per layer
+    (and once per band on the driver), shared by every ROI, the refit null and the banded
+    model; the tables equal, bit for bit, those of a fit per ROI (the cache switched off)."""
+    import object2brain.encoding.ridge as ridge
+
+    calls: list[int] = []
+    original = ridge.fit_pca
+
+    def counting(features: np.ndarray, dim: int) -> ridge.Pca:
+        calls.append(features.shape[0])
+        return original(features, dim)
+
+    monkeypatch.setattr(ridge, "fit_pca", counting)
+    features = study["features"]
+    rng = np.random.default_rng(5)
+    responses = dict(study["responses"])  # type: ignore[call-overload]
+    responses[("roi", "sub-02")] = rng.standard_normal((N, 7))
+    options = EncodeOptions(
+        reduce="pca:10",
+        standardize=True,
+        folds=3,
+        inner_folds=3,
+        n_perm=20,
+        perm_null="refit",
+        banded=["l1", "l2"],
+        n_iter=5,
+    )
+
+    def run() -> EncodingResult:
+        return compute_encoding(
+            features,  # type: ignore[arg-type]
+            responses,
+            options,
+            RUNTIME,
+            stimulus_ids=_ids(),
+            conditions=np.array(["a", "b"] * (N // 2)),
+        )
+
+    shared = run()
+    assert len(calls) == (3 + 2) * 3  # (layers + bands) x folds, not x 3 ROIs
+    calls.clear()
+    monkeypatch.setattr(ridge.ReductionCache, "reductions", lambda *_args: None)
+    per_roi = run()
+    assert len(calls) == (3 * (3 + 1) + 2 * 3) * 3  # per ROI (+ the refit null); per band x ROI
+    pd.testing.assert_frame_equal(shared.encoding, per_roi.encoding, check_exact=True)
+    pd.testing.assert_frame_equal(shared.encoding_voxels, per_roi.encoding_voxels, check_exact=True)
+    pd.testing.assert_frame_equal(shared.encoding_bands, per_roi.encoding_bands, check_exact=True)
+    for key, fit in shared.fits.items():
+        np.testing.assert_array_equal(fit.ridge.predictions, per_roi.fits[key].ridge.predictions)
+        assert all(fold.pca is None and fold.weights.size == 0 for fold in fit.ridge.folds)
 
 
 def test_bad_input_raises_one_clear_error() -> None:

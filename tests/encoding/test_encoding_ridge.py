@@ -11,7 +11,14 @@ from sklearn.model_selection import GridSearchCV, cross_val_predict
 from sklearn.pipeline import make_pipeline
 
 from object2brain.encoding.folds import fold_splits, inner_splits, outer_folds
-from object2brain.encoding.ridge import backend_for, fit_banded_cv, fit_ridge_cv, fit_smoother
+from object2brain.encoding.ridge import (
+    ReductionCache,
+    backend_for,
+    fit_banded_cv,
+    fit_ridge_cv,
+    fit_smoother,
+    reduce_folds,
+)
 from object2brain.errors import DataError
 
 GRID = np.logspace(-2, 4, 13)
@@ -121,6 +128,76 @@ def test_smoother_reruns_the_cross_validation_for_any_responses(
     for responses in (y, y[np.random.default_rng(0).permutation(50)]):
         fit = fit_ridge_cv(x, responses, folds, alphas=GRID, inner_folds=4, seed=5, pca_dim=pca_dim)
         np.testing.assert_allclose(smoother.predict(responses), fit.predictions, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("p", "pca_dim", "standardize"),
+    [(30, 6, False), (30, None, True), (80, 12, True), (80, 60, False)],
+    ids=["pca", "standardize", "standardize+pca", "pca (kernel, lossless)"],
+)
+def test_shared_fold_reductions_are_bit_identical_to_a_fit_per_call(
+    p: int, pca_dim: int | None, standardize: bool
+) -> None:
+    """The fold reductions fitted once (reduce_folds) and handed to the ridge fits of several
+    ROIs, the refit null's smoother and a banded model give the same numbers, bit for bit, as
+    each call fitting its own."""
+    x, _ = _data(45, p, 1, seed=9)
+    rng = np.random.default_rng(9)
+    rois = [x[:, :5] @ rng.standard_normal((5, v)) + rng.standard_normal((45, v)) for v in (3, 4)]
+    folds = outer_folds(45, 3, seed=9)
+    shared = reduce_folds(x, folds, pca_dim=pca_dim, standardize=standardize)
+    args = {"alphas": GRID, "inner_folds": 3, "seed": 4}
+    for y in rois:
+        own = fit_ridge_cv(x, y, folds, pca_dim=pca_dim, standardize=standardize, **args)
+        fit = fit_ridge_cv(x, y, folds, reductions=shared, **args)
+        np.testing.assert_array_equal(fit.predictions, own.predictions)
+        np.testing.assert_array_equal(fit.alphas, own.alphas)
+        assert fit.feature_dim == own.feature_dim
+        for a, b in zip(fit.folds, own.folds, strict=True):
+            np.testing.assert_array_equal(a.weights, b.weights)
+            np.testing.assert_array_equal(a.intercept, b.intercept)
+        assert all(f.pca is s.pca for f, s in zip(fit.folds, shared, strict=True))
+    smoother = fit_smoother(x, folds, reductions=shared, **args)
+    own_smoother = fit_smoother(x, folds, pca_dim=pca_dim, standardize=standardize, **args)
+    for a, b in zip(smoother.folds, own_smoother.folds, strict=True):
+        np.testing.assert_array_equal(a.outer, b.outer)
+        np.testing.assert_array_equal(a.residual, b.residual)
+    band = x[:, ::-1].copy()
+    banded_args = {"n_iter": 5, **args}
+    own_banded = fit_banded_cv(
+        [x, band], rois[0], folds, pca_dim=pca_dim, standardize=standardize, **banded_args
+    )
+    banded = fit_banded_cv(
+        [x, band],
+        rois[0],
+        folds,
+        reductions=[shared, reduce_folds(band, folds, pca_dim=pca_dim, standardize=standardize)],
+        **banded_args,
+    )
+    np.testing.assert_array_equal(banded.predictions, own_banded.predictions)
+    np.testing.assert_array_equal(banded.r2_shares, own_banded.r2_shares)
+    with pytest.raises(ValueError, match="other folds"):
+        fit_ridge_cv(x, rois[0], outer_folds(45, 3, seed=10), reductions=shared, **args)
+
+
+def test_reduction_cache_fits_once_per_layer_fold_and_stimulus_set() -> None:
+    x, _ = _data(30, 40, 1, seed=11)
+    ids = [f"s{i}" for i in range(30)]
+    folds = outer_folds(30, 3, seed=0)
+    cache = ReductionCache(pca_dim=8, standardize=False)
+    first = cache.reductions("conv", x, folds, ids)
+    assert first is not None and cache.fitted == 3
+    again = cache.reductions("conv", x, folds, ids)  # another ROI of the same layer
+    assert again is not None and cache.fitted == 3
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    # other folds, another layer, or other stimuli (same rows, other ids): their own fits
+    cache.reductions("conv", x, outer_folds(30, 3, seed=1), ids)
+    assert cache.fitted == 6
+    cache.reductions("fc", x, folds, ids)
+    assert cache.fitted == 9
+    other = cache.reductions("conv", x, folds, [f"t{i}" for i in range(30)])
+    assert other is not None and cache.fitted == 12 and other[0] is not first[0]
+    assert ReductionCache(pca_dim=None, standardize=False).reductions("c", x, folds, ids) is None
 
 
 def test_backend_follows_the_device() -> None:

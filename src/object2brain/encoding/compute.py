@@ -15,7 +15,11 @@ Layer features ``(n, ...)`` are flattened to ``(n, p)``. With ``reduce = srp:DIM
 ``p > DIM`` is projected by the sparse random projection of
 :mod:`object2brain.activations.projection` (seeded by the root seed and the layer name, each row
 centred first; no fit, so it is applied before the folds); ``pca:DIM`` is fitted inside each
-training set.
+training set. That PCA (and the standardisation, when on) depends on the layer's features and
+the fold's stimuli only, so it is fitted once per layer and outer fold
+(:class:`~object2brain.encoding.ridge.ReductionCache`, keyed by layer, fold and the fold's
+stimulus ids) and shared by every ROI's ridge fit, the ``refit`` null and the banded model; the
+numbers are those of a fit per ROI, bit for bit.
 
 :func:`predict_with_filters` predicts the responses of the held-out stimuli from the same layer's
 features with some filters zeroed (or only some kept), with each fold's fitted weights: the input
@@ -39,8 +43,11 @@ from object2brain.encoding.ridge import (
     BackendName,
     BandedFit,
     CvSmoother,
+    FoldReduction,
+    ReductionCache,
     RidgeFit,
     backend_for,
+    check_inputs,
     fit_banded_cv,
     fit_ridge_cv,
     fit_smoother,
@@ -106,6 +113,7 @@ class _Study:
     seed: int
     backend: BackendName
     folds: np.ndarray
+    ids: tuple[str, ...]
     conditions: np.ndarray | None
     runs: Mapping[RoiKey, np.ndarray]
     coords: Mapping[RoiKey, np.ndarray]
@@ -263,12 +271,27 @@ def _voxel_rows(
     )
 
 
+def _reduction_cache(options: EncodeOptions) -> ReductionCache:
+    """An empty cache of the fold reductions (PCA, standardisation) of ``options``."""
+    kind, dim = options.reduction()
+    return ReductionCache(pca_dim=dim if kind == "pca" else None, standardize=options.standardize)
+
+
 def _fit_layer(
-    study: _Study, layer: str, inputs: np.ndarray, roi: RoiKey, responses: np.ndarray
+    study: _Study,
+    layer: str,
+    inputs: np.ndarray,
+    roi: RoiKey,
+    responses: np.ndarray,
+    cache: ReductionCache,
 ) -> RidgeFit:
+    """The cross-validated ridge of one layer and ROI, on the layer's shared fold reductions."""
     options = study.options
     kind, dim = options.reduction()
     try:
+        if cache.pca_dim is not None or cache.standardize:
+            check_inputs(inputs, responses, "encoding")  # before fitting a reduction
+        reductions = cache.reductions(layer, inputs, study.folds, study.ids)
         return fit_ridge_cv(
             inputs,
             responses,
@@ -280,14 +303,17 @@ def _fit_layer(
             standardize=options.standardize,
             keep_weights=options.keep_weights,
             backend=study.backend,
+            reductions=reductions,
         )
     except DataError as exc:
         raise DataError(f"layer {layer}, ROI {roi[0]}/{roi[1]}: {exc}") from None
 
 
-def _refit(study: _Study, inputs: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+def _refit(
+    study: _Study, inputs: np.ndarray, reductions: Sequence[FoldReduction] | None
+) -> Callable[[np.ndarray], np.ndarray] | None:
     """``perm_null = refit``: the layer's cross-validation as a map of the responses (shared by
-    the ROIs); else ``None``."""
+    the ROIs, on the layer's shared fold ``reductions``); else ``None``."""
     if study.options.perm_null != "refit" or study.options.n_perm == 0:
         return None
     kind, dim = study.options.reduction()
@@ -299,12 +325,17 @@ def _refit(study: _Study, inputs: np.ndarray) -> Callable[[np.ndarray], np.ndarr
         seed=study.seed,
         pca_dim=dim if kind == "pca" else None,
         standardize=study.options.standardize,
+        reductions=reductions,
     )
     return smoother.predict
 
 
 def _banded(
-    study: _Study, inputs: Mapping[str, np.ndarray], roi: RoiKey, responses: np.ndarray
+    study: _Study,
+    inputs: Mapping[str, np.ndarray],
+    roi: RoiKey,
+    responses: np.ndarray,
+    cache: ReductionCache,
 ) -> tuple[str, BandedFit]:
     options = study.options
     bands = list(inputs) if options.banded == ["all"] else list(options.banded or [])
@@ -312,6 +343,7 @@ def _banded(
     if missing:
         raise DataError(f"encoding: banded layer(s) not analysed: {listing(missing)}")
     kind, dim = options.reduction()
+    shared = [cache.reductions(b, inputs[b], study.folds, study.ids) for b in bands]
     fit = fit_banded_cv(
         [inputs[b] for b in bands],
         responses,
@@ -323,6 +355,7 @@ def _banded(
         pca_dim=dim if kind == "pca" else None,
         standardize=options.standardize,
         backend=study.backend,
+        reductions=None if any(r is None for r in shared) else [r for r in shared if r],
     )
     return "banded:" + "+".join(bands), fit
 
@@ -363,9 +396,11 @@ def _add_banded(
     tables: _Tables,
 ) -> None:
     """The banded model of every ROI: its ``encoding`` and ``encoding_voxels`` rows (layer
-    ``banded:l1+l2+...``, no single alpha) and its ``encoding_bands`` rows."""
+    ``banded:l1+l2+...``, no single alpha) and its ``encoding_bands`` rows. The bands' fold
+    reductions are fitted once (on the driver) and shared by the ROIs."""
+    cache = _reduction_cache(study.options)
     for roi, y in responses.items():
-        label, banded = _banded(study, inputs, roi, y)
+        label, banded = _banded(study, inputs, roi, y, cache)
         names = label.removeprefix("banded:").split("+")
         extra = {"feature_dim": sum(inputs[b].shape[1] for b in names), "alpha_median": np.nan}
         tables.rows += _score_rows(study, label, roi, y, banded.predictions, extra)
@@ -406,16 +441,18 @@ class _LayerPart:
 
 def encode_layer(job: _LayerJob, layer: str) -> _LayerPart:
     """The encoding models of ``layer`` to every ROI (a pure function of the job and the layer:
-    one executor task; the same numbers wherever it runs)."""
+    one executor task; the same numbers wherever it runs). The layer's fold reductions (PCA,
+    standardisation) are fitted once, here, and shared by every ROI and the ``refit`` null."""
     study, options = job.study, job.study.options
     srp_dim = _srp_dim(options, job.features[layer])
     inputs = layer_inputs(job.features[layer], layer, srp_dim, study.seed)
     part = _LayerPart(inputs if options.banded is not None else inputs[:0], [], [], {})
+    cache = _reduction_cache(options)
     refit = None
     for index, (roi, y) in enumerate(job.responses.items()):
-        ridge = _fit_layer(study, layer, inputs, roi, y)  # checks the inputs first
+        ridge = _fit_layer(study, layer, inputs, roi, y, cache)  # checks the inputs first
         if index == 0:
-            refit = _refit(study, inputs)
+            refit = _refit(study, inputs, cache.reductions(layer, inputs, study.folds, study.ids))
         part.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, study.seed)
         alphas = np.median(ridge.alphas, axis=0)
         extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
@@ -494,6 +531,7 @@ def compute_encoding(
         seed=runtime.seed,
         backend=backend_for(resolve_device(runtime.device)),
         folds=outer_folds(n, options.folds, seed=runtime.seed, conditions=labels),
+        ids=tuple(str(i) for i in stimulus_ids),
         conditions=labels,
         runs=runs or {},
         coords=voxel_coords or {},

@@ -25,14 +25,21 @@ intercepts and predictions are returned as float64 numpy arrays.
 Feature reduction inside the folds: ``pca:DIM`` fits a PCA on each outer training set only
 (:func:`fit_pca`) and projects that fold's training and test features on it. (SRP needs no fit; it
 is applied to the layer's features before the folds, see :mod:`object2brain.encoding.compute`.)
+The fitted standardisation and PCA of a fold depend on the features and the fold's stimuli only,
+not on the responses: :func:`reduce_folds` computes them once (:class:`FoldReduction`), and
+:func:`fit_ridge_cv`, :func:`fit_smoother` and :func:`fit_banded_cv` take them (``reductions``)
+so that every ROI of a layer shares them; :class:`ReductionCache` keys them by layer, fold and
+the fold's stimulus ids. The results are bit-identical to fitting them inside each call (the
+same operations on the same arrays).
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -112,6 +119,128 @@ def fit_scaler(features: np.ndarray) -> Scaler:
     mean = features.mean(axis=0)
     scale = features.std(axis=0)
     return Scaler(mean=mean, scale=np.where(scale > 0, scale, 1.0))
+
+
+@dataclass(frozen=True)
+class FoldReduction:
+    """The feature reduction of one outer fold, fitted on its training stimuli only.
+
+    ``train`` ``(n_train,)`` and ``test`` ``(n_test,)`` stimulus indices; ``scaler`` and ``pca``
+    (either may be ``None``); with a PCA, ``x_train`` ``(n_train, d)`` and ``x_test``
+    ``(n_test, d)`` are the fold's model features (standardised, then projected), kept because
+    they are small; without one they are ``None`` and :meth:`train_inputs` /
+    :meth:`test_inputs` recompute them (standardising is elementwise and cheap, and keeping
+    ``(n, p)`` copies of a large layer would not be).
+    """
+
+    fold: int
+    train: np.ndarray
+    test: np.ndarray
+    scaler: Scaler | None
+    pca: Pca | None
+    x_train: np.ndarray | None = None
+    x_test: np.ndarray | None = None
+
+    def inputs(self, features: np.ndarray) -> np.ndarray:
+        """The model features ``(m, d)`` of any features ``(m, p)``: standardised, then PCA."""
+        x = self.scaler.transform(features) if self.scaler is not None else features
+        return self.pca.transform(x) if self.pca is not None else x
+
+    def train_inputs(self, features: np.ndarray) -> np.ndarray:
+        """Model features ``(n_train, d)`` of the training stimuli of ``features`` ``(n, p)``."""
+        return self.x_train if self.x_train is not None else self.inputs(features[self.train])
+
+    def test_inputs(self, features: np.ndarray) -> np.ndarray:
+        """Model features ``(n_test, d)`` of the test stimuli of ``features`` ``(n, p)``."""
+        return self.x_test if self.x_test is not None else self.inputs(features[self.test])
+
+
+def reduce_fold(
+    features: np.ndarray,
+    fold: int,
+    train: np.ndarray,
+    test: np.ndarray,
+    *,
+    pca_dim: int | None,
+    standardize: bool,
+) -> FoldReduction:
+    """The :class:`FoldReduction` of ``features`` ``(n, p)`` for one outer fold: the scaler of
+    the training rows (``standardize``), then a PCA of the standardised training rows to
+    ``pca_dim`` components (when given)."""
+    x_train = features[train]
+    scaler = fit_scaler(x_train) if standardize else None
+    x_train = scaler.transform(x_train) if scaler is not None else x_train
+    if pca_dim is None:
+        return FoldReduction(fold, train, test, scaler, None)
+    pca = fit_pca(x_train, pca_dim)
+    x_test = scaler.transform(features[test]) if scaler is not None else features[test]
+    return FoldReduction(
+        fold, train, test, scaler, pca, pca.transform(x_train), pca.transform(x_test)
+    )
+
+
+def reduce_folds(
+    features: np.ndarray, folds: np.ndarray, *, pca_dim: int | None, standardize: bool
+) -> tuple[FoldReduction, ...]:
+    """:func:`reduce_fold` of every outer fold of ``folds`` ``(n,)`` (in fold order)."""
+    return tuple(
+        reduce_fold(features, k, train, test, pca_dim=pca_dim, standardize=standardize)
+        for k, (train, test) in enumerate(fold_splits(folds))
+    )
+
+
+def _digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\x00".join(ids).encode()).hexdigest()
+
+
+@dataclass
+class ReductionCache:
+    """Fold reductions fitted once and shared by every fit with the same features and folds.
+
+    An entry is keyed by ``(layer, fold, training stimulus ids, test stimulus ids)``: the ROIs,
+    targets and subjects encoded from one layer on the same stimuli and folds share it, and a
+    target on other stimuli (or other folds) gets its own fit. The caller guarantees that one
+    ``layer`` name stands for one feature matrix (rows in the order of ``ids``) and that
+    ``pca_dim`` and ``standardize`` are those of the cache. ``fitted`` counts the reductions
+    fitted (a test reads it).
+    """
+
+    pca_dim: int | None
+    standardize: bool
+    fitted: int = 0
+    _entries: dict[tuple[str, int, str, str], FoldReduction] = field(default_factory=dict)
+
+    def reductions(
+        self, layer: str, features: np.ndarray, folds: np.ndarray, ids: Sequence[str]
+    ) -> tuple[FoldReduction, ...] | None:
+        """The fold reductions of ``features`` ``(n, p)`` (``layer``'s, of the stimuli ``ids``)
+        for ``folds`` ``(n,)``; ``None`` when nothing is fitted (no PCA, no standardisation)."""
+        if self.pca_dim is None and not self.standardize:
+            return None
+        names = np.asarray(ids, dtype=object)
+        out = []
+        for k, (train, test) in enumerate(fold_splits(folds)):
+            key = (layer, k, _digest(names[train].tolist()), _digest(names[test].tolist()))
+            if key not in self._entries:
+                self._entries[key] = reduce_fold(
+                    features, k, train, test, pca_dim=self.pca_dim, standardize=self.standardize
+                )
+                self.fitted += 1
+            out.append(self._entries[key])
+        return tuple(out)
+
+
+def _check_reductions(
+    reductions: Sequence[FoldReduction], folds: np.ndarray
+) -> Sequence[FoldReduction]:
+    splits = fold_splits(folds)
+    same = len(splits) == len(reductions) and all(
+        np.array_equal(r.train, train) and np.array_equal(r.test, test)
+        for r, (train, test) in zip(reductions, splits, strict=False)
+    )
+    if not same:
+        raise ValueError("reductions were fitted on other folds than the ones given")
+    return reductions
 
 
 @dataclass(frozen=True)
@@ -246,6 +375,7 @@ def fit_ridge_cv(
     standardize: bool = False,
     keep_weights: bool = True,
     backend: BackendName = "numpy",
+    reductions: Sequence[FoldReduction] | None = None,
 ) -> RidgeFit:
     """Cross-validated ridge from ``features`` ``(n, p)`` to ``responses`` ``(n, v)``.
 
@@ -255,38 +385,44 @@ def fit_ridge_cv(
     ``standardize``: each feature z-scored with the mean and standard deviation of the outer
     training set (:func:`fit_scaler`; the test fold's stimuli never enter them).
     ``pca_dim``: PCA of each training set to this many components (after standardisation).
-    ``keep_weights``: False drops each fold's ``(d, v)`` weights once its test stimuli are
-    predicted (predictions, alphas and intercepts are kept; no lesion prediction then).
+    ``reductions``: the folds' standardisation and PCA already fitted on these features and
+    folds (:func:`reduce_folds`, shared by the ROIs of a layer); then ``pca_dim`` and
+    ``standardize`` are not used. The results are those of fitting them here, bit for bit.
+    ``keep_weights``: False drops each fold's ``(d, v)`` weights and its reduction once its test
+    stimuli are predicted (predictions, alphas and intercepts are kept; no lesion prediction
+    then).
 
     Raises:
         DataError: see :func:`check_inputs`; too few training stimuli for the inner folds.
+        ValueError: ``reductions`` of other folds.
     """
     check_inputs(features, responses, "encoding")
+    if reductions is None:
+        reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
+    else:
+        reductions = _check_reductions(reductions, folds)
     dtype = _dtype(backend)
     grid = np.asarray(alphas, dtype=dtype)
     predictions = np.empty(responses.shape, dtype=np.float64)
     fits: list[FoldFit] = []
     dims: list[int] = []
     with using_backend(backend) as module:
-        for k, (train, test) in enumerate(fold_splits(folds)):
-            scaler = fit_scaler(features[train]) if standardize else None
-            x_train = scaler.transform(features[train]) if scaler is not None else features[train]
-            pca = fit_pca(x_train, pca_dim) if pca_dim is not None else None
-            x_train = pca.transform(x_train) if pca is not None else x_train
+        for k, fold in enumerate(reductions):
+            train, test = fold.train, fold.test
             cv = inner_splits(train.size, inner_folds, seed=seed, outer_fold=k)
             weights, intercept, chosen = _fit_one(
-                x_train.astype(dtype, copy=False),
+                fold.train_inputs(features).astype(dtype, copy=False),
                 responses[train].astype(dtype, copy=False),
                 grid,
                 cv,
                 module,
             )
-            fit = FoldFit(k, test, chosen, weights, intercept, pca, scaler)
-            predictions[test] = fit.predict(features[test])
+            predictions[test] = fold.test_inputs(features) @ weights + intercept
             dims.append(int(weights.shape[0]))
-            if not keep_weights:
-                fit = FoldFit(k, test, chosen, weights[:0], intercept, pca, scaler)
-            fits.append(fit)
+            if keep_weights:
+                fits.append(FoldFit(k, test, chosen, weights, intercept, fold.pca, fold.scaler))
+            else:
+                fits.append(FoldFit(k, test, chosen, weights[:0], intercept))
     return RidgeFit(predictions, tuple(fits), dims[0])
 
 
@@ -330,6 +466,7 @@ def fit_banded_cv(
     pca_dim: int | None = None,
     standardize: bool = False,
     backend: BackendName = "numpy",
+    reductions: Sequence[Sequence[FoldReduction]] | None = None,
 ) -> BandedFit:
     """Banded ridge from ``bands`` (``b`` arrays ``(n, p_j)``) to ``responses`` ``(n, v)``.
 
@@ -338,6 +475,9 @@ def fit_banded_cv(
     the inner folds of :func:`~object2brain.encoding.folds.inner_splits`. ``standardize``: each
     band's features z-scored with the training set's mean and standard deviation; ``pca_dim``:
     each band reduced by its own PCA fitted on the training set (after standardisation).
+    ``reductions``: per band, its fold reductions already fitted on these folds
+    (:func:`reduce_folds`; shared by the ROIs), used instead of ``pca_dim`` and ``standardize``
+    (same results, bit for bit).
     """
     from himalaya.ridge import BandedRidgeCV
     from himalaya.scoring import r2_score_split
@@ -351,11 +491,16 @@ def fit_banded_cv(
     parts = np.zeros((len(bands), n, v))
     offsets = np.zeros((n, v))
     deltas: list[np.ndarray] = []
+    if reductions is None:
+        reductions = [
+            reduce_folds(b, folds, pca_dim=pca_dim, standardize=standardize) for b in bands
+        ]
+    elif len(reductions) != len(bands):
+        raise ValueError(f"{len(reductions)} band reductions for {len(bands)} bands")
+    per_band = [_check_reductions(r, folds) for r in reductions]
     with using_backend(backend) as module:
         for k, (train, test) in enumerate(fold_splits(folds)):
-            scaled = [fit_scaler(b[train]).transform(b) if standardize else b for b in bands]
-            pcas = [fit_pca(b[train], pca_dim) if pca_dim else None for b in scaled]
-            xs = [p.transform(b) if p is not None else b for p, b in zip(pcas, scaled, strict=True)]
+            xs = [r[k].inputs(b) for r, b in zip(per_band, bands, strict=True)]
             means = [x[train].mean(axis=0) for x in xs]
             model = BandedRidgeCV(
                 groups="input",
@@ -485,21 +630,22 @@ def fit_smoother(
     seed: int,
     pca_dim: int | None = None,
     standardize: bool = False,
+    reductions: Sequence[FoldReduction] | None = None,
 ) -> CvSmoother:
     """The :class:`CvSmoother` of ``features`` ``(n, p)`` with the folds, inner folds, alphas,
-    standardisation and PCA of :func:`fit_ridge_cv` (same arguments, float64)."""
+    standardisation and PCA of :func:`fit_ridge_cv` (same arguments, float64; ``reductions``:
+    the folds' fitted standardisation and PCA, shared with the ridge fits)."""
     grid = np.asarray(sorted(alphas), dtype=np.float64)
+    if reductions is None:
+        reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
+    else:
+        reductions = _check_reductions(reductions, folds)
     smoothers = []
-    for k, (train, test) in enumerate(fold_splits(folds)):
-        x = features[train]
-        x_test = features[test]
-        if standardize:
-            scaler = fit_scaler(x)
-            x, x_test = scaler.transform(x), scaler.transform(x_test)
-        if pca_dim is not None:
-            pca = fit_pca(x, pca_dim)
-            x, x_test = pca.transform(x), pca.transform(x_test)
-        splits = inner_splits(train.size, inner_folds, seed=seed, outer_fold=k)
-        outer = _smoother(x, x_test, grid).reshape(grid.size * test.size, train.size)
-        smoothers.append(_FoldSmoother(train, test, outer, _residual_operator(x, splits, grid)))
+    for k, fold in enumerate(reductions):
+        x, x_test = fold.train_inputs(features), fold.test_inputs(features)
+        splits = inner_splits(fold.train.size, inner_folds, seed=seed, outer_fold=k)
+        outer = _smoother(x, x_test, grid).reshape(grid.size * fold.test.size, fold.train.size)
+        smoothers.append(
+            _FoldSmoother(fold.train, fold.test, outer, _residual_operator(x, splits, grid))
+        )
     return CvSmoother(grid, tuple(smoothers))
