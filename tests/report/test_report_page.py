@@ -56,6 +56,7 @@ def test_alignment_figure_has_one_panel_per_target_and_one_ceiling_band_each(pag
 def test_caption_names_the_group_level_test(page: str) -> None:
     caption = re.search(r"<figcaption>(Alignment per layer \(condition all\).*?)</figcaption>",
                         page, re.S).group(1)  # type: ignore[union-attr]  # fmt: skip
+    caption = html.unescape(caption)
     assert "group_inference p_fdr (score test of r > 0) (EVC, FFA)" in caption
     # behaviour has no group_inference rows here: the across-subject t-test of alignment_group
     assert "alignment_group p_t_fdr (t-test of the per-subject r) (behavior)" in caption
