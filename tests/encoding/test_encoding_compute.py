@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -306,33 +308,18 @@ def test_refit_null_is_exact_on_a_planted_and_a_null_roi() -> None:
     assert p["roi"] < 0.01 and p["noise"] > 0.05
 
 
-def test_refit_null_p_values_are_uniform_where_fixed_predictions_are_not() -> None:
+def test_refit_null_p_values_are_uniform_where_fixed_predictions_are_not(
+    small_null_tables: Callable[..., list[pd.DataFrame]],
+) -> None:
     """60 small null datasets (30 stimuli, 20 voxels, 3 folds): the exact ``refit`` p-values are
     uniform (Kolmogorov-Smirnov) and reject at 0.2 inside the binomial 95% interval, while the fast
     ``predictions`` null piles its p-values up near 1 (conservative: a fixed-prediction
     permutation misses how each fold's predictions depend on the other folds' responses). The
     full run (400 datasets, 1,000 permutations) is ``validation/encoding_null.py``."""
-    p_values: dict[str, list[float]] = {"refit": [], "predictions": []}
-    for index in range(60):
-        rng = np.random.default_rng([7, index])
-        features, responses = rng.standard_normal((30, 8)), rng.standard_normal((30, 20))
-        for null in p_values:
-            options = EncodeOptions(
-                n_perm=99,
-                perm_null=null,  # type: ignore[arg-type]
-                perm_stop=0,  # all 99 refits: the sequential p is discrete (no KS test)
-                folds=3,
-                inner_folds=3,
-                alphas=[10.0**k for k in range(-1, 8)],
-            )
-            table = compute_encoding(
-                {"l": features},
-                {("roi", "s"): responses},
-                options,
-                Runtime(seed=index, device="cpu", progress=False),
-                stimulus_ids=_ids(30),
-            ).encoding
-            p_values[null].append(float(table["p_perm"].iloc[0]))
+    p_values = {  # all 99 refits: the sequential p is discrete (no KS test)
+        null: [float(t["p_perm"].iloc[0]) for t in small_null_tables(null, 0, _ids(30))]
+        for null in ("refit", "predictions")
+    }
     refit = np.asarray(p_values["refit"])
     assert stats.kstest(refit, "uniform").pvalue > 0.01
     low, high = stats.binom.interval(0.95, 60, 0.2)

@@ -3,7 +3,10 @@ its calibration against the conservative ``predictions`` null."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -117,36 +120,20 @@ def test_the_table_reports_the_permutations_behind_each_p() -> None:
     assert seq.loc["noise", "p_perm"] == pytest.approx(10 / seq.loc["noise", "n_perm"])
 
 
-def test_sequential_refit_is_calibrated_where_predictions_is_conservative() -> None:
+def test_sequential_refit_is_calibrated_where_predictions_is_conservative(
+    small_null_tables: Callable[..., list[pd.DataFrame]],
+) -> None:
     """60 small null datasets (30 stimuli, 20 voxels, 3 folds, 99 permutations): the sequential
     refit test (``perm_null = refit`` with the default ``perm_stop``) rejects at 0.2 inside the
     binomial 95% interval, with most tests stopped early, while the ``predictions`` null rejects
     below it (conservative). A refit test as conservative as ``predictions``, or one whose stopped
     p forgot the Besag-Clifford form, fails. The full run (400 datasets, 1,000 permutations) is
     ``validation/encoding_null.py --sequential``."""
-    p_values: dict[str, list[float]] = {"refit": [], "predictions": []}
-    used = []
-    for index in range(60):
-        rng = np.random.default_rng([7, index])
-        features, responses = rng.standard_normal((30, 8)), rng.standard_normal((30, 20))
-        for null in p_values:
-            options = EncodeOptions(
-                n_perm=99,
-                perm_null=null,  # type: ignore[arg-type]
-                folds=3,
-                inner_folds=3,
-                alphas=[10.0**k for k in range(-1, 8)],
-            )
-            table = compute_encoding(
-                {"l": features},
-                {("roi", "s"): responses},
-                options,
-                Runtime(seed=index, device="cpu", progress=False),
-                stimulus_ids=[f"s{i}" for i in range(30)],
-            ).encoding
-            p_values[null].append(float(table["p_perm"].iloc[0]))
-            if null == "refit":
-                used.append(int(table["n_perm"].iloc[0]))
+    ids = [f"s{i}" for i in range(30)]
+    stop = EncodeOptions().perm_stop  # the default
+    tables = {null: small_null_tables(null, stop, ids) for null in ("refit", "predictions")}
+    p_values = {null: [float(t["p_perm"].iloc[0]) for t in found] for null, found in tables.items()}
+    used = [int(t["n_perm"].iloc[0]) for t in tables["refit"]]
     low, high = stats.binom.interval(0.95, 60, 0.2)
     rejected = {k: int(np.count_nonzero(np.asarray(v) <= 0.2)) for k, v in p_values.items()}
     assert low <= rejected["refit"] <= high
