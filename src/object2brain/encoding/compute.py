@@ -42,7 +42,6 @@ from object2brain.encoding.folds import folds_table, outer_folds
 from object2brain.encoding.ridge import (
     BackendName,
     BandedFit,
-    CvSmoother,
     FoldReduction,
     ReductionCache,
     RidgeFit,
@@ -50,7 +49,6 @@ from object2brain.encoding.ridge import (
     check_inputs,
     fit_banded_cv,
     fit_ridge_cv,
-    fit_smoother,
 )
 from object2brain.encoding.scores import (
     fdr_bh,
@@ -61,6 +59,7 @@ from object2brain.encoding.scores import (
     refit_permutation_tests,
     roi_summary,
 )
+from object2brain.encoding.smoother import TorchCvSmoother, fit_torch_smoother
 from object2brain.errors import DataError, listing
 from object2brain.executors import Executor, executor_for
 from object2brain.options import EncodeOptions, Runtime
@@ -112,6 +111,7 @@ class _Study:
     options: EncodeOptions
     seed: int
     backend: BackendName
+    device: str
     folds: np.ndarray
     ids: tuple[str, ...]
     conditions: np.ndarray | None
@@ -313,11 +313,12 @@ def _refit(
     study: _Study, inputs: np.ndarray, reductions: Sequence[FoldReduction] | None
 ) -> Callable[[np.ndarray], np.ndarray] | None:
     """``perm_null = refit``: the layer's cross-validation as a map of the responses (shared by
-    the ROIs, on the layer's shared fold ``reductions``); else ``None``."""
+    the ROIs, on the layer's shared fold ``reductions``; float64 torch on the study's device,
+    :mod:`object2brain.encoding.smoother`); else ``None``."""
     if study.options.perm_null != "refit" or study.options.n_perm == 0:
         return None
     kind, dim = study.options.reduction()
-    smoother: CvSmoother = fit_smoother(
+    smoother: TorchCvSmoother = fit_torch_smoother(
         inputs,
         study.folds,
         alphas=study.options.alphas,
@@ -326,6 +327,7 @@ def _refit(
         pca_dim=dim if kind == "pca" else None,
         standardize=study.options.standardize,
         reductions=reductions,
+        device=study.device,
     )
     return smoother.predict
 
@@ -525,11 +527,13 @@ def compute_encoding(
         raise DataError(f"encoding: unknown layer(s) {listing(unknown)}")
     _check_shapes({layer: features[layer] for layer in layers}, responses, n)
     labels = None if conditions is None else np.asarray(conditions, dtype=object)
+    device = resolve_device(runtime.device)
     study = _Study(
         model=model,
         options=options,
         seed=runtime.seed,
-        backend=backend_for(resolve_device(runtime.device)),
+        backend=backend_for(device),
+        device=str(device),
         folds=outer_folds(n, options.folds, seed=runtime.seed, conditions=labels),
         ids=tuple(str(i) for i in stimulus_ids),
         conditions=labels,

@@ -230,7 +230,7 @@ class ReductionCache:
         return tuple(out)
 
 
-def _check_reductions(
+def check_reductions(
     reductions: Sequence[FoldReduction], folds: np.ndarray
 ) -> Sequence[FoldReduction]:
     splits = fold_splits(folds)
@@ -400,7 +400,7 @@ def fit_ridge_cv(
     if reductions is None:
         reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
     else:
-        reductions = _check_reductions(reductions, folds)
+        reductions = check_reductions(reductions, folds)
     dtype = _dtype(backend)
     grid = np.asarray(alphas, dtype=dtype)
     predictions = np.empty(responses.shape, dtype=np.float64)
@@ -497,7 +497,7 @@ def fit_banded_cv(
         ]
     elif len(reductions) != len(bands):
         raise ValueError(f"{len(reductions)} band reductions for {len(bands)} bands")
-    per_band = [_check_reductions(r, folds) for r in reductions]
+    per_band = [check_reductions(r, folds) for r in reductions]
     with using_backend(backend) as module:
         for k, (train, test) in enumerate(fold_splits(folds)):
             xs = [r[k].inputs(b) for r, b in zip(per_band, bands, strict=True)]
@@ -639,7 +639,7 @@ def fit_smoother(
     if reductions is None:
         reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
     else:
-        reductions = _check_reductions(reductions, folds)
+        reductions = check_reductions(reductions, folds)
     smoothers = []
     for k, fold in enumerate(reductions):
         x, x_test = fold.train_inputs(features), fold.test_inputs(features)

@@ -1,0 +1,239 @@
+r"""The cross-validated ridge of one feature matrix as precomputed spectral maps of the responses,
+in torch (CPU or CUDA): the engine of the exact ``refit`` permutation null.
+
+For fixed features, folds and alpha grid, :func:`~object2brain.encoding.ridge.fit_ridge_cv` is a
+function of the responses alone: per outer fold, each alpha's inner-CV score of a voxel is a
+quadratic function of its training responses and each alpha's test prediction a linear one. With
+the thin SVD of a centred training set :math:`X_T - \bar{x} = U S V^\top` (rank :math:`r`) the
+ridge prediction (with intercept) of any rows :math:`X_*` is
+
+.. math:: \hat{y}_*(\alpha) = \bar{y}_T + B\, \mathrm{diag}\big(s / (s^2 + \alpha)\big)
+          \, U^\top y_T, \qquad B = (X_* - \bar{x}) V \quad (m \times r),
+
+so one product :math:`z = U^\top y_T` serves every alpha. For each outer fold :math:`k`:
+
+1. inner fold :math:`j` (training rows :math:`T_j`, validation rows :math:`V_j` of the outer
+   training set): :math:`z_j = U_j^\top y_{T_j}` ``(r_j, c)``; the validation predictions of all
+   ``A`` alphas are one product of the stacked maps :math:`[B_j \mathrm{diag}(sh_a)]_a`
+   ``(A n_{V_j}, r_j)`` with :math:`z_j`; their residuals against :math:`y_{V_j}`, squared and
+   summed, give the score :math:`-\sum_j \|res_j(\alpha)\|^2 / (n_{V_j} K_{inner})` (the mean over
+   inner folds of the negative mean squared error: himalaya's and
+   :class:`~object2brain.encoding.ridge.CvSmoother`'s score; ties to the larger alpha);
+2. the outer test prediction is formed for each column's chosen alpha only:
+   :math:`\bar{y}_T + B_{test}\,(sh_{a^*} \odot U^\top y_T)`.
+
+Cost per column (a relabelled voxel): :math:`\sum_k [\sum_j (r_j n_{T_j} + A\, n_{V_j} r_j) +
+r_k (n_{T_k} + n_{S_k})]` multiply-adds, against :math:`\sum_k A\, n_{T_k} (n_{T_k} + n_{S_k})` for
+the dense maps of :class:`~object2brain.encoding.ridge.CvSmoother` (the reference it equals to
+rounding, tested to 1e-10): less by the test fold's share (its predictions are formed for one
+alpha, not ``A``) and by :math:`r_j / n_{T_k}` (the inner rank against the outer training size;
+large savings when the features are few). The dominant term stays :math:`A\, n_T r` per column:
+the alpha search, which no exact shortcut removes.
+
+Device and dtype: float64 on every device (CPU and CUDA), so that the CPU and GPU nulls agree to
+rounding (about 1e-13 relative; the chosen alphas differ only where two alphas' scores tie within
+rounding, where the tie-break of 1e-10 per unit of ``log(alpha)`` toward the larger alpha
+decides). The SVDs are computed once in numpy (LAPACK, float64) on the host and shared, so both
+devices start from the same factors. Columns are processed in chunks of at most ``max_elements /
+(A max n_V)`` so that memory stays bounded; columns are independent, so the result does not
+depend on the chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from object2brain.encoding.folds import inner_splits
+from object2brain.encoding.ridge import FoldReduction, check_reductions, reduce_folds
+
+#: Default bound on the elements of one chunk's largest intermediate (the stacked validation
+#: residuals ``(A, n_V, columns)``): 2^20 float64 values (8 MiB, cache-sized) on the CPU, 2^27
+#: (1 GiB) on CUDA.
+CPU_ELEMENTS = 2**20
+CUDA_ELEMENTS = 2**27
+
+#: Tie-break added to the inner-CV score per unit of ``log(alpha)``: exact ties go to the larger
+#: alpha (as himalaya and the dense reference do).
+TIE_BREAK = 1e-10
+
+
+@dataclass(frozen=True)
+class _Spectral:
+    """Thin SVD maps of one centred training set for some prediction rows.
+
+    ``project`` ``(r, n_train)``: :math:`U^\\top`; ``rows`` ``(m, r)``: :math:`(X_* - \\bar{x}) V`;
+    ``shrink`` ``(A, r)``: :math:`s / (s^2 + \\alpha)` per alpha.
+    """
+
+    project: np.ndarray
+    rows: np.ndarray
+    shrink: np.ndarray
+
+
+def _spectral(x_train: np.ndarray, x_rows: np.ndarray, alphas: np.ndarray) -> _Spectral:
+    """The :class:`_Spectral` maps of training features ``(n_train, d)`` for the rows
+    ``(m, d)`` (the same SVD and formula as :func:`object2brain.encoding.ridge._smoother`)."""
+    mean = x_train.mean(axis=0)
+    u, s, vt = np.linalg.svd(x_train - mean, full_matrices=False)
+    shrink = s[None, :] / (s[None, :] ** 2 + alphas[:, None])
+    return _Spectral(np.ascontiguousarray(u.T), (x_rows - mean) @ vt.T, shrink)
+
+
+@dataclass(frozen=True)
+class _Inner:
+    """One inner fold, on the device: positions ``train`` ``(n_Tj,)`` and ``validation``
+    ``(n_V,)`` inside the outer training set; ``project`` ``(r, n_Tj)``; ``maps``
+    ``(A * n_V, r)``: row block ``a`` is :math:`B_j \\mathrm{diag}(sh_a)`; ``weight``:
+    :math:`1 / (n_V K_{inner})`."""
+
+    train: torch.Tensor
+    validation: torch.Tensor
+    project: torch.Tensor
+    maps: torch.Tensor
+    weight: float
+
+
+@dataclass(frozen=True)
+class _Outer:
+    """One outer fold: stimulus indices ``train`` ``(n_T,)`` and ``test`` ``(n_S,)`` (numpy,
+    and ``train_index`` on the device); ``project`` ``(r, n_T)``; ``rows`` ``(n_S, r)``;
+    ``shrink`` ``(A, r)``; its inner folds."""
+
+    train: np.ndarray
+    test: np.ndarray
+    train_index: torch.Tensor
+    project: torch.Tensor
+    rows: torch.Tensor
+    shrink: torch.Tensor
+    inner: tuple[_Inner, ...]
+
+
+@dataclass(frozen=True)
+class TorchCvSmoother:
+    """Cross-validated ridge (alpha per voxel by inner CV) as spectral maps on ``device``:
+    :meth:`predict` equals :func:`~object2brain.encoding.ridge.fit_ridge_cv`'s out-of-fold
+    predictions for any responses, without refitting (see the module docstring).
+
+    ``alphas`` ``(A,)`` sorted; ``max_elements``: bound on a chunk's largest intermediate.
+    Memory of the maps: about ``8 (A n_V r + n r)`` bytes per outer fold.
+    """
+
+    alphas: np.ndarray
+    device: torch.device
+    folds: tuple[_Outer, ...]
+    max_elements: int
+
+    def predict(self, responses: np.ndarray) -> np.ndarray:
+        """Out-of-fold predictions ``(n, c)`` (float64, numpy) of ``responses`` ``(n, c)`` (each
+        column a voxel or a relabelled copy of one)."""
+        n, c = responses.shape
+        out = np.empty((n, c), dtype=np.float64)
+        widest = max(
+            (self.alphas.size * inner.validation.numel() for f in self.folds for inner in f.inner),
+            default=1,
+        )
+        step = max(1, self.max_elements // max(widest, 1))
+        tie_break = torch.as_tensor(
+            np.log(self.alphas) * TIE_BREAK, dtype=torch.float64, device=self.device
+        )[:, None]
+        for first in range(0, c, step):
+            y = torch.as_tensor(
+                np.ascontiguousarray(responses[:, first : first + step], dtype=np.float64),
+                device=self.device,
+            )
+            # one buffer for every inner fold's stacked residuals (fresh large tensors per
+            # product would cost page faults and extra passes over memory)
+            buffer = torch.empty(widest * y.shape[1], dtype=torch.float64, device=self.device)
+            for fold in self.folds:
+                out[fold.test, first : first + step] = self._fold(fold, y, tie_break, buffer)
+        return out
+
+    def _fold(
+        self, fold: _Outer, y: torch.Tensor, tie_break: torch.Tensor, buffer: torch.Tensor
+    ) -> np.ndarray:
+        """Test predictions ``(n_S, c)`` of one outer fold for responses ``y`` ``(n, c)``
+        (``buffer``: at least ``A max(n_V) c`` float64 values of scratch)."""
+        n_alphas, c = self.alphas.size, y.shape[1]
+        y_train = y.index_select(0, fold.train_index)
+        score = torch.zeros((n_alphas, c), dtype=torch.float64, device=self.device)
+        for inner in fold.inner:
+            y_fit = y_train.index_select(0, inner.train)
+            offset = y_fit.mean(dim=0) - y_train.index_select(0, inner.validation)  # (n_V, c)
+            residual = buffer[: inner.maps.shape[0] * c].view(inner.maps.shape[0], c)
+            torch.mm(inner.maps, inner.project @ y_fit, out=residual)
+            stacked = residual.view(n_alphas, -1, c)
+            stacked.add_(offset).square_()
+            score.sub_(stacked.sum(dim=1), alpha=inner.weight)
+        best = (score + tie_break).argmax(dim=0)  # (c,)
+        z = (fold.project @ y_train).mul_(fold.shrink[best].T)  # (r, c): the chosen alpha's
+        predicted = torch.addmm(y_train.mean(dim=0)[None, :], fold.rows, z)
+        return np.asarray(predicted.cpu().numpy())
+
+
+def fit_torch_smoother(
+    features: np.ndarray,
+    folds: np.ndarray,
+    *,
+    alphas: Sequence[float],
+    inner_folds: int,
+    seed: int,
+    pca_dim: int | None = None,
+    standardize: bool = False,
+    reductions: Sequence[FoldReduction] | None = None,
+    device: torch.device | str = "cpu",
+    max_elements: int | None = None,
+) -> TorchCvSmoother:
+    """The :class:`TorchCvSmoother` of ``features`` ``(n, p)`` with the folds ``(n,)``, inner
+    folds (``inner_folds``, ``seed``), alphas, standardisation and PCA of
+    :func:`~object2brain.encoding.ridge.fit_ridge_cv` (``reductions``: the folds' fitted
+    standardisation and PCA, shared with the ridge fits), on ``device`` (float64).
+    ``max_elements``: default :data:`CPU_ELEMENTS` on the CPU, :data:`CUDA_ELEMENTS` on CUDA.
+
+    Raises:
+        ValueError: ``reductions`` of other folds.
+    """
+    target = torch.device(device)
+    grid = np.asarray(sorted(alphas), dtype=np.float64)
+    if reductions is None:
+        reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
+    else:
+        reductions = check_reductions(reductions, folds)
+
+    def put(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), device=target)
+
+    outer = []
+    for k, fold in enumerate(reductions):
+        x, x_test = fold.train_inputs(features), fold.test_inputs(features)
+        splits = inner_splits(fold.train.size, inner_folds, seed=seed, outer_fold=k)
+        inner = []
+        for train, validation in splits:
+            maps = _spectral(x[train], x[validation], grid)
+            stacked = maps.rows[None, :, :] * maps.shrink[:, None, :]  # (A, n_V, r)
+            inner.append(
+                _Inner(
+                    put(train.astype(np.int64)),
+                    put(validation.astype(np.int64)),
+                    put(maps.project),
+                    put(stacked.reshape(-1, stacked.shape[2])),
+                    1.0 / (validation.size * len(splits)),
+                )
+            )
+        maps = _spectral(x, x_test, grid)
+        outer.append(
+            _Outer(
+                fold.train,
+                fold.test,
+                put(fold.train.astype(np.int64)),
+                put(maps.project),
+                put(maps.rows),
+                put(maps.shrink),
+                tuple(inner),
+            )
+        )
+    default = CUDA_ELEMENTS if target.type == "cuda" else CPU_ELEMENTS
+    return TorchCvSmoother(grid, target, tuple(outer), max_elements or default)
