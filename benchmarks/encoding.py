@@ -13,10 +13,20 @@ voxels, 5 outer folds, 19 alphas (``logspace(-2, 7, 19)``), penalty per voxel.
   :func:`~object2brain.encoding.scores.refit_permutation_test`: the whole cross-validation rerun
   on relabelled responses, batched over permutations) and the fast ``predictions`` null
   (:func:`~object2brain.encoding.scores.permutation_test`), 100 permutations each.
+Scenario R (CPU; ``--device cuda`` adds the GPU): the ``refit`` null's cost per refit (one
+relabelled copy of every voxel), ours (:func:`~object2brain.encoding.smoother.fit_torch_smoother`,
+float64 torch) against the dense numpy maps it replaced
+(:func:`~object2brain.encoding.ridge.fit_smoother`) and against refitting with himalaya
+(:func:`~object2brain.encoding.ridge.fit_ridge_cv` on the relabelled copies), on the same
+permutations: CPU seconds (``time.process_time``) per refit, the ratios, and the largest difference
+of the null statistics. Shapes: the full demo's encode (260 stimuli, ``pca:256``, 3 folds, 3 inner
+folds, 9 alphas, 200 voxels), the default options (5 folds, 5 inner folds, 19 alphas) and a
+narrow layer (``pca:32``).
 Scenario B (``--device cuda`` only): 1,000 stimuli x 20 layers (``--features`` each) x 10,000
 voxels x 5 folds x 19 alphas with himalaya's ``torch_cuda`` backend.
 
-Run: ``PYTHONPATH=src python benchmarks/encoding.py [--quick] [--device cpu|cuda] [--json PATH]``
+Run: ``PYTHONPATH=src python benchmarks/encoding.py [--quick] [--device cpu|cuda] [--json PATH]
+[--only-refit]`` (one BLAS thread: ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1``)
 (``--json``: also write the result, with the machine and its load average, e.g. to
 ``benchmarks/results/<date>-encoding-cpu.json``).
 """
@@ -38,6 +48,7 @@ from sklearn.linear_model import RidgeCV
 from object2brain.encoding.folds import fold_splits, inner_splits, outer_folds
 from object2brain.encoding.ridge import fit_ridge_cv, fit_smoother
 from object2brain.encoding.scores import permutation_test, refit_permutation_test
+from object2brain.encoding.smoother import fit_torch_smoother
 
 ALPHAS = np.logspace(-2, 7, 19)
 
@@ -108,6 +119,75 @@ def scenario_a(n: int, p: int, v: int, sk_voxels: int) -> dict[str, Any]:
     }
 
 
+#: Scenario R's shapes: (label, stimuli, features, pca_dim, folds, inner folds, alphas, voxels).
+REFIT_SHAPES = (
+    ("full demo encode", 260, 400, 256, 3, 3, np.logspace(-1, 7, 9), 200),
+    ("default options", 260, 400, 256, 5, 5, ALPHAS, 200),
+    ("narrow layer (pca:32)", 260, 400, 32, 5, 5, ALPHAS, 200),
+)
+
+
+def _cpu_seconds(fn: Any, repeats: int) -> tuple[float, Any]:
+    """Best CPU seconds of ``repeats`` calls of ``fn`` (a first call warms up) and its value."""
+    value = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        value = fn()
+        best = min(best, time.process_time() - start)
+    return best, value
+
+
+def _refit_row(shape: tuple[Any, ...], n_perm: int, device: str) -> dict[str, Any]:
+    """One shape of :func:`scenario_refit`."""
+    label, n, p, dim, k, inner, alphas, v = shape
+    x, y = data(n, p, v)
+    folds = outer_folds(n, k, seed=0)
+    args = {"alphas": alphas, "inner_folds": inner, "seed": 0, "pca_dim": dim}
+    rng = np.random.default_rng(1)
+    copies = np.hstack([y[rng.permutation(n)] for _ in range(n_perm)])  # (n, n_perm v)
+    setup_ours, ours = _cpu_seconds(lambda: fit_torch_smoother(x, folds, **args), 1)
+    setup_dense, dense = _cpu_seconds(lambda: fit_smoother(x, folds, **args), 1)
+    t_ours, p_ours = _cpu_seconds(lambda: ours.predict(copies), 3)
+    t_dense, p_dense = _cpu_seconds(lambda: dense.predict(copies), 3)
+    few = copies[:, : 4 * v]  # himalaya: 4 refits
+    t_hima, p_hima = _cpu_seconds(
+        lambda: fit_ridge_cv(x, few, folds, keep_weights=False, **args).predictions, 1
+    )
+    row: dict[str, Any] = {
+        "shape": f"{label}: {n} stimuli, pca:{dim} of {p} features, {k} folds, {inner} "
+        f"inner folds, {len(alphas)} alphas, {v} voxels, {n_perm} refits",
+        "ours_torch_cpu_s_per_refit": round(t_ours / n_perm, 5),
+        "dense_numpy_s_per_refit": round(t_dense / n_perm, 5),
+        "himalaya_refit_s_per_refit": round(t_hima / 4, 4),
+        "ratio_dense_over_ours": round(t_dense / t_ours, 2),
+        "ratio_himalaya_over_ours": round(t_hima / 4 / (t_ours / n_perm), 1),
+        "setup_s_ours": round(setup_ours, 3),
+        "setup_s_dense": round(setup_dense, 3),
+        "max_abs_difference_vs_dense": float(np.abs(p_ours - p_dense).max()),
+        "max_abs_difference_vs_himalaya": float(np.abs(p_ours[:, : 4 * v] - p_hima).max()),
+    }
+    if device.startswith("cuda"):
+        gpu = fit_torch_smoother(x, folds, device=device, **args)
+        many = np.hstack([copies] * 25)  # 25 n_perm refits
+        gpu.predict(many)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        p_gpu = gpu.predict(many)
+        seconds = time.perf_counter() - start
+        row["ours_cuda_wall_s_per_refit"] = round(seconds / (25 * n_perm), 6)
+        row["max_abs_difference_cuda_vs_cpu"] = float(
+            np.abs(p_gpu[:, : p_ours.shape[1]] - p_ours).max()
+        )
+    return row
+
+
+def scenario_refit(quick: bool, device: str) -> list[dict[str, Any]]:
+    """The ``refit`` null per refit: ours (torch) vs the dense maps vs himalaya refits."""
+    n_perm = 10 if quick else 40
+    return [_refit_row(shape, n_perm, device) for shape in REFIT_SHAPES]
+
+
 def scenario_b(features: int, layers: int) -> dict[str, Any]:
     n, v = 1000, 10_000
     rng = np.random.default_rng(0)
@@ -125,14 +205,20 @@ def scenario_b(features: int, layers: int) -> dict[str, Any]:
     }
 
 
-def run(quick: bool = False, device: str = "cpu", features: int = 1000) -> dict[str, Any]:
+def run(
+    quick: bool = False, device: str = "cpu", features: int = 1000, only_refit: bool = False
+) -> dict[str, Any]:
     n, p, v = (200, 100, 500) if quick else (500, 300, 2000)
     result: dict[str, Any] = {
         "machine": machine(),
         "load_average_1_5_15_min_before": list(os.getloadavg()),
-        "A": scenario_a(n, p, v, sk_voxels=10),
-        "load_average_1_5_15_min_after": list(os.getloadavg()),
     }
+    if not only_refit:
+        result["A"] = scenario_a(n, p, v, sk_voxels=10)
+    result["R"] = scenario_refit(quick, device)
+    result["load_average_1_5_15_min_after"] = list(os.getloadavg())
+    if only_refit:
+        return result
     if device.startswith("cuda"):
         result["B"] = scenario_b(features, layers=2 if quick else 20)
     return result
@@ -144,8 +230,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--features", type=int, default=1000, help="Scenario B: per layer.")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--only-refit", action="store_true", help="scenario R only")
     args = parser.parse_args()
-    result = run(args.quick, args.device, args.features)
+    result = run(args.quick, args.device, args.features, args.only_refit)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():

@@ -33,7 +33,14 @@ Cases (full sizes; ``--smoke`` runs tiny sizes end to end on any device, the CPU
   100 features x 200 voxels (fraction of equal alphas; largest prediction difference where they
   agree, in units of the responses' SD; tolerance 1e-3: float32). Needs himalaya (pure Python):
   where the device image lacks it, the case says so instead of failing the run. Not in the
-  default ``--cases``: run it with ``--cases encode``.
+  default ``--cases``: run it with ``--cases encode``. First (without himalaya) the exact
+  ``refit`` permutation null (``object2brain.encoding.smoother``, float64 on every device): check
+  CPU vs device on 40 stimuli x 100 features x 50 voxels x 20 relabellings (equal p, null
+  statistics within 1e-10); then 1,000 relabellings of 200 voxels timed on the device at the
+  full demo's encode shape (260 stimuli, 172 PCA dimensions, 3 folds, 3 inner folds, 9 alphas:
+  one layer x ROI of the demo, which has 8 x 25) and at the issue's scale (1,000 stimuli x 1,000
+  features, 5 x 5 folds, 19 alphas), each against the same code on the CPU on a few relabellings,
+  extrapolated.
 - ``inference`` (issue 18): the two-factor group bootstrap (``group_inference``: every layer
   against the subject mean of every ROI, 1,000 resamples plus the 1,000 delete-one rows and the
   lower noise ceiling's terms) at 1,000 stimuli x 20 layers x 20 ROIs x 10 subjects, Spearman,
@@ -342,12 +349,109 @@ def case_rsa_stage(sizes: dict[str, int], device: torch.device, budget: Budget) 
     return out
 
 
+def _refit_null_timing(
+    shape: tuple[int, int, int, int, int, int, int],
+    device: torch.device,
+    budget: Budget,
+) -> dict[str, Any]:
+    """The refit null of one layer x ROI: ``n_perm`` relabellings (all of them, as for a
+    significant ROI) on ``device`` and a few on the CPU (extrapolated)."""
+    from object2brain.encoding.folds import outer_folds
+    from object2brain.encoding.scores import refit_permutation_test
+    from object2brain.encoding.smoother import fit_torch_smoother
+
+    n, p, v, folds_k, inner, n_alphas, n_perm = shape
+    cpu_perm = max(2, n_perm // 250)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, p))
+    y = x @ rng.standard_normal((p, v)) * 0.05 + rng.standard_normal((n, v))
+    folds = outer_folds(n, folds_k, seed=0)
+    args = {"alphas": np.logspace(-2, 7, n_alphas), "inner_folds": inner, "seed": 0}
+    out: dict[str, Any] = {
+        "shape": f"{n} stimuli x {p} features x {v} voxels, {folds_k} folds, {inner} inner "
+        f"folds, {n_alphas} alphas, {n_perm} relabellings (no sequential stop)"
+    }
+    setup, gpu = timed(device, lambda: fit_torch_smoother(x, folds, device=device, **args))
+    cpu = fit_torch_smoother(x, folds, device="cpu", **args)
+    predictions = cpu.predict(y)
+    start = time.perf_counter()
+    on_cpu = refit_permutation_test(y, predictions, cpu.predict, n_perm=cpu_perm, seed=0)
+    cpu_s = (time.perf_counter() - start) * n_perm / cpu_perm
+    out |= {"device_setup_s": setup, "cpu_s_extrapolated": cpu_s, "cpu_relabellings": cpu_perm}
+    if not budget.allows(min(cpu_s, 120.0), f"refit null {n} stimuli on {device}"):
+        return out
+    seconds, result = timed(
+        device,
+        lambda: refit_permutation_test(y, predictions, gpu.predict, n_perm=n_perm, seed=0),
+    )
+    out |= {
+        "device_s": seconds,
+        "device_ms_per_relabelling": 1000 * seconds / n_perm,
+        "ratio_cpu_over_device": cpu_s / seconds,
+        "max_null_difference_first_relabellings": float(
+            np.abs(result.null[:cpu_perm] - on_cpu.null).max()
+        ),
+    }
+    say(f"  refit null {out['shape']}: {seconds:.2f} s on {device}, CPU ~{cpu_s:.1f} s")
+    return out
+
+
+def case_refit_null(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
+    """The exact ``refit`` permutation null of the encode stage (see the module docstring)."""
+    from object2brain.encoding.folds import outer_folds
+    from object2brain.encoding.ridge import reduce_folds
+    from object2brain.encoding.scores import refit_permutation_test
+    from object2brain.encoding.smoother import fit_torch_smoother
+
+    rng = np.random.default_rng(0)
+    m = 40
+    x = rng.standard_normal((m, 100))
+    y = x @ rng.standard_normal((100, 50)) * 0.1 + rng.standard_normal((m, 50))
+    folds = outer_folds(m, 5, seed=0)
+    args = {"alphas": np.logspace(-2, 7, 19), "inner_folds": 5, "seed": 0}
+    tests = []
+    for dev in ("cpu", device):
+        smoother = fit_torch_smoother(x, folds, device=dev, **args)
+        tests.append(
+            refit_permutation_test(y, smoother.predict(y), smoother.predict, n_perm=20, seed=0)
+        )
+    difference = float(np.abs(tests[0].null - tests[1].null).max())
+    out: dict[str, Any] = {
+        "dtype": "float64",
+        "check": {
+            "p_equal": tests[0].p == tests[1].p,
+            "max_null_difference": difference,
+            "tolerance": 1e-10,
+            "ok": bool(tests[0].p == tests[1].p and difference < 1e-10),
+        },
+    }
+    say(f"  refit null check: {out['check']}")
+    n, p = sizes["n"], sizes["features"]
+    demo_n = 260 if n >= 260 else n
+    # the full demo: pca:256 of a wide layer leaves n_T - 1 = 172 dimensions per fold
+    reduced = reduce_folds(
+        rng.standard_normal((demo_n, 400)),
+        outer_folds(demo_n, 3, seed=0),
+        pca_dim=256,
+        standardize=False,
+    )
+    demo_dim = reduced[0].x_train.shape[1] if reduced[0].x_train is not None else 400
+    v, n_perm = min(200, sizes["voxels"]), 1000 if n >= 260 else 40
+    out["demo"] = _refit_null_timing((demo_n, demo_dim, v, 3, 3, 9, n_perm), device, budget)
+    out["issue_scale"] = _refit_null_timing((n, p, v, 5, 5, 19, n_perm), device, budget)
+    return out
+
+
 def case_encode(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
     """Encoding models at the issue's scale on the device (see the module docstring)."""
+    refit_null = case_refit_null(sizes, device, budget)
     try:
         import himalaya  # noqa: F401
     except ImportError:
-        return {"skipped": "himalaya is not installed here (pip install himalaya; pure Python)"}
+        return {
+            "refit_null": refit_null,
+            "skipped": "himalaya is not installed here (pip install himalaya; pure Python)",
+        }
     from object2brain.encoding.folds import outer_folds
     from object2brain.encoding.ridge import backend_for, fit_ridge_cv
 
@@ -355,6 +459,7 @@ def case_encode(sizes: dict[str, int], device: torch.device, budget: Budget) -> 
     backend = backend_for(device)
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"sizes": sizes, "backend": backend, "alphas": 19, "folds": 5}
+    out["refit_null"] = refit_null
     m, p_check = sizes["check_n"], min(100, sizes["features"])
     x = rng.standard_normal((m, p_check))
     y = x @ rng.standard_normal((p_check, 200)) * 0.1 + rng.standard_normal((m, 200))
