@@ -375,14 +375,14 @@ def _refit_null_timing(
     cpu = fit_torch_smoother(x, folds, device="cpu", **args)
     predictions = cpu.predict(y)
     start = time.perf_counter()
-    on_cpu = refit_permutation_test(y, predictions, cpu.predict, n_perm=cpu_perm, seed=0)
+    on_cpu = refit_permutation_test(y, predictions, cpu, n_perm=cpu_perm, seed=0)
     cpu_s = (time.perf_counter() - start) * n_perm / cpu_perm
     out |= {"device_setup_s": setup, "cpu_s_extrapolated": cpu_s, "cpu_relabellings": cpu_perm}
     if not budget.allows(min(cpu_s, 120.0), f"refit null {n} stimuli on {device}"):
         return out
     seconds, result = timed(
         device,
-        lambda: refit_permutation_test(y, predictions, gpu.predict, n_perm=n_perm, seed=0),
+        lambda: refit_permutation_test(y, predictions, gpu, n_perm=n_perm, seed=0),
     )
     out |= {
         "device_s": seconds,
@@ -412,9 +412,7 @@ def case_refit_null(sizes: dict[str, int], device: torch.device, budget: Budget)
     tests = []
     for dev in ("cpu", device):
         smoother = fit_torch_smoother(x, folds, device=dev, **args)
-        tests.append(
-            refit_permutation_test(y, smoother.predict(y), smoother.predict, n_perm=20, seed=0)
-        )
+        tests.append(refit_permutation_test(y, smoother.predict(y), smoother, n_perm=20, seed=0))
     difference = float(np.abs(tests[0].null - tests[1].null).max())
     out: dict[str, Any] = {
         "dtype": "float64",

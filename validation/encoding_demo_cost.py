@@ -8,6 +8,15 @@ actually used, the fraction of rows that ran all permutations, and the rejection
 
 Run: ``PYTHONPATH=src nice python validation/encoding_demo_cost.py DEMO_FOLDER [--layer L]
 [--n-perm 200]``.
+
+``--estimate-full`` (no folder needed) estimates the refit null of the *full* demo's encode
+stage instead: CPU seconds (``time.process_time``) per refit of 200 voxels at its shape (260
+stimuli, ``pca:256`` -> 172 dimensions per fold, 3 folds, 3 inner folds, 9 alphas, the ``all``
+row and 3 conditions scored from each refit), for the dense numpy maps
+(:func:`object2brain.encoding.ridge.fit_smoother`) and the torch spectral maps the stage uses
+(:func:`object2brain.encoding.smoother.fit_torch_smoother`), times the full demo's refits if
+every test runs all 1,000 (99% do: planted effects): 8 layers x (24 ROIs of 200 voxels + 8
+raters) x 1,000. Writes ``encoding_demo_cost_full.json``.
 """
 
 from __future__ import annotations
@@ -20,9 +29,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 
 import object2brain as o2b
+from object2brain.encoding.folds import outer_folds
+from object2brain.encoding.ridge import fit_smoother, reduce_folds
+from object2brain.encoding.scores import refit_permutation_tests
+from object2brain.encoding.smoother import fit_torch_smoother
+
+#: The full demo's encode stage (``object2brain.demo``): layers, ROIs x voxels, raters,
+#: permutations, and its measured seconds with ``predictions`` (quiet machine, last session).
+FULL_DEMO = {"layers": 8, "rois": 24, "voxels": 200, "raters": 8, "n_perm": 1000}
+FULL_DEMO_STAGE_S = 147.0
 
 
 def run(folder: Path, layer: str, n_perm: int, null: str, stop: int) -> dict[str, Any]:
@@ -62,18 +82,73 @@ def run(folder: Path, layer: str, n_perm: int, null: str, stop: int) -> dict[str
     }
 
 
+def estimate_full(n_perm: int) -> dict[str, Any]:
+    """CPU seconds per refit at the full demo's shape (dense vs torch maps) and the full demo's
+    refit null extrapolated from them (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    n, v = 260, FULL_DEMO["voxels"]
+    x = rng.standard_normal((n, 400))
+    y = x @ rng.standard_normal((400, v)) * 0.05 + rng.standard_normal((n, v))
+    folds = outer_folds(n, 3, seed=0)
+    reductions = reduce_folds(x, folds, pca_dim=256, standardize=False)
+    args = {"alphas": [10.0**k for k in range(-1, 8)], "inner_folds": 3, "seed": 0}
+    conditions = rng.integers(0, 3, n)
+    masks = [np.ones(n, dtype=bool)] + [conditions == c for c in range(3)]
+    out: dict[str, Any] = {
+        "shape": f"{n} stimuli, {reductions[0].pca.components.shape[1] if reductions[0].pca else 0}"
+        f" PCA dimensions, 3 folds, 3 inner folds, 9 alphas, {v} voxels, 4 masks",
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": os.getloadavg()[0],
+        "refits_timed": n_perm,
+    }
+    total_columns = (
+        FULL_DEMO["layers"] * FULL_DEMO["n_perm"] * (FULL_DEMO["rois"] * v + FULL_DEMO["raters"])
+    )
+    for name, fit in (("dense", fit_smoother), ("torch", fit_torch_smoother)):
+        began = time.process_time()
+        smoother = fit(x, folds, reductions=reductions, **args)
+        setup = time.process_time() - began
+        predictions = smoother.predict(y)
+        began = time.process_time()
+        # as the stage calls them: the torch maps relabel, refit and score themselves
+        refit = smoother if name == "torch" else smoother.predict
+        refit_permutation_tests(y, predictions, refit, masks, n_perm=n_perm, seed=0)
+        per_refit = (time.process_time() - began) / n_perm
+        refit_s = per_refit * total_columns / v
+        out[name] = {
+            "setup_cpu_s": round(setup, 3),
+            "cpu_s_per_refit_200_voxels": round(per_refit, 5),
+            "full_demo_refit_null_cpu_s": round(refit_s),
+            "full_demo_stage_estimate_s": round(FULL_DEMO_STAGE_S + refit_s),
+            "ratio_to_stage_with_predictions": round(1 + refit_s / FULL_DEMO_STAGE_S, 1),
+        }
+    out["load_average_after"] = os.getloadavg()[0]
+    out["full_demo"] = FULL_DEMO | {"stage_s_with_predictions": FULL_DEMO_STAGE_S}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, nargs="?")
+    parser.add_argument("--estimate-full", action="store_true")
     parser.add_argument("--layer", default="_blocks.7")
     parser.add_argument("--n-perm", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
+    if args.estimate_full:
+        estimate = estimate_full(min(args.n_perm, 40))
+        path = args.out.with_name(args.out.stem + "_full.json")
+        path.write_text(json.dumps(estimate, indent=2) + "\n")
+        print(json.dumps(estimate, indent=2))
+        return
+    if args.folder is None:
+        parser.error("a demo folder is needed (or --estimate-full)")
     result = {
         "folder": str(args.folder),
         "layer": args.layer,
         "n_perm": args.n_perm,
         "machine": f"{os.cpu_count()} cores (shared, loaded)",
+        "torch_threads": torch.get_num_threads(),
         "runs": [run(args.folder, args.layer, args.n_perm, *null) for null in
                  (("predictions", 0), ("refit", 10))],
     }  # fmt: skip

@@ -669,7 +669,8 @@ class EncodeOptions(RatingsOptions):
         description=(
             "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
             "| refit: relabel the responses and rerun the cross-validation (exact, calibrated; up "
-            "to n_perm fits, see perm_stop)."
+            "to n_perm refits per layer and ROI, from precomputed maps on --device in float64; "
+            "see perm_stop)."
         ),
     )
     perm_stop: Count = Field(

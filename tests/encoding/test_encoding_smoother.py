@@ -69,14 +69,18 @@ def test_shared_reductions_and_chunking_do_not_change_the_predictions() -> None:
 
 
 def test_exact_tests_equal_the_dense_and_the_himalaya_refits() -> None:
-    """The permutation tests (sequential and full) on the torch smoother give the p-values,
-    permutation counts and null statistics of the dense maps (to 1e-10) and of a brute-force
-    refit with himalaya (each call a new :func:`fit_ridge_cv` of the relabelled copies), on a
-    tiny case, whatever the columns per call."""
+    """The permutation tests (sequential and full) on the torch smoother (scoring on its device,
+    or predicting for the host to score) give the p-values, permutation counts and null
+    statistics of the dense maps (to 1e-10) and of a brute-force refit with himalaya (each call
+    a new :func:`fit_ridge_cv` of the relabelled copies), on a tiny case, whatever the columns
+    per call; voxels constant within a mask drop out of its mean on both paths."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((30, 6))
     y = rng.standard_normal((30, 4))
     y[:15] += x[:15] @ rng.standard_normal((6, 4))  # a signal in the first half only
+    # binary: constant within the 3-stimulus mask in about a quarter of the relabellings (an
+    # undefined r, dropped from the mean: NaN on one path and not the other would fail below)
+    y[:, 3] = rng.integers(0, 2, 30)
     split = np.arange(30) % 3
     args = {"alphas": [0.1, 10.0, 1000.0], "inner_folds": 3, "seed": 0}
     fast = fit_torch_smoother(x, split, **args)
@@ -85,7 +89,7 @@ def test_exact_tests_equal_the_dense_and_the_himalaya_refits() -> None:
     def himalaya(responses: np.ndarray) -> np.ndarray:
         return fit_ridge_cv(x, responses, split, **args).predictions
 
-    masks = [np.ones(30, dtype=bool), np.arange(30) < 15, np.arange(30) >= 15]
+    masks = [np.ones(30, dtype=bool), np.arange(30) < 15, np.arange(30) >= 15, np.arange(30) < 3]
     predictions = fast.predict(y)
     for stop, n_perm in ((0, 60), (4, 200)):
         runs = [
@@ -93,8 +97,9 @@ def test_exact_tests_equal_the_dense_and_the_himalaya_refits() -> None:
                 y, predictions, refit, masks, n_perm=n_perm, seed=3, stop=stop, max_columns=cols
             )
             for refit, cols in (
-                (fast.predict, 8192),
-                (fast.predict, 12),
+                (fast, 8192),  # relabelled, refitted and scored by the smoother (its device)
+                (fast, 12),
+                (fast.predict, 8192),  # predictions only, scored on the host
                 (dense.predict, 8192),
                 (himalaya, 8192),
             )
@@ -103,17 +108,26 @@ def test_exact_tests_equal_the_dense_and_the_himalaya_refits() -> None:
             for ours, other in zip(runs[0], results, strict=True):
                 assert (ours.p, ours.n_used) == (other.p, other.n_used)
                 np.testing.assert_allclose(ours.null, other.null, rtol=0, atol=1e-8)
-        for ours, other in zip(runs[0], runs[2], strict=True):
+        for ours, other in zip(runs[0], runs[3], strict=True):
             np.testing.assert_allclose(ours.null, other.null, rtol=0, atol=1e-10)
     assert runs[0][1].p < 0.05 < runs[0][2].p  # the planted half rejects, the other does not
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_equals_cpu() -> None:
-    """float64 on both devices: the predictions agree to rounding (1e-10)."""
+    """float64 on both devices: the predictions and the null statistics agree to rounding
+    (1e-10)."""
     x, y = _data(80, 120, 50, seed=9)
     split = outer_folds(80, 5, seed=0)
     args = {"alphas": GRID, "inner_folds": 5, "seed": 0, "pca_dim": 40}
-    cpu = fit_torch_smoother(x, split, **args).predict(y)
-    cuda = fit_torch_smoother(x, split, device="cuda", **args).predict(y)
-    np.testing.assert_allclose(cuda, cpu, rtol=0, atol=1e-10)
+    on_cpu = fit_torch_smoother(x, split, **args)
+    on_cuda = fit_torch_smoother(x, split, device="cuda", **args)
+    np.testing.assert_allclose(on_cuda.predict(y), on_cpu.predict(y), rtol=0, atol=1e-10)
+    orders = np.stack([np.random.default_rng(i).permutation(80) for i in range(30)])
+    masks = [np.ones(80, dtype=bool), np.arange(80) % 2 == 0]
+    np.testing.assert_allclose(
+        on_cuda.null_mean_r(y, orders, masks),
+        on_cpu.null_mean_r(y, orders, masks),
+        rtol=0,
+        atol=1e-10,
+    )

@@ -2,6 +2,8 @@
 
 - :mod:`~object2brain.encoding.folds`: seeded outer folds over stimuli and inner folds;
 - :mod:`~object2brain.encoding.ridge`: cross-validated (banded) ridge with himalaya;
+- :mod:`~object2brain.encoding.smoother`: the cross-validated ridge as precomputed maps of the
+  responses (torch, CPU or CUDA), the engine of the exact ``refit`` permutation null;
 - :mod:`~object2brain.encoding.scores`: r, R^2, noise ceiling, permutation test;
 - :mod:`~object2brain.encoding.compute`: the tables of the ``encode`` stage.
 """

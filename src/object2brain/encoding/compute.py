@@ -7,8 +7,9 @@ layer and ROI it fits :func:`object2brain.encoding.ridge.fit_ridge_cv` on the ou
 (:mod:`object2brain.encoding.scores`) on all stimuli (``condition = "all"``) and on the stimuli of
 each condition. ``perm_null``: ``predictions`` permutes the out-of-fold predictions within the
 outer folds (fast; conservative, see ``permutation_test``); ``refit`` relabels the responses and
-reruns the cross-validation of the layer for every permutation (exact; banded rows always use
-``predictions``: the band-weight search is not linear in the responses). BH-FDR runs over the
+reruns the cross-validation of the layer for every permutation (exact; on the runtime's device
+with :mod:`object2brain.encoding.smoother`, float64; banded rows always use ``predictions``: the
+band-weight search is not linear in the responses). BH-FDR runs over the
 rows (layers x ROIs, banded model included) of each model and condition.
 
 Layer features ``(n, ...)`` are flattened to ``(n, p)``. With ``reduce = srp:DIM`` a layer with
@@ -51,6 +52,7 @@ from object2brain.encoding.ridge import (
     fit_ridge_cv,
 )
 from object2brain.encoding.scores import (
+    NullRefit,
     fdr_bh,
     noise_ceiling,
     pearson_r,
@@ -187,7 +189,7 @@ def _score_rows(
     responses: np.ndarray,
     predictions: np.ndarray,
     extra: dict[str, Any],
-    refit: Callable[[np.ndarray], np.ndarray] | None = None,
+    refit: NullRefit | None = None,
 ) -> list[dict[str, Any]]:
     """One ``encoding`` row per condition (``all`` first) of the out-of-fold predictions;
     ``refit`` given: the exact permutation test that reruns the cross-validation."""
@@ -311,14 +313,15 @@ def _fit_layer(
 
 def _refit(
     study: _Study, inputs: np.ndarray, reductions: Sequence[FoldReduction] | None
-) -> Callable[[np.ndarray], np.ndarray] | None:
-    """``perm_null = refit``: the layer's cross-validation as a map of the responses (shared by
+) -> TorchCvSmoother | None:
+    """``perm_null = refit``: the layer's cross-validation as maps of the responses (shared by
     the ROIs, on the layer's shared fold ``reductions``; float64 torch on the study's device,
-    :mod:`object2brain.encoding.smoother`); else ``None``."""
+    :mod:`object2brain.encoding.smoother`; it relabels, refits and scores there); else
+    ``None``."""
     if study.options.perm_null != "refit" or study.options.n_perm == 0:
         return None
     kind, dim = study.options.reduction()
-    smoother: TorchCvSmoother = fit_torch_smoother(
+    return fit_torch_smoother(
         inputs,
         study.folds,
         alphas=study.options.alphas,
@@ -329,7 +332,6 @@ def _refit(
         reductions=reductions,
         device=study.device,
     )
-    return smoother.predict
 
 
 def _banded(

@@ -596,9 +596,10 @@ class CvSmoother:
     For fixed features, the out-of-fold prediction of every alpha is linear in the responses, so
     :meth:`predict` reruns :func:`fit_ridge_cv` (inner-fold choice of alpha per voxel included:
     mean over inner folds of the negative mean squared error, ties to the larger alpha) for any
-    responses ``(n, c)`` without refitting: the basis of the exact permutation test that relabels
-    the stimuli' responses and refits (:func:`object2brain.encoding.scores.refit_permutation_test`,
-    which stacks many relabelled copies of the responses as columns of one call).
+    responses ``(n, c)`` without refitting. These dense maps are the numpy reference (tests,
+    ``validation/encoding_null.py``); the ``encode`` stage's exact permutation test uses the
+    equivalent, cheaper spectral maps of
+    :class:`object2brain.encoding.smoother.TorchCvSmoother` (CPU or CUDA; equal to 1e-10).
     Memory: about ``8 A n^2`` bytes for ``A`` alphas and ``n`` stimuli; cost of
     :meth:`predict`: about ``2 A n^2 c`` flops for ``c`` columns (two matrix products per fold).
     """

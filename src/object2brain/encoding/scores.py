@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -43,6 +44,7 @@ PERM_BLOCK = 256
 __all__ = [
     "PERM_BLOCK",
     "REFIT_COLUMNS",
+    "NullRefit",
     "PermutationResult",
     "fdr_bh",
     "noise_ceiling",
@@ -234,6 +236,20 @@ def sequential_p(null: np.ndarray, observed: float, *, stop: int, n_perm: int) -
     return (1.0 + hits.size) / (1.0 + n_perm), n_perm
 
 
+@runtime_checkable
+class NullRefit(Protocol):
+    """A refit that computes the null statistics itself (e.g. on a GPU, where only the
+    relabellings go in and the statistics come out):
+    :meth:`object2brain.encoding.smoother.TorchCvSmoother.null_mean_r`."""
+
+    def null_mean_r(
+        self, responses: np.ndarray, orders: np.ndarray, masks: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """``(len(masks), b)``: mean r over voxels of each relabelling ``orders`` ``(b, n)`` of
+        ``responses`` ``(n, v)`` against its refitted predictions, within each mask."""
+        ...
+
+
 def _batches(n_perm: int, per_call: int, stop: int) -> Iterator[tuple[int, int]]:
     """``(first, count)`` of the permutations of each refit call: ``per_call`` at a time, or with
     ``stop > 0`` first ``stop``, then doubling the total (``stop, stop, 2 stop, 4 stop, ...``,
@@ -249,7 +265,7 @@ def _batches(n_perm: int, per_call: int, stop: int) -> Iterator[tuple[int, int]]
 def refit_permutation_tests(
     responses: np.ndarray,
     predictions: np.ndarray,
-    refit: Callable[[np.ndarray], np.ndarray],
+    refit: Callable[[np.ndarray], np.ndarray] | NullRefit,
     masks: Sequence[np.ndarray],
     *,
     n_perm: int,
@@ -260,8 +276,10 @@ def refit_permutation_tests(
     """Exact permutation tests of the ROI's mean r, one per stimulus mask, from one set of refits:
     the responses' rows are relabelled and the whole cross-validation is rerun (``refit``:
     responses ``(n, c)`` -> out-of-fold predictions ``(n, c)``, column by column, e.g.
-    :meth:`object2brain.encoding.ridge.CvSmoother.predict`), so the null carries the dependence
-    of every fold's predictions on the other folds' responses that a permutation of fixed
+    :meth:`object2brain.encoding.smoother.TorchCvSmoother.predict`; or a :class:`NullRefit`,
+    which relabels, refits and scores on its device and returns the statistics, the same
+    numbers to rounding), so the null carries the
+    dependence of every fold's predictions on the other folds' responses that a permutation of fixed
     predictions (:func:`permutation_test`) misses.
 
     ``responses``, ``predictions`` ``(n, v)``; ``masks``: boolean ``(n,)`` each, the stimuli a
@@ -273,7 +291,8 @@ def refit_permutation_tests(
     ``n_used``). Relabelled copies are stacked as columns, at most ``max(1, max_columns // v)``
     permutations per call of ``refit`` (:func:`_batches`); the results do not depend on
     ``max_columns``. Cost: one refit of ``v`` columns per permutation drawn
-    (:class:`~object2brain.encoding.ridge.CvSmoother`: about ``2 A n^2 v`` flops each).
+    (:class:`~object2brain.encoding.smoother.TorchCvSmoother`: about ``2 A n_T r v`` flops
+    each, ``r`` the inner training sets' rank).
     """
     n, v = responses.shape
     observed = [float(np.nanmean(pearson_r(responses[m], predictions[m]))) for m in masks]
@@ -292,11 +311,21 @@ def refit_permutation_tests(
         if not open_masks:
             break
         batch = np.stack([next(orders) for _ in range(count)])  # (count, n)
-        relabelled = responses[batch].transpose(1, 0, 2).reshape(n, count * v)
-        refitted = refit(relabelled)
-        for i in open_masks:
-            r = pearson_r(relabelled[masks[i]], refitted[masks[i]]).reshape(count, v)
-            values = np.nanmean(r, axis=1)
+        if isinstance(refit, NullRefit):
+            means = refit.null_mean_r(responses, batch, [masks[i] for i in open_masks])
+        else:
+            relabelled = responses[batch].transpose(1, 0, 2).reshape(n, count * v)
+            refitted = refit(relabelled)
+            means = np.stack(
+                [
+                    np.nanmean(
+                        pearson_r(relabelled[masks[i]], refitted[masks[i]]).reshape(count, v),
+                        axis=1,
+                    )
+                    for i in open_masks
+                ]
+            )
+        for i, values in zip(open_masks, means, strict=True):
             nulls[i][first : first + count] = values
             reached[i] += int(np.count_nonzero(values >= observed[i] - _TIES))
             drawn[i] = first + count
@@ -310,7 +339,7 @@ def refit_permutation_tests(
 def refit_permutation_test(
     responses: np.ndarray,
     predictions: np.ndarray,
-    refit: Callable[[np.ndarray], np.ndarray],
+    refit: Callable[[np.ndarray], np.ndarray] | NullRefit,
     *,
     n_perm: int,
     seed: int,

@@ -100,12 +100,13 @@ class _Inner:
 @dataclass(frozen=True)
 class _Outer:
     """One outer fold: stimulus indices ``train`` ``(n_T,)`` and ``test`` ``(n_S,)`` (numpy,
-    and ``train_index`` on the device); ``project`` ``(r, n_T)``; ``rows`` ``(n_S, r)``;
-    ``shrink`` ``(A, r)``; its inner folds."""
+    and ``train_index``, ``test_index`` on the device); ``project`` ``(r, n_T)``; ``rows``
+    ``(n_S, r)``; ``shrink`` ``(A, r)``; its inner folds."""
 
     train: np.ndarray
     test: np.ndarray
     train_index: torch.Tensor
+    test_index: torch.Tensor
     project: torch.Tensor
     rows: torch.Tensor
     shrink: torch.Tensor
@@ -130,8 +131,13 @@ class TorchCvSmoother:
     def predict(self, responses: np.ndarray) -> np.ndarray:
         """Out-of-fold predictions ``(n, c)`` (float64, numpy) of ``responses`` ``(n, c)`` (each
         column a voxel or a relabelled copy of one)."""
-        n, c = responses.shape
-        out = np.empty((n, c), dtype=np.float64)
+        y = torch.as_tensor(np.ascontiguousarray(responses, dtype=np.float64), device=self.device)
+        return np.asarray(self.predict_tensor(y).cpu().numpy())
+
+    def predict_tensor(self, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict` of float64 responses ``(n, c)`` already on the device."""
+        n, c = y.shape
+        out = torch.empty((n, c), dtype=torch.float64, device=self.device)
         widest = max(
             (self.alphas.size * inner.validation.numel() for f in self.folds for inner in f.inner),
             default=1,
@@ -140,21 +146,45 @@ class TorchCvSmoother:
         tie_break = torch.as_tensor(
             np.log(self.alphas) * TIE_BREAK, dtype=torch.float64, device=self.device
         )[:, None]
+        # one buffer for every inner fold's stacked residuals (fresh large tensors per product
+        # would cost page faults and extra passes over memory)
+        buffer = torch.empty(widest * min(step, c), dtype=torch.float64, device=self.device)
         for first in range(0, c, step):
-            y = torch.as_tensor(
-                np.ascontiguousarray(responses[:, first : first + step], dtype=np.float64),
-                device=self.device,
-            )
-            # one buffer for every inner fold's stacked residuals (fresh large tensors per
-            # product would cost page faults and extra passes over memory)
-            buffer = torch.empty(widest * y.shape[1], dtype=torch.float64, device=self.device)
+            chunk = y[:, first : first + step]
             for fold in self.folds:
-                out[fold.test, first : first + step] = self._fold(fold, y, tie_break, buffer)
+                out[fold.test_index, first : first + step] = self._fold(
+                    fold, chunk, tie_break, buffer
+                )
         return out
+
+    def null_mean_r(
+        self, responses: np.ndarray, orders: np.ndarray, masks: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """The refit null's statistics, computed on the device: ``(len(masks), b)`` mean over
+        voxels of the Pearson r, within each mask's stimuli, between each relabelled copy of
+        ``responses`` ``(n, v)`` (copy ``i``'s row ``s`` is ``responses[orders[i, s]]``;
+        ``orders`` ``(b, n)``) and its out-of-fold predictions. Only the orders go to the device
+        besides the responses, and only the statistics come back (the host's work of
+        :func:`~object2brain.encoding.scores.refit_permutation_tests` with :meth:`predict`, the
+        same numbers to rounding). Voxels with an undefined r (constant within a mask) are
+        left out of the mean, as by ``numpy.nanmean``.
+        """
+        y = torch.as_tensor(np.ascontiguousarray(responses, dtype=np.float64), device=self.device)
+        index = torch.as_tensor(np.asarray(orders, dtype=np.int64), device=self.device)
+        n, v = y.shape
+        count = index.shape[0]
+        relabelled = y[index].permute(1, 0, 2).reshape(n, count * v)  # column i v + j
+        predicted = self.predict_tensor(relabelled)
+        out = torch.empty((len(masks), count), dtype=torch.float64, device=self.device)
+        for m, mask in enumerate(masks):
+            rows = torch.as_tensor(np.flatnonzero(mask), device=self.device)
+            r = _unit(relabelled.index_select(0, rows)) * _unit(predicted.index_select(0, rows))
+            out[m] = r.sum(dim=0).view(count, v).nanmean(dim=1)
+        return np.asarray(out.cpu().numpy())
 
     def _fold(
         self, fold: _Outer, y: torch.Tensor, tie_break: torch.Tensor, buffer: torch.Tensor
-    ) -> np.ndarray:
+    ) -> torch.Tensor:
         """Test predictions ``(n_S, c)`` of one outer fold for responses ``y`` ``(n, c)``
         (``buffer``: at least ``A max(n_V) c`` float64 values of scratch)."""
         n_alphas, c = self.alphas.size, y.shape[1]
@@ -170,8 +200,15 @@ class TorchCvSmoother:
             score.sub_(stacked.sum(dim=1), alpha=inner.weight)
         best = (score + tie_break).argmax(dim=0)  # (c,)
         z = (fold.project @ y_train).mul_(fold.shrink[best].T)  # (r, c): the chosen alpha's
-        predicted = torch.addmm(y_train.mean(dim=0)[None, :], fold.rows, z)
-        return np.asarray(predicted.cpu().numpy())
+        return torch.addmm(y_train.mean(dim=0)[None, :], fold.rows, z)
+
+
+def _unit(values: torch.Tensor) -> torch.Tensor:
+    """Columns centred and scaled to unit norm (a constant column becomes NaN), as
+    :func:`object2brain.encoding.scores.pearson_r` does."""
+    centred = values - values.mean(dim=0)
+    norm: torch.Tensor = torch.linalg.vector_norm(centred, dim=0)
+    return centred / norm
 
 
 def fit_torch_smoother(
@@ -229,6 +266,7 @@ def fit_torch_smoother(
                 fold.train,
                 fold.test,
                 put(fold.train.astype(np.int64)),
+                put(fold.test.astype(np.int64)),
                 put(maps.project),
                 put(maps.rows),
                 put(maps.shrink),
