@@ -28,15 +28,15 @@ the dense maps of :class:`~object2brain.encoding.ridge.CvSmoother` (the referenc
 rounding, tested to 1e-10): less by the test fold's share (its predictions are formed for one
 alpha, not ``A``) and by :math:`r_j / n_{T_k}` (the inner rank against the outer training size;
 large savings when the features are few). The dominant term stays :math:`A\, n_T r` per column:
-the alpha search, which no exact shortcut removes.
+the alpha search (every alpha's inner residuals), which this scheme does not reduce.
 
 Device and dtype: float64 on every device (CPU and CUDA), so that the CPU and GPU nulls agree to
-rounding (about 1e-13 relative; the chosen alphas differ only where two alphas' scores tie within
-rounding, where the tie-break of 1e-10 per unit of ``log(alpha)`` toward the larger alpha
-decides). The SVDs are computed once in numpy (LAPACK, float64) on the host and shared, so both
-devices start from the same factors. Columns are processed in chunks of at most ``max_elements /
-(A max n_V)`` so that memory stays bounded; columns are independent, so the result does not
-depend on the chunking.
+rounding (held to 1e-10 by the CUDA test and ``benchmarks/gpu_cases.py``; a chosen alpha can
+differ only where two alphas' scores are within rounding of each other after the tie-break of
+1e-10 per unit of ``log(alpha)`` toward the larger alpha). The SVDs are computed once in numpy
+(LAPACK, float64) on the host and shared, so both devices start from the same factors. Columns
+are processed in chunks of at most ``max_elements / (A max n_V)`` so that memory stays bounded;
+columns are independent, so the result does not depend on the chunking.
 """
 
 from __future__ import annotations
