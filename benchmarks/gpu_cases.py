@@ -34,9 +34,10 @@ Cases (full sizes; ``--smoke`` runs tiny sizes end to end on any device, the CPU
   agree, in units of the responses' SD; tolerance 1e-3: float32). Needs himalaya (pure Python):
   where the device image lacks it, the case says so instead of failing the run. Not in the
   default ``--cases``: run it with ``--cases encode``. First (without himalaya) the exact
-  ``refit`` permutation null (``object2brain.encoding.smoother``, float64 on every device): check
-  CPU vs device on 40 stimuli x 100 features x 50 voxels x 20 relabellings (equal p, null
-  statistics within 1e-10); then 1,000 relabellings of 200 voxels timed on the device at the
+  ``refit`` permutation null (``object2brain.encoding.smoother``, float64 on every device;
+  relabelled, refitted and scored on the device, 8,192 columns per call as in the stage): check
+  CPU vs device on 40 stimuli x 100 features x 50 voxels x 20 relabellings (null statistics
+  within 1e-10); then 1,000 relabellings of 200 voxels timed on the device at the
   full demo's encode shape (260 stimuli, 172 PCA dimensions, 3 folds, 3 inner folds, 9 alphas:
   one layer x ROI of the demo, which has 8 x 25) and at the issue's scale (1,000 stimuli x 1,000
   features, 5 x 5 folds, 19 alphas), each against the same code on the CPU on a few relabellings,
@@ -349,19 +350,50 @@ def case_rsa_stage(sizes: dict[str, int], device: torch.device, budget: Budget) 
     return out
 
 
+def _bare_subpackages(*names: str) -> None:
+    """Where pydantic is missing (the device image), make ``object2brain.<name>`` importable
+    without its ``__init__`` (which imports the pipeline's options), as ``_bootstrap_imports``
+    does for the top package; the encode case only needs leaf modules."""
+    try:
+        import pydantic  # noqa: F401
+    except ImportError:
+        for name in names:
+            full = f"object2brain.{name}"
+            if full not in sys.modules:
+                package = types.ModuleType(full)
+                package.__path__ = [str(ROOT / "src" / "object2brain" / name)]
+                sys.modules[full] = package
+
+
+def _null_means(smoother: Any, y: np.ndarray, n_perm: int, per_call: int) -> np.ndarray:
+    """Mean r of ``n_perm`` seeded relabellings of ``y`` ``(n, v)`` against their refits, as the
+    stage's exact test computes them (``per_call`` relabellings per call, all stimuli one mask):
+    ``(n_perm,)``."""
+    rng = np.random.default_rng(0)
+    orders = np.stack([rng.permutation(y.shape[0]) for _ in range(n_perm)])
+    mask = [np.ones(y.shape[0], dtype=bool)]
+    return np.concatenate(
+        [
+            smoother.null_mean_r(y, orders[first : first + per_call], mask)[0]
+            for first in range(0, n_perm, per_call)
+        ]
+    )
+
+
 def _refit_null_timing(
     shape: tuple[int, int, int, int, int, int, int],
     device: torch.device,
     budget: Budget,
 ) -> dict[str, Any]:
     """The refit null of one layer x ROI: ``n_perm`` relabellings (all of them, as for a
-    significant ROI) on ``device`` and a few on the CPU (extrapolated)."""
+    significant ROI; 8,192 columns per call, as the stage) on ``device`` and a few on the CPU
+    (extrapolated)."""
     from object2brain.encoding.folds import outer_folds
-    from object2brain.encoding.scores import refit_permutation_test
     from object2brain.encoding.smoother import fit_torch_smoother
 
     n, p, v, folds_k, inner, n_alphas, n_perm = shape
     cpu_perm = max(2, n_perm // 250)
+    per_call = max(1, 8192 // v)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((n, p))
     y = x @ rng.standard_normal((p, v)) * 0.05 + rng.standard_normal((n, v))
@@ -373,24 +405,18 @@ def _refit_null_timing(
     }
     setup, gpu = timed(device, lambda: fit_torch_smoother(x, folds, device=device, **args))
     cpu = fit_torch_smoother(x, folds, device="cpu", **args)
-    predictions = cpu.predict(y)
     start = time.perf_counter()
-    on_cpu = refit_permutation_test(y, predictions, cpu, n_perm=cpu_perm, seed=0)
+    on_cpu = _null_means(cpu, y, cpu_perm, per_call)
     cpu_s = (time.perf_counter() - start) * n_perm / cpu_perm
     out |= {"device_setup_s": setup, "cpu_s_extrapolated": cpu_s, "cpu_relabellings": cpu_perm}
     if not budget.allows(min(cpu_s, 120.0), f"refit null {n} stimuli on {device}"):
         return out
-    seconds, result = timed(
-        device,
-        lambda: refit_permutation_test(y, predictions, gpu, n_perm=n_perm, seed=0),
-    )
+    seconds, null = timed(device, lambda: _null_means(gpu, y, n_perm, per_call))
     out |= {
         "device_s": seconds,
         "device_ms_per_relabelling": 1000 * seconds / n_perm,
         "ratio_cpu_over_device": cpu_s / seconds,
-        "max_null_difference_first_relabellings": float(
-            np.abs(result.null[:cpu_perm] - on_cpu.null).max()
-        ),
+        "max_null_difference_first_relabellings": float(np.abs(null[:cpu_perm] - on_cpu).max()),
     }
     say(f"  refit null {out['shape']}: {seconds:.2f} s on {device}, CPU ~{cpu_s:.1f} s")
     return out
@@ -398,9 +424,9 @@ def _refit_null_timing(
 
 def case_refit_null(sizes: dict[str, int], device: torch.device, budget: Budget) -> dict[str, Any]:
     """The exact ``refit`` permutation null of the encode stage (see the module docstring)."""
+    _bare_subpackages("encoding")
     from object2brain.encoding.folds import outer_folds
     from object2brain.encoding.ridge import reduce_folds
-    from object2brain.encoding.scores import refit_permutation_test
     from object2brain.encoding.smoother import fit_torch_smoother
 
     rng = np.random.default_rng(0)
@@ -409,18 +435,17 @@ def case_refit_null(sizes: dict[str, int], device: torch.device, budget: Budget)
     y = x @ rng.standard_normal((100, 50)) * 0.1 + rng.standard_normal((m, 50))
     folds = outer_folds(m, 5, seed=0)
     args = {"alphas": np.logspace(-2, 7, 19), "inner_folds": 5, "seed": 0}
-    tests = []
-    for dev in ("cpu", device):
-        smoother = fit_torch_smoother(x, folds, device=dev, **args)
-        tests.append(refit_permutation_test(y, smoother.predict(y), smoother, n_perm=20, seed=0))
-    difference = float(np.abs(tests[0].null - tests[1].null).max())
+    nulls = [
+        _null_means(fit_torch_smoother(x, folds, device=dev, **args), y, 20, 7)
+        for dev in ("cpu", device)
+    ]
+    difference = float(np.abs(nulls[0] - nulls[1]).max())
     out: dict[str, Any] = {
         "dtype": "float64",
         "check": {
-            "p_equal": tests[0].p == tests[1].p,
             "max_null_difference": difference,
             "tolerance": 1e-10,
-            "ok": bool(tests[0].p == tests[1].p and difference < 1e-10),
+            "ok": bool(difference < 1e-10),
         },
     }
     say(f"  refit null check: {out['check']}")
