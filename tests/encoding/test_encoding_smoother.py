@@ -3,6 +3,11 @@ the exact permutation tests built on each; chunking; CUDA against the CPU."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +18,7 @@ from object2brain.encoding.scores import refit_permutation_tests
 from object2brain.encoding.smoother import fit_torch_smoother
 
 GRID = np.logspace(-2, 4, 13)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data(n: int, p: int, v: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,3 +137,23 @@ def test_cuda_equals_cpu() -> None:
         rtol=0,
         atol=1e-10,
     )
+
+
+@pytest.mark.slow
+def test_gpu_case_runs_the_refit_null_without_pydantic_or_himalaya(tmp_path: Path) -> None:
+    """``benchmarks/gpu_cases.py --cases encode`` on the CPU, as on the device image (no pydantic,
+    no himalaya): the refit null's CPU-vs-device check and timings run, the himalaya part says
+    it is skipped."""
+    code = (
+        "import runpy, sys; sys.modules['pydantic'] = None; sys.modules['himalaya'] = None; "
+        f"sys.argv = ['gpu_cases.py', '--smoke', '--device', 'cpu', '--cases', 'encode', "
+        f"'--json', {str(tmp_path / 'out.json')!r}]; "
+        f"runpy.run_path({str(ROOT / 'benchmarks' / 'gpu_cases.py')!r}, run_name='__main__')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
+    case = json.loads((tmp_path / "out.json").read_text())["cases"]["encode"]
+    assert "himalaya" in case["skipped"]
+    assert case["refit_null"]["check"]["ok"]
+    for shape in ("demo", "issue_scale"):
+        assert case["refit_null"][shape]["device_s"] > 0
+        assert case["refit_null"][shape]["max_null_difference_first_relabellings"] < 1e-10
