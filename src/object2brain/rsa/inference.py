@@ -343,14 +343,17 @@ def linear_permutation_test(
     memory_elements: int | None = None,
     *,
     executor: Executor | None = None,
+    two_sided: bool = True,
 ) -> TestResult:
-    """Two-sided permutation test of statistics linear in a prepared target:
+    """Permutation test (two-sided; one-sided ``s > s_perm`` without ``two_sided``) of
+    statistics linear in a prepared target:
     ``s = x . (y o pi)`` for rows ``x`` of ``model_side`` ``(K, m)`` (any vectors, e.g. the
     difference of two standardised model RDMs) and prepared target rows ``y`` ``(T, m)``
     (standardised values or ranks, :func:`~object2brain.rsa.compare.prepare`).
 
     Stimulus labels are permuted as in :func:`mantel_test` (same permutations for a seed);
-    ``p = (1 + #{|s_perm| >= |s|}) / (1 + N)``, NaN where ``s`` is NaN or ``N = 0``. With
+    ``p = (1 + #{|s_perm| >= |s|}) / (1 + N)`` (one-sided: ``#{s_perm >= s}``), NaN where ``s``
+    is NaN or ``N = 0``. With
     ``x = prepare(variant) - prepare(full)`` this tests a change of Pearson / Spearman r,
     ``delta = r(variant, y) - r(full, y)``, against targets whose stimulus labels carry no
     relation to the model. ``executor``: where the permutation blocks run (as in
@@ -363,8 +366,9 @@ def linear_permutation_test(
     gather_model = X.shape[0] <= Y.shape[0]
     null = _DotNull(X, Y, gather_model, n, memory_elements)  # NaN rows stay NaN (left out)
     counts = _count_extremes(
-        null, stat, combine, n, n_perm, seed, gather_model, two_sided=True, executor=executor
-    )
+        null, stat, combine, n, n_perm, seed, gather_model, two_sided=two_sided,
+        executor=executor,
+    )  # fmt: skip
     s = stat.cpu().numpy()
     return TestResult(r=s, p=_permutation_p(counts, s, n_perm), n_perm=n_perm)
 
