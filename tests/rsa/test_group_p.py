@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from itertools import permutations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +18,12 @@ import torch
 
 from object2brain.rsa import group as g
 from object2brain.rsa.compare import compare, prepare
-from object2brain.rsa.inference import pair_permutation
+from object2brain.rsa.inference import (
+    PERM_BLOCK,
+    linear_permutation_test,
+    pair_permutation,
+    relabelled_mean_test,
+)
 from object2brain.rsa.inference import permutations as relabellings
 from object2brain.rsa.rdm import squareform, upper_triangle
 
@@ -122,6 +129,52 @@ def test_relabelling_p_equals_a_brute_force_loop(method: str) -> None:
     p = g.relabelling_test(models, subs, method, 1100, 3)  # two blocks of relabellings
     np.testing.assert_allclose(p, _brute_force_p(models, subs, method, 1100, 3), rtol=0, atol=0)
     assert np.all((p >= 1 / 1101) & (p <= 1)) and p[0] < 0.05 < p[1]
+
+
+class _ReverseExecutor:
+    """Runs the chunks last to first (results in chunk order, as the protocol asks)."""
+
+    name = "reverse"
+    workers = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def map_chunks(
+        self, fn: Callable[..., Any], chunks: Sequence[Any], *, stage: str, shared: Any = None
+    ) -> list[Any]:
+        self.calls += len(chunks)
+        done = {i: fn(shared, chunks[i]) for i in reversed(range(len(chunks)))}
+        return [done[i] for i in range(len(chunks))]
+
+
+def test_relabelling_p_is_independent_of_chunks_and_equals_the_condensed_gather() -> None:
+    """The square-form null of :func:`relabelled_mean_test` counts as the condensed gather of
+    :func:`linear_permutation_test` (one-sided) with the same relabellings, and its blocks run
+    by an executor in reverse order give the same p."""
+    models, subs = _world(np.random.default_rng(9), 13, 4, 3.0)
+    a = prepare(upper_triangle(models), "spearman")
+    y = prepare(upper_triangle(subs), "spearman").mean(dim=0, keepdim=True)
+    n_perm = 2 * PERM_BLOCK + 9  # three blocks
+    square = relabelled_mean_test(a, y, n_perm, 4)
+    gathered = linear_permutation_test(a, y, n_perm, 4, two_sided=False)
+    np.testing.assert_array_equal(square.p, gathered.p)
+    reverse = _ReverseExecutor()
+    moved = g.relabelling_test(models, subs, "spearman", n_perm, 4, executor=reverse)
+    assert reverse.calls == 3
+    np.testing.assert_array_equal(moved, square.p[:, 0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["spearman", "cosine_cov", "kendall_tau_a"])
+def test_relabelling_p_on_cuda_equals_cpu(method: str) -> None:
+    models, subs = _world(np.random.default_rng(10), 30, 4, 3.0)
+    unrelated, _ = _world(np.random.default_rng(11), 30, 4, None)
+    models = torch.cat([models, unrelated])
+    n_perm = 199 if method == "kendall_tau_a" else 3000
+    cpu = g.relabelling_test(models, subs, method, n_perm, 2)
+    gpu = g.relabelling_test(models, subs, method, n_perm, 2, device="cuda")
+    np.testing.assert_array_equal(gpu, cpu)
 
 
 def test_relabelling_p_is_exact_where_the_score_test_is_liberal() -> None:

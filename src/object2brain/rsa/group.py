@@ -85,10 +85,10 @@ from object2brain.rsa.compare import (
     row_sums,
 )
 from object2brain.rsa.inference import (
-    linear_permutation_test,
     mantel_test,
     pair_corrected,
     pair_corrected_variance,
+    relabelled_mean_test,
 )
 from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
 
@@ -608,9 +608,10 @@ def relabelling_test(
 
     The relabellings are :func:`object2brain.rsa.inference.permutations` of ``seed``: those of
     the ``group`` row of ``alignment`` for the run's seed (chunk-seeded blocks: the same p for
-    every device, executor and tile size), so the two p agree (with ``--pairs all``; a test). Dot-product comparators gather
-    one vector per relabelling, the prepared subject mean ``ybar = mean_s y_s``
-    (``rbar = <a o pi, ybar>``), on ``device``; ``kendall_tau_a`` runs
+    every device, executor and tile size), so the two p agree (with ``--pairs all``; a test).
+    Dot-product comparators relabel one square matrix per relabelling, the prepared subject
+    mean ``ybar = mean_s y_s`` (``rbar = <a o pi, ybar>``;
+    :func:`object2brain.rsa.inference.relabelled_mean_test`), on ``device``; ``kendall_tau_a`` runs
     :func:`object2brain.rsa.inference.mantel_test` with the subject mean as a combined column
     (``O(m^2)`` per relabelling). Subjects with an undefined r are left out; NaN where ``rbar``
     is undefined or ``n_perm = 0``.
@@ -626,10 +627,9 @@ def relabelling_test(
     yp = yp[torch.isfinite(yp).all(dim=-1)]
     if yp.shape[0] == 0:
         return np.full(a.shape[0], np.nan)
-    test = linear_permutation_test(
-        prepare(a, method), yp.mean(dim=0, keepdim=True), n_perm, seed, executor=executor,
-        two_sided=False,
-    )  # fmt: skip
+    test = relabelled_mean_test(
+        prepare(a, method), yp.mean(dim=0, keepdim=True), n_perm, seed, executor=executor
+    )
     return np.asarray(test.p[:, 0])
 
 
