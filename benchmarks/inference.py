@@ -26,6 +26,13 @@ figures as JSON, with the machine's load average before and after.
 Ours is timed as the tables run it: the resamples, the ``n`` delete-one evaluations and both
 estimators (``se_ours``: rsatoolbox's, compared with its SEs; ``se_ours_tables``: the corrected
 one the ``group_inference`` table reports).
+
+``--relabelling`` times instead the ``p`` of ``stimuli`` rows at the same size: the relabelling
+test of the subject mean (:func:`object2brain.rsa.group.relabelling_test`, ``--n-perm``
+relabellings, default the rsa default 10,000) against the score test it replaced
+(:func:`~object2brain.rsa.group.association_test`), every ROI, in one process, CPU seconds
+(``time.process_time``) and wall seconds, ratio printed; ``--bootstrap-rois k`` adds the cost of
+the group bootstrap of ``k`` ROIs (what a ``group_inference`` cell costs anyway) for scale.
 """
 
 from __future__ import annotations
@@ -127,6 +134,60 @@ def run(
     }
 
 
+def relabelling(
+    n: int, L: int, R: int, S: int, B: int, n_perm: int, bootstrap_rois: int
+) -> dict[str, Any]:
+    """CPU and wall seconds of the ``stimuli`` p (relabelling test) and of the score test over
+    ``R`` ROIs, and of the group bootstrap of ``bootstrap_rois`` ROIs."""
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    layers, subjects = make_data(n, L, R, S)
+    models = torch.as_tensor(layers)
+
+    def timed(fn: Any) -> tuple[list[Any], float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = [fn(torch.as_tensor(subs), roi) for roi, subs in enumerate(subjects)]
+        return out, time.process_time() - cpu, time.perf_counter() - wall
+
+    perm, perm_cpu, perm_wall = timed(
+        lambda subs, roi: g.relabelling_test(models, subs, "spearman", n_perm, roi)
+    )
+    score, score_cpu, score_wall = timed(
+        lambda subs, roi: g.association_test(models, subs, "spearman", "stimuli")
+    )
+    boot_cpu = 0.0
+    for roi in range(bootstrap_rois):
+        cpu = time.process_time()
+        plan = g.resample_plan(n, S, B, (0, roi))
+        coef = g.subject_coefficients(models, torch.as_tensor(subjects[roi]), "spearman", plan)
+        g.estimate(coef, plan, "stimuli")
+        boot_cpu += time.process_time() - cpu
+    return {
+        "size": {"stimuli": n, "layers": L, "rois": R, "subjects": S, "n_perm": n_perm},
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared), "
+        "one torch thread",
+        "load_average_before_after": [round(x, 1) for x in (*load_before, *os.getloadavg())],
+        "cpu_seconds_relabelling": round(perm_cpu, 2),
+        "wall_seconds_relabelling": round(perm_wall, 2),
+        "cpu_seconds_score_test": round(score_cpu, 3),
+        "wall_seconds_score_test": round(score_wall, 3),
+        "ratio_relabelling_over_score": round(perm_cpu / score_cpu, 1),
+        "bootstrap_rois": bootstrap_rois,
+        "bootstrap_resamples": B,
+        "cpu_seconds_bootstrap_per_roi": round(boot_cpu / bootstrap_rois, 1)
+        if bootstrap_rois
+        else None,
+        "relabelling_share_of_a_cell": round(
+            perm_cpu / R / (perm_cpu / R + boot_cpu / bootstrap_rois), 3
+        )
+        if bootstrap_rois
+        else None,
+        "smallest_p": float(min(p.min() for p in perm)),
+        "rejected_at_0.05": [int((p < 0.05).sum()) for p in perm],
+        "score_rejected_at_0.05": [int((t.p < 0.05).sum()) for t in score],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["reduced", "issue"], default="reduced")
@@ -134,10 +195,17 @@ def main() -> None:
     parser.add_argument("--rsatoolbox-rois", type=int, default=1)
     parser.add_argument("--rsatoolbox-resamples", type=int, default=1000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--relabelling", action="store_true", help="time the stimuli p")
+    parser.add_argument("--n-perm", type=int, default=10_000)
+    parser.add_argument("--bootstrap-rois", type=int, default=0)
     args = parser.parse_args()
     issue = args.issue or args.size == "issue"
     size = (300, 10, 6, 8, 1000) if issue else (30, 3, 1, 5, 1000)
-    figures = run(*size, args.rsatoolbox_rois, args.rsatoolbox_resamples)
+    figures = (
+        relabelling(*size, args.n_perm, args.bootstrap_rois)
+        if args.relabelling
+        else run(*size, args.rsatoolbox_rois, args.rsatoolbox_resamples)
+    )
     print(json.dumps(figures, indent=1))
     if args.out is not None:
         args.out.write_text(json.dumps(figures, indent=1) + "\n")

@@ -24,6 +24,19 @@ Sections (fresh stimuli and subjects in every dataset):
    generalises over subjects holds this null; the sharp-null tests (``mantel``,
    ``score/stimuli``) are expected to reject it.
 
+3. ``stimuli`` (n = 40: planted models ``PLANTED``; n = 200: ``WEAK``): the ``stimuli`` mode's
+   ``p`` of this version, ``perm/stimuli`` (:func:`object2brain.rsa.group.relabelling_test`, the
+   Monte Carlo relabelling test of the subject mean, ``N_PERM`` relabellings), against the score
+   test it replaces (``score/stimuli``), on the same datasets (1,000 per size).
+4. ``kendall`` (n = ``KENDALL_N``, the unrelated model and one planted model, noise 12):
+   ``kendall_tau_a``'s ``p``: ``perm/stimuli`` (``KENDALL_PERM`` relabellings) and the bootstrap
+   t-tests ``t/stimuli``, ``t/both`` (``KENDALL_BOOT`` resamples; ``both`` keeps it).
+5. ``subjects``: the ``subjects`` mode's bootstrap t-test (``t/subjects``) under its own null,
+   the random-effects world of section 2 (given the stimuli, each subject's expected r is 0 by
+   the symmetry of ``lambda``), and its power on the planted models of section 1; the sharp
+   world's unrelated model is listed too (not a null of this mode: its r given the stimuli is
+   not 0 on average over subjects).
+
 Run: ``PYTHONPATH=src nice -n 10 python validation/inference_null_p.py [--quick]``; writes
 ``validation/inference_null_p.json`` after every 20 datasets (``--quick``: ``/tmp``).
 """
@@ -52,6 +65,13 @@ S, NOISE, TAU, N_BOOT, N_PERM, ALPHA = 6, 6.0, 0.7, 250, 1000, 0.05
 PLANTED = (8.0, 12.0, 16.0)  # model noise of the planted models (higher: weaker)
 WEAK = (32.0, 48.0)  # section ``weak``: planted models for n = 200 (no Mantel there)
 METHODS = ("score/both", "score/stimuli", "mantel", "t/both", "t/stimuli")
+KENDALL_N, KENDALL_PERM, KENDALL_BOOT = 30, 199, 100  # tau-a costs O(m^2) per evaluation
+SECTION_METHODS = {
+    "null_only": ("score/both", "score/stimuli"),
+    "stimuli": ("perm/stimuli", "score/stimuli"),
+    "kendall": ("perm/stimuli", "t/stimuli", "t/both"),
+    "subjects": ("t/subjects",),
+}
 
 
 def corr_rdms(patterns: np.ndarray) -> torch.Tensor:
@@ -121,37 +141,91 @@ def p_values(
     return out
 
 
+def stimuli_p(models: torch.Tensor, subs: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
+    """Section ``stimuli``: the relabelling test (the table's ``p`` for ``stimuli`` now) and the
+    score test it replaces."""
+    test = g.association_test(models, subs, "spearman", "stimuli")
+    assert test is not None
+    return {
+        "perm/stimuli": g.relabelling_test(models, subs, "spearman", N_PERM, seed),
+        "score/stimuli": test.p,
+    }
+
+
+def kendall_p(models: torch.Tensor, subs: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
+    """Section ``kendall``: tau-a's relabelling test and bootstrap t-tests."""
+    n = models.shape[-1]
+    plan = g.resample_plan(n, S, KENDALL_BOOT, (seed, 0))
+    coef = g.subject_coefficients(models, subs, g.KENDALL, plan)
+    return {
+        "perm/stimuli": g.relabelling_test(models, subs, g.KENDALL, KENDALL_PERM, seed),
+        "t/stimuli": g.estimate(coef, plan, "stimuli").p_greater,
+        "t/both": g.estimate(coef, plan, "both").p_greater,
+    }
+
+
+def subjects_p(rng: np.random.Generator, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Section ``subjects``: the ``subjects`` t-test of a random-effects null dataset and of the
+    models of a sharp-world dataset (unrelated, then the planted ones)."""
+    out = []
+    for models, subs in (random_effects_world(rng, n), sharp_world(rng, n)):
+        plan = g.resample_plan(n, S, N_BOOT, (seed, 0))
+        coef = g.subject_coefficients(models, subs, "spearman", plan)
+        out.append(g.estimate(coef, plan, "subjects").p_greater)
+    return {"t/subjects": np.concatenate(out)}
+
+
+def section_p(
+    section: str, rng: np.random.Generator, n: int, seed: int
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """The p-values of one fresh dataset of ``section``."""
+    if section == "subjects":
+        return subjects_p(rng, n, seed)
+    if section == "random_effects":
+        return p_values(*random_effects_world(rng, n), seed)
+    if section == "null_only":
+        return score_only(*sharp_world(rng, n, ()))
+    planted = WEAK if n >= 200 and section in ("weak", "stimuli") else PLANTED
+    if section == "kendall":
+        return kendall_p(*sharp_world(rng, n, (12.0,)), seed)
+    models, subs = sharp_world(rng, n, planted)
+    if section == "stimuli":
+        return stimuli_p(models, subs, seed)
+    return p_values(models, subs, seed, with_mantel=section != "weak")
+
+
+def section_labels(section: str, n: int) -> list[str]:
+    """The models of a section, in the order of its p-values."""
+    if section in ("random_effects", "null_only"):
+        return ["null"]
+    if section == "kendall":
+        return ["null", "12.0"]
+    if section == "subjects":
+        return ["random-effects null", "unrelated (not this mode's null)", *map(str, PLANTED)]
+    planted = WEAK if n >= 200 and section in ("weak", "stimuli") else PLANTED
+    return ["null", *map(str, planted)]
+
+
 def run(
     section: str, n: int, datasets: int, seed: int, save: Any
 ) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(seed)
-    planted = WEAK if section == "weak" else PLANTED
-    methods = ("score/both", "score/stimuli") if section == "null_only" else METHODS
+    methods = SECTION_METHODS.get(section, METHODS)
     ps: dict[str, list[np.ndarray]] = {k: [] for k in methods}
     start, load0 = time.time(), os.getloadavg()[0]
+    cpu0 = time.process_time()
     result: dict[str, Any] = {}
     for rep in range(datasets):
-        if section == "random_effects":
-            models, subs = random_effects_world(rng, n)
-        else:
-            models, subs = sharp_world(rng, n, () if section == "null_only" else planted)
-        values = (
-            score_only(models, subs)
-            if section == "null_only"
-            else p_values(models, subs, seed * 100_003 + rep, with_mantel=section != "weak")
-        )
+        values = section_p(section, rng, n, seed * 100_003 + rep)
         for key, value in values.items():
             ps[key].append(value)
         if (rep + 1) % (100 if section == "null_only" else 20) == 0 or rep + 1 == datasets:
             low, high = scipy.stats.binom.interval(0.95, rep + 1, ALPHA)
             arr = {k: np.array(v) for k, v in ps.items()}
-            labels = (
-                ["null"]
-                if section in ("random_effects", "null_only")
-                else ["null", *map(str, planted)]
-            )
+            labels = section_labels(section, n)
             result = {
                 "n": n, "datasets": rep + 1, "seconds": round(time.time() - start, 1),
+                "cpu_seconds": round(time.process_time() - cpu0, 1),
                 "load_average_start_end": [round(load0, 1), round(os.getloadavg()[0], 1)],
                 "binomial_95_interval": [low / (rep + 1), high / (rep + 1)],
                 "models": labels,
@@ -185,11 +259,13 @@ def main() -> None:
         "machine, one torch thread, nice 10)",
         "setup": {"subjects": S, "noise": NOISE, "tau": TAU, "n_boot": N_BOOT, "n_perm": N_PERM,
                   "planted_model_noise": PLANTED, "weak_model_noise": WEAK,
-                  "compare": "spearman"},
+                  "compare": "spearman",
+                  "kendall": {"n": KENDALL_N, "n_perm": KENDALL_PERM, "n_boot": KENDALL_BOOT}},
     }  # fmt: skip
     record.setdefault("sections", {})
     plan = [("sharp", 40, 11), ("random_effects", 40, 12), ("sharp", 200, 13), ("weak", 200, 14),
-            ("null_only", 40, 15), ("null_only", 200, 16)]  # fmt: skip
+            ("null_only", 40, 15), ("null_only", 200, 16), ("stimuli", 40, 17),
+            ("stimuli", 200, 18), ("kendall", KENDALL_N, 19), ("subjects", 40, 20)]  # fmt: skip
     for section, n, seed in plan:
         key = f"{section}/n={n}"
         if args.only and key not in args.only.split(","):

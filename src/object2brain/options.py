@@ -310,7 +310,13 @@ class RsaOptions(RatingsOptions):
             "run-wise patterns (default: --rdm of each stimulus' mean pattern)."
         ),
     )
-    n_perm: Count = Field(10_000, description="Permutations.")
+    n_perm: Count = Field(
+        10_000,
+        description=(
+            "Permutations (Mantel p_perm; relabellings of group_inference's p in stimuli rows, "
+            "0: its score test)."
+        ),
+    )
     n_boot: Count = Field(1_000, description="Bootstrap resamples.")
     pairs: Pairs = Field(
         "all",

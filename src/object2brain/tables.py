@@ -461,7 +461,7 @@ GROUP_INFERENCE = TableSchema(
         _c("se", "float", "corrected bootstrap standard error of mean_r"),
         _c("ci_low", "float", "lower bound of the 95% Student-t interval mean_r - t se"),
         _c("ci_high", "float", "upper bound of that interval"),
-        _c("p", "float", "one-sided p of mean_r > 0: score test under no association (methods)"),
+        _c("p", "float", "one-sided p of mean_r > 0 under no association (test: methods)"),
         _c("p_fdr", "float", "Benjamini-Hochberg of p over layers x targets per model, condition"),
         _c("nc_low", "float", "lower noise ceiling (NaN with fewer than two subjects)"),
         _c("nc_high", "float", "upper noise ceiling"),

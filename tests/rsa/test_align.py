@@ -361,6 +361,26 @@ def test_alignment_group_t_test_across_subjects(tmp_path: Path) -> None:
     assert planted["p_t"].iloc[0] < 0.05
 
 
+def test_group_inference_stimuli_p_is_the_alignment_group_p_perm(tmp_path: Path) -> None:
+    """``--bootstrap stimuli``: the ``p`` of ``group_inference`` is the relabelling test of the
+    subject mean with the run's relabellings, i.e. the ``group`` row's Mantel ``p_perm`` of
+    ``alignment`` (same seed), for every layer, ROI, behaviour target and condition."""
+    files = _planted(tmp_path)
+    result = rsa(
+        files["store"], brain=files["brain"], ratings=files["ratings"],
+        stimuli=files["stimuli"], n_perm=199, n_boot=20, bootstrap="stimuli", seed=4,
+        device="cpu", progress=False, figures=False,
+    )  # fmt: skip
+    group = result.group_inference
+    assert set(group["bootstrap"]) == {"stimuli"}
+    keys = ["layer", "target", "condition"]
+    perm = result.alignment.query("subject == 'group'").set_index(keys)["p_perm"]
+    p = group.set_index(keys)["p"]
+    assert len(p) == len(perm) == 5 * 3 * 3
+    np.testing.assert_array_equal(p.sort_index().to_numpy(), perm.sort_index().to_numpy())
+    assert p.loc[("layer2", "planted", "all")] == 1 / 200
+
+
 def test_contrast_relative_to_the_noise_ceiling(tmp_path: Path) -> None:
     """contrast_scale noise_ceiling: delta_r = r_a / nc_a - r_b / nc_b with each condition's
     upper ceiling (the nc_high of the alignment rows), r_a and r_b raw, p_perm NaN, and the

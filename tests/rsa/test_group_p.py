@@ -1,11 +1,15 @@
 """The ``p`` column of ``group_inference`` (one-sided, r > 0): the score test of
-:func:`object2brain.rsa.group.association_test` (reduced ``validation/inference_null_p.py``)."""
+:func:`object2brain.rsa.group.association_test` (``both``) and the relabelling test of
+:func:`object2brain.rsa.group.relabelling_test` (``stimuli``) (reduced
+``validation/inference_null_p.py``)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from itertools import permutations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +17,14 @@ import scipy.stats
 import torch
 
 from object2brain.rsa import group as g
-from object2brain.rsa.compare import prepare
-from object2brain.rsa.inference import pair_permutation
+from object2brain.rsa.compare import compare, prepare
+from object2brain.rsa.inference import (
+    PERM_BLOCK,
+    linear_permutation_test,
+    pair_permutation,
+    relabelled_mean_test,
+)
+from object2brain.rsa.inference import permutations as relabellings
 from object2brain.rsa.rdm import squareform, upper_triangle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "validation"))
@@ -44,12 +54,14 @@ def _world(
     return _corr_rdms(model[None]), _corr_rdms(subs)
 
 
-def _table_p(models: torch.Tensor, subs: torch.Tensor, mode: str, seed: int, method: str) -> float:
+def _table_p(
+    models: torch.Tensor, subs: torch.Tensor, mode: str, seed: int, method: str, n_perm: int = 0
+) -> float:
     """What the table's ``p`` column gets (:func:`object2brain.rsa.group.group_p`)."""
     n, S = subs.shape[-1], subs.shape[0]
     plan = g.resample_plan(n, S, 40, seed)
     est = g.estimate(g.subject_coefficients(models, subs, method, plan), plan, mode)
-    return float(g.group_p(models, np.arange(n), subs, method, mode, est)[0])
+    return float(g.group_p(models, np.arange(n), subs, method, mode, est, n_perm, seed)[0])
 
 
 @pytest.mark.parametrize("method", DOT_METHODS)
@@ -66,13 +78,126 @@ def test_permutation_moments_are_exact(method: str) -> None:
 
 
 def test_table_p_is_the_score_test() -> None:
-    """``both`` and ``stimuli`` rows report the score test's p, not the bootstrap t-test's
-    (which rejected < 1% under the null below: the conservative p this test replaces)."""
+    """``both`` rows (and ``stimuli`` without relabellings) report the score test's p, not the
+    bootstrap t-test's (which rejected < 1% under the null below: the conservative p this test
+    replaces); ``stimuli`` with relabellings reports the relabelling test's."""
     models, subs = _world(np.random.default_rng(2), 16, 4, None)
     for mode in ("both", "stimuli"):
         test = g.association_test(models, subs, "spearman", mode)
         assert test is not None
         assert _table_p(models, subs, mode, 0, "spearman") == test.p[0]
+    assert _table_p(models, subs, "both", 0, "spearman", 99) == _table_p(
+        models, subs, "both", 0, "spearman"
+    )
+    exact = g.relabelling_test(models, subs, "spearman", 99, 5)
+    assert _table_p(models, subs, "stimuli", 5, "spearman", 99) == exact[0]
+    for method in ("kendall_tau_a", "cosine"):
+        assert _table_p(models, subs, "stimuli", 5, method, 19) == pytest.approx(
+            g.relabelling_test(models, subs, method, 19, 5)[0], abs=0
+        )
+
+
+def _brute_force_p(
+    models: torch.Tensor, subs: torch.Tensor, method: str, n_perm: int, seed: int
+) -> np.ndarray:
+    """``(1 + #{rbar_pi >= rbar}) / (1 + n_perm)`` from whole relabelled model RDMs, each
+    compared anew with every subject (re-ranked), subjects with an undefined r left out."""
+    y = upper_triangle(subs)
+
+    def rbar(rdms: torch.Tensor) -> np.ndarray:
+        r = compare(upper_triangle(rdms), y, method).numpy()
+        return np.nanmean(np.where(np.isfinite(r), r, np.nan), axis=1)
+
+    observed = rbar(models)
+    count = np.zeros(models.shape[0])
+    for block in relabellings(models.shape[-1], n_perm, seed):
+        for pi in torch.as_tensor(block):
+            count += rbar(models[:, pi][:, :, pi]) >= observed - 1e-12
+    return (1 + count) / (1 + n_perm)
+
+
+@pytest.mark.parametrize("method", [*DOT_METHODS, "kendall_tau_a"])
+def test_relabelling_p_equals_a_brute_force_loop(method: str) -> None:
+    """The ``stimuli`` mode's p: the same relabellings applied to whole model RDMs, each
+    permuted RDM compared with the subjects from scratch; a constant (undefined-r) subject is
+    left out; the smallest p is ``1 / (1 + n_perm)``."""
+    rng = np.random.default_rng(8)
+    models, subs = _world(rng, 9, 3, 2.0)
+    unrelated, _ = _world(rng, 9, 3, None)
+    models = torch.cat([models, unrelated])
+    subs[1] = 1.0 - torch.eye(9, dtype=subs.dtype)  # constant: no r (left out)
+    p = g.relabelling_test(models, subs, method, 1100, 3)  # two blocks of relabellings
+    np.testing.assert_allclose(p, _brute_force_p(models, subs, method, 1100, 3), rtol=0, atol=0)
+    assert np.all((p >= 1 / 1101) & (p <= 1)) and p[0] < 0.05 < p[1]
+
+
+class _ReverseExecutor:
+    """Runs the chunks last to first (results in chunk order, as the protocol asks)."""
+
+    name = "reverse"
+    workers = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def map_chunks(
+        self, fn: Callable[..., Any], chunks: Sequence[Any], *, stage: str, shared: Any = None
+    ) -> list[Any]:
+        self.calls += len(chunks)
+        done = {i: fn(shared, chunks[i]) for i in reversed(range(len(chunks)))}
+        return [done[i] for i in range(len(chunks))]
+
+
+def test_relabelling_p_is_independent_of_chunks_and_equals_the_condensed_gather() -> None:
+    """The square-form null of :func:`relabelled_mean_test` counts as the condensed gather of
+    :func:`linear_permutation_test` (one-sided) with the same relabellings, and its blocks run
+    by an executor in reverse order give the same p."""
+    models, subs = _world(np.random.default_rng(9), 13, 4, 3.0)
+    a = prepare(upper_triangle(models), "spearman")
+    y = prepare(upper_triangle(subs), "spearman").mean(dim=0, keepdim=True)
+    n_perm = 2 * PERM_BLOCK + 9  # three blocks
+    square = relabelled_mean_test(a, y, n_perm, 4)
+    gathered = linear_permutation_test(a, y, n_perm, 4, two_sided=False)
+    np.testing.assert_array_equal(square.p, gathered.p)
+    reverse = _ReverseExecutor()
+    moved = g.relabelling_test(models, subs, "spearman", n_perm, 4, executor=reverse)
+    assert reverse.calls == 3
+    np.testing.assert_array_equal(moved, square.p[:, 0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["spearman", "cosine_cov", "kendall_tau_a"])
+def test_relabelling_p_on_cuda_equals_cpu(method: str) -> None:
+    models, subs = _world(np.random.default_rng(10), 30, 4, 3.0)
+    unrelated, _ = _world(np.random.default_rng(11), 30, 4, None)
+    models = torch.cat([models, unrelated])
+    n_perm = 199 if method == "kendall_tau_a" else 3000
+    cpu = g.relabelling_test(models, subs, method, n_perm, 2)
+    gpu = g.relabelling_test(models, subs, method, n_perm, 2, device="cuda")
+    np.testing.assert_array_equal(gpu, cpu)
+
+
+def test_relabelling_p_is_exact_where_the_score_test_is_liberal() -> None:
+    """400 null datasets of 10 stimuli (6 subjects, the world of the validation script): the
+    relabelling test (199 relabellings) rejects inside the binomial interval around 0.05 and
+    finds the planted model; the normal approximation (score test) is liberal at this n."""
+    rng = np.random.default_rng(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = []
+        for rep in range(400):
+            models, subs = sharp_world(rng, 10, (8.0,))
+            test = g.association_test(models, subs, "spearman", "stimuli")
+            assert test is not None
+            p.append([*g.relabelling_test(models, subs, "spearman", 199, rep), test.p[0]])
+    finally:
+        torch.set_num_threads(threads)
+    rates = (np.array(p) < 0.05).mean(axis=0)
+    low, high = scipy.stats.binom.interval(0.95, 400, 0.05)
+    assert low / 400 <= rates[0] <= high / 400, rates
+    assert rates[1] > 0.15, rates  # the planted model (0.22 here)
+    assert rates[2] > rates[0], rates  # score test 0.08 vs 0.0575 on these datasets
 
 
 def _null_p(

@@ -52,7 +52,8 @@ Reported per cell: ``se = sqrt(V)`` of the chosen bootstrap (``stimuli``: ``W``;
 ``subjects``: ``S/(S-1) V_subj``; ``both``: the corrected ``V``), a Student-t interval
 ``rbar +- t_{dof, 0.975} se`` and t-tests with ``dof = n - 1`` (stimuli), ``S - 1`` (subjects)
 or Welch-Satterthwaite (both): one-sided ``p_greater`` of ``rbar > 0`` (the table's ``p`` is
-the score test of :func:`association_test` instead, where it applies), one-sided
+the test of :func:`group_p` instead: the relabelling test for ``stimuli``, the score test of
+:func:`association_test` for ``both``), one-sided
 ``p_below_nc`` of ``rbar`` below the lower noise ceiling (the per-subject differences
 ``r_s - l_s`` to the leave-one-subject-out ceiling ``l_s`` resampled with the same draws) and,
 for comparisons, two-sided ``p`` of ``delta != 0``.
@@ -83,7 +84,12 @@ from object2brain.rsa.compare import (
     prepare,
     row_sums,
 )
-from object2brain.rsa.inference import pair_corrected, pair_corrected_variance
+from object2brain.rsa.inference import (
+    mantel_test,
+    pair_corrected,
+    pair_corrected_variance,
+    relabelled_mean_test,
+)
 from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
 
 Bootstrap = Literal["stimuli", "subjects", "both"]
@@ -559,7 +565,10 @@ def association_test(
     rejected because each subject's own r differs from 0; reference: Student t with
     ``(W0 + B0)^2 / (B0^2 / (S - 1))`` degrees of freedom (``W0`` is exact; normal when
     ``B0 = 0``). ``stimuli``: ``B0 = 0`` (subjects fixed), the normal approximation of the
-    Mantel test of the subject mean. Subjects with an undefined r are left out.
+    Mantel test of the subject mean (slightly liberal at small ``n``: the degenerate pair part
+    is right-skewed under the null; the table's ``stimuli`` rows use the exact
+    :func:`relabelling_test` when the run has relabellings). Subjects with an undefined r are
+    left out.
     """
     n = model_rdms.shape[-1]
     if mode == "subjects" or method == KENDALL or n < 4:
@@ -586,14 +595,58 @@ def association_test(
     return AssociationTest(z, scipy.stats.t.sf(z, k), k, null_mean, null_var, subj)
 
 
+def relabelling_test(
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, n_perm: int, seed: int,
+    device: torch.device | str = "cpu", executor: Executor | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Monte Carlo relabelling p ``(K,)`` of the subject mean ``rbar`` of square model RDMs
+    ``(K, n, n)`` against subject RDMs ``(S, n, n)``: one-sided
+    ``p = (1 + #{rbar_pi >= rbar}) / (1 + n_perm)`` over ``n_perm`` random relabellings ``pi``
+    of the stimuli (one relabelling shared by all subjects), valid at every ``n`` under the
+    sharp null of :func:`association_test`'s ``stimuli`` mode (the permutation p is exact:
+    ``P(p <= alpha) <= alpha``).
+
+    The relabellings are :func:`object2brain.rsa.inference.permutations` of ``seed``: those of
+    the ``group`` row of ``alignment`` for the run's seed (chunk-seeded blocks: the same p for
+    every device, executor and tile size), so the two p agree (with ``--pairs all``; a test).
+    Dot-product comparators relabel one square matrix per relabelling, the prepared subject
+    mean ``ybar = mean_s y_s`` (``rbar = <a o pi, ybar>``;
+    :func:`object2brain.rsa.inference.relabelled_mean_test`), on ``device``; ``kendall_tau_a`` runs
+    :func:`object2brain.rsa.inference.mantel_test` with the subject mean as a combined column
+    (``O(m^2)`` per relabelling). Subjects with an undefined r are left out; NaN where ``rbar``
+    is undefined or ``n_perm = 0``.
+    """
+    dev = torch.device(device)
+    a = upper_triangle(model_rdms.to(dev)).to(torch.float64)
+    y = upper_triangle(subject_rdms.to(dev)).to(torch.float64)
+    if method == KENDALL:
+        mean = torch.full((y.shape[0], 1), 1.0 / y.shape[0], dtype=torch.float64)
+        test = mantel_test(a, y, KENDALL, n_perm, seed, dev, mean, executor=executor)
+        return np.asarray(test.p[:, -1])
+    yp = prepare(y, method)
+    yp = yp[torch.isfinite(yp).all(dim=-1)]
+    if yp.shape[0] == 0:
+        return np.full(a.shape[0], np.nan)
+    test = relabelled_mean_test(
+        prepare(a, method), yp.mean(dim=0, keepdim=True), n_perm, seed, executor=executor
+    )
+    return np.asarray(test.p[:, 0])
+
+
 def group_p(
     model_rdms: torch.Tensor, rows: np.ndarray, subject_rdms: torch.Tensor, method: str,
-    mode: str, est: GroupEstimate,
+    mode: str, est: GroupEstimate, n_perm: int = 0, seed: int = 0,
+    device: torch.device | str = "cpu", executor: Executor | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """The ``p`` column (one-sided, r > 0) of ``group_inference``: :func:`association_test` of
-    the model RDMs restricted to ``rows`` against ``subject_rdms``, or the t-test of ``est``
-    where that test does not apply."""
-    test = association_test(_restrict(model_rdms, rows), subject_rdms, method, mode)
+    """The ``p`` column (one-sided, r > 0) of ``group_inference`` of the model RDMs restricted
+    to ``rows`` against ``subject_rdms``: ``stimuli`` with ``n_perm > 0`` and at least 4
+    stimuli, the exact relabelling test of :func:`relabelling_test` (``n_perm`` relabellings
+    of ``seed``); otherwise :func:`association_test`, or the t-test of ``est`` where that test
+    does not apply (``subjects``; ``kendall_tau_a`` under ``both``; fewer than 4 stimuli)."""
+    models = _restrict(model_rdms, rows)
+    if mode == "stimuli" and n_perm > 0 and len(rows) >= 4:
+        return relabelling_test(models, subject_rdms, method, n_perm, seed, device, executor)
+    test = association_test(models, subject_rdms, method, mode)
     return est.p_greater if test is None else test.p
 
 
@@ -622,6 +675,7 @@ class GroupSettings:
     executor: Executor | None = None  # where the chunks of resamples run (None: here)
     device: str | torch.device = "cpu"  # where they run here (the run's --device)
     block: int | None = None  # resamples per call (None: from the device's free memory)
+    n_perm: int = 10_000  # relabellings of the `stimuli` mode's p (0: its score test)
 
 
 def _cell_plan(
@@ -663,7 +717,10 @@ def group_inference_rows(
                     settings.executor, settings.device, settings.block,
                 )  # fmt: skip
                 est = estimate(coef, plan, mode)
-                p_greater = group_p(model.rdms, condition.rows, sub, settings.method, mode, est)
+                p_greater = group_p(
+                    model.rdms, condition.rows, sub, settings.method, mode, est,
+                    settings.n_perm, settings.seed, settings.device, settings.executor,
+                )  # fmt: skip
                 below = np.full(len(model.layers), np.nan)
                 if lower is not None:
                     below = 1.0 - estimate(coef - lower, plan, mode).p_greater
@@ -919,7 +976,7 @@ def group_tables(
         return group, comparison
     settings = GroupSettings(
         options.compare_method, options.n_boot, options.bootstrap, options.compare_models, seed,
-        executor, device,
+        executor, device, n_perm=options.n_perm,
     )  # fmt: skip
     rows = group_inference_rows(models, analysis, settings, ceilings)
     if rows:

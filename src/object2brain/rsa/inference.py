@@ -257,7 +257,7 @@ class _NullJob:
     """What a chunk of permutation blocks needs (an executor's shared object: the RDM vectors,
     inside ``null``, go to a Ray object store once)."""
 
-    null: _DotNull | _KendallNull
+    null: _DotNull | _KendallNull | _SquareNull
     bound: torch.Tensor  # (K, T + G): r - tol, or |r| - tol
     combine: torch.Tensor | None
     n: int
@@ -278,6 +278,8 @@ class _NullJob:
             m, S = null.gathered.shape
             null.tile = _CPU_TILE_ELEMENTS
             null.perms_per_tile = max(1, _CPU_TILE_ELEMENTS // (m * S))
+        if isinstance(null, _SquareNull):
+            null.perms_per_tile = _SquareNull.tile_for(null.target.shape[0], torch.device("cpu"))
         combine = None if self.combine is None else self.combine.cpu()
         return dataclasses.replace(self, null=null, bound=self.bound.cpu(), combine=combine)
 
@@ -304,7 +306,7 @@ def _count_blocks(job: _NullJob, blocks: range) -> torch.Tensor:
 
 
 def _count_extremes(
-    null: _DotNull | _KendallNull,
+    null: _DotNull | _KendallNull | _SquareNull,
     stat: torch.Tensor,
     combine: torch.Tensor | None,
     n: int,
@@ -343,14 +345,17 @@ def linear_permutation_test(
     memory_elements: int | None = None,
     *,
     executor: Executor | None = None,
+    two_sided: bool = True,
 ) -> TestResult:
-    """Two-sided permutation test of statistics linear in a prepared target:
+    """Permutation test (two-sided; one-sided ``s > s_perm`` without ``two_sided``) of
+    statistics linear in a prepared target:
     ``s = x . (y o pi)`` for rows ``x`` of ``model_side`` ``(K, m)`` (any vectors, e.g. the
     difference of two standardised model RDMs) and prepared target rows ``y`` ``(T, m)``
     (standardised values or ranks, :func:`~object2brain.rsa.compare.prepare`).
 
     Stimulus labels are permuted as in :func:`mantel_test` (same permutations for a seed);
-    ``p = (1 + #{|s_perm| >= |s|}) / (1 + N)``, NaN where ``s`` is NaN or ``N = 0``. With
+    ``p = (1 + #{|s_perm| >= |s|}) / (1 + N)`` (one-sided: ``#{s_perm >= s}``), NaN where ``s``
+    is NaN or ``N = 0``. With
     ``x = prepare(variant) - prepare(full)`` this tests a change of Pearson / Spearman r,
     ``delta = r(variant, y) - r(full, y)``, against targets whose stimulus labels carry no
     relation to the model. ``executor``: where the permutation blocks run (as in
@@ -363,10 +368,71 @@ def linear_permutation_test(
     gather_model = X.shape[0] <= Y.shape[0]
     null = _DotNull(X, Y, gather_model, n, memory_elements)  # NaN rows stay NaN (left out)
     counts = _count_extremes(
-        null, stat, combine, n, n_perm, seed, gather_model, two_sided=True, executor=executor
-    )
+        null, stat, combine, n, n_perm, seed, gather_model, two_sided=two_sided,
+        executor=executor,
+    )  # fmt: skip
     s = stat.cpu().numpy()
     return TestResult(r=s, p=_permutation_p(counts, s, n_perm), n_perm=n_perm)
+
+
+def relabelled_mean_test(
+    model_side: torch.Tensor,
+    target_row: torch.Tensor,
+    n_perm: int,
+    seed: int = 0,
+    *,
+    executor: Executor | None = None,
+) -> TestResult:
+    """One-sided permutation test of ``s = x . y`` for rows ``x`` of ``model_side`` ``(K, m)``
+    and one prepared target row ``target_row`` ``(1, m)`` (e.g. the mean of several subjects'
+    prepared RDMs): ``p = (1 + #{s_pi >= s}) / (1 + N)`` over the permutations of
+    :func:`permutations` (those of :func:`mantel_test` for ``seed``), ``r`` and ``p``
+    ``(K, 1)``, NaN where ``s`` is NaN or ``N = 0``.
+
+    The statistic under ``pi`` is ``x . (y o pi^-1)``, computed from the square target
+    (:class:`_SquareNull`: two row/column gathers of ``n x n`` values and one matrix product per
+    permutation, no condensed index arithmetic), on the device of ``model_side``; the counts equal
+    :func:`linear_permutation_test`'s up to ties within ``1e-12``.
+    """
+    X = model_side.to(torch.float64)
+    Y = target_row.to(device=X.device, dtype=torch.float64).reshape(1, -1)
+    n = n_from_pairs(X.shape[-1])
+    stat = X @ Y.T
+    null = _SquareNull(X, Y, n)
+    counts = _count_extremes(
+        null, stat, None, n, n_perm, seed, False, two_sided=False, executor=executor
+    )
+    r = stat.cpu().numpy()
+    return TestResult(r=r, p=_permutation_p(counts, r, n_perm), n_perm=n_perm)
+
+
+class _SquareNull:
+    """Null coefficients ``x . (y o pi)`` of ``K`` model rows against ONE gathered target row,
+    from the square target ``Y`` ``(n, n)``: ``Y[pi][:, pi]`` is a row gather and a column
+    gather (no condensed pair index per permutation, the cost of :class:`_DotNull`), and
+    ``sum_{i<j} X_ij Y'_ij = sum_ij (X / 2)_ij Y'_ij`` one matrix product with the halved square
+    model rows ``(n^2, K)`` for a tile of permutations."""
+
+    def __init__(self, xp: torch.Tensor, target: torch.Tensor, n: int) -> None:
+        self.target = squareform(target)[0].contiguous()  # (n, n), zero diagonal
+        self.model = (0.5 * squareform(xp)).reshape(xp.shape[0], n * n).T.contiguous()
+        self.perms_per_tile = self.tile_for(n, xp.device)
+
+    @staticmethod
+    def tile_for(n: int, device: torch.device) -> int:
+        """Permutations per tile: the gathered rows and values (two ``n x n`` float64 arrays a
+        permutation), from free memory on a GPU, 8 on the CPU (a few MB: no gain beyond)."""
+        if device.type == "cpu":
+            return 8
+        return pick_chunk(8 * 3 * n * n, device)
+
+    def coefficients(self, perms: torch.Tensor) -> torch.Tensor:
+        """``(P, K, 1)`` coefficients under the permutations ``perms`` ``(P, n)``."""
+        P, n = perms.shape
+        perms = perms.to(device=self.target.device, dtype=torch.long)
+        rows = self.target.index_select(0, perms.reshape(-1)).reshape(P, n, n)
+        values = torch.gather(rows, 2, perms[:, None, :].expand(P, n, n))
+        return (values.reshape(P, n * n) @ self.model)[:, :, None]
 
 
 class _DotNull:
