@@ -80,6 +80,20 @@ def test_markers_follow_the_group_level_test_not_the_mantel_p() -> None:
     assert (alone.significant == (alone.rows["p_fdr"] < 0.05)).all()
 
 
+def test_caption_names_the_test_of_each_target_s_bootstrap_mode() -> None:
+    study = tables(np.random.default_rng(1))
+    alignment, inference = study["rsa/alignment"], study["rsa/group_inference"]
+    stimuli_only = inference.assign(
+        bootstrap=np.where(inference["target"] == "EVC", "stimuli", inference["bootstrap"])
+    )
+    profile = glance.alignment_profile(alignment, stimuli_only, None)
+    assert profile.test["EVC"] == "group_inference p_fdr (relabelling test of r > 0)"
+    assert profile.test["FFA"] == "group_inference p_fdr (score test of r > 0)"
+    assert glance.group_test_name(["both", "subjects", "both"]) == (
+        "score test of r > 0 / t-test of r > 0 over subjects"
+    )
+
+
 def test_layers_on_x_follow_each_model_s_network_order() -> None:
     rows = tables(np.random.default_rng(2))["rsa/alignment"].sample(frac=1.0, random_state=0)
     position, shared = glance._layer_positions(rows)

@@ -18,7 +18,7 @@ quantile bars of the Object2Brain figure) so that the page can be checked for wh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,8 +225,9 @@ def alignment_profile(
     conditions: Sequence[str] = ("all",),
 ) -> Profile:
     """The group rows of ``alignment`` (``subject == "group"``) in ``conditions``, each filled by
-    the group-level test: ``group_inference`` ``p_fdr`` (score test of r > 0) where it
-    has a finite value for the target, else ``alignment_group`` ``p_t_fdr`` (one-sample t-test of
+    the group-level test: ``group_inference`` ``p_fdr`` (its test of r > 0, named after the
+    target's bootstrap mode by :func:`group_test_name`) where it has a finite value for the
+    target, else ``alignment_group`` ``p_t_fdr`` (one-sample t-test of
     the per-subject r), else the Mantel permutation ``p_fdr`` of the group row itself."""
     rows = alignment[
         (alignment["subject"].astype(str) == "group")
@@ -234,7 +235,7 @@ def alignment_profile(
     ].reset_index(drop=True)
     keys = ["model", "layer", "target", "condition"]
     sources: list[tuple[pd.DataFrame | None, str, str]] = [
-        (group_inference, "p_fdr", "group_inference p_fdr (score test of r > 0)"),
+        (group_inference, "p_fdr", "group_inference p_fdr"),
         (alignment_group, "p_t_fdr", "alignment_group p_t_fdr (t-test of the per-subject r)"),
     ]
     p = pd.Series(np.nan, index=rows.index)
@@ -253,9 +254,28 @@ def alignment_profile(
             if np.isfinite(values).any():
                 chosen = pd.Series(values, index=rows.index[mask])
                 test[target] = label
+                if table is group_inference and "bootstrap" in table:
+                    modes = table.loc[table["target"].astype(str) == target, "bootstrap"]
+                    test[target] = f"{label} ({group_test_name(modes.astype(str))})"
                 break
         p[mask] = chosen.to_numpy(float)
     return Profile(rows, "r", p < ALPHA, test, "r (group)")
+
+
+#: The test behind ``group_inference``'s ``p`` per bootstrap mode (``rsa.group.group_p``; the
+#: exceptions, Kendall's tau-a under ``both`` and ``--n-perm 0``, are in docs/methods.md).
+GROUP_TESTS = {
+    "both": "score test of r > 0",
+    "stimuli": "relabelling test of r > 0",
+    "subjects": "t-test of r > 0 over subjects",
+}
+
+
+def group_test_name(modes: Iterable[str]) -> str:
+    """The name of the test of r > 0 behind ``group_inference``'s ``p`` in the given bootstrap
+    modes (the rows of one target): one name, or several joined by ``/``."""
+    names = [GROUP_TESTS.get(mode, f"{mode} test of r > 0") for mode in dict.fromkeys(modes)]
+    return " / ".join(names) if names else "test of r > 0"
 
 
 def inference_profile(group_inference: pd.DataFrame) -> Profile:
