@@ -31,13 +31,18 @@ IDS = [f"s{i:02d}_{name}" for i, name in enumerate(NAMES)]
 
 
 @pytest.fixture(scope="module")
-def plan(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    table = tmp_path_factory.mktemp("table") / "stimuli.csv"
+def table(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("table") / "stimuli.csv"
     rows = [
         {"stimulus_id": i, "path": str(photo_dir / f"{n}.jpg")}
         for i, n in zip(IDS, NAMES, strict=True)
     ]
-    pd.DataFrame(rows).to_csv(table, index=False)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan(table: Path) -> Any:
     stimuli = o2b.load_stimuli(table)
     model = load_model("resnet18", "none", seed=3)
     options = ExtractOptions(batch_size=2, srp=64, num_workers=0)
@@ -84,6 +89,33 @@ def test_ray_store_equals_local(
     assert extract_on_ray(plan, out, settings=settings, shard_size=2) == out
     _same_store(out, local_store)
     assert not shard_folder(out).exists()  # removed once the store is complete
+
+
+def test_extract_api_on_ray_equals_local(
+    ray_cluster: ModuleType, table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+
+    def recorded(plan: Any, out: Path, **kwargs: Any) -> Path:
+        calls.append(out)
+        return extract_on_ray(plan, out, **kwargs)
+
+    monkeypatch.setattr(ray_extraction, "extract_on_ray", recorded)
+    common: dict[str, Any] = {
+        "layers": ["layer1", "fc"],
+        "batch_size": 2,
+        "srp": 64,
+        "num_workers": 0,
+        "seed": 5,
+        "device": "cpu",
+        "progress": False,
+    }
+    model = load_model("resnet18", "none", seed=3)
+    local = o2b.extract(model, table, out=tmp_path / "local.h5", **common)
+    on_ray = o2b.extract(model, table, out=tmp_path / "ray.h5", executor="ray", **common)
+    assert calls == [tmp_path / "ray.h5"]  # the API went through the pool, the local run not
+    _same_store(on_ray, local)  # one shard here: 6 stimuli, 8 batches of 2 per shard
+    assert not shard_folder(on_ray).exists()
 
 
 def test_shards_hold_whole_batches() -> None:

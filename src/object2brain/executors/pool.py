@@ -112,7 +112,7 @@ def run_on_pool(
     folder: str,
 ) -> None:
     """Compute the shards ``todo`` (of ``total``) on a pool of ``actor`` (module docstring):
-    ``actor(job)`` once per actor, ``compute(i)`` once per shard ``i``. Returns when every shard
+    ``setup(job)`` once per actor, ``compute(i)`` once per shard ``i``. Returns when every shard
     is computed; the actors are killed before it returns or raises.
 
     Raises:
