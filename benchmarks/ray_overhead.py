@@ -4,7 +4,7 @@
    ``--tasks`` chunks with a shared object (put once): seconds per task beyond the work.
 2. **Per-shard overhead**: ``extract_on_ray`` of ``--images`` images in shards of one batch
    against the local ``run_extraction`` of the same plan.
-   Two shard counts with one worker separate the fixed cost (Ray Data start, actor start:
+   Two shard counts with one worker separate the fixed cost (pool start, actor start:
    model transfer and load; stitching) from the cost of each further shard.
 3. **Speed-up of the Mantel permutations** (``--n-perm`` permutations of ``--n`` stimuli, 8
    model and 8 target RDMs): measured with 1 and 2 workers of a local Ray cluster (one per CPU
@@ -20,12 +20,12 @@
 5. **Amdahl model of the image stages** from the measured parts: ``T(w) = t_serial +
    (t_parallel + S * t_shard) / w`` with ``t_parallel`` the work of all shards (the local run's
    pass), ``t_shard`` the measured cost of one more shard, ``S`` the shards, and ``t_serial``
-   what only the driver does (Ray Data and actor start, planning / detection, stitching /
+   what only the driver does (pool and actor start, planning / detection, stitching /
    reduction) = ``T(1 worker, 1 shard) - t_parallel - t_shard``; its serial fraction
    ``f = t_serial / T(1)`` bounds the speed-up by ``1 / f``. Evaluated for 1, 2, 4, 8 workers.
 
-Ray Data is warmed up (one tiny actor-pool run) before anything is timed, so its one-time
-start is not charged to the first measurement.
+The stages' actor pool (``executors.pool.run_on_pool``) is run once without work before
+anything is timed, so Ray's one-time start is not charged to the first measurement.
 
 Run: ``.venv/bin/python benchmarks/ray_overhead.py [--tasks 200] [--images 16] [--n 80]
 [--n-perm 8000] [--dissect-images 16]``; writes ``benchmarks/results/<date>-ray-overhead.json``.
@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from object2brain.executors.pool import ShardActor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,7 +72,8 @@ def shard_overhead(n_images: int, folder: Path) -> dict[str, float]:
 
     import object2brain as o2b
     from object2brain.activations.extract import plan_extraction, run_extraction
-    from object2brain.executors.extraction import RaySettings, extract_on_ray
+    from object2brain.executors.extraction import extract_on_ray
+    from object2brain.executors.pool import PoolSettings
     from object2brain.models.zoo import load_model
     from object2brain.options import ExtractOptions, Runtime
 
@@ -95,7 +98,7 @@ def shard_overhead(n_images: int, folder: Path) -> dict[str, float]:
         wait_idle()
         started = time.perf_counter()
         extract_on_ray(plan, folder / f"ray{workers}-{size}.h5",
-                       settings=RaySettings(workers=workers, shard_size=size))  # fmt: skip
+                       settings=PoolSettings(workers=workers), shard_size=size)  # fmt: skip
         out[f"ray_{workers}w_{math.ceil(n_images / size)}shards_seconds"] = (
             time.perf_counter() - started
         )
@@ -104,7 +107,7 @@ def shard_overhead(n_images: int, folder: Path) -> dict[str, float]:
     out["fixed_seconds"] = one - local
     out["seconds_per_shard"] = (many - one) / (math.ceil(n_images / 2) - 1)
     out["stitch_seconds"] = _stitch_seconds(plan, folder)
-    out["pool_start_seconds"] = warm_ray_data()  # a pool run without work, Ray Data warm
+    out["pool_start_seconds"] = pool_start()  # a pool run without work, Ray warm
     serial = out["stitch_seconds"] + out["pool_start_seconds"]
     out["amdahl"] = amdahl(one, serial, out["seconds_per_shard"], math.ceil(n_images / 2), local)
     return out
@@ -158,19 +161,25 @@ def wait_idle(limit: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def warm_ray_data() -> float:
-    """One tiny actor-pool run of Ray Data (its one-time start), in seconds."""
-    import ray.data
+class _Idle(ShardActor):
+    """An actor of the stages' pool that does nothing."""
 
-    class Echo:
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return batch
+    def setup(self, job: Any) -> None:
+        pass
+
+    def compute(self, index: int) -> None:
+        pass
+
+
+def pool_start() -> float:
+    """One run of the stages' actor pool without work (1 actor, 2 shards), in seconds: what a
+    pool costs beyond its shards (actor process start, dispatch, kill)."""
+    from object2brain.executors.pool import PoolSettings, run_on_pool
 
     wait_idle()
     started = time.perf_counter()
-    ray.data.from_items([{"x": i} for i in range(2)]).map_batches(
-        Echo, batch_size=1, concurrency=1
-    ).take_all()
+    run_on_pool(_Idle, None, [0, 1], PoolSettings(workers=1), stage="bench", total=2,
+                missing=list, folder="")  # fmt: skip
     return time.perf_counter() - started
 
 
@@ -245,7 +254,7 @@ def dissect_overhead(n_images: int, folder: Path) -> dict[str, Any]:
     out["seconds_per_shard"] = (many - one) / (shards - 1)
     # serial: the pool start and the driver-only part of a run (detection, probe, reduction,
     # assignment, table: the local run without its pass)
-    out["pool_start_seconds"] = warm_ray_data()
+    out["pool_start_seconds"] = pool_start()
     serial = out["pool_start_seconds"] + (local - pass_seconds[0])
     out["amdahl"] = amdahl(one, serial, out["seconds_per_shard"], shards, local)
     return out
@@ -319,8 +328,8 @@ def main() -> None:
             "load_average_1min_at_start": os.getloadavg()[0],
         },
     }
-    report["ray_data_first_start_seconds"] = warm_ray_data()
-    print("ray data start", report["ray_data_first_start_seconds"], flush=True)
+    report["first_pool_start_seconds"] = pool_start()
+    print("first pool start", report["first_pool_start_seconds"], flush=True)
     report["task_overhead"] = task_overhead(args.tasks)
     print("task overhead", report["task_overhead"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:

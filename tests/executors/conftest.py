@@ -21,7 +21,6 @@ def ray_cluster() -> Iterator[ModuleType]:
     else:
         ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # the workers import this folder's test modules (functions sent by reference) and the package
     here = Path(__file__).resolve().parent
     paths = [str(here), str(here.parent), str(here.parents[1] / "src")]

@@ -1,6 +1,7 @@
 """Extraction on a local Ray cluster: the store equals a local run's (ids, order, attributes,
 arrays bit-identical on the CPU) with 1 and 2 workers; a worker killed mid-extraction is
-restarted and the store is the same; a rerun redoes only the missing shards."""
+restarted and the store is the same; a failed shard is one error naming it, the finished shards
+are kept and a rerun computes only the missing ones."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -21,12 +21,8 @@ from object2brain.activations.extract import manifest_path, plan_extraction, run
 from object2brain.activations.store import ActivationStore
 from object2brain.executors import ExecutorError
 from object2brain.executors import extraction as ray_extraction
-from object2brain.executors.extraction import (
-    RaySettings,
-    extract_on_ray,
-    shard_folder,
-    shard_ranges,
-)
+from object2brain.executors.extraction import extract_on_ray, shard_folder, shard_ranges
+from object2brain.executors.pool import PoolSettings
 from object2brain.models.zoo import load_model
 from object2brain.options import ExtractOptions, Runtime
 
@@ -35,13 +31,18 @@ IDS = [f"s{i:02d}_{name}" for i, name in enumerate(NAMES)]
 
 
 @pytest.fixture(scope="module")
-def plan(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    table = tmp_path_factory.mktemp("table") / "stimuli.csv"
+def table(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("table") / "stimuli.csv"
     rows = [
         {"stimulus_id": i, "path": str(photo_dir / f"{n}.jpg")}
         for i, n in zip(IDS, NAMES, strict=True)
     ]
-    pd.DataFrame(rows).to_csv(table, index=False)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan(table: Path) -> Any:
     stimuli = o2b.load_stimuli(table)
     model = load_model("resnet18", "none", seed=3)
     options = ExtractOptions(batch_size=2, srp=64, num_workers=0)
@@ -83,11 +84,38 @@ def test_ray_store_equals_local(
     ray_cluster: ModuleType, plan: Any, local_store: Path, tmp_path: Path, workers: int
 ) -> None:
     out = tmp_path / "acts.h5"
-    settings = RaySettings(workers=workers, shard_size=2)  # 3 shards of one batch each
-    assert len(shard_ranges(len(IDS), 2, 2)) == 3
-    assert extract_on_ray(plan, out, settings=settings) == out
+    settings = PoolSettings(workers=workers)
+    assert len(shard_ranges(len(IDS), 2, 2)) == 3  # 3 shards of one batch each
+    assert extract_on_ray(plan, out, settings=settings, shard_size=2) == out
     _same_store(out, local_store)
     assert not shard_folder(out).exists()  # removed once the store is complete
+
+
+def test_extract_api_on_ray_equals_local(
+    ray_cluster: ModuleType, table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+
+    def recorded(plan: Any, out: Path, **kwargs: Any) -> Path:
+        calls.append(out)
+        return extract_on_ray(plan, out, **kwargs)
+
+    monkeypatch.setattr(ray_extraction, "extract_on_ray", recorded)
+    common: dict[str, Any] = {
+        "layers": ["layer1", "fc"],
+        "batch_size": 2,
+        "srp": 64,
+        "num_workers": 0,
+        "seed": 5,
+        "device": "cpu",
+        "progress": False,
+    }
+    model = load_model("resnet18", "none", seed=3)
+    local = o2b.extract(model, table, out=tmp_path / "local.h5", **common)
+    on_ray = o2b.extract(model, table, out=tmp_path / "ray.h5", executor="ray", **common)
+    assert calls == [tmp_path / "ray.h5"]  # the API went through the pool, the local run not
+    _same_store(on_ray, local)  # one shard here: 6 stimuli, 8 batches of 2 per shard
+    assert not shard_folder(on_ray).exists()
 
 
 def test_shards_hold_whole_batches() -> None:
@@ -98,12 +126,12 @@ def test_shards_hold_whole_batches() -> None:
 class _DiesOnce(ray_extraction._ShardActor):
     """An actor whose process exits on its first shard, once (a marker file remembers)."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def compute(self, index: int) -> None:
         marker = self.folder.parent / "killed-once"
         if not marker.exists():
             marker.write_text(str(os.getpid()))
             os._exit(1)  # the worker process dies mid-extraction
-        return super().__call__(batch)
+        super().compute(index)
 
 
 def test_killed_worker_is_restarted_same_store(
@@ -115,7 +143,7 @@ def test_killed_worker_is_restarted_same_store(
 ) -> None:
     monkeypatch.setattr(ray_extraction, "_ShardActor", _DiesOnce)
     out = tmp_path / "acts.h5"
-    extract_on_ray(plan, out, settings=RaySettings(workers=2, shard_size=2))
+    extract_on_ray(plan, out, settings=PoolSettings(workers=2), shard_size=2)
     assert (tmp_path / "killed-once").is_file()  # a worker did die
     _same_store(out, local_store)
 
@@ -123,11 +151,11 @@ def test_killed_worker_is_restarted_same_store(
 class _Broken(ray_extraction._ShardActor):
     """Shard 1 always fails; the others are computed."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if 1 in batch["shard"].tolist():
+    def compute(self, index: int) -> None:
+        if index == 1:
             time.sleep(1.0)  # shards already in flight usually finish first
             raise RuntimeError("this node lost its disk")
-        return super().__call__(batch)
+        super().compute(index)
 
 
 def test_failed_shard_keeps_finished_ones_and_rerun_redoes_only_it(
@@ -138,20 +166,28 @@ def test_failed_shard_keeps_finished_ones_and_rerun_redoes_only_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "acts.h5"
-    settings = RaySettings(workers=1, shard_size=2, max_retries=0)
+    settings = PoolSettings(workers=1, max_retries=0)
     monkeypatch.setattr(ray_extraction, "_ShardActor", _Broken)
-    with pytest.raises(ExecutorError, match=r"extract: shard\(s\) \[[0-9, ]*\] of 3 failed") as err:
-        extract_on_ray(plan, out, settings=settings)
+    failed = r"extract: shard\(s\) \[[0-9, ]*\] of 3 failed \(shard 1: RuntimeError: this node lost"
+    with pytest.raises(ExecutorError, match=failed) as err:
+        extract_on_ray(plan, out, settings=settings, shard_size=2)
     assert not out.exists()
-    # the error names shard 1 and any shard the aborted pool had not finished; every shard it
-    # does not name was finished and is kept (a named one may have left a partial, resumable file)
+    # one worker takes the shards in order: 0 is finished and kept, 1 fails, 2 is never started
     named = {int(i) for i in re.search(r"\[([0-9, ]*)\]", str(err.value)).group(1).split(",")}
     kept = {int(p.name[6:11]) for p in shard_folder(out).glob("shard-*.h5")}
-    assert 1 in named and 1 not in kept
-    assert kept >= {0, 1, 2} - named
+    assert named == {1, 2} and kept == {0}
     ranges = shard_ranges(len(IDS), 2, 2)
-    missing = ray_extraction._missing_shards(plan, shard_folder(out), ranges)
-    assert 0 not in missing and 1 in missing  # a rerun computes the missing ones only
-    monkeypatch.undo()
-    extract_on_ray(plan, out, settings=settings)
+    assert ray_extraction._missing_shards(plan, shard_folder(out), ranges) == [1, 2]
+    monkeypatch.setattr(ray_extraction, "_ShardActor", _Counting)
+    extract_on_ray(plan, out, settings=settings, shard_size=2)
+    done = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("computed-*"))
+    assert done == [1, 2]  # the rerun computed the missing shards only
     _same_store(out, local_store)
+
+
+class _Counting(ray_extraction._ShardActor):
+    """Leaves a marker file next to the shard folder for each shard it computes."""
+
+    def compute(self, index: int) -> None:
+        (self.folder.parent / f"computed-{index}").write_text("")
+        super().compute(index)

@@ -126,9 +126,10 @@ def extract(
         raise StoreError(f"{out}: is a folder, expected a file name")
     plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
     if runtime.executor == "ray":
-        from object2brain.executors.extraction import RaySettings, extract_on_ray
+        from object2brain.executors.extraction import extract_on_ray
+        from object2brain.executors.pool import PoolSettings
 
-        settings = RaySettings(address=runtime.ray_address)
+        settings = PoolSettings(address=runtime.ray_address)
         return extract_on_ray(plan, out, overwrite=overwrite, settings=settings)
     return run_extraction(plan, out, overwrite=overwrite)
 

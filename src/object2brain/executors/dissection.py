@@ -1,5 +1,6 @@
 """The Grad-CAM pass of a dissection in shards of images: in this process or on a Ray cluster
-(an actor pool of Ray Data), with the ``filter_objects`` table of a local run.
+(the stages' actor pool, :mod:`object2brain.executors.pool`), with the ``filter_objects`` table
+of a local run.
 
 The pass of :func:`~object2brain.explain.dissect.compute_dissection` only adds: per (group,
 filter) sums over boxes (``sum I``, ``sum E``, counts), the assignment null's sums per draw and
@@ -25,7 +26,7 @@ images, so:
 - **Faults and reruns**: a shard file carries the fingerprint of its inputs (model weights,
   layer, target, options of the pass, boxes, donor permutations, selection folds, its range); a
   rerun reuses every complete shard file with the same fingerprint and computes only the
-  missing ones. An actor whose process dies is restarted and its shard retried by Ray Data (up
+  missing ones. An actor whose process dies is restarted and its shard retried by Ray (up
   to ``max_retries`` times); a shard that fails on every try is one
   :class:`~object2brain.executors.base.ExecutorError` naming the stage and the shard, the
   finished shard files kept.
@@ -40,18 +41,23 @@ import copy
 import dataclasses
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from object2brain.devices import resolve_device
 from object2brain.executors.base import Executor
-from object2brain.executors.extraction import shard_ranges
-from object2brain.executors.pool import PoolSettings, run_on_pool
+from object2brain.executors.pool import (
+    BATCHES_PER_SHARD,
+    PoolSettings,
+    ShardActor,
+    run_on_pool,
+    shard_path,
+    shard_ranges,
+)
+from object2brain.executors.pool import shard_folder as dissect_shard_folder
 from object2brain.explain.dissect import (
     AssignmentNull,
     GroupAccumulator,
@@ -61,6 +67,7 @@ from object2brain.explain.dissect import (
     _CamPass,
     _Stimuli,
 )
+from object2brain.io import atomic_path
 from object2brain.models.inputs import uses_device_decoding
 from object2brain.models.zoo import state_dict_sha256
 from object2brain.options import DissectOptions
@@ -69,21 +76,8 @@ log = logging.getLogger("object2brain.executors.dissection")
 
 __all__ = ["DissectShards", "dissect_shard_folder", "read_shard", "shard_path"]
 
-#: Default shard size in batches.
-BATCHES_PER_SHARD = 8
-
 #: The running sums of a :class:`GroupAccumulator` (the top lists are merged, not added).
 _SUMS = ("sum_importance", "sum_enrichment", "n_enrichment", "n_boxes")
-
-
-def dissect_shard_folder(out: Path) -> Path:
-    """``results/dissect`` -> ``results/dissect.shards/`` (next to the output folder, so it
-    survives the staged swap of the output and lies on the same shared filesystem)."""
-    return out.with_name(out.name + ".shards")
-
-
-def shard_path(folder: Path, index: int) -> Path:
-    return folder / f"shard-{index:05d}.h5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +107,7 @@ class DissectShards:
     Attributes:
         executor: a :class:`~object2brain.executors.base.LocalExecutor` (shards one after the
             other in this process) or a :class:`~object2brain.executors.RayExecutor` (shards
-            on an actor pool of Ray Data at its address, one model per actor).
+            on the stages' actor pool at its address, one model per actor).
         folder: where the shard files go (a filesystem every node sees).
         key: more identity of the run for the shard fingerprints (e.g. the stimuli's content
             fingerprint; the model's weights are hashed here).
@@ -148,7 +142,7 @@ class DissectShards:
         job = self._job(cams, prepared, stimuli, options, null, folds)
         folder = Path(job.folder)
         folder.mkdir(parents=True, exist_ok=True)
-        todo = [i for i in range(len(job.ranges)) if not _complete(job, i)]
+        todo = _missing(job)
         log.info("dissect: %d of %d shards to compute", len(todo), len(job.ranges))
         if todo and self.executor.name == "ray":
             self._on_ray(job, todo)
@@ -180,7 +174,7 @@ class DissectShards:
         )  # fmt: skip
 
     def _on_ray(self, job: _Job, todo: list[int]) -> None:
-        """The shards ``todo`` on an actor pool of Ray Data."""
+        """The shards ``todo`` on the stages' actor pool."""
         settings = PoolSettings(
             address=getattr(self.executor, "address", None),
             workers=self.workers,
@@ -190,26 +184,21 @@ class DissectShards:
         )
         run_on_pool(
             _ShardActor, job, todo, settings, stage="dissect", total=len(job.ranges),
-            missing=lambda: [i for i in range(len(job.ranges)) if not _complete(job, i)],
-            folder=job.folder,
+            missing=lambda: _missing(job), folder=job.folder,
         )  # fmt: skip
 
 
-class _ShardActor:
+class _ShardActor(ShardActor):
     """One actor of the pool: holds the job (and so one model, on this node's device)."""
 
-    def __init__(self, job_ref: list[Any]) -> None:
-        import ray
-
-        job: _Job = ray.get(job_ref[0])
+    def setup(self, job: _Job) -> None:
         device = resolve_device("cuda" if job.cams.device.type == "cuda" else "cpu")
         network = job.cams.network.to(device).eval()
         cams = dataclasses.replace(job.cams, network=network, device=device)
         self.job = dataclasses.replace(job, cams=cams)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = [compute_shard(self.job, int(index)) for index in batch["shard"].tolist()]
-        return {"shard": np.asarray(done, dtype=np.int64)}
+    def compute(self, index: int) -> None:
+        compute_shard(self.job, index)
 
 
 def compute_shard(job: _Job, index: int) -> int:
@@ -288,12 +277,10 @@ def _write_shard(path: Path, state: dict[str, np.ndarray], fingerprint: str) -> 
     """``state`` into the HDF5 file ``path`` (written under a temporary name, then renamed)."""
     import h5py
 
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with h5py.File(partial, "w") as h5:
+    with atomic_path(path) as partial, h5py.File(partial, "w") as h5:
         for name, array in state.items():
             h5.create_dataset(name, data=array)
         h5.attrs["fingerprint"] = fingerprint
-    os.replace(partial, path)
 
 
 def read_shard(path: Path) -> dict[str, np.ndarray]:
@@ -308,6 +295,11 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
             )
         )
     return state
+
+
+def _missing(job: _Job) -> list[int]:
+    """The shards without a complete file."""
+    return [i for i in range(len(job.ranges)) if not _complete(job, i)]
 
 
 def _complete(job: _Job, index: int) -> bool:

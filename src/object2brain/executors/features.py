@@ -1,6 +1,7 @@
 """The feature pass of ``train-head`` on a Ray cluster: the penultimate features of every
-stimulus (the input of the backbone's output layer) computed in shards by an actor pool of Ray
-Data and stitched into the feature store a local run writes (bit for bit on the CPU).
+stimulus (the input of the backbone's output layer) computed in shards by the stages' actor pool
+(:mod:`object2brain.executors.pool`) and stitched into the feature store a local run writes (bit
+for bit on the CPU).
 
 - **Shards**: consecutive ranges of whole batches of ``--batch-size`` (default 8 batches), so
   every batch holds the images of the same batch of a local run; each actor holds one backbone
@@ -23,25 +24,29 @@ the whole training runs in this process.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from object2brain.data.stimuli import StimulusSet
 from object2brain.devices import resolve_device
-from object2brain.executors.extraction import shard_ranges
-from object2brain.executors.pool import PoolSettings, run_on_pool
+from object2brain.executors.pool import (
+    PoolSettings,
+    ShardActor,
+    run_on_pool,
+    shard_folder,
+    shard_ranges,
+)
 from object2brain.heads.features import (
     BackboneFeatures,
     feature_fingerprint,
     read_feature_store,
     write_feature_store,
 )
+from object2brain.io import atomic_path
 from object2brain.models.zoo import LoadedModel
 
 __all__ = ["features_on_ray"]
@@ -66,34 +71,26 @@ def _shard_file(job: _FeatureJob, index: int) -> Path:
     return Path(job.folder) / f"{job.fingerprint[:16]}-{index:05d}-{start}-{stop}.npy"
 
 
-class _FeatureActor:
-    """One actor of the pool: one backbone on this node's device; each call computes shards."""
+class _FeatureActor(ShardActor):
+    """One actor of the pool: one backbone on this node's device; each call computes a shard."""
 
-    def __init__(self, job_ref: list[Any]) -> None:
-        import ray
+    def setup(self, job: _FeatureJob) -> None:
+        self.job = job
+        device = resolve_device("cuda" if job.cuda else "cpu")
+        self.source = BackboneFeatures(job.loaded, job.stimuli, device=device,
+                                       num_workers=job.num_workers)  # fmt: skip
 
-        self.job: _FeatureJob = ray.get(job_ref[0])
-        device = resolve_device("cuda" if self.job.cuda else "cpu")
-        self.source = BackboneFeatures(self.job.loaded, self.job.stimuli, device=device,
-                                       num_workers=self.job.num_workers)  # fmt: skip
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = []
-        for index in batch["shard"].tolist():
-            start, stop = self.job.ranges[index]
-            rows = np.arange(start, stop)
-            blocks = [f.cpu() for _, f in self.source.batches(rows, self.job.batch_size)]
-            _save(_shard_file(self.job, index), torch.cat(blocks).numpy().astype(np.float32))
-            done.append(index)
-        return {"shard": np.asarray(done, dtype=np.int64)}
+    def compute(self, index: int) -> None:
+        start, stop = self.job.ranges[index]
+        rows = np.arange(start, stop)
+        blocks = [f.cpu() for _, f in self.source.batches(rows, self.job.batch_size)]
+        _save(_shard_file(self.job, index), torch.cat(blocks).numpy().astype(np.float32))
 
 
 def _save(path: Path, array: np.ndarray) -> None:
     """``array`` as ``path`` (.npy, no pickles), written under a temporary name then renamed."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as handle:
+    with atomic_path(path) as partial, open(partial, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
-    os.replace(partial, path)
 
 
 class _ShardFeatures:
@@ -132,21 +129,19 @@ def features_on_ray(
     fingerprint = feature_fingerprint(loaded, stimuli)
     if read_feature_store(path, fingerprint, stimuli.ids) is not None:
         return False
-    folder = path.with_name(path.name + ".shards")
+    folder = shard_folder(path)
     folder.mkdir(parents=True, exist_ok=True)
     ranges = [(r.start, r.stop) for r in shard_ranges(len(stimuli), batch_size, shard_size)]
     cuda = device.type == "cuda"
     job = _FeatureJob(loaded, stimuli, ranges, str(folder), fingerprint, batch_size,
                       num_workers, cuda)  # fmt: skip
-    todo = [i for i in range(len(ranges)) if not _shard_file(job, i).is_file()]
-    if todo:
-        base = settings or PoolSettings()
-        pool = dataclasses.replace(base, gpus_per_worker=1.0 if cuda else 0.0)
-        run_on_pool(
-            _FeatureActor, job, todo, pool, stage="train-head", total=len(ranges),
-            missing=lambda: [i for i in range(len(ranges)) if not _shard_file(job, i).is_file()],
-            folder=str(folder),
-        )  # fmt: skip
+
+    def missing() -> list[int]:
+        return [i for i in range(len(ranges)) if not _shard_file(job, i).is_file()]
+
+    pool = dataclasses.replace(settings or PoolSettings(), gpus_per_worker=1.0 if cuda else 0.0)
+    run_on_pool(_FeatureActor, job, missing(), pool, stage="train-head", total=len(ranges),
+                missing=missing, folder=str(folder))  # fmt: skip
     parts = [np.load(_shard_file(job, i), allow_pickle=False) for i in range(len(ranges))]
     source = _ShardFeatures(np.concatenate(parts))
     write_feature_store(path, loaded, stimuli, source, batch_size=batch_size)

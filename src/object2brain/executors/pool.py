@@ -1,25 +1,75 @@
-"""Shards of an image stage on an actor pool of Ray Data: one actor per worker holds the stage's
-job (and so one model), each call computes one shard into its own file on the shared folder."""
+"""The one actor pool of the sharded image stages (extraction, dissection, the train-head
+feature pass): shards of a stage computed by a pool of Ray actors, each actor holding the stage's
+job (and so one model) and writing each shard into its own file on the shared folder.
+
+- **Shards**: consecutive ranges of whole batches (:func:`shard_ranges`), so every batch holds the
+  images of the same batch of a local run; ``shard-NNNNN.h5`` in ``<out>.shards/``.
+- **Actors**: ``workers`` Ray actors of one :class:`ShardActor` subclass, made by
+  :func:`run_on_pool`; the job is put in the object store once and each actor gets it in its
+  constructor (:meth:`ShardActor.setup`), then computes one shard per call
+  (:meth:`ShardActor.compute`). A shard is sent only to an actor that has started, so a pool
+  larger than the cluster never queues a shard behind an actor that cannot be placed.
+- **Faults**: an actor whose process dies is restarted and its shard retried (Ray's
+  ``max_restarts`` / ``max_task_retries``, ``max_retries`` each). A shard that fails on every
+  try (or an actor that cannot start) stops the pool: no further shard is started, the shards in
+  flight finish (their files kept), and one :class:`ExecutorError` names the stage, every shard
+  whose file is missing and the first cause.
+- **Resources**: the pool owns its actors and kills them in a ``finally`` (success, failure,
+  interrupt), so their CPUs and GPUs are free for the next Ray use in the same process.
+
+Ray is imported only when a pool runs (the optional extra).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import gc
-import importlib
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from object2brain.executors.base import ExecutorError
-from object2brain.executors.extraction import _first_line
-from object2brain.executors.ray import connect
+from object2brain.executors.base import ExecutorError, chunks_of
+from object2brain.executors.ray import connect, describe_failure
+
+__all__ = [
+    "BATCHES_PER_SHARD",
+    "PoolSettings",
+    "ShardActor",
+    "run_on_pool",
+    "shard_folder",
+    "shard_path",
+    "shard_ranges",
+]
+
+#: Default shard size in batches.
+BATCHES_PER_SHARD = 8
+
+
+def shard_folder(out: Path) -> Path:
+    """``acts.h5`` -> ``acts.h5.shards/``, ``results/dissect`` -> ``results/dissect.shards/``
+    (next to the output, so it lies on the same shared filesystem and survives a staged swap)."""
+    return out.with_name(out.name + ".shards")
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    """Shard ``index``'s file: ``folder/shard-NNNNN.h5``."""
+    return folder / f"shard-{index:05d}.h5"
+
+
+def shard_ranges(n: int, batch_size: int, shard_size: int | None = None) -> list[range]:
+    """Rows of each shard of ``n`` rows: ``shard_size`` rounded up to a multiple of
+    ``batch_size`` (default ``BATCHES_PER_SHARD`` batches), so shards hold whole batches of a
+    local run."""
+    size = shard_size if shard_size is not None else BATCHES_PER_SHARD * batch_size
+    size = max(batch_size, -(-size // batch_size) * batch_size)
+    return chunks_of(n, size)
 
 
 @dataclasses.dataclass(frozen=True)
 class PoolSettings:
     """The cluster ``address`` (``None``: the running Ray, else a local one), ``workers``
-    actors (``None``: one per CPU of the cluster), ``cpus_per_worker``, ``gpus_per_worker``
-    and ``max_retries`` per shard (and restarts of a dead actor)."""
+    actors (``None``: as many as the cluster's CPUs hold at ``cpus_per_worker``; never more
+    than the shards), ``cpus_per_worker``, ``gpus_per_worker`` and ``max_retries`` per shard
+    (and restarts of a dead actor)."""
 
     address: str | None = None
     workers: int | None = None
@@ -28,8 +78,30 @@ class PoolSettings:
     max_retries: int = 3
 
 
+class ShardActor:
+    """Base of a pool's actor. A subclass implements :meth:`setup` (once per actor process:
+    keep the job, load the model on this node's device) and :meth:`compute` (one shard into its
+    file). The constructor receives the job's object-store reference in a list (a reference
+    nested in an argument is not resolved by Ray, so the actor's arguments stay small)."""
+
+    def __init__(self, job_ref: list[Any]) -> None:
+        import ray
+
+        self.setup(ray.get(job_ref[0]))
+
+    def setup(self, job: Any) -> None:
+        raise NotImplementedError
+
+    def compute(self, index: int) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Answers once the constructor has run (the pool sends shards only after it)."""
+        return True
+
+
 def run_on_pool(
-    actor: type,
+    actor: type[ShardActor],
     job: Any,
     todo: list[int],
     settings: PoolSettings,
@@ -39,42 +111,69 @@ def run_on_pool(
     missing: Callable[[], list[int]],
     folder: str,
 ) -> None:
-    """Run the shards ``todo`` (of ``total``) on a pool of ``actor``: ``actor([job_ref])`` once
-    per actor (the job put in the object store once), then ``actor({"shard": [i]})`` per shard,
-    returning ``{"shard": [i]}``.
+    """Compute the shards ``todo`` (of ``total``) on a pool of ``actor`` (module docstring):
+    ``setup(job)`` once per actor, ``compute(i)`` once per shard ``i``. Returns when every shard
+    is computed; the actors are killed before it returns or raises.
 
     Raises:
-        ExecutorError: a shard that failed on every try, naming ``stage`` and the shards still
-            ``missing()`` (their files absent); the finished shards' files stay in ``folder``.
+        ExecutorError: a shard that failed on every try, or an actor that could not start,
+            naming ``stage`` and the shards still ``missing()`` (their files absent); the
+            finished shards' files stay in ``folder``.
     """
+    if not todo:
+        return
     ray = connect(settings.address)
-    data = importlib.import_module("ray.data")
-    workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    job_ref = [ray.put(job)]
-    dataset = data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-    with warnings.catch_warnings():  # max_restarts / max_task_retries: no named parameter
-        warnings.simplefilter("ignore", DeprecationWarning)
-        mapped = dataset.map_batches(
-            actor,
-            fn_constructor_args=(job_ref,),
-            batch_size=1,
-            concurrency=min(workers, len(todo)),
-            num_cpus=settings.cpus_per_worker,
-            num_gpus=settings.gpus_per_worker,
-            max_restarts=settings.max_retries,  # a dead actor's process is started again
-            max_task_retries=settings.max_retries,  # and its shard retried
-        )
-    failure = None
+    remote = ray.remote(
+        num_cpus=settings.cpus_per_worker,
+        num_gpus=settings.gpus_per_worker,
+        max_restarts=settings.max_retries,  # a dead actor's process is started again
+        max_task_retries=settings.max_retries,  # and its shard retried
+    )(actor)
+    job_ref = [ray.put(job)]  # once in the object store (alive until the actors are killed)
+    actors = [remote.remote(job_ref) for _ in range(_pool_size(ray, settings, len(todo)))]
     try:
-        finished = sorted(int(row["shard"]) for row in mapped.take_all())
-    except Exception as exc:
-        failure = _first_line(exc)
+        failure = _dispatch(ray, actors, list(todo))
+    finally:
+        for handle in actors:  # their CPUs and GPUs are free for the next use of Ray
+            ray.kill(handle, no_restart=True)
     if failure is not None:
-        del mapped, dataset
-        gc.collect()  # the failed run's executor and actors are freed (their CPUs, GPUs)
         raise ExecutorError(
             f"{stage}: shard(s) {missing()} of {total} failed ({failure}); the finished "
             f"shards are kept in {folder}: rerun the same command to redo the rest"
         )
-    if finished != sorted(todo):
-        raise ExecutorError(f"{stage}: shards {sorted(set(todo) - set(finished))} did not run")
+
+
+def _pool_size(ray: Any, settings: PoolSettings, shards: int) -> int:
+    """``settings.workers``, else the actors the cluster's CPUs hold; at most ``shards``."""
+    if settings.workers is not None:
+        return max(1, min(settings.workers, shards))
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(shards, int(cpus // max(settings.cpus_per_worker, 1e-9))))
+
+
+def _dispatch(ray: Any, actors: list[Any], queue: list[int]) -> str | None:
+    """Send the shards of ``queue`` (in order) to the actors as they start and finish; after
+    the first failure send no more and let the shards in flight finish. Returns the first
+    failure's description, or ``None`` when every shard finished."""
+    starting = {handle.ready.remote(): k for k, handle in enumerate(actors)}
+    running: dict[Any, tuple[int, int]] = {}  # reference -> (actor, shard)
+    idle: list[int] = []
+    failure: str | None = None
+    while True:
+        while failure is None and queue and idle:
+            k, shard = idle.pop(0), queue.pop(0)
+            running[actors[k].compute.remote(shard)] = (k, shard)
+        if not running and (failure is not None or not queue):
+            return failure  # actors still starting are killed by the caller
+        # here an actor is starting or running: without a failure every actor is starting,
+        # running or idle, and none is idle while shards wait
+        ref = ray.wait([*running, *starting], num_returns=1)[0][0]
+        k, sent = running.pop(ref) if ref in running else (starting.pop(ref), None)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            what = describe_failure(ray, exc)
+            where = "an actor could not start" if sent is None else f"shard {sent}"
+            failure = failure or f"{where}: {what}"
+            continue  # this actor gets no more shards
+        idle.append(k)

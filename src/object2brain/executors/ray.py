@@ -115,15 +115,24 @@ def _call(fn: Callable[..., Any], shared: Any, chunk: Any) -> Any:
     return fn(chunk) if shared is None else fn(shared, chunk)
 
 
+def describe_failure(ray: ModuleType, exc: Exception) -> str:
+    """``Type: message`` of a failed Ray task or actor call: the exception raised by the code
+    itself (a :class:`ray.exceptions.RayTaskError`'s cause; for an actor whose constructor
+    raised, the last line of that traceback), else Ray's own error (a dead worker or actor) by
+    its first line, terminal colour codes removed."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()]
+    lines = [line for line in lines if line]
+    if getattr(exc, "actor_init_failed", False):  # the constructor's traceback: its last line
+        return lines[-1] if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _failure(stage: str, index: int, total: int, exc: Exception, executor: RayExecutor) -> str:
     """One line naming the stage, the chunk and what went wrong."""
-    ray = executor._ray
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = getattr(exc, "cause", None)
-        what = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+    what = describe_failure(executor._ray, exc)
+    if isinstance(exc, executor._ray.exceptions.RayTaskError):
         return f"{stage}: chunk {index} of {total} failed: {what}"
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
-    return (
-        f"{stage}: chunk {index} of {total} failed after {executor.max_retries} retries "
-        f"({type(exc).__name__}: {text[0] if text else ''})"
-    )
+    return f"{stage}: chunk {index} of {total} failed after {executor.max_retries} retries ({what})"
