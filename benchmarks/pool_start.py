@@ -17,7 +17,8 @@ owns. This script runs the same jobs both ways in one process and one local Ray 
    traceback are still alive, as when a caller or a test holds on to the error).
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/pool_start.py [--shards 2 16] [--reps 3]``;
-writes ``benchmarks/results/<date>-pool-start.json``. Needs the ``ray`` extra with Ray Data.
+writes ``benchmarks/results/<date>-pool-start.json``. The peer needs Ray Data
+(``pip install "ray[data]"``; the ``ray`` extra is Ray core only).
 """
 
 from __future__ import annotations
