@@ -81,8 +81,11 @@ from object2brain.models.layers import VALENCE_LAYER, LayerRecorder, resolve_lay
 from object2brain.models.quantize import (
     CALIBRATION_BATCH,
     calibration_ids,
+    calibration_key,
+    load_calibration,
     quantization_config,
     quantize_int8,
+    save_calibration,
 )
 from object2brain.models.zoo import LoadedModel
 from object2brain.options import AmpDtype, ExtractOptions, Runtime, StorageDtype
@@ -94,6 +97,7 @@ __all__ = [
     "ExtractionPlan",
     "StorageDtype",
     "discard_partial",
+    "int8_cache_path",
     "manifest_path",
     "plan_extraction",
     "probe_layers",
@@ -175,6 +179,10 @@ class ExtractionPlan:
             no stored value, so it is not part of the fingerprint.
         calibration: with ``quantize="int8"``, the calibration stimuli (the first of the whole
             set by id; kept as they are in the plan of a shard or a resumed run), else ``None``.
+        calibration_cache: with ``quantize="int8"`` and no ``image_cache``, the file caching
+            the calibration (:func:`int8_cache_path`); ``None``: beside the store being written
+            (``<out>.int8.safetensors``). Set to the final store's by ``o2b.extract``, so the
+            shards of a Ray run share it.
     """
 
     loaded: LoadedModel
@@ -189,6 +197,7 @@ class ExtractionPlan:
     fingerprint: str
     image_cache: ImageCache | None = field(default=None, repr=False)
     calibration: StimulusSet | None = field(default=None, repr=False)
+    calibration_cache: Path | None = field(default=None, repr=False)
 
     @property
     def storage_dtype(self) -> np.dtype[Any]:
@@ -328,7 +337,7 @@ def _run_locked(plan: ExtractionPlan, out: Path, *, overwrite: bool) -> Path:
     else:
         writer = StoreWriter.create(out, plan.stimuli.ids, plan.store_attrs(), plan.fingerprint)
     try:
-        _run_batches(plan, writer)
+        _run_batches(plan, writer, out)
         path = writer.finish()
     finally:
         writer.close()
@@ -382,9 +391,9 @@ def _same_complete_store(path: Path, fingerprint: str) -> bool:
         return False
 
 
-def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
-    """Write the rows from ``writer.n_done`` on: batches computed here, stored on the writer
-    thread (:class:`_BatchStore`)."""
+def _run_batches(plan: ExtractionPlan, writer: StoreWriter, out: Path) -> None:
+    """Write the rows from ``writer.n_done`` on into the store ``out``: batches computed here,
+    stored on the writer thread (:class:`_BatchStore`)."""
     from tqdm.auto import tqdm
 
     n, start = len(plan.stimuli), writer.n_done
@@ -402,7 +411,7 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         on_device_decode=plan.on_device_decode,
         cache=plan.image_cache,
     )
-    network = _network(plan)
+    network = _network(plan, out)
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     reformat = options.channels_last and options.quantize == "none"  # int8: the inputs only
     if reformat:
@@ -442,28 +451,53 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
             network.to(memory_format=torch.contiguous_format)
 
 
-def _network(plan: ExtractionPlan) -> torch.nn.Module:
+def _network(plan: ExtractionPlan, out: Path) -> torch.nn.Module:
     """The plan's network on its device in eval mode; with ``fold_batchnorm`` a copy with its
     batch norms folded into the convolutions (:func:`~object2brain.models.fusion.fold_batchnorm`;
-    convolutions whose own output is recorded are kept as they are)."""
+    convolutions whose own output is recorded are kept as they are); with ``quantize`` its int8
+    copy (calibration cached for the store ``out``: :func:`int8_cache_path`)."""
     network = plan.loaded.module.to(plan.device).eval()
     if plan.options.fold_batchnorm:
         network, count = fold_batchnorm(network, keep=plan.layers)
         log.info("folded %d batch norms of %s into their convolutions", count, plan.loaded.name)
     if plan.options.quantize == "int8":
         _check_quantize(plan.options, plan.device)  # a Ray node's device may differ
-        network = _int8_network(plan, network)
+        network = _int8_network(plan, network, out)
     return network
 
 
-def _int8_network(plan: ExtractionPlan, network: torch.nn.Module) -> torch.nn.Module:
+def int8_cache_path(plan: ExtractionPlan, out: Path, key: str) -> Path:
+    """Where the int8 calibration of key ``key`` is cached: in the decoded-image cache folder
+    (``image_cache``) as ``int8-<key>.safetensors`` (shared by every store calibrated on the same
+    network, layers and images), else ``plan.calibration_cache``, else beside the store ``out``
+    as ``<out>.int8.safetensors`` (one file per store, replaced when the key changes)."""
+    if plan.options.image_cache is not None:
+        return Path(plan.options.image_cache).expanduser() / f"int8-{key[:32]}.safetensors"
+    if plan.calibration_cache is not None:
+        return plan.calibration_cache
+    return out.with_name(out.name + ".int8.safetensors")
+
+
+def _int8_network(plan: ExtractionPlan, network: torch.nn.Module, out: Path) -> torch.nn.Module:
     """``network`` quantized to int8 (:func:`~object2brain.models.quantize.quantize_int8`),
     calibrated on ``plan.calibration`` decoded as every other image, in batches of
-    :data:`~object2brain.models.quantize.CALIBRATION_BATCH`."""
+    :data:`~object2brain.models.quantize.CALIBRATION_BATCH`, or with the observers of an earlier
+    calibration of the same key (:func:`int8_cache_path`; the same network bit for bit)."""
     calibration = plan.calibration
     assert calibration is not None  # set by plan_extraction with quantize
     started = time.perf_counter()
     with timing.stage("quantize"):  # decoding the calibration images included
+        preprocessing = {**plan.loaded.preprocessing.to_dict(),
+                         "decode": "torch" if plan.on_device_decode else "pil"}  # fmt: skip
+        key = calibration_key(network, plan.layers, calibration.fingerprint(), preprocessing)
+        cache = int8_cache_path(plan, out, key)
+        observers = load_calibration(cache, key)
+        if observers is not None:
+            crop = plan.loaded.preprocessing.crop_size
+            quantized = quantize_int8(network, plan.layers, None, observers=observers,
+                                      input_shape=(1, 3, crop, crop))  # fmt: skip
+            log.info("int8 calibration of %s read from %s", plan.loaded.name, cache)
+            return quantized
         batches = image_batches(
             calibration.paths, calibration.ids, plan.loaded.preprocessing, device=plan.device,
             batch_size=CALIBRATION_BATCH, num_workers=0, on_device_decode=plan.on_device_decode,
@@ -473,6 +507,7 @@ def _int8_network(plan: ExtractionPlan, network: torch.nn.Module) -> torch.nn.Mo
         # traces, which breaks the transforms of a decoding thread
         inputs = [batch for _, batch in batches]
         quantized = quantize_int8(network, plan.layers, inputs)
+        save_calibration(cache, key, quantized.observers)
     log.info("quantized %s to int8 on %d calibration images in %.1f s", plan.loaded.name,
              len(calibration), time.perf_counter() - started)  # fmt: skip
     return quantized
@@ -528,7 +563,8 @@ class _BatchStore:
         _check_storable(list(batch.blocks), batch.peaks, dtype, batch.ids)
         arrays = {name: block.numpy() for name, block in batch.blocks.items()}
         for name, array in arrays.items():
-            writer.ensure_layer(name, len(plan.stimuli), tuple(array.shape[1:]), dtype)
+            writer.ensure_layer(name, len(plan.stimuli), tuple(array.shape[1:]), dtype,
+                                plan.options.batch_size)  # fmt: skip
         if writer.n_done == 0:
             writer.set_attr("order", self.order)
             if plan.options.srp is not None:
