@@ -14,11 +14,12 @@ One forward pass per batch records every requested layer through :class:`LayerRe
 batch's activations are copied to the host and written to ``<out>.partial`` on a writer thread
 (:class:`~object2brain.activations.store.BackgroundWriter`) while the next batch is computed, so at
 most three batches' activations are held (one computed, one waiting, one being written) whatever
-the number of stimuli. The partial file records how many rows are written (``n_done``, raised
-only once a batch is flushed and synced); the store is renamed to ``<out>`` and marked complete
-only at the end, so an interrupted run (Ctrl-C, crash, killed job, full disk) resumes from the last
-written batch when the same command is run again. One run at a time writes ``<out>``: a second
-one is refused by the lock. The manifest (``<store stem>.manifest.json``) is written last.
+the number of stimuli. The partial file records how many rows are written (``n_done``, raised in
+the flush and sync that commit a batch's rows; each row is checked by its digest on resume); the
+store is renamed to ``<out>`` and marked complete only at the end, so an interrupted run (Ctrl-C,
+crash, killed job, full disk) resumes from the last written batch when the same command is run
+again. One run at a time writes ``<out>``: a second one is refused by the lock. The manifest
+(``<store stem>.manifest.json``) is written last.
 
 GPU options (all off by default, so stored values are today's float32 ones):
 
@@ -37,7 +38,8 @@ GPU options (all off by default, so stored values are today's float32 ones):
   stimuli by id, whatever the chunk, shard or worker count); recorded layers are dequantized to
   float32 at their hooks under the same module names. Values differ from float32 by a few % of
   a layer's largest value (``docs/methods.md``); the mode, backend and calibration set are part
-  of the store's fingerprint.
+  of the store's fingerprint. The calibration is cached (:func:`int8_cache_path`), so a rerun or
+  a Ray shard converts the cached observers instead of calibrating (the same network).
 - ``decode="torch"`` (or ``"auto"`` = ``torch`` on CUDA): plain JPEG files are decoded on the
   compute device (:mod:`object2brain.models.inputs`). Different decoders and resamplers differ by
   about one 8-bit level per pixel; the ``decode`` mode is part of the store's fingerprint.

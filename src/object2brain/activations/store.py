@@ -478,9 +478,10 @@ def verified_rows(temp: Path, n_done: int) -> int:
 class StoreWriter:
     """Writes an activation store batch by batch under its temporary name.
 
-    The partial file keeps ``n_done`` (rows fully written: raised only once a batch's rows and
-    digests are flushed and ``fsync``-ed), ``/_row_digests`` and ``fingerprint``;
-    :meth:`resume_point` tells a new run where to continue. A failed write raises
+    The partial file keeps ``n_done`` (rows written: raised in the one flush and ``fsync`` that
+    commits a batch's rows and digests), ``/_row_digests`` and ``fingerprint``; :meth:`resume`
+    checks the rows below ``n_done`` against their digests and continues from the first that
+    does not match. A failed write raises
     :class:`StoreError` (one line: the file and ``No space left on device``) and leaves the
     batches before it resumable (module docstring).
     """
