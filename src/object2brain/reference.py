@@ -172,8 +172,9 @@ checksum per chunk; `extract` sizes the chunks to divide its batch (`maxpool` of
 With `--quantize int8`, the calibration is cached beside the store as
 `<out>.int8.safetensors` (or in the `--image-cache` folder as `int8-<key>.safetensors`): the
 min/max of every activation observer, float tensors with the cache key and their SHA-256 in the
-metadata; it can be deleted at any time (the next int8 run calibrates again). Values can differ in the last float bits between batch sizes (different
-convolution kernels); extraction is otherwise deterministic.
+metadata; it can be deleted at any time (the next int8 run calibrates again). Values can differ
+in the last float bits between batch sizes (different convolution kernels); extraction is
+otherwise deterministic.
 
 ### Model weights and layers
 

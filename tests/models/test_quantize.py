@@ -219,6 +219,19 @@ def test_int8_calibration_cache_hits_misses_and_rebuilds(
         run(["layer3", "fc"])
     assert len(calls) == 7 and "fails its checksum" in caplog.text
     assert _cached(cache) == _cached_bytes(data, tmp_path)
+    # the right key over observers that do not fit the graph (a cache of another version):
+    # named, calibrated again, replaced
+    key = _cached(cache)[0]["key"]
+    x = torch.zeros(1, 3, 48, 48)
+    other = quantize_int8(model.module, ["layer1.0.conv1", "fc"], [x]).observers
+    quantize.save_calibration(cache, key, other)
+    before = len(calls)  # (quantize_int8 just above calibrated once too)
+    with caplog.at_level("WARNING", logger="object2brain"):
+        again = run(["layer3", "fc"])
+    assert len(calls) == before + 1 and "does not fit" in caplog.text
+    assert _cached(cache) == _cached_bytes(data, tmp_path)
+    for k in reference:
+        assert np.array_equal(reference[k], again[k]), k
 
 
 def _cached(path: Path) -> tuple[dict[str, str], dict[str, list[float]]]:

@@ -496,10 +496,14 @@ def _int8_network(plan: ExtractionPlan, network: torch.nn.Module, out: Path) -> 
         observers = load_calibration(cache, key)
         if observers is not None:
             crop = plan.loaded.preprocessing.crop_size
-            quantized = quantize_int8(network, plan.layers, None, observers=observers,
-                                      input_shape=(1, 3, crop, crop))  # fmt: skip
-            log.info("int8 calibration of %s read from %s", plan.loaded.name, cache)
-            return quantized
+            try:
+                quantized = quantize_int8(network, plan.layers, None, observers=observers,
+                                          input_shape=(1, 3, crop, crop))  # fmt: skip
+            except LayerError as exc:  # same key, other observers (a cache of another version)
+                log.warning("int8 calibration cache %s: %s; calibrating again", cache, exc)
+            else:
+                log.info("int8 calibration of %s read from %s", plan.loaded.name, cache)
+                return quantized
         batches = image_batches(
             calibration.paths, calibration.ids, plan.loaded.preprocessing, device=plan.device,
             batch_size=CALIBRATION_BATCH, num_workers=0, on_device_decode=plan.on_device_decode,

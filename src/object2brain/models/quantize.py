@@ -40,6 +40,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,7 @@ def save_calibration(path: Path, key: str, state: Mapping[str, torch.Tensor]) ->
     temporary name and renamed: a reader sees the old file or the new one, never half of one;
     several shards writing at once leave one of their identical files). A cache that cannot be
     written is logged and skipped: it only saves time."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -397,6 +399,7 @@ def save_calibration(path: Path, key: str, state: Mapping[str, torch.Tensor]) ->
         save_file(tensors, str(temp), metadata={"key": key, "sha256": _tensor_digest(tensors),
                                                 "format": CACHE_FORMAT})  # fmt: skip
         os.replace(temp, path)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         log.warning("int8 calibration cache %s not written (%s)", path, exc)
-        temp.unlink(missing_ok=True)
+        with suppress(OSError):
+            temp.unlink(missing_ok=True)
