@@ -339,7 +339,7 @@ def _run_locked(plan: ExtractionPlan, out: Path, *, overwrite: bool) -> Path:
     else:
         writer = StoreWriter.create(out, plan.stimuli.ids, plan.store_attrs(), plan.fingerprint)
     try:
-        _run_batches(plan, writer, out)
+        _run_batches(plan, writer)
         path = writer.finish()
     finally:
         writer.close()
@@ -393,9 +393,9 @@ def _same_complete_store(path: Path, fingerprint: str) -> bool:
         return False
 
 
-def _run_batches(plan: ExtractionPlan, writer: StoreWriter, out: Path) -> None:
-    """Write the rows from ``writer.n_done`` on into the store ``out``: batches computed here,
-    stored on the writer thread (:class:`_BatchStore`)."""
+def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
+    """Write the rows from ``writer.n_done`` on: batches computed here, stored on the writer
+    thread (:class:`_BatchStore`)."""
     from tqdm.auto import tqdm
 
     n, start = len(plan.stimuli), writer.n_done
@@ -413,7 +413,7 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter, out: Path) -> None:
         on_device_decode=plan.on_device_decode,
         cache=plan.image_cache,
     )
-    network = _network(plan, out)
+    network = _network(plan, writer.path)
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     reformat = options.channels_last and options.quantize == "none"  # int8: the inputs only
     if reformat:
