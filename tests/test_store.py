@@ -215,3 +215,65 @@ def test_store_with_string_array_order_runs_through_rsa(tmp_path: Path) -> None:
     rows = result.alignment.drop_duplicates("layer").sort_values("layer_index")
     assert rows["layer"].tolist() == ["conv1", "conv2", "fc"]
     assert (tmp_path / "rsa" / "alignment.csv").is_file()
+
+
+def test_chunk_rows_is_the_largest_divisor_of_the_batch_that_fits() -> None:
+    """Brute force: the largest ``r`` dividing the batch with ``r`` rows within CHUNK_BYTES and
+    the dataset (1 when even one row is larger)."""
+    from object2brain.activations.store import CHUNK_BYTES, chunk_rows
+
+    f32 = np.dtype(np.float32)
+    for row_floats in (1, 250, 1000, 25_088, 50_176, 200_704, 2_000_000):
+        row_bytes = row_floats * 4
+        for n_rows in (1, 7, 8, 100, 10_000):
+            for batch in (1, 2, 7, 12, 30, 32, 64):
+                got = chunk_rows(n_rows, (row_floats,), f32, batch)
+                fits = [
+                    r
+                    for r in range(1, batch + 1)
+                    if batch % r == 0 and r <= n_rows and r * row_bytes <= CHUNK_BYTES
+                ]
+                assert got == max(fits, default=1), (row_floats, n_rows, batch)
+            # without a batch: as many rows as fit, within the dataset
+            expected = max(1, min(n_rows, CHUNK_BYTES // row_bytes))
+            assert chunk_rows(n_rows, (row_floats,), f32) == expected
+
+
+def test_batch_aligned_chunks_are_written_without_reading_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chunks inside one batch, HDF5 writes each chunk whole; with chunks straddling two
+    batches (the previous layout) it reads the half-written chunk back to add the next rows. The
+    stored values are the same either way."""
+    from object2brain.activations import store as S
+
+    read = [0]
+    readinto = S._GuardedFile.readinto
+
+    def counted(self: S._GuardedFile, buffer: object) -> int:
+        n = readinto(self, buffer)
+        read[0] += n
+        return n
+
+    monkeypatch.setattr(S._GuardedFile, "readinto", counted)
+    batch, n = 8, 40
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((n, 3, 100, 100)).astype(np.float32)  # 120 KB a row
+    bytes_read = {}
+    for aligned in (True, False):
+        out = tmp_path / f"aligned_{aligned}.h5"
+        writer = S.StoreWriter.create(out, [f"s{i}" for i in range(n)], {}, "fp")
+        writer.ensure_layer("conv", n, (3, 100, 100), np.dtype(np.float32),
+                            batch if aligned else None)  # fmt: skip
+        read[0] = 0
+        for start in range(0, n, batch):
+            writer.write_rows(start, {"conv": values[start : start + batch]})
+        bytes_read[aligned] = read[0]
+        path = writer.finish()
+        with h5py.File(path, "r") as handle:
+            chunk = handle["layers/conv"].chunks[0]
+            assert (batch % chunk == 0) if aligned else (chunk == 34)  # 4 MB / 120 KB
+            np.testing.assert_array_equal(handle["layers/conv"][()], values)
+    chunk_bytes = 34 * values[0].nbytes
+    assert bytes_read[True] < 0.1 * chunk_bytes  # metadata only
+    assert bytes_read[False] > chunk_bytes  # the straddling chunk read back

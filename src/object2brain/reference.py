@@ -166,8 +166,15 @@ A store is read by stimulus id, never by position. Stores from other tools need 
 `/layers` with one row per id, and `complete = true`; a malformed attribute is a one-line error
 naming the file and the attribute. `extract` writes to `<out>.partial`, renames it when complete,
 and resumes an interrupted run after its last written batch; a `<name>.manifest.json` beside the
-store records the run. Values can differ in the last float bits between batch sizes (different
-convolution kernels); extraction is otherwise deterministic.
+store records the run. Layers are chunked in whole rows, at most 4 MB a chunk, with a Fletcher-32
+checksum per chunk; `extract` sizes the chunks to divide its batch (`maxpool` of resnet18 at
+`--batch-size 32`: 4 rows a chunk), which only changes how fast the file is written and read.
+With `--quantize int8`, the calibration is cached beside the store as
+`<out>.int8.safetensors` (or in the `--image-cache` folder as `int8-<key>.safetensors`): the
+min/max of every activation observer, float tensors with the cache key and their SHA-256 in the
+metadata; it can be deleted at any time (the next int8 run calibrates again). Values can differ
+in the last float bits between batch sizes (different convolution kernels); extraction is
+otherwise deterministic.
 
 ### Model weights and layers
 

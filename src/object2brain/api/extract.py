@@ -4,6 +4,7 @@ plan and stream the activations into the store (:mod:`object2brain.activations.e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,6 +126,10 @@ def extract(
     if out.is_dir():
         raise StoreError(f"{out}: is a folder, expected a file name")
     plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
+    if plan.calibration is not None:  # int8: shards (and reruns) share the final store's cache
+        plan = dataclasses.replace(
+            plan, calibration_cache=out.with_name(out.name + ".int8.safetensors")
+        )
     if runtime.executor == "ray":
         from object2brain.executors.extraction import extract_on_ray
         from object2brain.executors.pool import PoolSettings

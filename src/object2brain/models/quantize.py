@@ -16,7 +16,14 @@ histogram observers), calibrated on a fixed set of images, and wrapped in
 - the calibration set does not depend on chunks, shards, resumption or worker counts: the first
   :data:`CALIBRATION_IMAGES` stimuli of the whole stimulus set in sorted-id order, decoded like
   every other image, in batches of :data:`CALIBRATION_BATCH` (not the extraction's batch
-  size), in id order.
+  size), in id order;
+- the calibration is cached (:func:`save_calibration`, :func:`load_calibration`): what it
+  produces, the min/max of every activation observer, is a few KB of float tensors written as
+  safetensors (no pickle) under :func:`calibration_key` (the float network's weights by SHA-256,
+  the recorded layers, the calibration images' ids and bytes, the preprocessing, the torch
+  version, the backend and observer settings). A run that finds its key skips the calibration
+  (decoding and 2 forward passes of the calibration images, ~2-6 CPU-s on resnet18) and
+  converts the same observers, so its network is bit for bit the calibrating run's.
 
 Values differ from float32 by the quantization (per-layer errors on resnet18 in
 ``docs/methods.md``); the mode, backend and calibration ids are part of the store's fingerprint.
@@ -26,9 +33,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
+import json
 import logging
+import os
+import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,9 +55,14 @@ __all__ = [
     "CALIBRATION_BATCH",
     "CALIBRATION_IMAGES",
     "Int8Network",
+    "calibrate",
     "calibration_ids",
+    "calibration_key",
+    "load_calibration",
+    "network_sha256",
     "quantization_config",
     "quantize_int8",
+    "save_calibration",
 ]
 
 #: Stimuli used to calibrate the activation ranges (fewer when the set is smaller).
@@ -121,6 +139,9 @@ class Int8Network(nn.Module):
         super().__init__()
         self._int8 = quantized
         self.tap_names = list(names)
+        #: The calibrated observers ``{"<observer>.<buffer>": tensor}`` the network was converted
+        #: from (what :func:`save_calibration` caches).
+        self.observers: dict[str, torch.Tensor] = {}
         for name in self.tap_names:
             _place_tap(self, name)
 
@@ -191,13 +212,25 @@ def _tapped_graph(module: nn.Module, names: Sequence[str]) -> tuple[fx.GraphModu
 
 
 def quantize_int8(
-    module: nn.Module, names: Sequence[str], calibration: Iterable[torch.Tensor]
+    module: nn.Module,
+    names: Sequence[str],
+    calibration: Iterable[torch.Tensor] | None,
+    *,
+    observers: Mapping[str, torch.Tensor] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> Int8Network:
-    """An int8 copy of ``module`` (``module`` itself is not changed) recording ``names``,
-    calibrated on the input batches ``calibration`` (float32, on the CPU).
+    """An int8 copy of ``module`` (``module`` itself is not changed) recording ``names``.
+
+    Either calibrated on the input batches ``calibration`` (float32, on the CPU; by
+    :func:`calibrate`), or, with ``calibration`` None, given the ``observers`` of an earlier
+    calibration of the same network, layers and images (:attr:`Int8Network.observers`, e.g. from
+    :func:`load_calibration`): the same int8 network, bit for bit, without a forward pass.
+    ``input_shape`` (``(batch, 3, height, width)``; the first calibration batch's by default):
+    the shape the graph is prepared with (only its non-batch sizes matter).
 
     Raises:
-        LayerError: the network cannot be traced, or a recorded output is not one tensor.
+        LayerError: the network cannot be traced, a recorded output is not one tensor, no
+            calibration images, or ``observers`` that do not fit the prepared network.
     """
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -206,16 +239,167 @@ def quantize_int8(
     torch.backends.quantized.engine = BACKEND
     float_copy = copy.deepcopy(module).cpu().eval()
     graph, ordered = _tapped_graph(float_copy, list(names))
-    batches = iter(calibration)
-    first = next(batches, None)
-    if first is None:
+    batches: Iterator[torch.Tensor] = iter(calibration if calibration is not None else ())
+    first = next(batches, None) if calibration is not None else None
+    if calibration is not None and first is None:
         raise LayerError("quantize int8: no calibration images")
+    if input_shape is None:
+        if first is None:
+            raise LayerError("quantize int8: observers given without an input_shape")
+        input_shape = tuple(first.shape)
+    # the same example input on both paths (zeros), so a cached calibration prepares the very
+    # graph a calibrating run prepares
+    example = torch.zeros((1, *tuple(input_shape)[1:]))
     with warnings.catch_warnings():  # torch.ao's deprecation notices (moving to torchao)
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(graph, qconfig_mapping(not has_vnni()), (first[:1],))
-        with torch.no_grad():  # observers update their buffers in place
-            prepared(first)
-            for batch in batches:
-                prepared(batch)
+        prepared = prepare_fx(graph, qconfig_mapping(not has_vnni()), (example,))
+        if first is not None:
+            calibrate(prepared, itertools.chain([first], batches))
+        elif observers is not None:
+            _load_observers(prepared, observers)
+        else:
+            raise LayerError("quantize int8: neither calibration images nor observers given")
+        state = _observer_state(prepared)
         quantized = convert_fx(prepared)
-    return Int8Network(quantized, ordered).eval()
+    network = Int8Network(quantized, ordered).eval()
+    network.observers = state
+    return network
+
+
+def calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Run the calibration batches through the observed network ``prepared`` (its observers
+    record each activation's min/max); the one place calibration forward passes happen."""
+    with torch.no_grad():  # observers update their buffers in place
+        for batch in batches:
+            prepared(batch)
+
+
+def _observers(prepared: nn.Module) -> dict[str, nn.Module]:
+    from torch.ao.quantization.observer import ObserverBase
+
+    return {name: m for name, m in prepared.named_modules() if isinstance(m, ObserverBase)}
+
+
+def _observer_state(prepared: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<observer>.<buffer>": tensor}`` of every observer of ``prepared`` (a copy)."""
+    return {
+        f"{name}.{key}": value.detach().clone().contiguous()
+        for name, observer in _observers(prepared).items()
+        for key, value in observer.state_dict().items()
+    }
+
+
+def _load_observers(prepared: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Set the observers of ``prepared`` to ``state`` (:func:`_observer_state` of a calibrated
+    twin); the keys and shapes must match exactly."""
+    mine = _observer_state(prepared)
+    if set(mine) != set(state):
+        raise LayerError(
+            "quantize int8: the cached calibration does not fit this network "
+            f"({len(state)} observer values, {len(mine)} expected)"
+        )
+    for name, observer in _observers(prepared).items():
+        prefix = f"{name}."
+        observer.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
+
+
+# --- calibration cache --------------------------------------------------------------------------
+
+#: Version of the calibration cache's content; part of its key.
+CACHE_FORMAT = "o2b-int8-observers-1"
+
+
+def network_sha256(module: nn.Module) -> str:
+    """SHA-256 over the state of ``module`` (names, dtypes, shapes and bytes of every parameter
+    and buffer, in ``state_dict`` order): the float network as it is quantized (folded batch
+    norms and heads included)."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def calibration_key(
+    module: nn.Module, names: Sequence[str], images: str, preprocessing: Mapping[str, Any]
+) -> str:
+    """Key of a calibration: SHA-256 over the network's state (:func:`network_sha256`), the
+    recorded layers in order, ``images`` (the calibration stimuli's fingerprint: their ids and
+    the SHA-256 of each image's bytes), the preprocessing (and decoder), the torch version, the
+    backend and the observer settings (:func:`quantization_config`'s ``reduce_range``,
+    :data:`CALIBRATION_BATCH`)."""
+    identity = {
+        "format": CACHE_FORMAT,
+        "network_sha256": network_sha256(module),
+        "layers": list(names),
+        "calibration_images": images,
+        "preprocessing": dict(preprocessing),
+        "torch": torch.__version__,
+        "backend": BACKEND,
+        "observers": "minmax",
+        "reduce_range": not has_vnni(),
+        "calibration_batch": CALIBRATION_BATCH,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _tensor_digest(state: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_calibration(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The observers cached in ``path`` (safetensors) for ``key``, or ``None``: no file, a file
+    of another key (another network, layer set, calibration set, torch version, ...), or a file
+    that cannot be read or fails its SHA-256 (a truncated or damaged file: logged; the caller
+    calibrates again and replaces it)."""
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("key") != key:
+            log.info("int8 calibration cache %s is for another network or set; calibrating", path)
+            return None
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("int8 calibration cache %s cannot be read (%s); calibrating again", path,
+                    " ".join(str(exc).split())[:200])  # fmt: skip
+        return None
+    if meta.get("sha256") != _tensor_digest(state):
+        log.warning("int8 calibration cache %s fails its checksum; calibrating again", path)
+        return None
+    return state
+
+
+def save_calibration(path: Path, key: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Write the observers ``state`` for ``key`` to ``path`` (safetensors, written under a
+    temporary name and renamed: a reader sees the old file or the new one, never half of one;
+    several shards writing at once leave one of their identical files). A cache that cannot be
+    written is logged and skipped: it only saves time."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(temp), metadata={"key": key, "sha256": _tensor_digest(tensors),
+                                                "format": CACHE_FORMAT})  # fmt: skip
+        os.replace(temp, path)
+    except (OSError, SafetensorError) as exc:
+        log.warning("int8 calibration cache %s not written (%s)", path, exc)
+        with suppress(OSError):
+            temp.unlink(missing_ok=True)
