@@ -165,8 +165,10 @@ def stitch_shards(plan: ExtractionPlan, out: Path, shards: list[Path]) -> Path:
                     if "srp" in attrs:
                         writer.set_attr("srp", attrs["srp"])
                 blocks = {layer: shard.read(layer) for layer in shard.layers}
-            for name, block in blocks.items():
-                writer.ensure_layer(name, len(plan.stimuli), tuple(block.shape[1:]), block.dtype)
+            for name, block in blocks.items():  # chunks inside the first shard's rows
+                writer.ensure_layer(
+                    name, len(plan.stimuli), tuple(block.shape[1:]), block.dtype, len(block)
+                )
             writer.write_rows(writer.n_done, blocks)
         return writer.finish()
     finally:
