@@ -1,9 +1,12 @@
-"""Helpers of the RSA tests: write an activation store with h5py."""
+"""Helpers of the RSA tests: write an activation store with h5py; an executor that runs chunks
+out of order."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -33,3 +36,20 @@ def write_store(
         f.attrs["order"] = json.dumps(list(layers))
         f.attrs["complete"] = True
     return path
+
+
+class ReverseExecutor:
+    """Runs the chunks last to first (results in chunk order, as the protocol asks)."""
+
+    name = "reverse"
+    workers = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def map_chunks(
+        self, fn: Callable[..., Any], chunks: Sequence[Any], *, stage: str, shared: Any = None
+    ) -> list[Any]:
+        self.calls += len(chunks)
+        done = {i: fn(shared, chunks[i]) for i in reversed(range(len(chunks)))}
+        return [done[i] for i in range(len(chunks))]

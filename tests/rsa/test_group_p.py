@@ -6,10 +6,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
 from itertools import permutations
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +27,7 @@ from object2brain.rsa.rdm import squareform, upper_triangle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "validation"))
 from inference_null_p import sharp_world
+from rsa_helpers import ReverseExecutor
 
 D, DM, DV = 4, 12, 16
 DOT_METHODS = ("spearman", "pearson", "rho_a", "cosine", "corr_cov", "cosine_cov")
@@ -131,23 +130,6 @@ def test_relabelling_p_equals_a_brute_force_loop(method: str) -> None:
     assert np.all((p >= 1 / 1101) & (p <= 1)) and p[0] < 0.05 < p[1]
 
 
-class _ReverseExecutor:
-    """Runs the chunks last to first (results in chunk order, as the protocol asks)."""
-
-    name = "reverse"
-    workers = 2
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def map_chunks(
-        self, fn: Callable[..., Any], chunks: Sequence[Any], *, stage: str, shared: Any = None
-    ) -> list[Any]:
-        self.calls += len(chunks)
-        done = {i: fn(shared, chunks[i]) for i in reversed(range(len(chunks)))}
-        return [done[i] for i in range(len(chunks))]
-
-
 def test_relabelling_p_is_independent_of_chunks_and_equals_the_condensed_gather() -> None:
     """The square-form null of :func:`relabelled_mean_test` counts as the condensed gather of
     :func:`linear_permutation_test` (one-sided) with the same relabellings, and its blocks run
@@ -159,7 +141,7 @@ def test_relabelling_p_is_independent_of_chunks_and_equals_the_condensed_gather(
     square = relabelled_mean_test(a, y, n_perm, 4)
     gathered = linear_permutation_test(a, y, n_perm, 4, two_sided=False)
     np.testing.assert_array_equal(square.p, gathered.p)
-    reverse = _ReverseExecutor()
+    reverse = ReverseExecutor()
     moved = g.relabelling_test(models, subs, "spearman", n_perm, 4, executor=reverse)
     assert reverse.calls == 3
     np.testing.assert_array_equal(moved, square.p[:, 0])

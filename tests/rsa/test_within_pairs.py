@@ -5,7 +5,6 @@ one: ``validation/within_pairs_null.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import rsatoolbox
 import scipy.stats
 import torch
-from rsa_helpers import write_store
+from rsa_helpers import ReverseExecutor, write_store
 
 from object2brain.api.rsa import rsa
 from object2brain.errors import DataError
@@ -199,23 +198,6 @@ def test_rsa_within_refuses_bad_input(tmp_path: Path) -> None:
             pairs="within", compare_method="cosine_cov", **kwargs)  # fmt: skip
 
 
-class _ReverseExecutor:
-    """Runs the chunks last to first (results in chunk order, as the protocol asks)."""
-
-    name = "reverse"
-    workers = 2
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def map_chunks(
-        self, fn: Callable[..., Any], chunks: Sequence[Any], *, stage: str, shared: Any = None
-    ) -> list[Any]:
-        self.calls += len(chunks)
-        done = {i: fn(shared, chunks[i]) for i in reversed(range(len(chunks)))}
-        return [done[i] for i in range(len(chunks))]
-
-
 @pytest.mark.parametrize("corrected", [True, False])
 def test_bootstrap_chunks_in_reverse_order_equal_local(corrected: bool) -> None:
     rng = np.random.default_rng(2)
@@ -224,7 +206,7 @@ def test_bootstrap_chunks_in_reverse_order_equal_local(corrected: bool) -> None:
     combine = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]).T.to(torch.float64)
     n_boot = 3 * BOOT_CHUNK + 7  # four chunks
     args = (models, targets, LABELS, "pearson", n_boot, 9, combine)
-    reverse = _ReverseExecutor()
+    reverse = ReverseExecutor()
     here = within_bootstrap_ci(*args, corrected=corrected)
     there = within_bootstrap_ci(*args, corrected=corrected, executor=reverse)
     assert reverse.calls == 4  # one task per chunk with two workers
@@ -232,7 +214,7 @@ def test_bootstrap_chunks_in_reverse_order_equal_local(corrected: bool) -> None:
     np.testing.assert_array_equal(there[1], here[1])
     assert np.isfinite(here[0]).all() and (here[0] < here[1]).all()
     test = within_mantel_test(models, targets, LABELS, "pearson", 2 * PERM_BLOCK + 9, 9, combine)
-    reverse = _ReverseExecutor()
+    reverse = ReverseExecutor()
     moved = within_mantel_test(
         models, targets, LABELS, "pearson", 2 * PERM_BLOCK + 9, 9, combine, executor=reverse
     )

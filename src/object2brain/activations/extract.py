@@ -99,6 +99,7 @@ __all__ = [
     "ExtractionPlan",
     "StorageDtype",
     "discard_partial",
+    "int8_cache_beside",
     "int8_cache_path",
     "manifest_path",
     "plan_extraction",
@@ -477,6 +478,11 @@ def int8_cache_path(plan: ExtractionPlan, out: Path, key: str) -> Path:
         return Path(plan.options.image_cache).expanduser() / f"int8-{key[:32]}.safetensors"
     if plan.calibration_cache is not None:
         return plan.calibration_cache
+    return int8_cache_beside(out)
+
+
+def int8_cache_beside(out: Path) -> Path:
+    """The int8 calibration cache beside the store ``out``: ``<out>.int8.safetensors``."""
     return out.with_name(out.name + ".int8.safetensors")
 
 

@@ -90,7 +90,11 @@ def extract(
     Raises:
         StoreError: invalid options (named by their flag), or a store that cannot be written.
     """
-    from object2brain.activations.extract import plan_extraction, run_extraction
+    from object2brain.activations.extract import (
+        int8_cache_beside,
+        plan_extraction,
+        run_extraction,
+    )
     from object2brain.data.ratings import load_predicted_valence
     from object2brain.data.stimuli import StimulusSet, load_stimuli
     from object2brain.models.zoo import LoadedModel, load_model
@@ -127,9 +131,7 @@ def extract(
         raise StoreError(f"{out}: is a folder, expected a file name")
     plan = plan_extraction(loaded, stimulus_set, layers, resolved, runtime, valence=supplied)
     if plan.calibration is not None:  # int8: shards (and reruns) share the final store's cache
-        plan = dataclasses.replace(
-            plan, calibration_cache=out.with_name(out.name + ".int8.safetensors")
-        )
+        plan = dataclasses.replace(plan, calibration_cache=int8_cache_beside(out))
     if runtime.executor == "ray":
         from object2brain.executors.extraction import extract_on_ray
         from object2brain.executors.pool import PoolSettings

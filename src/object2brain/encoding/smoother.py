@@ -99,12 +99,10 @@ class _Inner:
 
 @dataclass(frozen=True)
 class _Outer:
-    """One outer fold: stimulus indices ``train`` ``(n_T,)`` and ``test`` ``(n_S,)`` (numpy,
-    and ``train_index``, ``test_index`` on the device); ``project`` ``(r, n_T)``; ``rows``
-    ``(n_S, r)``; ``shrink`` ``(A, r)``; its inner folds."""
+    """One outer fold, on the device: stimulus indices ``train_index`` ``(n_T,)`` and
+    ``test_index`` ``(n_S,)``; ``project`` ``(r, n_T)``; ``rows`` ``(n_S, r)``; ``shrink``
+    ``(A, r)``; its inner folds."""
 
-    train: np.ndarray
-    test: np.ndarray
     train_index: torch.Tensor
     test_index: torch.Tensor
     project: torch.Tensor
@@ -263,8 +261,6 @@ def fit_torch_smoother(
         maps = _spectral(x, x_test, grid)
         outer.append(
             _Outer(
-                fold.train,
-                fold.test,
                 put(fold.train.astype(np.int64)),
                 put(fold.test.astype(np.int64)),
                 put(maps.project),

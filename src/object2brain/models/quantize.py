@@ -36,18 +36,17 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from object2brain.errors import LayerError
+from object2brain.errors import LayerError, StoreError
+from object2brain.io import atomic_path
+from object2brain.models.zoo import state_dict_sha256, tensors_sha256
 
 log = logging.getLogger("object2brain.models.quantize")
 
@@ -59,7 +58,6 @@ __all__ = [
     "calibration_ids",
     "calibration_key",
     "load_calibration",
-    "network_sha256",
     "quantization_config",
     "quantize_int8",
     "save_calibration",
@@ -311,31 +309,18 @@ def _load_observers(prepared: nn.Module, state: Mapping[str, torch.Tensor]) -> N
 CACHE_FORMAT = "o2b-int8-observers-1"
 
 
-def network_sha256(module: nn.Module) -> str:
-    """SHA-256 over the state of ``module`` (names, dtypes, shapes and bytes of every parameter
-    and buffer, in ``state_dict`` order): the float network as it is quantized (folded batch
-    norms and heads included)."""
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def calibration_key(
     module: nn.Module, names: Sequence[str], images: str, preprocessing: Mapping[str, Any]
 ) -> str:
-    """Key of a calibration: SHA-256 over the network's state (:func:`network_sha256`), the
+    """Key of a calibration: SHA-256 over the network's state as it is quantized (folded batch
+    norms and heads included; :func:`~object2brain.models.zoo.state_dict_sha256`), the
     recorded layers in order, ``images`` (the calibration stimuli's fingerprint: their ids and
     the SHA-256 of each image's bytes), the preprocessing (and decoder), the torch version, the
     backend and the observer settings (:func:`quantization_config`'s ``reduce_range``,
     :data:`CALIBRATION_BATCH`)."""
     identity = {
         "format": CACHE_FORMAT,
-        "network_sha256": network_sha256(module),
+        "network_sha256": state_dict_sha256(module),
         "layers": list(names),
         "calibration_images": images,
         "preprocessing": dict(preprocessing),
@@ -346,15 +331,6 @@ def calibration_key(
         "calibration_batch": CALIBRATION_BATCH,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _tensor_digest(state: Mapping[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def load_calibration(path: Path, key: str) -> dict[str, torch.Tensor] | None:
@@ -378,7 +354,7 @@ def load_calibration(path: Path, key: str) -> dict[str, torch.Tensor] | None:
         log.warning("int8 calibration cache %s cannot be read (%s); calibrating again", path,
                     " ".join(str(exc).split())[:200])  # fmt: skip
         return None
-    if meta.get("sha256") != _tensor_digest(state):
+    if meta.get("sha256") != tensors_sha256(state):
         log.warning("int8 calibration cache %s fails its checksum; calibrating again", path)
         return None
     return state
@@ -392,14 +368,11 @@ def save_calibration(path: Path, key: str, state: Mapping[str, torch.Tensor]) ->
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in state.items()}
-        save_file(tensors, str(temp), metadata={"key": key, "sha256": _tensor_digest(tensors),
-                                                "format": CACHE_FORMAT})  # fmt: skip
-        os.replace(temp, path)
-    except (OSError, SafetensorError) as exc:
+        with atomic_path(path) as temp:
+            save_file(tensors, str(temp), metadata={"key": key, "sha256": tensors_sha256(tensors),
+                                                    "format": CACHE_FORMAT})  # fmt: skip
+    except (OSError, SafetensorError, StoreError) as exc:
         log.warning("int8 calibration cache %s not written (%s)", path, exc)
-        with suppress(OSError):
-            temp.unlink(missing_ok=True)

@@ -463,8 +463,13 @@ def last_linear_name(module: nn.Module) -> str:
 
 def state_dict_sha256(module: nn.Module) -> str:
     """SHA-256 over the names and bytes of a module's state dict (sorted by name)."""
+    return tensors_sha256(module.state_dict())
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of named tensors (sorted by name)."""
     digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
+    for key, value in sorted(tensors.items()):
         digest.update(key.encode() + b"\0")
         tensor = value.detach().cpu().contiguous()
         digest.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
