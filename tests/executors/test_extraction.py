@@ -1,7 +1,8 @@
 """Extraction on a local Ray cluster: the store equals a local run's (ids, order, attributes,
 arrays bit-identical on the CPU) with 1 and 2 workers; a worker killed mid-extraction is
 restarted and the store is the same; a failed shard is one error naming it, the finished shards
-are kept and a rerun computes only the missing ones."""
+are kept and a rerun computes only the missing ones; a pool no node can hold is one error that
+leaves nothing behind; with int8 the driver calibrates once for all actors."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from object2brain.executors import ExecutorError
 from object2brain.executors import extraction as ray_extraction
 from object2brain.executors.extraction import extract_on_ray, shard_folder, shard_ranges
 from object2brain.executors.pool import PoolSettings
+from object2brain.models import quantize
 from object2brain.models.zoo import load_model
 from object2brain.options import ExtractOptions, Runtime
 
@@ -191,3 +193,80 @@ class _Counting(ray_extraction._ShardActor):
     def compute(self, index: int) -> None:
         (self.folder.parent / f"computed-{index}").write_text("")
         super().compute(index)
+
+
+def _count_calibrations(folder: Path) -> Any:
+    """A stand-in for ``quantize.calibrate`` that leaves ``calibrated-<pid>-<n>`` in ``folder``
+    for each calibrating pass in its process, then calibrates."""
+    original = quantize.calibrate
+
+    def counted(prepared: Any, batches: Any) -> None:
+        (folder / f"calibrated-{os.getpid()}-{time.monotonic_ns()}").write_text("")
+        original(prepared, batches)
+
+    return counted
+
+
+class _CountsCalibrations(ray_extraction._ShardActor):
+    """Counts the calibrations of its process next to the shard folder."""
+
+    def setup(self, job: Any) -> None:
+        super().setup(job)
+        quantize.calibrate = _count_calibrations(self.folder.parent)  # this actor's process
+
+
+class _StartTogether(_CountsCalibrations):
+    """Each shard waits until two shards have arrived: two actors compute at the same time (the
+    case where each actor used to calibrate)."""
+
+    def compute(self, index: int) -> None:
+        meeting = self.folder.parent
+        (meeting / f"arrived-{index}-{os.getpid()}").write_text("")
+        deadline = time.monotonic() + 60.0
+        while len(list(meeting.glob("arrived-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().compute(index)
+
+
+def test_int8_calibrated_once_for_all_actors(
+    ray_cluster: ModuleType, table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver calibrates once before the pool starts; two actors computing at the same time
+    read its cache (0 calibrations in the actors), and the store equals a local int8 run's bit
+    for bit. A rerun calibrates nowhere."""
+    stimuli = o2b.load_stimuli(table)
+    options = ExtractOptions(batch_size=2, num_workers=0, quantize="int8")
+    runtime = Runtime(seed=5, device="cpu", progress=False)
+    model = load_model("resnet18", "none", seed=3)
+    int8 = plan_extraction(model, stimuli, ["layer1", "fc"], options, runtime)
+    local = run_extraction(int8, tmp_path / "local" / "acts.h5")
+    folder = tmp_path / "ray"
+    folder.mkdir()
+    monkeypatch.setattr(quantize, "calibrate", _count_calibrations(folder))
+    monkeypatch.setattr(ray_extraction, "_ShardActor", _StartTogether)
+    out = folder / "acts.h5"
+    extract_on_ray(int8, out, settings=PoolSettings(workers=2), shard_size=2)
+    arrived = {p.name.split("-")[2] for p in folder.glob("arrived-*")}
+    assert len(arrived) == 2 and len(list(folder.glob("arrived-*"))) == 3  # 2 actors, 3 shards
+    calibrated = [p.name.split("-")[1] for p in folder.glob("calibrated-*")]
+    assert calibrated == [str(os.getpid())]  # once, in the driver
+    assert (folder / "acts.h5.int8.safetensors").is_file()  # the cache the actors read
+    _same_store(out, local)
+    # a rerun (store removed, cache kept): no calibration in the driver or the actor
+    out.unlink()
+    manifest_path(out).unlink()
+    monkeypatch.setattr(ray_extraction, "_ShardActor", _CountsCalibrations)
+    extract_on_ray(int8, out, settings=PoolSettings(workers=1), shard_size=2)
+    assert len(list(folder.glob("calibrated-*"))) == 1
+    _same_store(out, local)
+
+
+def test_unplaceable_pool_is_one_error_and_leaves_nothing(
+    ray_cluster: ModuleType, plan: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OBJECT2BRAIN_RAY_PLACEMENT_TIMEOUT", raising=False)
+    out = tmp_path / "acts.h5"
+    asks = r"^extract: no node of the Ray cluster can hold one actor of the pool: each actor asks for 4 CPUs, 0 GPUs; the Ray cluster has 2 CPUs, 0 GPUs"  # noqa: E501
+    with pytest.raises(ExecutorError, match=asks):
+        extract_on_ray(plan, out, settings=PoolSettings(cpus_per_worker=4.0), shard_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, shards or lock left

@@ -2,7 +2,9 @@
 (2 CPUs): every shard computed once, shards sent only to started actors (a pool larger than the
 cluster finishes), one error naming the failed and unstarted shards with the first cause, an
 actor that cannot start reported as such, and the pool's actors killed afterwards, so the CPUs
-are free again and a later pool in the same Ray session gets them."""
+are free again and a later pool in the same Ray session gets them. An actor that no node can hold
+is refused at once, and a pool none of whose actors is placed within the placement timeout
+stops: one message naming what was asked and what the cluster has, nothing left behind."""
 
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ from types import ModuleType
 import pytest
 
 from object2brain.executors import ExecutorError
-from object2brain.executors.pool import PoolSettings, ShardActor, run_on_pool
+from object2brain.executors.pool import (
+    PLACEMENT_TIMEOUT,
+    PLACEMENT_TIMEOUT_ENV,
+    PoolSettings,
+    ShardActor,
+    placement_timeout,
+    run_on_pool,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,4 +148,77 @@ def test_actor_that_cannot_start(ray_cluster: ModuleType, tmp_path: Path) -> Non
     with pytest.raises(ExecutorError, match=cannot):
         _run(CannotStart, Job(str(tmp_path)), [0, 1], workers=1, max_retries=1)
     assert _done(tmp_path) == []
+    assert _cpus_free(ray_cluster)
+
+
+def test_actor_no_node_can_hold_is_refused_at_once(
+    ray_cluster: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3 CPUs or 1 GPU per actor on a 2-CPU, 0-GPU cluster: refused before any actor starts,
+    # naming what was asked and what the cluster has; the empty shard folder is removed
+    monkeypatch.delenv(PLACEMENT_TIMEOUT_ENV, raising=False)
+    folder = tmp_path / "shards"
+    for asked, named in (({"cpus_per_worker": 3.0}, "3 CPUs, 0 GPUs"),
+                         ({"gpus_per_worker": 1.0}, "1 CPU, 1 GPU")):  # fmt: skip
+        folder.mkdir()
+        started = time.monotonic()
+        message = rf"^test: no node of the Ray cluster can hold one actor of the pool: each actor asks for {named}; the Ray cluster has 2 CPUs, 0 GPUs \(.* free now\), its largest node 2 CPUs, 0 GPUs \(1 node\(s\)\).*nothing was computed$"  # noqa: E501
+        with pytest.raises(ExecutorError, match=message):
+            _run(Writer, Job(str(folder)), [0, 1], **asked)
+        assert time.monotonic() - started < 5.0  # no waiting for a placement
+        assert not folder.exists()
+    assert _cpus_free(ray_cluster)
+
+
+class Holder:
+    """Holds the CPUs it was placed with until killed."""
+
+    def ping(self) -> bool:
+        return True
+
+
+def test_no_actor_placed_within_the_timeout(ray_cluster: ModuleType, tmp_path: Path) -> None:
+    # both CPUs held by another actor: the pool's actor (1 CPU) can be placed by no node now,
+    # but could later, so the placement timeout stops it; then a pool gets the CPUs again
+    holder = ray_cluster.remote(num_cpus=2)(Holder).remote()
+    ray_cluster.get(holder.ping.remote())
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    try:
+        message = (r"^test: no actor of the pool started within 1 s \(placement timeout; "
+                   r"OBJECT2BRAIN_RAY_PLACEMENT_TIMEOUT\): each actor asks for 1 CPU, 0 GPUs; "
+                   r"the Ray cluster has 2 CPUs, 0 GPUs \(0 CPUs, 0 GPUs free now\); nothing "
+                   r"was computed$")  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(ExecutorError, match=message):
+            _run(Writer, Job(str(folder)), [0, 1, 2], workers=2, placement_timeout=1.0)
+        assert 1.0 <= time.monotonic() - started < 10.0
+        assert not folder.exists()  # nothing half-written
+    finally:
+        ray_cluster.kill(holder)
+    assert _cpus_free(ray_cluster)  # the pool's pending actors left nothing behind
+    folder.mkdir()
+    _run(Writer, Job(str(folder)), [0, 1], workers=2)
+    assert _done(folder) == [0, 1]
+
+
+def test_explicit_timeout_waits_for_a_node_that_fits(
+    ray_cluster: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # set explicitly (an autoscaling cluster), an actor no node holds now is waited for, then
+    # refused by the timeout; a bad value is one clear error
+    monkeypatch.setenv(PLACEMENT_TIMEOUT_ENV, "0.5")
+    assert placement_timeout(PoolSettings()) == (0.5, True)
+    assert placement_timeout(PoolSettings(placement_timeout=7)) == (7.0, True)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with pytest.raises(ExecutorError, match=r"within 0.5 s .* asks for 1 CPU, 1 GPU; the Ray"):
+        _run(Writer, Job(str(folder)), [0], gpus_per_worker=1.0)
+    assert not folder.exists()
+    for bad in ("soon", "0", "-3", "inf"):
+        monkeypatch.setenv(PLACEMENT_TIMEOUT_ENV, bad)
+        with pytest.raises(ExecutorError, match=rf"^{PLACEMENT_TIMEOUT_ENV}='{bad}': expected"):
+            placement_timeout(PoolSettings())
+    monkeypatch.delenv(PLACEMENT_TIMEOUT_ENV)
+    assert placement_timeout(PoolSettings()) == (PLACEMENT_TIMEOUT, False)
     assert _cpus_free(ray_cluster)

@@ -16,6 +16,13 @@ local run's.
 - **Stitching**: the driver copies the shards, in order, into ``<out>``: stimulus ids, the
   attributes (``order``, ``srp``, model, weights, preprocessing ...), the fingerprint and the
   manifest are those of a local run; the shard folder is removed once the store is complete.
+- **int8** (``quantize="int8"``): the driver calibrates once before the pool starts (or finds
+  the cached calibration) and writes the cache every actor then reads
+  (:func:`~object2brain.activations.extract.int8_cache_path`; beside ``<out>`` unless
+  ``--image-cache``), so actors starting together do not each calibrate. The driver has read
+  every image already (the plan's fingerprint hashes their bytes) and int8 runs on CPUs only,
+  so this needs no lock on the shared filesystem; a driver killed while calibrating leaves no
+  cache (written under a temporary name and renamed) and the rerun calibrates again.
 - **Faults**: an actor whose process dies is restarted and its shard retried by Ray (up to
   ``max_retries`` times); a shard store that was half-written resumes from its last flushed batch
   (:class:`~object2brain.activations.store.StoreWriter`). A rerun after a crash or a lost node
@@ -35,7 +42,9 @@ from pathlib import Path
 
 from object2brain.activations.extract import (
     ExtractionPlan,
+    _network,
     _same_complete_store,
+    int8_cache_beside,
     manifest_path,
     run_extraction,
     write_manifest,
@@ -127,6 +136,8 @@ def extract_on_ray(
     pool = dataclasses.replace(
         settings or PoolSettings(), gpus_per_worker=1.0 if plan.device.type == "cuda" else 0.0
     )
+    if plan.calibration is not None and plan.calibration_cache is None:  # one file for all
+        plan = dataclasses.replace(plan, calibration_cache=int8_cache_beside(out))
     with output_lock(out), disk_errors(out):
         started = time.time()
         if out.exists():
@@ -141,6 +152,8 @@ def extract_on_ray(
         ranges = shard_ranges(len(plan.stimuli), plan.options.batch_size, shard_size)
         todo = _missing_shards(plan, folder, ranges)
         log.info("extract on Ray: %d of %d shards to compute", len(todo), len(ranges))
+        if todo and plan.calibration is not None:
+            _network(plan, out)  # int8: calibrated here once (or read), cached for the actors
         job = _ExtractJob(plan, str(folder), [(r.start, r.stop) for r in ranges])
         run_on_pool(
             _ShardActor, job, todo, pool, stage="extract", total=len(ranges),

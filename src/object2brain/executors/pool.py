@@ -16,6 +16,14 @@ job (and so one model) and writing each shard into its own file on the shared fo
   whose file is missing and the first cause.
 - **Resources**: the pool owns its actors and kills them in a ``finally`` (success, failure,
   interrupt), so their CPUs and GPUs are free for the next Ray use in the same process.
+- **Placement**: an actor that no alive node of the cluster can hold (more CPUs or GPUs than any
+  node has) is refused before any actor starts; and when no actor of the pool has started
+  within the placement timeout (:func:`placement_timeout`: the cluster is busy, or its nodes
+  were lost), the pool stops. Both are one :class:`ExecutorError` naming the stage, what each
+  actor asks for and what the cluster has (in all and free); nothing was computed, so an empty
+  shard folder is removed. With a timeout set explicitly (:data:`PLACEMENT_TIMEOUT_ENV` or
+  :attr:`PoolSettings.placement_timeout`) an actor that no node holds yet is waited for instead
+  of refused (an autoscaling cluster adds the node).
 
 Ray is imported only when a pool runs (the optional extra).
 """
@@ -23,17 +31,26 @@ Ray is imported only when a pool runs (the optional extra).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from object2brain.executors.base import ExecutorError, chunks_of
 from object2brain.executors.ray import connect, describe_failure
 
+log = logging.getLogger("object2brain.executors.pool")
+
 __all__ = [
     "BATCHES_PER_SHARD",
+    "PLACEMENT_TIMEOUT",
+    "PLACEMENT_TIMEOUT_ENV",
     "PoolSettings",
     "ShardActor",
+    "placement_timeout",
     "run_on_pool",
     "shard_folder",
     "shard_path",
@@ -42,6 +59,12 @@ __all__ = [
 
 #: Default shard size in batches.
 BATCHES_PER_SHARD = 8
+#: Seconds the pool waits for its first actor to start (placed on a node and its ``setup`` run:
+#: a worker process started, torch imported, the job and model loaded) before it stops.
+PLACEMENT_TIMEOUT = 300.0
+#: Environment variable overriding :data:`PLACEMENT_TIMEOUT` (seconds) for every pool of the
+#: process, e.g. on an autoscaling cluster whose GPU nodes take minutes to join.
+PLACEMENT_TIMEOUT_ENV = "OBJECT2BRAIN_RAY_PLACEMENT_TIMEOUT"
 
 
 def shard_folder(out: Path) -> Path:
@@ -68,14 +91,39 @@ def shard_ranges(n: int, batch_size: int, shard_size: int | None = None) -> list
 class PoolSettings:
     """The cluster ``address`` (``None``: the running Ray, else a local one), ``workers``
     actors (``None``: as many as the cluster's CPUs hold at ``cpus_per_worker``; never more
-    than the shards), ``cpus_per_worker``, ``gpus_per_worker`` and ``max_retries`` per shard
-    (and restarts of a dead actor)."""
+    than the shards), ``cpus_per_worker``, ``gpus_per_worker``, ``max_retries`` per shard
+    (and restarts of a dead actor) and ``placement_timeout`` in seconds (``None``:
+    :func:`placement_timeout`'s)."""
 
     address: str | None = None
     workers: int | None = None
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_retries: int = 3
+    placement_timeout: float | None = None
+
+
+def placement_timeout(settings: PoolSettings) -> tuple[float, bool]:
+    """Seconds the pool waits for its first actor and whether they were set explicitly:
+    ``settings.placement_timeout``, else the environment's :data:`PLACEMENT_TIMEOUT_ENV`, else
+    :data:`PLACEMENT_TIMEOUT` (not explicit).
+
+    Raises:
+        ExecutorError: the environment variable is not a positive number of seconds.
+    """
+    if settings.placement_timeout is not None:
+        return float(settings.placement_timeout), True
+    text = os.environ.get(PLACEMENT_TIMEOUT_ENV, "").strip()
+    if not text:
+        return PLACEMENT_TIMEOUT, False
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ExecutorError(f"{PLACEMENT_TIMEOUT_ENV}={text!r}: expected a positive number of "
+                            "seconds")  # fmt: skip
+    return seconds, True
 
 
 class ShardActor:
@@ -118,11 +166,20 @@ def run_on_pool(
     Raises:
         ExecutorError: a shard that failed on every try, or an actor that could not start,
             naming ``stage`` and the shards still ``missing()`` (their files absent); the
-            finished shards' files stay in ``folder``.
+            finished shards' files stay in ``folder``. Or an actor that no node can hold, or
+            no actor started within the placement timeout (module docstring): naming what
+            each actor asks for and what the cluster has; ``folder`` removed if empty.
     """
     if not todo:
         return
     ray = connect(settings.address)
+    seconds, explicit = placement_timeout(settings)
+    unplaceable = _unplaceable(ray, settings)
+    if unplaceable is not None and explicit:  # a node that fits may still join
+        log.warning("%s: %s; waiting up to %g s for one", stage, unplaceable, seconds)
+    elif unplaceable is not None:
+        _remove_if_empty(folder)
+        raise ExecutorError(f"{stage}: {unplaceable}; nothing was computed")
     remote = ray.remote(
         num_cpus=settings.cpus_per_worker,
         num_gpus=settings.gpus_per_worker,
@@ -132,7 +189,13 @@ def run_on_pool(
     job_ref = [ray.put(job)]  # once in the object store (alive until the actors are killed)
     actors = [remote.remote(job_ref) for _ in range(_pool_size(ray, settings, len(todo)))]
     try:
-        failure = _dispatch(ray, actors, list(todo))
+        failure = _dispatch(ray, actors, list(todo), seconds)
+    except _NotPlacedError:
+        _remove_if_empty(folder)
+        raise ExecutorError(
+            f"{stage}: no actor of the pool started within {seconds:g} s (placement timeout; "
+            f"{PLACEMENT_TIMEOUT_ENV}): {_resources(ray, settings)}; nothing was computed"
+        ) from None
     finally:
         for handle in actors:  # their CPUs and GPUs are free for the next use of Ray
             ray.kill(handle, no_restart=True)
@@ -151,14 +214,75 @@ def _pool_size(ray: Any, settings: PoolSettings, shards: int) -> int:
     return max(1, min(shards, int(cpus // max(settings.cpus_per_worker, 1e-9))))
 
 
-def _dispatch(ray: Any, actors: list[Any], queue: list[int]) -> str | None:
+def _amounts(resources: Mapping[str, float]) -> str:
+    """``2 CPUs, 0 GPUs`` of a Ray resource mapping."""
+    words = []
+    for name in ("CPU", "GPU"):
+        value = float(resources.get(name, 0.0))
+        words.append(f"{value:g} {name}{'' if value == 1 else 's'}")
+    return ", ".join(words)
+
+
+def _asked(settings: PoolSettings) -> dict[str, float]:
+    return {"CPU": settings.cpus_per_worker, "GPU": settings.gpus_per_worker}
+
+
+def _resources(ray: Any, settings: PoolSettings) -> str:
+    """What each actor asks for and what the cluster has, in all and free now."""
+    return (
+        f"each actor asks for {_amounts(_asked(settings))}; the Ray cluster has "
+        f"{_amounts(ray.cluster_resources())} ({_amounts(ray.available_resources())} free now)"
+    )
+
+
+def _unplaceable(ray: Any, settings: PoolSettings) -> str | None:
+    """Why no alive node of the cluster can hold one actor (its CPUs and GPUs on one node), or
+    ``None`` when one can (or Ray does not tell: then the placement timeout decides)."""
+    try:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # Ray Client or an older Ray without node details: not checked here
+        return None
+    asked = _asked(settings)
+    if any(all(float(node.get(k, 0.0)) >= v for k, v in asked.items()) for node in nodes):
+        return None
+    largest: Mapping[str, float] = max(
+        nodes, key=lambda n: (float(n.get("GPU", 0)), float(n.get("CPU", 0))), default={}
+    )
+    return (
+        f"no node of the Ray cluster can hold one actor of the pool: "
+        f"{_resources(ray, settings)}, its largest node {_amounts(largest)} ({len(nodes)} "
+        f"node(s)); run on a device the cluster has, ask for fewer CPUs per worker, or add a "
+        f"node (an autoscaling cluster: set {PLACEMENT_TIMEOUT_ENV} to wait for one)"
+    )
+
+
+def _remove_if_empty(folder: str) -> None:
+    """Remove the shard ``folder`` if it holds nothing (made by the stage for this pool)."""
+    try:
+        if folder and not any(Path(folder).iterdir()):
+            Path(folder).rmdir()
+    except OSError:
+        pass
+
+
+class _NotPlacedError(Exception):
+    """No actor of the pool started within the placement timeout."""
+
+
+def _dispatch(ray: Any, actors: list[Any], queue: list[int], timeout: float) -> str | None:
     """Send the shards of ``queue`` (in order) to the actors as they start and finish; after
     the first failure send no more and let the shards in flight finish. Returns the first
-    failure's description, or ``None`` when every shard finished."""
+    failure's description, or ``None`` when every shard finished.
+
+    Raises:
+        _NotPlacedError: no actor started (answered ``ready``) within ``timeout`` seconds.
+    """
     starting = {handle.ready.remote(): k for k, handle in enumerate(actors)}
     running: dict[Any, tuple[int, int]] = {}  # reference -> (actor, shard)
     idle: list[int] = []
     failure: str | None = None
+    deadline = time.monotonic() + timeout
+    placed = False  # an actor has started: from then on no clock (shards take what they take)
     while True:
         while failure is None and queue and idle:
             k, shard = idle.pop(0), queue.pop(0)
@@ -167,7 +291,11 @@ def _dispatch(ray: Any, actors: list[Any], queue: list[int]) -> str | None:
             return failure  # actors still starting are killed by the caller
         # here an actor is starting or running: without a failure every actor is starting,
         # running or idle, and none is idle while shards wait
-        ref = ray.wait([*running, *starting], num_returns=1)[0][0]
+        wait = None if placed or failure is not None else max(0.0, deadline - time.monotonic())
+        done = ray.wait([*running, *starting], num_returns=1, timeout=wait)[0]
+        if not done:
+            raise _NotPlacedError
+        ref = done[0]
         k, sent = running.pop(ref) if ref in running else (starting.pop(ref), None)
         try:
             ray.get(ref)
@@ -176,4 +304,5 @@ def _dispatch(ray: Any, actors: list[Any], queue: list[int]) -> str | None:
             where = "an actor could not start" if sent is None else f"shard {sent}"
             failure = failure or f"{where}: {what}"
             continue  # this actor gets no more shards
+        placed = True
         idle.append(k)
