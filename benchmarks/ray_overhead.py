@@ -92,8 +92,8 @@ def shard_overhead(n_images: int, folder: Path) -> dict[str, float]:
     run_extraction(plan, folder / "local.h5")
     local = time.perf_counter() - started
     out: dict[str, float] = {"images": n_images, "local_seconds": local}
-    # (workers, shard size): one shard vs one shard per batch separates the fixed cost (Ray
-    # Data start, actor start = model transfer and load, stitching) from the cost per shard
+    # (workers, shard size): one shard vs one shard per batch separates the fixed cost (pool
+    # start, actor start = model transfer and load, stitching) from the cost per shard
     for workers, size in ((1, n_images), (1, 2), (2, 2)):
         wait_idle()
         started = time.perf_counter()
