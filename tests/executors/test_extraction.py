@@ -2,7 +2,8 @@
 arrays bit-identical on the CPU) with 1 and 2 workers; a worker killed mid-extraction is
 restarted and the store is the same; a failed shard is one error naming it, the finished shards
 are kept and a rerun computes only the missing ones; a pool no node can hold is one error that
-leaves nothing behind; with int8 the driver calibrates once for all actors."""
+leaves nothing behind; with int8 the driver calibrates once for all actors, and a driver killed
+while calibrating blocks no rerun."""
 
 from __future__ import annotations
 
@@ -228,37 +229,103 @@ class _StartTogether(_CountsCalibrations):
         super().compute(index)
 
 
+INT8 = {"batch_size": 2, "num_workers": 0, "quantize": "int8"}
+
+
+def _int8_plan(table: Path) -> Any:
+    stimuli = o2b.load_stimuli(table)
+    runtime = Runtime(seed=5, device="cpu", progress=False)
+    model = load_model("resnet18", "none", seed=3)
+    return plan_extraction(model, stimuli, ["layer1", "fc"], ExtractOptions(**INT8), runtime)
+
+
+@pytest.fixture(scope="module")
+def int8_local(table: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local int8 run's store (calibrated in this process, its own cache file)."""
+    return run_extraction(_int8_plan(table), tmp_path_factory.mktemp("int8") / "acts.h5")
+
+
 def test_int8_calibrated_once_for_all_actors(
-    ray_cluster: ModuleType, table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_cluster: ModuleType,
+    table: Path,
+    int8_local: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The driver calibrates once before the pool starts; two actors computing at the same time
     read its cache (0 calibrations in the actors), and the store equals a local int8 run's bit
     for bit. A rerun calibrates nowhere."""
-    stimuli = o2b.load_stimuli(table)
-    options = ExtractOptions(batch_size=2, num_workers=0, quantize="int8")
-    runtime = Runtime(seed=5, device="cpu", progress=False)
-    model = load_model("resnet18", "none", seed=3)
-    int8 = plan_extraction(model, stimuli, ["layer1", "fc"], options, runtime)
-    local = run_extraction(int8, tmp_path / "local" / "acts.h5")
-    folder = tmp_path / "ray"
-    folder.mkdir()
-    monkeypatch.setattr(quantize, "calibrate", _count_calibrations(folder))
+    int8 = _int8_plan(table)
+    monkeypatch.setattr(quantize, "calibrate", _count_calibrations(tmp_path))
     monkeypatch.setattr(ray_extraction, "_ShardActor", _StartTogether)
-    out = folder / "acts.h5"
+    out = tmp_path / "acts.h5"
     extract_on_ray(int8, out, settings=PoolSettings(workers=2), shard_size=2)
-    arrived = {p.name.split("-")[2] for p in folder.glob("arrived-*")}
-    assert len(arrived) == 2 and len(list(folder.glob("arrived-*"))) == 3  # 2 actors, 3 shards
-    calibrated = [p.name.split("-")[1] for p in folder.glob("calibrated-*")]
+    arrived = {p.name.split("-")[2] for p in tmp_path.glob("arrived-*")}
+    assert len(arrived) == 2 and len(list(tmp_path.glob("arrived-*"))) == 3  # 2 actors, 3 shards
+    calibrated = [p.name.split("-")[1] for p in tmp_path.glob("calibrated-*")]
     assert calibrated == [str(os.getpid())]  # once, in the driver
-    assert (folder / "acts.h5.int8.safetensors").is_file()  # the cache the actors read
-    _same_store(out, local)
+    assert (tmp_path / "acts.h5.int8.safetensors").is_file()  # the cache the actors read
+    _same_store(out, int8_local)
     # a rerun (store removed, cache kept): no calibration in the driver or the actor
     out.unlink()
     manifest_path(out).unlink()
     monkeypatch.setattr(ray_extraction, "_ShardActor", _CountsCalibrations)
-    extract_on_ray(int8, out, settings=PoolSettings(workers=1), shard_size=2)
-    assert len(list(folder.glob("calibrated-*"))) == 1
-    _same_store(out, local)
+    extract_on_ray(int8, out, settings=PoolSettings(workers=1), shard_size=6)
+    assert len(list(tmp_path.glob("calibrated-*"))) == 1
+    _same_store(out, int8_local)
+
+
+KILLED_WHILE_CALIBRATING = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = sys.argv[3].split("|")
+import test_extraction as t
+from object2brain.executors.extraction import extract_on_ray
+from object2brain.models import quantize
+def stuck(prepared, batches):
+    Path(sys.argv[2]).write_text("calibrating")
+    time.sleep(600)
+quantize.calibrate = stuck
+extract_on_ray(t._int8_plan(Path(sys.argv[1])), Path(sys.argv[2]).parent / "acts.h5")
+"""
+
+
+def test_driver_killed_while_calibrating_blocks_no_rerun(
+    ray_cluster: ModuleType,
+    table: Path,
+    int8_local: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A driver killed (SIGKILL) in the middle of the calibration, holding the store's lock,
+    leaves no cache and no held lock: the rerun does not wait, calibrates once and writes the
+    local int8 run's store."""
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "calibrating"
+    paths = "|".join([str(Path(__file__).parent), *sys.path])
+    driver = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_CALIBRATING, str(table),
+                               str(marker), paths])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120.0
+        while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the driver never reached the calibration"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    out = tmp_path / "acts.h5"
+    assert not (tmp_path / "acts.h5.int8.safetensors").exists()
+    assert not list(tmp_path.glob(".acts.h5.int8*"))  # no temporary cache file either
+    monkeypatch.setattr(quantize, "calibrate", _count_calibrations(tmp_path))
+    monkeypatch.setattr(ray_extraction, "_ShardActor", _CountsCalibrations)
+    started = time.monotonic()
+    extract_on_ray(_int8_plan(table), out, settings=PoolSettings(workers=1), shard_size=6)
+    assert time.monotonic() - started < 120.0
+    assert [p.name.split("-")[1] for p in tmp_path.glob("calibrated-*")] == [str(os.getpid())]
+    _same_store(out, int8_local)
 
 
 def test_unplaceable_pool_is_one_error_and_leaves_nothing(
