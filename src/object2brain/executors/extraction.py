@@ -21,8 +21,9 @@ local run's.
   (:func:`~object2brain.activations.extract.int8_cache_path`; beside ``<out>`` unless
   ``--image-cache``), so actors starting together do not each calibrate. The driver has read
   every image already (the plan's fingerprint hashes their bytes) and int8 runs on CPUs only,
-  so this needs no lock on the shared filesystem; a driver killed while calibrating leaves no
-  cache (written under a temporary name and renamed) and the rerun calibrates again.
+  so this needs no lock of its own on the shared filesystem; a driver killed while calibrating
+  leaves no cache (written under a temporary name and renamed), its store lock is released with
+  the process, and the rerun calibrates again.
 - **Faults**: an actor whose process dies is restarted and its shard retried by Ray (up to
   ``max_retries`` times); a shard store that was half-written resumes from its last flushed batch
   (:class:`~object2brain.activations.store.StoreWriter`). A rerun after a crash or a lost node
