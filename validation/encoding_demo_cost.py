@@ -16,7 +16,10 @@ row and 3 conditions scored from each refit), for the dense numpy maps
 (:func:`object2brain.encoding.ridge.fit_smoother`) and the torch spectral maps the stage uses
 (:func:`object2brain.encoding.smoother.fit_torch_smoother`), times the full demo's refits if
 every test runs all 1,000 (99% do: planted effects): 8 layers x (24 ROIs of 200 voxels + 8
-raters) x 1,000. Writes ``encoding_demo_cost_full.json``.
+raters) x 1,000. Writes ``encoding_demo_cost_full.json``. Also timed the same way: the
+``fixed_alpha`` null (:func:`object2brain.encoding.smoother.fit_fixed_alpha_smoother`, bound to
+the alphas a ridge fit chose on the responses; setup = the maps of one layer, bind = per ROI)
+and the ``predictions`` null (per test of 200 voxels and 4 masks, the stage's path).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import torch
 
 import object2brain as o2b
 from object2brain.encoding.folds import outer_folds
-from object2brain.encoding.ridge import fit_smoother, reduce_folds
-from object2brain.encoding.scores import refit_permutation_tests
-from object2brain.encoding.smoother import fit_torch_smoother
+from object2brain.encoding.ridge import fit_ridge_cv, fit_smoother, reduce_folds
+from object2brain.encoding.scores import permutation_test, refit_permutation_tests
+from object2brain.encoding.smoother import fit_fixed_alpha_smoother, fit_torch_smoother
 
 #: The full demo's encode stage (``object2brain.demo``): layers, ROIs x voxels, raters,
 #: permutations, and its measured seconds with ``predictions`` (quiet machine, last session).
@@ -122,6 +125,38 @@ def estimate_full(n_perm: int) -> dict[str, Any]:
             "full_demo_stage_estimate_s": round(FULL_DEMO_STAGE_S + refit_s),
             "ratio_to_stage_with_predictions": round(1 + refit_s / FULL_DEMO_STAGE_S, 1),
         }
+    ridge = fit_ridge_cv(x, y, folds, reductions=reductions, keep_weights=False, **args)
+    fixed_perm = 5 * n_perm  # cheaper refits: more of them for a stable time
+    tests = FULL_DEMO["layers"] * (FULL_DEMO["rois"] + 1)  # the raters' ROI: one test more
+    began = time.process_time()
+    fixed = fit_fixed_alpha_smoother(x, folds, alphas=args["alphas"], reductions=reductions)
+    setup = time.process_time() - began
+    began = time.process_time()
+    null = fixed.bind(ridge.alphas)
+    bind = time.process_time() - began
+    began = time.process_time()
+    refit_permutation_tests(y, ridge.predictions, null, masks, n_perm=fixed_perm, seed=0)
+    per_refit = (time.process_time() - began) / fixed_perm
+    refit_s = per_refit * total_columns / v + FULL_DEMO["layers"] * setup + tests * bind
+    out["fixed_alpha"] = {
+        "setup_cpu_s": round(setup, 4),
+        "bind_cpu_s": round(bind, 4),
+        "refits_timed": fixed_perm,
+        "cpu_s_per_refit_200_voxels": round(per_refit, 6),
+        "full_demo_refit_null_cpu_s": round(refit_s),
+        "full_demo_stage_estimate_s": round(FULL_DEMO_STAGE_S + refit_s),
+        "ratio_to_stage_with_predictions": round(1 + refit_s / FULL_DEMO_STAGE_S, 2),
+    }
+    began = time.process_time()
+    for mask in masks:
+        permutation_test(
+            y[mask], ridge.predictions[mask], n_perm=FULL_DEMO["n_perm"], seed=0, groups=folds[mask]
+        )
+    per_test = time.process_time() - began
+    out["predictions"] = {
+        "cpu_s_per_test_200_voxels_4_masks": round(per_test, 4),
+        "full_demo_null_cpu_s": round(per_test * tests, 1),
+    }
     out["load_average_after"] = os.getloadavg()[0]
     out["full_demo"] = FULL_DEMO | {"stage_s_with_predictions": FULL_DEMO_STAGE_S}
     return out
