@@ -23,6 +23,12 @@ as the stage):
 - ``power_small``: ``small`` with a planted effect ``Y = s X W + E`` (``s = 0.2``), also
   with the exact ``refit`` test (sequential, ``perm_stop`` 10, as in the stage).
 
+``*_moments`` settings add the exact refit null (``refit_full``: rank p of all its draws, 200
+for ``small_moments``, 99 for ``demo_decay_moments``) and cheaper readings of its first ``R``
+draws: ``refit_tR`` (Student-t prediction p, normal null with the draws' mean and sd),
+``refit_rank59`` (rank p of 59 draws) and ``refit_hybrid59`` (the rank p of 59 draws, extended
+below its floor 1/60 by the t p when no draw reaches the observed value).
+
 Per dataset: ``fixed_alpha`` (all ``n_perm``), its sequential p with stop 10 from the same null
 (the stage's default ``perm_stop``) and ``predictions``. Null settings: the rejection rate at 0.01
 / 0.05 / 0.10 must lie in the binomial 95% interval around the level; Kolmogorov-Smirnov p of
@@ -81,6 +87,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "small_moments": {"n": 60, "p": 20, "v": 10, "folds": 5, "inner": 5, "pca": None,
                       "alphas": list(EncodeOptions().alphas), "conditions": 0, "decay": False,
                       "signal": 0.0, "refit": False, "moments": True},
+    "demo_decay_moments": {"n": 260, "p": 400, "v": 200, "folds": 3, "inner": 3, "pca": 256,
+                           "alphas": [10.0**k for k in range(-1, 8)], "conditions": 3,
+                           "decay": True, "signal": 0.0, "refit": False, "moments": True,
+                           "refit_draws": 99},
     "power_small": {"n": 60, "p": 20, "v": 10, "folds": 5, "inner": 5, "pca": None,
                     "alphas": list(EncodeOptions().alphas), "conditions": 0, "decay": False,
                     "signal": 0.2, "refit": True},
@@ -134,12 +144,15 @@ def one(index: int, shape: dict[str, Any], n_perm: int) -> dict[str, list[float]
             x, folds, alphas=shape["alphas"], inner_folds=shape["inner"], seed=index,
             reductions=reductions,
         )  # fmt: skip
+        draws = min(n_perm, shape.get("refit_draws", n_perm))
         exact = refit_permutation_tests(
-            y, fit.predictions, smoother, masks, n_perm=n_perm, seed=index
+            y, fit.predictions, smoother, masks, n_perm=draws, seed=index
         )
         out["refit_full"] = [t.p for t in exact]
         for draws in MOMENT_DRAWS:
             out[f"refit_t{draws}"] = [t_p(t.observed, t.null[:draws]) for t in exact]
+        out[f"refit_rank{HYBRID}"] = [rank_p(t.observed, t.null[:HYBRID]) for t in exact]
+        out[f"refit_hybrid{HYBRID}"] = [hybrid_p(t.observed, t.null[:HYBRID]) for t in exact]
     if shape["refit"]:
         smoother = fit_torch_smoother(
             x, folds, alphas=shape["alphas"], inner_folds=shape["inner"], seed=index,
@@ -162,6 +175,22 @@ def t_p(observed: float, null: np.ndarray) -> float:
     r = null.size
     t = (observed - null.mean()) / (null.std(ddof=1) * np.sqrt(1 + 1 / r))
     return float(stats.t.sf(t, r - 1))
+
+
+HYBRID = 59  # R + 1 = 60: 0.05 and 0.10 are attainable rank p-values
+
+
+def rank_p(observed: float, null: np.ndarray) -> float:
+    """The permutation p ``(1 + #{null >= observed}) / (1 + R)`` of ``R`` draws."""
+    return float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + null.size))
+
+
+def hybrid_p(observed: float, null: np.ndarray) -> float:
+    """The rank p of ``R`` exact refits, extended below its floor ``1 / (R + 1)`` by the normal
+    approximation (:func:`t_p`) when no draw reaches the observed value: exact at every level
+    ``>= 1 / (R + 1)`` (the rank p decides there), approximate only below it."""
+    rank = rank_p(observed, null)
+    return min(rank, t_p(observed, null)) if rank == 1 / (1 + null.size) else rank
 
 
 def summary(values: dict[str, list[list[float]]], signal: float) -> dict[str, Any]:

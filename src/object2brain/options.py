@@ -677,8 +677,8 @@ class EncodeOptions(RatingsOptions):
             "| refit: relabel the responses and rerun the cross-validation (exact, calibrated; up "
             "to n_perm refits per layer and ROI, from precomputed maps on --device in float64; "
             "see perm_stop) | fixed_alpha: relabel the responses and refit each voxel with the "
-            "alphas its real responses chose (no inner alpha search; calibrated in "
-            "validation/encoding_fixed_alpha_null.md; one product per fold and relabelling)."
+            "alphas its real responses chose (no inner alpha search; measured conservative like "
+            "predictions: validation/encoding_fixed_alpha_null.md)."
         ),
     )
     perm_stop: Count = Field(

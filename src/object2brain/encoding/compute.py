@@ -9,7 +9,10 @@ each condition. ``perm_null``: ``predictions`` permutes the out-of-fold predicti
 outer folds (fast; conservative, see ``permutation_test``); ``refit`` relabels the responses and
 reruns the cross-validation of the layer for every permutation (exact; on the runtime's device
 with :mod:`object2brain.encoding.smoother`, float64; banded rows always use ``predictions``: the
-band-weight search is not linear in the responses). BH-FDR runs over the
+band-weight search is not linear in the responses); ``fixed_alpha`` relabels and refits each
+voxel with the alphas its real responses chose (one product per fold and alpha,
+:class:`~object2brain.encoding.smoother.FixedAlphaSmoother`; banded rows as for ``refit``;
+measured conservative, see ``validation/encoding_fixed_alpha_null.md``). BH-FDR runs over the
 rows (layers x ROIs, banded model included) of each model and condition.
 
 Layer features ``(n, ...)`` are flattened to ``(n, p)``. With ``reduce = srp:DIM`` a layer with
