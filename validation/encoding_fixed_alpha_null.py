@@ -62,9 +62,11 @@ from encoding_null import null_dataset
 from object2brain.encoding.folds import outer_folds
 from object2brain.encoding.ridge import fit_ridge_cv, reduce_folds
 from object2brain.encoding.scores import (
+    normal_tail_p,
     permutation_test,
     refit_permutation_tests,
     sequential_p,
+    tail_p,
 )
 from object2brain.encoding.smoother import (
     fit_fixed_alpha_smoother,
@@ -169,12 +171,9 @@ MOMENT_DRAWS = (20, 50, 100)
 
 
 def t_p(observed: float, null: np.ndarray) -> float:
-    """One-sided p of ``observed`` against ``R`` exchangeable null draws under a normal null:
-    Student's t prediction interval, :math:`t = (obs - m) / (s \\sqrt{1 + 1/R})`, ``R - 1``
-    degrees of freedom (exact when the null is normal)."""
-    r = null.size
-    t = (observed - null.mean()) / (null.std(ddof=1) * np.sqrt(1 + 1 / r))
-    return float(stats.t.sf(t, r - 1))
+    """One-sided p of ``observed`` against ``R`` exchangeable null draws under a normal null
+    (:func:`object2brain.encoding.scores.normal_tail_p`)."""
+    return normal_tail_p(observed, null)
 
 
 HYBRID = 59  # R + 1 = 60: 0.05 and 0.10 are attainable rank p-values
@@ -187,10 +186,10 @@ def rank_p(observed: float, null: np.ndarray) -> float:
 
 def hybrid_p(observed: float, null: np.ndarray) -> float:
     """The rank p of ``R`` exact refits, extended below its floor ``1 / (R + 1)`` by the normal
-    approximation (:func:`t_p`) when no draw reaches the observed value: exact at every level
+    approximation when no draw reaches the observed value: the stage's ``refit_tail`` p with
+    ``n_perm = R`` (:func:`object2brain.encoding.scores.tail_p`); exact at every level
     ``>= 1 / (R + 1)`` (the rank p decides there), approximate only below it."""
-    rank = rank_p(observed, null)
-    return min(rank, t_p(observed, null)) if rank == 1 / (1 + null.size) else rank
+    return tail_p(rank_p(observed, null), null.size, null, observed, null.size)
 
 
 def summary(values: dict[str, list[list[float]]], signal: float) -> dict[str, Any]:

@@ -12,7 +12,10 @@ with :mod:`object2brain.encoding.smoother`, float64; banded rows always use ``pr
 band-weight search is not linear in the responses); ``fixed_alpha`` relabels and refits each
 voxel with the alphas its real responses chose (one product per fold and alpha,
 :class:`~object2brain.encoding.smoother.FixedAlphaSmoother`; banded rows as for ``refit``;
-measured conservative, see ``validation/encoding_fixed_alpha_null.md``). BH-FDR runs over the
+measured conservative, see ``validation/encoding_fixed_alpha_null.md``); ``refit_tail`` is
+``refit`` with a p at its floor ``1 / (n_perm + 1)`` extended by a normal approximation of the
+same refits (:func:`~object2brain.encoding.scores.tail_p`), for a small ``n_perm``. BH-FDR runs
+over the
 rows (layers x ROIs, banded model included) of each model and condition.
 
 Layer features ``(n, ...)`` are flattened to ``(n, p)``. With ``reduce = srp:DIM`` a layer with
@@ -213,6 +216,7 @@ def _score_rows(
             n_perm=n_perm,
             seed=study.seed,
             stop=study.options.perm_stop,
+            tail=study.options.perm_null == "refit_tail",
         )
         if refit is not None
         else None
