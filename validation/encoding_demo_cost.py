@@ -7,7 +7,7 @@ Prints and writes ``encoding_demo_cost.json``: seconds per null, rows, the mean 
 actually used, the fraction of rows that ran all permutations, and the rejection rate.
 
 Run: ``PYTHONPATH=src nice python validation/encoding_demo_cost.py DEMO_FOLDER [--layer L]
-[--n-perm 200] [--reduce pca:256] [--nulls predictions:0,fixed_alpha:10] [--out F]``
+[--n-perm 200] [--reduce pca:256] [--nulls predictions:0,refit_tail:10:59] [--out F]``
 (``--reduce pca:256`` with ``--n-perm 1000``: the full demo's options for one layer; the
 store may also be the stage's ``activations/<model>.h5`` copied into the folder).
 
@@ -82,6 +82,7 @@ def run(
     return {
         "perm_null": null,
         "perm_stop": stop,
+        "n_perm": n_perm,
         "reduce": reduce,
         "seconds": round(seconds, 1),
         "cpu_seconds": round(cpu, 1),
@@ -189,7 +190,7 @@ def main() -> None:
     parser.add_argument(
         "--nulls",
         default="predictions:0,refit:10",
-        help="comma-separated perm_null:perm_stop runs (e.g. predictions:0,fixed_alpha:10)",
+        help="comma-separated perm_null:perm_stop[:n_perm] (e.g. predictions:0,refit_tail:10:59)",
     )
     args = parser.parse_args()
     if args.estimate_full:
@@ -207,8 +208,15 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores (shared, loaded)",
         "torch_threads": torch.get_num_threads(),
         "runs": [
-            run(args.folder, args.layer, args.n_perm, name, int(stop), args.reduce)
-            for name, stop in (null.split(":") for null in args.nulls.split(","))
+            run(
+                args.folder,
+                args.layer,
+                int(f[2]) if len(f) > 2 else args.n_perm,
+                f[0],
+                int(f[1]),
+                args.reduce,
+            )
+            for f in (null.split(":") for null in args.nulls.split(","))
         ],
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
