@@ -13,31 +13,36 @@ as the stage):
 - ``small``: 60 stimuli, 20 Gaussian features, 10 voxels, 5 outer / 5 inner folds, the default
   19 alphas: the datasets of ``validation/encoding_null.py`` (same generator and seeds), where the
   exact ``refit`` test rejected 5.00% and ``predictions`` 1.75% of 400 at 0.05;
-- ``demo``: the full demo's encode shape: 260 stimuli, 400 Gaussian features reduced by
-  ``pca:256`` (172 dimensions per fold), 200 voxels, 3 outer / 3 inner folds stratified by 3
-  conditions, alphas ``10^-1 .. 10^7`` (9); the ``all`` row and the 3 condition rows are tested
-  from the same relabellings (as in the stage);
-- ``demo_decay``: ``demo`` with a decaying feature spectrum (feature ``j`` scaled by
-  ``(j + 1)^-1``, like a network layer's), where the alphas chosen under the null spread over the
-  grid instead of piling at the largest;
 - ``power_small``: ``small`` with a planted effect ``Y = s X W + E`` (``s = 0.2``), also
-  with the exact ``refit`` test (sequential, ``perm_stop`` 10, as in the stage).
-
-``*_moments`` settings add the exact refit null (``refit_full``: rank p of all its draws, 200
-for ``small_moments``, 99 for ``demo_decay_moments``) and cheaper readings of its first ``R``
-draws: ``refit_tR`` (Student-t prediction p, normal null with the draws' mean and sd),
-``refit_rank59`` (rank p of 59 draws) and ``refit_hybrid59`` (the rank p of 59 draws, extended
-below its floor 1/60 by the t p when no draw reaches the observed value).
+  with the exact ``refit`` test (sequential, ``perm_stop`` 10, as in the stage);
+- ``small_moments``: ``small`` with the exact refit null (``refit_full``: rank p of all its
+  ``n_perm`` draws) and cheaper readings of its first ``R`` draws: ``refit_tR`` (Student-t
+  prediction p, a normal null with the draws' mean and sd), ``refit_rank59`` (rank p of 59
+  draws) and ``refit_hybrid59`` (the stage's ``refit_tail`` p with ``n_perm`` 59: the rank p of
+  59 draws, extended below its floor 1/60 by the t p when no draw reaches the observed value);
+- ``demo_decay_moments``: the full demo's encode shape (260 stimuli, 400 Gaussian features
+  scaled by ``(j + 1)^-1`` like a network layer's decaying spectrum, ``pca:256`` -> 172
+  dimensions per fold, 200 voxels, 3 outer / 3 inner folds stratified by 3 conditions, alphas
+  ``10^-1 .. 10^7``), the ``all`` row and the 3 condition rows tested from the same
+  relabellings (as in the stage), with the readings of ``small_moments`` from 99 exact refits;
+- ``power_demo``: the demo shape with flat features and a planted effect (``s = 0.15``).
 
 Per dataset: ``fixed_alpha`` (all ``n_perm``), its sequential p with stop 10 from the same null
 (the stage's default ``perm_stop``) and ``predictions``. Null settings: the rejection rate at 0.01
 / 0.05 / 0.10 must lie in the binomial 95% interval around the level; Kolmogorov-Smirnov p of
 the full test's p-values against the uniform.
 
-Run: ``PYTHONPATH=src nice -n 10 python validation/encoding_fixed_alpha_null.py --setting small
---datasets 1000``; results are merged into ``encoding_fixed_alpha_null.json`` (one entry per
-setting, written every 50 datasets so an interrupted run keeps its progress; ``--resume``
-continues it) and ``encoding_fixed_alpha_null.md``.
+Run (the recorded results; one thread, ``OMP_NUM_THREADS=1``)::
+
+    PYTHONPATH=src nice -n 10 python validation/encoding_fixed_alpha_null.py \\
+        --setting small --setting power_small --datasets 1000 --n-perm 1000 \\
+        --out validation/encoding_fixed_alpha_null_small.json   # power_small stopped at 550
+    ... --setting small_moments --datasets 1000 --n-perm 200 --out ..._moments.json
+    ... --setting demo_decay_moments --datasets 200 --n-perm 200 --out ..._demo.json
+    ... --setting power_demo --datasets 100 --n-perm 200 --out ..._power_demo.json
+
+Each ``--out`` JSON (with a ``.md`` table beside it) is written every 50 datasets, so an
+interrupted run keeps its progress (``--resume`` continues it).
 """
 
 from __future__ import annotations
@@ -80,12 +85,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     "small": {"n": 60, "p": 20, "v": 10, "folds": 5, "inner": 5, "pca": None,
               "alphas": list(EncodeOptions().alphas), "conditions": 0, "decay": False,
               "signal": 0.0, "refit": False},
-    "demo": {"n": 260, "p": 400, "v": 200, "folds": 3, "inner": 3, "pca": 256,
-             "alphas": [10.0**k for k in range(-1, 8)], "conditions": 3, "decay": False,
-             "signal": 0.0, "refit": False},
-    "demo_decay": {"n": 260, "p": 400, "v": 200, "folds": 3, "inner": 3, "pca": 256,
-                   "alphas": [10.0**k for k in range(-1, 8)], "conditions": 3, "decay": True,
-                   "signal": 0.0, "refit": False},
     "small_moments": {"n": 60, "p": 20, "v": 10, "folds": 5, "inner": 5, "pca": None,
                       "alphas": list(EncodeOptions().alphas), "conditions": 0, "decay": False,
                       "signal": 0.0, "refit": False, "moments": True},
@@ -93,6 +92,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                            "alphas": [10.0**k for k in range(-1, 8)], "conditions": 3,
                            "decay": True, "signal": 0.0, "refit": False, "moments": True,
                            "refit_draws": 99},
+    "power_demo": {"n": 260, "p": 400, "v": 200, "folds": 3, "inner": 3, "pca": 256,
+                   "alphas": [10.0**k for k in range(-1, 8)], "conditions": 3, "decay": False,
+                   "signal": 0.15, "refit": False, "moments": True, "refit_draws": 99},
     "power_small": {"n": 60, "p": 20, "v": 10, "folds": 5, "inner": 5, "pca": None,
                     "alphas": list(EncodeOptions().alphas), "conditions": 0, "decay": False,
                     "signal": 0.2, "refit": True},
