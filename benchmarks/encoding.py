@@ -21,7 +21,9 @@ float64 torch) against the dense numpy maps it replaced
 permutations: CPU seconds (``time.process_time``) per refit, the ratios, and the largest difference
 of the null statistics. Shapes: the full demo's encode (260 stimuli, ``pca:256``, 3 folds, 3 inner
 folds, 9 alphas, 200 voxels), the default options (5 folds, 5 inner folds, 19 alphas) and a
-narrow layer (``pca:32``).
+narrow layer (``pca:32``). Also timed there: the ``fixed_alpha`` null's refit of the same copies
+(:func:`~object2brain.encoding.smoother.fit_fixed_alpha_smoother`, bound to the alphas a fit of
+the unrelabelled responses chose; predictions only, as for the others).
 Scenario B (``--device cuda`` only): 1,000 stimuli x 20 layers (``--features`` each) x 10,000
 voxels x 5 folds x 19 alphas with himalaya's ``torch_cuda`` backend.
 
@@ -48,7 +50,7 @@ from sklearn.linear_model import RidgeCV
 from object2brain.encoding.folds import fold_splits, inner_splits, outer_folds
 from object2brain.encoding.ridge import fit_ridge_cv, fit_smoother
 from object2brain.encoding.scores import permutation_test, refit_permutation_test
-from object2brain.encoding.smoother import fit_torch_smoother
+from object2brain.encoding.smoother import fit_fixed_alpha_smoother, fit_torch_smoother
 
 ALPHAS = np.logspace(-2, 7, 19)
 
@@ -154,6 +156,11 @@ def _refit_row(shape: tuple[Any, ...], n_perm: int, device: str) -> dict[str, An
     t_hima, p_hima = _cpu_seconds(
         lambda: fit_ridge_cv(x, few, folds, keep_weights=False, **args).predictions, 1
     )
+    # the fixed_alpha null: each copy refitted with its voxel's alphas chosen on y
+    chosen = fit_ridge_cv(x, y, folds, keep_weights=False, **args).alphas
+    fixed = fit_fixed_alpha_smoother(x, folds, alphas=alphas, pca_dim=dim)
+    bound = fixed.bind(np.tile(chosen, n_perm))
+    t_fixed, _ = _cpu_seconds(lambda: bound.predict(copies), 3)
     row: dict[str, Any] = {
         "shape": f"{label}: {n} stimuli, pca:{dim} of {p} features, {k} folds, {inner} "
         f"inner folds, {len(alphas)} alphas, {v} voxels, {n_perm} refits",
@@ -162,6 +169,8 @@ def _refit_row(shape: tuple[Any, ...], n_perm: int, device: str) -> dict[str, An
         "himalaya_refit_s_per_refit": round(t_hima / 4, 4),
         "ratio_dense_over_ours": round(t_dense / t_ours, 2),
         "ratio_himalaya_over_ours": round(t_hima / 4 / (t_ours / n_perm), 1),
+        "fixed_alpha_s_per_refit": round(t_fixed / n_perm, 5),
+        "ratio_ours_over_fixed_alpha": round(t_ours / t_fixed, 2),
         "setup_s_ours": round(setup_ours, 3),
         "setup_s_dense": round(setup_dense, 3),
         "max_abs_difference_vs_dense": float(np.abs(p_ours - p_dense).max()),

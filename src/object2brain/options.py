@@ -55,7 +55,7 @@ Selection = Literal["cross_fit", "same"]
 OnMissing = Literal["error", "intersect"]
 ExecutorKind = Literal["local", "ray"]
 ValenceSource = Literal["stimuli", "ratings"]
-PermNull = Literal["predictions", "refit"]
+PermNull = Literal["predictions", "refit", "fixed_alpha", "refit_tail"]
 LesionAnalysis = Literal["rsa", "encoding", "both"]
 BrainRdm = Literal["crossnobis", "crossvalidated_euclidean"]
 FdrFamily = Literal["model", "models", "study"]
@@ -676,14 +676,20 @@ class EncodeOptions(RatingsOptions):
             "predictions: permute the out-of-fold predictions within folds (fast, conservative) "
             "| refit: relabel the responses and rerun the cross-validation (exact, calibrated; up "
             "to n_perm refits per layer and ROI, from precomputed maps on --device in float64; "
-            "see perm_stop)."
+            "see perm_stop) | fixed_alpha: relabel the responses and refit each voxel with the "
+            "alphas its real responses chose (no inner alpha search; measured conservative like "
+            "predictions: validation/encoding_fixed_alpha_null.md) | refit_tail: refit, and a p at "
+            "its floor 1/(n_perm+1) (no refit reached the observed r) extended by a normal fit of "
+            "the same refits (Student t); meant for a small n_perm such as 59 (exact at levels "
+            ">= 1/(n_perm+1))."
         ),
     )
     perm_stop: Count = Field(
         10,
         description=(
-            "refit: sequential p (Besag & Clifford 1991): stop a test's refits once this many "
-            "null values reach the observed mean r, p = stop / refits (0: all n_perm)."
+            "refit, fixed_alpha, refit_tail: sequential p (Besag & Clifford 1991): stop a "
+            "test's refits once this many null values reach the observed mean r, p = stop / "
+            "refits (0: all n_perm)."
         ),
     )
     standardize: bool = Field(

@@ -285,7 +285,7 @@ def _null_rejection_rate(perm_null: str, datasets: int = 40, n_perm: int = 200) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("perm_null", ["predictions", "refit"])
+@pytest.mark.parametrize("perm_null", ["predictions", "refit", "fixed_alpha"])
 def test_permutation_tests_are_not_liberal_under_the_null(perm_null: str) -> None:
     """40 null datasets: the rejection rate at 0.05 stays below 0.125 (P < 0.01 for a calibrated
     test: Binomial(40, 0.05) >= 5), which a test with a wrong null (e.g. in-sample fits, or a

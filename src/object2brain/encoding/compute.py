@@ -9,7 +9,13 @@ each condition. ``perm_null``: ``predictions`` permutes the out-of-fold predicti
 outer folds (fast; conservative, see ``permutation_test``); ``refit`` relabels the responses and
 reruns the cross-validation of the layer for every permutation (exact; on the runtime's device
 with :mod:`object2brain.encoding.smoother`, float64; banded rows always use ``predictions``: the
-band-weight search is not linear in the responses). BH-FDR runs over the
+band-weight search is not linear in the responses); ``fixed_alpha`` relabels and refits each
+voxel with the alphas its real responses chose (one product per fold and alpha,
+:class:`~object2brain.encoding.smoother.FixedAlphaSmoother`; banded rows as for ``refit``;
+measured conservative, see ``validation/encoding_fixed_alpha_null.md``); ``refit_tail`` is
+``refit`` with a p at its floor ``1 / (n_perm + 1)`` extended by a normal approximation of the
+same refits (:func:`~object2brain.encoding.scores.tail_p`), for a small ``n_perm``. BH-FDR runs
+over the
 rows (layers x ROIs, banded model included) of each model and condition.
 
 Layer features ``(n, ...)`` are flattened to ``(n, p)``. With ``reduce = srp:DIM`` a layer with
@@ -61,7 +67,12 @@ from object2brain.encoding.scores import (
     refit_permutation_tests,
     roi_summary,
 )
-from object2brain.encoding.smoother import TorchCvSmoother, fit_torch_smoother
+from object2brain.encoding.smoother import (
+    FixedAlphaSmoother,
+    TorchCvSmoother,
+    fit_fixed_alpha_smoother,
+    fit_torch_smoother,
+)
 from object2brain.errors import DataError, listing
 from object2brain.executors import Executor, executor_for
 from object2brain.options import EncodeOptions, Runtime
@@ -205,6 +216,7 @@ def _score_rows(
             n_perm=n_perm,
             seed=study.seed,
             stop=study.options.perm_stop,
+            tail=study.options.perm_null == "refit_tail",
         )
         if refit is not None
         else None
@@ -313,14 +325,25 @@ def _fit_layer(
 
 def _refit(
     study: _Study, inputs: np.ndarray, reductions: Sequence[FoldReduction] | None
-) -> TorchCvSmoother | None:
+) -> TorchCvSmoother | FixedAlphaSmoother | None:
     """``perm_null = refit``: the layer's cross-validation as maps of the responses (shared by
     the ROIs, on the layer's shared fold ``reductions``; float64 torch on the study's device,
-    :mod:`object2brain.encoding.smoother`; it relabels, refits and scores there); else
-    ``None``."""
-    if study.options.perm_null != "refit" or study.options.n_perm == 0:
+    :mod:`object2brain.encoding.smoother`; it relabels, refits and scores there);
+    ``fixed_alpha``: the layer's ridge maps per outer fold and alpha (bound to each ROI's
+    chosen alphas); else ``None``."""
+    if study.options.perm_null == "predictions" or study.options.n_perm == 0:
         return None
     kind, dim = study.options.reduction()
+    if study.options.perm_null == "fixed_alpha":
+        return fit_fixed_alpha_smoother(
+            inputs,
+            study.folds,
+            alphas=study.options.alphas,
+            pca_dim=dim if kind == "pca" else None,
+            standardize=study.options.standardize,
+            reductions=reductions,
+            device=study.device,
+        )
     return fit_torch_smoother(
         inputs,
         study.folds,
@@ -460,7 +483,8 @@ def encode_layer(job: _LayerJob, layer: str) -> _LayerPart:
         part.fits[(layer, *roi)] = LayerFit(layer, ridge, srp_dim, study.seed)
         alphas = np.median(ridge.alphas, axis=0)
         extra = {"feature_dim": ridge.feature_dim, "alpha_median": float(np.median(alphas))}
-        part.rows.extend(_score_rows(study, layer, roi, y, ridge.predictions, extra, refit))
+        null = refit.bind(ridge.alphas) if isinstance(refit, FixedAlphaSmoother) else refit
+        part.rows.extend(_score_rows(study, layer, roi, y, ridge.predictions, extra, null))
         part.voxels.append(_voxel_rows(study, layer, roi, y, ridge.predictions, alphas))
     return part
 

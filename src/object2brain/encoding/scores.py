@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from scipy import stats
 
 from object2brain.errors import DataError
 from object2brain.rsa.inference import fdr_bh
@@ -48,6 +49,7 @@ __all__ = [
     "PermutationResult",
     "fdr_bh",
     "noise_ceiling",
+    "normal_tail_p",
     "pearson_r",
     "permutation_test",
     "r2_score",
@@ -236,6 +238,37 @@ def sequential_p(null: np.ndarray, observed: float, *, stop: int, n_perm: int) -
     return (1.0 + hits.size) / (1.0 + n_perm), n_perm
 
 
+def normal_tail_p(observed: float, null: np.ndarray) -> float:
+    r"""One-sided p of ``observed`` against ``R`` exchangeable null draws ``null`` ``(R,)`` if
+    the null distribution is normal: Student's t prediction interval,
+
+    .. math:: t = \frac{obs - \bar{d}}{s_d \sqrt{1 + 1/R}}, \qquad p = P(T_{R-1} \ge t),
+
+    with :math:`\bar{d}`, :math:`s_d` the draws' mean and standard deviation (ddof 1). Exact
+    (``P(p <= u) = u``) when the observed value and the draws are independent normal with a
+    common mean and variance; NaN with fewer than 2 draws or no spread."""
+    r = int(null.shape[0])
+    spread = float(np.std(null, ddof=1)) if r >= 2 else 0.0
+    if not spread > 0:
+        return float("nan")
+    t = (observed - float(np.mean(null))) / (spread * np.sqrt(1.0 + 1.0 / r))
+    return float(stats.t.sf(t, r - 1))
+
+
+def tail_p(p: float, used: int, null: np.ndarray, observed: float, n_perm: int) -> float:
+    """The ``refit_tail`` p: the permutation p ``p`` (after ``used`` of ``n_perm`` draws), except
+    where it sits at its floor ``1 / (n_perm + 1)`` (all draws run, none reached the observed
+    value): there the smaller :func:`normal_tail_p` of the draws. At every level
+    ``>= 1 / (n_perm + 1)`` the test rejects exactly when the permutation test does (so it keeps
+    its calibration); below, the normal approximation only orders the tests for BH-FDR instead
+    of tying them at the floor."""
+    floor = 1.0 / (n_perm + 1)
+    if used < n_perm or p > floor:
+        return p
+    tail = normal_tail_p(observed, null)
+    return min(p, tail) if np.isfinite(tail) else p
+
+
 @runtime_checkable
 class NullRefit(Protocol):
     """A refit that computes the null statistics itself (e.g. on a GPU, where only the
@@ -272,6 +305,7 @@ def refit_permutation_tests(
     seed: int,
     stop: int = 0,
     max_columns: int = REFIT_COLUMNS,
+    tail: bool = False,
 ) -> list[PermutationResult]:
     """Exact permutation tests of the ROI's mean r, one per stimulus mask, from one set of refits:
     the responses' rows are relabelled and the whole cross-validation is rerun (``refit``:
@@ -290,7 +324,9 @@ def refit_permutation_tests(
     has stopped (or after ``n_perm``); each result's ``null`` holds the draws its p used (its
     ``n_used``). Relabelled copies are stacked as columns, at most ``max(1, max_columns // v)``
     permutations per call of ``refit`` (:func:`_batches`); the results do not depend on
-    ``max_columns``. Cost: one refit of ``v`` columns per permutation drawn
+    ``max_columns``. ``tail``: a p at its floor ``1 / (n_perm + 1)`` is extended by the normal
+    approximation of the same draws (:func:`tail_p`; ``perm_null = refit_tail``). Cost: one
+    refit of ``v`` columns per permutation drawn
     (:class:`~object2brain.encoding.smoother.TorchCvSmoother`: about ``2 A n_T r v`` flops
     each, ``r`` the inner training sets' rank).
     """
@@ -332,6 +368,8 @@ def refit_permutation_tests(
     results = []
     for obs, null, m in zip(observed, nulls, drawn, strict=True):
         p, used = sequential_p(null[:m], obs, stop=stop, n_perm=n_perm)
+        if tail:
+            p = tail_p(p, used, null[:used], obs, n_perm)
         results.append(PermutationResult(obs, null[:used], p))
     return results
 

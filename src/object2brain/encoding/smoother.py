@@ -271,3 +271,205 @@ def fit_torch_smoother(
         )
     default = CUDA_ELEMENTS if target.type == "cuda" else CPU_ELEMENTS
     return TorchCvSmoother(grid, target, tuple(outer), max_elements or default)
+
+
+@dataclass(frozen=True)
+class _FixedFold:
+    """One outer fold of :class:`FixedAlphaSmoother`, on the device: stimulus indices
+    ``train_index`` ``(n_T,)`` and ``test_index`` ``(n_S,)``; the thin SVD maps ``project``
+    ``(r, n_T)`` (:math:`U^\\top`), ``rows`` ``(n_S, r)`` (:math:`(X_S - \\bar{x}) V`) and
+    ``shrink`` ``(A, r)`` of the training set."""
+
+    train_index: torch.Tensor
+    test_index: torch.Tensor
+    project: torch.Tensor
+    rows: torch.Tensor
+    shrink: torch.Tensor
+
+    def hat(self, alpha: int) -> torch.Tensor:
+        r"""The ridge map ``(n_S, n_T)`` of grid alpha number ``alpha``, intercept included:
+        :math:`H = \frac{1}{n_T}\mathbf{1}\mathbf{1}^\top + B\,\mathrm{diag}(sh_\alpha)\,U^\top`
+        (test predictions :math:`H y_T`)."""
+        hat = (self.rows * self.shrink[alpha]) @ self.project
+        return hat.add_(1.0 / self.project.shape[1])
+
+
+@dataclass(frozen=True)
+class FixedAlphaSmoother:
+    r"""The ridge of one feature matrix with a *given* alpha per voxel and outer fold, as linear
+    maps of the responses on ``device`` (float64): the engine of the ``fixed_alpha``
+    permutation null.
+
+    For outer fold :math:`k` and a voxel whose alpha there is :math:`\alpha`, the test
+    predictions of any responses are :math:`H_k(\alpha)\, y_{T_k}` (:meth:`_FixedFold.hat`), so
+    a relabelled copy of the voxel is refitted by one product, without the inner alpha search
+    (which :class:`TorchCvSmoother` reruns). :meth:`bind` fixes the alphas (those the real data
+    chose, :attr:`object2brain.encoding.ridge.RidgeFit.alphas`) and returns the
+    :class:`~object2brain.encoding.scores.NullRefit` of one ROI.
+
+    Cost per relabelled voxel: :math:`\sum_k n_{S_k} n_{T_k}` multiply-adds
+    (:math:`n^2 (K - 1) / K` for ``K`` balanced folds), against about :math:`\sum_k A\, n_{T_k}
+    r_k` for the alpha search of :class:`TorchCvSmoother`. Its false-positive rate is measured,
+    not assumed (it ignores the selection of alpha): ``validation/encoding_fixed_alpha_null.md``.
+    """
+
+    alphas: np.ndarray
+    device: torch.device
+    folds: tuple[_FixedFold, ...]
+
+    def bind(self, chosen: np.ndarray, max_elements: int | None = None) -> FixedAlphaNull:
+        """The null of one ROI whose alphas ``(K, v)`` (grid values, one row per outer fold)
+        were chosen on the real responses. ``max_elements``: bound on the elements of a chunk's
+        relabelled copies ``(n, v, b)`` (default :data:`CPU_ELEMENTS` on the CPU,
+        :data:`CUDA_ELEMENTS` on CUDA).
+
+        Raises:
+            ValueError: ``chosen`` of another number of folds, or values off the grid.
+        """
+        chosen = np.asarray(chosen, dtype=np.float64)
+        if chosen.ndim != 2 or chosen.shape[0] != len(self.folds):
+            raise ValueError(f"alphas {chosen.shape} for {len(self.folds)} outer folds")
+        index = np.abs(np.log(chosen)[..., None] - np.log(self.alphas)).argmin(axis=-1)
+        if not np.allclose(self.alphas[index], chosen, rtol=1e-6, atol=0.0):
+            raise ValueError("alphas off the grid of the smoother")
+        orders, spans = [], []
+        for fold, row in zip(self.folds, index, strict=True):
+            order = np.argsort(row, kind="stable")  # the voxels of each alpha side by side
+            values, starts, counts = np.unique(row[order], return_index=True, return_counts=True)
+            orders.append(torch.as_tensor(order, device=self.device))
+            spans.append(
+                tuple(
+                    (fold.hat(int(a)), int(first), int(first + count))
+                    for a, first, count in zip(values, starts, counts, strict=True)
+                )
+            )
+        default = CUDA_ELEMENTS if self.device.type == "cuda" else CPU_ELEMENTS
+        return FixedAlphaNull(
+            self.device, self.folds, tuple(orders), tuple(spans), max_elements or default
+        )
+
+
+@dataclass(frozen=True)
+class FixedAlphaNull:
+    """The ``fixed_alpha`` null of one ROI (:meth:`FixedAlphaSmoother.bind`): per outer fold
+    ``k``, ``orders[k]`` ``(v,)`` sorts the voxels by their alpha there and ``spans[k]`` holds,
+    per alpha used, its map ``(n_S, n_T)`` and the range of sorted voxels that use it."""
+
+    device: torch.device
+    folds: tuple[_FixedFold, ...]
+    orders: tuple[torch.Tensor, ...]
+    spans: tuple[tuple[tuple[torch.Tensor, int, int], ...], ...]
+    max_elements: int
+
+    def predict(self, responses: np.ndarray) -> np.ndarray:
+        """Out-of-fold predictions ``(n, v)`` (float64 numpy) of ``responses`` ``(n, v)``
+        (column ``j`` with voxel ``j``'s alphas)."""
+        y = torch.as_tensor(np.ascontiguousarray(responses, dtype=np.float64), device=self.device)
+        n = y.shape[0]
+        identity = torch.arange(n, device=self.device)[None, :]
+        return np.asarray(self._predict(y, identity)[:, :, 0].cpu().numpy())
+
+    def _predict(self, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Out-of-fold predictions ``(n, v, b)`` of the ``b`` relabelled copies of ``y``
+        ``(n, v)`` given by ``index`` ``(b, n)`` (copy ``i``'s row ``s`` is
+        ``y[index[i, s]]``)."""
+        n, v = y.shape
+        b = index.shape[0]
+        out = torch.empty((n, v, b), dtype=torch.float64, device=self.device)
+        for fold, order, spans in zip(self.folds, self.orders, self.spans, strict=True):
+            rows = index.index_select(1, fold.train_index).T  # (n_T, b) stimuli
+            # (n_T, v b): column j b + i is copy i of sorted voxel j, so each alpha's voxels
+            # are one block of columns and all copies go through one product per alpha
+            train = y.index_select(1, order)[rows].transpose(1, 2).reshape(rows.shape[0], -1)
+            predicted = torch.cat([hat @ train[:, a * b : z * b] for hat, a, z in spans], dim=1)
+            n_s = fold.test_index.numel()
+            out[fold.test_index[:, None], order[None, :]] = predicted.view(n_s, v, b)
+        return out
+
+    def null_mean_r(
+        self, responses: np.ndarray, orders: np.ndarray, masks: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        r"""``(len(masks), b)``: mean over voxels of the Pearson r, within each mask's stimuli,
+        between each relabelled copy of ``responses`` ``(n, v)`` (copy ``i``'s row ``s`` is
+        ``responses[orders[i, s]]``) and its out-of-fold predictions with the bound alphas
+        (:class:`~object2brain.encoding.scores.NullRefit`). Voxels with an undefined r (no
+        spread within a mask: variance below :math:`10^{-12}` of the sum of squares) are left
+        out of the mean, as by ``numpy.nanmean``.
+
+        The r of every mask comes from five sums per mask, formed by products with the masks'
+        indicator matrix: :math:`r = (S_{yp} - S_y S_p / c) / \sqrt{(S_{yy} - S_y^2/c)
+        (S_{pp} - S_p^2/c)}`; the responses are centred on their mean first (ridge with an
+        intercept moves its predictions with them), so these differences lose no precision
+        unless a mask's mean is far from the others' in units of its spread. Copies are
+        processed in chunks of at most ``max_elements / (n v)``; the result does not depend on
+        the chunking.
+        """
+        y = torch.as_tensor(np.ascontiguousarray(responses, dtype=np.float64), device=self.device)
+        y = y - y.mean(dim=0)
+        index = torch.as_tensor(np.asarray(orders, dtype=np.int64), device=self.device)
+        n, v = y.shape
+        count = index.shape[0]
+        indicator = torch.as_tensor(
+            np.stack([np.asarray(m, dtype=np.float64) for m in masks]), device=self.device
+        )  # (m, n)
+        sizes = indicator.sum(dim=1)[:, None]
+        out = torch.empty((len(masks), count), dtype=torch.float64, device=self.device)
+        step = max(1, self.max_elements // max(n * v, 1))
+        for first in range(0, count, step):
+            chunk = index[first : first + step]
+            predicted = self._predict(y, chunk).view(n, -1)  # (n, v b)
+            relabelled = y[chunk.T].transpose(1, 2).reshape(n, -1)  # (n, v b), same columns
+            s_y, s_p = indicator @ relabelled, indicator @ predicted
+            s_yy = indicator @ relabelled.square()
+            s_pp = indicator @ predicted.square()
+            s_yp = indicator @ relabelled.mul_(predicted)
+            var_y = s_yy - s_y.square() / sizes
+            var_p = s_pp - s_p.square() / sizes
+            spread = (var_y > 1e-12 * s_yy) & (var_p > 1e-12 * s_pp)
+            r = (s_yp - s_y * s_p / sizes) / torch.sqrt(var_y * var_p)
+            r = torch.where(spread, r, torch.nan).view(len(masks), v, -1)
+            out[:, first : first + chunk.shape[0]] = r.nanmean(dim=1)
+        return np.asarray(out.cpu().numpy())
+
+
+def fit_fixed_alpha_smoother(
+    features: np.ndarray,
+    folds: np.ndarray,
+    *,
+    alphas: Sequence[float],
+    pca_dim: int | None = None,
+    standardize: bool = False,
+    reductions: Sequence[FoldReduction] | None = None,
+    device: torch.device | str = "cpu",
+) -> FixedAlphaSmoother:
+    """The :class:`FixedAlphaSmoother` of ``features`` ``(n, p)`` with the outer folds ``(n,)``,
+    alpha grid, standardisation and PCA of :func:`~object2brain.encoding.ridge.fit_ridge_cv`
+    (``reductions``: the folds' fitted standardisation and PCA, shared with the ridge fits), on
+    ``device`` (float64). One thin SVD per outer training set (numpy, shared by every device).
+
+    Raises:
+        ValueError: ``reductions`` of other folds.
+    """
+    target = torch.device(device)
+    grid = np.asarray(sorted(alphas), dtype=np.float64)
+    if reductions is None:
+        reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
+    else:
+        reductions = check_reductions(reductions, folds)
+
+    def put(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), device=target)
+
+    out = []
+    for fold in reductions:
+        maps = _spectral(fold.train_inputs(features), fold.test_inputs(features), grid)
+        out.append(
+            _FixedFold(
+                put(fold.train.astype(np.int64)),
+                put(fold.test.astype(np.int64)),
+                put(maps.project),
+                put(maps.rows),
+                put(maps.shrink),
+            )
+        )
+    return FixedAlphaSmoother(grid, target, tuple(out))
