@@ -36,6 +36,12 @@ Sections (fresh stimuli and subjects in every dataset):
    the symmetry of ``lambda``), and its power on the planted models of section 1; the sharp
    world's unrelated model is listed too (not a null of this mode: its r given the stimuli is
    not 0 on average over subjects).
+6. ``kendall_both`` (n = ``KENDALL_N``, the unrelated model and one planted model, noise 12)
+   and ``kendall_random_effects`` (the world of section 2 at n = ``KENDALL_N``):
+   ``kendall_tau_a`` under ``both``: the score test with Monte Carlo relabelling moments
+   (``score/both``, ``KENDALL_MOMENT_PERM`` relabellings; the table's ``p`` now), its ``stimuli``
+   form from the same moments (``score/stimuli``, ``B0 = 0``) and the bootstrap t-test that
+   ``both`` reported before (``t/both``, ``KENDALL_BOOT`` resamples).
 
 Run: ``PYTHONPATH=src nice -n 10 python validation/inference_null_p.py [--quick]``; writes
 ``validation/inference_null_p.json`` after every 20 datasets (``--quick``: ``/tmp``).
@@ -66,10 +72,13 @@ PLANTED = (8.0, 12.0, 16.0)  # model noise of the planted models (higher: weaker
 WEAK = (32.0, 48.0)  # section ``weak``: planted models for n = 200 (no Mantel there)
 METHODS = ("score/both", "score/stimuli", "mantel", "t/both", "t/stimuli")
 KENDALL_N, KENDALL_PERM, KENDALL_BOOT = 30, 199, 100  # tau-a costs O(m^2) per evaluation
+KENDALL_MOMENT_PERM = 500  # relabellings of tau-a's Monte Carlo null moments (`both`)
 SECTION_METHODS = {
     "null_only": ("score/both", "score/stimuli"),
     "stimuli": ("perm/stimuli", "score/stimuli"),
     "kendall": ("perm/stimuli", "t/stimuli", "t/both"),
+    "kendall_both": ("score/both", "score/stimuli", "t/both"),
+    "kendall_random_effects": ("score/both", "score/stimuli", "t/both"),
     "subjects": ("t/subjects",),
 }
 
@@ -164,6 +173,27 @@ def kendall_p(models: torch.Tensor, subs: torch.Tensor, seed: int) -> dict[str, 
     }
 
 
+def kendall_both_p(
+    models: torch.Tensor, subs: torch.Tensor, seed: int
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Sections ``kendall_both``, ``kendall_random_effects``: tau-a's score test with Monte Carlo
+    relabelling moments (``KENDALL_MOMENT_PERM`` relabellings; ``both``, the table's ``p`` now,
+    and its ``stimuli`` form, ``B0 = 0``, from the same moments) and the bootstrap t-test that
+    ``both`` reported before (``KENDALL_BOOT`` resamples)."""
+    n = models.shape[-1]
+    test = g.association_test(
+        models, subs, g.KENDALL, "both", n_perm=KENDALL_MOMENT_PERM, seed=seed
+    )
+    assert test is not None
+    # the stimuli form from the same moments: z rescaled to B0 = 0, normal reference
+    z = test.z * np.sqrt((test.null_variance + test.subject_variance) / test.null_variance)
+    out = {"score/both": test.p, "score/stimuli": scipy.stats.norm.sf(z)}
+    plan = g.resample_plan(n, S, KENDALL_BOOT, (seed, 0))
+    coef = g.subject_coefficients(models, subs, g.KENDALL, plan)
+    out["t/both"] = g.estimate(coef, plan, "both").p_greater
+    return out
+
+
 def subjects_p(rng: np.random.Generator, n: int, seed: int) -> dict[str, np.ndarray]:
     """Section ``subjects``: the ``subjects`` t-test of a random-effects null dataset and of the
     models of a sharp-world dataset (unrelated, then the planted ones)."""
@@ -188,6 +218,10 @@ def section_p(
     planted = WEAK if n >= 200 and section in ("weak", "stimuli") else PLANTED
     if section == "kendall":
         return kendall_p(*sharp_world(rng, n, (12.0,)), seed)
+    if section == "kendall_both":
+        return kendall_both_p(*sharp_world(rng, n, (12.0,)), seed)
+    if section == "kendall_random_effects":
+        return kendall_both_p(*random_effects_world(rng, n), seed)
     models, subs = sharp_world(rng, n, planted)
     if section == "stimuli":
         return stimuli_p(models, subs, seed)
@@ -196,9 +230,9 @@ def section_p(
 
 def section_labels(section: str, n: int) -> list[str]:
     """The models of a section, in the order of its p-values."""
-    if section in ("random_effects", "null_only"):
+    if section in ("random_effects", "null_only", "kendall_random_effects"):
         return ["null"]
-    if section == "kendall":
+    if section in ("kendall", "kendall_both"):
         return ["null", "12.0"]
     if section == "subjects":
         return ["random-effects null", "unrelated (not this mode's null)", *map(str, PLANTED)]
@@ -260,12 +294,14 @@ def main() -> None:
         "setup": {"subjects": S, "noise": NOISE, "tau": TAU, "n_boot": N_BOOT, "n_perm": N_PERM,
                   "planted_model_noise": PLANTED, "weak_model_noise": WEAK,
                   "compare": "spearman",
-                  "kendall": {"n": KENDALL_N, "n_perm": KENDALL_PERM, "n_boot": KENDALL_BOOT}},
+                  "kendall": {"n": KENDALL_N, "n_perm": KENDALL_PERM, "n_boot": KENDALL_BOOT,
+                              "n_perm_moments": KENDALL_MOMENT_PERM}},
     }  # fmt: skip
     record.setdefault("sections", {})
     plan = [("sharp", 40, 11), ("random_effects", 40, 12), ("sharp", 200, 13), ("weak", 200, 14),
             ("null_only", 40, 15), ("null_only", 200, 16), ("stimuli", 40, 17),
-            ("stimuli", 200, 18), ("kendall", KENDALL_N, 19), ("subjects", 40, 20)]  # fmt: skip
+            ("stimuli", 200, 18), ("kendall", KENDALL_N, 19), ("subjects", 40, 20),
+            ("kendall_both", KENDALL_N, 21), ("kendall_random_effects", KENDALL_N, 22)]  # fmt: skip
     for section, n, seed in plan:
         key = f"{section}/n={n}"
         if args.only and key not in args.only.split(","):

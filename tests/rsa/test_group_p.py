@@ -258,7 +258,8 @@ def test_power_not_below_the_t_test() -> None:
 
 
 def test_where_it_does_not_apply() -> None:
-    """subjects (stimuli fixed), kendall_tau_a and n < 4: the bootstrap t-test p is kept."""
+    """subjects (stimuli fixed), kendall_tau_a without relabellings and n < 4: the bootstrap
+    t-test p is kept (Kendall with relabellings: tests/rsa/test_group_kendall.py)."""
     models, subs = _world(np.random.default_rng(6), 8, 3, 1.0)
     assert g.association_test(models, subs, "spearman", "subjects") is None
     assert g.association_test(models, subs, "kendall_tau_a", "both") is None

@@ -89,6 +89,7 @@ from object2brain.rsa.inference import (
     pair_corrected,
     pair_corrected_variance,
     relabelled_mean_test,
+    relabelling_moments,
 )
 from object2brain.rsa.rdm import squareform, triu_indices, upper_triangle
 
@@ -547,14 +548,16 @@ class AssociationTest:
 
 
 def association_test(
-    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, mode: str
-) -> AssociationTest | None:
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str, mode: str,
+    *, n_perm: int = 0, seed: int = 0, device: torch.device | str = "cpu",
+    executor: Executor | None = None,
+) -> AssociationTest | None:  # fmt: skip
     """One-sided test of ``rbar > 0`` (no association) for the ``p`` column of
     ``group_inference``; ``None`` where it does not apply (``subjects``: the stimuli are held
-    fixed, the t-test of :func:`estimate` is used; ``kendall_tau_a``, which is not a dot product
-    of relabelled vectors; fewer than 4 stimuli).
+    fixed, the t-test of :func:`estimate` is used; ``kendall_tau_a`` without relabellings,
+    ``n_perm = 0``; fewer than 4 stimuli).
 
-    Every other comparator is ``r_s = <a o pi, y_s>`` of prepared vectors
+    Every comparator but tau-a is ``r_s = <a o pi, y_s>`` of prepared vectors
     (:func:`object2brain.rsa.compare.prepare`), so under the null that the model's stimulus
     labels are exchangeable with respect to the subjects' RDMs, ``rbar = <a o pi, mean_s y_s>``
     has the exact mean and variance ``W0`` of :func:`permutation_moments` (a score test:
@@ -569,20 +572,29 @@ def association_test(
     is right-skewed under the null; the table's ``stimuli`` rows use the exact
     :func:`relabelling_test` when the run has relabellings). Subjects with an undefined r are
     left out.
+
+    ``kendall_tau_a`` is not a dot product of relabelled vectors and has no closed-form
+    relabelling variance here; its moments are Monte Carlo ones over the ``n_perm``
+    relabellings of ``seed`` (those of :func:`relabelling_test`;
+    :func:`object2brain.rsa.inference.relabelling_moments`, on ``device`` or by ``executor``):
+    ``E0 = 0`` exactly (a relabelling maps an ordered pair of stimulus pairs and its reverse
+    with equal probability, so every sign product averages to 0), ``W0_s = mean_pi r_s,pi^2``
+    and ``W0 = mean_pi rbar_pi^2``, then the same ``z``, ``B0`` and degrees of freedom.
     """
     n = model_rdms.shape[-1]
-    if mode == "subjects" or method == KENDALL or n < 4:
+    if mode == "subjects" or n < 4 or (method == KENDALL and n_perm <= 0):
         return None
-    a = prepare(upper_triangle(model_rdms).to(torch.float64).cpu(), method)
-    y = prepare(upper_triangle(subject_rdms).to(torch.float64).cpu(), method)
-    y = y[torch.isfinite(y).all(dim=-1)]
-    K, S = a.shape[0], y.shape[0]
-    if S == 0:
+    K = model_rdms.shape[0]
+    moments = (
+        _kendall_null_moments(model_rdms, subject_rdms, n_perm, seed, device, executor)
+        if method == KENDALL
+        else _dot_null_moments(model_rdms, subject_rdms, method)
+    )
+    if moments is None:
         nan = np.full(K, np.nan)
         return AssociationTest(nan, nan, nan, nan, nan, nan)
-    r = (a @ y.T).numpy()  # (K, S)
-    own_mean, own_var = permutation_moments(a, y, n)
-    null_mean, null_var = (v[:, 0] for v in permutation_moments(a, y.mean(dim=0, keepdim=True), n))
+    r, own_mean, own_var, null_mean, null_var = moments
+    S = r.shape[1]
     subj = np.zeros(K)
     if mode == "both" and S >= 2:
         spread = np.var(r - own_mean, axis=1, ddof=1) / S
@@ -593,6 +605,45 @@ def association_test(
         k = np.where(subj > 0, total**2 / (subj**2 / max(S - 1, 1)), np.inf)
     k = np.maximum(k, max(S - 1, 1))
     return AssociationTest(z, scipy.stats.t.sf(z, k), k, null_mean, null_var, subj)
+
+
+_NullMoments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _dot_null_moments(
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, method: str
+) -> _NullMoments | None:
+    """``(r (K, S), E0_s (K, S), W0_s (K, S), E0 (K,), W0 (K,))`` of a dot-product comparator:
+    exact (:func:`permutation_moments`), subjects with an undefined r left out (``None``: no
+    subject left)."""
+    n = model_rdms.shape[-1]
+    a = prepare(upper_triangle(model_rdms).to(torch.float64).cpu(), method)
+    y = prepare(upper_triangle(subject_rdms).to(torch.float64).cpu(), method)
+    y = y[torch.isfinite(y).all(dim=-1)]
+    if y.shape[0] == 0:
+        return None
+    r = (a @ y.T).numpy()  # (K, S)
+    own_mean, own_var = permutation_moments(a, y, n)
+    null_mean, null_var = (v[:, 0] for v in permutation_moments(a, y.mean(dim=0, keepdim=True), n))
+    return r, own_mean, own_var, null_mean, null_var
+
+
+def _kendall_null_moments(
+    model_rdms: torch.Tensor, subject_rdms: torch.Tensor, n_perm: int, seed: int,
+    device: torch.device | str = "cpu", executor: Executor | None = None,
+) -> _NullMoments:  # fmt: skip
+    """The moments of :func:`_dot_null_moments` for Kendall's tau-a: ``E0 = 0`` exactly, second
+    moments over the ``n_perm`` relabellings of ``seed`` (every subject's tau-a and their mean as
+    a combined column, :func:`object2brain.rsa.inference.relabelling_moments`)."""
+    dev = torch.device(device)
+    a = upper_triangle(model_rdms.to(dev)).to(torch.float64)
+    y = upper_triangle(subject_rdms.to(dev)).to(torch.float64)
+    K, S = a.shape[0], y.shape[0]
+    mean = torch.full((S, 1), 1.0 / S, dtype=torch.float64)
+    moments = relabelling_moments(a, y, KENDALL, n_perm, seed, dev, mean, executor=executor)
+    r = compare(a, y, KENDALL).cpu().numpy()
+    zero = np.zeros((K, S))
+    return r, zero, moments.second[:, :S], np.zeros(K), moments.second[:, S]
 
 
 def relabelling_test(
@@ -641,12 +692,16 @@ def group_p(
     """The ``p`` column (one-sided, r > 0) of ``group_inference`` of the model RDMs restricted
     to ``rows`` against ``subject_rdms``: ``stimuli`` with ``n_perm > 0`` and at least 4
     stimuli, the exact relabelling test of :func:`relabelling_test` (``n_perm`` relabellings
-    of ``seed``); otherwise :func:`association_test`, or the t-test of ``est`` where that test
-    does not apply (``subjects``; ``kendall_tau_a`` under ``both``; fewer than 4 stimuli)."""
+    of ``seed``); otherwise :func:`association_test` (``kendall_tau_a``: its moments over the
+    same relabellings), or the t-test of ``est`` where that test does not apply (``subjects``;
+    ``kendall_tau_a`` with ``n_perm = 0``; fewer than 4 stimuli)."""
     models = _restrict(model_rdms, rows)
     if mode == "stimuli" and n_perm > 0 and len(rows) >= 4:
         return relabelling_test(models, subject_rdms, method, n_perm, seed, device, executor)
-    test = association_test(models, subject_rdms, method, mode)
+    test = association_test(
+        models, subject_rdms, method, mode, n_perm=n_perm, seed=seed, device=device,
+        executor=executor,
+    )  # fmt: skip
     return est.p_greater if test is None else test.p
 
 

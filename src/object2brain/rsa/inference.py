@@ -270,18 +270,27 @@ class _NullJob:
         """A copy whose tensors are on the CPU (for workers without the driver's GPU)."""
         if self.bound.device.type == "cpu":
             return self
-        null = copy.copy(self.null)
-        for key, value in vars(null).items():
-            if isinstance(value, torch.Tensor):
-                setattr(null, key, value.cpu())
-        if isinstance(null, _DotNull):  # tiles sized for the CPU's cache, not the GPU's memory
-            m, S = null.gathered.shape
-            null.tile = _CPU_TILE_ELEMENTS
-            null.perms_per_tile = max(1, _CPU_TILE_ELEMENTS // (m * S))
-        if isinstance(null, _SquareNull):
-            null.perms_per_tile = _SquareNull.tile_for(null.target.shape[0], torch.device("cpu"))
         combine = None if self.combine is None else self.combine.cpu()
-        return dataclasses.replace(self, null=null, bound=self.bound.cpu(), combine=combine)
+        return dataclasses.replace(
+            self, null=_null_on_cpu(self.null), bound=self.bound.cpu(), combine=combine
+        )
+
+
+def _null_on_cpu(
+    null: _DotNull | _KendallNull | _SquareNull,
+) -> _DotNull | _KendallNull | _SquareNull:
+    """A copy of ``null`` whose tensors are on the CPU, its tiles sized for the CPU."""
+    null = copy.copy(null)
+    for key, value in vars(null).items():
+        if isinstance(value, torch.Tensor):
+            setattr(null, key, value.cpu())
+    if isinstance(null, _DotNull):  # tiles sized for the CPU's cache, not the GPU's memory
+        m, S = null.gathered.shape
+        null.tile = _CPU_TILE_ELEMENTS
+        null.perms_per_tile = max(1, _CPU_TILE_ELEMENTS // (m * S))
+    if isinstance(null, _SquareNull):
+        null.perms_per_tile = _SquareNull.tile_for(null.target.shape[0], torch.device("cpu"))
+    return null
 
 
 def _count_blocks(job: _NullJob, blocks: range) -> torch.Tensor:
@@ -404,6 +413,115 @@ def relabelled_mean_test(
     )
     r = stat.cpu().numpy()
     return TestResult(r=r, p=_permutation_p(counts, r, n_perm), n_perm=n_perm)
+
+
+@dataclass(frozen=True)
+class RelabellingMoments:
+    """Monte Carlo moments of coefficients over ``n_perm`` random relabellings of the stimuli,
+    per entry ``(K, T + G)``: ``mean = sum_pi s_pi / N`` and the raw second moment
+    ``second = sum_pi s_pi^2 / N`` (about 0, not about ``mean``: the variance where the null mean
+    is known to be 0, as for Kendall's tau-a)."""
+
+    mean: np.ndarray
+    second: np.ndarray
+    n_perm: int
+
+
+@dataclass(frozen=True)
+class _MomentJob:
+    """What a chunk of permutation blocks of :func:`relabelling_moments` needs (an executor's
+    shared object)."""
+
+    null: _DotNull | _KendallNull
+    combine: torch.Tensor | None
+    n: int
+    n_perm: int
+    seed: int
+    gather_model: bool
+    device: torch.device
+
+    def on_cpu(self) -> _MomentJob:
+        """A copy whose tensors are on the CPU (for workers without the driver's GPU)."""
+        if self.device.type == "cpu":
+            return self
+        null = _null_on_cpu(self.null)
+        assert isinstance(null, _DotNull | _KendallNull)
+        combine = None if self.combine is None else self.combine.cpu()
+        return dataclasses.replace(self, null=null, combine=combine, device=torch.device("cpu"))
+
+
+def _moment_blocks(job: _MomentJob, blocks: range) -> torch.Tensor:
+    """Per permutation block ``k`` of ``blocks`` (:func:`permutation_block`) the sums
+    ``(sum_pi s_pi, sum_pi s_pi^2)`` over its relabellings: ``(len(blocks), 2, K, T + G)`` on the
+    CPU. A block's coefficients are concatenated before they are combined and summed, so its
+    sums do not depend on the tiles it was computed in (to the bit where the coefficients do
+    not: tau-a)."""
+    null, dev = job.null, job.device
+    out = []
+    chunking = Chunking(null.perms_per_tile)
+    for k in blocks:
+        block = permutation_block(job.n, job.n_perm, job.seed, k)
+        perms = torch.as_tensor(block if job.gather_model else np.argsort(block, axis=1)).to(dev)
+
+        def tile(start: int, stop: int, perms: torch.Tensor = perms) -> torch.Tensor:
+            return null.coefficients(perms[start:stop])
+
+        parts = [value for _, _, value in chunking.run(len(perms), tile, device=dev)]
+        values = _with_combine(torch.cat(parts), job.combine).cpu()
+        out.append(torch.stack([values.sum(dim=0), (values**2).sum(dim=0)]))
+    return torch.stack(out)
+
+
+def relabelling_moments(
+    model: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    method: str,
+    n_perm: int,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    combine: torch.Tensor | None = None,
+    memory_elements: int | None = None,
+    *,
+    executor: Executor | None = None,
+) -> RelabellingMoments:
+    """Monte Carlo moments of the coefficients of condensed model RDMs ``(K, m)`` against
+    targets ``(T, m)`` (and the ``G`` derived columns of ``combine``) over the ``n_perm``
+    relabellings of :func:`permutations` for ``seed``, those of :func:`mantel_test`, whose null
+    coefficients it sums instead of counting (same kernels, tiles and executor chunks).
+
+    For comparators without closed-form relabelling moments (Kendall's tau-a): the variance of
+    the relabelling distribution estimated from ``N`` draws has relative standard error about
+    ``sqrt(2 / N)`` (1.4% at ``N = 10,000``). The per-block sums are added in block order, so
+    the moments do not depend on the executor, its number of workers or the tile sizes (for
+    tau-a, whose coefficients are integer counts over a fixed denominator, not in a single
+    bit); on another device only in the last bits.
+    """
+    dev, (X, Y) = _inputs(method, device, model, target)
+    X = X[None] if X.ndim == 1 else X
+    Y = Y[None] if Y.ndim == 1 else Y
+    n = n_from_pairs(X.shape[-1])
+    G = 0 if combine is None else combine.shape[1]
+    if n_perm <= 0:
+        nan = np.full((X.shape[0], Y.shape[0] + G), np.nan)
+        return RelabellingMoments(nan, nan.copy(), 0)
+    xp, yp = prepare(X, method), prepare(Y, method)
+    gather_model = xp.shape[0] <= yp.shape[0]
+    null: _DotNull | _KendallNull
+    if method == "kendall_tau_a":
+        null = _KendallNull(xp, yp, gather_model, n, memory_elements)
+    else:
+        null = _DotNull(xp, yp, gather_model, n, memory_elements)
+    cm = None if combine is None else combine.to(device=dev, dtype=torch.float64)
+    job = _MomentJob(null, cm, n, n_perm, seed, gather_model, dev)
+    parts = map_chunk_ranges(
+        _moment_blocks, job, n_blocks(n_perm), executor, "rsa relabelling moments"
+    )
+    sums = torch.cat(parts)
+    total = sums[0].clone()
+    for row in sums[1:]:  # block order: the same sum for every split of the blocks
+        total += row
+    moments = (total / n_perm).numpy()
+    return RelabellingMoments(moments[0], moments[1], n_perm)
 
 
 class _SquareNull:
