@@ -263,7 +263,8 @@ def alignment_profile(
 
 
 #: The test behind ``group_inference``'s ``p`` per bootstrap mode (``rsa.group.group_p``; the
-#: exceptions, Kendall's tau-a under ``both`` and ``--n-perm 0``, are in docs/methods.md).
+#: exception, ``--n-perm 0`` (score test for ``stimuli``, t-test for Kendall's tau-a under
+#: ``both``), is in docs/methods.md).
 GROUP_TESTS = {
     "both": "score test of r > 0",
     "stimuli": "relabelling test of r > 0",
