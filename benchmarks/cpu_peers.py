@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--thingsvision-python", default="/tmp/tv/bin/python")
     parser.add_argument("--skip", default="", help="comma-separated runs to leave out")
+    parser.add_argument(
+        "--peer-workers", default="", help="the peer's loader worker counts (default: 0,2,cores)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     import torch
@@ -422,19 +425,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ours("fill.h5", image_cache=work / "cache")()  # fills the cache (not timed)
         schedule["ours_from_cache"] = ours("cached.h5", image_cache=work / "cache")
     cores = len(os.sched_getaffinity(0))
+    workers = sorted({int(w) for w in args.peer_workers.split(",") if w} or {0, 2, cores})
     peer_configs = [{"num_workers": w, "channels_last": c}
-                    for w in sorted({0, 2, cores}) for c in (False, True)]  # fmt: skip
+                    for w in workers for c in (False, True)]  # fmt: skip
     for config in peer_configs:
         schedule["torchvision " + json.dumps(config)] = (
             lambda c=config: run_torchvision(paths, state, args.batch, c["num_workers"],
                                              c["channels_last"]))  # fmt: skip
     best: dict[str, tuple[Clock, dict[str, np.ndarray]]] = {}
     loads: dict[str, list[float]] = {}  # 1-min load average after each repeat of each run
+    every: dict[str, list[tuple[float, float]]] = {}  # (seconds, CPU-s) of each repeat
     load_at_start = os.getloadavg()[0]
     for repeat in range(args.repeats):
         for name, run in schedule.items():
             clock, values = run()
             loads.setdefault(name, []).append(round(os.getloadavg()[0], 2))
+            every.setdefault(name, []).append((round(clock.wall, 3), round(clock.cpu, 3)))
             print(f"  [{repeat}] {name}: {args.n / clock.wall:.1f} images/s ({clock.wall:.1f} s, "
                   f"load {loads[name][-1]:.1f})", flush=True)  # fmt: skip
             if name not in best or clock.wall < best[name][0].wall:
@@ -497,6 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["benchmarks/cpu_peers.py", *(argv or sys.argv[1:])]),
         "machine": {**machine(), "host_load_1min_at_start": round(load_at_start, 2)},
         "load_1min_after_each_repeat": loads,
+        "seconds_and_cpu_s_of_each_repeat": every,
         "n_images": args.n,
         "batch_size": args.batch,
         "layers": LAYERS,

@@ -435,7 +435,9 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         compute = _BatchCompute(plan, network, recorder, memory_format, sink.projections, start,
                                 ids)  # fmt: skip
         with recorder:
-            for host in in_lanes(compute, batches, cpu_lanes(device)):
+            # int8 keeps one batch at a time: lanes are measured on float32 only
+            lanes = cpu_lanes(device) if options.quantize == "none" else 1
+            for host in in_lanes(compute, batches, lanes):
                 if not sink.order:
                     sink.order.extend(
                         [*recorder.order,
@@ -463,9 +465,11 @@ def cpu_lanes(device: torch.device) -> int:
     Why: on few cores one forward pass over all threads spends much of its time at the barriers
     of each operator, and spins there while the decoding and writing threads hold a core; two
     batches side by side with one thread each do the same arithmetic (bit for bit on resnet18:
-    each output is reduced within one thread either way) without barriers. Measured on 2 cores
-    (docs/performance.md): 1.43-1.47 CPU-s per resnet18 batch of 32 over two threads, 1.14-1.15
-    as two one-thread lanes."""
+    each output is reduced within one thread either way) without barriers. Measured on 2 shared
+    cores (``benchmarks/cpu_lanes.py``, load 3.3, channels_last): 1.68 CPU-s per resnet18 batch
+    of 32 over two threads, 1.16 as two one-thread lanes; end to end near idle 42.6 vs 39.9
+    images/s (docs/performance.md). Extraction uses them for float32 networks only
+    (``quantize="int8"`` computes one batch at a time: its rate was not shown to gain)."""
     if device.type != "cpu" or torch.get_num_threads() < 2:
         return 1
     return max(1, min(MAX_CPU_LANES, torch.get_num_threads()))
