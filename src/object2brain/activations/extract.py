@@ -467,8 +467,8 @@ def cpu_lanes(device: torch.device) -> int:
     batches side by side with one thread each do the same arithmetic (bit for bit on resnet18:
     each output is reduced within one thread either way) without barriers. Measured on 2 shared
     cores (``benchmarks/cpu_lanes.py``, load 3.3, channels_last): 1.68 CPU-s per resnet18 batch
-    of 32 over two threads, 1.16 as two one-thread lanes; end to end near idle 42.6 vs 39.9
-    images/s (docs/performance.md). Extraction uses them for float32 networks only
+    of 32 over two threads, 1.16 as two one-thread lanes; end to end near idle 3-14% more images
+    per second than one lane (docs/performance.md). Extraction uses them for float32 networks only
     (``quantize="int8"`` computes one batch at a time: its rate was not shown to gain)."""
     if device.type != "cpu" or torch.get_num_threads() < 2:
         return 1
