@@ -389,3 +389,45 @@ def test_lanes_hand_batches_on_in_order_and_errors_at_their_batch() -> None:
             collect(in_lanes(compute, source(7, error=True), lanes), got)  # type: ignore[arg-type]
         assert got == list(range(7)), lanes
         assert torch.get_num_threads() == threads
+
+
+def test_a_network_hooked_by_someone_else_runs_one_batch_at_a_time(
+    stimulus_table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hooks registered on the network before extraction (the study's head-input capture, a
+    user's own) see the batches one after the other in store order: no lanes then."""
+    import threading
+
+    import object2brain.activations.extract as extract_module
+
+    model = load_model("resnet18", "none", seed=0)
+    assert not extract_module.has_forward_hooks(model.module)
+    seen: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if type(inputs[0]) is torch.Tensor:  # not the probe's fake-tensor pass
+            seen.append(inputs[0].clone())
+
+    handle = model.module.fc.register_forward_pre_hook(keep)
+    assert extract_module.has_forward_hooks(model.module)
+    names: set[str] = set()
+    original = extract_module._BatchCompute.__call__
+
+    def spy(self: object, indices: torch.Tensor, inputs: torch.Tensor) -> object:
+        names.add(threading.current_thread().name)
+        return original(self, indices, inputs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(extract_module._BatchCompute, "__call__", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = extract(model, stimulus_table, out=tmp_path / "hooked.h5", layers=["avgpool"],
+                      batch_size=3, progress=False, num_workers=0)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+        handle.remove()
+    assert names == {"MainThread"}
+    with ActivationStore.open(out) as store:  # the hook's batches in store order
+        np.testing.assert_array_equal(
+            torch.cat(seen).numpy(), store.read("avgpool").reshape(len(store.stimulus_ids), -1)
+        )

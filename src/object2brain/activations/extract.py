@@ -16,12 +16,13 @@ batch's activations are copied to the host and written to ``<out>.partial`` on a
 most three batches' activations are held (one computed, one waiting, one being written) whatever
 the number of stimuli; on a CPU with two or more threads, two batches are computed side by side
 (:func:`cpu_lanes`: one lane per batch, each with half the intra-op threads, bit for bit the values
-of one batch at a time), so at most five. The partial file records how many rows are written
-(``n_done``, raised in the flush and sync that commit a batch's rows; each row is checked by its
-digest on resume); the store is renamed to ``<out>`` and marked complete only at the end, so an
-interrupted run (Ctrl-C, crash, killed job, full disk) resumes from the last written batch when the
-same command is run again. One run at a time writes ``<out>``: a second one is refused by the lock.
-The manifest (``<store stem>.manifest.json``) is written last.
+of one batch at a time; float32 networks without others' hooks only), so at most five. The partial
+file records how many rows are written (``n_done``, raised in the flush and sync that commit a
+batch's rows; each row is checked by its digest on resume); the store is renamed to ``<out>`` and
+marked complete only at the end, so an interrupted run (Ctrl-C, crash, killed job, full disk)
+resumes from the last written batch when the same command is run again. One run at a time writes
+``<out>``: a second one is refused by the lock. The manifest (``<store stem>.manifest.json``) is
+written last.
 
 Speed options (float32 values unless stated; all but ``channels_last`` off by default):
 
@@ -434,9 +435,11 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         recorder = LayerRecorder(network, plan.layers, memory_format=torch.contiguous_format)
         compute = _BatchCompute(plan, network, recorder, memory_format, sink.projections, start,
                                 ids)  # fmt: skip
+        # one batch at a time for int8 (lanes are measured on float32 only) and for a network
+        # hooked by someone else (e.g. the study's head-input capture), whose hooks may expect
+        # the batches one after the other, in order
+        lanes = 1 if options.quantize != "none" or has_forward_hooks(network) else cpu_lanes(device)
         with recorder:
-            # int8 keeps one batch at a time: lanes are measured on float32 only
-            lanes = cpu_lanes(device) if options.quantize == "none" else 1
             for host in in_lanes(compute, batches, lanes):
                 if not sink.order:
                     sink.order.extend(
@@ -473,6 +476,19 @@ def cpu_lanes(device: torch.device) -> int:
     if device.type != "cpu" or torch.get_num_threads() < 2:
         return 1
     return max(1, min(MAX_CPU_LANES, torch.get_num_threads()))
+
+
+def has_forward_hooks(network: torch.nn.Module) -> bool:
+    """Whether a forward (pre-)hook is registered on ``network``, one of its modules, or for every
+    module (``torch.nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs
+        for m in network.modules()
+    )
 
 
 def in_lanes(
