@@ -376,3 +376,27 @@ def test_an_option_the_model_refuses_is_one_error_line(
         err.startswith("error: --lr 0.0: Input should be greater than 0") and err.count("\n") == 1
     )
     assert not (tmp_path / "h").exists()
+
+
+def test_every_boolean_option_can_be_turned_off_and_on() -> None:
+    """A boolean option is the pair ``--x/--no-x``: one whose default is true (``--save-rdms``,
+    ``--channels-last``) can be switched off on the command line, one whose default is false on;
+    the value parsed is the one given, whatever the default."""
+    import typer.main
+
+    from object2brain.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    pairs = {}
+    for command_name, command in [*commands.items(), *commands["findingemo"].commands.items()]:
+        for param in command.params:
+            if getattr(param, "is_flag", False) and getattr(param, "secondary_opts", None):
+                pairs[(command_name, param.name)] = (command, param)
+    assert ("rsa", "save_rdms") in pairs and ("extract", "channels_last") in pairs
+    assert ("extract", "fold_batchnorm") in pairs and ("encode", "standardize") in pairs
+    for (command_name, name), (command, param) in pairs.items():
+        (on,), (off,) = param.opts, param.secondary_opts
+        assert off == "--no-" + on.removeprefix("--"), (command_name, name)
+        for flag, expected in ((on, True), (off, False)):
+            context = command.make_context(command_name, [flag], resilient_parsing=True)
+            assert context.params[name] is expected, (command_name, flag)

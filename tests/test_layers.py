@@ -76,3 +76,36 @@ def test_shared_module_is_rejected() -> None:
     net = nn.Sequential(nn.Linear(4, 4), relu, nn.Linear(4, 4), relu)
     with pytest.raises(LayerError, match="more than once"), LayerRecorder(net, ["1"]):
         net(torch.randn(2, 4))
+
+
+def test_recorder_keeps_the_outputs_of_each_thread() -> None:
+    """Forward passes of one hooked network on two threads at once (extraction's CPU lanes): each
+    thread reads its own pass's outputs, equal to those of a pass alone, and ``reset`` forgets
+    only the calling thread's."""
+    import threading
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).eval()
+    inputs = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        alone = [net[1](net[0](x)).clone() for x in inputs]
+    seen: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(2)
+    with LayerRecorder(net, ["1", "2"]) as recorder:
+
+        def run(i: int) -> None:
+            with torch.no_grad():
+                net(inputs[i])
+                barrier.wait()  # both passes done before either reads
+                seen[i] = recorder.outputs["1"]
+                barrier.wait()
+                recorder.reset()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert recorder.outputs == {}  # this thread ran no pass
+        assert recorder.order == ["1", "2"]
+    for i in range(2):
+        torch.testing.assert_close(seen[i], alone[i], atol=0, rtol=0)

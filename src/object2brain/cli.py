@@ -3,7 +3,8 @@
 A stage command's options are generated from the stage's options model
 (:mod:`object2brain.options`): one ``--flag`` per field (the field name with dashes, or the
 ``cli`` name of its ``json_schema_extra``; ``None``: no flag), with the field's type, allowed
-values, bounds, default and description; list fields are repeatable flags, booleans plain flags.
+values, bounds, default and description; list fields are repeatable flags, booleans a pair
+``--x/--no-x`` (so that one whose default is true can be turned off).
 Each command declares only its inputs (files, model, weights, head, ...) itself, and shares
 ``--seed``, ``--device`` and ``--quiet`` (:class:`~object2brain.options.Runtime`).
 
@@ -135,10 +136,17 @@ def _parameter(name: str, info: FieldInfo, flag: str) -> inspect.Parameter:
     ):
         kind = kind | None
     bounds = _bounds(info) if kind in (int, float, int | None, float | None) else {}
-    option = typer.Option(flag, help=help_text, show_default=default is not None, **bounds)
+    option = typer.Option(_switch(flag) if kind is bool else flag, help=help_text,
+                          show_default=default is not None, **bounds)  # fmt: skip
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option], default=default
     )
+
+
+def _switch(flag: str) -> str:
+    """A boolean's flag as typer's on/off pair: ``--x`` -> ``--x/--no-x`` (a flag that names its
+    pair already is kept)."""
+    return flag if "/" in flag else f"{flag}/--no-{flag.removeprefix('--')}"
 
 
 def _model_parameters(

@@ -105,8 +105,9 @@ def test_second_run_into_the_same_out_is_refused_and_touches_nothing(
     photo_dir: Path, tmp_path: Path
 ) -> None:
     # enough images that the first run still holds its lock while the second one starts (the
-    # second needs a few seconds to import); with 40 images it could finish first on an idle machine
-    table = stimulus_table(photo_dir, tmp_path / "table", copies=30)
+    # second needs a few seconds to import); with 40 images it could finish first on an idle
+    # machine, and 240 did once the CPU lanes came
+    table = stimulus_table(photo_dir, tmp_path / "table", copies=80)
     out = tmp_path / "acts.h5"
     first = start_cli(extract_args(table, out, batch_size=1))
     deadline = time.time() + 120

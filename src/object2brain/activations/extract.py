@@ -14,22 +14,27 @@ One forward pass per batch records every requested layer through :class:`LayerRe
 batch's activations are copied to the host and written to ``<out>.partial`` on a writer thread
 (:class:`~object2brain.activations.store.BackgroundWriter`) while the next batch is computed, so at
 most three batches' activations are held (one computed, one waiting, one being written) whatever
-the number of stimuli. The partial file records how many rows are written (``n_done``, raised in
-the flush and sync that commit a batch's rows; each row is checked by its digest on resume); the
-store is renamed to ``<out>`` and marked complete only at the end, so an interrupted run (Ctrl-C,
-crash, killed job, full disk) resumes from the last written batch when the same command is run
-again. One run at a time writes ``<out>``: a second one is refused by the lock. The manifest
-(``<store stem>.manifest.json``) is written last.
+the number of stimuli; on a CPU with two or more threads, two batches are computed side by side
+(:func:`cpu_lanes`: one lane per batch, each with half the intra-op threads, bit for bit the values
+of one batch at a time; float32 networks without others' hooks only), so at most five. The partial
+file records how many rows are written (``n_done``, raised in the flush and sync that commit a
+batch's rows; each row is checked by its digest on resume); the store is renamed to ``<out>`` and
+marked complete only at the end, so an interrupted run (Ctrl-C, crash, killed job, full disk)
+resumes from the last written batch when the same command is run again. One run at a time writes
+``<out>``: a second one is refused by the lock. The manifest (``<store stem>.manifest.json``) is
+written last.
 
-GPU options (all off by default, so stored values are today's float32 ones):
+Speed options (float32 values unless stated; all but ``channels_last`` off by default):
 
 - ``amp="bfloat16"|"float16"``: the forward pass runs under ``torch.autocast`` (mixed
   precision); activations are converted back to float32 before storage. Faster on tensor-core
   GPUs, but values differ from float32 by the precision of that type (bf16: ~3 significant
   digits), so leave it off for numbers that are compared across runs.
-- ``channels_last=True``: network and inputs in NHWC memory format (faster convolutions on
-  tensor cores and on CPUs with AVX-512); values are those of the default layout up to float
-  rounding (tested: 1e-5).
+- ``channels_last`` (default ``True``; ``False``: the contiguous layout): network and inputs in
+  NHWC memory format (faster convolutions on tensor cores and on CPUs: on 2 Xeon cores resnet18's
+  forward pass takes ~20% less CPU time); values are those of the contiguous layout up to float
+  rounding (~3e-6 of a layer's largest value over the zoo's networks; tested: 1e-5). It is not
+  part of the store's fingerprint.
 - ``fold_batchnorm=True``: eval-mode batch norms folded into the convolutions before them
   (:mod:`object2brain.models.fusion`; the loaded model is not changed); values equal up to float
   rounding (~2e-6 of a layer's largest value on resnet18), part of the store's fingerprint.
@@ -52,8 +57,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,22 +433,19 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         # recorded outputs copied straight into the stored (contiguous) layout: with
         # channels_last (or int8's NHWC taps) one copy instead of a copy and a transposition
         recorder = LayerRecorder(network, plan.layers, memory_format=torch.contiguous_format)
-        with recorder, torch.inference_mode():
-            for indices, inputs in batches:
-                recorder.reset()
-                with timing.stage("forward", device), _autocast(device, options.amp):
-                    output = network(inputs.contiguous(memory_format=memory_format))
-                blocks = _batch_blocks(plan, recorder.outputs, output, start + indices.numpy())
-                if options.srp is not None:
-                    blocks = _project_blocks(blocks, options.srp, plan.runtime.seed,
-                                             sink.projections, device)  # fmt: skip
+        compute = _BatchCompute(plan, network, recorder, memory_format, sink.projections, start,
+                                ids)  # fmt: skip
+        # one batch at a time for int8 (lanes are measured on float32 only) and for a network
+        # hooked by someone else (e.g. the study's head-input capture), whose hooks may expect
+        # the batches one after the other, in order
+        lanes = 1 if options.quantize != "none" or has_forward_hooks(network) else cpu_lanes(device)
+        with recorder:
+            for host in in_lanes(compute, batches, lanes):
                 if not sink.order:
                     sink.order.extend(
-                        [*recorder.order, *([VALENCE_LAYER] if VALENCE_LAYER in blocks else [])]
-                    )
-                rows = [ids[int(i)] for i in indices]
-                with timing.stage("copy", device):
-                    host = _to_host(blocks, plan.storage_dtype, start + int(indices[0]), rows)
+                        [*recorder.order,
+                         *([VALENCE_LAYER] if VALENCE_LAYER in host.blocks else [])]
+                    )  # fmt: skip
                 background.put(host)
         background.close()
     except BaseException:
@@ -452,6 +455,134 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         bar.close()
         if reformat:
             network.to(memory_format=torch.contiguous_format)
+
+
+#: Most CPU lanes (:func:`cpu_lanes`); 1 turns them off (benchmarks compare the two).
+MAX_CPU_LANES = 2
+
+
+def cpu_lanes(device: torch.device) -> int:
+    """Batches computed at once on ``device``: on the CPU, with at least two intra-op threads,
+    :data:`MAX_CPU_LANES` (each lane runs whole batches with its share of the threads); else 1.
+
+    Why: on few cores one forward pass over all threads spends much of its time at the barriers
+    of each operator, and spins there while the decoding and writing threads hold a core; two
+    batches side by side with one thread each do the same arithmetic (bit for bit on resnet18:
+    each output is reduced within one thread either way) without barriers. Measured on 2 shared
+    cores (``benchmarks/cpu_lanes.py``, load 3.3, channels_last): 1.68 CPU-s per resnet18 batch
+    of 32 over two threads, 1.16 as two one-thread lanes; end to end near idle 3-14% more images
+    per second than one lane (docs/performance.md). Extraction uses them for float32 networks only
+    (``quantize="int8"`` computes one batch at a time: its rate was not shown to gain)."""
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        return 1
+    return max(1, min(MAX_CPU_LANES, torch.get_num_threads()))
+
+
+def has_forward_hooks(network: torch.nn.Module) -> bool:
+    """Whether a forward (pre-)hook is registered on ``network``, one of its modules, or for every
+    module (``torch.nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs
+        for m in network.modules()
+    )
+
+
+def in_lanes(
+    compute: Callable[[torch.Tensor, torch.Tensor], _HostBatch],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    lanes: int,
+) -> Iterator[_HostBatch]:
+    """``compute(indices, inputs)`` of every batch of ``batches``, yielded in batch order.
+
+    ``lanes`` 1: one batch after the other in this thread. More: on ``lanes`` threads with
+    ``torch.get_num_threads() // lanes`` intra-op threads each, at most ``lanes`` batches computed
+    at once and one more waiting, so a lane that finishes starts the next batch at once; this
+    thread meanwhile takes the next batch from ``batches`` and hands the results on in order.
+    The intra-op thread count is a process-wide setting in torch (threads started later inherit
+    the last one set): it is restored when the lanes stop. An error in a lane is raised here at
+    its batch; the batches queued behind it are cancelled, those running are waited for. An error
+    of ``batches`` (an image that cannot be decoded) is raised after the batches before it."""
+    if lanes <= 1:
+        with torch.inference_mode():
+            for indices, inputs in batches:
+                yield compute(indices, inputs)
+        return
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    per_lane = max(1, threads // lanes)
+
+    def run(indices: torch.Tensor, inputs: torch.Tensor) -> _HostBatch:
+        if torch.get_num_threads() != per_lane:  # per thread (OpenMP), set once per lane
+            torch.set_num_threads(per_lane)
+        with torch.inference_mode():  # thread-local, as autocast
+            return compute(indices, inputs)
+
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="o2b-lane")
+    pending: deque[Future[_HostBatch]] = deque()
+    failed: Exception | None = None
+    try:
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # e.g. an image that cannot be decoded: the batches before
+                failed = exc  # it are finished and handed on first (written: a rerun resumes)
+                break
+            if batch is None:
+                break
+            pending.append(pool.submit(run, *batch))
+            if len(pending) > lanes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+        if failed is not None:
+            raise failed
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(threads)
+
+
+class _BatchCompute:
+    """One batch through the network, on whichever thread calls it: forward pass with the
+    recorder's hooks, the layers' blocks (and valence), the projection (``srp``) and the host
+    copy in the storage dtype (:func:`_to_host`)."""
+
+    def __init__(
+        self,
+        plan: ExtractionPlan,
+        network: torch.nn.Module,
+        recorder: LayerRecorder,
+        memory_format: torch.memory_format,
+        projections: dict[str, torch.Tensor],
+        start: int,
+        ids: Sequence[str],
+    ) -> None:
+        self.plan, self.network, self.recorder = plan, network, recorder
+        self.memory_format, self.projections = memory_format, projections
+        self.start, self.ids = start, ids
+        self._lock = threading.Lock()  # the projection matrices are made once
+
+    def __call__(self, indices: torch.Tensor, inputs: torch.Tensor) -> _HostBatch:
+        plan, device, options = self.plan, self.plan.device, self.plan.options
+        self.recorder.reset()
+        with timing.stage("forward", device), _autocast(device, options.amp):
+            output = self.network(inputs.contiguous(memory_format=self.memory_format))
+        blocks = _batch_blocks(plan, self.recorder.outputs, output,
+                               self.start + indices.numpy())  # fmt: skip
+        self.recorder.reset()  # the host copy below holds them
+        if options.srp is not None:
+            blocks = _project_blocks(blocks, options.srp, plan.runtime.seed, self.projections,
+                                     device, self._lock)  # fmt: skip
+        rows = [self.ids[int(i)] for i in indices]
+        with timing.stage("copy", device):
+            return _to_host(blocks, plan.storage_dtype, self.start + int(indices[0]), rows)
 
 
 def _network(plan: ExtractionPlan, out: Path) -> torch.nn.Module:
@@ -686,7 +817,10 @@ def _project_blocks(
     seed: int,
     cache: dict[str, torch.Tensor],
     device: torch.device,
+    lock: threading.Lock | None = None,
 ) -> dict[str, torch.Tensor]:
+    """Each block projected by its layer's SRP matrix (made once into ``cache``, under ``lock``
+    when lanes share it); valence and blocks of at most ``dim`` features as they are."""
     projected: dict[str, torch.Tensor] = {}
     for name, block in blocks.items():
         in_features = int(np.prod(block.shape[1:], dtype=np.int64))
@@ -694,7 +828,10 @@ def _project_blocks(
             projected[name] = block
             continue
         if name not in cache:
-            cache[name] = srp_matrix(in_features, dim, seed=seed, layer=name, device=device)
+            with lock or contextlib.nullcontext():
+                if name not in cache:
+                    cache[name] = srp_matrix(in_features, dim, seed=seed, layer=name,
+                                             device=device)  # fmt: skip
         projected[name] = project(block, cache[name])
     return projected
 

@@ -12,6 +12,7 @@ when the forward pass fails.
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -293,6 +294,10 @@ class LayerRecorder(ForwardHooks):
     ``memory_format`` (default: the output's own layout; ``torch.contiguous_format`` turns a
     channels_last output into the stored layout in the same copy).
 
+    The outputs are kept per thread: forward passes of the same network running on several
+    threads at once (extraction's CPU lanes) each see their own in :attr:`outputs`, and
+    :meth:`reset` forgets the calling thread's.
+
     Example::
 
         with LayerRecorder(net, ["layer1", "fc"]) as rec:
@@ -315,22 +320,34 @@ class LayerRecorder(ForwardHooks):
         self.device = device
         self.dtype = dtype
         self.memory_format = memory_format
-        self.outputs: dict[str, torch.Tensor] = {}
+        self._local = threading.local()
+        self._order_lock = threading.Lock()
         self.order: list[str] = []
+
+    @property
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """Module name -> recorded output of the calling thread's last forward pass."""
+        outputs: dict[str, torch.Tensor] | None = getattr(self._local, "outputs", None)
+        if outputs is None:
+            outputs = self._local.outputs = {}
+        return outputs
 
     def hooks(self) -> dict[str, Any]:
         return {name: self._hook_for(name) for name in self.names}
 
     def reset(self) -> None:
-        """Forget the outputs of the previous forward pass."""
-        self.outputs = {}
+        """Forget the outputs of the calling thread's previous forward pass."""
+        self._local.outputs = {}
 
     def _hook_for(self, name: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            tensor = self.checked_output(name, output, seen=name in self.outputs)
+            outputs = self.outputs
+            tensor = self.checked_output(name, output, seen=name in outputs)
             if name not in self.order:
-                self.order.append(name)
-            self.outputs[name] = tensor.detach().to(
+                with self._order_lock:
+                    if name not in self.order:
+                        self.order.append(name)
+            outputs[name] = tensor.detach().to(
                 device=self.device or tensor.device,
                 dtype=self.dtype or tensor.dtype,
                 memory_format=self.memory_format,

@@ -10,7 +10,8 @@ reading threads (thread-seconds: with 8 threads it may exceed the wall time) and
 batched decode, resize and normalisation; on the Pillow path ``read`` is the time the main
 process waits for the loader's next batch (its workers read and decode) and ``decode`` the copy
 to the device and normalisation. The others are wall seconds of the thread that runs them
-(``write``: the store's writer thread).
+(``write``: the store's writer thread; ``forward`` and ``copy`` summed over extraction's CPU lanes,
+which compute two batches at once on a CPU with two or more threads).
 """
 
 from __future__ import annotations
