@@ -109,6 +109,7 @@ __all__ = [
     "int8_cache_path",
     "manifest_path",
     "plan_extraction",
+    "plan_network",
     "probe_layers",
     "run_extraction",
     "write_manifest",
@@ -420,7 +421,7 @@ def _run_batches(plan: ExtractionPlan, writer: StoreWriter) -> None:
         on_device_decode=plan.on_device_decode,
         cache=plan.image_cache,
     )
-    network = _network(plan, writer.path)
+    network = plan_network(plan, writer.path)
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     reformat = options.channels_last and options.quantize == "none"  # int8: the inputs only
     if reformat:
@@ -585,7 +586,7 @@ class _BatchCompute:
             return _to_host(blocks, plan.storage_dtype, self.start + int(indices[0]), rows)
 
 
-def _network(plan: ExtractionPlan, out: Path) -> torch.nn.Module:
+def plan_network(plan: ExtractionPlan, out: Path) -> torch.nn.Module:
     """The plan's network on its device in eval mode; with ``fold_batchnorm`` a copy with its
     batch norms folded into the convolutions (:func:`~object2brain.models.fusion.fold_batchnorm`;
     convolutions whose own output is recorded are kept as they are); with ``quantize`` its int8

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -233,13 +234,8 @@ def fit_torch_smoother(
     """
     target = torch.device(device)
     grid = np.asarray(sorted(alphas), dtype=np.float64)
-    if reductions is None:
-        reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
-    else:
-        reductions = check_reductions(reductions, folds)
-
-    def put(array: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(array), device=target)
+    reductions = _fold_reductions(features, folds, pca_dim, standardize, reductions)
+    put = partial(_put, device=target)
 
     outer = []
     for k, fold in enumerate(reductions):
@@ -452,13 +448,8 @@ def fit_fixed_alpha_smoother(
     """
     target = torch.device(device)
     grid = np.asarray(sorted(alphas), dtype=np.float64)
-    if reductions is None:
-        reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
-    else:
-        reductions = check_reductions(reductions, folds)
-
-    def put(array: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(array), device=target)
+    reductions = _fold_reductions(features, folds, pca_dim, standardize, reductions)
+    put = partial(_put, device=target)
 
     out = []
     for fold in reductions:
@@ -473,3 +464,21 @@ def fit_fixed_alpha_smoother(
             )
         )
     return FixedAlphaSmoother(grid, target, tuple(out))
+
+
+def _fold_reductions(
+    features: np.ndarray,
+    folds: np.ndarray,
+    pca_dim: int | None,
+    standardize: bool,
+    reductions: Sequence[FoldReduction] | None,
+) -> Sequence[FoldReduction]:
+    """The given folds' reductions, checked against ``folds``, or fitted here."""
+    if reductions is None:
+        return reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
+    return check_reductions(reductions, folds)
+
+
+def _put(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A contiguous ``array`` as a tensor on ``device`` (its dtype kept)."""
+    return torch.as_tensor(np.ascontiguousarray(array), device=device)

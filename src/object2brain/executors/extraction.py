@@ -43,10 +43,10 @@ from pathlib import Path
 
 from object2brain.activations.extract import (
     ExtractionPlan,
-    _network,
     _same_complete_store,
     int8_cache_beside,
     manifest_path,
+    plan_network,
     run_extraction,
     write_manifest,
 )
@@ -154,7 +154,7 @@ def extract_on_ray(
         todo = _missing_shards(plan, folder, ranges)
         log.info("extract on Ray: %d of %d shards to compute", len(todo), len(ranges))
         if todo and plan.calibration is not None:
-            _network(plan, out)  # int8: calibrated here once (or read), cached for the actors
+            plan_network(plan, out)  # int8: calibrated here once (or read), cached for the actors
         job = _ExtractJob(plan, str(folder), [(r.start, r.stop) for r in ranges])
         run_on_pool(
             _ShardActor, job, todo, pool, stage="extract", total=len(ranges),
