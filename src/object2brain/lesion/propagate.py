@@ -80,12 +80,16 @@ def forward_with_mask(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     cache: ImageCache | None = None,
+    channels_last: bool = True,
 ) -> dict[str, np.ndarray]:
     """Activations ``{name: (n, ...)}`` of ``record`` (and ``valence`` with a head) under ``mask``.
 
     ``mask`` ``(K,)`` is 1 for filters of ``layer`` that are kept and 0 for lesioned ones.
     ``cache``: the decoded-image cache (images held there are not decoded again; the inputs are
-    bit for bit those without it).
+    bit for bit those without it). ``channels_last``: the forward pass's memory layout, that of
+    extraction's default (:class:`~object2brain.options.ExtractOptions`), so that a mask of
+    ones reproduces a default extraction's stored values bit for bit; the layouts differ by
+    float rounding only (~1e-6 of a layer's largest value).
     """
     device = torch.device(device)
     names = [name for name in record if name != VALENCE_LAYER]
@@ -94,20 +98,25 @@ def forward_with_mask(
                             batch_size=batch_size, num_workers=0, on_device_decode=False,
                             cache=cache)  # fmt: skip
     network = model.module.to(device).eval()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     blocks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     valence: list[np.ndarray] = []
     with (
         ChannelMask(network, layer, mask),
-        LayerRecorder(network, names) as recorder,
+        LayerRecorder(network, names, memory_format=torch.contiguous_format) as recorder,
         torch.inference_mode(),
     ):
-        for _, inputs in batches:
-            recorder.reset()
-            output = network(inputs)
-            for name in names:
-                blocks[name].append(recorder.outputs[name].cpu().numpy())
-            if model.has_head:
-                valence.append(output.reshape(output.shape[0], -1)[:, 0].cpu().numpy())
+        try:
+            network.to(memory_format=layout)
+            for _, inputs in batches:
+                recorder.reset()
+                output = network(inputs.contiguous(memory_format=layout))
+                for name in names:
+                    blocks[name].append(recorder.outputs[name].cpu().numpy())
+                if model.has_head:
+                    valence.append(output.reshape(output.shape[0], -1)[:, 0].cpu().numpy())
+        finally:
+            network.to(memory_format=torch.contiguous_format)  # the model as it was given
     result = {name: np.concatenate(parts) for name, parts in blocks.items()}
     if model.has_head:
         result[VALENCE_LAYER] = np.concatenate(valence)
