@@ -297,6 +297,20 @@ class RidgeFit:
         return out
 
 
+def given_or_reduced(
+    features: np.ndarray,
+    folds: np.ndarray,
+    pca_dim: int | None,
+    standardize: bool,
+    reductions: Sequence[FoldReduction] | None,
+) -> Sequence[FoldReduction]:
+    """The given folds' ``reductions``, checked against ``folds`` (:func:`check_reductions`), or
+    those of :func:`reduce_folds` fitted here."""
+    if reductions is None:
+        return reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
+    return check_reductions(reductions, folds)
+
+
 def check_inputs(features: np.ndarray, responses: np.ndarray, where: str) -> None:
     """Raise :class:`DataError` for unusable inputs: shapes, non-finite values, a single feature,
     constant voxels."""
@@ -637,10 +651,7 @@ def fit_smoother(
     standardisation and PCA of :func:`fit_ridge_cv` (same arguments, float64; ``reductions``:
     the folds' fitted standardisation and PCA, shared with the ridge fits)."""
     grid = np.asarray(sorted(alphas), dtype=np.float64)
-    if reductions is None:
-        reductions = reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
-    else:
-        reductions = check_reductions(reductions, folds)
+    reductions = given_or_reduced(features, folds, pca_dim, standardize, reductions)
     smoothers = []
     for k, fold in enumerate(reductions):
         x, x_test = fold.train_inputs(features), fold.test_inputs(features)

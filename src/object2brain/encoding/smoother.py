@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from object2brain.encoding.folds import inner_splits
-from object2brain.encoding.ridge import FoldReduction, check_reductions, reduce_folds
+from object2brain.encoding.ridge import FoldReduction, given_or_reduced
 
 #: Default bound on the elements of one chunk's largest intermediate (the stacked validation
 #: residuals ``(A, n_V, columns)``): 2^20 float64 values (8 MiB, cache-sized) on the CPU, 2^27
@@ -234,7 +234,7 @@ def fit_torch_smoother(
     """
     target = torch.device(device)
     grid = np.asarray(sorted(alphas), dtype=np.float64)
-    reductions = _fold_reductions(features, folds, pca_dim, standardize, reductions)
+    reductions = given_or_reduced(features, folds, pca_dim, standardize, reductions)
     put = partial(_put, device=target)
 
     outer = []
@@ -448,7 +448,7 @@ def fit_fixed_alpha_smoother(
     """
     target = torch.device(device)
     grid = np.asarray(sorted(alphas), dtype=np.float64)
-    reductions = _fold_reductions(features, folds, pca_dim, standardize, reductions)
+    reductions = given_or_reduced(features, folds, pca_dim, standardize, reductions)
     put = partial(_put, device=target)
 
     out = []
@@ -464,19 +464,6 @@ def fit_fixed_alpha_smoother(
             )
         )
     return FixedAlphaSmoother(grid, target, tuple(out))
-
-
-def _fold_reductions(
-    features: np.ndarray,
-    folds: np.ndarray,
-    pca_dim: int | None,
-    standardize: bool,
-    reductions: Sequence[FoldReduction] | None,
-) -> Sequence[FoldReduction]:
-    """The given folds' reductions, checked against ``folds``, or fitted here."""
-    if reductions is None:
-        return reduce_folds(features, folds, pca_dim=pca_dim, standardize=standardize)
-    return check_reductions(reductions, folds)
 
 
 def _put(array: np.ndarray, device: torch.device) -> torch.Tensor:
